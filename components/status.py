@@ -1,0 +1,20 @@
+"""The memory status line under the tabs: which models are loaded, where, and how many bytes."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio.memory import ModelManager
+
+
+def build_status_bar(manager: ModelManager, refresh_after: list) -> gr.Markdown:
+    def current_status() -> str:
+        return f"<small>Memory · {manager.status().summary()}</small>"
+
+    with gr.Row():
+        status = gr.Markdown(current_status, elem_id="memory-status")  # a callable value refreshes on page load
+        refresh = gr.Button("↻", size="sm", min_width=40, scale=0)
+    refresh.click(current_status, None, status, api_visibility="private", queue=False)
+    for event in refresh_after:
+        event.then(current_status, None, status, api_visibility="private", queue=False)
+    return status

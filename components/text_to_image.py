@@ -1,0 +1,195 @@
+"""The Text to image tab."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+
+from studio.errors import StudioError
+from studio.generation import TextToImage, TextToImageRequest, request_from_parameters
+from studio.presets import ModelPreset
+from studio.schedulers import schedulers_for
+from studio.sessions import CancelRegistry
+
+FIELDS = ("prompt", "negative_prompt", "preset", "scheduler", "steps", "guidance_scale", "width", "height", "seed",
+          "batch_size", "style")
+
+
+@dataclass
+class TextToImageTab:
+    generate_event: gr.events.Dependency
+    gallery: gr.Gallery
+    fit_to_preset: Callable  # (demo) -> None: narrows the sliders to the selected preset on page load
+
+
+def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style):
+    return TextToImageRequest(
+        prompt=prompt or "",
+        negative_prompt=negative_prompt or "",
+        preset=preset,
+        scheduler=scheduler,
+        steps=int(steps),
+        guidance_scale=float(guidance_scale),
+        width=int(width),
+        height=int(height),
+        seed=int(seed) if seed is not None else -1,
+        batch_size=int(batch_size),
+        style=style or "None",
+    )
+
+
+def preset_card(preset: ModelPreset) -> str:
+    where = "built in, works offline" if preset.is_local else f"[{preset.repo}](https://huggingface.co/{preset.repo})"
+    return f"**{preset.label}** — {preset.description} <br><small>{where}</small>"
+
+
+def build_text_to_image_tab(
+    engine: TextToImage,
+    cancels: CancelRegistry,
+    gpu: Callable[[Callable], Callable] = lambda fn: fn,
+    examples: list[str] | None = None,
+) -> TextToImageTab:
+    """`gpu` wraps the function that uses the GPU (spaces.GPU on ZeroGPU, identity elsewhere)."""
+    default = engine.presets.get(engine.presets.default)
+    limits = engine.limits
+    # Gradio rejects slider values outside a slider's range before our validator can explain why, so the
+    # ranges start wide enough for every preset and are narrowed to the chosen preset in the browser.
+    min_size = min(p.min_size for p in engine.presets)
+    max_size = max(p.max_size for p in engine.presets)
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background", autofocus=True)
+            negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="what to avoid")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", scale=3)
+                stop = gr.Button("Stop", variant="stop", scale=1)
+            with gr.Row():
+                preset = gr.Dropdown(
+                    [(p.label, p.name) for p in engine.presets], value=default.name, label="Model preset", scale=3,
+                    allow_custom_value=True,  # unknown names reach our validator, which lists the real ones
+                )
+                style = gr.Dropdown(engine.styles.names, value="None", label="Style", scale=2, allow_custom_value=True)
+            card = gr.Markdown(preset_card(default))
+            with gr.Accordion("Settings", open=True):
+                with gr.Row():
+                    scheduler = gr.Dropdown(
+                        list(schedulers_for(default)), value=default.default_scheduler, label="Scheduler",
+                        allow_custom_value=True,  # the API may ask for LCM with an LCM preset
+                    )
+                    steps = gr.Slider(0, limits.max_steps, value=default.default_steps, step=1, label="Steps")
+                guidance_scale = gr.Slider(0, limits.max_guidance, value=default.default_guidance, step=0.5,
+                                           label="CFG scale")
+                with gr.Row():
+                    width = gr.Slider(min_size, max_size, value=default.default_width, step=8, label="Width")
+                    height = gr.Slider(min_size, max_size, value=default.default_height, step=8, label="Height")
+                with gr.Row():
+                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=3)
+                    random_seed = gr.Button("🎲 Random", scale=1, min_width=80)
+                    reuse_seed = gr.Button("♻️ Reuse last", scale=1, min_width=80)
+                    batch_size = gr.Slider(0, limits.max_batch_size, value=1, step=1, label="Batch size", scale=3)
+            with gr.Accordion("Read parameters from a PNG", open=False):
+                png = gr.Image(label="PNG made here or by AUTOMATIC1111", type="pil", image_mode=None,
+                               sources=["upload"], format="png", height=200)
+                png_parameters = gr.Textbox(label="Parameters in the file", lines=4, interactive=False)
+                use_parameters = gr.Button("Send parameters to the form")
+        with gr.Column(scale=6):
+            gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, object_fit="contain",
+                                 buttons=["download", "fullscreen"])
+            seeds = gr.JSON(label="Used seeds", height=80)
+            info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"])
+
+    inputs = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style]
+
+    def check(*values):
+        """Instant feedback in the browser, before the request waits in the GPU queue."""
+        problems = engine.problems(_request(*values))
+        if problems:
+            raise gr.Error(" ".join(problems.values()), title="Check the settings")
+
+    @gpu
+    def text_to_image(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed,
+                      batch_size, style, request: gr.Request, progress=gr.Progress()):
+        """Generate images from a prompt. Returns the images (PNG with A1111 parameters), the seeds used and the
+        generation info. Image i uses seed + i; seed -1 picks a random seed."""
+        session = request.session_hash if request else "anonymous"
+        text_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height,
+                                seed, batch_size, style)
+
+        def on_progress(done, total, description):
+            progress((done, total), desc=description, unit="steps")
+
+        with cancels.running(session) as cancel:
+            try:
+                result = engine.generate(text_request, on_progress=on_progress, cancel=cancel)
+            except StudioError as error:
+                raise gr.Error(str(error), title="Cannot generate") from None
+        for warning in result.warnings:
+            gr.Warning(warning)
+        if result.interrupted:
+            gr.Info(f"Stopped: {len(result.images)} of {text_request.batch_size} image(s) returned "
+                    "(the last may be unfinished).")
+        gallery_items = [(item.image, f"Seed {item.seed}") for item in result.images]
+        info_text = "\n\n".join(item.parameters for item in result.images[:1])
+        return gallery_items, result.seeds, info_text
+
+    def stop_running(request: gr.Request):
+        cancels.cancel(request.session_hash)
+
+    def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None):
+        """Card, scheduler, steps, CFG, width and height fitted to a preset; given values are kept."""
+        chosen = engine.presets.get(name)
+        allowed = list(schedulers_for(chosen))
+        size = {"minimum": chosen.min_size, "maximum": chosen.max_size, "step": chosen.size_step}
+        return (
+            preset_card(chosen),
+            gr.Dropdown(choices=allowed, value=scheduler if scheduler in allowed else chosen.default_scheduler),
+            gr.Slider(minimum=1, maximum=min(chosen.max_steps, limits.max_steps), value=steps or chosen.default_steps),
+            gr.Slider(value=chosen.default_guidance if guidance is None else guidance),
+            gr.Slider(**size, value=width or chosen.default_width),
+            gr.Slider(**size, value=height or chosen.default_height),
+        )
+
+    def read_png(image):
+        if image is None:
+            return ""
+        text = image.info.get("parameters")
+        return text if isinstance(text, str) and text.strip() else "This image has no generation parameters."
+
+    def send_parameters(text, *values):
+        if not text or text.startswith("This image has no"):
+            raise gr.Error("Drop a PNG with generation parameters first.")
+        filled = request_from_parameters(text, engine.presets, _request(*values))
+        card_update, *fitted = preset_updates(
+            filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height
+        )
+        return [filled.prompt, filled.negative_prompt, filled.preset, *fitted, filled.seed, 1, "None", card_update]
+
+    # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
+    event = generate.click(check, inputs, None, queue=False, api_visibility="private").success(
+        text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", concurrency_id="gpu",
+        concurrency_limit=1,
+    )
+    submit_event = prompt.submit(check, inputs, None, queue=False, api_visibility="private").success(
+        text_to_image, inputs, [gallery, seeds, info], api_visibility="private", concurrency_id="gpu",
+        concurrency_limit=1,
+    )
+    stop.click(stop_running, None, None, cancels=[event, submit_event], api_visibility="private", concurrency_limit=None)
+    # Preset changes only need the preset itself: run them at once, outside the GPU queue.
+    preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale, width, height],
+                 api_visibility="private", concurrency_limit=None, queue=False)
+    random_seed.click(lambda: -1, None, seed, api_visibility="private", queue=False)
+    reuse_seed.click(lambda used: used[0] if used else -1, seeds, seed, api_visibility="private", queue=False)
+    png.change(read_png, png, png_parameters, api_visibility="private", queue=False)
+    use_parameters.click(send_parameters, [png_parameters, *inputs], [*inputs, card], api_visibility="private",
+                         queue=False)
+
+    if examples:
+        gr.Examples(examples=[[text] for text in examples], inputs=[prompt], label="Try a prompt")
+    def fit_to_preset(demo: gr.Blocks) -> None:
+        demo.load(lambda name: preset_updates(name), preset, [card, scheduler, steps, guidance_scale, width, height],
+                  api_visibility="private", queue=False)
+
+    return TextToImageTab(generate_event=event, gallery=gallery, fit_to_preset=fit_to_preset)

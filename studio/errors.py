@@ -1,0 +1,26 @@
+"""Errors whose message is meant for the person using the studio: short, and saying what to do."""
+
+
+class StudioError(Exception):
+    """Base class: the message is shown to the user as it is."""
+
+
+class InvalidRequest(StudioError):
+    """The request's values are out of range or unknown. `problems` lists each one."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(" ".join(self.problems))
+
+
+class UnknownPreset(InvalidRequest):
+    def __init__(self, name: str, available: list[str]):
+        super().__init__([f"Unknown preset {name!r}. Available presets: {', '.join(available)}."])
+
+
+class ModelUnavailable(StudioError):
+    """A preset's weights could not be loaded (no Hub connection, missing folder, broken files)."""
+
+
+class OutOfMemoryBudget(StudioError):
+    """The models a request needs do not fit in the device budget even after evicting everything unlocked."""
