@@ -1,0 +1,73 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from studio.generation import RequestLimits, TextToImage
+from studio.memory import ModelManager
+from studio.pipelines import DiffusersFactory
+from studio.presets import load_presets, load_styles
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture(scope="session")
+def factory():
+    return DiffusersFactory(torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def manager(factory):
+    return ModelManager(factory, torch.device("cpu"), torch.float32, device_budget=4 * 1024**3)
+
+
+@pytest.fixture(scope="session")
+def engine(manager, factory):
+    return TextToImage(manager, factory, load_presets(), load_styles(), RequestLimits(), version="Diffusion Studio test")
+
+
+@pytest.fixture(scope="session")
+def artifacts():
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    """The real app (python app.py) in a subprocess, as a user starts it."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:  # "Running on local URL" is printed before the server answers: poll the API info instead
+        try:
+            if httpx.get(f"{url}/gradio_api/info", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"app did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield url
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()

@@ -1,0 +1,124 @@
+"""Text to image on the embedded model, in process, through the shared memory manager."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from studio.errors import InvalidRequest, ModelUnavailable
+from studio.generation import TextToImageRequest
+from studio.metadata import parse_parameters
+
+
+def request(**overrides):
+    values = dict(prompt="a red circle on a blue background", preset="embedded", scheduler="Euler", steps=8,
+                  guidance_scale=7.0, width=64, height=64, seed=42)
+    return TextToImageRequest(**(values | overrides))
+
+
+def pixels(result, index=0):
+    return np.asarray(result.images[index].image)
+
+
+def test_embedded_model_loads_through_from_pretrained(engine, manager):
+    result = engine.generate(request())
+    assert result.images[0].image.size == (64, 64) and result.seeds == [42]
+    components = {(r.source.rsplit("/", 1)[-1], r.component) for r in manager.status().models}
+    assert {("embedded-sd", "unet"), ("embedded-sd", "vae"), ("embedded-sd", "text_encoder")} <= components
+
+
+def test_same_seed_gives_identical_pixels(engine):
+    assert np.array_equal(pixels(engine.generate(request())), pixels(engine.generate(request())))
+    assert not np.array_equal(pixels(engine.generate(request())), pixels(engine.generate(request(seed=43))))
+
+
+def test_batch_image_i_equals_the_single_image_with_seed_plus_i(engine):
+    batch = engine.generate(request(seed=100, batch_size=3))
+    assert batch.seeds == [100, 101, 102]
+    for index in range(3):
+        alone = engine.generate(request(seed=100 + index))
+        assert np.array_equal(pixels(batch, index), pixels(alone))
+
+
+def test_random_seed_is_reported_and_reproduces(engine):
+    first = engine.generate(request(seed=-1))
+    seed = first.seeds[0]
+    assert 0 <= seed < 2**32
+    assert np.array_equal(pixels(first), pixels(engine.generate(request(seed=seed))))
+
+
+@pytest.mark.parametrize("scheduler", ["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "UniPC", "DDIM"])
+def test_every_scheduler_runs_and_is_recorded(engine, scheduler):
+    result = engine.generate(request(scheduler=scheduler, steps=4))
+    params = parse_parameters(result.images[0].parameters)
+    assert params.scheduler == scheduler and params.steps == 4 and params.seed == 42
+
+
+def test_parameters_record_the_styled_prompt_and_are_in_the_png_info(engine):
+    result = engine.generate(request(style="Pixel art", negative_prompt="blurry"))
+    params = parse_parameters(result.images[0].image.info["parameters"])
+    assert params.prompt.startswith("pixel art of a red circle")
+    assert params.negative_prompt.startswith("blurry, ")
+    assert (params.width, params.height, params.model) == (64, 64, "embedded")
+    assert params.model_hash and len(params.model_hash) == 10
+
+
+def test_progress_follows_every_step_of_every_image(engine):
+    seen = []
+    engine.generate(request(steps=5, batch_size=2), on_progress=lambda done, total, _: seen.append((done, total)))
+    assert [done for done, _ in seen[:-1]] == list(range(1, 11)) and seen[-1] == (10, 10)
+
+
+def test_cancel_interrupts_the_denoising_loop(engine):
+    cancel = threading.Event()
+    steps_run = []
+
+    def on_progress(done, total, _):
+        steps_run.append(done)
+        if done == 3:
+            cancel.set()
+
+    result = engine.generate(request(steps=50, batch_size=4), on_progress=on_progress, cancel=cancel)
+    assert result.interrupted and len(result.images) == 1
+    assert max(d for d in steps_run if d < 200) == 3  # no step ran after the one that asked to stop
+
+
+def test_long_prompts_are_truncated_with_a_warning(engine):
+    result = engine.generate(request(prompt="a red circle " * 10))
+    assert result.warnings and "tokens long" in result.warnings[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"prompt": "   "}, "Enter a prompt"),
+        ({"prompt": "x" * 2001}, "Prompt is too long"),
+        ({"steps": 0}, "Steps must be between 1 and 100"),
+        ({"steps": 101}, "Steps must be between 1 and 100"),
+        ({"guidance_scale": -1.0}, "CFG scale must be between 0 and 30"),
+        ({"width": 1024}, "Width must be a multiple of 8 between 32 and 256"),
+        ({"height": 60}, "Height must be a multiple of 8"),
+        ({"batch_size": 0}, "Batch size must be between 1 and 8"),
+        ({"seed": -2}, "Seed must be -1"),
+        ({"scheduler": "LCM"}, "Scheduler 'LCM' does not work with preset 'embedded'"),
+        ({"scheduler": "Heun"}, "Unknown scheduler 'Heun'"),
+        ({"style": "Vaporwave"}, "Unknown style 'Vaporwave'"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_clear_message(engine, overrides, message):
+    with pytest.raises(InvalidRequest, match=message):
+        engine.generate(request(**overrides))
+
+
+def test_unknown_preset_is_refused(engine):
+    with pytest.raises(InvalidRequest, match="Unknown preset .nope.. Available presets: embedded"):
+        engine.generate(request(preset="nope"))
+
+
+def test_hub_preset_offline_fails_clearly_and_leaves_the_manager_working(engine, manager, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = manager.status().models
+    with pytest.raises(ModelUnavailable, match="Preset 'SDXL base 1.0' is unavailable.*stabilityai/stable-diffusion"):
+        engine.generate(request(preset="sdxl-base-1.0", scheduler="Euler", width=1024, height=1024))
+    assert manager.status().models == before
+    assert engine.generate(request()).images
