@@ -31,6 +31,9 @@ from studio.pipelines import DiffusersFactory
 from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import CancelRegistry
 
+# Small images (the embedded model makes 64 px) are shown enlarged: keep their pixels crisp, not smeared.
+CSS = "#text-to-image-gallery img { image-rendering: pixelated; }"
+
 EXAMPLE_PROMPTS = [
     "a red circle on a blue background",
     "a large yellow star at the top left on a black background",
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         ssr_mode=False,
         max_file_size="20mb",
         theme=gr.themes.Soft(),
+        css=CSS,
         footer_links=["api", "gradio"],
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from studio.presets import ModelPreset
 from studio.schedulers import schedulers_for
 from studio.sessions import CancelRegistry
 
+PROGRESS_INTERVAL_S = 0.1
 FIELDS = ("prompt", "negative_prompt", "preset", "scheduler", "steps", "guidance_scale", "width", "height", "seed",
           "batch_size", "style")
 
@@ -79,7 +81,7 @@ def build_text_to_image_tab(
                         list(schedulers_for(default)), value=default.default_scheduler, label="Scheduler",
                         allow_custom_value=True,  # the API may ask for LCM with an LCM preset
                     )
-                    steps = gr.Slider(0, limits.max_steps, value=default.default_steps, step=1, label="Steps")
+                    steps = gr.Slider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")
                 guidance_scale = gr.Slider(0, limits.max_guidance, value=default.default_guidance, step=0.5,
                                            label="CFG scale")
                 with gr.Row():
@@ -87,9 +89,9 @@ def build_text_to_image_tab(
                     height = gr.Slider(min_size, max_size, value=default.default_height, step=8, label="Height")
                 with gr.Row():
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=3)
-                    random_seed = gr.Button("🎲 Random", scale=1, min_width=80)
-                    reuse_seed = gr.Button("♻️ Reuse last", scale=1, min_width=80)
-                    batch_size = gr.Slider(0, limits.max_batch_size, value=1, step=1, label="Batch size", scale=3)
+                    random_seed = gr.Button("Random", scale=1, min_width=80)
+                    reuse_seed = gr.Button("Reuse last", scale=1, min_width=80)
+                    batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size", scale=3)
             with gr.Accordion("Read parameters from a PNG", open=False):
                 png = gr.Image(label="PNG made here or by AUTOMATIC1111", type="pil", image_mode=None,
                                sources=["upload"], format="png", height=200)
@@ -97,17 +99,20 @@ def build_text_to_image_tab(
                 use_parameters = gr.Button("Send parameters to the form")
         with gr.Column(scale=6):
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, object_fit="contain",
-                                 buttons=["download", "fullscreen"])
+                                 buttons=["download", "fullscreen"], elem_id="text-to-image-gallery")
             seeds = gr.JSON(label="Used seeds", height=80)
-            info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"])
+            info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"], elem_id="generation-info")
 
     inputs = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style]
 
-    def check(*values):
+    def check(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size,
+              style, request: gr.Request):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
-        problems = engine.problems(_request(*values))
+        problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width,
+                                            height, seed, batch_size, style))
         if problems:
             raise gr.Error(" ".join(problems.values()), title="Check the settings")
+        cancels.submitted(request.session_hash)
 
     @gpu
     def text_to_image(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed,
@@ -118,8 +123,14 @@ def build_text_to_image_tab(
         text_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height,
                                 seed, batch_size, style)
 
+        last_update = [0.0]
+
         def on_progress(done, total, description):
-            progress((done, total), desc=description, unit="steps")
+            # Each update is a message to the browser; a few per second is smooth and keeps the cores for torch.
+            now = time.monotonic()
+            if now - last_update[0] >= PROGRESS_INTERVAL_S or done == total:
+                last_update[0] = now
+                progress((done, total), desc=description, unit="steps")
 
         with cancels.running(session) as cancel:
             try:
@@ -129,8 +140,8 @@ def build_text_to_image_tab(
         for warning in result.warnings:
             gr.Warning(warning)
         if result.interrupted:
-            gr.Info(f"Stopped: {len(result.images)} of {text_request.batch_size} image(s) returned "
-                    "(the last may be unfinished).")
+            gr.Info(f"Stopped: {len(result.images)} of {text_request.batch_size} image(s) returned"
+                    + (" (the last one is unfinished)." if result.images else "."))
         gallery_items = [(item.image, f"Seed {item.seed}") for item in result.images]
         info_text = "\n\n".join(item.parameters for item in result.images[:1])
         return gallery_items, result.seeds, info_text
@@ -168,15 +179,19 @@ def build_text_to_image_tab(
         return [filled.prompt, filled.negative_prompt, filled.preset, *fitted, filled.seed, 1, "None", card_update]
 
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
-    event = generate.click(check, inputs, None, queue=False, api_visibility="private").success(
+    # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.
+    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    event = generate.click(check, inputs, None, **quick).success(
         text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", concurrency_id="gpu",
         concurrency_limit=1,
     )
-    submit_event = prompt.submit(check, inputs, None, queue=False, api_visibility="private").success(
+    prompt.submit(check, inputs, None, **quick).success(
         text_to_image, inputs, [gallery, seeds, info], api_visibility="private", concurrency_id="gpu",
         concurrency_limit=1,
     )
-    stop.click(stop_running, None, None, cancels=[event, submit_event], api_visibility="private", concurrency_limit=None)
+    # Stop sets the request's cancel event rather than using gradio's `cancels=`, which would throw away the
+    # images already made: the handler returns them, the last one decoded where the denoising stopped.
+    stop.click(stop_running, None, None, api_visibility="private", concurrency_limit=None, show_progress="hidden")
     # Preset changes only need the preset itself: run them at once, outside the GPU queue.
     preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale, width, height],
                  api_visibility="private", concurrency_limit=None, queue=False)

@@ -51,14 +51,15 @@ def test_same_seed_same_png_pixels_through_the_api(client):
     [
         ({"width": 1000}, "Width must be a multiple of 8 between 32 and 256"),
         ({"height": 4000}, "Value 4000 is greater than maximum value 1536"),  # gradio's own range check
-        ({"steps": 0}, "Steps must be between 1 and 100"),
+        ({"steps": 101}, "Steps must be between 1 and 100 for Embedded tiny model"),
+        ({"steps": 0}, "Value 0 is less than minimum value 1"),  # gradio's own range check
         ({"guidance_scale": 31}, "Value 31 is greater than maximum value 30"),  # gradio's own range check
         ({"preset": "no-such-model"}, "Unknown preset 'no-such-model'. Available presets: embedded"),
         ({"scheduler": "LCM"}, "Scheduler 'LCM' does not work with preset 'embedded'"),
         ({"scheduler": "Heun++"}, "Unknown scheduler 'Heun++'"),
         ({"prompt": ""}, "Enter a prompt"),
         ({"prompt": "word " * 1000}, "Prompt is too long (5000 characters; the limit is 2000)"),
-        ({"batch_size": 0}, "Batch size must be between 1 and 8"),
+        ({"batch_size": 9}, "Value 9 is greater than maximum value 8"),
         ({"preset": "sdxl-base-1.0", "width": 1024, "height": 1024}, "Preset 'SDXL base 1.0' is unavailable"),
     ],
 )

@@ -1,0 +1,103 @@
+"""Time per image through the gradio API (client -> server -> PNG file) / the bare diffusers call in process.
+
+Same preset (embedded), prompt, steps, size and seed; the runs alternate in one process tree so the machine's
+noise hits all alike. Two API clients are timed, both ending with the PNG file on the client's disk:
+- "http": gradio's documented HTTP API (POST /gradio_api/call/text_to_image, read the SSE result, GET the PNG);
+- "gradio_client": Client.predict, which polls its message queue every 50 ms (a fixed client-side latency).
+Prints the ratio of medians for each (target <= 1.10).
+
+    python bench/api_overhead.py [--rounds 15] [--steps 20] [--batch-size 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from gradio_client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a red circle on a blue background"
+
+
+def start_app(port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit("the app did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--port", type=int, default=7899)
+    args = parser.parse_args()
+
+    pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models" / "embedded-sd", use_safetensors=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def bare() -> None:
+        for index in range(args.batch_size):
+            pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.0, width=64, height=64,
+                 generator=torch.Generator("cpu").manual_seed(1 + index)).images[0]
+
+    app = start_app(args.port)
+    try:
+        client = Client(f"http://127.0.0.1:{args.port}", verbose=False)
+
+        inputs = [PROMPT, "", "embedded", "Euler", args.steps, 7.0, 64, 64, 1, args.batch_size, "None"]
+        base = f"http://127.0.0.1:{args.port}/gradio_api"
+        http = httpx.Client(timeout=60)
+
+        def via_gradio_client() -> None:
+            gallery, _, _ = client.predict(*inputs, api_name="/text_to_image")
+            assert len(gallery) == args.batch_size and Path(gallery[0]["image"]).exists()
+
+        def via_http() -> None:
+            event_id = http.post(f"{base}/call/text_to_image", json={"data": inputs}).json()["event_id"]
+            stream = http.get(f"{base}/call/text_to_image/{event_id}").text
+            result = json.loads(stream.split("event: complete\ndata: ", 1)[1].split("\n", 1)[0])
+            for item in result[0]:
+                png = http.get(item["image"]["url"]).content
+                assert png.startswith(b"\x89PNG")
+
+        runs = (("bare", bare), ("http", via_http), ("gradio_client", via_gradio_client))
+        for _, warm_up in runs:
+            warm_up()
+        times = {name: [] for name, _ in runs}
+        for _ in range(args.rounds):
+            for name, run in runs:
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) / args.batch_size)
+    finally:
+        app.terminate()
+
+    bare_s = statistics.median(times["bare"])
+    print(f"per image, median of {args.rounds} rounds ({args.steps} steps, 64x64, batch {args.batch_size}):")
+    print(f"  bare diffusers call     : {bare_s * 1000:7.1f} ms")
+    for name in ("http", "gradio_client"):
+        api_s = statistics.median(times[name])
+        print(f"  {name:<14} API     : {api_s * 1000:7.1f} ms   ratio {api_s / bare_s:.3f}  (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
