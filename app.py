@@ -53,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 60%% of available RAM)")
     parser.add_argument("--preset", help="the preset selected at start (default: from presets/models.yaml)")
     parser.add_argument("--presets-file", type=Path, default=PRESETS_DIR / "models.yaml")
-    parser.add_argument("--public", action="store_true",
-                        help="public demo mode: only presets marked public, stricter limits, smaller queue")
+    parser.add_argument("--public", action="store_true", default=bool(os.environ.get("DIFFUSION_STUDIO_PUBLIC")),
+                        help="public demo mode: only presets marked public, stricter limits, smaller queue "
+                        "(also set by the environment variable DIFFUSION_STUDIO_PUBLIC=1, e.g. on a Space)")
     parser.add_argument("--max-queue", type=int, default=None, help="most requests waiting (default 64; 20 public)")
     parser.add_argument("--preload", nargs="*", default=None,
                         help="presets to load at start (ZeroGPU preloads the default preset anyway)")

@@ -185,6 +185,9 @@ class TextToImage:
                 )
                 if cancel.is_set():
                     result.interrupted = True  # this image was cut short; the VAE decoded where it stopped
+                if any(getattr(output, "nsfw_content_detected", None) or []):
+                    result.warnings.append(f"The safety checker flagged the image with seed {image_seed}; it was "
+                                           "replaced by a black image.")
                 parameters = format_parameters(
                     prompt,
                     negative_prompt,

@@ -56,3 +56,24 @@ def test_stop_interrupts_a_long_batch(page, artifacts):
     seeds = page.locator("#text-to-image-gallery img[alt^='Seed ']")
     assert 1 <= seeds.count() < 8  # the finished images are kept, the rest were never started
     page.screenshot(path=str(artifacts / "text_to_image_stopped.png"), full_page=True)
+
+
+def test_parameters_of_a_dropped_png_fill_the_form(page, tmp_path):
+    from PIL import Image
+
+    from studio.metadata import format_parameters, save_png
+
+    text = format_parameters("a large yellow star", "blurry", steps=12, scheduler="DDIM", guidance_scale=5.5,
+                             seed=777, width=96, height=64, model="embedded", model_hash=None, version="test")
+    png = save_png(Image.new("RGB", (96, 64), "yellow"), tmp_path / "with-parameters.png", text)
+    page.get_by_text("Read parameters from a PNG").click()
+    page.locator("input[type=file]").first.set_input_files(str(png))
+    page.get_by_role("button", name="Send parameters to the form", exact=True).wait_for()
+    page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('Seed: 777'))")
+    page.get_by_role("button", name="Send parameters to the form", exact=True).click()
+    prompt = page.get_by_label("Prompt", exact=True)
+    page.wait_for_function("() => document.querySelector('textarea').value === 'a large yellow star'")
+    assert prompt.input_value() == "a large yellow star"
+    assert page.get_by_label("number input for Steps").input_value() == "12"
+    assert page.get_by_label("number input for Width").input_value() == "96"
+    assert page.get_by_label("Seed (-1 = random)").input_value() == "777"
