@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from diffusers import (
@@ -24,6 +27,7 @@ from .errors import ModelUnavailable
 from .memory import ComponentKey
 
 TASKS = ("text2img", "img2img", "inpaint")
+HUB_CHECK_TTL_S = 60
 
 _PIPELINE_CLASSES = {
     ("sd", "text2img"): StableDiffusionPipeline,
@@ -56,6 +60,7 @@ class DiffusersFactory:
         self.device = torch.device(device)
         self._model_index: dict[str, dict[str, Any]] = {}
         self._hashes: dict[str, str] = {}
+        self._hub_check: tuple[bool, float] | None = None
         self._lock = threading.Lock()
 
     # ----- what a pipeline is made of -----
@@ -90,7 +95,7 @@ class DiffusersFactory:
         try:
             library, class_name = self._component_class(preset, source, role)
             component_class = getattr(importlib.import_module(library), class_name)
-            kwargs: dict[str, Any] = {"subfolder": role}
+            kwargs: dict[str, Any] = {"subfolder": role, "local_files_only": self._offline(preset)}
             if role not in _WEIGHTLESS:
                 kwargs.update(dtype=dtype, use_safetensors=True)
                 variant = self._variant(preset, source, dtype)
@@ -106,7 +111,7 @@ class DiffusersFactory:
         with self._lock:
             index = self._model_index.get(source)
         if index is None:
-            index = DiffusionPipeline.load_config(source)
+            index = DiffusionPipeline.load_config(source, local_files_only=self._offline(preset))
             with self._lock:
                 self._model_index[source] = index
         entry = index.get(role)
@@ -116,6 +121,29 @@ class DiffusersFactory:
         if library not in ("diffusers", "transformers"):
             library = f"diffusers.pipelines.{library}"  # e.g. the safety checker lives in "stable_diffusion"
         return library, class_name
+
+    def _offline(self, preset) -> bool:
+        """Load a Hub preset from the local cache only when the Hub is unreachable.
+
+        Without this, huggingface_hub retries a dead connection five times with back-off (~30 s) while the
+        device lock is held and every other user waits.
+        """
+        if preset.is_local:
+            return False
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            return True
+        with self._lock:
+            if self._hub_check and time.monotonic() - self._hub_check[1] < HUB_CHECK_TTL_S:
+                return not self._hub_check[0]
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            online = True
+        except OSError:
+            online = False
+        with self._lock:
+            self._hub_check = (online, time.monotonic())
+        return not online
 
     def _variant(self, preset, source: str, dtype: torch.dtype) -> str | None:
         if source == preset.inpaint_source and preset.inpaint_variant:
