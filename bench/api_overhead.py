@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--port", type=int, default=7899)
+    parser.add_argument("--settle", type=float, default=0.5, help="seconds of quiet before each timed run")
     args = parser.parse_args()
 
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models" / "embedded-sd", use_safetensors=True)
@@ -85,6 +86,9 @@ def main() -> None:
         times = {name: [] for name, _ in runs}
         for _ in range(args.rounds):
             for name, run in runs:
+                # Let the other process's OpenMP threads stop spinning after its last op: on 2 cores they
+                # would otherwise steal CPU from whichever side runs next.
+                time.sleep(args.settle)
                 start = time.perf_counter()
                 run()
                 times[name].append((time.perf_counter() - start) / args.batch_size)
