@@ -101,7 +101,8 @@ def build_text_to_image_tab(
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, object_fit="contain",
                                  buttons=["download", "fullscreen"], elem_id="text-to-image-gallery")
             seeds = gr.JSON(label="Used seeds", height=80)
-            info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"], elem_id="generation-info")
+            info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"],
+                              elem_id="generation-info")
 
     inputs = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style]
 
@@ -151,6 +152,8 @@ def build_text_to_image_tab(
 
     def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None):
         """Card, scheduler, steps, CFG, width and height fitted to a preset; given values are kept."""
+        if name not in engine.presets:
+            raise gr.Error(f"Unknown preset {name!r}. Choose one from the list.")
         chosen = engine.presets.get(name)
         allowed = list(schedulers_for(chosen))
         size = {"minimum": chosen.min_size, "maximum": chosen.max_size, "step": chosen.size_step}
