@@ -4,12 +4,19 @@ Same preset (embedded), prompt, steps, size and seed; the runs alternate in one 
 noise hits all alike. Two API clients are timed, both ending with the PNG file on the client's disk:
 - "http": gradio's documented HTTP API (POST /gradio_api/call/text_to_image, read the SSE result, GET the PNG);
 - "gradio_client": Client.predict, which polls its message queue every 50 ms (a fixed client-side latency).
-Prints the ratio of medians for each (target <= 1.10).
+Prints the ratio of medians for each (target <= 1.10; gradio_client adds its own polling latency on top).
 
     python bench/api_overhead.py [--rounds 15] [--steps 20] [--batch-size 1]
 """
 
 from __future__ import annotations
+
+import os
+
+# Two busy processes share 2 cores here: OpenMP's default spin-wait after each op would let the idle side's
+# worker threads steal CPU from the timed side (measured: the ratio swung 1.08-1.37). Both processes wait
+# passively instead; the app itself runs alone in production and keeps the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
