@@ -124,13 +124,14 @@ def build_text_to_image_tab(
         text_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height,
                                 seed, batch_size, style)
 
-        last_update = [0.0]
+        last_update = 0.0
 
         def on_progress(done, total, description):
             # Each update is a message to the browser; a few per second is smooth and keeps the cores for torch.
+            nonlocal last_update
             now = time.monotonic()
-            if now - last_update[0] >= PROGRESS_INTERVAL_S or done == total:
-                last_update[0] = now
+            if now - last_update >= PROGRESS_INTERVAL_S or done == total:
+                last_update = now
                 progress((done, total), desc=description, unit="steps")
 
         with cancels.running(session) as cancel:
@@ -152,9 +153,10 @@ def build_text_to_image_tab(
 
     def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None):
         """Card, scheduler, steps, CFG, width and height fitted to a preset; given values are kept."""
-        if name not in engine.presets:
-            raise gr.Error(f"Unknown preset {name!r}. Choose one from the list.")
-        chosen = engine.presets.get(name)
+        try:
+            chosen = engine.presets.get(name)
+        except StudioError as error:  # a typed-in name: the engine's message lists the real presets
+            raise gr.Error(str(error)) from None
         allowed = list(schedulers_for(chosen))
         size = {"minimum": chosen.min_size, "maximum": chosen.max_size, "step": chosen.size_step}
         return (

@@ -1,6 +1,9 @@
 """The composition root: flags -> engine objects."""
 
+import pytest
+
 import app
+from studio.errors import UnknownPreset
 from studio.generation import RequestLimits
 
 
@@ -15,12 +18,8 @@ def test_public_mode_offers_only_public_presets_with_stricter_limits():
 def test_default_preset_flag_and_unknown_preset():
     studio = app.build_studio(app.parse_args(["--preset", "sd-turbo", "--device", "cpu"]))
     assert studio.text_to_image.presets.default == "sd-turbo"
-    try:
+    with pytest.raises(UnknownPreset, match="Unknown preset 'nope'"):
         app.build_studio(app.parse_args(["--preset", "nope", "--device", "cpu"]))
-    except Exception as error:
-        assert "Unknown preset 'nope'" in str(error)
-    else:
-        raise AssertionError("an unknown --preset must be refused")
 
 
 def test_the_ui_builds_with_the_named_endpoint():
