@@ -34,13 +34,6 @@ from studio.sessions import CancelRegistry
 # Small images (the embedded model makes 64 px) are shown enlarged: keep their pixels crisp, not smeared.
 CSS = "#text-to-image-gallery img { image-rendering: pixelated; }"
 
-EXAMPLE_PROMPTS = [
-    "a red circle on a blue background",
-    "a large yellow star at the top left on a black background",
-    "a small green triangle on a white background",
-]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Diffusion Studio: a Gradio studio for Stable Diffusion.")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -117,7 +110,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Text to image", id="text-to-image"):
                 tab = build_text_to_image_tab(
-                    studio.text_to_image, studio.cancels, gpu=gpu_decorator(), examples=EXAMPLE_PROMPTS
+                    studio.text_to_image, studio.cancels, gpu=gpu_decorator()
                 )
         build_status_bar(studio.manager, refresh_after=[tab.generate_event])
         tab.fit_to_preset(demo)

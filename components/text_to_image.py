@@ -51,7 +51,6 @@ def build_text_to_image_tab(
     engine: TextToImage,
     cancels: CancelRegistry,
     gpu: Callable[[Callable], Callable] = lambda fn: fn,
-    examples: list[str] | None = None,
 ) -> TextToImageTab:
     """`gpu` wraps the function that uses the GPU (spaces.GPU on ZeroGPU, identity elsewhere)."""
     default = engine.presets.get(engine.presets.default)
@@ -206,8 +205,17 @@ def build_text_to_image_tab(
     use_parameters.click(send_parameters, [png_parameters, *inputs], [*inputs, card], api_visibility="private",
                          queue=False)
 
+    # Each preset's own example prompts; clicking one also selects that preset, since an example only
+    # shows what the model that knows it can do (the embedded model knows shapes, not "a cat").
+    examples = [[text, p.name] for p in engine.presets for text in p.examples]
     if examples:
-        gr.Examples(examples=[[text] for text in examples], inputs=[prompt], label="Try a prompt")
+        gr.Examples(
+            examples=examples, inputs=[prompt, preset], label="Try a prompt", examples_per_page=12,
+            # Fit the form to the example's preset (a programmatic change doesn't fire preset.input).
+            fn=lambda _prompt, name: preset_updates(name),
+            outputs=[card, scheduler, steps, guidance_scale, width, height], run_on_click=True,
+            api_visibility="private",
+        )
     def fit_to_preset(demo: gr.Blocks) -> None:
         demo.load(lambda name: preset_updates(name), preset, [card, scheduler, steps, guidance_scale, width, height],
                   api_visibility="private", queue=False)

@@ -155,7 +155,7 @@ class DiffusersFactory:
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         if preset.is_local or os.path.isdir(source):
             where = f"from the folder {source}"
-            advice = "Check the folder (for the embedded model: python -m studio.embedded build)."
+            advice = "Check the folder (for the embedded model: python -m studio.embedded train)."
         else:
             where = f"from the Hugging Face Hub ({source}) and they are not in the local cache"
             advice = "Connect to the internet or pre-download the model, or choose the embedded preset."

@@ -41,6 +41,7 @@ class ModelPreset:
     default_scheduler: str = "DPM++ 2M Karras"
     schedulers: tuple[str, ...] = ()  # allowed schedulers; empty = all but LCM
     scheduler_overrides: dict[str, Any] = field(default_factory=dict)
+    examples: tuple[str, ...] = ()  # prompts this model is known to handle, shown under the form
 
     @property
     def source(self) -> str:
@@ -137,6 +138,7 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Model
         if values.get(key) is not None:
             values[key] = (base_dir / values[key]).resolve()
     values["schedulers"] = tuple(values.get("schedulers", ()))
+    values["examples"] = tuple(values.get("examples", ()))
     preset = ModelPreset(name=name, **values)
     if not (preset.min_size <= preset.default_width <= preset.max_size):
         raise ValueError(f"Preset {name!r}: default_width outside [min_size, max_size].")

@@ -77,3 +77,29 @@ def test_parameters_of_a_dropped_png_fill_the_form(page, tmp_path):
     assert page.get_by_label("number input for Steps").input_value() == "12"
     assert page.get_by_label("number input for Width").input_value() == "96"
     assert page.get_by_label("Seed (-1 = random)").input_value() == "777"
+
+
+def test_an_example_fills_the_form_and_the_image_shows_what_it_says(page, artifacts):
+    import io
+
+    from PIL import Image
+
+    from studio.embedded import oracle
+
+    page.get_by_text("a red circle on a blue background", exact=True).first.click()
+    page.wait_for_function("() => document.querySelector('textarea').value === 'a red circle on a blue background'")
+    assert page.get_by_label("number input for Steps").input_value() == "20"  # fitted to the example's preset
+    seed = page.get_by_label("Seed (-1 = random)")
+    seed.fill("3")
+    seed.press("Enter")
+    for label in ("Batch size",):
+        box = page.get_by_label(f"number input for {label}")
+        box.fill("1")
+        box.press("Enter")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    image = page.locator("#text-to-image-gallery img[alt='Seed 3']").first
+    image.wait_for(timeout=60_000)
+    png = page.request.get(image.get_attribute("src")).body()
+    reading = oracle.read(Image.open(io.BytesIO(png)))
+    page.screenshot(path=str(artifacts / "text_to_image_example.png"), full_page=True)
+    assert (reading.colour, reading.shape, reading.background) == ("red", "circle", "blue"), reading

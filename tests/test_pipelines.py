@@ -22,8 +22,8 @@ def test_tasks_on_one_base_use_the_same_component_keys(presets):
     assert inpaint["unet"] == ("Lykon/dreamshaper-8-inpainting", "unet")  # the dedicated 9-channel UNet
     for role in ("vae", "text_encoder", "tokenizer"):
         assert inpaint[role] == text2img[role] == ("Lykon/dreamshaper-8", role)
-    embedded = presets.get("embedded")
-    assert factory.component_keys(embedded, "inpaint") == factory.component_keys(embedded, "text2img")
+    base_only = presets.get("realistic-vision-5.1")  # no inpainting checkpoint: its own UNet, 4-channel path
+    assert factory.component_keys(base_only, "inpaint") == factory.component_keys(base_only, "text2img")
 
 
 def test_sdxl_has_two_text_encoders_and_safety_checker_only_where_asked(presets):
@@ -60,7 +60,7 @@ def test_missing_local_folder_is_reported_with_the_fix(tmp_path, presets):
 
     preset = replace(presets.get("embedded"), local=tmp_path / "gone")
     factory = DiffusersFactory(torch.device("cpu"))
-    with pytest.raises(ModelUnavailable, match="from the folder .*gone.*python -m studio.embedded build"):
+    with pytest.raises(ModelUnavailable, match="from the folder .*gone.*python -m studio.embedded train"):
         factory.load_component(preset, (preset.source, "unet"), torch.float32)
 
 

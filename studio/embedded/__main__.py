@@ -1,0 +1,54 @@
+"""Train and evaluate the embedded model family.
+
+    python -m studio.embedded train        # every stage in order; run it again to resume where it stopped
+    python -m studio.embedded evaluate     # the quality table (oracle, PSNR, CLIP ranking)
+    python -m studio.embedded samples      # docs/embedded-samples.png, outputs with their prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .family import MODELS_DIR, RUN_DIR, SMOKE_PLAN, TRAINING_PLAN, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m studio.embedded", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train_parser = sub.add_parser("train", help="train every stage (resumable)")
+    train_parser.add_argument("--stage", action="append", choices=list(TRAINING_PLAN), help="only these stages")
+    train_parser.add_argument("--run-dir", default=RUN_DIR, help="checkpoints and logs (default: %(default)s)")
+    train_parser.add_argument("--models-dir", default=MODELS_DIR, help="where weights go (default: %(default)s)")
+    train_parser.add_argument("--smoke", action="store_true", help="a few steps of each stage, to check the code")
+    evaluate_parser = sub.add_parser("evaluate", help="print the quality table")
+    evaluate_parser.add_argument("--models-dir", default=MODELS_DIR)
+    evaluate_parser.add_argument("--prompts", type=int, default=200, help="text-to-image prompts (half held out)")
+    samples_parser = sub.add_parser("samples", help="save a sheet of sample outputs with their prompts")
+    samples_parser.add_argument("--models-dir", default=MODELS_DIR)
+    samples_parser.add_argument("--out", default="docs/embedded-samples.png")
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        plan = SMOKE_PLAN if args.smoke else TRAINING_PLAN
+        results = train(args.run_dir, args.models_dir, plan, only=args.stage)
+        total = sum(result.seconds for result in results)
+        for result in results:
+            print(f"{result.name:>9}: {result.steps:>5} steps, {result.seconds / 60:5.1f} min, loss {result.final_loss}, {result.checks}")
+        print(f"    total: {total / 60:.1f} min")
+    elif args.command == "samples":
+        from .evaluation import sample_sheet
+
+        sample_sheet(args.models_dir).save(args.out)
+        print(f"Saved {args.out}")
+    else:
+        from .evaluation import evaluate, format_table
+
+        print(format_table(evaluate(args.models_dir, prompt_count=args.prompts)))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Measure the embedded family with the oracle: `python -m studio.embedded evaluate` prints the table.
+
+Every number comes from fixed seeds, so two runs on one machine print the same table. Text-to-image and
+inpainting run at the embedded preset's default settings (presets/models.yaml).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..presets import load_presets
+from ..schedulers import make_scheduler
+from . import oracle, scenes
+from .stages import CLIP_DIR, INPAINT_DIR, PIPELINE_DIR, SIDE, UPSCALE, render_batch, vae_oracle_check
+from .upscaler import load_upscaler, upscale
+
+EVAL_SEED = 777
+BARS = {
+    "colour": 0.95,
+    "background": 0.95,
+    "shape": 0.85,
+    "position": 0.80,
+    "inpaint": 0.85,
+    "upscaler_gain_db": 2.0,
+    "clip_top1": 0.90,
+    "vae": 0.99,
+}
+
+
+@dataclass
+class Report:
+    text_to_image: dict = field(default_factory=dict)  # {"seen": {...}, "held-out": {...}}
+    inpaint: dict = field(default_factory=dict)
+    upscaler: dict = field(default_factory=dict)
+    clip: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+
+
+def embedded_defaults() -> dict:
+    preset = load_presets().get("embedded")
+    return dict(
+        steps=preset.default_steps,
+        guidance_scale=preset.default_guidance,
+        scheduler=preset.default_scheduler,
+        size=preset.default_width,
+    )
+
+
+def evaluation_scenes(count: int, seed: int = EVAL_SEED) -> list[tuple[scenes.Scene, bool]]:
+    """`count` scenes, half from held-out (shape, colour, background) triples; (scene, held_out) pairs."""
+    rng = random.Random(seed)
+    held_out = sorted(scenes.held_out_triples())
+    seen = scenes.seen_triples()
+    chosen = []
+    for index in range(count):
+        is_held_out = index % 2 == 1
+        scene = scenes.random_scene(rng, held_out if is_held_out else seen)
+        chosen.append((replace(scene, tint=(0, 0, 0)), is_held_out))
+    return chosen
+
+
+# ----- text to image -----
+
+
+def load_text_to_image(models_dir: Path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(Path(models_dir) / PIPELINE_DIR, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt: str, seed: int, defaults: dict, guidance_scale: float | None = None) -> Image.Image:
+    pipe.scheduler = make_scheduler(defaults["scheduler"], pipe.scheduler.config)
+    return pipe(
+        prompt,
+        num_inference_steps=defaults["steps"],
+        guidance_scale=defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
+        width=defaults["size"],
+        height=defaults["size"],
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
+
+
+def evaluate_text_to_image(models_dir: Path, count: int, guidance_scale: float | None = None, seed: int = EVAL_SEED, samples: list | None = None) -> dict:
+    pipe, defaults = load_text_to_image(models_dir), embedded_defaults()
+    tallies = {group: {"n": 0, "shape": 0, "colour": 0, "background": 0, "position": 0, "size": 0} for group in ("seen", "held-out")}
+    for index, (scene, held_out) in enumerate(evaluation_scenes(count, seed)):
+        prompt = scenes.caption(scene)
+        image = generate(pipe, prompt, seed + index, defaults, guidance_scale)
+        tally = tallies["held-out" if held_out else "seen"]
+        tally["n"] += 1
+        for key, ok in oracle.read(image).matches(scene).items():
+            tally[key] += ok
+        if samples is not None:
+            samples.append((prompt, image, held_out))
+    return {group: {k: (v / t["n"] if k != "n" else v) for k, v in t.items()} for group, t in tallies.items()}
+
+
+# ----- inpainting -----
+
+
+def inpaint_cases(count: int, seed: int = EVAL_SEED + 1):
+    """A scene (sometimes with a shape already in it), a box mask where no shape is, and the shape to paint."""
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        target_scene, _ = evaluation_scenes(1, rng.randrange(10**9))[0]
+        target = target_scene.main
+        existing = ()
+        if rng.random() < 0.5:
+            other = scenes.random_shape(rng, rng.choice(scenes.SHAPES), rng.choice(scenes.SHAPE_COLOURS))
+            if other.colour == target_scene.background or _boxes_overlap(scenes.shape_box(other, SIDE, 4), scenes.shape_box(target, SIDE, 4)):
+                continue
+            existing = (other,)
+        before = scenes.Scene(target_scene.background, existing)
+        mask = np.zeros((SIDE, SIDE), dtype=bool)
+        left, top, right, bottom = scenes.shape_box(target, SIDE, margin=3)
+        mask[top:bottom, left:right] = True
+        cases.append((before, target, mask))
+    return cases
+
+
+def _boxes_overlap(a, b) -> bool:
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+
+def evaluate_inpaint(models_dir: Path, count: int) -> dict:
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(Path(models_dir) / INPAINT_DIR, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    defaults = embedded_defaults()
+    right = inside = unchanged = 0
+    drift = []
+    for index, (before, target, mask) in enumerate(inpaint_cases(count)):
+        init = scenes.render(before)
+        mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
+        pipe.scheduler = make_scheduler(defaults["scheduler"], pipe.scheduler.config)
+        raw = pipe(
+            f"a {target.size} {target.colour} {target.shape} on a {before.background} background",
+            image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
+            guidance_scale=defaults["guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
+            generator=torch.Generator("cpu").manual_seed(EVAL_SEED + index),
+        ).images[0]
+        result = pipe.image_processor.apply_overlay(mask_image, init, raw)  # paste the unmasked pixels back
+        reading = oracle.read(result, within=mask)
+        expected = replace(before, shapes=(target,))
+        matches = reading.matches(expected)
+        cx, cy = reading.features.get("centroid", (-1, -1))
+        is_inside = reading.shape != "none" and bool(mask[min(int(cy * SIDE), SIDE - 1), min(int(cx * SIDE), SIDE - 1)])
+        inside += is_inside
+        right += is_inside and matches["shape"] and matches["colour"]
+        outside = ~mask
+        unchanged += np.array_equal(np.asarray(result)[outside], np.asarray(init)[outside])
+        drift.append(np.abs(np.asarray(raw, dtype=np.float32) - np.asarray(init, dtype=np.float32))[outside].mean())
+    return {
+        "n": count,
+        "right shape and colour inside the mask": right / count,
+        "inside the mask": inside / count,
+        "outside pixels identical (after paste-back)": unchanged / count,
+        "mean |change| outside before paste-back (0-255)": float(np.mean(drift)),
+    }
+
+
+# ----- upscaler -----
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def evaluate_upscaler(models_dir: Path, count: int) -> dict:
+    model = load_upscaler(Path(models_dir))
+    ours, bicubic = [], []
+    for scene, _ in evaluation_scenes(count, EVAL_SEED + 2):
+        high = scenes.render(scene, SIDE * UPSCALE)
+        low = high.resize((SIDE, SIDE), Image.Resampling.BICUBIC)
+        ours.append(psnr(np.asarray(upscale(model, low)), np.asarray(high)))
+        bicubic.append(psnr(np.asarray(low.resize(high.size, Image.Resampling.BICUBIC)), np.asarray(high)))
+    return {"n": count, "psnr": float(np.mean(ours)), "bicubic_psnr": float(np.mean(bicubic)),
+            "gain_db": float(np.mean(ours) - np.mean(bicubic))}
+
+
+# ----- CLIP -----
+
+
+def candidate_captions(scene: scenes.Scene, rng: random.Random, count: int = 8) -> list[str]:
+    """The true caption first, then captions of scenes that differ from it in exactly one attribute."""
+    captions = [scenes.caption(scene)]
+    while len(captions) < count:
+        variant = scenes.caption(scenes.vary_one_attribute(rng, scene))
+        if variant not in captions:
+            captions.append(variant)
+    return captions
+
+
+def evaluate_clip(models_dir: Path, count: int) -> dict:
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = Path(models_dir) / CLIP_DIR
+    model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    rng = random.Random(EVAL_SEED + 3)
+    hits = {"seen": [0, 0], "held-out": [0, 0]}
+    for scene, held_out in evaluation_scenes(count, EVAL_SEED + 3):
+        captions = candidate_captions(scene, rng)
+        inputs = processor(text=captions, images=scenes.render(scene), return_tensors="pt", padding="max_length", truncation=True)
+        with torch.no_grad():
+            logits = model(**inputs).logits_per_image[0]
+        group = hits["held-out" if held_out else "seen"]
+        group[0] += int(logits.argmax()) == 0
+        group[1] += 1
+    return {group: right / total for group, (right, total) in hits.items()} | {"candidates": 8}
+
+
+# ----- VAE -----
+
+
+def evaluate_vae(models_dir: Path) -> dict:
+    from diffusers import AutoencoderKL
+
+    return vae_oracle_check(AutoencoderKL.from_pretrained(Path(models_dir) / PIPELINE_DIR / "vae").eval())
+
+
+def evaluate(models_dir: Path, prompt_count: int = 200, inpaint_count: int = 100, upscaler_count: int = 50,
+             clip_count: int = 200) -> Report:
+    torch.manual_seed(EVAL_SEED)
+    return Report(
+        text_to_image=evaluate_text_to_image(models_dir, prompt_count),
+        inpaint=evaluate_inpaint(models_dir, inpaint_count),
+        upscaler=evaluate_upscaler(models_dir, upscaler_count),
+        clip=evaluate_clip(models_dir, clip_count),
+        vae=evaluate_vae(models_dir),
+    )
+
+
+def _verdict(value: float, bar: float) -> str:
+    return "met" if value >= bar else "NOT met"
+
+
+def format_table(report: Report) -> str:
+    lines = ["| measure | seen | held-out | bar | |", "|---|---|---|---|---|"]
+    t2i = report.text_to_image
+    for key in ("colour", "background", "shape", "position", "size"):
+        seen, held = t2i["seen"][key], t2i["held-out"][key]
+        bar = BARS.get(key)
+        verdict = _verdict(min(seen, held), bar) if bar else ""
+        lines.append(f"| text to image: {key} | {seen:.1%} | {held:.1%} | {f'≥ {bar:.0%}' if bar else '—'} | {verdict} |")
+    lines.append(f"| (text-to-image prompts) | {t2i['seen']['n']} | {t2i['held-out']['n']} | | |")
+    clip = report.clip
+    lines.append(f"| CLIP: right caption first of 8 | {clip['seen']:.1%} | {clip['held-out']:.1%} | ≥ 90% | {_verdict(min(clip['seen'], clip['held-out']), BARS['clip_top1'])} |")
+    inpaint = report.inpaint
+    key = "right shape and colour inside the mask"
+    lines.append(f"| inpaint: {key} | {inpaint[key]:.1%} (n={inpaint['n']}, both) | | ≥ 85% | {_verdict(inpaint[key], BARS['inpaint'])} |")
+    lines.append(f"| inpaint: outside pixels identical | {inpaint['outside pixels identical (after paste-back)']:.0%} | | 100% | |")
+    lines.append(f"| inpaint: mean change outside before paste-back | {inpaint['mean |change| outside before paste-back (0-255)']:.2f} / 255 | | | |")
+    up = report.upscaler
+    lines.append(f"| upscaler ×4 PSNR (bicubic) | | {up['psnr']:.2f} dB ({up['bicubic_psnr']:.2f} dB) | bicubic + 2 dB | {_verdict(up['gain_db'], BARS['upscaler_gain_db'])} (+{up['gain_db']:.2f} dB) |")
+    vae = report.vae
+    lines.append("| VAE round trip, oracle agrees (shape/colour/bg/position) | " + " / ".join(f"{vae[f'vae_{k}']:.1%}" for k in ("shape", "colour", "background", "position")) + " (all triples) | | ≥ 99% | "
+                 + _verdict(min(vae.values()), BARS["vae"]) + " |")
+    return "\n".join(lines)
+
+
+# ----- sample sheet for the README -----
+
+
+def sample_sheet(models_dir: Path, count: int = 8, scale: int = 2, seed: int = EVAL_SEED + 10) -> Image.Image:
+    """Outputs for `count` evaluation prompts (every second one a held-out triple), prompts under images."""
+    from PIL import ImageDraw, ImageFont
+
+    pipe, defaults = load_text_to_image(models_dir), embedded_defaults()
+    cell, text_height = SIDE * scale, 44
+    columns = 4
+    rows = (count + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * (cell + 8) + 8, rows * (cell + text_height + 8) + 8), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=11)
+    for index, (scene, held_out) in enumerate(evaluation_scenes(count, seed)):
+        prompt = scenes.caption(scene)
+        image = generate(pipe, prompt, seed + index, defaults).resize((cell, cell), Image.Resampling.NEAREST)
+        x, y = 8 + (index % columns) * (cell + 8), 8 + (index // columns) * (cell + text_height + 8)
+        sheet.paste(image, (x, y))
+        words, lines = prompt.split(), [""]
+        for word in words:  # wrap to the cell width
+            candidate = f"{lines[-1]} {word}".strip()
+            if draw.textlength(candidate, font=font) > cell and lines[-1]:
+                lines.append(word)
+            else:
+                lines[-1] = candidate
+        label = "\n".join(lines[:3]) + ("\n(held-out combination)" if held_out else "")
+        draw.multiline_text((x, y + cell + 2), label, fill="black", font=font, spacing=1)
+    return sheet

@@ -1,0 +1,88 @@
+"""The shipped embedded family does what its card says, judged by the oracle on fixed seeds.
+
+Text to image goes through the real app's API at the preset's default settings; the other models are
+checked the way `python -m studio.embedded evaluate` does, on a handful of cases.
+"""
+
+from pathlib import Path
+
+import pytest
+from gradio_client import Client
+from PIL import Image
+
+from studio.embedded import oracle, scenes
+from studio.embedded.evaluation import evaluate_clip, evaluate_inpaint, evaluate_upscaler
+from studio.presets import load_presets
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+# Fixed before looking at any output: four seen and four held-out (shape, colour, background) triples.
+PROMPTS = [
+    scenes.Scene("blue", (scenes.Shape("circle", "red", "center", "large"),)),
+    scenes.Scene("black", (scenes.Shape("star", "yellow", "top left", "large"),)),
+    scenes.Scene("white", (scenes.Shape("triangle", "green", "bottom right", "large"),)),
+    scenes.Scene("yellow", (scenes.Shape("ring", "purple", "left", "large"),)),
+] + [
+    scenes.Scene(background, (scenes.Shape(shape, colour, position, "large"),))
+    for (shape, colour, background), position in zip(sorted(scenes.held_out_triples())[::6], ("right", "top", "bottom left", "center"))
+]
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def generate(client, prompt: str, seed: int) -> Image.Image:
+    preset = load_presets().get("embedded")
+    gallery, _, _ = client.predict(
+        prompt=prompt, negative_prompt="", preset="embedded", scheduler=preset.default_scheduler,
+        steps=preset.default_steps, guidance_scale=preset.default_guidance, width=preset.default_width,
+        height=preset.default_height, seed=seed, batch_size=1, style="None", api_name="/text_to_image",
+    )
+    with Image.open(gallery[0]["image"]) as image:
+        return image.convert("RGB")
+
+
+def test_prompts_give_what_they_ask_through_the_app(client, artifacts):
+    right = {key: 0 for key in ("shape", "colour", "background", "position")}
+    strip = []
+    for seed, scene in enumerate(PROMPTS, start=1):
+        image = generate(client, scenes.caption(scene), seed)
+        strip.append(image)
+        matches = oracle.read(image).matches(scene)
+        for key in right:
+            right[key] += matches[key]
+    sheet = Image.new("RGB", (64 * len(strip), 64))
+    for index, image in enumerate(strip):
+        sheet.paste(image, (64 * index, 0))
+    sheet.save(artifacts / "embedded-prompts.png")
+    assert right["colour"] >= 7 and right["background"] >= 7, right
+    assert right["shape"] >= 6 and right["position"] >= 6, right
+
+
+def test_a_red_square_is_red_and_square(client):
+    readings = [oracle.read(generate(client, "a red square", seed)) for seed in range(4)]
+    assert sum(r.colour == "red" and r.shape == "square" for r in readings) >= 3, readings
+
+
+def test_clip_ranks_the_right_caption_first():
+    result = evaluate_clip(MODELS, 20)
+    assert min(result["seen"], result["held-out"]) >= 0.8, result
+
+
+def test_inpainting_puts_the_asked_shape_inside_the_mask_and_keeps_the_rest():
+    result = evaluate_inpaint(MODELS, 6)
+    assert result["outside pixels identical (after paste-back)"] == 1.0
+    assert result["right shape and colour inside the mask"] >= 4 / 6, result
+
+
+def test_upscaler_beats_bicubic_by_two_db():
+    result = evaluate_upscaler(MODELS, 6)
+    assert result["gain_db"] >= 2.0, result
+
+
+def test_shipped_weights_fit_the_size_budget():
+    folders = ["embedded-sd", "embedded-sd-inpainting", "embedded-clip", "embedded-upscaler"]
+    total = sum(path.stat().st_size for folder in folders for path in (MODELS / folder).rglob("*") if path.is_file())
+    assert total <= 40 * 1024**2, f"{total / 1024**2:.1f} MB"
