@@ -49,9 +49,9 @@ def test_same_seed_same_png_pixels_through_the_api(client):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"width": 1000}, "Width must be a multiple of 8 between 32 and 256"),
+        ({"width": 1000}, "Width must be a multiple of 8 between 32 and 128"),
         ({"height": 4000}, "Value 4000 is greater than maximum value 1536"),  # gradio's own range check
-        ({"steps": 101}, "Steps must be between 1 and 100 for Embedded tiny model"),
+        ({"steps": 101}, "Steps must be between 1 and 100 for Embedded shapes model"),
         ({"steps": 0}, "Value 0 is less than minimum value 1"),  # gradio's own range check
         ({"guidance_scale": 31}, "Value 31 is greater than maximum value 30"),  # gradio's own range check
         ({"preset": "no-such-model"}, "Unknown preset 'no-such-model'. Available presets: embedded"),
