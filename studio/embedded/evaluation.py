@@ -116,7 +116,7 @@ def inpaint_cases(count: int, seed: int = EVAL_SEED + 1):
         existing = ()
         if rng.random() < 0.5:
             other = scenes.random_shape(rng, rng.choice(scenes.SHAPES), rng.choice(scenes.SHAPE_COLOURS))
-            if other.colour == target_scene.background or _boxes_overlap(scenes.shape_box(other, SIDE, 4), scenes.shape_box(target, SIDE, 4)):
+            if other.colour == target_scene.background or scenes.boxes_overlap(scenes.shape_box(other, SIDE, 4), scenes.shape_box(target, SIDE, 4)):
                 continue
             existing = (other,)
         before = scenes.Scene(target_scene.background, existing)
@@ -125,10 +125,6 @@ def inpaint_cases(count: int, seed: int = EVAL_SEED + 1):
         mask[top:bottom, left:right] = True
         cases.append((before, target, mask))
     return cases
-
-
-def _boxes_overlap(a, b) -> bool:
-    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
 
 
 def evaluate_inpaint(models_dir: Path, count: int) -> dict:

@@ -249,6 +249,10 @@ def shape_box(shape: Shape, side: int, margin: float = 0.0) -> tuple[int, int, i
     return (max(0, math.floor(cx - r)), max(0, math.floor(cy - r)), min(side, math.ceil(cx + r)), min(side, math.ceil(cy + r)))
 
 
+def boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+
 def to_tensor_batch(images: list[Image.Image]) -> np.ndarray:
     """uint8 PIL images -> float32 NCHW in [-1, 1], the range the VAE works in."""
     array = np.stack([np.asarray(image, dtype=np.float32) for image in images])

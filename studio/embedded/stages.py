@@ -227,6 +227,7 @@ class UnetStage(Stage):
     ema_decay = 0.999
     dataset_size = 24000
     in_channels = 4
+    pipeline_class, pipeline_dir = StableDiffusionPipeline, PIPELINE_DIR
 
     def __init__(self, *args, clip: ClipStage, vae: VaeStage, **kwargs):
         super().__init__(*args, **kwargs)
@@ -292,8 +293,8 @@ class UnetStage(Stage):
         )
 
     def export(self, model) -> dict:
-        out = self.models_dir / PIPELINE_DIR
-        StableDiffusionPipeline(**self.pipeline_parts(model)).save_pretrained(out, safe_serialization=True)
+        out = self.models_dir / self.pipeline_dir
+        self.pipeline_class(**self.pipeline_parts(model)).save_pretrained(out, safe_serialization=True)
         _copy_tokenizer_sources(self.run_dir.parent / "tokenizer", out / "tokenizer")
         model.float()
         return {}
@@ -322,6 +323,7 @@ class InpaintStage(UnetStage):
     dataset_size = 16000
     in_channels = 9
     full_mask_fraction = 0.2
+    pipeline_class, pipeline_dir = StableDiffusionInpaintPipeline, INPAINT_DIR
 
     def __init__(self, *args, unet: UnetStage, **kwargs):
         super().__init__(*args, clip=unet.clip_stage, vae=unet.vae_stage, **kwargs)
@@ -346,7 +348,7 @@ class InpaintStage(UnetStage):
             scene = scenes.random_scene(rng)
             if rng.random() < 0.5:  # another shape elsewhere, which the mask must leave alone
                 other = scenes.random_scene(rng).main
-                if not _overlap(scenes.shape_box(other, SIDE, 3), scenes.shape_box(scene.main, SIDE, 3)):
+                if not scenes.boxes_overlap(scenes.shape_box(other, SIDE, 3), scenes.shape_box(scene.main, SIDE, 3)):
                     scene = scenes.Scene(scene.background, (scene.main, other), scene.tint)
             scene_list.append(scene)
             masks.append(random_mask(rng, scene.main, self.full_mask_fraction))
@@ -375,17 +377,6 @@ class InpaintStage(UnetStage):
         latents = self._data["latents"][indices].float()
         extra = torch.cat([self._data["masks"][indices].float(), self._data["masked_latents"][indices].float()], dim=1)
         return self.diffusion_loss(model, latents, captions, generator, extra=extra)
-
-    def export(self, model) -> dict:
-        out = self.models_dir / INPAINT_DIR
-        StableDiffusionInpaintPipeline(**self.pipeline_parts(model)).save_pretrained(out, safe_serialization=True)
-        _copy_tokenizer_sources(self.run_dir.parent / "tokenizer", out / "tokenizer")
-        model.float()
-        return {}
-
-
-def _overlap(a, b) -> bool:
-    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
 
 
 def random_mask(rng: random.Random, shape: scenes.Shape, full_fraction: float) -> np.ndarray:
