@@ -15,24 +15,27 @@ if ON_ZEROGPU:
     import spaces  # noqa: F401
 
 import argparse
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
 import torch
 
+from components.inpaint import build_inpaint_tab, editor_with_background
 from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
 from studio import __version__
 from studio.devices import default_device_budget, default_dtype, default_ram_budget, parse_bytes, resolve_device
 from studio.generation import RequestLimits, TextToImage
+from studio.inpainting import Inpainter
 from studio.memory import ModelManager
 from studio.pipelines import DiffusersFactory
 from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import CancelRegistry
 
 # Small images (the embedded model makes 64 px) are shown enlarged: keep their pixels crisp, not smeared.
-CSS = "#text-to-image-gallery img { image-rendering: pixelated; }"
+CSS = "#text-to-image-gallery img, #inpaint-gallery img { image-rendering: pixelated; }"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Diffusion Studio: a Gradio studio for Stable Diffusion.")
@@ -61,6 +64,7 @@ class Studio:
 
     manager: ModelManager
     text_to_image: TextToImage
+    inpainter: Inpainter
     cancels: CancelRegistry
 
 
@@ -86,34 +90,48 @@ def build_studio(args: argparse.Namespace) -> Studio:
         ask_driver=not ON_ZEROGPU,
     )
     limits = RequestLimits.public() if args.public else RequestLimits()
-    text_to_image = TextToImage(manager, factory, presets, load_styles(), limits, version=f"Diffusion Studio {__version__}")
+    version = f"Diffusion Studio {__version__}"
+    text_to_image = TextToImage(manager, factory, presets, load_styles(), limits, version=version)
+    inpainter = Inpainter(manager, factory, presets, limits, version=version)
     for name in (args.preload or []) + ([presets.default] if ON_ZEROGPU else []):
         manager.preload(presets.get(name), "text2img")
-    return Studio(manager=manager, text_to_image=text_to_image, cancels=CancelRegistry())
+    return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, cancels=CancelRegistry())
 
 
-def gpu_decorator():
-    """spaces.GPU on ZeroGPU (the duration grows with steps x batch size); identity elsewhere."""
+def gpu_decorator(fn):
+    """spaces.GPU on ZeroGPU, its duration growing with the call's `steps` x `batch_size`; identity elsewhere."""
     if not ON_ZEROGPU:
-        return lambda fn: fn
+        return fn
+    signature = inspect.signature(fn)
 
-    def duration(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size,
-                 *_, **__):
-        return min(300, 30 + int(steps) * int(batch_size))
+    def duration(*args, **kwargs):
+        arguments = signature.bind_partial(*args, **kwargs).arguments
+        return min(300, 30 + int(arguments.get("steps", 50)) * int(arguments.get("batch_size", 1)))
 
-    return spaces.GPU(duration=duration)
+    return spaces.GPU(duration=duration)(fn)
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="Diffusion Studio", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# Diffusion Studio\nText to image with Stable Diffusion. Inpaint, Upscale and Compare are coming.")
-        with gr.Tabs():
-            with gr.Tab("Text to image", id="text-to-image"):
-                tab = build_text_to_image_tab(
-                    studio.text_to_image, studio.cancels, gpu=gpu_decorator()
-                )
-        build_status_bar(studio.manager, refresh_after=[tab.generate_event])
-        tab.fit_to_preset(demo)
+        gr.Markdown("# Diffusion Studio\nText to image and inpainting with Stable Diffusion. Upscale and Compare "
+                    "are coming.")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Text to image", id="text-to-image", elem_id="text-to-image-tab"):
+                text_tab = build_text_to_image_tab(studio.text_to_image, studio.cancels, gpu=gpu_decorator)
+            with gr.Tab("Inpaint", id="inpaint", elem_id="inpaint-tab"):
+                inpaint_tab = build_inpaint_tab(studio.inpainter, studio.cancels, gpu=gpu_decorator)
+        build_status_bar(studio.manager, refresh_after=[text_tab.generate_event, inpaint_tab.generate_event])
+        text_tab.fit_to_preset(demo)
+        inpaint_tab.fit_to_preset(demo)
+
+        def send_to_inpaint(gallery, index):
+            if not gallery:
+                raise gr.Error("Generate an image first.")
+            image, _caption = gallery[min(index or 0, len(gallery) - 1)]
+            return editor_with_background(image), gr.Tabs(selected="inpaint")
+
+        text_tab.send_to_inpaint.click(send_to_inpaint, [text_tab.gallery, text_tab.selected],
+                                       [inpaint_tab.editor, tabs], api_visibility="private", queue=False)
     return demo
 
 

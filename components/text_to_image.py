@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
 
+from components.preset_picker import chosen_preset, preset_card, sampling_updates
+from components.running import gallery_outputs, throttled
 from studio.errors import StudioError
 from studio.generation import TextToImage, TextToImageRequest, request_from_parameters
-from studio.presets import ModelPreset
 from studio.schedulers import schedulers_for
 from studio.sessions import CancelRegistry
 
-PROGRESS_INTERVAL_S = 0.1
 FIELDS = ("prompt", "negative_prompt", "preset", "scheduler", "steps", "guidance_scale", "width", "height", "seed",
           "batch_size", "style")
 
@@ -23,6 +22,8 @@ FIELDS = ("prompt", "negative_prompt", "preset", "scheduler", "steps", "guidance
 class TextToImageTab:
     generate_event: gr.events.Dependency
     gallery: gr.Gallery
+    selected: gr.State  # index of the gallery image last clicked (0 until one is)
+    send_to_inpaint: gr.Button
     fit_to_preset: Callable  # (demo) -> None: narrows the sliders to the selected preset on page load
 
 
@@ -40,11 +41,6 @@ def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, 
         batch_size=int(batch_size),
         style=style or "None",
     )
-
-
-def preset_card(preset: ModelPreset) -> str:
-    where = "built in, works offline" if preset.is_local else f"[{preset.repo}](https://huggingface.co/{preset.repo})"
-    return f"**{preset.label}** — {preset.description} <br><small>{where}</small>"
 
 
 def build_text_to_image_tab(
@@ -99,6 +95,8 @@ def build_text_to_image_tab(
         with gr.Column(scale=6):
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, object_fit="contain",
                                  buttons=["download", "fullscreen"], elem_id="text-to-image-gallery")
+            send_to_inpaint = gr.Button("Send to Inpaint", size="sm")
+            selected = gr.State(0)
             seeds = gr.JSON(label="Used seeds", height=80)
             info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"],
                               elem_id="generation-info")
@@ -123,46 +121,22 @@ def build_text_to_image_tab(
         text_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height,
                                 seed, batch_size, style)
 
-        last_update = 0.0
-
-        def on_progress(done, total, description):
-            # Each update is a message to the browser; a few per second is smooth and keeps the cores for torch.
-            nonlocal last_update
-            now = time.monotonic()
-            if now - last_update >= PROGRESS_INTERVAL_S or done == total:
-                last_update = now
-                progress((done, total), desc=description, unit="steps")
-
         with cancels.running(session) as cancel:
             try:
-                result = engine.generate(text_request, on_progress=on_progress, cancel=cancel)
+                result = engine.generate(text_request, on_progress=throttled(progress), cancel=cancel)
             except StudioError as error:
                 raise gr.Error(str(error), title="Cannot generate") from None
-        for warning in result.warnings:
-            gr.Warning(warning)
-        if result.interrupted:
-            gr.Info(f"Stopped: {len(result.images)} of {text_request.batch_size} image(s) returned"
-                    + (" (the last one is unfinished)." if result.images else "."))
-        gallery_items = [(item.image, f"Seed {item.seed}") for item in result.images]
-        info_text = "\n\n".join(item.parameters for item in result.images[:1])
-        return gallery_items, result.seeds, info_text
+        return gallery_outputs(result, text_request.batch_size)
 
     def stop_running(request: gr.Request):
         cancels.cancel(request.session_hash)
 
     def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None):
         """Card, scheduler, steps, CFG, width and height fitted to a preset; given values are kept."""
-        try:
-            chosen = engine.presets.get(name)
-        except StudioError as error:  # a typed-in name: the engine's message lists the real presets
-            raise gr.Error(str(error)) from None
-        allowed = list(schedulers_for(chosen))
+        chosen = chosen_preset(engine.presets, name)
         size = {"minimum": chosen.min_size, "maximum": chosen.max_size, "step": chosen.size_step}
         return (
-            preset_card(chosen),
-            gr.Dropdown(choices=allowed, value=scheduler if scheduler in allowed else chosen.default_scheduler),
-            gr.Slider(minimum=1, maximum=min(chosen.max_steps, limits.max_steps), value=steps or chosen.default_steps),
-            gr.Slider(value=chosen.default_guidance if guidance is None else guidance),
+            *sampling_updates(chosen, limits, scheduler, steps, guidance),
             gr.Slider(**size, value=width or chosen.default_width),
             gr.Slider(**size, value=height or chosen.default_height),
         )
@@ -202,6 +176,12 @@ def build_text_to_image_tab(
     random_seed.click(lambda: -1, None, seed, api_visibility="private", queue=False)
     reuse_seed.click(lambda used: used[0] if used else -1, seeds, seed, api_visibility="private", queue=False)
     png.change(read_png, png, png_parameters, api_visibility="private", queue=False)
+
+    def remember_selection(selection: gr.SelectData):
+        return selection.index
+
+    gallery.select(remember_selection, None, selected, api_visibility="private", queue=False)
+    event.then(lambda: 0, None, selected, api_visibility="private", queue=False)  # a new batch: its first image
     use_parameters.click(send_parameters, [png_parameters, *inputs], [*inputs, card], api_visibility="private",
                          queue=False)
 
@@ -220,4 +200,5 @@ def build_text_to_image_tab(
         demo.load(lambda name: preset_updates(name), preset, [card, scheduler, steps, guidance_scale, width, height],
                   api_visibility="private", queue=False)
 
-    return TextToImageTab(generate_event=event, gallery=gallery, fit_to_preset=fit_to_preset)
+    return TextToImageTab(generate_event=event, gallery=gallery, selected=selected, send_to_inpaint=send_to_inpaint,
+                          fit_to_preset=fit_to_preset)

@@ -71,8 +71,9 @@ class GenerationResult:
         return [image.seed for image in self.images]
 
 
-def check_text_to_image(request: TextToImageRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
-    """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine."""
+def check_sampling(request, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
+    """Problems with the fields every generating request has (prompt, steps, CFG, seed, batch, scheduler),
+    by field name, each a sentence a user can act on. Empty when they are fine."""
     problems: dict[str, str] = {}
     prompt = request.prompt or ""
     if not prompt.strip():
@@ -87,14 +88,6 @@ def check_text_to_image(request: TextToImageRequest, preset: ModelPreset, limits
         problems["guidance_scale"] = (
             f"CFG scale must be between 0 and {limits.max_guidance:g} (got {request.guidance_scale:g})."
         )
-    for name, value in (("width", request.width), ("height", request.height)):
-        if not (preset.min_size <= value <= preset.max_size) or value % preset.size_step:
-            problems[name] = (
-                f"{name.capitalize()} must be a multiple of {preset.size_step} between {preset.min_size} and "
-                f"{preset.max_size} for {preset.label} (got {value})."
-            )
-    if limits.max_pixels and request.width * request.height > limits.max_pixels and "width" not in problems:
-        problems["width"] = f"Image too large: width × height must be at most {limits.max_pixels:,} pixels here."
     if not (1 <= request.batch_size <= limits.max_batch_size):
         problems["batch_size"] = f"Batch size must be between 1 and {limits.max_batch_size} (got {request.batch_size})."
     if not (-1 <= request.seed <= MAX_SEED):
@@ -104,6 +97,20 @@ def check_text_to_image(request: TextToImageRequest, preset: ModelPreset, limits
     scheduler_problems = check_scheduler(request.scheduler, preset)
     if scheduler_problems:
         problems["scheduler"] = scheduler_problems[0]
+    return problems
+
+
+def check_text_to_image(request: TextToImageRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
+    """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine."""
+    problems = check_sampling(request, preset, limits)
+    for name, value in (("width", request.width), ("height", request.height)):
+        if not (preset.min_size <= value <= preset.max_size) or value % preset.size_step:
+            problems[name] = (
+                f"{name.capitalize()} must be a multiple of {preset.size_step} between {preset.min_size} and "
+                f"{preset.max_size} for {preset.label} (got {value})."
+            )
+    if limits.max_pixels and request.width * request.height > limits.max_pixels and "width" not in problems:
+        problems["width"] = f"Image too large: width × height must be at most {limits.max_pixels:,} pixels here."
     return problems
 
 
@@ -164,14 +171,14 @@ class TextToImage:
 
         with self.manager.lease(preset, "text2img", working_memory=working_memory) as lease:
             pipe = lease.pipeline
-            result.warnings += self._truncation_warnings(pipe, prompt, negative_prompt)
+            result.warnings += truncation_warnings(pipe, prompt, negative_prompt)
             for index in range(request.batch_size):
                 if cancel.is_set():
                     result.interrupted = True
                     break
                 image_seed = seed + index
                 pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
-                on_step = self._step_callback(index, request, on_progress, cancel)
+                on_step = step_callback(index, request.steps, request.batch_size, on_progress, cancel)
                 output = pipe(
                     prompt=prompt,
                     negative_prompt=negative_prompt or None,
@@ -208,35 +215,37 @@ class TextToImage:
             on_progress(total_steps, total_steps, "Done")
         return result
 
-    @staticmethod
-    def _step_callback(index: int, request: TextToImageRequest, on_progress, cancel: threading.Event):
-        total = request.steps * request.batch_size
 
-        def on_step_end(pipe, step, timestep, callback_kwargs):
-            if on_progress:
-                done = index * request.steps + step + 1
-                on_progress(done, total, f"Image {index + 1}/{request.batch_size}, step {step + 1}/{request.steps}")
-            if cancel.is_set():
-                pipe._interrupt = True  # diffusers skips the remaining steps, then decodes
-            return callback_kwargs
+def step_callback(index: int, steps: int, batch_size: int, on_progress: ProgressCallback | None,
+                  cancel: threading.Event):
+    """diffusers' callback_on_step_end for image `index` of a batch: reports progress, stops when cancelled."""
+    total = steps * batch_size
 
-        return on_step_end
+    def on_step_end(pipe, step, timestep, callback_kwargs):
+        if on_progress:
+            done = index * steps + step + 1
+            on_progress(done, total, f"Image {index + 1}/{batch_size}, step {step + 1}/{steps}")
+        if cancel.is_set():
+            pipe._interrupt = True  # diffusers skips the remaining steps, then decodes
+        return callback_kwargs
 
-    @staticmethod
-    def _truncation_warnings(pipe, prompt: str, negative_prompt: str) -> list[str]:
-        """CLIP reads 77 tokens; say so when a prompt is longer rather than dropping words silently."""
-        tokenizer = pipe.tokenizer
-        limit = tokenizer.model_max_length
-        warnings = []
-        for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-            ids = tokenizer(text, truncation=False).input_ids if text else []
-            if len(ids) > limit:
-                kept = tokenizer.decode(ids[1 : limit - 1])
-                warnings.append(
-                    f"The {label} is {len(ids)} tokens long; the model reads {limit}, so only "
-                    f"\u201c{kept.strip()}\u201d was used."
-                )
-        return warnings
+    return on_step_end
+
+
+def truncation_warnings(pipe, prompt: str, negative_prompt: str) -> list[str]:
+    """CLIP reads a fixed number of tokens; say so when a prompt is longer rather than dropping words silently."""
+    tokenizer = pipe.tokenizer
+    limit = tokenizer.model_max_length
+    warnings = []
+    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        ids = tokenizer(text, truncation=False).input_ids if text else []
+        if len(ids) > limit:
+            kept = tokenizer.decode(ids[1 : limit - 1])
+            warnings.append(
+                f"The {label} is {len(ids)} tokens long; the model reads {limit}, so only "
+                f"\u201c{kept.strip()}\u201d was used."
+            )
+    return warnings
 
 
 def request_from_parameters(text: str, presets: PresetCatalog, current: TextToImageRequest) -> TextToImageRequest:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from studio.generation import RequestLimits, TextToImage
+from studio.inpainting import Inpainter
 from studio.memory import ModelManager
 from studio.pipelines import DiffusersFactory
 from studio.presets import load_presets, load_styles
@@ -31,6 +32,11 @@ def manager(factory):
 @pytest.fixture(scope="session")
 def engine(manager, factory):
     return TextToImage(manager, factory, load_presets(), load_styles(), RequestLimits(), version="Diffusion Studio test")
+
+
+@pytest.fixture(scope="session")
+def inpainter(manager, factory):
+    return Inpainter(manager, factory, load_presets(), RequestLimits(), version="Diffusion Studio test")
 
 
 @pytest.fixture(scope="session")

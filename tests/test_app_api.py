@@ -2,10 +2,13 @@
 
 import threading
 
+import numpy as np
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
 from PIL import Image
 
+from studio.embedded import scenes
+from studio.images import blur_mask
 from studio.metadata import parse_parameters
 
 DEFAULTS = dict(prompt="a red circle on a blue background", negative_prompt="", preset="embedded", scheduler="Euler",
@@ -21,10 +24,14 @@ def client(app_url):
     return Client(app_url, verbose=False)
 
 
-def test_api_lists_the_named_endpoint_with_named_parameters(client):
+def test_api_lists_the_named_endpoints_with_named_parameters(client):
     api = client.view_api(print_info=False, return_format="dict")
-    parameters = [p["parameter_name"] for p in api["named_endpoints"]["/text_to_image"]["parameters"]]
-    assert parameters == list(DEFAULTS)
+    def parameters(endpoint):
+        return [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]]
+
+    assert parameters("/text_to_image") == list(DEFAULTS)
+    assert parameters("/inpaint") == ["image", "mask", *INPAINT]
+    assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area", "padding"))]
 
 
 def test_text_to_image_returns_pngs_with_parameters_and_seeds(client):
@@ -94,3 +101,65 @@ def test_two_users_at_once_each_get_their_own_settings(app_url):
         ("a green square", 11, 64, "DDIM"), ("a green square", 12, 64, "DDIM")]
     assert [(p.prompt.startswith("anime artwork of a yellow star"), p.seed, p.width, p.scheduler) for p in bob] == [
         (True, 22, 128, "Euler a")]
+
+
+# ----- inpainting: plain image and mask files, no editor layers -----
+
+INPAINT = dict(prompt="a large yellow star on a blue background", negative_prompt="", preset="embedded",
+               scheduler="Euler", steps=10, guidance_scale=3.0, strength=1.0, mask_blur=4,
+               inpaint_area="Whole picture", padding=32, seed=7, batch_size=1)
+
+
+def picture_and_mask(tmp_path, size=(100, 72)):
+    scene = scenes.Scene("blue", (scenes.Shape("circle", "red", "left", "small"),))
+    image = scenes.render(scene, 64).resize(size, Image.Resampling.BICUBIC)
+    mask = Image.new("L", size, 0)
+    mask.paste(255, (size[0] // 2, 8, size[0] - 4, size[1] - 8))
+    image.save(tmp_path / "image.png")
+    mask.save(tmp_path / "mask.png")
+    return image, mask
+
+
+def test_inpaint_endpoint_repaints_the_mask_and_returns_the_rest_unchanged(client, tmp_path):
+    image, mask = picture_and_mask(tmp_path)
+    gallery, seeds, info = client.predict(image=handle_file(tmp_path / "image.png"),
+                                          mask=handle_file(tmp_path / "mask.png"), **INPAINT, api_name="/inpaint")
+    assert seeds == [7] and "Mask blur: 4" in info and "Denoising strength: 1" in info
+    with Image.open(gallery[0]["image"]) as out:
+        assert out.format == "PNG" and out.size == image.size
+        assert parse_parameters(out.info["parameters"]).extra["Inpaint area"] == "Whole picture"
+        keep = np.asarray(blur_mask(np.asarray(mask) > 0, 4)) == 0
+        assert np.array_equal(np.asarray(out.convert("RGB"))[keep], np.asarray(image)[keep])
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("corrupt", "could not be read as an image"),
+    ("empty mask", "The mask is empty"),
+    ("small mask", "must be the same size"),
+])
+def test_inpaint_endpoint_refuses_bad_uploads_clearly(client, tmp_path, problem, message):
+    picture_and_mask(tmp_path)
+    if problem == "corrupt":
+        (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    elif problem == "empty mask":
+        Image.new("L", (100, 72), 0).save(tmp_path / "mask.png")
+    else:
+        Image.new("L", (50, 36), 255).save(tmp_path / "mask.png")
+    with pytest.raises(Exception) as caught:
+        client.predict(image=handle_file(tmp_path / "image.png"), mask=handle_file(tmp_path / "mask.png"),
+                       **INPAINT, api_name="/inpaint")
+    assert message in str(caught.value)
+    _, seeds, _ = text_to_image(client, seed=3, steps=2)
+    assert seeds == [3]
+
+
+def test_sketch_to_image_endpoint_draws_from_the_sketch(client, tmp_path):
+    sketch = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    sketch.paste((230, 30, 30, 255), (80, 80, 176, 176))
+    sketch.save(tmp_path / "sketch.png")
+    settings = {k: v for k, v in INPAINT.items() if k not in ("mask_blur", "inpaint_area", "padding")}
+    gallery, seeds, info = client.predict(sketch=handle_file(tmp_path / "sketch.png"),
+                                          **settings | {"strength": 0.75}, api_name="/sketch_to_image")
+    assert seeds == [7] and "Denoising strength: 0.75" in info
+    with Image.open(gallery[0]["image"]) as out:
+        assert out.format == "PNG" and out.size == (64, 64)

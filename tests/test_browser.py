@@ -11,6 +11,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 pytestmark = pytest.mark.browser
 
 
+def text_tab(page):
+    return page.locator("#text-to-image-tab")
+
+
 @pytest.fixture(scope="module")
 def page(app_url):
     if not shutil.which("chromium"):
@@ -19,14 +23,14 @@ def page(app_url):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1100})
         page.goto(app_url)
-        page.get_by_label("Prompt", exact=True).wait_for()
+        text_tab(page).get_by_label("Prompt", exact=True).wait_for()
         yield page
         browser.close()
 
 
 def test_type_a_prompt_generate_and_see_an_image(page, artifacts):
-    page.get_by_label("Prompt", exact=True).fill("a red circle on a blue background")
-    page.get_by_role("button", name="Generate", exact=True).click()
+    text_tab(page).get_by_label("Prompt", exact=True).fill("a red circle on a blue background")
+    text_tab(page).get_by_role("button", name="Generate", exact=True).click()
     image = page.locator("#text-to-image-gallery img[alt^='Seed ']").first
     image.wait_for(timeout=60_000)
     assert image.evaluate("img => img.naturalWidth") == 64
@@ -36,22 +40,22 @@ def test_type_a_prompt_generate_and_see_an_image(page, artifacts):
 
 
 def test_bad_settings_show_an_error_toast(page):
-    page.get_by_label("Prompt", exact=True).fill("")
-    page.get_by_role("button", name="Generate", exact=True).click()
+    text_tab(page).get_by_label("Prompt", exact=True).fill("")
+    text_tab(page).get_by_role("button", name="Generate", exact=True).click()
     toast = page.get_by_test_id("toast-text").first
     toast.wait_for(timeout=10_000)
     assert "Enter a prompt" in toast.inner_text()
 
 
 def test_stop_interrupts_a_long_batch(page, artifacts):
-    page.get_by_label("Prompt", exact=True).fill("a small green triangle on a white background")
+    text_tab(page).get_by_label("Prompt", exact=True).fill("a small green triangle on a white background")
     for label, value in (("Steps", "100"), ("Batch size", "8")):
-        box = page.get_by_label(f"number input for {label}")
+        box = text_tab(page).get_by_label(f"number input for {label}")
         box.fill(value)
         box.press("Enter")
-    page.get_by_role("button", name="Generate", exact=True).click()
+    text_tab(page).get_by_role("button", name="Generate", exact=True).click()
     page.locator(".progress-text, .eta-bar, .progress-level").first.wait_for(timeout=20_000)
-    page.get_by_role("button", name="Stop", exact=True).click()
+    text_tab(page).get_by_role("button", name="Stop", exact=True).click()
     page.get_by_text("Stopped:").first.wait_for(timeout=30_000)
     seeds = page.locator("#text-to-image-gallery img[alt^='Seed ']")
     assert 1 <= seeds.count() < 8  # the finished images are kept, the rest were never started
@@ -68,15 +72,15 @@ def test_parameters_of_a_dropped_png_fill_the_form(page, tmp_path):
     png = save_png(Image.new("RGB", (96, 64), "yellow"), tmp_path / "with-parameters.png", text)
     page.get_by_text("Read parameters from a PNG").click()
     page.locator("input[type=file]").first.set_input_files(str(png))
-    page.get_by_role("button", name="Send parameters to the form", exact=True).wait_for()
+    text_tab(page).get_by_role("button", name="Send parameters to the form", exact=True).wait_for()
     page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('Seed: 777'))")
-    page.get_by_role("button", name="Send parameters to the form", exact=True).click()
-    prompt = page.get_by_label("Prompt", exact=True)
+    text_tab(page).get_by_role("button", name="Send parameters to the form", exact=True).click()
+    prompt = text_tab(page).get_by_label("Prompt", exact=True)
     page.wait_for_function("() => document.querySelector('textarea').value === 'a large yellow star'")
     assert prompt.input_value() == "a large yellow star"
-    assert page.get_by_label("number input for Steps").input_value() == "12"
-    assert page.get_by_label("number input for Width").input_value() == "96"
-    assert page.get_by_label("Seed (-1 = random)").input_value() == "777"
+    assert text_tab(page).get_by_label("number input for Steps").input_value() == "12"
+    assert text_tab(page).get_by_label("number input for Width").input_value() == "96"
+    assert text_tab(page).get_by_label("Seed (-1 = random)").input_value() == "777"
 
 
 def test_an_example_fills_the_form_and_the_image_shows_what_it_says(page, artifacts):
@@ -89,18 +93,54 @@ def test_an_example_fills_the_form_and_the_image_shows_what_it_says(page, artifa
     page.get_by_text("a red circle on a blue background", exact=True).first.click()
     page.wait_for_function("() => document.querySelector('textarea').value === 'a red circle on a blue background'")
     # The form is fitted to the example's preset (default steps), replacing the 12 the PNG test left there.
-    playwright.expect(page.get_by_label("number input for Steps")).to_have_value("20", timeout=10_000)
-    seed = page.get_by_label("Seed (-1 = random)")
+    playwright.expect(text_tab(page).get_by_label("number input for Steps")).to_have_value("20", timeout=10_000)
+    seed = text_tab(page).get_by_label("Seed (-1 = random)")
     seed.fill("3")
     seed.press("Enter")
     for label in ("Batch size",):
-        box = page.get_by_label(f"number input for {label}")
+        box = text_tab(page).get_by_label(f"number input for {label}")
         box.fill("1")
         box.press("Enter")
-    page.get_by_role("button", name="Generate", exact=True).click()
+    text_tab(page).get_by_role("button", name="Generate", exact=True).click()
     image = page.locator("#text-to-image-gallery img[alt='Seed 3']").first
     image.wait_for(timeout=60_000)
     png = page.request.get(image.get_attribute("src")).body()
     reading = oracle.read(Image.open(io.BytesIO(png)))
     page.screenshot(path=str(artifacts / "text_to_image_example.png"), full_page=True)
     assert (reading.colour, reading.shape, reading.background) == ("red", "circle", "blue"), reading
+
+
+def test_upload_paint_a_stroke_inpaint_and_far_pixels_are_unchanged(page, artifacts, tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from studio.embedded import scenes
+
+    scene = scenes.Scene("blue", (scenes.Shape("circle", "red", "left", "large"),))
+    source = scenes.render(scene, 256)
+    source.save(tmp_path / "photo.png")
+    page.get_by_role("tab", name="Inpaint").click()
+    tab = page.locator("#inpaint-tab")
+    tab.locator("input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
+    canvas = tab.locator("canvas").first
+    canvas.wait_for()
+    page.wait_for_timeout(1000)  # the editor draws the upload, then accepts strokes
+    tab.get_by_role("button", name="Brush").first.click()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.72, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    for step in range(1, 11):  # a vertical stroke on the right, away from the circle on the left
+        page.mouse.move(box["x"] + box["width"] * 0.72, box["y"] + box["height"] * (0.3 + 0.04 * step))
+    page.mouse.up()
+    tab.get_by_label("Prompt", exact=True).fill("a large yellow star on a blue background")
+    tab.get_by_role("button", name="Inpaint", exact=True).click()
+    result = page.locator("#inpaint-gallery img[alt^='Seed ']").first
+    result.wait_for(timeout=60_000)
+    page.screenshot(path=str(artifacts / "inpaint.png"), full_page=True)
+    out = Image.open(io.BytesIO(page.request.get(result.get_attribute("src")).body())).convert("RGB")
+    assert out.size == (256, 256)
+    left = np.s_[:, : int(256 * 0.5)]  # far from the stroke
+    assert np.array_equal(np.asarray(out)[left], np.asarray(source)[left])
+    assert not np.array_equal(np.asarray(out), np.asarray(source))  # the stroke's area was repainted

@@ -12,7 +12,9 @@ from PIL import Image
 
 from studio.embedded import oracle, scenes
 from studio.embedded.evaluation import evaluate_clip, evaluate_inpaint, evaluate_upscaler
+from studio.generation import TextToImageRequest
 from studio.presets import load_presets
+from studio.schedulers import GENERAL_SCHEDULERS
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -66,6 +68,16 @@ def test_prompts_give_what_they_ask_through_the_app(client, artifacts):
 def test_a_red_square_is_red_and_square(client):
     readings = [oracle.read(generate(client, "a red square", seed)) for seed in range(4)]
     assert sum(r.colour == "red" and r.shape == "square" for r in readings) >= 3, readings
+
+
+@pytest.mark.parametrize("scheduler", GENERAL_SCHEDULERS)
+def test_every_scheduler_draws_what_is_asked(engine, scheduler):
+    """A scheduler built from the model's config must suit it (DDIM once clipped latents to [-1, 1])."""
+    result = engine.generate(TextToImageRequest(
+        prompt="a large red circle on a blue background", scheduler=scheduler, steps=20, guidance_scale=3, seed=1,
+    ))
+    reading = oracle.read(result.images[0].image)
+    assert (reading.colour, reading.background) == ("red", "blue"), reading
 
 
 def test_clip_ranks_the_right_caption_first():

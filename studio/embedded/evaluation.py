@@ -36,6 +36,7 @@ BARS = {
 @dataclass
 class Report:
     text_to_image: dict = field(default_factory=dict)  # {"seen": {...}, "held-out": {...}}
+    plain_prompts: dict = field(default_factory=dict)  # the same, for prompts without size or position
     inpaint: dict = field(default_factory=dict)
     upscaler: dict = field(default_factory=dict)
     clip: dict = field(default_factory=dict)
@@ -88,11 +89,17 @@ def generate(pipe, prompt: str, seed: int, defaults: dict, guidance_scale: float
     ).images[0]
 
 
-def evaluate_text_to_image(models_dir: Path, count: int, guidance_scale: float | None = None, seed: int = EVAL_SEED, samples: list | None = None) -> dict:
+def plain_caption(scene: scenes.Scene) -> str:
+    """A prompt as people type it, without size or position: "a red circle on a blue background"."""
+    return f"a {scene.main.colour} {scene.main.shape} on a {scene.background} background"
+
+
+def evaluate_text_to_image(models_dir: Path, count: int, guidance_scale: float | None = None, seed: int = EVAL_SEED,
+                           samples: list | None = None, caption_of=scenes.caption) -> dict:
     pipe, defaults = load_text_to_image(models_dir), embedded_defaults()
     tallies = {group: {"n": 0, "shape": 0, "colour": 0, "background": 0, "position": 0, "size": 0} for group in ("seen", "held-out")}
     for index, (scene, held_out) in enumerate(evaluation_scenes(count, seed)):
-        prompt = scenes.caption(scene)
+        prompt = caption_of(scene)
         image = generate(pipe, prompt, seed + index, defaults, guidance_scale)
         tally = tallies["held-out" if held_out else "seen"]
         tally["n"] += 1
@@ -230,6 +237,7 @@ def evaluate(models_dir: Path, prompt_count: int = 200, inpaint_count: int = 100
     torch.manual_seed(EVAL_SEED)
     return Report(
         text_to_image=evaluate_text_to_image(models_dir, prompt_count),
+        plain_prompts=evaluate_text_to_image(models_dir, prompt_count // 2, seed=EVAL_SEED + 4, caption_of=plain_caption),
         inpaint=evaluate_inpaint(models_dir, inpaint_count),
         upscaler=evaluate_upscaler(models_dir, upscaler_count),
         clip=evaluate_clip(models_dir, clip_count),
@@ -250,6 +258,12 @@ def format_table(report: Report) -> str:
         verdict = _verdict(min(seen, held), bar) if bar else ""
         lines.append(f"| text to image: {key} | {seen:.1%} | {held:.1%} | {f'≥ {bar:.0%}' if bar else '—'} | {verdict} |")
     lines.append(f"| (text-to-image prompts) | {t2i['seen']['n']} | {t2i['held-out']['n']} | | |")
+    plain = report.plain_prompts
+    if plain:
+        for key in ("colour", "background", "shape"):
+            seen, held = plain["seen"][key], plain["held-out"][key]
+            lines.append(f"| prompts without size or position: {key} | {seen:.1%} | {held:.1%} | ≥ {BARS[key]:.0%} | {_verdict(min(seen, held), BARS[key])} |")
+        lines.append(f"| (prompts like \"{plain_caption(evaluation_scenes(1)[0][0])}\") | {plain['seen']['n']} | {plain['held-out']['n']} | | |")
     clip = report.clip
     lines.append(f"| CLIP: right caption first of 8 | {clip['seen']:.1%} | {clip['held-out']:.1%} | ≥ 90% | {_verdict(min(clip['seen'], clip['held-out']), BARS['clip_top1'])} |")
     inpaint = report.inpaint

@@ -168,8 +168,8 @@ def vary_one_attribute(
     return scene
 
 
-def caption(scene: Scene, rng: random.Random | None = None, position_probability: float = 0.9,
-            size_probability: float = 0.8) -> str:
+def caption(scene: Scene, rng: random.Random | None = None, position_probability: float = 0.75,
+            size_probability: float = 0.75) -> str:
     """A plain-English caption of the scene's main shape. With `rng`, the wording varies (and size and
     position are sometimes left out); without, the canonical form."""
     main = scene.main

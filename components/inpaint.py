@@ -1,0 +1,244 @@
+"""The Inpaint tab: redo part of an image from a painted mask or coloured strokes, or make an image from a sketch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from components.preset_picker import chosen_preset, preset_card, sampling_updates
+from components.running import gallery_outputs, throttled
+from studio.errors import StudioError
+from studio.images import open_image
+from studio.inpainting import INPAINT_AREAS, MAX_MASK_BLUR, MAX_PADDING, WHOLE_PICTURE, InpaintRequest, Inpainter
+from studio.schedulers import schedulers_for
+from studio.sessions import CancelRegistry
+
+INPAINT, SKETCH, SKETCH_TO_IMAGE = "Inpaint", "Inpaint sketch", "Sketch to image"
+MODES = (INPAINT, SKETCH, SKETCH_TO_IMAGE)
+# Inpainting models repaint best from noise; sketches must survive, so they are only partly re-noised.
+DEFAULT_STRENGTH = {INPAINT: 1.0, SKETCH: 0.75, SKETCH_TO_IMAGE: 0.75}
+MODE_HELP = {
+    INPAINT: "Upload an image, paint over the part to redo, and describe what goes there.",
+    SKETCH: "Upload an image and paint on it in colour: the strokes are painted in, and the area they cover is "
+            "redrawn at the denoising strength, keeping their colours and shapes.",
+    SKETCH_TO_IMAGE: "Draw with coloured brushes on the blank canvas (or over an image): the whole picture is redrawn "
+                     "at the denoising strength. Empty areas count as white paper.",
+}
+MASK_BRUSH = gr.Brush(colors=[("#ff00ff", 0.5)], color_mode="fixed")  # see-through: what it covers stays visible
+SKETCH_BRUSH = gr.Brush(
+    colors=["#e41a1c", "#ff8c00", "#ffd700", "#2ca02c", "#1f5fe0", "#8a2be2", "#ff69b4", "#ffffff", "#111111",
+            "#808080"],
+    default_color="#e41a1c", color_mode="defaults",
+)
+SKETCH_CANVAS = (512, 512)
+
+
+@dataclass
+class InpaintTab:
+    editor: gr.ImageEditor
+    generate_event: gr.events.Dependency
+    fit_to_preset: Callable  # (demo) -> None: fits the settings to the selected preset on page load
+
+
+def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
+             padding, seed, batch_size) -> InpaintRequest:
+    return InpaintRequest(
+        prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
+        steps=int(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=int(mask_blur),
+        inpaint_area=inpaint_area, padding=int(padding), seed=int(seed) if seed is not None else -1,
+        batch_size=int(batch_size),
+    )
+
+
+def painted_mask(layers: list[Image.Image], size: tuple[int, int]) -> Image.Image:
+    """White where any layer has paint: the union of the layers' alpha (the RGB under it is arbitrary)."""
+    mask = np.zeros((size[1], size[0]), dtype=bool)
+    for layer in layers or []:
+        if layer is not None and layer.size == tuple(size):
+            mask |= np.asarray(layer.convert("RGBA").getchannel("A")) > 0
+    return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+
+
+def editor_with_background(path) -> dict:
+    return {"background": path, "layers": [], "composite": path}
+
+
+def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
+                      gpu: Callable[[Callable], Callable] = lambda fn: fn) -> InpaintTab:
+    default = engine.presets.get(engine.presets.default)
+    limits = engine.limits
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=6):
+            mode = gr.Radio(list(MODES), value=INPAINT, label="Mode", info=MODE_HELP[INPAINT])
+            editor = gr.ImageEditor(
+                label="Image", type="pil", image_mode="RGBA", format="png", sources=["upload", "clipboard"],
+                brush=MASK_BRUSH, layers=False, transforms=(), canvas_size=SKETCH_CANVAS, height=520,
+                elem_id="inpaint-editor",
+            )
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what goes in the painted area",
+                                elem_id="inpaint-prompt")
+            negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="what to avoid")
+            with gr.Row():
+                generate = gr.Button("Inpaint", variant="primary", scale=3)
+                stop = gr.Button("Stop", variant="stop", scale=1)
+        with gr.Column(scale=5):
+            gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
+                                 buttons=["download", "fullscreen"], elem_id="inpaint-gallery")
+            info = gr.Textbox(label="Generation info", lines=3, interactive=False, buttons=["copy"])
+            seeds = gr.JSON(label="Used seeds", height=60)
+            preset = gr.Dropdown([(p.label, p.name) for p in engine.presets], value=default.name,
+                                 label="Model preset", allow_custom_value=True)
+            card = gr.Markdown(preset_card(default))
+            with gr.Accordion("Settings", open=True):
+                with gr.Row():
+                    scheduler = gr.Dropdown(list(schedulers_for(default)), value=default.default_scheduler,
+                                            label="Scheduler", allow_custom_value=True)
+                    steps = gr.Slider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")
+                with gr.Row():
+                    guidance_scale = gr.Slider(0, limits.max_guidance, value=default.default_guidance, step=0.5,
+                                               label="CFG scale")
+                    strength = gr.Slider(0.01, 1, value=DEFAULT_STRENGTH[INPAINT], step=0.01,
+                                         label="Denoising strength")
+                with gr.Group() as mask_settings:
+                    with gr.Row():
+                        mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur")
+                        inpaint_area = gr.Radio(list(INPAINT_AREAS), value=WHOLE_PICTURE, label="Inpaint area")
+                        padding = gr.Slider(0, MAX_PADDING, value=32, step=4, label="Only masked padding, pixels")
+                with gr.Row():
+                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+                    batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size")
+
+    settings = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
+                padding, seed, batch_size]
+
+    def images_for(chosen_mode, value):
+        """(image, mask) for the engine from the editor's value; mask None for sketch to image."""
+        value = value or {}
+        background, layers, composite = value.get("background"), value.get("layers") or [], value.get("composite")
+        if chosen_mode == SKETCH_TO_IMAGE:
+            if composite is None:
+                raise gr.Error("Draw a sketch first.", title="Nothing to work from")
+            return composite, None
+        if background is None:
+            raise gr.Error("Upload an image first (or choose Sketch to image to draw on a blank canvas).",
+                           title="Nothing to inpaint")
+        mask = painted_mask(layers, background.size)
+        return (composite if chosen_mode == SKETCH else background), mask
+
+    def check(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
+              mask_blur, inpaint_area, padding, seed, batch_size, request: gr.Request):
+        """Instant feedback in the browser, before the request waits in the GPU queue."""
+        image, mask = images_for(chosen_mode, value)
+        problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
+                                            strength, mask_blur, inpaint_area, padding, seed, batch_size))
+        if mask is not None and not np.asarray(mask).any():
+            problems["mask"] = ("Paint over the part of the image to redo first." if chosen_mode == INPAINT
+                                else "Paint some strokes on the image first.")
+        if problems:
+            raise gr.Error(" ".join(problems.values()), title="Check the settings")
+        cancels.submitted(request.session_hash)
+
+    def run(session, work, batch_size):
+        with cancels.running(session) as cancel:
+            try:
+                result = work(cancel)
+            except StudioError as error:
+                raise gr.Error(str(error), title="Cannot inpaint") from None
+        return gallery_outputs(result, batch_size)
+
+    @gpu
+    def inpaint_from_editor(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
+                            strength, mask_blur, inpaint_area, padding, seed, batch_size, request: gr.Request,
+                            progress=gr.Progress()):
+        image, mask = images_for(chosen_mode, value)
+        settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
+                                    mask_blur, inpaint_area, padding, seed, batch_size)
+
+        def work(cancel):
+            if mask is None:
+                return engine.sketch_to_image(image, settings_request, throttled(progress), cancel)
+            return engine.inpaint(image, mask, settings_request, throttled(progress), cancel)
+
+        return run(request.session_hash if request else "anonymous", work, settings_request.batch_size)
+
+    @gpu
+    def inpaint(image, mask, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur,
+                inpaint_area, padding, seed, batch_size, request: gr.Request, progress=gr.Progress()):
+        """Repaint the white part of `mask` (an image the size of `image`; in a transparent PNG, the opaque part)
+        as the prompt describes. Pixels outside the (blurred) mask are returned unchanged, at the input's size.
+        Returns the images (PNG with A1111 parameters), the seeds used and the generation info."""
+        settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
+                                    mask_blur, inpaint_area, padding, seed, batch_size)
+        if image is None or mask is None:
+            raise gr.Error("Give both an image and a mask (white = repaint).")
+
+        def work(cancel):
+            return engine.inpaint(open_image(image), open_image(mask, "mask"), settings_request, throttled(progress),
+                                  cancel)
+
+        return run(request.session_hash if request else "anonymous", work, settings_request.batch_size)
+
+    @gpu
+    def sketch_to_image(sketch, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, seed,
+                        batch_size, request: gr.Request, progress=gr.Progress()):
+        """An image from a coloured sketch (transparent areas count as white paper), redrawn at the denoising
+        strength. Returns the images (PNG with A1111 parameters), the seeds used and the generation info."""
+        settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, 4,
+                                    WHOLE_PICTURE, 32, seed, batch_size)
+        if sketch is None:
+            raise gr.Error("Give a sketch image.")
+
+        def work(cancel):
+            return engine.sketch_to_image(open_image(sketch, "sketch"), settings_request, throttled(progress), cancel)
+
+        return run(request.session_hash if request else "anonymous", work, settings_request.batch_size)
+
+    def switch_mode(chosen_mode):
+        is_mask = chosen_mode == INPAINT
+        return (
+            gr.Radio(info=MODE_HELP[chosen_mode]),
+            gr.ImageEditor(brush=MASK_BRUSH if is_mask else SKETCH_BRUSH),
+            gr.Slider(value=DEFAULT_STRENGTH[chosen_mode]),
+            gr.Group(visible=chosen_mode != SKETCH_TO_IMAGE),
+            gr.Button(value="Generate" if chosen_mode == SKETCH_TO_IMAGE else "Inpaint"),
+        )
+
+    def preset_updates(name):
+        return sampling_updates(chosen_preset(engine.presets, name), limits)
+
+    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    gpu_event = dict(concurrency_id="gpu", concurrency_limit=1)
+    outputs = [gallery, seeds, info]
+    event = generate.click(check, [mode, editor, *settings], None, **quick).success(
+        inpaint_from_editor, [mode, editor, *settings], outputs, api_visibility="private", **gpu_event,
+    )
+    def stop_running(request: gr.Request):
+        cancels.cancel(request.session_hash)
+
+    stop.click(stop_running, None, None, **quick)
+    mode.input(switch_mode, mode, [mode, editor, strength, mask_settings, generate], api_visibility="private",
+               queue=False)
+    preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale], api_visibility="private",
+                 queue=False)
+
+    # The API takes plain files: an image and a mask (white = repaint), or a sketch; no editor layers.
+    api_image = gr.File(label="Image", file_types=["image"], visible=False)
+    api_mask = gr.File(label="Mask (white = repaint)", file_types=["image"], visible=False)
+    api_inpaint, api_sketch = gr.Button(visible=False), gr.Button(visible=False)
+    api_inpaint.click(inpaint, [api_image, api_mask, *settings], outputs, api_name="inpaint", **gpu_event)
+    api_sketch.click(
+        sketch_to_image,
+        [api_image, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, seed, batch_size],
+        outputs, api_name="sketch_to_image", **gpu_event,
+    )
+
+    def fit_to_preset(demo: gr.Blocks) -> None:
+        demo.load(preset_updates, preset, [card, scheduler, steps, guidance_scale], api_visibility="private",
+                  queue=False)
+
+    return InpaintTab(editor=editor, generate_event=event, fit_to_preset=fit_to_preset)

@@ -1,0 +1,32 @@
+"""A preset's card, and the sampling settings (scheduler, steps, CFG) fitted to it, for every tab."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio.errors import StudioError
+from studio.presets import ModelPreset, PresetCatalog
+from studio.schedulers import schedulers_for
+
+
+def preset_card(preset: ModelPreset) -> str:
+    where = "built in, works offline" if preset.is_local else f"[{preset.repo}](https://huggingface.co/{preset.repo})"
+    return f"**{preset.label}** — {preset.description} <br><small>{where}</small>"
+
+
+def chosen_preset(presets: PresetCatalog, name: str) -> ModelPreset:
+    try:
+        return presets.get(name)
+    except StudioError as error:  # a typed-in name: the engine's message lists the real presets
+        raise gr.Error(str(error)) from None
+
+
+def sampling_updates(preset: ModelPreset, limits, scheduler=None, steps=None, guidance=None) -> tuple:
+    """Card, scheduler, steps and CFG fitted to `preset`; values given (and allowed) are kept."""
+    allowed = list(schedulers_for(preset))
+    return (
+        preset_card(preset),
+        gr.Dropdown(choices=allowed, value=scheduler if scheduler in allowed else preset.default_scheduler),
+        gr.Slider(minimum=1, maximum=min(preset.max_steps, limits.max_steps), value=steps or preset.default_steps),
+        gr.Slider(value=preset.default_guidance if guidance is None else guidance),
+    )

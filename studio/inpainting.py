@@ -1,0 +1,212 @@
+"""Inpainting (from a drawn mask or coloured sketch strokes) and sketch to image, on pipelines leased from
+the shared ModelManager.
+
+Whatever the input's mode and size, the model sees RGB at about its native pixel count; the result comes back
+at the input's size, and every pixel outside the (blurred) mask is the input's own pixel, unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from .errors import InvalidRequest
+from .generation import (
+    GeneratedImage,
+    GenerationResult,
+    ProgressCallback,
+    RequestLimits,
+    check_sampling,
+    resolve_seed,
+    step_callback,
+    truncation_warnings,
+)
+from .images import blur_mask, mask_box, prepare_image, prepare_mask, working_size
+from .memory import ModelManager, estimate_working_memory
+from .metadata import format_parameters
+from .pipelines import DiffusersFactory
+from .presets import ModelPreset, PresetCatalog
+from .schedulers import make_scheduler
+
+WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
+INPAINT_AREAS = (WHOLE_PICTURE, ONLY_MASKED)
+MAX_MASK_BLUR = 64
+MAX_PADDING = 256
+
+
+@dataclass(frozen=True)
+class InpaintRequest:
+    """Settings of an inpaint, inpaint-sketch or sketch-to-image request (the image and mask come apart)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    preset: str = "embedded"
+    scheduler: str = "Euler"
+    steps: int = 20
+    guidance_scale: float = 7.0
+    strength: float = 1.0  # denoising strength: 1 repaints from noise, lower keeps more of what is there
+    mask_blur: int = 4
+    inpaint_area: str = WHOLE_PICTURE  # or ONLY_MASKED: crop around the mask, inpaint at full resolution
+    padding: int = 32  # around the mask, for ONLY_MASKED
+    seed: int = -1
+    batch_size: int = 1
+
+
+def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
+    problems = check_sampling(request, preset, limits)
+    if not (0 < request.strength <= 1):
+        problems["strength"] = f"Denoising strength must be above 0 and at most 1 (got {request.strength:g})."
+    elif "steps" not in problems and int(request.steps * request.strength) < 1:
+        problems["strength"] = (f"Steps × denoising strength must be at least 1 ({request.steps} × "
+                                f"{request.strength:g} leaves no step): raise one of them.")
+    if not (0 <= request.mask_blur <= MAX_MASK_BLUR):
+        problems["mask_blur"] = f"Mask blur must be between 0 and {MAX_MASK_BLUR} pixels (got {request.mask_blur})."
+    if request.inpaint_area not in INPAINT_AREAS:
+        problems["inpaint_area"] = f"Inpaint area must be one of {', '.join(INPAINT_AREAS)} (got {request.inpaint_area!r})."
+    if not (0 <= request.padding <= MAX_PADDING):
+        problems["padding"] = f"Padding must be between 0 and {MAX_PADDING} pixels (got {request.padding})."
+    return problems
+
+
+class Inpainter:
+    """Runs inpaint and sketch-to-image requests. Holds no per-request state."""
+
+    def __init__(self, manager: ModelManager, factory: DiffusersFactory, presets: PresetCatalog,
+                 limits: RequestLimits, version: str):
+        self.manager = manager
+        self.factory = factory
+        self.presets = presets
+        self.limits = limits
+        self.version = version
+
+    def problems(self, request: InpaintRequest) -> dict[str, str]:
+        if request.preset not in self.presets:
+            return {"preset": f"Unknown preset {request.preset!r}. Available presets: {', '.join(self.presets.names)}."}
+        return check_inpaint(request, self.presets.get(request.preset), self.limits)
+
+    def validate(self, request: InpaintRequest) -> ModelPreset:
+        problems = self.problems(request)
+        if problems:
+            raise InvalidRequest(list(problems.values()))
+        return self.presets.get(request.preset)
+
+    # ----- inpaint (and inpaint sketch: the strokes already painted into `image`, `mask` where they are) -----
+
+    def inpaint(self, image: Image.Image, mask: Image.Image, request: InpaintRequest,
+                on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> GenerationResult:
+        """Repaint the white part of `mask` in `image`. Image i of a batch uses seed + i."""
+        preset = self.validate(request)
+        source = prepare_image(image)
+        repaint = prepare_mask(mask, source.rgb.size)
+        if not repaint.any():
+            raise InvalidRequest(["The mask is empty: paint over the part of the image to redo (white = repaint)."])
+        blurred = blur_mask(repaint, request.mask_blur)
+        only_masked = request.inpaint_area == ONLY_MASKED
+        if only_masked:
+            left, top, right, bottom = mask_box(repaint, request.padding)
+            size = working_size(right - left, bottom - top, preset, self.limits.max_pixels, upscale=True)
+        else:
+            size = working_size(*source.rgb.size, preset, self.limits.max_pixels)
+
+        result = GenerationResult(warnings=[source.note] if source.note else [])
+        extra = {"Denoising strength": f"{request.strength:g}", "Mask blur": request.mask_blur,
+                 "Inpaint area": request.inpaint_area}
+        if only_masked:
+            extra["Masked area padding"] = request.padding
+
+        # "Only masked" works on a crop around the mask (grown by the padding, then to the working aspect
+        # ratio, as diffusers' padding_mask_crop does), at the full working size: more detail for small areas.
+        region = VaeImageProcessor.get_crop_region(blurred, *size, pad=request.padding) if only_masked else None
+        crop = source.rgb.crop(region) if region else source.rgb
+        crop_mask = blurred.crop(region) if region else blurred
+
+        def run(pipe, generator, on_step):
+            output = pipe(
+                **self._common(request, generator, on_step), image=crop.resize(size, Image.Resampling.LANCZOS),
+                mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
+                strength=request.strength,
+            )
+            generated = output.images[0].convert("RGB").resize(crop.size, Image.Resampling.LANCZOS)
+            if region:
+                whole = source.rgb.copy()
+                whole.paste(generated, region[:2])
+                generated = whole
+            return paste_back(generated, source, blurred)
+
+        return self._generate(preset, "inpaint", size, request, result, run, extra, on_progress, cancel,
+                              output_size=source.rgb.size)
+
+    # ----- sketch to image: image-to-image from a drawing -----
+
+    def sketch_to_image(self, sketch: Image.Image, request: InpaintRequest,
+                        on_progress: ProgressCallback | None = None,
+                        cancel: threading.Event | None = None) -> GenerationResult:
+        """An image from a coloured sketch (transparent areas count as white paper), at `request.strength`."""
+        preset = self.validate(request)
+        drawing = prepare_image(sketch, "sketch")
+        if all(low == high for low, high in drawing.rgb.getextrema()):  # one flat colour: nothing drawn
+            raise InvalidRequest(["The sketch is empty: draw something with the brush first."])
+        size = working_size(*drawing.rgb.size, preset, self.limits.max_pixels, upscale=True)
+        init = drawing.rgb.resize(size, Image.Resampling.LANCZOS)
+
+        def run(pipe, generator, on_step):
+            output = pipe(**self._common(request, generator, on_step), image=init, strength=request.strength)
+            return output.images[0]
+
+        return self._generate(preset, "img2img", size, request, GenerationResult(), run,
+                              {"Denoising strength": f"{request.strength:g}"}, on_progress, cancel, output_size=size)
+
+    # ----- shared -----
+
+    @staticmethod
+    def _common(request: InpaintRequest, generator, on_step) -> dict:
+        return dict(
+            prompt=request.prompt.strip(), negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps, guidance_scale=request.guidance_scale, generator=generator,
+            callback_on_step_end=on_step, output_type="pil",
+        )
+
+    def _generate(self, preset, task, size, request, result, run, extra, on_progress, cancel, output_size):
+        seed = resolve_seed(request.seed, request.batch_size)
+        cancel = cancel or threading.Event()
+        steps = int(request.steps * request.strength)  # diffusers skips the first (1 - strength) of the schedule
+        working_memory = estimate_working_memory(*size, 1, self.manager.dtype, guidance=request.guidance_scale > 1)
+        with self.manager.lease(preset, task, working_memory=working_memory) as lease:
+            pipe = lease.pipeline
+            result.warnings += truncation_warnings(pipe, request.prompt.strip(), request.negative_prompt)
+            for index in range(request.batch_size):
+                if cancel.is_set():
+                    result.interrupted = True
+                    break
+                image_seed = seed + index
+                pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
+                generator = torch.Generator("cpu").manual_seed(image_seed)  # CPU noise: same on every device
+                image = run(pipe, generator, step_callback(index, steps, request.batch_size, on_progress, cancel))
+                if cancel.is_set():
+                    result.interrupted = True
+                parameters = format_parameters(
+                    request.prompt.strip(), request.negative_prompt, steps=request.steps, scheduler=request.scheduler,
+                    guidance_scale=request.guidance_scale, seed=image_seed, width=output_size[0],
+                    height=output_size[1], model=preset.name, model_hash=self.factory.model_hash(preset),
+                    version=self.version, extra=extra,
+                )
+                image.info["parameters"] = parameters
+                result.images.append(GeneratedImage(image, image_seed, parameters))
+        if on_progress:
+            on_progress(steps * request.batch_size, steps * request.batch_size, "Done")
+        return result
+
+
+def paste_back(generated: Image.Image, source, blurred_mask: Image.Image) -> Image.Image:
+    """The generated pixels where the mask is, the input's own pixels (exactly) where it is not; at the
+    input's size, with the input's transparency kept outside the mask."""
+    out = Image.composite(generated, source.rgb, blurred_mask)
+    if source.alpha is not None:
+        alpha = np.maximum(np.asarray(source.alpha), np.asarray(blurred_mask))
+        out.putalpha(Image.fromarray(alpha, mode="L"))
+    return out

@@ -1,0 +1,191 @@
+"""Inpainting and sketch to image on the embedded model, in process, through the shared memory manager."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.embedded import oracle, scenes
+from studio.errors import InvalidRequest
+from studio.generation import RequestLimits, TextToImageRequest
+from studio.images import blur_mask, open_image, prepare_mask
+from studio.inpainting import ONLY_MASKED, InpaintRequest, Inpainter
+from studio.metadata import parse_parameters
+from studio.presets import PresetCatalog, load_presets
+
+
+def request(**overrides):
+    values = dict(prompt="a large yellow star on a blue background", preset="embedded", scheduler="Euler", steps=8,
+                  guidance_scale=3.0, seed=7)
+    return InpaintRequest(**(values | overrides))
+
+
+def picture(width=64, height=64, mode="RGB"):
+    scene = scenes.Scene("blue", (scenes.Shape("circle", "red", "left", "small"),))
+    return scenes.render(scene, 64).resize((width, height), Image.Resampling.BICUBIC).convert(mode)
+
+
+def box_mask(width, height, box):
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, box)
+    return mask
+
+
+def untouched(mask: Image.Image, blur: int) -> np.ndarray:
+    """Where the blurred mask is zero: those pixels must come back exactly as they went in."""
+    return np.asarray(blur_mask(prepare_mask(mask, mask.size), blur)) == 0
+
+
+@pytest.mark.parametrize("area", ["Whole picture", ONLY_MASKED])
+@pytest.mark.parametrize("size", [(64, 64), (75, 53), (300, 200)])
+def test_pixels_outside_the_mask_are_unchanged(inpainter, area, size):
+    image, mask = picture(*size), box_mask(*size, (size[0] // 2, size[1] // 4, size[0] - 3, size[1] * 3 // 4))
+    result = inpainter.inpaint(image, mask, request(inpaint_area=area, mask_blur=4))
+    out = np.asarray(result.images[0].image)
+    assert out.shape == (size[1], size[0], 3)
+    keep = untouched(mask, 4)
+    assert keep.sum() > 0.3 * keep.size
+    assert np.array_equal(out[keep], np.asarray(image)[keep])
+    assert not np.array_equal(out[~keep], np.asarray(image)[~keep])  # and the masked part was repainted
+
+
+def test_the_asked_shape_is_painted_inside_the_mask(inpainter):
+    image = picture()
+    mask = box_mask(64, 64, (34, 10, 62, 54))
+    results = [inpainter.inpaint(image, mask, request(steps=20, seed=seed)).images[0].image for seed in range(3)]
+    readings = [oracle.read(out, within=np.asarray(mask) > 0) for out in results]
+    assert sum(r.shape == "star" and r.colour == "yellow" for r in readings) >= 2, readings
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16"])
+def test_any_image_mode_comes_back_at_its_size_with_its_pixels_outside_the_mask(inpainter, mode):
+    image = picture(72, 56)
+    if mode == "I;16":
+        grey = (np.asarray(image.convert("L"), dtype=np.uint16) * 257)
+        source, expected = Image.fromarray(grey, mode="I;16"), np.asarray(image.convert("L").convert("RGB"))
+    elif mode == "RGBA":
+        source = image.convert("RGBA")
+        source.putalpha(Image.fromarray(np.where(np.arange(72)[None, :] < 20, 0, 255).astype(np.uint8).repeat(56, 0)))
+        expected = None
+    else:
+        source = image.convert(mode)
+        expected = np.asarray(source.convert("RGB"))
+    mask = box_mask(72, 56, (40, 10, 70, 50))
+    result = inpainter.inpaint(source, mask, request(mask_blur=2))
+    out = result.images[0].image
+    assert out.size == (72, 56)
+    keep = untouched(mask, 2)
+    if mode == "RGBA":
+        assert out.mode == "RGBA" and any("transparent" in w for w in result.warnings)
+        out_rgba, source_rgba = np.asarray(out), np.asarray(source)
+        assert np.array_equal(out_rgba[keep][:, 3], source_rgba[keep][:, 3])  # transparency kept
+        opaque = keep & (source_rgba[:, :, 3] == 255)
+        assert np.array_equal(out_rgba[opaque], source_rgba[opaque])
+        assert out_rgba[~keep][:, 3].min() > 0  # the repainted area is visible
+    else:
+        assert np.array_equal(np.asarray(out.convert("RGB"))[keep], expected[keep])
+
+
+def test_a_large_photo_is_worked_small_and_returned_at_its_size(inpainter):
+    image, mask = picture(1600, 1200), box_mask(1600, 1200, (900, 200, 1500, 1000))
+    out = inpainter.inpaint(image, mask, request(steps=4)).images[0].image
+    assert out.size == (1600, 1200)
+    keep = untouched(mask, 4)
+    assert np.array_equal(np.asarray(out)[keep], np.asarray(image)[keep])
+
+
+def test_full_mask_repaints_everything_like_text_to_image(inpainter):
+    image = picture()
+    out = inpainter.inpaint(image, box_mask(64, 64, (0, 0, 64, 64)), request(
+        prompt="a large green square on a yellow background", steps=20, mask_blur=0)).images[0].image
+    assert out.size == (64, 64)
+    assert oracle.read(out).background == "yellow"
+
+
+def test_same_seed_same_pixels_and_the_batch_uses_seed_plus_i(inpainter):
+    image, mask = picture(), box_mask(64, 64, (30, 10, 60, 50))
+    one = inpainter.inpaint(image, mask, request(seed=11))
+    batch = inpainter.inpaint(image, mask, request(seed=10, batch_size=2))
+    assert batch.seeds == [10, 11]
+    assert np.array_equal(np.asarray(one.images[0].image), np.asarray(batch.images[1].image))
+
+
+def test_parameters_say_how_it_was_inpainted(inpainter):
+    result = inpainter.inpaint(picture(), box_mask(64, 64, (30, 10, 60, 50)),
+                               request(strength=0.8, mask_blur=6, inpaint_area=ONLY_MASKED, padding=8))
+    params = parse_parameters(result.images[0].parameters)
+    assert params.seed == 7 and (params.width, params.height) == (64, 64)
+    assert params.extra == {"Denoising strength": "0.8", "Mask blur": "6", "Inpaint area": "Only masked",
+                            "Masked area padding": "8"} | {k: v for k, v in params.extra.items() if k == "Version"}
+
+
+@pytest.mark.parametrize("mask, message", [
+    (Image.new("L", (64, 64), 0), "The mask is empty"),
+    (Image.new("L", (32, 64), 255), "must be the same size"),
+])
+def test_bad_masks_are_refused_clearly(inpainter, mask, message):
+    with pytest.raises(InvalidRequest, match=message):
+        inpainter.inpaint(picture(), mask, request())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(strength=0), "Denoising strength"),
+    (dict(steps=2, strength=0.3), "Steps × denoising strength"),
+    (dict(mask_blur=100), "Mask blur"),
+    (dict(inpaint_area="Everything"), "Inpaint area"),
+    (dict(prompt=" "), "Enter a prompt"),
+])
+def test_bad_settings_are_refused_clearly(inpainter, overrides, message):
+    with pytest.raises(InvalidRequest, match=message):
+        inpainter.inpaint(picture(), box_mask(64, 64, (0, 0, 9, 9)), request(**overrides))
+
+
+def test_a_corrupt_upload_is_refused_clearly(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(InvalidRequest, match="could not be read as an image"):
+        open_image(broken)
+
+
+def test_sketch_to_image_follows_the_strokes_colours(inpainter):
+    sketch = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    sketch.paste((255, 220, 0, 255), (0, 0, 256, 256))  # a yellow page ...
+    sketch.paste((230, 30, 30, 255), (90, 90, 170, 170))  # ... with a red square drawn on it
+    result = inpainter.sketch_to_image(sketch, request(prompt="a large red square on a yellow background",
+                                                       strength=0.6, steps=20))
+    out = result.images[0].image
+    assert out.size == (64, 64)
+    reading = oracle.read(out)
+    assert (reading.colour, reading.background) == ("red", "yellow"), reading
+
+
+def test_an_empty_sketch_is_refused(inpainter):
+    with pytest.raises(InvalidRequest, match="The sketch is empty"):
+        inpainter.sketch_to_image(Image.new("RGBA", (128, 128), (0, 0, 0, 0)), request(strength=0.7))
+
+
+def test_inpainting_shares_the_text_encoder_and_vae_with_text_to_image(engine, inpainter, manager):
+    engine.generate(TextToImageRequest(prompt="a red circle", preset="embedded", steps=2, seed=1))
+    inpainter.inpaint(picture(), box_mask(64, 64, (30, 10, 60, 50)), request(steps=2))
+    preset = load_presets().get("embedded")
+    records = [(r.source, r.component) for r in manager.status().models]
+    assert records.count((preset.source, "text_encoder")) == 1 and records.count((preset.source, "vae")) == 1
+    assert (preset.inpaint_source, "unet") in records  # the dedicated 9-channel UNet
+    with manager.lease(preset, "text2img") as t2i:
+        text_encoder, vae = t2i.pipeline.text_encoder, t2i.pipeline.vae
+    with manager.lease(preset, "inpaint") as inpaint:
+        assert inpaint.pipeline.text_encoder is text_encoder and inpaint.pipeline.vae is vae
+        assert inpaint.pipeline.unet.config.in_channels == 9
+
+
+def test_a_base_model_without_an_inpainting_checkpoint_inpaints_with_its_own_unet(manager, factory):
+    embedded = load_presets().get("embedded")
+    base_only = dataclasses.replace(embedded, name="embedded-base", inpaint_local=None)
+    inpainter = Inpainter(manager, factory, PresetCatalog([base_only], "embedded-base"), RequestLimits(), version="test")
+    image, mask = picture(), box_mask(64, 64, (30, 10, 60, 50))
+    out = np.asarray(inpainter.inpaint(image, mask, request(preset="embedded-base", steps=8)).images[0].image)
+    keep = untouched(mask, 4)
+    assert np.array_equal(out[keep], np.asarray(image)[keep]) and not np.array_equal(out[~keep], np.asarray(image)[~keep])
+    with manager.lease(base_only, "inpaint") as lease:
+        assert lease.pipeline.unet.config.in_channels == 4
