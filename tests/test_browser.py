@@ -70,8 +70,10 @@ def test_parameters_of_a_dropped_png_fill_the_form(page, tmp_path):
     text = format_parameters("a large yellow star", "blurry", steps=12, scheduler="DDIM", guidance_scale=5.5,
                              seed=777, width=96, height=64, model="embedded", model_hash=None, version="test")
     png = save_png(Image.new("RGB", (96, 64), "yellow"), tmp_path / "with-parameters.png", text)
+    page.reload()  # a fresh page: the batch the Stop test cut short may still be updating this one
+    text_tab(page).get_by_label("Prompt", exact=True).wait_for()
     page.get_by_text("Read parameters from a PNG").click()
-    page.locator("input[type=file]").first.set_input_files(str(png))
+    text_tab(page).locator("input[type=file]").first.set_input_files(str(png))
     text_tab(page).get_by_role("button", name="Send parameters to the form", exact=True).wait_for()
     page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('Seed: 777'))")
     text_tab(page).get_by_role("button", name="Send parameters to the form", exact=True).click()
@@ -123,6 +125,8 @@ def test_upload_paint_a_stroke_inpaint_and_far_pixels_are_unchanged(page, artifa
     source.save(tmp_path / "photo.png")
     page.get_by_role("tab", name="Inpaint").click()
     tab = page.locator("#inpaint-tab")
+    tab.get_by_role("button", name="Brush").first.wait_for()  # the editor is mounted: an upload now sets its size
+    page.wait_for_timeout(500)
     tab.locator("input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
     canvas = tab.locator("canvas").first
     canvas.wait_for()

