@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 
 from components.preset_picker import chosen_preset, preset_card, sampling_updates
-from components.running import gallery_outputs, throttled
-from studio.errors import StudioError
+from components.running import run_for_session, throttled, wire_stop
 from studio.images import open_image
 from studio.inpainting import INPAINT_AREAS, MAX_MASK_BLUR, MAX_PADDING, WHOLE_PICTURE, InpaintRequest, Inpainter
 from studio.schedulers import schedulers_for
@@ -143,14 +142,6 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
             raise gr.Error(" ".join(problems.values()), title="Check the settings")
         cancels.submitted(request.session_hash)
 
-    def run(session, work, batch_size):
-        with cancels.running(session) as cancel:
-            try:
-                result = work(cancel)
-            except StudioError as error:
-                raise gr.Error(str(error), title="Cannot inpaint") from None
-        return gallery_outputs(result, batch_size)
-
     @gpu
     def inpaint_from_editor(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
                             strength, mask_blur, inpaint_area, padding, seed, batch_size, request: gr.Request,
@@ -164,7 +155,7 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
                 return engine.sketch_to_image(image, settings_request, throttled(progress), cancel)
             return engine.inpaint(image, mask, settings_request, throttled(progress), cancel)
 
-        return run(request.session_hash if request else "anonymous", work, settings_request.batch_size)
+        return run_for_session(cancels, request, work, settings_request.batch_size, "Cannot inpaint")
 
     @gpu
     def inpaint(image, mask, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur,
@@ -181,7 +172,7 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
             return engine.inpaint(open_image(image), open_image(mask, "mask"), settings_request, throttled(progress),
                                   cancel)
 
-        return run(request.session_hash if request else "anonymous", work, settings_request.batch_size)
+        return run_for_session(cancels, request, work, settings_request.batch_size, "Cannot inpaint")
 
     @gpu
     def sketch_to_image(sketch, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, seed,
@@ -196,7 +187,7 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
         def work(cancel):
             return engine.sketch_to_image(open_image(sketch, "sketch"), settings_request, throttled(progress), cancel)
 
-        return run(request.session_hash if request else "anonymous", work, settings_request.batch_size)
+        return run_for_session(cancels, request, work, settings_request.batch_size, "Cannot generate")
 
     def switch_mode(chosen_mode):
         is_mask = chosen_mode == INPAINT
@@ -217,10 +208,7 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
     event = generate.click(check, [mode, editor, *settings], None, **quick).success(
         inpaint_from_editor, [mode, editor, *settings], outputs, api_visibility="private", **gpu_event,
     )
-    def stop_running(request: gr.Request):
-        cancels.cancel(request.session_hash)
-
-    stop.click(stop_running, None, None, **quick)
+    wire_stop(stop, cancels)
     mode.input(switch_mode, mode, [mode, editor, strength, mask_settings, generate], api_visibility="private",
                queue=False)
     preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale], api_visibility="private",

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from components.preset_picker import chosen_preset, preset_card, sampling_updates
-from components.running import gallery_outputs, throttled
-from studio.errors import StudioError
+from components.running import run_for_session, throttled, wire_stop
 from studio.generation import TextToImage, TextToImageRequest, request_from_parameters
 from studio.schedulers import schedulers_for
 from studio.sessions import CancelRegistry
@@ -117,19 +116,12 @@ def build_text_to_image_tab(
                       batch_size, style, request: gr.Request, progress=gr.Progress()):
         """Generate images from a prompt. Returns the images (PNG with A1111 parameters), the seeds used and the
         generation info. Image i uses seed + i; seed -1 picks a random seed."""
-        session = request.session_hash if request else "anonymous"
         text_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height,
                                 seed, batch_size, style)
-
-        with cancels.running(session) as cancel:
-            try:
-                result = engine.generate(text_request, on_progress=throttled(progress), cancel=cancel)
-            except StudioError as error:
-                raise gr.Error(str(error), title="Cannot generate") from None
-        return gallery_outputs(result, text_request.batch_size)
-
-    def stop_running(request: gr.Request):
-        cancels.cancel(request.session_hash)
+        return run_for_session(
+            cancels, request, lambda cancel: engine.generate(text_request, throttled(progress), cancel),
+            text_request.batch_size, "Cannot generate",
+        )
 
     def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None):
         """Card, scheduler, steps, CFG, width and height fitted to a preset; given values are kept."""
@@ -167,9 +159,7 @@ def build_text_to_image_tab(
         text_to_image, inputs, [gallery, seeds, info], api_visibility="private", concurrency_id="gpu",
         concurrency_limit=1,
     )
-    # Stop sets the request's cancel event rather than using gradio's `cancels=`, which would throw away the
-    # images already made: the handler returns them, the last one decoded where the denoising stopped.
-    stop.click(stop_running, None, None, api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    wire_stop(stop, cancels)
     # Preset changes only need the preset itself: run them at once, outside the GPU queue.
     preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale, width, height],
                  api_visibility="private", concurrency_limit=None, queue=False)

@@ -39,17 +39,23 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
-class TextToImageRequest:
+class SamplingRequest:
+    """The settings every generating request has; each task's request adds its own."""
+
     prompt: str
     negative_prompt: str = ""
     preset: str = "embedded"
     scheduler: str = "Euler"
     steps: int = 20
     guidance_scale: float = 7.0
-    width: int = 64
-    height: int = 64
     seed: int = -1  # -1: a random seed, reported back
     batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class TextToImageRequest(SamplingRequest):
+    width: int = 64
+    height: int = 64
     style: str = "None"
 
 
@@ -71,7 +77,7 @@ class GenerationResult:
         return [image.seed for image in self.images]
 
 
-def check_sampling(request, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
+def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
     """Problems with the fields every generating request has (prompt, steps, CFG, seed, batch, scheduler),
     by field name, each a sentence a user can act on. Empty when they are fine."""
     problems: dict[str, str] = {}
@@ -118,39 +124,98 @@ def resolve_seed(seed: int, batch_size: int = 1) -> int:
     return secrets.randbelow(MAX_SEED - batch_size + 2) if seed == -1 else seed
 
 
-class TextToImage:
-    """Runs text-to-image requests on pipelines leased from the shared ModelManager. Holds no per-request state."""
+class SamplingEngine:
+    """What text to image and inpainting share: presets and limits, validation, and the batch loop on a
+    pipeline leased from the shared ModelManager. Holds no per-request state."""
 
-    def __init__(
-        self,
-        manager: ModelManager,
-        factory: DiffusersFactory,
-        presets: PresetCatalog,
-        styles: StyleCatalog,
-        limits: RequestLimits,
-        version: str,
-    ):
+    def __init__(self, manager: ModelManager, factory: DiffusersFactory, presets: PresetCatalog,
+                 limits: RequestLimits, version: str):
         self.manager = manager
         self.factory = factory
         self.presets = presets
-        self.styles = styles
         self.limits = limits
         self.version = version
 
-    def problems(self, request: TextToImageRequest) -> dict[str, str]:
-        """Problems by field name (see check_text_to_image), including unknown preset and style."""
+    def problems(self, request: SamplingRequest) -> dict[str, str]:
+        """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine."""
         if request.preset not in self.presets:
             return {"preset": f"Unknown preset {request.preset!r}. Available presets: {', '.join(self.presets.names)}."}
-        problems = check_text_to_image(request, self.presets.get(request.preset), self.limits)
-        if request.style not in self.styles.names:
-            problems["style"] = f"Unknown style {request.style!r}. Available styles: {', '.join(self.styles.names)}."
-        return problems
+        return self.check(request, self.presets.get(request.preset))
 
-    def validate(self, request: TextToImageRequest) -> ModelPreset:
+    def check(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, str]:
+        return check_sampling(request, preset, self.limits)
+
+    def validate(self, request: SamplingRequest) -> ModelPreset:
         problems = self.problems(request)
         if problems:
             raise InvalidRequest(list(problems.values()))
         return self.presets.get(request.preset)
+
+    def run_batch(
+        self,
+        preset: ModelPreset,
+        task: str,
+        request: SamplingRequest,
+        size: tuple[int, int],
+        prompts: tuple[str, str],
+        run: Callable,
+        describe: Callable[[int], str],
+        finish: Callable[[Image.Image], Image.Image] = lambda image: image,
+        steps_per_image: int | None = None,
+        warnings: list[str] | None = None,
+        on_progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
+        """Image i of the batch uses seed + i and is made on its own with a fresh scheduler, so it is
+        reproducible alone (bit for bit). Stop (`cancel`) ends the current image early and skips the rest.
+
+        `run(pipe, generator, on_step)` calls the pipeline for one image, `finish(image)` post-processes it,
+        and `describe(seed)` is its A1111 parameters text.
+        """
+        seed = resolve_seed(request.seed, request.batch_size)
+        cancel = cancel or threading.Event()
+        steps = steps_per_image or request.steps
+        result = GenerationResult(warnings=list(warnings or []))
+        working_memory = estimate_working_memory(*size, 1, self.manager.dtype, guidance=request.guidance_scale > 1)
+
+        with self.manager.lease(preset, task, working_memory=working_memory) as lease:
+            pipe = lease.pipeline
+            result.warnings += truncation_warnings(pipe, *prompts)
+            for index in range(request.batch_size):
+                if cancel.is_set():
+                    result.interrupted = True
+                    break
+                image_seed = seed + index
+                pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
+                generator = torch.Generator("cpu").manual_seed(image_seed)  # CPU noise: same on every device
+                output = run(pipe, generator, step_callback(index, steps, request.batch_size, on_progress, cancel))
+                if cancel.is_set():
+                    result.interrupted = True  # this image was cut short; the VAE decoded where it stopped
+                if any(getattr(output, "nsfw_content_detected", None) or []):
+                    result.warnings.append(f"The safety checker flagged the image with seed {image_seed}; it was "
+                                           "replaced by a black image.")
+                image = finish(output.images[0])
+                parameters = describe(image_seed)
+                image.info["parameters"] = parameters  # written as a PNG text chunk when saved as PNG
+                result.images.append(GeneratedImage(image, image_seed, parameters))
+        if on_progress:
+            on_progress(steps * request.batch_size, steps * request.batch_size, "Done")
+        return result
+
+
+class TextToImage(SamplingEngine):
+    """Runs text-to-image requests on pipelines leased from the shared ModelManager."""
+
+    def __init__(self, manager: ModelManager, factory: DiffusersFactory, presets: PresetCatalog,
+                 styles: StyleCatalog, limits: RequestLimits, version: str):
+        super().__init__(manager, factory, presets, limits, version)
+        self.styles = styles
+
+    def check(self, request: TextToImageRequest, preset: ModelPreset) -> dict[str, str]:
+        problems = check_text_to_image(request, preset, self.limits)
+        if request.style not in self.styles.names:
+            problems["style"] = f"Unknown style {request.style!r}. Available styles: {', '.join(self.styles.names)}."
+        return problems
 
     def generate(
         self,
@@ -158,62 +223,32 @@ class TextToImage:
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerationResult:
-        """Image i uses seed + i and is generated on its own, so it is reproducible alone (bit for bit)."""
+        """Images for the prompt (with the style applied); image i uses seed + i."""
         preset = self.validate(request)
         prompt, negative_prompt = self.styles.get(request.style).apply(request.prompt.strip(), request.negative_prompt)
-        seed = resolve_seed(request.seed, request.batch_size)
-        cancel = cancel or threading.Event()
-        result = GenerationResult()
-        total_steps = request.steps * request.batch_size
-        working_memory = estimate_working_memory(
-            request.width, request.height, 1, self.manager.dtype, guidance=request.guidance_scale > 1
-        )
 
-        with self.manager.lease(preset, "text2img", working_memory=working_memory) as lease:
-            pipe = lease.pipeline
-            result.warnings += truncation_warnings(pipe, prompt, negative_prompt)
-            for index in range(request.batch_size):
-                if cancel.is_set():
-                    result.interrupted = True
-                    break
-                image_seed = seed + index
-                pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
-                on_step = step_callback(index, request.steps, request.batch_size, on_progress, cancel)
-                output = pipe(
-                    prompt=prompt,
-                    negative_prompt=negative_prompt or None,
-                    num_inference_steps=request.steps,
-                    guidance_scale=request.guidance_scale,
-                    width=request.width,
-                    height=request.height,
-                    generator=torch.Generator("cpu").manual_seed(image_seed),  # CPU noise: same on every device
-                    callback_on_step_end=on_step,
-                    output_type="pil",
-                )
-                if cancel.is_set():
-                    result.interrupted = True  # this image was cut short; the VAE decoded where it stopped
-                if any(getattr(output, "nsfw_content_detected", None) or []):
-                    result.warnings.append(f"The safety checker flagged the image with seed {image_seed}; it was "
-                                           "replaced by a black image.")
-                parameters = format_parameters(
-                    prompt,
-                    negative_prompt,
-                    steps=request.steps,
-                    scheduler=request.scheduler,
-                    guidance_scale=request.guidance_scale,
-                    seed=image_seed,
-                    width=request.width,
-                    height=request.height,
-                    model=preset.name,
-                    model_hash=self.factory.model_hash(preset),
-                    version=self.version,
-                )
-                image = output.images[0]
-                image.info["parameters"] = parameters  # written as a PNG text chunk when saved as PNG
-                result.images.append(GeneratedImage(image, image_seed, parameters))
-        if on_progress:
-            on_progress(total_steps, total_steps, "Done")
-        return result
+        def run(pipe, generator, on_step):
+            return pipe(
+                prompt=prompt,
+                negative_prompt=negative_prompt or None,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                width=request.width,
+                height=request.height,
+                generator=generator,
+                callback_on_step_end=on_step,
+                output_type="pil",
+            )
+
+        def describe(seed: int) -> str:
+            return format_parameters(
+                prompt, negative_prompt, steps=request.steps, scheduler=request.scheduler,
+                guidance_scale=request.guidance_scale, seed=seed, width=request.width, height=request.height,
+                model=preset.name, model_hash=self.factory.model_hash(preset), version=self.version,
+            )
+
+        return self.run_batch(preset, "text2img", request, (request.width, request.height), (prompt, negative_prompt),
+                              run, describe, on_progress=on_progress, cancel=cancel)
 
 
 def step_callback(index: int, steps: int, batch_size: int, on_progress: ProgressCallback | None,

@@ -11,27 +11,14 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from .errors import InvalidRequest
-from .generation import (
-    GeneratedImage,
-    GenerationResult,
-    ProgressCallback,
-    RequestLimits,
-    check_sampling,
-    resolve_seed,
-    step_callback,
-    truncation_warnings,
-)
+from .generation import GenerationResult, ProgressCallback, RequestLimits, SamplingEngine, SamplingRequest, check_sampling
 from .images import blur_mask, mask_box, prepare_image, prepare_mask, working_size
-from .memory import ModelManager, estimate_working_memory
 from .metadata import format_parameters
-from .pipelines import DiffusersFactory
-from .presets import ModelPreset, PresetCatalog
-from .schedulers import make_scheduler
+from .presets import ModelPreset
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
 INPAINT_AREAS = (WHOLE_PICTURE, ONLY_MASKED)
@@ -40,21 +27,13 @@ MAX_PADDING = 256
 
 
 @dataclass(frozen=True)
-class InpaintRequest:
+class InpaintRequest(SamplingRequest):
     """Settings of an inpaint, inpaint-sketch or sketch-to-image request (the image and mask come apart)."""
 
-    prompt: str
-    negative_prompt: str = ""
-    preset: str = "embedded"
-    scheduler: str = "Euler"
-    steps: int = 20
-    guidance_scale: float = 7.0
     strength: float = 1.0  # denoising strength: 1 repaints from noise, lower keeps more of what is there
     mask_blur: int = 4
     inpaint_area: str = WHOLE_PICTURE  # or ONLY_MASKED: crop around the mask, inpaint at full resolution
     padding: int = 32  # around the mask, for ONLY_MASKED
-    seed: int = -1
-    batch_size: int = 1
 
 
 def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
@@ -73,27 +52,11 @@ def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestL
     return problems
 
 
-class Inpainter:
-    """Runs inpaint and sketch-to-image requests. Holds no per-request state."""
+class Inpainter(SamplingEngine):
+    """Runs inpaint and sketch-to-image requests on pipelines leased from the shared ModelManager."""
 
-    def __init__(self, manager: ModelManager, factory: DiffusersFactory, presets: PresetCatalog,
-                 limits: RequestLimits, version: str):
-        self.manager = manager
-        self.factory = factory
-        self.presets = presets
-        self.limits = limits
-        self.version = version
-
-    def problems(self, request: InpaintRequest) -> dict[str, str]:
-        if request.preset not in self.presets:
-            return {"preset": f"Unknown preset {request.preset!r}. Available presets: {', '.join(self.presets.names)}."}
-        return check_inpaint(request, self.presets.get(request.preset), self.limits)
-
-    def validate(self, request: InpaintRequest) -> ModelPreset:
-        problems = self.problems(request)
-        if problems:
-            raise InvalidRequest(list(problems.values()))
-        return self.presets.get(request.preset)
+    def check(self, request: InpaintRequest, preset: ModelPreset) -> dict[str, str]:
+        return check_inpaint(request, preset, self.limits)
 
     # ----- inpaint (and inpaint sketch: the strokes already painted into `image`, `mask` where they are) -----
 
@@ -113,7 +76,6 @@ class Inpainter:
         else:
             size = working_size(*source.rgb.size, preset, self.limits.max_pixels)
 
-        result = GenerationResult(warnings=[source.note] if source.note else [])
         extra = {"Denoising strength": f"{request.strength:g}", "Mask blur": request.mask_blur,
                  "Inpaint area": request.inpaint_area}
         if only_masked:
@@ -126,20 +88,22 @@ class Inpainter:
         crop_mask = blurred.crop(region) if region else blurred
 
         def run(pipe, generator, on_step):
-            output = pipe(
+            return pipe(
                 **self._common(request, generator, on_step), image=crop.resize(size, Image.Resampling.LANCZOS),
                 mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
                 strength=request.strength,
             )
-            generated = output.images[0].convert("RGB").resize(crop.size, Image.Resampling.LANCZOS)
+
+        def finish(generated: Image.Image) -> Image.Image:
+            generated = generated.convert("RGB").resize(crop.size, Image.Resampling.LANCZOS)
             if region:
                 whole = source.rgb.copy()
                 whole.paste(generated, region[:2])
                 generated = whole
             return paste_back(generated, source, blurred)
 
-        return self._generate(preset, "inpaint", size, request, result, run, extra, on_progress, cancel,
-                              output_size=source.rgb.size)
+        return self._run(preset, "inpaint", size, request, run, finish, extra, source.rgb.size,
+                         [source.note] if source.note else [], on_progress, cancel)
 
     # ----- sketch to image: image-to-image from a drawing -----
 
@@ -155,11 +119,10 @@ class Inpainter:
         init = drawing.rgb.resize(size, Image.Resampling.LANCZOS)
 
         def run(pipe, generator, on_step):
-            output = pipe(**self._common(request, generator, on_step), image=init, strength=request.strength)
-            return output.images[0]
+            return pipe(**self._common(request, generator, on_step), image=init, strength=request.strength)
 
-        return self._generate(preset, "img2img", size, request, GenerationResult(), run,
-                              {"Denoising strength": f"{request.strength:g}"}, on_progress, cancel, output_size=size)
+        return self._run(preset, "img2img", size, request, run, lambda image: image,
+                         {"Denoising strength": f"{request.strength:g}"}, size, [], on_progress, cancel)
 
     # ----- shared -----
 
@@ -171,35 +134,22 @@ class Inpainter:
             callback_on_step_end=on_step, output_type="pil",
         )
 
-    def _generate(self, preset, task, size, request, result, run, extra, on_progress, cancel, output_size):
-        seed = resolve_seed(request.seed, request.batch_size)
-        cancel = cancel or threading.Event()
-        steps = int(request.steps * request.strength)  # diffusers skips the first (1 - strength) of the schedule
-        working_memory = estimate_working_memory(*size, 1, self.manager.dtype, guidance=request.guidance_scale > 1)
-        with self.manager.lease(preset, task, working_memory=working_memory) as lease:
-            pipe = lease.pipeline
-            result.warnings += truncation_warnings(pipe, request.prompt.strip(), request.negative_prompt)
-            for index in range(request.batch_size):
-                if cancel.is_set():
-                    result.interrupted = True
-                    break
-                image_seed = seed + index
-                pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
-                generator = torch.Generator("cpu").manual_seed(image_seed)  # CPU noise: same on every device
-                image = run(pipe, generator, step_callback(index, steps, request.batch_size, on_progress, cancel))
-                if cancel.is_set():
-                    result.interrupted = True
-                parameters = format_parameters(
-                    request.prompt.strip(), request.negative_prompt, steps=request.steps, scheduler=request.scheduler,
-                    guidance_scale=request.guidance_scale, seed=image_seed, width=output_size[0],
-                    height=output_size[1], model=preset.name, model_hash=self.factory.model_hash(preset),
-                    version=self.version, extra=extra,
-                )
-                image.info["parameters"] = parameters
-                result.images.append(GeneratedImage(image, image_seed, parameters))
-        if on_progress:
-            on_progress(steps * request.batch_size, steps * request.batch_size, "Done")
-        return result
+    def _run(self, preset, task, size, request, run, finish, extra, output_size, warnings, on_progress, cancel):
+        prompt = request.prompt.strip()
+
+        def describe(seed: int) -> str:
+            return format_parameters(
+                prompt, request.negative_prompt, steps=request.steps, scheduler=request.scheduler,
+                guidance_scale=request.guidance_scale, seed=seed, width=output_size[0], height=output_size[1],
+                model=preset.name, model_hash=self.factory.model_hash(preset), version=self.version, extra=extra,
+            )
+
+        # diffusers skips the first (1 - strength) of the schedule, so each image takes steps × strength steps.
+        return self.run_batch(
+            preset, task, request, size, (prompt, request.negative_prompt), run, describe, finish=finish,
+            steps_per_image=int(request.steps * request.strength), warnings=warnings, on_progress=on_progress,
+            cancel=cancel,
+        )
 
 
 def paste_back(generated: Image.Image, source, blurred_mask: Image.Image) -> Image.Image:

@@ -16,16 +16,34 @@ def text_tab(page):
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
+def browser():
     if not shutil.which("chromium"):
         pytest.fail("Debian chromium is not installed (apt-get install -y chromium); .ci/run installs it")
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
-        page.goto(app_url)
-        text_tab(page).get_by_label("Prompt", exact=True).wait_for()
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser, app_url, artifacts, request):
+    """A fresh page (a new gradio session) per test, so no test sees another's form, toasts or running batch."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1100})
+    page = context.new_page()
+    page.goto(app_url)
+    text_tab(page).get_by_label("Prompt", exact=True).wait_for()
+    yield page
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        page.screenshot(path=str(artifacts / f"failed-{request.node.name}.png"), full_page=True)
+    context.close()
+
+
+def prompt_value_is(page, tab_id: str, text: str) -> None:
+    """Waits until the first textarea of the tab (its prompt) holds `text`."""
+    page.wait_for_function(
+        "([tab, text]) => document.querySelector(`#${tab} textarea`)?.value === text", arg=[tab_id, text]
+    )
 
 
 def test_type_a_prompt_generate_and_see_an_image(page, artifacts):
@@ -54,9 +72,11 @@ def test_stop_interrupts_a_long_batch(page, artifacts):
         box.fill(value)
         box.press("Enter")
     text_tab(page).get_by_role("button", name="Generate", exact=True).click()
-    page.locator(".progress-text, .eta-bar, .progress-level").first.wait_for(timeout=20_000)
+    page.locator("#text-to-image-gallery").locator(".progress-text, .eta-bar, .progress-level").first.wait_for(
+        timeout=20_000
+    )
     text_tab(page).get_by_role("button", name="Stop", exact=True).click()
-    page.get_by_text("Stopped:").first.wait_for(timeout=30_000)
+    page.get_by_test_id("toast-text").filter(has_text="Stopped:").first.wait_for(timeout=30_000)
     seeds = page.locator("#text-to-image-gallery img[alt^='Seed ']")
     assert 1 <= seeds.count() < 8  # the finished images are kept, the rest were never started
     page.screenshot(path=str(artifacts / "text_to_image_stopped.png"), full_page=True)
@@ -70,15 +90,15 @@ def test_parameters_of_a_dropped_png_fill_the_form(page, tmp_path):
     text = format_parameters("a large yellow star", "blurry", steps=12, scheduler="DDIM", guidance_scale=5.5,
                              seed=777, width=96, height=64, model="embedded", model_hash=None, version="test")
     png = save_png(Image.new("RGB", (96, 64), "yellow"), tmp_path / "with-parameters.png", text)
-    page.reload()  # a fresh page: the batch the Stop test cut short may still be updating this one
-    text_tab(page).get_by_label("Prompt", exact=True).wait_for()
-    page.get_by_text("Read parameters from a PNG").click()
+    text_tab(page).get_by_text("Read parameters from a PNG").click()
     text_tab(page).locator("input[type=file]").first.set_input_files(str(png))
     text_tab(page).get_by_role("button", name="Send parameters to the form", exact=True).wait_for()
-    page.wait_for_function("() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('Seed: 777'))")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#text-to-image-tab textarea')].some(t => t.value.includes('Seed: 777'))"
+    )
     text_tab(page).get_by_role("button", name="Send parameters to the form", exact=True).click()
     prompt = text_tab(page).get_by_label("Prompt", exact=True)
-    page.wait_for_function("() => document.querySelector('textarea').value === 'a large yellow star'")
+    prompt_value_is(page, "text-to-image-tab", "a large yellow star")
     assert prompt.input_value() == "a large yellow star"
     assert text_tab(page).get_by_label("number input for Steps").input_value() == "12"
     assert text_tab(page).get_by_label("number input for Width").input_value() == "96"
@@ -92,9 +112,12 @@ def test_an_example_fills_the_form_and_the_image_shows_what_it_says(page, artifa
 
     from studio.embedded import oracle
 
-    page.get_by_text("a red circle on a blue background", exact=True).first.click()
-    page.wait_for_function("() => document.querySelector('textarea').value === 'a red circle on a blue background'")
-    # The form is fitted to the example's preset (default steps), replacing the 12 the PNG test left there.
+    steps = text_tab(page).get_by_label("number input for Steps")
+    steps.fill("12")
+    steps.press("Enter")
+    text_tab(page).get_by_text("a red circle on a blue background", exact=True).first.click()
+    prompt_value_is(page, "text-to-image-tab", "a red circle on a blue background")
+    # The form is fitted to the example's preset: its default steps replace the 12 typed above.
     playwright.expect(text_tab(page).get_by_label("number input for Steps")).to_have_value("20", timeout=10_000)
     seed = text_tab(page).get_by_label("Seed (-1 = random)")
     seed.fill("3")

@@ -24,9 +24,9 @@ class StagePlan:
 # Sized so the whole family trains in under two hours on a 2-core CPU (see README for measured times).
 TRAINING_PLAN = {
     "clip": StagePlan(2400, 128),
-    "vae": StagePlan(5500, 32),
-    "unet": StagePlan(6000, 64, dataset_size=24000),
-    "inpaint": StagePlan(1500, 64, dataset_size=16000),
+    "vae": StagePlan(4500, 32),
+    "unet": StagePlan(5000, 64, dataset_size=24000),
+    "inpaint": StagePlan(1200, 64, dataset_size=16000),
     "upscaler": StagePlan(2000, 16),
 }
 SMOKE_PLAN = {
