@@ -89,7 +89,7 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
                                  buttons=["download", "fullscreen"], elem_id="inpaint-gallery")
             info = gr.Textbox(label="Generation info", lines=3, interactive=False, buttons=["copy"])
-            seeds = gr.JSON(label="Used seeds", height=60)
+            seeds = gr.JSON(label="Used seeds", height=80)
             preset = gr.Dropdown([(p.label, p.name) for p in engine.presets], value=default.name,
                                  label="Model preset", allow_custom_value=True)
             card = gr.Markdown(preset_card(default))

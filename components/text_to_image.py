@@ -88,7 +88,7 @@ def build_text_to_image_tab(
                     batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size", scale=3)
             with gr.Accordion("Read parameters from a PNG", open=False):
                 png = gr.Image(label="PNG made here or by AUTOMATIC1111", type="pil", image_mode=None,
-                               sources=["upload"], format="png", height=200)
+                               sources=["upload"], format="png", height=200, elem_id="png-parameters-input")
                 png_parameters = gr.Textbox(label="Parameters in the file", lines=4, interactive=False)
                 use_parameters = gr.Button("Send parameters to the form")
         with gr.Column(scale=6):

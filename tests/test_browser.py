@@ -91,7 +91,8 @@ def test_parameters_of_a_dropped_png_fill_the_form(page, tmp_path):
                              seed=777, width=96, height=64, model="embedded", model_hash=None, version="test")
     png = save_png(Image.new("RGB", (96, 64), "yellow"), tmp_path / "with-parameters.png", text)
     text_tab(page).get_by_text("Read parameters from a PNG").click()
-    text_tab(page).locator("input[type=file]").first.set_input_files(str(png))
+    # The PNG input's own file input: the gallery of results has one too.
+    page.locator("#png-parameters-input input[type=file]").set_input_files(str(png))
     text_tab(page).get_by_role("button", name="Send parameters to the form", exact=True).wait_for()
     page.wait_for_function(
         "() => [...document.querySelectorAll('#text-to-image-tab textarea')].some(t => t.value.includes('Seed: 777'))"
@@ -150,7 +151,7 @@ def test_upload_paint_a_stroke_inpaint_and_far_pixels_are_unchanged(page, artifa
     tab = page.locator("#inpaint-tab")
     tab.get_by_role("button", name="Brush").first.wait_for()  # the editor is mounted: an upload now sets its size
     page.wait_for_timeout(500)
-    tab.locator("input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
+    page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
     canvas = tab.locator("canvas").first
     canvas.wait_for()
     page.wait_for_timeout(1000)  # the editor draws the upload, then accepts strokes

@@ -89,8 +89,6 @@ def test_inpainting_puts_the_asked_shape_inside_the_mask_and_keeps_the_rest():
     assert result["right shape and colour inside the mask"] >= 4 / 6, result
 
 
-@pytest.mark.xfail(strict=True, reason="open in issue 3: the shipped RRDBNet is 0.8 dB above bicubic on clean "
-                   "bicubic-downscaled images (50 held-out images), short of the 2 dB bar")
 def test_upscaler_beats_bicubic_by_two_db():
     result = evaluate_upscaler(MODELS, 6)
     assert result["gain_db"] >= 2.0, result
