@@ -61,18 +61,21 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def device_free_bytes(device: torch.device) -> int | None:
-    """Free memory on the device as the driver reports it; None where there is no such report (CPU, MPS)."""
+def free_device_bytes(device: torch.device) -> int | None:
+    """Bytes the device can still give us: what the driver reports free plus what PyTorch's caching allocator
+    holds reserved but unallocated (the driver counts that as used, yet our next tensors get it first).
+    None where there is no such report (CPU, MPS)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free
+        cached_but_free = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + cached_but_free
     return None
 
 
 def default_device_budget(device: torch.device) -> int:
     """How many bytes of weights plus working memory we let the device hold when no flag says otherwise."""
     if device.type == "cuda":
-        return int(device_free_bytes(device) * 0.9)  # leave room for the CUDA context and fragmentation
+        return int(free_device_bytes(device) * 0.9)  # leave room for the CUDA context and fragmentation
     if device.type == "mps":
         return int(torch.mps.recommended_max_memory() * 0.8)
     return int(available_ram_bytes() * 0.6)

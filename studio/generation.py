@@ -6,14 +6,17 @@ import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from .downloads import HubDownloads
 from .errors import InvalidRequest
-from .memory import ModelManager, estimate_working_memory
+from .jobs import JobControl, LocalJob, gpu_seconds
 from .metadata import format_parameters
-from .pipelines import DiffusersFactory
+from .pipelines import DiffusersModels, DiffusionStages, truncation_warnings  # noqa: F401 (re-exported)
 from .presets import ModelPreset, PresetCatalog, StyleCatalog
 from .schedulers import check_scheduler, make_scheduler
 
@@ -32,10 +35,12 @@ class RequestLimits:
     max_steps: int = 150
     max_guidance: float = 30.0
     max_pixels: int | None = None  # width * height cap on top of the preset's max size
+    max_upload_pixels: int = 50_000_000  # uploads larger than this are refused before they are decoded
 
     @classmethod
     def public(cls) -> RequestLimits:
-        return cls(max_prompt_chars=1000, max_batch_size=4, max_steps=50, max_guidance=20.0, max_pixels=1024 * 1024)
+        return cls(max_prompt_chars=1000, max_batch_size=4, max_steps=50, max_guidance=20.0, max_pixels=1024 * 1024,
+                   max_upload_pixels=4_000_000)
 
 
 @dataclass(frozen=True)
@@ -124,14 +129,50 @@ def resolve_seed(seed: int, batch_size: int = 1) -> int:
     return secrets.randbelow(MAX_SEED - batch_size + 2) if seed == -1 else seed
 
 
-class SamplingEngine:
-    """What text to image and inpainting share: presets and limits, validation, and the batch loop on a
-    pipeline leased from the shared ModelManager. Holds no per-request state."""
+@dataclass
+class SamplingPlan:
+    """A checked request made ready for the device: everything the GPU work needs and nothing else. It is
+    picklable, so that it can cross into ZeroGPU's forked worker."""
 
-    def __init__(self, manager: ModelManager, factory: DiffusersFactory, presets: PresetCatalog,
-                 limits: RequestLimits, version: str):
-        self.manager = manager
-        self.factory = factory
+    preset: ModelPreset
+    task: str  # "text2img", "img2img" or "inpaint"
+    prompt: str  # with the style applied
+    negative_prompt: str
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    seed: int  # resolved: image i of the batch uses seed + i
+    batch_size: int
+    size: tuple[int, int]  # what the model works at
+    output_size: tuple[int, int]  # what the user gets (written into the parameters)
+    call_arguments: dict[str, Any] = field(default_factory=dict)  # task's own pipeline arguments (image, mask, strength)
+    parameters_extra: dict[str, Any] = field(default_factory=dict)  # A1111 fields the task adds
+    steps_per_image: int = 0  # denoising steps actually run per image (steps × strength for img2img)
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.steps_per_image = self.steps_per_image or self.steps
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_image * self.batch_size
+
+    @property
+    def gpu_seconds(self) -> int:
+        """What to book on ZeroGPU for this job."""
+        return gpu_seconds(self.preset, self.steps_per_image, self.batch_size, self.size[0] * self.size[1])
+
+
+class SamplingEngine:
+    """What text to image and inpainting share: presets and limits, validation, and the batch loop, run as
+    stages on models leased from the shared ModelManager. Holds no per-request state."""
+
+    def __init__(self, stages: DiffusionStages, presets: PresetCatalog, limits: RequestLimits, version: str,
+                 downloads: HubDownloads | None = None):
+        self.stages = stages
+        self.downloads = downloads or HubDownloads()
+        self.models: DiffusersModels = stages.models
+        self.manager = stages.manager
         self.presets = presets
         self.limits = limits
         self.version = version
@@ -151,64 +192,72 @@ class SamplingEngine:
             raise InvalidRequest(list(problems.values()))
         return self.presets.get(request.preset)
 
-    def run_batch(
-        self,
-        preset: ModelPreset,
-        task: str,
-        request: SamplingRequest,
-        size: tuple[int, int],
-        prompts: tuple[str, str],
-        run: Callable,
-        describe: Callable[[int], str],
-        finish: Callable[[Image.Image], Image.Image] = lambda image: image,
-        steps_per_image: int | None = None,
-        warnings: list[str] | None = None,
-        on_progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> GenerationResult:
-        """Image i of the batch uses seed + i and is made on its own with a fresh scheduler, so it is
-        reproducible alone (bit for bit). Stop (`cancel`) ends the current image early and skips the rest.
+    def fetch(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> None:
+        """Fetch the plan's model files from the Hub if they are not in the cache: its own step, before any device
+        work and outside the device lock, so a download never holds up other visitors. Raises ModelUnavailable."""
+        for request in self.models.download_requests(plan.preset, plan.task, self.manager.dtype):
+            self.downloads.ensure(request, on_progress)
 
-        `run(pipe, generator, on_step)` calls the pipeline for one image, `finish(image)` post-processes it,
-        and `describe(seed)` is its A1111 parameters text.
-        """
-        seed = resolve_seed(request.seed, request.batch_size)
-        cancel = cancel or threading.Event()
-        steps = steps_per_image or request.steps
-        result = GenerationResult(warnings=list(warnings or []))
-        working_memory = estimate_working_memory(*size, 1, self.manager.dtype, guidance=request.guidance_scale > 1)
+    def run(self, plan: SamplingPlan, job: JobControl | None = None) -> GenerationResult:
+        """The device work of a job: the prompt encoded once, then each image denoised and decoded (and
+        checked, where a safety checker runs), each stage holding the device lock on its own, so other jobs take
+        turns between them. Image i uses seed + i with a fresh scheduler: reproducible alone, bit for bit. A
+        cancelled job ends the current image early and skips the rest."""
+        job = job or LocalJob()
+        preset, task = plan.preset, plan.task
+        width, height = plan.size
+        guidance = plan.guidance_scale > 1
+        result = GenerationResult(warnings=list(plan.warnings))
+        conditioning, warnings = self.stages.encode(preset, task, plan.prompt, plan.negative_prompt,
+                                                    plan.guidance_scale)
+        result.warnings += warnings
+        postprocess = VaeImageProcessor()
+        for index in range(plan.batch_size):
+            if job.cancelled:
+                result.interrupted = True
+                break
+            image_seed = plan.seed + index
+            on_step = step_callback(index, plan.steps_per_image, plan.batch_size, job)
 
-        with self.manager.lease(preset, task, working_memory=working_memory) as lease:
-            pipe = lease.pipeline
-            result.warnings += truncation_warnings(pipe, *prompts)
-            for index in range(request.batch_size):
-                if cancel.is_set():
-                    result.interrupted = True
-                    break
-                image_seed = seed + index
-                pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
-                generator = torch.Generator("cpu").manual_seed(image_seed)  # CPU noise: same on every device
-                output = run(pipe, generator, step_callback(index, steps, request.batch_size, on_progress, cancel))
-                if cancel.is_set():
-                    result.interrupted = True  # this image was cut short; the VAE decoded where it stopped
-                if any(getattr(output, "nsfw_content_detected", None) or []):
-                    result.warnings.append(f"The safety checker flagged the image with seed {image_seed}; it was "
-                                           "replaced by a black image.")
-                image = finish(output.images[0])
-                parameters = describe(image_seed)
-                image.info["parameters"] = parameters  # written as a PNG text chunk when saved as PNG
-                result.images.append(GeneratedImage(image, image_seed, parameters))
-        if on_progress:
-            on_progress(steps * request.batch_size, steps * request.batch_size, "Done")
+            def call(pipe):
+                pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
+                return pipe(
+                    **conditioning.embeds, **plan.call_arguments, num_inference_steps=plan.steps,
+                    guidance_scale=plan.guidance_scale, generator=torch.Generator("cpu").manual_seed(image_seed),
+                    callback_on_step_end=on_step, output_type="latent",
+                ).images
+
+            latents = self.stages.denoise(preset, task, width, height, guidance, call)
+            if job.cancelled:
+                result.interrupted = True  # this image was cut short; the VAE decodes where it stopped
+            pixels = self.stages.decode(preset, task, latents, width, height)
+            if self.stages.check(preset, task, pixels)[0]:
+                result.warnings.append(f"The safety checker flagged the image with seed {image_seed}; it is not "
+                                       "shown.")
+                continue
+            image = postprocess.postprocess(pixels, output_type="pil")[0]
+            parameters = self.describe(plan, image_seed)
+            image.info["parameters"] = parameters  # written as a PNG text chunk when saved as PNG
+            result.images.append(GeneratedImage(image, image_seed, parameters))
+        job.report(plan.total_steps, plan.total_steps, "Done")
         return result
+
+    def describe(self, plan: SamplingPlan, seed: int) -> str:
+        """A1111's parameters text for image `seed` of the plan."""
+        return format_parameters(
+            plan.prompt, plan.negative_prompt, steps=plan.steps, scheduler=plan.scheduler,
+            guidance_scale=plan.guidance_scale, seed=seed, width=plan.output_size[0], height=plan.output_size[1],
+            model=plan.preset.name, model_hash=self.models.model_hash(plan.preset, plan.task), version=self.version,
+            extra=plan.parameters_extra or None,
+        )
 
 
 class TextToImage(SamplingEngine):
-    """Runs text-to-image requests on pipelines leased from the shared ModelManager."""
+    """Plans and runs text-to-image requests."""
 
-    def __init__(self, manager: ModelManager, factory: DiffusersFactory, presets: PresetCatalog,
-                 styles: StyleCatalog, limits: RequestLimits, version: str):
-        super().__init__(manager, factory, presets, limits, version)
+    def __init__(self, stages: DiffusionStages, presets: PresetCatalog, styles: StyleCatalog, limits: RequestLimits,
+                 version: str, downloads: HubDownloads | None = None):
+        super().__init__(stages, presets, limits, version, downloads)
         self.styles = styles
 
     def check(self, request: TextToImageRequest, preset: ModelPreset) -> dict[str, str]:
@@ -217,70 +266,37 @@ class TextToImage(SamplingEngine):
             problems["style"] = f"Unknown style {request.style!r}. Available styles: {', '.join(self.styles.names)}."
         return problems
 
-    def generate(
-        self,
-        request: TextToImageRequest,
-        on_progress: ProgressCallback | None = None,
-        cancel: threading.Event | None = None,
-    ) -> GenerationResult:
-        """Images for the prompt (with the style applied); image i uses seed + i."""
+    def plan(self, request: TextToImageRequest) -> SamplingPlan:
+        """The checked request with its style applied and its seed resolved (raises InvalidRequest)."""
         preset = self.validate(request)
         prompt, negative_prompt = self.styles.get(request.style).apply(request.prompt.strip(), request.negative_prompt)
+        size = (request.width, request.height)
+        return SamplingPlan(
+            preset=preset, task="text2img", prompt=prompt, negative_prompt=negative_prompt,
+            scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
+            seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
+            output_size=size, call_arguments={"width": request.width, "height": request.height},
+        )
 
-        def run(pipe, generator, on_step):
-            return pipe(
-                prompt=prompt,
-                negative_prompt=negative_prompt or None,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                width=request.width,
-                height=request.height,
-                generator=generator,
-                callback_on_step_end=on_step,
-                output_type="pil",
-            )
-
-        def describe(seed: int) -> str:
-            return format_parameters(
-                prompt, negative_prompt, steps=request.steps, scheduler=request.scheduler,
-                guidance_scale=request.guidance_scale, seed=seed, width=request.width, height=request.height,
-                model=preset.name, model_hash=self.factory.model_hash(preset), version=self.version,
-            )
-
-        return self.run_batch(preset, "text2img", request, (request.width, request.height), (prompt, negative_prompt),
-                              run, describe, on_progress=on_progress, cancel=cancel)
+    def generate(self, request: TextToImageRequest, on_progress: ProgressCallback | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """Plan, fetch and run in this process: images for the prompt; image i uses seed + i."""
+        plan = self.plan(request)
+        self.fetch(plan)
+        return self.run(plan, LocalJob(on_progress, cancel))
 
 
-def step_callback(index: int, steps: int, batch_size: int, on_progress: ProgressCallback | None,
-                  cancel: threading.Event):
+def step_callback(index: int, steps: int, batch_size: int, job: JobControl):
     """diffusers' callback_on_step_end for image `index` of a batch: reports progress, stops when cancelled."""
     total = steps * batch_size
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
-        if on_progress:
-            done = index * steps + step + 1
-            on_progress(done, total, f"Image {index + 1}/{batch_size}, step {step + 1}/{steps}")
-        if cancel.is_set():
-            pipe._interrupt = True  # diffusers skips the remaining steps, then decodes
+        job.report(index * steps + step + 1, total, f"Image {index + 1}/{batch_size}, step {step + 1}/{steps}")
+        if job.cancelled:
+            pipe._interrupt = True  # diffusers skips the remaining steps
         return callback_kwargs
 
     return on_step_end
-
-
-def truncation_warnings(pipe, prompt: str, negative_prompt: str) -> list[str]:
-    """CLIP reads a fixed number of tokens; say so when a prompt is longer rather than dropping words silently."""
-    tokenizer = pipe.tokenizer
-    limit = tokenizer.model_max_length
-    warnings = []
-    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        ids = tokenizer(text, truncation=False).input_ids if text else []
-        if len(ids) > limit:
-            kept = tokenizer.decode(ids[1 : limit - 1])
-            warnings.append(
-                f"The {label} is {len(ids)} tokens long; the model reads {limit}, so only "
-                f"\u201c{kept.strip()}\u201d was used."
-            )
-    return warnings
 
 
 def request_from_parameters(text: str, presets: PresetCatalog, current: TextToImageRequest) -> TextToImageRequest:

@@ -24,13 +24,13 @@ class PreparedImage:
     note: str | None  # said to the user when the input was changed in a way they should know
 
 
-def open_image(path: str | Path, what: str = "image") -> Image.Image:
-    """Open an uploaded file, or say plainly why it cannot be used."""
+def open_image(path: str | Path, what: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """Open an uploaded file, or say plainly why it cannot be used. The size is checked before decoding."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                check_pixels(image.size, what)
+                check_pixels(image.size, what, max_pixels)
                 image.load()
                 return ImageOps.exif_transpose(image)  # photos taken sideways come out upright, as viewers show them
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -40,10 +40,13 @@ def open_image(path: str | Path, what: str = "image") -> Image.Image:
                               "Upload a PNG, JPEG or WebP file."]) from None
 
 
-def check_pixels(size: tuple[int, int], what: str = "image") -> None:
+def check_pixels(size: tuple[int, int], what: str = "image", max_pixels: int | None = None) -> None:
+    """Refuse inputs over the pixel limit (`max_pixels`, stricter in public mode, within MAX_INPUT_PIXELS)."""
     width, height = size
-    if width * height > MAX_INPUT_PIXELS:
-        raise InvalidRequest([f"The {what} is {width}×{height}: more than {MAX_INPUT_PIXELS:,} pixels. Make it smaller first."])
+    limit = min(max_pixels or MAX_INPUT_PIXELS, MAX_INPUT_PIXELS)
+    if width * height > limit:
+        raise InvalidRequest([f"The {what} is {width}×{height}: more than {limit:,} pixels, the limit here. "
+                              "Make it smaller first."])
     if width < 1 or height < 1:
         raise InvalidRequest([f"The {what} is empty (0 pixels)."])
 
@@ -67,9 +70,9 @@ def alpha_of(image: Image.Image) -> Image.Image | None:
     return None
 
 
-def prepare_image(image: Image.Image, what: str = "image") -> PreparedImage:
+def prepare_image(image: Image.Image, what: str = "image", max_pixels: int | None = None) -> PreparedImage:
     """RGB for the model. Transparent pixels are composited over white, and the alpha is kept to put back."""
-    check_pixels(image.size, what)
+    check_pixels(image.size, what, max_pixels)
     image = to_8bit(image)
     alpha = alpha_of(image)
     if alpha is None:

@@ -15,8 +15,18 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from .errors import InvalidRequest
-from .generation import GenerationResult, ProgressCallback, RequestLimits, SamplingEngine, SamplingRequest, check_sampling
-from .images import blur_mask, mask_box, prepare_image, prepare_mask, working_size
+from .generation import (
+    GenerationResult,
+    ProgressCallback,
+    RequestLimits,
+    SamplingEngine,
+    SamplingPlan,
+    SamplingRequest,
+    check_sampling,
+    resolve_seed,
+)
+from .images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
+from .jobs import LocalJob
 from .metadata import format_parameters
 from .presets import ModelPreset
 
@@ -52,19 +62,30 @@ def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestL
     return problems
 
 
+@dataclass
+class Finishing:
+    """What putting an inpainted image back together needs; it stays in the main process (CPU work, outside
+    the device lock)."""
+
+    source: PreparedImage
+    blurred: Image.Image  # the blurred mask at the input's size
+    region: tuple[int, int, int, int] | None  # "Only masked": the crop the model worked on
+    crop_size: tuple[int, int]
+
+
 class Inpainter(SamplingEngine):
-    """Runs inpaint and sketch-to-image requests on pipelines leased from the shared ModelManager."""
+    """Plans inpaint and sketch-to-image requests, runs them as stages on the shared ModelManager, and pastes
+    the results back."""
 
     def check(self, request: InpaintRequest, preset: ModelPreset) -> dict[str, str]:
         return check_inpaint(request, preset, self.limits)
 
     # ----- inpaint (and inpaint sketch: the strokes already painted into `image`, `mask` where they are) -----
 
-    def inpaint(self, image: Image.Image, mask: Image.Image, request: InpaintRequest,
-                on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> GenerationResult:
-        """Repaint the white part of `mask` in `image`. Image i of a batch uses seed + i."""
+    def plan_inpaint(self, image: Image.Image, mask: Image.Image, request: InpaintRequest) -> tuple[SamplingPlan, Finishing]:
+        """Check the request and prepare the model's input (CPU work). Raises InvalidRequest."""
         preset = self.validate(request)
-        source = prepare_image(image)
+        source = prepare_image(image, max_pixels=self.limits.max_upload_pixels)
         repaint = prepare_mask(mask, source.rgb.size)
         if not repaint.any():
             raise InvalidRequest(["The mask is empty: paint over the part of the image to redo (white = repaint)."])
@@ -86,69 +107,63 @@ class Inpainter(SamplingEngine):
         region = VaeImageProcessor.get_crop_region(blurred, *size, pad=request.padding) if only_masked else None
         crop = source.rgb.crop(region) if region else source.rgb
         crop_mask = blurred.crop(region) if region else blurred
+        arguments = dict(image=crop.resize(size, Image.Resampling.LANCZOS),
+                         mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
+                         strength=request.strength)
+        plan = self._plan(preset, "inpaint", request, size, source.rgb.size, arguments, extra,
+                          [source.note] if source.note else [])
+        return plan, Finishing(source, blurred, region, crop.size)
 
-        def run(pipe, generator, on_step):
-            return pipe(
-                **self._common(request, generator, on_step), image=crop.resize(size, Image.Resampling.LANCZOS),
-                mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
-                strength=request.strength,
-            )
-
-        def finish(generated: Image.Image) -> Image.Image:
-            generated = generated.convert("RGB").resize(crop.size, Image.Resampling.LANCZOS)
-            if region:
-                whole = source.rgb.copy()
-                whole.paste(generated, region[:2])
+    def finish_inpaint(self, finishing: Finishing, result: GenerationResult) -> GenerationResult:
+        """Every image back at the input's size, the input's own pixels outside the mask (CPU work)."""
+        for item in result.images:
+            generated = item.image.convert("RGB").resize(finishing.crop_size, Image.Resampling.LANCZOS)
+            if finishing.region:
+                whole = finishing.source.rgb.copy()
+                whole.paste(generated, finishing.region[:2])
                 generated = whole
-            return paste_back(generated, source, blurred)
+            item.image = paste_back(generated, finishing.source, finishing.blurred)
+            item.image.info["parameters"] = item.parameters
+        return result
 
-        return self._run(preset, "inpaint", size, request, run, finish, extra, source.rgb.size,
-                         [source.note] if source.note else [], on_progress, cancel)
+    def inpaint(self, image: Image.Image, mask: Image.Image, request: InpaintRequest,
+                on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> GenerationResult:
+        """Plan, run and finish in this process: repaint the white part of `mask` in `image`."""
+        plan, finishing = self.plan_inpaint(image, mask, request)
+        self.fetch(plan)
+        return self.finish_inpaint(finishing, self.run(plan, LocalJob(on_progress, cancel)))
 
     # ----- sketch to image: image-to-image from a drawing -----
+
+    def plan_sketch(self, sketch: Image.Image, request: InpaintRequest) -> SamplingPlan:
+        """An image-to-image plan from a coloured sketch (transparent areas count as white paper)."""
+        preset = self.validate(request)
+        drawing = prepare_image(sketch, "sketch", max_pixels=self.limits.max_upload_pixels)
+        if all(low == high for low, high in drawing.rgb.getextrema()):  # one flat colour: nothing drawn
+            raise InvalidRequest(["The sketch is empty: draw something with the brush first."])
+        size = working_size(*drawing.rgb.size, preset, self.limits.max_pixels, upscale=True)
+        arguments = dict(image=drawing.rgb.resize(size, Image.Resampling.LANCZOS), strength=request.strength)
+        return self._plan(preset, "img2img", request, size, size, arguments,
+                          {"Denoising strength": f"{request.strength:g}"}, [])
 
     def sketch_to_image(self, sketch: Image.Image, request: InpaintRequest,
                         on_progress: ProgressCallback | None = None,
                         cancel: threading.Event | None = None) -> GenerationResult:
-        """An image from a coloured sketch (transparent areas count as white paper), at `request.strength`."""
-        preset = self.validate(request)
-        drawing = prepare_image(sketch, "sketch")
-        if all(low == high for low, high in drawing.rgb.getextrema()):  # one flat colour: nothing drawn
-            raise InvalidRequest(["The sketch is empty: draw something with the brush first."])
-        size = working_size(*drawing.rgb.size, preset, self.limits.max_pixels, upscale=True)
-        init = drawing.rgb.resize(size, Image.Resampling.LANCZOS)
-
-        def run(pipe, generator, on_step):
-            return pipe(**self._common(request, generator, on_step), image=init, strength=request.strength)
-
-        return self._run(preset, "img2img", size, request, run, lambda image: image,
-                         {"Denoising strength": f"{request.strength:g}"}, size, [], on_progress, cancel)
+        plan = self.plan_sketch(sketch, request)
+        self.fetch(plan)
+        return self.run(plan, LocalJob(on_progress, cancel))
 
     # ----- shared -----
 
     @staticmethod
-    def _common(request: InpaintRequest, generator, on_step) -> dict:
-        return dict(
-            prompt=request.prompt.strip(), negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps, guidance_scale=request.guidance_scale, generator=generator,
-            callback_on_step_end=on_step, output_type="pil",
-        )
-
-    def _run(self, preset, task, size, request, run, finish, extra, output_size, warnings, on_progress, cancel):
-        prompt = request.prompt.strip()
-
-        def describe(seed: int) -> str:
-            return format_parameters(
-                prompt, request.negative_prompt, steps=request.steps, scheduler=request.scheduler,
-                guidance_scale=request.guidance_scale, seed=seed, width=output_size[0], height=output_size[1],
-                model=preset.name, model_hash=self.factory.model_hash(preset), version=self.version, extra=extra,
-            )
-
+    def _plan(preset, task, request: InpaintRequest, size, output_size, arguments, extra, warnings) -> SamplingPlan:
         # diffusers skips the first (1 - strength) of the schedule, so each image takes steps × strength steps.
-        return self.run_batch(
-            preset, task, request, size, (prompt, request.negative_prompt), run, describe, finish=finish,
-            steps_per_image=int(request.steps * request.strength), warnings=warnings, on_progress=on_progress,
-            cancel=cancel,
+        return SamplingPlan(
+            preset=preset, task=task, prompt=request.prompt.strip(), negative_prompt=request.negative_prompt,
+            scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
+            seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
+            output_size=output_size, call_arguments=arguments, parameters_extra=extra,
+            steps_per_image=int(request.steps * request.strength), warnings=warnings,
         )
 
 

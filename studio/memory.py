@@ -1,54 +1,67 @@
 """The GPU memory manager: the one object that owns where model weights live.
 
-Every tab asks it for a pipeline by (preset, task) and gets a lease:
+It holds any model through a loader registered for its kind ("diffusers" components, upscaler networks, CLIP
+scorers ...), keyed by (kind, source, part), so identical parts are shared however many tasks use them. Work is
+done in stages, each of which holds on the device only what it uses:
 
-    with manager.lease(preset, "text2img", working_memory=...) as lease:
-        images = lease.pipeline(prompt, ...)
+    with manager.use({"unet": unet_key, "vae": vae_key}, working_memory=...) as models:
+        latents = ...  # models["unet"] is on the device until the block ends
 
-Like InvokeAI's model cache it has two tiers (the device and host RAM) and locks a model while it is in use:
-- weights are held per component (UNet, VAE, text encoder ...), keyed by (source, subfolder), so pipelines of
-  different tasks on one base share the very same modules: there is never a second copy;
-- while a lease is held its components stay on the device and are never evicted;
-- to make room, the least recently used unlocked components move off the device first (to RAM), and are
-  dropped from RAM when the RAM budget is exceeded. On the CPU, device and RAM are one tier: evicting drops;
-- one re-entrant device lock serialises all device work across tabs and users.
+Like InvokeAI's model cache it has two tiers (the device and host RAM) and locks a model while a stage uses it:
+- room is made *before* anything is loaded or moved: least recently used unlocked models leave the device
+  first (to RAM, which drops its own least recently used when full); on the CPU, device and RAM are one tier
+  and eviction drops. The bytes held (weights + reserved working memory) never exceed the budget;
+- a move that fails half way is rolled back; a load that fails leaves nothing behind;
+- one fair device lock (granted in arrival order) serialises device work, so jobs take turns at stage
+  boundaries: a long job cannot keep others out between its images.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
-from .devices import device_free_bytes, format_bytes, module_bytes, release_memory
-from .errors import OutOfMemoryBudget
+from .devices import format_bytes, module_bytes, release_memory
+from .errors import ModelUnavailable, OutOfMemoryBudget
 
-ComponentKey = tuple[str, str]  # (source: Hub repo id or folder, subfolder: "unet", "vae", ...)
 DEVICE = "device"
 RAM = "ram"
 
 
-class PipelineFactory(Protocol):
-    """What the manager needs to know about pipelines (see studio.pipelines.DiffusersFactory)."""
+@dataclass(frozen=True)
+class ModelKey:
+    """One loadable model: its kind (which loader), where it comes from, and which part of it."""
 
-    def component_keys(self, preset, task: str) -> dict[str, ComponentKey]:
-        """The components a (preset, task) pipeline is made of: role -> key. Equal keys are shared."""
+    kind: str  # "diffusers", "upscaler", "clip", ...
+    source: str  # Hub repo id or local folder
+    part: str = ""  # subfolder / component name ("unet", "vae"); "" for a standalone model
 
-    def load_component(self, preset, key: ComponentKey, dtype: torch.dtype) -> Any:
-        """Load one component into host RAM."""
+    @property
+    def label(self) -> str:
+        name = self.source.rstrip("/").rsplit("/", 1)[-1]
+        return f"{name}/{self.part}" if self.part else name
 
-    def assemble(self, preset, task: str, components: dict[str, Any]) -> Any:
-        """A new pipeline object over the given (shared) components."""
+
+class ModelLoader(Protocol):
+    """What the manager needs from each kind of model."""
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        """Bytes the model will hold once loaded, known *before* loading (e.g. from safetensors headers)."""
+
+    def load(self, key: ModelKey, dtype: torch.dtype) -> Any:
+        """The model, loaded into host RAM."""
 
 
 @dataclass
 class _Entry:
-    key: ComponentKey
+    key: ModelKey
     obj: Any
     size: int  # bytes of parameters and buffers; 0 for tokenizers and schedulers
     placement: str  # DEVICE or RAM
@@ -61,6 +74,7 @@ class _Entry:
 class ModelRecord:
     source: str
     component: str
+    kind: str
     size: int
     placement: str
     in_use: bool
@@ -74,6 +88,7 @@ class MemoryStatus:
     reserved: int
     ram_budget: int | None  # None when device and RAM are one tier (CPU)
     ram_used: int
+    peak: int  # the most bytes (weights + reserved working memory) ever held on the device
     models: tuple[ModelRecord, ...]
 
     def summary(self) -> str:
@@ -84,115 +99,168 @@ class MemoryStatus:
             sources: dict[str, int] = {}
             for record in self.models:
                 sources[record.source] = sources.get(record.source, 0) + record.size
-            loaded = ", ".join(f"{source.rsplit('/', 1)[-1]} {format_bytes(size)}" for source, size in sources.items())
+            loaded = ", ".join(f"{source.rstrip('/').rsplit('/', 1)[-1]} {format_bytes(size)}"
+                               for source, size in sources.items())
         line = f"{self.device}: {format_bytes(self.device_used)} of {format_bytes(self.device_budget)} budget"
         if self.ram_budget is not None:
             line += f" · RAM: {format_bytes(self.ram_used)} of {format_bytes(self.ram_budget)}"
         return f"{line} · {loaded}"
 
 
-@dataclass
-class Lease:
-    pipeline: Any
-    preset: Any
-    task: str
+class FairLock:
+    """A re-entrant lock granted in arrival order. A job that releases and asks again queues behind those
+    already waiting, so jobs take turns instead of one of them winning every race for the lock."""
+
+    def __init__(self):
+        self._condition = threading.Condition(threading.Lock())
+        self._waiting: collections.deque[object] = collections.deque()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self, blocking: bool = True) -> bool:
+        me = threading.get_ident()
+        with self._condition:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if not blocking:
+                if self._owner is None and not self._waiting:
+                    self._owner, self._depth = me, 1
+                    return True
+                return False
+            ticket = object()
+            self._waiting.append(ticket)
+            while self._owner is not None or self._waiting[0] is not ticket:
+                self._condition.wait()
+            self._waiting.popleft()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._condition:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("FairLock released by a thread that does not hold it")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._condition.notify_all()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
-def estimate_working_memory(width: int, height: int, batch: int, dtype: torch.dtype, guidance: bool = True) -> int:
-    """Bytes of activations one call needs beyond the weights, after ComfyUI's estimates for SD.
-
-    UNet: ~0.01 MiB per latent pixel per byte of dtype (doubled by classifier-free guidance);
-    VAE decode: ~2178 bytes per output pixel per byte of dtype. The larger of the two, with 10% slack.
-    """
-    dtype_size = torch.finfo(dtype).bits // 8
-    latent_pixels = (width // 8) * (height // 8) * batch * (2 if guidance else 1)
-    unet = latent_pixels * dtype_size * 0.01 * 1024 * 1024
-    vae = width * height * batch * 2178 * dtype_size
-    return int(max(unet, vae) * 1.1)
+def _move(obj: Any, device: torch.device | str) -> None:
+    obj.to(device)
 
 
 class ModelManager:
     def __init__(
         self,
-        factory: PipelineFactory,
-        device: torch.device,
+        loaders: Mapping[str, ModelLoader],
+        device: torch.device | str,
         dtype: torch.dtype,
         device_budget: int,
         ram_budget: int | None = None,
-        ask_driver: bool = True,
+        free_memory: Callable[[], int | None] | None = None,
+        two_tiers: bool | None = None,
+        loading_allowed: bool = True,
+        move: Callable[[Any, torch.device | str], None] = _move,
     ):
-        self.factory = factory
+        """`free_memory()` is what the device really has free (driver free + the allocator's cached-but-unused
+        bytes; None where there is no report); `two_tiers` defaults to "not the CPU"; `loading_allowed=False`
+        refuses loads (ZeroGPU's GPU worker: everything is preloaded in the main process); `move(obj, device)`
+        places a model (the device planner passes a no-op for weights on the meta device)."""
+        self.loaders = dict(loaders)
         self.device = torch.device(device)
         self.dtype = dtype
         self.device_budget = int(device_budget)
-        # On the CPU the device *is* host RAM: a single tier whose budget is the device budget.
-        self.single_tier = self.device.type == "cpu"
-        self.ram_budget = None if self.single_tier else ram_budget
-        self.ask_driver = ask_driver  # also respect the driver's free-memory report (off on ZeroGPU)
-        self._entries: dict[ComponentKey, _Entry] = {}
+        self.two_tiers = self.device.type != "cpu" if two_tiers is None else two_tiers
+        self.ram_budget = ram_budget if self.two_tiers else None
+        self.free_memory = free_memory
+        self.loading_allowed = loading_allowed
+        self._move_fn = move
+        self._entries: dict[ModelKey, _Entry] = {}
         self._reserved = 0
+        self._peak = 0
+        self._loads = 0
         self._clock = itertools.count(1)
-        self.device_lock = threading.RLock()  # held for the whole of a lease: serialises device work
-        self._state_lock = threading.Lock()  # guards the bookkeeping, so status() never waits for a generation
+        self.device_lock = FairLock()  # held for the whole of a stage: serialises device work
+        self._state_lock = threading.Lock()  # guards the bookkeeping, so status() never waits for a stage
 
-    # ----- leases -----
+    def register(self, kind: str, loader: ModelLoader) -> None:
+        self.loaders[kind] = loader
+
+    # ----- stages -----
 
     @contextmanager
-    def lease(self, preset, task: str, working_memory: int = 0) -> Iterator[Lease]:
-        """Load (if needed) and place on the device what (preset, task) needs; keep it there until exit."""
+    def use(self, keys: Mapping[str, ModelKey], working_memory: int = 0,
+            on_device: bool = True) -> Iterator[dict[str, Any]]:
+        """Place every model of `keys` (role -> key) on the device and keep it there, locked, until the block
+        ends; `working_memory` bytes are reserved for the stage's activations. Holds the device lock.
+
+        `on_device=False` keeps the models locked in RAM instead, for accelerate's model CPU offload, which
+        moves one model at a time to the device itself: the largest model's bytes are reserved for that."""
         with self.device_lock:
-            keys = self.factory.component_keys(preset, task)
-            entries = self._load_missing(preset, keys)
-            self._lock(entries.values())
+            wanted = list(dict.fromkeys(keys.values()))
+            entries, reserved = self._place(wanted, working_memory, on_device)
             try:
-                with self._state_lock:
-                    self._reserved += working_memory
-                try:
-                    self._move_to_device(entries.values(), protected=set(keys.values()))
-                    pipeline = self.factory.assemble(preset, task, {role: e.obj for role, e in entries.items()})
-                    lease = Lease(pipeline=pipeline, preset=preset, task=task)
-                    try:
-                        yield lease
-                    finally:
-                        lease.pipeline = None  # the pipeline object must not outlive the lease
-                finally:
-                    with self._state_lock:
-                        self._reserved -= working_memory
+                yield {role: entries[key].obj for role, key in keys.items()}
             finally:
                 self._unlock(entries.values())
-                self._enforce_ram_budget()
+                with self._state_lock:
+                    self._reserved -= reserved
 
-    def preload(self, preset, task: str) -> None:
-        """Load and place a pipeline's components on the device for good (ZeroGPU: models live on 'cuda')."""
+    def preload(self, keys: Mapping[str, ModelKey]) -> None:
+        """Load and place models on the device for good (ZeroGPU: everything lives on 'cuda' from the start)."""
         with self.device_lock:
-            keys = self.factory.component_keys(preset, task)
-            entries = self._load_missing(preset, keys)
-            self._move_to_device(entries.values(), protected=set(keys.values()))
+            entries, _ = self._place(list(dict.fromkeys(keys.values())), 0, on_device=True)
+            self._unlock(entries.values())
             with self._state_lock:
                 for entry in entries.values():
                     entry.pinned = True
+
+    def offload_idle(self) -> int:
+        """Move every unlocked, unpinned model off the device (out-of-memory recovery). Returns bytes freed."""
+        with self.device_lock:
+            freed = 0
+            while True:
+                with self._state_lock:
+                    victim = self._least_recently_used(DEVICE, protected=set())
+                if victim is None:
+                    return freed
+                freed += victim.size
+                self._evict(victim)
 
     # ----- state -----
 
     def status(self) -> MemoryStatus:
         with self._state_lock:
             models = tuple(
-                ModelRecord(e.key[0], e.key[1], e.size, e.placement, e.locks > 0)
+                ModelRecord(e.key.source, e.key.part, e.key.kind, e.size, e.placement, e.locks > 0)
                 for e in sorted(self._entries.values(), key=lambda e: e.last_used)
                 if e.size > 0
             )
             return MemoryStatus(
-                device=str(self.device),
-                device_budget=self.device_budget,
-                device_used=self._device_used(),
-                reserved=self._reserved,
-                ram_budget=self.ram_budget,
-                ram_used=self._ram_used(),
+                device=str(self.device), device_budget=self.device_budget, device_used=self._device_used(),
+                reserved=self._reserved, ram_budget=self.ram_budget, ram_used=self._ram_used(), peak=self._peak,
                 models=models,
             )
 
-    def loaded_object(self, key: ComponentKey) -> Any | None:
-        """The loaded component for `key`, if any (for tests and diagnostics)."""
+    @property
+    def loads(self) -> int:
+        """How many models this manager has loaded (ZeroGPU tests: none may load inside the GPU worker)."""
+        return self._loads
+
+    def is_loaded(self, key: ModelKey) -> bool:
+        with self._state_lock:
+            return key in self._entries
+
+    def loaded_object(self, key: ModelKey) -> Any | None:
+        """The loaded model for `key`, if any (for tests and diagnostics)."""
         with self._state_lock:
             entry = self._entries.get(key)
             return None if entry is None else entry.obj
@@ -200,39 +268,161 @@ class ModelManager:
     def unload_all(self) -> None:
         with self.device_lock, self._state_lock:
             for key in [k for k, e in self._entries.items() if e.locks == 0 and not e.pinned]:
+                self._entries[key].obj = None
                 del self._entries[key]
         release_memory(self.device)
 
-    # ----- internals (call with device_lock held) -----
+    # ----- internals (called with the device lock held) -----
 
-    def _load_missing(self, preset, keys: dict[str, ComponentKey]) -> dict[str, _Entry]:
-        """Entries for every role; loads what is missing. On failure, what this call loaded is dropped again."""
-        loaded_now: list[ComponentKey] = []
+    def _place(self, wanted: list[ModelKey], working_memory: int,
+               on_device: bool) -> tuple[dict[ModelKey, _Entry], int]:
+        """Lock, load (room first) and move to the device (or to RAM) every key; reserve the working memory.
+        Returns the entries and the bytes reserved. On any failure everything this call did is undone."""
+        protected = set(wanted)
+        locked: list[_Entry] = []
+        loaded_now: list[_Entry] = []
+        with self._state_lock:
+            for key in wanted:
+                if key in self._entries:
+                    self._entries[key].locks += 1
+                    locked.append(self._entries[key])
+        reserved = 0
         try:
-            for key in dict.fromkeys(keys.values()):
-                with self._state_lock:
-                    known = key in self._entries
-                if known:
-                    continue
-                obj = self.factory.load_component(preset, key, self.dtype)
-                size = module_bytes(obj) if isinstance(obj, torch.nn.Module) else 0
-                placement = DEVICE if self.single_tier and size else RAM
-                with self._state_lock:
-                    self._entries[key] = _Entry(key, obj, size, placement, last_used=next(self._clock))
-                loaded_now.append(key)
+            loaded = {e.key for e in locked}
+            sizes = {key: self._size_of(key) for key in wanted if key not in loaded}
+            if on_device:
+                reserved = working_memory
+                needed = sum(sizes.values()) + sum(e.size for e in locked if e.placement != DEVICE)
+            else:
+                reserved = working_memory + max([*sizes.values(), *(e.size for e in locked), 0])
+                needed = 0 if self.two_tiers else sum(sizes.values())
+            self._make_room_on_device(needed + reserved, protected)
+            with self._state_lock:
+                self._reserved += reserved
+            for key, size in sizes.items():
+                entry = self._load(key, size, protected)
+                locked.append(entry)
+                loaded_now.append(entry)
+            target = DEVICE if on_device else RAM
+            for entry in locked:
+                if entry.placement != target and entry.size and self.two_tiers:
+                    self._transfer(entry, target)
+            self._note_peak()
         except BaseException:
             with self._state_lock:
-                for key in loaded_now:
-                    del self._entries[key]
+                self._reserved -= reserved
+            self._unlock(locked)
+            for entry in loaded_now:  # what this call loaded goes again: the manager is as it was
+                self._drop(entry)
+            self._enforce_ram_budget(set())
+            raise
+        return {entry.key: entry for entry in locked}, reserved
+
+    def _size_of(self, key: ModelKey) -> int:
+        if not self.loading_allowed:
+            raise ModelUnavailable(
+                f"{key.label} is not loaded, and this worker may not load models (on ZeroGPU every public preset is "
+                "loaded when the Space starts). Restart the Space or pick a preloaded preset."
+            )
+        return int(self._loader(key).size(key, self.dtype))
+
+    def _loader(self, key: ModelKey) -> ModelLoader:
+        try:
+            return self.loaders[key.kind]
+        except KeyError:
+            raise ModelUnavailable(f"No loader is registered for models of kind {key.kind!r}.") from None
+
+    def _load(self, key: ModelKey, expected_size: int, protected: set[ModelKey]) -> _Entry:
+        """Load (room was made on the device for it); a new entry, locked. On two tiers the model passes
+        through RAM on its way to the device; RAM's budget is for models kept there, so it is not made room for."""
+        obj = self._loader(key).load(key, self.dtype)
+        self._loads += 1
+        size = module_bytes(obj) if isinstance(obj, torch.nn.Module) else 0
+        entry = _Entry(key, obj, size, DEVICE if not self.two_tiers and size else RAM, locks=1,
+                       last_used=next(self._clock))
+        with self._state_lock:
+            self._entries[key] = entry
+        if size > expected_size:  # the estimate was short (e.g. buffers not in the files): settle the difference
+            try:
+                self._make_room_on_device(0, protected)
+            except OutOfMemoryBudget:
+                self._drop(entry)
+                raise
+        return entry
+
+    def _transfer(self, entry: _Entry, placement: str) -> None:
+        """Move a model between the device and RAM. A move that fails half way (out of memory after some
+        tensors moved) is rolled back to where the model was; if even that fails, the model is dropped."""
+        target = self.device if placement == DEVICE else torch.device("cpu")
+        origin = torch.device("cpu") if placement == DEVICE else self.device
+        try:
+            self._move_fn(entry.obj, target)
+        except BaseException:
+            try:
+                self._move_fn(entry.obj, origin)
+            except BaseException:  # noqa: BLE001 - a model in an unknown state must not stay recorded
+                self._drop(entry)
             release_memory(self.device)
             raise
         with self._state_lock:
-            return {role: self._entries[key] for role, key in keys.items()}
+            entry.placement = placement
+        if placement == RAM:
+            release_memory(self.device)
 
-    def _lock(self, entries) -> None:
+    def _device_free(self) -> int:
         with self._state_lock:
-            for entry in entries:
-                entry.locks += 1
+            free = self.device_budget - self._device_used() - self._reserved
+        # Other processes and fragmentation count too: never plan beyond what the device really has free.
+        really_free = self.free_memory() if self.free_memory else None
+        return free if really_free is None else min(free, really_free - self._reserved)
+
+    def _make_room_on_device(self, needed: int, protected: set[ModelKey]) -> None:
+        while self._device_free() < needed:
+            with self._state_lock:
+                victim = self._least_recently_used(DEVICE, protected)
+            if victim is None:
+                raise OutOfMemoryBudget(
+                    f"Not enough device memory: this stage needs {format_bytes(needed)} on {self.device} "
+                    f"(budget {format_bytes(self.device_budget)}, {format_bytes(self._device_used())} held by models "
+                    "in use) and nothing else can be unloaded. Try a smaller size or batch, or a smaller preset."
+                )
+            self._evict(victim)
+
+    def _evict(self, entry: _Entry) -> None:
+        if self.two_tiers:
+            self._make_room_in_ram(entry.size, protected={entry.key})
+            self._transfer(entry, RAM)
+        else:
+            self._drop(entry)
+
+    def _make_room_in_ram(self, needed: int, protected: set[ModelKey]) -> None:
+        if self.ram_budget is None:
+            return
+        while True:
+            with self._state_lock:
+                if self._ram_used() + needed <= self.ram_budget:
+                    return
+                victim = self._least_recently_used(RAM, protected)
+            if victim is None:
+                return  # what is in RAM is in use; RAM is a soft limit, the device budget is the hard one
+            self._drop(victim)
+
+    def _enforce_ram_budget(self, protected: set[ModelKey]) -> None:
+        self._make_room_in_ram(0, protected)
+
+    def _least_recently_used(self, placement: str, protected: set[ModelKey]) -> _Entry | None:
+        candidates = [
+            e for e in self._entries.values()
+            if e.placement == placement and e.locks == 0 and not e.pinned and e.size and e.key not in protected
+        ]
+        return min(candidates, key=lambda e: e.last_used, default=None)
+
+    def _drop(self, entry: _Entry) -> None:
+        with self._state_lock:
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+        entry.obj = None
+        release_memory(self.device)
 
     def _unlock(self, entries) -> None:
         with self._state_lock:
@@ -240,75 +430,42 @@ class ModelManager:
                 entry.locks -= 1
                 entry.last_used = next(self._clock)
 
-    def _move_to_device(self, entries, protected: set[ComponentKey]) -> None:
-        entries = list({id(e): e for e in entries}.values())
-        needed = sum(e.size for e in entries if e.placement != DEVICE)
-        self._make_room_on_device(needed, protected)
-        for entry in entries:
-            if entry.placement != DEVICE and entry.size:
-                entry.obj.to(self.device)
-                with self._state_lock:
-                    entry.placement = DEVICE
-
-    def _device_free(self) -> int:
+    def _note_peak(self) -> None:
         with self._state_lock:
-            free = self.device_budget - self._device_used() - self._reserved
-        # Other processes and fragmentation count too: never plan beyond what the driver says is free.
-        driver_free = device_free_bytes(self.device) if self.ask_driver else None
-        return free if driver_free is None else min(free, driver_free - self._reserved)
-
-    def _make_room_on_device(self, needed: int, protected: set[ComponentKey]) -> None:
-        while self._device_free() < needed:
-            with self._state_lock:
-                victim = self._least_recently_used(DEVICE, protected)
-            if victim is None:
-                raise OutOfMemoryBudget(
-                    f"Not enough device memory: this request needs {format_bytes(needed)} more on {self.device} "
-                    f"(budget {format_bytes(self.device_budget)}, {format_bytes(self._reserved)} reserved for "
-                    "working memory) and nothing else can be unloaded. Try a smaller size or batch, or a smaller "
-                    "preset."
-                )
-            if self.single_tier:
-                self._drop(victim)
-            else:
-                self._offload(victim)
-
-    def _enforce_ram_budget(self) -> None:
-        if self.ram_budget is None:
-            return
-        while True:
-            with self._state_lock:
-                if self._ram_used() <= self.ram_budget:
-                    return
-                victim = self._least_recently_used(RAM, protected=set())
-            if victim is None:
-                return  # everything in RAM is in use; it is freed once the leases end
-            self._drop(victim)
-
-    def _least_recently_used(self, placement: str, protected: set[ComponentKey]) -> _Entry | None:
-        candidates = [
-            e
-            for e in self._entries.values()
-            if e.placement == placement and e.locks == 0 and not e.pinned and e.size and e.key not in protected
-        ]
-        return min(candidates, key=lambda e: e.last_used, default=None)
-
-    def _offload(self, entry: _Entry) -> None:
-        entry.obj.to("cpu")
-        with self._state_lock:
-            entry.placement = RAM
-        release_memory(self.device)
-
-    def _drop(self, entry: _Entry) -> None:
-        with self._state_lock:
-            del self._entries[entry.key]
-        entry.obj = None
-        release_memory(self.device)
+            self._peak = max(self._peak, self._device_used() + self._reserved)
 
     def _device_used(self) -> int:
         return sum(e.size for e in self._entries.values() if e.placement == DEVICE)
 
     def _ram_used(self) -> int:
-        if self.single_tier:
+        if not self.two_tiers:
             return self._device_used()
         return sum(e.size for e in self._entries.values() if e.placement == RAM)
+
+
+# ----- working memory: bytes of activations a stage needs beyond the weights (after ComfyUI's estimates) -----
+
+def _dtype_size(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def unet_working_memory(width: int, height: int, batch: int, dtype: torch.dtype, guidance: bool = True) -> int:
+    """~0.01 MiB per latent pixel per byte of dtype, doubled by classifier-free guidance; 10% slack."""
+    latent_pixels = (width // 8) * (height // 8) * batch * (2 if guidance else 1)
+    return int(latent_pixels * _dtype_size(dtype) * 0.01 * 1024 * 1024 * 1.1)
+
+
+def vae_decode_working_memory(width: int, height: int, batch: int, dtype: torch.dtype) -> int:
+    """~2178 bytes per output pixel per byte of dtype; 10% slack."""
+    return int(width * height * batch * 2178 * _dtype_size(dtype) * 1.1)
+
+
+def text_encoder_working_memory(batch: int, dtype: torch.dtype) -> int:
+    """CLIP over 77 tokens needs little: 32 MiB per prompt per byte of dtype covers SDXL's bigG encoder."""
+    return batch * 2 * _dtype_size(dtype) * 16 * 1024 * 1024
+
+
+def estimate_working_memory(width: int, height: int, batch: int, dtype: torch.dtype, guidance: bool = True) -> int:
+    """The larger of the UNet's and the VAE decode's needs: what one whole-pipeline call needs."""
+    return max(unet_working_memory(width, height, batch, dtype, guidance),
+               vae_decode_working_memory(width, height, batch, dtype))

@@ -1,13 +1,26 @@
-"""Loading Stable Diffusion components with diffusers and assembling pipelines over shared components."""
+"""Stable Diffusion with diffusers, in stages that each hold only what they use on the device.
+
+- `DiffusersLoader` loads one component (UNet, VAE, text encoder ...) of a diffusers repo or folder, or a
+  standalone model from another source (Realistic Vision's ft-MSE VAE, SDXL's fp16-fix VAE, the safety checker).
+- `DiffusersModels` knows which components a (preset, task) is made of, as ModelKeys the manager shares.
+- `DiffusionStages` runs one image as stages: encode (text encoders on the device), denoise (UNet, and the VAE
+  for an init image), decode (VAE), check (safety checker). Between stages the device lock is free, so other
+  jobs take turns; a stage that runs out of memory is retried with VAE tiling, then with idle models off the
+  device, then (on CUDA) with accelerate's model CPU offload, and only then reported.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import socket
+import struct
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,11 +36,16 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from .errors import ModelUnavailable
-from .memory import ComponentKey
+from .devices import format_bytes, release_memory
+from .downloads import DownloadRequest, diffusers_patterns, weighted_component_patterns
+from .errors import ModelUnavailable, OutOfMemoryBudget
+from .memory import ModelKey, ModelManager, text_encoder_working_memory, unet_working_memory, vae_decode_working_memory
 
 TASKS = ("text2img", "img2img", "inpaint")
+KIND = "diffusers"
 HUB_CHECK_TTL_S = 60
+SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
+VAE_TILE = 512  # pixels: the tile a tiled VAE decodes at a time (SD's native size)
 
 _PIPELINE_CLASSES = {
     ("sd", "text2img"): StableDiffusionPipeline,
@@ -41,100 +59,57 @@ _ROLES = {
     "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
 }
-_SAFETY_ROLES = ("safety_checker", "feature_extractor")
-_WEIGHTLESS = ("tokenizer", "tokenizer_2", "scheduler", "feature_extractor")
+SAFETY_ROLES = ("safety_checker", "feature_extractor")
+WEIGHTLESS = ("tokenizer", "tokenizer_2", "scheduler", "feature_extractor")
+# The class of a component given alone, without a model_index.json to say it (a VAE or checker from another repo).
+STANDALONE_CLASSES = {
+    "vae": ("diffusers", "AutoencoderKL"),
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+    "safety_checker": ("diffusers.pipelines.stable_diffusion.safety_checker", "StableDiffusionSafetyChecker"),
+    "feature_extractor": ("transformers", "CLIPImageProcessor"),
+}
+STAGE_ROLES = {
+    "encode": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
+    "denoise": ("unet", "vae", "scheduler"),
+    "decode": ("vae",),
+    "check": SAFETY_ROLES,
+}
+_FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+_OTHER_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_VARIANT_MARKS = (".fp16.", ".bf16.", ".fp32.", ".ema.", ".non_ema.")
 
 
 def architecture(preset) -> str:
     return "sdxl" if preset.family == "sdxl" else "sd"
 
 
-class DiffusersFactory:
-    """Knows how presets map to diffusers components; the ModelManager decides where they live.
+def standalone_key(role: str, source: str) -> ModelKey:
+    """A component whose files sit at the root of `source` (a repo or folder of its own)."""
+    return ModelKey(KIND, source, f"{role}@root")
 
-    Components are loaded one by one with `<Class>.from_pretrained(source, subfolder=...)`, the same call
-    `DiffusionPipeline.from_pretrained` makes, so a UNet can be dropped and reloaded alone.
-    """
 
-    def __init__(self, device: torch.device):
-        self.device = torch.device(device)
-        self._model_index: dict[str, dict[str, Any]] = {}
-        self._hashes: dict[str, str] = {}
-        self._hub_check: tuple[bool, float] | None = None
+def _split_part(part: str) -> tuple[str, str | None]:
+    """(role, subfolder) of a key's part: 'unet' -> ('unet', 'unet'); 'vae@root' -> ('vae', None)."""
+    role, _, where = part.partition("@")
+    return role, None if where == "root" else role
+
+
+class HubAccess:
+    """Whether the Hub answers, asked at most once a minute. Without it, huggingface_hub retries a dead
+    connection five times with back-off (~30 s) before falling back to the cache."""
+
+    def __init__(self):
         self._lock = threading.Lock()
+        self._checked: tuple[bool, float] | None = None
 
-    # ----- what a pipeline is made of -----
-
-    def component_keys(self, preset, task: str) -> dict[str, ComponentKey]:
-        if task not in TASKS:
-            raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
-        roles = _ROLES[architecture(preset)] + (_SAFETY_ROLES if preset.safety_checker else ())
-        keys = {role: (preset.source, role) for role in roles}
-        if task == "inpaint" and preset.inpaint_source:
-            # A dedicated 9-channel inpainting UNet; text encoders, VAE and tokenizers stay the base's.
-            keys["unet"] = (preset.inpaint_source, "unet")
-        return keys
-
-    def assemble(self, preset, task: str, components: dict[str, Any]):
-        pipeline_class = _PIPELINE_CLASSES[(architecture(preset), task)]
-        parts = dict(components)
-        # A private scheduler copy: schedulers keep per-call state (step index), pipelines share the rest.
-        parts["scheduler"] = type(parts["scheduler"]).from_config(parts["scheduler"].config)
-        if architecture(preset) == "sd":
-            parts.setdefault("safety_checker", None)
-            parts.setdefault("feature_extractor", None)
-            parts["requires_safety_checker"] = preset.safety_checker
-        pipeline = pipeline_class(**parts)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    # ----- loading -----
-
-    def load_component(self, preset, key: ComponentKey, dtype: torch.dtype):
-        source, role = key
-        try:
-            library, class_name = self._component_class(preset, source, role)
-            component_class = getattr(importlib.import_module(library), class_name)
-            kwargs: dict[str, Any] = {"subfolder": role, "local_files_only": self._offline(preset)}
-            if role not in _WEIGHTLESS:
-                kwargs.update(dtype=dtype, use_safetensors=True)
-                variant = self._variant(preset, source, dtype)
-                if variant:
-                    kwargs["variant"] = variant
-            return component_class.from_pretrained(source, **kwargs)
-        except ModelUnavailable:
-            raise
-        except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear message
-            raise self._unavailable(preset, source, error) from error
-
-    def _component_class(self, preset, source: str, role: str) -> tuple[str, str]:
-        with self._lock:
-            index = self._model_index.get(source)
-        if index is None:
-            index = DiffusionPipeline.load_config(source, local_files_only=self._offline(preset))
-            with self._lock:
-                self._model_index[source] = index
-        entry = index.get(role)
-        if not entry or entry[0] is None:
-            raise ModelUnavailable(f"Preset {preset.label!r}: {source} has no {role!r} component.")
-        library, class_name = entry
-        if library not in ("diffusers", "transformers"):
-            library = f"diffusers.pipelines.{library}"  # e.g. the safety checker lives in "stable_diffusion"
-        return library, class_name
-
-    def _offline(self, preset) -> bool:
-        """Load a Hub preset from the local cache only when the Hub is unreachable.
-
-        Without this, huggingface_hub retries a dead connection five times with back-off (~30 s) while the
-        device lock is held and every other user waits.
-        """
-        if preset.is_local:
-            return False
+    def offline(self) -> bool:
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             return True
         with self._lock:
-            if self._hub_check and time.monotonic() - self._hub_check[1] < HUB_CHECK_TTL_S:
-                return not self._hub_check[0]
+            if self._checked and time.monotonic() - self._checked[1] < HUB_CHECK_TTL_S:
+                return not self._checked[0]
         host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
         try:
             socket.create_connection((host, 443), timeout=3).close()
@@ -142,36 +117,211 @@ class DiffusersFactory:
         except OSError:
             online = False
         with self._lock:
-            self._hub_check = (online, time.monotonic())
+            self._checked = (online, time.monotonic())
         return not online
 
-    def _variant(self, preset, source: str, dtype: torch.dtype) -> str | None:
-        if source == preset.inpaint_source and preset.inpaint_variant:
-            return preset.inpaint_variant  # some inpainting repos ship fp16 safetensors only
-        return preset.variant if dtype == torch.float16 else None
 
-    @staticmethod
-    def _unavailable(preset, source: str, error: Exception) -> ModelUnavailable:
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        if preset.is_local or os.path.isdir(source):
-            where = f"from the folder {source}"
-            advice = "Check the folder (for the embedded model: python -m studio.embedded train)."
+class DiffusersLoader:
+    """Loads diffusers and transformers components with `<Class>.from_pretrained(source, subfolder=...)`, the
+    call `DiffusionPipeline.from_pretrained` makes, one component at a time, from a folder or the Hub cache.
+    Files are fetched beforehand, outside the device lock (see studio.downloads); here only the cache is read."""
+
+    def __init__(self, variant_for: Callable[[str, torch.dtype], str | None] = lambda source, dtype: None):
+        self.variant_for = variant_for  # (source, dtype) -> file variant ("fp16") to load, from the presets
+        self._model_index: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        role, subfolder = _split_part(key.part)
+        if role in WEIGHTLESS:
+            return 0
+        folder = self._folder(key.source, subfolder)
+        return safetensors_bytes(weight_files(folder, self.variant_for(key.source, dtype)), dtype)
+
+    def load(self, key: ModelKey, dtype: torch.dtype) -> Any:
+        role, subfolder = _split_part(key.part)
+        try:
+            library, class_name = self._component_class(key.source, role, subfolder)
+            component_class = getattr(importlib.import_module(library), class_name)
+            kwargs: dict[str, Any] = {"local_files_only": not os.path.isdir(key.source)}
+            if subfolder:
+                kwargs["subfolder"] = subfolder
+            if role not in WEIGHTLESS:
+                kwargs.update(dtype=dtype, use_safetensors=True)
+                variant = self.variant_for(key.source, dtype)
+                if variant:
+                    kwargs["variant"] = variant
+            return component_class.from_pretrained(key.source, **kwargs)
+        except ModelUnavailable:
+            raise
+        except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear message
+            raise unavailable(key.source, error) from error
+
+    def _folder(self, source: str, subfolder: str | None) -> Path:
+        """The local folder of a component: in the source folder, or in the Hub cache's snapshot."""
+        if os.path.isdir(source):
+            return Path(source) / (subfolder or "")
+        from huggingface_hub import snapshot_download
+
+        try:
+            pattern = f"{subfolder}/*" if subfolder else "*"
+            snapshot = snapshot_download(source, allow_patterns=[pattern], local_files_only=True)
+        except Exception as error:  # noqa: BLE001
+            raise unavailable(source, error) from error
+        return Path(snapshot) / (subfolder or "")
+
+    def _component_class(self, source: str, role: str, subfolder: str | None) -> tuple[str, str]:
+        if subfolder is None:
+            return STANDALONE_CLASSES[role]
+        with self._lock:
+            index = self._model_index.get(source)
+        if index is None:
+            index = DiffusionPipeline.load_config(source, local_files_only=not os.path.isdir(source))
+            with self._lock:
+                self._model_index[source] = index
+        entry = index.get(subfolder)
+        if not entry or entry[0] is None:
+            raise ModelUnavailable(f"{source} has no {subfolder!r} component.")
+        library, class_name = entry
+        if library not in ("diffusers", "transformers"):
+            library = f"diffusers.pipelines.{library}"  # e.g. the safety checker lives in "stable_diffusion"
+        return library, class_name
+
+
+def weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files from_pretrained loads from `folder`: the variant's if asked, else the plain ones."""
+    files = sorted(folder.glob("*.safetensors"))
+    if variant:
+        chosen = [f for f in files if f".{variant}." in f.name]
+        if chosen:
+            return chosen
+    return [f for f in files if not any(mark in f.name for mark in _VARIANT_MARKS)]
+
+
+def safetensors_bytes(files: list[Path], dtype: torch.dtype) -> int:
+    """Bytes the tensors in these files take once loaded with floating tensors cast to `dtype`, read from the
+    files' headers alone (a few KB each), so room can be made before anything is loaded."""
+    target = torch.finfo(dtype).bits // 8
+    total = 0
+    for path in files:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in info["shape"]:
+                count *= dim
+            total += count * (target if info["dtype"] in _FLOAT_DTYPES else _OTHER_DTYPES.get(info["dtype"], 4))
+    return total
+
+
+def unavailable(source: str, error: Exception, label: str | None = None) -> ModelUnavailable:
+    reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    name = f"Preset {label!r}" if label else f"Model {source}"
+    if os.path.isdir(source) or source.startswith(("/", ".")):
+        where = f"from the folder {source}"
+        advice = "Check the folder (for the embedded model: python -m studio.embedded train)."
+    else:
+        where = f"from the Hugging Face Hub ({source}) and they are not in the local cache"
+        advice = "Connect to the internet or pre-download the model, or choose the embedded preset."
+    return ModelUnavailable(f"{name} is unavailable: its weights could not be fetched {where}. {advice} "
+                            f"({type(error).__name__}: {reason})")
+
+
+class DiffusersModels:
+    """Which components a (preset, task) is made of, and pipelines assembled over them."""
+
+    def __init__(self, device: torch.device, safety_checker_everywhere: bool = False):
+        self.device = torch.device(device)
+        # Public mode: every preset gets a safety checker (its own, or CompVis's), unless it is safe by construction.
+        self.safety_checker_everywhere = safety_checker_everywhere
+        self._hashes: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def keys(self, preset, task: str) -> dict[str, ModelKey]:
+        if task not in TASKS:
+            raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
+        keys = {role: ModelKey(KIND, preset.source, role) for role in _ROLES[architecture(preset)]}
+        if task == "inpaint" and preset.inpaint_source:
+            # A dedicated 9-channel inpainting UNet; text encoders, VAE and tokenizers stay the base's.
+            keys["unet"] = ModelKey(KIND, preset.inpaint_source, "unet")
+        for role, source in preset.components.items():  # e.g. a VAE from another repo
+            keys[role] = standalone_key(role, source)
+        if self.needs_safety_checker(preset):
+            if preset.safety_checker:
+                keys.update({role: ModelKey(KIND, preset.source, role) for role in SAFETY_ROLES})
+            else:
+                keys.update({role: standalone_key(role, SAFETY_CHECKER_REPO) for role in SAFETY_ROLES})
+        return keys
+
+    def needs_safety_checker(self, preset) -> bool:
+        return preset.safety_checker or (self.safety_checker_everywhere and not preset.safe_by_construction)
+
+    def stage_keys(self, preset, task: str, stage: str) -> dict[str, ModelKey]:
+        keys = self.keys(preset, task)
+        return {role: key for role, key in keys.items() if role in STAGE_ROLES[stage]}
+
+    def download_requests(self, preset, task: str, dtype: torch.dtype) -> list[DownloadRequest]:
+        """What to fetch from the Hub for (preset, task), one request per source (folders need nothing)."""
+        subfolders: dict[str, list[str]] = {}
+        standalone: dict[str, list[str]] = {}
+        for key in self.keys(preset, task).values():
+            role, subfolder = _split_part(key.part)
+            (subfolders if subfolder else standalone).setdefault(key.source, []).append(subfolder or role)
+        variant = self.variant_for([preset])
+        requests = []
+        for source in dict.fromkeys([*subfolders, *standalone]):
+            if os.path.isdir(source):
+                continue
+            patterns = list(diffusers_patterns(subfolders[source], variant(source, dtype))) if source in subfolders else []
+            for role in standalone.get(source, []):  # a model of its own: its files sit at the repo's root
+                patterns += (["preprocessor_config.json"] if role in WEIGHTLESS else
+                             [p.removeprefix("./") for p in weighted_component_patterns(".", variant(source, dtype))])
+            requests.append(DownloadRequest(source, tuple(dict.fromkeys(patterns)), label=f"Preset {preset.label!r}"))
+        return requests
+
+    def variant_for(self, presets) -> Callable[[str, torch.dtype], str | None]:
+        """(source, dtype) -> the file variant to load: a preset's `variant` applies on GPUs (fp16); some
+        inpainting repos ship fp16 files only, so their variant applies everywhere."""
+        def variant(source: str, dtype: torch.dtype) -> str | None:
+            for preset in presets:
+                if source == preset.inpaint_source and preset.inpaint_variant:
+                    return preset.inpaint_variant
+                if source == preset.source and dtype == torch.float16:
+                    return preset.variant
+            return None
+
+        return variant
+
+    def assemble(self, preset, task: str, parts: dict[str, Any]):
+        """A pipeline over the given components; those a stage does not use are None, so that the pipeline
+        object never keeps a model alive that the manager has let go."""
+        pipeline_class = _PIPELINE_CLASSES[(architecture(preset), task)]
+        roles = _ROLES[architecture(preset)]
+        arguments = {role: parts.get(role) for role in roles}
+        if arguments["scheduler"] is not None:
+            # A private scheduler copy: schedulers keep per-call state (step index), pipelines share the rest.
+            arguments["scheduler"] = type(arguments["scheduler"]).from_config(arguments["scheduler"].config)
+        if architecture(preset) == "sd":
+            arguments.update(safety_checker=parts.get("safety_checker"), feature_extractor=parts.get("feature_extractor"),
+                             requires_safety_checker=False)
         else:
-            where = f"from the Hugging Face Hub ({source}) and they are not in the local cache"
-            advice = "Connect to the internet or pre-download the model, or choose the embedded preset."
-        return ModelUnavailable(
-            f"Preset {preset.label!r} is unavailable: its weights could not be fetched {where}. {advice} "
-            f"({type(error).__name__}: {reason})"
-        )
+            arguments["add_watermarker"] = False
+        pipeline = pipeline_class(**arguments)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
 
     # ----- model hash for PNG metadata (A1111's "Model hash": sha256 of the weights, first 10 hex) -----
 
-    def model_hash(self, preset) -> str | None:
-        source = preset.source
+    def model_hash(self, preset, task: str = "text2img") -> str | None:
+        """The hash of the UNet this task really runs (a dedicated inpainting checkpoint's own, as A1111 does)."""
+        source = preset.inpaint_source if task == "inpaint" and preset.inpaint_source else preset.source
         with self._lock:
             if source in self._hashes:
                 return self._hashes[source]
-        path = self._unet_weights_path(preset)
+        path = self._unet_weights_path(preset, source)
         if path is None:
             return None
         # In the Hub cache, an LFS blob's file name is its sha256: no need to read gigabytes.
@@ -181,17 +331,17 @@ class DiffusersFactory:
             self._hashes[source] = digest[:10]
         return digest[:10]
 
-    def _unet_weights_path(self, preset) -> str | None:
+    def _unet_weights_path(self, preset, source: str) -> str | None:
         filename = "diffusion_pytorch_model.safetensors"
-        if preset.is_local:
-            path = Path(preset.source) / "unet" / filename
+        if os.path.isdir(source):
+            path = Path(source) / "unet" / filename
             return str(path) if path.exists() else None
         from huggingface_hub import try_to_load_from_cache
 
-        variant = preset.variant if self.device.type != "cpu" else None
-        if variant:
+        variant = preset.inpaint_variant if source == preset.inpaint_source else preset.variant
+        if variant and (self.device.type != "cpu" or source == preset.inpaint_source):
             filename = f"diffusion_pytorch_model.{variant}.safetensors"
-        found = try_to_load_from_cache(preset.source, filename, subfolder="unet")
+        found = try_to_load_from_cache(source, filename, subfolder="unet")
         return found if isinstance(found, str) else None
 
 
@@ -201,3 +351,227 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ----- stages -----
+
+
+@dataclass
+class Conditioning:
+    """The prompt's embeddings, made once per job by the encode stage and reused for every image."""
+
+    embeds: dict[str, torch.Tensor]  # keyword arguments for the pipeline call: prompt_embeds, negative_prompt_embeds ...
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a stage holds on the device: its models and the working memory reserved for its activations."""
+
+    stage: str
+    keys: dict[str, ModelKey]
+    working_memory: int
+    vae_tiling: bool = False
+
+
+class DiffusionStages:
+    """One image as stages on models leased per stage from the shared ModelManager."""
+
+    def __init__(self, manager: ModelManager, models: DiffusersModels):
+        self.manager = manager
+        self.models = models
+
+    # ----- plans: what each stage holds (the device planner in bench/ runs these same plans) -----
+
+    def plan_encode(self, preset, task: str, guidance: bool) -> StagePlan:
+        return StagePlan("encode", self.models.stage_keys(preset, task, "encode"),
+                         text_encoder_working_memory(2 if guidance else 1, self.manager.dtype))
+
+    def plan_denoise(self, preset, task: str, width: int, height: int, guidance: bool, tiled: bool = False) -> StagePlan:
+        working = unet_working_memory(width, height, 1, self.manager.dtype, guidance)
+        if task != "text2img":  # the VAE encodes the init image first (its activations are gone before the UNet runs)
+            working = max(working, self._vae_working_memory(preset, width, height, tiled))
+        return StagePlan("denoise", self.models.stage_keys(preset, task, "denoise"), working, vae_tiling=tiled)
+
+    def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False) -> StagePlan:
+        return StagePlan("decode", self.models.stage_keys(preset, task, "decode"),
+                         self._vae_working_memory(preset, width, height, tiled), vae_tiling=tiled)
+
+    def plan_check(self, preset, task: str) -> StagePlan | None:
+        keys = self.models.stage_keys(preset, task, "check")
+        return StagePlan("check", keys, 256 * 1024**2) if keys else None
+
+    def _vae_working_memory(self, preset, width: int, height: int, tiled: bool) -> int:
+        # SDXL's own VAE overflows in fp16 and is upcast to fp32 for decoding (not the fp16-fix VAE)
+        dtype = self.manager.dtype
+        if architecture(preset) == "sdxl" and "vae" not in preset.components and dtype == torch.float16:
+            dtype = torch.float32
+        if tiled:
+            width, height = min(width, VAE_TILE), min(height, VAE_TILE)
+        return vae_decode_working_memory(width, height, 1, dtype)
+
+    # ----- running -----
+
+    def encode(self, preset, task: str, prompt: str, negative_prompt: str,
+               guidance_scale: float) -> tuple[Conditioning, list[str]]:
+        """The prompt's embeddings, and a warning for a prompt longer than the text encoder reads."""
+        guidance = guidance_scale > 1
+
+        def work(models, plan):
+            pipe = self.models.assemble(preset, task, models)
+            warnings = truncation_warnings(pipe, prompt, negative_prompt)
+            device = self.manager.device
+            with torch.inference_mode():
+                if architecture(preset) == "sdxl":
+                    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+                        prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
+                        negative_prompt=negative_prompt or None)
+                    result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative,
+                                  pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
+                else:
+                    embeds, negative = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt or None)
+                    result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
+            return Conditioning({name: value for name, value in result.items() if value is not None}), warnings
+
+        return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance), work)
+
+    def denoise(self, preset, task: str, width: int, height: int, guidance: bool,
+                call: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+        """`call(pipe)` runs the pipeline with output_type="latent" and returns the latents."""
+        def work(models, plan):
+            pipe = self.models.assemble(preset, task, models)
+            with vae_tiling(pipe.vae, plan.vae_tiling):
+                return call(pipe)
+
+        return self.run_stage(lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled), work,
+                              can_tile=task != "text2img")
+
+    def decode(self, preset, task: str, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Latents -> image tensor in [-1, 1] on the CPU."""
+        def work(models, plan):
+            vae = models["vae"]
+            with vae_tiling(vae, plan.vae_tiling), torch.inference_mode():
+                upcast = vae.dtype == torch.float16 and vae.config.force_upcast and architecture(preset) == "sdxl"
+                if upcast:
+                    vae.to(dtype=torch.float32)
+                try:
+                    parameter = next(iter(vae.post_quant_conv.parameters()))
+                    scaled = unscale_latents(vae, latents.to(parameter.device, parameter.dtype))
+                    return vae.decode(scaled, return_dict=False)[0].float().cpu()
+                finally:
+                    if upcast:
+                        vae.to(dtype=torch.float16)
+
+        return self.run_stage(lambda tiled: self.plan_decode(preset, task, width, height, tiled), work, can_tile=True)
+
+    def check(self, preset, task: str, images: torch.Tensor) -> list[bool]:
+        """Which images the safety checker flags (none when the preset has no checker)."""
+        def work(models, plan):
+            pipe = self.models.assemble(preset, task, models)
+            with torch.inference_mode():
+                _, flagged = pipe.run_safety_checker(images.to(self.manager.device), self.manager.device,
+                                                     self.manager.dtype)
+            return [bool(flag) for flag in (flagged or [False] * len(images))]
+
+        plan = self.plan_check(preset, task)
+        if plan is None:
+            return [False] * len(images)
+        return self.run_stage(lambda tiled: plan, work)
+
+    def run_stage(self, plan_for: Callable[[bool], StagePlan], work: Callable[[dict, StagePlan], Any],
+                  can_tile: bool = False) -> Any:
+        """Run `work(models, plan)` holding the plan's models on the device. Out of memory (our budget or the
+        device's own): VAE tiling first, then idle models off the device, then accelerate's model CPU offload
+        (CUDA only), then a clear message."""
+        tiled = False
+        plan = plan_for(False)
+        attempts = ["as planned"] + (["with VAE tiling"] if can_tile else []) + ["with idle models off the device"]
+        if self.manager.device.type == "cuda":
+            attempts.append("with model CPU offload")
+        last_error: BaseException | None = None
+        for attempt in attempts:
+            if attempt == "with VAE tiling":
+                tiled, plan = True, plan_for(True)
+            if attempt == "with idle models off the device":
+                self.manager.offload_idle()
+            try:
+                if attempt == "with model CPU offload":
+                    return self._run_offloaded(plan, work)
+                with self.manager.use(plan.keys, plan.working_memory) as models:
+                    return work(models, plan)
+            except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
+                last_error = error
+                release_memory(self.manager.device)
+        raise OutOfMemoryBudget(
+            f"Out of memory on {self.manager.device} in the {plan.stage} stage, even {attempts[-1]} "
+            f"(it needs about {format_bytes(plan.working_memory)} of working memory besides the weights). "
+            "Try a smaller size or batch, or a smaller preset."
+        ) from last_error
+
+    def _run_offloaded(self, plan: StagePlan, work):
+        """accelerate's model CPU offload: the models stay in RAM and each is moved to the device only while
+        its forward runs (the manager reserves room for the largest)."""
+        from accelerate import cpu_offload_with_hook
+
+        with self.manager.use(plan.keys, plan.working_memory, on_device=False) as models:
+            hooks = []
+            for role, model in list(models.items()):
+                if isinstance(model, torch.nn.Module):
+                    _, hook = cpu_offload_with_hook(model, self.manager.device,
+                                                    prev_module_hook=hooks[-1] if hooks else None)
+                    hooks.append(hook)
+            try:
+                return work(models, plan)
+            finally:
+                for hook in hooks:
+                    hook.offload()  # back to RAM, where the manager has them recorded
+                    hook.remove()
+
+
+def truncation_warnings(pipe, prompt: str, negative_prompt: str) -> list[str]:
+    """CLIP reads a fixed number of tokens; say so when a prompt is longer rather than dropping words silently."""
+    tokenizer = pipe.tokenizer
+    limit = tokenizer.model_max_length
+    warnings = []
+    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        ids = tokenizer(text, truncation=False).input_ids if text else []
+        if len(ids) > limit:
+            kept = tokenizer.decode(ids[1 : limit - 1])
+            warnings.append(
+                f"The {label} is {len(ids)} tokens long; the model reads {limit}, so only "
+                f"\u201c{kept.strip()}\u201d was used."
+            )
+    return warnings
+
+
+@dataclass
+class _Tiling:
+    vae: Any
+    on: bool
+
+    def __enter__(self):
+        if self.on and self.vae is not None:
+            self._saved = (self.vae.tile_sample_min_size, self.vae.tile_latent_min_size)
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.vae.tile_sample_min_size = min(self.vae.tile_sample_min_size, VAE_TILE)
+            self.vae.tile_latent_min_size = self.vae.tile_sample_min_size // factor
+            self.vae.enable_tiling()
+
+    def __exit__(self, *exc):
+        if self.on and self.vae is not None:
+            self.vae.disable_tiling()
+            self.vae.tile_sample_min_size, self.vae.tile_latent_min_size = self._saved
+
+
+def vae_tiling(vae, on: bool) -> _Tiling:
+    """Tiled VAE encode/decode for one stage; the VAE is shared, so it is switched back off afterwards."""
+    return _Tiling(vae, on)
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the VAE decodes them (SDXL's optional latents mean/std included), as the pipelines do."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        return latents * std / vae.config.scaling_factor + mean
+    return latents / vae.config.scaling_factor

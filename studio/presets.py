@@ -28,8 +28,11 @@ class ModelPreset:
     inpaint_local: Path | None = None
     variant: str | None = None  # e.g. "fp16": the file variant to load on GPUs
     inpaint_variant: str | None = None  # some inpainting repos ship only fp16 safetensors
-    safety_checker: bool = False
-    public: bool = False  # allowed in --public mode
+    components: dict[str, str] = field(default_factory=dict)  # role -> another source, e.g. {"vae": "stabilityai/sd-vae-ft-mse"}
+    safety_checker: bool = False  # the repo's own safety checker runs on every image
+    safe_by_construction: bool = False  # cannot draw anything a safety checker looks for (the embedded shapes)
+    public: bool = False  # on the allow-list of --public mode
+    seconds_per_step: float = 0.05  # one denoising step of one native-size image on a GPU: ZeroGPU's booking
     default_steps: int = 25
     max_steps: int = 100
     default_guidance: float = 7.0
@@ -137,6 +140,9 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Model
     for key in ("local", "inpaint_local"):
         if values.get(key) is not None:
             values[key] = (base_dir / values[key]).resolve()
+    # A component source written as a relative path is a folder beside the presets file; otherwise a Hub repo id.
+    values["components"] = {role: str((base_dir / source).resolve()) if source.startswith((".", "/")) else source
+                            for role, source in (values.get("components") or {}).items()}
     values["schedulers"] = tuple(values.get("schedulers", ()))
     values["examples"] = tuple(values.get("examples", ()))
     preset = ModelPreset(name=name, **values)

@@ -12,7 +12,7 @@ import torch
 from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
 from studio.memory import ModelManager
-from studio.pipelines import DiffusersFactory
+from studio.pipelines import DiffusersLoader, DiffusersModels, DiffusionStages
 from studio.presets import load_presets, load_styles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,23 +20,29 @@ ARTIFACTS = ROOT / "test-artifacts"
 
 
 @pytest.fixture(scope="session")
-def factory():
-    return DiffusersFactory(torch.device("cpu"))
+def models():
+    return DiffusersModels(torch.device("cpu"))
 
 
 @pytest.fixture(scope="session")
-def manager(factory):
-    return ModelManager(factory, torch.device("cpu"), torch.float32, device_budget=4 * 1024**3)
+def manager(models):
+    loaders = {"diffusers": DiffusersLoader(models.variant_for(load_presets()))}
+    return ModelManager(loaders, torch.device("cpu"), torch.float32, device_budget=4 * 1024**3)
 
 
 @pytest.fixture(scope="session")
-def engine(manager, factory):
-    return TextToImage(manager, factory, load_presets(), load_styles(), RequestLimits(), version="Diffusion Studio test")
+def stages(manager, models):
+    return DiffusionStages(manager, models)
 
 
 @pytest.fixture(scope="session")
-def inpainter(manager, factory):
-    return Inpainter(manager, factory, load_presets(), RequestLimits(), version="Diffusion Studio test")
+def engine(stages):
+    return TextToImage(stages, load_presets(), load_styles(), RequestLimits(), version="Diffusion Studio test")
+
+
+@pytest.fixture(scope="session")
+def inpainter(stages):
+    return Inpainter(stages, load_presets(), RequestLimits(), version="Diffusion Studio test")
 
 
 @pytest.fixture(scope="session")

@@ -118,7 +118,7 @@ def test_unknown_preset_is_refused(engine):
 def test_hub_preset_offline_fails_clearly_and_leaves_the_manager_working(engine, manager, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = manager.status().models
-    with pytest.raises(ModelUnavailable, match="Preset 'SDXL base 1.0' is unavailable.*stabilityai/stable-diffusion"):
+    with pytest.raises(ModelUnavailable, match="Preset 'SDXL base 1.0' is not downloaded yet.*stabilityai/stable-diffusion"):
         engine.generate(request(preset="sdxl-base-1.0", scheduler="Euler", width=1024, height=1024))
     assert manager.status().models == before
     assert engine.generate(request()).images

@@ -181,27 +181,27 @@ def test_an_empty_sketch_is_refused(inpainter):
         inpainter.sketch_to_image(Image.new("RGBA", (128, 128), (0, 0, 0, 0)), request(strength=0.7))
 
 
-def test_inpainting_shares_the_text_encoder_and_vae_with_text_to_image(engine, inpainter, manager):
+def test_inpainting_shares_the_text_encoder_and_vae_with_text_to_image(engine, inpainter, manager, models):
     engine.generate(TextToImageRequest(prompt="a red circle", preset="embedded", steps=2, seed=1))
     inpainter.inpaint(picture(), box_mask(64, 64, (30, 10, 60, 50)), request(steps=2))
     preset = load_presets().get("embedded")
     records = [(r.source, r.component) for r in manager.status().models]
     assert records.count((preset.source, "text_encoder")) == 1 and records.count((preset.source, "vae")) == 1
     assert (preset.inpaint_source, "unet") in records  # the dedicated 9-channel UNet
-    with manager.lease(preset, "text2img") as t2i:
-        text_encoder, vae = t2i.pipeline.text_encoder, t2i.pipeline.vae
-    with manager.lease(preset, "inpaint") as inpaint:
-        assert inpaint.pipeline.text_encoder is text_encoder and inpaint.pipeline.vae is vae
-        assert inpaint.pipeline.unet.config.in_channels == 9
+    with manager.use(models.keys(preset, "text2img")) as t2i:
+        text_encoder, vae = t2i["text_encoder"], t2i["vae"]
+    with manager.use(models.keys(preset, "inpaint")) as inpaint:
+        assert inpaint["text_encoder"] is text_encoder and inpaint["vae"] is vae
+        assert inpaint["unet"].config.in_channels == 9
 
 
-def test_a_base_model_without_an_inpainting_checkpoint_inpaints_with_its_own_unet(manager, factory):
+def test_a_base_model_without_an_inpainting_checkpoint_inpaints_with_its_own_unet(manager, models, stages):
     embedded = load_presets().get("embedded")
     base_only = dataclasses.replace(embedded, name="embedded-base", inpaint_local=None)
-    inpainter = Inpainter(manager, factory, PresetCatalog([base_only], "embedded-base"), RequestLimits(), version="test")
+    inpainter = Inpainter(stages, PresetCatalog([base_only], "embedded-base"), RequestLimits(), version="test")
     image, mask = picture(), box_mask(64, 64, (30, 10, 60, 50))
     out = np.asarray(inpainter.inpaint(image, mask, request(preset="embedded-base", steps=8)).images[0].image)
     keep = untouched(mask, 4)
     assert np.array_equal(out[keep], np.asarray(image)[keep]) and not np.array_equal(out[~keep], np.asarray(image)[~keep])
-    with manager.lease(base_only, "inpaint") as lease:
-        assert lease.pipeline.unet.config.in_channels == 4
+    with manager.use(models.keys(base_only, "inpaint")) as parts:
+        assert parts["unet"].config.in_channels == 4

@@ -1,0 +1,166 @@
+"""Jobs: what every tab submits. Each job has its own cancel handle and one progress total, and a cost
+estimate that ZeroGPU books GPU time from.
+
+On ZeroGPU the GPU work runs in a *forked* worker process (spaces keeps one per GPU), so a threading.Event set
+by Stop in the main process would never reach it, nor would the worker's progress reach the page. A JobBoard
+therefore keeps each job's cancel flag and progress in shared memory created *before* any fork; the GPU
+function gets only the job's slot number (an int crosses the process boundary) and attaches to the same slot
+on its side of the fork. Without ZeroGPU the very same code runs in one process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.sharedctypes import RawArray
+
+TEXT_BYTES = 120
+PENDING_TTL_SECONDS = 3600  # a Stop pressed for a job that never started (tab closed) is forgotten after this
+
+
+class JobControl:
+    """What running work sees of its job: whether it was cancelled, and where to report progress."""
+
+    @property
+    def cancelled(self) -> bool:
+        raise NotImplementedError
+
+    def report(self, done: int, total: int, text: str) -> None:
+        raise NotImplementedError
+
+
+class LocalJob(JobControl):
+    """A job in this process only (tests, scripts): a threading.Event and an optional progress callback."""
+
+    def __init__(self, on_progress: Callable[[int, int, str], None] | None = None,
+                 cancel: threading.Event | None = None):
+        self.cancel_event = cancel or threading.Event()
+        self.on_progress = on_progress
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def report(self, done: int, total: int, text: str) -> None:
+        if self.on_progress:
+            self.on_progress(done, total, text)
+
+
+class SlotJob(JobControl):
+    """A job's view of its shared-memory slot; valid on both sides of a fork."""
+
+    def __init__(self, board: JobBoard, slot: int):
+        self.board = board
+        self.slot = slot
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.board._cancel[self.slot])
+
+    def report(self, done: int, total: int, text: str) -> None:
+        self.board._write_progress(self.slot, done, total, text)
+
+    def progress(self) -> tuple[int, int, str]:
+        return self.board._read_progress(self.slot)
+
+
+@dataclass
+class _Open:
+    job: SlotJob
+    session: str
+    tab: str
+
+
+class JobBoard:
+    """The jobs in flight, keyed by (session, tab): Stop in one tab cancels that tab's job and nothing else.
+    Create it once, in the main process, before ZeroGPU forks its worker."""
+
+    def __init__(self, slots: int = 128):
+        self._cancel = RawArray(ctypes.c_bool, slots)
+        self._done = RawArray(ctypes.c_long, slots)
+        self._total = RawArray(ctypes.c_long, slots)
+        self._text = RawArray(ctypes.c_char, slots * TEXT_BYTES)
+        self._free = list(range(slots))
+        self._open: dict[int, _Open] = {}
+        self._stopped_early: dict[tuple[str, str], float] = {}  # Stop pressed while the job waited in the queue
+        self._submitted: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def submitted(self, session: str, tab: str) -> None:
+        """The tab's request is queued: a Stop from now on (even before the job opens) applies to it."""
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, t in self._submitted.items() if now - t > PENDING_TTL_SECONDS]:
+                self._submitted.pop(key, None)
+                self._stopped_early.pop(key, None)
+            self._submitted[(session, tab)] = now
+            self._stopped_early.pop((session, tab), None)
+
+    def open(self, session: str, tab: str) -> SlotJob:
+        with self._lock:
+            if not self._free:
+                raise RuntimeError("Too many jobs at once: every job slot is taken.")
+            slot = self._free.pop()
+            self._cancel[slot] = self._stopped_early.pop((session, tab), None) is not None
+            self._submitted.pop((session, tab), None)
+            job = SlotJob(self, slot)
+            self._open[slot] = _Open(job, session, tab)
+        self._write_progress(slot, 0, 0, "")
+        return job
+
+    def close(self, job: SlotJob) -> None:
+        with self._lock:
+            if self._open.pop(job.slot, None) is not None:
+                self._free.append(job.slot)
+
+    def attach(self, slot: int) -> SlotJob:
+        """The job in `slot`, from the other side of a fork (the GPU worker)."""
+        return SlotJob(self, slot)
+
+    def cancel(self, session: str, tab: str) -> int:
+        """Stop the tab's running job, or the one it has queued. Returns how many jobs were told."""
+        with self._lock:
+            told = 0
+            for slot, entry in self._open.items():
+                if entry.session == session and entry.tab == tab:
+                    self._cancel[slot] = True
+                    told += 1
+            if (session, tab) in self._submitted:
+                self._stopped_early[(session, tab)] = time.monotonic()
+                told += 1
+            return told
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _write_progress(self, slot: int, done: int, total: int, text: str) -> None:
+        encoded = text.encode("utf-8")[: TEXT_BYTES - 1].ljust(TEXT_BYTES, b"\0")
+        self._text[slot * TEXT_BYTES:(slot + 1) * TEXT_BYTES] = encoded
+        self._total[slot] = total
+        self._done[slot] = done
+
+    def _read_progress(self, slot: int) -> tuple[int, int, str]:
+        raw = bytes(self._text[slot * TEXT_BYTES:(slot + 1) * TEXT_BYTES]).split(b"\0", 1)[0]
+        return self._done[slot], self._total[slot], raw.decode("utf-8", errors="ignore")
+
+
+# ----- cost: what ZeroGPU books for a job -----
+
+OVERHEAD_SECONDS = 4.0  # moving inputs and results across the fork, first CUDA call
+SAFETY_FACTOR = 1.5
+MAX_SECONDS = 240
+
+
+def gpu_seconds(preset, steps: int, images: int, pixels: int) -> int:
+    """GPU seconds to book for `images` images of `steps` steps at `pixels` pixels each: the preset's measured
+    seconds per step at its default size, scaled by area, with a margin; at least a few seconds."""
+    native = preset.default_width * preset.default_height
+    estimate = preset.seconds_per_step * steps * images * max(1.0, pixels / native)
+    return int(min(MAX_SECONDS, OVERHEAD_SECONDS + SAFETY_FACTOR * estimate + 0.999))

@@ -1,0 +1,53 @@
+"""Tiny SDXL folders built from diffusers' own test configs, with the embedded model's tokenizer (no Hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "models" / "embedded-sd"
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, sample_size=128)
+
+
+def save_tiny_sdxl(folder: Path) -> Path:
+    """A 64 px SDXL pipeline (two text encoders, pooled embeddings, time ids) saved as a diffusers folder."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED, subfolder="tokenizer")
+    config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
+                            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                            pad_token_id=tokenizer.pad_token_id or 0, vocab_size=len(tokenizer), hidden_act="gelu",
+                            projection_dim=32, max_position_embeddings=tokenizer.model_max_length)
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(config)
+    torch.manual_seed(2)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_tiny_vae(folder: Path, seed: int = 7) -> Path:
+    """A VAE on its own (as stabilityai/sd-vae-ft-mse is): files at the folder's root."""
+    tiny_vae(seed).save_pretrained(folder, safe_serialization=True)
+    return folder
