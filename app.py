@@ -15,7 +15,8 @@ if ON_ZEROGPU:
     import spaces  # noqa: F401
 
 import argparse
-import inspect
+import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,19 +24,33 @@ import gradio as gr
 import torch
 
 from components.inpaint import build_inpaint_tab, editor_with_background
+from components.running import JobRunner
 from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
 from studio import __version__
-from studio.devices import default_device_budget, default_dtype, default_ram_budget, parse_bytes, resolve_device
+from studio.devices import (
+    default_device_budget,
+    default_dtype,
+    default_ram_budget,
+    free_device_bytes,
+    parse_bytes,
+    resolve_device,
+)
+from studio.downloads import HubDownloads
 from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
+from studio.jobs import JobBoard
 from studio.memory import ModelManager
-from studio.pipelines import DiffusersFactory
+from studio.pipelines import DiffusersLoader, DiffusersModels, DiffusionStages, HubAccess
 from studio.presets import PRESETS_DIR, load_presets, load_styles
-from studio.sessions import CancelRegistry
+from studio.sessions import RateLimiter
+
+log = logging.getLogger("studio")
 
 # Small images (the embedded model makes 64 px) are shown enlarged: keep their pixels crisp, not smeared.
 CSS = "#text-to-image-gallery img, #inpaint-gallery img { image-rendering: pixelated; }"
+PUBLIC_RATE_LIMIT = 12  # jobs per minute per visitor in --public mode
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Diffusion Studio: a Gradio studio for Stable Diffusion.")
@@ -47,14 +62,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 90%% of free VRAM; 60%% of available RAM on the CPU)")
     parser.add_argument("--ram-budget", help="bytes of weights kept in RAM off the device, e.g. 16GiB "
                         "(default: 60%% of available RAM)")
+    parser.add_argument("--hub-cache-budget", help="disk kept for downloaded models, e.g. 100GB; the least recently "
+                        "used are deleted beyond it (default: no limit)")
     parser.add_argument("--preset", help="the preset selected at start (default: from presets/models.yaml)")
     parser.add_argument("--presets-file", type=Path, default=PRESETS_DIR / "models.yaml")
     parser.add_argument("--public", action="store_true", default=bool(os.environ.get("DIFFUSION_STUDIO_PUBLIC")),
-                        help="public demo mode: only presets marked public, stricter limits, smaller queue "
-                        "(also set by the environment variable DIFFUSION_STUDIO_PUBLIC=1, e.g. on a Space)")
+                        help="public demo mode: only presets marked public, a safety checker on every preset, stricter "
+                        "limits, a per-visitor rate limit, a smaller queue (also set by the environment variable "
+                        "DIFFUSION_STUDIO_PUBLIC=1, e.g. on a Space)")
     parser.add_argument("--max-queue", type=int, default=None, help="most requests waiting (default 64; 20 public)")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="jobs in flight at once; they take turns on the device between images (default 4)")
+    parser.add_argument("--rate-limit", type=int, default=None,
+                        help=f"jobs per minute per visitor (default: none; {PUBLIC_RATE_LIMIT} in --public mode)")
     parser.add_argument("--preload", nargs="*", default=None,
-                        help="presets to load at start (ZeroGPU preloads the default preset anyway)")
+                        help="presets to load at start (ZeroGPU loads every offered preset at start anyway)")
     return parser.parse_args(argv)
 
 
@@ -65,50 +87,78 @@ class Studio:
     manager: ModelManager
     text_to_image: TextToImage
     inpainter: Inpainter
-    cancels: CancelRegistry
+    runner: JobRunner
 
 
 def build_studio(args: argparse.Namespace) -> Studio:
     device = torch.device("cuda") if ON_ZEROGPU else resolve_device(args.device)
     presets = load_presets(args.presets_file)
     if args.public:
-        presets = presets.only([p.name for p in presets if p.public])
+        presets = presets.only([p.name for p in presets if p.public])  # the allow-list
     if args.preset:
         presets = presets.only(presets.names, default=presets.get(args.preset).name)
-    factory = DiffusersFactory(device)
+    models = DiffusersModels(device, safety_checker_everywhere=args.public)
     if ON_ZEROGPU:
         # The GPU is attached only inside @spaces.GPU calls: no driver to ask, and everything stays loaded.
-        device_budget = parse_bytes(args.device_budget or "40GiB")
+        device_budget, free_memory = parse_bytes(args.device_budget or "40GiB"), None
     else:
         device_budget = parse_bytes(args.device_budget) if args.device_budget else default_device_budget(device)
+        free_memory = functools.partial(free_device_bytes, device)
     manager = ModelManager(
-        factory,
+        {"diffusers": DiffusersLoader(models.variant_for(presets))},
         device,
         default_dtype(device),
         device_budget=device_budget,
         ram_budget=parse_bytes(args.ram_budget) if args.ram_budget else default_ram_budget(),
-        ask_driver=not ON_ZEROGPU,
+        free_memory=free_memory,
     )
+    downloads = HubDownloads(disk_budget=parse_bytes(args.hub_cache_budget) if args.hub_cache_budget else None,
+                             offline=HubAccess().offline)
+    stages = DiffusionStages(manager, models)
     limits = RequestLimits.public() if args.public else RequestLimits()
     version = f"Diffusion Studio {__version__}"
-    text_to_image = TextToImage(manager, factory, presets, load_styles(), limits, version=version)
-    inpainter = Inpainter(manager, factory, presets, limits, version=version)
-    for name in (args.preload or []) + ([presets.default] if ON_ZEROGPU else []):
-        manager.preload(presets.get(name), "text2img")
-    return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, cancels=CancelRegistry())
+    text_to_image = TextToImage(stages, presets, load_styles(), limits, version=version, downloads=downloads)
+    inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads)
+    rate_limit = args.rate_limit or (PUBLIC_RATE_LIMIT if args.public else None)
+    runner = JobRunner(
+        board=JobBoard(),  # shared memory for Stop and progress: made before ZeroGPU forks its GPU worker
+        gpu=zerogpu_wrapper(manager) if ON_ZEROGPU else (lambda fn, duration: fn),
+        limiter=RateLimiter(rate_limit) if rate_limit else None,
+        concurrency=args.concurrency,
+    )
+    preload = list(args.preload or []) + (presets.names if ON_ZEROGPU else [])
+    for name in dict.fromkeys(preload):
+        preload_preset(manager, models, downloads, presets.get(name), device)
+    return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, runner=runner)
 
 
-def gpu_decorator(fn):
-    """spaces.GPU on ZeroGPU, its duration growing with the call's `steps` x `batch_size`; identity elsewhere."""
-    if not ON_ZEROGPU:
-        return fn
-    signature = inspect.signature(fn)
+def preload_preset(manager, models, downloads, preset, device) -> None:
+    """Fetch and place a preset's text-to-image and inpainting models for good. On ZeroGPU this runs in the main
+    process at start, on 'cuda' (spaces moves what is there into each GPU worker); nothing loads in a worker."""
+    try:
+        for task in ("text2img", "inpaint"):
+            for request in models.download_requests(preset, task, manager.dtype):
+                downloads.ensure(request)
+            manager.preload(models.keys(preset, task))
+        log.info("preloaded %s on %s", preset.name, device)
+    except Exception as error:  # noqa: BLE001 - one preset that cannot load must not stop the server
+        log.warning("could not preload %s: %s", preset.name, str(error).splitlines()[0])
 
-    def duration(*args, **kwargs):
-        arguments = signature.bind_partial(*args, **kwargs).arguments
-        return min(300, 30 + int(arguments.get("steps", 50)) * int(arguments.get("batch_size", 1)))
 
-    return spaces.GPU(duration=duration)(fn)
+def zerogpu_wrapper(manager: ModelManager):
+    """spaces.GPU with the job's own duration estimate. Inside the GPU worker (a fork of this process) the
+    manager may not load: a model loaded there would be lost when the worker is replaced, and this process's
+    status line would never learn of it."""
+
+    def wrap(fn, duration):
+        @functools.wraps(fn)
+        def in_gpu_worker(*args, **kwargs):
+            manager.loading_allowed = False  # the worker's copy of the manager; the main process's is untouched
+            return fn(*args, **kwargs)
+
+        return spaces.GPU(duration=duration)(in_gpu_worker)
+
+    return wrap
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
@@ -117,9 +167,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     "are coming.")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="text-to-image", elem_id="text-to-image-tab"):
-                text_tab = build_text_to_image_tab(studio.text_to_image, studio.cancels, gpu=gpu_decorator)
+                text_tab = build_text_to_image_tab(studio.text_to_image, studio.runner)
             with gr.Tab("Inpaint", id="inpaint", elem_id="inpaint-tab"):
-                inpaint_tab = build_inpaint_tab(studio.inpainter, studio.cancels, gpu=gpu_decorator)
+                inpaint_tab = build_inpaint_tab(studio.inpainter, studio.runner)
         build_status_bar(studio.manager, refresh_after=[text_tab.generate_event, inpaint_tab.generate_event])
         text_tab.fit_to_preset(demo)
         inpaint_tab.fit_to_preset(demo)
@@ -136,6 +186,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     studio = build_studio(args)
     demo = build_ui(studio)

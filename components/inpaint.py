@@ -10,11 +10,13 @@ import numpy as np
 from PIL import Image
 
 from components.preset_picker import chosen_preset, preset_card, sampling_updates
-from components.running import run_for_session, throttled, wire_stop
+from components.running import JobRunner
+from studio.errors import StudioError
 from studio.images import open_image
 from studio.inpainting import INPAINT_AREAS, MAX_MASK_BLUR, MAX_PADDING, WHOLE_PICTURE, InpaintRequest, Inpainter
 from studio.schedulers import schedulers_for
-from studio.sessions import CancelRegistry
+
+TAB = "inpaint"
 
 INPAINT, SKETCH, SKETCH_TO_IMAGE = "Inpaint", "Inpaint sketch", "Sketch to image"
 MODES = (INPAINT, SKETCH, SKETCH_TO_IMAGE)
@@ -66,8 +68,7 @@ def editor_with_background(path) -> dict:
     return {"background": path, "layers": [], "composite": path}
 
 
-def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
-                      gpu: Callable[[Callable], Callable] = lambda fn: fn) -> InpaintTab:
+def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     default = engine.presets.get(engine.presets.default)
     limits = engine.limits
 
@@ -140,24 +141,40 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
                                 else "Paint some strokes on the image first.")
         if problems:
             raise gr.Error(" ".join(problems.values()), title="Check the settings")
-        cancels.submitted(request.session_hash)
+        runner.submitted(request, TAB)
 
-    @gpu
+    on_device = runner.device_function(engine)
+    max_upload = engine.limits.max_upload_pixels
+
+    def run(request, progress, image, mask, settings_request, error_title):
+        """Inpaint `image` where `mask` is white, or (mask None) sketch to image, as this tab's job."""
+        if mask is None:
+            return runner.run(TAB, request, progress, engine, lambda: engine.plan_sketch(image, settings_request),
+                              on_device, error_title=error_title)
+        finishing = {}
+
+        def plan():
+            plan_, finishing["it"] = engine.plan_inpaint(image, mask, settings_request)
+            return plan_
+
+        return runner.run(TAB, request, progress, engine, plan, on_device,
+                          finish=lambda result: engine.finish_inpaint(finishing["it"], result), error_title=error_title)
+
+    def opened(path, what):
+        try:
+            return open_image(path, what, max_upload)
+        except StudioError as error:
+            raise gr.Error(str(error), title="Cannot use this file") from None
+
     def inpaint_from_editor(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
                             strength, mask_blur, inpaint_area, padding, seed, batch_size, request: gr.Request,
                             progress=gr.Progress()):
         image, mask = images_for(chosen_mode, value)
         settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
                                     mask_blur, inpaint_area, padding, seed, batch_size)
+        title = "Cannot generate" if mask is None else "Cannot inpaint"
+        return run(request, progress, image, mask, settings_request, title)
 
-        def work(cancel):
-            if mask is None:
-                return engine.sketch_to_image(image, settings_request, throttled(progress), cancel)
-            return engine.inpaint(image, mask, settings_request, throttled(progress), cancel)
-
-        return run_for_session(cancels, request, work, settings_request.batch_size, "Cannot inpaint")
-
-    @gpu
     def inpaint(image, mask, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur,
                 inpaint_area, padding, seed, batch_size, request: gr.Request, progress=gr.Progress()):
         """Repaint the white part of `mask` (an image the size of `image`; in a transparent PNG, the opaque part)
@@ -167,14 +184,9 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
                                     mask_blur, inpaint_area, padding, seed, batch_size)
         if image is None or mask is None:
             raise gr.Error("Give both an image and a mask (white = repaint).")
+        return run(request, progress, opened(image, "image"), opened(mask, "mask"), settings_request,
+                   "Cannot inpaint")
 
-        def work(cancel):
-            return engine.inpaint(open_image(image), open_image(mask, "mask"), settings_request, throttled(progress),
-                                  cancel)
-
-        return run_for_session(cancels, request, work, settings_request.batch_size, "Cannot inpaint")
-
-    @gpu
     def sketch_to_image(sketch, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, seed,
                         batch_size, request: gr.Request, progress=gr.Progress()):
         """An image from a coloured sketch (transparent areas count as white paper), redrawn at the denoising
@@ -183,11 +195,7 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
                                     WHOLE_PICTURE, 32, seed, batch_size)
         if sketch is None:
             raise gr.Error("Give a sketch image.")
-
-        def work(cancel):
-            return engine.sketch_to_image(open_image(sketch, "sketch"), settings_request, throttled(progress), cancel)
-
-        return run_for_session(cancels, request, work, settings_request.batch_size, "Cannot generate")
+        return run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
 
     def switch_mode(chosen_mode):
         is_mask = chosen_mode == INPAINT
@@ -203,12 +211,12 @@ def build_inpaint_tab(engine: Inpainter, cancels: CancelRegistry,
         return sampling_updates(chosen_preset(engine.presets, name), limits)
 
     quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
-    gpu_event = dict(concurrency_id="gpu", concurrency_limit=1)
+    gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency)
     outputs = [gallery, seeds, info]
     event = generate.click(check, [mode, editor, *settings], None, **quick).success(
         inpaint_from_editor, [mode, editor, *settings], outputs, api_visibility="private", **gpu_event,
     )
-    wire_stop(stop, cancels)
+    runner.wire_stop(stop, TAB)
     mode.input(switch_mode, mode, [mode, editor, strength, mask_settings, generate], api_visibility="private",
                queue=False)
     preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale], api_visibility="private",

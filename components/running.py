@@ -1,30 +1,140 @@
-"""What every generating tab does around the engine call: progress updates, messages, gallery outputs."""
+"""What every generating tab does around the engine: a job per request (its own Stop, its progress), model files
+fetched before the GPU work, the GPU function (spaces.GPU on ZeroGPU), messages, and gallery outputs."""
 
 from __future__ import annotations
 
+import contextvars
+import logging
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import gradio as gr
 
 from studio.errors import StudioError
-from studio.generation import GenerationResult
-from studio.sessions import CancelRegistry
+from studio.generation import GenerationResult, SamplingEngine, SamplingPlan
+from studio.jobs import JobBoard
+from studio.sessions import RateLimiter
 
 PROGRESS_INTERVAL_S = 0.1
+log = logging.getLogger("studio.requests")
+
+# (function, duration(plan, slot) -> seconds) -> the function as the GPU runs it (spaces.GPU on ZeroGPU)
+GpuWrapper = Callable[[Callable, Callable], Callable]
 
 
-def throttled(progress: gr.Progress):
-    """An on_progress(done, total, description) callback for the engine. Each update is a message to the
-    browser; a few per second is smooth and keeps the cores for torch."""
+def session_of(request: gr.Request | None) -> str:
+    return request.session_hash if request and request.session_hash else "anonymous"
+
+
+def user_error(error: StudioError, title: str) -> gr.Error:
+    """A user's mistake or a model that cannot be had: one line in the log, the message in the browser."""
+    log.info("%s: %s", title, str(error).splitlines()[0] if str(error) else type(error).__name__)
+    return gr.Error(str(error), title=title)
+
+
+@dataclass
+class JobRunner:
+    """Jobs, Stop, the rate limit and the GPU function, for every tab."""
+
+    board: JobBoard
+    gpu: GpuWrapper = lambda fn, duration: fn
+    limiter: RateLimiter | None = None
+    concurrency: int = 4  # jobs in flight at once; they take turns on the device between images
+
+    def device_function(self, engine: SamplingEngine) -> Callable[[SamplingPlan, int], GenerationResult]:
+        """The GPU work of a plan, as spaces.GPU can run it: plain, picklable arguments (the plan and the job's
+        slot number) and result; its duration is the plan's own estimate."""
+        board = self.board
+
+        def run_on_device(plan: SamplingPlan, slot: int) -> GenerationResult:
+            try:
+                return engine.run(plan, board.attach(slot))
+            except StudioError as error:  # crosses ZeroGPU's process boundary as a gradio error
+                raise gr.Error(str(error), title="Cannot generate") from None
+
+        return self.gpu(run_on_device, lambda plan, slot: plan.gpu_seconds)
+
+    def submitted(self, request: gr.Request | None, tab: str) -> None:
+        """Called by a tab's instant check, before the request waits in the queue: lets Stop reach it there."""
+        self.board.submitted(session_of(request), tab)
+
+    def run(self, tab: str, request: gr.Request | None, progress: gr.Progress, engine: SamplingEngine,
+            plan_for: Callable[[], SamplingPlan], device_function: Callable,
+            finish: Callable[[GenerationResult], GenerationResult] = lambda result: result,
+            error_title: str = "Cannot generate") -> tuple[list, list[int], str]:
+        """Plan (CPU), fetch the model files (outside the device lock), run the device work as this tab's job,
+        finish (CPU, e.g. paste-back); returns the gallery outputs."""
+        if self.limiter:  # here, not in the instant check: API callers skip that one
+            try:
+                self.limiter.check(session_of(request))
+            except StudioError as error:
+                raise user_error(error, "Please wait") from None
+        try:
+            plan = plan_for()
+            engine.fetch(plan, throttled(progress, "Downloading"))
+        except StudioError as error:
+            raise user_error(error, error_title) from None
+        job = self.board.open(session_of(request), tab)
+        try:
+            result = follow_progress(lambda: device_function(plan, job.slot), job, progress)
+        except gr.Error as error:
+            log.info("%s: %s", error_title, str(error.message).splitlines()[0])
+            raise
+        except StudioError as error:
+            raise user_error(error, error_title) from None
+        finally:
+            self.board.close(job)
+        return gallery_outputs(finish(result), plan.batch_size)
+
+    def wire_stop(self, stop: gr.Button, tab: str) -> None:
+        """Stop cancels this tab's job of this session, nothing else. It sets the job's flag rather than using
+        gradio's `cancels=`, which would throw away the images already made."""
+        board = self.board
+
+        def stop_job(request: gr.Request):
+            board.cancel(session_of(request), tab)
+
+        stop.click(stop_job, None, None, api_visibility="private", concurrency_limit=None, show_progress="hidden")
+
+
+def follow_progress(work: Callable, job, progress: gr.Progress):
+    """Runs `work()` in a thread while this one forwards the job's progress (written from wherever the work runs,
+    even a forked GPU worker) to the browser a few times a second. Returns work's result or raises its error."""
+    outcome: dict = {}
+    context = contextvars.copy_context()  # spaces reads the request from a context variable
+
+    def target():
+        try:
+            outcome["result"] = context.run(work)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the handler's thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    last = None
+    while thread.is_alive():
+        thread.join(PROGRESS_INTERVAL_S)
+        done, total, text = job.progress()
+        if total and (done, total) != last:
+            last = (done, total)
+            progress((done, total), desc=text, unit="steps")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def throttled(progress: gr.Progress, description: str):
+    """An on_progress(done, total, text) callback: a few updates per second keep the page smooth."""
     last_update = 0.0
 
-    def on_progress(done: int, total: int, description: str) -> None:
+    def on_progress(done: int, total: int, text: str) -> None:
         nonlocal last_update
         now = time.monotonic()
         if now - last_update >= PROGRESS_INTERVAL_S or done == total:
             last_update = now
-            progress((done, total), desc=description, unit="steps")
+            progress((done, total), desc=f"{description} {text}".strip())
 
     return on_progress
 
@@ -39,29 +149,3 @@ def gallery_outputs(result, batch_size: int) -> tuple[list, list[int], str]:
                 + (" (the last one is unfinished)." if result.images else "."))
     items = [(item.image, f"Seed {item.seed}") for item in result.images]
     return items, result.seeds, "\n\n".join(item.parameters for item in result.images[:1])
-
-
-def session_of(request: gr.Request | None) -> str:
-    return request.session_hash if request else "anonymous"
-
-
-def run_for_session(cancels: CancelRegistry, request: gr.Request | None, work: Callable[..., GenerationResult],
-                    batch_size: int, error_title: str) -> tuple[list, list[int], str]:
-    """Runs `work(cancel)` as the session's request, so its Stop button reaches it; engine errors become a
-    message in the browser. Returns the gallery outputs."""
-    with cancels.running(session_of(request)) as cancel:
-        try:
-            result = work(cancel)
-        except StudioError as error:
-            raise gr.Error(str(error), title=error_title) from None
-    return gallery_outputs(result, batch_size)
-
-
-def wire_stop(stop: gr.Button, cancels: CancelRegistry) -> None:
-    """Stop sets the session's cancel event rather than using gradio's `cancels=`, which would throw away the
-    images already made: the handler returns them, the last one decoded where the denoising stopped."""
-
-    def stop_running(request: gr.Request):
-        cancels.cancel(session_of(request))
-
-    stop.click(stop_running, None, None, api_visibility="private", concurrency_limit=None, show_progress="hidden")

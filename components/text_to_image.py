@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import gradio as gr
 
 from components.preset_picker import chosen_preset, preset_card, sampling_updates
-from components.running import run_for_session, throttled, wire_stop
+from components.running import JobRunner
 from studio.generation import TextToImage, TextToImageRequest, request_from_parameters
 from studio.schedulers import schedulers_for
-from studio.sessions import CancelRegistry
+
+TAB = "text-to-image"
 
 FIELDS = ("prompt", "negative_prompt", "preset", "scheduler", "steps", "guidance_scale", "width", "height", "seed",
           "batch_size", "style")
@@ -42,12 +43,8 @@ def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, 
     )
 
 
-def build_text_to_image_tab(
-    engine: TextToImage,
-    cancels: CancelRegistry,
-    gpu: Callable[[Callable], Callable] = lambda fn: fn,
-) -> TextToImageTab:
-    """`gpu` wraps the function that uses the GPU (spaces.GPU on ZeroGPU, identity elsewhere)."""
+def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToImageTab:
+    """`runner` runs each request as a job of this tab (Stop, progress, the GPU function)."""
     default = engine.presets.get(engine.presets.default)
     limits = engine.limits
     # Gradio rejects slider values outside a slider's range before our validator can explain why, so the
@@ -109,19 +106,17 @@ def build_text_to_image_tab(
                                             height, seed, batch_size, style))
         if problems:
             raise gr.Error(" ".join(problems.values()), title="Check the settings")
-        cancels.submitted(request.session_hash)
+        runner.submitted(request, TAB)
 
-    @gpu
+    on_device = runner.device_function(engine)
+
     def text_to_image(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed,
                       batch_size, style, request: gr.Request, progress=gr.Progress()):
         """Generate images from a prompt. Returns the images (PNG with A1111 parameters), the seeds used and the
         generation info. Image i uses seed + i; seed -1 picks a random seed."""
         text_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height,
                                 seed, batch_size, style)
-        return run_for_session(
-            cancels, request, lambda cancel: engine.generate(text_request, throttled(progress), cancel),
-            text_request.batch_size, "Cannot generate",
-        )
+        return runner.run(TAB, request, progress, engine, lambda: engine.plan(text_request), on_device)
 
     def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None):
         """Card, scheduler, steps, CFG, width and height fitted to a preset; given values are kept."""
@@ -151,15 +146,16 @@ def build_text_to_image_tab(
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
     # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.
     quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    # Jobs share the "gpu" concurrency group; several may be in flight, and they take turns on the device
+    # between their images (the memory manager's fair lock), so a quick image is not stuck behind a long batch.
+    gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency)
     event = generate.click(check, inputs, None, **quick).success(
-        text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", concurrency_id="gpu",
-        concurrency_limit=1,
+        text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", **gpu_event,
     )
     prompt.submit(check, inputs, None, **quick).success(
-        text_to_image, inputs, [gallery, seeds, info], api_visibility="private", concurrency_id="gpu",
-        concurrency_limit=1,
+        text_to_image, inputs, [gallery, seeds, info], api_visibility="private", **gpu_event,
     )
-    wire_stop(stop, cancels)
+    runner.wire_stop(stop, TAB)
     # Preset changes only need the preset itself: run them at once, outside the GPU queue.
     preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale, width, height],
                  api_visibility="private", concurrency_limit=None, queue=False)

@@ -1,56 +1,39 @@
-"""Per-session cancellation: the Stop button sets the event that the session's request checks every step.
-
-A request is registered when it is submitted (`submitted`), before it waits in the queue, so Stop also
-reaches a request that has not started yet; `running` then picks up that same event.
-"""
+"""Per-visitor limits for a public server: a sliding-window rate limit keyed by gradio's session hash."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import deque
 
-PENDING_TTL_SECONDS = 3600  # a submitted request that never ran (tab closed) is forgotten after this
+from .errors import InvalidRequest
 
 
-class CancelRegistry:
-    """Maps a session (gradio's session_hash) to the cancel events of its submitted and running requests."""
+class RateLimiter:
+    """At most `limit` jobs per `window_seconds` for each session. Gradio has no per-user limiter of its own."""
 
-    def __init__(self):
-        self._pending: dict[str, tuple[threading.Event, float]] = {}
-        self._running: dict[str, list[threading.Event]] = {}
+    def __init__(self, limit: int, window_seconds: float = 60.0, clock=time.monotonic):
+        self.limit = limit
+        self.window = window_seconds
+        self.clock = clock
+        self._starts: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def submitted(self, session: str) -> None:
-        """Note that `session` queued a request; Stop before it starts makes it return at once."""
-        now = time.monotonic()
+    def check(self, session: str) -> None:
+        """Count a new job for `session`, or raise InvalidRequest saying how long to wait."""
+        now = self.clock()
         with self._lock:
-            for key in [k for k, (_, t) in self._pending.items() if now - t > PENDING_TTL_SECONDS]:
-                del self._pending[key]
-            self._pending[session] = (threading.Event(), now)
+            self._forget_idle_sessions(now)
+            starts = self._starts.setdefault(session, deque())
+            while starts and now - starts[0] >= self.window:
+                starts.popleft()
+            if len(starts) >= self.limit:
+                wait = max(1, math.ceil(self.window - (now - starts[0])))
+                raise InvalidRequest([f"You have started {len(starts)} jobs in the last {self.window:g} seconds, the "
+                                      f"most this public demo allows. Try again in {wait} s."])
+            starts.append(now)
 
-    @contextmanager
-    def running(self, session: str) -> Iterator[threading.Event]:
-        with self._lock:
-            event, _ = self._pending.pop(session, (threading.Event(), 0.0))
-            self._running.setdefault(session, []).append(event)
-        try:
-            yield event
-        finally:
-            with self._lock:
-                events = self._running.get(session, [])
-                if event in events:
-                    events.remove(event)
-                if not events:
-                    self._running.pop(session, None)
-
-    def cancel(self, session: str) -> int:
-        """Ask every submitted or running request of `session` to stop. Returns how many were asked."""
-        with self._lock:
-            events = list(self._running.get(session, []))
-            if session in self._pending:
-                events.append(self._pending[session][0])
-        for event in events:
-            event.set()
-        return len(events)
+    def _forget_idle_sessions(self, now: float) -> None:
+        for session in [s for s, starts in self._starts.items() if not starts or now - starts[-1] >= self.window]:
+            del self._starts[session]

@@ -67,7 +67,7 @@ def test_same_seed_same_png_pixels_through_the_api(client):
         ({"prompt": ""}, "Enter a prompt"),
         ({"prompt": "word " * 1000}, "Prompt is too long (5000 characters; the limit is 2000)"),
         ({"batch_size": 9}, "Value 9 is greater than maximum value 8"),
-        ({"preset": "sdxl-base-1.0", "width": 1024, "height": 1024}, "Preset 'SDXL base 1.0' is unavailable"),
+        ({"preset": "sdxl-base-1.0", "width": 1024, "height": 1024}, "Preset 'SDXL base 1.0' is not downloaded yet"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_the_server_keeps_answering(client, overrides, message):

@@ -7,12 +7,18 @@ from studio.errors import UnknownPreset
 from studio.generation import RequestLimits
 
 
-def test_public_mode_offers_only_public_presets_with_stricter_limits():
+def test_public_mode_narrows_the_presets_to_the_allow_list_with_stricter_limits():
+    everything = app.build_studio(app.parse_args(["--device", "cpu"])).text_to_image.presets.names
     studio = app.build_studio(app.parse_args(["--public", "--device", "cpu", "--device-budget", "2GiB"]))
     engine = studio.text_to_image
-    assert all(preset.public for preset in engine.presets)
-    assert engine.limits == RequestLimits.public()
+    public = engine.presets.names
+    assert set(public) < set(everything)  # really narrower ...
+    assert {"dreamshaper-8", "realistic-vision-5.1", "anything-v5", "lcm-dreamshaper-7"}.isdisjoint(public)
+    assert {"embedded", "stable-diffusion-1.5", "sdxl-base-1.0"} <= set(public)  # ... and still useful
+    assert engine.limits == RequestLimits.public() and engine.limits.max_upload_pixels < 50_000_000
     assert studio.manager.device_budget == 2 * 1024**3
+    assert studio.runner.limiter is not None and studio.runner.limiter.limit == app.PUBLIC_RATE_LIMIT
+    assert engine.models.safety_checker_everywhere
 
 
 def test_default_preset_flag_and_unknown_preset():
