@@ -132,6 +132,17 @@ def build_studio(args: argparse.Namespace) -> Studio:
     return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, runner=runner)
 
 
+def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3,
+                  dtype: torch.dtype = torch.float32) -> tuple[TextToImage, Inpainter]:
+    """Text to image and inpainting over one fresh manager, with no server around them (tests, benchmarks)."""
+    models = DiffusersModels(torch.device(device))
+    manager = ModelManager({"diffusers": DiffusersLoader(models.variant_for(presets))}, device, dtype, device_budget)
+    stages = DiffusionStages(manager, models)
+    limits, version = RequestLimits(), f"Diffusion Studio {__version__}"
+    return (TextToImage(stages, presets, load_styles(), limits, version=version),
+            Inpainter(stages, presets, limits, version=version))
+
+
 def preload_preset(manager, models, downloads, preset, device) -> None:
     """Fetch and place a preset's text-to-image and inpainting models for good. On ZeroGPU this runs in the main
     process at start, on 'cuda' (spaces moves what is there into each GPU worker); nothing loads in a worker."""

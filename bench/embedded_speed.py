@@ -18,10 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from studio.generation import RequestLimits, TextToImage, TextToImageRequest  # noqa: E402
-from studio.memory import ModelManager  # noqa: E402
-from studio.pipelines import DiffusersFactory  # noqa: E402
-from studio.presets import load_presets, load_styles  # noqa: E402
+import app  # noqa: E402
+from studio.generation import TextToImageRequest  # noqa: E402
+from studio.presets import load_presets  # noqa: E402
 
 TARGET_S = 0.5
 
@@ -34,9 +33,7 @@ def main() -> None:
 
     presets = load_presets()
     preset = presets.get("embedded")
-    factory = DiffusersFactory(torch.device("cpu"))
-    manager = ModelManager(factory, torch.device("cpu"), torch.float32, device_budget=2 * 1024**3)
-    engine = TextToImage(manager, factory, presets, load_styles(), RequestLimits(), "bench")
+    engine, _ = app.local_engines(presets)
     request = TextToImageRequest(
         "a large red circle in the center on a blue background", preset="embedded", scheduler=preset.default_scheduler,
         steps=args.steps, guidance_scale=preset.default_guidance, width=preset.default_width,

@@ -8,10 +8,10 @@ import torch
 
 from studio.embedded.family import SMOKE_PLAN, train
 from studio.embedded.stages import VaeStage
-from studio.generation import RequestLimits, TextToImage, TextToImageRequest
-from studio.memory import ModelManager
-from studio.pipelines import DiffusersFactory
-from studio.presets import PresetCatalog, load_presets, load_styles
+import app
+from studio.generation import TextToImageRequest
+from studio.memory import ModelKey
+from studio.presets import PresetCatalog, load_presets
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,9 @@ def test_exported_pipelines_load_through_the_presets_like_any_model(smoke_family
     preset = dataclasses.replace(
         embedded, local=root / "models" / "embedded-sd", inpaint_local=root / "models" / "embedded-sd-inpainting"
     )
-    factory = DiffusersFactory(torch.device("cpu"))
-    manager = ModelManager(factory, torch.device("cpu"), torch.float32, device_budget=2 * 1024**3)
-    engine = TextToImage(manager, factory, PresetCatalog([preset], "embedded"), load_styles(), RequestLimits(), "test")
+    engine, _ = app.local_engines(PresetCatalog([preset], "embedded"))
     result = engine.generate(TextToImageRequest("a red circle", steps=2, seed=1))
     assert result.images[0].image.size == (64, 64)
-    with manager.lease(preset, "inpaint") as lease:
-        assert lease.pipeline.unet.config.in_channels == 9
-        assert lease.pipeline.vae is manager.loaded_object((preset.source, "vae"))  # shared with text-to-image
+    with engine.manager.use(engine.models.keys(preset, "inpaint")) as parts:
+        assert parts["unet"].config.in_channels == 9
+        assert parts["vae"] is engine.manager.loaded_object(ModelKey("diffusers", preset.source, "vae"))  # shared

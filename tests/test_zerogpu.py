@@ -1,0 +1,143 @@
+"""ZeroGPU, emulated the way spaces runs it: the @spaces.GPU function in a *forked* worker process that is kept
+for later calls, its arguments and result crossing queues. Stop and progress must cross the fork, results must
+come back, the booking must come from the job's estimate, and nothing may load inside the worker."""
+
+import multiprocessing
+import threading
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+import app
+from components.running import JobRunner
+from studio.generation import TextToImageRequest
+from studio.jobs import JobBoard
+
+
+class ForkingGpu:
+    """A stand-in for `spaces.GPU` that does what spaces' zero/wrappers.py does on a Space: a worker started with
+    a fork context on the first call and reused after; (args, kwargs) in, the result (or the error) out."""
+
+    def __init__(self, observe):
+        self.observe = observe  # run in the worker after each call; its value comes back too
+        self.bookings: list[float] = []
+        self.workers: list = []
+        self.observed: list = []
+
+    def GPU(self, duration):  # noqa: N802 - the name spaces uses
+        def decorate(task):
+            context = multiprocessing.get_context("fork")
+            worker = {}
+
+            def handler(*args, **kwargs):
+                self.bookings.append(duration(*args, **kwargs))
+                if not worker:
+                    arguments, results = context.SimpleQueue(), context.SimpleQueue()
+                    process = context.Process(target=serve, args=(task, arguments, results, self.observe), daemon=True)
+                    process.start()
+                    worker.update(process=process, arguments=arguments, results=results)
+                    self.workers.append(process)
+                worker["arguments"].put((args, kwargs))
+                kind, value, observed = worker["results"].get()
+                self.observed.append(observed)
+                if kind == "error":
+                    raise RuntimeError(value)
+                return value
+
+            return handler
+
+        return decorate
+
+
+def serve(task, arguments, results, observe):
+    torch.set_num_threads(1)  # OpenMP's thread pool does not survive a fork; a GPU worker does its work in CUDA
+    while True:
+        args, kwargs = arguments.get()
+        try:
+            results.put(("ok", task(*args, **kwargs), observe()))
+        except Exception:  # noqa: BLE001
+            results.put(("error", traceback.format_exc(), observe()))
+
+
+@pytest.fixture(scope="module")
+def zerogpu():
+    """The studio as app.py builds it on ZeroGPU: every offered preset preloaded in the main process, the GPU
+    function behind (a stand-in for) spaces.GPU."""
+    studio = app.build_studio(app.parse_args(["--device", "cpu"]))
+    engine = studio.text_to_image
+    app.preload_preset(studio.manager, engine.models, engine.downloads, engine.presets.get("embedded"), "cpu")
+    loads_before = studio.manager.loads
+    fake = ForkingGpu(observe=lambda: studio.manager.loads - loads_before)
+    original = getattr(app, "spaces", None)
+    app.spaces = fake
+    try:
+        runner = JobRunner(board=JobBoard(slots=8), gpu=app.zerogpu_wrapper(studio.manager))
+        yield studio, runner, runner.device_function(engine), fake
+    finally:
+        for process in fake.workers:
+            process.kill()
+        if original is None:
+            del app.spaces
+        else:
+            app.spaces = original
+
+
+def request(**changes):
+    values = dict(prompt="a red circle on a blue background", preset="embedded", scheduler="Euler", steps=12,
+                  guidance_scale=3.0, width=64, height=64, seed=21)
+    return TextToImageRequest(**(values | changes))
+
+
+def test_results_come_back_from_the_forked_worker_and_nothing_loads_there(zerogpu):
+    studio, runner, on_device, fake = zerogpu
+    plan = studio.text_to_image.plan(request(batch_size=2))
+    job = runner.board.open("visitor", "text-to-image")
+    result = on_device(plan, job.slot)
+    runner.board.close(job)
+    assert fake.workers and fake.workers[0].pid != multiprocessing.current_process().pid
+    assert result.seeds == [21, 22] and result.images[0].image.size == (64, 64)
+    here = studio.text_to_image.generate(request(batch_size=2))
+    assert np.array_equal(np.asarray(result.images[1].image), np.asarray(here.images[1].image))
+    assert "Seed: 22" in result.images[1].image.info["parameters"]
+    assert fake.observed[-1] == 0  # no model was loaded inside the worker
+    assert studio.manager.loading_allowed  # the main process's manager is untouched
+
+
+def test_the_booking_is_the_jobs_own_estimate(zerogpu):
+    studio, runner, on_device, fake = zerogpu
+    small = studio.text_to_image.plan(request(steps=20))
+    large = studio.text_to_image.plan(request(steps=100, batch_size=8))
+    for plan in (small, large):
+        job = runner.board.open("visitor", "text-to-image")
+        on_device(plan, job.slot)
+        runner.board.close(job)
+    assert fake.bookings[-2:] == [small.gpu_seconds, large.gpu_seconds]
+    assert small.gpu_seconds <= 6  # seconds for the embedded model, not 30 + steps × batch
+    assert large.gpu_seconds > small.gpu_seconds
+
+
+def test_stop_and_progress_cross_the_fork(zerogpu):
+    studio, runner, on_device, fake = zerogpu
+    plan = studio.text_to_image.plan(request(steps=100, batch_size=8))
+    job = runner.board.open("visitor", "text-to-image")
+    other = runner.board.open("visitor", "inpaint")  # the same visitor's other tab
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("result", on_device(plan, job.slot)))
+    worker.start()
+    seen = []
+    deadline = time.monotonic() + 60
+    while not seen or seen[-1][0] < 5:  # progress written in the worker, read here
+        assert time.monotonic() < deadline, "no progress came back from the worker"
+        seen.append(job.progress())
+        time.sleep(0.02)
+    assert runner.board.cancel("visitor", "text-to-image") == 1
+    worker.join(timeout=60)
+    result = outcome["result"]
+    assert result.interrupted and len(result.images) < 8
+    assert seen[-1][1] == plan.total_steps == 800
+    assert not other.cancelled  # Stop in one tab leaves the other tab's job alone
+    runner.board.close(job)
+    runner.board.close(other)
