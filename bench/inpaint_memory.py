@@ -19,21 +19,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline  # noqa: E402
 
+import app  # noqa: E402
 from studio.devices import format_bytes, module_bytes  # noqa: E402
-from studio.memory import ModelManager  # noqa: E402
-from studio.pipelines import DiffusersFactory  # noqa: E402
-from studio.presets import load_presets  # noqa: E402
+from studio.presets import PresetCatalog, load_presets  # noqa: E402
 
 TARGET = 0.6
 
 
 def shared_bytes(preset) -> int:
     """Both tasks warm in the studio's one memory manager: what it holds, by its own accounting."""
-    manager = ModelManager(DiffusersFactory(torch.device("cpu")), torch.device("cpu"), torch.float32, 8 * 1024**3)
-    pipelines = []
+    engine, _ = app.local_engines(PresetCatalog([preset], preset.name), device_budget=8 * 1024**3)
+    manager, pipelines = engine.manager, []
     for task in ("text2img", "inpaint"):
-        with manager.lease(preset, task) as lease:
-            pipelines.append(dict(lease.pipeline.components))
+        with manager.use(engine.models.keys(preset, task)) as parts:
+            pipelines.append(dict(parts))
     # Cross-check the manager's accounting against the modules the two pipelines really hold, each once.
     modules = {id(m): m for parts in pipelines for m in parts.values() if isinstance(m, torch.nn.Module)}
     held = manager.status().device_used

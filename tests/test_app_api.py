@@ -7,6 +7,7 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from bench.fairness import quick_image_wait_ratio
 from studio.embedded import scenes
 from studio.images import blur_mask
 from studio.metadata import parse_parameters
@@ -163,3 +164,10 @@ def test_sketch_to_image_endpoint_draws_from_the_sketch(client, tmp_path):
     assert seeds == [7] and "Denoising strength: 0.75" in info
     with Image.open(gallery[0]["image"]) as out:
         assert out.format == "PNG" and out.size == (64, 64)
+
+
+# ----- fairness: jobs take turns on the device between images -----
+
+def test_a_quick_image_is_not_stuck_behind_another_visitors_batch(app_url):
+    ratio, figures = quick_image_wait_ratio(app_url)
+    assert ratio <= 1.5, f"the quick image waited behind the batch: {figures}"

@@ -1,0 +1,606 @@
+"""Device memory for one text-to-image image with real SDXL base 1.0, SD 1.5 and SD-Turbo, planned by the studio's
+own ModelManager and DiffusionStages, without a GPU and without downloading anything.
+
+Every component (UNet, VAE, text encoders, safety checker) is built on the meta device from its repo's real
+config.json (accelerate's `init_empty_weights`): the parameter counts are exact (checked against the published
+counts) and no memory is used. A ModelManager on "cuda" (two tiers, no real moves) then runs the stages of one
+image at the preset's default size, CFG and fp16, exactly as the studio does: encode, denoise, decode (falling back
+to a tiled VAE plan when the untiled one is out of budget), and check where the preset has a safety checker, each
+through `DiffusionStages.run_stage` with the runtime's own plan functions and a `work` that does nothing.
+
+Printed per preset: the peak the manager held on the device under a given budget (weights + reserved working
+memory, idle models it had no reason to evict included), each stage's own need and what was held while it ran,
+and the smallest budget (bisection to 0.05 GiB, a fresh manager per trial) at which the whole image runs without
+OutOfMemoryBudget. Then, for contrast, what one whole-pipeline lease (all components + the larger of the UNet's
+and the VAE decode's working memory, the old way) needs for SDXL at 1024x1024.
+
+Exit code 1 if SDXL at 1024x1024 does not fit 8 GiB or SD 1.5 at 512x512 does not fit 3 GiB.
+
+    python bench/device_plan.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import diffusers  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import init_empty_weights  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
+from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+
+from studio.devices import format_bytes, module_bytes  # noqa: E402
+from studio.errors import OutOfMemoryBudget  # noqa: E402
+from studio.memory import DEVICE as ON_DEVICE  # noqa: E402
+from studio.memory import ModelKey, ModelManager, estimate_working_memory  # noqa: E402
+from studio.pipelines import WEIGHTLESS, DiffusersModels, DiffusionStages, StagePlan  # noqa: E402
+from studio.presets import load_presets  # noqa: E402
+
+GIB = 1024**3
+DTYPE = torch.float16
+DEVICE = torch.device("cuda")  # planned for, never touched: every weight is on the meta device
+TASK = "text2img"
+CASES = (("sdxl-base-1.0", 8 * GIB), ("stable-diffusion-1.5", 3 * GIB), ("sd-turbo", 3 * GIB))
+MUST_FIT = ("sdxl-base-1.0", "stable-diffusion-1.5")  # the exit code's cases, at the budgets above
+BISECTION_STEP = 0.05 * GIB
+BISECTION_CEILING = 64 * GIB
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
+TURBO = "stabilityai/sd-turbo"
+
+# ----- the repos' config.json files -----
+
+_SD_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_SD_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+_VAE_DOWN = ["DownEncoderBlock2D"] * 4
+_VAE_UP = ["UpDecoderBlock2D"] * 4
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5: unet/config.json
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": _SD_DOWN,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": _SD_UP,
+}
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5: vae/config.json
+SD15_VAE = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.6.0",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": _VAE_DOWN,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": _VAE_UP,
+}
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5: text_encoder/config.json (OpenAI CLIP ViT-L/14, text tower)
+SD15_TEXT_ENCODER = {
+    "_name_or_path": "openai/clip-vit-large-patch14",
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float32",
+    "transformers_version": "4.22.0.dev0",
+    "vocab_size": 49408,
+}
+
+# stable-diffusion-v1-5/stable-diffusion-v1-5: safety_checker/config.json (CompVis's checker: a CLIP ViT-L/14 vision
+# tower). The file spells out every CLIPTextConfig/CLIPVisionConfig field, defaults included (text_config_dict and
+# vision_config_dict repeat them); only the fields that differ from transformers' defaults are kept here.
+SD15_SAFETY_CHECKER = {
+    "_name_or_path": "CompVis/stable-diffusion-safety-checker",
+    "architectures": ["StableDiffusionSafetyChecker"],
+    "initializer_factor": 1.0,
+    "logit_scale_init_value": 2.6592,
+    "model_type": "clip",
+    "projection_dim": 768,
+    "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                    "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408},
+    "vision_config": {"hidden_size": 1024, "image_size": 224, "intermediate_size": 4096, "num_attention_heads": 16,
+                      "num_hidden_layers": 24, "patch_size": 14, "hidden_act": "quick_gelu"},
+    "torch_dtype": "float32",
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.19.0.dev0",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0: text_encoder/config.json (CLIP ViT-L/14, text tower)
+SDXL_TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "torch_dtype": "float16",
+    "transformers_version": "4.32.0.dev0",
+    "vocab_size": 49408,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0: text_encoder_2/config.json (OpenCLIP ViT-bigG/14, text tower + projection)
+SDXL_TEXT_ENCODER_2 = {
+    "architectures": ["CLIPTextModelWithProjection"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "projection_dim": 1280,
+    "torch_dtype": "float16",
+    "transformers_version": "4.32.0.dev0",
+    "vocab_size": 49408,
+}
+
+# madebyollin/sdxl-vae-fp16-fix: config.json (SDXL's VAE architecture, weights rescaled to decode in fp16)
+SDXL_VAE_FP16_FIX = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.18.0.dev0",
+    "_name_or_path": ".",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": _VAE_DOWN,
+    "force_upcast": False,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": 0.13025,
+    "up_block_types": _VAE_UP,
+}
+
+# stabilityai/sd-turbo: unet/config.json (SD 2.1's UNet)
+TURBO_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": "0.24.0.dev0",
+    "act_fn": "silu",
+    "addition_embed_type": None,
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": None,
+    "attention_head_dim": [5, 10, 20, 20],
+    "attention_type": "default",
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 1024,
+    "cross_attention_norm": None,
+    "down_block_types": _SD_DOWN,
+    "downsample_padding": 1,
+    "dropout": 0.0,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": None,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "reverse_transformer_layers_per_block": None,
+    "sample_size": 64,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": 1,
+    "up_block_types": _SD_UP,
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# stabilityai/sd-turbo: vae/config.json (SD 2.1's VAE)
+TURBO_VAE = {
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.24.0.dev0",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": _VAE_DOWN,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 768,
+    "scaling_factor": 0.18215,
+    "up_block_types": _VAE_UP,
+}
+
+# stabilityai/sd-turbo: text_encoder/config.json (OpenCLIP ViT-H/14, text tower without its last layer)
+TURBO_TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1024,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 4096,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 23,
+    "pad_token_id": 1,
+    "projection_dim": 512,
+    "torch_dtype": "float16",
+    "transformers_version": "4.35.0.dev0",
+    "vocab_size": 49408,
+}
+
+# Published exact parameter counts.
+SD15_UNET_PARAMS = 859_520_964
+SDXL_UNET_PARAMS = 2_567_463_684
+SD21_UNET_PARAMS = 865_910_724
+VAE_PARAMS = 83_653_863
+CLIP_L_TEXT_PARAMS = 123_060_480
+CLIP_BIGG_TEXT_PROJ_PARAMS = 694_659_840
+CLIP_H_TEXT_PARAMS = 340_387_840
+# Not in the list above, so derived: CLIP ViT-L/14's vision tower (303,179,776) + the 1024->768 projection (786,432)
+# + the 17 concept and 3 special-care embeddings of 768 and their 20 thresholds. x2 bytes = the 608 MB fp16 file.
+SAFETY_CHECKER_PARAMS = 303_981_588
+
+# (source, role) -> (class, config, exact parameter count)
+COMPONENTS = {
+    (SD15, "unet"): (UNet2DConditionModel, SD15_UNET, SD15_UNET_PARAMS),
+    (SD15, "vae"): (AutoencoderKL, SD15_VAE, VAE_PARAMS),
+    (SD15, "text_encoder"): (CLIPTextModel, SD15_TEXT_ENCODER, CLIP_L_TEXT_PARAMS),
+    (SD15, "safety_checker"): (StableDiffusionSafetyChecker, SD15_SAFETY_CHECKER, SAFETY_CHECKER_PARAMS),
+    (SDXL, "unet"): (UNet2DConditionModel, SDXL_UNET, SDXL_UNET_PARAMS),
+    (SDXL, "text_encoder"): (CLIPTextModel, SDXL_TEXT_ENCODER, CLIP_L_TEXT_PARAMS),
+    (SDXL, "text_encoder_2"): (CLIPTextModelWithProjection, SDXL_TEXT_ENCODER_2, CLIP_BIGG_TEXT_PROJ_PARAMS),
+    (SDXL_VAE, "vae"): (AutoencoderKL, SDXL_VAE_FP16_FIX, VAE_PARAMS),
+    (TURBO, "unet"): (UNet2DConditionModel, TURBO_UNET, SD21_UNET_PARAMS),
+    (TURBO, "vae"): (AutoencoderKL, TURBO_VAE, VAE_PARAMS),
+    (TURBO, "text_encoder"): (CLIPTextModel, TURBO_TEXT_ENCODER, CLIP_H_TEXT_PARAMS),
+}
+
+# ----- components on the meta device -----
+
+
+def build_on_meta(component_class: type, config: dict) -> torch.nn.Module:
+    """The component with every parameter on the meta device, in fp16 (floating tensors only)."""
+    with init_empty_weights():
+        if issubclass(component_class, diffusers.ModelMixin):
+            module = component_class.from_config(config)
+        else:
+            config_class = CLIPConfig if component_class is StableDiffusionSafetyChecker else CLIPTextConfig
+            module = component_class(config_class.from_dict(config))
+    return module.to(DTYPE).eval()
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def fp16_bytes(module: torch.nn.Module) -> int:
+    """Parameters and buffers: 2 bytes per element of floating tensors, the others at their own size."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
+def build_components() -> dict[tuple[str, str], torch.nn.Module]:
+    """Every component, built and checked: exact parameter count, and the manager's own measure of its bytes."""
+    modules = {}
+    print("components on the meta device (parameters: built / published):")
+    for (source, role), (component_class, config, expected) in COMPONENTS.items():
+        module = build_on_meta(component_class, config)
+        count = parameter_count(module)
+        assert count == expected, f"{source} {role}: {count:,} parameters, expected {expected:,}: fix the config"
+        assert fp16_bytes(module) == module_bytes(module), f"{source} {role}: bytes disagree with the manager's"
+        print(f"  {source.rsplit('/', 1)[-1] + '/' + role:<38} {component_class.__name__:<28} "
+              f"{count:>13,} / {expected:>13,} ok  {format_bytes(fp16_bytes(module)):>9} fp16")
+        modules[(source, role)] = module
+    return modules
+
+
+class MetaLoader:
+    """The manager's ModelLoader for "diffusers" keys: exact sizes of the meta-built components, known before
+    loading; `load` returns the meta module (tokenizers, schedulers and the feature extractor: a placeholder)."""
+
+    def __init__(self, modules: dict[tuple[str, str], torch.nn.Module]):
+        self.modules = modules
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        role = role_of(key)
+        return 0 if role in WEIGHTLESS else fp16_bytes(self._module(key, role))
+
+    def load(self, key: ModelKey, dtype: torch.dtype):
+        role = role_of(key)
+        if role in WEIGHTLESS:
+            return types.SimpleNamespace(placeholder_for=key.label)
+        return self._module(key, role)
+
+    def _module(self, key: ModelKey, role: str) -> torch.nn.Module:
+        try:
+            return self.modules[(key.source, role)]
+        except KeyError:
+            raise KeyError(f"No meta-built component for {key.source} {role!r}: add its config") from None
+
+
+def role_of(key: ModelKey) -> str:
+    """'unet' -> 'unet'; 'vae@root' (a standalone repo) -> 'vae'."""
+    return key.part.partition("@")[0]
+
+
+# ----- one image through the studio's stages -----
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    stage: str
+    tiled: bool
+    offloaded: bool
+    own: int  # bytes the stage itself holds on the device: its models there + the reserved working memory
+    held: int  # bytes on the device while it runs: idle models the manager had no reason to evict included
+
+
+class MetaStages(DiffusionStages):
+    """The studio's stages and fallbacks as they are, but for the last fallback's tensor moves: accelerate's model
+    CPU offload installs hooks that move real tensors (impossible on meta), so here it takes the same lease from
+    the manager (models locked in RAM, the largest one's bytes reserved on the device) and installs nothing."""
+
+    def _run_offloaded(self, plan: StagePlan, work):
+        with self.manager.use(plan.keys, plan.working_memory, on_device=False) as models:
+            return dataclasses.replace(work(models, plan), offloaded=True)
+
+
+def new_manager(loader: MetaLoader, budget: int) -> ModelManager:
+    return ModelManager({"diffusers": loader}, DEVICE, DTYPE, device_budget=budget, ram_budget=None, two_tiers=True,
+                        move=lambda obj, device: None)
+
+
+def record(manager: ModelManager) -> Callable[[dict, StagePlan], StageRecord]:
+    """The stage's `work`: nothing to compute on meta weights; it notes what the manager holds meanwhile."""
+    def work(models: dict, plan: StagePlan) -> StageRecord:
+        status = manager.status()
+        own = sum(m.size for m in status.models if m.in_use and m.placement == ON_DEVICE) + status.reserved
+        return StageRecord(plan.stage, plan.vae_tiling, False, own, status.device_used + status.reserved)
+
+    return work
+
+
+def stage_plans(stages: DiffusionStages, preset, width: int, height: int,
+                guidance: bool) -> list[tuple[Callable[[bool], StagePlan], bool]]:
+    """(plan_for, can_tile) per stage, as DiffusionStages.encode/denoise/decode/check pass them to run_stage."""
+    plans = [
+        (lambda tiled: stages.plan_encode(preset, TASK, guidance), False),
+        (lambda tiled: stages.plan_denoise(preset, TASK, width, height, guidance, tiled), TASK != "text2img"),
+        (lambda tiled: stages.plan_decode(preset, TASK, width, height, tiled), True),
+    ]
+    check = stages.plan_check(preset, TASK)
+    if check is not None:
+        plans.append((lambda tiled: check, False))
+    return plans
+
+
+def run_one_image(loader: MetaLoader, preset, budget: int) -> tuple[ModelManager, list[StageRecord]]:
+    """One image at the preset's defaults on a fresh manager. Raises OutOfMemoryBudget if a stage cannot run."""
+    manager = new_manager(loader, budget)
+    stages = MetaStages(manager, DiffusersModels(DEVICE))
+    width, height, guidance = preset.default_width, preset.default_height, preset.default_guidance > 1
+    records = [stages.run_stage(plan_for, record(manager), can_tile=can_tile)
+               for plan_for, can_tile in stage_plans(stages, preset, width, height, guidance)]
+    return manager, records
+
+
+def fits(loader: MetaLoader, preset, budget: int) -> bool:
+    try:
+        run_one_image(loader, preset, budget)
+    except OutOfMemoryBudget:
+        return False
+    return True
+
+
+def smallest_budget(loader: MetaLoader, preset) -> int:
+    """The smallest multiple of 0.05 GiB at which the whole image runs (fits is monotonic in the budget)."""
+    low, high = 0, round(BISECTION_CEILING / BISECTION_STEP)  # in steps: low does not fit, high does
+    assert fits(loader, preset, int(high * BISECTION_STEP)), f"{preset.name} does not even fit {BISECTION_CEILING}"
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(loader, preset, int(middle * BISECTION_STEP)):
+            high = middle
+        else:
+            low = middle
+    return int(high * BISECTION_STEP)
+
+
+def whole_pipeline_need(loader: MetaLoader, preset) -> int:
+    """The old way: every component of the task on the device at once, with the larger of the UNet's and the VAE
+    decode's working memory reserved, as one lease from the manager."""
+    manager = new_manager(loader, BISECTION_CEILING)
+    keys = DiffusersModels(DEVICE).keys(preset, TASK)
+    working = estimate_working_memory(preset.default_width, preset.default_height, 1, DTYPE,
+                                      preset.default_guidance > 1)
+    with manager.use(keys, working):
+        pass
+    return manager.status().peak
+
+
+# ----- report -----
+
+
+def describe_stage(stage: StageRecord) -> str:
+    how = [word for word, on in (("tiled", stage.tiled), ("model CPU offload", stage.offloaded)) if on]
+    if stage.stage == "decode" and not stage.tiled:
+        how.insert(0, "untiled")
+    label = f"{stage.stage} ({', '.join(how)})" if how else stage.stage
+    return f"{label} {format_bytes(stage.held)} (own {format_bytes(stage.own)})"
+
+
+def report_preset(loader: MetaLoader, preset, budget: int) -> bool:
+    size = f"{preset.default_width}x{preset.default_height}"
+    try:
+        manager, stages = run_one_image(loader, preset, budget)
+        peak, verdict, ok = format_bytes(manager.status().peak), "fits", True
+    except OutOfMemoryBudget as error:
+        stages, peak, verdict, ok = [], "-", f"DOES NOT FIT ({error})", False
+    print(f"{preset.name} {size} fp16: peak {peak}, budget {format_bytes(budget)}: {verdict}")
+    print(f"  CFG {preset.default_guidance:g} ({'with' if preset.default_guidance > 1 else 'no'} guidance); "
+          f"per stage, held on the device: " + " / ".join(describe_stage(stage) for stage in stages))
+    least = smallest_budget(loader, preset)
+    _, at_least = run_one_image(loader, preset, least)
+    print(f"  smallest budget that fits: {least / GIB:.2f} GiB; there: "
+          + " / ".join(describe_stage(stage) for stage in at_least))
+    return ok
+
+
+def main() -> int:
+    began = time.perf_counter()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    loader = MetaLoader(build_components())
+    gc.freeze()  # the meta modules stay for the whole run: keep the manager's gc.collect() calls cheap
+    presets = load_presets()
+    print()
+    failed = []
+    for name, budget in CASES:
+        if not report_preset(loader, presets.get(name), budget) and name in MUST_FIT:
+            failed.append(name)
+    sdxl = presets.get("sdxl-base-1.0")
+    print(f"\nfor contrast, one whole-pipeline lease (all components + max(UNet, VAE decode) working memory) for "
+          f"sdxl-base-1.0 at {sdxl.default_width}x{sdxl.default_height}: {format_bytes(whole_pipeline_need(loader, sdxl))}")
+    print(f"\n{time.perf_counter() - began:.1f} s")
+    if failed:
+        print(f"FAILED: {', '.join(failed)} did not fit the budget", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Fairness between visitors, measured through the API: while one visitor's batch of 8 images at 100 steps runs,
+how long does another visitor's single 20-step image take? Printed as a ratio to (its time alone + one 100-step
+image), the bound jobs that take turns between images should meet (target <= 1.5). With --concurrency 1 (one job
+at a time, the old behaviour) the quick image waits for the whole batch.
+
+    python bench/fairness.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from gradio_client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUEST = dict(prompt="a red circle on a blue background", negative_prompt="", preset="embedded", scheduler="Euler",
+               guidance_scale=3.0, width=64, height=64, style="None")
+TARGET = 1.5
+
+
+def generate(url: str, **settings):
+    return Client(url, verbose=False).predict(**(REQUEST | settings), api_name="/text_to_image")
+
+
+def timed(call) -> float:
+    began = time.perf_counter()
+    call()
+    return time.perf_counter() - began
+
+
+def quick_image_wait_ratio(url: str) -> tuple[float, dict]:
+    """(time of a quick image during a long batch) / (its time alone + one 100-step image), and the figures."""
+    quick = dict(steps=20, seed=1, batch_size=1)
+    generate(url, **quick)  # warm: models loaded, first-call allocations done
+    alone = statistics.median(timed(lambda: generate(url, **quick)) for _ in range(3))
+    one_long_image = statistics.median(timed(lambda: generate(url, steps=100, seed=2, batch_size=1)) for _ in range(2))
+    batch = Client(url, verbose=False).submit(**(REQUEST | dict(steps=100, seed=3, batch_size=8)),
+                                              api_name="/text_to_image")
+    deadline = time.monotonic() + 60
+    while not (batch.status().progress_data and batch.status().progress_data[0].index):  # the batch is denoising
+        if time.monotonic() > deadline:
+            raise RuntimeError("the long batch never started")
+        time.sleep(0.05)
+    waited = timed(lambda: generate(url, **quick))
+    finished_first = batch.done()
+    batch_time = timed(lambda: batch.result(timeout=600))
+    if finished_first:
+        raise RuntimeError("the batch ended before the quick image: the measurement says nothing")
+    figures = dict(alone=alone, one_long_image=one_long_image, waited=waited, batch_rest=batch_time)
+    return waited / (alone + one_long_image), figures
+
+
+def start_app(port: int, *flags: str) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *flags], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the app did not start")
+
+
+def main() -> None:
+    for concurrency in (4, 1):
+        port = 7900 + concurrency
+        process = start_app(port, "--concurrency", str(concurrency))
+        try:
+            ratio, figures = quick_image_wait_ratio(f"http://127.0.0.1:{port}")
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+        verdict = "met" if ratio <= TARGET else "NOT met"
+        print(f"--concurrency {concurrency}: quick image alone {figures['alone']:.2f} s, one 100-step image "
+              f"{figures['one_long_image']:.2f} s, quick image during the 8 x 100 batch {figures['waited']:.2f} s: "
+              f"ratio {ratio:.2f} (target <= {TARGET}: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
