@@ -417,13 +417,14 @@ def fp16_bytes(module: torch.nn.Module) -> int:
 def build_components() -> dict[tuple[str, str], torch.nn.Module]:
     """Every component, built and checked: exact parameter count, and the manager's own measure of its bytes."""
     modules = {}
-    print("components on the meta device (parameters: built / published):")
+    print("components on the meta device (parameters: built / expected):")
     for (source, role), (component_class, config, expected) in COMPONENTS.items():
         module = build_on_meta(component_class, config)
         count = parameter_count(module)
         assert count == expected, f"{source} {role}: {count:,} parameters, expected {expected:,}: fix the config"
         assert fp16_bytes(module) == module_bytes(module), f"{source} {role}: bytes disagree with the manager's"
-        print(f"  {source.rsplit('/', 1)[-1] + '/' + role:<38} {component_class.__name__:<28} "
+        label = f"{source.rsplit('/', 1)[-1]}/{role}"
+        print(f"  {label:<44} {component_class.__name__:<28} "
               f"{count:>13,} / {expected:>13,} ok  {format_bytes(fp16_bytes(module)):>9} fp16")
         modules[(source, role)] = module
     return modules
@@ -509,31 +510,46 @@ def stage_plans(stages: DiffusionStages, preset, width: int, height: int,
     return plans
 
 
+class BrokenBookkeeping(Exception):
+    """The manager's books disagree with what the stages did: its plans can no longer be trusted."""
+
+
 def run_one_image(loader: MetaLoader, preset, budget: int) -> tuple[ModelManager, list[StageRecord]]:
-    """One image at the preset's defaults on a fresh manager. Raises OutOfMemoryBudget if a stage cannot run."""
+    """One image at the preset's defaults on a fresh manager. Raises OutOfMemoryBudget if a stage cannot run, and
+    BrokenBookkeeping if working memory is still counted as reserved once a stage is over."""
     manager = new_manager(loader, budget)
     stages = MetaStages(manager, DiffusersModels(DEVICE))
     width, height, guidance = preset.default_width, preset.default_height, preset.default_guidance > 1
-    records = [stages.run_stage(plan_for, record(manager), can_tile=can_tile)
-               for plan_for, can_tile in stage_plans(stages, preset, width, height, guidance)]
+    records = []
+    for plan_for, can_tile in stage_plans(stages, preset, width, height, guidance):
+        records.append(stages.run_stage(plan_for, record(manager), can_tile=can_tile))
+        left = manager.status().reserved
+        if left != 0:
+            raise BrokenBookkeeping(f"at a {budget / GIB:.2f} GiB budget, after the {records[-1].stage} stage the "
+                                    f"manager counts {format_bytes(left)} as reserved (should be 0)")
     return manager, records
 
 
-def fits(loader: MetaLoader, preset, budget: int) -> bool:
+def fits(loader: MetaLoader, preset, budget: int, broken: list[str]) -> bool:
+    """Whether the image runs without OutOfMemoryBudget. A run whose bookkeeping broke does not count as fitting
+    (the manager planned it with bytes it does not have); what broke is appended to `broken`."""
     try:
         run_one_image(loader, preset, budget)
     except OutOfMemoryBudget:
         return False
+    except BrokenBookkeeping as error:
+        broken.append(str(error))
+        return False
     return True
 
 
-def smallest_budget(loader: MetaLoader, preset) -> int:
+def smallest_budget(loader: MetaLoader, preset, broken: list[str]) -> int:
     """The smallest multiple of 0.05 GiB at which the whole image runs (fits is monotonic in the budget)."""
     low, high = 0, round(BISECTION_CEILING / BISECTION_STEP)  # in steps: low does not fit, high does
-    assert fits(loader, preset, int(high * BISECTION_STEP)), f"{preset.name} does not even fit {BISECTION_CEILING}"
+    assert fits(loader, preset, int(high * BISECTION_STEP), broken), f"{preset.name} does not fit {BISECTION_CEILING}"
     while high - low > 1:
         middle = (low + high) // 2
-        if fits(loader, preset, int(middle * BISECTION_STEP)):
+        if fits(loader, preset, int(middle * BISECTION_STEP), broken):
             high = middle
         else:
             low = middle
@@ -568,15 +584,19 @@ def report_preset(loader: MetaLoader, preset, budget: int) -> bool:
     try:
         manager, stages = run_one_image(loader, preset, budget)
         peak, verdict, ok = format_bytes(manager.status().peak), "fits", True
-    except OutOfMemoryBudget as error:
+    except (OutOfMemoryBudget, BrokenBookkeeping) as error:
         stages, peak, verdict, ok = [], "-", f"DOES NOT FIT ({error})", False
     print(f"{preset.name} {size} fp16: peak {peak}, budget {format_bytes(budget)}: {verdict}")
     print(f"  CFG {preset.default_guidance:g} ({'with' if preset.default_guidance > 1 else 'no'} guidance); "
           f"per stage, held on the device: " + " / ".join(describe_stage(stage) for stage in stages))
-    least = smallest_budget(loader, preset)
-    _, at_least = run_one_image(loader, preset, least)
-    print(f"  smallest budget that fits: {least / GIB:.2f} GiB; there: "
+    broken: list[str] = []
+    least = smallest_budget(loader, preset, broken)
+    manager, at_least = run_one_image(loader, preset, least)
+    print(f"  smallest budget that fits: {least / GIB:.2f} GiB (peak {format_bytes(manager.status().peak)}): "
           + " / ".join(describe_stage(stage) for stage in at_least))
+    if broken:
+        print(f"  BOOKKEEPING BROKEN in {len(broken)} of the smaller trials (counted as not fitting), first "
+              f"{broken[0]}")
     return ok
 
 
@@ -593,8 +613,9 @@ def main() -> int:
         if not report_preset(loader, presets.get(name), budget) and name in MUST_FIT:
             failed.append(name)
     sdxl = presets.get("sdxl-base-1.0")
+    whole = whole_pipeline_need(loader, sdxl)
     print(f"\nfor contrast, one whole-pipeline lease (all components + max(UNet, VAE decode) working memory) for "
-          f"sdxl-base-1.0 at {sdxl.default_width}x{sdxl.default_height}: {format_bytes(whole_pipeline_need(loader, sdxl))}")
+          f"sdxl-base-1.0 at {sdxl.default_width}x{sdxl.default_height}: {format_bytes(whole)}")
     print(f"\n{time.perf_counter() - began:.1f} s")
     if failed:
         print(f"FAILED: {', '.join(failed)} did not fit the budget", file=sys.stderr)

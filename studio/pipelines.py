@@ -198,11 +198,15 @@ def weight_files(folder: Path, variant: str | None) -> list[Path]:
     return [f for f in files if not any(mark in f.name for mark in _VARIANT_MARKS)]
 
 
+UNSAVED_BUFFERS_SLACK = 64 * 1024  # buffers a model makes but does not save (e.g. CLIP's position ids)
+
+
 def safetensors_bytes(files: list[Path], dtype: torch.dtype) -> int:
     """Bytes the tensors in these files take once loaded with floating tensors cast to `dtype`, read from the
-    files' headers alone (a few KB each), so room can be made before anything is loaded."""
+    files' headers alone (a few KB each), so room can be made before anything is loaded; plus a little for
+    buffers that are made, not loaded, so that the estimate is never short."""
     target = torch.finfo(dtype).bits // 8
-    total = 0
+    total = UNSAVED_BUFFERS_SLACK if files else 0
     for path in files:
         with open(path, "rb") as file:
             (length,) = struct.unpack("<Q", file.read(8))
