@@ -24,7 +24,7 @@ import gradio as gr
 import torch
 
 from components.inpaint import build_inpaint_tab, editor_with_background
-from components.running import JobRunner
+from components.running import JobRunner, user_error
 from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
 from studio import __version__
@@ -37,6 +37,7 @@ from studio.devices import (
     resolve_device,
 )
 from studio.downloads import HubDownloads
+from studio.errors import InvalidRequest
 from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
 from studio.jobs import JobBoard
@@ -187,7 +188,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def send_to_inpaint(gallery, index):
             if not gallery:
-                raise gr.Error("Generate an image first.")
+                raise user_error(InvalidRequest(["Generate an image first."]), "Nothing to send")
             image, _caption = gallery[min(index or 0, len(gallery) - 1)]
             return editor_with_background(image), gr.Tabs(selected="inpaint")
 

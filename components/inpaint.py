@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 
 from components.preset_picker import chosen_preset, preset_card, sampling_updates
-from components.running import JobRunner
-from studio.errors import StudioError
+from components.running import JobRunner, user_error
+from studio.errors import InvalidRequest, StudioError
 from studio.images import open_image
 from studio.inpainting import INPAINT_AREAS, MAX_MASK_BLUR, MAX_PADDING, WHOLE_PICTURE, InpaintRequest, Inpainter
 from studio.schedulers import schedulers_for
@@ -122,11 +122,11 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         background, layers, composite = value.get("background"), value.get("layers") or [], value.get("composite")
         if chosen_mode == SKETCH_TO_IMAGE:
             if composite is None:
-                raise gr.Error("Draw a sketch first.", title="Nothing to work from")
+                raise user_error(InvalidRequest(["Draw a sketch first."]), "Nothing to work from")
             return composite, None
         if background is None:
-            raise gr.Error("Upload an image first (or choose Sketch to image to draw on a blank canvas).",
-                           title="Nothing to inpaint")
+            raise user_error(InvalidRequest(["Upload an image first (or choose Sketch to image to draw on a blank "
+                                             "canvas)."]), "Nothing to inpaint")
         mask = painted_mask(layers, background.size)
         return (composite if chosen_mode == SKETCH else background), mask
 
@@ -140,7 +140,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             problems["mask"] = ("Paint over the part of the image to redo first." if chosen_mode == INPAINT
                                 else "Paint some strokes on the image first.")
         if problems:
-            raise gr.Error(" ".join(problems.values()), title="Check the settings")
+            raise user_error(InvalidRequest(list(problems.values())), "Check the settings")
         runner.submitted(request, TAB)
 
     on_device = runner.device_function(engine)
@@ -164,7 +164,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         try:
             return open_image(path, what, max_upload)
         except StudioError as error:
-            raise gr.Error(str(error), title="Cannot use this file") from None
+            raise user_error(error, "Cannot use this file") from None
 
     def inpaint_from_editor(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
                             strength, mask_blur, inpaint_area, padding, seed, batch_size, request: gr.Request,
@@ -183,7 +183,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
                                     mask_blur, inpaint_area, padding, seed, batch_size)
         if image is None or mask is None:
-            raise gr.Error("Give both an image and a mask (white = repaint).")
+            raise user_error(InvalidRequest(["Give both an image and a mask (white = repaint)."]), "Cannot inpaint")
         return run(request, progress, opened(image, "image"), opened(mask, "mask"), settings_request,
                    "Cannot inpaint")
 
@@ -194,7 +194,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, 4,
                                     WHOLE_PICTURE, 32, seed, batch_size)
         if sketch is None:
-            raise gr.Error("Give a sketch image.")
+            raise user_error(InvalidRequest(["Give a sketch image."]), "Cannot generate")
         return run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
 
     def switch_mode(chosen_mode):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from components.running import user_error
 from studio.errors import StudioError
 from studio.presets import ModelPreset, PresetCatalog
 from studio.schedulers import schedulers_for
@@ -18,7 +19,7 @@ def chosen_preset(presets: PresetCatalog, name: str) -> ModelPreset:
     try:
         return presets.get(name)
     except StudioError as error:  # a typed-in name: the engine's message lists the real presets
-        raise gr.Error(str(error)) from None
+        raise user_error(error, "Unknown preset") from None
 
 
 def sampling_updates(preset: ModelPreset, limits, scheduler=None, steps=None, guidance=None) -> tuple:

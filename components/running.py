@@ -31,7 +31,7 @@ def session_of(request: gr.Request | None) -> str:
 def user_error(error: StudioError, title: str) -> gr.Error:
     """A user's mistake or a model that cannot be had: one line in the log, the message in the browser."""
     log.info("%s: %s", title, str(error).splitlines()[0] if str(error) else type(error).__name__)
-    return gr.Error(str(error), title=title)
+    return gr.Error(str(error), title=title, print_exception=False)  # a traceback is for real faults only
 
 
 @dataclass
@@ -52,7 +52,7 @@ class JobRunner:
             try:
                 return engine.run(plan, board.attach(slot))
             except StudioError as error:  # crosses ZeroGPU's process boundary as a gradio error
-                raise gr.Error(str(error), title="Cannot generate") from None
+                raise gr.Error(str(error), title="Cannot generate", print_exception=False) from None
 
         return self.gpu(run_on_device, lambda plan, slot: plan.gpu_seconds)
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from components.preset_picker import chosen_preset, preset_card, sampling_updates
-from components.running import JobRunner
+from components.running import JobRunner, user_error
+from studio.errors import InvalidRequest
 from studio.generation import TextToImage, TextToImageRequest, request_from_parameters
 from studio.schedulers import schedulers_for
 
@@ -105,7 +106,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width,
                                             height, seed, batch_size, style))
         if problems:
-            raise gr.Error(" ".join(problems.values()), title="Check the settings")
+            raise user_error(InvalidRequest(list(problems.values())), "Check the settings")
         runner.submitted(request, TAB)
 
     on_device = runner.device_function(engine)
@@ -136,7 +137,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
 
     def send_parameters(text, *values):
         if not text or text.startswith("This image has no"):
-            raise gr.Error("Drop a PNG with generation parameters first.")
+            raise user_error(InvalidRequest(["Drop a PNG with generation parameters first."]), "No parameters")
         filled = request_from_parameters(text, engine.presets, _request(*values))
         card_update, *fitted = preset_updates(
             filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height

@@ -286,19 +286,20 @@ class ModelManager:
                 if key in self._entries:
                     self._entries[key].locks += 1
                     locked.append(self._entries[key])
-        reserved = 0
+        reserved = 0  # what this call has added to self._reserved: only that is given back on failure
         try:
             loaded = {e.key for e in locked}
             sizes = {key: self._size_of(key) for key in wanted if key not in loaded}
             if on_device:
-                reserved = working_memory
+                to_reserve = working_memory
                 needed = sum(sizes.values()) + sum(e.size for e in locked if e.placement != DEVICE)
             else:
-                reserved = working_memory + max([*sizes.values(), *(e.size for e in locked), 0])
+                to_reserve = working_memory + max([*sizes.values(), *(e.size for e in locked), 0])
                 needed = 0 if self.two_tiers else sum(sizes.values())
-            self._make_room_on_device(needed + reserved, protected)
+            self._make_room_on_device(needed + to_reserve, protected)
             with self._state_lock:
-                self._reserved += reserved
+                self._reserved += to_reserve
+            reserved = to_reserve
             for key, size in sizes.items():
                 entry = self._load(key, size, protected)
                 locked.append(entry)

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -72,7 +73,7 @@ STANDALONE_CLASSES = {
 }
 STAGE_ROLES = {
     "encode": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
-    "denoise": ("unet", "vae", "scheduler"),
+    "denoise": ("unet", "scheduler"),  # + the VAE where an init image is encoded (img2img, inpaint)
     "decode": ("vae",),
     "check": SAFETY_ROLES,
 }
@@ -237,11 +238,14 @@ def unavailable(source: str, error: Exception, label: str | None = None) -> Mode
 class DiffusersModels:
     """Which components a (preset, task) is made of, and pipelines assembled over them."""
 
-    def __init__(self, device: torch.device, safety_checker_everywhere: bool = False):
+    def __init__(self, device: torch.device, safety_checker_everywhere: bool = False,
+                 safety_checker_source: str = SAFETY_CHECKER_REPO):
         self.device = torch.device(device)
         # Public mode: every preset gets a safety checker (its own, or CompVis's), unless it is safe by construction.
         self.safety_checker_everywhere = safety_checker_everywhere
+        self.safety_checker_source = safety_checker_source
         self._hashes: dict[str, str] = {}
+        self._scale_factors: dict[ModelKey, int] = {}
         self._lock = threading.Lock()
 
     def keys(self, preset, task: str) -> dict[str, ModelKey]:
@@ -257,7 +261,7 @@ class DiffusersModels:
             if preset.safety_checker:
                 keys.update({role: ModelKey(KIND, preset.source, role) for role in SAFETY_ROLES})
             else:
-                keys.update({role: standalone_key(role, SAFETY_CHECKER_REPO) for role in SAFETY_ROLES})
+                keys.update({role: standalone_key(role, self.safety_checker_source) for role in SAFETY_ROLES})
         return keys
 
     def needs_safety_checker(self, preset) -> bool:
@@ -265,7 +269,23 @@ class DiffusersModels:
 
     def stage_keys(self, preset, task: str, stage: str) -> dict[str, ModelKey]:
         keys = self.keys(preset, task)
-        return {role: key for role, key in keys.items() if role in STAGE_ROLES[stage]}
+        roles = STAGE_ROLES[stage] + (("vae",) if stage == "denoise" and task != "text2img" else ())
+        return {role: key for role, key in keys.items() if role in roles}
+
+    def vae_scale_factor(self, preset, task: str) -> int:
+        """How much the VAE downsamples, read from its config: a pipeline without its VAE (text-to-image
+        denoising) would otherwise assume 8, and the embedded model's VAE downsamples by 4."""
+        key = self.keys(preset, task)["vae"]
+        with self._lock:
+            if key in self._scale_factors:
+                return self._scale_factors[key]
+        role, subfolder = _split_part(key.part)
+        local = os.path.isdir(key.source)
+        config = AutoencoderKL.load_config(key.source, subfolder=subfolder, local_files_only=not local)
+        factor = 2 ** (len(config["block_out_channels"]) - 1)
+        with self._lock:
+            self._scale_factors[key] = factor
+        return factor
 
     def download_requests(self, preset, task: str, dtype: torch.dtype) -> list[DownloadRequest]:
         """What to fetch from the Hub for (preset, task), one request per source (folders need nothing)."""
@@ -314,6 +334,8 @@ class DiffusersModels:
         else:
             arguments["add_watermarker"] = False
         pipeline = pipeline_class(**arguments)
+        if arguments["vae"] is None and arguments["unet"] is not None:
+            pipeline.vae_scale_factor = self.vae_scale_factor(preset, task)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -397,18 +419,22 @@ class DiffusionStages:
         return StagePlan("denoise", self.models.stage_keys(preset, task, "denoise"), working, vae_tiling=tiled)
 
     def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False) -> StagePlan:
-        return StagePlan("decode", self.models.stage_keys(preset, task, "decode"),
-                         self._vae_working_memory(preset, width, height, tiled), vae_tiling=tiled)
+        keys = self.models.stage_keys(preset, task, "decode")
+        working = self._vae_working_memory(preset, width, height, tiled)
+        if self._vae_upcast(preset):  # its weights double while they are in fp32
+            working += self.manager.loaders[keys["vae"].kind].size(keys["vae"], self.manager.dtype)
+        return StagePlan("decode", keys, working, vae_tiling=tiled)
 
     def plan_check(self, preset, task: str) -> StagePlan | None:
         keys = self.models.stage_keys(preset, task, "check")
         return StagePlan("check", keys, 256 * 1024**2) if keys else None
 
+    def _vae_upcast(self, preset) -> bool:
+        """SDXL's own VAE overflows in fp16 and decodes in fp32 (the fp16-fix VAE a preset may name does not)."""
+        return architecture(preset) == "sdxl" and "vae" not in preset.components and self.manager.dtype == torch.float16
+
     def _vae_working_memory(self, preset, width: int, height: int, tiled: bool) -> int:
-        # SDXL's own VAE overflows in fp16 and is upcast to fp32 for decoding (not the fp16-fix VAE)
-        dtype = self.manager.dtype
-        if architecture(preset) == "sdxl" and "vae" not in preset.components and dtype == torch.float16:
-            dtype = torch.float32
+        dtype = torch.float32 if self._vae_upcast(preset) else self.manager.dtype
         if tiled:
             width, height = min(width, VAE_TILE), min(height, VAE_TILE)
         return vae_decode_working_memory(width, height, 1, dtype)
@@ -443,7 +469,7 @@ class DiffusionStages:
         """`call(pipe)` runs the pipeline with output_type="latent" and returns the latents."""
         def work(models, plan):
             pipe = self.models.assemble(preset, task, models)
-            with vae_tiling(pipe.vae, plan.vae_tiling):
+            with vae_tiling(models.get("vae"), plan.vae_tiling):
                 return call(pipe)
 
         return self.run_stage(lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled), work,

@@ -17,6 +17,7 @@ from studio.presets import load_presets, load_styles
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
+APP_LOGS: dict[str, Path] = {}  # url -> the log file of the app serving it
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +86,7 @@ def app_url(tmp_path_factory):
             process.kill()
             pytest.fail(f"app did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
+    APP_LOGS[url] = log
     yield url
     process.terminate()
     try:

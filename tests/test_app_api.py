@@ -79,6 +79,17 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_answering(client, ove
     assert seeds == [3]
 
 
+def test_a_user_error_is_one_line_in_the_log_not_a_traceback(client, app_url):
+    from conftest import APP_LOGS
+
+    with pytest.raises(Exception, match="Unknown scheduler 'Sampler of dreams'"):
+        text_to_image(client, scheduler="Sampler of dreams")
+    log = APP_LOGS[app_url].read_text()
+    lines = [line for line in log.splitlines() if "Sampler of dreams" in line]
+    # one line; a traceback would repeat the message on its last line
+    assert len(lines) == 1 and "studio.requests" in lines[0] and "Cannot generate" in lines[0]
+
+
 def test_two_users_at_once_each_get_their_own_settings(app_url):
     results = {}
 

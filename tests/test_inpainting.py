@@ -205,3 +205,15 @@ def test_a_base_model_without_an_inpainting_checkpoint_inpaints_with_its_own_une
     assert np.array_equal(out[keep], np.asarray(image)[keep]) and not np.array_equal(out[~keep], np.asarray(image)[~keep])
     with manager.use(models.keys(base_only, "inpaint")) as parts:
         assert parts["unet"].config.in_channels == 4
+
+
+def test_public_limits_refuse_a_large_upload_before_any_work(stages):
+    public = Inpainter(stages, load_presets(), RequestLimits.public(), version="test")
+    big = Image.new("RGB", (2500, 2000), "white")  # 5 MP: fine on your own machine, too much for a public demo
+    mask = Image.new("L", big.size, 0)
+    mask.paste(255, (100, 100, 300, 300))
+    with pytest.raises(InvalidRequest, match="2500×2000: more than 4,000,000 pixels, the limit here"):
+        public.plan_inpaint(big, mask, request())
+    private = Inpainter(stages, load_presets(), RequestLimits(), version="test")
+    plan, _ = private.plan_inpaint(big, mask, request())
+    assert plan.size[0] <= 128  # the embedded model's working size

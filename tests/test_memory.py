@@ -171,6 +171,22 @@ def test_working_memory_reserve_counts_against_the_budget():
     assert manager.status().reserved == 0
 
 
+def test_a_stage_refused_for_lack_of_room_reserves_nothing():
+    """A refused stage (the decode's untiled try, before its tiled retry) must give back nothing it did not take:
+    a count that drifted below zero would let later stages go over the budget."""
+    manager = cpu_manager(TrackingLoader(), PIPELINE + 10 * KB)
+    for _ in range(3):
+        with pytest.raises(OutOfMemoryBudget):
+            with manager.use(A, working_memory=100 * KB):
+                pass
+        assert manager.status().reserved == 0
+    with manager.use(A, working_memory=10 * KB):
+        assert manager.status().reserved == 10 * KB
+    with pytest.raises(OutOfMemoryBudget):  # and the budget still holds
+        with manager.use(A, working_memory=11 * KB):
+            pass
+
+
 def test_leased_modules_are_never_evicted():
     manager = cpu_manager(TrackingLoader(), PIPELINE + 50 * KB)
     with manager.use(A) as outer:

@@ -22,7 +22,7 @@ from studio.pipelines import (
 )
 from studio.presets import PresetCatalog, load_presets, load_styles
 
-from tiny_models import save_tiny_sdxl, save_tiny_vae
+from tiny_models import save_tiny_safety_checker, save_tiny_sdxl, save_tiny_vae
 
 
 @pytest.fixture
@@ -73,7 +73,8 @@ def test_stages_hold_only_their_own_roles(presets):
     sdxl = presets.get("sdxl-base-1.0")
     assert set(models.stage_keys(sdxl, "text2img", "encode")) == {"text_encoder", "text_encoder_2", "tokenizer",
                                                                   "tokenizer_2"}
-    assert set(models.stage_keys(sdxl, "text2img", "denoise")) == {"unet", "vae", "scheduler"}
+    assert set(models.stage_keys(sdxl, "text2img", "denoise")) == {"unet", "scheduler"}  # latents out: no VAE
+    assert set(models.stage_keys(sdxl, "inpaint", "denoise")) == {"unet", "vae", "scheduler"}  # encodes the image
     assert set(models.stage_keys(sdxl, "text2img", "decode")) == {"vae"}
 
 
@@ -215,3 +216,21 @@ def test_a_budget_too_small_for_a_whole_decode_uses_a_tiled_one(tiny_sdxl):
     assert image.shape[-2:] == (1024, 1024)
     assert ("decode", True) in used
     assert small.manager.status().peak <= budget
+
+
+@pytest.mark.parametrize("flags_everything", [True, False])
+def test_public_mode_never_shows_a_flagged_image(presets, tmp_path, flags_everything):
+    """The safety checker runs as a stage of its own; what it flags is replaced by a notice, never shown."""
+    checker = save_tiny_safety_checker(tmp_path / "checker", flags_everything)
+    preset = dataclasses.replace(presets.get("embedded"), safe_by_construction=False)
+    models = DiffusersModels(torch.device("cpu"), safety_checker_everywhere=True, safety_checker_source=str(checker))
+    engine = engine_for(preset, models=models)
+    result = engine.generate(TextToImageRequest(prompt="a red circle on a blue background", steps=2, seed=4,
+                                                batch_size=2))
+    assert engine.manager.is_loaded(standalone_key("safety_checker", str(checker)))
+    if flags_everything:
+        assert result.images == []
+        assert [w for w in result.warnings if "flagged" in w] == [
+            f"The safety checker flagged the image with seed {seed}; it is not shown." for seed in (4, 5)]
+    else:
+        assert result.seeds == [4, 5] and not [w for w in result.warnings if "flagged" in w]

@@ -51,3 +51,24 @@ def save_tiny_vae(folder: Path, seed: int = 7) -> Path:
     """A VAE on its own (as stabilityai/sd-vae-ft-mse is): files at the folder's root."""
     tiny_vae(seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def save_tiny_safety_checker(folder: Path, flags_everything: bool) -> Path:
+    """A StableDiffusionSafetyChecker (CLIP vision tower, concept embeddings and thresholds) small enough for a
+    test, with its feature extractor. Its thresholds make it flag every image, or none."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "vocab_size": 100},
+                        vision_config={"hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1,
+                                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                        projection_dim=16)
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():  # flagged when cosine(image, concept) - threshold > 0; cosines lie in [-1, 1]
+        checker.concept_embeds_weights.fill_(-2.0 if flags_everything else 2.0)
+        checker.special_care_embeds_weights.fill_(2.0)
+    checker.save_pretrained(folder, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
