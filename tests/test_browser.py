@@ -72,12 +72,13 @@ def test_stop_interrupts_a_long_batch(page, artifacts):
         box.fill(value)
         box.press("Enter")
     text_tab(page).get_by_role("button", name="Generate", exact=True).click()
-    page.locator("#text-to-image-gallery").locator(".progress-text, .eta-bar, .progress-level").first.wait_for(
-        timeout=20_000
-    )
+    # wait until the job is denoising (its progress names the image and step), not merely queued: a Stop
+    # before the job starts rightly returns no image at all
+    page.locator("#text-to-image-gallery").get_by_text("Image 1/8, step").first.wait_for(timeout=30_000)
     text_tab(page).get_by_role("button", name="Stop", exact=True).click()
     page.get_by_test_id("toast-text").filter(has_text="Stopped:").first.wait_for(timeout=30_000)
     seeds = page.locator("#text-to-image-gallery img[alt^='Seed ']")
+    seeds.first.wait_for(timeout=10_000)  # the toast comes with the result; the gallery renders just after
     assert 1 <= seeds.count() < 8  # the finished images are kept, the rest were never started
     page.screenshot(path=str(artifacts / "text_to_image_stopped.png"), full_page=True)
 
