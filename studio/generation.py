@@ -199,39 +199,29 @@ class SamplingEngine:
             self.downloads.ensure(request, on_progress)
 
     def run(self, plan: SamplingPlan, job: JobControl | None = None) -> GenerationResult:
-        """The device work of a job: the prompt encoded once, then each image denoised and decoded (and
-        checked, where a safety checker runs), each stage holding the device lock on its own, so other jobs take
-        turns between them. Image i uses seed + i with a fresh scheduler: reproducible alone, bit for bit. A
-        cancelled job ends the current image early and skips the rest."""
+        """The device work of a job: the prompt encoded once, then each image denoised, decoded and (where a
+        safety checker runs) checked. Each image is one turn on the device (the manager grants turns in arrival
+        order), so other jobs' images go in between; within it each stage holds the device lock and only its
+        own models. Image i uses seed + i with a fresh scheduler: reproducible alone, bit for bit. A cancelled
+        job ends the current image early and skips the rest."""
         job = job or LocalJob()
-        preset, task = plan.preset, plan.task
-        width, height = plan.size
-        guidance = plan.guidance_scale > 1
         result = GenerationResult(warnings=list(plan.warnings))
-        conditioning, warnings = self.stages.encode(preset, task, plan.prompt, plan.negative_prompt,
-                                                    plan.guidance_scale)
-        result.warnings += warnings
+        conditioning = None
         postprocess = VaeImageProcessor()
         for index in range(plan.batch_size):
             if job.cancelled:
                 result.interrupted = True
                 break
             image_seed = plan.seed + index
-            on_step = step_callback(index, plan.steps_per_image, plan.batch_size, job)
-
-            def call(pipe):
-                pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
-                return pipe(
-                    **conditioning.embeds, **plan.call_arguments, num_inference_steps=plan.steps,
-                    guidance_scale=plan.guidance_scale, generator=torch.Generator("cpu").manual_seed(image_seed),
-                    callback_on_step_end=on_step, output_type="latent",
-                ).images
-
-            latents = self.stages.denoise(preset, task, width, height, guidance, call)
+            with self.manager.turn():
+                if conditioning is None:
+                    conditioning, warnings = self.stages.encode(plan.preset, plan.task, plan.prompt,
+                                                                plan.negative_prompt, plan.guidance_scale)
+                    result.warnings += warnings
+                pixels, flagged = self._one_image(plan, conditioning, index, job)
             if job.cancelled:
-                result.interrupted = True  # this image was cut short; the VAE decodes where it stopped
-            pixels = self.stages.decode(preset, task, latents, width, height)
-            if self.stages.check(preset, task, pixels)[0]:
+                result.interrupted = True  # this image was cut short; the VAE decoded where it stopped
+            if flagged:
                 result.warnings.append(f"The safety checker flagged the image with seed {image_seed}; it is not "
                                        "shown.")
                 continue
@@ -241,6 +231,25 @@ class SamplingEngine:
             result.images.append(GeneratedImage(image, image_seed, parameters))
         job.report(plan.total_steps, plan.total_steps, "Done")
         return result
+
+    def _one_image(self, plan: SamplingPlan, conditioning, index: int, job: JobControl) -> tuple[torch.Tensor, bool]:
+        """Denoise, decode and check image `index` of the plan: (pixels in [-1, 1] on the CPU, flagged)."""
+        preset, task = plan.preset, plan.task
+        width, height = plan.size
+        image_seed = plan.seed + index
+        on_step = step_callback(index, plan.steps_per_image, plan.batch_size, job)
+
+        def call(pipe):
+            pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
+            return pipe(
+                **conditioning.embeds, **plan.call_arguments, num_inference_steps=plan.steps,
+                guidance_scale=plan.guidance_scale, generator=torch.Generator("cpu").manual_seed(image_seed),
+                callback_on_step_end=on_step, output_type="latent",
+            ).images
+
+        latents = self.stages.denoise(preset, task, width, height, plan.guidance_scale > 1, call)
+        pixels = self.stages.decode(preset, task, latents, width, height)
+        return pixels, self.stages.check(preset, task, pixels)[0]
 
     def describe(self, plan: SamplingPlan, seed: int) -> str:
         """A1111's parameters text for image `seed` of the plan."""

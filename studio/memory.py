@@ -12,8 +12,8 @@ Like InvokeAI's model cache it has two tiers (the device and host RAM) and locks
   first (to RAM, which drops its own least recently used when full); on the CPU, device and RAM are one tier
   and eviction drops. The bytes held (weights + reserved working memory) never exceed the budget;
 - a move that fails half way is rolled back; a load that fails leaves nothing behind;
-- one fair device lock (granted in arrival order) serialises device work, so jobs take turns at stage
-  boundaries: a long job cannot keep others out between its images.
+- one device lock serialises device work, stage by stage; jobs take turns (`turn()`) one image or grid cell
+  at a time, granted in arrival order, so a long job cannot keep others out between its images.
 """
 
 from __future__ import annotations
@@ -189,7 +189,15 @@ class ModelManager:
         self._loads = 0
         self._clock = itertools.count(1)
         self.device_lock = FairLock()  # held for the whole of a stage: serialises device work
+        self._turns = FairLock()  # held for one image (or one grid cell) of a job: jobs take turns
         self._state_lock = threading.Lock()  # guards the bookkeeping, so status() never waits for a stage
+
+    def turn(self) -> FairLock:
+        """One job's turn on the device, for one image or one grid cell: `with manager.turn(): ...stages...`.
+        Turns are granted in arrival order, so a job that finishes an image and asks again goes behind the jobs
+        already waiting: a quick image waits for at most one image of a long batch, not the whole batch. Never
+        take a turn while holding the device lock."""
+        return self._turns
 
     def register(self, kind: str, loader: ModelLoader) -> None:
         self.loaders[kind] = loader

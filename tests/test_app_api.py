@@ -181,4 +181,5 @@ def test_sketch_to_image_endpoint_draws_from_the_sketch(client, tmp_path):
 
 def test_a_quick_image_is_not_stuck_behind_another_visitors_batch(app_url):
     ratio, figures = quick_image_wait_ratio(app_url)
+    assert figures["batch_was_still_running"], f"the quick image did not come back before the batch: {figures}"
     assert ratio <= 1.5, f"the quick image waited behind the batch: {figures}"
