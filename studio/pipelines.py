@@ -484,8 +484,10 @@ class DiffusionStages:
                 if upcast:
                     vae.to(dtype=torch.float32)
                 try:
-                    parameter = next(iter(vae.post_quant_conv.parameters()))
-                    scaled = unscale_latents(vae, latents.to(parameter.device, parameter.dtype))
+                    # the manager's device, not the VAE's: under model CPU offload the VAE waits in RAM until
+                    # decode's forward hook moves it
+                    dtype = next(iter(vae.post_quant_conv.parameters())).dtype
+                    scaled = unscale_latents(vae, latents.to(self.manager.device, dtype))
                     return vae.decode(scaled, return_dict=False)[0].float().cpu()
                 finally:
                     if upcast:
