@@ -234,3 +234,26 @@ def test_public_mode_never_shows_a_flagged_image(presets, tmp_path, flags_everyt
             f"The safety checker flagged the image with seed {seed}; it is not shown." for seed in (4, 5)]
     else:
         assert result.seeds == [4, 5] and not [w for w in result.warnings if "flagged" in w]
+
+
+def test_model_cpu_offload_the_last_resort_gives_the_same_image(presets):
+    """accelerate's model CPU offload (tried on CUDA after the other fallbacks) run here with the CPU as its
+    execution device: the stages work with their models left in RAM, and the manager's books stay right."""
+    preset = presets.get("embedded")
+    models = DiffusersModels(torch.device("cpu"))
+    manager = ModelManager({"diffusers": DiffusersLoader()}, "cpu", torch.float32, 4 * 1024**3, two_tiers=True)
+    stages = DiffusionStages(manager, models)
+    engine = TextToImage(stages, PresetCatalog([preset], "embedded"), load_styles(), RequestLimits(), version="t")
+    request = TextToImageRequest(prompt="a red circle on a blue background", steps=4, seed=8, guidance_scale=3.0)
+    expected = np.asarray(engine.generate(request).images[0].image)
+
+    def offloaded(plan_for, work, can_tile=False):
+        return stages._run_offloaded(plan_for(False), work)
+
+    stages.run_stage = offloaded
+    result = engine.generate(request)
+    assert np.array_equal(np.asarray(result.images[0].image), expected)
+    status = manager.status()
+    assert status.reserved == 0 and {r.placement for r in status.models} == {"ram"}
+    unet = manager.loaded_object(models.keys(preset, "text2img")["unet"])
+    assert not hasattr(unet, "_hf_hook")  # accelerate's hooks were removed after the stage
