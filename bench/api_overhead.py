@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle on a blue background"
 
 
-def start_app(port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT,
+def start_app(port: int, *flags: str) -> subprocess.Popen:
+    """`python app.py` on `port`, returned once its API answers."""
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *flags], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -200,29 +200,8 @@ SDXL_UNET = {
     "use_linear_projection": True,
 }
 
-# stabilityai/stable-diffusion-xl-base-1.0: text_encoder/config.json (CLIP ViT-L/14, text tower)
-SDXL_TEXT_ENCODER = {
-    "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "torch_dtype": "float16",
-    "transformers_version": "4.32.0.dev0",
-    "vocab_size": 49408,
-}
+# stabilityai/stable-diffusion-xl-base-1.0: text_encoder/config.json is the same CLIP ViT-L/14 text tower as SD 1.5's
+SDXL_TEXT_ENCODER = SD15_TEXT_ENCODER
 
 # stabilityai/stable-diffusion-xl-base-1.0: text_encoder_2/config.json (OpenCLIP ViT-bigG/14, text tower + projection)
 SDXL_TEXT_ENCODER_2 = {

@@ -9,15 +9,14 @@ at a time, the old behaviour) the quick image waits for the whole batch.
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 from gradio_client import Client
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from api_overhead import start_app  # noqa: E402
 REQUEST = dict(prompt="a red circle on a blue background", negative_prompt="", preset="embedded", scheduler="Euler",
                guidance_scale=3.0, width=64, height=64, style="None")
 TARGET = 1.5
@@ -52,20 +51,6 @@ def quick_image_wait_ratio(url: str) -> tuple[float, dict]:
     figures = dict(alone=alone, one_long_image=one_long_image, waited=waited,
                    batch_was_still_running=batch_was_still_running)
     return waited / (alone + one_long_image), figures
-
-
-def start_app(port: int, *flags: str) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *flags], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the app did not start")
 
 
 def main() -> None:
