@@ -37,11 +37,12 @@ from studio.devices import (
     resolve_device,
 )
 from studio.downloads import HubDownloads
-from studio.errors import InvalidRequest
+from studio.errors import InvalidRequest, StudioError
 from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
 from studio.jobs import JobBoard
 from studio.memory import ModelManager
+from studio.model_kinds import CLIP, UPSCALER, ClipLoader, UpscalerLoader
 from studio.pipelines import DiffusersLoader, DiffusersModels, DiffusionStages, HubAccess
 from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import RateLimiter
@@ -106,7 +107,7 @@ def build_studio(args: argparse.Namespace) -> Studio:
         device_budget = parse_bytes(args.device_budget) if args.device_budget else default_device_budget(device)
         free_memory = functools.partial(free_device_bytes, device)
     manager = ModelManager(
-        {"diffusers": DiffusersLoader(models.variant_for(presets))},
+        {"diffusers": DiffusersLoader(models.variant_for(presets)), UPSCALER: UpscalerLoader(), CLIP: ClipLoader()},
         device,
         default_dtype(device),
         device_budget=device_budget,
@@ -115,6 +116,11 @@ def build_studio(args: argparse.Namespace) -> Studio:
     )
     downloads = HubDownloads(disk_budget=parse_bytes(args.hub_cache_budget) if args.hub_cache_budget else None,
                              offline=HubAccess().offline)
+    for name in dict.fromkeys(args.preload or []):
+        preload_preset(manager, models, downloads, presets.get(name), pin=False)
+    if ON_ZEROGPU:  # every offered preset is loaded now, in this process; one that cannot load is not offered
+        loaded = [p.name for p in presets if preload_preset(manager, models, downloads, p, pin=True)]
+        presets = presets.only(loaded or [presets.default])
     stages = DiffusionStages(manager, models)
     limits = RequestLimits.public() if args.public else RequestLimits()
     version = f"Diffusion Studio {__version__}"
@@ -127,9 +133,6 @@ def build_studio(args: argparse.Namespace) -> Studio:
         limiter=RateLimiter(rate_limit) if rate_limit else None,
         concurrency=args.concurrency,
     )
-    preload = list(args.preload or []) + (presets.names if ON_ZEROGPU else [])
-    for name in dict.fromkeys(preload):
-        preload_preset(manager, models, downloads, presets.get(name), device)
     return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, runner=runner)
 
 
@@ -144,17 +147,23 @@ def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3
             Inpainter(stages, presets, limits, version=version))
 
 
-def preload_preset(manager, models, downloads, preset, device) -> None:
-    """Fetch and place a preset's text-to-image and inpainting models for good. On ZeroGPU this runs in the main
-    process at start, on 'cuda' (spaces moves what is there into each GPU worker); nothing loads in a worker."""
+def preload_preset(manager, models, downloads, preset, pin: bool) -> bool:
+    """Fetch and place a preset's text-to-image and inpainting models; True when it worked. On ZeroGPU this runs
+    in the main process at start, on 'cuda', pinned (spaces moves what is there into each GPU worker, and
+    nothing may load in a worker); elsewhere the models are only warmed, and evicted like any other."""
     try:
         for task in ("text2img", "inpaint"):
             for request in models.download_requests(preset, task, manager.dtype):
                 downloads.ensure(request)
-            manager.preload(models.keys(preset, task))
-        log.info("preloaded %s on %s", preset.name, device)
-    except Exception as error:  # noqa: BLE001 - one preset that cannot load must not stop the server
+            manager.preload(models.keys(preset, task), pin=pin)
+    except StudioError as error:  # one preset that cannot load must not stop the server
         log.warning("could not preload %s: %s", preset.name, str(error).splitlines()[0])
+        return False
+    except Exception:  # noqa: BLE001 - a real fault: keep its traceback, but serve the other presets
+        log.exception("could not preload %s", preset.name)
+        return False
+    log.info("preloaded %s on %s", preset.name, manager.device)
+    return True
 
 
 def zerogpu_wrapper(manager: ModelManager):

@@ -12,7 +12,7 @@ from PIL import Image
 from components.preset_picker import chosen_preset, preset_card, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest, StudioError
-from studio.images import open_image
+from studio.images import check_pixels, open_image
 from studio.inpainting import INPAINT_AREAS, MAX_MASK_BLUR, MAX_PADDING, WHOLE_PICTURE, InpaintRequest, Inpainter
 from studio.schedulers import schedulers_for
 
@@ -124,6 +124,11 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             if composite is None:
                 raise user_error(InvalidRequest(["Draw a sketch first."]), "Nothing to work from")
             return composite, None
+        if background is not None:  # before any per-layer work: an oversized upload costs memory at once
+            try:
+                check_pixels(background.size, "image", engine.limits.max_upload_pixels)
+            except StudioError as error:
+                raise user_error(error, "Cannot use this file") from None
         if background is None:
             raise user_error(InvalidRequest(["Upload an image first (or choose Sketch to image to draw on a blank "
                                              "canvas)."]), "Nothing to inpaint")
@@ -210,7 +215,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     def preset_updates(name):
         return sampling_updates(chosen_preset(engine.presets, name), limits)
 
-    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    # Not queued: the instant check answers even when the queue is full (and Stop, too, reaches a busy server).
+    quick = dict(api_visibility="private", queue=False, show_progress="hidden")
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency)
     outputs = [gallery, seeds, info]
     event = generate.click(check, [mode, editor, *settings], None, **quick).success(

@@ -43,22 +43,55 @@ class JobRunner:
     limiter: RateLimiter | None = None
     concurrency: int = 4  # jobs in flight at once; they take turns on the device between images
 
+    def __post_init__(self):
+        self._device_functions: dict[int, Callable] = {}
+        self._counted: dict[tuple[str, str], int] = {}  # requests already counted by the rate limit when queued
+        self._lock = threading.Lock()
+
     def device_function(self, engine: SamplingEngine) -> Callable[[SamplingPlan, int], GenerationResult]:
         """The GPU work of a plan, as spaces.GPU can run it: plain, picklable arguments (the plan and the job's
-        slot number) and result; its duration is the plan's own estimate."""
+        slot number) and result; its duration is the plan's own estimate. One function for every tab on the same
+        stages: spaces keeps a GPU worker per function, and each new worker moves every preloaded model again."""
         board = self.board
 
         def run_on_device(plan: SamplingPlan, slot: int) -> GenerationResult:
             try:
                 return engine.run(plan, board.attach(slot))
             except StudioError as error:  # crosses ZeroGPU's process boundary as a gradio error
-                raise gr.Error(str(error), title="Cannot generate", print_exception=False) from None
+                raise gr.Error(str(error), print_exception=False) from None
 
-        return self.gpu(run_on_device, lambda plan, slot: plan.gpu_seconds)
+        with self._lock:
+            key = id(engine.stages)
+            if key not in self._device_functions:
+                self._device_functions[key] = self.gpu(run_on_device, lambda plan, slot: plan.gpu_seconds)
+            return self._device_functions[key]
 
     def submitted(self, request: gr.Request | None, tab: str) -> None:
-        """Called by a tab's instant check, before the request waits in the queue: lets Stop reach it there."""
-        self.board.submitted(session_of(request), tab)
+        """Called by a tab's instant check, before the request waits in the queue: it counts against the rate
+        limit now (so one visitor cannot fill the queue), and Stop can reach it while it waits."""
+        session = session_of(request)
+        self._count(session, tab)
+        with self._lock:
+            self._counted[(session, tab)] = self._counted.get((session, tab), 0) + 1
+        self.board.submitted(session, tab)
+
+    def _count(self, session: str, tab: str) -> None:
+        if self.limiter:
+            try:
+                self.limiter.check(session)
+            except StudioError as error:
+                raise user_error(error, "Please wait") from None
+
+    def _count_unless_queued_from_the_page(self, session: str, tab: str) -> None:
+        """API callers skip the instant check: their requests are counted when they start."""
+        with self._lock:
+            queued = self._counted.get((session, tab), 0)
+            if queued:
+                self._counted[(session, tab)] = queued - 1
+                if queued == 1:
+                    del self._counted[(session, tab)]
+        if not queued:
+            self._count(session, tab)
 
     def run(self, tab: str, request: gr.Request | None, progress: gr.Progress, engine: SamplingEngine,
             plan_for: Callable[[], SamplingPlan], device_function: Callable,
@@ -66,26 +99,26 @@ class JobRunner:
             error_title: str = "Cannot generate") -> tuple[list, list[int], str]:
         """Plan (CPU), fetch the model files (outside the device lock), run the device work as this tab's job,
         finish (CPU, e.g. paste-back); returns the gallery outputs."""
-        if self.limiter:  # here, not in the instant check: API callers skip that one
-            try:
-                self.limiter.check(session_of(request))
-            except StudioError as error:
-                raise user_error(error, "Please wait") from None
+        session = session_of(request)
+        self._count_unless_queued_from_the_page(session, tab)
         try:
             plan = plan_for()
-            engine.fetch(plan, throttled(progress, "Downloading"))
         except StudioError as error:
             raise user_error(error, error_title) from None
-        job = self.board.open(session_of(request), tab)
-        try:
-            result = follow_progress(lambda: device_function(plan, job.slot), job, progress)
-        except gr.Error as error:
-            log.info("%s: %s", error_title, str(error.message).splitlines()[0])
-            raise
-        except StudioError as error:
-            raise user_error(error, error_title) from None
-        finally:
-            self.board.close(job)
+        # The model files stay protected from the cache budget from their download until the job is done.
+        with engine.files_in_use(plan):
+            try:
+                engine.fetch(plan, throttled(progress, "Downloading"))
+            except StudioError as error:
+                raise user_error(error, error_title) from None
+            job = self.board.open(session, tab)
+            try:
+                result = follow_progress(lambda: device_function(plan, job.slot), job, progress)
+            except gr.Error as error:  # an engine error, raised on the GPU side: said once, with this tab's title
+                log.info("%s: %s", error_title, str(error.message).splitlines()[0])
+                raise gr.Error(error.message, title=error_title, print_exception=False) from None
+            finally:
+                self.board.close(job)
         return gallery_outputs(finish(result), plan.batch_size)
 
     def wire_stop(self, stop: gr.Button, tab: str) -> None:
@@ -96,7 +129,8 @@ class JobRunner:
         def stop_job(request: gr.Request):
             board.cancel(session_of(request), tab)
 
-        stop.click(stop_job, None, None, api_visibility="private", concurrency_limit=None, show_progress="hidden")
+        # not queued: a full queue must not refuse a Stop
+        stop.click(stop_job, None, None, api_visibility="private", queue=False, show_progress="hidden")
 
 
 def follow_progress(work: Callable, job, progress: gr.Progress):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 from collections.abc import Callable
@@ -198,6 +199,13 @@ class SamplingEngine:
         for request in self.models.download_requests(plan.preset, plan.task, self.manager.dtype):
             self.downloads.ensure(request, on_progress)
 
+    def files_in_use(self, plan: SamplingPlan) -> contextlib.ExitStack:
+        """While this context is open, the Hub cache budget does not delete the plan's model files."""
+        stack = contextlib.ExitStack()
+        for request in self.models.download_requests(plan.preset, plan.task, self.manager.dtype):
+            stack.enter_context(self.downloads.in_use(request.source))
+        return stack
+
     def run(self, plan: SamplingPlan, job: JobControl | None = None) -> GenerationResult:
         """The device work of a job: the prompt encoded once, then each image denoised, decoded and (where a
         safety checker runs) checked. Each image is one turn on the device (the manager grants turns in arrival
@@ -291,8 +299,9 @@ class TextToImage(SamplingEngine):
                  cancel: threading.Event | None = None) -> GenerationResult:
         """Plan, fetch and run in this process: images for the prompt; image i uses seed + i."""
         plan = self.plan(request)
-        self.fetch(plan)
-        return self.run(plan, LocalJob(on_progress, cancel))
+        with self.files_in_use(plan):
+            self.fetch(plan)
+            return self.run(plan, LocalJob(on_progress, cancel))
 
 
 def step_callback(index: int, steps: int, batch_size: int, job: JobControl):

@@ -130,8 +130,10 @@ class Inpainter(SamplingEngine):
                 on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> GenerationResult:
         """Plan, run and finish in this process: repaint the white part of `mask` in `image`."""
         plan, finishing = self.plan_inpaint(image, mask, request)
-        self.fetch(plan)
-        return self.finish_inpaint(finishing, self.run(plan, LocalJob(on_progress, cancel)))
+        with self.files_in_use(plan):
+            self.fetch(plan)
+            result = self.run(plan, LocalJob(on_progress, cancel))
+        return self.finish_inpaint(finishing, result)
 
     # ----- sketch to image: image-to-image from a drawing -----
 
@@ -150,8 +152,9 @@ class Inpainter(SamplingEngine):
                         on_progress: ProgressCallback | None = None,
                         cancel: threading.Event | None = None) -> GenerationResult:
         plan = self.plan_sketch(sketch, request)
-        self.fetch(plan)
-        return self.run(plan, LocalJob(on_progress, cancel))
+        with self.files_in_use(plan):
+            self.fetch(plan)
+            return self.run(plan, LocalJob(on_progress, cancel))
 
     # ----- shared -----
 

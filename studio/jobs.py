@@ -136,10 +136,6 @@ class JobBoard:
                 told += 1
             return told
 
-    def running(self) -> int:
-        with self._lock:
-            return len(self._open)
-
     def _write_progress(self, slot: int, done: int, total: int, text: str) -> None:
         encoded = text.encode("utf-8")[: TEXT_BYTES - 1].ljust(TEXT_BYTES, b"\0")
         self._text[slot * TEXT_BYTES:(slot + 1) * TEXT_BYTES] = encoded
@@ -153,14 +149,16 @@ class JobBoard:
 
 # ----- cost: what ZeroGPU books for a job -----
 
-OVERHEAD_SECONDS = 4.0  # moving inputs and results across the fork, first CUDA call
+OVERHEAD_SECONDS = 8.0  # a new GPU worker: moving the preloaded models onto the GPU, inputs and results across
+PER_IMAGE_STEPS = 4  # the encode, decode and safety check of an image cost about as much as a few steps
 SAFETY_FACTOR = 1.5
 MAX_SECONDS = 240
 
 
 def gpu_seconds(preset, steps: int, images: int, pixels: int) -> int:
-    """GPU seconds to book for `images` images of `steps` steps at `pixels` pixels each: the preset's measured
-    seconds per step at its default size, scaled by area, with a margin; at least a few seconds."""
+    """GPU seconds to book for `images` images of `steps` steps at `pixels` pixels each: the preset's seconds
+    per step at its default size (an estimate in presets/models.yaml, to be measured on the Space), scaled by
+    area, with a margin and a fixed allowance for a new worker."""
     native = preset.default_width * preset.default_height
-    estimate = preset.seconds_per_step * steps * images * max(1.0, pixels / native)
+    estimate = preset.seconds_per_step * (steps + PER_IMAGE_STEPS) * images * max(1.0, pixels / native)
     return int(min(MAX_SECONDS, OVERHEAD_SECONDS + SAFETY_FACTOR * estimate + 0.999))

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,8 +132,13 @@ class FairLock:
                 return False
             ticket = object()
             self._waiting.append(ticket)
-            while self._owner is not None or self._waiting[0] is not ticket:
-                self._condition.wait()
+            try:
+                while self._owner is not None or self._waiting[0] is not ticket:
+                    self._condition.wait()
+            except BaseException:  # interrupted while waiting: give up the place in the queue
+                self._waiting.remove(ticket)
+                self._condition.notify_all()
+                raise
             self._waiting.popleft()
             self._owner, self._depth = me, 1
             return True
@@ -188,6 +195,13 @@ class ModelManager:
         self._peak = 0
         self._loads = 0
         self._clock = itertools.count(1)
+        self._make_locks()
+        # ZeroGPU forks its GPU worker from a handler thread while other threads may hold these locks (the status
+        # line reads the books at any time): the child starts with fresh ones, not copies held by no one.
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: reference() and reference()._make_locks())
+
+    def _make_locks(self) -> None:
         self.device_lock = FairLock()  # held for the whole of a stage: serialises device work
         self._turns = FairLock()  # held for one image (or one grid cell) of a job: jobs take turns
         self._state_lock = threading.Lock()  # guards the bookkeeping, so status() never waits for a stage
@@ -222,14 +236,15 @@ class ModelManager:
                 with self._state_lock:
                     self._reserved -= reserved
 
-    def preload(self, keys: Mapping[str, ModelKey]) -> None:
-        """Load and place models on the device for good (ZeroGPU: everything lives on 'cuda' from the start)."""
+    def preload(self, keys: Mapping[str, ModelKey], pin: bool = False) -> None:
+        """Load and place models on the device before anyone asks. `pin=True` keeps them there for good
+        (ZeroGPU: everything lives on 'cuda' from the start); otherwise they are evicted like any other."""
         with self.device_lock:
             entries, _ = self._place(list(dict.fromkeys(keys.values())), 0, on_device=True)
             self._unlock(entries.values())
             with self._state_lock:
                 for entry in entries.values():
-                    entry.pinned = True
+                    entry.pinned = entry.pinned or pin
 
     def offload_idle(self) -> int:
         """Move every unlocked, unpinned model off the device (out-of-memory recovery). Returns bytes freed."""
@@ -273,13 +288,6 @@ class ModelManager:
             entry = self._entries.get(key)
             return None if entry is None else entry.obj
 
-    def unload_all(self) -> None:
-        with self.device_lock, self._state_lock:
-            for key in [k for k, e in self._entries.items() if e.locks == 0 and not e.pinned]:
-                self._entries[key].obj = None
-                del self._entries[key]
-        release_memory(self.device)
-
     # ----- internals (called with the device lock held) -----
 
     def _place(self, wanted: list[ModelKey], working_memory: int,
@@ -314,8 +322,11 @@ class ModelManager:
                 loaded_now.append(entry)
             target = DEVICE if on_device else RAM
             for entry in locked:
-                if entry.placement != target and entry.size and self.two_tiers:
-                    self._transfer(entry, target)
+                if entry.placement == target or not entry.size or not self.two_tiers or entry.pinned:
+                    continue
+                if target == DEVICE:  # its real size, which a short estimate may not have made room for
+                    self._make_room_on_device(entry.size, protected)
+                self._transfer(entry, target)
             self._note_peak()
         except BaseException:
             with self._state_lock:
@@ -351,6 +362,7 @@ class ModelManager:
                        last_used=next(self._clock))
         with self._state_lock:
             self._entries[key] = entry
+        self._note_peak()
         if size > expected_size:  # the estimate was short (e.g. buffers not in the files): settle the difference
             try:
                 self._make_room_on_device(0, protected)
@@ -386,16 +398,26 @@ class ModelManager:
         return free if really_free is None else min(free, really_free - self._reserved)
 
     def _make_room_on_device(self, needed: int, protected: set[ModelKey]) -> None:
+        """Evict least recently used models until `needed` bytes are free; refuse *before* evicting anything
+        when even evicting everything allowed would not be enough."""
+        with self._state_lock:
+            evictable = sum(e.size for e in self._entries.values()
+                            if e.placement == DEVICE and e.locks == 0 and not e.pinned and e.key not in protected)
+        if self._device_free() + evictable < needed:
+            self._refuse(needed)
         while self._device_free() < needed:
             with self._state_lock:
                 victim = self._least_recently_used(DEVICE, protected)
             if victim is None:
-                raise OutOfMemoryBudget(
-                    f"Not enough device memory: this stage needs {format_bytes(needed)} on {self.device} "
-                    f"(budget {format_bytes(self.device_budget)}, {format_bytes(self._device_used())} held by models "
-                    "in use) and nothing else can be unloaded. Try a smaller size or batch, or a smaller preset."
-                )
+                self._refuse(needed)
             self._evict(victim)
+
+    def _refuse(self, needed: int) -> None:
+        raise OutOfMemoryBudget(
+            f"Not enough device memory: this stage needs {format_bytes(needed)} on {self.device} "
+            f"(budget {format_bytes(self.device_budget)}, {format_bytes(self._device_used())} held by models "
+            "in use) and nothing else can be unloaded. Try a smaller size or batch, or a smaller preset."
+        )
 
     def _evict(self, entry: _Entry) -> None:
         if self.two_tiers:

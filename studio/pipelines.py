@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
@@ -38,7 +39,7 @@ from diffusers import (
 )
 
 from .devices import format_bytes, release_memory
-from .downloads import DownloadRequest, diffusers_patterns, weighted_component_patterns
+from .downloads import DownloadRequest, diffusers_patterns
 from .errors import ModelUnavailable, OutOfMemoryBudget
 from .memory import ModelKey, ModelManager, text_encoder_working_memory, unet_working_memory, vae_decode_working_memory
 
@@ -77,6 +78,7 @@ STAGE_ROLES = {
     "decode": ("vae",),
     "check": SAFETY_ROLES,
 }
+EXECUTION_ORDER = ("text_encoder", "text_encoder_2", "vae", "unet", "safety_checker")
 _FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 _OTHER_DTYPES = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _VARIANT_MARKS = (".fp16.", ".bf16.", ".fp32.", ".ema.", ".non_ema.")
@@ -189,9 +191,24 @@ class DiffusersLoader:
         return library, class_name
 
 
+def root_weight_patterns(variant: str | None) -> list[str]:
+    """config.json and the weights of a model saved at a repo's root, by the libraries' own file names only
+    (a '*' in a Hub pattern also matches '/', and would fetch every subfolder's weights too)."""
+    suffix = f".{variant}" if variant else ""
+    patterns = ["config.json"]
+    for stem in ("diffusion_pytorch_model", "model"):
+        patterns += [f"{stem}{suffix}.safetensors", f"{stem}{suffix}-*-of-*.safetensors",
+                     f"{stem}.safetensors.index{suffix}.json"]
+    return patterns
+
+
 def weight_files(folder: Path, variant: str | None) -> list[Path]:
-    """The safetensors files from_pretrained loads from `folder`: the variant's if asked, else the plain ones."""
+    """The safetensors files from_pretrained loads from `folder`: the variant's if asked, else the plain ones.
+    Where the library's own file names are there, only those (a repo may also hold a single-file checkpoint,
+    e.g. sdxl-vae-fp16-fix's sdxl.vae.safetensors, which from_pretrained does not read)."""
     files = sorted(folder.glob("*.safetensors"))
+    canonical = [f for f in files if f.name.startswith(("diffusion_pytorch_model", "model"))]
+    files = canonical or files
     if variant:
         chosen = [f for f in files if f".{variant}." in f.name]
         if chosen:
@@ -301,8 +318,8 @@ class DiffusersModels:
                 continue
             patterns = list(diffusers_patterns(subfolders[source], variant(source, dtype))) if source in subfolders else []
             for role in standalone.get(source, []):  # a model of its own: its files sit at the repo's root
-                patterns += (["preprocessor_config.json"] if role in WEIGHTLESS else
-                             [p.removeprefix("./") for p in weighted_component_patterns(".", variant(source, dtype))])
+                patterns += ["preprocessor_config.json"] if role in WEIGHTLESS else root_weight_patterns(
+                    variant(source, dtype))
             requests.append(DownloadRequest(source, tuple(dict.fromkeys(patterns)), label=f"Preset {preset.label!r}"))
         return requests
 
@@ -480,7 +497,7 @@ class DiffusionStages:
         def work(models, plan):
             vae = models["vae"]
             with vae_tiling(vae, plan.vae_tiling), torch.inference_mode():
-                upcast = vae.dtype == torch.float16 and vae.config.force_upcast and architecture(preset) == "sdxl"
+                upcast = self._vae_upcast(preset) and vae.config.force_upcast
                 if upcast:
                     vae.to(dtype=torch.float32)
                 try:
@@ -496,13 +513,17 @@ class DiffusionStages:
         return self.run_stage(lambda tiled: self.plan_decode(preset, task, width, height, tiled), work, can_tile=True)
 
     def check(self, preset, task: str, images: torch.Tensor) -> list[bool]:
-        """Which images the safety checker flags (none when the preset has no checker)."""
+        """Which images the safety checker flags (none when the preset has no checker). It runs on its own, as
+        SD's pipelines run it, so that it works for every architecture (SDXL's pipelines have no checker)."""
         def work(models, plan):
-            pipe = self.models.assemble(preset, task, models)
+            pil = VaeImageProcessor().postprocess(images, output_type="pil")
+            clip_input = models["feature_extractor"](pil, return_tensors="pt").pixel_values
             with torch.inference_mode():
-                _, flagged = pipe.run_safety_checker(images.to(self.manager.device), self.manager.device,
-                                                     self.manager.dtype)
-            return [bool(flag) for flag in (flagged or [False] * len(images))]
+                _, flagged = models["safety_checker"](
+                    images=images.to(self.manager.device),
+                    clip_input=clip_input.to(self.manager.device, self.manager.dtype),
+                )
+            return [bool(flag) for flag in flagged]
 
         plan = self.plan_check(preset, task)
         if plan is None:
@@ -519,7 +540,7 @@ class DiffusionStages:
         attempts = ["as planned"] + (["with VAE tiling"] if can_tile else []) + ["with idle models off the device"]
         if self.manager.device.type == "cuda":
             attempts.append("with model CPU offload")
-        last_error: BaseException | None = None
+        failure = ""
         for attempt in attempts:
             if attempt == "with VAE tiling":
                 tiled, plan = True, plan_for(True)
@@ -531,13 +552,15 @@ class DiffusionStages:
                 with self.manager.use(plan.keys, plan.working_memory) as models:
                     return work(models, plan)
             except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
-                last_error = error
-                release_memory(self.manager.device)
+                failure = str(error).splitlines()[0] if str(error) else type(error).__name__
+            # Outside the except block: the failed attempt's traceback, and the activations its frames hold, are
+            # gone by now, so this really gives their memory back before the next attempt.
+            release_memory(self.manager.device)
         raise OutOfMemoryBudget(
             f"Out of memory on {self.manager.device} in the {plan.stage} stage, even {attempts[-1]} "
             f"(it needs about {format_bytes(plan.working_memory)} of working memory besides the weights). "
-            "Try a smaller size or batch, or a smaller preset."
-        ) from last_error
+            f"Try a smaller size or batch, or a smaller preset. ({failure})"
+        )
 
     def _run_offloaded(self, plan: StagePlan, work):
         """accelerate's model CPU offload: the models stay in RAM and each is moved to the device only while
@@ -546,7 +569,10 @@ class DiffusionStages:
 
         with self.manager.use(plan.keys, plan.working_memory, on_device=False) as models:
             hooks = []
-            for role, model in list(models.items()):
+            # chained in the order they run (the VAE encodes an init image before the UNet denoises), so each
+            # model's hook sends the previous one back to RAM: one model on the device at a time
+            for role in sorted(models, key=lambda role: EXECUTION_ORDER.index(role) if role in EXECUTION_ORDER else 99):
+                model = models[role]
                 if isinstance(model, torch.nn.Module):
                     _, hook = cpu_offload_with_hook(model, self.manager.device,
                                                     prev_module_hook=hooks[-1] if hooks else None)

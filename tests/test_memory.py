@@ -204,6 +204,32 @@ def test_leased_modules_are_never_evicted():
 
 # ----- failures roll back -----
 
+def test_a_short_size_estimate_still_keeps_the_device_within_budget():
+    """Two tiers: a model bigger than its files said is moved to the device only once room for its real size
+    is made."""
+    class ShortEstimates(TrackingLoader):
+        def size(self, key, dtype):
+            return super().size(key, dtype) // 2
+
+    manager = two_tier_manager(ShortEstimates(), device_budget=PIPELINE + 20 * KB)
+    for stage in (A, B, A):
+        with manager.use(stage):
+            assert manager.status().device_used <= manager.device_budget
+    assert manager.status().peak <= manager.device_budget
+
+
+def test_a_stage_that_cannot_fit_evicts_nothing():
+    """Refused before evicting: the idle models it could not have used stay where they are."""
+    manager = two_tier_manager(TrackingLoader(), device_budget=3 * PIPELINE)
+    for stage in (A, B):
+        with manager.use(stage):
+            pass
+    with pytest.raises(OutOfMemoryBudget):
+        with manager.use(C, working_memory=10 * PIPELINE):
+            pass
+    assert {placements(manager)[(source, "unet")] for source in ("repo/a", "repo/b")} == {DEVICE}
+
+
 def test_a_failed_load_leaves_the_manager_as_it_was():
     loader = TrackingLoader(fail_on={B["vae"]})
     manager = cpu_manager(loader, 1000 * KB)
@@ -288,13 +314,18 @@ def test_ram_budget_drops_least_recently_used_offloaded_models():
     assert loader.loads.count(A["unet"]) == 2
 
 
-def test_preloaded_models_are_pinned():
-    manager = two_tier_manager(TrackingLoader(), device_budget=PIPELINE + 10 * KB)
-    manager.preload(A)
+def test_pinned_preloads_stay_and_plain_preloads_make_way():
+    pinned = two_tier_manager(TrackingLoader(), device_budget=PIPELINE + 10 * KB)
+    pinned.preload(A, pin=True)  # ZeroGPU
     with pytest.raises(OutOfMemoryBudget):
-        with manager.use(B):
+        with pinned.use(B):
             pass
-    assert {placements(manager)[("repo/a", role)] for role in SIZES} == {DEVICE}
+    assert {placements(pinned)[("repo/a", role)] for role in SIZES} == {DEVICE}
+    warmed = two_tier_manager(TrackingLoader(), device_budget=PIPELINE + 10 * KB)
+    warmed.preload(A)  # --preload on an ordinary GPU: warm, not a permanent claim
+    with warmed.use(B):
+        pass
+    assert placements(warmed)[("repo/a", "unet")] == RAM
 
 
 def test_the_device_reports_less_free_than_the_budget():
@@ -339,15 +370,22 @@ def test_the_device_lock_serialises_stages_across_threads():
     assert [kind for kind, _ in inside] == ["enter", "exit"] * 3
 
 
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
 def test_fair_lock_grants_in_arrival_order():
     lock, order = FairLock(), []
     lock.acquire()
     waiting = []
-    for name in "xyz":
+    for count, name in enumerate("xyz", start=1):
         thread = threading.Thread(target=lambda n=name: (lock.acquire(), order.append(n), lock.release()))
         thread.start()
         waiting.append(thread)
-        time.sleep(0.05)  # x arrives before y before z
+        wait_until(lambda c=count: len(lock._waiting) == c)  # x is queued before y arrives, y before z
     lock.release()
     for thread in waiting:
         thread.join(timeout=5)
@@ -364,7 +402,8 @@ def test_a_job_that_asks_again_queues_behind_the_one_waiting():
             with lock:
                 order.append(f"long {image}")
                 started.set()
-                time.sleep(0.05)
+                if image == 0:
+                    wait_until(lambda: len(lock._waiting) == 1)  # the quick job is queued during image 0
 
     def quick_job():
         started.wait()

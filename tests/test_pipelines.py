@@ -257,3 +257,13 @@ def test_model_cpu_offload_the_last_resort_gives_the_same_image(presets):
     assert status.reserved == 0 and {r.placement for r in status.models} == {"ram"}
     unet = manager.loaded_object(models.keys(preset, "text2img")["unet"])
     assert not hasattr(unet, "_hf_hook")  # accelerate's hooks were removed after the stage
+
+
+def test_public_mode_checks_sdxl_images_too(tiny_sdxl, tmp_path):
+    """SDXL's pipelines have no safety checker of their own: the check stage runs the checker by itself."""
+    checker = save_tiny_safety_checker(tmp_path / "checker", flags_everything=True)
+    models = DiffusersModels(torch.device("cpu"), safety_checker_everywhere=True, safety_checker_source=str(checker))
+    engine = engine_for(sdxl_preset(tiny_sdxl, safe_by_construction=False), models=models)
+    result = engine.generate(TextToImageRequest(prompt="a star", preset="tiny-sdxl", steps=2, seed=1,
+                                                guidance_scale=5.0))
+    assert result.images == [] and "flagged the image with seed 1" in result.warnings[-1]
