@@ -207,7 +207,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("studio").setLevel(logging.INFO)  # ours: one line per refused request, preloads
     args = parse_args(argv)
     studio = build_studio(args)
     demo = build_ui(studio)
