@@ -215,8 +215,9 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     def preset_updates(name):
         return sampling_updates(chosen_preset(engine.presets, name), limits)
 
-    # Not queued: the instant check answers even when the queue is full (and Stop, too, reaches a busy server).
-    quick = dict(api_visibility="private", queue=False, show_progress="hidden")
+    # Queued (gradio shows an error toast only for queued events) but outside the GPU's concurrency group: it
+    # answers at once even while jobs run.
+    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency)
     outputs = [gallery, seeds, info]
     event = generate.click(check, [mode, editor, *settings], None, **quick).success(

@@ -146,8 +146,9 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
 
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
     # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.
-    # Not queued: the instant check answers even when the queue is full (and Stop, too, reaches a busy server).
-    quick = dict(api_visibility="private", queue=False, show_progress="hidden")
+    # Queued (gradio shows an error toast only for queued events) but outside the GPU's concurrency group: it
+    # answers at once even while jobs run.
+    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     # Jobs share the "gpu" concurrency group; several may be in flight, and they take turns on the device
     # between their images (the memory manager's fair lock), so a quick image is not stuck behind a long batch.
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency)
