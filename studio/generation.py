@@ -17,7 +17,7 @@ from .downloads import HubDownloads
 from .errors import InvalidRequest
 from .jobs import JobControl, LocalJob, gpu_seconds
 from .metadata import format_parameters
-from .pipelines import DiffusersModels, DiffusionStages, truncation_warnings  # noqa: F401 (re-exported)
+from .pipelines import DiffusersModels, DiffusionStages
 from .presets import ModelPreset, PresetCatalog, StyleCatalog
 from .schedulers import check_scheduler, make_scheduler
 

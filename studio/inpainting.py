@@ -27,7 +27,6 @@ from .generation import (
 )
 from .images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
 from .jobs import LocalJob
-from .metadata import format_parameters
 from .presets import ModelPreset
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"

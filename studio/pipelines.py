@@ -535,7 +535,6 @@ class DiffusionStages:
         """Run `work(models, plan)` holding the plan's models on the device. Out of memory (our budget or the
         device's own): VAE tiling first, then idle models off the device, then accelerate's model CPU offload
         (CUDA only), then a clear message."""
-        tiled = False
         plan = plan_for(False)
         attempts = ["as planned"] + (["with VAE tiling"] if can_tile else []) + ["with idle models off the device"]
         if self.manager.device.type == "cuda":
@@ -543,7 +542,7 @@ class DiffusionStages:
         failure = ""
         for attempt in attempts:
             if attempt == "with VAE tiling":
-                tiled, plan = True, plan_for(True)
+                plan = plan_for(True)
             if attempt == "with idle models off the device":
                 self.manager.offload_idle()
             try:
