@@ -191,7 +191,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 text_tab = build_text_to_image_tab(studio.text_to_image, studio.runner)
             with gr.Tab("Inpaint", id="inpaint", elem_id="inpaint-tab"):
                 inpaint_tab = build_inpaint_tab(studio.inpainter, studio.runner)
-        build_status_bar(studio.manager, refresh_after=[text_tab.generate_event, inpaint_tab.generate_event])
+        build_status_bar(demo, studio.manager, refresh_after=[text_tab.generate_event, inpaint_tab.generate_event])
         text_tab.fit_to_preset(demo)
         inpaint_tab.fit_to_preset(demo)
 

@@ -12,6 +12,7 @@ from PIL import Image
 from components.preset_picker import chosen_preset, preset_card, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest, StudioError
+from studio.generation import whole
 from studio.images import check_pixels, open_image
 from studio.inpainting import INPAINT_AREAS, MAX_MASK_BLUR, MAX_PADDING, WHOLE_PICTURE, InpaintRequest, Inpainter
 from studio.schedulers import schedulers_for
@@ -49,9 +50,9 @@ def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, 
              padding, seed, batch_size) -> InpaintRequest:
     return InpaintRequest(
         prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
-        steps=int(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=int(mask_blur),
-        inpaint_area=inpaint_area, padding=int(padding), seed=int(seed) if seed is not None else -1,
-        batch_size=int(batch_size),
+        steps=whole(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=whole(mask_blur),
+        inpaint_area=inpaint_area, padding=whole(padding), seed=whole(seed) if seed is not None else -1,
+        batch_size=whole(batch_size),
     )
 
 
@@ -82,7 +83,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             )
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what goes in the painted area",
                                 elem_id="inpaint-prompt")
-            negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="what to avoid")
+            negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
             with gr.Row():
                 generate = gr.Button("Inpaint", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)

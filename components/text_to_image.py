@@ -10,7 +10,7 @@ import gradio as gr
 from components.preset_picker import chosen_preset, preset_card, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest
-from studio.generation import TextToImage, TextToImageRequest, request_from_parameters
+from studio.generation import TextToImage, TextToImageRequest, request_from_parameters, whole
 from studio.schedulers import schedulers_for
 
 TAB = "text-to-image"
@@ -34,12 +34,12 @@ def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, 
         negative_prompt=negative_prompt or "",
         preset=preset,
         scheduler=scheduler,
-        steps=int(steps),
+        steps=whole(steps),
         guidance_scale=float(guidance_scale),
-        width=int(width),
-        height=int(height),
-        seed=int(seed) if seed is not None else -1,
-        batch_size=int(batch_size),
+        width=whole(width),
+        height=whole(height),
+        seed=whole(seed) if seed is not None else -1,
+        batch_size=whole(batch_size),
         style=style or "None",
     )
 
@@ -56,7 +56,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background", autofocus=True)
-            negative_prompt = gr.Textbox(label="Negative prompt", lines=1, placeholder="what to avoid")
+            negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)

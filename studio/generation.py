@@ -83,9 +83,29 @@ class GenerationResult:
         return [image.seed for image in self.images]
 
 
+def whole(value):
+    """A number from a form or the API as an int when it is a whole number (sliders send 20.0); a fraction stays
+    a float, for the checks to refuse rather than silently round (steps 2.5 is not 2)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def fraction_problems(request, labels: dict[str, str]) -> dict[str, str]:
+    """A problem for each field (name -> label) that is not a whole number."""
+    return {name: f"{label} must be a whole number (got {getattr(request, name):g})."
+            for name, label in labels.items() if not isinstance(getattr(request, name), int)}
+
+
+WHOLE_SAMPLING_FIELDS = {"steps": "Steps", "seed": "Seed", "batch_size": "Batch size"}
+
+
 def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
     """Problems with the fields every generating request has (prompt, steps, CFG, seed, batch, scheduler),
     by field name, each a sentence a user can act on. Empty when they are fine."""
+    fractions = fraction_problems(request, WHOLE_SAMPLING_FIELDS)
+    if fractions:
+        return fractions  # the range checks below assume whole numbers
     problems: dict[str, str] = {}
     prompt = request.prompt or ""
     if not prompt.strip():
@@ -115,6 +135,9 @@ def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: Reques
 def check_text_to_image(request: TextToImageRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
     """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine."""
     problems = check_sampling(request, preset, limits)
+    fractions = fraction_problems(request, {"width": "Width", "height": "Height"})
+    if fractions:
+        return problems | fractions  # the size checks below assume whole numbers
     for name, value in (("width", request.width), ("height", request.height)):
         if not (preset.min_size <= value <= preset.max_size) or value % preset.size_step:
             problems[name] = (

@@ -23,6 +23,7 @@ from .generation import (
     SamplingPlan,
     SamplingRequest,
     check_sampling,
+    fraction_problems,
     resolve_seed,
 )
 from .images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
@@ -47,6 +48,9 @@ class InpaintRequest(SamplingRequest):
 
 def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
     problems = check_sampling(request, preset, limits)
+    fractions = fraction_problems(request, {"mask_blur": "Mask blur", "padding": "Padding"})
+    if fractions:
+        return problems | fractions  # the range checks below assume whole numbers
     if not (0 < request.strength <= 1):
         problems["strength"] = f"Denoising strength must be above 0 and at most 1 (got {request.strength:g})."
     elif "steps" not in problems and int(request.steps * request.strength) < 1:

@@ -73,7 +73,9 @@ def app_url(tmp_path_factory):
     log = tmp_path_factory.mktemp("app") / "app.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=out,
-                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   stderr=subprocess.STDOUT,
+                                   # offline even where the Hub answers: a test must never start a download
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:  # "Running on local URL" is printed before the server answers: poll the API info instead

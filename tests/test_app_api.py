@@ -31,6 +31,11 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
         return [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]]
 
     assert parameters("/text_to_image") == list(DEFAULTS)
+    assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image"}  # no timers, no UI glue
+    for endpoint in api["named_endpoints"]:  # only the prompt (and the images) must be given
+        required = [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]
+                    if not p["parameter_has_default"]]
+        assert required in (["prompt"], ["image", "mask", "prompt"], ["sketch", "prompt"]), (endpoint, required)
     assert parameters("/inpaint") == ["image", "mask", *INPAINT]
     assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area", "padding"))]
 
@@ -68,6 +73,9 @@ def test_same_seed_same_png_pixels_through_the_api(client):
         ({"prompt": ""}, "Enter a prompt"),
         ({"prompt": "word " * 1000}, "Prompt is too long (5000 characters; the limit is 2000)"),
         ({"batch_size": 9}, "Value 9 is greater than maximum value 8"),
+        ({"steps": 2.5}, "Steps must be a whole number (got 2.5)"),  # not silently 2
+        ({"width": 64.5}, "Width must be a whole number (got 64.5)"),
+        ({"batch_size": 1.5}, "Batch size must be a whole number (got 1.5)"),
         ({"preset": "sdxl-base-1.0", "width": 1024, "height": 1024}, "Preset 'SDXL base 1.0' is not downloaded yet"),
     ],
 )
