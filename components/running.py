@@ -179,7 +179,9 @@ def gallery_outputs(result, batch_size: int) -> tuple[list, list[int], str]:
     for warning in result.warnings:
         gr.Warning(warning)
     if result.interrupted:
+        unfinished = [item for item in result.images if item.stopped_at]
         gr.Info(f"Stopped: {len(result.images)} of {batch_size} image(s) returned"
-                + (" (the last one is unfinished)." if result.images else "."))
-    items = [(item.image, f"Seed {item.seed}") for item in result.images]
+                + (f"; the last one is unfinished (stopped at step {unfinished[-1].stopped_at})." if unfinished
+                   else "."))
+    items = [(item.image, item.caption) for item in result.images]
     return items, result.seeds, "\n\n".join(item.parameters for item in result.images[:1])

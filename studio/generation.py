@@ -70,6 +70,11 @@ class GeneratedImage:
     image: Image.Image
     seed: int
     parameters: str  # A1111 "parameters" text for the PNG
+    stopped_at: int | None = None  # Stop cut its denoising short after this many of its steps
+
+    @property
+    def caption(self) -> str:
+        return f"Seed {self.seed}" + (f" · unfinished (stopped at step {self.stopped_at})" if self.stopped_at else "")
 
 
 @dataclass
@@ -249,26 +254,31 @@ class SamplingEngine:
                     conditioning, warnings = self.stages.encode(plan.preset, plan.task, plan.prompt,
                                                                 plan.negative_prompt, plan.guidance_scale)
                     result.warnings += warnings
-                pixels, flagged = self._one_image(plan, conditioning, index, job)
+                pixels, flagged, steps_done = self._one_image(plan, conditioning, index, job)
+            stopped_at = steps_done if steps_done < plan.steps_per_image else None
             if job.cancelled:
-                result.interrupted = True  # this image was cut short; the VAE decoded where it stopped
+                result.interrupted = True
             if flagged:
                 result.warnings.append(f"The safety checker flagged the image with seed {image_seed}; it is not "
                                        "shown.")
                 continue
             image = postprocess.postprocess(pixels, output_type="pil")[0]
-            parameters = self.describe(plan, image_seed)
+            # an image Stop cut short is decoded where it stopped, and says so in its parameters
+            parameters = self.describe(plan, image_seed, {"Stopped at step": stopped_at} if stopped_at else None)
             image.info["parameters"] = parameters  # written as a PNG text chunk when saved as PNG
-            result.images.append(GeneratedImage(image, image_seed, parameters))
+            result.images.append(GeneratedImage(image, image_seed, parameters, stopped_at))
         job.report(plan.total_steps, plan.total_steps, "Done")
         return result
 
-    def _one_image(self, plan: SamplingPlan, conditioning, index: int, job: JobControl) -> tuple[torch.Tensor, bool]:
-        """Denoise, decode and check image `index` of the plan: (pixels in [-1, 1] on the CPU, flagged)."""
+    def _one_image(self, plan: SamplingPlan, conditioning, index: int,
+                   job: JobControl) -> tuple[torch.Tensor, bool, int]:
+        """Denoise, decode and check image `index` of the plan: (pixels in [-1, 1] on the CPU, flagged, denoising
+        steps done)."""
         preset, task = plan.preset, plan.task
         width, height = plan.size
         image_seed = plan.seed + index
-        on_step = step_callback(index, plan.steps_per_image, plan.batch_size, job)
+        steps_done = [0]
+        on_step = step_callback(index, plan.steps_per_image, plan.batch_size, job, steps_done)
 
         def call(pipe):
             pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
@@ -280,15 +290,15 @@ class SamplingEngine:
 
         latents = self.stages.denoise(preset, task, width, height, plan.guidance_scale > 1, call)
         pixels = self.stages.decode(preset, task, latents, width, height)
-        return pixels, self.stages.check(preset, task, pixels)[0]
+        return pixels, self.stages.check(preset, task, pixels)[0], steps_done[0]
 
-    def describe(self, plan: SamplingPlan, seed: int) -> str:
-        """A1111's parameters text for image `seed` of the plan."""
+    def describe(self, plan: SamplingPlan, seed: int, extra: dict | None = None) -> str:
+        """A1111's parameters text for image `seed` of the plan (and `extra` fields of this image's own)."""
         return format_parameters(
             plan.prompt, plan.negative_prompt, steps=plan.steps, scheduler=plan.scheduler,
             guidance_scale=plan.guidance_scale, seed=seed, width=plan.output_size[0], height=plan.output_size[1],
             model=plan.preset.name, model_hash=self.models.model_hash(plan.preset, plan.task), version=self.version,
-            extra=plan.parameters_extra or None,
+            extra={**plan.parameters_extra, **(extra or {})} or None,
         )
 
 
@@ -327,11 +337,13 @@ class TextToImage(SamplingEngine):
             return self.run(plan, LocalJob(on_progress, cancel))
 
 
-def step_callback(index: int, steps: int, batch_size: int, job: JobControl):
-    """diffusers' callback_on_step_end for image `index` of a batch: reports progress, stops when cancelled."""
+def step_callback(index: int, steps: int, batch_size: int, job: JobControl, steps_done: list[int]):
+    """diffusers' callback_on_step_end for image `index` of a batch: counts the steps done (in `steps_done[0]`),
+    reports progress, stops when cancelled."""
     total = steps * batch_size
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
+        steps_done[0] = step + 1
         job.report(index * steps + step + 1, total, f"Image {index + 1}/{batch_size}, step {step + 1}/{steps}")
         if job.cancelled:
             pipe._interrupt = True  # diffusers skips the remaining steps

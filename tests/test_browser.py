@@ -80,6 +80,7 @@ def test_stop_interrupts_a_long_batch(page, artifacts):
     seeds = page.locator("#text-to-image-gallery img[alt^='Seed ']")
     seeds.first.wait_for(timeout=10_000)  # the toast comes with the result; the gallery renders just after
     assert 1 <= seeds.count() < 8  # the finished images are kept, the rest were never started
+    assert "unfinished (stopped at step" in seeds.last.get_attribute("alt")  # the cut-short one says so
     page.screenshot(path=str(artifacts / "text_to_image_stopped.png"), full_page=True)
 
 

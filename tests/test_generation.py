@@ -81,6 +81,17 @@ def test_cancel_interrupts_the_denoising_loop(engine):
     result = engine.generate(request(steps=50, batch_size=4), on_progress=on_progress, cancel=cancel)
     assert result.interrupted and len(result.images) == 1
     assert max(d for d in steps_run if d < 200) == 3  # no step ran after the one that asked to stop
+    # the unfinished image says so: in its caption and in its PNG parameters, with the step it stopped at
+    unfinished = result.images[0]
+    assert unfinished.stopped_at == 3 and "unfinished (stopped at step 3)" in unfinished.caption
+    params = parse_parameters(unfinished.image.info["parameters"])
+    assert params.steps == 50 and params.extra["Stopped at step"] == "3"
+
+
+def test_a_finished_image_is_not_marked(engine):
+    result = engine.generate(request(steps=4))
+    assert result.images[0].stopped_at is None and result.images[0].caption == "Seed 42"
+    assert "Stopped at step" not in result.images[0].parameters
 
 
 def test_long_prompts_are_truncated_with_a_warning(engine):
