@@ -174,3 +174,27 @@ def test_upload_paint_a_stroke_inpaint_and_far_pixels_are_unchanged(page, artifa
     left = np.s_[:, : int(256 * 0.5)]  # far from the stroke
     assert np.array_equal(np.asarray(out)[left], np.asarray(source)[left])
     assert not np.array_equal(np.asarray(out), np.asarray(source))  # the stroke's area was repainted
+
+
+@pytest.mark.parametrize("width", [1280, 1920])
+def test_a_single_result_is_shown_whole_at_any_window_size(browser, app_url, artifacts, width):
+    """A 64 px result used to be drawn 636-986 px square in a 520 px gallery: its bottom was cut off (a triangle at
+    the bottom right was not seen at all). The image must fit inside the gallery."""
+    context = browser.new_context(viewport={"width": width, "height": 1000})
+    page = context.new_page()
+    try:
+        page.goto(app_url)
+        text_tab(page).get_by_label("Prompt", exact=True).fill("a small yellow triangle at the bottom right on a "
+                                                               "black background")
+        text_tab(page).get_by_label("Seed (-1 = random)").fill("4038314524")
+        text_tab(page).get_by_role("button", name="Generate", exact=True).click()
+        image = page.locator("#text-to-image-gallery img[alt^='Seed ']").first
+        image.wait_for(timeout=60_000)
+        page.wait_for_timeout(500)  # let the gallery lay out
+        gallery = page.locator("#text-to-image-gallery").bounding_box()
+        box = image.bounding_box()
+        assert box["y"] >= gallery["y"] and box["y"] + box["height"] <= gallery["y"] + gallery["height"]
+        assert box["height"] >= 0.8 * gallery["height"]  # whole, and still large
+        page.locator("#text-to-image-gallery").screenshot(path=str(artifacts / f"single_result_{width}.png"))
+    finally:
+        context.close()
