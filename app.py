@@ -201,14 +201,20 @@ def build_ui(studio: Studio) -> gr.Blocks:
         text_tab.fit_to_preset(demo)
         inpaint_tab.fit_to_preset(demo)
 
-        def send_to_inpaint(gallery, index):
+        def send_to_inpaint(gallery, index, prompt, negative_prompt):
+            """The chosen image into the Inpaint editor, with its prompts, as A1111's "Send to inpaint" does."""
             if not gallery:
-                raise user_error(InvalidRequest(["Generate an image first."]), "Nothing to send")
+                raise user_error(InvalidRequest(["Generate an image first, then send it to Inpaint."]),
+                                 "Nothing to send")
             image, _caption = gallery[min(index or 0, len(gallery) - 1)]
-            return editor_with_background(image), gr.Tabs(selected="inpaint")
+            return editor_with_background(image), prompt, negative_prompt, gr.Tabs(selected="inpaint")
 
-        text_tab.send_to_inpaint.click(send_to_inpaint, [text_tab.gallery, text_tab.selected],
-                                       [inpaint_tab.editor, tabs], api_visibility="private", queue=False)
+        # queued (outside the GPU group), so that its error shows as a toast: gradio shows none for unqueued events
+        text_tab.send_to_inpaint.click(
+            send_to_inpaint, [text_tab.gallery, text_tab.selected, text_tab.prompt, text_tab.negative_prompt],
+            [inpaint_tab.editor, inpaint_tab.prompt, inpaint_tab.negative_prompt, tabs], api_visibility="private",
+            concurrency_limit=None,
+        )
     return demo
 
 

@@ -44,6 +44,8 @@ class InpaintTab:
     editor: gr.ImageEditor
     generate_event: gr.events.Dependency
     fit_to_preset: Callable  # (demo) -> None: fits the settings to the selected preset on page load
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
 
 
 def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
@@ -245,4 +247,5 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         demo.load(preset_updates, preset, [card, scheduler, steps, guidance_scale], api_visibility="private",
                   queue=False)
 
-    return InpaintTab(editor=editor, generate_event=event, fit_to_preset=fit_to_preset)
+    return InpaintTab(editor=editor, generate_event=event, fit_to_preset=fit_to_preset, prompt=prompt,
+                      negative_prompt=negative_prompt)

@@ -26,6 +26,8 @@ class TextToImageTab:
     selected: gr.State  # index of the gallery image last clicked (0 until one is)
     send_to_inpaint: gr.Button
     fit_to_preset: Callable  # (demo) -> None: narrows the sliders to the selected preset on page load
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
 
 
 def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style):
@@ -190,4 +192,4 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                   api_visibility="private", queue=False)
 
     return TextToImageTab(generate_event=event, gallery=gallery, selected=selected, send_to_inpaint=send_to_inpaint,
-                          fit_to_preset=fit_to_preset)
+                          fit_to_preset=fit_to_preset, prompt=prompt, negative_prompt=negative_prompt)

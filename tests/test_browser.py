@@ -198,3 +198,20 @@ def test_a_single_result_is_shown_whole_at_any_window_size(browser, app_url, art
         page.locator("#text-to-image-gallery").screenshot(path=str(artifacts / f"single_result_{width}.png"))
     finally:
         context.close()
+
+
+def test_send_to_inpaint_says_what_to_do_first_then_carries_the_image_and_prompt(page, artifacts):
+    text_tab(page).get_by_role("button", name="Send to Inpaint", exact=True).click()
+    toast = page.get_by_test_id("toast-text").filter(has_text="Generate an image first").first
+    toast.wait_for(timeout=10_000)  # it used to do nothing at all
+    prompt = "a large purple ring in the center on a yellow background"
+    text_tab(page).get_by_label("Prompt", exact=True).fill(prompt)
+    text_tab(page).get_by_label("Negative prompt", exact=True).fill("blurry")
+    text_tab(page).get_by_role("button", name="Generate", exact=True).click()
+    page.locator("#text-to-image-gallery img[alt^='Seed ']").first.wait_for(timeout=60_000)
+    text_tab(page).get_by_role("button", name="Send to Inpaint", exact=True).click()
+    prompt_value_is(page, "inpaint-tab", prompt)
+    inpaint = page.locator("#inpaint-tab")
+    assert inpaint.get_by_label("Negative prompt", exact=True).input_value() == "blurry"
+    page.locator("#inpaint-editor canvas").first.wait_for(timeout=10_000)
+    page.screenshot(path=str(artifacts / "sent_to_inpaint.png"), full_page=True)
