@@ -105,20 +105,19 @@ class JobRunner:
             plan = plan_for()
         except StudioError as error:
             raise user_error(error, error_title) from None
-        # The model files stay protected from the cache budget from their download until the job is done.
-        with engine.files_in_use(plan):
-            try:
-                engine.fetch(plan, throttled(progress, "Downloading"))
-            except StudioError as error:
-                raise user_error(error, error_title) from None
-            job = self.board.open(session, tab)
-            try:
-                result = follow_progress(lambda: device_function(plan, job.slot), job, progress)
-            except gr.Error as error:  # an engine error, raised on the GPU side: said once, with this tab's title
-                log.info("%s: %s", error_title, str(error.message).splitlines()[0])
-                raise gr.Error(error.message, title=error_title, print_exception=False) from None
-            finally:
-                self.board.close(job)
+        # The model files are fetched first, and stay protected from the cache budget until the job is done.
+        try:
+            with engine.model_files(plan, throttled(progress, "Downloading")):
+                job = self.board.open(session, tab)
+                try:
+                    result = follow_progress(lambda: device_function(plan, job.slot), job, progress)
+                except gr.Error as error:  # an engine error raised on the GPU side: said once, with this tab's title
+                    log.info("%s: %s", error_title, str(error.message).splitlines()[0])
+                    raise gr.Error(error.message, title=error_title, print_exception=False) from None
+                finally:
+                    self.board.close(job)
+        except StudioError as error:  # the model files could not be had
+            raise user_error(error, error_title) from None
         return gallery_outputs(finish(result), plan.batch_size)
 
     def wire_stop(self, stop: gr.Button, tab: str) -> None:

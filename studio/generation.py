@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -221,18 +221,18 @@ class SamplingEngine:
             raise InvalidRequest(list(problems.values()))
         return self.presets.get(request.preset)
 
-    def fetch(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> None:
-        """Fetch the plan's model files from the Hub if they are not in the cache: its own step, before any device
-        work and outside the device lock, so a download never holds up other visitors. Raises ModelUnavailable."""
-        for request in self.models.download_requests(plan.preset, plan.task, self.manager.dtype):
-            self.downloads.ensure(request, on_progress)
-
-    def files_in_use(self, plan: SamplingPlan) -> contextlib.ExitStack:
-        """While this context is open, the Hub cache budget does not delete the plan's model files."""
-        stack = contextlib.ExitStack()
-        for request in self.models.download_requests(plan.preset, plan.task, self.manager.dtype):
-            stack.enter_context(self.downloads.in_use(request.source))
-        return stack
+    @contextlib.contextmanager
+    def model_files(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> Iterator[None]:
+        """The plan's model files, fetched from the Hub if they are not in the cache (its own step, before any
+        device work and outside the device lock, so a download never holds up other visitors), and kept from the
+        cache budget until the block ends. Raises ModelUnavailable on entering."""
+        requests = self.models.download_requests(plan.preset, plan.task, self.manager.dtype)
+        with contextlib.ExitStack() as protected:
+            for request in requests:
+                protected.enter_context(self.downloads.in_use(request.source))
+            for request in requests:
+                self.downloads.ensure(request, on_progress)
+            yield
 
     def run(self, plan: SamplingPlan, job: JobControl | None = None) -> GenerationResult:
         """The device work of a job: the prompt encoded once, then each image denoised, decoded and (where a
@@ -332,8 +332,7 @@ class TextToImage(SamplingEngine):
                  cancel: threading.Event | None = None) -> GenerationResult:
         """Plan, fetch and run in this process: images for the prompt; image i uses seed + i."""
         plan = self.plan(request)
-        with self.files_in_use(plan):
-            self.fetch(plan)
+        with self.model_files(plan):
             return self.run(plan, LocalJob(on_progress, cancel))
 
 

@@ -133,8 +133,7 @@ class Inpainter(SamplingEngine):
                 on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> GenerationResult:
         """Plan, run and finish in this process: repaint the white part of `mask` in `image`."""
         plan, finishing = self.plan_inpaint(image, mask, request)
-        with self.files_in_use(plan):
-            self.fetch(plan)
+        with self.model_files(plan):
             result = self.run(plan, LocalJob(on_progress, cancel))
         return self.finish_inpaint(finishing, result)
 
@@ -155,8 +154,7 @@ class Inpainter(SamplingEngine):
                         on_progress: ProgressCallback | None = None,
                         cancel: threading.Event | None = None) -> GenerationResult:
         plan = self.plan_sketch(sketch, request)
-        with self.files_in_use(plan):
-            self.fetch(plan)
+        with self.model_files(plan):
             return self.run(plan, LocalJob(on_progress, cancel))
 
     # ----- shared -----

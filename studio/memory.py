@@ -213,9 +213,6 @@ class ModelManager:
         take a turn while holding the device lock."""
         return self._turns
 
-    def register(self, kind: str, loader: ModelLoader) -> None:
-        self.loaders[kind] = loader
-
     # ----- stages -----
 
     @contextmanager
@@ -246,16 +243,14 @@ class ModelManager:
                 for entry in entries.values():
                     entry.pinned = entry.pinned or pin
 
-    def offload_idle(self) -> int:
-        """Move every unlocked, unpinned model off the device (out-of-memory recovery). Returns bytes freed."""
+    def offload_idle(self) -> None:
+        """Move every unlocked, unpinned model off the device (out-of-memory recovery)."""
         with self.device_lock:
-            freed = 0
             while True:
                 with self._state_lock:
                     victim = self._least_recently_used(DEVICE, protected=set())
                 if victim is None:
-                    return freed
-                freed += victim.size
+                    return
                 self._evict(victim)
 
     # ----- state -----
@@ -334,7 +329,7 @@ class ModelManager:
             self._unlock(locked)
             for entry in loaded_now:  # what this call loaded goes again: the manager is as it was
                 self._drop(entry)
-            self._enforce_ram_budget(set())
+            self._make_room_in_ram(0, protected=set())  # what was offloaded on the way may now be over RAM's budget
             raise
         return {entry.key: entry for entry in locked}, reserved
 
@@ -437,9 +432,6 @@ class ModelManager:
             if victim is None:
                 return  # what is in RAM is in use; RAM is a soft limit, the device budget is the hard one
             self._drop(victim)
-
-    def _enforce_ram_budget(self, protected: set[ModelKey]) -> None:
-        self._make_room_in_ram(0, protected)
 
     def _least_recently_used(self, placement: str, protected: set[ModelKey]) -> _Entry | None:
         candidates = [

@@ -39,7 +39,7 @@ from diffusers import (
 )
 
 from .devices import format_bytes, release_memory
-from .downloads import DownloadRequest, diffusers_patterns
+from .downloads import DownloadRequest, diffusers_patterns, hub_offline_by_env
 from .errors import ModelUnavailable, OutOfMemoryBudget
 from .memory import ModelKey, ModelManager, text_encoder_working_memory, unet_working_memory, vae_decode_working_memory
 
@@ -108,7 +108,7 @@ class HubAccess:
         self._checked: tuple[bool, float] | None = None
 
     def offline(self) -> bool:
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        if hub_offline_by_env():
             return True
         with self._lock:
             if self._checked and time.monotonic() - self._checked[1] < HUB_CHECK_TTL_S:
@@ -239,16 +239,16 @@ def safetensors_bytes(files: list[Path], dtype: torch.dtype) -> int:
     return total
 
 
-def unavailable(source: str, error: Exception, label: str | None = None) -> ModelUnavailable:
+def unavailable(source: str, error: Exception) -> ModelUnavailable:
+    """A model that is in neither its folder nor the Hub cache when it is loaded (downloads have their own)."""
     reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-    name = f"Preset {label!r}" if label else f"Model {source}"
     if os.path.isdir(source) or source.startswith(("/", ".")):
         where = f"from the folder {source}"
         advice = "Check the folder (for the embedded model: python -m studio.embedded train)."
     else:
         where = f"from the Hugging Face Hub ({source}) and they are not in the local cache"
         advice = "Connect to the internet or pre-download the model, or choose the embedded preset."
-    return ModelUnavailable(f"{name} is unavailable: its weights could not be fetched {where}. {advice} "
+    return ModelUnavailable(f"Model {source} is unavailable: its weights could not be fetched {where}. {advice} "
                             f"({type(error).__name__}: {reason})")
 
 
