@@ -210,11 +210,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
             return editor_with_background(image), prompt, negative_prompt, gr.Tabs(selected="inpaint")
 
         # queued (outside the GPU group), so that its error shows as a toast: gradio shows none for unqueued events
-        text_tab.send_to_inpaint.click(
+        sent = text_tab.send_to_inpaint.click(
             send_to_inpaint, [text_tab.gallery, text_tab.selected, text_tab.prompt, text_tab.negative_prompt],
             [inpaint_tab.editor, inpaint_tab.prompt, inpaint_tab.negative_prompt, tabs], api_visibility="private",
             concurrency_limit=None,
         )
+        inpaint_tab.fit_to_image(sent)
     return demo
 
 
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     studio = build_studio(args)
     demo = build_ui(studio)
     demo.queue(max_size=args.max_queue or (20 if args.public else 64), default_concurrency_limit=1)
-    demo.launch(
+    # quiet: gradio's own banner tells people to "set `share=True` in `launch()`"; our switch is --share
+    _, local_url, share_url = demo.launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
@@ -234,7 +236,12 @@ def main(argv: list[str] | None = None) -> None:
         theme=gr.themes.Soft(),
         css=CSS,
         footer_links=["api", "gradio"],
+        quiet=True,
+        prevent_thread_lock=True,
     )
+    print(f"* Running on local URL:  {local_url}")
+    print(f"* Public link: {share_url}" if share_url else "* For a public link, start it with --share.", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

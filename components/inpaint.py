@@ -9,12 +9,20 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from components.preset_picker import chosen_preset, preset_card, sampling_updates
+from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest, StudioError
 from studio.generation import whole
 from studio.images import check_pixels, open_image
-from studio.inpainting import INPAINT_AREAS, MAX_MASK_BLUR, MAX_PADDING, WHOLE_PICTURE, InpaintRequest, Inpainter
+from studio.inpainting import (
+    INPAINT_AREAS,
+    MAX_MASK_BLUR,
+    MAX_PADDING,
+    WHOLE_PICTURE,
+    InpaintRequest,
+    Inpainter,
+    mask_tools_for,
+)
 from studio.schedulers import schedulers_for
 
 TAB = "inpaint"
@@ -30,13 +38,29 @@ MODE_HELP = {
     SKETCH_TO_IMAGE: "Draw with coloured brushes on the blank canvas (or over an image): the whole picture is redrawn "
                      "at the denoising strength. Empty areas count as white paper.",
 }
-MASK_BRUSH = gr.Brush(colors=[("#ff00ff", 0.5)], color_mode="fixed")  # see-through: what it covers stays visible
-SKETCH_BRUSH = gr.Brush(
-    colors=["#e41a1c", "#ff8c00", "#ffd700", "#2ca02c", "#1f5fe0", "#8a2be2", "#ff69b4", "#ffffff", "#111111",
-            "#808080"],
-    default_color="#e41a1c", color_mode="defaults",
-)
+PROMPT_PLACEHOLDER = {
+    INPAINT: "what goes in the painted area",
+    SKETCH: "what the strokes become, e.g. a red square",
+    SKETCH_TO_IMAGE: "what the drawing shows, e.g. a red square on a white background",
+}
+SKETCH_COLOURS = ["#e41a1c", "#ff8c00", "#ffd700", "#2ca02c", "#1f5fe0", "#8a2be2", "#ff69b4", "#ffffff", "#111111",
+                  "#808080"]
 SKETCH_CANVAS = (512, 512)
+
+
+def brush(chosen_mode: str, radius: int | str = "auto") -> gr.Brush:
+    """The mask brush (see-through magenta: what it covers stays visible) or the coloured sketch brush. Its
+    radius is in the image's pixels; gradio's "auto" is a fixed 25, so it is set from the image's size."""
+    if chosen_mode == INPAINT:
+        return gr.Brush(colors=[("#ff00ff", 0.5)], color_mode="fixed", default_size=radius)
+    return gr.Brush(colors=SKETCH_COLOURS, default_color=SKETCH_COLOURS[0], color_mode="defaults", default_size=radius)
+
+
+def editor_image_size(value) -> tuple[int, int] | None:
+    """The size of what is being edited: the uploaded image, else the drawing canvas."""
+    value = value or {}
+    image = value.get("background") or value.get("composite")
+    return image.size if image is not None else None
 
 
 @dataclass
@@ -44,6 +68,7 @@ class InpaintTab:
     editor: gr.ImageEditor
     generate_event: gr.events.Dependency
     fit_to_preset: Callable  # (demo) -> None: fits the settings to the selected preset on page load
+    fit_to_image: Callable  # (event) -> None: after the event puts an image in the editor, fits brush, blur, padding
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
 
@@ -77,23 +102,21 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=6):
-            mode = gr.Radio(list(MODES), value=INPAINT, label="Mode", info=MODE_HELP[INPAINT])
+            mode = gr.Radio(list(MODES), value=INPAINT, label="Mode")
+            mode_help = gr.Markdown(MODE_HELP[INPAINT], elem_id="inpaint-mode-help")
             editor = gr.ImageEditor(
                 label="Image", type="pil", image_mode="RGBA", format="png", sources=["upload", "clipboard"],
-                brush=MASK_BRUSH, layers=False, transforms=(), canvas_size=SKETCH_CANVAS, height=520,
-                elem_id="inpaint-editor",
+                brush=brush(INPAINT, mask_tools_for(SKETCH_CANVAS).brush_radius), layers=False, transforms=(),
+                canvas_size=SKETCH_CANVAS, height=520, elem_id="inpaint-editor",
             )
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what goes in the painted area",
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder=PROMPT_PLACEHOLDER[INPAINT],
                                 elem_id="inpaint-prompt")
+            prompt_note = gr.Markdown(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
             with gr.Row():
                 generate = gr.Button("Inpaint", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)
-        with gr.Column(scale=5):
-            gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
-                                 buttons=["download", "fullscreen"], elem_id="inpaint-gallery")
-            info = gr.Textbox(label="Generation info", lines=3, interactive=False, buttons=["copy"])
-            seeds = gr.JSON(label="Used seeds", height=80)
+            # where the Text to image tab has it: under the prompt
             preset = gr.Dropdown([(p.label, p.name) for p in engine.presets], value=default.name,
                                  label="Model preset", allow_custom_value=True)
             card = gr.Markdown(preset_card(default))
@@ -108,13 +131,20 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                     strength = gr.Slider(0.01, 1, value=DEFAULT_STRENGTH[INPAINT], step=0.01,
                                          label="Denoising strength")
                 with gr.Group() as mask_settings:
+                    inpaint_area = gr.Radio(list(INPAINT_AREAS), value=WHOLE_PICTURE, label="Inpaint area")
                     with gr.Row():
-                        mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur")
-                        inpaint_area = gr.Radio(list(INPAINT_AREAS), value=WHOLE_PICTURE, label="Inpaint area")
-                        padding = gr.Slider(0, MAX_PADDING, value=32, step=4, label="Only masked padding, pixels")
+                        # both follow the image's size when one is loaded (A1111's 4 and 32 are for 512 px)
+                        mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur, pixels")
+                        padding = gr.Slider(0, MAX_PADDING, value=32, step=1,
+                                            label="Padding around the mask (Only masked), pixels")
                 with gr.Row():
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                     batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size")
+        with gr.Column(scale=5):
+            gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
+                                 buttons=["download", "fullscreen"], interactive=False, elem_id="inpaint-gallery")
+            info = gr.Textbox(label="Generation info", lines=3, interactive=False, buttons=["copy"])
+            seeds = gr.JSON(label="Used seeds")
 
     settings = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
                 padding, seed, batch_size]
@@ -205,11 +235,23 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             raise user_error(InvalidRequest(["Give a sketch image."]), "Cannot generate")
         return run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
 
-    def switch_mode(chosen_mode):
-        is_mask = chosen_mode == INPAINT
+    def brush_radius(value) -> int:
+        return mask_tools_for(editor_image_size(value) or SKETCH_CANVAS).brush_radius
+
+    def fit_tools_to_image(chosen_mode, value):
+        """Brush radius, mask blur and padding for the image now in the editor (A1111's defaults are for 512 px)."""
+        size = editor_image_size(value)
+        if size is None:
+            return gr.ImageEditor(), gr.Slider(), gr.Slider()
+        tools = mask_tools_for(size)
+        return (gr.ImageEditor(brush=brush(chosen_mode, tools.brush_radius)), gr.Slider(value=tools.mask_blur),
+                gr.Slider(value=tools.padding))
+
+    def switch_mode(chosen_mode, value):
         return (
-            gr.Radio(info=MODE_HELP[chosen_mode]),
-            gr.ImageEditor(brush=MASK_BRUSH if is_mask else SKETCH_BRUSH),
+            MODE_HELP[chosen_mode],
+            gr.Textbox(placeholder=PROMPT_PLACEHOLDER[chosen_mode]),
+            gr.ImageEditor(brush=brush(chosen_mode, brush_radius(value))),
             gr.Slider(value=DEFAULT_STRENGTH[chosen_mode]),
             gr.Group(visible=chosen_mode != SKETCH_TO_IMAGE),
             gr.Button(value="Generate" if chosen_mode == SKETCH_TO_IMAGE else "Inpaint"),
@@ -221,14 +263,22 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     # Queued (gradio shows an error toast only for queued events) but outside the GPU's concurrency group: it
     # answers at once even while jobs run.
     quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
-    gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency)
+    # one progress bar, on the results (not one on each output)
+    gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
     outputs = [gallery, seeds, info]
     event = generate.click(check, [mode, editor, *settings], None, **quick).success(
         inpaint_from_editor, [mode, editor, *settings], outputs, api_visibility="private", **gpu_event,
     )
     runner.wire_stop(stop, TAB)
-    mode.input(switch_mode, mode, [mode, editor, strength, mask_settings, generate], api_visibility="private",
-               queue=False)
+    mode.input(switch_mode, [mode, editor], [mode_help, prompt, editor, strength, mask_settings, generate],
+               api_visibility="private", queue=False)
+
+    fit_tools = dict(fn=fit_tools_to_image, inputs=[mode, editor], outputs=[editor, mask_blur, padding],
+                     api_visibility="private", queue=False)
+    editor.upload(**fit_tools)
+
+    def fit_to_image(event) -> None:
+        event.then(**fit_tools)
     preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale], api_visibility="private",
                  queue=False)
 
@@ -243,9 +293,15 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         outputs, api_name="sketch_to_image", **gpu_event,
     )
 
+    # what the model knows, and which typed words it does not, as the user types (no queue: no GPU, no wait)
+    note_event = dict(fn=lambda name, text: prompt_hint(engine, name, text), inputs=[preset, prompt],
+                      outputs=prompt_note, api_visibility="private", queue=False, show_progress="hidden")
+    prompt.change(**note_event, trigger_mode="always_last")
+    preset.change(**note_event)
+
     def fit_to_preset(demo: gr.Blocks) -> None:
         demo.load(preset_updates, preset, [card, scheduler, steps, guidance_scale], api_visibility="private",
                   queue=False)
 
-    return InpaintTab(editor=editor, generate_event=event, fit_to_preset=fit_to_preset, prompt=prompt,
-                      negative_prompt=negative_prompt)
+    return InpaintTab(editor=editor, generate_event=event, fit_to_preset=fit_to_preset, fit_to_image=fit_to_image,
+                      prompt=prompt, negative_prompt=negative_prompt)

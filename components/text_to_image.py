@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from components.preset_picker import chosen_preset, preset_card, sampling_updates
+from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest
 from studio.generation import TextToImage, TextToImageRequest, request_from_parameters, whole
@@ -58,6 +58,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background", autofocus=True)
+            prompt_note = gr.Markdown(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", scale=3)
@@ -93,10 +94,11 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                 use_parameters = gr.Button("Send parameters to the form")
         with gr.Column(scale=6):
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, object_fit="contain",
-                                 buttons=["download", "fullscreen"], elem_id="text-to-image-gallery")
+                                 buttons=["download", "fullscreen"], interactive=False,
+                                 elem_id="text-to-image-gallery")
             send_to_inpaint = gr.Button("Send to Inpaint", size="sm")
             selected = gr.State(0)
-            seeds = gr.JSON(label="Used seeds", height=80)
+            seeds = gr.JSON(label="Used seeds")
             info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"],
                               elem_id="generation-info")
 
@@ -140,7 +142,9 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     def send_parameters(text, *values):
         if not text or text.startswith("This image has no"):
             raise user_error(InvalidRequest(["Drop a PNG with generation parameters first."]), "No parameters")
-        filled = request_from_parameters(text, engine.presets, _request(*values))
+        filled, notes = request_from_parameters(text, engine.presets, _request(*values))
+        for note in notes:
+            gr.Warning(note)
         card_update, *fitted = preset_updates(
             filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height
         )
@@ -153,7 +157,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     # Jobs share the "gpu" concurrency group; several may be in flight, and they take turns on the device
     # between their images (the memory manager's fair lock), so a quick image is not stuck behind a long batch.
-    gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency)
+    # one progress bar, on the results (not one on each output)
+    gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
     event = generate.click(check, inputs, None, **quick).success(
         text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", **gpu_event,
     )
@@ -173,8 +178,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
 
     gallery.select(remember_selection, None, selected, api_visibility="private", queue=False)
     event.then(lambda: 0, None, selected, api_visibility="private", queue=False)  # a new batch: its first image
-    use_parameters.click(send_parameters, [png_parameters, *inputs], [*inputs, card], api_visibility="private",
-                         queue=False)
+    # queued (outside the GPU group), so its notes show as toasts
+    use_parameters.click(send_parameters, [png_parameters, *inputs], [*inputs, card], **quick)
 
     # Each preset's own example prompts; clicking one also selects that preset, since an example only
     # shows what the model that knows it can do (the embedded model knows shapes, not "a cat").
@@ -187,6 +192,12 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             outputs=[card, scheduler, steps, guidance_scale, width, height], run_on_click=True,
             api_visibility="private",
         )
+    # what the model knows, and which typed words it does not, as the user types (no queue: no GPU, no wait)
+    note_event = dict(fn=lambda name, text: prompt_hint(engine, name, text), inputs=[preset, prompt],
+                      outputs=prompt_note, api_visibility="private", queue=False, show_progress="hidden")
+    prompt.change(**note_event, trigger_mode="always_last")
+    preset.change(**note_event)
+
     def fit_to_preset(demo: gr.Blocks) -> None:
         demo.load(lambda name: preset_updates(name), preset, [card, scheduler, steps, guidance_scale, width, height],
                   api_visibility="private", queue=False)

@@ -20,6 +20,7 @@ from .metadata import format_parameters
 from .pipelines import DiffusersModels, DiffusionStages
 from .presets import ModelPreset, PresetCatalog, StyleCatalog
 from .schedulers import check_scheduler, make_scheduler
+from .vocabulary import load_vocabulary, unknown_words_warning
 
 MAX_SEED = 2**32 - 1
 
@@ -205,6 +206,22 @@ class SamplingEngine:
         self.presets = presets
         self.limits = limits
         self.version = version
+        # what each preset's model knows to draw, where its folder says so (the embedded family)
+        self.vocabularies = {preset.name: load_vocabulary(preset.local) for preset in presets}
+
+    def vocabulary_hint(self, preset_name: str) -> str:
+        """What the preset's model knows, for the place where the user types ("" when it does not say)."""
+        vocabulary = self.vocabularies.get(preset_name)
+        return f"This model knows {vocabulary.summary()}." if vocabulary else ""
+
+    def unknown_words(self, preset_name: str, prompt: str) -> list[str]:
+        vocabulary = self.vocabularies.get(preset_name)
+        return vocabulary.unknown_words(prompt) if vocabulary else []
+
+    def prompt_warnings(self, preset: ModelPreset, prompt: str) -> list[str]:
+        """A note naming the words of the prompt the preset's model never saw (it ignores them)."""
+        warning = unknown_words_warning(self.vocabularies.get(preset.name), prompt, preset.label)
+        return [warning] if warning else []
 
     def problems(self, request: SamplingRequest) -> dict[str, str]:
         """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine."""
@@ -281,7 +298,8 @@ class SamplingEngine:
         on_step = step_callback(index, plan.steps_per_image, plan.batch_size, job, steps_done)
 
         def call(pipe):
-            pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides)
+            pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides,
+                                           seed=image_seed)
             return pipe(
                 **conditioning.embeds, **plan.call_arguments, num_inference_steps=plan.steps,
                 guidance_scale=plan.guidance_scale, generator=torch.Generator("cpu").manual_seed(image_seed),
@@ -326,6 +344,7 @@ class TextToImage(SamplingEngine):
             scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             output_size=size, call_arguments={"width": request.width, "height": request.height},
+            warnings=self.prompt_warnings(preset, request.prompt),
         )
 
     def generate(self, request: TextToImageRequest, on_progress: ProgressCallback | None = None,
@@ -351,16 +370,27 @@ def step_callback(index: int, steps: int, batch_size: int, job: JobControl, step
     return on_step_end
 
 
-def request_from_parameters(text: str, presets: PresetCatalog, current: TextToImageRequest) -> TextToImageRequest:
-    """A form filled from an image's A1111 parameters; fields it lacks keep their `current` values.
+def request_from_parameters(text: str, presets: PresetCatalog,
+                            current: TextToImageRequest) -> tuple[TextToImageRequest, list[str]]:
+    """A form filled from an image's A1111 parameters, and notes on what could not be taken over. Fields the
+    text lacks, and a sampler or model the studio does not have, keep their `current` values.
 
     The style is reset to "None" because the stored prompt already has the style applied.
     """
     from .metadata import parse_parameters
 
     params = parse_parameters(text)
-    preset = params.model if params.model in presets else current.preset
-    return TextToImageRequest(
+    notes = []
+    if params.sampler and params.scheduler is None:
+        notes.append(f"The image was made with sampler {params.sampler}, which this studio does not have; the "
+                     f"sampler stays {current.scheduler}.")
+    preset = current.preset
+    if params.model in presets:
+        preset = params.model
+    elif params.model:
+        notes.append(f"The image was made with model {params.model!r}, which is not one of the presets here; the "
+                     f"model stays {current.preset}.")
+    request = TextToImageRequest(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
         preset=preset,
@@ -373,3 +403,4 @@ def request_from_parameters(text: str, presets: PresetCatalog, current: TextToIm
         batch_size=1,
         style="None",
     )
+    return request, notes

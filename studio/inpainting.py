@@ -37,6 +37,28 @@ MAX_PADDING = 256
 
 
 @dataclass(frozen=True)
+class MaskTools:
+    """Brush radius, mask blur and padding for an image of a given size (in its pixels)."""
+
+    brush_radius: int
+    mask_blur: int
+    padding: int
+
+
+REFERENCE_SIDE = 512  # A1111's defaults (blur 4, padding 32) are for 512 px images
+
+
+def mask_tools_for(size: tuple[int, int]) -> MaskTools:
+    """Defaults that scale with the image: a brush radius of a twentieth of its shorter side (26 px on 512 px,
+    about gradio's fixed 25; 3 px on 64 px, where 25 px masked half the image), blur and padding as A1111's at
+    512 px, scaled."""
+    side = max(1, min(size))
+    scale = side / REFERENCE_SIDE
+    return MaskTools(brush_radius=max(1, round(side / 20)), mask_blur=max(1, round(4 * scale)),
+                     padding=min(MAX_PADDING, max(2, round(32 * scale))))
+
+
+@dataclass(frozen=True)
 class InpaintRequest(SamplingRequest):
     """Settings of an inpaint, inpaint-sketch or sketch-to-image request (the image and mask come apart)."""
 
@@ -114,7 +136,7 @@ class Inpainter(SamplingEngine):
                          mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
                          strength=request.strength)
         plan = self._plan(preset, "inpaint", request, size, source.rgb.size, arguments, extra,
-                          [source.note] if source.note else [])
+                          ([source.note] if source.note else []) + self.prompt_warnings(preset, request.prompt))
         return plan, Finishing(source, blurred, region, crop.size)
 
     def finish_inpaint(self, finishing: Finishing, result: GenerationResult) -> GenerationResult:
@@ -148,7 +170,7 @@ class Inpainter(SamplingEngine):
         size = working_size(*drawing.rgb.size, preset, self.limits.max_pixels, upscale=True)
         arguments = dict(image=drawing.rgb.resize(size, Image.Resampling.LANCZOS), strength=request.strength)
         return self._plan(preset, "img2img", request, size, size, arguments,
-                          {"Denoising strength": f"{request.strength:g}"}, [])
+                          {"Denoising strength": f"{request.strength:g}"}, self.prompt_warnings(preset, request.prompt))
 
     def sketch_to_image(self, sketch: Image.Image, request: InpaintRequest,
                         on_progress: ProgressCallback | None = None,

@@ -27,6 +27,7 @@ class GenerationParameters:
     negative_prompt: str = ""
     steps: int | None = None
     scheduler: str | None = None  # our scheduler name, when A1111's sampler maps to one
+    sampler: str | None = None  # A1111's sampler (and schedule type) as written, e.g. "DPM fast, Automatic"
     guidance_scale: float | None = None
     seed: int | None = None
     width: int | None = None
@@ -82,6 +83,7 @@ def parse_parameters(text: str) -> GenerationParameters:
     schedule_type = fields.pop("Schedule type", None)
     if sampler:
         params.scheduler = scheduler_from_a1111(sampler, schedule_type)
+        params.sampler = f"{sampler} ({schedule_type} schedule)" if schedule_type else sampler
     params.guidance_scale = _float(fields.pop("CFG scale", None))
     params.seed = _int(fields.pop("Seed", None))
     size = fields.pop("Size", None)

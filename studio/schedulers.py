@@ -1,34 +1,92 @@
-"""Sampler names as AUTOMATIC1111 shows them, mapped to diffusers schedulers."""
+"""Sampler names as AUTOMATIC1111 shows them, mapped to the diffusers scheduler configs that reproduce them.
+
+A1111 (before 1.9) named a sampler and its noise schedule together ("DPM++ 2M Karras"); since 1.9 it writes them
+apart ("Sampler: DPM++ 2M, Schedule type: Karras"). Our names are the combined ones, each one (sampler, schedule)
+pair; the PNG fields are written the 1.9 way and read either way. The samplers and their schedule defaults are
+A1111's table (modules/sd_samplers_kdiffusion.py), the diffusers classes the ones diffusers' docs map them to.
+
+k-diffusion's samplers (all of A1111's but DDIM, UniPC and LCM) start at the model's highest noise level and
+space the steps evenly down to the lowest ("Uniform"), which is diffusers' `timestep_spacing="linspace"`.
+A preset's own scheduler overrides (e.g. SD-Turbo's "trailing") still win.
+"""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LCMScheduler,
+    LMSDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 
 from .errors import InvalidRequest
 
-# name -> (scheduler class, config overrides)
+AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL = "Automatic", "Uniform", "Karras", "Exponential"
+_K_DIFFUSION = {"timestep_spacing": "linspace"}
+_SIGMAS = {UNIFORM: {}, KARRAS: {"use_karras_sigmas": True}, EXPONENTIAL: {"use_exponential_sigmas": True}}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One entry of the sampler menu: the diffusers scheduler, its config overrides, and the A1111 fields."""
+
+    scheduler_class: type
+    overrides: dict[str, Any] = field(default_factory=dict)
+    a1111_sampler: str = ""
+    schedule_type: str = AUTOMATIC
+
+
+def _k(sampler: str, scheduler_class: type, schedule: str = UNIFORM, **overrides) -> Sampler:
+    """A k-diffusion sampler of A1111's with the given noise schedule."""
+    return Sampler(scheduler_class, {**_K_DIFFUSION, **_SIGMAS[schedule], **overrides}, sampler, schedule)
+
+
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+
 SCHEDULERS = MappingProxyType(
     {
-        "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-        "DPM++ 2M": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False}),
-        "Euler a": (EulerAncestralDiscreteScheduler, {}),
-        "Euler": (EulerDiscreteScheduler, {}),
-        "UniPC": (UniPCMultistepScheduler, {}),
-        "DDIM": (DDIMScheduler, {}),
-        "LCM": (LCMScheduler, {}),  # needs an LCM-distilled model (or LCM-LoRA)
+        "DPM++ 2M Karras": _k("DPM++ 2M", DPMSolverMultistepScheduler, KARRAS, **_DPMPP_2M),
+        "DPM++ 2M": _k("DPM++ 2M", DPMSolverMultistepScheduler, **_DPMPP_2M),
+        "DPM++ SDE Karras": _k("DPM++ SDE", DPMSolverSDEScheduler, KARRAS),
+        "DPM++ SDE": _k("DPM++ SDE", DPMSolverSDEScheduler),
+        "DPM++ 2M SDE Karras": _k("DPM++ 2M SDE", DPMSolverMultistepScheduler, KARRAS, **_DPMPP_2M_SDE),
+        "DPM++ 2M SDE Exponential": _k("DPM++ 2M SDE", DPMSolverMultistepScheduler, EXPONENTIAL, **_DPMPP_2M_SDE),
+        "DPM++ 2M SDE": _k("DPM++ 2M SDE", DPMSolverMultistepScheduler, **_DPMPP_2M_SDE),
+        "Euler a": _k("Euler a", EulerAncestralDiscreteScheduler),
+        "Euler": _k("Euler", EulerDiscreteScheduler),
+        "LMS Karras": _k("LMS", LMSDiscreteScheduler, KARRAS),
+        "LMS": _k("LMS", LMSDiscreteScheduler),
+        "Heun": _k("Heun", HeunDiscreteScheduler),
+        "DPM2 Karras": _k("DPM2", KDPM2DiscreteScheduler, KARRAS),
+        "DPM2": _k("DPM2", KDPM2DiscreteScheduler),
+        "DPM2 a Karras": _k("DPM2 a", KDPM2AncestralDiscreteScheduler, KARRAS),
+        "DPM2 a": _k("DPM2 a", KDPM2AncestralDiscreteScheduler),
+        "UniPC": Sampler(UniPCMultistepScheduler, {}, "UniPC"),
+        # A1111's DDIM: evenly spaced steps from t=1 ("leading", offset 1), no clipping of the predicted sample
+        # (latents are not pixels in [-1, 1]), and the step before the first uses alphas_cumprod[0].
+        "DDIM": Sampler(DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "leading",
+                                        "steps_offset": 1}, "DDIM"),
+        "LCM": Sampler(LCMScheduler, {}, "LCM"),  # needs an LCM-distilled model (or LCM-LoRA)
     }
 )
 GENERAL_SCHEDULERS = tuple(name for name in SCHEDULERS if name != "LCM")
+
+# What "Schedule type: Automatic" means for each A1111 sampler (its table's 'scheduler' option); others: Uniform.
+_AUTOMATIC_SCHEDULE = {"DPM++ 2M": KARRAS, "DPM++ SDE": KARRAS, "DPM++ 2M SDE": EXPONENTIAL, "DPM2": KARRAS,
+                       "DPM2 a": KARRAS}
 
 
 def schedulers_for(preset) -> tuple[str, ...]:
@@ -45,22 +103,37 @@ def check_scheduler(name: str, preset) -> list[str]:
     return [f"Unknown scheduler {name!r}. Choose one of: {', '.join(allowed)}."]
 
 
-def make_scheduler(name: str, base_config: dict[str, Any], preset_overrides: dict[str, Any] | None = None):
-    """A fresh scheduler built from the model's own config, so no state or override leaks between calls."""
+def make_scheduler(name: str, base_config: dict[str, Any], preset_overrides: dict[str, Any] | None = None,
+                   seed: int | None = None):
+    """A fresh scheduler built from the model's own config, so no state or override leaks between calls.
+    `seed` seeds the Brownian noise of the SDE samplers that draw their own (as A1111 seeds it with the image's
+    seed), so the same seed gives the same image."""
     if name not in SCHEDULERS:
         raise InvalidRequest([f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}."])
-    scheduler_class, overrides = SCHEDULERS[name]
-    return scheduler_class.from_config(dict(base_config), **{**(preset_overrides or {}), **overrides})
+    sampler = SCHEDULERS[name]
+    # as keyword arguments: from_config ignores config keys it was told were defaults ("_use_default_values")
+    overrides = {**sampler.overrides, **(preset_overrides or {})}
+    if seed is not None and "noise_sampler_seed" in inspect.signature(sampler.scheduler_class.__init__).parameters:
+        overrides["noise_sampler_seed"] = seed
+    return sampler.scheduler_class.from_config(dict(base_config), **overrides)
 
 
-# A1111 writes "Sampler: DPM++ 2M, Schedule type: Karras"; older versions wrote "Sampler: DPM++ 2M Karras".
 def a1111_sampler_fields(name: str) -> dict[str, str]:
-    if name.endswith(" Karras"):
-        return {"Sampler": name.removesuffix(" Karras"), "Schedule type": "Karras"}
-    return {"Sampler": name}
+    """The PNG fields A1111 1.9 writes for one of our sampler names."""
+    sampler = SCHEDULERS[name]
+    return {"Sampler": sampler.a1111_sampler, "Schedule type": sampler.schedule_type}
 
 
 def scheduler_from_a1111(sampler: str, schedule_type: str | None = None) -> str | None:
-    """Our scheduler name for an A1111 sampler (and schedule type), or None when we have no equivalent."""
-    candidate = f"{sampler} Karras" if (schedule_type or "").lower() == "karras" else sampler
-    return candidate if candidate in SCHEDULERS else None
+    """Our sampler name for A1111's fields, or None when we have no equivalent. Without a schedule type (A1111
+    before 1.9) the sampler name carries it ("DPM++ 2M Karras"), and a bare name meant the uniform schedule."""
+    sampler = sampler.strip()
+    if not schedule_type:
+        return sampler if sampler in SCHEDULERS else None
+    schedule = schedule_type.strip()
+    if schedule.lower() == AUTOMATIC.lower():
+        schedule = _AUTOMATIC_SCHEDULE.get(sampler, UNIFORM)
+    for name, entry in SCHEDULERS.items():
+        if entry.a1111_sampler == sampler and (entry.schedule_type.lower() in (schedule.lower(), AUTOMATIC.lower())):
+            return name
+    return None

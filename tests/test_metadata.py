@@ -65,9 +65,19 @@ def test_non_image_is_refused_clearly(tmp_path):
 def test_parameters_fill_a_request():
     current = TextToImageRequest("old", preset="embedded", scheduler="Euler", steps=20, width=64, height=64, seed=-1,
                                  batch_size=4, style="Anime")
-    filled = request_from_parameters(A1111_TEXT, load_presets(), current)
+    filled, notes = request_from_parameters(A1111_TEXT, load_presets(), current)
+    assert notes == ["The image was made with model 'dreamshaper_8', which is not one of the presets here; the model "
+                     "stays embedded."]
     assert filled.prompt.startswith("masterpiece") and filled.negative_prompt == "blurry, lowres"
     assert filled.preset == "embedded"  # dreamshaper_8 is no preset name here: keep the current one
     assert (filled.steps, filled.scheduler, filled.seed, filled.width, filled.height) == (
         28, "DPM++ 2M Karras", 3920213, 512, 768)
     assert filled.style == "None" and filled.batch_size == 1
+
+
+def test_a_sampler_the_studio_lacks_keeps_the_form_and_says_so():
+    current = TextToImageRequest("old", preset="embedded", scheduler="DDIM", steps=20, width=64, height=64)
+    text = A1111_TEXT.replace("Sampler: DPM++ 2M, Schedule type: Karras", "Sampler: DPM adaptive, Schedule type: Automatic")
+    filled, notes = request_from_parameters(text, load_presets(), current)
+    assert filled.scheduler == "DDIM" and filled.steps == 28  # the rest is still read
+    assert "sampler DPM adaptive (Automatic schedule), which this studio does not have; the sampler stays DDIM" in notes[0]

@@ -172,6 +172,85 @@ def evaluate_inpaint(models_dir: Path, count: int) -> dict:
     }
 
 
+def cutting_cases(count: int, seed: int = EVAL_SEED + 5):
+    """A scene with one shape and a mask that cuts through it (a quarter to three quarters of the shape): one
+    straight drag of a round brush, as a person masks part of a shape in the editor. (Training drew LaMa-style
+    random polylines; these are a different mask family, so the score is not on the training distribution.)"""
+    from PIL import ImageDraw
+
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        scene, _ = evaluation_scenes(1, rng.randrange(10**9))[0]
+        shape_pixels = oracle.shape_mask(np.asarray(scenes.render(scene), dtype=np.float32),
+                                         np.asarray(scenes.PALETTE[scene.background], dtype=np.float32))
+        cx, cy = scene.main.centre(SIDE)
+        angle = rng.uniform(0, np.pi)
+        offset = rng.uniform(-0.8, 0.8) * scene.main.radius(SIDE)  # the line's distance from the centre
+        px, py = cx + offset * np.cos(angle + np.pi / 2), cy + offset * np.sin(angle + np.pi / 2)
+        reach = SIDE * rng.uniform(0.2, 0.5)
+        width = rng.uniform(0.1, 0.25) * SIDE
+        canvas = Image.new("L", (SIDE, SIDE), 0)
+        ImageDraw.Draw(canvas).line([(px - reach * np.cos(angle), py - reach * np.sin(angle)),
+                                     (px + reach * np.cos(angle), py + reach * np.sin(angle))], fill=255, width=round(width))
+        mask = np.asarray(canvas) > 127
+        covered = (mask & shape_pixels).sum() / max(shape_pixels.sum(), 1)
+        if 0.25 <= covered <= 0.75:
+            cases.append((scene, mask))
+    return cases
+
+
+SMEAR_DISTANCE = 30.0  # RGB distance from both the background and the shape's colour: neither one nor the other
+
+
+def coherence(image: Image.Image, scene: scenes.Scene, mask: np.ndarray) -> dict:
+    """Whether an inpainted image shows one clean shape: a single region apart from the background, of the
+    scene's shape and colour, and (inside the mask, away from the shape's 1 px antialiased edge) no pixels that
+    are neither background nor the shape's colour, which is what a half-faded smear of the old shape is."""
+    from scipy import ndimage
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    background = oracle.background_colour(pixels)
+    differs = np.linalg.norm(pixels - background, axis=-1) > oracle.FOREGROUND_DISTANCE
+    labels, count = ndimage.label(differs)
+    sizes = ndimage.sum(differs, labels, index=range(1, count + 1)) if count else []
+    regions = int(sum(size >= oracle.MIN_SHAPE_FRACTION * differs.size for size in sizes))
+    reading = oracle.read(image)
+    shape_rgb = np.asarray(scenes.PALETTE[scene.main.colour], dtype=np.float32)
+    neither = ((np.linalg.norm(pixels - background, axis=-1) > SMEAR_DISTANCE)
+               & (np.linalg.norm(pixels - shape_rgb, axis=-1) > SMEAR_DISTANCE))
+    edge = ndimage.binary_dilation(differs) & ~ndimage.binary_erosion(differs)
+    smear = float((neither & mask & ~edge).sum() / max(mask.sum(), 1))
+    coherent = regions == 1 and reading.shape == scene.main.shape and reading.colour == scene.main.colour and smear < 0.03
+    return {"coherent": coherent, "regions": regions, "smear": smear, "shape": reading.shape, "colour": reading.colour}
+
+
+def evaluate_cutting_masks(models_dir: Path, count: int, samples: list | None = None) -> dict:
+    """How often inpainting a mask that cuts through a shape, with the scene's own caption, gives one clean shape."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(Path(models_dir) / INPAINT_DIR, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    defaults = embedded_defaults()
+    coherent, smears = 0, []
+    for index, (scene, mask) in enumerate(cutting_cases(count)):
+        init = scenes.render(scene)
+        mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
+        pipe.scheduler = make_scheduler(defaults["scheduler"], pipe.scheduler.config)
+        raw = pipe(
+            plain_caption(scene), image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
+            guidance_scale=defaults["guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
+            generator=torch.Generator("cpu").manual_seed(EVAL_SEED + 100 + index),
+        ).images[0]
+        result = pipe.image_processor.apply_overlay(mask_image, init, raw)
+        verdict = coherence(result, scene, mask)
+        coherent += verdict["coherent"]
+        smears.append(verdict["smear"])
+        if samples is not None:
+            samples.append((init, mask_image, result, verdict))
+    return {"n": count, "coherent": coherent / count, "mean smear": float(np.mean(smears))}
+
+
 # ----- upscaler -----
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -63,6 +64,14 @@ for _corner in ("top left", "top right", "bottom left", "bottom right"):
         f"in the upper {_horizontal}" if _vertical == "top" else f"in the lower {_horizontal}",
     )
 _SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+# Both spellings are in the captions, so the model learns both (people write "grey" as often as "gray").
+_COLOUR_WORDS = {"gray": ("gray", "grey")}
+
+
+def colour_word(colour: str, rng: random.Random | None = None) -> str:
+    """The word for a colour in a caption: the canonical one without `rng`, otherwise any accepted spelling."""
+    spellings = _COLOUR_WORDS.get(colour, (colour,))
+    return spellings[0] if rng is None else rng.choice(spellings)
 
 
 @dataclass(frozen=True)
@@ -177,7 +186,7 @@ def caption(scene: Scene, rng: random.Random | None = None, position_probability
         return f"a {main.size} {main.colour} {main.shape} {_POSITION_PHRASES[main.position][0]} on a {scene.background} background"
     size = rng.choice(_SIZE_WORDS[main.size]) if rng.random() < size_probability else ""
     where = rng.choice(_POSITION_PHRASES[main.position]) if rng.random() < position_probability else ""
-    thing = " ".join(word for word in (size, main.colour, main.shape) if word)
+    thing = " ".join(word for word in (size, colour_word(main.colour, rng), main.shape) if word)
     templates = (
         "a {thing} {where} on a {bg} background",
         "a {thing} {where} on {bg}",
@@ -185,13 +194,30 @@ def caption(scene: Scene, rng: random.Random | None = None, position_probability
         "a {bg} background with a {thing} {where}",
         "{thing} {where} on a {bg} background",
     )
-    text = rng.choice(templates).format(thing=thing, where=where, bg=scene.background)
+    text = rng.choice(templates).format(thing=thing, where=where, bg=colour_word(scene.background, rng))
+    if rng.random() < 0.5:  # "an orange ring" as people write it, as well as "a orange ring"
+        text = _AN_BEFORE_VOWEL.sub(r"\1an \2", text)
     return " ".join(text.replace(" ,", ",").split())
+
+
+_AN_BEFORE_VOWEL = re.compile(r"(^|\s)a ([aeiou])")
+
+
+def known_words() -> dict[str, list[str]]:
+    """What the captions teach the model, by kind: the words and phrases a prompt can use to steer it."""
+    return {
+        "colours": sorted({spelling for colour in PALETTE for spelling in _COLOUR_WORDS.get(colour, (colour,))}),
+        "shapes": list(SHAPES),
+        "positions": [phrase for phrases in _POSITION_PHRASES.values() for phrase in phrases],
+        "sizes": [word for words in _SIZE_WORDS.values() for word in words],
+        "other": ["a", "an", "background", "on", "with"],
+    }
 
 
 def vocabulary() -> list[str]:
     """Every word the captions use, for the tokenizer's merges (other text falls back to characters)."""
-    words = set(SHAPES) | set(PALETTE) | {"background", "a", "on", "with", "in", "at", "the", "near", "of"}
+    words = set(SHAPES) | set(PALETTE) | {spelling for names in _COLOUR_WORDS.values() for spelling in names}
+    words |= {"background", "a", "on", "with", "in", "at", "the", "near", "of"}
     for phrases in list(_POSITION_PHRASES.values()) + list(_SIZE_WORDS.values()):
         for phrase in phrases:
             words.update(phrase.split())

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
 from . import oracle, scenes
+from ..vocabulary import VOCABULARY_FILE
 from .tokenizer import MAX_TOKENS, build_tokenizer
 from .training import SEED, Stage
 from .upscaler import UPSCALER_DIR, WEIGHTS
@@ -304,9 +305,6 @@ class UnetStage(Stage):
 
     def pipeline_parts(self, unet) -> dict:
         scheduler = EulerDiscreteScheduler(**NOISE_SCHEDULE, timestep_spacing="leading", steps_offset=1)
-        # As in Stable Diffusion's own scheduler config: DDIM built from this config must not clip its x0
-        # prediction to [-1, 1] (latents are not pixels) nor treat the last step as noise-free.
-        scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)
         return dict(
             unet=unet.half(), vae=self.vae(), text_encoder=self._text_encoder, tokenizer=self._tokenizer,
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -316,8 +314,15 @@ class UnetStage(Stage):
         out = self.models_dir / self.pipeline_dir
         self.pipeline_class(**self.pipeline_parts(model)).save_pretrained(out, safe_serialization=True)
         _copy_tokenizer_sources(self.run_dir.parent / "tokenizer", out / "tokenizer")
+        write_vocabulary(out)
         model.float()
         return {}
+
+
+def write_vocabulary(folder: Path) -> None:
+    """What the captions taught the model (colours, shapes, positions, sizes), beside its weights, so the studio
+    can tell a user which words steer it and which it has never seen."""
+    (Path(folder) / VOCABULARY_FILE).write_text(json.dumps(scenes.known_words(), indent=1) + "\n")
 
 
 def encode(vae: AutoencoderKL, scene_list: list[scenes.Scene], batch_size: int = 256, mask_of=None) -> torch.Tensor:
@@ -399,17 +404,49 @@ class InpaintStage(UnetStage):
         return self.diffusion_loss(model, latents, captions, generator, extra=extra)
 
 
-def random_mask(rng: random.Random, shape: scenes.Shape, full_fraction: float) -> np.ndarray:
-    """White (1) = repaint: the whole image, or a box around the shape with a random margin."""
+def random_mask(rng: random.Random, shape: scenes.Shape, full_fraction: float, brush_fraction: float = 0.6) -> np.ndarray:
+    """White (1) = repaint: the whole image, brush strokes (mostly through the shape, as a person masks part
+    of one), or a box around the shape with a random margin."""
     mask = np.zeros((SIDE, SIDE), dtype=np.float32)
-    if rng.random() < full_fraction:
+    draw = rng.random()
+    if draw < full_fraction:
         mask[:] = 1
         return mask
+    if draw < full_fraction + brush_fraction:
+        left, top, right, bottom = scenes.shape_box(shape, SIDE)
+        start = (rng.uniform(left, right), rng.uniform(top, bottom)) if rng.random() < 0.7 else None
+        return brush_stroke_mask(rng, SIDE, start)
     left, top, right, bottom = scenes.shape_box(shape, SIDE)
     left, top = max(0, left - rng.randint(1, 12)), max(0, top - rng.randint(1, 12))
     right, bottom = min(SIDE, right + rng.randint(1, 12)), min(SIDE, bottom + rng.randint(1, 12))
     mask[top:bottom, left:right] = 1
     return mask
+
+
+def brush_stroke_mask(rng: random.Random, side: int, start: tuple[float, float] | None = None,
+                      strokes: tuple[int, int] = (1, 3)) -> np.ndarray:
+    """Irregular free-form strokes, as LaMa's and DeepFill v2's mask generators draw them: polylines of a few
+    segments at random angles, with a random brush width and round joints."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(canvas)
+    for index in range(rng.randint(*strokes)):
+        x, y = start if (start and index == 0) else (rng.uniform(0, side), rng.uniform(0, side))
+        width = rng.uniform(0.06, 0.2) * side
+        angle = rng.uniform(0, 2 * np.pi)
+        points = [(x, y)]
+        for _ in range(rng.randint(1, 4)):
+            angle += rng.uniform(-1.2, 1.2)
+            length = rng.uniform(0.1, 0.35) * side
+            x = min(max(x + length * np.cos(angle), 0), side - 1)
+            y = min(max(y + length * np.sin(angle), 0), side - 1)
+            points.append((x, y))
+        draw.line(points, fill=255, width=max(1, round(width)), joint="curve")
+        for px, py in (points[0], points[-1]):
+            r = width / 2
+            draw.ellipse((px - r, py - r, px + r, py + r), fill=255)
+    return (np.asarray(canvas) > 127).astype(np.float32)
 
 
 # ----- 5. RRDBNet x4 upscaler -----
