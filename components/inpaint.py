@@ -12,7 +12,7 @@ from PIL import Image
 from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest, StudioError
-from studio.generation import whole
+from studio.generation import MAX_CLIP_SKIP, whole
 from studio.images import check_pixels, open_image
 from studio.inpainting import (
     INPAINT_AREAS,
@@ -29,8 +29,13 @@ TAB = "inpaint"
 
 INPAINT, SKETCH, SKETCH_TO_IMAGE = "Inpaint", "Inpaint sketch", "Sketch to image"
 MODES = (INPAINT, SKETCH, SKETCH_TO_IMAGE)
-# Inpainting models repaint best from noise; sketches must survive, so they are only partly re-noised.
-DEFAULT_STRENGTH = {INPAINT: 1.0, SKETCH: 0.75, SKETCH_TO_IMAGE: 0.75}
+# Inpainting models repaint best from noise (or at their checkpoint's own strength, e.g. SDXL's 0.99); sketches
+# must survive, so they are only partly re-noised.
+SKETCH_STRENGTH = 0.75
+
+
+def default_strength(chosen_mode: str, preset) -> float:
+    return preset.inpaint_strength if chosen_mode == INPAINT else SKETCH_STRENGTH
 MODE_HELP = {
     INPAINT: "Upload an image, paint over the part to redo, and describe what goes there.",
     SKETCH: "Upload an image and paint on it in colour: the strokes are painted in, and the area they cover is "
@@ -74,12 +79,12 @@ class InpaintTab:
 
 
 def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
-             padding, seed, batch_size) -> InpaintRequest:
+             padding, seed, batch_size, clip_skip=1) -> InpaintRequest:
     return InpaintRequest(
         prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
         steps=whole(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=whole(mask_blur),
         inpaint_area=inpaint_area, padding=whole(padding), seed=whole(seed) if seed is not None else -1,
-        batch_size=whole(batch_size),
+        batch_size=whole(batch_size), clip_skip=whole(clip_skip) if clip_skip is not None else 1,
     )
 
 
@@ -128,7 +133,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 with gr.Row():
                     guidance_scale = gr.Slider(0, limits.max_guidance, value=default.default_guidance, step=0.5,
                                                label="CFG scale")
-                    strength = gr.Slider(0.01, 1, value=DEFAULT_STRENGTH[INPAINT], step=0.01,
+                    strength = gr.Slider(0.01, 1, value=default_strength(INPAINT, default), step=0.01,
                                          label="Denoising strength")
                 with gr.Group() as mask_settings:
                     inpaint_area = gr.Radio(list(INPAINT_AREAS), value=WHOLE_PICTURE, label="Inpaint area")
@@ -140,6 +145,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 with gr.Row():
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                     batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size")
+                    clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1,
+                                          label="Clip skip", info="2 for anime models; SD 1.x only")
         with gr.Column(scale=5):
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
                                  buttons=["download", "fullscreen"], interactive=False, elem_id="inpaint-gallery")
@@ -147,7 +154,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             seeds = gr.JSON(label="Used seeds")
 
     settings = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
-                padding, seed, batch_size]
+                padding, seed, batch_size, clip_skip]
 
     def images_for(chosen_mode, value):
         """(image, mask) for the engine from the editor's value; mask None for sketch to image."""
@@ -169,11 +176,11 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         return (composite if chosen_mode == SKETCH else background), mask
 
     def check(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
-              mask_blur, inpaint_area, padding, seed, batch_size, request: gr.Request):
+              mask_blur, inpaint_area, padding, seed, batch_size, clip_skip, request: gr.Request):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
         image, mask = images_for(chosen_mode, value)
         problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
-                                            strength, mask_blur, inpaint_area, padding, seed, batch_size))
+                                            strength, mask_blur, inpaint_area, padding, seed, batch_size, clip_skip))
         if mask is not None and not np.asarray(mask).any():
             problems["mask"] = ("Paint over the part of the image to redo first." if chosen_mode == INPAINT
                                 else "Paint some strokes on the image first.")
@@ -205,32 +212,32 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             raise user_error(error, "Cannot use this file") from None
 
     def inpaint_from_editor(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
-                            strength, mask_blur, inpaint_area, padding, seed, batch_size, request: gr.Request,
-                            progress=gr.Progress()):
+                            strength, mask_blur, inpaint_area, padding, seed, batch_size, clip_skip,
+                            request: gr.Request, progress=gr.Progress()):
         image, mask = images_for(chosen_mode, value)
         settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
-                                    mask_blur, inpaint_area, padding, seed, batch_size)
+                                    mask_blur, inpaint_area, padding, seed, batch_size, clip_skip)
         title = "Cannot generate" if mask is None else "Cannot inpaint"
         return run(request, progress, image, mask, settings_request, title)
 
     def inpaint(image, mask, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur,
-                inpaint_area, padding, seed, batch_size, request: gr.Request, progress=gr.Progress()):
+                inpaint_area, padding, seed, batch_size, clip_skip, request: gr.Request, progress=gr.Progress()):
         """Repaint the white part of `mask` (an image the size of `image`; in a transparent PNG, the opaque part)
         as the prompt describes. Pixels outside the (blurred) mask are returned unchanged, at the input's size.
         Returns the images (PNG with A1111 parameters), the seeds used and the generation info."""
         settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
-                                    mask_blur, inpaint_area, padding, seed, batch_size)
+                                    mask_blur, inpaint_area, padding, seed, batch_size, clip_skip)
         if image is None or mask is None:
             raise user_error(InvalidRequest(["Give both an image and a mask (white = repaint)."]), "Cannot inpaint")
         return run(request, progress, opened(image, "image"), opened(mask, "mask"), settings_request,
                    "Cannot inpaint")
 
     def sketch_to_image(sketch, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, seed,
-                        batch_size, request: gr.Request, progress=gr.Progress()):
+                        batch_size, clip_skip, request: gr.Request, progress=gr.Progress()):
         """An image from a coloured sketch (transparent areas count as white paper), redrawn at the denoising
         strength. Returns the images (PNG with A1111 parameters), the seeds used and the generation info."""
         settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, 4,
-                                    WHOLE_PICTURE, 32, seed, batch_size)
+                                    WHOLE_PICTURE, 32, seed, batch_size, clip_skip)
         if sketch is None:
             raise user_error(InvalidRequest(["Give a sketch image."]), "Cannot generate")
         return run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
@@ -247,18 +254,20 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         return (gr.ImageEditor(brush=brush(chosen_mode, tools.brush_radius)), gr.Slider(value=tools.mask_blur),
                 gr.Slider(value=tools.padding))
 
-    def switch_mode(chosen_mode, value):
+    def switch_mode(chosen_mode, value, preset_name):
         return (
             MODE_HELP[chosen_mode],
             gr.Textbox(placeholder=PROMPT_PLACEHOLDER[chosen_mode]),
             gr.ImageEditor(brush=brush(chosen_mode, brush_radius(value))),
-            gr.Slider(value=DEFAULT_STRENGTH[chosen_mode]),
+            gr.Slider(value=default_strength(chosen_mode, chosen_preset(engine.presets, preset_name))),
             gr.Group(visible=chosen_mode != SKETCH_TO_IMAGE),
             gr.Button(value="Generate" if chosen_mode == SKETCH_TO_IMAGE else "Inpaint"),
         )
 
-    def preset_updates(name):
-        return sampling_updates(chosen_preset(engine.presets, name), limits)
+    def preset_updates(name, chosen_mode=INPAINT):
+        chosen = chosen_preset(engine.presets, name)
+        return (*sampling_updates(chosen, limits), gr.Slider(value=default_strength(chosen_mode, chosen)),
+                gr.Slider(value=chosen.default_clip_skip))
 
     # Queued (gradio shows an error toast only for queued events) but outside the GPU's concurrency group: it
     # answers at once even while jobs run.
@@ -270,7 +279,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         inpaint_from_editor, [mode, editor, *settings], outputs, api_visibility="private", **gpu_event,
     )
     runner.wire_stop(stop, TAB)
-    mode.input(switch_mode, [mode, editor], [mode_help, prompt, editor, strength, mask_settings, generate],
+    mode.input(switch_mode, [mode, editor, preset], [mode_help, prompt, editor, strength, mask_settings, generate],
                api_visibility="private", queue=False)
 
     fit_tools = dict(fn=fit_tools_to_image, inputs=[mode, editor], outputs=[editor, mask_blur, padding],
@@ -279,8 +288,11 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     def fit_to_image(event) -> None:
         event.then(**fit_tools)
-    preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale], api_visibility="private",
-                 queue=False)
+
+    fit_form = dict(fn=preset_updates, inputs=[preset, mode],
+                    outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip],
+                    api_visibility="private", queue=False)
+    preset.input(**fit_form)
 
     # The API takes plain files: an image and a mask (white = repaint), or a sketch; no editor layers.
     api_image = gr.File(label="Image", file_types=["image"], visible=False)
@@ -289,7 +301,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     api_inpaint.click(inpaint, [api_image, api_mask, *settings], outputs, api_name="inpaint", **gpu_event)
     api_sketch.click(
         sketch_to_image,
-        [api_image, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, seed, batch_size],
+        [api_image, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, seed, batch_size,
+         clip_skip],
         outputs, api_name="sketch_to_image", **gpu_event,
     )
 
@@ -300,8 +313,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     preset.change(**note_event)
 
     def fit_to_preset(demo: gr.Blocks) -> None:
-        demo.load(preset_updates, preset, [card, scheduler, steps, guidance_scale], api_visibility="private",
-                  queue=False)
+        demo.load(**fit_form)
 
     return InpaintTab(editor=editor, generate_event=event, fit_to_preset=fit_to_preset, fit_to_image=fit_to_image,
                       prompt=prompt, negative_prompt=negative_prompt)

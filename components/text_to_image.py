@@ -10,13 +10,13 @@ import gradio as gr
 from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest
-from studio.generation import TextToImage, TextToImageRequest, request_from_parameters, whole
+from studio.metadata import read_parameters
+from studio.generation import MAX_CLIP_SKIP, TextToImage, TextToImageRequest, request_from_parameters, whole
 from studio.schedulers import schedulers_for
 
 TAB = "text-to-image"
+HISTORY_SIZE = 48  # images kept in a session's history (their files stay in gradio's cache)
 
-FIELDS = ("prompt", "negative_prompt", "preset", "scheduler", "steps", "guidance_scale", "width", "height", "seed",
-          "batch_size", "style")
 
 
 @dataclass
@@ -30,7 +30,8 @@ class TextToImageTab:
     negative_prompt: gr.Textbox
 
 
-def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style):
+def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
+             clip_skip=1):
     return TextToImageRequest(
         prompt=prompt or "",
         negative_prompt=negative_prompt or "",
@@ -43,6 +44,7 @@ def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, 
         seed=whole(seed) if seed is not None else -1,
         batch_size=whole(batch_size),
         style=style or "None",
+        clip_skip=whole(clip_skip) if clip_skip is not None else 1,
     )
 
 
@@ -87,6 +89,9 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                     random_seed = gr.Button("Random", scale=1, min_width=80)
                     reuse_seed = gr.Button("Reuse last", scale=1, min_width=80)
                     batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size", scale=3)
+                clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1, label="Clip skip",
+                                      info="A1111's: 2 reads the text encoder's second-to-last layer (anime "
+                                           "models); SD 1.x only")
             with gr.Accordion("Read parameters from a PNG", open=False):
                 png = gr.Image(label="PNG made here or by AUTOMATIC1111", type="pil", image_mode=None,
                                sources=["upload"], format="png", height=200, elem_id="png-parameters-input")
@@ -101,14 +106,20 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             seeds = gr.JSON(label="Used seeds")
             info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"],
                               elem_id="generation-info")
+            with gr.Accordion("History of this session: click an image to load its settings", open=True):
+                history = gr.State([])  # [(png path, caption)], newest first; this page's own
+                history_gallery = gr.Gallery(label="History", show_label=False, format="png", columns=6,
+                                             height=220, object_fit="contain", interactive=False,
+                                             allow_preview=False, elem_id="history-gallery")
 
-    inputs = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style]
+    inputs = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
+              clip_skip]
 
     def check(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size,
-              style, request: gr.Request):
+              style, clip_skip, request: gr.Request):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
         problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width,
-                                            height, seed, batch_size, style))
+                                            height, seed, batch_size, style, clip_skip))
         if problems:
             raise user_error(InvalidRequest(list(problems.values())), "Check the settings")
         runner.submitted(request, TAB)
@@ -116,22 +127,25 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     on_device = runner.device_function(engine)
 
     def text_to_image(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed,
-                      batch_size, style, request: gr.Request, progress=gr.Progress()):
+                      batch_size, style, clip_skip, request: gr.Request, progress=gr.Progress()):
         """Generate images from a prompt. Returns the images (PNG with A1111 parameters), the seeds used and the
         generation info. Image i uses seed + i; seed -1 picks a random seed."""
         text_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height,
-                                seed, batch_size, style)
+                                seed, batch_size, style, clip_skip)
         return runner.run(TAB, request, progress, engine, lambda: engine.plan(text_request), on_device)
 
-    def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None):
-        """Card, scheduler, steps, CFG, width and height fitted to a preset; given values are kept."""
+    def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None, clip_skip=None):
+        """Card, scheduler, steps, CFG, width, height and clip skip fitted to a preset; given values are kept."""
         chosen = chosen_preset(engine.presets, name)
         size = {"minimum": chosen.min_size, "maximum": chosen.max_size, "step": chosen.size_step}
         return (
             *sampling_updates(chosen, limits, scheduler, steps, guidance),
             gr.Slider(**size, value=width or chosen.default_width),
             gr.Slider(**size, value=height or chosen.default_height),
+            gr.Slider(value=clip_skip or chosen.default_clip_skip),
         )
+
+    fitted_to_preset = [card, scheduler, steps, guidance_scale, width, height, clip_skip]
 
     def read_png(image):
         if image is None:
@@ -145,10 +159,12 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         filled, notes = request_from_parameters(text, engine.presets, _request(*values))
         for note in notes:
             gr.Warning(note)
-        card_update, *fitted = preset_updates(
-            filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height
+        card_update, scheduler_, steps_, guidance_, width_, height_, clip_skip_ = preset_updates(
+            filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height,
+            filled.clip_skip,
         )
-        return [filled.prompt, filled.negative_prompt, filled.preset, *fitted, filled.seed, 1, "None", card_update]
+        return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, width_, height_,
+                filled.seed, 1, "None", clip_skip_, card_update]
 
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
     # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.
@@ -162,12 +178,28 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     event = generate.click(check, inputs, None, **quick).success(
         text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", **gpu_event,
     )
-    prompt.submit(check, inputs, None, **quick).success(
+    submitted = prompt.submit(check, inputs, None, **quick).success(
         text_to_image, inputs, [gallery, seeds, info], api_visibility="private", **gpu_event,
     )
+
+    def add_to_history(results, past):
+        """This batch's images (PNGs with their parameters) in front of the session's earlier ones."""
+        kept = [(path, caption) for path, caption in (results or [])] + list(past or [])
+        kept = kept[:HISTORY_SIZE]
+        return kept, kept
+
+    def load_from_history(selection: gr.SelectData, past, *values):
+        """The settings of the clicked history image, back in the form (as its PNG's parameters say)."""
+        path, _caption = past[selection.index]
+        return send_parameters(read_parameters(path) or "", *values)
+
+    for generated in (event, submitted):
+        generated.success(add_to_history, [gallery, history], [history, history_gallery], api_visibility="private",
+                          queue=False)
+    history_gallery.select(load_from_history, [history, *inputs], [*inputs, card], **quick)
     runner.wire_stop(stop, TAB)
     # Preset changes only need the preset itself: run them at once, outside the GPU queue.
-    preset.input(preset_updates, preset, [card, scheduler, steps, guidance_scale, width, height],
+    preset.input(preset_updates, preset, fitted_to_preset,
                  api_visibility="private", concurrency_limit=None, queue=False)
     random_seed.click(lambda: -1, None, seed, api_visibility="private", queue=False)
     reuse_seed.click(lambda used: used[0] if used else -1, seeds, seed, api_visibility="private", queue=False)
@@ -189,7 +221,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             examples=examples, inputs=[prompt, preset], label="Try a prompt", examples_per_page=12,
             # Fit the form to the example's preset (a programmatic change doesn't fire preset.input).
             fn=lambda _prompt, name: preset_updates(name),
-            outputs=[card, scheduler, steps, guidance_scale, width, height], run_on_click=True,
+            outputs=fitted_to_preset, run_on_click=True,
             api_visibility="private",
         )
     # what the model knows, and which typed words it does not, as the user types (no queue: no GPU, no wait)
@@ -199,7 +231,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     preset.change(**note_event)
 
     def fit_to_preset(demo: gr.Blocks) -> None:
-        demo.load(lambda name: preset_updates(name), preset, [card, scheduler, steps, guidance_scale, width, height],
+        demo.load(lambda name: preset_updates(name), preset, fitted_to_preset,
                   api_visibility="private", queue=False)
 
     return TextToImageTab(generate_event=event, gallery=gallery, selected=selected, send_to_inpaint=send_to_inpaint,

@@ -57,6 +57,7 @@ class SamplingRequest:
     guidance_scale: float = 7.0
     seed: int = -1  # -1: a random seed, reported back
     batch_size: int = 1
+    clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the one before it (anime models)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,8 @@ def fraction_problems(request, labels: dict[str, str]) -> dict[str, str]:
             for name, label in labels.items() if not isinstance(getattr(request, name), int)}
 
 
-WHOLE_SAMPLING_FIELDS = {"steps": "Steps", "seed": "Seed", "batch_size": "Batch size"}
+WHOLE_SAMPLING_FIELDS = {"steps": "Steps", "seed": "Seed", "batch_size": "Batch size", "clip_skip": "Clip skip"}
+MAX_CLIP_SKIP = 12  # A1111's slider: a CLIP ViT-L text encoder has 12 layers
 
 
 def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
@@ -132,6 +134,11 @@ def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: Reques
         problems["seed"] = f"Seed must be -1 (random) or between 0 and {MAX_SEED} (got {request.seed})."
     elif request.seed >= 0 and request.seed + request.batch_size - 1 > MAX_SEED:
         problems["seed"] = f"Seed + batch size - 1 must not exceed {MAX_SEED}."
+    if not (1 <= request.clip_skip <= MAX_CLIP_SKIP):
+        problems["clip_skip"] = f"Clip skip must be between 1 and {MAX_CLIP_SKIP} (got {request.clip_skip})."
+    elif request.clip_skip > 1 and preset.family != "sd15":
+        problems["clip_skip"] = (f"Clip skip applies to SD 1.x models; {preset.label} reads its text encoders' "
+                                 "layers as it was trained to (A1111 ignores it there too). Set it to 1.")
     scheduler_problems = check_scheduler(request.scheduler, preset)
     if scheduler_problems:
         problems["scheduler"] = scheduler_problems[0]
@@ -174,7 +181,7 @@ class SamplingPlan:
     seed: int  # resolved: image i of the batch uses seed + i
     batch_size: int
     size: tuple[int, int]  # what the model works at
-    output_size: tuple[int, int]  # what the user gets (written into the parameters)
+    clip_skip: int = 1
     call_arguments: dict[str, Any] = field(default_factory=dict)  # task's own pipeline arguments (image, mask, strength)
     parameters_extra: dict[str, Any] = field(default_factory=dict)  # A1111 fields the task adds
     steps_per_image: int = 0  # denoising steps actually run per image (steps × strength for img2img)
@@ -269,7 +276,8 @@ class SamplingEngine:
             with self.manager.turn():
                 if conditioning is None:
                     conditioning, warnings = self.stages.encode(plan.preset, plan.task, plan.prompt,
-                                                                plan.negative_prompt, plan.guidance_scale)
+                                                                plan.negative_prompt, plan.guidance_scale,
+                                                                plan.clip_skip)
                     result.warnings += warnings
                 pixels, flagged, steps_done = self._one_image(plan, conditioning, index, job)
             stopped_at = steps_done if steps_done < plan.steps_per_image else None
@@ -314,9 +322,10 @@ class SamplingEngine:
         """A1111's parameters text for image `seed` of the plan (and `extra` fields of this image's own)."""
         return format_parameters(
             plan.prompt, plan.negative_prompt, steps=plan.steps, scheduler=plan.scheduler,
-            guidance_scale=plan.guidance_scale, seed=seed, width=plan.output_size[0], height=plan.output_size[1],
+            guidance_scale=plan.guidance_scale, seed=seed, width=plan.size[0], height=plan.size[1],
             model=plan.preset.name, model_hash=self.models.model_hash(plan.preset, plan.task), version=self.version,
-            extra={**plan.parameters_extra, **(extra or {})} or None,
+            extra={**({"Clip skip": plan.clip_skip} if plan.clip_skip > 1 else {}), **plan.parameters_extra,
+                   **(extra or {})} or None,
         )
 
 
@@ -343,7 +352,7 @@ class TextToImage(SamplingEngine):
             preset=preset, task="text2img", prompt=prompt, negative_prompt=negative_prompt,
             scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
-            output_size=size, call_arguments={"width": request.width, "height": request.height},
+            clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
             warnings=self.prompt_warnings(preset, request.prompt),
         )
 
@@ -402,5 +411,6 @@ def request_from_parameters(text: str, presets: PresetCatalog,
         seed=params.seed if params.seed is not None else current.seed,
         batch_size=1,
         style="None",
+        clip_skip=params.clip_skip or 1,  # A1111 writes it only when it is not 1
     )
     return request, notes

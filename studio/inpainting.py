@@ -93,7 +93,7 @@ class Finishing:
     the device lock)."""
 
     source: PreparedImage
-    blurred: Image.Image  # the blurred mask at the input's size
+    overlay: Image.Image  # the mask the result is pasted back through, at the input's size
     region: tuple[int, int, int, int] | None  # "Only masked": the crop the model worked on
     crop_size: tuple[int, int]
 
@@ -116,11 +116,13 @@ class Inpainter(SamplingEngine):
             raise InvalidRequest(["The mask is empty: paint over the part of the image to redo (white = repaint)."])
         blurred = blur_mask(repaint, request.mask_blur)
         only_masked = request.inpaint_area == ONLY_MASKED
+        # Both work at about the preset's native pixel count, resizing up or down as A1111 does: "Whole picture"
+        # the whole image, "Only masked" a crop around the mask (more detail for a small area).
         if only_masked:
             left, top, right, bottom = mask_box(repaint, request.padding)
             size = working_size(right - left, bottom - top, preset, self.limits.max_pixels, upscale=True)
         else:
-            size = working_size(*source.rgb.size, preset, self.limits.max_pixels)
+            size = working_size(*source.rgb.size, preset, self.limits.max_pixels, upscale=True)
 
         extra = {"Denoising strength": f"{request.strength:g}", "Mask blur": request.mask_blur,
                  "Inpaint area": request.inpaint_area}
@@ -135,9 +137,12 @@ class Inpainter(SamplingEngine):
         arguments = dict(image=crop.resize(size, Image.Resampling.LANCZOS),
                          mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
                          strength=request.strength)
-        plan = self._plan(preset, "inpaint", request, size, source.rgb.size, arguments, extra,
+        plan = self._plan(preset, "inpaint", request, size, arguments, extra,
                           ([source.note] if source.note else []) + self.prompt_warnings(preset, request.prompt))
-        return plan, Finishing(source, blurred, region, crop.size)
+        # A1111 pastes "Whole picture" back through the blurred mask sharpened (doubled, clipped): the repainted
+        # area is fully the model's up to half the blur's falloff, so no faded ghost of the old content shows.
+        overlay = blurred if only_masked else sharpened(blurred)
+        return plan, Finishing(source, overlay, region, crop.size)
 
     def finish_inpaint(self, finishing: Finishing, result: GenerationResult) -> GenerationResult:
         """Every image back at the input's size, the input's own pixels outside the mask (CPU work)."""
@@ -147,7 +152,7 @@ class Inpainter(SamplingEngine):
                 whole = finishing.source.rgb.copy()
                 whole.paste(generated, finishing.region[:2])
                 generated = whole
-            item.image = paste_back(generated, finishing.source, finishing.blurred)
+            item.image = paste_back(generated, finishing.source, finishing.overlay)
             item.image.info["parameters"] = item.parameters
         return result
 
@@ -169,7 +174,7 @@ class Inpainter(SamplingEngine):
             raise InvalidRequest(["The sketch is empty: draw something with the brush first."])
         size = working_size(*drawing.rgb.size, preset, self.limits.max_pixels, upscale=True)
         arguments = dict(image=drawing.rgb.resize(size, Image.Resampling.LANCZOS), strength=request.strength)
-        return self._plan(preset, "img2img", request, size, size, arguments,
+        return self._plan(preset, "img2img", request, size, arguments,
                           {"Denoising strength": f"{request.strength:g}"}, self.prompt_warnings(preset, request.prompt))
 
     def sketch_to_image(self, sketch: Image.Image, request: InpaintRequest,
@@ -182,15 +187,21 @@ class Inpainter(SamplingEngine):
     # ----- shared -----
 
     @staticmethod
-    def _plan(preset, task, request: InpaintRequest, size, output_size, arguments, extra, warnings) -> SamplingPlan:
+    def _plan(preset, task, request: InpaintRequest, size, arguments, extra, warnings) -> SamplingPlan:
         # diffusers skips the first (1 - strength) of the schedule, so each image takes steps × strength steps.
         return SamplingPlan(
             preset=preset, task=task, prompt=request.prompt.strip(), negative_prompt=request.negative_prompt,
             scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
-            output_size=output_size, call_arguments=arguments, parameters_extra=extra,
+            clip_skip=request.clip_skip, call_arguments=arguments, parameters_extra=extra,
             steps_per_image=int(request.steps * request.strength), warnings=warnings,
         )
+
+
+def sharpened(blurred_mask: Image.Image) -> Image.Image:
+    """A1111's overlay mask for "Whole picture": clip(2 × blurred mask)."""
+    doubled = np.clip(np.asarray(blurred_mask, dtype=np.float32) * 2, 0, 255).astype(np.uint8)
+    return Image.fromarray(doubled, mode="L")
 
 
 def paste_back(generated: Image.Image, source, blurred_mask: Image.Image) -> Image.Image:

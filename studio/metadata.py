@@ -34,6 +34,7 @@ class GenerationParameters:
     height: int | None = None
     model: str | None = None
     model_hash: str | None = None
+    clip_skip: int | None = None
     extra: dict[str, str] = field(default_factory=dict)  # every other field, as written
 
 
@@ -91,6 +92,7 @@ def parse_parameters(text: str) -> GenerationParameters:
         params.width, params.height = (int(v) for v in size.split("x"))
     params.model = fields.pop("Model", None)
     params.model_hash = fields.pop("Model hash", None)
+    params.clip_skip = _int(fields.pop("Clip skip", None))
     params.extra = fields
     return params
 

@@ -458,9 +458,10 @@ class DiffusionStages:
 
     # ----- running -----
 
-    def encode(self, preset, task: str, prompt: str, negative_prompt: str,
-               guidance_scale: float) -> tuple[Conditioning, list[str]]:
-        """The prompt's embeddings, and a warning for a prompt longer than the text encoder reads."""
+    def encode(self, preset, task: str, prompt: str, negative_prompt: str, guidance_scale: float,
+               clip_skip: int = 1) -> tuple[Conditioning, list[str]]:
+        """The prompt's embeddings, and a warning for a prompt longer than the text encoder reads. `clip_skip` is
+        A1111's (2 = the text encoder's second-to-last layer; SD 1.x only)."""
         guidance = guidance_scale > 1
 
         def work(models, plan):
@@ -474,6 +475,13 @@ class DiffusionStages:
                         negative_prompt=negative_prompt or None)
                     result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative,
                                   pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
+                elif clip_skip > 1:
+                    # diffusers skips layers for the prompt only (its negative and empty prompts read the last
+                    # layer); A1111 skips them for both, so each is encoded on its own with the same skip
+                    embeds, _ = pipe.encode_prompt(prompt, device, 1, False, clip_skip=clip_skip - 1)
+                    negative = (pipe.encode_prompt(negative_prompt or "", device, 1, False, clip_skip=clip_skip - 1)[0]
+                                if guidance else None)
+                    result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
                 else:
                     embeds, negative = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt or None)
                     result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)

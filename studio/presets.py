@@ -28,6 +28,7 @@ class ModelPreset:
     inpaint_local: Path | None = None
     variant: str | None = None  # e.g. "fp16": the file variant to load on GPUs
     inpaint_variant: str | None = None  # some inpainting repos ship only fp16 safetensors
+    inpaint_strength: float = 1.0  # the denoising strength the inpainting checkpoint is meant to run at
     components: dict[str, str] = field(default_factory=dict)  # role -> another source, e.g. {"vae": "stabilityai/sd-vae-ft-mse"}
     safety_checker: bool = False  # the repo's own safety checker runs on every image
     safe_by_construction: bool = False  # cannot draw anything a safety checker looks for (the embedded shapes)
@@ -42,6 +43,7 @@ class ModelPreset:
     max_size: int = 1024
     size_step: int = 8
     default_scheduler: str = "DPM++ 2M Karras"
+    default_clip_skip: int = 1  # A1111's clip skip the model was trained with (anime models: 2)
     schedulers: tuple[str, ...] = ()  # allowed schedulers; empty = all but LCM
     scheduler_overrides: dict[str, Any] = field(default_factory=dict)
     examples: tuple[str, ...] = ()  # prompts this model is known to handle, shown under the form

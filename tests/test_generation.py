@@ -133,3 +133,51 @@ def test_hub_preset_offline_fails_clearly_and_leaves_the_manager_working(engine,
         engine.generate(request(preset="sdxl-base-1.0", scheduler="Euler", width=1024, height=1024))
     assert manager.status().models == before
     assert engine.generate(request()).images
+
+
+def test_clip_skip_reads_the_second_to_last_layer_for_the_prompt_and_the_negative_as_a1111_does(stages, engine):
+    """diffusers' encode_prompt skips layers for the prompt only; A1111 skips them for the negative too."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from studio.embedded.stages import PIPELINE_DIR
+    from studio.presets import load_presets
+
+    folder = load_presets().get("embedded").local.parent / PIPELINE_DIR
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+
+    def penultimate(text):
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]
+            return encoder.text_model.final_layer_norm(hidden)
+
+    preset = engine.presets.get("embedded")
+    skipped, _ = stages.encode(preset, "text2img", "a red circle", "blue", 3.0, clip_skip=2)
+    last, _ = stages.encode(preset, "text2img", "a red circle", "blue", 3.0)
+    assert torch.allclose(skipped.embeds["prompt_embeds"].float().cpu(), penultimate("a red circle"), atol=1e-4)
+    assert torch.allclose(skipped.embeds["negative_prompt_embeds"].float().cpu(), penultimate("blue"), atol=1e-4)
+    assert not torch.allclose(last.embeds["negative_prompt_embeds"].float().cpu(), penultimate("blue"), atol=1e-2)
+
+
+def test_clip_skip_is_written_and_read_back_as_a1111_does(engine):
+    from studio.generation import request_from_parameters
+
+    two = engine.generate(request(clip_skip=2, steps=2)).images[0]
+    assert "Clip skip: 2" in two.parameters
+    assert "Clip skip" not in engine.generate(request(steps=2)).images[0].parameters  # A1111 omits 1
+    filled, _ = request_from_parameters(two.parameters, engine.presets, request(clip_skip=1))
+    assert filled.clip_skip == 2
+    assert engine.presets.get("anything-v5").default_clip_skip == 2
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(clip_skip=13), "Clip skip must be between 1 and 12"),
+    (dict(clip_skip=0), "Clip skip must be between 1 and 12"),
+    (dict(clip_skip=2.5), "Clip skip must be a whole number"),
+    (dict(clip_skip=2, preset="sdxl-base-1.0", width=1024, height=1024), "Clip skip applies to SD 1.x models"),
+])
+def test_bad_clip_skip_is_refused_clearly(engine, overrides, message):
+    assert message in " ".join(engine.problems(request(**overrides)).values())

@@ -11,7 +11,7 @@ from studio.embedded import oracle, scenes
 from studio.errors import InvalidRequest
 from studio.generation import RequestLimits, TextToImageRequest
 from studio.images import blur_mask, open_image, prepare_mask
-from studio.inpainting import ONLY_MASKED, InpaintRequest, Inpainter
+from studio.inpainting import ONLY_MASKED, InpaintRequest, Inpainter, mask_tools_for
 from studio.metadata import parse_parameters
 from studio.presets import PresetCatalog, load_presets
 
@@ -131,7 +131,10 @@ def test_parameters_say_how_it_was_inpainted(inpainter):
     result = inpainter.inpaint(picture(), box_mask(64, 64, (30, 10, 60, 50)),
                                request(strength=0.8, mask_blur=6, inpaint_area=ONLY_MASKED, padding=8))
     params = parse_parameters(result.images[0].parameters)
-    assert params.seed == 7 and (params.width, params.height) == (64, 64)
+    # Size is the size the model worked at, as A1111 writes it: the crop around the mask (30x40 grown by the
+    # padding, then to the crop's aspect at the preset's 64x64 pixel count), not the image's
+    assert params.seed == 7 and (params.width, params.height) == (56, 72)
+    assert result.images[0].image.size == (64, 64)
     assert params.extra == {"Denoising strength": "0.8", "Mask blur": "6", "Inpaint area": "Only masked",
                             "Masked area padding": "8"} | {k: v for k, v in params.extra.items() if k == "Version"}
 
@@ -217,3 +220,41 @@ def test_public_limits_refuse_a_large_upload_before_any_work(stages):
     private = Inpainter(stages, load_presets(), RequestLimits(), version="test")
     plan, _ = private.plan_inpaint(big, mask, request())
     assert plan.size[0] <= 128  # the embedded model's working size
+
+
+@pytest.mark.parametrize("size", [(32, 32), (128, 96)])
+def test_whole_picture_works_at_the_presets_resolution_and_returns_the_inputs_size(inpainter, size):
+    # A1111 resizes the whole picture to the processing size, up or down, and writes that size as Size
+    image, mask = picture(*size), box_mask(*size, (size[0] // 2, 0, size[0], size[1] // 2))
+    plan, _ = inpainter.plan_inpaint(image, mask, request())
+    native = 64 * 64
+    assert abs(plan.size[0] * plan.size[1] - native) <= native * 0.2, plan.size
+    result = inpainter.inpaint(image, mask, request(steps=2))
+    params = parse_parameters(result.images[0].parameters)
+    assert (params.width, params.height) == plan.size and result.images[0].image.size == size
+
+
+def test_whole_picture_pastes_back_through_a1111s_sharpened_mask(inpainter):
+    mask = box_mask(64, 64, (20, 20, 44, 44))
+    blurred = np.asarray(blur_mask(prepare_mask(mask, (64, 64)), 4), dtype=np.float32)
+    _, whole = inpainter.plan_inpaint(picture(), mask, request(mask_blur=4))
+    _, cropped = inpainter.plan_inpaint(picture(), mask, request(mask_blur=4, inpaint_area=ONLY_MASKED))
+    assert np.array_equal(np.asarray(whole.overlay), np.clip(blurred * 2, 0, 255).astype(np.uint8))
+    assert np.array_equal(np.asarray(cropped.overlay), blurred.astype(np.uint8))  # "Only masked": as blurred
+    # the repainted area is fully the model's from half the blur's falloff inwards: no faded copy of the old
+    half = (blurred >= 127.5)
+    assert (np.asarray(whole.overlay)[half] == 255).all() and (np.asarray(cropped.overlay)[half] < 255).any()
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    ((64, 64), (3, 1, 4)), ((512, 512), (26, 4, 32)), ((1024, 768), (38, 6, 48)), ((8, 8), (1, 1, 2)),
+])
+def test_brush_blur_and_padding_scale_with_the_image(size, expected):
+    tools = mask_tools_for(size)
+    assert (tools.brush_radius, tools.mask_blur, tools.padding) == expected
+
+
+def test_sdxls_inpainting_checkpoint_defaults_to_its_model_cards_strength():
+    presets = load_presets()
+    assert presets.get("sdxl-base-1.0").inpaint_strength == 0.99
+    assert presets.get("stable-diffusion-1.5").inpaint_strength == 1.0

@@ -17,7 +17,7 @@ from PIL import Image
 from ..presets import load_presets
 from ..schedulers import make_scheduler
 from . import oracle, scenes
-from .stages import CLIP_DIR, INPAINT_DIR, PIPELINE_DIR, SIDE, UPSCALE, render_batch, vae_oracle_check
+from .stages import CLIP_DIR, INPAINT_DIR, PIPELINE_DIR, SIDE, UPSCALE, vae_oracle_check
 from .upscaler import load_upscaler, upscale
 
 EVAL_SEED = 777

@@ -206,8 +206,9 @@ _AN_BEFORE_VOWEL = re.compile(r"(^|\s)a ([aeiou])")
 def known_words() -> dict[str, list[str]]:
     """What the captions teach the model, by kind: the words and phrases a prompt can use to steer it."""
     return {
-        "colours": sorted({spelling for colour in PALETTE for spelling in _COLOUR_WORDS.get(colour, (colour,))}),
         "shapes": list(SHAPES),
+        "shape colours": [spelling for colour in SHAPE_COLOURS for spelling in _COLOUR_WORDS.get(colour, (colour,))],
+        "backgrounds": [spelling for colour in BACKGROUNDS for spelling in _COLOUR_WORDS.get(colour, (colour,))],
         "positions": [phrase for phrases in _POSITION_PHRASES.values() for phrase in phrases],
         "sizes": [word for words in _SIZE_WORDS.values() for word in words],
         "other": ["a", "an", "background", "on", "with"],
