@@ -57,9 +57,9 @@ CSS = """
 #text-to-image-gallery img, #inpaint-gallery img { image-rendering: pixelated; }
 #text-to-image-gallery .thumbnail-lg { max-height: 470px; margin: 0 auto; }
 #inpaint-gallery .thumbnail-lg { max-height: 370px; margin: 0 auto; }
-#history-gallery img { image-rendering: pixelated; }
-#history-gallery .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; grid-auto-rows: 112px; }
-#history-gallery .thumbnail-item { width: 112px; height: 112px; max-height: 112px; }
+.history-gallery img { image-rendering: pixelated; }
+.history-gallery .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; grid-auto-rows: 112px; }
+.history-gallery .thumbnail-item { width: 112px; height: 112px; max-height: 112px; }
 """
 PUBLIC_RATE_LIMIT = 12  # jobs per minute per visitor in --public mode
 

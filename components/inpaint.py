@@ -9,6 +9,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from components.history import build_history
 from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest, StudioError
@@ -21,6 +22,7 @@ from studio.inpainting import (
     WHOLE_PICTURE,
     InpaintRequest,
     Inpainter,
+    inpaint_request_from_parameters,
     mask_tools_for,
 )
 from studio.schedulers import schedulers_for
@@ -152,6 +154,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                                  buttons=["download", "fullscreen"], interactive=False, elem_id="inpaint-gallery")
             info = gr.Textbox(label="Generation info", lines=3, interactive=False, buttons=["copy"])
             seeds = gr.JSON(label="Used seeds")
+            history = build_history("inpaint-history-gallery")
 
     settings = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
                 padding, seed, batch_size, clip_skip]
@@ -279,6 +282,21 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         inpaint_from_editor, [mode, editor, *settings], outputs, api_visibility="private", **gpu_event,
     )
     runner.wire_stop(stop, TAB)
+
+    def fill_form(text, *values):
+        """The settings an inpainted PNG was made with, back in the form (the image and mask stay as they are)."""
+        if not text:
+            raise user_error(InvalidRequest(["This image has no generation parameters."]), "No parameters")
+        filled, notes = inpaint_request_from_parameters(text, engine.presets, _request(*values))
+        for note in notes:
+            gr.Warning(note)
+        card_update, scheduler_, steps_, guidance_ = sampling_updates(
+            chosen_preset(engine.presets, filled.preset), limits, filled.scheduler, filled.steps, filled.guidance_scale)
+        return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, filled.strength,
+                filled.mask_blur, filled.inpaint_area, filled.padding, filled.seed, 1, filled.clip_skip, card_update]
+
+    history.follow([event], gallery)
+    history.on_click(fill_form, settings, [*settings, card], **quick)
     mode.input(switch_mode, [mode, editor, preset], [mode_help, prompt, editor, strength, mask_settings, generate],
                api_visibility="private", queue=False)
 

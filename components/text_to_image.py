@@ -7,15 +7,14 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from components.history import build_history
 from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest
-from studio.metadata import read_parameters
 from studio.generation import MAX_CLIP_SKIP, TextToImage, TextToImageRequest, request_from_parameters, whole
 from studio.schedulers import schedulers_for
 
 TAB = "text-to-image"
-HISTORY_SIZE = 48  # images kept in a session's history (their files stay in gradio's cache)
 
 
 
@@ -106,11 +105,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             seeds = gr.JSON(label="Used seeds")
             info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"],
                               elem_id="generation-info")
-            with gr.Accordion("History of this session: click an image to load its settings", open=True):
-                history = gr.State([])  # [(png path, caption)], newest first; this page's own
-                history_gallery = gr.Gallery(label="History", show_label=False, format="png", columns=6,
-                                             height=220, object_fit="contain", interactive=False,
-                                             allow_preview=False, elem_id="history-gallery")
+            history = build_history("history-gallery")
 
     inputs = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
               clip_skip]
@@ -182,21 +177,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         text_to_image, inputs, [gallery, seeds, info], api_visibility="private", **gpu_event,
     )
 
-    def add_to_history(results, past):
-        """This batch's images (PNGs with their parameters) in front of the session's earlier ones."""
-        kept = [(path, caption) for path, caption in (results or [])] + list(past or [])
-        kept = kept[:HISTORY_SIZE]
-        return kept, kept
-
-    def load_from_history(selection: gr.SelectData, past, *values):
-        """The settings of the clicked history image, back in the form (as its PNG's parameters say)."""
-        path, _caption = past[selection.index]
-        return send_parameters(read_parameters(path) or "", *values)
-
-    for generated in (event, submitted):
-        generated.success(add_to_history, [gallery, history], [history, history_gallery], api_visibility="private",
-                          queue=False)
-    history_gallery.select(load_from_history, [history, *inputs], [*inputs, card], **quick)
+    history.follow([event, submitted], gallery)
+    history.on_click(send_parameters, inputs, [*inputs, card], **quick)
     runner.wire_stop(stop, TAB)
     # Preset changes only need the preset itself: run them at once, outside the GPU queue.
     preset.input(preset_updates, preset, fitted_to_preset,

@@ -6,7 +6,7 @@ import contextlib
 import secrets
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -16,7 +16,7 @@ from PIL import Image
 from .downloads import HubDownloads
 from .errors import InvalidRequest
 from .jobs import JobControl, LocalJob, gpu_seconds
-from .metadata import format_parameters
+from .metadata import format_parameters, parse_parameters
 from .pipelines import DiffusersModels, DiffusionStages
 from .presets import ModelPreset, PresetCatalog, StyleCatalog
 from .schedulers import check_scheduler, make_scheduler
@@ -379,16 +379,9 @@ def step_callback(index: int, steps: int, batch_size: int, job: JobControl, step
     return on_step_end
 
 
-def request_from_parameters(text: str, presets: PresetCatalog,
-                            current: TextToImageRequest) -> tuple[TextToImageRequest, list[str]]:
-    """A form filled from an image's A1111 parameters, and notes on what could not be taken over. Fields the
-    text lacks, and a sampler or model the studio does not have, keep their `current` values.
-
-    The style is reset to "None" because the stored prompt already has the style applied.
-    """
-    from .metadata import parse_parameters
-
-    params = parse_parameters(text)
+def sampling_fields_from_parameters(params, presets: PresetCatalog, current: SamplingRequest) -> tuple[dict, list[str]]:
+    """The fields every request has, from parsed A1111 parameters, and notes on what could not be taken over.
+    Fields the text lacks, and a sampler or model the studio does not have, keep their `current` values."""
     notes = []
     if params.sampler and params.scheduler is None:
         notes.append(f"The image was made with sampler {params.sampler}, which this studio does not have; the "
@@ -399,18 +392,27 @@ def request_from_parameters(text: str, presets: PresetCatalog,
     elif params.model:
         notes.append(f"The image was made with model {params.model!r}, which is not one of the presets here; the "
                      f"model stays {current.preset}.")
-    request = TextToImageRequest(
+    fields = dict(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
         preset=preset,
         scheduler=params.scheduler or current.scheduler,
         steps=params.steps or current.steps,
         guidance_scale=params.guidance_scale if params.guidance_scale is not None else current.guidance_scale,
-        width=params.width or current.width,
-        height=params.height or current.height,
         seed=params.seed if params.seed is not None else current.seed,
         batch_size=1,
-        style="None",
         clip_skip=params.clip_skip or 1,  # A1111 writes it only when it is not 1
     )
-    return request, notes
+    return fields, notes
+
+
+def request_from_parameters(text: str, presets: PresetCatalog,
+                            current: TextToImageRequest) -> tuple[TextToImageRequest, list[str]]:
+    """A text-to-image form filled from an image's A1111 parameters, and notes on what could not be taken over.
+
+    The style is reset to "None" because the stored prompt already has the style applied.
+    """
+    params = parse_parameters(text)
+    fields, notes = sampling_fields_from_parameters(params, presets, current)
+    return replace(current, **fields, width=params.width or current.width,
+                               height=params.height or current.height, style="None"), notes

@@ -8,7 +8,7 @@ at the input's size, and every pixel outside the (blurred) mask is the input's o
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from diffusers.image_processor import VaeImageProcessor
@@ -25,9 +25,11 @@ from .generation import (
     check_sampling,
     fraction_problems,
     resolve_seed,
+    sampling_fields_from_parameters,
 )
 from .images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
 from .jobs import LocalJob
+from .metadata import parse_parameters
 from .presets import ModelPreset
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
@@ -212,3 +214,26 @@ def paste_back(generated: Image.Image, source, blurred_mask: Image.Image) -> Ima
         alpha = np.maximum(np.asarray(source.alpha), np.asarray(blurred_mask))
         out.putalpha(Image.fromarray(alpha, mode="L"))
     return out
+
+
+def inpaint_request_from_parameters(text: str, presets, current: InpaintRequest) -> tuple[InpaintRequest, list[str]]:
+    """An inpaint form filled from an image's A1111 parameters (denoising strength, mask blur, inpaint area and
+    padding too), and notes on what could not be taken over; what the text lacks keeps its `current` value."""
+    params = parse_parameters(text)
+    fields, notes = sampling_fields_from_parameters(params, presets, current)
+    extra = params.extra
+    area = extra.get("Inpaint area", current.inpaint_area)
+    return replace(
+        current, **fields,
+        strength=_number(extra.get("Denoising strength"), float, current.strength),
+        mask_blur=_number(extra.get("Mask blur"), int, current.mask_blur),
+        inpaint_area=area if area in INPAINT_AREAS else current.inpaint_area,
+        padding=_number(extra.get("Masked area padding"), int, current.padding),
+    ), notes
+
+
+def _number(text: str | None, kind, default):
+    try:
+        return kind(text) if text is not None else default
+    except ValueError:
+        return default

@@ -66,13 +66,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def app_url(tmp_path_factory):
-    """The real app (python app.py) in a subprocess, as a user starts it."""
+def start_app(arguments: list[str], folder) -> tuple[str, subprocess.Popen]:
+    """The real app (python app.py ...) in a subprocess, as a user starts it; (url, process) once it answers."""
     port = free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
+    log = folder / "app.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, stdout=out,
+        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *arguments], cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT,
                                    # offline even where the Hub answers: a test must never start a download
                                    env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"})
@@ -89,9 +88,20 @@ def app_url(tmp_path_factory):
             pytest.fail(f"app did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.5)
     APP_LOGS[url] = log
-    yield url
+    return url, process
+
+
+def stop_app(process: subprocess.Popen) -> None:
     process.terminate()
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory):
+    """The real app (python app.py), as a user starts it."""
+    url, process = start_app([], tmp_path_factory.mktemp("app"))
+    yield url
+    stop_app(process)

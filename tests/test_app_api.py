@@ -13,7 +13,7 @@ from studio.images import blur_mask
 from studio.metadata import parse_parameters
 
 DEFAULTS = dict(prompt="a red circle on a blue background", negative_prompt="", preset="embedded", scheduler="Euler",
-                steps=10, guidance_scale=7.0, width=64, height=64, seed=7, batch_size=1, style="None")
+                steps=10, guidance_scale=7.0, width=64, height=64, seed=7, batch_size=1, style="None", clip_skip=1)
 
 
 def text_to_image(client, **overrides):
@@ -127,7 +127,7 @@ def test_two_users_at_once_each_get_their_own_settings(app_url):
 
 INPAINT = dict(prompt="a large yellow star on a blue background", negative_prompt="", preset="embedded",
                scheduler="Euler", steps=10, guidance_scale=3.0, strength=1.0, mask_blur=4,
-               inpaint_area="Whole picture", padding=32, seed=7, batch_size=1)
+               inpaint_area="Whole picture", padding=32, seed=7, batch_size=1, clip_skip=1)
 
 
 def picture_and_mask(tmp_path, size=(100, 72)):

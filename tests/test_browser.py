@@ -138,38 +138,53 @@ def test_an_example_fills_the_form_and_the_image_shows_what_it_says(page, artifa
     assert (reading.colour, reading.shape, reading.background) == ("red", "circle", "blue"), reading
 
 
-def test_upload_paint_a_stroke_inpaint_and_far_pixels_are_unchanged(page, artifacts, tmp_path):
+def stroke_and_inpaint(page, tab, points, prompt, artifacts, shot):
+    """Drag the brush through `points` (fractions of the editor's canvas), inpaint with `prompt`, and return the
+    result image as the server sent it."""
     import io
 
-    import numpy as np
     from PIL import Image
+
+    canvas = tab.locator("canvas").first
+    tab.get_by_role("button", name="Brush").first.click()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * points[0][0], box["y"] + box["height"] * points[0][1])
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(box["x"] + box["width"] * x, box["y"] + box["height"] * y, steps=3)
+    page.mouse.up()
+    tab.get_by_label("Prompt", exact=True).fill(prompt)
+    tab.get_by_role("button", name="Inpaint", exact=True).click()
+    result = page.locator("#inpaint-gallery img[alt^='Seed ']").first
+    result.wait_for(timeout=60_000)
+    page.screenshot(path=str(artifacts / shot), full_page=True)
+    return Image.open(io.BytesIO(page.request.get(result.get_attribute("src")).body())).convert("RGB")
+
+
+def upload_to_inpaint(page, path):
+    page.get_by_role("tab", name="Inpaint").click()
+    tab = page.locator("#inpaint-tab")
+    tab.get_by_role("button", name="Brush").first.wait_for()  # the editor is mounted: an upload now sets its size
+    page.wait_for_timeout(500)
+    page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(path))
+    tab.locator("canvas").first.wait_for()
+    page.wait_for_timeout(1000)  # the editor draws the upload, then accepts strokes
+    return tab
+
+
+def test_upload_paint_a_stroke_inpaint_and_far_pixels_are_unchanged(page, artifacts, tmp_path):
+
+    import numpy as np
 
     from studio.embedded import scenes
 
     scene = scenes.Scene("blue", (scenes.Shape("circle", "red", "left", "large"),))
     source = scenes.render(scene, 256)
     source.save(tmp_path / "photo.png")
-    page.get_by_role("tab", name="Inpaint").click()
-    tab = page.locator("#inpaint-tab")
-    tab.get_by_role("button", name="Brush").first.wait_for()  # the editor is mounted: an upload now sets its size
-    page.wait_for_timeout(500)
-    page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(tmp_path / "photo.png"))
-    canvas = tab.locator("canvas").first
-    canvas.wait_for()
-    page.wait_for_timeout(1000)  # the editor draws the upload, then accepts strokes
-    tab.get_by_role("button", name="Brush").first.click()
-    box = canvas.bounding_box()
-    page.mouse.move(box["x"] + box["width"] * 0.72, box["y"] + box["height"] * 0.3)
-    page.mouse.down()
-    for step in range(1, 11):  # a vertical stroke on the right, away from the circle on the left
-        page.mouse.move(box["x"] + box["width"] * 0.72, box["y"] + box["height"] * (0.3 + 0.04 * step))
-    page.mouse.up()
-    tab.get_by_label("Prompt", exact=True).fill("a large yellow star on a blue background")
-    tab.get_by_role("button", name="Inpaint", exact=True).click()
-    result = page.locator("#inpaint-gallery img[alt^='Seed ']").first
-    result.wait_for(timeout=60_000)
-    page.screenshot(path=str(artifacts / "inpaint.png"), full_page=True)
-    out = Image.open(io.BytesIO(page.request.get(result.get_attribute("src")).body())).convert("RGB")
+    tab = upload_to_inpaint(page, tmp_path / "photo.png")
+    # a vertical stroke on the right, away from the circle on the left
+    out = stroke_and_inpaint(page, tab, [(0.72, 0.3 + 0.04 * step) for step in range(11)],
+                             "a large yellow star on a blue background", artifacts, "inpaint.png")
     assert out.size == (256, 256)
     left = np.s_[:, : int(256 * 0.5)]  # far from the stroke
     assert np.array_equal(np.asarray(out)[left], np.asarray(source)[left])
@@ -215,3 +230,84 @@ def test_send_to_inpaint_says_what_to_do_first_then_carries_the_image_and_prompt
     assert inpaint.get_by_label("Negative prompt", exact=True).input_value() == "blurry"
     page.locator("#inpaint-editor canvas").first.wait_for(timeout=10_000)
     page.screenshot(path=str(artifacts / "sent_to_inpaint.png"), full_page=True)
+
+
+def test_on_a_small_image_one_stroke_masks_a_small_part_and_blur_and_padding_shrink(page, artifacts, tmp_path):
+    """gradio's brush is 25 px whatever the image: one short stroke masked half of a 64 px image."""
+
+    import numpy as np
+
+    from studio.embedded import scenes
+
+    source = scenes.render(scenes.Scene("blue", (scenes.Shape("circle", "red", "left", "large"),)), 64)
+    source.save(tmp_path / "small.png")
+    tab = upload_to_inpaint(page, tmp_path / "small.png")
+    assert tab.get_by_label("Mask blur, pixels").first.input_value() == "1"  # A1111's 4 is for 512 px
+    assert tab.get_by_label("Padding around the mask (Only masked), pixels").first.input_value() == "4"
+    # a short horizontal stroke through the middle of the image (which sits centred in the canvas)
+    out = np.asarray(stroke_and_inpaint(page, tab, [(0.45, 0.5), (0.55, 0.5)], "a small yellow star on a blue "
+                                        "background", artifacts, "inpaint_small_image_brush.png"))
+    changed = np.any(out != np.asarray(source), axis=-1).mean()
+    assert 0 < changed < 0.25, changed  # it was about half the image
+
+
+def test_the_embedded_model_names_the_words_it_does_not_know_as_you_type(page, artifacts):
+    text_tab(page).get_by_label("Prompt", exact=True).fill("a photo of a dog on a grey background")
+    note = page.locator("#text-to-image-tab .prompt-hint")
+    note.filter(has_text="“dog”").wait_for(timeout=10_000)
+    text = note.inner_text()
+    assert "“photo”" in text and "“grey”" not in text and "backgrounds: white, black, gray, grey" in text
+    page.screenshot(path=str(artifacts / "unknown_words.png"))
+
+
+def test_sketch_to_image_has_its_own_placeholder_and_readable_help(page, artifacts):
+    page.get_by_role("tab", name="Inpaint").click()
+    tab = page.locator("#inpaint-tab")
+    tab.get_by_label("Sketch to image").check()
+    page.wait_for_function("() => document.querySelector('#inpaint-prompt textarea')?.placeholder"
+                           ".startsWith('what the drawing shows')")
+    help_text = page.locator("#inpaint-mode-help")
+    assert "blank canvas" in help_text.inner_text()
+    size = float(help_text.evaluate("e => parseFloat(getComputedStyle(e.querySelector('p') || e).fontSize)"))
+    prompt_size = float(tab.get_by_label("Prompt", exact=True).evaluate("e => parseFloat(getComputedStyle(e).fontSize)"))
+    assert size >= prompt_size - 1, (size, prompt_size)  # not the tiny grey info line it was
+    page.screenshot(path=str(artifacts / "sketch_to_image_mode.png"))
+
+
+def test_one_progress_bar_empty_galleries_are_not_uploads_and_the_preset_sits_under_the_prompt(page, artifacts):
+    assert page.get_by_text("Drop Media Here").count() == 0
+    # the preset picker follows the prompt in both tabs
+    for tab_id in ("text-to-image-tab", "inpaint-tab"):
+        if tab_id == "inpaint-tab":
+            page.get_by_role("tab", name="Inpaint").click()
+        tab = page.locator(f"#{tab_id}")
+        prompt = tab.get_by_label("Prompt", exact=True).bounding_box()
+        preset = tab.get_by_label("Model preset").bounding_box()
+        assert preset["y"] > prompt["y"] and abs(preset["x"] - prompt["x"]) < 40, (tab_id, prompt, preset)
+    page.get_by_role("tab", name="Text to image").click()
+    text_tab(page).get_by_label("Prompt", exact=True).fill("a red circle on a blue background")
+    text_tab(page).get_by_label("Batch size").first.fill("8")
+    text_tab(page).get_by_label("Steps").first.fill("100")
+    text_tab(page).get_by_role("button", name="Generate", exact=True).click()
+    page.locator("#text-to-image-tab .progress-text, #text-to-image-tab .eta-bar").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(500)
+    bars = page.locator("#text-to-image-tab .progress-text:visible").count()
+    page.screenshot(path=str(artifacts / "one_progress_bar.png"))
+    text_tab(page).get_by_role("button", name="Stop", exact=True).click()
+    assert bars == 1, bars
+
+
+def test_history_shows_the_sessions_images_and_a_click_loads_the_settings(page, artifacts):
+    prompts = ["a red circle on a blue background", "a large yellow star at the top left on a black background"]
+    for index, prompt in enumerate(prompts):
+        text_tab(page).get_by_label("Prompt", exact=True).fill(prompt)
+        text_tab(page).get_by_role("button", name="Generate", exact=True).click()
+        page.locator("#history-gallery img").nth(index).wait_for(timeout=60_000)
+    thumbnails = page.locator("#history-gallery button.thumbnail-item")
+    assert thumbnails.count() == 2
+    for index in range(2):  # small, equal thumbnails
+        box = thumbnails.nth(index).bounding_box()
+        assert 60 <= box["width"] <= 160 and 60 <= box["height"] <= 160, box
+    page.locator("#history-gallery").screenshot(path=str(artifacts / "history.png"))
+    thumbnails.nth(1).click()  # the older one
+    prompt_value_is(page, "text-to-image-tab", prompts[0])

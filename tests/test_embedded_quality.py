@@ -6,6 +6,7 @@ checked the way `python -m studio.embedded evaluate` does, on a handful of cases
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gradio_client import Client
 from PIL import Image
@@ -98,3 +99,33 @@ def test_shipped_weights_fit_the_size_budget():
     folders = ["embedded-sd", "embedded-sd-inpainting", "embedded-clip", "embedded-upscaler"]
     total = sum(path.stat().st_size for folder in folders for path in (MODELS / folder).rglob("*") if path.is_file())
     assert total <= 40 * 1024**2, f"{total / 1024**2:.1f} MB"
+
+
+def test_grey_and_gray_are_both_understood():
+    """People write both spellings; the captions use both, so the model learned both (the prompt is not patched)."""
+    from studio.embedded.evaluation import embedded_defaults, generate, load_text_to_image
+
+    pipe, defaults = load_text_to_image(MODELS), embedded_defaults()
+    for word in ("grey", "gray"):
+        backgrounds = [oracle.read(generate(pipe, f"a blue square on a {word} background", seed, defaults)).background
+                       for seed in range(4)]
+        assert backgrounds.count("gray") >= 3, (word, backgrounds)
+
+
+def test_the_coherence_check_passes_clean_shapes_and_fails_a_faded_half():
+    """The check behind the cutting-mask figure can fail: a shape half faded into the background is not coherent."""
+    from studio.embedded.evaluation import coherence, cutting_cases
+
+    cases = cutting_cases(20)
+    assert all(coherence(scenes.render(scene), scene, mask)["coherent"] for scene, mask in cases)
+    for scene, mask in cases:
+        pixels = np.asarray(scenes.render(scene), dtype=np.float32)
+        pixels[mask] = 0.5 * pixels[mask] + 0.5 * np.asarray(scenes.PALETTE[scene.background], dtype=np.float32)
+        assert not coherence(Image.fromarray(pixels.astype(np.uint8)), scene, mask)["coherent"]
+
+
+def test_inpainting_a_stroke_through_a_shape_gives_one_clean_shape():
+    from studio.embedded.evaluation import evaluate_cutting_masks
+
+    result = evaluate_cutting_masks(MODELS, 12)
+    assert result["coherent"] >= 9 / 12, result

@@ -258,3 +258,19 @@ def test_sdxls_inpainting_checkpoint_defaults_to_its_model_cards_strength():
     presets = load_presets()
     assert presets.get("sdxl-base-1.0").inpaint_strength == 0.99
     assert presets.get("stable-diffusion-1.5").inpaint_strength == 1.0
+
+
+def test_an_inpainted_pngs_parameters_fill_the_inpaint_form():
+    from studio.inpainting import inpaint_request_from_parameters
+
+    text = ("a large yellow star\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 4, Seed: 9, Size: 64x64, Model: embedded, Clip skip: 2, Denoising strength: 0.6, "
+            "Mask blur: 2, Inpaint area: Only masked, Masked area padding: 6, Version: Diffusion Studio 0.1.0")
+    filled, notes = inpaint_request_from_parameters(text, load_presets(), request(batch_size=3))
+    assert notes == []
+    assert (filled.prompt, filled.negative_prompt, filled.scheduler, filled.steps, filled.guidance_scale, filled.seed,
+            filled.clip_skip, filled.batch_size) == ("a large yellow star", "blurry", "DPM++ 2M Karras", 12, 4.0, 9, 2, 1)
+    assert (filled.strength, filled.mask_blur, filled.inpaint_area, filled.padding) == (0.6, 2, ONLY_MASKED, 6)
+    text2img_png = "a circle\nSteps: 5, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 64x64, Model: embedded"
+    filled, _ = inpaint_request_from_parameters(text2img_png, load_presets(), request(strength=0.8, mask_blur=3))
+    assert (filled.strength, filled.mask_blur) == (0.8, 3)  # what the text lacks stays as it was

@@ -1,11 +1,18 @@
-"""Tiny SDXL folders built from diffusers' own test configs, with the embedded model's tokenizer (no Hub)."""
+"""Tiny SD 2.x and SDXL folders built from diffusers' own test configs, with the embedded model's tokenizer (no
+Hub)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +26,14 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
                          latent_channels=4, sample_size=128)
 
 
+def tiny_text_config(tokenizer, projection_dim: int) -> CLIPTextConfig:
+    """diffusers' test text encoder (5 layers of 32, GELU), over the embedded model's tokenizer."""
+    return CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
+                          intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                          pad_token_id=tokenizer.pad_token_id or 0, vocab_size=len(tokenizer), hidden_act="gelu",
+                          projection_dim=projection_dim, max_position_embeddings=tokenizer.model_max_length)
+
+
 def save_tiny_sdxl(folder: Path) -> Path:
     """A 64 px SDXL pipeline (two text encoders, pooled embeddings, time ids) saved as a diffusers folder."""
     torch.manual_seed(0)
@@ -30,10 +45,7 @@ def save_tiny_sdxl(folder: Path) -> Path:
         cross_attention_dim=64,
     )
     tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED, subfolder="tokenizer")
-    config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
-                            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
-                            pad_token_id=tokenizer.pad_token_id or 0, vocab_size=len(tokenizer), hidden_act="gelu",
-                            projection_dim=32, max_position_embeddings=tokenizer.model_max_length)
+    config = tiny_text_config(tokenizer, projection_dim=32)
     torch.manual_seed(1)
     text_encoder = CLIPTextModel(config)
     torch.manual_seed(2)
@@ -43,6 +55,28 @@ def save_tiny_sdxl(folder: Path) -> Path:
     pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
                                      add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def save_tiny_sd2(folder: Path) -> Path:
+    """A 64 px Stable Diffusion 2.x pipeline: v-prediction, linear-projection attention, a GELU text encoder (as
+    OpenCLIP's), saved as a diffusers folder."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=32,
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED, subfolder="tokenizer")
+    config = tiny_text_config(tokenizer, projection_dim=512)
+    torch.manual_seed(1)
+    text_encoder = CLIPTextModel(config)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -38,6 +38,7 @@ class Report:
     text_to_image: dict = field(default_factory=dict)  # {"seen": {...}, "held-out": {...}}
     plain_prompts: dict = field(default_factory=dict)  # the same, for prompts without size or position
     inpaint: dict = field(default_factory=dict)
+    cutting_masks: dict = field(default_factory=dict)  # inpainting a mask that cuts through a shape
     upscaler: dict = field(default_factory=dict)
     clip: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
@@ -318,6 +319,7 @@ def evaluate(models_dir: Path, prompt_count: int = 200, inpaint_count: int = 100
         text_to_image=evaluate_text_to_image(models_dir, prompt_count),
         plain_prompts=evaluate_text_to_image(models_dir, prompt_count // 2, seed=EVAL_SEED + 4, caption_of=plain_caption),
         inpaint=evaluate_inpaint(models_dir, inpaint_count),
+        cutting_masks=evaluate_cutting_masks(models_dir, inpaint_count),
         upscaler=evaluate_upscaler(models_dir, upscaler_count),
         clip=evaluate_clip(models_dir, clip_count),
         vae=evaluate_vae(models_dir),
@@ -350,6 +352,10 @@ def format_table(report: Report) -> str:
     lines.append(f"| inpaint: {key} | {inpaint[key]:.1%} (n={inpaint['n']}, both) | | ≥ 85% | {_verdict(inpaint[key], BARS['inpaint'])} |")
     lines.append(f"| inpaint: outside pixels identical | {inpaint['outside pixels identical (after paste-back)']:.0%} | | 100% | |")
     lines.append(f"| inpaint: mean change outside before paste-back | {inpaint['mean |change| outside before paste-back (0-255)']:.2f} / 255 | | | |")
+    cut = report.cutting_masks
+    if cut:
+        lines.append(f"| inpaint, a brush stroke through a shape: one clean shape | {cut['coherent']:.1%} (n={cut['n']}) | | "
+                     f"≥ 85% | {_verdict(cut['coherent'], BARS['inpaint'])} |")
     up = report.upscaler
     lines.append(f"| upscaler ×4 PSNR (bicubic) | | {up['psnr']:.2f} dB ({up['bicubic_psnr']:.2f} dB) | bicubic + 2 dB | {_verdict(up['gain_db'], BARS['upscaler_gain_db'])} (+{up['gain_db']:.2f} dB) |")
     vae = report.vae

@@ -26,7 +26,7 @@ TRAINING_PLAN = {
     "clip": StagePlan(2400, 128),
     "vae": StagePlan(4500, 32),
     "unet": StagePlan(5000, 64, dataset_size=24000),
-    "inpaint": StagePlan(2400, 64, dataset_size=16000),
+    "inpaint": StagePlan(6000, 64, dataset_size=16000),
     "upscaler": StagePlan(5000, 16),
 }
 SMOKE_PLAN = {

@@ -347,7 +347,7 @@ class InpaintStage(UnetStage):
     lr = 5e-4
     dataset_size = 16000
     in_channels = 9
-    full_mask_fraction = 0.2
+    full_mask_fraction = 0.1
     pipeline_class, pipeline_dir = StableDiffusionInpaintPipeline, INPAINT_DIR
 
     def __init__(self, *args, unet: UnetStage, **kwargs):
@@ -404,7 +404,7 @@ class InpaintStage(UnetStage):
         return self.diffusion_loss(model, latents, captions, generator, extra=extra)
 
 
-def random_mask(rng: random.Random, shape: scenes.Shape, full_fraction: float, brush_fraction: float = 0.6) -> np.ndarray:
+def random_mask(rng: random.Random, shape: scenes.Shape, full_fraction: float, brush_fraction: float = 0.65) -> np.ndarray:
     """White (1) = repaint: the whole image, brush strokes (mostly through the shape, as a person masks part
     of one), or a box around the shape with a random margin."""
     mask = np.zeros((SIDE, SIDE), dtype=np.float32)

@@ -1,0 +1,52 @@
+"""A tab's history of this session's images: small thumbnails under the results, newest first; clicking one
+loads the settings its PNG was made with back into the form (as Fooocus' and InvokeAI's galleries do).
+
+The history lives in a gr.State, so it belongs to the page: another browser tab or visitor has its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gradio as gr
+
+from studio.metadata import read_parameters
+
+HISTORY_SIZE = 48  # images kept per page (their files stay in gradio's cache, which cleans itself)
+
+
+@dataclass
+class History:
+    state: gr.State  # [(png path, caption)], newest first
+    gallery: gr.Gallery
+
+    def follow(self, events: list, results: gr.Gallery) -> None:
+        """After each successful generation, put its images in front of the history."""
+        for event in events:
+            event.success(add_to_history, [results, self.state], [self.state, self.gallery],
+                          api_visibility="private", queue=False)
+
+    def on_click(self, fill_form: Callable, inputs: list, outputs: list, **event_options) -> None:
+        """Clicking a thumbnail calls `fill_form(parameters_text, *inputs)` and shows its result in `outputs`."""
+
+        def load(selection: gr.SelectData, past, *values):
+            path, _caption = past[selection.index]
+            return fill_form(read_parameters(path) or "", *values)
+
+        self.gallery.select(load, [self.state, *inputs], outputs, **event_options)
+
+
+def build_history(elem_id: str) -> History:
+    with gr.Accordion("History of this session: click an image to load its settings", open=True):
+        state = gr.State([])
+        gallery = gr.Gallery(label="History", show_label=False, format="png", columns=6, height=220,
+                             object_fit="contain", interactive=False, allow_preview=False, elem_id=elem_id,
+                             elem_classes="history-gallery")
+    return History(state, gallery)
+
+
+def add_to_history(results, past):
+    """This batch's images (PNGs with their parameters) in front of the session's earlier ones."""
+    kept = ([(path, caption) for path, caption in (results or [])] + list(past or []))[:HISTORY_SIZE]
+    return kept, kept
