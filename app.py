@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_ui(studio)
     demo.queue(max_size=args.max_queue or (20 if args.public else 64), default_concurrency_limit=1)
     # quiet: gradio's own banner tells people to "set `share=True` in `launch()`"; our switch is --share
-    _, local_url, share_url = demo.launch(
+    _, local_url, _ = demo.launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
@@ -243,8 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         quiet=True,
         prevent_thread_lock=True,
     )
-    print(f"* Running on local URL:  {local_url}")
-    print(f"* Public link: {share_url}" if share_url else "* For a public link, start it with --share.", flush=True)
+    print(f"* Running on local URL:  {local_url}", flush=True)
+    if not args.share:  # with --share gradio itself prints the public URL, or why it could not make one
+        print("* For a public link, start it with --share.", flush=True)
     demo.block_thread()
 
 

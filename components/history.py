@@ -1,7 +1,8 @@
 """A tab's history of this session's images: small thumbnails under the results, newest first; clicking one
 loads the settings its PNG was made with back into the form (as Fooocus' and InvokeAI's galleries do).
 
-The history lives in a gr.State, so it belongs to the page: another browser tab or visitor has its own.
+The history lives in a gr.State, so it belongs to the page: another browser tab or visitor has its own. It keeps
+each image's parameters text itself, so a click still works after gradio's cache has cleaned the file away.
 """
 
 from __future__ import annotations
@@ -13,26 +14,26 @@ import gradio as gr
 
 from studio.metadata import read_parameters
 
-HISTORY_SIZE = 48  # images kept per page (their files stay in gradio's cache, which cleans itself)
+HISTORY_SIZE = 48  # images kept per page
 
 
 @dataclass
 class History:
-    state: gr.State  # [(png path, caption)], newest first
+    state: gr.State  # [(png path, caption, parameters text)], newest first
     gallery: gr.Gallery
 
     def follow(self, events: list, results: gr.Gallery) -> None:
         """After each successful generation, put its images in front of the history."""
         for event in events:
             event.success(add_to_history, [results, self.state], [self.state, self.gallery],
-                          api_visibility="private", queue=False)
+                          api_visibility="private", queue=False, show_progress="hidden")
 
     def on_click(self, fill_form: Callable, inputs: list, outputs: list, **event_options) -> None:
         """Clicking a thumbnail calls `fill_form(parameters_text, *inputs)` and shows its result in `outputs`."""
 
         def load(selection: gr.SelectData, past, *values):
-            path, _caption = past[selection.index]
-            return fill_form(read_parameters(path) or "", *values)
+            _path, _caption, parameters = past[selection.index]
+            return fill_form(parameters, *values)
 
         self.gallery.select(load, [self.state, *inputs], outputs, **event_options)
 
@@ -47,6 +48,8 @@ def build_history(elem_id: str) -> History:
 
 
 def add_to_history(results, past):
-    """This batch's images (PNGs with their parameters) in front of the session's earlier ones."""
-    kept = ([(path, caption) for path, caption in (results or [])] + list(past or []))[:HISTORY_SIZE]
-    return kept, kept
+    """This batch's images (PNGs with their parameters) in front of the session's earlier ones; returns the new
+    history and its thumbnails."""
+    fresh = [(path, caption, read_parameters(path) or "") for path, caption in (results or [])]
+    kept = (fresh + list(past or []))[:HISTORY_SIZE]
+    return kept, [(path, caption) for path, caption, _ in kept]

@@ -305,7 +305,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     editor.upload(**fit_tools)
 
     def fit_to_image(event) -> None:
-        event.then(**fit_tools)
+        event.success(**fit_tools)
 
     fit_form = dict(fn=preset_updates, inputs=[preset, mode],
                     outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -17,9 +18,9 @@ from .downloads import HubDownloads
 from .errors import InvalidRequest
 from .jobs import JobControl, LocalJob, gpu_seconds
 from .metadata import format_parameters, parse_parameters
-from .pipelines import DiffusersModels, DiffusionStages
+from .pipelines import DiffusersModels, DiffusionStages, clip_skip_too_large
 from .presets import ModelPreset, PresetCatalog, StyleCatalog
-from .schedulers import check_scheduler, make_scheduler
+from .schedulers import check_scheduler, evaluations_per_step, make_scheduler
 from .vocabulary import load_vocabulary, unknown_words_warning
 
 MAX_SEED = 2**32 - 1
@@ -197,7 +198,9 @@ class SamplingPlan:
     @property
     def gpu_seconds(self) -> int:
         """What to book on ZeroGPU for this job."""
-        return gpu_seconds(self.preset, self.steps_per_image, self.batch_size, self.size[0] * self.size[1])
+        # Heun, DPM2 and DPM++ SDE evaluate the UNet twice a step
+        evaluations = self.steps_per_image * evaluations_per_step(self.scheduler)
+        return gpu_seconds(self.preset, evaluations, self.batch_size, self.size[0] * self.size[1])
 
 
 class SamplingEngine:
@@ -234,7 +237,13 @@ class SamplingEngine:
         """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine."""
         if request.preset not in self.presets:
             return {"preset": f"Unknown preset {request.preset!r}. Available presets: {', '.join(self.presets.names)}."}
-        return self.check(request, self.presets.get(request.preset))
+        preset = self.presets.get(request.preset)
+        problems = self.check(request, preset)
+        if isinstance(request.clip_skip, int) and request.clip_skip > 1 and "clip_skip" not in problems:
+            layers = self.models.text_encoder_layers(preset)
+            if layers is not None and request.clip_skip > layers:
+                problems["clip_skip"] = clip_skip_too_large(request.clip_skip, layers)
+        return problems
 
     def check(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, str]:
         return check_sampling(request, preset, self.limits)
@@ -370,8 +379,10 @@ def step_callback(index: int, steps: int, batch_size: int, job: JobControl, step
     total = steps * batch_size
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
-        steps_done[0] = step + 1
-        job.report(index * steps + step + 1, total, f"Image {index + 1}/{batch_size}, step {step + 1}/{steps}")
+        # diffusers calls this once per model evaluation: twice a step for Heun, DPM2 and DPM++ SDE
+        done = min(steps, math.ceil((step + 1) / getattr(pipe.scheduler, "order", 1)))
+        steps_done[0] = done
+        job.report(index * steps + done, total, f"Image {index + 1}/{batch_size}, step {done}/{steps}")
         if job.cancelled:
             pipe._interrupt = True  # diffusers skips the remaining steps
         return callback_kwargs
@@ -387,11 +398,17 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
         notes.append(f"The image was made with sampler {params.sampler}, which this studio does not have; the "
                      f"sampler stays {current.scheduler}.")
     preset = current.preset
-    if params.model in presets:
-        preset = params.model
+    matching = [name for name in presets.names if _plain_name(name) == _plain_name(params.model or "")]
+    if matching:  # A1111 writes the checkpoint file's stem: "dreamshaper_8" is the preset "dreamshaper-8"
+        preset = matching[0]
     elif params.model:
         notes.append(f"The image was made with model {params.model!r}, which is not one of the presets here; the "
                      f"model stays {current.preset}.")
+    clip_skip = params.clip_skip or 1  # A1111 writes it only when it is not 1
+    if clip_skip > 1 and presets.get(preset).family != "sd15":  # A1111's setting is global, so SDXL PNGs carry it
+        notes.append(f"The image says clip skip {clip_skip}, which A1111 ignores for {presets.get(preset).label} as "
+                     "this studio does: it is 1 here.")
+        clip_skip = 1
     fields = dict(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
@@ -401,9 +418,13 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
         guidance_scale=params.guidance_scale if params.guidance_scale is not None else current.guidance_scale,
         seed=params.seed if params.seed is not None else current.seed,
         batch_size=1,
-        clip_skip=params.clip_skip or 1,  # A1111 writes it only when it is not 1
+        clip_skip=clip_skip,
     )
     return fields, notes
+
+
+def _plain_name(name: str) -> str:
+    return name.lower().replace("_", "-").replace(" ", "-")
 
 
 def request_from_parameters(text: str, presets: PresetCatalog,

@@ -40,7 +40,7 @@ from diffusers import (
 
 from .devices import format_bytes, release_memory
 from .downloads import DownloadRequest, diffusers_patterns, hub_offline_by_env
-from .errors import ModelUnavailable, OutOfMemoryBudget
+from .errors import InvalidRequest, ModelUnavailable, OutOfMemoryBudget
 from .memory import ModelKey, ModelManager, text_encoder_working_memory, unet_working_memory, vae_decode_working_memory
 
 TASKS = ("text2img", "img2img", "inpaint")
@@ -374,6 +374,21 @@ class DiffusersModels:
             self._hashes[source] = digest[:10]
         return digest[:10]
 
+    def text_encoder_layers(self, preset) -> int | None:
+        """How many layers the preset's (first) text encoder has, from its config file where it can be read
+        without a download (a local folder, or the Hub cache); None otherwise."""
+        source = self.keys(preset, "text2img")["text_encoder"].source
+        if os.path.isdir(source):
+            path = Path(source) / "text_encoder" / "config.json"
+            found = str(path) if path.exists() else None
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, "config.json", subfolder="text_encoder")
+        if not isinstance(found, str):
+            return None
+        return json.loads(Path(found).read_text()).get("num_hidden_layers")
+
     def _unet_weights_path(self, preset, source: str) -> str | None:
         filename = "diffusion_pytorch_model.safetensors"
         if os.path.isdir(source):
@@ -476,11 +491,11 @@ class DiffusionStages:
                     result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative,
                                   pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
                 elif clip_skip > 1:
-                    # diffusers skips layers for the prompt only (its negative and empty prompts read the last
-                    # layer); A1111 skips them for both, so each is encoded on its own with the same skip
-                    embeds, _ = pipe.encode_prompt(prompt, device, 1, False, clip_skip=clip_skip - 1)
-                    negative = (pipe.encode_prompt(negative_prompt or "", device, 1, False, clip_skip=clip_skip - 1)[0]
-                                if guidance else None)
+                    layers = pipe.text_encoder.config.num_hidden_layers
+                    if clip_skip > layers:  # the check before the queue could not read the config
+                        raise InvalidRequest([clip_skip_too_large(clip_skip, layers)])
+                    embeds = encode_skipping_layers(pipe, prompt, clip_skip, device)
+                    negative = encode_skipping_layers(pipe, negative_prompt or "", clip_skip, device) if guidance else None
                     result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
                 else:
                     embeds, negative = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt or None)
@@ -590,6 +605,26 @@ class DiffusionStages:
                 for hook in hooks:
                     hook.offload()  # back to RAM, where the manager has them recorded
                     hook.remove()
+
+
+def encode_skipping_layers(pipe, text: str, clip_skip: int, device) -> torch.Tensor:
+    """A1111's clip skip: the text encoder's hidden state `clip_skip` layers from the end, through its final layer
+    norm, for the prompt and the negative prompt alike. Hand-written because diffusers 0.42's `clip_skip` skips
+    layers for the prompt only (its negative reads the last layer) and reaches for `text_encoder.text_model`,
+    which transformers 5's CLIPTextModel no longer has (AttributeError, measured)."""
+    tokens = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt")
+    encoder = pipe.text_encoder
+    attention_mask = tokens.attention_mask.to(device) if getattr(encoder.config, "use_attention_mask", False) else None
+    hidden = encoder(tokens.input_ids.to(device), attention_mask=attention_mask,
+                     output_hidden_states=True).hidden_states[-clip_skip]
+    final_norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
+    return final_norm(hidden).to(dtype=encoder.dtype, device=device)
+
+
+def clip_skip_too_large(clip_skip: int, layers: int) -> str:
+    return (f"Clip skip {clip_skip} is more than this model's text encoder has layers ({layers}): use at most "
+            f"{layers}.")
 
 
 def truncation_warnings(pipe, prompt: str, negative_prompt: str) -> list[str]:

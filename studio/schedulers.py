@@ -3,7 +3,9 @@
 A1111 (before 1.9) named a sampler and its noise schedule together ("DPM++ 2M Karras"); since 1.9 it writes them
 apart ("Sampler: DPM++ 2M, Schedule type: Karras"). Our names are the combined ones, each one (sampler, schedule)
 pair; the PNG fields are written the 1.9 way and read either way. The samplers and their schedule defaults are
-A1111's table (modules/sd_samplers_kdiffusion.py), the diffusers classes the ones diffusers' docs map them to.
+A1111's table (modules/sd_samplers_kdiffusion.py), the diffusers classes the ones diffusers' docs map them to,
+configured as close to A1111 as diffusers allows (known differences: A1111's DPM2 drops the next-to-last noise
+level, diffusers' KDPM2 cannot; UniPC runs variant bh2, order 2, where A1111 runs bh1, order 3).
 
 k-diffusion's samplers (all of A1111's but DDIM, UniPC and LCM) start at the model's highest noise level and
 space the steps evenly down to the lowest ("Uniform"), which is diffusers' `timestep_spacing="linspace"`.
@@ -35,7 +37,10 @@ from .errors import InvalidRequest
 
 AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL = "Automatic", "Uniform", "Karras", "Exponential"
 _K_DIFFUSION = {"timestep_spacing": "linspace"}
-_SIGMAS = {UNIFORM: {}, KARRAS: {"use_karras_sigmas": True}, EXPONENTIAL: {"use_exponential_sigmas": True}}
+# Every schedule sets all three flags: a model's config with use_karras_sigmas on must not make "Euler" Karras.
+_NO_SIGMAS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+_SIGMAS = {UNIFORM: _NO_SIGMAS, KARRAS: {**_NO_SIGMAS, "use_karras_sigmas": True},
+           EXPONENTIAL: {**_NO_SIGMAS, "use_exponential_sigmas": True}}
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,17 @@ class Sampler:
 
 
 def _k(sampler: str, scheduler_class: type, schedule: str = UNIFORM, **overrides) -> Sampler:
-    """A k-diffusion sampler of A1111's with the given noise schedule."""
-    return Sampler(scheduler_class, {**_K_DIFFUSION, **_SIGMAS[schedule], **overrides}, sampler, schedule)
+    """A k-diffusion sampler of A1111's with the given noise schedule (the settings its class takes)."""
+    accepted = inspect.signature(scheduler_class.__init__).parameters
+    settings = {key: value for key, value in {**_K_DIFFUSION, **_SIGMAS[schedule], **overrides}.items() if key in accepted}
+    return Sampler(scheduler_class, settings, sampler, schedule)
 
 
-_DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+# k-diffusion's DPM++ 2M / 2M SDE: midpoint, second order, the last step to sigma 0; whatever a model's config says
+_DPM_SOLVER = {"solver_order": 2, "solver_type": "midpoint", "final_sigmas_type": "zero", "euler_at_final": False,
+               "use_lu_lambdas": False, "thresholding": False, "lower_order_final": True}
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", **_DPM_SOLVER}
+_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", **_DPM_SOLVER}
 
 SCHEDULERS = MappingProxyType(
     {
@@ -74,7 +84,10 @@ SCHEDULERS = MappingProxyType(
         "DPM2": _k("DPM2", KDPM2DiscreteScheduler),
         "DPM2 a Karras": _k("DPM2 a", KDPM2AncestralDiscreteScheduler, KARRAS),
         "DPM2 a": _k("DPM2 a", KDPM2AncestralDiscreteScheduler),
-        "UniPC": Sampler(UniPCMultistepScheduler, {}, "UniPC"),
+        # A1111's UniPC: uniform in time, lower order at the end; but variant bh2, order 2, not A1111's bh1, order 3:
+        # diffusers' bh1 returns NaN latents with a v-prediction model (measured on the embedded one)
+        "UniPC": Sampler(UniPCMultistepScheduler, {"solver_type": "bh2", "solver_order": 2, "lower_order_final": True,
+                                                   **_K_DIFFUSION}, "UniPC"),
         # A1111's DDIM: evenly spaced steps from t=1 ("leading", offset 1), no clipping of the predicted sample
         # (latents are not pixels in [-1, 1]), and the step before the first uses alphas_cumprod[0].
         "DDIM": Sampler(DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "leading",
@@ -87,6 +100,7 @@ GENERAL_SCHEDULERS = tuple(name for name in SCHEDULERS if name != "LCM")
 # What "Schedule type: Automatic" means for each A1111 sampler (its table's 'scheduler' option); others: Uniform.
 _AUTOMATIC_SCHEDULE = {"DPM++ 2M": KARRAS, "DPM++ SDE": KARRAS, "DPM++ 2M SDE": EXPONENTIAL, "DPM2": KARRAS,
                        "DPM2 a": KARRAS}
+_AUTOMATIC_SCHEDULE_LOWER = {sampler.lower(): schedule for sampler, schedule in _AUTOMATIC_SCHEDULE.items()}
 
 
 def schedulers_for(preset) -> tuple[str, ...]:
@@ -111,11 +125,18 @@ def make_scheduler(name: str, base_config: dict[str, Any], preset_overrides: dic
     if name not in SCHEDULERS:
         raise InvalidRequest([f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}."])
     sampler = SCHEDULERS[name]
-    # as keyword arguments: from_config ignores config keys it was told were defaults ("_use_default_values")
-    overrides = {**sampler.overrides, **(preset_overrides or {})}
-    if seed is not None and "noise_sampler_seed" in inspect.signature(sampler.scheduler_class.__init__).parameters:
+    accepted = inspect.signature(sampler.scheduler_class.__init__).parameters
+    # as keyword arguments: from_config ignores config keys it was told were defaults ("_use_default_values");
+    # a preset's overrides only where the class takes them
+    overrides = {**sampler.overrides, **{key: value for key, value in (preset_overrides or {}).items() if key in accepted}}
+    if seed is not None and "noise_sampler_seed" in accepted:
         overrides["noise_sampler_seed"] = seed
     return sampler.scheduler_class.from_config(dict(base_config), **overrides)
+
+
+def evaluations_per_step(name: str) -> int:
+    """Model evaluations per denoising step: 2 for Heun, DPM2 and DPM++ SDE (diffusers' scheduler `order`)."""
+    return getattr(SCHEDULERS[name].scheduler_class, "order", 1) if name in SCHEDULERS else 1
 
 
 def a1111_sampler_fields(name: str) -> dict[str, str]:
@@ -127,13 +148,16 @@ def a1111_sampler_fields(name: str) -> dict[str, str]:
 def scheduler_from_a1111(sampler: str, schedule_type: str | None = None) -> str | None:
     """Our sampler name for A1111's fields, or None when we have no equivalent. Without a schedule type (A1111
     before 1.9) the sampler name carries it ("DPM++ 2M Karras"), and a bare name meant the uniform schedule."""
+    by_name = {name.lower(): name for name in SCHEDULERS}
     sampler = sampler.strip()
-    if not schedule_type:
-        return sampler if sampler in SCHEDULERS else None
-    schedule = schedule_type.strip()
-    if schedule.lower() == AUTOMATIC.lower():
-        schedule = _AUTOMATIC_SCHEDULE.get(sampler, UNIFORM)
+    combined = by_name.get(sampler.lower())
+    if not schedule_type or (combined and schedule_type.strip().lower() == AUTOMATIC.lower()
+                             and sampler.lower() not in _AUTOMATIC_SCHEDULE_LOWER):
+        return combined  # a combined name ("DPM++ 2M Karras", also as Forge writes it beside "Automatic")
+    schedule = schedule_type.strip().lower()
+    if schedule == AUTOMATIC.lower():
+        schedule = _AUTOMATIC_SCHEDULE_LOWER.get(sampler.lower(), UNIFORM).lower()
     for name, entry in SCHEDULERS.items():
-        if entry.a1111_sampler == sampler and (entry.schedule_type.lower() in (schedule.lower(), AUTOMATIC.lower())):
+        if entry.a1111_sampler.lower() == sampler.lower() and entry.schedule_type.lower() in (schedule, AUTOMATIC.lower()):
             return name
     return None

@@ -1,6 +1,7 @@
 """What a model knows to draw, for models that say so: a `vocabulary.json` beside the weights (the embedded family
 writes one when it is trained) lists the words its captions used, by kind. A prompt's other words are words the
-model never saw: it ignores them, so the studio says which they are instead of failing silently.
+model never saw: they do not steer it (at most they nudge it at random), so the studio says which they are
+instead of failing silently.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 VOCABULARY_FILE = "vocabulary.json"
-# A1111's prompt syntax and separators are not words: "(red:1.2)", "[a|b]", "BREAK", numbers.
-_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
-_SYNTAX_WORDS = {"break", "and"}
+# A1111's prompt syntax is not words: "(red:1.2)", "[a|b]", numbers, "<lora:name:0.8>", and the keywords
+# "BREAK" and "AND" (upper case only: "and" in lower case is a word).
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+_TAG = re.compile(r"<[^>]*>")
+_SYNTAX_WORDS = {"BREAK", "AND"}
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,11 @@ class Vocabulary:
     def unknown_words(self, prompt: str) -> list[str]:
         """The words of `prompt` the model never saw, in order, each once."""
         known, unknown = self.words, []
-        for word in _WORD.findall(prompt.lower()):
-            if word not in known and word not in _SYNTAX_WORDS and word not in unknown:
+        for word in _WORD.findall(_TAG.sub(" ", prompt)):
+            if word in _SYNTAX_WORDS:
+                continue
+            word = word.lower()
+            if word not in known and word not in unknown:
                 unknown.append(word)
         return unknown
 
@@ -68,5 +74,5 @@ def unknown_words_warning(vocabulary: Vocabulary | None, prompt: str, model_labe
     if not unknown:
         return None
     listed = ", ".join(f"“{word}”" for word in unknown)
-    return (f"{model_label} does not know {listed}: it ignores {'them' if len(unknown) > 1 else 'it'}. "
+    return (f"{model_label} has never seen {listed}, so {'they do' if len(unknown) > 1 else 'it does'} not steer it. "
             f"It knows {vocabulary.summary()}.")

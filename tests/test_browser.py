@@ -168,7 +168,18 @@ def upload_to_inpaint(page, path):
     page.wait_for_timeout(500)
     page.locator("#inpaint-editor input[type=file]").first.set_input_files(str(path))
     tab.locator("canvas").first.wait_for()
-    page.wait_for_timeout(1000)  # the editor draws the upload, then accepts strokes
+    # the brush, blur and padding are fitted to the image once it is in: wait for that (a brush update resets the
+    # editor's tool, so a stroke begun before it lands would be lost)
+    from PIL import Image
+
+    from studio.inpainting import mask_tools_for
+
+    with Image.open(path) as image:
+        padding = str(mask_tools_for(image.size).padding)
+    page.wait_for_function("(value) => [...document.querySelectorAll('#inpaint-tab input[type=number]')]"
+                           ".some(input => input.closest('.block')?.textContent.includes('Padding around the mask')"
+                           " && input.value === value)", arg=padding)
+    page.wait_for_timeout(500)  # the editor draws the upload, then accepts strokes
     return tab
 
 
@@ -253,7 +264,7 @@ def test_on_a_small_image_one_stroke_masks_a_small_part_and_blur_and_padding_shr
 
 def test_the_embedded_model_names_the_words_it_does_not_know_as_you_type(page, artifacts):
     text_tab(page).get_by_label("Prompt", exact=True).fill("a photo of a dog on a grey background")
-    note = page.locator("#text-to-image-tab .prompt-hint")
+    note = page.locator("#text-to-image-tab .prompt-hint.prose")
     note.filter(has_text="“dog”").wait_for(timeout=10_000)
     text = note.inner_text()
     assert "“photo”" in text and "“grey”" not in text and "backgrounds: white, black, gray, grey" in text

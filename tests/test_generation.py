@@ -8,6 +8,7 @@ import pytest
 from studio.errors import InvalidRequest, ModelUnavailable
 from studio.generation import TextToImageRequest
 from studio.metadata import parse_parameters
+from studio.schedulers import GENERAL_SCHEDULERS
 
 
 def request(**overrides):
@@ -47,7 +48,7 @@ def test_random_seed_is_reported_and_reproduces(engine):
     assert np.array_equal(pixels(first), pixels(engine.generate(request(seed=seed))))
 
 
-@pytest.mark.parametrize("scheduler", ["DPM++ 2M Karras", "DPM++ 2M", "Euler a", "Euler", "UniPC", "DDIM"])
+@pytest.mark.parametrize("scheduler", GENERAL_SCHEDULERS)
 def test_every_scheduler_runs_and_is_recorded(engine, scheduler):
     result = engine.generate(request(scheduler=scheduler, steps=4))
     params = parse_parameters(result.images[0].parameters)
@@ -63,10 +64,33 @@ def test_parameters_record_the_styled_prompt_and_are_in_the_png_info(engine):
     assert params.model_hash and len(params.model_hash) == 10
 
 
-def test_progress_follows_every_step_of_every_image(engine):
+@pytest.mark.parametrize("scheduler", ["Euler", "Heun", "DPM++ SDE Karras"])
+def test_progress_follows_every_step_of_every_image(engine, scheduler):
+    """Heun and DPM++ SDE evaluate the model twice a step (diffusers calls back twice): still 1..5 per image."""
     seen = []
-    engine.generate(request(steps=5, batch_size=2), on_progress=lambda done, total, _: seen.append((done, total)))
-    assert [done for done, _ in seen[:-1]] == list(range(1, 11)) and seen[-1] == (10, 10)
+    engine.generate(request(steps=5, batch_size=2, scheduler=scheduler),
+                    on_progress=lambda done, total, _: seen.append((done, total)))
+    done = [done for done, _ in seen[:-1]]
+    assert sorted(set(done)) == list(range(1, 11)) and done == sorted(done) and seen[-1] == (10, 10)
+
+
+def test_stop_in_the_second_half_of_a_two_evaluation_sampler_marks_the_image(engine):
+    cancel = threading.Event()
+
+    def on_progress(done, total, _):
+        if done >= 6:
+            cancel.set()
+
+    result = engine.generate(request(steps=8, scheduler="Heun"), on_progress=on_progress, cancel=cancel)
+    assert result.interrupted and 6 <= result.images[0].stopped_at < 8, result.images[0].stopped_at
+    assert "Stopped at step: " in result.images[0].parameters
+
+
+def test_dpm_sde_is_reproducible_from_the_seed(engine):
+    """Its Brownian noise is drawn from the image's seed, as A1111 does: same seed, same pixels."""
+    same = [pixels(engine.generate(request(scheduler="DPM++ SDE Karras", steps=6, seed=5))) for _ in range(2)]
+    other = pixels(engine.generate(request(scheduler="DPM++ SDE Karras", steps=6, seed=6)))
+    assert np.array_equal(*same) and not np.array_equal(same[0], other)
 
 
 def test_cancel_interrupts_the_denoising_loop(engine):
@@ -112,7 +136,7 @@ def test_long_prompts_are_truncated_with_a_warning(engine):
         ({"batch_size": 0}, "Batch size must be between 1 and 8"),
         ({"seed": -2}, "Seed must be -1"),
         ({"scheduler": "LCM"}, "Scheduler 'LCM' does not work with preset 'embedded'"),
-        ({"scheduler": "Heun"}, "Unknown scheduler 'Heun'"),
+        ({"scheduler": "DPM adaptive"}, "Unknown scheduler 'DPM adaptive'"),
         ({"style": "Vaporwave"}, "Unknown style 'Vaporwave'"),
     ],
 )
@@ -136,7 +160,8 @@ def test_hub_preset_offline_fails_clearly_and_leaves_the_manager_working(engine,
 
 
 def test_clip_skip_reads_the_second_to_last_layer_for_the_prompt_and_the_negative_as_a1111_does(stages, engine):
-    """diffusers' encode_prompt skips layers for the prompt only; A1111 skips them for the negative too."""
+    """diffusers' encode_prompt skips layers for the prompt only (and fails on transformers 5's CLIPTextModel);
+    A1111 skips them for the negative too."""
     import torch
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -152,7 +177,7 @@ def test_clip_skip_reads_the_second_to_last_layer_for_the_prompt_and_the_negativ
                         return_tensors="pt").input_ids
         with torch.no_grad():
             hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]
-            return encoder.text_model.final_layer_norm(hidden)
+            return encoder.final_layer_norm(hidden)
 
     preset = engine.presets.get("embedded")
     skipped, _ = stages.encode(preset, "text2img", "a red circle", "blue", 3.0, clip_skip=2)
@@ -178,6 +203,12 @@ def test_clip_skip_is_written_and_read_back_as_a1111_does(engine):
     (dict(clip_skip=0), "Clip skip must be between 1 and 12"),
     (dict(clip_skip=2.5), "Clip skip must be a whole number"),
     (dict(clip_skip=2, preset="sdxl-base-1.0", width=1024, height=1024), "Clip skip applies to SD 1.x models"),
+    # the embedded text encoder has 3 layers: 4 would read the token embeddings, 5 does not exist
+    (dict(clip_skip=4), "Clip skip 4 is more than this model's text encoder has layers (3)"),
 ])
 def test_bad_clip_skip_is_refused_clearly(engine, overrides, message):
     assert message in " ".join(engine.problems(request(**overrides)).values())
+
+
+def test_clip_skip_up_to_the_text_encoders_layers_runs(engine):
+    assert "Clip skip: 3" in engine.generate(request(clip_skip=3, steps=2)).images[0].parameters

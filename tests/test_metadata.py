@@ -66,10 +66,14 @@ def test_parameters_fill_a_request():
     current = TextToImageRequest("old", preset="embedded", scheduler="Euler", steps=20, width=64, height=64, seed=-1,
                                  batch_size=4, style="Anime")
     filled, notes = request_from_parameters(A1111_TEXT, load_presets(), current)
-    assert notes == ["The image was made with model 'dreamshaper_8', which is not one of the presets here; the model "
-                     "stays embedded."]
+    assert notes == []
     assert filled.prompt.startswith("masterpiece") and filled.negative_prompt == "blurry, lowres"
-    assert filled.preset == "embedded"  # dreamshaper_8 is no preset name here: keep the current one
+    assert filled.preset == "dreamshaper-8"  # A1111's checkpoint stem "dreamshaper_8"
+    other = A1111_TEXT.replace("Model: dreamshaper_8", "Model: juggernautXL_v9")
+    filled, notes = request_from_parameters(other, load_presets(), current)
+    assert filled.preset == "embedded" and notes == [
+        "The image was made with model 'juggernautXL_v9', which is not one of the presets here; the model stays "
+        "embedded."]
     assert (filled.steps, filled.scheduler, filled.seed, filled.width, filled.height) == (
         28, "DPM++ 2M Karras", 3920213, 512, 768)
     assert filled.style == "None" and filled.batch_size == 1
@@ -81,3 +85,13 @@ def test_a_sampler_the_studio_lacks_keeps_the_form_and_says_so():
     filled, notes = request_from_parameters(text, load_presets(), current)
     assert filled.scheduler == "DDIM" and filled.steps == 28  # the rest is still read
     assert "sampler DPM adaptive (Automatic schedule), which this studio does not have; the sampler stays DDIM" in notes[0]
+
+
+def test_an_sdxl_pngs_clip_skip_is_ignored_as_a1111_does_and_said():
+    text = A1111_TEXT.replace("Model: dreamshaper_8", "Model: sdxl-base-1.0").replace("Size: 512x768", "Size: 1024x1024")
+    text = text.replace("Steps: 28,", "Steps: 28, Clip skip: 2,")
+    current = TextToImageRequest("old", preset="embedded", scheduler="Euler", steps=20, width=64, height=64)
+    filled, notes = request_from_parameters(text, load_presets(), current)
+    assert filled.preset == "sdxl-base-1.0" and filled.clip_skip == 1
+    assert notes == ["The image says clip skip 2, which A1111 ignores for SDXL base 1.0 as this studio does: it is 1 "
+                     "here."]

@@ -120,3 +120,14 @@ def test_a1111_before_19_combined_names():
     assert scheduler_from_a1111("DPM++ 2M") == "DPM++ 2M"  # then it meant the uniform schedule
     assert scheduler_from_a1111("DPM2 a Karras") == "DPM2 a Karras"
     assert scheduler_from_a1111("DPM fast") is None
+
+
+def test_a_models_own_schedule_settings_do_not_leak_into_the_chosen_sampler():
+    """A fine-tune's config with Karras (or exponential) sigmas on, or a Heun DPM solver, must not change what
+    "Euler" or "DPM++ 2M Karras" mean (nor make them refuse to build)."""
+    karras_config = {**BASE, "use_karras_sigmas": True}
+    exponential_config = {**BASE, "use_exponential_sigmas": True, "solver_type": "heun", "final_sigmas_type": "sigma_min"}
+    assert make_scheduler("Euler", karras_config).config.use_karras_sigmas is False
+    built = make_scheduler("DPM++ 2M Karras", exponential_config)
+    assert built.config.use_karras_sigmas and not built.config.use_exponential_sigmas
+    assert (built.config.solver_type, built.config.final_sigmas_type) == ("midpoint", "zero")

@@ -100,7 +100,10 @@ def test_results_come_back_from_the_forked_worker_and_nothing_loads_there(zerogp
     assert fake.workers and fake.workers[0].pid != multiprocessing.current_process().pid
     assert result.seeds == [21, 22] and result.images[0].image.size == (64, 64)
     here = studio.text_to_image.generate(request(batch_size=2))
-    assert np.array_equal(np.asarray(result.images[1].image), np.asarray(here.images[1].image))
+    # the same image; the worker runs one thread (as a GPU worker leaves the CPU alone), this process two, and
+    # float sums in another order may round a pixel one level apart
+    difference = np.abs(np.asarray(result.images[1].image, dtype=int) - np.asarray(here.images[1].image, dtype=int))
+    assert difference.max() <= 2, difference.max()
     assert "Seed: 22" in result.images[1].image.info["parameters"]
     assert fake.observed[-1] == 0  # no model was loaded inside the worker
     assert studio.manager.loading_allowed  # the main process's manager is untouched
