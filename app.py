@@ -52,7 +52,7 @@ log = logging.getLogger("studio")
 # Small images (the embedded model makes 64 px) are shown enlarged: keep their pixels crisp, not smeared. A single
 # result gets gradio's large square thumbnail as wide as the column, taller than the gallery at 1280 px and up, so
 # it was cropped: cap its height to the gallery's (520 / 420 px, less the label) so it is always seen whole.
-# The history is a strip of small, equal thumbnails, however many images it has.
+# The history is a strip of small, equal thumbnails, however many images it has (no seed label over them).
 CSS = """
 #text-to-image-gallery img, #inpaint-gallery img { image-rendering: pixelated; }
 #text-to-image-gallery .thumbnail-lg { max-height: 470px; margin: 0 auto; }
@@ -60,6 +60,7 @@ CSS = """
 .history-gallery img { image-rendering: pixelated; }
 .history-gallery .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; grid-auto-rows: 112px; }
 .history-gallery .thumbnail-item { width: 112px; height: 112px; max-height: 112px; }
+.history-gallery .caption-label { display: none; }
 """
 PUBLIC_RATE_LIMIT = 12  # jobs per minute per visitor in --public mode
 
