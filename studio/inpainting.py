@@ -29,7 +29,7 @@ from .generation import (
 )
 from .images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
 from .jobs import LocalJob
-from .metadata import parse_parameters
+from .metadata import parse_float, parse_int, parse_parameters
 from .presets import ModelPreset
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
@@ -223,17 +223,12 @@ def inpaint_request_from_parameters(text: str, presets, current: InpaintRequest)
     fields, notes = sampling_fields_from_parameters(params, presets, current)
     extra = params.extra
     area = extra.get("Inpaint area", current.inpaint_area)
+    strength = parse_float(extra.get("Denoising strength"))
+    mask_blur, padding = parse_int(extra.get("Mask blur")), parse_int(extra.get("Masked area padding"))
     return replace(
         current, **fields,
-        strength=_number(extra.get("Denoising strength"), float, current.strength),
-        mask_blur=_number(extra.get("Mask blur"), int, current.mask_blur),
+        strength=current.strength if strength is None else strength,
+        mask_blur=current.mask_blur if mask_blur is None else mask_blur,
         inpaint_area=area if area in INPAINT_AREAS else current.inpaint_area,
-        padding=_number(extra.get("Masked area padding"), int, current.padding),
+        padding=current.padding if padding is None else padding,
     ), notes
-
-
-def _number(text: str | None, kind, default):
-    try:
-        return kind(text) if text is not None else default
-    except ValueError:
-        return default

@@ -79,20 +79,20 @@ def parse_parameters(text: str) -> GenerationParameters:
         (negative_lines if in_negative else prompt_lines).append(line)
 
     params = GenerationParameters(prompt="\n".join(prompt_lines).strip(), negative_prompt="\n".join(negative_lines).strip())
-    params.steps = _int(fields.pop("Steps", None))
+    params.steps = parse_int(fields.pop("Steps", None))
     sampler = fields.pop("Sampler", None)
     schedule_type = fields.pop("Schedule type", None)
     if sampler:
         params.scheduler = scheduler_from_a1111(sampler, schedule_type)
         params.sampler = f"{sampler} ({schedule_type} schedule)" if schedule_type else sampler
-    params.guidance_scale = _float(fields.pop("CFG scale", None))
-    params.seed = _int(fields.pop("Seed", None))
+    params.guidance_scale = parse_float(fields.pop("CFG scale", None))
+    params.seed = parse_int(fields.pop("Seed", None))
     size = fields.pop("Size", None)
     if size and re.fullmatch(r"\d+x\d+", size):
         params.width, params.height = (int(v) for v in size.split("x"))
     params.model = fields.pop("Model", None)
     params.model_hash = fields.pop("Model hash", None)
-    params.clip_skip = _int(fields.pop("Clip skip", None))
+    params.clip_skip = parse_int(fields.pop("Clip skip", None))
     params.extra = fields
     return params
 
@@ -137,14 +137,14 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def _int(value: str | None) -> int | None:
+def parse_int(value: str | None) -> int | None:
     try:
         return int(value) if value is not None else None
     except ValueError:
         return None
 
 
-def _float(value: str | None) -> float | None:
+def parse_float(value: str | None) -> float | None:
     try:
         return float(value) if value is not None else None
     except ValueError:

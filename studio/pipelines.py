@@ -377,30 +377,29 @@ class DiffusersModels:
     def text_encoder_layers(self, preset) -> int | None:
         """How many layers the preset's (first) text encoder has, from its config file where it can be read
         without a download (a local folder, or the Hub cache); None otherwise."""
-        source = self.keys(preset, "text2img")["text_encoder"].source
-        if os.path.isdir(source):
-            path = Path(source) / "text_encoder" / "config.json"
-            found = str(path) if path.exists() else None
-        else:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(source, "config.json", subfolder="text_encoder")
-        if not isinstance(found, str):
-            return None
-        return json.loads(Path(found).read_text()).get("num_hidden_layers")
+        found = file_without_download(self.keys(preset, "text2img")["text_encoder"].source, "text_encoder",
+                                      "config.json")
+        return json.loads(Path(found).read_text()).get("num_hidden_layers") if found else None
 
     def _unet_weights_path(self, preset, source: str) -> str | None:
-        filename = "diffusion_pytorch_model.safetensors"
-        if os.path.isdir(source):
-            path = Path(source) / "unet" / filename
-            return str(path) if path.exists() else None
-        from huggingface_hub import try_to_load_from_cache
-
         variant = preset.inpaint_variant if source == preset.inpaint_source else preset.variant
-        if variant and (self.device.type != "cpu" or source == preset.inpaint_source):
-            filename = f"diffusion_pytorch_model.{variant}.safetensors"
-        found = try_to_load_from_cache(source, filename, subfolder="unet")
-        return found if isinstance(found, str) else None
+        # a local folder has the plain file; on the Hub the variant is what is fetched (always for inpainting repos
+        # that ship only fp16)
+        use_variant = variant and not os.path.isdir(source) and (self.device.type != "cpu"
+                                                                  or source == preset.inpaint_source)
+        filename = f"diffusion_pytorch_model.{variant}.safetensors" if use_variant else "diffusion_pytorch_model.safetensors"
+        return file_without_download(source, "unet", filename)
+
+
+def file_without_download(source: str, subfolder: str, filename: str) -> str | None:
+    """The local path of a model file, in a folder or in the Hub cache; None when it would need a download."""
+    if os.path.isdir(source):
+        path = Path(source) / subfolder / filename
+        return str(path) if path.exists() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source, filename, subfolder=subfolder)
+    return found if isinstance(found, str) else None
 
 
 def _sha256(path: str) -> str:

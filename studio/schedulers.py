@@ -98,9 +98,9 @@ SCHEDULERS = MappingProxyType(
 GENERAL_SCHEDULERS = tuple(name for name in SCHEDULERS if name != "LCM")
 
 # What "Schedule type: Automatic" means for each A1111 sampler (its table's 'scheduler' option); others: Uniform.
-_AUTOMATIC_SCHEDULE = {"DPM++ 2M": KARRAS, "DPM++ SDE": KARRAS, "DPM++ 2M SDE": EXPONENTIAL, "DPM2": KARRAS,
-                       "DPM2 a": KARRAS}
-_AUTOMATIC_SCHEDULE_LOWER = {sampler.lower(): schedule for sampler, schedule in _AUTOMATIC_SCHEDULE.items()}
+# (keys in lower case: A1111's fields are matched without case)
+_AUTOMATIC_SCHEDULE = {"dpm++ 2m": KARRAS, "dpm++ sde": KARRAS, "dpm++ 2m sde": EXPONENTIAL, "dpm2": KARRAS,
+                       "dpm2 a": KARRAS}
 
 
 def schedulers_for(preset) -> tuple[str, ...]:
@@ -148,16 +148,14 @@ def a1111_sampler_fields(name: str) -> dict[str, str]:
 def scheduler_from_a1111(sampler: str, schedule_type: str | None = None) -> str | None:
     """Our sampler name for A1111's fields, or None when we have no equivalent. Without a schedule type (A1111
     before 1.9) the sampler name carries it ("DPM++ 2M Karras"), and a bare name meant the uniform schedule."""
-    by_name = {name.lower(): name for name in SCHEDULERS}
-    sampler = sampler.strip()
-    combined = by_name.get(sampler.lower())
-    if not schedule_type or (combined and schedule_type.strip().lower() == AUTOMATIC.lower()
-                             and sampler.lower() not in _AUTOMATIC_SCHEDULE_LOWER):
+    key = sampler.strip().lower()  # A1111's fields are matched without case
+    schedule = (schedule_type or "").strip().lower()
+    combined = {name.lower(): name for name in SCHEDULERS}.get(key)
+    if not schedule or (combined and schedule == AUTOMATIC.lower() and key not in _AUTOMATIC_SCHEDULE):
         return combined  # a combined name ("DPM++ 2M Karras", also as Forge writes it beside "Automatic")
-    schedule = schedule_type.strip().lower()
     if schedule == AUTOMATIC.lower():
-        schedule = _AUTOMATIC_SCHEDULE_LOWER.get(sampler.lower(), UNIFORM).lower()
+        schedule = _AUTOMATIC_SCHEDULE.get(key, UNIFORM).lower()
     for name, entry in SCHEDULERS.items():
-        if entry.a1111_sampler.lower() == sampler.lower() and entry.schedule_type.lower() in (schedule, AUTOMATIC.lower()):
+        if entry.a1111_sampler.lower() == key and entry.schedule_type.lower() in (schedule, AUTOMATIC.lower()):
             return name
     return None

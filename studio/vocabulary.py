@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 VOCABULARY_FILE = "vocabulary.json"
@@ -23,7 +24,7 @@ _SYNTAX_WORDS = {"BREAK", "AND"}
 class Vocabulary:
     groups: dict[str, tuple[str, ...]]  # kind ("colours", "shapes", ...) -> words or phrases
 
-    @property
+    @cached_property  # asked on every keystroke in the prompt
     def words(self) -> frozenset[str]:
         return frozenset(word for phrases in self.groups.values() for phrase in phrases for word in phrase.split())
 

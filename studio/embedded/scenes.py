@@ -216,13 +216,10 @@ def known_words() -> dict[str, list[str]]:
 
 
 def vocabulary() -> list[str]:
-    """Every word the captions use, for the tokenizer's merges (other text falls back to characters)."""
-    words = set(SHAPES) | set(PALETTE) | {spelling for names in _COLOUR_WORDS.values() for spelling in names}
-    words |= {"background", "a", "on", "with", "in", "at", "the", "near", "of"}
-    for phrases in list(_POSITION_PHRASES.values()) + list(_SIZE_WORDS.values()):
-        for phrase in phrases:
-            words.update(phrase.split())
-    words.update({"and", "an", "shape", "image", "picture", "photo", "drawing", "corner", "side", "upper", "lower"})
+    """Every word the captions use, for the tokenizer's merges (other text falls back to characters), and a few
+    words common in prompts that the captions never use, so that they too are one token each."""
+    words = {word for phrases in known_words().values() for phrase in phrases for word in phrase.split()}
+    words |= {"and", "of", "shape", "image", "picture", "photo", "drawing"}
     return sorted(words)
 
 
