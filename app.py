@@ -43,7 +43,7 @@ from studio.inpainting import Inpainter
 from studio.jobs import JobBoard
 from studio.memory import ModelManager
 from studio.model_kinds import CLIP, UPSCALER, ClipLoader, UpscalerLoader
-from studio.pipelines import DiffusersLoader, DiffusersModels, DiffusionStages, HubAccess
+from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
 from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import RateLimiter
 
@@ -118,7 +118,7 @@ def build_studio(args: argparse.Namespace) -> Studio:
         device_budget = parse_bytes(args.device_budget) if args.device_budget else default_device_budget(device)
         free_memory = functools.partial(free_device_bytes, device)
     manager = ModelManager(
-        {"diffusers": DiffusersLoader(models.variant_for(presets)), UPSCALER: UpscalerLoader(), CLIP: ClipLoader()},
+        {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader(), CLIP: ClipLoader()},
         device,
         default_dtype(device),
         device_budget=device_budget,
@@ -151,7 +151,7 @@ def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3
                   dtype: torch.dtype = torch.float32) -> tuple[TextToImage, Inpainter]:
     """Text to image and inpainting over one fresh manager, with no server around them (tests, benchmarks)."""
     models = DiffusersModels(torch.device(device))
-    manager = ModelManager({"diffusers": DiffusersLoader(models.variant_for(presets))}, device, dtype, device_budget)
+    manager = ModelManager(diffusers_loaders(models.variant_for(presets)), device, dtype, device_budget)
     stages = DiffusionStages(manager, models)
     limits, version = RequestLimits(), f"Diffusion Studio {__version__}"
     return (TextToImage(stages, presets, load_styles(), limits, version=version),

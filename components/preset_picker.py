@@ -11,8 +11,16 @@ from studio.schedulers import schedulers_for
 
 
 def preset_card(preset: ModelPreset) -> str:
-    where = "built in, works offline" if preset.is_local else f"[{preset.repo}](https://huggingface.co/{preset.repo})"
+    if preset.checkpoint is not None:
+        where = f"single-file checkpoint {preset.checkpoint.name}" + (
+            ", works offline" if preset.is_local else f", configs from {hub_link(preset.config_source)}")
+    else:
+        where = "built in, works offline" if preset.is_local else hub_link(preset.repo)
     return f"**{preset.label}** — {preset.description} <br><small>{where}</small>"
+
+
+def hub_link(repo: str) -> str:
+    return f"[{repo}](https://huggingface.co/{repo})"
 
 
 def chosen_preset(presets: PresetCatalog, name: str) -> ModelPreset:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shlex
 import threading
 import time
 from contextlib import contextmanager
@@ -128,8 +129,14 @@ def hub_offline_by_env() -> bool:
 def offline_error(request: DownloadRequest) -> ModelUnavailable:
     return ModelUnavailable(
         f"{request.label} is not downloaded yet and the Hugging Face Hub cannot be reached (repo {request.source}). "
-        f"Connect to the internet and try again, pre-download it with `hf download {request.source}` "
+        f"Connect to the internet and try again, pre-download it with `{download_command(request)}` "
         "(huggingface-cli in older huggingface_hub), or pick the embedded preset, which works offline.")
+
+
+def download_command(request: DownloadRequest) -> str:
+    """The `hf download` line that fetches exactly the request's files (the whole repo can be tens of GB)."""
+    patterns = " ".join(shlex.quote(pattern) for pattern in request.allow_patterns)
+    return f"hf download {request.source}" + (f" --include {patterns}" if patterns else "")
 
 
 def unavailable_error(request: DownloadRequest, error: Exception) -> ModelUnavailable:

@@ -217,7 +217,8 @@ class SamplingEngine:
         self.limits = limits
         self.version = version
         # what each preset's model knows to draw, where its folder says so (the embedded family)
-        self.vocabularies = {preset.name: load_vocabulary(preset.local) for preset in presets}
+        self.vocabularies = {preset.name: load_vocabulary(preset.config_source if preset.is_local else None)
+                             for preset in presets}
 
     def vocabulary_hint(self, preset_name: str) -> str:
         """What the preset's model knows, for the place where the user types ("" when it does not say)."""
@@ -332,7 +333,8 @@ class SamplingEngine:
         return format_parameters(
             plan.prompt, plan.negative_prompt, steps=plan.steps, scheduler=plan.scheduler,
             guidance_scale=plan.guidance_scale, seed=seed, width=plan.size[0], height=plan.size[1],
-            model=plan.preset.name, model_hash=self.models.model_hash(plan.preset, plan.task), version=self.version,
+            model=model_name(plan.preset, plan.task), model_hash=self.models.model_hash(plan.preset, plan.task),
+            version=self.version,
             extra={**({"Clip skip": plan.clip_skip} if plan.clip_skip > 1 else {}), **plan.parameters_extra,
                    **(extra or {})} or None,
         )
@@ -398,8 +400,12 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
         notes.append(f"The image was made with sampler {params.sampler}, which this studio does not have; the "
                      f"sampler stays {current.scheduler}.")
     preset = current.preset
-    matching = [name for name in presets.names if _plain_name(name) == _plain_name(params.model or "")]
-    if matching:  # A1111 writes the checkpoint file's stem: "dreamshaper_8" is the preset "dreamshaper-8"
+    wanted = _plain_name(params.model or "")
+    # a preset's own name first; then, as A1111 writes, a checkpoint file's stem ("dreamshaper_8" is the preset
+    # "dreamshaper-8")
+    matching = ([name for name in presets.names if _plain_name(name) == wanted]
+                or [candidate.name for candidate in presets if wanted in model_names(candidate)])
+    if matching:
         preset = matching[0]
     elif params.model:
         notes.append(f"The image was made with model {params.model!r}, which is not one of the presets here; the "
@@ -421,6 +427,19 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
         clip_skip=clip_skip,
     )
     return fields, notes
+
+
+def model_name(preset: ModelPreset, task: str) -> str:
+    """The PNG's Model: A1111 writes the stem of the checkpoint file that ran; a repo or folder preset its name."""
+    if task == "inpaint" and preset.inpaint_checkpoint is not None:
+        return preset.inpaint_checkpoint.stem
+    return preset.checkpoint.stem if preset.checkpoint is not None else preset.name
+
+
+def model_names(preset: ModelPreset) -> set[str]:
+    """The names a PNG's Model field may give this preset by (plain-spelled)."""
+    names = {preset.name, model_name(preset, "text2img"), model_name(preset, "inpaint")}
+    return {_plain_name(name) for name in names}
 
 
 def _plain_name(name: str) -> str:

@@ -41,9 +41,10 @@ RAM = "ram"
 class ModelKey:
     """One loadable model: its kind (which loader), where it comes from, and which part of it."""
 
-    kind: str  # "diffusers", "upscaler", "clip", ...
-    source: str  # Hub repo id or local folder
+    kind: str  # "diffusers", "checkpoint", "upscaler", "clip", ...
+    source: str  # Hub repo id, local folder or single-file checkpoint
     part: str = ""  # subfolder / component name ("unet", "vae"); "" for a standalone model
+    config: str = ""  # a single-file checkpoint's configs: the diffusers repo id or folder that describes it
 
     @property
     def label(self) -> str:

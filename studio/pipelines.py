@@ -45,6 +45,7 @@ from .memory import ModelKey, ModelManager, text_encoder_working_memory, unet_wo
 
 TASKS = ("text2img", "img2img", "inpaint")
 KIND = "diffusers"
+CHECKPOINT_KIND = "checkpoint"  # a component of a single-file (A1111-style) checkpoint
 HUB_CHECK_TTL_S = 60
 SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
 VAE_TILE = 512  # pixels: the tile a tiled VAE decodes at a time (SD's native size)
@@ -91,6 +92,28 @@ def architecture(preset) -> str:
 def standalone_key(role: str, source: str) -> ModelKey:
     """A component whose files sit at the root of `source` (a repo or folder of its own)."""
     return ModelKey(KIND, source, f"{role}@root")
+
+
+def component_key(source: str, role: str, config_source: str) -> ModelKey:
+    """A pipeline component of a diffusers repo or folder, or of a single-file checkpoint: there the weights come
+    from the file and the rest (tokenizer, scheduler) from the configs' repo or folder."""
+    if not is_checkpoint_file(source):
+        return ModelKey(KIND, source, role)
+    if role in WEIGHTLESS:
+        return ModelKey(KIND, config_source, role)
+    return ModelKey(CHECKPOINT_KIND, source, role, config=config_source)
+
+
+def is_checkpoint_file(source: str) -> bool:
+    return source.endswith(".safetensors")
+
+
+def config_location(key: ModelKey) -> tuple[str, str | None]:
+    """(source, subfolder) of a component's config.json: a checkpoint's component is described by its configs'
+    repo or folder."""
+    if key.kind == CHECKPOINT_KIND:
+        return key.config, key.part
+    return key.source, _split_part(key.part)[1]
 
 
 def _split_part(part: str) -> tuple[str, str | None]:
@@ -144,7 +167,7 @@ class DiffusersLoader:
     def load(self, key: ModelKey, dtype: torch.dtype) -> Any:
         role, subfolder = _split_part(key.part)
         try:
-            library, class_name = self._component_class(key.source, role, subfolder)
+            library, class_name = self.component_class(key.source, role, subfolder)
             component_class = getattr(importlib.import_module(library), class_name)
             kwargs: dict[str, Any] = {"local_files_only": not os.path.isdir(key.source)}
             if subfolder:
@@ -173,7 +196,8 @@ class DiffusersLoader:
             raise unavailable(source, error) from error
         return Path(snapshot) / (subfolder or "")
 
-    def _component_class(self, source: str, role: str, subfolder: str | None) -> tuple[str, str]:
+    def component_class(self, source: str, role: str, subfolder: str | None) -> tuple[str, str]:
+        """(library, class name) of a component, from the repo's model_index.json."""
         if subfolder is None:
             return STANDALONE_CLASSES[role]
         with self._lock:
@@ -189,6 +213,60 @@ class DiffusersLoader:
         if library not in ("diffusers", "transformers"):
             library = f"diffusers.pipelines.{library}"  # e.g. the safety checker lives in "stable_diffusion"
         return library, class_name
+
+
+# Where each component's tensors sit in an original-layout checkpoint (SD 1.x/2.x, and SDXL's conditioner).
+CHECKPOINT_PREFIXES = {
+    "unet": ("model.diffusion_model.",),
+    "vae": ("first_stage_model.",),
+    "text_encoder": ("cond_stage_model.", "conditioner.embedders.0."),
+    "text_encoder_2": ("conditioner.embedders.1.",),
+}
+UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+class CheckpointLoader:
+    """Loads one component of a single-file checkpoint (an A1111 / civitai .safetensors) with diffusers'
+    single-file conversion, the call `from_single_file` makes per component; its config comes from the key's
+    configs repo or folder (fetched beforehand, like any Hub file). A 9-channel UNet (an inpainting checkpoint)
+    gets in_channels from the file, so one base config describes both."""
+
+    def __init__(self):
+        self._configs = DiffusersLoader()  # reads (and caches) the configs' model_index.json
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        if not os.path.isfile(key.source):
+            raise ModelUnavailable(f"The checkpoint file {key.source} does not exist. Check the preset's "
+                                   "`checkpoint` path (relative to the presets file).")
+        return safetensors_bytes([Path(key.source)], dtype, prefixes=CHECKPOINT_PREFIXES[key.part])
+
+    def load(self, key: ModelKey, dtype: torch.dtype) -> Any:
+        from diffusers import pipelines
+        from diffusers.loaders.single_file import load_single_file_sub_model
+        from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+        role = key.part
+        try:
+            library, class_name = self._configs.component_class(key.config, role, role)
+            checkpoint = load_single_file_checkpoint(key.source, local_files_only=True)  # memory-mapped
+            extra = {"in_channels": checkpoint[UNET_CONV_IN].shape[1]} if role == "unet" and UNET_CONV_IN in checkpoint else {}
+            return load_single_file_sub_model(
+                library, class_name, role, checkpoint, pipelines, is_pipeline_module=False,
+                cached_model_config_path=key.config, local_files_only=not os.path.isdir(key.config),
+                torch_dtype=dtype, **extra)
+        except ModelUnavailable:
+            raise
+        except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear message
+            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise ModelUnavailable(f"The {role} of the checkpoint {key.source} could not be loaded with the configs "
+                                   f"of {key.config}: is it a {role} of that kind of model? ({type(error).__name__}: "
+                                   f"{reason})") from error
+
+
+def diffusers_loaders(variant_for: Callable[[str, torch.dtype], str | None] = lambda source, dtype: None) -> dict:
+    """The manager's loaders for Stable Diffusion components: from diffusers repos and folders, and from
+    single-file checkpoints."""
+    return {KIND: DiffusersLoader(variant_for), CHECKPOINT_KIND: CheckpointLoader()}
 
 
 def root_weight_patterns(variant: str | None) -> list[str]:
@@ -219,10 +297,10 @@ def weight_files(folder: Path, variant: str | None) -> list[Path]:
 UNSAVED_BUFFERS_SLACK = 64 * 1024  # buffers a model makes but does not save (e.g. CLIP's position ids)
 
 
-def safetensors_bytes(files: list[Path], dtype: torch.dtype) -> int:
-    """Bytes the tensors in these files take once loaded with floating tensors cast to `dtype`, read from the
-    files' headers alone (a few KB each), so room can be made before anything is loaded; plus a little for
-    buffers that are made, not loaded, so that the estimate is never short."""
+def safetensors_bytes(files: list[Path], dtype: torch.dtype, prefixes: tuple[str, ...] = ("",)) -> int:
+    """Bytes the tensors in these files (those named with one of `prefixes`) take once loaded with floating
+    tensors cast to `dtype`, read from the files' headers alone (a few KB each), so room can be made before
+    anything is loaded; plus a little for buffers that are made, not loaded, so that the estimate is never short."""
     target = torch.finfo(dtype).bits // 8
     total = UNSAVED_BUFFERS_SLACK if files else 0
     for path in files:
@@ -230,7 +308,7 @@ def safetensors_bytes(files: list[Path], dtype: torch.dtype) -> int:
             (length,) = struct.unpack("<Q", file.read(8))
             header = json.loads(file.read(length))
         for name, info in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or not name.startswith(prefixes):
                 continue
             count = 1
             for dim in info["shape"]:
@@ -268,15 +346,15 @@ class DiffusersModels:
     def keys(self, preset, task: str) -> dict[str, ModelKey]:
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}; expected one of {TASKS}.")
-        keys = {role: ModelKey(KIND, preset.source, role) for role in _ROLES[architecture(preset)]}
+        keys = {role: component_key(preset.source, role, preset.config_source) for role in _ROLES[architecture(preset)]}
         if task == "inpaint" and preset.inpaint_source:
             # A dedicated 9-channel inpainting UNet; text encoders, VAE and tokenizers stay the base's.
-            keys["unet"] = ModelKey(KIND, preset.inpaint_source, "unet")
+            keys["unet"] = component_key(preset.inpaint_source, "unet", preset.config_source)
         for role, source in preset.components.items():  # e.g. a VAE from another repo
             keys[role] = standalone_key(role, source)
         if self.needs_safety_checker(preset):
             if preset.safety_checker:
-                keys.update({role: ModelKey(KIND, preset.source, role) for role in SAFETY_ROLES})
+                keys.update({role: ModelKey(KIND, preset.config_source, role) for role in SAFETY_ROLES})
             else:
                 keys.update({role: standalone_key(role, self.safety_checker_source) for role in SAFETY_ROLES})
         return keys
@@ -296,9 +374,8 @@ class DiffusersModels:
         with self._lock:
             if key in self._scale_factors:
                 return self._scale_factors[key]
-        role, subfolder = _split_part(key.part)
-        local = os.path.isdir(key.source)
-        config = AutoencoderKL.load_config(key.source, subfolder=subfolder, local_files_only=not local)
+        source, subfolder = config_location(key)
+        config = AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=not os.path.isdir(source))
         factor = 2 ** (len(config["block_out_channels"]) - 1)
         with self._lock:
             self._scale_factors[key] = factor
@@ -308,18 +385,24 @@ class DiffusersModels:
         """What to fetch from the Hub for (preset, task), one request per source (folders need nothing)."""
         subfolders: dict[str, list[str]] = {}
         standalone: dict[str, list[str]] = {}
+        configs_only: dict[str, list[str]] = {}
         for key in self.keys(preset, task).values():
+            if key.kind == CHECKPOINT_KIND:  # the weights are in the file: only the component's config is fetched
+                config_source, subfolder = config_location(key)
+                configs_only.setdefault(config_source, []).append(subfolder)
+                continue
             role, subfolder = _split_part(key.part)
             (subfolders if subfolder else standalone).setdefault(key.source, []).append(subfolder or role)
         variant = self.variant_for([preset])
         requests = []
-        for source in dict.fromkeys([*subfolders, *standalone]):
+        for source in dict.fromkeys([*subfolders, *standalone, *configs_only]):
             if os.path.isdir(source):
                 continue
             patterns = list(diffusers_patterns(subfolders[source], variant(source, dtype))) if source in subfolders else []
             for role in standalone.get(source, []):  # a model of its own: its files sit at the repo's root
                 patterns += ["preprocessor_config.json"] if role in WEIGHTLESS else root_weight_patterns(
                     variant(source, dtype))
+            patterns += ["model_index.json"] + [f"{subfolder}/config.json" for subfolder in configs_only.get(source, [])]
             requests.append(DownloadRequest(source, tuple(dict.fromkeys(patterns)), label=f"Preset {preset.label!r}"))
         return requests
 
@@ -359,12 +442,14 @@ class DiffusersModels:
     # ----- model hash for PNG metadata (A1111's "Model hash": sha256 of the weights, first 10 hex) -----
 
     def model_hash(self, preset, task: str = "text2img") -> str | None:
-        """The hash of the UNet this task really runs (a dedicated inpainting checkpoint's own, as A1111 does)."""
+        """The hash of the weights this task really runs (a dedicated inpainting checkpoint's own, as A1111 does):
+        for a single-file checkpoint the file's, A1111's own short hash; for a diffusers repo or folder its UNet
+        file's."""
         source = preset.inpaint_source if task == "inpaint" and preset.inpaint_source else preset.source
         with self._lock:
             if source in self._hashes:
                 return self._hashes[source]
-        path = self._unet_weights_path(preset, source)
+        path = source if os.path.isfile(source) else self._unet_weights_path(preset, source)
         if path is None:
             return None
         # In the Hub cache, an LFS blob's file name is its sha256: no need to read gigabytes.
@@ -377,8 +462,7 @@ class DiffusersModels:
     def text_encoder_layers(self, preset) -> int | None:
         """How many layers the preset's (first) text encoder has, from its config file where it can be read
         without a download (a local folder, or the Hub cache); None otherwise."""
-        found = file_without_download(self.keys(preset, "text2img")["text_encoder"].source, "text_encoder",
-                                      "config.json")
+        found = file_without_download(*config_location(self.keys(preset, "text2img")["text_encoder"]), "config.json")
         return json.loads(Path(found).read_text()).get("num_hidden_layers") if found else None
 
     def _unet_weights_path(self, preset, source: str) -> str | None:
@@ -391,14 +475,14 @@ class DiffusersModels:
         return file_without_download(source, "unet", filename)
 
 
-def file_without_download(source: str, subfolder: str, filename: str) -> str | None:
+def file_without_download(source: str, subfolder: str | None, filename: str) -> str | None:
     """The local path of a model file, in a folder or in the Hub cache; None when it would need a download."""
     if os.path.isdir(source):
-        path = Path(source) / subfolder / filename
+        path = Path(source) / (subfolder or "") / filename
         return str(path) if path.exists() else None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(source, filename, subfolder=subfolder)
+    found = try_to_load_from_cache(source, filename, subfolder=subfolder or None)
     return found if isinstance(found, str) else None
 
 

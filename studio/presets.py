@@ -12,6 +12,13 @@ from .errors import InvalidRequest, UnknownPreset
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 FAMILIES = ("sd15", "sd21", "sdxl")
+# The diffusers repo whose configs (and tokenizer, scheduler) describe a single-file checkpoint of each family,
+# as diffusers' from_single_file picks them: a config is a few kilobytes, the weights come from the file.
+CHECKPOINT_CONFIGS = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
 
 
 @dataclass(frozen=True)
@@ -24,8 +31,11 @@ class ModelPreset:
     description: str
     repo: str | None = None  # Hugging Face Hub repo id ...
     local: Path | None = None  # ... or a diffusers folder on disk
+    checkpoint: Path | None = None  # ... or a single-file checkpoint (.safetensors), as AUTOMATIC1111 loads them
+    config: str | None = None  # a checkpoint's configs: a diffusers repo id or folder (default: its family's base)
     inpaint_repo: str | None = None  # a dedicated 9-channel inpainting checkpoint
     inpaint_local: Path | None = None
+    inpaint_checkpoint: Path | None = None  # ... as a single file (its configs: `config`, with 9 input channels)
     variant: str | None = None  # e.g. "fp16": the file variant to load on GPUs
     inpaint_variant: str | None = None  # some inpainting repos ship only fp16 safetensors
     inpaint_strength: float = 1.0  # the denoising strength the inpainting checkpoint is meant to run at
@@ -50,18 +60,31 @@ class ModelPreset:
 
     @property
     def source(self) -> str:
-        """What `from_pretrained` is given: the Hub repo id or the local folder."""
+        """Where the weights are: the Hub repo id, the local folder or the checkpoint file."""
+        if self.checkpoint is not None:
+            return str(self.checkpoint)
         return str(self.local) if self.local is not None else str(self.repo)
 
     @property
     def inpaint_source(self) -> str | None:
+        if self.inpaint_checkpoint is not None:
+            return str(self.inpaint_checkpoint)
         if self.inpaint_local is not None:
             return str(self.inpaint_local)
         return self.inpaint_repo
 
     @property
+    def config_source(self) -> str:
+        """The diffusers repo or folder with the model's configs, tokenizer and scheduler (for a folder or repo:
+        itself)."""
+        if self.checkpoint is None:
+            return self.source
+        return self.config or CHECKPOINT_CONFIGS[self.family]
+
+    @property
     def is_local(self) -> bool:
-        return self.local is not None
+        """Runs without the Hub: a folder, or a checkpoint file whose configs are a folder."""
+        return self.local is not None or (self.checkpoint is not None and Path(self.config_source).is_dir())
 
 
 @dataclass(frozen=True)
@@ -134,14 +157,23 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Model
     unknown = set(entry) - _PRESET_FIELDS
     if unknown:
         raise ValueError(f"Preset {name!r}: unknown field(s) {sorted(unknown)}.")
-    if ("repo" in entry) == ("local" in entry):
-        raise ValueError(f"Preset {name!r}: give exactly one of 'repo' (Hub id) or 'local' (folder).")
+    if sum(key in entry for key in ("repo", "local", "checkpoint")) != 1:
+        raise ValueError(f"Preset {name!r}: give exactly one of 'repo' (Hub id), 'local' (folder) or 'checkpoint' "
+                         "(a .safetensors file).")
+    if sum(key in entry for key in ("inpaint_repo", "inpaint_local", "inpaint_checkpoint")) > 1:
+        raise ValueError(f"Preset {name!r}: give at most one of 'inpaint_repo', 'inpaint_local', 'inpaint_checkpoint'.")
+    for key in ("checkpoint", "inpaint_checkpoint"):
+        if key in entry and not str(entry[key]).endswith(".safetensors"):
+            raise ValueError(f"Preset {name!r}: {key} must be a .safetensors file (a .ckpt can run code when it "
+                             "is loaded; convert it first).")
     if entry.get("family") not in FAMILIES:
         raise ValueError(f"Preset {name!r}: family must be one of {FAMILIES}, not {entry.get('family')!r}.")
     values = dict(entry)
-    for key in ("local", "inpaint_local"):
+    for key in ("local", "inpaint_local", "checkpoint", "inpaint_checkpoint"):
         if values.get(key) is not None:
             values[key] = (base_dir / values[key]).resolve()
+    if str(values.get("config", "")).startswith((".", "/")):  # a folder beside the presets file, else a Hub id
+        values["config"] = str((base_dir / values["config"]).resolve())
     # A component source written as a relative path is a folder beside the presets file; otherwise a Hub repo id.
     values["components"] = {role: str((base_dir / source).resolve()) if source.startswith((".", "/")) else source
                             for role, source in (values.get("components") or {}).items()}

@@ -12,7 +12,7 @@ import torch
 from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
 from studio.memory import ModelManager
-from studio.pipelines import DiffusersLoader, DiffusersModels, DiffusionStages
+from studio.pipelines import DiffusersModels, DiffusionStages, diffusers_loaders
 from studio.presets import load_presets, load_styles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ def models():
 
 @pytest.fixture(scope="session")
 def manager(models):
-    loaders = {"diffusers": DiffusersLoader(models.variant_for(load_presets()))}
+    loaders = diffusers_loaders(models.variant_for(load_presets()))
     return ModelManager(loaders, torch.device("cpu"), torch.float32, device_budget=4 * 1024**3)
 
 

@@ -229,7 +229,8 @@ def test_ensure_offline_and_uncached_says_what_to_do(tmp_path):
             hub.ensure(request)
         message = str(raised.value)
         assert "Fancy XL" in message and repo_id in message
-        assert f"hf download {repo_id}" in message and "embedded preset" in message
+        assert f"hf download {repo_id} --include model_index.json unet/config.json" in message  # its files only
+        assert "embedded preset" in message
 
 
 def test_ensure_offline_and_cached_returns_the_snapshot_without_network(cache, monkeypatch):

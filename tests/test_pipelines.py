@@ -18,6 +18,7 @@ from studio.pipelines import (
     DiffusersModels,
     DiffusionStages,
     safetensors_bytes,
+    diffusers_loaders,
     standalone_key,
     weight_files,
 )
@@ -44,7 +45,7 @@ def sdxl_preset(folder, **changes):
 def engine_for(*presets, budget=4 * 1024**3, models=None):
     models = models or DiffusersModels(torch.device("cpu"))
     catalog = PresetCatalog(list(presets), presets[0].name)
-    manager = ModelManager({"diffusers": DiffusersLoader(models.variant_for(catalog))}, "cpu", torch.float32, budget)
+    manager = ModelManager(diffusers_loaders(models.variant_for(catalog)), "cpu", torch.float32, budget)
     return TextToImage(DiffusionStages(manager, models), catalog, load_styles(), RequestLimits(), version="test")
 
 

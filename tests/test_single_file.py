@@ -1,0 +1,144 @@
+"""Presets that are single-file checkpoints, as AUTOMATIC1111 users keep their models: the embedded model written
+as one original-layout .safetensors (and its inpainting UNet as another), loaded through diffusers' single-file
+conversion component by component, generating the same pixels as the diffusers folder, with A1111's model hash."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+from ldm_checkpoint import write_single_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from app import local_engines
+from studio.errors import ModelUnavailable
+from studio.generation import TextToImageRequest, request_from_parameters
+from studio.inpainting import InpaintRequest
+from studio.metadata import parse_parameters
+from studio.pipelines import DiffusersModels, diffusers_loaders
+from studio.presets import load_presets
+
+EMBEDDED = ROOT / "models" / "embedded-sd"
+SETTINGS = dict(description="the embedded model as one file", family="sd15", default_steps=8, default_guidance=3.0,
+                default_width=64, default_height=64, min_size=32, max_size=128, default_scheduler="Euler")
+
+
+def sha10(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single-file")
+    base = write_single_file(EMBEDDED, root / "embedded_shapes.safetensors")
+    inpaint = write_single_file(EMBEDDED, root / "embedded_shapes-inpainting.safetensors",
+                                unet_folder=ROOT / "models" / "embedded-sd-inpainting" / "unet")
+    # the same file with its UNet's output bias moved: proof that the weights come from the file, not the configs
+    tensors = load_file(base)
+    tensors["model.diffusion_model.out.2.bias"] = tensors["model.diffusion_model.out.2.bias"] + 0.5
+    changed = root / "changed.safetensors"
+    save_file(tensors, str(changed))
+    presets = {"default": "embedded", "presets": {
+        "embedded": {"label": "Embedded (folder)", "local": str(EMBEDDED),
+                     "inpaint_local": str(ROOT / "models" / "embedded-sd-inpainting"), **SETTINGS},
+        "shapes-one-file": {"label": "Embedded (one file)", "checkpoint": base.name, "config": str(EMBEDDED),
+                            "inpaint_checkpoint": inpaint.name, **SETTINGS},
+        "changed": {"label": "Changed", "checkpoint": changed.name, "config": str(EMBEDDED), **SETTINGS},
+        "hub-configs": {"label": "Configs from the Hub", "checkpoint": changed.name, **SETTINGS},
+    }}
+    (root / "models.yaml").write_text(yaml.safe_dump(presets))
+    return root
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoints):
+    return local_engines(load_presets(checkpoints / "models.yaml"))
+
+
+def generate(engine, preset, **overrides):
+    request = TextToImageRequest(**(dict(prompt="a large red star on a blue background", preset=preset, steps=8,
+                                         guidance_scale=3.0, seed=11) | overrides))
+    return engine.generate(request).images[0]
+
+
+def test_a_checkpoint_file_gives_the_pixels_of_the_same_weights_as_a_folder(engines):
+    text_to_image, _ = engines
+    from_folder = generate(text_to_image, "embedded")
+    from_file = generate(text_to_image, "shapes-one-file")
+    assert np.array_equal(np.asarray(from_file.image), np.asarray(from_folder.image))
+    changed = generate(text_to_image, "changed")
+    assert not np.array_equal(np.asarray(changed.image), np.asarray(from_folder.image))
+
+
+def test_the_model_hash_is_a1111s_short_sha256_of_the_file_that_ran(engines, checkpoints):
+    text_to_image, inpainter = engines
+    params = parse_parameters(generate(text_to_image, "shapes-one-file").parameters)
+    assert params.model_hash == sha10(checkpoints / "embedded_shapes.safetensors")
+    image = Image.new("RGB", (64, 64), "blue")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    request = InpaintRequest(prompt="a large red circle on a blue background", preset="shapes-one-file", steps=8,
+                             guidance_scale=3.0, seed=5)
+    inpainted = inpainter.inpaint(image, mask, request).images[0]
+    assert parse_parameters(inpainted.parameters).model_hash == sha10(
+        checkpoints / "embedded_shapes-inpainting.safetensors")
+    # and the 9-channel UNet from the file paints like the inpainting folder's
+    from_folder = inpainter.inpaint(image, mask, InpaintRequest(**{**request.__dict__, "preset": "embedded"}))
+    assert np.array_equal(np.asarray(inpainted.image), np.asarray(from_folder.images[0].image))
+
+
+def test_a1111s_model_name_is_the_checkpoint_stem_and_reads_back_to_the_preset(engines):
+    text_to_image, _ = engines
+    made = generate(text_to_image, "shapes-one-file")
+    assert "Model: embedded_shapes," in made.parameters
+    for model in ("Embedded_Shapes", "embedded_shapes-inpainting", "shapes-one-file"):
+        text = made.parameters.replace("Model: embedded_shapes", f"Model: {model}")
+        filled, notes = request_from_parameters(text, text_to_image.presets,
+                                                TextToImageRequest(prompt="", preset="embedded"))
+        assert filled.preset == "shapes-one-file" and not notes, model
+
+
+def test_configs_from_the_hub_are_fetched_without_weights(checkpoints):
+    preset = load_presets(checkpoints / "models.yaml").get("hub-configs")
+    assert preset.config_source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    requests = DiffusersModels(torch.device("cpu")).download_requests(preset, "text2img", torch.float32)
+    assert [r.source for r in requests] == ["stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    patterns = requests[0].allow_patterns
+    assert {"model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"} <= set(patterns)
+    assert not [p for p in patterns if "safetensors" in p or p.endswith(".bin")], patterns
+
+
+def test_a_missing_checkpoint_file_is_reported_by_path(checkpoints, tmp_path):
+    presets = yaml.safe_load((checkpoints / "models.yaml").read_text())
+    presets["presets"]["gone"] = {"label": "Gone", "checkpoint": str(tmp_path / "gone.safetensors"),
+                                  "config": str(EMBEDDED), **SETTINGS}
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(presets))
+    catalog = load_presets(tmp_path / "models.yaml")
+    models = DiffusersModels(torch.device("cpu"))
+    loaders = diffusers_loaders()
+    key = models.keys(catalog.get("gone"), "text2img")["unet"]
+    with pytest.raises(ModelUnavailable, match="gone.safetensors does not exist"):
+        loaders[key.kind].size(key, torch.float32)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"checkpoint": "a.safetensors", "repo": "x/y"}, "exactly one of"),
+    ({"checkpoint": "a.ckpt"}, "must be a .safetensors file"),
+    ({"local": ".", "inpaint_checkpoint": "b.safetensors", "inpaint_repo": "x/y"}, "at most one of"),
+])
+def test_bad_checkpoint_presets_are_refused_when_the_file_is_read(tmp_path, entry, message):
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"default": "p", "presets": {"p": {
+        "label": "P", **SETTINGS, **entry}}}))
+    with pytest.raises(ValueError, match=message):
+        load_presets(tmp_path / "models.yaml")
+
+
+def test_offline_a_checkpoint_whose_configs_are_on_the_hub_fails_clearly(engines, monkeypatch):
+    text_to_image, _ = engines
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailable, match="Preset 'Configs from the Hub' is not downloaded yet"):
+        generate(text_to_image, "hub-configs")
+    assert generate(text_to_image, "shapes-one-file").image  # and the other presets keep working
