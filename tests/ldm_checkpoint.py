@@ -1,6 +1,7 @@
-"""Writes a diffusers Stable Diffusion 1.x folder as one original-layout (LDM / AUTOMATIC1111) checkpoint file,
-the kind `from_single_file` reads: the tests build single-file presets from the embedded model with it. Written
-for any number of levels and resnets per level (the embedded model has three levels of one resnet each)."""
+"""Writes a diffusers Stable Diffusion folder (1.x, 2.x or SDXL) as one original-layout (LDM / AUTOMATIC1111)
+checkpoint file, the kind `from_single_file` reads: the tests build single-file presets with it. Written for any
+number of levels and resnets per level (the embedded model has three levels of one resnet each), and for
+OpenCLIP text encoders (SD 2.x, SDXL's second) in OpenCLIP's own layout."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def unet_names(config: dict) -> dict[str, str]:
     names = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
              "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-             "mid_block.resnets.1.": "middle_block.2."}
+             "mid_block.resnets.1.": "middle_block.2.",
+             "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}  # SDXL
     for level in range(levels):
         for j in range(per_level):
             block = 1 + level * (per_level + 1) + j
@@ -96,18 +98,59 @@ def vae_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return result
 
 
-def text_encoder_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    # transformers 5 saves CLIPTextModel without its `text_model.` level; SD 1.x checkpoints have it
-    return {"cond_stage_model.transformer." + ("" if name.startswith("text_model.") else "text_model.") + name: tensor
-            for name, tensor in load_file(folder / "model.safetensors").items()}
+def text_encoder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The text encoder's tensors, named without the `text_model.` level (transformers 5 saves CLIPTextModel
+    without it, CLIPTextModelWithProjection with it)."""
+    return {name.removeprefix("text_model."): tensor for name, tensor in load_file(folder / "model.safetensors").items()}
 
 
-def write_single_file(pipeline_folder: Path, path: Path, unet_folder: Path | None = None) -> Path:
+def clip_state_dict(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """OpenAI CLIP as SD 1.x (and SDXL's first encoder) stores it: the transformers names under `prefix`."""
+    return {prefix + "text_model." + name: tensor for name, tensor in text_encoder_tensors(folder).items()}
+
+
+OPEN_CLIP_LAYER = {"layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.", "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj.",
+                   "self_attn.out_proj.": "attn.out_proj."}
+
+
+def open_clip_state_dict(folder: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """OpenCLIP as SD 2.x and SDXL's second encoder store it: resblocks with one in_proj for q, k and v, and the
+    projection as a matrix applied from the right."""
+    tensors = text_encoder_tensors(folder)
+    result = {prefix + "token_embedding.weight": tensors.pop("embeddings.token_embedding.weight"),
+              prefix + "positional_embedding": tensors.pop("embeddings.position_embedding.weight"),
+              prefix + "ln_final.weight": tensors.pop("final_layer_norm.weight"),
+              prefix + "ln_final.bias": tensors.pop("final_layer_norm.bias")}
+    if "text_projection.weight" in tensors:
+        result[prefix + "text_projection"] = tensors.pop("text_projection.weight").T.contiguous()
+    layers = {int(name.split(".")[2]) for name in tensors if name.startswith("encoder.layers.")}
+    for i in sorted(layers):
+        ours, theirs = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            result[f"{theirs}attn.in_proj_{kind}"] = torch.cat(
+                [tensors.pop(f"{ours}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")])
+        for name in [name for name in tensors if name.startswith(ours)]:
+            rest = name[len(ours):]
+            for diffusers_part, open_clip_part in OPEN_CLIP_LAYER.items():
+                rest = rest.replace(diffusers_part, open_clip_part)
+            result[theirs + rest] = tensors.pop(name)
+    tensors.pop("embeddings.position_ids", None)
+    assert not tensors, f"unconverted text encoder tensors: {sorted(tensors)}"
+    return result
+
+
+def write_single_file(pipeline_folder: Path, path: Path, unet_folder: Path | None = None, family: str = "sd15") -> Path:
     """One .safetensors file holding the UNet (from `unet_folder` if given, e.g. an inpainting UNet), the VAE
-    and the text encoder of a diffusers SD 1.x folder, in the original layout."""
+    and the text encoder(s) of a diffusers folder of `family` (sd15, sd21, sdxl), in the original layout."""
     pipeline_folder = Path(pipeline_folder)
+    if family == "sd15":
+        text = clip_state_dict(pipeline_folder / "text_encoder", "cond_stage_model.transformer.")
+    elif family == "sd21":
+        text = open_clip_state_dict(pipeline_folder / "text_encoder", "cond_stage_model.model.")
+    else:
+        text = {**clip_state_dict(pipeline_folder / "text_encoder", "conditioner.embedders.0.transformer."),
+                **open_clip_state_dict(pipeline_folder / "text_encoder_2", "conditioner.embedders.1.model.")}
     tensors = {**unet_state_dict(Path(unet_folder or pipeline_folder / "unet")),
-               **vae_state_dict(pipeline_folder / "vae"),
-               **text_encoder_state_dict(pipeline_folder / "text_encoder")}
+               **vae_state_dict(pipeline_folder / "vae"), **text}
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path))
     return Path(path)

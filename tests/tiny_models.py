@@ -26,30 +26,31 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
                          latent_channels=4, sample_size=128)
 
 
-def tiny_text_config(tokenizer, projection_dim: int) -> CLIPTextConfig:
+def tiny_text_config(tokenizer, projection_dim: int, hidden_size: int = 32) -> CLIPTextConfig:
     """diffusers' test text encoder (5 layers of 32, GELU), over the embedded model's tokenizer."""
-    return CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, hidden_size=32,
+    return CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          hidden_size=hidden_size,
                           intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
                           pad_token_id=tokenizer.pad_token_id or 0, vocab_size=len(tokenizer), hidden_act="gelu",
                           projection_dim=projection_dim, max_position_embeddings=tokenizer.model_max_length)
 
 
 def save_tiny_sdxl(folder: Path) -> Path:
-    """A 64 px SDXL pipeline (two text encoders, pooled embeddings, time ids) saved as a diffusers folder."""
+    """A 64 px SDXL pipeline (two text encoders of different widths, as SDXL's are, pooled embeddings, time ids)
+    saved as a diffusers folder."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64,
+        cross_attention_dim=80,  # both encoders' hidden states side by side; pooled 32 + 6 time ids x 8 = 80
     )
     tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED, subfolder="tokenizer")
-    config = tiny_text_config(tokenizer, projection_dim=32)
     torch.manual_seed(1)
-    text_encoder = CLIPTextModel(config)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, projection_dim=32))
     torch.manual_seed(2)
-    text_encoder_2 = CLIPTextModelWithProjection(config)
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer, projection_dim=32, hidden_size=48))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
     pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
