@@ -187,6 +187,7 @@ class SamplingPlan:
     parameters_extra: dict[str, Any] = field(default_factory=dict)  # A1111 fields the task adds
     steps_per_image: int = 0  # denoising steps actually run per image (steps × strength for img2img)
     warnings: list[str] = field(default_factory=list)
+    model_hash: str | None = None  # read with the model files, before the device work (hashing a file takes time)
 
     def __post_init__(self):
         self.steps_per_image = self.steps_per_image or self.steps
@@ -266,6 +267,9 @@ class SamplingEngine:
                 protected.enter_context(self.downloads.in_use(request.source))
             for request in requests:
                 self.downloads.ensure(request, on_progress)
+            # here, not in the device work: a checkpoint file's sha256 reads gigabytes, which must not take GPU time
+            # (nor be lost with ZeroGPU's worker process)
+            plan.model_hash = self.models.model_hash(plan.preset, plan.task)
             yield
 
     def run(self, plan: SamplingPlan, job: JobControl | None = None) -> GenerationResult:
@@ -333,8 +337,7 @@ class SamplingEngine:
         return format_parameters(
             plan.prompt, plan.negative_prompt, steps=plan.steps, scheduler=plan.scheduler,
             guidance_scale=plan.guidance_scale, seed=seed, width=plan.size[0], height=plan.size[1],
-            model=model_name(plan.preset, plan.task), model_hash=self.models.model_hash(plan.preset, plan.task),
-            version=self.version,
+            model=model_name(plan.preset, plan.task), model_hash=plan.model_hash, version=self.version,
             extra={**({"Clip skip": plan.clip_skip} if plan.clip_skip > 1 else {}), **plan.parameters_extra,
                    **(extra or {})} or None,
         )

@@ -15,6 +15,7 @@ import app
 from components.running import JobRunner
 from studio.generation import TextToImageRequest
 from studio.jobs import JobBoard
+from studio.metadata import parse_parameters
 
 
 class ForkingGpu:
@@ -95,7 +96,8 @@ def test_results_come_back_from_the_forked_worker_and_nothing_loads_there(zerogp
     studio, runner, on_device, fake = zerogpu
     plan = studio.text_to_image.plan(request(batch_size=2))
     job = runner.board.open("visitor", "text-to-image")
-    result = on_device(plan, job.slot)
+    with studio.text_to_image.model_files(plan):  # as the app runs it: model files (and hash) first, in this process
+        result = on_device(plan, job.slot)
     runner.board.close(job)
     assert fake.workers and fake.workers[0].pid != multiprocessing.current_process().pid
     assert result.seeds == [21, 22] and result.images[0].image.size == (64, 64)
@@ -105,6 +107,9 @@ def test_results_come_back_from_the_forked_worker_and_nothing_loads_there(zerogp
     difference = np.abs(np.asarray(result.images[1].image, dtype=int) - np.asarray(here.images[1].image, dtype=int))
     assert difference.max() <= 2, difference.max()
     assert "Seed: 22" in result.images[1].image.info["parameters"]
+    # the model hash, read in this process before the device work, crossed into the worker with the plan
+    assert parse_parameters(result.images[1].parameters).model_hash == parse_parameters(here.images[1].parameters).model_hash
+    assert plan.model_hash and len(plan.model_hash) == 10
     assert fake.observed[-1] == 0  # no model was loaded inside the worker
     assert studio.manager.loading_allowed  # the main process's manager is untouched
 
