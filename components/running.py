@@ -107,7 +107,7 @@ class JobRunner:
             raise user_error(error, error_title) from None
         # The model files are fetched first, and stay protected from the cache budget until the job is done.
         try:
-            with engine.model_files(plan, throttled(progress, "Downloading")):
+            with engine.model_files(plan, throttled(progress, "")):
                 job = self.board.open(session, tab)
                 try:
                     result = follow_progress(lambda: device_function(plan, job.slot), job, progress)

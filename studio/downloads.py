@@ -135,8 +135,9 @@ def offline_error(request: DownloadRequest) -> ModelUnavailable:
 
 def download_command(request: DownloadRequest) -> str:
     """The `hf download` line that fetches exactly the request's files (the whole repo can be tens of GB)."""
-    patterns = " ".join(shlex.quote(pattern) for pattern in request.allow_patterns)
-    return f"hf download {request.source}" + (f" --include {patterns}" if patterns else "")
+    # one --include per pattern: `hf download` takes the words after the first as file names
+    return " ".join([f"hf download {request.source}",
+                     *(f"--include {shlex.quote(pattern)}" for pattern in request.allow_patterns)])
 
 
 def unavailable_error(request: DownloadRequest, error: Exception) -> ModelUnavailable:

