@@ -323,7 +323,7 @@ def safetensors_bytes(files: list[Path], dtype: torch.dtype, prefixes: tuple[str
     total = UNSAVED_BUFFERS_SLACK if files else 0
     for path in files:
         for name, info in safetensors_header(path).items():
-            if name == "__metadata__" or not name.startswith(prefixes):
+            if not name.startswith(prefixes):
                 continue
             count = 1
             for dim in info["shape"]:
