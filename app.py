@@ -164,9 +164,11 @@ def preload_preset(manager, models, downloads, preset, pin: bool) -> bool:
     nothing may load in a worker); elsewhere the models are only warmed, and evicted like any other."""
     try:
         for task in ("text2img", "inpaint"):
+            models.check_checkpoint_files(preset, task)
             for request in models.download_requests(preset, task, manager.dtype):
                 downloads.ensure(request)
             manager.preload(models.keys(preset, task), pin=pin)
+            models.model_hash(preset, task)  # a checkpoint file's sha256 is read now, not by the first visitor
     except StudioError as error:  # one preset that cannot load must not stop the server
         log.warning("could not preload %s: %s", preset.name, str(error).splitlines()[0])
         return False

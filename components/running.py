@@ -160,13 +160,14 @@ def follow_progress(work: Callable, job, progress: gr.Progress):
 
 def throttled(progress: gr.Progress, description: str):
     """An on_progress(done, total, text) callback: a few updates per second keep the page smooth."""
-    last_update = 0.0
+    last_update, last_text = 0.0, ""
 
     def on_progress(done: int, total: int, text: str) -> None:
-        nonlocal last_update
+        nonlocal last_update, last_text
         now = time.monotonic()
-        if now - last_update >= PROGRESS_INTERVAL_S or done == total:
-            last_update = now
+        # a new kind of work (e.g. hashing after downloading) is always shown
+        if now - last_update >= PROGRESS_INTERVAL_S or done == total or text != last_text:
+            last_update, last_text = now, text
             progress((done, total), desc=f"{description} {text}".strip())
 
     return on_progress

@@ -129,8 +129,9 @@ def hub_offline_by_env() -> bool:
 def offline_error(request: DownloadRequest) -> ModelUnavailable:
     return ModelUnavailable(
         f"{request.label} is not downloaded yet and the Hugging Face Hub cannot be reached (repo {request.source}). "
-        f"Connect to the internet and try again, pre-download it with `{download_command(request)}` "
-        "(huggingface-cli in older huggingface_hub), or pick the embedded preset, which works offline.")
+        f"Connect to the internet and try again, pre-download it with `{download_command(request)}` (an older "
+        "huggingface-cli takes one --include followed by all the patterns), or pick the embedded preset, which "
+        "works offline.")
 
 
 def download_command(request: DownloadRequest) -> str:

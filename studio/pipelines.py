@@ -344,10 +344,15 @@ def safetensors_header(path: Path | str) -> dict[str, Any]:
             header = json.loads(file.read(length))
             if not isinstance(header, dict):
                 raise ValueError("no tensor table")
-        except ValueError:
+            tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+            expected = 8 + length + max((info["data_offsets"][1] for info in tensors.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
             raise ModelUnavailable(f"{path} is not a .safetensors file ({size:,} bytes): an incomplete download, "
                                    "or a git-lfs pointer? Fetch it again.") from None
-    return {name: info for name, info in header.items() if name != "__metadata__"}
+    if size < expected:
+        raise ModelUnavailable(f"{path} is cut off: {size:,} of its {expected:,} bytes are there (an interrupted "
+                               "download or copy?). Fetch it again.")
+    return tensors
 
 
 def checkpoint_family(header: dict[str, Any]) -> str | None:
@@ -447,10 +452,14 @@ class DiffusersModels:
                 patterns += ["preprocessor_config.json"] if role in WEIGHTLESS else root_weight_patterns(
                     variant(source, dtype))
             label = f"Preset {preset.label!r}"
-            if source in configs_only:  # a checkpoint's configs: the weights are in its file
+            if source in configs_only:  # a checkpoint's configs: the weights are in its file(s)
                 patterns += ["model_index.json", *(f"{subfolder}/config.json" for subfolder in configs_only[source])]
-                label = (f"Preset {preset.label!r} (its configs: tokenizer, scheduler, config.json; the weights are "
-                         f"in {Path(preset.source).name})")
+                weighted = [name for name in subfolders.get(source, []) if name not in WEIGHTLESS]
+                if not weighted and source not in standalone:
+                    files = ", ".join(dict.fromkeys(Path(key.source).name for key in self.keys(preset, task).values()
+                                                    if key.kind == CHECKPOINT_KIND and key.config == source))
+                    label = (f"Preset {preset.label!r} (its configs: tokenizer, scheduler, config.json; the weights "
+                             f"are in {files})")
             requests.append(DownloadRequest(source, tuple(dict.fromkeys(patterns)), label=label))
         return requests
 
@@ -521,7 +530,13 @@ class DiffusersModels:
             if not path.is_file():
                 raise ModelUnavailable(f"Preset {preset.label!r}: its {field_name} file {path} does not exist. Check "
                                        "the path in the presets file (a relative path is relative to that file).")
-            found = checkpoint_family(safetensors_header(path))
+            try:
+                found = checkpoint_family(safetensors_header(path))
+            except OSError as error:  # e.g. no permission to read it
+                raise ModelUnavailable(f"Preset {preset.label!r}: its {field_name} file {path} cannot be read "
+                                       f"({one_line(error)}).") from None
+            except ModelUnavailable as error:
+                raise ModelUnavailable(f"Preset {preset.label!r}: {error}") from None
             if found is not None and found != preset.family:
                 raise ModelUnavailable(f"Preset {preset.label!r}: {path.name} looks like a {FAMILY_NAMES[found]} "
                                        f"checkpoint, but the preset says family {preset.family} "

@@ -180,8 +180,9 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Model
     for key in ("local", "inpaint_local", "checkpoint", "inpaint_checkpoint"):
         if values.get(key) is not None:
             values[key] = (base_dir / Path(values[key]).expanduser()).resolve()
-    if str(values.get("config", "")).startswith((".", "/", "~")):  # a folder beside the presets file, else a Hub id
-        values["config"] = str((base_dir / Path(values["config"]).expanduser()).resolve())
+    config = values.get("config")
+    if config is not None and (str(config).startswith((".", "/", "~")) or (base_dir / config).is_dir()):
+        values["config"] = str((base_dir / Path(config).expanduser()).resolve())  # a folder; otherwise a Hub id
     # A component source written as a relative path is a folder beside the presets file; otherwise a Hub repo id.
     values["components"] = {role: str((base_dir / source).resolve()) if source.startswith((".", "/")) else source
                             for role, source in (values.get("components") or {}).items()}

