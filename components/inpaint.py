@@ -133,7 +133,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                                             label="Scheduler", allow_custom_value=True)
                     steps = gr.Slider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")
                 with gr.Row():
-                    guidance_scale = gr.Slider(0, limits.max_guidance, value=default.default_guidance, step=0.5,
+                    guidance_scale = gr.Slider(0, limits.max_guidance, value=default.inpaint_default_guidance, step=0.5,
                                                label="CFG scale")
                     strength = gr.Slider(0.01, 1, value=default_strength(INPAINT, default), step=0.01,
                                          label="Denoising strength")
@@ -269,7 +269,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     def preset_updates(name, chosen_mode=INPAINT):
         chosen = chosen_preset(engine.presets, name)
-        return (*sampling_updates(chosen, limits), gr.Slider(value=default_strength(chosen_mode, chosen)),
+        return (*sampling_updates(chosen, limits, guidance=chosen.inpaint_default_guidance),
+                gr.Slider(value=default_strength(chosen_mode, chosen)),
                 gr.Slider(value=chosen.default_clip_skip))
 
     # Queued (gradio shows an error toast only for queued events) but outside the GPU's concurrency group: it

@@ -49,6 +49,7 @@ class ModelPreset:
     default_steps: int = 25
     max_steps: int = 100
     default_guidance: float = 7.0
+    inpaint_guidance: float | None = None  # the CFG the Inpaint tab starts at, where it differs (None: the same)
     default_width: int = 512
     default_height: int = 512
     min_size: int = 256
@@ -82,6 +83,10 @@ class ModelPreset:
         if self.checkpoint is None:
             return self.source
         return self.config or CHECKPOINT_CONFIGS[self.family]
+
+    @property
+    def inpaint_default_guidance(self) -> float:
+        return self.default_guidance if self.inpaint_guidance is None else self.inpaint_guidance
 
     @property
     def is_local(self) -> bool:

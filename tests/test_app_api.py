@@ -39,6 +39,13 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
     assert parameters("/inpaint") == ["image", "mask", *INPAINT]
     assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area", "padding"))]
 
+    def default(endpoint, name):
+        return next(p["parameter_default"] for p in api["named_endpoints"][endpoint]["parameters"]
+                    if p["parameter_name"] == name)
+
+    # the embedded preset's CFG: 3 for text to image, 1.5 in the Inpaint tab (fewer tinted strokes)
+    assert (default("/text_to_image", "guidance_scale"), default("/inpaint", "guidance_scale")) == (3.0, 1.5)
+
 
 def test_text_to_image_returns_pngs_with_parameters_and_seeds(client):
     gallery, seeds, info = text_to_image(client, seed=1000, batch_size=2, width=96, height=64)

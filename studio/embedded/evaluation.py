@@ -49,6 +49,7 @@ def embedded_defaults() -> dict:
     return dict(
         steps=preset.default_steps,
         guidance_scale=preset.default_guidance,
+        inpaint_guidance_scale=preset.inpaint_default_guidance,  # what the Inpaint tab starts at
         scheduler=preset.default_scheduler,
         size=preset.default_width,
     )
@@ -150,7 +151,7 @@ def evaluate_inpaint(models_dir: Path, count: int) -> dict:
         raw = pipe(
             f"a {target.size} {target.colour} {target.shape} on a {before.background} background",
             image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
-            guidance_scale=defaults["guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
+            guidance_scale=defaults["inpaint_guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
             generator=torch.Generator("cpu").manual_seed(EVAL_SEED + index),
         ).images[0]
         result = pipe.image_processor.apply_overlay(mask_image, init, raw)  # paste the unmasked pixels back
@@ -269,7 +270,7 @@ def evaluate_cutting_masks(models_dir: Path, count: int, samples: list | None = 
         pipe.scheduler = make_scheduler(defaults["scheduler"], pipe.scheduler.config)
         raw = pipe(
             plain_caption(scene), image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
-            guidance_scale=defaults["guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
+            guidance_scale=defaults["inpaint_guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
             generator=torch.Generator("cpu").manual_seed(seed + index),
         ).images[0]
         result = studio_paste_back(raw, init, mask)
