@@ -107,7 +107,7 @@ class JobRunner:
             raise user_error(error, error_title) from None
         # The model files are fetched first, and stay protected from the cache budget until the job is done.
         try:
-            with engine.model_files(plan, throttled(progress, "")):
+            with engine.model_files(plan, throttled(progress)):
                 job = self.board.open(session, tab)
                 try:
                     result = follow_progress(lambda: device_function(plan, job.slot), job, progress)
@@ -158,7 +158,7 @@ def follow_progress(work: Callable, job, progress: gr.Progress):
     return outcome["result"]
 
 
-def throttled(progress: gr.Progress, description: str):
+def throttled(progress: gr.Progress):
     """An on_progress(done, total, text) callback: a few updates per second keep the page smooth."""
     last_update, last_text = 0.0, ""
 
@@ -168,7 +168,7 @@ def throttled(progress: gr.Progress, description: str):
         # a new kind of work (e.g. hashing after downloading) is always shown
         if now - last_update >= PROGRESS_INTERVAL_S or done == total or text != last_text:
             last_update, last_text = now, text
-            progress((done, total), desc=f"{description} {text}".strip())
+            progress((done, total), desc=text)
 
     return on_progress
 

@@ -435,10 +435,12 @@ class DiffusersModels:
         subfolders: dict[str, list[str]] = {}
         standalone: dict[str, list[str]] = {}
         configs_only: dict[str, list[str]] = {}
+        checkpoint_files: dict[str, list[str]] = {}  # configs source -> the files whose weights it describes
         for key in self.keys(preset, task).values():
             if key.kind == CHECKPOINT_KIND:  # the weights are in the file: only the component's config is fetched
                 config_source, subfolder = config_location(key)
                 configs_only.setdefault(config_source, []).append(subfolder)
+                checkpoint_files.setdefault(config_source, []).append(Path(key.source).name)
                 continue
             role, subfolder = _split_part(key.part)
             (subfolders if subfolder else standalone).setdefault(key.source, []).append(subfolder or role)
@@ -456,8 +458,7 @@ class DiffusersModels:
                 patterns += ["model_index.json", *(f"{subfolder}/config.json" for subfolder in configs_only[source])]
                 weighted = [name for name in subfolders.get(source, []) if name not in WEIGHTLESS]
                 if not weighted and source not in standalone:
-                    files = ", ".join(dict.fromkeys(Path(key.source).name for key in self.keys(preset, task).values()
-                                                    if key.kind == CHECKPOINT_KIND and key.config == source))
+                    files = ", ".join(dict.fromkeys(checkpoint_files[source]))
                     label = (f"Preset {preset.label!r} (its configs: tokenizer, scheduler, config.json; the weights "
                              f"are in {files})")
             requests.append(DownloadRequest(source, tuple(dict.fromkeys(patterns)), label=label))
