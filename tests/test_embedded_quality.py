@@ -124,11 +124,11 @@ def test_the_coherence_check_passes_clean_shapes_and_fails_a_faded_half():
         assert not coherence(Image.fromarray(pixels.astype(np.uint8)), scene, mask)["coherent"]
 
 
-def test_inpainting_a_stroke_through_a_shape_gives_one_clean_shape_more_often_than_box_training_did():
-    """A regression guard, not the target: on these 30 cases the shipped UNet (trained on brush strokes) gives one
-    clean shape 22 times at the Inpaint tab's CFG 1.5 (20 at 3), the UNet trained on boxes only gave 6. The
-    issue's 85% is not met yet (README: 78% of 100)."""
+def test_inpainting_a_stroke_through_a_shape_gives_one_clean_shape():
+    """A regression guard on the first 30 of the README's 100 cases (90% there): the studio's inpainting gives one
+    clean shape 27 times. Before it kept the unmasked latents at every step it gave 22 (20 at CFG 3), and the UNet
+    trained on boxes only gave 6; the bar sits between, so losing the blending or the stroke training fails it."""
     from studio.embedded.evaluation import evaluate_cutting_masks
 
     result = evaluate_cutting_masks(MODELS, 30)
-    assert result["coherent"] >= 0.55, result
+    assert result["coherent"] >= 0.8, result

@@ -2,18 +2,23 @@
 
 import dataclasses
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from studio.embedded import oracle, scenes
 from studio.errors import InvalidRequest
-from studio.generation import RequestLimits, TextToImageRequest
+from studio.generation import RequestLimits, TextToImageRequest, inpaint_step_hooks
 from studio.images import blur_mask, open_image, prepare_mask
 from studio.inpainting import ONLY_MASKED, InpaintRequest, Inpainter, mask_tools_for
 from studio.metadata import parse_parameters
 from studio.presets import PresetCatalog, load_presets
+from studio.schedulers import make_scheduler
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
 def request(**overrides):
@@ -49,6 +54,48 @@ def test_pixels_outside_the_mask_are_unchanged(inpainter, area, size):
     assert keep.sum() > 0.3 * keep.size
     assert np.array_equal(out[keep], np.asarray(image)[keep])
     assert not np.array_equal(out[~keep], np.asarray(image)[~keep])  # and the masked part was repainted
+
+
+@pytest.fixture(scope="module")
+def inpaint_pipeline():
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(MODELS / "embedded-sd-inpainting", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(("scheduler", "guidance", "strength"), [
+    ("Euler", 3.0, 1.0), ("Euler", 1.0, 1.0), ("DPM++ 2M", 3.0, 0.6), ("Heun", 3.0, 1.0),
+])
+def test_the_unmasked_latents_end_as_the_originals_as_a1111_keeps_them(inpaint_pipeline, scheduler, guidance, strength):
+    """A1111 and ComfyUI put the original back outside the mask at every step, inpainting models included
+    (diffusers, for plain UNets only): the latents the model ends with are the original's there; without the
+    hook they drift (with CFG or without, where the mask is not doubled; strength < 1; a second-order sampler)."""
+    pipe = inpaint_pipeline
+    image, mask = picture(), box_mask(64, 64, (24, 8, 56, 40))
+    original = pipe.vae.encode(pipe.image_processor.preprocess(image)).latent_dist.mean * pipe.vae.config.scaling_factor
+    keep = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(mask) < 128)[None, None].float(),
+                                           size=original.shape[-2:]) > 0.5
+    steps_seen = []
+
+    def run(**hooks):
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        return pipe("a large yellow star on a blue background", image=image, mask_image=mask, num_inference_steps=6,
+                    guidance_scale=guidance, strength=strength, output_type="latent",
+                    generator=torch.Generator("cpu").manual_seed(3), **hooks).images
+
+    def count(pipe, step, timestep, callback_kwargs):
+        steps_seen.append(step)
+        return callback_kwargs
+
+    kept, drifted = run(**inpaint_step_hooks(image, seed=3, then=count)), run()
+    outside = keep.expand_as(original)
+    error = (kept - original)[outside].abs().max().item()
+    assert error < 0.1 * original.abs().max().item(), error  # the VAE's own sampling noise, no more
+    assert (drifted - original)[outside].abs().max().item() > 3 * error
+    assert not torch.allclose(kept[~outside], original[~outside], atol=0.5)  # the masked part was repainted
+    assert steps_seen and steps_seen == sorted(steps_seen)  # and the next callback (progress, Stop) still runs
 
 
 def test_the_asked_shape_is_painted_inside_the_mask(inpainter):

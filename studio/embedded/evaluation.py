@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..generation import inpaint_step_hooks
 from ..presets import load_presets
 from ..schedulers import make_scheduler
 from . import oracle, scenes
@@ -153,6 +154,7 @@ def evaluate_inpaint(models_dir: Path, count: int) -> dict:
             image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
             guidance_scale=defaults["inpaint_guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
             generator=torch.Generator("cpu").manual_seed(EVAL_SEED + index),
+            **inpaint_step_hooks(init, EVAL_SEED + index),  # as the studio runs it
         ).images[0]
         result = pipe.image_processor.apply_overlay(mask_image, init, raw)  # paste the unmasked pixels back
         reading = oracle.read(result, within=mask)
@@ -257,7 +259,7 @@ def studio_paste_back(generated: Image.Image, init: Image.Image, mask: np.ndarra
 
 def evaluate_cutting_masks(models_dir: Path, count: int, samples: list | None = None, seed: int = CUTTING_SEED) -> dict:
     """How often inpainting a mask that cuts through a shape, with the scene's own caption, gives one clean shape
-    (at the preset's defaults, pasted back as the studio does)."""
+    (at the preset's defaults, run and pasted back as the studio does)."""
     from diffusers import StableDiffusionInpaintPipeline
 
     pipe = StableDiffusionInpaintPipeline.from_pretrained(Path(models_dir) / INPAINT_DIR, dtype=torch.float32)
@@ -271,7 +273,7 @@ def evaluate_cutting_masks(models_dir: Path, count: int, samples: list | None = 
         raw = pipe(
             plain_caption(scene), image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
             guidance_scale=defaults["inpaint_guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
-            generator=torch.Generator("cpu").manual_seed(seed + index),
+            generator=torch.Generator("cpu").manual_seed(seed + index), **inpaint_step_hooks(init, seed + index),
         ).images[0]
         result = studio_paste_back(raw, init, mask)
         verdict = coherence(result, scene, mask)
