@@ -65,37 +65,61 @@ def inpaint_pipeline():
     return pipe
 
 
-@pytest.mark.parametrize(("scheduler", "guidance", "strength"), [
-    ("Euler", 3.0, 1.0), ("Euler", 1.0, 1.0), ("DPM++ 2M", 3.0, 0.6), ("Heun", 3.0, 1.0),
-])
-def test_the_unmasked_latents_end_as_the_originals_as_a1111_keeps_them(inpaint_pipeline, scheduler, guidance, strength):
-    """A1111 and ComfyUI put the original back outside the mask at every step, inpainting models included
-    (diffusers, for plain UNets only): the latents the model ends with are the original's there; without the
-    hook they drift (with CFG or without, where the mask is not doubled; strength < 1; a second-order sampler)."""
-    pipe = inpaint_pipeline
+def run_recording(pipe, scheduler, guidance, strength, hooked: bool):
+    """An inpaint (6 steps) that records, at every model evaluation, the latents it was given before the
+    scheduler scaled them, and the scale (k-diffusion samplers divide by sqrt(sigma² + 1)); and every callback."""
     image, mask = picture(), box_mask(64, 64, (24, 8, 56, 40))
-    original = pipe.vae.encode(pipe.image_processor.preprocess(image)).latent_dist.mean * pipe.vae.config.scaling_factor
-    keep = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(mask) < 128)[None, None].float(),
-                                           size=original.shape[-2:]) > 0.5
-    steps_seen = []
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    evaluations, callbacks = [], []
+    scale_model_input = pipe.scheduler.scale_model_input
 
-    def run(**hooks):
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-        return pipe("a large yellow star on a blue background", image=image, mask_image=mask, num_inference_steps=6,
-                    guidance_scale=guidance, strength=strength, output_type="latent",
-                    generator=torch.Generator("cpu").manual_seed(3), **hooks).images
+    def recording(sample, timestep):
+        scaled = scale_model_input(sample, timestep)
+        if sample.dim() == 4:  # the pipeline's call, not the hook asking for the next level
+            evaluations.append((sample[:1].clone(), (scaled[:1].flatten()[0] / sample[:1].flatten()[0]).item()))
+        return scaled
+
+    pipe.scheduler.scale_model_input = recording
 
     def count(pipe, step, timestep, callback_kwargs):
-        steps_seen.append(step)
+        callbacks.append(step)
         return callback_kwargs
 
-    kept, drifted = run(**inpaint_step_hooks(image, seed=3, then=count)), run()
-    outside = keep.expand_as(original)
-    error = (kept - original)[outside].abs().max().item()
-    assert error < 0.1 * original.abs().max().item(), error  # the VAE's own sampling noise, no more
-    assert (drifted - original)[outside].abs().max().item() > 3 * error
-    assert not torch.allclose(kept[~outside], original[~outside], atol=0.5)  # the masked part was repainted
-    assert steps_seen and steps_seen == sorted(steps_seen)  # and the next callback (progress, Stop) still runs
+    hooks = inpaint_step_hooks(pipe, image, seed=3, then=count) if hooked else {"callback_on_step_end": count}
+    latents = pipe("a large yellow star on a blue background", image=image, mask_image=mask, num_inference_steps=6,
+                   guidance_scale=guidance, strength=strength, output_type="latent",
+                   generator=torch.Generator("cpu").manual_seed(3), **hooks).images
+    keep = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(mask) < 128)[None, None].float(),
+                                           size=latents.shape[-2:]).expand_as(latents) > 0.5
+    return latents, keep, evaluations, callbacks
+
+
+@pytest.mark.parametrize(("scheduler", "guidance", "strength"), [
+    ("Euler", 3.0, 1.0), ("Euler", 1.0, 1.0), ("Euler a", 3.0, 0.6), ("Heun", 3.0, 1.0), ("DPM2", 3.0, 1.0),
+    ("DPM2 a", 3.0, 1.0), ("DPM++ SDE", 3.0, 1.0), ("LMS", 3.0, 1.0),
+])
+def test_the_model_sees_the_original_outside_the_mask_at_its_own_noise_level(inpaint_pipeline, scheduler, guidance,
+                                                                              strength):
+    """A1111 and ComfyUI put the original back outside the mask at every model evaluation, inpainting models
+    included (diffusers only for plain UNets). So at each evaluation after the first, the latents the model gets
+    there are original + sigma × one fixed noise, sigma being the level the sampler tells the model (read from its
+    own input scaling, second-order midpoints included), and the final latents there are the original's. Without
+    the hook they are not (with CFG or without, strength < 1, ancestral and second-order samplers)."""
+    latents, keep, evaluations, callbacks = run_recording(inpaint_pipeline, scheduler, guidance, strength, True)
+    original = latents[keep]  # the last callback leaves the clean original there
+    noises = []
+    for sample, scale in evaluations[1:]:  # the first evaluation starts from the pipeline's own noise
+        sigma = (1 / scale**2 - 1) ** 0.5
+        noises.append((sample[keep] - original) / sigma)
+    for noise in noises[1:]:
+        assert torch.allclose(noise, noises[0], atol=1e-3), (noise - noises[0]).abs().max()
+    assert noises[0].std() > 0.5  # a real noise, not zeros
+    assert callbacks == list(range(inpaint_pipeline.num_timesteps))  # the next callback (progress, Stop) still runs
+
+    drifted, _, drifted_evaluations, _ = run_recording(inpaint_pipeline, scheduler, guidance, strength, False)
+    assert (drifted[keep] - original).abs().max() > 0.3  # without the hook the model drifts there
+    sample, scale = drifted_evaluations[-1]
+    assert not torch.allclose((sample[keep] - original) / (1 / scale**2 - 1) ** 0.5, noises[0], atol=0.1)
 
 
 def test_the_asked_shape_is_painted_inside_the_mask(inpainter):

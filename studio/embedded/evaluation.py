@@ -154,7 +154,7 @@ def evaluate_inpaint(models_dir: Path, count: int) -> dict:
             image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
             guidance_scale=defaults["inpaint_guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
             generator=torch.Generator("cpu").manual_seed(EVAL_SEED + index),
-            **inpaint_step_hooks(init, EVAL_SEED + index),  # as the studio runs it
+            **inpaint_step_hooks(pipe, init, EVAL_SEED + index),  # as the studio runs it
         ).images[0]
         result = pipe.image_processor.apply_overlay(mask_image, init, raw)  # paste the unmasked pixels back
         reading = oracle.read(result, within=mask)
@@ -273,7 +273,7 @@ def evaluate_cutting_masks(models_dir: Path, count: int, samples: list | None = 
         raw = pipe(
             plain_caption(scene), image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
             guidance_scale=defaults["inpaint_guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
-            generator=torch.Generator("cpu").manual_seed(seed + index), **inpaint_step_hooks(init, seed + index),
+            generator=torch.Generator("cpu").manual_seed(seed + index), **inpaint_step_hooks(pipe, init, seed + index),
         ).images[0]
         result = studio_paste_back(raw, init, mask)
         verdict = coherence(result, scene, mask)
