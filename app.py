@@ -27,6 +27,7 @@ from components.inpaint import build_inpaint_tab, editor_with_background
 from components.running import JobRunner, user_error
 from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
+from components.upscale import build_upscale_tab
 from studio import __version__
 from studio.devices import (
     default_device_budget,
@@ -42,10 +43,12 @@ from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
 from studio.jobs import JobBoard
 from studio.memory import ModelManager
-from studio.model_kinds import CLIP, UPSCALER, ClipLoader, UpscalerLoader
+from studio.model_kinds import CLIP, ClipLoader
 from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
 from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import RateLimiter
+from studio.upscalers import UPSCALER, ReleaseFiles, UpscalerLoader, load_upscalers, upscaler_key
+from studio.upscaling import UpscaleLimits, Upscaling
 
 log = logging.getLogger("studio")
 
@@ -63,6 +66,7 @@ CSS = """
 .history-gallery .caption-label { display: none; }
 """
 PUBLIC_RATE_LIMIT = 12  # jobs per minute per visitor in --public mode
+DEFAULT_UPSCALER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffusion-studio" / "upscalers"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 60%% of available RAM)")
     parser.add_argument("--hub-cache-budget", help="disk kept for downloaded models, e.g. 100GB; the least recently "
                         "used are deleted beyond it (default: no limit)")
+    parser.add_argument("--upscaler-cache", type=Path, default=DEFAULT_UPSCALER_CACHE,
+                        help="where Real-ESRGAN's release files are kept (default: %(default)s)")
     parser.add_argument("--preset", help="the preset selected at start (default: from presets/models.yaml)")
     parser.add_argument("--presets-file", type=Path, default=PRESETS_DIR / "models.yaml")
     parser.add_argument("--public", action="store_true", default=bool(os.environ.get("DIFFUSION_STUDIO_PUBLIC")),
@@ -100,6 +106,7 @@ class Studio:
     manager: ModelManager
     text_to_image: TextToImage
     inpainter: Inpainter
+    upscaling: Upscaling
     runner: JobRunner
 
 
@@ -137,6 +144,11 @@ def build_studio(args: argparse.Namespace) -> Studio:
     version = f"Diffusion Studio {__version__}"
     text_to_image = TextToImage(stages, presets, load_styles(), limits, version=version, downloads=downloads)
     inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads)
+    upscalers = load_upscalers()
+    if ON_ZEROGPU:  # nothing may load in the GPU worker: the offline upscaler is placed now, like the presets
+        manager.preload({"upscaler": upscaler_key(upscalers.get(upscalers.default))}, pin=True)
+    upscaling = Upscaling(manager, upscalers, ReleaseFiles(args.upscaler_cache, offline=HubAccess().offline),
+                          UpscaleLimits.public() if args.public else UpscaleLimits())
     rate_limit = args.rate_limit or (PUBLIC_RATE_LIMIT if args.public else None)
     runner = JobRunner(
         board=JobBoard(),  # shared memory for Stop and progress: made before ZeroGPU forks its GPU worker
@@ -144,7 +156,8 @@ def build_studio(args: argparse.Namespace) -> Studio:
         limiter=RateLimiter(rate_limit) if rate_limit else None,
         concurrency=args.concurrency,
     )
-    return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, runner=runner)
+    return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, upscaling=upscaling,
+                  runner=runner)
 
 
 def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3,
@@ -197,14 +210,17 @@ def zerogpu_wrapper(manager: ModelManager):
 
 def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="Diffusion Studio", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# Diffusion Studio\nText to image and inpainting with Stable Diffusion. Upscale and Compare "
-                    "are coming.")
+        gr.Markdown("# Diffusion Studio\nText to image, inpainting and upscaling with Stable Diffusion and "
+                    "Real-ESRGAN. Compare is coming.")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="text-to-image", elem_id="text-to-image-tab"):
                 text_tab = build_text_to_image_tab(studio.text_to_image, studio.runner)
             with gr.Tab("Inpaint", id="inpaint", elem_id="inpaint-tab"):
                 inpaint_tab = build_inpaint_tab(studio.inpainter, studio.runner)
-        build_status_bar(demo, studio.manager, refresh_after=[text_tab.generate_event, inpaint_tab.generate_event])
+            with gr.Tab("Upscale", id="upscale", elem_id="upscale-tab"):
+                upscale_tab = build_upscale_tab(studio.upscaling, studio.runner)
+        build_status_bar(demo, studio.manager, refresh_after=[text_tab.generate_event, inpaint_tab.generate_event,
+                                                             upscale_tab.upscale_event])
         text_tab.fit_to_preset(demo)
         inpaint_tab.fit_to_preset(demo)
 
@@ -223,6 +239,17 @@ def build_ui(studio: Studio) -> gr.Blocks:
             concurrency_limit=None,
         )
         inpaint_tab.fit_to_image(sent)
+
+        def send_to_upscale(gallery, index):
+            """The chosen result into the Upscale tab, with its PNG parameters (kept in the upscaled PNG)."""
+            if not gallery:
+                raise user_error(InvalidRequest(["There is no result to send yet: make one first."]), "Nothing to send")
+            image, _caption = gallery[min(index or 0, len(gallery) - 1)]
+            return image, gr.Tabs(selected="upscale")
+
+        for tab in (text_tab, inpaint_tab):
+            tab.send_to_upscale.click(send_to_upscale, [tab.gallery, tab.selected], [upscale_tab.image, tabs],
+                                      api_visibility="private", concurrency_limit=None)
     return demo
 
 

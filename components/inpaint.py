@@ -78,6 +78,9 @@ class InpaintTab:
     fit_to_image: Callable  # (event) -> None: after the event puts an image in the editor, fits brush, blur, padding
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
+    gallery: gr.Gallery
+    selected: gr.State  # index of the result last clicked (0 until one is)
+    send_to_upscale: gr.Button
 
 
 def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
@@ -152,6 +155,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         with gr.Column(scale=5):
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
                                  buttons=["download", "fullscreen"], interactive=False, elem_id="inpaint-gallery")
+            send_to_upscale = gr.Button("Send to Upscale", size="sm", elem_id="inpaint-send-to-upscale")
+            selected = gr.State(0)
             info = gr.Textbox(label="Generation info", lines=3, interactive=False, buttons=["copy"])
             seeds = gr.JSON(label="Used seeds")
             history = build_history("inpaint-history-gallery")
@@ -334,5 +339,11 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     def fit_to_preset(demo: gr.Blocks) -> None:
         demo.load(**fit_form)
 
+    def remember_selection(selection: gr.SelectData):
+        return selection.index
+
+    gallery.select(remember_selection, None, selected, api_visibility="private", queue=False)
+    event.then(lambda: 0, None, selected, api_visibility="private", queue=False)  # a new batch: its first image
     return InpaintTab(editor=editor, generate_event=event, fit_to_preset=fit_to_preset, fit_to_image=fit_to_image,
-                      prompt=prompt, negative_prompt=negative_prompt)
+                      prompt=prompt, negative_prompt=negative_prompt, gallery=gallery, selected=selected,
+                      send_to_upscale=send_to_upscale)

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
@@ -48,13 +49,13 @@ class JobRunner:
         self._counted: dict[tuple[str, str], int] = {}  # requests already counted by the rate limit when queued
         self._lock = threading.Lock()
 
-    def device_function(self, engine: SamplingEngine) -> Callable[[SamplingPlan, int], GenerationResult]:
+    def device_function(self, engine) -> Callable[[Any, int], Any]:
         """The GPU work of a plan, as spaces.GPU can run it: plain, picklable arguments (the plan and the job's
         slot number) and result; its duration is the plan's own estimate. One function for every tab on the same
         stages: spaces keeps a GPU worker per function, and each new worker moves every preloaded model again."""
         board = self.board
 
-        def run_on_device(plan: SamplingPlan, slot: int) -> GenerationResult:
+        def run_on_device(plan, slot: int):
             try:
                 return engine.run(plan, board.attach(slot))
             except StudioError as error:  # crosses ZeroGPU's process boundary as a gradio error
@@ -97,8 +98,14 @@ class JobRunner:
             plan_for: Callable[[], SamplingPlan], device_function: Callable,
             finish: Callable[[GenerationResult], GenerationResult] = lambda result: result,
             error_title: str = "Cannot generate") -> tuple[list, list[int], str]:
-        """Plan (CPU), fetch the model files (outside the device lock), run the device work as this tab's job,
-        finish (CPU, e.g. paste-back); returns the gallery outputs."""
+        """A generating tab's job; returns the gallery outputs."""
+        plan, result = self.run_job(tab, request, progress, engine, plan_for, device_function, error_title)
+        return gallery_outputs(finish(result), plan.batch_size)
+
+    def run_job(self, tab: str, request: gr.Request | None, progress: gr.Progress, engine,
+                plan_for: Callable[[], Any], device_function: Callable, error_title: str) -> tuple[Any, Any]:
+        """Plan (CPU), fetch the model files (outside the device lock), run the device work as this tab's job;
+        returns (plan, result). `engine` has `model_files(plan, on_progress)`."""
         session = session_of(request)
         self._count_unless_queued_from_the_page(session, tab)
         try:
@@ -118,7 +125,7 @@ class JobRunner:
                     self.board.close(job)
         except StudioError as error:  # the model files could not be had
             raise user_error(error, error_title) from None
-        return gallery_outputs(finish(result), plan.batch_size)
+        return plan, result
 
     def wire_stop(self, stop: gr.Button, tab: str) -> None:
         """Stop cancels this tab's job of this session, nothing else. It sets the job's flag rather than using

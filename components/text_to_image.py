@@ -24,6 +24,7 @@ class TextToImageTab:
     gallery: gr.Gallery
     selected: gr.State  # index of the gallery image last clicked (0 until one is)
     send_to_inpaint: gr.Button
+    send_to_upscale: gr.Button
     fit_to_preset: Callable  # (demo) -> None: narrows the sliders to the selected preset on page load
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
@@ -100,7 +101,9 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             gallery = gr.Gallery(label="Images", format="png", columns=2, height=520, object_fit="contain",
                                  buttons=["download", "fullscreen"], interactive=False,
                                  elem_id="text-to-image-gallery")
-            send_to_inpaint = gr.Button("Send to Inpaint", size="sm")
+            with gr.Row():
+                send_to_inpaint = gr.Button("Send to Inpaint", size="sm")
+                send_to_upscale = gr.Button("Send to Upscale", size="sm", elem_id="text-send-to-upscale")
             selected = gr.State(0)
             seeds = gr.JSON(label="Used seeds")
             info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"],
@@ -217,4 +220,5 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                   api_visibility="private", queue=False)
 
     return TextToImageTab(generate_event=event, gallery=gallery, selected=selected, send_to_inpaint=send_to_inpaint,
+                          send_to_upscale=send_to_upscale,
                           fit_to_preset=fit_to_preset, prompt=prompt, negative_prompt=negative_prompt)

@@ -1,4 +1,4 @@
-"""Import BasicSR / Real-ESRGAN on current torchvision.
+"""Import BasicSR / Real-ESRGAN (their architectures: RRDBNet, SRVGGNetCompact) on current torchvision.
 
 basicsr 1.4.2 (the last release) imports `torchvision.transforms.functional_tensor`, which torchvision 0.17
 removed; since `basicsr/__init__` imports its data package, every basicsr and realesrgan import fails. The fix
@@ -27,3 +27,10 @@ def rrdbnet_class():
     from basicsr.archs.rrdbnet_arch import RRDBNet
 
     return RRDBNet
+
+
+def srvgg_class():
+    install_functional_tensor_shim()
+    from realesrgan.archs.srvgg_arch import SRVGGNetCompact
+
+    return SRVGGNetCompact

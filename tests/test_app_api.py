@@ -31,11 +31,13 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
         return [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]]
 
     assert parameters("/text_to_image") == list(DEFAULTS)
-    assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image"}  # no timers, no UI glue
+    # no timers, no UI glue
+    assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image", "/upscale"}
     for endpoint in api["named_endpoints"]:  # only the prompt (and the images) must be given
         required = [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]
                     if not p["parameter_has_default"]]
-        assert required in (["prompt"], ["image", "mask", "prompt"], ["sketch", "prompt"]), (endpoint, required)
+        assert required in (["prompt"], ["image", "mask", "prompt"], ["sketch", "prompt"], ["image"]), (endpoint, required)
+    assert parameters("/upscale") == ["image", "upscaler", "scale", "tile", "denoise_strength"]
     assert parameters("/inpaint") == ["image", "mask", *INPAINT]
     assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area", "padding"))]
 
@@ -198,3 +200,33 @@ def test_a_quick_image_is_not_stuck_behind_another_visitors_batch(app_url):
     ratio, figures = quick_image_wait_ratio(app_url)
     assert figures["batch_was_still_running"], f"the quick image did not come back before the batch: {figures}"
     assert ratio <= 1.5, f"the quick image waited behind the batch: {figures}"
+
+
+def test_upscale_endpoint_returns_the_slider_pair_and_a_png_that_keeps_the_parameters(client, tmp_path):
+    source = scenes.render(scenes.Scene("blue", (scenes.Shape("star", "yellow", "center", "large"),)), 64)
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a large yellow star\nSteps: 20, Seed: 5")
+    source.save(tmp_path / "star.png", pnginfo=info)
+    (before, after), png = client.predict(handle_file(str(tmp_path / "star.png")), upscaler="embedded-rrdbnet-x4",
+                                          scale=2.5, api_name="/upscale")  # tile left to the memory budget
+    with Image.open(png) as result:
+        result.load()
+        assert result.size == (160, 160) and result.format == "PNG"
+        assert result.info["parameters"] == "a large yellow star\nSteps: 20, Seed: 5"
+        assert result.info["postprocessing"] == "Postprocess upscale by: 2.5, Postprocess upscaler: embedded-rrdbnet-x4"
+    with Image.open(after) as shown:
+        assert shown.size == (160, 160)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(upscaler="RealESRGAN_x4plus"), "RealESRGAN_x4plus.pth"),  # offline here: which file, and where
+    (dict(scale=12), "Value 12 is greater than maximum value 8"),  # gradio's own range check
+    (dict(tile=10), "A tile must be at least 64 pixels"),
+])
+def test_upscale_endpoint_refuses_clearly(client, tmp_path, overrides, message):
+    scenes.render(scenes.Scene("blue", ()), 32).save(tmp_path / "plain.png")
+    with pytest.raises(Exception, match=message):
+        client.predict(handle_file(str(tmp_path / "plain.png")), **({"upscaler": "embedded-rrdbnet-x4"} | overrides),
+                       api_name="/upscale")

@@ -322,3 +322,40 @@ def test_history_shows_the_sessions_images_and_a_click_loads_the_settings(page, 
     page.locator("#history-gallery").screenshot(path=str(artifacts / "history.png"))
     thumbnails.nth(1).click()  # the older one
     prompt_value_is(page, "text-to-image-tab", prompts[0])
+
+
+def test_upload_upscale_and_see_the_before_after_slider(page, artifacts, tmp_path):
+    from PIL import Image, ImageDraw
+
+    source = Image.new("RGB", (48, 40), (40, 90, 200))
+    ImageDraw.Draw(source).ellipse((8, 6, 36, 34), fill=(240, 200, 30))
+    source.save(tmp_path / "small.png")
+    page.get_by_role("tab", name="Upscale").click()
+    tab = page.locator("#upscale-tab")
+    page.locator("#upscale-input input[type=file]").first.set_input_files(str(tmp_path / "small.png"))
+    page.locator("#upscale-input img").first.wait_for(timeout=10_000)
+    tab.get_by_role("button", name="Upscale", exact=True).click()
+    after = page.locator("#upscale-slider img").nth(1)
+    after.wait_for(timeout=60_000)
+    sizes = page.locator("#upscale-slider img").evaluate_all("imgs => imgs.map(img => [img.naturalWidth, img.naturalHeight])")
+    assert sizes == [[192, 160], [192, 160]]  # before (drawn at the result's size) and after, ×4
+    box = page.locator("#upscale-slider").bounding_box()
+    assert box["width"] > 300 and box["height"] > 200  # shown large, not a thumbnail
+    page.locator("#upscale-file a").first.wait_for(timeout=10_000)
+    assert "upscaled\n.png" in page.locator("#upscale-file").inner_text()  # the PNG to download (name, extension)
+    page.screenshot(path=str(artifacts / "upscale_slider.png"), full_page=True)
+
+
+def test_send_to_upscale_carries_the_generated_image(page, artifacts):
+    text_tab(page).get_by_role("button", name="Send to Upscale", exact=True).click()
+    page.get_by_test_id("toast-text").filter(has_text="There is no result to send yet").first.wait_for(timeout=10_000)
+    text_tab(page).get_by_label("Prompt", exact=True).fill("a large yellow star in the center on a blue background")
+    text_tab(page).get_by_role("button", name="Generate", exact=True).click()
+    page.locator("#text-to-image-gallery img[alt^='Seed ']").first.wait_for(timeout=60_000)
+    text_tab(page).get_by_role("button", name="Send to Upscale", exact=True).click()
+    sent = page.locator("#upscale-input img").first
+    sent.wait_for(timeout=10_000)
+    assert sent.evaluate("img => img.naturalWidth") == 64
+    page.locator("#upscale-tab").get_by_role("button", name="Upscale", exact=True).click()
+    page.locator("#upscale-slider img").nth(1).wait_for(timeout=60_000)
+    page.screenshot(path=str(artifacts / "sent_to_upscale.png"), full_page=True)

@@ -3,9 +3,10 @@
 import torch
 
 from studio.memory import ModelKey, ModelManager
-from studio.model_kinds import CLIP, UPSCALER, ClipLoader, UpscalerLoader, clip_key, upscaler_key
+from studio.model_kinds import CLIP, ClipLoader, clip_key
 from studio.pipelines import DiffusersLoader, DiffusersModels
 from studio.presets import load_presets
+from studio.upscalers import UPSCALER, UpscalerLoader, load_upscalers, upscaler_key
 
 from tiny_models import ROOT
 
@@ -18,7 +19,7 @@ def manager(budget):
 
 
 def test_an_upscaler_and_a_clip_scorer_are_held_like_any_model():
-    upscaler, clip = upscaler_key(MODELS / "embedded-upscaler"), clip_key(MODELS / "embedded-clip")
+    upscaler, clip = upscaler_key(load_upscalers().get("embedded-rrdbnet-x4")), clip_key(MODELS / "embedded-clip")
     sizes = {key: manager(10**9).loaders[key.kind].size(key, torch.float32) for key in (upscaler, clip)}
     shared = manager(10**9)
     with shared.use({"upscaler": upscaler}) as first:
@@ -34,7 +35,7 @@ def test_an_upscaler_and_a_clip_scorer_are_held_like_any_model():
 def test_kinds_make_room_for_each_other_within_one_budget():
     embedded = load_presets().get("embedded")
     unet = DiffusersModels(torch.device("cpu")).keys(embedded, "text2img")["unet"]
-    upscaler = upscaler_key(MODELS / "embedded-upscaler")
+    upscaler = upscaler_key(load_upscalers().get("embedded-rrdbnet-x4"))
     probe = manager(10**9)
     unet_bytes = probe.loaders["diffusers"].size(unet, torch.float32)
     upscaler_bytes = probe.loaders[UPSCALER].size(upscaler, torch.float32)

@@ -459,6 +459,7 @@ class UpscalerStage(Stage):
     lr = 1e-3
     crop = 64  # high-resolution crop; the input is a quarter of it
     edge_crop_fraction = 0.8
+    recolour_fraction = 0.5  # crops in random colours, so the network keeps any colour, not just the palette's
 
     def build(self):
         from ..basicsr_compat import rrdbnet_class
@@ -472,6 +473,8 @@ class UpscalerStage(Stage):
             image = scenes.render(scene, SIDE * UPSCALE)
             left, top = self.crop_corner(rng, scene, image.width)
             crop = image.crop((left, top, left + self.crop, top + self.crop))
+            if rng.random() < self.recolour_fraction:
+                crop = recolour(crop, rng)
             high.append(crop)
             low.append(degrade(crop, rng))
         high_t = torch.from_numpy(np.stack([np.asarray(i) for i in high])).permute(0, 3, 1, 2).float() / 255
@@ -493,6 +496,15 @@ class UpscalerStage(Stage):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS)
         (out / "config.json").write_text(json.dumps({"arch": "RRDBNet", **UPSCALER_ARCH}, indent=2))
         return {}
+
+
+def recolour(image: Image.Image, rng: random.Random) -> Image.Image:
+    """The same picture in other colours: the channels shuffled, then each scaled and shifted at random. Trained on
+    the 8 palette colours alone, the upscaler pulled every other colour towards one of them."""
+    array = np.asarray(image, dtype=np.float32)[..., rng.sample(range(3), 3)]
+    gain = np.array([rng.uniform(-1.0, 1.0) for _ in range(3)], dtype=np.float32)
+    shifted = array * gain + np.array([rng.uniform(0, 255) for _ in range(3)], dtype=np.float32)
+    return Image.fromarray(np.clip(shifted, 0, 255).round().astype(np.uint8))
 
 
 def degrade(image: Image.Image, rng: random.Random, clean_fraction: float = 0.6) -> Image.Image:

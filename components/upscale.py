@@ -1,0 +1,126 @@
+"""The Upscale tab: an image made 1× to 8× larger by Real-ESRGAN (or the embedded upscaler, or Lanczos), shown
+before/after on a slider, and offered as a PNG that keeps the input's parameters plus A1111's extras text."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image, PngImagePlugin
+
+from components.running import JobRunner, user_error
+from studio.errors import InvalidRequest
+from studio.upscaling import MAX_SCALE, MIN_SCALE, UpscaleRequest, Upscaling, check_upscale
+
+TAB = "upscale"
+AUTOMATIC_TILE = -1  # as seed -1 is random: the tile is chosen from the free memory
+
+
+@dataclass
+class UpscaleTab:
+    image: gr.Image  # "Send to Upscale" fills it
+    upscale_event: gr.events.Dependency
+
+
+def _request(upscaler, scale, tile, denoise_strength) -> UpscaleRequest:
+    tile = None if tile is None or tile == "" or int(tile) == AUTOMATIC_TILE else int(tile)
+    return UpscaleRequest(upscaler, float(scale), tile, float(denoise_strength))
+
+
+class PngFolder:
+    """Where the tab writes its result PNGs for download (gradio copies them into its own cache); files older than
+    an hour are deleted as new ones come, so a long-running server does not fill its disk."""
+
+    def __init__(self, max_age_s: float = 3600):
+        self.folder = Path(tempfile.mkdtemp(prefix="diffusion-studio-upscaled-"))
+        self.max_age_s = max_age_s
+
+    def save(self, image: Image.Image) -> str:
+        """The result as a PNG with its text chunks (the input's `parameters`, A1111's `postprocessing`)."""
+        self._prune()
+        info = PngImagePlugin.PngInfo()
+        for key in ("parameters", "postprocessing"):
+            if isinstance(image.info.get(key), str):
+                info.add_text(key, image.info[key])
+        path = Path(tempfile.mkdtemp(dir=self.folder)) / "upscaled.png"
+        image.save(path, pnginfo=info)
+        return str(path)
+
+    def _prune(self) -> None:
+        now = time.time()
+        for old in self.folder.glob("*/upscaled.png"):
+            if now - old.stat().st_mtime > self.max_age_s:
+                shutil.rmtree(old.parent, ignore_errors=True)
+
+
+def before_view(source: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The input at the result's size, drawn with hard pixels (nearest), so the slider compares like with like."""
+    return source.convert("RGBA").resize(size, Image.Resampling.NEAREST)
+
+
+def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
+    catalog = upscaling.catalog
+    pngs = PngFolder()
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            image = gr.Image(label="Image to upscale", type="pil", image_mode=None, sources=["upload", "clipboard"],
+                             format="png", height=360, elem_id="upscale-input")
+            with gr.Row():
+                run = gr.Button("Upscale", variant="primary", scale=3)
+                stop = gr.Button("Stop", variant="stop", scale=1)
+            upscaler = gr.Dropdown(catalog.choices(), value=catalog.default, label="Upscaler",
+                                   info="Real-ESRGAN files are fetched on first use; the embedded one works offline.")
+            scale = gr.Slider(MIN_SCALE, MAX_SCALE, value=4, step=0.25, label="Scale",
+                              info="Native passes of the model, then a Lanczos resize to the exact size.")
+            denoise = gr.Slider(0, 1, value=0.5, step=0.05, label="Denoise strength",
+                                info="realesr-general-x4v3 only: 1 removes the most noise, 0 keeps the grain.",
+                                visible=catalog.get(catalog.default).has_denoise)
+            tile = gr.Number(value=AUTOMATIC_TILE, precision=0, minimum=AUTOMATIC_TILE, label="Tile size (px)",
+                             info="-1: chosen from the free memory. 0: the whole image at once. Tiles overlap and "
+                                  "are blended, so they leave no seams.")
+        with gr.Column(scale=6):
+            slider = gr.ImageSlider(label="Before / after (drag the bar)", type="pil", format="png", max_height=620,
+                                    interactive=False, elem_id="upscale-slider")
+            result_file = gr.File(label="Upscaled PNG (with the input's parameters)", interactive=False,
+                                  elem_id="upscale-file")
+
+    inputs = [image, upscaler, scale, tile, denoise]
+
+    def check(image, upscaler, scale, tile, denoise_strength, request: gr.Request):
+        problems = check_upscale(_request(upscaler, scale, tile, denoise_strength), catalog)
+        if image is None:
+            problems.insert(0, "Upload an image first.")
+        if problems:
+            raise user_error(InvalidRequest(problems), "Check the settings")
+        runner.submitted(request, TAB)
+
+    on_device = runner.device_function(upscaling)
+
+    def upscale(image, upscaler, scale, tile, denoise_strength, request: gr.Request, progress=gr.Progress()):
+        """Upscale an image 1× to 8×. `tile`: input pixels per tile side, 0 for none, -1 to choose from the free
+        memory. Returns the before/after pair and the PNG (the input's parameters kept, plus A1111's
+        `Postprocess upscale by` and `Postprocess upscaler`)."""
+        if image is None:
+            raise user_error(InvalidRequest(["Upload an image first."]), "Cannot upscale")
+        wanted = _request(upscaler, scale, tile, denoise_strength)
+        plan, result = runner.run_job(TAB, request, progress, upscaling, lambda: upscaling.plan(image, wanted),
+                                      on_device, "Cannot upscale")
+        for warning in result.warnings:
+            gr.Warning(warning)
+        if result.image is None:
+            gr.Info("Stopped: no image.")
+            return gr.skip(), gr.skip()
+        return (before_view(image, result.image.size), result.image), pngs.save(result.image)
+
+    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[slider])
+    event = run.click(check, inputs, None, **quick).success(upscale, inputs, [slider, result_file], api_name="upscale",
+                                                           **gpu_event)
+    runner.wire_stop(stop, TAB)
+    upscaler.input(lambda name: gr.Slider(visible=catalog.get(name).has_denoise), upscaler, denoise,
+                   api_visibility="private", queue=False)
+    return UpscaleTab(image, event)
