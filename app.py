@@ -15,6 +15,7 @@ if ON_ZEROGPU:
     import spaces  # noqa: F401
 
 import argparse
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from studio.model_kinds import CLIP, ClipLoader
 from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
 from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import RateLimiter
-from studio.upscalers import UPSCALER, ReleaseFiles, UpscalerLoader, load_upscalers, upscaler_key
+from studio.upscalers import UPSCALER, ReleaseFiles, UpscalerCatalog, UpscalerLoader, load_upscalers, upscaler_key
 from studio.upscaling import UpscaleLimits, Upscaling
 
 log = logging.getLogger("studio")
@@ -144,11 +145,11 @@ def build_studio(args: argparse.Namespace) -> Studio:
     version = f"Diffusion Studio {__version__}"
     text_to_image = TextToImage(stages, presets, load_styles(), limits, version=version, downloads=downloads)
     inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads)
+    release_files = ReleaseFiles(args.upscaler_cache, offline=HubAccess().offline)
     upscalers = load_upscalers()
-    if ON_ZEROGPU:  # nothing may load in the GPU worker: the offline upscaler is placed now, like the presets
-        manager.preload({"upscaler": upscaler_key(upscalers.get(upscalers.default))}, pin=True)
-    upscaling = Upscaling(manager, upscalers, ReleaseFiles(args.upscaler_cache, offline=HubAccess().offline),
-                          UpscaleLimits.public() if args.public else UpscaleLimits())
+    if ON_ZEROGPU:  # nothing may load in the GPU worker: the upscalers are placed now, like the presets
+        upscalers = preload_upscalers(manager, upscalers, release_files)
+    upscaling = Upscaling(manager, upscalers, release_files, UpscaleLimits.public() if args.public else UpscaleLimits())
     rate_limit = args.rate_limit or (PUBLIC_RATE_LIMIT if args.public else None)
     runner = JobRunner(
         board=JobBoard(),  # shared memory for Stop and progress: made before ZeroGPU forks its GPU worker
@@ -190,6 +191,25 @@ def preload_preset(manager, models, downloads, preset, pin: bool) -> bool:
         return False
     log.info("preloaded %s on %s", preset.name, manager.device)
     return True
+
+
+def preload_upscalers(manager: ModelManager, catalog: UpscalerCatalog, files: ReleaseFiles) -> UpscalerCatalog:
+    """ZeroGPU: every model upscaler fetched and placed (pinned) now; the catalog narrowed to those that could be.
+    A denoise strength would be another model for each value, loaded in the worker, so there it is fixed at 1
+    (realesr-general-x4v3 alone) and its slider hidden."""
+    kept = []
+    for preset in catalog.presets.values():
+        try:
+            if preset.is_model:
+                preset = dataclasses.replace(preset, denoise_file=None)
+                if preset.file:
+                    files.ensure(preset.file)
+                manager.preload({"upscaler": upscaler_key(preset, files)}, pin=True)
+                catalog = catalog.with_preset(preset)
+            kept.append(preset.name)
+        except StudioError as error:
+            log.warning("could not preload upscaler %s: %s", preset.name, str(error).splitlines()[0])
+    return catalog.only(kept)
 
 
 def zerogpu_wrapper(manager: ModelManager):

@@ -46,23 +46,27 @@ class JobRunner:
 
     def __post_init__(self):
         self._device_functions: dict[int, Callable] = {}
+        self._engines: dict[type, Any] = {}  # plan type -> the engine that runs such plans
         self._counted: dict[tuple[str, str], int] = {}  # requests already counted by the rate limit when queued
         self._lock = threading.Lock()
 
-    def device_function(self, engine) -> Callable[[Any, int], Any]:
+    def device_function(self, engine, plan_type: type = SamplingPlan) -> Callable[[Any, int], Any]:
         """The GPU work of a plan, as spaces.GPU can run it: plain, picklable arguments (the plan and the job's
-        slot number) and result; its duration is the plan's own estimate. One function for every tab on the same
-        stages: spaces keeps a GPU worker per function, and each new worker moves every preloaded model again."""
-        board = self.board
+        slot number) and result; its duration is the plan's own estimate. One function per memory manager, for
+        every tab (the plan's type says which engine runs it): spaces keeps a GPU worker per function, and each
+        new worker moves every preloaded model again."""
+        board, engines = self.board, self._engines
 
         def run_on_device(plan, slot: int):
             try:
-                return engine.run(plan, board.attach(slot))
+                return engines[type(plan)].run(plan, board.attach(slot))
             except StudioError as error:  # crosses ZeroGPU's process boundary as a gradio error
                 raise gr.Error(str(error), print_exception=False) from None
 
+        manager = getattr(engine, "manager", None) or engine.stages.manager
         with self._lock:
-            key = id(engine.stages)
+            engines.setdefault(plan_type, engine)
+            key = id(manager)
             if key not in self._device_functions:
                 self._device_functions[key] = self.gpu(run_on_device, lambda plan, slot: plan.gpu_seconds)
             return self._device_functions[key]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from PIL import Image, PngImagePlugin
 
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest
-from studio.upscaling import MAX_SCALE, MIN_SCALE, UpscaleRequest, Upscaling, check_upscale
+from studio.images import to_8bit
+from studio.upscaling import MAX_SCALE, MIN_SCALE, UpscalePlan, UpscaleRequest, Upscaling, check_upscale
 
 TAB = "upscale"
 AUTOMATIC_TILE = -1  # as seed -1 is random: the tile is chosen from the free memory
@@ -38,6 +40,7 @@ class PngFolder:
     def __init__(self, max_age_s: float = 3600):
         self.folder = Path(tempfile.mkdtemp(prefix="diffusion-studio-upscaled-"))
         self.max_age_s = max_age_s
+        weakref.finalize(self, shutil.rmtree, self.folder, True)  # gone with the server
 
     def save(self, image: Image.Image) -> str:
         """The result as a PNG with its text chunks (the input's `parameters`, A1111's `postprocessing`)."""
@@ -53,13 +56,25 @@ class PngFolder:
     def _prune(self) -> None:
         now = time.time()
         for old in self.folder.glob("*/upscaled.png"):
-            if now - old.stat().st_mtime > self.max_age_s:
+            try:
+                expired = now - old.stat().st_mtime > self.max_age_s
+            except OSError:  # another request pruned it first
+                continue
+            if expired:
                 shutil.rmtree(old.parent, ignore_errors=True)
 
 
-def before_view(source: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """The input at the result's size, drawn with hard pixels (nearest), so the slider compares like with like."""
-    return source.convert("RGBA").resize(size, Image.Resampling.NEAREST)
+PREVIEW_SIDE = 2048  # the slider's images at most this long: the full result is the PNG to download
+
+
+def slider_pair(source: Image.Image, result: Image.Image) -> tuple[Image.Image, Image.Image]:
+    """Before (the input drawn with hard pixels, nearest) and after, at the same size, at most PREVIEW_SIDE long,
+    so the slider compares like with like and a large result is not encoded twice at full size."""
+    factor = min(1.0, PREVIEW_SIDE / max(result.size))
+    size = (max(1, round(result.width * factor)), max(1, round(result.height * factor)))
+    after = to_8bit(result).convert("RGBA")
+    after = after if after.size == size else after.resize(size, Image.Resampling.LANCZOS)
+    return to_8bit(source).convert("RGBA").resize(size, Image.Resampling.NEAREST), after
 
 
 def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
@@ -98,7 +113,7 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
             raise user_error(InvalidRequest(problems), "Check the settings")
         runner.submitted(request, TAB)
 
-    on_device = runner.device_function(upscaling)
+    on_device = runner.device_function(upscaling, UpscalePlan)
 
     def upscale(image, upscaler, scale, tile, denoise_strength, request: gr.Request, progress=gr.Progress()):
         """Upscale an image 1× to 8×. `tile`: input pixels per tile side, 0 for none, -1 to choose from the free
@@ -114,7 +129,7 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
         if result.image is None:
             gr.Info("Stopped: no image.")
             return gr.skip(), gr.skip()
-        return (before_view(image, result.image.size), result.image), pngs.save(result.image)
+        return slider_pair(image, result.image), pngs.save(result.image)
 
     quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[slider])

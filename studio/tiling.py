@@ -14,7 +14,7 @@ import torch
 
 # Context each tile sees beyond what it contributes (input pixels), and the ramp over which two tiles cross-fade.
 # A 3x3 conv network's pixel depends on pixels ever further away, but the influence fades fast: 16 pixels keep the
-# tiled result within 1/255 of the untiled one for RRDBNet and SRVGGNetCompact (tests/test_tiling.py).
+# tiled result within 1/255 of the untiled one for RRDBNet and SRVGGNetCompact (tests/test_upscaling.py).
 CONTEXT = 16
 FEATHER = 8
 MIN_TILE = 2 * (CONTEXT + FEATHER) + 16  # smaller tiles would spend almost all their work on context
@@ -59,7 +59,7 @@ def run_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
     total)` is called after each tile (progress; it may raise to stop)."""
     _, channels, height, width = image.shape
     if tile <= 0 or (tile >= height and tile >= width):
-        with torch.inference_mode():
+        with torch.no_grad():
             result = model(image.to(device, dtype)).float().cpu()
         if on_tile:
             on_tile(1, 1)
@@ -73,7 +73,7 @@ def run_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
         row_weight = rows.weights(top, scale)
         for left in columns.starts:
             piece = image[:, :, top : top + tile, left : left + tile]
-            with torch.inference_mode():
+            with torch.no_grad():
                 upscaled = model(piece.to(device, dtype)).float().cpu()
             if output is None:
                 output = torch.zeros(1, upscaled.shape[1], height * scale, width * scale)
@@ -86,4 +86,4 @@ def run_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
             done += 1
             if on_tile:
                 on_tile(done, count)
-    return output / total_weight
+    return output.div_(total_weight)

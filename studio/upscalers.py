@@ -8,9 +8,11 @@ where. `.pth` files are loaded with `torch.load(weights_only=True)`, so a file c
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import pickle
+import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -96,6 +98,14 @@ class UpscalerCatalog:
         except KeyError:
             raise UnknownPreset(f"Unknown upscaler {name!r}. Available upscalers: {', '.join(self._names)}.") from None
 
+    def only(self, names: list[str]) -> UpscalerCatalog:
+        """The same catalog narrowed to `names` (ZeroGPU: the upscalers that could be placed at start)."""
+        kept = {name: preset for name, preset in self.presets.items() if name in names}
+        return UpscalerCatalog(kept, self.default if self.default in kept else next(iter(kept)))
+
+    def with_preset(self, preset: UpscalerPreset) -> UpscalerCatalog:
+        return UpscalerCatalog({**self.presets, preset.name: preset}, self.default)
+
     def choices(self) -> list[tuple[str, str]]:
         return [(preset.label, name) for name, preset in self.presets.items()]
 
@@ -158,26 +168,35 @@ class ReleaseFiles:
             return target
 
     def _download(self, release: ReleaseFile, on_progress: ProgressCallback | None) -> None:
+        """Into a temporary file of its own in the cache folder (two processes sharing the cache do not clash),
+        renamed into place only once its size and sha256 are right; removed on any failure."""
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        target, partial = self.path(release), self.path(release).with_suffix(".part")
+        handle = tempfile.NamedTemporaryFile(dir=self.cache_dir, prefix=f".{release.name}.", suffix=".part",
+                                             delete=False)
+        partial = Path(handle.name)
         digest, done = hashlib.sha256(), 0
         try:
-            with urllib.request.urlopen(release.url, timeout=60) as response, open(partial, "wb") as out:
-                while chunk := response.read(DOWNLOAD_CHUNK):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    done += len(chunk)
-                    if on_progress:
-                        on_progress(done, release.size, f"Downloading {release.name}")
-        except (urllib.error.URLError, OSError) as error:
+            try:
+                with handle, urllib.request.urlopen(release.url, timeout=60) as response:
+                    while chunk := response.read(DOWNLOAD_CHUNK):
+                        done += len(chunk)
+                        if done > release.size:
+                            raise ModelUnavailable(f"{release.url} sent more than the {human_size(release.size)} of "
+                                                   f"{release.name}: it was not kept.")
+                        handle.write(chunk)
+                        digest.update(chunk)
+                        if on_progress:
+                            on_progress(done, release.size, f"Downloading {release.name}")
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+                raise self._missing(release, f"the download failed: {one_line(error)}") from error
+            if digest.hexdigest() != release.sha256:
+                raise ModelUnavailable(f"{release.name} from {release.url} has sha256 {digest.hexdigest()[:12]}…, not "
+                                       f"the pinned {release.sha256[:12]}…: it was not kept. Try again, or fetch it "
+                                       "by hand.")
+            os.replace(partial, self.path(release))
+            self._verified[release.name] = self._stamp(self.path(release))
+        finally:
             partial.unlink(missing_ok=True)
-            raise self._missing(release, f"the download failed: {one_line(error)}") from error
-        if digest.hexdigest() != release.sha256:
-            partial.unlink(missing_ok=True)
-            raise ModelUnavailable(f"{release.name} from {release.url} has sha256 {digest.hexdigest()[:12]}…, not the "
-                                   f"pinned {release.sha256[:12]}…: it was not kept. Try again, or fetch it by hand.")
-        os.replace(partial, target)
-        self._verified[release.name] = self._stamp(target)
 
     def _check(self, target: Path, release: ReleaseFile, on_progress: ProgressCallback | None) -> None:
         digest, done, size = hashlib.sha256(), 0, target.stat().st_size

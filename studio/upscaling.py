@@ -24,7 +24,7 @@ from .errors import InvalidRequest, OutOfMemoryBudget, StudioError
 from .images import check_pixels
 from .jobs import JobControl, LocalJob
 from .memory import ModelManager
-from .tiling import MIN_TILE, TileGrid, run_tiled
+from .tiling import MIN_TILE, run_tiled
 from .upscalers import ReleaseFiles, UpscalerCatalog, UpscalerPreset, upscaler_key
 
 MIN_SCALE, MAX_SCALE = 1.0, 8.0
@@ -70,11 +70,19 @@ class UpscalePlan:
 
     @property
     def passes(self) -> int:
-        """Native passes until the image is at least `scale` times larger (one for a scale at or below native)."""
+        """Native passes that do not go beyond `scale` (at least one); a Lanczos resize does the rest. ×8 with a ×4
+        model: one pass, then ×2; ×2 with it: one pass, then ×0.5."""
         native = self.preset.native_scale
         if native <= 1:
             return 0
-        return max(1, math.ceil(math.log(self.request.scale) / math.log(native) - 1e-9))
+        return max(1, math.floor(math.log(self.request.scale) / math.log(native) + 1e-9))
+
+    @property
+    def largest_pixels(self) -> int:
+        """Pixels of the largest image the job holds: the last pass's output or the result."""
+        height, width = self.rgb.shape[:2]
+        factor = max(self.preset.native_scale ** self.passes, self.request.scale)
+        return int(height * width * factor * factor)
 
     @property
     def postprocessing(self) -> str:
@@ -83,9 +91,12 @@ class UpscalePlan:
 
     @property
     def gpu_seconds(self) -> int:
+        """Output pixels of every pass (each pass works on the last one's output), 1 s per 200 k, + 10 s."""
         height, width = self.rgb.shape[:2]
-        work = height * width * self.preset.native_scale**2 * max(self.passes, 1) * (2 if self.alpha is not None else 1)
-        return int(min(300, 10 + work / 200_000))
+        native = self.preset.native_scale
+        work = sum(height * width * native ** (2 * (k + 1)) for k in range(self.passes))
+        planes = 2 if self.alpha is not None and self.alpha.min() < 1 else 1
+        return int(min(300, 10 + work * planes / 200_000))
 
 
 @dataclass
@@ -196,6 +207,10 @@ class Upscaling:
         preset = self.catalog.get(request.upscaler)
         rgb, alpha, mode = image_arrays(image)
         plan = UpscalePlan(request, preset, rgb, alpha, mode, size, image.info.get("parameters"))
+        if plan.largest_pixels > self.limits.max_output_pixels:  # a ×4 pass of a ×1 request is 16× the pixels
+            raise InvalidRequest([f"{preset.label} works at ×{preset.native_scale}: {width}×{height} would pass "
+                                  f"through {plan.largest_pixels:,} pixels, more than {self.limits.max_output_pixels:,}, "
+                                  "the limit here. Choose a smaller image, or Lanczos."])
         if preset.is_model:
             plan.key = upscaler_key(preset, self.files, request.denoise_strength)
         return plan
@@ -218,13 +233,16 @@ class Upscaling:
         rgb, alpha, tile = plan.rgb, plan.alpha, 0
         if plan.preset.is_model:
             planes = [rgb] + ([np.repeat(alpha[..., None], 3, axis=2)] if self._alpha_by_model(plan) else [])
-            counter = ProgressCounter(job, self._tile_counts(plan, len(planes)))
+            counter = ProgressCounter(job, plan.passes * len(planes))
             results = []
             try:
                 for plane in planes:
                     for _ in range(plan.passes):
+                        if job.cancelled:
+                            raise Cancelled("Stopped.")
                         with self.manager.turn():
                             plane, tile = self._one_pass(plan, plane, counter, warnings)
+                        counter.pass_done()
                     results.append(plane)
             except Cancelled:  # Stop: nothing half-upscaled is returned
                 return UpscaleResult(None, tile, warnings, interrupted=True)
@@ -266,8 +284,9 @@ class Upscaling:
                                          self.manager.device, self.manager.dtype, counter.tile_done)
                 break
             except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
-                smaller = (tile or max(height, width)) // 2
+                smaller = min(tile or max(height, width), max(height, width)) // 2
                 if smaller < MIN_TILE:
+                    release_memory(self.manager.device)
                     raise OutOfMemoryBudget(
                         f"Out of memory on {self.manager.device} upscaling {width}×{height}, even in tiles of "
                         f"{MIN_TILE} px (about {format_bytes(needed)} of working memory). Try a smaller image "
@@ -275,10 +294,10 @@ class Upscaling:
                     ) from None
                 warnings.append(f"Out of memory with {'no tiling' if not tile else f'{tile} px tiles'}; "
                                 f"tiles of {smaller} px were used instead.")
-                tile = smaller - smaller % multiple
+                tile = smaller - smaller % multiple  # the pass starts again; its progress with it
             release_memory(self.manager.device)
         scale = plan.preset.native_scale
-        result = upscaled[0, :, : height * scale, : width * scale].clamp(0, 1).permute(1, 2, 0).numpy()
+        result = upscaled[0, :, : height * scale, : width * scale].clamp_(0, 1).permute(1, 2, 0).numpy()
         return result, tile
 
     def _first_tile(self, plan: UpscalePlan, height: int, width: int) -> int:
@@ -302,16 +321,6 @@ class Upscaling:
     def _tile_shape(tile: int, height: int, width: int) -> tuple[int, int]:
         return (min(tile, height), min(tile, width)) if tile else (height, width)
 
-    def _tile_counts(self, plan: UpscalePlan, planes: int) -> int:
-        """Tiles over all passes, for progress (an estimate when tiling is automatic)."""
-        height, width = plan.rgb.shape[:2]
-        total = 0
-        for _ in range(plan.passes):
-            tile = plan.request.tile or 0
-            total += len(TileGrid(height, tile).starts) * len(TileGrid(width, tile).starts) if tile else 1
-            height, width = height * plan.preset.native_scale, width * plan.preset.native_scale
-        return total * planes
-
 
 def size_multiple(architecture: dict) -> int:
     """What the input's sides must divide by: RRDBNet ×2 and ×1 fold pixels into channels (pixel unshuffle)."""
@@ -320,29 +329,29 @@ def size_multiple(architecture: dict) -> int:
 
 
 def padded(image: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Reflect-padded at the bottom and right to sides that divide by `multiple` (the extra output is cropped)."""
+    """Padded at the bottom and right to sides that divide by `multiple` (the extra output is cropped)."""
     height, width = image.shape[-2:]
     bottom, right = -height % multiple, -width % multiple
     if not (bottom or right):
         return image
-    return torch.nn.functional.pad(image, (0, right, 0, bottom), mode="reflect")
+    return torch.nn.functional.pad(image, (0, right, 0, bottom), mode="replicate")  # reflect fails on 1 px sides
 
 
 @dataclass
 class ProgressCounter:
-    """Counts tiles across passes for the job's progress, and stops the work when the job is cancelled."""
+    """The job's progress over all passes (each pass one unit, its tiles fractions of it); stops the work when
+    the job is cancelled."""
 
     job: JobControl
-    total: int
-    done: int = 0
-    _pass_done: int = 0
+    passes: int
+    done_passes: int = 0
+    UNIT = 1000
 
     def tile_done(self, done: int, total: int) -> None:
-        if done == 1:
-            self._pass_done = 0
-        self.done += done - self._pass_done
-        self._pass_done = done
-        self.total = max(self.total, self.done)
-        self.job.report(self.done, self.total, f"Tile {done}/{total}")
+        self.job.report(self.done_passes * self.UNIT + self.UNIT * done // total, self.passes * self.UNIT,
+                        f"Pass {self.done_passes + 1}/{self.passes}, tile {done}/{total}")
         if self.job.cancelled:
             raise Cancelled("Stopped.")
+
+    def pass_done(self) -> None:
+        self.done_passes += 1

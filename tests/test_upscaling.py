@@ -2,6 +2,7 @@
 checked and loaded safely, and the embedded upscaler on shapes it never saw."""
 
 import hashlib
+import re
 import http.server
 import threading
 from dataclasses import replace
@@ -20,7 +21,9 @@ from studio.upscalers import (
     UPSCALER,
     ReleaseFile,
     ReleaseFiles,
+    UpscalerCatalog,
     UpscalerLoader,
+    UpscalerPreset,
     load_upscalers,
     read_pth,
     upscaler_key,
@@ -176,8 +179,9 @@ def test_out_of_memory_halves_the_tile_down_to_the_floor(tmp_path):
     manager = ModelManager({UPSCALER: FixedLoader(network)}, "cpu", torch.float32, device_budget=2 * 1024**3)
     upscaling = Upscaling(manager, load_upscalers(), ReleaseFiles(tmp_path, offline=True))
     image = shapes_picture(300)
-    result = upscaling.upscale(image, UpscaleRequest(EMBEDDED, 4, tile=0))
-    assert result.image.size == (1200, 1200) and result.tile == 75 - 75 % 1  # 300 → 150 → 75
+    result = upscaling.upscale(image, UpscaleRequest(EMBEDDED, 4, tile=1024))  # a tile larger than the image
+    assert result.image.size == (1200, 1200) and result.tile == 75  # 300 (the image) → 150 → 75
+    assert network.calls[0] == (300, 300) and (150, 150) in network.calls
     assert any("tiles of 75 px" in warning for warning in result.warnings)
     expected = image.resize((1200, 1200), Image.Resampling.NEAREST)
     assert np.abs(np.asarray(result.image, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
@@ -241,6 +245,11 @@ def test_a_release_file_is_fetched_once_checked_and_cached(tmp_path):
         with pytest.raises(ModelUnavailable, match="not the pinned"):
             files.ensure(tampered)
         assert not (tmp_path / "cache" / "bad.pth").exists()
+        oversized = replace(release, name="big.pth", size=release.size // 2)  # the server sends more than pinned
+        weights.write_bytes(b"x" * release.size)
+        with pytest.raises(ModelUnavailable, match="sent more than"):
+            files.ensure(replace(oversized, url=f"{server.url}/tiny_x4.pth"))
+        assert not list((tmp_path / "cache").glob("*.part")) and not (tmp_path / "cache" / "big.pth").exists()
     finally:
         server.close()
 
@@ -361,3 +370,71 @@ def test_the_embedded_preset_is_a_folder_key_held_by_the_manager(manager, upscal
     assert key == ModelKey(UPSCALER, str(load_upscalers().get(EMBEDDED).folder))
     upscaling.upscale(shapes_picture(32), UpscaleRequest(EMBEDDED, 2))
     assert manager.is_loaded(key)
+
+
+def x2_folder(tmp_path) -> UpscalerPreset:
+    """A random-weight RRDBNet ×2 (pixel unshuffle inside) as a folder preset, like the embedded one."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "x2"
+    folder.mkdir()
+    network = random_network("RRDBNet", scale=2)
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, folder / "weights.safetensors")
+    (folder / "config.json").write_text(json.dumps({"arch": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3,
+                                                    "num_feat": 32, "num_block": 3, "num_grow_ch": 16, "scale": 2}))
+    return UpscalerPreset("x2", "Random ×2", folder=str(folder))
+
+
+def test_a_x2_model_takes_odd_and_one_pixel_images_and_tiles_them_seamlessly(manager, tmp_path):
+    preset = x2_folder(tmp_path)
+    upscaling = Upscaling(manager, UpscalerCatalog({"x2": preset}, "x2"), ReleaseFiles(tmp_path, offline=True))
+    assert upscaling.upscale(Image.new("RGB", (1, 1), (200, 30, 30)), UpscaleRequest("x2", 2)).image.size == (2, 2)
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (97, 151, 3), dtype=np.uint8))
+    whole = upscaling.upscale(image, UpscaleRequest("x2", 2, tile=0)).image
+    tiled = upscaling.upscale(image, UpscaleRequest("x2", 2, tile=67))  # odd: rounded down to what ×2 takes
+    assert whole.size == tiled.image.size == (302, 194) and tiled.tile == 66
+    assert np.abs(np.asarray(whole, dtype=int) - np.asarray(tiled.image, dtype=int)).max() <= 1
+
+
+def test_progress_counts_passes_and_tiles_and_stop_ends_the_job(upscaling):
+    reports = []
+    image = shapes_picture(150)
+    upscaling.upscale(image, UpscaleRequest(EMBEDDED, 8, tile=64), lambda done, total, text: reports.append(
+        (done, total, text)))
+    assert [done for done, _, _ in reports] == sorted(done for done, _, _ in reports)
+    assert reports[-1][0] == reports[-1][1]
+    assert re.fullmatch(r"Pass 1/1, tile (\d+)/\1", reports[-1][2]), reports[-1]  # ×8 on a ×4 model: one pass
+    cancel = threading.Event()
+
+    def stop_after_two(done, total, text):
+        if ", tile 2/" in text:
+            cancel.set()
+
+    result = upscaling.upscale(image, UpscaleRequest(EMBEDDED, 4, tile=64), stop_after_two, cancel)
+    assert result.interrupted and result.image is None
+
+
+def test_the_limit_counts_the_pixels_a_pass_goes_through_not_only_the_result(manager, tmp_path):
+    limited = Upscaling(manager, load_upscalers(), ReleaseFiles(tmp_path, offline=True),
+                        UpscaleLimits(max_input_pixels=10**6, max_output_pixels=4 * 10**6))
+    image = Image.new("RGB", (1000, 1000))
+    with pytest.raises(InvalidRequest, match="would pass through 16,000,000 pixels"):  # ×1: a ×4 pass, then down
+        limited.plan(image, UpscaleRequest(EMBEDDED, 1))
+    assert limited.plan(image, UpscaleRequest("lanczos", 2)).largest_pixels == 4 * 10**6  # a resize: allowed
+    assert limited.plan(image.resize((500, 500)), UpscaleRequest(EMBEDDED, 4)).passes == 1
+
+
+def test_tiling_a_realesrgan_x4plus_size_network_stays_within_one_level():
+    """The 23-block network of RealESRGAN_x4plus (random weights), whose receptive field is the widest here."""
+    torch.manual_seed(0)
+    network = rrdbnet_class()(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=4).eval()
+    with torch.no_grad():
+        network.conv_last.weight.mul_(10)
+    image = torch.rand(1, 3, 90, 100, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = network(image)
+    tiled = run_tiled(network, image, 4, MIN_TILE, "cpu", torch.float32)
+    assert whole.std() > 0.05 and (tiled - whole).abs().max() <= 1 / 255

@@ -10,12 +10,15 @@ import traceback
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import app
 from components.running import JobRunner
 from studio.generation import TextToImageRequest
 from studio.jobs import JobBoard
 from studio.metadata import parse_parameters
+from studio.upscalers import ReleaseFiles, load_upscalers
+from studio.upscaling import UpscalePlan, UpscaleRequest, Upscaling
 
 
 class ForkingGpu:
@@ -64,19 +67,25 @@ def serve(task, arguments, results, observe):
 
 
 @pytest.fixture(scope="module")
-def zerogpu():
+def zerogpu(tmp_path_factory):
     """The studio as app.py builds it on ZeroGPU: every offered preset preloaded in the main process, the GPU
     function behind (a stand-in for) spaces.GPU."""
     studio = app.build_studio(app.parse_args(["--device", "cpu"]))
     engine = studio.text_to_image
     assert app.preload_preset(studio.manager, engine.models, engine.downloads, engine.presets.get("embedded"), pin=True)
+    files = ReleaseFiles(tmp_path_factory.mktemp("release-files"), offline=True)  # no Real-ESRGAN file here
+    studio.upscaling = Upscaling(studio.manager, app.preload_upscalers(studio.manager, load_upscalers(), files), files)
     loads_before = studio.manager.loads
     fake = ForkingGpu(observe=lambda: studio.manager.loads - loads_before)
     original = getattr(app, "spaces", None)
     app.spaces = fake
     try:
         runner = JobRunner(board=JobBoard(slots=8), gpu=app.zerogpu_wrapper(studio.manager))
-        yield studio, runner, runner.device_function(engine), fake
+        on_device = runner.device_function(engine)
+        # every tab registers its engine before the first job, as build_ui does: a worker forked later would not
+        # know an engine registered after it
+        runner.device_function(studio.upscaling, UpscalePlan)
+        yield studio, runner, on_device, fake
     finally:
         for process in fake.workers:
             process.kill()
@@ -149,3 +158,21 @@ def test_stop_and_progress_cross_the_fork(zerogpu):
     assert not other.cancelled  # Stop in one tab leaves the other tab's job alone
     runner.board.close(job)
     runner.board.close(other)
+
+
+def test_an_upscale_runs_in_the_same_gpu_function_and_nothing_loads_there(zerogpu):
+    """On ZeroGPU the upscalers are placed at start, the ones whose files are missing are not offered, and an
+    upscale runs in the same forked worker as the images (one GPU function per manager)."""
+    studio, runner, on_device, fake = zerogpu
+    upscaling = studio.upscaling
+    assert set(upscaling.catalog.names) == {"embedded-rrdbnet-x4", "lanczos"}
+    assert runner.device_function(upscaling, UpscalePlan) is on_device
+    image = Image.new("RGB", (40, 30), (40, 90, 200))
+    plan = upscaling.plan(image, UpscaleRequest("embedded-rrdbnet-x4", 2))
+    job = runner.board.open("visitor", "upscale")
+    result = on_device(plan, job.slot)
+    runner.board.close(job)
+    here = upscaling.upscale(image, UpscaleRequest("embedded-rrdbnet-x4", 2))
+    assert result.image.size == (80, 60) and result.image.info["postprocessing"].startswith("Postprocess upscale by: 2")
+    assert np.abs(np.asarray(result.image, dtype=int) - np.asarray(here.image, dtype=int)).max() <= 2
+    assert fake.observed[-1] == 0  # no model was loaded inside the worker
