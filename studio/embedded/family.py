@@ -27,7 +27,7 @@ TRAINING_PLAN = {
     "vae": StagePlan(4500, 32),
     "unet": StagePlan(5000, 64, dataset_size=24000),
     "inpaint": StagePlan(6000, 64, dataset_size=16000),
-    "upscaler": StagePlan(5000, 16),
+    "upscaler": StagePlan(7000, 16),
 }
 SMOKE_PLAN = {
     "clip": StagePlan(3, 8),

@@ -459,7 +459,7 @@ class UpscalerStage(Stage):
     lr = 1e-3
     crop = 64  # high-resolution crop; the input is a quarter of it
     edge_crop_fraction = 0.8
-    recolour_fraction = 0.5  # crops in random colours, so the network keeps any colour, not just the palette's
+    recolour_fraction = 0.3  # crops in random colours, so the network keeps any colour, not just the palette's
 
     def build(self):
         from ..basicsr_compat import rrdbnet_class
