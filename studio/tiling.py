@@ -7,6 +7,7 @@ the whole input and output on the device (#184); `bench/upscale_tiling.py` measu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,28 +18,51 @@ import torch
 # tiled result within 1/255 of the untiled one for RRDBNet and SRVGGNetCompact (tests/test_upscaling.py).
 CONTEXT = 16
 FEATHER = 8
+OVERLAP = 2 * CONTEXT + FEATHER  # neighbouring tiles share their context on both sides, and the feather
 MIN_TILE = 2 * (CONTEXT + FEATHER) + 16  # smaller tiles would spend almost all their work on context
 
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Where the tiles of one axis start, for an image `length` pixels long and tiles of `tile` pixels."""
+    """The tiles of one axis, for an image `length` pixels long and tiles of at most `tile` pixels (their sides a
+    multiple of `multiple`, for networks that fold pixels into channels): the fewest that cover it with their
+    overlap, each no larger than that count needs (less work spent twice), spread evenly."""
 
     length: int
     tile: int
+    multiple: int = 1
+
+    @property
+    def size(self) -> int:
+        if self.tile >= self.length:
+            return self.length
+        count = self._count(self.tile)
+        size = math.ceil((self.length + (count - 1) * self._overlap) / count)
+        return min(self.tile, size + -size % self.multiple)
 
     @property
     def starts(self) -> list[int]:
-        if self.tile >= self.length:
+        """Multiples of `multiple` too: a network that folds 2×2 pixels into channels must see the same 2×2 groups
+        in a tile as in the whole image. Each step is at most size - OVERLAP, so neighbours always share their
+        context and the feather."""
+        size = self.size
+        if size >= self.length:
             return [0]
-        stride = self.tile - 2 * CONTEXT - FEATHER  # neighbours share context on both sides plus the feather
-        starts = list(range(0, self.length - self.tile, stride))
-        return starts + [self.length - self.tile]  # the last tile ends flush with the edge
+        count = self._count(size)
+        return [index * (self.length - size) // (count - 1) // self.multiple * self.multiple
+                for index in range(count)]
+
+    @property
+    def _overlap(self) -> int:
+        return OVERLAP + self.multiple - 1  # rounding the starts down may widen a step by multiple - 1
+
+    def _count(self, size: int) -> int:
+        return math.ceil((self.length - self._overlap) / (size - self._overlap))
 
     def weights(self, start: int, scale: int) -> torch.Tensor:
         """The 1-D blending weight of a tile's output along this axis: 0 over the context a tile has beside a
         neighbour, a linear ramp over the feather, 1 elsewhere (and at the image's own edges)."""
-        size = min(self.tile, self.length)
+        size = self.size
         weight = torch.ones(size * scale)
         ramp = (torch.arange(FEATHER * scale, dtype=torch.float32) + 0.5) / (FEATHER * scale)
         context, feather = CONTEXT * scale, FEATHER * scale
@@ -53,10 +77,11 @@ class TileGrid:
 
 def run_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scale: int, tile: int,
               device: torch.device | str, dtype: torch.dtype,
-              on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
+              on_tile: Callable[[int, int], None] | None = None, multiple: int = 1) -> torch.Tensor:
     """`model` applied to `image` (1×C×H×W, float on the CPU) tile by tile; returns 1×C×(H·scale)×(W·scale) float32
     on the CPU. `tile` is the tile's side in input pixels (0 or at least the image: one pass). `on_tile(done,
-    total)` is called after each tile (progress; it may raise to stop)."""
+    total)` is called after each tile (progress; it may raise to stop). Tile sides are kept a multiple of
+    `multiple`."""
     _, channels, height, width = image.shape
     if tile <= 0 or (tile >= height and tile >= width):
         with torch.no_grad():
@@ -66,13 +91,13 @@ def run_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
         return result
     if tile < MIN_TILE:
         raise ValueError(f"A tile must be at least {MIN_TILE} pixels (got {tile}).")
-    rows, columns = TileGrid(height, tile), TileGrid(width, tile)
+    rows, columns = TileGrid(height, tile, multiple), TileGrid(width, tile, multiple)
     output, total_weight = None, torch.zeros(1, 1, height * scale, width * scale)
     count, done = len(rows.starts) * len(columns.starts), 0
     for top in rows.starts:
         row_weight = rows.weights(top, scale)
         for left in columns.starts:
-            piece = image[:, :, top : top + tile, left : left + tile]
+            piece = image[:, :, top : top + rows.size, left : left + columns.size]
             with torch.no_grad():
                 upscaled = model(piece.to(device, dtype)).float().cpu()
             if output is None:

@@ -281,7 +281,7 @@ class Upscaling:
                 with self.manager.use({"upscaler": plan.key}, needed) as models:
                     network = models["upscaler"]
                     upscaled = run_tiled(network, image, plan.preset.native_scale, tile,
-                                         self.manager.device, self.manager.dtype, counter.tile_done)
+                                         self.manager.device, self.manager.dtype, counter.tile_done, multiple)
                 break
             except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
                 smaller = min(tile or max(height, width), max(height, width)) // 2

@@ -64,7 +64,7 @@ def test_tiled_output_equals_untiled_within_one_level(kind, scale, size, tile):
     image = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         whole = network(image)
-    tiled = run_tiled(network, image, scale, tile, "cpu", torch.float32)
+    tiled = run_tiled(network, image, scale, tile, "cpu", torch.float32, multiple=2 if scale == 2 else 1)
     assert tiled.shape == whole.shape
     assert whole.std() > 0.05  # the output varies: a difference would show
     assert (tiled - whole).abs().max() <= 1 / 255
@@ -181,7 +181,7 @@ def test_out_of_memory_halves_the_tile_down_to_the_floor(tmp_path):
     image = shapes_picture(300)
     result = upscaling.upscale(image, UpscaleRequest(EMBEDDED, 4, tile=1024))  # a tile larger than the image
     assert result.image.size == (1200, 1200) and result.tile == 75  # 300 (the image) → 150 → 75
-    assert network.calls[0] == (300, 300) and (150, 150) in network.calls
+    assert network.calls[0] == (300, 300) and all(max(call) <= 150 for call in network.calls[1:])
     assert any("tiles of 75 px" in warning for warning in result.warnings)
     expected = image.resize((1200, 1200), Image.Resampling.NEAREST)
     assert np.abs(np.asarray(result.image, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
