@@ -402,11 +402,14 @@ def step_callback(index: int, steps: int, batch_size: int, job: JobControl, step
 
 def noised_for_next_evaluation(scheduler, clean: torch.Tensor, noise: torch.Tensor,
                                next_timestep: torch.Tensor) -> torch.Tensor:
-    """`clean` noised to the level the model is given at its next evaluation. A k-diffusion sampler says that
-    level through its input scaling, 1 / sqrt(sigma² + 1), which also covers the middle evaluation of DPM2 (a)
-    and DPM++ SDE, where add_noise would use the next step's sigma instead; other schedulers (DDIM, DPM++ 2M,
-    UniPC) leave their input unscaled and noise by timestep."""
-    scale = float(scheduler.scale_model_input(torch.ones(1), next_timestep)[0])
+    """`clean` noised to the level the model is given at its next evaluation; call it after the scheduler's step
+    (most schedulers read their advanced step index, not `next_timestep`). A k-diffusion sampler says that level
+    through its input scaling, 1 / sqrt(sigma² + 1), which also covers the middle evaluation of DPM2 and DPM++ SDE,
+    where add_noise would use the next step's sigma instead; other schedulers (DDIM, DPM++ 2M, UniPC, LCM) leave
+    their input unscaled and noise by timestep."""
+    # on the latents' device (DPM2 keeps its interpolated sigmas there), in float32 (fp16 rounds 0.9996 to 1)
+    probe = torch.ones(1, device=clean.device, dtype=torch.float32)
+    scale = float(scheduler.scale_model_input(probe, next_timestep)[0])
     if scale < 1:
         return clean + noise * (1 / scale**2 - 1) ** 0.5
     return scheduler.add_noise(clean, noise, next_timestep[None])

@@ -76,7 +76,8 @@ def run_recording(pipe, scheduler, guidance, strength, hooked: bool):
     def recording(sample, timestep):
         scaled = scale_model_input(sample, timestep)
         if sample.dim() == 4:  # the pipeline's call, not the hook asking for the next level
-            evaluations.append((sample[:1].clone(), (scaled[:1].flatten()[0] / sample[:1].flatten()[0]).item()))
+            scale = (scaled[:1].flatten()[0] / sample[:1].flatten()[0]).item()
+            evaluations.append((sample[:1].clone(), scale, int(timestep)))
         return scaled
 
     pipe.scheduler.scale_model_input = recording
@@ -96,30 +97,38 @@ def run_recording(pipe, scheduler, guidance, strength, hooked: bool):
 
 @pytest.mark.parametrize(("scheduler", "guidance", "strength"), [
     ("Euler", 3.0, 1.0), ("Euler", 1.0, 1.0), ("Euler a", 3.0, 0.6), ("Heun", 3.0, 1.0), ("DPM2", 3.0, 1.0),
-    ("DPM2 a", 3.0, 1.0), ("DPM++ SDE", 3.0, 1.0), ("LMS", 3.0, 1.0),
+    ("DPM2 a", 3.0, 1.0), ("DPM++ SDE", 3.0, 1.0), ("LMS", 3.0, 1.0), ("DDIM", 3.0, 0.6), ("DDIM", 3.0, 1.0),
 ])
 def test_the_model_sees_the_original_outside_the_mask_at_its_own_noise_level(inpaint_pipeline, scheduler, guidance,
                                                                               strength):
     """A1111 and ComfyUI put the original back outside the mask at every model evaluation, inpainting models
     included (diffusers only for plain UNets). So at each evaluation after the first, the latents the model gets
-    there are original + sigma × one fixed noise, sigma being the level the sampler tells the model (read from its
-    own input scaling, second-order midpoints included), and the final latents there are the original's. Without
-    the hook they are not (with CFG or without, strength < 1, ancestral and second-order samplers)."""
-    latents, keep, evaluations, callbacks = run_recording(inpaint_pipeline, scheduler, guidance, strength, True)
-    original = latents[keep]  # the last callback leaves the clean original there
-    noises = []
-    for sample, scale in evaluations[1:]:  # the first evaluation starts from the pipeline's own noise
-        sigma = (1 / scale**2 - 1) ** 0.5
-        noises.append((sample[keep] - original) / sigma)
+    there are the original noised by one fixed noise to the level the sampler tells the model (read from its own
+    input scaling, second-order midpoints included; DDIM's by its timestep), and the final latents there are the
+    image's own. Without the hook they are not (with CFG or without, strength < 1, ancestral and second-order
+    samplers). The old add_noise got DPM2's and DPM++ SDE's midpoints wrong, and this fails on it."""
+    pipe = inpaint_pipeline
+    latents, keep, evaluations, callbacks = run_recording(pipe, scheduler, guidance, strength, True)
+    original = latents[keep]  # the last callback leaves the clean original there: the image's own latents
+    encoded = pipe.vae.encode(pipe.image_processor.preprocess(picture())).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert (original - encoded.expand_as(latents)[keep]).abs().max() < 0.1 * encoded.abs().max()
+
+    def noise_at(sample, scale, timestep):
+        if scale < 1:  # a k-diffusion sampler: latents = x0 + sigma × noise, and it divides by sqrt(sigma² + 1)
+            return (sample[keep] - original) / (1 / scale**2 - 1) ** 0.5
+        alpha = pipe.scheduler.alphas_cumprod[timestep]  # DDIM: sqrt(ᾱ) × x0 + sqrt(1 - ᾱ) × noise
+        return (sample[keep] - alpha.sqrt() * original) / (1 - alpha).sqrt()
+
+    # the first evaluation starts from the pipeline's own noise
+    noises = [noise_at(sample, scale, timestep) for sample, scale, timestep in evaluations[1:]]
     for noise in noises[1:]:
         assert torch.allclose(noise, noises[0], atol=1e-3), (noise - noises[0]).abs().max()
     assert noises[0].std() > 0.5  # a real noise, not zeros
     assert callbacks == list(range(inpaint_pipeline.num_timesteps))  # the next callback (progress, Stop) still runs
 
-    drifted, _, drifted_evaluations, _ = run_recording(inpaint_pipeline, scheduler, guidance, strength, False)
+    drifted, _, drifted_evaluations, _ = run_recording(pipe, scheduler, guidance, strength, False)
     assert (drifted[keep] - original).abs().max() > 0.3  # without the hook the model drifts there
-    sample, scale = drifted_evaluations[-1]
-    assert not torch.allclose((sample[keep] - original) / (1 / scale**2 - 1) ** 0.5, noises[0], atol=0.1)
+    assert not torch.allclose(noise_at(*drifted_evaluations[-1]), noises[0], atol=0.1)
 
 
 def test_the_asked_shape_is_painted_inside_the_mask(inpainter):
