@@ -240,8 +240,7 @@ class Upscaling:
                     for _ in range(plan.passes):
                         if job.cancelled:
                             raise Cancelled("Stopped.")
-                        with self.manager.turn():
-                            plane, tile = self._one_pass(plan, plane, counter, warnings)
+                        plane, tile = self._one_pass(plan, plane, counter, warnings)
                         counter.pass_done()
                     results.append(plane)
             except Cancelled:  # Stop: nothing half-upscaled is returned
@@ -277,11 +276,16 @@ class Upscaling:
         image = padded(torch.from_numpy(np.ascontiguousarray(plane.transpose(2, 0, 1)))[None], multiple)
         while True:
             needed = working_memory(architecture, *self._tile_shape(tile, height, width), self.manager.dtype)
+
+            def network(piece: torch.Tensor, needed=needed) -> torch.Tensor:
+                # each tile is one turn on the device, with the network leased for it alone: other visitors'
+                # images go in between the tiles of a large upscale, as between the images of a batch
+                with self.manager.turn(), self.manager.use({"upscaler": plan.key}, needed) as models:
+                    return models["upscaler"](piece)
+
             try:
-                with self.manager.use({"upscaler": plan.key}, needed) as models:
-                    network = models["upscaler"]
-                    upscaled = run_tiled(network, image, plan.preset.native_scale, tile,
-                                         self.manager.device, self.manager.dtype, counter.tile_done, multiple)
+                upscaled = run_tiled(network, image, plan.preset.native_scale, tile, self.manager.device,
+                                     self.manager.dtype, counter.tile_done, multiple)
                 break
             except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
                 smaller = min(tile or max(height, width), max(height, width)) // 2

@@ -2,9 +2,10 @@
 checked and loaded safely, and the embedded upscaler on shapes it never saw."""
 
 import hashlib
-import re
 import http.server
+import re
 import threading
+import time
 from dataclasses import replace
 from functools import partial
 
@@ -438,3 +439,33 @@ def test_tiling_a_realesrgan_x4plus_size_network_stays_within_one_level():
         whole = network(image)
     tiled = run_tiled(network, image, 4, MIN_TILE, "cpu", torch.float32)
     assert whole.std() > 0.05 and (tiled - whole).abs().max() <= 1 / 255
+
+
+class SlowNearest(torch.nn.Module):
+    """×4 nearest, taking `seconds` per call, recording when each call ran."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.times = seconds, []
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        self.times.append(time.monotonic())
+        return torch.nn.functional.interpolate(x, scale_factor=4, mode="nearest")
+
+
+def test_another_job_takes_its_turn_between_the_tiles_of_a_large_upscale(tmp_path):
+    """A long upscale does not hold the device from start to end: a quick job waiting for its turn gets it at the
+    next tile, as it would between the images of a batch."""
+    network = SlowNearest(0.1)
+    manager = ModelManager({UPSCALER: FixedLoader(network)}, "cpu", torch.float32, device_budget=2 * 1024**3)
+    upscaling = Upscaling(manager, load_upscalers(), ReleaseFiles(tmp_path, offline=True))
+    started = threading.Event()
+    worker = threading.Thread(target=lambda: upscaling.upscale(
+        shapes_picture(150), UpscaleRequest(EMBEDDED, 4, tile=64), lambda *progress: started.set()))
+    worker.start()
+    started.wait(10)  # the first tile is done
+    with manager.turn():  # a quick job's image
+        quick = time.monotonic()
+    worker.join()
+    assert len(network.times) > 4 and quick < network.times[-3], (quick, network.times)
