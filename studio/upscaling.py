@@ -189,7 +189,6 @@ class Upscaling:
         self.catalog = catalog
         self.files = files
         self.limits = limits or UpscaleLimits()
-        self.stages = self  # the JobRunner keeps one GPU function per device-work owner
 
     # ----- CPU: the request checked and the input read -----
 
