@@ -228,6 +228,14 @@ def zerogpu_wrapper(manager: ModelManager):
     return wrap
 
 
+def chosen_result(gallery, index, when_empty: str):
+    """The gallery image last clicked (the first until one is), or a toast saying `when_empty`."""
+    if not gallery:
+        raise user_error(InvalidRequest([when_empty]), "Nothing to send")
+    image, _caption = gallery[min(index or 0, len(gallery) - 1)]
+    return image
+
+
 def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="Diffusion Studio", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# Diffusion Studio\nText to image, inpainting and upscaling with Stable Diffusion and "
@@ -246,10 +254,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def send_to_inpaint(gallery, index, prompt, negative_prompt):
             """The chosen image into the Inpaint editor, with its prompts, as A1111's "Send to inpaint" does."""
-            if not gallery:
-                raise user_error(InvalidRequest(["Generate an image first, then send it to Inpaint."]),
-                                 "Nothing to send")
-            image, _caption = gallery[min(index or 0, len(gallery) - 1)]
+            image = chosen_result(gallery, index, "Generate an image first, then send it to Inpaint.")
             return editor_with_background(image), prompt, negative_prompt, gr.Tabs(selected="inpaint")
 
         # queued (outside the GPU group), so that its error shows as a toast: gradio shows none for unqueued events
@@ -262,10 +267,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
 
         def send_to_upscale(gallery, index):
             """The chosen result into the Upscale tab, with its PNG parameters (kept in the upscaled PNG)."""
-            if not gallery:
-                raise user_error(InvalidRequest(["There is no result to send yet: make one first."]), "Nothing to send")
-            image, _caption = gallery[min(index or 0, len(gallery) - 1)]
-            return image, gr.Tabs(selected="upscale")
+            return chosen_result(gallery, index, "There is no result to send yet: make one first."), gr.Tabs(
+                selected="upscale")
 
         for tab in (text_tab, inpaint_tab):
             tab.send_to_upscale.click(send_to_upscale, [tab.gallery, tab.selected], [upscale_tab.image, tabs],

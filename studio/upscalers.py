@@ -17,6 +17,7 @@ import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from .basicsr_compat import rrdbnet_class, srvgg_class
 from .downloads import ProgressCallback, hub_offline_by_env, human_size, one_line
 from .errors import ModelUnavailable, UnknownPreset
 from .memory import ModelKey
-from .pipelines import safetensors_bytes
+from .pipelines import safetensors_bytes, weight_files
 from .presets import PRESETS_DIR
 
 UPSCALER = "upscaler"  # the ModelManager kind
@@ -59,7 +60,7 @@ class UpscalerPreset:
     def is_model(self) -> bool:
         return self.resize is None
 
-    @property
+    @cached_property  # a folder's config.json is read once, not at every look (callers do not change the dict)
     def architecture(self) -> dict[str, Any]:
         """{"arch": name, **constructor arguments}, from the preset or the folder's config.json."""
         if self.folder:
@@ -303,7 +304,7 @@ class UpscalerLoader:
     def _weight_files(key: ModelKey) -> list[Path]:
         source = Path(key.source)
         if source.is_dir():
-            files = sorted(source.glob("*.safetensors"))
+            files = weight_files(source, None)
             if len(files) != 1:
                 raise ModelUnavailable(f"Upscaler folder {source} must hold exactly one .safetensors file "
                                        f"(found {len(files)}).")

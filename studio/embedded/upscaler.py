@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
-from ..basicsr_compat import rrdbnet_class
+from ..memory import ModelKey
+from ..upscalers import UPSCALER, UpscalerLoader
 
 UPSCALER_DIR = "embedded-upscaler"
 WEIGHTS = "RRDBNet_x4.safetensors"
 
 
 def load_upscaler(models_dir: Path) -> torch.nn.Module:
-    folder = Path(models_dir) / UPSCALER_DIR
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("arch")
-    model = rrdbnet_class()(**config)
-    model.load_state_dict(load_file(folder / WEIGHTS))
-    return model.eval().requires_grad_(False)
+    """The studio's own upscaler loader, on the folder in `models_dir` (float32, eval mode)."""
+    return UpscalerLoader().load(ModelKey(UPSCALER, str(Path(models_dir) / UPSCALER_DIR)), torch.float32)
 
 
 def upscale(model: torch.nn.Module, image: Image.Image) -> Image.Image:
