@@ -40,6 +40,7 @@ from studio.devices import (
 )
 from studio.downloads import HubDownloads
 from studio.errors import InvalidRequest, StudioError
+from studio.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, load_face_restorers
 from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
 from studio.jobs import JobBoard
@@ -126,7 +127,8 @@ def build_studio(args: argparse.Namespace) -> Studio:
         device_budget = parse_bytes(args.device_budget) if args.device_budget else default_device_budget(device)
         free_memory = functools.partial(free_device_bytes, device)
     manager = ModelManager(
-        {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader(), CLIP: ClipLoader()},
+        {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader(), CLIP: ClipLoader(),
+         FACE_RESTORER: FaceRestorerLoader()},
         device,
         default_dtype(device),
         device_budget=device_budget,
@@ -143,13 +145,19 @@ def build_studio(args: argparse.Namespace) -> Studio:
     stages = DiffusionStages(manager, models)
     limits = RequestLimits.public() if args.public else RequestLimits()
     version = f"Diffusion Studio {__version__}"
-    text_to_image = TextToImage(stages, presets, load_styles(), limits, version=version, downloads=downloads)
-    inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads)
     release_files = ReleaseFiles(args.upscaler_cache, offline=HubAccess().offline)
     upscalers = load_upscalers()
     if ON_ZEROGPU:  # nothing may load in the GPU worker: the upscalers are placed now, like the presets
         upscalers = preload_upscalers(manager, upscalers, release_files)
-    upscaling = Upscaling(manager, upscalers, release_files, UpscaleLimits.public() if args.public else UpscaleLimits())
+    faces = FaceRestoration(manager, load_face_restorers(), release_files)  # those whose files are present
+    if ON_ZEROGPU:  # placed now, like the upscalers
+        faces = preload_face_restorers(manager, faces)
+    upscaling = Upscaling(manager, upscalers, release_files, UpscaleLimits.public() if args.public else UpscaleLimits(),
+                          faces=faces)
+    # Hires. fix upscales with the same upscalers, on the same manager
+    text_to_image = TextToImage(stages, presets, load_styles(), limits, version=version, downloads=downloads,
+                                upscaling=upscaling)
+    inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads)
     rate_limit = args.rate_limit or (PUBLIC_RATE_LIMIT if args.public else None)
     runner = JobRunner(
         board=JobBoard(),  # shared memory for Stop and progress: made before ZeroGPU forks its GPU worker
@@ -163,12 +171,15 @@ def build_studio(args: argparse.Namespace) -> Studio:
 
 def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3,
                   dtype: torch.dtype = torch.float32) -> tuple[TextToImage, Inpainter]:
-    """Text to image and inpainting over one fresh manager, with no server around them (tests, benchmarks)."""
+    """Text to image (with Hires. fix's upscalers) and inpainting over one fresh manager, with no server around
+    them (tests, benchmarks)."""
     models = DiffusersModels(torch.device(device))
-    manager = ModelManager(diffusers_loaders(models.variant_for(presets)), device, dtype, device_budget)
+    loaders = {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader()}
+    manager = ModelManager(loaders, device, dtype, device_budget)
     stages = DiffusionStages(manager, models)
     limits, version = RequestLimits(), f"Diffusion Studio {__version__}"
-    return (TextToImage(stages, presets, load_styles(), limits, version=version),
+    upscaling = Upscaling(manager, load_upscalers(), ReleaseFiles(DEFAULT_UPSCALER_CACHE))
+    return (TextToImage(stages, presets, load_styles(), limits, version=version, upscaling=upscaling),
             Inpainter(stages, presets, limits, version=version))
 
 
@@ -210,6 +221,17 @@ def preload_upscalers(manager: ModelManager, catalog: UpscalerCatalog, files: Re
         except StudioError as error:
             log.warning("could not preload upscaler %s: %s", preset.name, str(error).splitlines()[0])
     return catalog.only(kept)
+
+
+def preload_face_restorers(manager: ModelManager, faces: FaceRestoration) -> FaceRestoration:
+    """ZeroGPU: each face restorer whose files are present placed (pinned) now; one that cannot load is not offered."""
+    for name in faces.names:
+        try:
+            manager.preload({"faces": faces.key(name)}, pin=True)
+        except StudioError as error:
+            log.warning("could not preload face restorer %s: %s", name, str(error).splitlines()[0])
+            del faces.presets[name]
+    return faces
 
 
 def zerogpu_wrapper(manager: ModelManager):

@@ -10,8 +10,16 @@ import gradio as gr
 from components.history import build_history
 from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
-from studio.errors import InvalidRequest
+from studio.errors import InvalidRequest, StudioError
 from studio.generation import MAX_CLIP_SKIP, TextToImage, TextToImageRequest, request_from_parameters, whole
+from studio.hires import (
+    DEFAULT_HIRES_UPSCALER,
+    LATENT_UPSCALE_MODES,
+    MAX_HIRES_SCALE,
+    MIN_HIRES_SCALE,
+    HiresFix,
+    hires_size,
+)
 from studio.schedulers import schedulers_for
 
 TAB = "text-to-image"
@@ -31,7 +39,13 @@ class TextToImageTab:
 
 
 def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
-             clip_skip=1):
+             clip_skip=1, hires_fix=False, hires_upscaler=DEFAULT_HIRES_UPSCALER, hires_upscale=2.0, hires_steps=0,
+             denoising_strength=0.5):
+    hires = None
+    if hires_fix:
+        hires = HiresFix(upscale=float(hires_upscale), upscaler=hires_upscaler or DEFAULT_HIRES_UPSCALER,
+                         steps=whole(hires_steps) if hires_steps is not None else 0,
+                         denoising_strength=float(denoising_strength))
     return TextToImageRequest(
         prompt=prompt or "",
         negative_prompt=negative_prompt or "",
@@ -45,7 +59,18 @@ def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, 
         batch_size=whole(batch_size),
         style=style or "None",
         clip_skip=whole(clip_skip) if clip_skip is not None else 1,
+        hires=hires,
     )
+
+
+def hires_note(preset: str, width, height, upscale, presets) -> str:
+    """What Hires. fix will make, shown under its settings."""
+    try:
+        step = presets.get(preset).size_step
+        target = hires_size(int(width), int(height), float(upscale), step)
+    except (KeyError, TypeError, ValueError, StudioError):
+        return ""
+    return f"Generates {int(width)}×{int(height)}, then upscales to **{target[0]}×{target[1]}** and refines it."
 
 
 def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToImageTab:
@@ -92,6 +117,28 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                 clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1, label="Clip skip",
                                       info="A1111's: 2 reads the text encoder's second-to-last layer (anime "
                                            "models); SD 1.x only")
+                hires_fix = gr.Checkbox(False, label="Hires. fix", elem_id="hires-fix",
+                                        info="Two passes, as A1111's: generate at this size, upscale, then refine "
+                                             "at the larger size (more detail than generating large at once)")
+                with gr.Group(visible=False, elem_id="hires-settings") as hires_settings:
+                    with gr.Row():
+                        hires_upscaler = gr.Dropdown(
+                            [(name, name) for name in LATENT_UPSCALE_MODES]
+                            + (engine.upscaling.catalog.choices() if engine.upscaling else []),
+                            value=DEFAULT_HIRES_UPSCALER, label="Upscaler", scale=3,
+                            allow_custom_value=True,  # an unknown name reaches our validator, which lists the real ones
+                            info="Latent: the latents enlarged (no model); or an upscaler model on the image",
+                        )
+                        hires_upscale = gr.Slider(MIN_HIRES_SCALE, MAX_HIRES_SCALE, value=2.0, step=0.05,
+                                                  label="Upscale by", scale=2)
+                    with gr.Row():
+                        hires_steps = gr.Slider(0, limits.max_steps, value=0, step=1, label="Hires steps",
+                                                info="0 = as many as Steps")
+                        denoising_strength = gr.Slider(0, 1, value=0.5, step=0.01, label="Denoising strength",
+                                                       info="How much the second pass redraws")
+                    hires_size_note = gr.Markdown(
+                        hires_note(default.name, default.default_width, default.default_height, 2.0, engine.presets),
+                        elem_id="hires-size-note")
             with gr.Accordion("Read parameters from a PNG", open=False):
                 png = gr.Image(label="PNG made here or by AUTOMATIC1111", type="pil", image_mode=None,
                                sources=["upload"], format="png", height=200, elem_id="png-parameters-input")
@@ -111,13 +158,15 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             history = build_history("history-gallery")
 
     inputs = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
-              clip_skip]
+              clip_skip, hires_fix, hires_upscaler, hires_upscale, hires_steps, denoising_strength]
 
     def check(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size,
-              style, clip_skip, request: gr.Request):
+              style, clip_skip, hires_fix, hires_upscaler, hires_upscale, hires_steps, denoising_strength,
+              request: gr.Request):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
         problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width,
-                                            height, seed, batch_size, style, clip_skip))
+                                            height, seed, batch_size, style, clip_skip, hires_fix, hires_upscaler,
+                                            hires_upscale, hires_steps, denoising_strength))
         if problems:
             raise user_error(InvalidRequest(list(problems.values())), "Check the settings")
         runner.submitted(request, TAB)
@@ -125,11 +174,15 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     on_device = runner.device_function(engine)
 
     def text_to_image(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed,
-                      batch_size, style, clip_skip, request: gr.Request, progress=gr.Progress()):
+                      batch_size, style, clip_skip, hires_fix, hires_upscaler, hires_upscale, hires_steps,
+                      denoising_strength, request: gr.Request, progress=gr.Progress()):
         """Generate images from a prompt. Returns the images (PNG with A1111 parameters), the seeds used and the
-        generation info. Image i uses seed + i; seed -1 picks a random seed."""
+        generation info. Image i uses seed + i; seed -1 picks a random seed. With hires_fix, each image is
+        generated at width × height, upscaled by hires_upscale with hires_upscaler (a latent mode or an upscaler
+        preset), then refined at that size at denoising_strength for hires_steps (0 = steps)."""
         text_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height,
-                                seed, batch_size, style, clip_skip)
+                                seed, batch_size, style, clip_skip, hires_fix, hires_upscaler, hires_upscale,
+                                hires_steps, denoising_strength)
         return runner.run(TAB, request, progress, engine, lambda: engine.plan(text_request), on_device)
 
     def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None, clip_skip=None):
@@ -154,15 +207,20 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     def send_parameters(text, *values):
         if not text or text.startswith("This image has no"):
             raise user_error(InvalidRequest(["Drop a PNG with generation parameters first."]), "No parameters")
-        filled, notes = request_from_parameters(text, engine.presets, _request(*values))
+        # the form, with its hires settings read even while Hires. fix is off (an image without it keeps them)
+        form = _request(*values[:12], True, *values[13:])
+        filled, notes = request_from_parameters(text, engine.presets, form,
+                                                engine.upscaling.catalog if engine.upscaling else None)
         for note in notes:
             gr.Warning(note)
         card_update, scheduler_, steps_, guidance_, width_, height_, clip_skip_ = preset_updates(
             filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height,
             filled.clip_skip,
         )
+        hires = filled.hires or form.hires
         return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, width_, height_,
-                filled.seed, 1, "None", clip_skip_, card_update]
+                filled.seed, 1, "None", clip_skip_, filled.hires is not None, hires.upscaler, hires.upscale,
+                hires.steps, hires.denoising_strength, card_update]
 
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
     # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.
@@ -189,6 +247,11 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     random_seed.click(lambda: -1, None, seed, api_visibility="private", queue=False)
     reuse_seed.click(lambda used: used[0] if used else -1, seeds, seed, api_visibility="private", queue=False)
     png.change(read_png, png, png_parameters, api_visibility="private", queue=False)
+    hires_fix.change(lambda on: gr.Group(visible=on), hires_fix, hires_settings, api_visibility="private",
+                     queue=False, show_progress="hidden")
+    for control in (preset, width, height, hires_upscale):
+        control.change(lambda *values: hires_note(*values, engine.presets), [preset, width, height, hires_upscale],
+                       hires_size_note, api_visibility="private", queue=False, show_progress="hidden")
 
     def remember_selection(selection: gr.SelectData):
         return selection.index

@@ -15,6 +15,7 @@ from PIL import Image, PngImagePlugin
 
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest
+from studio.faces import NO_FACE_RESTORATION
 from studio.images import to_8bit
 from studio.upscaling import MAX_SCALE, MIN_SCALE, UpscalePlan, UpscaleRequest, Upscaling, check_upscale
 
@@ -28,9 +29,11 @@ class UpscaleTab:
     upscale_event: gr.events.Dependency
 
 
-def _request(upscaler, scale, tile, denoise_strength) -> UpscaleRequest:
+def _request(upscaler, scale, tile, denoise_strength, face_restoration=NO_FACE_RESTORATION,
+             face_visibility=1.0) -> UpscaleRequest:
     tile = None if tile is None or tile == "" or int(tile) == AUTOMATIC_TILE else int(tile)
-    return UpscaleRequest(upscaler, float(scale), tile, float(denoise_strength))
+    return UpscaleRequest(upscaler, float(scale), tile, float(denoise_strength),
+                          face_restoration or NO_FACE_RESTORATION, float(face_visibility))
 
 
 class PngFolder:
@@ -97,16 +100,25 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
             tile = gr.Number(value=AUTOMATIC_TILE, precision=0, minimum=AUTOMATIC_TILE, label="Tile size (px)",
                              info="-1: chosen from the free memory. 0: the whole image at once. Tiles overlap and "
                                   "are blended, so they leave no seams.")
+            # only where a face restorer's files are present (never downloaded for you): hidden otherwise
+            restorers = upscaling.faces.names if upscaling.faces else []
+            with gr.Row(visible=bool(restorers), elem_id="face-restoration"):
+                face_restoration = gr.Dropdown([NO_FACE_RESTORATION, *restorers], value=NO_FACE_RESTORATION,
+                                               label="Face restoration", info="After the upscale, as A1111's extras")
+                face_visibility = gr.Slider(0, 1, value=1, step=0.05, label="Face visibility",
+                                            info="1: the restored faces; lower blends the upscaled ones back in")
         with gr.Column(scale=6):
             slider = gr.ImageSlider(label="Before / after (drag the bar)", type="pil", format="png", max_height=620,
                                     interactive=False, elem_id="upscale-slider")
             result_file = gr.File(label="Upscaled PNG (with the input's parameters)", interactive=False,
                                   elem_id="upscale-file")
 
-    inputs = [image, upscaler, scale, tile, denoise]
+    inputs = [image, upscaler, scale, tile, denoise, face_restoration, face_visibility]
 
-    def check(image, upscaler, scale, tile, denoise_strength, request: gr.Request):
-        problems = check_upscale(_request(upscaler, scale, tile, denoise_strength), catalog)
+    def check(image, upscaler, scale, tile, denoise_strength, face_restoration, face_visibility,
+              request: gr.Request):
+        problems = check_upscale(_request(upscaler, scale, tile, denoise_strength, face_restoration,
+                                          face_visibility), catalog, upscaling.faces)
         if image is None:
             problems.insert(0, "Upload an image first.")
         if problems:
@@ -115,13 +127,15 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
 
     on_device = runner.device_function(upscaling, UpscalePlan)
 
-    def upscale(image, upscaler, scale, tile, denoise_strength, request: gr.Request, progress=gr.Progress()):
+    def upscale(image, upscaler, scale, tile, denoise_strength, face_restoration, face_visibility,
+                request: gr.Request, progress=gr.Progress()):
         """Upscale an image 1× to 8×. `tile`: input pixels per tile side, 0 for none, -1 to choose from the free
-        memory. Returns the before/after pair and the PNG (the input's parameters kept, plus A1111's
-        `Postprocess upscale by` and `Postprocess upscaler`)."""
+        memory. `face_restoration`: "None", or a face restorer whose files are present (GFPGANv1.4), run on the
+        upscaled image at `face_visibility`. Returns the before/after pair and the PNG (the input's parameters
+        kept, plus A1111's `Postprocess upscale by` and `Postprocess upscaler`)."""
         if image is None:
             raise user_error(InvalidRequest(["Upload an image first."]), "Cannot upscale")
-        wanted = _request(upscaler, scale, tile, denoise_strength)
+        wanted = _request(upscaler, scale, tile, denoise_strength, face_restoration, face_visibility)
         plan, result = runner.run_job(TAB, request, progress, upscaling, lambda: upscaling.plan(image, wanted),
                                       on_device, "Cannot upscale")
         for warning in result.warnings:

@@ -16,11 +16,28 @@ from PIL import Image
 
 from .downloads import HubDownloads
 from .errors import InvalidRequest
+from .hires import (
+    LATENT_UPSCALE_MODES,
+    HiresFix,
+    HiresPlan,
+    check_hires,
+    hires_from_parameters,
+    hires_size,
+    upscale_latents,
+)
+from .jobs import MAX_SECONDS as MAX_GPU_SECONDS
 from .jobs import JobControl, LocalJob, gpu_seconds
 from .metadata import format_parameters, parse_parameters
-from .pipelines import DiffusersModels, DiffusionStages, clip_skip_too_large
+from .pipelines import (
+    Conditioning,
+    DiffusersModels,
+    DiffusionStages,
+    clip_skip_too_large,
+)
 from .presets import ModelPreset, PresetCatalog, StyleCatalog
 from .schedulers import check_scheduler, evaluations_per_step, make_scheduler
+from .upscalers import UpscalerCatalog
+from .upscaling import UpscaleRequest, Upscaling
 from .vocabulary import load_vocabulary, unknown_words_warning
 
 MAX_SEED = 2**32 - 1
@@ -66,6 +83,7 @@ class TextToImageRequest(SamplingRequest):
     width: int = 64
     height: int = 64
     style: str = "None"
+    hires: HiresFix | None = None  # Hires. fix: a second pass at a larger size; None = off
 
 
 @dataclass
@@ -74,10 +92,30 @@ class GeneratedImage:
     seed: int
     parameters: str  # A1111 "parameters" text for the PNG
     stopped_at: int | None = None  # Stop cut its denoising short after this many of its steps
+    stopped_in_hires: bool = False  # ... of Hires. fix's second pass
+
+    @property
+    def unfinished(self) -> str:
+        """How far an image Stop cut short got ("" when it is finished)."""
+        if not self.stopped_at:
+            return ""
+        return f"stopped at {'hires ' if self.stopped_in_hires else ''}step {self.stopped_at}"
 
     @property
     def caption(self) -> str:
-        return f"Seed {self.seed}" + (f" · unfinished (stopped at step {self.stopped_at})" if self.stopped_at else "")
+        return f"Seed {self.seed}" + (f" · unfinished ({self.unfinished})" if self.stopped_at else "")
+
+
+@dataclass
+class MadeImage:
+    """One image as the device work leaves it, before it becomes a PIL image."""
+
+    pixels: torch.Tensor  # in [-1, 1], on the CPU
+    flagged: bool  # by the safety checker
+    stopped_at: int | None  # Stop cut the last pass short after this many steps
+    stopped_in_hires: bool
+    parameters: dict  # the image's own PNG fields (Hires. fix's, where it ran; where Stop cut it)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -188,20 +226,37 @@ class SamplingPlan:
     steps_per_image: int = 0  # denoising steps actually run per image (steps × strength for img2img)
     warnings: list[str] = field(default_factory=list)
     model_hash: str | None = None  # read with the model files, before the device work (hashing a file takes time)
+    hires: HiresPlan | None = None  # text to image's second pass, at a larger size
+    hires_upscaler_native_scale: int = 1  # of the hires upscaler preset (1 for latent modes and Lanczos)
 
     def __post_init__(self):
         self.steps_per_image = self.steps_per_image or self.steps
 
     @property
+    def steps_per_image_total(self) -> int:
+        """Denoising steps of one image, both passes of Hires. fix counted."""
+        return self.steps_per_image + (self.hires.steps_run if self.hires else 0)
+
+    @property
     def total_steps(self) -> int:
-        return self.steps_per_image * self.batch_size
+        return self.steps_per_image_total * self.batch_size
 
     @property
     def gpu_seconds(self) -> int:
-        """What to book on ZeroGPU for this job."""
+        """What to book on ZeroGPU for this job: the steps at the base size, Hires. fix's at its size (as many
+        base-size steps as they cost by area), and its upscaler's passes."""
         # Heun, DPM2 and DPM++ SDE evaluate the UNet twice a step
-        evaluations = self.steps_per_image * evaluations_per_step(self.scheduler)
-        return gpu_seconds(self.preset, evaluations, self.batch_size, self.size[0] * self.size[1])
+        per_step = evaluations_per_step(self.scheduler)
+        evaluations = self.steps_per_image * per_step
+        pixels = self.size[0] * self.size[1]
+        seconds = 0
+        if self.hires:
+            hires_pixels = self.hires.size[0] * self.hires.size[1]
+            evaluations += math.ceil(self.hires.steps_run * per_step * hires_pixels / pixels)
+            # an upscaler model's pass: about 1 s per 200 k output pixels (as the Upscale tab books it)
+            if self.hires_upscaler_native_scale > 1:
+                seconds = math.ceil(pixels * self.hires_upscaler_native_scale**2 / 200_000) * self.batch_size
+        return min(MAX_GPU_SECONDS, gpu_seconds(self.preset, evaluations, self.batch_size, pixels) + seconds)
 
 
 class SamplingEngine:
@@ -282,60 +337,91 @@ class SamplingEngine:
         job ends the current image early and skips the rest."""
         job = job or LocalJob()
         result = GenerationResult(warnings=list(plan.warnings))
-        conditioning = None
+        conditioning = []
+
+        def encoded() -> Conditioning:
+            """The prompt's embeddings, encoded in the first image's turn and kept for the others."""
+            if not conditioning:
+                embeds, warnings = self.stages.encode(plan.preset, plan.task, plan.prompt, plan.negative_prompt,
+                                                      plan.guidance_scale, plan.clip_skip)
+                result.warnings += warnings
+                conditioning.append(embeds)
+            return conditioning[0]
+
         postprocess = VaeImageProcessor()
         for index in range(plan.batch_size):
             if job.cancelled:
                 result.interrupted = True
                 break
             image_seed = plan.seed + index
-            with self.manager.turn():
-                if conditioning is None:
-                    conditioning, warnings = self.stages.encode(plan.preset, plan.task, plan.prompt,
-                                                                plan.negative_prompt, plan.guidance_scale,
-                                                                plan.clip_skip)
-                    result.warnings += warnings
-                pixels, flagged, steps_done = self._one_image(plan, conditioning, index, job)
-            stopped_at = steps_done if steps_done < plan.steps_per_image else None
+            made = self._one_image(plan, encoded, index, job)
+            result.warnings += made.warnings
             if job.cancelled:
                 result.interrupted = True
-            if flagged:
+            if made.flagged:
                 result.warnings.append(f"The safety checker flagged the image with seed {image_seed}; it is not "
                                        "shown.")
                 continue
-            image = postprocess.postprocess(pixels, output_type="pil")[0]
+            image = postprocess.postprocess(made.pixels, output_type="pil")[0]
             # an image Stop cut short is decoded where it stopped, and says so in its parameters
-            parameters = self.describe(plan, image_seed, {"Stopped at step": stopped_at} if stopped_at else None)
+            parameters = self.describe(plan, image_seed, made.parameters)
             image.info["parameters"] = parameters  # written as a PNG text chunk when saved as PNG
-            result.images.append(GeneratedImage(image, image_seed, parameters, stopped_at))
+            result.images.append(GeneratedImage(image, image_seed, parameters, made.stopped_at, made.stopped_in_hires))
         job.report(plan.total_steps, plan.total_steps, "Done")
         return result
 
-    def _one_image(self, plan: SamplingPlan, conditioning, index: int,
-                   job: JobControl) -> tuple[torch.Tensor, bool, int]:
-        """Denoise, decode and check image `index` of the plan: (pixels in [-1, 1] on the CPU, flagged, denoising
-        steps done)."""
-        preset, task = plan.preset, plan.task
-        width, height = plan.size
+    def _one_image(self, plan: SamplingPlan, encoded: Callable[[], Conditioning], index: int,
+                   job: JobControl) -> MadeImage:
+        """Image `index` of the plan in one turn on the device: denoised, decoded and checked."""
+        with self.manager.turn():
+            latents, steps_done = self._denoise(plan, encoded(), index, job)
+            return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
+
+    def _denoise(self, plan: SamplingPlan, conditioning: Conditioning, index: int, job: JobControl,
+                 task: str | None = None, size: tuple[int, int] | None = None, steps: int | None = None,
+                 call_arguments: dict | None = None, progress: tuple[int, str] | None = None) -> tuple[torch.Tensor, int]:
+        """One denoising pass of image `index`: (latents, steps done). The plan's own pass unless a task, size,
+        schedule and arguments are given (Hires. fix's second pass); `progress` is (steps done before this pass,
+        its label)."""
+        preset = plan.preset
+        task, size = task or plan.task, size or plan.size
+        arguments = plan.call_arguments if call_arguments is None else call_arguments
         image_seed = plan.seed + index
+        start, label = progress or (index * plan.steps_per_image_total, self._image_label(plan, index))
+        pass_steps = plan.steps_per_image if steps is None else int(steps * arguments.get("strength", 1))
         steps_done = [0]
-        on_step = step_callback(index, plan.steps_per_image, plan.batch_size, job, steps_done)
+        on_step = step_callback(job, steps_done, pass_steps, start, plan.total_steps, label)
 
         def call(pipe):
             pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides,
                                            seed=image_seed)
             step_hooks = {"callback_on_step_end": on_step}
             if task == "inpaint":
-                step_hooks = inpaint_step_hooks(pipe, plan.call_arguments["image"], image_seed, then=on_step)
+                step_hooks = inpaint_step_hooks(pipe, arguments["image"], image_seed, then=on_step)
             return pipe(
-                **conditioning.embeds, **plan.call_arguments, num_inference_steps=plan.steps,
+                **conditioning.embeds, **arguments, num_inference_steps=steps or plan.steps,
                 guidance_scale=plan.guidance_scale, generator=torch.Generator("cpu").manual_seed(image_seed),
                 output_type="latent", **step_hooks,
             ).images
 
-        latents = self.stages.denoise(preset, task, width, height, plan.guidance_scale > 1, call)
-        pixels = self.stages.decode(preset, task, latents, width, height)
-        return pixels, self.stages.check(preset, task, pixels)[0], steps_done[0]
+        latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call)
+        return latents, steps_done[0]
+
+    def _finish_image(self, plan: SamplingPlan, task: str, latents: torch.Tensor, size: tuple[int, int],
+                      steps_done: int, steps: int, parameters: dict | None = None,
+                      in_hires: bool = False) -> MadeImage:
+        """Decode and check latents of `steps` steps of which `steps_done` ran (in the caller's turn)."""
+        pixels = self.stages.decode(plan.preset, task, latents, size[0], size[1])
+        stopped_at = steps_done if steps_done < steps else None
+        fields = dict(parameters or {})
+        if stopped_at:
+            fields["Stopped at hires step" if in_hires else "Stopped at step"] = stopped_at
+        flagged = self.stages.check(plan.preset, task, pixels)[0]
+        return MadeImage(pixels, flagged, stopped_at, in_hires and stopped_at is not None, fields)
+
+    @staticmethod
+    def _image_label(plan: SamplingPlan, index: int) -> str:
+        return f"Image {index + 1}/{plan.batch_size}"
 
     def describe(self, plan: SamplingPlan, seed: int, extra: dict | None = None) -> str:
         """A1111's parameters text for image `seed` of the plan (and `extra` fields of this image's own)."""
@@ -349,17 +435,27 @@ class SamplingEngine:
 
 
 class TextToImage(SamplingEngine):
-    """Plans and runs text-to-image requests."""
+    """Plans and runs text-to-image requests, Hires. fix's two passes included."""
 
     def __init__(self, stages: DiffusionStages, presets: PresetCatalog, styles: StyleCatalog, limits: RequestLimits,
-                 version: str, downloads: HubDownloads | None = None):
+                 version: str, downloads: HubDownloads | None = None, upscaling: Upscaling | None = None):
         super().__init__(stages, presets, limits, version, downloads)
         self.styles = styles
+        self.upscaling = upscaling  # Hires. fix's upscaler presets, on the same manager (latent modes without it)
+
+    @property
+    def hires_upscalers(self) -> list[str]:
+        """The upscaler presets Hires. fix can use besides the latent modes."""
+        return self.upscaling.catalog.names if self.upscaling else []
 
     def check(self, request: TextToImageRequest, preset: ModelPreset) -> dict[str, str]:
         problems = check_text_to_image(request, preset, self.limits)
         if request.style not in self.styles.names:
             problems["style"] = f"Unknown style {request.style!r}. Available styles: {', '.join(self.styles.names)}."
+        if request.hires is not None and not ({"width", "height", "steps"} & problems.keys()):
+            problems |= check_hires(request.hires, request.width, request.height, request.steps, preset,
+                                    min(preset.max_steps, self.limits.max_steps), self.limits.max_pixels,
+                                    self.hires_upscalers)
         return problems
 
     def plan(self, request: TextToImageRequest) -> SamplingPlan:
@@ -367,13 +463,29 @@ class TextToImage(SamplingEngine):
         preset = self.validate(request)
         prompt, negative_prompt = self.styles.get(request.style).apply(request.prompt.strip(), request.negative_prompt)
         size = (request.width, request.height)
-        return SamplingPlan(
+        plan = SamplingPlan(
             preset=preset, task="text2img", prompt=prompt, negative_prompt=negative_prompt,
             scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
             warnings=self.prompt_warnings(preset, request.prompt),
         )
+        if request.hires is not None:
+            settings = request.hires
+            upscaler = None if settings.upscaler in LATENT_UPSCALE_MODES else self.upscaling.catalog.get(settings.upscaler)
+            plan.hires = HiresPlan(settings, hires_size(*size, settings.upscale, preset.size_step),
+                                   settings.steps or request.steps,
+                                   upscaler.written_name if upscaler else settings.upscaler)
+            plan.hires_upscaler_native_scale = upscaler.native_scale if upscaler else 1
+        return plan
+
+    @contextlib.contextmanager
+    def model_files(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> Iterator[None]:
+        """The preset's files, and the hires upscaler's release file (fetched before any device work too)."""
+        with super().model_files(plan, on_progress):
+            if plan.hires is not None and plan.hires.latent_mode is None:
+                self.upscaling.fetch(self.upscaling.catalog.get(plan.hires.settings.upscaler), on_progress=on_progress)
+            yield
 
     def generate(self, request: TextToImageRequest, on_progress: ProgressCallback | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
@@ -382,17 +494,87 @@ class TextToImage(SamplingEngine):
         with self.model_files(plan):
             return self.run(plan, LocalJob(on_progress, cancel))
 
+    def _one_image(self, plan: SamplingPlan, encoded: Callable[[], Conditioning], index: int,
+                   job: JobControl) -> MadeImage:
+        """With Hires. fix, image `index` in two turns on the device, with the upscale between them (an upscaler
+        model takes a turn per tile): other jobs' images go in between. Stop before the second pass gives the
+        first pass's image, as A1111 does."""
+        hires = plan.hires
+        if hires is None:
+            return super()._one_image(plan, encoded, index, job)
+        label = self._image_label(plan, index)
+        after_first_pass = index * plan.steps_per_image_total + plan.steps_per_image
+        first_pixels = None
+        with self.manager.turn():
+            latents, steps_done = self._denoise(plan, encoded(), index, job)
+            if steps_done < plan.steps_per_image or job.cancelled:
+                return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
+            if hires.latent_mode is None:  # an upscaler works on the image
+                first_pixels = self.stages.decode(plan.preset, plan.task, latents, *plan.size)
+        warnings: list[str] = []
+        if hires.latent_mode is not None:
+            scale_factor = self.models.vae_scale_factor(plan.preset, "img2img")
+            start = upscale_latents(latents, hires.size, hires.latent_mode, scale_factor)
+        else:
+            first = VaeImageProcessor().postprocess(first_pixels, output_type="pil")[0]
+            start = self._upscaled(plan, first, PhaseOfJob(job, after_first_pass, plan.total_steps,
+                                                           f"{label}, upscaling"), warnings)
+        if start is None or job.cancelled:  # stopped before the second pass: the first pass's image
+            with self.manager.turn():
+                if first_pixels is None:
+                    return self._finish_image(plan, plan.task, latents, plan.size, steps_done, steps_done)
+                return MadeImage(first_pixels, self.stages.check(plan.preset, plan.task, first_pixels)[0], None,
+                                 False, {}, warnings)
+        arguments = {"image": start, "strength": hires.settings.denoising_strength}
+        with self.manager.turn():
+            latents, hires_done = self._denoise(plan, encoded(), index, job, task="img2img", size=hires.size,
+                                                steps=hires.steps, call_arguments=arguments,
+                                                progress=(after_first_pass, f"{label}, hires. fix"))
+            made = self._finish_image(plan, "img2img", latents, hires.size, hires_done, hires.steps_run,
+                                      hires.parameters(), in_hires=True)
+        made.warnings += warnings
+        return made
 
-def step_callback(index: int, steps: int, batch_size: int, job: JobControl, steps_done: list[int]):
-    """diffusers' callback_on_step_end for image `index` of a batch: counts the steps done (in `steps_done[0]`),
-    reports progress, stops when cancelled."""
-    total = steps * batch_size
+    def _upscaled(self, plan: SamplingPlan, image: Image.Image, job: JobControl,
+                  warnings: list[str]) -> Image.Image | None:
+        """The first pass's image at the second pass's size by the hires upscaler preset (its passes, then
+        Lanczos to the exact size); None when Stop ended it."""
+        width, height = plan.hires.size
+        scale = max(width / image.width, height / image.height)
+        request = UpscaleRequest(plan.hires.settings.upscaler, scale=scale, denoise_strength=1.0)
+        outcome = self.upscaling.run(self.upscaling.plan(image, request), job)
+        warnings += outcome.warnings
+        if outcome.image is None:
+            return None
+        upscaled = outcome.image.convert("RGB")
+        return upscaled if upscaled.size == (width, height) else upscaled.resize((width, height),
+                                                                                 Image.Resampling.LANCZOS)
+
+
+class PhaseOfJob(JobControl):
+    """A part of a job that counts its own progress (an upscaler's passes and tiles): shown as the job's text
+    while its bar stays at `done` of `total`; cancelled when the job is."""
+
+    def __init__(self, job: JobControl, done: int, total: int, label: str):
+        self.job, self.done, self.total, self.label = job, done, total, label
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancelled
+
+    def report(self, done: int, total: int, text: str) -> None:
+        self.job.report(self.done, self.total, f"{self.label}: {text}")
+
+
+def step_callback(job: JobControl, steps_done: list[int], steps: int, start: int, total: int, label: str):
+    """diffusers' callback_on_step_end for one denoising pass of `steps` steps: counts the steps done (in
+    `steps_done[0]`), reports them after the job's `start` steps of `total`, stops when cancelled."""
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
         # diffusers calls this once per model evaluation: twice a step for Heun, DPM2 and DPM++ SDE
         done = min(steps, math.ceil((step + 1) / getattr(pipe.scheduler, "order", 1)))
         steps_done[0] = done
-        job.report(index * steps + done, total, f"Image {index + 1}/{batch_size}, step {done}/{steps}")
+        job.report(start + done, total, f"{label}, step {done}/{steps}")
         if job.cancelled:
             pipe._interrupt = True  # diffusers skips the remaining steps
         return callback_kwargs
@@ -505,13 +687,21 @@ def _plain_name(name: str) -> str:
     return name.lower().replace("_", "-").replace(" ", "-")
 
 
-def request_from_parameters(text: str, presets: PresetCatalog,
-                            current: TextToImageRequest) -> tuple[TextToImageRequest, list[str]]:
+def request_from_parameters(text: str, presets: PresetCatalog, current: TextToImageRequest,
+                            upscalers: UpscalerCatalog | None = None) -> tuple[TextToImageRequest, list[str]]:
     """A text-to-image form filled from an image's A1111 parameters, and notes on what could not be taken over.
+    Hires. fix is on when the text has its fields (its upscaler found by our name or A1111's), off otherwise.
 
     The style is reset to "None" because the stored prompt already has the style applied.
     """
     params = parse_parameters(text)
     fields, notes = sampling_fields_from_parameters(params, presets, current)
-    return replace(current, **fields, width=params.width or current.width,
-                               height=params.height or current.height, style="None"), notes
+    width, height = params.width or current.width, params.height or current.height
+
+    def find_upscaler(written: str) -> str | None:
+        found = upscalers.find(written) if upscalers else None
+        return found.name if found else None
+
+    hires, hires_notes = hires_from_parameters(params.extra, width, height, find_upscaler,
+                                               current.hires or HiresFix())
+    return replace(current, **fields, width=width, height=height, style="None", hires=hires), notes + hires_notes

@@ -55,6 +55,12 @@ class UpscalerPreset:
     denoise_file: ReleaseFile | None = None  # realesr-general-x4v3's "without denoise" partner for DNI
     arch: str = "RRDBNet"
     arch_args: tuple[tuple[str, Any], ...] = ()  # frozen: the architecture's constructor arguments
+    a1111_name: str | None = None  # what A1111 calls the same upscaler ("R-ESRGAN 4x+"), in PNGs both ways
+
+    @property
+    def written_name(self) -> str:
+        """The name a PNG gets, A1111's where it has one: A1111 then finds the same upscaler."""
+        return self.a1111_name or self.name
 
     @property
     def is_model(self) -> bool:
@@ -107,11 +113,20 @@ class UpscalerCatalog:
     def with_preset(self, preset: UpscalerPreset) -> UpscalerCatalog:
         return UpscalerCatalog({**self.presets, preset.name: preset}, self.default)
 
+    def find(self, written: str) -> UpscalerPreset | None:
+        """The preset a PNG names, by our name or A1111's, in any case; None when there is none."""
+        wanted = written.strip().lower()
+        for preset in self.presets.values():
+            if wanted in (preset.name.lower(), (preset.a1111_name or "").lower()):
+                return preset
+        return None
+
     def choices(self) -> list[tuple[str, str]]:
         return [(preset.label, name) for name, preset in self.presets.items()]
 
 
-def _release_file(entry: dict, prefix: str = "") -> ReleaseFile | None:
+def release_file_from(entry: dict, prefix: str = "") -> ReleaseFile | None:
+    """A release file from a presets entry's `file`, `url`, `sha256` and `bytes` (under `prefix`)."""
     if f"{prefix}file" not in entry:
         return None
     return ReleaseFile(entry[f"{prefix}file"], entry[f"{prefix}url"], entry[f"{prefix}sha256"].lower(),
@@ -121,14 +136,14 @@ def _release_file(entry: dict, prefix: str = "") -> ReleaseFile | None:
 def load_upscalers(path: Path = PRESETS_DIR / "upscalers.yaml") -> UpscalerCatalog:
     data = yaml.safe_load(Path(path).read_text())
     presets = {}
-    for name, entry in data["upscalers"].items():
+    for name, entry in data["upscalers"].items():  # (its face_restorers section: faces.py)
         folder = entry.get("folder")
         if folder and not Path(folder).is_absolute():
             folder = str((Path(path).parent / folder).resolve())
         presets[name] = UpscalerPreset(
             name=name, label=entry.get("label", name), resize=entry.get("resize"), folder=folder,
-            file=_release_file(entry), denoise_file=_release_file(entry, "denoise_"), arch=entry.get("arch", "RRDBNet"),
-            arch_args=tuple(sorted(entry.get("arch_args", {}).items())),
+            file=release_file_from(entry), denoise_file=release_file_from(entry, "denoise_"), arch=entry.get("arch", "RRDBNet"),
+            arch_args=tuple(sorted(entry.get("arch_args", {}).items())), a1111_name=entry.get("a1111_name"),
         )
         if sum(bool(x) for x in (presets[name].resize, folder, presets[name].file)) != 1:
             raise ValueError(f"{path}: upscaler {name!r} needs exactly one of resize, folder or file.")

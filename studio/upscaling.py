@@ -25,6 +25,7 @@ from .images import check_pixels
 from .jobs import JobControl, LocalJob
 from .memory import ModelManager
 from .tiling import MIN_TILE, run_tiled
+from .faces import NO_FACE_RESTORATION, FaceRestoration, FaceRestorerPreset
 from .upscalers import ReleaseFiles, UpscalerCatalog, UpscalerPreset, upscaler_key
 
 MIN_SCALE, MAX_SCALE = 1.0, 8.0
@@ -53,6 +54,8 @@ class UpscaleRequest:
     scale: float = 4.0  # 1 to 8
     tile: int | None = None  # input pixels per tile side: None chooses from the memory budget, 0 never tiles
     denoise_strength: float = 0.5  # realesr-general-x4v3 only: 1 removes the most noise, 0 keeps it
+    face_restoration: str = NO_FACE_RESTORATION  # a face restorer, run on the upscaled image
+    face_visibility: float = 1.0  # A1111's: how much of the restored faces is blended in
 
 
 @dataclass
@@ -84,10 +87,16 @@ class UpscalePlan:
         factor = max(self.preset.native_scale ** self.passes, self.request.scale)
         return int(height * width * factor * factor)
 
+    face_restorer: FaceRestorerPreset | None = None
+
     @property
     def postprocessing(self) -> str:
-        """A1111's extras text: `Postprocess upscale by: 4, Postprocess upscaler: R-ESRGAN 4x+`."""
-        return f"Postprocess upscale by: {self.request.scale:g}, Postprocess upscaler: {self.preset.name}"
+        """A1111's extras text: `Postprocess upscale by: 4, Postprocess upscaler: R-ESRGAN 4x+` (and, after face
+        restoration, `GFPGAN visibility: 1`)."""
+        text = f"Postprocess upscale by: {self.request.scale:g}, Postprocess upscaler: {self.preset.written_name}"
+        if self.face_restorer:
+            text += f", {self.face_restorer.a1111_name} visibility: {self.request.face_visibility:g}"
+        return text
 
     @property
     def gpu_seconds(self) -> int:
@@ -96,7 +105,8 @@ class UpscalePlan:
         native = self.preset.native_scale
         work = sum(height * width * native ** (2 * (k + 1)) for k in range(self.passes))
         planes = 2 if self.alpha is not None and self.alpha.min() < 1 else 1
-        return int(min(300, 10 + work * planes / 200_000))
+        faces = 15 if self.face_restorer else 0  # detection on the result, GFPGAN on each face
+        return int(min(300, 10 + faces + work * planes / 200_000))
 
 
 @dataclass
@@ -107,8 +117,14 @@ class UpscaleResult:
     interrupted: bool = False
 
 
-def check_upscale(request: UpscaleRequest, catalog: UpscalerCatalog) -> list[str]:
+def check_upscale(request: UpscaleRequest, catalog: UpscalerCatalog, faces: FaceRestoration | None = None) -> list[str]:
     problems = []
+    if faces is not None:
+        problems += faces.check(request.face_restoration)
+    elif request.face_restoration != NO_FACE_RESTORATION:
+        problems.append(f"Face restoration is not available here; use {NO_FACE_RESTORATION!r}.")
+    if not 0 <= request.face_visibility <= 1:
+        problems.append(f"Face visibility must be from 0 to 1 (got {request.face_visibility:g}).")
     if request.upscaler not in catalog.names:
         problems.append(f"Unknown upscaler {request.upscaler!r}. Available upscalers: {', '.join(catalog.names)}.")
     if not MIN_SCALE <= request.scale <= MAX_SCALE:
@@ -184,18 +200,23 @@ class Upscaling:
     """Plans and runs upscale requests on the shared ModelManager."""
 
     def __init__(self, manager: ModelManager, catalog: UpscalerCatalog, files: ReleaseFiles,
-                 limits: UpscaleLimits | None = None):
+                 limits: UpscaleLimits | None = None, faces: FaceRestoration | None = None):
         self.manager = manager
         self.catalog = catalog
         self.files = files
         self.limits = limits or UpscaleLimits()
+        self.faces = faces  # the face restorers whose files are present (None: no face restoration)
 
     # ----- CPU: the request checked and the input read -----
 
     def plan(self, image: Image.Image, request: UpscaleRequest) -> UpscalePlan:
-        problems = check_upscale(request, self.catalog)
+        problems = check_upscale(request, self.catalog, self.faces)
         if problems:
             raise InvalidRequest(problems)
+        restoring = request.face_restoration != NO_FACE_RESTORATION
+        if restoring and image.mode in SIXTEEN_BIT_MODES:
+            raise InvalidRequest(["Face restoration works on 8-bit colour images; this one is 16-bit greyscale. "
+                                  f"Choose {NO_FACE_RESTORATION!r}, or convert it first."])
         check_pixels(image.size, "image", self.limits.max_input_pixels)
         width, height = image.size
         size = (max(1, round(width * request.scale)), max(1, round(height * request.scale)))
@@ -212,17 +233,22 @@ class Upscaling:
                                   "the limit here. Choose a smaller image, or Lanczos."])
         if preset.is_model:
             plan.key = upscaler_key(preset, self.files, request.denoise_strength)
+        if restoring:
+            plan.face_restorer = self.faces.presets[request.face_restoration]
         return plan
 
     @contextmanager
     def model_files(self, plan: UpscalePlan, on_progress=None) -> Iterator[None]:
         """The release files fetched and checked before any device work (a no-op for a folder or a resize)."""
-        preset = plan.preset
+        self.fetch(plan.preset, plan.request.denoise_strength, on_progress)
+        yield
+
+    def fetch(self, preset: UpscalerPreset, denoise_strength: float = 1.0, on_progress=None) -> None:
+        """A preset's release files fetched and checked (Hires. fix's too); nothing for a folder or a resize."""
         if preset.file:
             self.files.ensure(preset.file, on_progress)
-            if plan.key.part:  # a denoise strength below 1 blends in the partner's weights
+            if preset.has_denoise and denoise_strength < 1:  # blends in the partner's weights
                 self.files.ensure(preset.denoise_file, on_progress)
-        yield
 
     # ----- device: passes of the network, tile by tile -----
 
@@ -248,6 +274,14 @@ class Upscaling:
             if len(results) > 1:
                 alpha = results[1].mean(axis=2)
         image = output_image(rgb, alpha, plan.mode, plan.size)
+        if plan.face_restorer:
+            if job.cancelled:
+                return UpscaleResult(None, tile, warnings, interrupted=True)
+            job.report(plan.passes * ProgressCounter.UNIT, plan.passes * ProgressCounter.UNIT,
+                       f"Restoring faces ({plan.face_restorer.label})")
+            image, faces = self._restore_faces(image, plan)
+            if not faces:
+                warnings.append(f"{plan.face_restorer.label} found no face in the image; it is only upscaled.")
         if plan.parameters:
             image.info["parameters"] = plan.parameters
         image.info["postprocessing"] = plan.postprocessing
@@ -259,6 +293,17 @@ class Upscaling:
         plan = self.plan(image, request)
         with self.model_files(plan, on_progress):
             return self.run(plan, LocalJob(on_progress, cancel))
+
+    def _restore_faces(self, image: Image.Image, plan: UpscalePlan) -> tuple[Image.Image, int]:
+        """The faces of the upscaled image restored in its colours; its transparency, or its greyness, kept."""
+        rgb = np.asarray(image.convert("RGB"))
+        restored, count = self.faces.restore(rgb, plan.face_restorer.name, plan.request.face_visibility)
+        result = Image.fromarray(restored, mode="RGB")
+        if image.mode in ("L", "LA"):
+            result = result.convert("L")
+        if "A" in image.getbands():
+            result.putalpha(image.getchannel("A"))
+        return result, count
 
     def _alpha_by_model(self, plan: UpscalePlan) -> bool:
         """A fully opaque alpha is only resized; any transparency goes through the model like the colours."""

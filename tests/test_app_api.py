@@ -30,14 +30,16 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
     def parameters(endpoint):
         return [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]]
 
-    assert parameters("/text_to_image") == list(DEFAULTS)
+    assert parameters("/text_to_image") == [*DEFAULTS, "hires_fix", "hires_upscaler", "hires_upscale", "hires_steps",
+                                            "denoising_strength"]
     # no timers, no UI glue
     assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image", "/upscale"}
     for endpoint in api["named_endpoints"]:  # only the prompt (and the images) must be given
         required = [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]
                     if not p["parameter_has_default"]]
         assert required in (["prompt"], ["image", "mask", "prompt"], ["sketch", "prompt"], ["image"]), (endpoint, required)
-    assert parameters("/upscale") == ["image", "upscaler", "scale", "tile", "denoise_strength"]
+    assert parameters("/upscale") == ["image", "upscaler", "scale", "tile", "denoise_strength", "face_restoration",
+                                      "face_visibility"]
     assert parameters("/inpaint") == ["image", "mask", *INPAINT]
     assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area", "padding"))]
 
@@ -61,6 +63,23 @@ def test_text_to_image_returns_pngs_with_parameters_and_seeds(client):
     assert info.startswith("a red circle on a blue background\nSteps: 10")
 
 
+def test_hires_fix_through_the_api_makes_the_larger_png_with_a1111s_fields(client):
+    gallery, seeds, info = text_to_image(client, seed=3, hires_fix=True, hires_upscaler="embedded-rrdbnet-x4",
+                                         hires_upscale=2, hires_steps=8, denoising_strength=0.4)
+    with Image.open(gallery[0]["image"]) as image:
+        assert image.format == "PNG" and image.size == (128, 128)
+        params = parse_parameters(image.info["parameters"])
+    assert (params.width, params.height) == (64, 64)
+    assert {key: params.extra[key] for key in ("Denoising strength", "Hires upscale", "Hires steps", "Hires upscaler")} \
+        == {"Denoising strength": "0.4", "Hires upscale": "2", "Hires steps": "8", "Hires upscaler": "embedded-rrdbnet-x4"}
+    # the defaults: off; on, Latent ×2 at 0.5
+    gallery, _, _ = text_to_image(client, seed=3)
+    with Image.open(gallery[0]["image"]) as image:
+        assert image.size == (64, 64)
+    gallery, _, info = text_to_image(client, seed=3, hires_fix=True)
+    assert "Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: Latent" in info
+
+
 def test_same_seed_same_png_pixels_through_the_api(client):
     first, _, _ = text_to_image(client, seed=5)
     second, _, _ = text_to_image(client, seed=5)
@@ -77,6 +96,8 @@ def test_same_seed_same_png_pixels_through_the_api(client):
         ({"steps": 0}, "Value 0 is less than minimum value 1"),  # gradio's own range check
         ({"guidance_scale": 31}, "Value 31 is greater than maximum value 30"),  # gradio's own range check
         ({"preset": "no-such-model"}, "Unknown preset 'no-such-model'. Available presets: embedded"),
+        ({"hires_fix": True, "hires_upscaler": "Nearest"}, "Unknown hires upscaler 'Nearest'. Choose one of: Latent"),
+        ({"hires_fix": True, "width": 128, "hires_upscale": 3}, "Hires. fix would make 384×192;"),
         ({"scheduler": "LCM"}, "Scheduler 'LCM' does not work with preset 'embedded'"),
         ({"scheduler": "Heun++"}, "Unknown scheduler 'Heun++'"),
         ({"prompt": ""}, "Enter a prompt"),

@@ -359,3 +359,48 @@ def test_send_to_upscale_carries_the_generated_image(page, artifacts):
     page.locator("#upscale-tab").get_by_role("button", name="Upscale", exact=True).click()
     page.locator("#upscale-slider img").nth(1).wait_for(timeout=60_000)
     page.screenshot(path=str(artifacts / "sent_to_upscale.png"), full_page=True)
+
+
+def test_hires_fix_shows_its_settings_and_makes_the_larger_image(page, artifacts):
+    settings = page.locator("#hires-settings").first
+    assert not settings.is_visible()  # off by default, its settings out of the way
+    text_tab(page).get_by_label("Hires. fix").check()
+    settings.wait_for()
+    note = page.locator("#hires-size-note")
+    assert "Generates 64×64, then upscales to 128×128" in note.inner_text()
+    box = text_tab(page).get_by_label("number input for Upscale by")
+    box.fill("1.5")
+    box.press("Enter")
+    page.locator("#hires-size-note").get_by_text("upscales to 96×96").wait_for()
+    box.fill("2")
+    box.press("Enter")
+    text_tab(page).get_by_label("Prompt", exact=True).fill("a large red circle in the center on a blue background")
+    text_tab(page).get_by_role("button", name="Generate", exact=True).click()
+    image = page.locator("#text-to-image-gallery img[alt^='Seed ']").first
+    image.wait_for(timeout=60_000)
+    assert image.evaluate("img => img.naturalWidth") == 128
+    info = page.locator("#generation-info textarea").input_value()
+    assert "Size: 64x64" in info and "Hires upscale: 2, Hires upscaler: Latent" in info
+    page.screenshot(path=str(artifacts / "hires_fix.png"), full_page=True)
+
+
+def test_a_png_with_hires_fields_switches_hires_fix_on(page, tmp_path):
+    from PIL import Image
+
+    from studio.metadata import save_png
+
+    text = ("a large yellow star\nSteps: 12, Sampler: Euler, CFG scale: 5, Seed: 9, Size: 64x64, Model: embedded, "
+            "Denoising strength: 0.4, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: Lanczos, Version: test")
+    png = save_png(Image.new("RGB", (96, 96), "yellow"), tmp_path / "hires.png", text)
+    text_tab(page).get_by_text("Read parameters from a PNG").click()
+    page.locator("#png-parameters-input input[type=file]").set_input_files(str(png))
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#text-to-image-tab textarea')].some(t => t.value.includes('Seed: 9'))"
+    )
+    text_tab(page).get_by_role("button", name="Send parameters to the form", exact=True).click()
+    page.locator("#hires-settings").first.wait_for()
+    assert text_tab(page).get_by_label("Hires. fix").is_checked()
+    assert text_tab(page).get_by_label("number input for Upscale by").input_value() == "1.5"
+    assert text_tab(page).get_by_label("number input for Hires steps").input_value() == "10"
+    assert text_tab(page).get_by_label("number input for Denoising strength").input_value() == "0.4"
+    assert "Lanczos" in page.locator("#hires-settings input").first.input_value()

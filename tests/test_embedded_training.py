@@ -23,7 +23,7 @@ def smoke_family(tmp_path_factory):
 
 def test_every_stage_trains_logs_and_exports(smoke_family):
     root, results = smoke_family
-    assert [result.name for result in results] == ["clip", "vae", "unet", "inpaint", "upscaler"]
+    assert [result.name for result in results] == ["clip", "vae", "unet", "multisize", "inpaint", "upscaler"]
     for result in results:
         assert result.steps == SMOKE_PLAN[result.name].steps
         losses = (root / "run" / result.name / "losses.csv").read_text().splitlines()

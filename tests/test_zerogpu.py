@@ -14,7 +14,9 @@ from PIL import Image
 
 import app
 from components.running import JobRunner
+from studio.errors import InvalidRequest
 from studio.generation import TextToImageRequest
+from studio.hires import HiresFix
 from studio.jobs import JobBoard
 from studio.metadata import parse_parameters
 from studio.upscalers import ReleaseFiles, load_upscalers
@@ -75,6 +77,7 @@ def zerogpu(tmp_path_factory):
     assert app.preload_preset(studio.manager, engine.models, engine.downloads, engine.presets.get("embedded"), pin=True)
     files = ReleaseFiles(tmp_path_factory.mktemp("release-files"), offline=True)  # no Real-ESRGAN file here
     studio.upscaling = Upscaling(studio.manager, app.preload_upscalers(studio.manager, load_upscalers(), files), files)
+    engine.upscaling = studio.upscaling  # Hires. fix's upscalers: those placed at start
     loads_before = studio.manager.loads
     fake = ForkingGpu(observe=lambda: studio.manager.loads - loads_before)
     original = getattr(app, "spaces", None)
@@ -176,3 +179,23 @@ def test_an_upscale_runs_in_the_same_gpu_function_and_nothing_loads_there(zerogp
     assert result.image.size == (80, 60) and result.image.info["postprocessing"].startswith("Postprocess upscale by: 2")
     assert np.abs(np.asarray(result.image, dtype=int) - np.asarray(here.image, dtype=int)).max() <= 2
     assert fake.observed[-1] == 0  # no model was loaded inside the worker
+
+
+def test_hires_fix_runs_both_passes_and_its_upscaler_in_the_worker_and_nothing_loads_there(zerogpu):
+    """Hires. fix's upscaler is one of those placed at start; its second pass leases the same models."""
+    studio, runner, on_device, fake = zerogpu
+    engine = studio.text_to_image
+    hires = HiresFix(upscaler="embedded-rrdbnet-x4", steps=8)
+    plan = engine.plan(request(hires=hires))
+    job = runner.board.open("visitor", "text-to-image")
+    with engine.model_files(plan):
+        result = on_device(plan, job.slot)
+    runner.board.close(job)
+    here = engine.generate(request(hires=hires))
+    assert result.images[0].image.size == (128, 128)
+    assert "Hires upscaler: embedded-rrdbnet-x4" in result.images[0].parameters
+    difference = np.abs(np.asarray(result.images[0].image, dtype=int) - np.asarray(here.images[0].image, dtype=int))
+    assert difference.max() <= 3, difference.max()
+    assert fake.observed[-1] == 0  # no model was loaded inside the worker
+    with pytest.raises(InvalidRequest, match="Unknown hires upscaler 'RealESRGAN_x4plus'"):
+        engine.plan(request(hires=HiresFix(upscaler="RealESRGAN_x4plus")))  # its file is not here: not offered

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .stages import ClipStage, InpaintStage, UnetStage, UpscalerStage, VaeStage
+from .stages import ClipStage, InpaintStage, MultiSizeStage, UnetStage, UpscalerStage, VaeStage
 from .training import StageResult
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +26,7 @@ TRAINING_PLAN = {
     "clip": StagePlan(2400, 128),
     "vae": StagePlan(4500, 32),
     "unet": StagePlan(5000, 64, dataset_size=24000),
+    "multisize": StagePlan(1500, 64, dataset_size=4000),
     "inpaint": StagePlan(6000, 64, dataset_size=16000),
     "upscaler": StagePlan(7000, 16),
 }
@@ -33,6 +34,7 @@ SMOKE_PLAN = {
     "clip": StagePlan(3, 8),
     "vae": StagePlan(3, 4),
     "unet": StagePlan(3, 4, dataset_size=16),
+    "multisize": StagePlan(3, 4, dataset_size=16),
     "inpaint": StagePlan(3, 4, dataset_size=16),
     "upscaler": StagePlan(3, 2),
 }
@@ -49,10 +51,12 @@ def make_stages(run_dir: Path, models_dir: Path, plan: dict[str, StagePlan]) -> 
     clip = ClipStage(**args("clip"))
     vae = VaeStage(**args("vae"))
     unet = UnetStage(**args("unet"), clip=clip, vae=vae)
+    multisize = MultiSizeStage(**args("multisize"), unet=unet)
     inpaint = InpaintStage(**args("inpaint"), unet=unet)
-    for stage in (unet, inpaint):
+    for stage in (unet, multisize, inpaint):
         stage.dataset_size = plan[stage.name].dataset_size
-    return {"clip": clip, "vae": vae, "unet": unet, "inpaint": inpaint, "upscaler": UpscalerStage(**args("upscaler"))}
+    return {"clip": clip, "vae": vae, "unet": unet, "multisize": multisize, "inpaint": inpaint,
+            "upscaler": UpscalerStage(**args("upscaler"))}
 
 
 def train(run_dir, models_dir, plan=TRAINING_PLAN, only: list[str] | None = None, check_vae: bool = True) -> list[StageResult]:
