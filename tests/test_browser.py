@@ -332,6 +332,9 @@ def test_upload_upscale_and_see_the_before_after_slider(page, artifacts, tmp_pat
     source.save(tmp_path / "small.png")
     page.get_by_role("tab", name="Upscale").click()
     tab = page.locator("#upscale-tab")
+    tab.get_by_label("Upscaler").wait_for()
+    # no face restorer's files on this machine: the option is not shown at all
+    assert not tab.get_by_label("Face restoration").is_visible() and not page.locator("#face-restoration").is_visible()
     page.locator("#upscale-input input[type=file]").first.set_input_files(str(tmp_path / "small.png"))
     page.locator("#upscale-input img").first.wait_for(timeout=10_000)
     tab.get_by_role("button", name="Upscale", exact=True).click()
