@@ -43,9 +43,12 @@ def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, 
              denoising_strength=0.5):
     hires = None
     if hires_fix:
-        hires = HiresFix(upscale=float(hires_upscale), upscaler=hires_upscaler or DEFAULT_HIRES_UPSCALER,
-                         steps=whole(hires_steps) if hires_steps is not None else 0,
-                         denoising_strength=float(denoising_strength))
+        defaults = HiresFix()  # an API caller's null is the default, as for the other fields
+        hires = HiresFix(upscale=defaults.upscale if hires_upscale is None else float(hires_upscale),
+                         upscaler=hires_upscaler or defaults.upscaler,
+                         steps=defaults.steps if hires_steps is None else whole(hires_steps),
+                         denoising_strength=defaults.denoising_strength if denoising_strength is None
+                         else float(denoising_strength))
     return TextToImageRequest(
         prompt=prompt or "",
         negative_prompt=negative_prompt or "",

@@ -27,6 +27,7 @@ from .upscalers import ReleaseFile, ReleaseFiles, read_pth, release_file_from
 
 FACE_RESTORER = "face_restorer"
 FACE_SIZE = 512  # GFPGAN restores faces aligned to 512 × 512
+DETECTION_SIDE = 640  # faces are looked for on the image with its shorter side at this (A1111 and CodeFormer do)
 NO_FACE_RESTORATION = "None"
 log = logging.getLogger("studio.faces")
 
@@ -89,11 +90,11 @@ class FaceRestorerLoader:
 
     def load(self, key: ModelKey, dtype: torch.dtype) -> FaceNetworks:
         self._paths(key)  # every file there, or facexlib would download the missing one
-        install_functional_tensor_shim()
-        from facexlib.utils.face_restoration_helper import FaceRestoreHelper
-        from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
-
         try:
+            install_functional_tensor_shim()
+            from facexlib.utils.face_restoration_helper import FaceRestoreHelper
+            from gfpgan.archs.gfpganv1_clean_arch import GFPGANv1Clean
+
             restorer = GFPGANv1Clean(out_size=FACE_SIZE, num_style_feat=512, channel_multiplier=2,
                                      decoder_load_path=None, fix_decoder=False, num_mlp=8, input_is_latent=True,
                                      different_w=True, narrow=1, sft_half=True)
@@ -148,9 +149,9 @@ class FaceRestoration:
         faces alone); and how many faces were found. One turn on the device."""
         if name not in self.presets:
             raise InvalidRequest(self.check(name))
-        height, width = rgb.shape[:2]
-        # the detector's features on the whole image and GFPGAN's on one 512 px face
-        working = height * width * 256 + FACE_SIZE * FACE_SIZE * 4096
+        # the detector's features on the image at 640 px, and GFPGAN's on one 512 px face (the paste-back is on the
+        # CPU)
+        working = DETECTION_SIDE * DETECTION_SIDE * 2 * 256 + FACE_SIZE * FACE_SIZE * 4096
         with self.manager.turn(), self.manager.use({"faces": self.key(name)}, working) as models:
             networks: FaceNetworks = models["faces"]
             networks.place_helper(self.manager.device)
@@ -181,17 +182,22 @@ def restore_faces(networks: FaceNetworks, rgb: np.ndarray, device: torch.device)
 
     helper = networks.helper
     helper.clean_all()
-    helper.read_image(np.ascontiguousarray(rgb[:, :, ::-1]))
-    helper.get_face_landmarks_5(only_center_face=False, eye_dist_threshold=5)
-    helper.align_warp_face()
-    for face in helper.cropped_faces:
-        tensor = img2tensor(face / 255.0, bgr2rgb=True, float32=True)
-        normalize(tensor, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), inplace=True)
-        output = networks.restorer(tensor.unsqueeze(0).to(device), return_rgb=False, weight=0.5)[0]
-        helper.add_restored_face(tensor2img(output.squeeze(0).float(), rgb2bgr=True, min_max=(-1, 1)).astype("uint8"))
-    count = len(helper.cropped_faces)
-    if not count:
-        return rgb, 0
-    helper.get_inverse_affine(None)
-    pasted = helper.paste_faces_to_input_image()
-    return np.ascontiguousarray(np.clip(pasted, 0, 255).astype(np.uint8)[:, :, ::-1]), count
+    try:
+        helper.read_image(np.ascontiguousarray(rgb[:, :, ::-1]))
+        # on the image at 640 px: RetinaFace's largest anchors are 512 px, and a face after a ×4 upscale is larger
+        helper.get_face_landmarks_5(only_center_face=False, resize=DETECTION_SIDE, eye_dist_threshold=5)
+        helper.align_warp_face()
+        for face in helper.cropped_faces:
+            tensor = img2tensor(face / 255.0, bgr2rgb=True, float32=True)
+            normalize(tensor, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), inplace=True)
+            output = networks.restorer(tensor.unsqueeze(0).to(device), return_rgb=False, weight=0.5)[0]
+            helper.add_restored_face(tensor2img(output.squeeze(0).float(), rgb2bgr=True, min_max=(-1, 1)).astype("uint8"))
+        count = len(helper.cropped_faces)
+        if not count:
+            return rgb, 0
+        helper.get_inverse_affine(None)
+        pasted = helper.paste_faces_to_input_image()
+        return np.ascontiguousarray(np.clip(pasted, 0, 255).astype(np.uint8)[:, :, ::-1]), count
+    finally:  # the helper is kept with the model: it must not keep this image (clean_all leaves the input)
+        helper.clean_all()
+        helper.input_img = None

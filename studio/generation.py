@@ -252,7 +252,8 @@ class SamplingPlan:
         seconds = 0
         if self.hires:
             hires_pixels = self.hires.size[0] * self.hires.size[1]
-            evaluations += math.ceil(self.hires.steps_run * per_step * hires_pixels / pixels)
+            # its steps, and the VAE's encode and decode at its size (about two steps' worth)
+            evaluations += math.ceil((self.hires.steps_run * per_step + 2) * hires_pixels / pixels)
             # an upscaler model's pass: about 1 s per 200 k output pixels (as the Upscale tab books it)
             if self.hires_upscaler_native_scale > 1:
                 seconds = math.ceil(pixels * self.hires_upscaler_native_scale**2 / 200_000) * self.batch_size
@@ -368,6 +369,7 @@ class SamplingEngine:
             image.info["parameters"] = parameters  # written as a PNG text chunk when saved as PNG
             result.images.append(GeneratedImage(image, image_seed, parameters, made.stopped_at, made.stopped_in_hires))
         job.report(plan.total_steps, plan.total_steps, "Done")
+        result.warnings = list(dict.fromkeys(result.warnings))  # said once, not once per image
         return result
 
     def _one_image(self, plan: SamplingPlan, encoded: Callable[[], Conditioning], index: int,
@@ -378,17 +380,18 @@ class SamplingEngine:
             return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
 
     def _denoise(self, plan: SamplingPlan, conditioning: Conditioning, index: int, job: JobControl,
-                 task: str | None = None, size: tuple[int, int] | None = None, steps: int | None = None,
-                 call_arguments: dict | None = None, progress: tuple[int, str] | None = None) -> tuple[torch.Tensor, int]:
-        """One denoising pass of image `index`: (latents, steps done). The plan's own pass unless a task, size,
-        schedule and arguments are given (Hires. fix's second pass); `progress` is (steps done before this pass,
-        its label)."""
+                 second_pass: SecondPass | None = None) -> tuple[torch.Tensor, int]:
+        """One denoising pass of image `index`: (latents, steps done). The plan's own pass, or Hires. fix's
+        second pass."""
         preset = plan.preset
-        task, size = task or plan.task, size or plan.size
-        arguments = plan.call_arguments if call_arguments is None else call_arguments
+        task, size, arguments = plan.task, plan.size, plan.call_arguments
+        schedule, pass_steps = plan.steps, plan.steps_per_image
+        start, label = index * plan.steps_per_image_total, self._image_label(plan, index)
+        if second_pass is not None:
+            task, size, arguments = "img2img", second_pass.size, second_pass.call_arguments
+            schedule, pass_steps = second_pass.schedule_steps, second_pass.steps
+            start, label = second_pass.start, f"{label}, hires. fix"
         image_seed = plan.seed + index
-        start, label = progress or (index * plan.steps_per_image_total, self._image_label(plan, index))
-        pass_steps = plan.steps_per_image if steps is None else int(steps * arguments.get("strength", 1))
         steps_done = [0]
         on_step = step_callback(job, steps_done, pass_steps, start, plan.total_steps, label)
 
@@ -399,7 +402,7 @@ class SamplingEngine:
             if task == "inpaint":
                 step_hooks = inpaint_step_hooks(pipe, arguments["image"], image_seed, then=on_step)
             return pipe(
-                **conditioning.embeds, **arguments, num_inference_steps=steps or plan.steps,
+                **conditioning.embeds, **arguments, num_inference_steps=schedule,
                 guidance_scale=plan.guidance_scale, generator=torch.Generator("cpu").manual_seed(image_seed),
                 output_type="latent", **step_hooks,
             ).images
@@ -456,7 +459,22 @@ class TextToImage(SamplingEngine):
             problems |= check_hires(request.hires, request.width, request.height, request.steps, preset,
                                     min(preset.max_steps, self.limits.max_steps), self.limits.max_pixels,
                                     self.hires_upscalers)
+            if not problems and request.hires.upscaler in self.hires_upscalers:
+                # the upscaler's own limits (a ×4 model passes through 16× the pixels), now rather than on the GPU
+                target = hires_size(request.width, request.height, request.hires.upscale, preset.size_step)
+                sizes = self.upscaling.size_problems((request.width, request.height),
+                                                     self._hires_upscale_request(request.hires, target,
+                                                                                 (request.width, request.height)))
+                if sizes:
+                    problems["hires_upscaler"] = sizes[0]
         return problems
+
+    @staticmethod
+    def _hires_upscale_request(settings: HiresFix, target: tuple[int, int], size: tuple[int, int]) -> UpscaleRequest:
+        """What Hires. fix asks of its upscaler: the first pass's image to at least the second pass's size (then
+        Lanczos to it exactly); realesr-general-x4v3 as itself (denoise strength 1: one model, as ZeroGPU holds)."""
+        return UpscaleRequest(settings.upscaler, scale=max(target[0] / size[0], target[1] / size[1]),
+                              denoise_strength=1.0)
 
     def plan(self, request: TextToImageRequest) -> SamplingPlan:
         """The checked request with its style applied and its seed resolved (raises InvalidRequest)."""
@@ -507,29 +525,35 @@ class TextToImage(SamplingEngine):
         first_pixels = None
         with self.manager.turn():
             latents, steps_done = self._denoise(plan, encoded(), index, job)
-            if steps_done < plan.steps_per_image or job.cancelled:
+            if steps_done < plan.steps_per_image:  # Stop in the first pass: that pass's image, cut short
                 return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
             if hires.latent_mode is None:  # an upscaler works on the image
                 first_pixels = self.stages.decode(plan.preset, plan.task, latents, *plan.size)
         warnings: list[str] = []
-        if hires.latent_mode is not None:
-            scale_factor = self.models.vae_scale_factor(plan.preset, "img2img")
-            start = upscale_latents(latents, hires.size, hires.latent_mode, scale_factor)
-        else:
+        upscaled = None
+        if hires.latent_mode is None:
             first = VaeImageProcessor().postprocess(first_pixels, output_type="pil")[0]
-            start = self._upscaled(plan, first, PhaseOfJob(job, after_first_pass, plan.total_steps,
-                                                           f"{label}, upscaling"), warnings)
-        if start is None or job.cancelled:  # stopped before the second pass: the first pass's image
+            upscaled = self._upscaled(plan, first, PhaseOfJob(job, after_first_pass, plan.total_steps,
+                                                              f"{label}, upscaling"), warnings)
+        if job.cancelled or (hires.latent_mode is None and upscaled is None):
+            # stopped before the second pass: the first pass's image, finished, and a word that it is not hires
+            warnings.append(f"Stopped before Hires. fix's second pass: image {index + 1} is the first pass's, "
+                            f"{plan.size[0]}×{plan.size[1]}.")
             with self.manager.turn():
                 if first_pixels is None:
-                    return self._finish_image(plan, plan.task, latents, plan.size, steps_done, steps_done)
-                return MadeImage(first_pixels, self.stages.check(plan.preset, plan.task, first_pixels)[0], None,
-                                 False, {}, warnings)
-        arguments = {"image": start, "strength": hires.settings.denoising_strength}
+                    made = self._finish_image(plan, plan.task, latents, plan.size, steps_done, steps_done)
+                else:
+                    made = MadeImage(first_pixels, self.stages.check(plan.preset, plan.task, first_pixels)[0], None,
+                                     False, {})
+            made.warnings += warnings
+            return made
         with self.manager.turn():
-            latents, hires_done = self._denoise(plan, encoded(), index, job, task="img2img", size=hires.size,
-                                                steps=hires.steps, call_arguments=arguments,
-                                                progress=(after_first_pass, f"{label}, hires. fix"))
+            if hires.latent_mode is not None:  # on the device, in this turn; in float32 (no fp16 antialiasing)
+                scale_factor = self.models.vae_scale_factor(plan.preset, "img2img")
+                upscaled = upscale_latents(latents, hires.size, hires.latent_mode, scale_factor)
+            second = SecondPass(hires.size, {"image": upscaled, "strength": hires.pipeline_strength},
+                                hires.schedule_steps, hires.steps, after_first_pass)
+            latents, hires_done = self._denoise(plan, encoded(), index, job, second)
             made = self._finish_image(plan, "img2img", latents, hires.size, hires_done, hires.steps_run,
                                       hires.parameters(), in_hires=True)
         made.warnings += warnings
@@ -540,8 +564,7 @@ class TextToImage(SamplingEngine):
         """The first pass's image at the second pass's size by the hires upscaler preset (its passes, then
         Lanczos to the exact size); None when Stop ended it."""
         width, height = plan.hires.size
-        scale = max(width / image.width, height / image.height)
-        request = UpscaleRequest(plan.hires.settings.upscaler, scale=scale, denoise_strength=1.0)
+        request = self._hires_upscale_request(plan.hires.settings, plan.hires.size, image.size)
         outcome = self.upscaling.run(self.upscaling.plan(image, request), job)
         warnings += outcome.warnings
         if outcome.image is None:
@@ -549,6 +572,18 @@ class TextToImage(SamplingEngine):
         upscaled = outcome.image.convert("RGB")
         return upscaled if upscaled.size == (width, height) else upscaled.resize((width, height),
                                                                                  Image.Resampling.LANCZOS)
+
+
+@dataclass
+class SecondPass:
+    """What Hires. fix's second pass of one image runs: image to image on `call_arguments` (the upscaled image or
+    latents, and diffusers' strength), the last `steps` of a `schedule_steps` schedule, at `size`."""
+
+    size: tuple[int, int]
+    call_arguments: dict
+    schedule_steps: int
+    steps: int
+    start: int  # the job's steps done before it
 
 
 class PhaseOfJob(JobControl):

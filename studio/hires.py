@@ -27,6 +27,7 @@ LATENT_UPSCALE_MODES = {
 DEFAULT_HIRES_UPSCALER = "Latent"
 MIN_HIRES_SCALE, MAX_HIRES_SCALE = 1.0, 4.0  # A1111's slider
 HIRES_SIDE_FACTOR = 2  # the second pass may work at up to twice the preset's largest size
+MAX_SCHEDULE_STEPS = 1000  # the noise levels SD models are trained on: a longer schedule has no meaning
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class HiresPlan:
 
     settings: HiresFix
     size: tuple[int, int]  # the result's width, height
-    steps: int  # the second pass's schedule (the first pass's steps when the settings say 0)
+    steps: int  # the second pass's denoising steps (the first pass's steps when the settings say 0)
     upscaler_label: str  # as the PNG writes it ("Latent", "R-ESRGAN 4x+")
 
     @property
@@ -54,8 +55,20 @@ class HiresPlan:
 
     @property
     def steps_run(self) -> int:
-        """Denoising steps the second pass runs: image to image skips the first (1 - strength) of its schedule."""
-        return int(self.steps * self.settings.denoising_strength)
+        """A1111 runs exactly the hires steps (its "requested steps" img2img branch), not steps × strength."""
+        return self.steps
+
+    @property
+    def schedule_steps(self) -> int:
+        """The schedule whose last `steps` the second pass runs: A1111's int(steps / min(strength, 0.999)), so that
+        they start at the noise level of the denoising strength."""
+        return schedule_steps(self.steps, self.settings.denoising_strength)
+
+    @property
+    def pipeline_strength(self) -> float:
+        """diffusers' img2img strength that runs exactly `steps` of `schedule_steps` (it runs int(N × strength)
+        steps; the half step keeps float rounding from losing one)."""
+        return min(1.0, (self.steps + 0.5) / self.schedule_steps)
 
     def parameters(self) -> dict[str, str | int]:
         """The PNG fields, as A1111 writes them (Hires steps only when set)."""
@@ -65,6 +78,10 @@ class HiresPlan:
             fields["Hires steps"] = self.settings.steps
         fields["Hires upscaler"] = self.upscaler_label
         return fields
+
+
+def schedule_steps(steps: int, strength: float) -> int:
+    return max(steps, int(steps / min(strength, 0.999)))
 
 
 def hires_size(width: int, height: int, upscale: float, multiple: int) -> tuple[int, int]:
@@ -96,9 +113,11 @@ def check_hires(hires: HiresFix, width: int, height: int, first_pass_steps: int,
                                           f"(got {hires.denoising_strength:g}).")
     elif "hires_steps" not in problems:
         steps = hires.steps or first_pass_steps
-        if int(steps * hires.denoising_strength) < 1:
-            problems["denoising_strength"] = (f"Hires steps × denoising strength must be at least 1 ({steps} × "
-                                              f"{hires.denoising_strength:g} leaves no step): raise one of them.")
+        if schedule_steps(steps, hires.denoising_strength) > MAX_SCHEDULE_STEPS:
+            problems["denoising_strength"] = (
+                f"Hires steps ÷ denoising strength must be at most {MAX_SCHEDULE_STEPS} ({steps} ÷ "
+                f"{hires.denoising_strength:g}): the second pass runs the last {steps} steps of a schedule that long. "
+                "Raise the strength or lower the steps.")
     if "hires_upscale" in problems:
         return problems
     target = hires_size(width, height, hires.upscale, preset.size_step)
@@ -115,8 +134,10 @@ def check_hires(hires: HiresFix, width: int, height: int, first_pass_steps: int,
 def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: dict, vae_scale_factor: int) -> torch.Tensor:
     """The first pass's latents at the second pass's size (`size` in pixels), as A1111's latent modes do."""
     width, height = size
-    return torch.nn.functional.interpolate(latents, size=(height // vae_scale_factor, width // vae_scale_factor),
-                                           mode=mode["mode"], antialias=mode["antialias"])
+    # in float32: torch has no antialiased bilinear or bicubic for fp16 on the CPU
+    enlarged = torch.nn.functional.interpolate(latents.float(), size=(height // vae_scale_factor, width // vae_scale_factor),
+                                               mode=mode["mode"], antialias=mode["antialias"])
+    return enlarged.to(latents.dtype)
 
 
 def hires_from_parameters(extra: dict[str, str], width: int, height: int, find_upscaler,
@@ -137,7 +158,8 @@ def hires_from_parameters(extra: dict[str, str], width: int, height: int, find_u
                 notes.append(f"The image was resized to {resize} by Hires. fix, another shape than {width}×{height}; "
                              f"here it is upscaled ×{upscale:g} without cropping.")
     written = extra.get("Hires upscaler", DEFAULT_HIRES_UPSCALER)
-    upscaler = written if written in LATENT_UPSCALE_MODES else find_upscaler(written)
+    # A1111's "None" upscaler leaves the image as it is and its resize to the size is Lanczos: our Lanczos
+    upscaler = written if written in LATENT_UPSCALE_MODES else find_upscaler("Lanczos" if written == "None" else written)
     if upscaler is None:
         notes.append(f"The image was upscaled by {written!r} in Hires. fix, which this studio does not have; the hires "
                      f"upscaler stays {current.upscaler}.")

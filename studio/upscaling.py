@@ -73,19 +73,7 @@ class UpscalePlan:
 
     @property
     def passes(self) -> int:
-        """Native passes that do not go beyond `scale` (at least one); a Lanczos resize does the rest. ×8 with a ×4
-        model: one pass, then ×2; ×2 with it: one pass, then ×0.5."""
-        native = self.preset.native_scale
-        if native <= 1:
-            return 0
-        return max(1, math.floor(math.log(self.request.scale) / math.log(native) + 1e-9))
-
-    @property
-    def largest_pixels(self) -> int:
-        """Pixels of the largest image the job holds: the last pass's output or the result."""
-        height, width = self.rgb.shape[:2]
-        factor = max(self.preset.native_scale ** self.passes, self.request.scale)
-        return int(height * width * factor * factor)
+        return passes_for(self.request.scale, self.preset.native_scale)
 
     face_restorer: FaceRestorerPreset | None = None
 
@@ -115,6 +103,14 @@ class UpscaleResult:
     tile: int  # the tile side the last pass used (0: none)
     warnings: list[str] = field(default_factory=list)
     interrupted: bool = False
+
+
+def passes_for(scale: float, native: int) -> int:
+    """Native passes that do not go beyond `scale` (at least one); a Lanczos resize does the rest. ×8 with a ×4
+    model: one pass, then ×2; ×2 with it: one pass, then ×0.5. None for a plain resize."""
+    if native <= 1:
+        return 0
+    return max(1, math.floor(math.log(scale) / math.log(native) + 1e-9))
 
 
 def check_upscale(request: UpscaleRequest, catalog: UpscalerCatalog, faces: FaceRestoration | None = None) -> list[str]:
@@ -218,24 +214,35 @@ class Upscaling:
             raise InvalidRequest(["Face restoration works on 8-bit colour images; this one is 16-bit greyscale. "
                                   f"Choose {NO_FACE_RESTORATION!r}, or convert it first."])
         check_pixels(image.size, "image", self.limits.max_input_pixels)
+        problems = self.size_problems(image.size, request)
+        if problems:
+            raise InvalidRequest(problems)
         width, height = image.size
         size = (max(1, round(width * request.scale)), max(1, round(height * request.scale)))
-        if size[0] * size[1] > self.limits.max_output_pixels:
-            raise InvalidRequest([f"{width}×{height} at ×{request.scale:g} would be {size[0]}×{size[1]}: more than "
-                                  f"{self.limits.max_output_pixels:,} pixels, the limit here. Choose a smaller scale "
-                                  "or a smaller image."])
         preset = self.catalog.get(request.upscaler)
         rgb, alpha, mode = image_arrays(image)
         plan = UpscalePlan(request, preset, rgb, alpha, mode, size, image.info.get("parameters"))
-        if plan.largest_pixels > self.limits.max_output_pixels:  # a ×4 pass of a ×1 request is 16× the pixels
-            raise InvalidRequest([f"{preset.label} works at ×{preset.native_scale}: {width}×{height} would pass "
-                                  f"through {plan.largest_pixels:,} pixels, more than {self.limits.max_output_pixels:,}, "
-                                  "the limit here. Choose a smaller image, or Lanczos."])
         if preset.is_model:
             plan.key = upscaler_key(preset, self.files, request.denoise_strength)
         if restoring:
             plan.face_restorer = self.faces.presets[request.face_restoration]
         return plan
+
+    def size_problems(self, size: tuple[int, int], request: UpscaleRequest) -> list[str]:
+        """The output-size limits for an input of `size` (Hires. fix checks them before any GPU work)."""
+        width, height = size
+        result = (max(1, round(width * request.scale)), max(1, round(height * request.scale)))
+        if result[0] * result[1] > self.limits.max_output_pixels:
+            return [f"{width}×{height} at ×{request.scale:g} would be {result[0]}×{result[1]}: more than "
+                    f"{self.limits.max_output_pixels:,} pixels, the limit here. Choose a smaller scale or a smaller image."]
+        preset = self.catalog.get(request.upscaler)
+        passes = passes_for(request.scale, preset.native_scale)
+        largest = int(height * width * max(preset.native_scale ** passes, request.scale) ** 2)
+        if largest > self.limits.max_output_pixels:  # a ×4 pass of a ×1 request is 16× the pixels
+            return [f"{preset.label} works at ×{preset.native_scale}: {width}×{height} would pass through "
+                    f"{largest:,} pixels, more than {self.limits.max_output_pixels:,}, the limit here. Choose a smaller "
+                    "image, or Lanczos."]
+        return []
 
     @contextmanager
     def model_files(self, plan: UpscalePlan, on_progress=None) -> Iterator[None]:
@@ -277,8 +284,8 @@ class Upscaling:
         if plan.face_restorer:
             if job.cancelled:
                 return UpscaleResult(None, tile, warnings, interrupted=True)
-            job.report(plan.passes * ProgressCounter.UNIT, plan.passes * ProgressCounter.UNIT,
-                       f"Restoring faces ({plan.face_restorer.label})")
+            units = max(1, plan.passes) * ProgressCounter.UNIT  # Lanczos has no pass: still a non-empty bar
+            job.report(units, units, f"Restoring faces ({plan.face_restorer.label})")
             image, faces = self._restore_faces(image, plan)
             if not faces:
                 warnings.append(f"{plan.face_restorer.label} found no face in the image; it is only upscaled.")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -43,6 +44,20 @@ def test_finished_stages_are_skipped(smoke_family):
     root, results = smoke_family
     again = train(root / "run", root / "models", SMOKE_PLAN)
     assert [r.seconds for r in again] == [r.seconds for r in results]
+
+
+def test_stages_built_on_a_retrained_unet_are_trained_again(smoke_family):
+    """Retraining the UNet (`--stage unet` after deleting its run) must not leave the multisize UNet, which the
+    studio ships, built on the old one."""
+    root, _ = smoke_family
+    done = {name: root / "run" / name / "done.json" for name in ("unet", "multisize", "inpaint", "upscaler")}
+    later = max(path.stat().st_mtime for path in done.values()) + 60
+    os.utime(done["unet"], (later, later))  # as if the UNet had just been retrained
+    before = {name: path.stat().st_mtime for name, path in done.items()}
+    train(root / "run", root / "models", SMOKE_PLAN)
+    after = {name: path.stat().st_mtime for name, path in done.items()}
+    assert after["multisize"] > before["multisize"] and after["inpaint"] > before["inpaint"]
+    assert after["unet"] == before["unet"] and after["upscaler"] == before["upscaler"]
 
 
 class _InterruptedVae(VaeStage):

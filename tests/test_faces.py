@@ -12,8 +12,8 @@ import yaml
 from PIL import Image, ImageDraw
 
 from studio.basicsr_compat import install_functional_tensor_shim
-from studio.errors import InvalidRequest
-from studio.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, load_face_restorers
+from studio.errors import InvalidRequest, ModelUnavailable
+from studio.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, face_restorer_key, load_face_restorers
 from studio.memory import ModelManager
 from studio.upscalers import UPSCALER, ReleaseFiles, UpscalerLoader, load_upscalers
 from studio.upscaling import UpscaleRequest, Upscaling
@@ -103,12 +103,13 @@ def test_offered_only_when_every_file_is_there_with_its_hash(weights, manager, t
 
 def test_no_face_found_gives_the_upscaled_image_and_says_so(weights, manager, monkeypatch):
     files, presets = weights
-    import facexlib.utils
+    import facexlib.utils.misc
 
     def no_download(*args, **kwargs):
         raise AssertionError("facexlib tried to download")
 
-    monkeypatch.setattr(facexlib.utils, "download_url_to_file", no_download, raising=False)
+    # facexlib's load_file_from_url downloads through this name when a file is missing
+    monkeypatch.setattr(facexlib.utils.misc, "download_url_to_file", no_download)
     upscaling = upscaling_with(manager, files, presets)
     picture = Image.new("RGB", (40, 32), (40, 90, 200))
     plain = upscaling.upscale(picture, UpscaleRequest("lanczos", 2))
@@ -120,6 +121,17 @@ def test_no_face_found_gives_the_upscaled_image_and_says_so(weights, manager, mo
 
 
 OFFSET = 128  # the face in the middle of a 512 px image: its 512 px crop covers about 230 px around it
+
+
+def test_a_missing_helper_file_is_refused_before_facexlib_could_fetch_it(weights, tmp_path):
+    files, presets = weights
+    for name in ("GFPGANv1.4.pth", "parsing_parsenet.pth"):
+        (tmp_path / name).write_bytes((files.cache_dir / name).read_bytes())
+    key = face_restorer_key(presets["GFPGANv1.4"], ReleaseFiles(tmp_path, offline=True))
+    with pytest.raises(ModelUnavailable, match=r"Face restoration needs detection_Resnet50_Final.pth in "):
+        FaceRestorerLoader().load(key, torch.float32)
+    assert not any(tmp_path.glob("*.tmp")) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "GFPGANv1.4.pth", "parsing_parsenet.pth"]  # nothing fetched or begun
 
 
 def a_face(size=512):

@@ -3,6 +3,7 @@ upscaler preset in between, on the one shared manager."""
 
 import threading
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from studio.embedded import oracle, scenes
 from studio.embedded.evaluation import evaluation_scenes
 from studio.errors import InvalidRequest, ModelUnavailable
 from studio.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
-from studio.hires import LATENT_UPSCALE_MODES, HiresFix, hires_size
+from studio.hires import LATENT_UPSCALE_MODES, HiresFix, HiresPlan, hires_size
 from studio.memory import ModelManager
 from studio.metadata import parse_parameters
 from studio.pipelines import DiffusionStages, diffusers_loaders
@@ -91,12 +92,12 @@ def test_progress_counts_both_passes(hires_engine):
     seen = []
     hires_engine.generate(request(batch_size=2, hires=HiresFix(steps=8, upscaler=EMBEDDED_UPSCALER)),
                           on_progress=lambda done, total, text: seen.append((done, total, text)))
-    # 20 first-pass steps + int(8 × 0.5) second-pass steps, per image
-    assert {total for _, total, _ in seen} == {48}
+    # 20 first-pass steps + the 8 hires steps (A1111 runs exactly those, whatever the strength), per image
+    assert {total for _, total, _ in seen} == {56}
     done = [step for step, _, _ in seen]
-    assert done == sorted(done) and done[-1] == 48
+    assert done == sorted(done) and done[-1] == 56
     texts = [text for _, _, text in seen]
-    assert "Image 2/2, hires. fix, step 4/4" in texts and "Image 1/2, step 20/20" in texts
+    assert "Image 2/2, hires. fix, step 8/8" in texts and "Image 1/2, step 20/20" in texts
     assert any(text.startswith("Image 1/2, upscaling: Pass 1/1") for text in texts)
 
 
@@ -124,6 +125,7 @@ def test_stop_while_upscaling_gives_the_finished_first_pass(hires_engine):
                        lambda done, text: "upscaling" in text)
     image = result.images[0]
     assert result.interrupted and image.image.size == (64, 64) and image.stopped_at is None
+    assert "Stopped before Hires. fix's second pass: image 1 is the first pass's, 64×64." in result.warnings
     alone = hires_engine.generate(request(hires=None)).images[0]
     assert np.array_equal(pixels(image.image), pixels(alone.image))
     assert "Hires upscale" not in image.parameters
@@ -142,7 +144,7 @@ def test_stop_in_the_second_pass_says_so(hires_engine):
     (HiresFix(upscaler="4x-UltraSharp"), "Unknown hires upscaler '4x-UltraSharp'. Choose one of: Latent,"),
     (HiresFix(upscale=5), "Hires upscale must be from 1 to 4 (got 5)."),
     (HiresFix(denoising_strength=0), "Denoising strength must be above 0 and at most 1 (got 0)."),
-    (HiresFix(steps=3, denoising_strength=0.2), "Hires steps × denoising strength must be at least 1 (3 × 0.2"),
+    (HiresFix(steps=100, denoising_strength=0.05), "Hires steps ÷ denoising strength must be at most 1000 (100 ÷ 0.05)"),
     (HiresFix(steps=101), "Hires steps must be between 0 (as many as the first pass) and 100 (got 101)."),
     (HiresFix(steps=2.5), "Hires steps must be a whole number (got 2.5)."),
     (HiresFix(upscale=4), "Hires. fix would make 512×512; Embedded shapes model (offline) goes up to 256 px"),
@@ -168,6 +170,24 @@ def test_a_missing_release_file_is_named_before_any_device_work(hires_engine):
         with hires_engine.model_files(plan):
             pass
     assert manager.loads == loads
+
+
+@pytest.mark.parametrize("steps, strength", [(20, 0.5), (10, 0.7), (15, 0.35), (8, 1.0), (1, 0.999), (30, 0.05),
+                                             (7, 0.3)])
+def test_the_second_pass_runs_exactly_the_hires_steps_from_the_strengths_noise_level(steps, strength):
+    """A1111 (its img2img "requested steps"): a schedule of int(steps / strength) steps, of which the last `steps`
+    run. diffusers' own img2img arithmetic, given our schedule and strength, runs exactly those."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+    plan = HiresPlan(HiresFix(steps=steps, denoising_strength=strength), (128, 128), steps, "Latent")
+    assert plan.schedule_steps == int(steps / min(strength, 0.999)) and plan.steps_run == steps
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(plan.schedule_steps)
+    pipe = SimpleNamespace(scheduler=scheduler)
+    timesteps, count = StableDiffusionImg2ImgPipeline.get_timesteps(pipe, plan.schedule_steps, plan.pipeline_strength,
+                                                                   "cpu")
+    assert count == steps and len(timesteps) == steps
+    assert torch.equal(timesteps, scheduler.timesteps[plan.schedule_steps - steps:])  # A1111's sigmas[N - steps:]
 
 
 def test_hires_sizes_round_down_to_what_the_model_takes():
@@ -207,6 +227,8 @@ def test_a1111_pngs_read_back(hires_engine):
     filled, notes = request_from_parameters(unknown, hires_engine.presets, request(hires=None), catalog)
     assert filled.hires.upscaler == "Latent"  # the form's, kept
     assert any("'4x-UltraSharp' in Hires. fix, which this studio does not have" in note for note in notes)
+    none = a1111.replace("R-ESRGAN 4x+ Anime6B", "None")  # A1111's "None": no model, then its Lanczos resize
+    assert request_from_parameters(none, hires_engine.presets, request(), catalog)[0].hires.upscaler == "lanczos"
     without = a1111.split(", Denoising strength")[0]
     filled, _ = request_from_parameters(without, hires_engine.presets, request(), catalog)
     assert filled.hires is None  # an image made without Hires. fix switches it off

@@ -40,6 +40,13 @@ SMOKE_PLAN = {
 }
 
 
+def trained_before_its_base(stage) -> bool:
+    """A stage that starts from another's weights (the multisize and inpainting UNets from the UNet) and finished
+    before that one last did."""
+    base = getattr(stage, "unet_stage", None)
+    return bool(base and base.result() and base.done_file.stat().st_mtime > stage.done_file.stat().st_mtime)
+
+
 class VaeNotGoodEnough(RuntimeError):
     pass
 
@@ -66,6 +73,8 @@ def train(run_dir, models_dir, plan=TRAINING_PLAN, only: list[str] | None = None
     for name, stage in stages.items():
         if only and name not in only:
             continue
+        if stage.result() and trained_before_its_base(stage):
+            stage.forget()  # its base was retrained since: it starts again from the new one
         result = stage.result() or stage.run()
         results.append(result)
         if name == "vae" and check_vae and plan is TRAINING_PLAN:

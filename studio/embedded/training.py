@@ -118,6 +118,11 @@ class Stage:
         self.done_file.write_text(json.dumps(result.__dict__, indent=2))
         return result
 
+    def forget(self) -> None:
+        """Drop the finished run (its record, checkpoint and losses; a cached dataset stays), to train it again."""
+        for name in ("done.json", "checkpoint.pt", "losses.csv"):
+            (self.run_dir / name).unlink(missing_ok=True)
+
     def trained_model(self) -> torch.nn.Module:
         """The stage's final (EMA) model from its last checkpoint, for the stages that build on it."""
         model = self.build()
