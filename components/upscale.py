@@ -104,6 +104,7 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
             restorers = upscaling.faces.names if upscaling.faces else []
             with gr.Row(visible=bool(restorers), elem_id="face-restoration"):
                 face_restoration = gr.Dropdown([NO_FACE_RESTORATION, *restorers], value=NO_FACE_RESTORATION,
+                                               allow_custom_value=True,  # our check names the missing files
                                                label="Face restoration", info="After the upscale, as A1111's extras")
                 face_visibility = gr.Slider(0, 1, value=1, step=0.05, label="Face visibility",
                                             info="1: the restored faces; lower blends the upscaled ones back in")

@@ -245,6 +245,8 @@ def test_upscale_endpoint_returns_the_slider_pair_and_a_png_that_keeps_the_param
     (dict(upscaler="RealESRGAN_x4plus"), "RealESRGAN_x4plus.pth"),  # offline here: which file, and where
     (dict(scale=12), "Value 12 is greater than maximum value 8"),  # gradio's own range check
     (dict(tile=10), "A tile must be at least 64 pixels"),
+    # no face restorer's files here: the option is hidden in the page, and the API says why
+    (dict(face_restoration="GFPGANv1.4"), "Face restoration is not available here \\(no face restorer's weights are in"),
 ])
 def test_upscale_endpoint_refuses_clearly(client, tmp_path, overrides, message):
     scenes.render(scenes.Scene("blue", ()), 32).save(tmp_path / "plain.png")
