@@ -188,18 +188,22 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                                 hires_steps, denoising_strength)
         return runner.run(TAB, request, progress, engine, lambda: engine.plan(text_request), on_device)
 
-    def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None, clip_skip=None):
-        """Card, scheduler, steps, CFG, width, height and clip skip fitted to a preset; given values are kept."""
+    def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None, clip_skip=None,
+                       hires_steps_value=None):
+        """Card, scheduler, steps, CFG, width, height, clip skip and hires steps fitted to a preset; given values are
+        kept."""
         chosen = chosen_preset(engine.presets, name)
         size = {"minimum": chosen.min_size, "maximum": chosen.max_size, "step": chosen.size_step}
+        most_steps = min(chosen.max_steps, limits.max_steps)
         return (
             *sampling_updates(chosen, limits, scheduler, steps, guidance),
             gr.Slider(**size, value=width or chosen.default_width),
             gr.Slider(**size, value=height or chosen.default_height),
             gr.Slider(value=clip_skip or chosen.default_clip_skip),
+            gr.Slider(maximum=most_steps, value=min(hires_steps_value or 0, most_steps)),
         )
 
-    fitted_to_preset = [card, scheduler, steps, guidance_scale, width, height, clip_skip]
+    fitted_to_preset = [card, scheduler, steps, guidance_scale, width, height, clip_skip, hires_steps]
 
     def read_png(image):
         if image is None:
@@ -216,14 +220,14 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                                                 engine.upscaling.catalog if engine.upscaling else None)
         for note in notes:
             gr.Warning(note)
-        card_update, scheduler_, steps_, guidance_, width_, height_, clip_skip_ = preset_updates(
-            filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height,
-            filled.clip_skip,
-        )
         hires = filled.hires or form.hires
+        card_update, scheduler_, steps_, guidance_, width_, height_, clip_skip_, hires_steps_ = preset_updates(
+            filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height,
+            filled.clip_skip, hires.steps,
+        )
         return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, width_, height_,
                 filled.seed, 1, "None", clip_skip_, filled.hires is not None, hires.upscaler, hires.upscale,
-                hires.steps, hires.denoising_strength, card_update]
+                hires_steps_, hires.denoising_strength, card_update]
 
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
     # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.

@@ -106,7 +106,7 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
                 face_restoration = gr.Dropdown([NO_FACE_RESTORATION, *restorers], value=NO_FACE_RESTORATION,
                                                allow_custom_value=True,  # our check names the missing files
                                                label="Face restoration", info="After the upscale, as A1111's extras")
-                face_visibility = gr.Slider(0, 1, value=1, step=0.05, label="Face visibility",
+                face_visibility = gr.Slider(0, 1, value=1, step=0.05, label="Face visibility", visible=False,
                                             info="1: the restored faces; lower blends the upscaled ones back in")
         with gr.Column(scale=6):
             slider = gr.ImageSlider(label="Before / after (drag the bar)", type="pil", format="png", max_height=620,
@@ -153,4 +153,6 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
     runner.wire_stop(stop, TAB)
     upscaler.input(lambda name: gr.Slider(visible=catalog.get(name).has_denoise), upscaler, denoise,
                    api_visibility="private", queue=False)
+    face_restoration.input(lambda name: gr.Slider(visible=name != NO_FACE_RESTORATION), face_restoration,
+                           face_visibility, api_visibility="private", queue=False)
     return UpscaleTab(image, event)

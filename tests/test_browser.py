@@ -371,6 +371,8 @@ def test_hires_fix_shows_its_settings_and_makes_the_larger_image(page, artifacts
     settings.wait_for()
     note = page.locator("#hires-size-note")
     assert "Generates 64×64, then upscales to 128×128" in note.inner_text()
+    # hires steps go as far as the preset's steps do (the embedded model's 100, not the server's 150)
+    assert text_tab(page).get_by_label("number input for Hires steps").get_attribute("max") == "100"
     box = text_tab(page).get_by_label("number input for Upscale by")
     box.fill("1.5")
     box.press("Enter")
