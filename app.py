@@ -24,6 +24,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+from components.compare import build_compare_tab
 from components.inpaint import build_inpaint_tab, editor_with_background
 from components.running import JobRunner, user_error
 from components.status import build_status_bar
@@ -38,6 +39,7 @@ from studio.devices import (
     parse_bytes,
     resolve_device,
 )
+from studio.compare import CompareLimits, Comparison
 from studio.downloads import HubDownloads
 from studio.errors import InvalidRequest, StudioError
 from studio.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, load_face_restorers
@@ -45,7 +47,8 @@ from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
 from studio.jobs import JobBoard
 from studio.memory import ModelManager
-from studio.model_kinds import CLIP, ClipLoader
+from studio.metrics import ClipScorer
+from studio.model_kinds import CLIP, ClipLoader, clip_key
 from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
 from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import RateLimiter
@@ -62,6 +65,8 @@ CSS = """
 #text-to-image-gallery img, #inpaint-gallery img { image-rendering: pixelated; }
 #text-to-image-gallery .thumbnail-lg { max-height: 470px; margin: 0 auto; }
 #inpaint-gallery .thumbnail-lg { max-height: 370px; margin: 0 auto; }
+#compare-grid .thumbnail-lg { max-height: 470px; margin: 0 auto; }
+#compare-grid img, #compare-cells img, #compare-slider img { image-rendering: pixelated; }
 .history-gallery img { image-rendering: pixelated; }
 .history-gallery .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; grid-auto-rows: 112px; }
 .history-gallery .thumbnail-item { width: 112px; height: 112px; max-height: 112px; }
@@ -109,6 +114,7 @@ class Studio:
     text_to_image: TextToImage
     inpainter: Inpainter
     upscaling: Upscaling
+    comparison: Comparison
     runner: JobRunner
 
 
@@ -158,6 +164,10 @@ def build_studio(args: argparse.Namespace) -> Studio:
     text_to_image = TextToImage(stages, presets, load_styles(), limits, version=version, downloads=downloads,
                                 upscaling=upscaling)
     inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads)
+    clip = clip_scorer(manager)
+    if ON_ZEROGPU:  # the Compare tab scores on the GPU worker, where nothing may load
+        manager.preload({"clip": clip_key(clip.source)}, pin=True)
+    comparison = Comparison(text_to_image, clip, CompareLimits.public() if args.public else CompareLimits())
     rate_limit = args.rate_limit or (PUBLIC_RATE_LIMIT if args.public else None)
     runner = JobRunner(
         board=JobBoard(),  # shared memory for Stop and progress: made before ZeroGPU forks its GPU worker
@@ -166,7 +176,23 @@ def build_studio(args: argparse.Namespace) -> Studio:
         concurrency=args.concurrency,
     )
     return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, upscaling=upscaling,
-                  runner=runner)
+                  comparison=comparison, runner=runner)
+
+
+REAL_CLIP = "openai/clip-vit-large-patch14"
+EMBEDDED_CLIP = Path(__file__).resolve().parent / "models" / "embedded-clip"
+
+
+def clip_scorer(manager: ModelManager) -> ClipScorer:
+    """The CLIP the Compare tab scores with: OpenAI's ViT-L/14 (the CLIP score papers report) where its weights are
+    in the Hub cache, otherwise the embedded CLIP, which works offline. The table names which: their scores do not
+    compare with each other. Nothing is downloaded for it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(REAL_CLIP, "model.safetensors")
+    if isinstance(cached, str):
+        return ClipScorer(manager, Path(cached).parent, REAL_CLIP)
+    return ClipScorer(manager, EMBEDDED_CLIP, "embedded CLIP, offline")
 
 
 def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3,
@@ -260,8 +286,8 @@ def chosen_result(gallery, index, when_empty: str):
 
 def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="Diffusion Studio", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# Diffusion Studio\nText to image, inpainting and upscaling with Stable Diffusion and "
-                    "Real-ESRGAN. Compare is coming.")
+        gr.Markdown("# Diffusion Studio\nText to image, inpainting, upscaling and X/Y/Z comparisons with Stable "
+                    "Diffusion and Real-ESRGAN.")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="text-to-image", elem_id="text-to-image-tab"):
                 text_tab = build_text_to_image_tab(studio.text_to_image, studio.runner)
@@ -269,8 +295,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 inpaint_tab = build_inpaint_tab(studio.inpainter, studio.runner)
             with gr.Tab("Upscale", id="upscale", elem_id="upscale-tab"):
                 upscale_tab = build_upscale_tab(studio.upscaling, studio.runner)
+            with gr.Tab("Compare", id="compare", elem_id="compare-tab"):
+                compare_tab = build_compare_tab(studio.comparison, studio.runner)
         build_status_bar(demo, studio.manager, refresh_after=[text_tab.generate_event, inpaint_tab.generate_event,
-                                                             upscale_tab.upscale_event])
+                                                             upscale_tab.upscale_event, compare_tab.compare_event])
         text_tab.fit_to_preset(demo)
         inpaint_tab.fit_to_preset(demo)
 

@@ -33,11 +33,13 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
     assert parameters("/text_to_image") == [*DEFAULTS, "hires_fix", "hires_upscaler", "hires_upscale", "hires_steps",
                                             "denoising_strength"]
     # no timers, no UI glue
-    assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image", "/upscale"}
+    assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image", "/upscale", "/compare"}
     for endpoint in api["named_endpoints"]:  # only the prompt (and the images) must be given
         required = [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]
                     if not p["parameter_has_default"]]
         assert required in (["prompt"], ["image", "mask", "prompt"], ["sketch", "prompt"], ["image"]), (endpoint, required)
+    assert parameters("/compare") == ["prompt", "negative_prompt", "seed", "x_type", "x_values", "y_type", "y_values",
+                                      "z_type", "z_values"]
     assert parameters("/upscale") == ["image", "upscaler", "scale", "tile", "denoise_strength", "face_restoration",
                                       "face_visibility"]
     assert parameters("/inpaint") == ["image", "mask", *INPAINT]
@@ -78,6 +80,24 @@ def test_hires_fix_through_the_api_makes_the_larger_png_with_a1111s_fields(clien
         assert image.size == (64, 64)
     gallery, _, info = text_to_image(client, seed=3, hires_fix=True)
     assert "Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: Latent" in info
+
+
+def test_compare_endpoint_returns_the_grid_the_cells_and_the_table(client):
+    grids, table, cells = client.predict(prompt="a red circle on a blue background", seed=9, x_type="Sampler",
+                                         x_values="Euler, DDIM", y_type="Steps", y_values="6, 10", z_type="Nothing",
+                                         z_values="", api_name="/compare")
+    assert len(grids) == 1 and len(cells) == 4
+    assert table["headers"] == ["cell", "seconds", "CLIP score (embedded CLIP, offline)"]
+    assert [row[0] for row in table["data"]] == ["Sampler: Euler, Steps: 6", "Sampler: DDIM, Steps: 6",
+                                                 "Sampler: Euler, Steps: 10", "Sampler: DDIM, Steps: 10"]
+    assert all(0 <= row[2] <= 100 for row in table["data"])
+    with Image.open(cells[3]["image"]) as cell:
+        params = parse_parameters(cell.info["parameters"])
+    assert (params.scheduler, params.steps, params.seed) == ("DDIM", 10, 9)
+    with Image.open(grids[0]["image"]) as grid:
+        assert grid.format == "PNG" and grid.width > 256
+    with pytest.raises(Exception, match="Steps: '2.5' is not a whole number"):
+        client.predict(prompt="a red circle", x_type="Steps", x_values="2.5", api_name="/compare")
 
 
 def test_same_seed_same_png_pixels_through_the_api(client):

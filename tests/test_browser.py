@@ -409,3 +409,34 @@ def test_a_png_with_hires_fields_switches_hires_fix_on(page, tmp_path):
     assert text_tab(page).get_by_label("number input for Hires steps").input_value() == "10"
     assert text_tab(page).get_by_label("number input for Denoising strength").input_value() == "0.4"
     assert "Lanczos" in page.locator("#hires-settings input").first.input_value()
+
+
+def test_compare_a_2x2_grid_then_two_cells_on_the_slider(page, artifacts):
+    page.get_by_role("tab", name="Compare").click()
+    tab = page.locator("#compare-tab")
+    tab.get_by_label("Prompt", exact=True).fill("a large yellow star in the center on a blue background")
+    tab.get_by_label("Y values").fill("6, 12")
+    page.locator("#compare-cell-count").get_by_text("4 cells (2 × 2)").wait_for()
+    tab.get_by_label("X values").fill("Euler, Nope")
+    page.locator("#compare-cell-count").get_by_text("Sampler: unknown value 'Nope'").wait_for()  # said as you type
+    tab.get_by_label("X values").fill("Euler, DDIM")
+    tab.get_by_role("button", name="Compare", exact=True).click()
+    grid = page.locator("#compare-grid img").first
+    grid.wait_for(timeout=90_000)
+    assert grid.evaluate("img => img.naturalWidth") > 256
+    box = grid.bounding_box()
+    assert box["width"] > 300 and box["height"] > 250  # shown large enough to read its labels
+    page.locator("#compare-table").get_by_text("Sampler: DDIM, Steps: 12").wait_for()
+    assert "CLIP score (embedded CLIP, offline)" in page.locator("#compare-table").inner_text()
+    # the whole grid is seen, caption included: not cropped by the gallery's square thumbnail
+    fit, image_box, gallery_box = grid.evaluate(
+        "img => [getComputedStyle(img).objectFit, img.getBoundingClientRect().toJSON(),"
+        " document.querySelector('#compare-grid').getBoundingClientRect().toJSON()]")
+    assert fit == "contain" and image_box["bottom"] <= gallery_box["bottom"] + 1, (fit, image_box, gallery_box)
+    thumbnails = page.locator("#compare-cells .thumbnail-item")
+    thumbnails.nth(3).wait_for()
+    thumbnails.nth(0).click()
+    thumbnails.nth(3).click()
+    page.locator("#compare-slider img").nth(1).wait_for(timeout=10_000)
+    page.locator("#compare-slider").get_by_text("Left: Sampler: Euler, Steps: 6 · right: Sampler: DDIM, Steps: 12").wait_for()
+    page.screenshot(path=str(artifacts / "compare.png"), full_page=True)

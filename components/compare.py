@@ -1,0 +1,135 @@
+"""The Compare tab: one prompt over up to three axes (A1111's X/Y/Z plot), run as one job; the labelled grid, every
+cell as its own PNG, a table with each cell's time and CLIP score, and any two cells side by side on a slider."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+
+from components.running import JobRunner, user_error
+from studio.axes import AXIS_TYPES, NO_AXIS, build_grid
+from studio.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
+from studio.errors import InvalidRequest
+from studio.generation import whole
+
+TAB = "compare"
+AXES = [NO_AXIS, *AXIS_TYPES]
+TABLE_HEADERS = ["cell", "seconds", "CLIP score"]
+
+
+@dataclass
+class CompareTab:
+    compare_event: gr.events.Dependency
+
+
+def _request(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values) -> CompareRequest:
+    return CompareRequest(prompt=prompt or "", negative_prompt=negative_prompt or "",
+                          seed=whole(seed) if seed is not None else -1, x_type=x_type or NO_AXIS,
+                          x_values=x_values or "", y_type=y_type or NO_AXIS, y_values=y_values or "",
+                          z_type=z_type or NO_AXIS, z_values=z_values or "")
+
+
+def cell_count_note(comparison: Comparison, x_type, x_values, y_type, y_values, z_type, z_values) -> str:
+    """The grid's size as the axes are typed, or what is wrong with them."""
+    try:
+        grid = build_grid([(x_type, x_values), (y_type, y_values), (z_type, z_values)], comparison.choices(),
+                          comparison.limits.max_cells)
+    except InvalidRequest as error:
+        return "⚠ " + " ".join(error.problems)
+    x, y, z = grid.shape
+    return f"**{grid.cell_count} cell{'s' * (grid.cell_count != 1)}** ({x} × {y}" + (f" × {z}" if z > 1 else "") + ")"
+
+
+def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
+    limits: CompareLimits = comparison.limits
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
+            negative_prompt = gr.Textbox("", label="Negative prompt", lines=1)
+            seed = gr.Number(-1, label="Seed (-1 = random; the same for every cell unless Seed is an axis)", precision=0)
+            axes = []
+            for name, default_type, default_values in (("X", "Sampler", "Euler, DDIM"), ("Y", "Steps", "10, 20"),
+                                                       ("Z", NO_AXIS, "")):
+                with gr.Row():
+                    axis_type = gr.Dropdown(AXES, value=default_type, label=f"{name} type", scale=2,
+                                            allow_custom_value=True)
+                    axis_values = gr.Textbox(default_values, label=f"{name} values", scale=5,
+                                             placeholder="Euler a, DPM++ 2M Karras · 10-30 (+10) · 5, 7.5")
+                axes += [axis_type, axis_values]
+            count = gr.Markdown(cell_count_note(comparison, "Sampler", "Euler, DDIM", "Steps", "10, 20", NO_AXIS, ""),
+                                elem_id="compare-cell-count")
+            gr.Markdown(f"Values as in A1111's X/Y/Z plot: `1-5`, `1-5 (+2)`, `1-10 [5]`, `5, 7.5`, sizes `64x64`. "
+                        f"At most {limits.max_cells} cells. The other settings are the default preset's.",
+                        elem_classes="prompt-hint")
+            with gr.Row():
+                run = gr.Button("Compare", variant="primary", scale=3)
+                stop = gr.Button("Stop", variant="stop", scale=1)
+        with gr.Column(scale=6):
+            grids = gr.Gallery(label="Grid (one per Z value)", format="png", columns=1, height=520,
+                               object_fit="contain", interactive=False, elem_id="compare-grid")
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="Cells", interactive=False, elem_id="compare-table")
+            cells = gr.Gallery(label="Cells (each a PNG with its parameters; click two to compare them)",
+                               format="png", columns=4, height=260, interactive=False, elem_id="compare-cells")
+            picked = gr.State([])
+            pair = gr.ImageSlider(label="Two cells, side by side (drag the bar)", type="pil", format="png",
+                                  max_height=420, interactive=False, elem_id="compare-slider")
+
+    inputs = [prompt, negative_prompt, seed, *axes]
+    on_device = runner.device_function(comparison, ComparePlan)
+
+    def check(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values,
+              request: gr.Request):
+        """Instant feedback: the whole grid checked before the job waits in the GPU queue."""
+        try:
+            comparison.plan(_request(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type,
+                                     z_values))
+        except InvalidRequest as error:
+            raise user_error(error, "Check the grid") from None
+        runner.submitted(request, TAB)
+
+    def compare(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values,
+                request: gr.Request, progress=gr.Progress()):
+        """One prompt over up to three axes (A1111's X/Y/Z syntax; an empty type or "Nothing" is no axis). Returns
+        the labelled grids (one per Z value), every cell as a PNG with its parameters, and a table of the cells
+        with their time and CLIP score."""
+        wanted = _request(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values)
+        plan, result = runner.run_job(TAB, request, progress, comparison, lambda: comparison.plan(wanted), on_device,
+                                      "Cannot compare")
+        for warning in result.warnings:
+            gr.Warning(warning)
+        if result.interrupted:
+            made = sum(1 for cell in result.cells if cell.image)
+            gr.Info(f"Stopped: {made} of {plan.grid.cell_count} cells made; the grid shows them.")
+        names = [cell_name(plan, cell.cell) for cell in result.cells]
+        clip = f"CLIP score ({result.clip_label})" if result.clip_label else "CLIP score"
+        rows = [[name, round(cell.seconds, 2), None if cell.clip_score is None else round(cell.clip_score, 2)]
+                for name, cell in zip(names, result.cells)]
+        gallery = [(cell.image.image, name) for name, cell in zip(names, result.cells) if cell.image]
+        return result.grids(), {"headers": ["cell", "seconds", clip], "data": rows}, gallery
+
+    def pick(chosen, gallery, selection: gr.SelectData):
+        """The last two cells clicked, on the slider."""
+        chosen = (chosen + [selection.index])[-2:]
+        if len(chosen) < 2 or not gallery:
+            return chosen, gr.skip()
+        (first, first_name), (second, second_name) = (gallery[index] for index in chosen)
+        return chosen, gr.ImageSlider(value=(first, second), label=f"Left: {first_name} · right: {second_name}")
+
+    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[grids])
+    event = run.click(check, inputs, None, **quick).success(
+        compare, inputs, [grids, table, cells], api_name="compare", **gpu_event)
+    event.then(lambda: ([], None), None, [picked, pair], api_visibility="private", queue=False)  # a new grid
+    runner.wire_stop(stop, TAB)
+    for control in axes:
+        control.change(lambda *values: cell_count_note(comparison, *values), axes, count, api_visibility="private",
+                       queue=False, show_progress="hidden")
+    cells.select(pick, [picked, cells], [picked, pair], api_visibility="private", queue=False)
+    return CompareTab(event)
+
+
+def cell_name(plan: ComparePlan, cell) -> str:
+    grid = plan.grid
+    parts = [axis.labels[index] for axis, index in zip(grid.axes, (cell.x, cell.y, cell.z)) if axis is not None]
+    return ", ".join(parts) or "the prompt"
