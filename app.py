@@ -166,7 +166,11 @@ def build_studio(args: argparse.Namespace) -> Studio:
     inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads)
     clip = clip_scorer(manager)
     if ON_ZEROGPU:  # the Compare tab scores on the GPU worker, where nothing may load
-        manager.preload({"clip": clip_key(clip.source)}, pin=True)
+        try:
+            manager.preload({"clip": clip_key(clip.source)}, pin=True)
+        except StudioError as error:
+            log.warning("could not preload the CLIP scorer: %s", str(error).splitlines()[0])
+            clip = None
     comparison = Comparison(text_to_image, clip, CompareLimits.public() if args.public else CompareLimits())
     rate_limit = args.rate_limit or (PUBLIC_RATE_LIMIT if args.public else None)
     runner = JobRunner(
@@ -191,8 +195,15 @@ def clip_scorer(manager: ModelManager) -> ClipScorer:
 
     cached = try_to_load_from_cache(REAL_CLIP, "model.safetensors")
     if isinstance(cached, str):
-        return ClipScorer(manager, Path(cached).parent, REAL_CLIP)
-    return ClipScorer(manager, EMBEDDED_CLIP, "embedded CLIP, offline")
+        real = ClipScorer(manager, Path(cached).parent, REAL_CLIP)
+        try:
+            real.processor()  # its tokenizer and preprocessor files too, not the weights alone
+            return real
+        except StudioError as error:
+            log.warning("not scoring with %s: %s", REAL_CLIP, str(error).splitlines()[0])
+    embedded = ClipScorer(manager, EMBEDDED_CLIP, "embedded CLIP, offline")
+    embedded.processor()  # read now, in this process (a ZeroGPU worker must not read files)
+    return embedded
 
 
 def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3,

@@ -59,9 +59,10 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
                 axes += [axis_type, axis_values]
             count = gr.Markdown(cell_count_note(comparison, "Sampler", "Euler, DDIM", "Steps", "10, 20", NO_AXIS, ""),
                                 elem_id="compare-cell-count")
-            gr.Markdown(f"Values as in A1111's X/Y/Z plot: `1-5`, `1-5 (+2)`, `1-10 [5]`, `5, 7.5`, sizes `64x64`. "
-                        f"At most {limits.max_cells} cells. The other settings are the default preset's.",
-                        elem_classes="prompt-hint")
+            gr.Markdown(f"Values as in A1111's X/Y/Z plot: `1-5`, `1-5 (+2)`, `1-10 [5]`, `5, 7.5`, sizes `64x64`; "
+                        f"seed -1 is drawn at random. At most {limits.max_cells} cells. Settings not on an axis are "
+                        "each cell's preset's defaults. Denoising and Hires upscale switch Hires. fix on (Latent, ×2 "
+                        "unless Hires upscale is an axis).", elem_classes="prompt-hint")
             with gr.Row():
                 run = gr.Button("Compare", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)

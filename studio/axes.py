@@ -10,7 +10,8 @@ A1111's ranges:
     0-1 [6]      0, 0.2, 0.4, 0.6, 0.8, 1
 
 Every value is checked before anything runs, with a message that names the axis and the value. The grid's cells
-run grouped by model preset, so each model is loaded once (A1111 runs them in axis order and reloads).
+run grouped by model preset, so each model is loaded once whichever axis the presets are on (A1111 orders its loops
+by the axes' cost to the same end).
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from .errors import InvalidRequest
 
 NO_AXIS = "Nothing"
 
-# A1111's own patterns (xyz_grid.py): "start-end (+step)" and "start-end [count]"
+# A1111's patterns (xyz_grid.py): "start-end (+step)" and "start-end [count]" (its "." escaped here: A1111's matches
+# any character, so "1x5-3" was a range)
 RANGE = re.compile(r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\(([+-]\d+)\s*\))?\s*")
-RANGE_FLOAT = re.compile(r"\s*([+-]?\s*\d+(?:.\d*)?)\s*-\s*([+-]?\s*\d+(?:.\d*)?)(?:\s*\(([+-]\d+(?:.\d*)?)\s*\))?\s*")
+RANGE_FLOAT = re.compile(r"\s*([+-]?\s*\d+(?:\.\d*)?)\s*-\s*([+-]?\s*\d+(?:\.\d*)?)(?:\s*\(([+-]\d+(?:\.\d*)?)\s*\))?\s*")
 RANGE_COUNT = re.compile(r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\[(\d+)\s*])?\s*")
-RANGE_COUNT_FLOAT = re.compile(r"\s*([+-]?\s*\d+(?:.\d*)?)\s*-\s*([+-]?\s*\d+(?:.\d*)?)(?:\s*\[(\d+(?:.\d*)?)\s*])?\s*")
+RANGE_COUNT_FLOAT = re.compile(r"\s*([+-]?\s*\d+(?:\.\d*)?)\s*-\s*([+-]?\s*\d+(?:\.\d*)?)(?:\s*\[(\d+(?:\.\d*)?)\s*])?\s*")
 SIZE = re.compile(r"\s*(\d+)\s*[x×]\s*(\d+)\s*")
 MAX_AXIS_VALUES = 1000  # a typo like 1-100000 is refused before it is expanded
 
@@ -96,8 +98,19 @@ def parse_values(axis: AxisType, text: str, choices: Sequence[str] = ()) -> list
             raise InvalidRequest([f"{axis.label}: {value!r} gives no values (check the range's direction and step)."])
         values += expanded
         if len(values) > MAX_AXIS_VALUES:
-            raise InvalidRequest([f"{axis.label}: more than {MAX_AXIS_VALUES} values; narrow the range."])
+            raise InvalidRequest([f"{axis.label}: more than {MAX_AXIS_VALUES} values; use fewer."])
     return values
+
+
+def _count_of(start: float, end: float, step: float) -> int:
+    """How many values a stepped range gives, counted before it is expanded (a typo must not fill the memory)."""
+    return max(0, int((end - start) / step + 1e-9) + 1)
+
+
+def _limited(axis: AxisType, value: str, count: int) -> None:
+    if count > MAX_AXIS_VALUES:
+        raise InvalidRequest([f"{axis.label}: {value!r} gives {count:,} values, more than {MAX_AXIS_VALUES}; narrow "
+                              "the range."])
 
 
 def _expand(axis: AxisType, value: str, choices: Sequence[str]) -> list:
@@ -108,8 +121,10 @@ def _expand(axis: AxisType, value: str, choices: Sequence[str]) -> list:
             step = int(whole[3]) if whole[3] else 1
             if step == 0:
                 raise InvalidRequest([f"{axis.label}: {value!r} has a step of 0."])
+            _limited(axis, value, len(range(start, end + 1, step)))
             return list(range(start, end + 1, step))  # as A1111: end + 1 whatever the step's sign
         if counted and counted[3]:
+            _limited(axis, value, int(counted[3]))
             return [int(x) for x in np.linspace(_int(counted[1]), _int(counted[2]), int(counted[3])).tolist()]
         try:
             return [int(value)]
@@ -122,10 +137,13 @@ def _expand(axis: AxisType, value: str, choices: Sequence[str]) -> list:
             step = float(stepped[3]) if stepped[3] else 1.0
             if step == 0:
                 raise InvalidRequest([f"{axis.label}: {value!r} has a step of 0."])
+            _limited(axis, value, _count_of(start, end, step))
+            # A1111 keeps np.arange's overshoot (0.1-0.3 (+0.1) gives 0.4 there too); values past the end are dropped
             within = (lambda x: x <= end + 1e-9) if step > 0 else (lambda x: x >= end - 1e-9)
             # rounded: 0.1 steps add up to 0.30000000000000004, which would be a label and a setting
             return [round(x, 10) for x in np.arange(start, end + step, step).tolist() if within(x)]
         if counted and counted[3]:
+            _limited(axis, value, int(float(counted[3])))
             return [round(x, 10) for x in np.linspace(_float(counted[1]), _float(counted[2]),
                                                       int(float(counted[3]))).tolist()]
         try:

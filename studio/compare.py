@@ -16,13 +16,16 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from .axes import NO_AXIS, Cell, GridSpec, build_grid, value_text
-from .errors import InvalidRequest
+from .errors import InvalidRequest, StudioError
 from .generation import GeneratedImage, ProgressCallback, SamplingPlan, TextToImage, TextToImageRequest, resolve_seed
 from .grids import draw_grid
 from .hires import HiresFix
-from .jobs import JobControl, LocalJob
+from .jobs import MAX_SECONDS, OVERHEAD_SECONDS, JobControl, LocalJob
 from .metrics import ClipScorer
 from .schedulers import schedulers_for
+
+
+CLIP_SECONDS = 10  # scoring the cells (loading a ViT-L/14 the first time included)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,9 @@ class ComparePlan:
 
     @property
     def gpu_seconds(self) -> int:
-        return min(240, sum(plan.gpu_seconds for plan in self.plans))
+        """Each cell's own estimate without the new worker's allowance, which is booked once, and the scoring."""
+        cells = sum(plan.gpu_seconds - OVERHEAD_SECONDS for plan in self.plans)
+        return int(min(MAX_SECONDS, OVERHEAD_SECONDS + cells + CLIP_SECONDS))
 
 
 @dataclass
@@ -92,7 +97,8 @@ class CompareResult:
         by_place = {(result.cell.x, result.cell.y, result.cell.z): result for result in self.cells}
         request = self.plan.request
         caption = f"{request.prompt}" + (f" | negative: {request.negative_prompt}" if request.negative_prompt else "")
-        caption += f" | seed {self.plan.seed}"
+        if not any(axis is not None and axis.type.field == "seed" for axis in grid.axes):
+            caption += f" | seed {self.plan.seed}"
         pictures = []
         for z in range(depth):
             rows = [[_image(by_place.get((x, y, z))) for x in range(width)] for y in range(height)]
@@ -142,11 +148,14 @@ class Comparison:
             raise InvalidRequest(["Enter a prompt: describe the image you want."])
         grid = build_grid([(request.x_type, request.x_values), (request.y_type, request.y_values),
                            (request.z_type, request.z_values)], self.choices(), self.limits.max_cells)
-        base = self._base(request)
-        seed = resolve_seed(base.seed)
-        cells = grid.run_order(lambda cell: cell.value("preset", base.preset))
+        grid = self._seeds_resolved(grid)
+        base_preset = self._base(request, None).preset
+        seed = resolve_seed(request.seed)
+        cells = grid.run_order(lambda cell: cell.value("preset", base_preset))
         plans, problems = [], {}
         for cell in cells:
+            # a cell on another preset starts from that preset's own defaults (size, steps, CFG, sampler)
+            base = self._base(request, cell.value("preset"))
             cell_request = self._cell_request(replace(base, seed=seed), cell)
             found = self.text_to_image.problems(cell_request)
             for problem in found.values():
@@ -184,7 +193,8 @@ class Comparison:
             made = self.text_to_image.run(cell_plan, CellJob(job, done_before, total, label))
             done_before += cell_plan.total_steps
             result.warnings += made.warnings
-            image = made.images[0] if made.images and not made.images[0].stopped_at else None
+            # an image Stop cut short, or a Hires. fix cell stopped before its second pass, is not the cell's result
+            image = made.images[0] if made.images and not made.interrupted else None
             result.cells.append(CellResult(cell, image, time.perf_counter() - began))
             if made.interrupted:
                 result.interrupted = True
@@ -192,10 +202,15 @@ class Comparison:
         result.cells.sort(key=lambda item: (item.cell.z, item.cell.y, item.cell.x))
         scored = [item for item in result.cells if item.image]
         if self.clip is not None and scored:
-            scores = self.clip.scores([item.image.image for item in scored], [plan.request.prompt] * len(scored))
-            for item, score in zip(scored, scores):
-                item.clip_score = score
-            result.clip_label = self.clip.label
+            job.report(total, total, f"CLIP scores ({self.clip.label})")
+            try:
+                scores = self.clip.scores([item.image.image for item in scored], [plan.request.prompt] * len(scored))
+            except StudioError as error:  # the cells are kept, unscored
+                result.warnings.append(f"The cells could not be scored: {str(error).splitlines()[0]}")
+            else:
+                for item, score in zip(scored, scores):
+                    item.clip_score = score
+                result.clip_label = self.clip.label
         result.warnings = list(dict.fromkeys(result.warnings))
         job.report(total, total, "Done")
         return result
@@ -209,11 +224,23 @@ class Comparison:
 
     # ----- cells -----
 
-    def _base(self, request: CompareRequest) -> TextToImageRequest:
+    @staticmethod
+    def _seeds_resolved(grid: GridSpec) -> GridSpec:
+        """-1 on a Seed axis is a random seed, drawn now, as A1111 does, so the headers say the seed each cell used."""
+        axes = []
+        for axis in grid.axes:
+            if axis is not None and axis.type.field == "seed":
+                axis = replace(axis, values=tuple(resolve_seed(value) for value in axis.values))
+            axes.append(axis)
+        return GridSpec(*axes)
+
+    def _base(self, request: CompareRequest, preset_name: str | None) -> TextToImageRequest:
+        """The settings that are not on an axis: the request's own, or the preset's defaults (the cell's preset,
+        else the default one)."""
         if request.base is not None:
             base = request.base
         else:
-            preset = self.text_to_image.presets.get(self.text_to_image.presets.default)
+            preset = self.text_to_image.presets.get(preset_name or self.text_to_image.presets.default)
             base = TextToImageRequest(prompt="", preset=preset.name, scheduler=preset.default_scheduler,
                                       steps=preset.default_steps, guidance_scale=preset.default_guidance,
                                       width=preset.default_width, height=preset.default_height)

@@ -30,8 +30,8 @@ def draw_grid(images: Sequence[Sequence[Image.Image | None]], column_labels: Seq
               row_labels: Sequence[str], caption: str = "") -> Image.Image:
     """`images[row][column]` (None: a cell that was not made, drawn empty) under their headers, `caption` below."""
     rows, columns = len(images), max(len(row) for row in images)
-    cell_width = max(MIN_CELL, *(image.width for row in images for image in row if image))
-    cell_height = max(MIN_CELL, *(image.height for row in images for image in row if image))
+    cell_width = max([MIN_CELL, *(image.width for row in images for image in row if image)])
+    cell_height = max([MIN_CELL, *(image.height for row in images for image in row if image)])
     size = max(14, min(28, cell_width // 12))
     face, gap = font(size), max(4, size // 3)
     line_height = size + gap // 2

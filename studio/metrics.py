@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .errors import ModelUnavailable
 from .memory import ModelManager
 from .model_kinds import clip_key
 
@@ -34,12 +35,17 @@ class ClipScorer:
         self._lock = threading.Lock()
 
     def processor(self):
-        """The model's own CLIPProcessor (its image size and normalisation), read once."""
+        """The model's own CLIPProcessor (its image size and normalisation), read once: app.py reads it at start,
+        so that a ZeroGPU worker finds it read. Raises ModelUnavailable when its files are not all there."""
         from transformers import CLIPProcessor
 
         with self._lock:
             if self._processor is None:
-                self._processor = CLIPProcessor.from_pretrained(self.source)
+                try:
+                    self._processor = CLIPProcessor.from_pretrained(self.source)
+                except Exception as error:  # noqa: BLE001 - a missing or broken file: one clear message
+                    raise ModelUnavailable(f"The CLIP processor in {self.source} could not be read: "
+                                           f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from error
             return self._processor
 
     def scores(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
@@ -48,8 +54,10 @@ class ClipScorer:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         if not images:
             return []
-        inputs = self.processor()(text=list(prompts), images=[image.convert("RGB") for image in images],
-                                  return_tensors="pt", padding="max_length", truncation=True)
+        processor = self.processor()
+        with self._lock:  # a fast tokenizer sets its padding and truncation on each call: one call at a time
+            inputs = processor(text=list(prompts), images=[image.convert("RGB") for image in images],
+                               return_tensors="pt", padding="max_length", truncation=True)
         with self.manager.turn(), self.manager.use({"clip": clip_key(self.source)}, CLIP_WORKING_MEMORY) as models:
             model = models["clip"]
             device, dtype = self.manager.device, next(model.parameters()).dtype

@@ -9,7 +9,7 @@ import torch
 
 from studio.compare import CompareRequest, Comparison, CompareLimits
 from studio.errors import InvalidRequest
-from studio.generation import RequestLimits, TextToImage
+from studio.generation import RequestLimits, TextToImage, TextToImageRequest
 from studio.memory import ModelManager
 from studio.metadata import parse_parameters
 from studio.metrics import ClipScorer
@@ -43,11 +43,14 @@ def test_a_2x2_grid_gives_each_cell_with_its_parameters_one_seed_and_clip_scores
         params = parse_parameters(cell.image.parameters)
         assert params.scheduler == ["Euler", "DDIM"][cell.cell.x] and params.steps == [8, 12][cell.cell.y]
         assert params.seed == 5 and cell.image.image.size == (64, 64)
-        assert 0 <= cell.clip_score <= 100 and cell.seconds > 0
+        assert 0 < cell.clip_score <= 100
     assert result.clip_label == "embedded CLIP"
-    # the cells differ (different samplers and steps), the same settings give the same image as Text to image
+    # the cells differ (different samplers), and a cell is the image Text to image makes with its settings
     pixels = [np.asarray(cell.image.image) for cell in result.cells]
     assert not np.array_equal(pixels[0], pixels[1])
+    alone = comparison.text_to_image.generate(TextToImageRequest(prompt=PROMPT, scheduler="DDIM", steps=12, seed=5,
+                                                                 guidance_scale=3.0, width=64, height=64))
+    assert np.array_equal(pixels[3], np.asarray(alone.images[0].image))
     grids = result.grids()
     assert len(grids) == 1 and grids[0].width > 2 * 128 and grids[0].height > 2 * 128
     grids[0].save(artifacts / "compare_grid.png")
@@ -89,3 +92,34 @@ def test_one_progress_total_and_stop_keeps_the_finished_cells(comparison):
     # two cells finished; the third, cut short, is left empty (its half-denoised image is not a result)
     assert result.interrupted and [cell.image is not None for cell in result.cells] == [True, True, False]
     assert len(result.grids()) == 1  # the grid is drawn with the cells that were made
+
+
+def test_stop_before_the_first_cell_gives_an_empty_grid_not_an_error(comparison):
+    cancel = threading.Event()
+    cancel.set()
+    result = comparison.compare(two_by_two(), cancel=cancel)
+    assert result.interrupted and result.cells == []
+    grid = result.grids()[0]
+    assert grid.width >= 2 * 128  # the headers, with empty cells
+
+
+def test_a_preset_axis_gives_each_cell_its_presets_own_defaults(comparison):
+    plan = comparison.plan(CompareRequest(prompt=PROMPT, seed=3, x_type="Preset",
+                                          x_values="embedded, stable-diffusion-1.5"))
+    sizes = {cell_plan.preset.name: cell_plan.size for cell_plan in plan.plans}
+    assert sizes == {"embedded": (64, 64), "stable-diffusion-1.5": (512, 512)}
+
+
+def test_minus_one_on_a_seed_axis_is_drawn_before_running_and_named(comparison):
+    plan = comparison.plan(CompareRequest(prompt=PROMPT, x_type="Seed", x_values="-1, -1, 7"))
+    seeds = plan.grid.x.values
+    assert -1 not in seeds and seeds[2] == 7 and seeds[0] != seeds[1]
+    assert [cell_plan.seed for cell_plan in plan.plans] == list(seeds)
+
+
+def test_a_plan_crosses_a_process_boundary(comparison):
+    import pickle
+
+    plan = comparison.plan(CompareRequest(prompt=PROMPT, seed=3, x_type="Hires upscale", x_values="1.5, 2"))
+    again = pickle.loads(pickle.dumps(plan))
+    assert [p.hires.size for p in again.plans] == [(96, 96), (128, 128)] and again.gpu_seconds == plan.gpu_seconds

@@ -45,7 +45,12 @@ def test_without_labels_or_caption_nothing_is_drawn_around_the_cells():
     assert ink(np.asarray(grid)) == 0
 
 
-def test_long_labels_wrap_inside_their_column():
+def test_long_labels_wrap_into_lines_inside_their_column():
     label = "Preset: a model with a very long name indeed, version two"
-    grid = draw_grid([[Image.new("RGB", (64, 64), "blue")] * 2], [label, label], ["Seed: 1"])
-    assert grid.width < 3 * MIN_CELL + 200  # the labels wrapped, they did not widen the grid
+    short = draw_grid([[Image.new("RGB", (64, 64), "blue")] * 2], ["Seed: 1", "Seed: 2"], [""])
+    long = draw_grid([[Image.new("RGB", (64, 64), "blue")] * 2], [label, label], [""])
+    assert long.height >= short.height + 2 * 14  # more header lines
+    pixels = np.asarray(long)
+    header = long.height - MIN_CELL
+    middle = MIN_CELL  # between the two columns: the wrapped labels leave a gap there
+    assert ink(pixels[:header, middle - 2:middle + 2]) == 0

@@ -1,7 +1,6 @@
 """CLIP score as torchmetrics defines it, with the embedded CLIP leased from the manager."""
 
 import torch
-from PIL import Image
 
 from studio.embedded import scenes
 from studio.embedded.evaluation import evaluation_scenes
@@ -51,4 +50,3 @@ def test_the_embedded_clip_scores_the_right_prompt_higher():
         wrong += good <= bad
     assert right >= 9, (right, wrong)
     assert clip.scores([], []) == []
-    assert clip.scores([Image.new("RGB", (64, 64))], ["x"])[0] >= 0
