@@ -47,7 +47,7 @@ from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
 from studio.jobs import JobBoard
 from studio.memory import ModelManager
-from studio.metrics import ClipScorer
+from studio.metrics import ClipScorer, default_clip_scorer
 from studio.model_kinds import CLIP, ClipLoader, clip_key
 from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
 from studio.presets import PRESETS_DIR, load_presets, load_styles
@@ -183,27 +183,13 @@ def build_studio(args: argparse.Namespace) -> Studio:
                   comparison=comparison, runner=runner)
 
 
-REAL_CLIP = "openai/clip-vit-large-patch14"
 EMBEDDED_CLIP = Path(__file__).resolve().parent / "models" / "embedded-clip"
 
 
 def clip_scorer(manager: ModelManager) -> ClipScorer:
     """The CLIP the Compare tab scores with: OpenAI's ViT-L/14 (the CLIP score papers report) where its weights are
-    in the Hub cache, otherwise the embedded CLIP, which works offline. The table names which: their scores do not
-    compare with each other. Nothing is downloaded for it."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(REAL_CLIP, "model.safetensors")
-    if isinstance(cached, str):
-        real = ClipScorer(manager, Path(cached).parent, REAL_CLIP)
-        try:
-            real.processor()  # its tokenizer and preprocessor files too, not the weights alone
-            return real
-        except StudioError as error:
-            log.warning("not scoring with %s: %s", REAL_CLIP, str(error).splitlines()[0])
-    embedded = ClipScorer(manager, EMBEDDED_CLIP, "embedded CLIP, offline")
-    embedded.processor()  # read now, in this process (a ZeroGPU worker must not read files)
-    return embedded
+    in the Hub cache, otherwise the embedded CLIP, which works offline. The table names which."""
+    return default_clip_scorer(manager, EMBEDDED_CLIP)
 
 
 def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3,

@@ -36,3 +36,36 @@ class ClipLoader:
             return CLIPModel.from_pretrained(key.source, dtype=dtype, use_safetensors=True).eval()
         except Exception as error:  # noqa: BLE001
             raise unavailable(key.source, error) from error
+
+
+INCEPTION = "inception"
+# torch-fidelity's InceptionV3 for FID (the TensorFlow FID weights, converted), under the name torch.hub keeps it
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS
+
+
+def inception_key(weights: str | Path) -> ModelKey:
+    return ModelKey(INCEPTION, str(weights))
+
+
+class InceptionLoader:
+    """FID's InceptionV3 as torchmetrics builds it (its 2048-d pool features), from a weights file already on disk.
+    It always runs in float32: torch-fidelity's TensorFlow-compatible resize and layers expect it."""
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        path = Path(key.source)
+        if not path.is_file():
+            raise unavailable(key.source, FileNotFoundError(f"{path} is not a file"))
+        return path.stat().st_size
+
+    def load(self, key: ModelKey, dtype: torch.dtype) -> Any:
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        try:
+            # torch-fidelity unpickles the file in full; read it as plain tensors first, so a file carrying code
+            # is refused before that
+            torch.load(key.source, map_location="cpu", weights_only=True)
+            return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                      feature_extractor_weights_path=key.source).eval()
+        except Exception as error:  # noqa: BLE001
+            raise unavailable(key.source, error) from error

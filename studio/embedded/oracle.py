@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .scenes import BACKGROUNDS, PALETTE, SHAPE_COLOURS, SIZES, Scene
+from .scenes import BACKGROUNDS, PALETTE, SHAPE_COLOURS, SIZES, Scene, prompt_attributes
 
 FOREGROUND_DISTANCE = 50.0  # RGB distance from the background beyond which a pixel belongs to a shape
 MIN_SHAPE_FRACTION = 0.004  # smaller regions are specks, not shapes
@@ -130,3 +130,13 @@ def read(image: Image.Image | np.ndarray, within: np.ndarray | None = None) -> R
     size = "large" if radius > threshold else "small"
     features.update(area=float(mask.sum()), radius=radius, centroid=(cx / side, cy / side))
     return Reading(kind, colour, background, _GRID[row][column], size, features)
+
+
+def check_prompt(image: Image.Image, prompt: str) -> dict[str, bool] | None:
+    """Whether the image shows each thing the prompt asks for ({"shape": True, "colour": False, ...}); None for a
+    prompt the oracle cannot read (no shape word, or several)."""
+    wanted = prompt_attributes(prompt)
+    if not wanted:
+        return None
+    reading = read(image)
+    return {attribute: getattr(reading, attribute) == value for attribute, value in wanted.items()}

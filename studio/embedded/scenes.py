@@ -203,6 +203,36 @@ def caption(scene: Scene, rng: random.Random | None = None, position_probability
 _AN_BEFORE_VOWEL = re.compile(r"(^|\s)a ([aeiou])")
 
 
+def prompt_attributes(prompt: str) -> dict[str, str]:
+    """What a prompt in the captions' words asks of the main shape: {"shape", "colour", "background", "position",
+    "size"}, each only where the prompt names it. Empty when it names no shape, or more than one."""
+    text = " ".join(re.sub(r"[^a-z ]", " ", prompt.lower()).split())
+    shapes = [shape for shape in SHAPES if re.search(rf"\b{shape}s?\b", text)]
+    if len(shapes) != 1:
+        return {}
+    shape = shapes[0]
+    spellings = {word: colour for colour in PALETTE for word in _COLOUR_WORDS.get(colour, (colour,))}
+    colour_words = "|".join(spellings)
+    size_words = {word: size for size, words in _SIZE_WORDS.items() for word in words}
+    found = {"shape": shape}
+    thing = re.search(rf"(?:\b({'|'.join(size_words)}) )?(?:\b({colour_words}) )?{shape}", text)
+    if thing and thing.group(1):
+        found["size"] = size_words[thing.group(1)]
+    if thing and thing.group(2):
+        found["colour"] = spellings[thing.group(2)]
+    background = (re.search(rf"\b({colour_words}) background\b", text)
+                  or re.search(rf"\bon (?:an? )?({colour_words})$", text))
+    if background:
+        found["background"] = spellings[background.group(1)]
+    phrases = sorted(((phrase, position) for position, options in _POSITION_PHRASES.items() for phrase in options),
+                     key=lambda item: -len(item[0]))
+    for phrase, position in phrases:
+        if re.search(rf"\b{phrase}\b", text):
+            found["position"] = position
+            break
+    return found
+
+
 def known_words() -> dict[str, list[str]]:
     """What the captions teach the model, by kind: the words and phrases a prompt can use to steer it."""
     return {
