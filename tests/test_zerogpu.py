@@ -14,11 +14,13 @@ from PIL import Image
 
 import app
 from components.running import JobRunner
+from studio.compare import CompareRequest, ComparePlan
 from studio.errors import InvalidRequest
 from studio.generation import TextToImageRequest
 from studio.hires import HiresFix
 from studio.jobs import JobBoard
 from studio.metadata import parse_parameters
+from studio.model_kinds import clip_key
 from studio.upscalers import ReleaseFiles, load_upscalers
 from studio.upscaling import UpscalePlan, UpscaleRequest, Upscaling
 
@@ -78,6 +80,7 @@ def zerogpu(tmp_path_factory):
     files = ReleaseFiles(tmp_path_factory.mktemp("release-files"), offline=True)  # no Real-ESRGAN file here
     studio.upscaling = Upscaling(studio.manager, app.preload_upscalers(studio.manager, load_upscalers(), files), files)
     engine.upscaling = studio.upscaling  # Hires. fix's upscalers: those placed at start
+    studio.manager.preload({"clip": clip_key(studio.comparison.clip.source)}, pin=True)  # as app.py does on ZeroGPU
     loads_before = studio.manager.loads
     fake = ForkingGpu(observe=lambda: studio.manager.loads - loads_before)
     original = getattr(app, "spaces", None)
@@ -88,6 +91,7 @@ def zerogpu(tmp_path_factory):
         # every tab registers its engine before the first job, as build_ui does: a worker forked later would not
         # know an engine registered after it
         runner.device_function(studio.upscaling, UpscalePlan)
+        runner.device_function(studio.comparison, ComparePlan)
         yield studio, runner, on_device, fake
     finally:
         for process in fake.workers:
@@ -199,3 +203,48 @@ def test_hires_fix_runs_both_passes_and_its_upscaler_in_the_worker_and_nothing_l
     assert fake.observed[-1] == 0  # no model was loaded inside the worker
     with pytest.raises(InvalidRequest, match="Unknown hires upscaler 'RealESRGAN_x4plus'"):
         engine.plan(request(hires=HiresFix(upscaler="RealESRGAN_x4plus")))  # its file is not here: not offered
+
+
+def test_a_compare_grid_runs_in_the_worker_with_its_clip_scores_and_stop_keeps_finished_cells(zerogpu):
+    """A grid is one job: its cells and CLIP scores in one GPU call, its progress and Stop across the fork."""
+    studio, runner, on_device, fake = zerogpu
+    comparison = studio.comparison
+    grid = CompareRequest(prompt="a red circle on a blue background", seed=5, x_type="Sampler",
+                          x_values="Euler, DDIM", y_type="Steps", y_values="6, 12")
+    plan = comparison.plan(grid)
+    job = runner.board.open("visitor", "compare")
+    with comparison.model_files(plan):
+        result = on_device(plan, job.slot)
+    runner.board.close(job)
+    assert fake.observed[-1] == 0  # no model was loaded inside the worker, the CLIP neither
+    assert [(c.cell.x, c.cell.y) for c in result.cells] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert all(c.image is not None and 0 < c.clip_score <= 100 for c in result.cells)
+    assert result.clip_label == comparison.clip.label and len(result.grids()) == 1
+    here = comparison.compare(grid)
+    for there, local in zip(result.cells, here.cells):
+        assert parse_parameters(there.image.parameters).sampler == parse_parameters(local.image.parameters).sampler
+        difference = np.abs(np.asarray(there.image.image, dtype=int) - np.asarray(local.image.image, dtype=int))
+        assert difference.max() <= 2, difference.max()
+        assert abs(there.clip_score - local.clip_score) < 0.5
+
+    # Stop, pressed in this process while the worker runs the grid: the cells finished before it are kept
+    long_grid = CompareRequest(prompt="a red circle on a blue background", seed=5, x_type="Steps",
+                               x_values="60, 60, 60, 60")
+    plan = comparison.plan(long_grid)
+    job = runner.board.open("visitor", "compare")
+    outcome = {}
+    with comparison.model_files(plan):
+        worker = threading.Thread(target=lambda: outcome.update(result=on_device(plan, job.slot)))
+        worker.start()
+        deadline = time.monotonic() + 120
+        while job.progress()[0] < 70:  # into the second cell (each cell is 60 steps)
+            assert time.monotonic() < deadline, "no progress came back from the worker"
+            time.sleep(0.02)
+        assert job.progress()[1] == plan.total_steps == 240  # one total for the grid
+        assert runner.board.cancel("visitor", "compare") == 1
+        worker.join(120)
+    runner.board.close(job)
+    stopped = outcome["result"]
+    assert stopped.interrupted
+    kept = [c for c in stopped.cells if c.image is not None]
+    assert 1 <= len(kept) < 4, [c.image for c in stopped.cells]

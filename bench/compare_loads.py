@@ -1,0 +1,158 @@
+"""Model loads and wall time of a Compare grid in our order (cells grouped by preset) against the axis order.
+
+The grid: X = 3 presets, Y = 4 samplers (12 cells), each preset Stable Diffusion 1.5's architecture with random
+weights (bench/shared_memory.py's fp16 folder, hard-linked into three folders so that the manager sees three
+models), on the CPU in float32 at 64x64 px and 2 steps, with a device budget that holds two presets but not
+three. Both orders run the same engine (studio.compare.Comparison) on the same cells; only the order differs:
+
+  (a) ours:       the cells grouped by preset (GridSpec.run_order), each preset loaded once;
+  (b) axis order: Z, then Y, then X innermost (GridSpec.cells()), which is A1111's nesting when its axes cost the
+                  same. Here the preset changes every cell, and with room for two of three presets every change
+                  is a load.
+
+A1111 itself moves an axis it marks costly (Checkpoint name, cost 1.0) to the outermost loop, so for this grid its
+order is (a); what it adds is a reload of the checkpoint it started with once the grid is done, and by default it
+holds one checkpoint (sd_checkpoints_limit = 1). (b) is what any Compare without grouping would do here, e.g. with
+presets on Y and samplers on X in a tool without A1111's cost rule.
+
+Each order runs in a fresh subprocess from nothing loaded, twice, alternating (ours, axis, ours, axis), after the
+files have been read once into the page cache, so neither order gets a colder cache: a load here is mostly the
+fp16 → fp32 copy; from a disk it costs more. Prints each order's UNet loads, seconds spent loading (measured around
+the loaders) and wall time (the faster of its two runs), and the ratios axis order ÷ ours.
+
+    python bench/compare_loads.py     # about 4 minutes on 2 cores (and a few to build the folder the first time)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+PRESETS = ("sd15-random-a", "sd15-random-b", "sd15-random-c")
+SAMPLERS = "Euler, Euler a, DPM++ 2M, DDIM"
+STEPS = 2
+SIZE = 64
+RESULT_PREFIX = "RESULT "
+
+
+class TimedLoader:
+    """A manager's loader, wrapped to record what it loads and the seconds it takes (the measured load cost)."""
+
+    def __init__(self, loader, record: list):
+        self.loader, self.record = loader, record
+
+    def size(self, key, dtype):
+        return self.loader.size(key, dtype)
+
+    def load(self, key, dtype):
+        began = time.perf_counter()
+        model = self.loader.load(key, dtype)
+        self.record.append((key.part or key.kind, time.perf_counter() - began))
+        return model
+
+
+def presets_file(folder: Path, out: Path) -> Path:
+    """Three presets over three hard-linked copies of one SD 1.5-size folder."""
+    import yaml
+
+    entries = {}
+    for name in PRESETS:
+        copy = out / name
+        for path in folder.rglob("*"):
+            if path.is_file():
+                target = copy / path.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.exists():
+                    os.link(path, target)
+        entries[name] = dict(label=name, local=str(copy), family="sd15", description="random SD 1.5 weights",
+                             default_steps=STEPS, default_width=SIZE, default_height=SIZE, min_size=SIZE,
+                             default_scheduler="Euler", default_guidance=7.0)
+    path = out / "models.yaml"
+    path.write_text(yaml.safe_dump({"default": PRESETS[0], "presets": entries}))
+    return path
+
+
+def preset_bytes(folder: Path) -> int:
+    """float32 bytes of one preset's weights (the fp16 files, doubled)."""
+    return 2 * sum(path.stat().st_size for path in folder.rglob("*.safetensors"))
+
+
+def run_one(order: str, presets_path: Path, budget: int) -> dict:
+    """In this (fresh) process: the grid in `order`, returning loads and seconds."""
+    import app
+    from studio.compare import Comparison, CompareRequest
+    from studio.presets import load_presets
+
+    text_to_image, _ = app.local_engines(load_presets(presets_path), device_budget=budget)
+    comparison = Comparison(text_to_image)
+    plan = comparison.plan(CompareRequest(prompt="a red circle on a blue background", seed=1, x_type="Preset",
+                                          x_values=", ".join(PRESETS), y_type="Sampler", y_values=SAMPLERS))
+    if order == "axis":
+        by_cell = dict(zip(plan.cells, plan.plans))
+        plan.cells = plan.grid.cells()
+        plan.plans = [by_cell[cell] for cell in plan.cells]
+    manager, record = text_to_image.manager, []
+    manager.loaders = {kind: TimedLoader(loader, record) for kind, loader in manager.loaders.items()}
+    began = time.perf_counter()
+    with comparison.model_files(plan):
+        result = comparison.run(plan)
+    seconds = time.perf_counter() - began
+    assert len([cell for cell in result.cells if cell.image]) == 12
+    order_names = [cell.value("preset") for cell in plan.cells]
+    return {"loads": len(record), "unet_loads": sum(part == "unet" for part, _ in record),
+            "load_seconds": sum(seconds for _, seconds in record), "seconds": seconds, "order": order_names,
+            "images": {f"{c.cell.x},{c.cell.y}": c.image.image.tobytes().hex()[:32] for c in result.cells}}
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        print(RESULT_PREFIX + json.dumps(run_one(sys.argv[2], Path(sys.argv[3]), int(os.environ["BENCH_BUDGET"]))))
+        return
+    from shared_memory import ensure_folder
+
+    folder, built = ensure_folder()
+    if built:
+        print(f"built the SD 1.5-size folder in {built:.0f} s")
+    out = Path(tempfile.gettempdir()) / "studio-bench-compare-loads"
+    presets_path = presets_file(folder, out)
+    one = preset_bytes(folder)
+    budget = int(2.5 * one)  # two presets and their working memory, not three
+    print(f"3 presets x 4 samplers, {STEPS} steps at {SIZE} px; one preset {one / 1024**3:.2f} GiB in float32, "
+          f"device budget {budget / 1024**3:.2f} GiB (holds two)")
+    for path in folder.rglob("*.safetensors"):  # into the page cache before either order runs
+        path.read_bytes()
+    results = {}
+    for order in ("ours", "axis", "ours", "axis"):
+        child = subprocess.run([sys.executable, __file__, "--child", order, str(presets_path)], capture_output=True,
+                               text=True, env={**os.environ, "BENCH_BUDGET": str(budget)}, cwd=ROOT)
+        lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if child.returncode or not lines:
+            sys.exit(f"{order} failed:\n{child.stderr[-3000:]}")
+        result = json.loads(lines[0][len(RESULT_PREFIX):])
+        if order not in results or result["seconds"] < results[order]["seconds"]:
+            results[order] = result
+    assert results["ours"]["images"] == results["axis"]["images"], "the two orders made different images"
+    for order, label in (("ours", "ours (grouped by preset)"), ("axis", "axis order (X innermost)")):
+        r = results[order]
+        switches = sum(a != b for a, b in zip(r["order"], r["order"][1:]))
+        print(f"  {label:26s} {switches:2d} preset changes, {r['unet_loads']:2d} UNet loads ({r['loads']:2d} loads of "
+              f"any part), {r['load_seconds']:5.1f} s loading, {r['seconds']:6.1f} s in all")
+    ours, axis = results["ours"], results["axis"]
+    print(f"ratio axis order / ours: UNet loads {axis['unet_loads'] / ours['unet_loads']:.2f}, seconds loading "
+          f"{axis['load_seconds'] / ours['load_seconds']:.2f}, wall time {axis['seconds'] / ours['seconds']:.2f}")
+    print("(most of the wall time here is the SD 1.5-size UNet computing on the CPU; where it computes faster, the "
+          "loads are a larger share)")
+    print("same 12 images in both orders: yes")
+
+
+if __name__ == "__main__":
+    main()
