@@ -1,4 +1,5 @@
-"""Model loads and wall time of a Compare grid in our order (cells grouped by preset) against the axis order.
+"""Model loads and wall time of a Compare grid in our order (cells grouped by preset), in the plain axis order, and
+in A1111's own order.
 
 The grid: X = 3 presets, Y = 4 samplers (12 cells), each preset Stable Diffusion 1.5's architecture with random
 weights (bench/shared_memory.py's fp16 folder, hard-linked into three folders so that the manager sees three
@@ -8,23 +9,25 @@ three. Both orders run the same engine (studio.compare.Comparison) on the same c
   (a) ours:       the cells grouped by preset (GridSpec.run_order), each preset loaded once;
   (b) axis order: Z, then Y, then X innermost (GridSpec.cells()), which is A1111's nesting when its axes cost the
                   same. Here the preset changes every cell, and with room for two of three presets every change
-                  is a load.
-
-A1111 itself moves an axis it marks costly (Checkpoint name, cost 1.0) to the outermost loop, so for this grid its
-order is (a); what it adds is a reload of the checkpoint it started with once the grid is done, and by default it
-holds one checkpoint (sd_checkpoints_limit = 1). (b) is what any Compare without grouping would do here, e.g. with
-presets on Y and samplers on X in a tool without A1111's cost rule.
+                  is a load;
+  (c) A1111:      A1111's xyz_grid.py moves the axis it marks costliest (Checkpoint name, cost 1.0) to the
+                  outermost loop, so its cells run in (a)'s order here; once the grid is done its
+                  SharedSettingsStackHelper restores the checkpoint it started with, which has been evicted by
+                  then: (a) and then that reload, on the same manager and budget. (A1111 also holds one checkpoint
+                  by default, sd_checkpoints_limit = 1, which changes nothing in this order.)
 
 Each order runs in a fresh subprocess from nothing loaded, twice, alternating (ours, axis, ours, axis), after the
 files have been read once into the page cache, so neither order gets a colder cache: a load here is mostly the
 fp16 → fp32 copy; from a disk it costs more. Prints each order's UNet loads, seconds spent loading (measured around
-the loaders) and wall time (the faster of its two runs), and the ratios axis order ÷ ours.
+the loaders: reading and converting weights; evictions and freeing memory count in the wall time only) and wall
+time (the faster of its two runs), and the ratios to ours.
 
-    python bench/compare_loads.py     # about 4 minutes on 2 cores (and a few to build the folder the first time)
+    python bench/compare_loads.py     # about 6 minutes on 2 cores (and a few to build the folder the first time)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -100,17 +103,21 @@ def run_one(order: str, presets_path: Path, budget: int) -> dict:
         by_cell = dict(zip(plan.cells, plan.plans))
         plan.cells = plan.grid.cells()
         plan.plans = [by_cell[cell] for cell in plan.cells]
+    first_preset = plan.plans[0].preset
     manager, record = text_to_image.manager, []
     manager.loaders = {kind: TimedLoader(loader, record) for kind, loader in manager.loaders.items()}
     began = time.perf_counter()
     with comparison.model_files(plan):
         result = comparison.run(plan)
+        if order == "a1111":  # the checkpoint it started with, restored after the grid
+            manager.preload(text_to_image.models.keys(first_preset, "text2img"))
     seconds = time.perf_counter() - began
     assert len([cell for cell in result.cells if cell.image]) == 12
     order_names = [cell.value("preset") for cell in plan.cells]
     return {"loads": len(record), "unet_loads": sum(part == "unet" for part, _ in record),
             "load_seconds": sum(seconds for _, seconds in record), "seconds": seconds, "order": order_names,
-            "images": {f"{c.cell.x},{c.cell.y}": c.image.image.tobytes().hex()[:32] for c in result.cells}}
+            "images": {f"{c.cell.x},{c.cell.y}": hashlib.sha256(c.image.image.tobytes()).hexdigest()
+                       for c in result.cells}}
 
 
 def main() -> None:
@@ -131,7 +138,7 @@ def main() -> None:
     for path in folder.rglob("*.safetensors"):  # into the page cache before either order runs
         path.read_bytes()
     results = {}
-    for order in ("ours", "axis", "ours", "axis"):
+    for order in ("ours", "axis", "a1111", "ours", "axis", "a1111"):
         child = subprocess.run([sys.executable, __file__, "--child", order, str(presets_path)], capture_output=True,
                                text=True, env={**os.environ, "BENCH_BUDGET": str(budget)}, cwd=ROOT)
         lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
@@ -140,18 +147,22 @@ def main() -> None:
         result = json.loads(lines[0][len(RESULT_PREFIX):])
         if order not in results or result["seconds"] < results[order]["seconds"]:
             results[order] = result
-    assert results["ours"]["images"] == results["axis"]["images"], "the two orders made different images"
-    for order, label in (("ours", "ours (grouped by preset)"), ("axis", "axis order (X innermost)")):
+    assert results["ours"]["images"] == results["axis"]["images"] == results["a1111"]["images"], \
+        "the orders made different images"
+    for order, label in (("ours", "ours (grouped by preset)"), ("axis", "axis order (X innermost)"),
+                         ("a1111", "A1111 (costly axis outside)")):
         r = results[order]
         switches = sum(a != b for a, b in zip(r["order"], r["order"][1:]))
-        print(f"  {label:26s} {switches:2d} preset changes, {r['unet_loads']:2d} UNet loads ({r['loads']:2d} loads of "
+        print(f"  {label:28s} {switches:2d} preset changes, {r['unet_loads']:2d} UNet loads ({r['loads']:2d} loads of "
               f"any part), {r['load_seconds']:5.1f} s loading, {r['seconds']:6.1f} s in all")
-    ours, axis = results["ours"], results["axis"]
-    print(f"ratio axis order / ours: UNet loads {axis['unet_loads'] / ours['unet_loads']:.2f}, seconds loading "
-          f"{axis['load_seconds'] / ours['load_seconds']:.2f}, wall time {axis['seconds'] / ours['seconds']:.2f}")
+    ours = results["ours"]
+    for order in ("axis", "a1111"):
+        other = results[order]
+        print(f"ratio {order} / ours: UNet loads {other['unet_loads'] / ours['unet_loads']:.2f}, seconds loading "
+              f"{other['load_seconds'] / ours['load_seconds']:.2f}, wall time {other['seconds'] / ours['seconds']:.2f}")
     print("(most of the wall time here is the SD 1.5-size UNet computing on the CPU; where it computes faster, the "
           "loads are a larger share)")
-    print("same 12 images in both orders: yes")
+    print("the same 12 images in every order (sha256 of the pixels): yes")
 
 
 if __name__ == "__main__":

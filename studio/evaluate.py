@@ -4,41 +4,58 @@ for the embedded model).
 
     python -m studio.evaluate --presets embedded,stable-diffusion-1.5 --prompts prompts.txt --seeds 4 --out runs/eval
     accelerate launch --num_processes 4 -m studio.evaluate ...         # 4 GPUs
-    torchrun --nproc_per_node 2 -m studio.evaluate ...                  # 2 CPU processes
+    torchrun --standalone --nproc_per_node 2 -m studio.evaluate ...     # 2 CPU processes
 
-It scales out on accelerate: the (preset, prompt, seed) images are split between processes with
-`PartialState().split_between_processes`, each process writes its own images and scores them, and the main process
-gathers the rows and writes the CSV and the report. Seeds belong to prompts, not processes, and every image and
-feature is computed alone (batch 1), so N processes write the same files as one, bit for bit, on the same kind of
-device. On the CPU each process computes with one thread unless OMP_NUM_THREADS says otherwise (as torchrun sets
-it): a CPU kernel's sums depend on its thread count (one pixel level in one image of nine, measured), so more cores
-are used by more processes.
+It scales out on accelerate: each preset's images are shared out between the processes with
+`PartialState().split_between_processes` (so a slow preset keeps every process busy), each process writes and
+scores its own images, and the main process gathers the rows and writes the CSV and the report. Seeds belong to
+prompts, not processes, and every image and feature is computed alone (batch 1), so N processes write the same
+files as one, bit for bit, on the same kind of device (tested on the CPU). On the CPU each process computes with one
+thread unless OMP_NUM_THREADS says otherwise (as torchrun sets it): a CPU kernel's sums depend on its thread count
+(one pixel level in one image of nine, measured), so more cores are used by more processes.
 
-This is a command-line composition root, like app.py: it builds its own ModelManager on its process's device.
+Every input is checked, and every task planned, on every process before any image is made; an error in one process
+is reported by all of them at the next gathering, so none is left waiting. This is a command-line composition root,
+like app.py: it builds its own ModelManager on its process's device.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 from . import __version__
-from .devices import default_device_budget, default_dtype, default_ram_budget
+from .devices import default_device_budget, default_dtype, default_ram_budget, free_device_bytes, parse_bytes
 from .downloads import HubDownloads
-from .errors import StudioError
-from .generation import RequestLimits, TextToImage, TextToImageRequest
+from .errors import InvalidRequest, ModelUnavailable, StudioError
+from .generation import MAX_SEED, RequestLimits, SamplingPlan, TextToImage, TextToImageRequest
 from .memory import ModelManager
 from .metadata import save_png
-from .metrics import FID_EXTRACTORS, ClipScorer, ImageFeatures, default_clip_scorer, fid_extractor, folder_images, frechet_distance
+from .metrics import (
+    FID_EXTRACTORS,
+    REAL_CLIP,
+    ClipScorer,
+    ImageFeatures,
+    InceptionFeatures,
+    embedded_clip_scorer,
+    fid_extractor,
+    frechet_distance,
+    image_files,
+    open_image,
+    real_clip_scorer,
+)
 from .model_kinds import CLIP, INCEPTION, ClipLoader, InceptionLoader
 from .pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
 from .presets import PRESETS_DIR, PresetCatalog, load_presets, load_styles
@@ -46,6 +63,9 @@ from .presets import PRESETS_DIR, PresetCatalog, load_presets, load_styles
 EMBEDDED_CLIP = Path(__file__).resolve().parent.parent / "models" / "embedded-clip"
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the interval is part of the report, which must be the same file on every run
+# How long a process may wait for the others at a gathering (torch's default is 10 minutes under NCCL, shorter
+# than one process's share of a large preset).
+GATHER_TIMEOUT = timedelta(hours=12)
 CSV_FIELDS = ("preset", "prompt_index", "seed", "prompt", "image", "clip_score", "oracle", "oracle_misses")
 
 
@@ -68,7 +88,7 @@ class Row:
     task: Task
     clip_score: float
     oracle: dict[str, bool] | None  # None: the oracle cannot judge this preset or prompt
-    features: torch.Tensor = field(repr=False)  # the image's FID features, (1, D)
+    features: torch.Tensor | None  # the image's FID features, (1, D); None without a reference folder
 
     def csv_fields(self) -> list:
         oracle = "" if self.oracle is None else int(all(self.oracle.values()))
@@ -77,14 +97,24 @@ class Row:
                 f"{self.clip_score:.4f}", oracle, misses]
 
 
+def input_error(message: str) -> SystemExit:
+    """Bad input on the command line: said on stderr, exit status 2 (as argparse does)."""
+    print(f"error: {message}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with # are skipped."""
     if not path.is_file():
-        raise SystemExit(f"error: the prompts file {path} does not exist (one prompt per line).")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        raise input_error(f"the prompts file {path} does not exist (one prompt per line).")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise input_error(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [line for line in prompts if line and not line.startswith("#")]
     if not prompts:
-        raise SystemExit(f"error: {path} has no prompts (one per line; lines starting with # are skipped).")
+        raise input_error(f"{path} has no prompts (one per line; lines starting with # are skipped).")
     return prompts
 
 
@@ -96,18 +126,20 @@ def all_tasks(presets: Sequence[str], prompts: Sequence[str], seeds: int, first_
 
 def bootstrap_interval(values: Sequence[float], samples: int = BOOTSTRAP_SAMPLES,
                        seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """The 95% percentile-bootstrap interval of the mean."""
+    """The 95% percentile-bootstrap interval of the mean (scipy's), the same on every run; a single value is its
+    own interval."""
     values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
+    if len(values) < 2 or np.all(values == values[0]):
+        return float(values.mean()), float(values.mean())
+    result = stats.bootstrap((values,), np.mean, n_resamples=samples, confidence_level=0.95, method="percentile",
+                             rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 class Evaluator:
     """Makes and scores the images of a list of tasks on one process's device."""
 
-    def __init__(self, text_to_image: TextToImage, clip: ClipScorer, features: ImageFeatures, out: Path):
+    def __init__(self, text_to_image: TextToImage, clip: ClipScorer, features: ImageFeatures | None, out: Path):
         self.text_to_image = text_to_image
         self.clip = clip
         self.features = features
@@ -120,27 +152,35 @@ class Evaluator:
                                   steps=preset.default_steps, guidance_scale=preset.default_guidance,
                                   width=preset.default_width, height=preset.default_height, seed=task.seed)
 
-    def judged_by_oracle(self, preset_name: str) -> bool:
-        """The oracle reads the embedded family's drawn shapes: presets whose folder carries its vocabulary."""
-        return self.text_to_image.vocabularies.get(preset_name) is not None
+    def plans(self, tasks: Sequence[Task]) -> dict[Task, SamplingPlan]:
+        """Every task checked and planned (raises InvalidRequest naming the prompt)."""
+        plans = {}
+        for task in tasks:
+            try:
+                plans[task] = self.text_to_image.plan(self.request(task))
+            except InvalidRequest as error:
+                raise InvalidRequest([f"{task.preset}, prompt {task.prompt_index + 1}: {problem}"
+                                      for problem in error.problems]) from None
+        return plans
 
-    def run(self, tasks: Sequence[Task], log=print) -> list[Row]:
+    def run(self, tasks: Sequence[Task], plans: dict[Task, SamplingPlan], log=print) -> list[Row]:
         from .embedded.oracle import check_prompt
 
         rows = []
         for preset in dict.fromkeys(task.preset for task in tasks):  # one model load per preset
             group = [task for task in tasks if task.preset == preset]
-            plans = [self.text_to_image.plan(self.request(task)) for task in group]
-            with self.text_to_image.model_files(plans[0]):
-                for task, plan in zip(group, plans):
-                    plan.model_hash = plans[0].model_hash
+            judged = self.text_to_image.presets.get(preset).oracle
+            with self.text_to_image.model_files(plans[group[0]]):
+                for task in group:
+                    plan = plans[task]
+                    plan.model_hash = plans[group[0]].model_hash
                     made = self.text_to_image.run(plan).images[0]
                     path = self.out / task.image
                     path.parent.mkdir(parents=True, exist_ok=True)
                     save_png(made.image, path, made.parameters)
-                    oracle = check_prompt(made.image, task.prompt) if self.judged_by_oracle(preset) else None
-                    rows.append(Row(task, self.clip.scores([made.image], [task.prompt])[0], oracle,
-                                    self.features.features([made.image])))
+                    rows.append(Row(task, self.clip.scores([made.image], [task.prompt])[0],
+                                    check_prompt(made.image, task.prompt) if judged else None,
+                                    self.features.features([made.image]) if self.features else None))
                     log(f"{len(rows)}/{len(tasks)} {task.image}")
         return rows
 
@@ -165,7 +205,7 @@ def preset_summary(rows: Sequence[Row], reference: torch.Tensor | None) -> dict:
 
 
 def report(rows: Sequence[Row], args: argparse.Namespace, text_to_image: TextToImage, clip_label: str,
-           features_label: str, reference: torch.Tensor | None, prompt_count: int) -> str:
+           features_label: str | None, reference: torch.Tensor | None, prompt_count: int) -> str:
     """The Markdown report: what was run, then a table per preset."""
     lines = ["# Evaluation", "",
              f"{prompt_count} prompts from `{args.prompts.name}` × {args.seeds} seeds "
@@ -180,8 +220,9 @@ def report(rows: Sequence[Row], args: argparse.Namespace, text_to_image: TextToI
                      "compare only presets with the same number of images.")
     else:
         lines.append("- FID: no reference folder given (`--reference DIR`).")
-    lines.append("- Oracle accuracy (embedded model only): the share of images in which the oracle reads everything "
-                 "the prompt names (shape, colour, background, and position and size where named).")
+    lines.append("- Oracle accuracy (the embedded model's shapes): the share of images in which the oracle reads "
+                 "everything the prompt names (shape, colour, background, and position and size where named); "
+                 "prompts it cannot read (no shape word, or several) are left out.")
     for preset in args.presets:
         preset_rows = [row for row in rows if row.task.preset == preset]
         summary = preset_summary(preset_rows, reference)
@@ -198,14 +239,26 @@ def report(rows: Sequence[Row], args: argparse.Namespace, text_to_image: TextToI
         if "oracle" in summary:
             right, judged = summary["oracle"]
             lines.append(f"| oracle accuracy | {100 * right / judged:.1f}% ({right}/{judged}) |")
+        elif settings.oracle:
+            lines.append("| oracle accuracy | not measured: no prompt the oracle can read |")
         else:
-            lines.append("| oracle accuracy | not measured (not the embedded model) |")
+            lines.append("| oracle accuracy | not measured: the oracle reads the embedded model's shapes only |")
     return "\n".join(lines) + "\n"
+
+
+def preset_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one preset, e.g. --presets embedded")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} named twice")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m studio.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", required=True, type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+    parser.add_argument("--presets", required=True, type=preset_names,
                         help="comma-separated preset names, e.g. embedded,stable-diffusion-1.5")
     parser.add_argument("--prompts", required=True, type=Path, help="a text file, one prompt per line")
     parser.add_argument("--seeds", type=int, default=4, help="images per prompt and preset (default %(default)s)")
@@ -216,68 +269,149 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="FID's feature extractor: Inception where its weights are on disk, else the CLIP's "
                         "image encoder (default %(default)s)")
     parser.add_argument("--presets-file", type=Path, default=PRESETS_DIR / "models.yaml")
-    parser.add_argument("--device-budget", type=int, help="bytes of weights + working memory on the device")
+    parser.add_argument("--device-budget", help="bytes of weights + working memory on each process's device, e.g. "
+                        "6GiB (default: 90%% of free VRAM; on the CPU 60%% of available RAM shared by the processes)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
+        parser.error(f"--seed must be between 0 and {MAX_SEED - args.seeds + 1} (the seeds are --seed to "
+                     f"--seed + {args.seeds - 1}, and the largest seed is {MAX_SEED})")
     return args
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[TextToImage, ClipScorer, ImageFeatures]:
+def local_processes() -> int:
+    """How many processes share this machine (torchrun and accelerate say so)."""
+    return max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+
+
+def build_engine(args: argparse.Namespace, device: torch.device) -> TextToImage:
     presets = load_presets(args.presets_file)
     unknown = [name for name in args.presets if name not in presets]
     if unknown:
-        raise SystemExit(f"error: unknown preset(s) {', '.join(unknown)}. Available: {', '.join(presets.names)}.")
+        raise InvalidRequest([f"Unknown preset(s) {', '.join(unknown)}. Available: {', '.join(presets.names)}."])
     presets = PresetCatalog([presets.get(name) for name in args.presets], args.presets[0])
     models = DiffusersModels(device)
+    sharing = 1 if device.type != "cpu" else local_processes()  # on the CPU the processes share one RAM
+    budget = parse_bytes(args.device_budget) if args.device_budget else default_device_budget(device) // sharing
     manager = ModelManager(
         {**diffusers_loaders(models.variant_for(presets)), CLIP: ClipLoader(), INCEPTION: InceptionLoader()},
-        device, default_dtype(device), device_budget=args.device_budget or default_device_budget(device),
-        ram_budget=default_ram_budget())
-    text_to_image = TextToImage(DiffusionStages(manager, models), presets, load_styles(), RequestLimits(),
-                                version=f"Diffusion Studio {__version__}",
-                                downloads=HubDownloads(offline=HubAccess().offline))
-    clip = default_clip_scorer(manager, EMBEDDED_CLIP)
-    return text_to_image, clip, fid_extractor(args.fid_features, manager, clip)
+        device, default_dtype(device), device_budget=budget, ram_budget=default_ram_budget() // local_processes(),
+        free_memory=functools.partial(free_device_bytes, device))
+    return TextToImage(DiffusionStages(manager, models), presets, load_styles(), RequestLimits(),
+                       version=f"Diffusion Studio {__version__}", downloads=HubDownloads(offline=HubAccess().offline))
+
+
+def chosen_models(args: argparse.Namespace, manager: ModelManager) -> tuple[str, str | None]:
+    """The CLIP (its label) and the FID extractor ("inception", "clip" or None without a reference) this machine
+    would use. The main process's choice is the run's: every process must score with the same models."""
+    clip = real_clip_scorer(manager) or embedded_clip_scorer(manager, EMBEDDED_CLIP)
+    if args.reference is None:
+        return clip.label, None
+    extractor = fid_extractor(args.fid_features, manager, clip)
+    return clip.label, "inception" if isinstance(extractor, InceptionFeatures) else "clip"
+
+
+def scorers(manager: ModelManager, clip_label: str, features: str | None) -> tuple[ClipScorer, ImageFeatures | None]:
+    """The run's CLIP and FID extractor on this process (ModelUnavailable where this machine lacks them)."""
+    if clip_label == REAL_CLIP:
+        clip = real_clip_scorer(manager)
+        if clip is None:
+            raise ModelUnavailable(f"{REAL_CLIP}, which the main process scores with, is not in this machine's Hub "
+                                   "cache: put it there on every machine, or remove it from the main one's.")
+    else:
+        clip = embedded_clip_scorer(manager, EMBEDDED_CLIP)
+    return clip, (fid_extractor(features, manager, clip) if features else None)
+
+
+def first_error(error: str | None) -> str | None:
+    """Every process's error (or None) gathered: the first, for all of them to report and stop on."""
+    from accelerate.utils import gather_object
+
+    return next((found for found in gather_object([error]) if found), None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return evaluate(argv)
+    finally:  # every process leaves together (exiting with the group still up aborts the others' gloo threads)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def evaluate(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
-    from accelerate.utils import gather_object
+    from accelerate.utils import broadcast_object_list, gather_object
 
     args = parse_args(argv)
     prompts = read_prompts(args.prompts)
-    # cpu=True where there is no GPU: without it accelerate ignores torchrun's ranks on a CPU machine
-    state = PartialState(cpu=not torch.cuda.is_available())
+    if args.reference is not None and len(prompts) * args.seeds < 2:
+        raise input_error("FID needs at least 2 images per preset: give more prompts or --seeds.")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (before CUDA starts)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
+        hasattr(torch, "xpu") and torch.xpu.is_available())
+    # cpu=True where there is no accelerator: without it accelerate ignores torchrun's ranks on a CPU machine
+    state = PartialState(cpu=not accelerator, timeout=GATHER_TIMEOUT)
     if state.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # the same sums in every process however many there are (see above)
-    try:
-        text_to_image, clip, features = build(args, state.device)
-        tasks = all_tasks(args.presets, prompts, args.seeds, args.seed)
-        reference_images = folder_images(args.reference) if args.reference else []
-        if args.reference and len(reference_images) < 2:
-            raise SystemExit(f"error: FID needs at least 2 reference images; {args.reference} has "
-                             f"{len(reference_images)}.")
-        evaluator = Evaluator(text_to_image, clip, features, args.out)
-        rank = f"[{state.process_index + 1}/{state.num_processes}] " if state.num_processes > 1 else ""
-        with state.split_between_processes(tasks) as mine:
-            rows = evaluator.run(mine, log=lambda text: print(rank + text, file=sys.stderr, flush=True))
-        with state.split_between_processes(list(range(len(reference_images)))) as mine:
-            reference_rows = [features.features([reference_images[i][1]]) for i in mine]
-    except StudioError as error:
-        print(f"error: {error}", file=sys.stderr)
+    say = (lambda text: print(text, file=sys.stderr)) if state.is_main_process else (lambda text: None)
+    rank = f"[{state.process_index + 1}/{state.num_processes}] " if state.num_processes > 1 else ""
+
+    error, choice = None, [None]
+    try:  # set-up: checked on every process before any image is made
+        text_to_image = build_engine(args, state.device)
+        if state.is_main_process:
+            choice = [chosen_models(args, text_to_image.manager)]
+    except StudioError as problem:
+        error = str(problem)
+    if error := first_error(error):
+        say(f"error: {error}")
         return 2
-    rows = gather_object(rows)
-    reference_rows = gather_object(reference_rows)
+    broadcast_object_list(choice)
+    clip_label, features_kind = choice[0]
+    tasks = all_tasks(args.presets, prompts, args.seeds, args.seed)
+    references = image_files(args.reference) if args.reference else []
+    try:
+        clip, features = scorers(text_to_image.manager, clip_label, features_kind)
+        evaluator = Evaluator(text_to_image, clip, features, args.out)
+        plans = evaluator.plans(tasks)
+        if args.reference is not None and len(references) < 2:
+            raise InvalidRequest([f"FID needs at least 2 reference images; {args.reference} has {len(references)}."])
+    except StudioError as problem:
+        error = str(problem)
+    if error := first_error(error):
+        say(f"error: {error}")
+        return 2
+
+    rows, reference_rows = [], []
+    try:
+        for preset in args.presets:  # each preset's images shared out between all processes
+            with state.split_between_processes([task for task in tasks if task.preset == preset]) as mine:
+                rows += evaluator.run(mine, plans, log=lambda text: print(rank + text, file=sys.stderr, flush=True))
+        with state.split_between_processes(references) as mine:
+            reference_rows = [features.features([open_image(path)]) for path in mine]
+    except StudioError as problem:
+        error = str(problem)
+    gathered = gather_object([(rows, reference_rows, error)])
+    error = next((found for _, _, found in gathered if found), None)
+    if error:
+        say(f"error: {error}")
+        return 2
     if state.is_main_process:
         order = {task: index for index, task in enumerate(tasks)}
-        rows.sort(key=lambda row: order[row.task])
-        reference = torch.cat(reference_rows) if reference_rows else None
+        rows = sorted((row for part, _, _ in gathered for row in part), key=lambda row: order[row.task])
+        reference = torch.cat([row for _, part, _ in gathered for row in part]) if references else None
         write_csv(rows, args.out / "scores.csv")
-        (args.out / "report.md").write_text(
-            report(rows, args, text_to_image, clip.label, features.label, reference, len(prompts)), encoding="utf-8")
+        try:
+            text = report(rows, args, text_to_image, clip.label, features.label if features else None, reference,
+                          len(prompts))
+        except StudioError as problem:
+            say(f"error: {problem} (scores.csv is written)")
+            return 2
+        (args.out / "report.md").write_text(text, encoding="utf-8")
         print(f"Wrote {len(rows)} images, {args.out / 'scores.csv'} and {args.out / 'report.md'}.")
-    state.wait_for_everyone()
     return 0
 
 

@@ -3,8 +3,8 @@
 - CLIP score, as torchmetrics defines it (100 × the cosine of the image's and the text's CLIP embeddings, floored
   at 0), for an image or a set (the mean).
 - FID between two sets of images (torchmetrics' Fréchet distance) on features from a configurable extractor:
-  Inception v3 as torchmetrics and torch-fidelity use it where its weights are on disk, else a CLIP's image
-  encoder (the embedded CLIP offline). The result names its extractor: FIDs from different extractors do not
+  Inception v3 as torchmetrics' FID uses it where its weights are on disk, else a CLIP's image encoder (the
+  embedded CLIP offline). The result names its extractor: FIDs from different extractors do not
   compare, and neither do FIDs from sets of very different sizes.
 
 Every model is leased from the one ModelManager like any other. Features and scores are computed one image at a
@@ -111,22 +111,33 @@ class ClipScorer:
         return torch.cat(rows) if rows else torch.empty(0, 0, dtype=torch.float64)
 
 
-def default_clip_scorer(manager: ModelManager, embedded_clip: Path) -> ClipScorer:
-    """OpenAI's ViT-L/14 where its weights and processor files are in the Hub cache, otherwise the embedded CLIP,
-    which works offline. Its label names which: scores of two CLIPs do not compare. Nothing is downloaded."""
+def real_clip_scorer(manager: ModelManager) -> ClipScorer | None:
+    """OpenAI's ViT-L/14 where its weights and processor files are in the Hub cache, else None. Nothing is
+    downloaded."""
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(REAL_CLIP, "model.safetensors")
-    if isinstance(cached, str):
-        real = ClipScorer(manager, Path(cached).parent, REAL_CLIP)
-        try:
-            real.processor()  # its tokenizer and preprocessor files too, not the weights alone
-            return real
-        except StudioError as error:
-            log.warning("not scoring with %s: %s", REAL_CLIP, str(error).splitlines()[0])
-    embedded = ClipScorer(manager, embedded_clip, "embedded CLIP, offline")
+    if not isinstance(cached, str):
+        return None
+    real = ClipScorer(manager, Path(cached).parent, REAL_CLIP)
+    try:
+        real.processor()  # its tokenizer and preprocessor files too, not the weights alone
+    except StudioError as error:
+        log.warning("not scoring with %s: %s", REAL_CLIP, str(error).splitlines()[0])
+        return None
+    return real
+
+
+def embedded_clip_scorer(manager: ModelManager, folder: Path) -> ClipScorer:
+    embedded = ClipScorer(manager, folder, "embedded CLIP, offline")
     embedded.processor()  # read now, in this process (a ZeroGPU worker must not read files)
     return embedded
+
+
+def default_clip_scorer(manager: ModelManager, embedded_clip: Path) -> ClipScorer:
+    """OpenAI's ViT-L/14 where it is in the Hub cache, otherwise the embedded CLIP, which works offline. Its label
+    names which: scores of two CLIPs do not compare."""
+    return real_clip_scorer(manager) or embedded_clip_scorer(manager, embedded_clip)
 
 
 # ----- FID -----
@@ -151,10 +162,11 @@ class ClipImageFeatures:
 
 
 class InceptionFeatures:
-    """InceptionV3's 2048-d pool features as torchmetrics' FrechetInceptionDistance computes them (images as uint8,
-    resized inside the network to 299 px the way TensorFlow's FID does)."""
+    """InceptionV3's 2048-d pool features exactly as torchmetrics' FrechetInceptionDistance computes them by
+    default: images as uint8, resized inside the network to 299 px with torch's antialiased bilinear (torch-fidelity
+    and TensorFlow's FID resize without antialiasing, so their FIDs differ from these)."""
 
-    label = "Inception v3 (torchmetrics / torch-fidelity, 2048-d)"
+    label = "Inception v3 as torchmetrics' FID computes it (2048-d, antialiased resize)"
 
     def __init__(self, manager: ModelManager, weights: Path):
         self.manager = manager
@@ -232,19 +244,26 @@ class FidResult:
                 f"FIDs from different extractors or very different set sizes do not compare.)")
 
 
-def folder_images(folder: str | Path) -> list[tuple[str, Image.Image]]:
-    """Every image in a folder (not its subfolders), by file name; a file that is not an image is named."""
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder (not its subfolders), by name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InvalidRequest([f"{folder} is not a folder of images."])
-    images = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        try:
-            with Image.open(path) as image:
-                images.append((path.name, image.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as error:
-            raise InvalidRequest([f"{path} is not a readable image ({error})."]) from error
-    return images
+    return sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def open_image(path: Path) -> Image.Image:
+    """An image file as RGB; a file that is not an image is named."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise InvalidRequest([f"{path} is not a readable image ({error})."]) from error
+
+
+def folder_images(folder: str | Path) -> list[tuple[str, Image.Image]]:
+    """Every image in a folder (not its subfolders), by file name."""
+    return [(path.name, open_image(path)) for path in image_files(folder)]
 
 
 def fid_between_folders(folder_a: str | Path, folder_b: str | Path, extractor: ImageFeatures) -> FidResult:

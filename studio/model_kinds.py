@@ -39,7 +39,7 @@ class ClipLoader:
 
 
 INCEPTION = "inception"
-# torch-fidelity's InceptionV3 for FID (the TensorFlow FID weights, converted), under the name torch.hub keeps it
+# FID's InceptionV3 weights (TensorFlow's, converted by torch-fidelity), under the name torch.hub keeps them
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS
 
@@ -50,7 +50,7 @@ def inception_key(weights: str | Path) -> ModelKey:
 
 class InceptionLoader:
     """FID's InceptionV3 as torchmetrics builds it (its 2048-d pool features), from a weights file already on disk.
-    It always runs in float32: torch-fidelity's TensorFlow-compatible resize and layers expect it."""
+    It always runs in float32, as torchmetrics runs it."""
 
     def size(self, key: ModelKey, dtype: torch.dtype) -> int:
         path = Path(key.source)
@@ -61,10 +61,7 @@ class InceptionLoader:
     def load(self, key: ModelKey, dtype: torch.dtype) -> Any:
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        try:
-            # torch-fidelity unpickles the file in full; read it as plain tensors first, so a file carrying code
-            # is refused before that
-            torch.load(key.source, map_location="cpu", weights_only=True)
+        try:  # torch-fidelity reads it with torch.load, which (torch >= 2.6) refuses a file that carries code
             return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
                                       feature_extractor_weights_path=key.source).eval()
         except Exception as error:  # noqa: BLE001

@@ -44,6 +44,7 @@ class ModelPreset:
     components: dict[str, str] = field(default_factory=dict)  # role -> another source, e.g. {"vae": "stabilityai/sd-vae-ft-mse"}
     safety_checker: bool = False  # the repo's own safety checker runs on every image
     safe_by_construction: bool = False  # cannot draw anything a safety checker looks for (the embedded shapes)
+    oracle: bool = False  # draws the embedded family's shapes: evaluations read its images with the oracle
     public: bool = False  # on the allow-list of --public mode
     seconds_per_step: float = 0.05  # one denoising step of one native-size image on a GPU: ZeroGPU's booking
     default_steps: int = 25

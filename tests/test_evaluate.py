@@ -39,11 +39,12 @@ def inputs(tmp_path_factory):
 
 def evaluate(inputs, out, processes: int, *extra):
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 \
-        else [sys.executable]
+    # --standalone: a free port of its own, so two runs at once (CI and a developer) do not collide
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
+        if processes > 1 else [sys.executable]
     return subprocess.run(
         [*launcher, "-m", "studio.evaluate", "--presets", "embedded,embedded-8-steps", "--prompts",
-         str(inputs / "prompts.txt"), "--seeds", "2", "--seed", "5", "--out", str(out), "--reference",
+         str(inputs / "prompts.txt"), "--seeds", "3", "--seed", "5", "--out", str(out), "--reference",
          str(inputs / "reference"), "--presets-file", str(inputs / "models.yaml"), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -57,9 +58,10 @@ def test_two_processes_write_the_same_files_as_one_bit_for_bit(inputs, tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = evaluate(inputs, tmp_path / "two", 2)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "[1/2]" in two.stderr and "[2/2]" in two.stderr  # the work really was split
+    # the work really was split: each preset's 9 images shared out 5 + 4, so a split falls inside a prompt's seeds
+    assert two.stderr.count("[1/2] ") == 10 and two.stderr.count("[2/2] ") == 8, two.stderr[-2000:]
     written_by_one, written_by_two = files(tmp_path / "one"), files(tmp_path / "two")
-    assert len(written_by_one) == 2 * 3 * 2 + 2  # every preset × prompt × seed, the CSV and the report
+    assert len(written_by_one) == 2 * 3 * 3 + 2  # every preset × prompt × seed, the CSV and the report
     assert written_by_one.keys() == written_by_two.keys()
     different = [name for name in written_by_one if written_by_one[name] != written_by_two[name]]
     assert not different, different
@@ -68,7 +70,7 @@ def test_two_processes_write_the_same_files_as_one_bit_for_bit(inputs, tmp_path)
         rows = list(csv.DictReader(handle))
     assert [(r["preset"], r["prompt_index"], r["seed"]) for r in rows] == [
         (preset, str(index), str(seed)) for preset in ("embedded", "embedded-8-steps") for index in range(3)
-        for seed in (5, 6)]
+        for seed in (5, 6, 7)]
     for row in rows:
         parameters = read_parameters(tmp_path / "one" / row["image"])
         assert f"Seed: {row['seed']}" in parameters and row["prompt"] in parameters
@@ -88,15 +90,52 @@ def test_two_processes_write_the_same_files_as_one_bit_for_bit(inputs, tmp_path)
     assert f"| oracle accuracy | {100 * right / len(judged):.1f}% ({right}/{len(judged)}) |" in report
 
 
-def test_bad_input_gets_a_clear_message(inputs, tmp_path):
-    unknown = subprocess.run([sys.executable, "-m", "studio.evaluate", "--presets", "embedded,nope", "--prompts",
-                              str(inputs / "prompts.txt"), "--out", str(tmp_path), "--presets-file",
-                              str(inputs / "models.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert unknown.returncode != 0 and "unknown preset(s) nope. Available: embedded, embedded-8-steps" in unknown.stderr
-    missing = subprocess.run([sys.executable, "-m", "studio.evaluate", "--presets", "embedded", "--prompts",
-                              str(tmp_path / "none.txt"), "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300)
-    assert missing.returncode != 0 and "none.txt does not exist" in missing.stderr
+def run_cli(*arguments, processes: int = 1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
+        if processes > 1 else [sys.executable]
+    return subprocess.run([*launcher, "-m", "studio.evaluate", *map(str, arguments)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ("--presets embedded,nope", "Unknown preset(s) nope. Available: embedded, embedded-8-steps."),
+    ("--presets ,", "name at least one preset"),
+    ("--presets embedded,embedded", "embedded named twice"),
+    ("--presets embedded --seed -1", "--seed must be between 0 and"),
+    ("--presets embedded --seeds 0", "--seeds must be at least 1"),
+    ("--presets embedded --prompts {dir}/missing.txt", "missing.txt does not exist"),
+    ("--presets embedded --prompts {dir}/latin1.txt", "latin1.txt is not UTF-8 text"),
+    ("--presets embedded --prompts {dir}/one.txt --seeds 1 --reference {dir}/reference",
+     "FID needs at least 2 images per preset"),
+    ("--presets embedded --reference {dir}/one-image", "FID needs at least 2 reference images"),
+])
+def test_bad_input_gets_a_clear_message_before_any_image_is_made(inputs, tmp_path, arguments, message):
+    (tmp_path / "latin1.txt").write_bytes("un cercle rouge sur fond bleu, café".encode("latin-1"))
+    (tmp_path / "one.txt").write_text("a red circle on a blue background\n")
+    (tmp_path / "reference").symlink_to(inputs / "reference")
+    (tmp_path / "one-image").mkdir()
+    (tmp_path / "one-image" / "0.png").write_bytes((inputs / "reference" / "0.png").read_bytes())
+    given = arguments.format(dir=tmp_path).split()
+    if "--prompts" not in given:
+        given += ["--prompts", str(inputs / "prompts.txt")]
+    result = run_cli(*given, "--presets-file", inputs / "models.yaml", "--out", tmp_path / "out")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_a_problem_in_one_process_is_reported_by_all_without_a_traceback(inputs, tmp_path):
+    """A prompt too long for the studio is found when every task is planned, on every process, before any image."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n" + "a red circle " * 200 + "\n")
+    result = run_cli("--presets", "embedded", "--prompts", prompts, "--seeds", "1", "--out", tmp_path / "out",
+                     "--presets-file", inputs / "models.yaml", processes=2)
+    assert result.returncode != 0
+    assert result.stderr.count("error: embedded, prompt 2: Prompt is too long") == 1, result.stderr[-3000:]
+    # both processes stopped on it with status 2 (torchrun then prints its own summary of that); neither crashed
+    assert result.stderr.count("exitcode  : 2 ") == 2, result.stderr[-3000:]
+    assert f'File "{ROOT / "studio"}' not in result.stderr and "[rank" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "images").exists()
 
 
 def test_tasks_and_the_interval():

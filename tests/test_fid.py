@@ -76,12 +76,27 @@ def test_a_folder_against_itself_is_about_0_and_against_another_set_more(tmp_pat
     assert "embedded CLIP, offline image encoder" in str(other) and "do not compare" in str(other)
 
 
-def test_features_do_not_depend_on_how_images_are_grouped(tmp_path):
+def test_clip_features_are_the_models_image_embeddings_computed_by_hand(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
     images = [image for _, image in folder_images(write_scenes(tmp_path / "a", 5, seed=4))]
-    extractor = ClipImageFeatures(ClipScorer(manager(), CLIP_FOLDER))
-    together = extractor.features(images)
-    alone = torch.cat([extractor.features([image]) for image in images])
-    assert torch.equal(together, alone)
+    features = ClipImageFeatures(ClipScorer(manager(), CLIP_FOLDER)).features(images)
+    model, processor = CLIPModel.from_pretrained(CLIP_FOLDER).eval(), CLIPProcessor.from_pretrained(CLIP_FOLDER)
+    with torch.no_grad():  # the projected image embedding (before CLIP's normalisation), the five in one batch
+        by_hand = model.get_image_features(pixel_values=processor(images=images, return_tensors="pt").pixel_values)
+        by_hand = by_hand if isinstance(by_hand, torch.Tensor) else by_hand.pooler_output
+    assert features.shape == by_hand.shape and features.dtype == torch.float64
+    assert torch.allclose(features, by_hand.double(), atol=1e-4)
+
+
+def test_a_sets_clip_score_is_the_mean_of_its_pairs():
+    rng = random.Random(8)
+    pictures = [scenes.render(scenes.random_scene(rng)) for _ in range(4)]
+    prompts = ["a red circle on a blue background", "a star", "a green ring", "a yellow square"]
+    clip = ClipScorer(manager(), CLIP_FOLDER)
+    assert clip.set_score(pictures, prompts) == pytest.approx(np.mean(clip.scores(pictures, prompts)))
+    with pytest.raises(ValueError, match="at least one image"):
+        clip.set_score([], [])
 
 
 def test_a_folder_with_a_broken_image_is_named(tmp_path):
