@@ -110,7 +110,9 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
         return result.grids(), {"headers": ["cell", "seconds", clip], "data": rows}, gallery
 
     def pick(chosen, gallery, selection: gr.SelectData):
-        """The last two cells clicked, on the slider."""
+        """The last two different cells clicked, on the slider (clicking the cell just clicked changes nothing)."""
+        if chosen and chosen[-1] == selection.index:
+            return chosen, gr.skip()
         chosen = (chosen + [selection.index])[-2:]
         if len(chosen) < 2 or not gallery:
             return chosen, gr.skip()

@@ -438,5 +438,10 @@ def test_compare_a_2x2_grid_then_two_cells_on_the_slider(page, artifacts):
     thumbnails.nth(0).click()
     thumbnails.nth(3).click()
     page.locator("#compare-slider img").nth(1).wait_for(timeout=10_000)
-    page.locator("#compare-slider").get_by_text("Left: Sampler: Euler, Steps: 6 · right: Sampler: DDIM, Steps: 12").wait_for()
+    label = page.locator("#compare-slider").get_by_text("Left: Sampler: Euler, Steps: 6 · right: Sampler: DDIM, Steps: 12")
+    label.wait_for()
+    thumbnails.nth(3).click()  # the cell just clicked, again: it is not paired with itself
+    page.wait_for_timeout(1000)
+    assert label.is_visible()
+    assert "Left: Sampler: DDIM, Steps: 12 · right: Sampler: DDIM, Steps: 12" not in page.locator("#compare-slider").inner_text()
     page.screenshot(path=str(artifacts / "compare.png"), full_page=True)
