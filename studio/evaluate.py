@@ -163,6 +163,16 @@ class Evaluator:
                                       for problem in error.problems]) from None
         return plans
 
+    def fetch_models(self, plans: dict[Task, SamplingPlan]) -> None:
+        """Every preset's files there (fetched now if the Hub can be reached), before any image is made: a preset
+        that cannot load stops the run before the others' images, with its own message."""
+        first_plans = {}
+        for task, plan in plans.items():
+            first_plans.setdefault(task.preset, plan)
+        for plan in first_plans.values():
+            with self.text_to_image.model_files(plan):
+                pass
+
     def run(self, tasks: Sequence[Task], plans: dict[Task, SamplingPlan], log=print) -> list[Row]:
         from .embedded.oracle import check_prompt
 
@@ -377,6 +387,7 @@ def evaluate(argv: list[str] | None = None) -> int:
         clip, features = scorers(text_to_image.manager, clip_label, features_kind)
         evaluator = Evaluator(text_to_image, clip, features, args.out)
         plans = evaluator.plans(tasks)
+        evaluator.fetch_models(plans)
         if args.reference is not None and len(references) < 2:
             raise InvalidRequest([f"FID needs at least 2 reference images; {args.reference} has {len(references)}."])
     except StudioError as problem:

@@ -147,3 +147,13 @@ def test_tasks_and_the_interval():
     assert low < values.mean() < high
     assert high - low == pytest.approx(2 * 1.96 * 5 / np.sqrt(400), rel=0.15)  # the normal theory width
     assert bootstrap_interval(values) == (low, high)  # fixed: the report is the same file on every run
+
+
+def test_a_hub_preset_offline_is_named_before_any_image_is_made(inputs, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run([sys.executable, "-m", "studio.evaluate", "--presets", "embedded,stable-diffusion-1.5",
+                             "--prompts", str(inputs / "prompts.txt"), "--seeds", "1", "--out", str(tmp_path / "out")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Preset 'Stable Diffusion 1.5' is not downloaded yet" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out" / "images").exists()
