@@ -4,7 +4,7 @@ in A1111's own order.
 The grid: X = 3 presets, Y = 4 samplers (12 cells), each preset Stable Diffusion 1.5's architecture with random
 weights (bench/shared_memory.py's fp16 folder, hard-linked into three folders so that the manager sees three
 models), on the CPU in float32 at 64x64 px and 2 steps, with a device budget that holds two presets but not
-three. Both orders run the same engine (studio.compare.Comparison) on the same cells; only the order differs:
+three. Every order runs the same engine (studio.compare.Comparison) on the same cells; only the order differs:
 
   (a) ours:       the cells grouped by preset (GridSpec.run_order), each preset loaded once;
   (b) axis order: Z, then Y, then X innermost (GridSpec.cells()), which is A1111's nesting when its axes cost the
@@ -16,8 +16,8 @@ three. Both orders run the same engine (studio.compare.Comparison) on the same c
                   then: (a) and then that reload, on the same manager and budget. (A1111 also holds one checkpoint
                   by default, sd_checkpoints_limit = 1, which changes nothing in this order.)
 
-Each order runs in a fresh subprocess from nothing loaded, twice, alternating (ours, axis, ours, axis), after the
-files have been read once into the page cache, so neither order gets a colder cache: a load here is mostly the
+Each order runs in a fresh subprocess from nothing loaded, twice, alternating (ours, axis, A1111, ours, axis,
+A1111), after the files have been read once into the page cache, so no order gets a colder cache: a load here is mostly the
 fp16 → fp32 copy; from a disk it costs more. Prints each order's UNet loads, seconds spent loading (measured around
 the loaders: reading and converting weights; evictions and freeing memory count in the wall time only) and wall
 time (the faster of its two runs), and the ratios to ours.

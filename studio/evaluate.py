@@ -23,10 +23,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import io
+import hashlib
 import os
+import socket
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from scipy import stats
 
 from . import __version__
@@ -97,10 +102,24 @@ class Row:
                 f"{self.clip_score:.4f}", oracle, misses]
 
 
+def is_first_process() -> bool:
+    """Before the process group starts: only the first process speaks, so an error is said once, not N times."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def input_error(message: str) -> SystemExit:
     """Bad input on the command line: said on stderr, exit status 2 (as argparse does)."""
-    print(f"error: {message}", file=sys.stderr)
+    if is_first_process():
+        print(f"error: {message}", file=sys.stderr)
     return SystemExit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        if is_first_process():
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -108,9 +127,11 @@ def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
         raise input_error(f"the prompts file {path} does not exist (one prompt per line).")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of line 1
     except UnicodeDecodeError as error:
         raise input_error(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    except OSError as error:
+        raise input_error(f"{path} could not be read ({error.strerror}).") from None
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [line for line in prompts if line and not line.startswith("#")]
     if not prompts:
@@ -256,6 +277,13 @@ def report(rows: Sequence[Row], args: argparse.Namespace, text_to_image: TextToI
     return "\n".join(lines) + "\n"
 
 
+def byte_count(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def preset_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -267,7 +295,7 @@ def preset_names(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m studio.evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m studio.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", required=True, type=preset_names,
                         help="comma-separated preset names, e.g. embedded,stable-diffusion-1.5")
     parser.add_argument("--prompts", required=True, type=Path, help="a text file, one prompt per line")
@@ -279,9 +307,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="FID's feature extractor: Inception where its weights are on disk, else the CLIP's "
                         "image encoder (default %(default)s)")
     parser.add_argument("--presets-file", type=Path, default=PRESETS_DIR / "models.yaml")
-    parser.add_argument("--device-budget", help="bytes of weights + working memory on each process's device, e.g. "
+    parser.add_argument("--device-budget", type=byte_count, help="bytes of weights + working memory on each process's device, e.g. "
                         "6GiB (default: 90%% of free VRAM; on the CPU 60%% of available RAM shared by the processes)")
     args = parser.parse_args(argv)
+    if args.reference is not None and not args.reference.is_dir():
+        parser.error(f"--reference {args.reference} is not a folder of images")
+    if not args.presets_file.is_file():
+        parser.error(f"--presets-file {args.presets_file} does not exist")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     if not 0 <= args.seed <= MAX_SEED - args.seeds + 1:
@@ -295,15 +327,22 @@ def local_processes() -> int:
     return max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
 
 
+def read_presets(args: argparse.Namespace) -> PresetCatalog:
+    try:
+        return load_presets(args.presets_file)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise InvalidRequest([f"{args.presets_file} could not be read: {error}"]) from None
+
+
 def build_engine(args: argparse.Namespace, device: torch.device) -> TextToImage:
-    presets = load_presets(args.presets_file)
+    presets = read_presets(args)
     unknown = [name for name in args.presets if name not in presets]
     if unknown:
         raise InvalidRequest([f"Unknown preset(s) {', '.join(unknown)}. Available: {', '.join(presets.names)}."])
     presets = PresetCatalog([presets.get(name) for name in args.presets], args.presets[0])
     models = DiffusersModels(device)
     sharing = 1 if device.type != "cpu" else local_processes()  # on the CPU the processes share one RAM
-    budget = parse_bytes(args.device_budget) if args.device_budget else default_device_budget(device) // sharing
+    budget = args.device_budget or default_device_budget(device) // sharing
     manager = ModelManager(
         {**diffusers_loaders(models.variant_for(presets)), CLIP: ClipLoader(), INCEPTION: InceptionLoader()},
         device, default_dtype(device), device_budget=budget, ram_budget=default_ram_budget() // local_processes(),
@@ -341,13 +380,37 @@ def first_error(error: str | None) -> str | None:
     return next((found for found in gather_object([error]) if found), None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def attempt(action, where: str):
+    """(result, None), or (None, the error's message): every failure, a fault too, must reach the next gathering,
+    where every process stops on it; a process that raised past it would leave the others waiting there."""
     try:
-        return evaluate(argv)
-    finally:  # every process leaves together (exiting with the group still up aborts the others' gloo threads)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        return action(), None
+    except StudioError as problem:
+        return None, f"{where}{problem}"
+    except Exception as problem:  # noqa: BLE001 - a fault: its traceback here, its message for every process
+        traceback.print_exc()
+        return None, f"{where}{type(problem).__name__}: {problem}"
+
+
+def inputs_fingerprint(args: argparse.Namespace, prompts: Sequence[str], references: Sequence[Path]) -> str:
+    """What every process must agree on (on several machines each reads its own copy of the files)."""
+    catalog = read_presets(args)
+    presets = {name: {key: value for key, value in dataclasses.asdict(catalog.get(name)).items()
+                      if not isinstance(value, Path)}  # folders may lie elsewhere on another machine
+               for name in args.presets if name in catalog}
+    facts = [list(prompts), presets, args.seeds, args.seed, args.fid_features,
+             [(path.name, path.stat().st_size) for path in references]]
+    return hashlib.sha256(repr(facts).encode()).hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    status = evaluate(argv)
+    # every process leaves together once all went well (exiting with the group still up aborts the others' gloo
+    # threads); after an exception a process just exits, and the launcher stops the others
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return status
 
 
 def evaluate(argv: list[str] | None = None) -> int:
@@ -360,66 +423,87 @@ def evaluate(argv: list[str] | None = None) -> int:
         raise input_error("FID needs at least 2 images per preset: give more prompts or --seeds.")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (before CUDA starts)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    accelerator = torch.cuda.is_available() or torch.backends.mps.is_available() or (
-        hasattr(torch, "xpu") and torch.xpu.is_available())
-    # cpu=True where there is no accelerator: without it accelerate ignores torchrun's ranks on a CPU machine
-    state = PartialState(cpu=not accelerator, timeout=GATHER_TIMEOUT)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # no use for inference, and it costs time
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    single_device = torch.backends.mps.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    # cpu=True where there is no CUDA for several processes (accelerate has no multi-process MPS): without it
+    # accelerate ignores torchrun's ranks, and every process would make every image
+    state = PartialState(cpu=not torch.cuda.is_available() and (world > 1 or not single_device),
+                         timeout=GATHER_TIMEOUT)
+    if state.num_processes != world:
+        raise input_error(f"{world} processes were started, but accelerate sees {state.num_processes}.")
     if state.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # the same sums in every process however many there are (see above)
     say = (lambda text: print(text, file=sys.stderr)) if state.is_main_process else (lambda text: None)
-    rank = f"[{state.process_index + 1}/{state.num_processes}] " if state.num_processes > 1 else ""
+    where = f"[process {state.process_index + 1}/{state.num_processes} on {socket.gethostname()}] " \
+        if state.num_processes > 1 else ""
+    log = (lambda text: print(where + text, file=sys.stderr, flush=True))
 
-    error, choice = None, [None]
-    try:  # set-up: checked on every process before any image is made
-        text_to_image = build_engine(args, state.device)
-        if state.is_main_process:
-            choice = [chosen_models(args, text_to_image.manager)]
-    except StudioError as problem:
-        error = str(problem)
-    if error := first_error(error):
-        say(f"error: {error}")
+    def stop_on_error(error: str | None) -> bool:
+        error = first_error(error)
+        if error:
+            say(f"error: {error}")
+        return bool(error)
+
+    # 1. the same inputs everywhere, the engine built, the main process's choice of CLIP and FID extractor
+    references = image_files(args.reference) if args.reference else []
+    fingerprint, error = attempt(lambda: inputs_fingerprint(args, prompts, references), where)
+    if stop_on_error(error):
+        return 2
+    fingerprints = gather_object([fingerprint])
+    if len(set(fingerprints)) > 1:
+        say("error: the processes were given different inputs: the prompts file, the presets or the reference "
+            "folder differ between machines. Give every machine the same files.")
+        return 2
+    text_to_image, error = attempt(lambda: build_engine(args, state.device), where)
+    choice = [None]
+    if error is None and state.is_main_process:
+        choice[0], error = attempt(lambda: chosen_models(args, text_to_image.manager), where)
+    if stop_on_error(error):
         return 2
     broadcast_object_list(choice)
     clip_label, features_kind = choice[0]
     tasks = all_tasks(args.presets, prompts, args.seeds, args.seed)
-    references = image_files(args.reference) if args.reference else []
-    try:
+
+    # 2. scorers, every task planned, every preset's files found, the reference's features: before any image
+    def prepare():
         clip, features = scorers(text_to_image.manager, clip_label, features_kind)
         evaluator = Evaluator(text_to_image, clip, features, args.out)
         plans = evaluator.plans(tasks)
         evaluator.fetch_models(plans)
         if args.reference is not None and len(references) < 2:
             raise InvalidRequest([f"FID needs at least 2 reference images; {args.reference} has {len(references)}."])
-    except StudioError as problem:
-        error = str(problem)
-    if error := first_error(error):
-        say(f"error: {error}")
-        return 2
-
-    rows, reference_rows = [], []
-    try:
-        for preset in args.presets:  # each preset's images shared out between all processes
-            with state.split_between_processes([task for task in tasks if task.preset == preset]) as mine:
-                rows += evaluator.run(mine, plans, log=lambda text: print(rank + text, file=sys.stderr, flush=True))
         with state.split_between_processes(references) as mine:
             reference_rows = [features.features([open_image(path)]) for path in mine]
-    except StudioError as problem:
-        error = str(problem)
-    gathered = gather_object([(rows, reference_rows, error)])
-    error = next((found for _, _, found in gathered if found), None)
-    if error:
-        say(f"error: {error}")
+        return evaluator, plans, reference_rows
+
+    prepared, error = attempt(prepare, where)
+    if stop_on_error(error):
         return 2
+    evaluator, plans, reference_rows = prepared
+
+    # 3. the images: each preset's shared out between all processes; an error stops everyone after that preset
+    rows = []
+    for preset in args.presets:
+        with state.split_between_processes([task for task in tasks if task.preset == preset]) as mine:
+            made, error = attempt(lambda: evaluator.run(mine, plans, log=log), where)
+        if stop_on_error(error):
+            return 2
+        rows += made
+
+    # 4. gathered on the main process (the device emptied first: gathering stages the rows on it under NCCL)
+    text_to_image.manager.offload_idle()
+    gathered = gather_object([(rows, reference_rows)])
     if state.is_main_process:
         order = {task: index for index, task in enumerate(tasks)}
-        rows = sorted((row for part, _, _ in gathered for row in part), key=lambda row: order[row.task])
-        reference = torch.cat([row for _, part, _ in gathered for row in part]) if references else None
+        rows = sorted((row for part, _ in gathered for row in part), key=lambda row: order[row.task])
+        reference = torch.cat([row for _, part in gathered for row in part]) if references else None
         write_csv(rows, args.out / "scores.csv")
-        try:
-            text = report(rows, args, text_to_image, clip.label, features.label if features else None, reference,
-                          len(prompts))
-        except StudioError as problem:
-            say(f"error: {problem} (scores.csv is written)")
+        text, error = attempt(lambda: report(rows, args, text_to_image, evaluator.clip.label,
+                                             evaluator.features.label if evaluator.features else None, reference,
+                                             len(prompts)), where)
+        if error:
+            say(f"error: {error} (scores.csv is written)")
             return 2
         (args.out / "report.md").write_text(text, encoding="utf-8")
         print(f"Wrote {len(rows)} images, {args.out / 'scores.csv'} and {args.out / 'report.md'}.")

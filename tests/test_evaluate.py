@@ -59,7 +59,8 @@ def test_two_processes_write_the_same_files_as_one_bit_for_bit(inputs, tmp_path)
     two = evaluate(inputs, tmp_path / "two", 2)
     assert two.returncode == 0, two.stderr[-3000:]
     # the work really was split: each preset's 9 images shared out 5 + 4, so a split falls inside a prompt's seeds
-    assert two.stderr.count("[1/2] ") == 10 and two.stderr.count("[2/2] ") == 8, two.stderr[-2000:]
+    assert two.stderr.count("[process 1/2 on ") == 10 and two.stderr.count("[process 2/2 on ") == 8, \
+        two.stderr[-2000:]
     written_by_one, written_by_two = files(tmp_path / "one"), files(tmp_path / "two")
     assert len(written_by_one) == 2 * 3 * 3 + 2  # every preset × prompt × seed, the CSV and the report
     assert written_by_one.keys() == written_by_two.keys()
@@ -108,6 +109,10 @@ def run_cli(*arguments, processes: int = 1):
     ("--presets embedded --prompts {dir}/one.txt --seeds 1 --reference {dir}/reference",
      "FID needs at least 2 images per preset"),
     ("--presets embedded --reference {dir}/one-image", "FID needs at least 2 reference images"),
+    ("--presets embedded --reference {dir}/nowhere", "--reference {dir}/nowhere is not a folder of images"),
+    ("--presets embedded --device-budget 6XB", "argument --device-budget"),
+    ("--presets embedded --presets-file {dir}/none.yaml", "--presets-file {dir}/none.yaml does not exist"),
+    ("--presets embedded --presets-file {dir}/broken.yaml", "broken.yaml could not be read"),
 ])
 def test_bad_input_gets_a_clear_message_before_any_image_is_made(inputs, tmp_path, arguments, message):
     (tmp_path / "latin1.txt").write_bytes("un cercle rouge sur fond bleu, café".encode("latin-1"))
@@ -115,13 +120,28 @@ def test_bad_input_gets_a_clear_message_before_any_image_is_made(inputs, tmp_pat
     (tmp_path / "reference").symlink_to(inputs / "reference")
     (tmp_path / "one-image").mkdir()
     (tmp_path / "one-image" / "0.png").write_bytes((inputs / "reference" / "0.png").read_bytes())
+    (tmp_path / "broken.yaml").write_text("presets: [unclosed\n")
     given = arguments.format(dir=tmp_path).split()
     if "--prompts" not in given:
         given += ["--prompts", str(inputs / "prompts.txt")]
-    result = run_cli(*given, "--presets-file", inputs / "models.yaml", "--out", tmp_path / "out")
+    if "--presets-file" not in given:
+        given += ["--presets-file", str(inputs / "models.yaml")]
+    result = run_cli(*given, "--out", tmp_path / "out")
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message.format(dir=tmp_path) in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out" / "images").exists()
+
+
+def test_a_fault_in_one_process_stops_every_process_after_that_preset(inputs, tmp_path):
+    """The last image's file is in the way (a folder): only the second process meets it; both stop, none waits."""
+    blocked = tmp_path / "out" / "images" / "embedded" / "0002-5.png"
+    blocked.mkdir(parents=True)
+    result = run_cli("--presets", "embedded", "--prompts", inputs / "prompts.txt", "--seeds", "1", "--seed", "5",
+                     "--out", tmp_path / "out", "--presets-file", inputs / "models.yaml", processes=2)
+    assert result.returncode != 0
+    assert "error: [process 2/2 on " in result.stderr and "IsADirectoryError" in result.stderr, result.stderr[-3000:]
+    assert "exitcode  : 2 " in result.stderr and "exitcode  : 1 " not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "scores.csv").exists()
 
 
 def test_a_problem_in_one_process_is_reported_by_all_without_a_traceback(inputs, tmp_path):
@@ -131,9 +151,10 @@ def test_a_problem_in_one_process_is_reported_by_all_without_a_traceback(inputs,
     result = run_cli("--presets", "embedded", "--prompts", prompts, "--seeds", "1", "--out", tmp_path / "out",
                      "--presets-file", inputs / "models.yaml", processes=2)
     assert result.returncode != 0
-    assert result.stderr.count("error: embedded, prompt 2: Prompt is too long") == 1, result.stderr[-3000:]
-    # both processes stopped on it with status 2 (torchrun then prints its own summary of that); neither crashed
-    assert result.stderr.count("exitcode  : 2 ") == 2, result.stderr[-3000:]
+    assert result.stderr.count("embedded, prompt 2: Prompt is too long") == 1, result.stderr[-3000:]
+    # the processes stopped on it with status 2 (torchrun then stops any still exiting, and prints its own summary
+    # of that); none crashed
+    assert "exitcode  : 2 " in result.stderr and "exitcode  : 1 " not in result.stderr, result.stderr[-3000:]
     assert f'File "{ROOT / "studio"}' not in result.stderr and "[rank" not in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out" / "images").exists()
 
