@@ -24,6 +24,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+from components.arena import build_arena_tab
 from components.compare import build_compare_tab
 from components.inpaint import build_inpaint_tab, editor_with_background
 from components.running import JobRunner, user_error
@@ -31,6 +32,7 @@ from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
 from components.upscale import build_upscale_tab
 from studio import __version__
+from studio.arena import Arena, load_contestants
 from studio.devices import (
     default_device_budget,
     default_dtype,
@@ -54,6 +56,7 @@ from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import RateLimiter
 from studio.upscalers import UPSCALER, ReleaseFiles, UpscalerCatalog, UpscalerLoader, load_upscalers, upscaler_key
 from studio.upscaling import UpscaleLimits, Upscaling
+from studio.votes import default_votes_url, open_store
 
 log = logging.getLogger("studio")
 
@@ -68,6 +71,7 @@ CSS = """
 #compare-grid .thumbnail-lg { max-height: 470px; margin: 0 auto; }
 #compare-grid img, #compare-cells img, #compare-slider img { image-rendering: pixelated; }
 .history-gallery img { image-rendering: pixelated; }
+.arena-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 .history-gallery .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; grid-auto-rows: 112px; }
 .history-gallery .thumbnail-item { width: 112px; height: 112px; max-height: 112px; }
 .history-gallery .caption-label { display: none; }
@@ -101,6 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="jobs in flight at once; they take turns on the device between images (default 4)")
     parser.add_argument("--rate-limit", type=int, default=None,
                         help=f"jobs per minute per visitor (default: none; {PUBLIC_RATE_LIMIT} in --public mode)")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("DIFFUSION_STUDIO_DATA", "data")),
+                        help="where the Arena's votes are kept (default ./data; on a Space with persistent storage "
+                        "use /data)")
+    parser.add_argument("--votes-db", help="the Arena's votes database: a SQLite file (default: arena-votes.sqlite3 "
+                        "in --data-dir) or postgresql://user:password@host/db for a Space with several replicas")
     parser.add_argument("--preload", nargs="*", default=None,
                         help="presets to load at start (ZeroGPU loads every offered preset at start anyway)")
     return parser.parse_args(argv)
@@ -115,6 +124,7 @@ class Studio:
     inpainter: Inpainter
     upscaling: Upscaling
     comparison: Comparison
+    arena: Arena
     runner: JobRunner
 
 
@@ -172,6 +182,8 @@ def build_studio(args: argparse.Namespace) -> Studio:
             log.warning("could not preload the CLIP scorer: %s", str(error).splitlines()[0])
             clip = None
     comparison = Comparison(text_to_image, clip, CompareLimits.public() if args.public else CompareLimits())
+    arena = Arena(text_to_image, open_store(args.votes_db or default_votes_url(args.data_dir)), load_contestants(),
+                  clip)
     rate_limit = args.rate_limit or (PUBLIC_RATE_LIMIT if args.public else None)
     runner = JobRunner(
         board=JobBoard(),  # shared memory for Stop and progress: made before ZeroGPU forks its GPU worker
@@ -180,7 +192,7 @@ def build_studio(args: argparse.Namespace) -> Studio:
         concurrency=args.concurrency,
     )
     return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, upscaling=upscaling,
-                  comparison=comparison, runner=runner)
+                  comparison=comparison, arena=arena, runner=runner)
 
 
 EMBEDDED_CLIP = Path(__file__).resolve().parent / "models" / "embedded-clip"
@@ -294,8 +306,12 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 upscale_tab = build_upscale_tab(studio.upscaling, studio.runner)
             with gr.Tab("Compare", id="compare", elem_id="compare-tab"):
                 compare_tab = build_compare_tab(studio.comparison, studio.runner)
+            with gr.Tab("Arena", id="arena", elem_id="arena-tab"):
+                examples = list(studio.text_to_image.presets.get(studio.text_to_image.presets.default).examples)
+                arena_tab = build_arena_tab(studio.arena, studio.runner, examples)
         build_status_bar(demo, studio.manager, refresh_after=[text_tab.generate_event, inpaint_tab.generate_event,
-                                                             upscale_tab.upscale_event, compare_tab.compare_event])
+                                                             upscale_tab.upscale_event, compare_tab.compare_event,
+                                                             arena_tab.battle_event])
         text_tab.fit_to_preset(demo)
         inpaint_tab.fit_to_preset(demo)
 

@@ -337,6 +337,10 @@ class HubDownloads:
         self._enforce_budget(keep={Path(snapshot).name})
         return snapshot
 
+    def is_offline(self) -> bool:
+        """True when the Hub is not to be asked (HF_HUB_OFFLINE, or no connection as the studio was told)."""
+        return self._offline()
+
     def is_cached(self, request: DownloadRequest) -> bool:
         """True when the cache holds the request's files, read without network: every pattern naming a concrete file
         is there and, when snapshot_download recorded the repo's file list, no file matching a pattern is missing."""

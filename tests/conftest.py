@@ -20,6 +20,14 @@ ARTIFACTS = ROOT / "test-artifacts"
 APP_LOGS: dict[str, Path] = {}  # url -> the log file of the app serving it
 
 
+@pytest.fixture(scope="session", autouse=True)
+def arena_votes_elsewhere(tmp_path_factory):
+    """Studios built in the tests keep their Arena votes in a folder of the test run, not in the checkout's ./data."""
+    os.environ["DIFFUSION_STUDIO_DATA"] = str(tmp_path_factory.mktemp("data"))
+    yield
+    os.environ.pop("DIFFUSION_STUDIO_DATA", None)
+
+
 @pytest.fixture(scope="session")
 def models():
     return DiffusersModels(torch.device("cpu"))
@@ -70,6 +78,8 @@ def start_app(arguments: list[str], folder) -> tuple[str, subprocess.Popen]:
     """The real app (python app.py ...) in a subprocess, as a user starts it; (url, process) once it answers."""
     port = free_port()
     log = folder / "app.log"
+    if "--data-dir" not in arguments and "--votes-db" not in arguments:
+        arguments = [*arguments, "--data-dir", str(folder / "data")]  # the Arena's votes: the test's own
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *arguments], cwd=ROOT, stdout=out,
                                    stderr=subprocess.STDOUT,

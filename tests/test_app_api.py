@@ -33,11 +33,15 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
     assert parameters("/text_to_image") == [*DEFAULTS, "hires_fix", "hires_upscaler", "hires_upscale", "hires_steps",
                                             "denoising_strength"]
     # no timers, no UI glue
-    assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image", "/upscale", "/compare"}
+    assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image", "/upscale", "/compare",
+                                           "/arena_battle", "/arena_vote", "/leaderboard"}
     for endpoint in api["named_endpoints"]:  # only the prompt (and the images) must be given
         required = [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]
                     if not p["parameter_has_default"]]
-        assert required in (["prompt"], ["image", "mask", "prompt"], ["sketch", "prompt"], ["image"]), (endpoint, required)
+        assert required in (["prompt"], ["image", "mask", "prompt"], ["sketch", "prompt"], ["image"],
+                            ["battle_id", "choice"], []), (endpoint, required)
+    assert parameters("/arena_battle") == ["prompt", "seed"]
+    assert parameters("/arena_vote") == ["battle_id", "choice"]
     assert parameters("/compare") == ["prompt", "negative_prompt", "seed", "x_type", "x_values", "y_type", "y_values",
                                       "z_type", "z_values"]
     assert parameters("/upscale") == ["image", "upscaler", "scale", "tile", "denoise_strength", "face_restoration",

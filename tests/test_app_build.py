@@ -32,3 +32,4 @@ def test_the_ui_builds_with_the_named_endpoint():
     demo = app.build_ui(app.build_studio(app.parse_args(["--device", "cpu"])))
     api_names = {fn.api_name for fn in demo.fns.values()}
     assert "text_to_image" in api_names
+    assert {"arena_battle", "arena_vote", "leaderboard"} <= api_names

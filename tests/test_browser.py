@@ -445,3 +445,31 @@ def test_compare_a_2x2_grid_then_two_cells_on_the_slider(page, artifacts):
     assert label.is_visible()
     assert "Left: Sampler: DDIM, Steps: 12 · right: Sampler: DDIM, Steps: 12" not in page.locator("#compare-slider").inner_text()
     page.screenshot(path=str(artifacts / "compare.png"), full_page=True)
+
+
+def test_arena_battle_vote_reveal_and_the_leaderboard_updates(page, artifacts):
+    page.get_by_role("tab", name="Arena").click()
+    tab = page.locator("#arena-tab")
+    tab.get_by_role("button", name="Random prompt").click()
+    assert tab.get_by_label("Prompt", exact=True).input_value()  # one of the examples
+    left_better = tab.get_by_role("button", name="Left is better")
+    assert left_better.is_disabled()  # nothing to vote on yet
+    tab.get_by_role("button", name="New battle").click()
+    page.locator("#arena-left img").wait_for(timeout=90_000)
+    page.locator("#arena-right img").wait_for()
+    page.locator("#arena-reveal").get_by_text("Which is better?").wait_for()
+    assert "embedded-" not in page.locator("#arena-reveal").inner_text()  # the names stay hidden
+    board = page.locator("#arena-leaderboard")
+    battles_before = board.inner_text()
+    left_better.click()
+    page.locator("#arena-reveal").get_by_text("Vote recorded (left)").wait_for(timeout=30_000)
+    revealed = page.locator("#arena-reveal").inner_text()
+    assert "Left: embedded-" in revealed and "Right: embedded-" in revealed
+    page.wait_for_function("() => document.querySelector('#arena-leaderboard').innerText.includes('100%')",
+                           timeout=30_000)  # the winner's win rate: one battle, won
+    assert board.inner_text() != battles_before
+    page.get_by_text("in 1 of 1 battles people decided").or_(page.get_by_text("in 0 of 1 battles")).wait_for()
+    assert left_better.is_disabled()  # one vote per battle
+    image_box = page.locator("#arena-left img").bounding_box()
+    assert image_box["width"] >= 250, image_box  # the 64 px image shown large, not as a thumbnail
+    page.screenshot(path=str(artifacts / "arena.png"), full_page=True)

@@ -1,0 +1,133 @@
+"""The Arena tab: two hidden contestants make one image each for your prompt with the same seed; vote, see who they
+were, and watch the leaderboard (Bradley–Terry scores with 95% intervals) change."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from components.running import JobRunner, session_of, user_error
+from studio.arena import Arena, ArenaPlan
+from studio.errors import StudioError
+from studio.generation import whole
+from studio.leaderboard import CHOICES, CSV_HEADERS, Leaderboard, table_rows, to_csv
+
+TAB = "arena"
+
+
+@dataclass
+class ArenaTab:
+    battle_event: gr.events.Dependency
+
+
+def leaderboard_table(board: Leaderboard) -> dict:
+    return {"headers": list(CSV_HEADERS), "data": table_rows(board)}
+
+
+def win_matrix_table(board: Leaderboard) -> dict:
+    names = [s.name for s in board.standings if s.battles]
+    rows = [[row] + [(f"{board.win_matrix[(row, column)][0]:.0%} of {board.win_matrix[(row, column)][1]}"
+                      if (row, column) in board.win_matrix else "") for column in names] for row in names]
+    return {"headers": ["row beats column"] + names, "data": rows}
+
+
+def clip_agreement_note(board: Leaderboard) -> str:
+    same, decided = board.clip_agreement
+    if not decided:
+        return "CLIP agreement: no decided battle with CLIP scores yet."
+    return (f"**CLIP agreement:** in {same} of {decided} battles people decided ({same / decided:.0%}), the image with "
+            "the higher CLIP score is the one they picked (50% would be chance).")
+
+
+def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> ArenaTab:
+    gr.Markdown("Two contestants (a model with its sampler, steps and CFG) draw your prompt with the same seed; their "
+                "names stay hidden until you vote. Votes build the leaderboard below.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder=examples[0] if examples else "")
+            with gr.Row():
+                seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=2)
+                surprise = gr.Button("Random prompt", scale=1)
+            start = gr.Button("New battle", variant="primary")
+        with gr.Column(scale=7):
+            with gr.Row():
+                left = gr.Image(label="Left", type="pil", format="png", interactive=False, height=320,
+                                elem_id="arena-left", elem_classes="arena-image")
+                right = gr.Image(label="Right", type="pil", format="png", interactive=False, height=320,
+                                 elem_id="arena-right", elem_classes="arena-image")
+            battle_id = gr.Textbox(visible=False)
+            with gr.Row():
+                votes = {choice: gr.Button(label, interactive=False) for choice, label in
+                         zip(CHOICES, ("Left is better", "Right is better", "Tie", "Both are bad"))}
+            reveal = gr.Markdown("", elem_id="arena-reveal")
+    with gr.Accordion("Leaderboard", open=True):
+        board = arena.leaderboard()
+        table = gr.Dataframe(value=leaderboard_table(board), label="Bradley–Terry scores (Elo scale, 95% bootstrap "
+                             "interval); a tie counts half a win", interactive=False, elem_id="arena-leaderboard")
+        agreement = gr.Markdown(clip_agreement_note(board))
+        matrix = gr.Dataframe(value=win_matrix_table(board), label="Win rate of each row against each column",
+                              interactive=False)
+        with gr.Row():
+            refresh = gr.Button("Refresh", scale=1)
+            download = gr.DownloadButton("Download CSV", scale=1)
+
+    on_device = runner.device_function(arena, ArenaPlan)
+
+    def battle(prompt, seed, request: gr.Request, progress=gr.Progress()):
+        """Two hidden contestants make one image each for `prompt` with the same `seed` (-1: random). Returns the
+        battle id (vote with it through /arena_vote) and the left and right images."""
+        session = session_of(request)
+        plan, images = runner.run_job(TAB, request, progress, arena,
+                                      lambda: arena.plan(session, prompt or "", whole(seed) if seed is not None else -1),
+                                      on_device, "Cannot start the battle")
+        made = arena.record(session, plan, images)
+        return made.battle_id, made.left, made.right
+
+    def arena_vote(battle_id: str, choice: str, request: gr.Request) -> str:
+        """Your vote on the battle `battle_id`: "left", "right", "tie" or "both bad". Returns who the two
+        contestants were, once the vote is stored durably."""
+        try:
+            revealed = arena.vote(session_of(request), battle_id or "", choice)
+        except StudioError as error:
+            raise user_error(error, "Vote not recorded") from None
+        return (f"Vote recorded ({choice}). **Left:** {revealed.left} · **Right:** {revealed.right}. "
+                "Start a new battle for the next vote.")
+
+    def leaderboard() -> dict:
+        """The leaderboard: each contestant's Bradley–Terry score on an Elo scale with its 95% interval, battles,
+        wins, ties and win rate ({"headers", "data"})."""
+        return leaderboard_table(arena.leaderboard())
+
+    def refreshed():
+        current = arena.leaderboard()
+        path = Path(tempfile.mkdtemp(prefix="arena-")) / "arena-leaderboard.csv"
+        path.write_text(to_csv(current))
+        return leaderboard_table(current), clip_agreement_note(current), win_matrix_table(current), str(path)
+
+    def voter(choice: str):
+        def on_click(battle_id, request: gr.Request):
+            return arena_vote(battle_id, choice, request)
+        return on_click
+
+    board_outputs = [table, agreement, matrix, download]
+    surprise.click(lambda: random.choice(examples) if examples else "", None, prompt, api_visibility="private",
+                   queue=False)
+    battle_event = start.click(battle, [prompt, seed], [battle_id, left, right], api_name="arena_battle",
+                               concurrency_id="gpu", concurrency_limit=runner.concurrency)
+    battle_event.success(lambda: ["Which is better? Vote to see who made them.",
+                                  *[gr.Button(interactive=True) for _ in CHOICES]], None, [reveal, *votes.values()],
+                         api_visibility="private", queue=False)
+    for choice, button in votes.items():
+        # queued (not on the GPU), so that a refusal shows as a toast; the buttons are disabled once it is recorded
+        button.click(voter(choice), battle_id, reveal, api_visibility="private", concurrency_limit=None).success(
+            lambda: [gr.Button(interactive=False) for _ in CHOICES], None, list(votes.values()),
+            api_visibility="private", queue=False).then(refreshed, None, board_outputs, api_visibility="private",
+                                                        concurrency_limit=None)
+    refresh.click(refreshed, None, board_outputs, api_visibility="private", concurrency_limit=None)
+    gr.api(arena_vote, api_name="arena_vote", concurrency_limit=None)
+    gr.api(leaderboard, api_name="leaderboard", concurrency_limit=None)
+    return ArenaTab(battle_event)
