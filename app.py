@@ -108,8 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("DIFFUSION_STUDIO_DATA", "data")),
                         help="where the Arena's votes are kept (default ./data; on a Space with persistent storage "
                         "use /data)")
-    parser.add_argument("--votes-db", help="the Arena's votes database: a SQLite file (default: arena-votes.sqlite3 "
-                        "in --data-dir) or postgresql://user:password@host/db for a Space with several replicas")
+    parser.add_argument("--votes-db", default=os.environ.get("DIFFUSION_STUDIO_VOTES_DB"),
+                        help="the Arena's votes database: a SQLite file (default: arena-votes.sqlite3 in --data-dir) "
+                        "or postgresql://user:password@host/db for a Space with several replicas (also set by the "
+                        "environment variable DIFFUSION_STUDIO_VOTES_DB, e.g. a Space secret)")
     parser.add_argument("--preload", nargs="*", default=None,
                         help="presets to load at start (ZeroGPU loads every offered preset at start anyway)")
     return parser.parse_args(argv)

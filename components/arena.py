@@ -35,6 +35,14 @@ def win_matrix_table(board: Leaderboard) -> dict:
     return {"headers": ["row beats column"] + names, "data": rows}
 
 
+def leaderboard_csv(board: Leaderboard) -> str:
+    """The board as a CSV file for the download button (one per process, rewritten: the board is everyone's)."""
+    path = Path(tempfile.gettempdir()) / "diffusion-studio-arena" / "arena-leaderboard.csv"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(to_csv(board))
+    return str(path)
+
+
 def clip_agreement_note(board: Leaderboard) -> str:
     same, decided = board.clip_agreement
     if not decided:
@@ -52,7 +60,9 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
             with gr.Row():
                 seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=2)
                 surprise = gr.Button("Random prompt", scale=1)
-            start = gr.Button("New battle", variant="primary")
+            with gr.Row():
+                start = gr.Button("New battle", variant="primary", scale=3)
+                stop = gr.Button("Stop", variant="stop", scale=1)
         with gr.Column(scale=7):
             with gr.Row():
                 left = gr.Image(label="Left", type="pil", format="png", interactive=False, height=320,
@@ -65,17 +75,26 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
                          zip(CHOICES, ("Left is better", "Right is better", "Tie", "Both are bad"))}
             reveal = gr.Markdown("", elem_id="arena-reveal")
     with gr.Accordion("Leaderboard", open=True):
-        board = arena.leaderboard()
-        table = gr.Dataframe(value=leaderboard_table(board), label="Bradley–Terry scores (Elo scale, 95% bootstrap "
-                             "interval); a tie counts half a win", interactive=False, elem_id="arena-leaderboard")
-        agreement = gr.Markdown(clip_agreement_note(board))
-        matrix = gr.Dataframe(value=win_matrix_table(board), label="Win rate of each row against each column",
-                              interactive=False)
+        # callables: computed when each page loads, not once when the server starts
+        table = gr.Dataframe(value=lambda: leaderboard_table(arena.leaderboard()),
+                             label="Bradley–Terry scores (Elo scale, 95% bootstrap interval); a tie counts half a "
+                             "win; scores from fewer than 10 battles are provisional", interactive=False,
+                             elem_id="arena-leaderboard")
+        agreement = gr.Markdown(lambda: clip_agreement_note(arena.leaderboard()))
+        matrix = gr.Dataframe(value=lambda: win_matrix_table(arena.leaderboard()),
+                              label="Win rate of each row against each column", interactive=False)
         with gr.Row():
             refresh = gr.Button("Refresh", scale=1)
-            download = gr.DownloadButton("Download CSV", scale=1)
+            download = gr.DownloadButton("Download CSV", value=lambda: leaderboard_csv(arena.leaderboard()), scale=1)
 
     on_device = runner.device_function(arena, ArenaPlan)
+
+    def check(prompt, request: gr.Request):
+        """Instant feedback before the battle waits in the GPU queue; it then counts as waiting (Stop reaches it)."""
+        if not (prompt or "").strip():
+            raise gr.Error("Enter a prompt (or take a random one) to start a battle.", title="Cannot start the battle",
+                           print_exception=False)
+        runner.submitted(request, TAB)
 
     def battle(prompt, seed, request: gr.Request, progress=gr.Progress()):
         """Two hidden contestants make one image each for `prompt` with the same `seed` (-1: random). Returns the
@@ -104,9 +123,8 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
 
     def refreshed():
         current = arena.leaderboard()
-        path = Path(tempfile.mkdtemp(prefix="arena-")) / "arena-leaderboard.csv"
-        path.write_text(to_csv(current))
-        return leaderboard_table(current), clip_agreement_note(current), win_matrix_table(current), str(path)
+        return (leaderboard_table(current), clip_agreement_note(current), win_matrix_table(current),
+                leaderboard_csv(current))
 
     def voter(choice: str):
         def on_click(battle_id, request: gr.Request):
@@ -114,10 +132,14 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
         return on_click
 
     board_outputs = [table, agreement, matrix, download]
+    one_fit = dict(concurrency_id="arena-leaderboard", concurrency_limit=1)  # a refit takes seconds with many votes
     surprise.click(lambda: random.choice(examples) if examples else "", None, prompt, api_visibility="private",
                    queue=False)
-    battle_event = start.click(battle, [prompt, seed], [battle_id, left, right], api_name="arena_battle",
-                               concurrency_id="gpu", concurrency_limit=runner.concurrency)
+    battle_event = start.click(check, prompt, None, api_visibility="private", concurrency_limit=None,
+                               show_progress="hidden").success(
+        battle, [prompt, seed], [battle_id, left, right], api_name="arena_battle", concurrency_id="gpu",
+        concurrency_limit=runner.concurrency)
+    runner.wire_stop(stop, TAB)
     battle_event.success(lambda: ["Which is better? Vote to see who made them.",
                                   *[gr.Button(interactive=True) for _ in CHOICES]], None, [reveal, *votes.values()],
                          api_visibility="private", queue=False)
@@ -126,8 +148,8 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
         button.click(voter(choice), battle_id, reveal, api_visibility="private", concurrency_limit=None).success(
             lambda: [gr.Button(interactive=False) for _ in CHOICES], None, list(votes.values()),
             api_visibility="private", queue=False).then(refreshed, None, board_outputs, api_visibility="private",
-                                                        concurrency_limit=None)
-    refresh.click(refreshed, None, board_outputs, api_visibility="private", concurrency_limit=None)
+                                                        **one_fit)
+    refresh.click(refreshed, None, board_outputs, api_visibility="private", **one_fit)
     gr.api(arena_vote, api_name="arena_vote", concurrency_limit=None)
-    gr.api(leaderboard, api_name="leaderboard", concurrency_limit=None)
+    gr.api(leaderboard, api_name="leaderboard", **one_fit)
     return ArenaTab(battle_event)

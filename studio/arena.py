@@ -5,14 +5,16 @@ A contestant is a configuration listed in presets/arena.yaml: a model preset wit
 Only contestants whose preset this server offers and whose files are here (or can be fetched) are drawn, so the
 arena also runs offline on the embedded model's configurations.
 
-Battle ids are unguessable (secrets.token_urlsafe) and bound to the session that got them, in this process's memory:
-a vote for an unknown, foreign or already voted battle is refused with a message. Battles and votes are stored by a
-VoteStore (studio/votes.py); a vote is acknowledged only after it is durable.
+Battle ids are unguessable (secrets.token_urlsafe) and bound to the session that got them (the store keeps a hash of
+its id, so the binding holds across restarts and replicas): a vote for an unknown, foreign or already voted battle
+is refused with a message. Battles and votes are stored by a VoteStore (studio/votes.py); a vote is acknowledged
+only after it is durable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import threading
 from collections.abc import Iterator
@@ -30,11 +32,12 @@ from .leaderboard import CHOICES, Leaderboard, leaderboard
 from .metrics import ClipScorer
 from .presets import PRESETS_DIR
 from .sessions import RateLimiter
-from .votes import StoredBattle, VoteStore
+from .votes import StoredBattle, VoteStore, owner_of
+
+log = logging.getLogger(__name__)
 
 BATTLES_PER_MINUTE = 10
 VOTES_PER_MINUTE = 20
-PENDING_BATTLES_KEPT = 10_000  # the oldest unvoted battles are forgotten beyond this (their votes are then refused)
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,14 @@ class Arena:
         self.store = store
         self.clip = clip
         self.contestants = [c for c in contestants if self._can_run(c)]
-        self.battle_limit = battle_limit or RateLimiter(BATTLES_PER_MINUTE)
-        self.vote_limit = vote_limit or RateLimiter(VOTES_PER_MINUTE)
+        self.battle_limit = battle_limit or RateLimiter(BATTLES_PER_MINUTE, done="started {} battles")
+        self.vote_limit = vote_limit or RateLimiter(VOTES_PER_MINUTE, done="cast {} votes")
         self.rng = rng or secrets.SystemRandom()
-        self._owners: dict[str, str] = {}  # pending battle id -> the session that got it
-        self._lock = threading.Lock()
+        self._board: tuple[int, Leaderboard] | None = None  # (votes it counts, the board): refitted when votes change
+        self._board_lock = threading.Lock()
+        skipped = [c.name for c in contestants if c not in self.contestants]
+        log.info("Arena: %d of %d contestants can run here%s", len(self.contestants), len(contestants),
+                 f" (not drawn: {', '.join(skipped)})" if skipped else "")
 
     def _can_run(self, contestant: Contestant) -> bool:
         """Its preset is offered here, its settings pass the checks, and its model files are here or can be had."""
@@ -191,11 +197,8 @@ class Arena:
         """The battle stored and bound to the session that started it; its id is unguessable."""
         battle_id = secrets.token_urlsafe(24)
         self.store.add_battle(StoredBattle(battle_id, plan.prompt, plan.seed, plan.left.name, plan.left.settings(),
-                                           plan.right.name, plan.right.settings(), *images.clip_scores))
-        with self._lock:
-            self._owners[battle_id] = session
-            while len(self._owners) > PENDING_BATTLES_KEPT:
-                self._owners.pop(next(iter(self._owners)))
+                                           plan.right.name, plan.right.settings(), *images.clip_scores,
+                                           owner=owner_of(session)))
         return BattleImages(battle_id, images.left, images.right, plan.seed)
 
     def battle(self, session: str, prompt: str, seed: int = -1) -> BattleImages:
@@ -208,21 +211,24 @@ class Arena:
         """Record the vote (durably) and reveal the names; refuse unknown, foreign and repeated votes."""
         if choice not in CHOICES:
             raise InvalidRequest([f"Choose one of {', '.join(CHOICES)} (got {choice!r})."])
+        if not isinstance(battle_id, str) or not battle_id:
+            raise InvalidRequest(["Give the battle id that /arena_battle returned."])
         self.vote_limit.check(session)
-        with self._lock:
-            owner = self._owners.get(battle_id)
-            if owner is None:
-                stored = self.store.battle(battle_id) if battle_id else None
-                if stored is not None and stored.choice is not None:
-                    raise InvalidRequest(["This battle has a vote already: start a new battle."])
+        if not self.store.vote(battle_id, choice, owner_of(session)):
+            stored = self.store.battle(battle_id)
+            if stored is None:
                 raise InvalidRequest(["Unknown battle: start a new battle, then vote on it."])
-            if owner != session:
+            if stored.owner != owner_of(session):
                 raise InvalidRequest(["This battle belongs to another visitor: start a battle of your own."])
-            if not self.store.vote(battle_id, choice):
-                raise InvalidRequest(["This battle has a vote already: start a new battle."])
-            del self._owners[battle_id]
+            raise InvalidRequest(["This battle has a vote already: start a new battle."])
         stored = self.store.battle(battle_id)
         return Reveal(stored.left_name, stored.right_name, choice, stored.left_settings, stored.right_settings)
 
     def leaderboard(self) -> Leaderboard:
-        return leaderboard([b.as_battle() for b in self.store.voted_battles()], [c.name for c in self.contestants])
+        """The board, refitted only when the number of votes has changed (a refit bootstraps 200 fits)."""
+        with self._board_lock:
+            count = self.store.vote_count()
+            if self._board is None or self._board[0] != count:
+                battles = [b.as_battle() for b in self.store.voted_battles()]
+                self._board = (len(battles), leaderboard(battles, [c.name for c in self.contestants]))
+            return self._board[1]

@@ -2,9 +2,11 @@
 
 Each battle is a row of a logistic regression, P(left beats right) = σ(β_left − β_right); a tie (or "both bad") counts
 as half a win for each side, as Chatbot Arena counts ties. The scores are put on an Elo-like scale
-(1000 + 400·β/ln 10, centred so that the contestants' mean is 1000: 100 points more means winning 64% of the time).
-A very weak Gaussian prior (ridge) keeps a contestant that has won or lost every battle finite. The 95% intervals
-are a percentile bootstrap over battles (refitted on battles drawn with replacement, with a fixed seed).
+(400·β/ln 10, centred so that the mean over battles fought is 1000: 100 points more means winning 64% of the time).
+A weak Gaussian prior on β (ridge 0.05: a standard deviation of about 550 points) keeps a contestant that has won
+or lost every battle finite. The 95% intervals are a percentile bootstrap over battles (refitted on battles drawn
+with replacement, with a fixed seed; a resample without a contestant's battles says nothing about it and is left
+out of its interval). A contestant with fewer than PROVISIONAL_BATTLES battles is marked provisional.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ LEFT, RIGHT, TIE, BOTH_BAD = "left", "right", "tie", "both bad"
 CHOICES = (LEFT, RIGHT, TIE, BOTH_BAD)
 ELO_SCALE = 400 / math.log(10)
 ELO_CENTRE = 1000.0
-RIDGE = 1e-3  # on β in natural log-odds: a prior far weaker than any battle
+RIDGE = 0.05  # on β in natural log-odds: a Gaussian prior with variance 10, weaker than a handful of battles
+PROVISIONAL_BATTLES = 10
 BOOTSTRAP_ROUNDS = 200
 BOOTSTRAP_SEED = 0
 
@@ -81,9 +84,19 @@ def fit_scores(battles: Sequence[Battle], names: Sequence[str]) -> np.ndarray:
     return result.x
 
 
-def elo(beta: np.ndarray) -> np.ndarray:
+def elo(beta: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Elo-like scores, centred on the battle-weighted mean: a contestant with three battles cannot move the rest."""
     scores = ELO_SCALE * beta
-    return scores - scores.mean() + ELO_CENTRE
+    return scores - np.average(scores, weights=weights) + ELO_CENTRE
+
+
+def battle_counts(battles: Sequence[Battle], names: Sequence[str]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(names)}
+    counts = np.zeros(len(names))
+    for b in battles:
+        counts[index[b.left]] += 1
+        counts[index[b.right]] += 1
+    return counts
 
 
 def leaderboard(battles: Sequence[Battle], contestants: Sequence[str], rounds: int = BOOTSTRAP_ROUNDS,
@@ -95,13 +108,17 @@ def leaderboard(battles: Sequence[Battle], contestants: Sequence[str], rounds: i
     voted = sorted({b.left for b in battles} | {b.right for b in battles})
     scores, low, high = {}, {}, {}
     if voted:
-        point = elo(fit_scores(battles, voted))
+        point = elo(fit_scores(battles, voted), battle_counts(battles, voted))
         rng = np.random.default_rng(seed)
-        samples = np.array([elo(fit_scores([battles[i] for i in rng.integers(0, len(battles), len(battles))], voted))
-                            for _ in range(rounds)])
+        samples = np.full((rounds, len(voted)), np.nan)
+        for row in range(rounds):
+            resample = [battles[i] for i in rng.integers(0, len(battles), len(battles))]
+            counts = battle_counts(resample, voted)
+            scored = elo(fit_scores(resample, voted), counts)
+            samples[row, counts > 0] = scored[counts > 0]  # absent from this resample: no evidence about it
         for i, name in enumerate(voted):
             scores[name] = float(point[i])
-            low[name], high[name] = (float(v) for v in np.percentile(samples[:, i], [2.5, 97.5]))
+            low[name], high[name] = (float(v) for v in np.nanpercentile(samples[:, i], [2.5, 97.5]))
     standings = []
     for name in dict.fromkeys([*contestants, *voted]):
         mine = [b for b in battles if name in (b.left, b.right)]
@@ -133,7 +150,7 @@ def clip_agreement(battles: Sequence[Battle]) -> tuple[int, int]:
     return same, len(decided)
 
 
-CSV_HEADERS = ("rank", "contestant", "score", "95% low", "95% high", "battles", "wins", "ties", "win rate")
+CSV_HEADERS = ("rank", "contestant", "score", "95% low", "95% high", "battles", "wins", "ties", "win rate", "note")
 
 
 def table_rows(board: Leaderboard) -> list[list]:
@@ -144,7 +161,10 @@ def table_rows(board: Leaderboard) -> list[list]:
         rows.append([rank if scored else "", standing.name,
                      round(standing.score) if scored else "", round(standing.low) if scored else "",
                      round(standing.high) if scored else "", standing.battles, standing.wins, standing.ties,
-                     f"{standing.win_rate:.0%}" if standing.win_rate is not None else ""])
+                     f"{standing.win_rate:.0%}" if standing.win_rate is not None else "",
+                     "no votes yet" if not standing.battles else
+                     f"provisional: fewer than {PROVISIONAL_BATTLES} battles" if standing.battles < PROVISIONAL_BATTLES
+                     else ""])
     return rows
 
 
@@ -162,6 +182,7 @@ def to_csv(board: Leaderboard) -> str:
 def main(argv: list[str] | None = None) -> int:
     """python -m studio.leaderboard [--votes-db URL | --data-dir DIR] [--csv]"""
     import argparse
+    import os
     import sys
     from pathlib import Path
 
@@ -169,18 +190,24 @@ def main(argv: list[str] | None = None) -> int:
     from .votes import default_votes_url, open_store
 
     parser = argparse.ArgumentParser(prog="python -m studio.leaderboard", description="The Arena's leaderboard.")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="the server's --data-dir (default ./data)")
-    parser.add_argument("--votes-db", help="the server's --votes-db, if it was given (a file or postgresql://…)")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("DIFFUSION_STUDIO_DATA", "data")),
+                        help="the server's --data-dir (default ./data, or $DIFFUSION_STUDIO_DATA)")
+    parser.add_argument("--votes-db", default=os.environ.get("DIFFUSION_STUDIO_VOTES_DB"),
+                        help="the server's --votes-db, if it was given (a file or postgresql://…)")
     parser.add_argument("--csv", action="store_true", help="CSV on stdout instead of a table")
     args = parser.parse_args(argv)
     url = args.votes_db or default_votes_url(args.data_dir)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
-        print(f"No votes yet: {url[len('sqlite:///'):]} does not exist (give the server's --data-dir or --votes-db).",
-              file=sys.stderr)
-        return 1
+    if "://" not in url or url.startswith("sqlite:///"):  # a file: read it only if it is there (opening makes one)
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            print(f"No votes yet: {path} does not exist (give the server's --data-dir or --votes-db).",
+                  file=sys.stderr)
+            return 1
     store = open_store(url)
-    board = leaderboard([b.as_battle() for b in store.voted_battles()], [c.name for c in load_contestants()])
-    store.close()
+    try:
+        board = leaderboard([b.as_battle() for b in store.voted_battles()], [c.name for c in load_contestants()])
+    finally:
+        store.close()
     if args.csv:
         print(to_csv(board), end="")
         return 0

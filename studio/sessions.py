@@ -13,8 +13,9 @@ from .errors import InvalidRequest
 class RateLimiter:
     """At most `limit` jobs per `window_seconds` for each session. Gradio has no per-user limiter of its own."""
 
-    def __init__(self, limit: int, window_seconds: float = 60.0, clock=time.monotonic):
+    def __init__(self, limit: int, window_seconds: float = 60.0, clock=time.monotonic, done: str = "started {} jobs"):
         self.limit = limit
+        self.done = done  # what the visitor did, for the message: "cast {} votes"
         self.window = window_seconds
         self.clock = clock
         self._starts: dict[str, deque[float]] = {}
@@ -30,8 +31,8 @@ class RateLimiter:
                 starts.popleft()
             if len(starts) >= self.limit:
                 wait = max(1, math.ceil(self.window - (now - starts[0])))
-                raise InvalidRequest([f"You have started {len(starts)} jobs in the last {self.window:g} seconds, the "
-                                      f"most this public demo allows. Try again in {wait} s."])
+                raise InvalidRequest([f"You have {self.done.format(len(starts))} in the last {self.window:g} seconds, "
+                                      f"the most this demo allows. Try again in {wait} s."])
             starts.append(now)
 
     def _forget_idle_sessions(self, now: float) -> None:

@@ -1,10 +1,11 @@
 """Where the Arena keeps its battles and votes: SQLite by default, PostgreSQL for a Space with several replicas.
 
 A vote is acknowledged only once its transaction is durable: SQLite in WAL mode with synchronous=FULL (the commit
-returns after the log is fsynced), PostgreSQL with its default synchronous_commit. A battle is stored when it is
-made (prompt, seed, both contestants and their settings, the two images' CLIP scores), and its vote fills it in
-once: `UPDATE … WHERE choice IS NULL`, so a second vote for the same battle changes nothing, whichever replica
-takes it. Nothing about the visitor is stored.
+returns after the log is fsynced), PostgreSQL with synchronous_commit on. A battle is stored when it is made
+(prompt, seed, both contestants and their settings, the two images' CLIP scores, and the owner: a SHA-256 of the
+random session id that started it, so that only that session can vote, whichever replica or restart takes the
+vote); its vote fills it in once: `UPDATE … WHERE id = ? AND owner = ? AND choice IS NULL`. Nothing else about the
+visitor is stored.
 
     store = open_store("sqlite:///data/arena.sqlite3")      # or a plain path
     store = open_store("postgresql://user:pass@host/arena")
@@ -12,6 +13,7 @@ takes it. Nothing about the visitor is stored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from abc import ABC, abstractmethod
@@ -34,6 +36,7 @@ CREATE TABLE IF NOT EXISTS battles (
     right_settings TEXT NOT NULL,
     clip_left REAL,
     clip_right REAL,
+    owner TEXT NOT NULL DEFAULT '',
     choice TEXT,
     voted REAL
 )
@@ -53,6 +56,7 @@ class StoredBattle:
     clip_left: float | None = None
     clip_right: float | None = None
     choice: str | None = None
+    owner: str = ""  # owner_of(session) of the session that started it
 
     def as_battle(self) -> Battle:
         return Battle(self.left_name, self.right_name, self.choice, self.clip_left, self.clip_right)
@@ -66,29 +70,33 @@ class VoteStore(ABC):
     def add_battle(self, battle: StoredBattle) -> None:
         self._execute(
             f"INSERT INTO battles (id, created, prompt, seed, left_name, left_settings, right_name, right_settings, "
-            f"clip_left, clip_right) VALUES ({', '.join([self.placeholder] * 10)})",
+            f"clip_left, clip_right, owner) VALUES ({', '.join([self.placeholder] * 11)})",
             (battle.id, time.time(), battle.prompt, battle.seed, battle.left_name, json.dumps(battle.left_settings),
-             battle.right_name, json.dumps(battle.right_settings), battle.clip_left, battle.clip_right))
+             battle.right_name, json.dumps(battle.right_settings), battle.clip_left, battle.clip_right, battle.owner))
 
-    def vote(self, battle_id: str, choice: str) -> bool:
-        """Record the choice, durably, once: True if this call recorded it, False if the battle is unknown or was
-        voted on already."""
+    def vote(self, battle_id: str, choice: str, owner: str = "") -> bool:
+        """Record the choice, durably, once, if `owner` started the battle: True if this call recorded it; False if
+        the battle is unknown, someone else's or voted on already (`battle()` tells which)."""
         if choice not in CHOICES:
             raise ValueError(f"unknown choice {choice!r}")
         p = self.placeholder
-        return self._execute(f"UPDATE battles SET choice = {p}, voted = {p} WHERE id = {p} AND choice IS NULL",
-                             (choice, time.time(), battle_id)) == 1
+        return self._execute(f"UPDATE battles SET choice = {p}, voted = {p} WHERE id = {p} AND owner = {p} "
+                             f"AND choice IS NULL", (choice, time.time(), battle_id, owner)) == 1
 
     def battle(self, battle_id: str) -> StoredBattle | None:
         rows = self._query(f"SELECT id, prompt, seed, left_name, left_settings, right_name, right_settings, clip_left, "
-                           f"clip_right, choice FROM battles WHERE id = {self.placeholder}", (battle_id,))
+                           f"clip_right, choice, owner FROM battles WHERE id = {self.placeholder}", (battle_id,))
         return _stored(rows[0]) if rows else None
 
     def voted_battles(self) -> list[StoredBattle]:
         """Every battle with a vote, oldest vote first."""
         return [_stored(row) for row in self._query(
             "SELECT id, prompt, seed, left_name, left_settings, right_name, right_settings, clip_left, clip_right, "
-            "choice FROM battles WHERE choice IS NOT NULL ORDER BY voted, id", ())]
+            "choice, owner FROM battles WHERE choice IS NOT NULL ORDER BY voted, id", ())]
+
+    def vote_count(self) -> int:
+        """How many battles have a vote (cheap: the leaderboard is refitted only when it changes)."""
+        return int(self._query("SELECT COUNT(*) FROM battles WHERE choice IS NOT NULL", ())[0][0])
 
     @abstractmethod
     def _execute(self, sql: str, parameters: tuple) -> int:
@@ -105,9 +113,14 @@ class VoteStore(ABC):
 
 def _stored(row: tuple) -> StoredBattle:
     (battle_id, prompt, seed, left_name, left_settings, right_name, right_settings, clip_left, clip_right,
-     choice) = row
+     choice, owner) = row
     return StoredBattle(battle_id, prompt, int(seed), left_name, json.loads(left_settings), right_name,
-                        json.loads(right_settings), clip_left, clip_right, choice)
+                        json.loads(right_settings), clip_left, clip_right, choice, owner)
+
+
+def owner_of(session: str) -> str:
+    """What is stored of a session: a SHA-256 of gradio's random session id (not the visitor)."""
+    return hashlib.sha256(session.encode()).hexdigest()
 
 
 class SQLiteStore(VoteStore):
@@ -130,10 +143,11 @@ class SQLiteStore(VoteStore):
             self._connection.execute("BEGIN IMMEDIATE")
             try:
                 count = self._connection.execute(sql, parameters).rowcount
+                self._connection.execute("COMMIT")
             except BaseException:
-                self._connection.execute("ROLLBACK")
+                if self._connection.in_transaction:  # a failed COMMIT (e.g. busy) leaves it open
+                    self._connection.execute("ROLLBACK")
                 raise
-            self._connection.execute("COMMIT")
             return count
 
     def _query(self, sql: str, parameters: tuple) -> list[tuple]:
@@ -146,26 +160,48 @@ class SQLiteStore(VoteStore):
 
 
 class PostgresStore(VoteStore):
-    """psycopg 3; a connection per call from a small pool would be the next step for heavy traffic, one
-    connection under a lock serves a Space's vote rate."""
+    """psycopg 3, one connection under a lock (a Space's vote rate needs no pool), in autocommit mode with explicit
+    transactions; synchronous_commit is set on for this connection, whatever the server's default. A broken
+    connection (a server restart, an idle timeout) is opened again once before giving up."""
 
     placeholder = "%s"
 
     def __init__(self, url: str):
+        self.url = url
+        self._lock = threading.Lock()
+        self._connection = self._connect()
+        with self._connection.transaction():
+            # replicas starting together must not race on CREATE TABLE IF NOT EXISTS
+            self._connection.execute("SELECT pg_advisory_xact_lock(724518)")
+            self._connection.execute(POSTGRES_SCHEMA)
+            self._connection.execute("ALTER TABLE battles ADD COLUMN IF NOT EXISTS owner TEXT NOT NULL DEFAULT ''")
+
+    def _connect(self):
         import psycopg
 
-        self._lock = threading.Lock()
-        self._connection = psycopg.connect(url, autocommit=False)
-        with self._connection.transaction():
-            self._connection.execute(POSTGRES_SCHEMA)
+        connection = psycopg.connect(self.url, autocommit=True)
+        connection.execute("SET synchronous_commit = on")
+        return connection
+
+    def _run(self, work):
+        import psycopg
+
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    with self._connection.transaction():  # committed (and durable) when the block ends
+                        return work(self._connection)
+                except psycopg.OperationalError:
+                    if attempt == 2:
+                        raise
+                    self._connection.close()
+                    self._connection = self._connect()
 
     def _execute(self, sql: str, parameters: tuple) -> int:
-        with self._lock, self._connection.transaction():  # committed (and durable) when the block ends
-            return self._connection.execute(sql, parameters).rowcount
+        return self._run(lambda connection: connection.execute(sql, parameters).rowcount)
 
     def _query(self, sql: str, parameters: tuple) -> list[tuple]:
-        with self._lock, self._connection.transaction():
-            return self._connection.execute(sql, parameters).fetchall()
+        return self._run(lambda connection: connection.execute(sql, parameters).fetchall())
 
     def close(self) -> None:
         with self._lock:

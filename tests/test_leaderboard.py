@@ -95,7 +95,20 @@ def test_the_command_line_prints_the_leaderboard_from_the_store(tmp_path, capsys
     store.close()
     assert main(["--data-dir", str(tmp_path), "--csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "rank,contestant,score,95% low,95% high,battles,wins,ties,win rate"
-    assert lines[1].startswith("1,embedded-20-steps,") and lines[1].endswith(",4,2,1,62%")
+    assert lines[0] == "rank,contestant,score,95% low,95% high,battles,wins,ties,win rate,note"
+    assert lines[1].startswith("1,embedded-20-steps,")
+    assert lines[1].endswith(",4,2,1,62%,provisional: fewer than 10 battles")
     assert main(["--data-dir", str(tmp_path)]) == 0
     assert "CLIP picks the humans' winner in 2 of 3 decided battles" in capsys.readouterr().out
+
+
+def test_a_newcomer_with_three_lost_battles_does_not_move_the_others():
+    battles = synthetic_battles(400, np.random.default_rng(5))
+    before = {s.name: s for s in leaderboard(battles, list(TRUE_ELO), rounds=60).standings}
+    after = {s.name: s for s in leaderboard(battles + [Battle("e", "a", RIGHT)] * 3, [*TRUE_ELO, "e"],
+                                            rounds=60).standings}
+    for name in TRUE_ELO:
+        assert abs(after[name].score - before[name].score) < 30, (name, before[name], after[name])
+        width_before = before[name].high - before[name].low
+        assert after[name].high - after[name].low < 1.5 * width_before
+    assert after["e"].score < after["a"].score and after["e"].battles == 3
