@@ -316,6 +316,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                              arena_tab.battle_event])
         text_tab.fit_to_preset(demo)
         inpaint_tab.fit_to_preset(demo)
+        arena_tab.show_board(demo)
 
         def send_to_inpaint(gallery, index, prompt, negative_prompt):
             """The chosen image into the Inpaint editor, with its prompts, as A1111's "Send to inpaint" does."""

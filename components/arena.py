@@ -3,8 +3,12 @@ were, and watch the leaderboard (Bradley–Terry scores with 95% intervals) chan
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +26,7 @@ TAB = "arena"
 @dataclass
 class ArenaTab:
     battle_event: gr.events.Dependency
+    show_board: Callable  # (demo) -> None: the current leaderboard on each page load
 
 
 def leaderboard_table(board: Leaderboard) -> dict:
@@ -36,10 +41,17 @@ def win_matrix_table(board: Leaderboard) -> dict:
 
 
 def leaderboard_csv(board: Leaderboard) -> str:
-    """The board as a CSV file for the download button (one per process, rewritten: the board is everyone's)."""
-    path = Path(tempfile.gettempdir()) / "diffusion-studio-arena" / "arena-leaderboard.csv"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(to_csv(board))
+    """The board as a CSV file for the download button, named by its content and written whole before it appears
+    (gradio caches a file by its content: one rewritten in place could be cached half written)."""
+    text = to_csv(board)
+    folder = Path(tempfile.gettempdir()) / f"diffusion-studio-arena-{os.getuid()}" / hashlib.sha256(
+        text.encode()).hexdigest()[:16]
+    path = folder / "arena-leaderboard.csv"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{os.getpid()}-{threading.get_ident()}.csv"
+        partial.write_text(text)
+        os.replace(partial, path)
     return str(path)
 
 
@@ -75,17 +87,15 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
                          zip(CHOICES, ("Left is better", "Right is better", "Tie", "Both are bad"))}
             reveal = gr.Markdown("", elem_id="arena-reveal")
     with gr.Accordion("Leaderboard", open=True):
-        # callables: computed when each page loads, not once when the server starts
-        table = gr.Dataframe(value=lambda: leaderboard_table(arena.leaderboard()),
-                             label="Bradley–Terry scores (Elo scale, 95% bootstrap interval); a tie counts half a "
-                             "win; scores from fewer than 10 battles are provisional", interactive=False,
-                             elem_id="arena-leaderboard")
-        agreement = gr.Markdown(lambda: clip_agreement_note(arena.leaderboard()))
-        matrix = gr.Dataframe(value=lambda: win_matrix_table(arena.leaderboard()),
-                              label="Win rate of each row against each column", interactive=False)
+        # filled when each page loads (show_board), not once when the server starts
+        table = gr.Dataframe(headers=list(CSV_HEADERS), label="Bradley–Terry scores (Elo scale, 95% bootstrap "
+                             "interval); a tie counts half a win; scores from fewer than 10 battles are provisional",
+                             interactive=False, elem_id="arena-leaderboard")
+        agreement = gr.Markdown("")
+        matrix = gr.Dataframe(label="Win rate of each row against each column", interactive=False)
         with gr.Row():
             refresh = gr.Button("Refresh", scale=1)
-            download = gr.DownloadButton("Download CSV", value=lambda: leaderboard_csv(arena.leaderboard()), scale=1)
+            download = gr.DownloadButton("Download CSV", scale=1)
 
     on_device = runner.device_function(arena, ArenaPlan)
 
@@ -152,4 +162,8 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
     refresh.click(refreshed, None, board_outputs, api_visibility="private", **one_fit)
     gr.api(arena_vote, api_name="arena_vote", concurrency_limit=None)
     gr.api(leaderboard, api_name="leaderboard", **one_fit)
-    return ArenaTab(battle_event)
+
+    def show_board(demo: gr.Blocks) -> None:
+        demo.load(refreshed, None, board_outputs, api_visibility="private", show_progress="hidden", **one_fit)
+
+    return ArenaTab(battle_event, show_board)

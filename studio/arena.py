@@ -214,14 +214,15 @@ class Arena:
         if not isinstance(battle_id, str) or not battle_id:
             raise InvalidRequest(["Give the battle id that /arena_battle returned."])
         self.vote_limit.check(session)
-        if not self.store.vote(battle_id, choice, owner_of(session)):
-            stored = self.store.battle(battle_id)
+        recorded = self.store.vote(battle_id, choice, owner_of(session))
+        stored = self.store.battle(battle_id)
+        if not recorded:
             if stored is None:
                 raise InvalidRequest(["Unknown battle: start a new battle, then vote on it."])
             if stored.owner != owner_of(session):
                 raise InvalidRequest(["This battle belongs to another visitor: start a battle of your own."])
-            raise InvalidRequest(["This battle has a vote already: start a new battle."])
-        stored = self.store.battle(battle_id)
+            if stored.choice != choice:  # the same choice again (a retried request) is the same vote: say so
+                raise InvalidRequest(["This battle has a vote already: start a new battle."])
         return Reveal(stored.left_name, stored.right_name, choice, stored.left_settings, stored.right_settings)
 
     def leaderboard(self) -> Leaderboard:

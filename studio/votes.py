@@ -69,8 +69,9 @@ class VoteStore(ABC):
 
     def add_battle(self, battle: StoredBattle) -> None:
         self._execute(
+            # ON CONFLICT: ids are random, so a conflict is this insert again (a retry after an unclear commit)
             f"INSERT INTO battles (id, created, prompt, seed, left_name, left_settings, right_name, right_settings, "
-            f"clip_left, clip_right, owner) VALUES ({', '.join([self.placeholder] * 11)})",
+            f"clip_left, clip_right, owner) VALUES ({', '.join([self.placeholder] * 11)}) ON CONFLICT (id) DO NOTHING",
             (battle.id, time.time(), battle.prompt, battle.seed, battle.left_name, json.dumps(battle.left_settings),
              battle.right_name, json.dumps(battle.right_settings), battle.clip_left, battle.clip_right, battle.owner))
 
@@ -136,7 +137,12 @@ class SQLiteStore(VoteStore):
         if mode.lower() != "wal":
             raise RuntimeError(f"{self.path}: SQLite could not use WAL mode (got {mode}); is it on a network drive?")
         self._connection.execute("PRAGMA synchronous=FULL")  # a commit returns after the log reached the disk
+        self._connection.execute("BEGIN IMMEDIATE")
         self._connection.execute(SQLITE_SCHEMA)
+        columns = {row[1] for row in self._connection.execute("PRAGMA table_info(battles)")}
+        if "owner" not in columns:  # a file from before battles had owners
+            self._connection.execute("ALTER TABLE battles ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+        self._connection.execute("COMMIT")
 
     def _execute(self, sql: str, parameters: tuple) -> int:
         with self._lock:
@@ -179,7 +185,7 @@ class PostgresStore(VoteStore):
     def _connect(self):
         import psycopg
 
-        connection = psycopg.connect(self.url, autocommit=True)
+        connection = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         connection.execute("SET synchronous_commit = on")
         return connection
 

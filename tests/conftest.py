@@ -23,9 +23,12 @@ APP_LOGS: dict[str, Path] = {}  # url -> the log file of the app serving it
 @pytest.fixture(scope="session", autouse=True)
 def arena_votes_elsewhere(tmp_path_factory):
     """Studios built in the tests keep their Arena votes in a folder of the test run, not in the checkout's ./data."""
+    saved = os.environ.pop("DIFFUSION_STUDIO_VOTES_DB", None)  # a developer's Space database: never the tests'
     os.environ["DIFFUSION_STUDIO_DATA"] = str(tmp_path_factory.mktemp("data"))
     yield
     os.environ.pop("DIFFUSION_STUDIO_DATA", None)
+    if saved is not None:
+        os.environ["DIFFUSION_STUDIO_VOTES_DB"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,9 @@ def test_votes_refusals_and_durability_across_kill_9(tmp_path):
         with pytest.raises(Exception, match="Unknown battle"):
             vote(visitor, pending[:-4] + "AAAA")  # a forged id
         with pytest.raises(Exception, match="vote already"):
-            vote(visitor, acknowledged[0])  # a double vote
+            vote(visitor, acknowledged[0], "right")  # a second vote, changing the first
+        # the same vote sent again (a client's retry) is the vote already recorded, not a second one
+        assert vote(visitor, acknowledged[0], "left").startswith("Vote recorded (left)")
         with pytest.raises(Exception, match="Choose one of"):
             vote(visitor, pending, "middle")
 

@@ -383,6 +383,7 @@ def test_hires_fix_shows_its_settings_and_makes_the_larger_image(page, artifacts
     text_tab(page).get_by_role("button", name="Generate", exact=True).click()
     image = page.locator("#text-to-image-gallery img[alt^='Seed ']").first
     image.wait_for(timeout=60_000)
+    image.evaluate("img => img.decode()")  # loaded, not only in the page (a busy machine is slower)
     assert image.evaluate("img => img.naturalWidth") == 128
     info = page.locator("#generation-info textarea").input_value()
     assert "Size: 64x64" in info and "Hires upscale: 2, Hires upscaler: Latent" in info
@@ -451,7 +452,7 @@ def test_arena_battle_vote_reveal_and_the_leaderboard_updates(page, artifacts):
     page.get_by_role("tab", name="Arena").click()
     tab = page.locator("#arena-tab")
     tab.get_by_role("button", name="Random prompt").click()
-    assert tab.get_by_label("Prompt", exact=True).input_value()  # one of the examples
+    playwright.expect(tab.get_by_label("Prompt", exact=True)).not_to_have_value("", timeout=10_000)  # an example
     left_better = tab.get_by_role("button", name="Left is better")
     assert left_better.is_disabled()  # nothing to vote on yet
     tab.get_by_role("button", name="New battle").click()

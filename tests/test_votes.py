@@ -153,3 +153,22 @@ def test_postgres_acknowledged_vote_survives_kill_9(postgres):
     time.sleep(0.2)
     stored = {b.id for b in open_store(postgres).voted_battles()}
     assert set(acknowledged) <= stored
+
+
+def test_a_database_from_before_battles_had_owners_is_upgraded(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE battles (id TEXT PRIMARY KEY, created REAL NOT NULL, prompt TEXT NOT NULL, seed INTEGER "
+                "NOT NULL, left_name TEXT NOT NULL, left_settings TEXT NOT NULL, right_name TEXT NOT NULL, "
+                "right_settings TEXT NOT NULL, clip_left REAL, clip_right REAL, choice TEXT, voted REAL)")
+    old.execute("INSERT INTO battles VALUES ('b0', 0, 'p', 1, 'a', '{}', 'b', '{}', NULL, NULL, 'left', 1)")
+    old.commit()
+    old.close()
+    store = open_store(path)
+    assert [b.id for b in store.voted_battles()] == ["b0"]  # the old vote is kept
+    store.add_battle(battle(1))
+    assert store.vote("battle-1", "right", owner="") is True
+    store.add_battle(battle(1))  # the same insert again (a retry): nothing changes, no error
+    assert store.battle("battle-1").choice == "right"
