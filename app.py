@@ -49,7 +49,7 @@ from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter
 from studio.jobs import JobBoard
 from studio.memory import ModelManager
-from studio.metrics import ClipScorer, default_clip_scorer
+from studio.metrics import EMBEDDED_CLIP, ClipScorer, default_clip_scorer
 from studio.model_kinds import CLIP, ClipLoader, clip_key
 from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
 from studio.presets import PRESETS_DIR, load_presets, load_styles
@@ -195,9 +195,6 @@ def build_studio(args: argparse.Namespace) -> Studio:
     )
     return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, upscaling=upscaling,
                   comparison=comparison, arena=arena, runner=runner)
-
-
-EMBEDDED_CLIP = Path(__file__).resolve().parent / "models" / "embedded-clip"
 
 
 def clip_scorer(manager: ModelManager) -> ClipScorer:

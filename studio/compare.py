@@ -240,10 +240,8 @@ class Comparison:
         if request.base is not None:
             base = request.base
         else:
-            preset = self.text_to_image.presets.get(preset_name or self.text_to_image.presets.default)
-            base = TextToImageRequest(prompt="", preset=preset.name, scheduler=preset.default_scheduler,
-                                      steps=preset.default_steps, guidance_scale=preset.default_guidance,
-                                      width=preset.default_width, height=preset.default_height)
+            base = TextToImageRequest.preset_defaults(
+                self.text_to_image.presets.get(preset_name or self.text_to_image.presets.default))
         return replace(base, prompt=request.prompt, negative_prompt=request.negative_prompt or "",
                        seed=request.seed, batch_size=1)
 

@@ -49,6 +49,7 @@ from .generation import MAX_SEED, RequestLimits, SamplingPlan, TextToImage, Text
 from .memory import ModelManager
 from .metadata import save_png
 from .metrics import (
+    EMBEDDED_CLIP,
     FID_EXTRACTORS,
     REAL_CLIP,
     ClipScorer,
@@ -65,7 +66,6 @@ from .model_kinds import CLIP, INCEPTION, ClipLoader, InceptionLoader
 from .pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
 from .presets import PRESETS_DIR, PresetCatalog, load_presets, load_styles
 
-EMBEDDED_CLIP = Path(__file__).resolve().parent.parent / "models" / "embedded-clip"
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the interval is part of the report, which must be the same file on every run
 # How long a process may wait for the others at a gathering (torch's default is 10 minutes under NCCL, shorter
@@ -168,10 +168,7 @@ class Evaluator:
 
     def request(self, task: Task) -> TextToImageRequest:
         """The preset's own defaults, one image."""
-        preset = self.text_to_image.presets.get(task.preset)
-        return TextToImageRequest(prompt=task.prompt, preset=preset.name, scheduler=preset.default_scheduler,
-                                  steps=preset.default_steps, guidance_scale=preset.default_guidance,
-                                  width=preset.default_width, height=preset.default_height, seed=task.seed)
+        return TextToImageRequest.preset_defaults(self.text_to_image.presets.get(task.preset), task.prompt, task.seed)
 
     def plans(self, tasks: Sequence[Task]) -> dict[Task, SamplingPlan]:
         """Every task checked and planned (raises InvalidRequest naming the prompt)."""

@@ -85,6 +85,13 @@ class TextToImageRequest(SamplingRequest):
     style: str = "None"
     hires: HiresFix | None = None  # Hires. fix: a second pass at a larger size; None = off
 
+    @classmethod
+    def preset_defaults(cls, preset: ModelPreset, prompt: str = "", seed: int = -1) -> TextToImageRequest:
+        """One image at the preset's own sampler, steps, CFG and size (Compare's cells, the evaluation command)."""
+        return cls(prompt=prompt, preset=preset.name, scheduler=preset.default_scheduler, steps=preset.default_steps,
+                   guidance_scale=preset.default_guidance, width=preset.default_width, height=preset.default_height,
+                   seed=seed)
+
 
 @dataclass
 class GeneratedImage:

@@ -34,6 +34,7 @@ INCEPTION_WORKING_MEMORY = 256 * 1024**2  # one 299 px image through InceptionV3
 IMAGES_PER_TURN = 16  # features of this many images per turn on the device; other jobs go in between
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REAL_CLIP = "openai/clip-vit-large-patch14"  # the CLIP that CLIP score papers report
+EMBEDDED_CLIP = Path(__file__).resolve().parent.parent / "models" / "embedded-clip"  # offline; trained by this project
 
 
 def clip_score_from_embeddings(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
