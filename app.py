@@ -51,7 +51,8 @@ from studio.jobs import JobBoard
 from studio.memory import ModelManager
 from studio.metrics import EMBEDDED_CLIP, ClipScorer, default_clip_scorer
 from studio.model_kinds import CLIP, ClipLoader, clip_key
-from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
+from studio.loras import DEFAULT_LORA_FOLDER, DEFAULT_LORA_PRESETS, LoraCatalog, context_width, load_loras, lora_key
+from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, architecture, diffusers_loaders
 from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import RateLimiter
 from studio.upscalers import UPSCALER, ReleaseFiles, UpscalerCatalog, UpscalerLoader, load_upscalers, upscaler_key
@@ -96,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where Real-ESRGAN's release files are kept (default: %(default)s)")
     parser.add_argument("--preset", help="the preset selected at start (default: from presets/models.yaml)")
     parser.add_argument("--presets-file", type=Path, default=PRESETS_DIR / "models.yaml")
+    parser.add_argument("--loras-dir", type=Path, default=DEFAULT_LORA_FOLDER,
+                        help="LoRA .safetensors files offered by file name, as <lora:name:weight> (default: loras/)")
+    parser.add_argument("--loras-file", type=Path, default=DEFAULT_LORA_PRESETS,
+                        help="Hub LoRAs offered (default: presets/loras.yaml)")
     parser.add_argument("--public", action="store_true", default=bool(os.environ.get("DIFFUSION_STUDIO_PUBLIC")),
                         help="public demo mode: only presets marked public, a safety checker on every preset, stricter "
                         "limits, a per-visitor rate limit, a smaller queue (also set by the environment variable "
@@ -162,6 +167,9 @@ def build_studio(args: argparse.Namespace) -> Studio:
         presets = presets.only(loaded or [presets.default])
     stages = DiffusionStages(manager, models)
     limits = RequestLimits.public() if args.public else RequestLimits()
+    loras = load_loras(args.loras_dir, args.loras_file)
+    if ON_ZEROGPU:  # nothing may load in the GPU worker: each LoRA is placed now for the presets it fits
+        loras = preload_loras(manager, models, downloads, presets, loras)
     version = f"Diffusion Studio {__version__}"
     release_files = ReleaseFiles(args.upscaler_cache, offline=HubAccess().offline)
     upscalers = load_upscalers()
@@ -174,8 +182,8 @@ def build_studio(args: argparse.Namespace) -> Studio:
                           faces=faces)
     # Hires. fix upscales with the same upscalers, on the same manager
     text_to_image = TextToImage(stages, presets, load_styles(), limits, version=version, downloads=downloads,
-                                upscaling=upscaling)
-    inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads)
+                                upscaling=upscaling, loras=loras)
+    inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads, loras=loras)
     clip = clip_scorer(manager)
     if ON_ZEROGPU:  # the Compare tab scores on the GPU worker, where nothing may load
         try:
@@ -213,8 +221,9 @@ def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3
     stages = DiffusionStages(manager, models)
     limits, version = RequestLimits(), f"Diffusion Studio {__version__}"
     upscaling = Upscaling(manager, load_upscalers(), ReleaseFiles(DEFAULT_UPSCALER_CACHE))
-    return (TextToImage(stages, presets, load_styles(), limits, version=version, upscaling=upscaling),
-            Inpainter(stages, presets, limits, version=version))
+    loras = load_loras()
+    return (TextToImage(stages, presets, load_styles(), limits, version=version, upscaling=upscaling, loras=loras),
+            Inpainter(stages, presets, limits, version=version, loras=loras))
 
 
 def preload_preset(manager, models, downloads, preset, pin: bool) -> bool:
@@ -236,6 +245,24 @@ def preload_preset(manager, models, downloads, preset, pin: bool) -> bool:
         return False
     log.info("preloaded %s on %s", preset.name, manager.device)
     return True
+
+
+def preload_loras(manager: ModelManager, models, downloads, presets, catalog: LoraCatalog) -> LoraCatalog:
+    """ZeroGPU: every LoRA fetched and placed (pinned) for each architecture of the presets whose family it fits;
+    one that fits none, or cannot load, is not offered."""
+    kept = []
+    for name in catalog.names:
+        try:
+            path = catalog.path(name, downloads)
+            width = context_width(path)
+            fitting = [p for p in presets if width is None or models.cross_attention_dim(p) in (None, width)]
+            for kind in dict.fromkeys(architecture(p) for p in fitting):
+                manager.preload({"lora": lora_key(path, kind)}, pin=True)
+            if fitting:
+                kept.append(name)
+        except StudioError as error:
+            log.warning("could not preload LoRA %s: %s", name, str(error).splitlines()[0])
+    return catalog.only(kept)
 
 
 def preload_upscalers(manager: ModelManager, catalog: UpscalerCatalog, files: ReleaseFiles) -> UpscalerCatalog:

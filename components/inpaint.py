@@ -293,7 +293,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         """The settings an inpainted PNG was made with, back in the form (the image and mask stay as they are)."""
         if not text:
             raise user_error(InvalidRequest(["This image has no generation parameters."]), "No parameters")
-        filled, notes = inpaint_request_from_parameters(text, engine.presets, _request(*values))
+        filled, notes = inpaint_request_from_parameters(text, engine.presets, _request(*values), engine.loras)
         for note in notes:
             gr.Warning(note)
         card_update, scheduler_, steps_, guidance_ = sampling_updates(

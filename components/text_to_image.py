@@ -217,7 +217,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         # the form, with its hires settings read even while Hires. fix is off (an image without it keeps them)
         form = _request(*values[:12], True, *values[13:])
         filled, notes = request_from_parameters(text, engine.presets, form,
-                                                engine.upscaling.catalog if engine.upscaling else None)
+                                                engine.upscaling.catalog if engine.upscaling else None, engine.loras)
         for note in notes:
             gr.Warning(note)
         hires = filled.hires or form.hires

@@ -8,6 +8,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,14 +28,17 @@ from .hires import (
 )
 from .jobs import MAX_SECONDS as MAX_GPU_SECONDS
 from .jobs import JobControl, LocalJob, gpu_seconds
+from .loras import AppliedLora, LoraCatalog, check_lora_uses, context_width, family_mismatch, lora_key, vocabulary_of
 from .metadata import format_parameters, parse_parameters
 from .pipelines import (
     Conditioning,
     DiffusersModels,
     DiffusionStages,
+    architecture,
     clip_skip_too_large,
 )
 from .presets import ModelPreset, PresetCatalog, StyleCatalog
+from .prompts import LoraUse, parse_prompt, without_extra_networks
 from .schedulers import check_scheduler, evaluations_per_step, make_scheduler
 from .upscalers import UpscalerCatalog
 from .upscaling import UpscaleRequest, Upscaling
@@ -56,11 +60,12 @@ class RequestLimits:
     max_guidance: float = 30.0
     max_pixels: int | None = None  # width * height cap on top of the preset's max size
     max_upload_pixels: int = 50_000_000  # uploads larger than this are refused before they are decoded
+    max_loras: int = 8  # LoRAs one prompt may apply at once
 
     @classmethod
     def public(cls) -> RequestLimits:
         return cls(max_prompt_chars=1000, max_batch_size=4, max_steps=50, max_guidance=20.0, max_pixels=1024 * 1024,
-                   max_upload_pixels=4_000_000)
+                   max_upload_pixels=4_000_000, max_loras=4)
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,17 @@ class SamplingPlan:
     model_hash: str | None = None  # read with the model files, before the device work (hashing a file takes time)
     hires: HiresPlan | None = None  # text to image's second pass, at a larger size
     hires_upscaler_native_scale: int = 1  # of the hires upscaler preset (1 for latent modes and Lanczos)
+    lora_uses: tuple[LoraUse, ...] = ()  # the prompt's <lora:...> tags
+    loras: tuple[AppliedLora, ...] = ()  # ... resolved to files with the model files (the Hub's fetched first)
+
+    @property
+    def encoder_prompt(self) -> str:
+        """The prompt as the text encoder reads it: the extra-network tags taken out (the PNG keeps them)."""
+        return without_extra_networks(self.prompt)
+
+    @property
+    def encoder_negative_prompt(self) -> str:
+        return without_extra_networks(self.negative_prompt)
 
     def __post_init__(self):
         self.steps_per_image = self.steps_per_image or self.steps
@@ -272,8 +288,9 @@ class SamplingEngine:
     stages on models leased from the shared ModelManager. Holds no per-request state."""
 
     def __init__(self, stages: DiffusionStages, presets: PresetCatalog, limits: RequestLimits, version: str,
-                 downloads: HubDownloads | None = None):
+                 downloads: HubDownloads | None = None, loras: LoraCatalog | None = None):
         self.stages = stages
+        self.loras = loras or LoraCatalog({})
         self.downloads = downloads or HubDownloads()
         self.models: DiffusersModels = stages.models
         self.manager = stages.manager
@@ -290,12 +307,42 @@ class SamplingEngine:
 
     def unknown_words(self, preset_name: str, prompt: str) -> list[str]:
         vocabulary = self.vocabularies.get(preset_name)
-        return vocabulary.unknown_words(prompt) if vocabulary else []
+        if not vocabulary:
+            return []
+        taught = self._lora_vocabulary(prompt)
+        return [word for word in vocabulary.unknown_words(self._plain(prompt)) if word not in taught]
 
     def prompt_warnings(self, preset: ModelPreset, prompt: str) -> list[str]:
-        """A note naming the words of the prompt the preset's model never saw (it ignores them)."""
-        warning = unknown_words_warning(self.vocabularies.get(preset.name), prompt, preset.label)
-        return [warning] if warning else []
+        """Notes on the prompt: the words the preset's model never saw (it ignores them; a LoRA's own words
+        count as known), and extra-network tags of kinds the studio does not run."""
+        warnings = []
+        unknown = self.unknown_words(preset.name, prompt)
+        if unknown:
+            warnings.append(unknown_words_warning(self.vocabularies.get(preset.name), " ".join(unknown),
+                                                  preset.label))
+        ignored = self._parsed(prompt).ignored_tags
+        if ignored:
+            warnings.append(f"{', '.join(ignored)}: only <lora:…> add-ons run here; "
+                            f"{'this tag was' if len(ignored) == 1 else 'these tags were'} left out.")
+        return [warning for warning in warnings if warning]
+
+    @staticmethod
+    def _parsed(prompt: str):
+        try:
+            return parse_prompt(prompt)
+        except InvalidRequest:  # a malformed tag: the request's check says so
+            return parse_prompt("")
+
+    def _plain(self, prompt: str) -> str:
+        return self._parsed(prompt).plain
+
+    def _lora_vocabulary(self, prompt: str) -> set[str]:
+        """Words the prompt's local LoRAs say they teach."""
+        words: set[str] = set()
+        for use in self._parsed(prompt).loras:
+            if use.name in self.loras and self.loras.get(use.name).repo is None:
+                words.update(word.lower() for word in vocabulary_of(Path(self.loras.get(use.name).file)))
+        return words
 
     def problems(self, request: SamplingRequest) -> dict[str, str]:
         """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine."""
@@ -303,6 +350,13 @@ class SamplingEngine:
             return {"preset": f"Unknown preset {request.preset!r}. Available presets: {', '.join(self.presets.names)}."}
         preset = self.presets.get(request.preset)
         problems = self.check(request, preset)
+        if "prompt" not in problems:
+            try:
+                lora_problems = check_lora_uses(parse_prompt(request.prompt).loras, self.loras, self.limits.max_loras)
+            except InvalidRequest as error:
+                lora_problems = error.problems
+            if lora_problems:
+                problems["prompt"] = " ".join(lora_problems)
         if isinstance(request.clip_skip, int) and request.clip_skip > 1 and "clip_skip" not in problems:
             layers = self.models.text_encoder_layers(preset)
             if layers is not None and request.clip_skip > layers:
@@ -335,7 +389,28 @@ class SamplingEngine:
             if on_progress is not None:
                 on_progress(0, 1, "Reading the model's hash")
             plan.model_hash = self.models.model_hash(plan.preset, plan.task)
+            self.resolve_loras(plan, protected, on_progress)
             yield
+
+    def resolve_loras(self, plan: SamplingPlan, protected: contextlib.ExitStack,
+                      on_progress: ProgressCallback | None = None) -> None:
+        """The prompt's LoRAs as files (a Hub LoRA fetched now, before any device work), each checked against
+        the preset's family, with the hashes the PNG records (A1111's "Lora hashes")."""
+        applied = []
+        model_width = self.models.cross_attention_dim(plan.preset, plan.task)
+        for use in plan.lora_uses:
+            preset = self.loras.get(use.name)
+            if preset.repo is not None:
+                protected.enter_context(self.downloads.in_use(preset.repo))
+            path = self.loras.path(use.name, self.downloads, on_progress)
+            mismatch = family_mismatch(use.name, context_width(path), model_width, plan.preset.label)
+            if mismatch:
+                raise InvalidRequest([mismatch])
+            applied.append(AppliedLora(use.name, lora_key(path, architecture(plan.preset)), use.text_encoder_weight,
+                                       use.unet_weight, self.loras.short_hash(path)))
+        plan.loras = tuple(applied)
+        if applied:
+            plan.parameters_extra["Lora hashes"] = ", ".join(f"{lora.name}: {lora.short_hash}" for lora in applied)
 
     def run(self, plan: SamplingPlan, job: JobControl | None = None) -> GenerationResult:
         """The device work of a job: the prompt encoded once, then each image denoised, decoded and (where a
@@ -350,8 +425,9 @@ class SamplingEngine:
         def encoded() -> Conditioning:
             """The prompt's embeddings, encoded in the first image's turn and kept for the others."""
             if not conditioning:
-                embeds, warnings = self.stages.encode(plan.preset, plan.task, plan.prompt, plan.negative_prompt,
-                                                      plan.guidance_scale, plan.clip_skip)
+                embeds, warnings = self.stages.encode(plan.preset, plan.task, plan.encoder_prompt,
+                                                      plan.encoder_negative_prompt, plan.guidance_scale,
+                                                      plan.clip_skip, plan.loras)
                 result.warnings += warnings
                 conditioning.append(embeds)
             return conditioning[0]
@@ -414,7 +490,7 @@ class SamplingEngine:
                 output_type="latent", **step_hooks,
             ).images
 
-        latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call)
+        latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras)
         return latents, steps_done[0]
 
     def _finish_image(self, plan: SamplingPlan, task: str, latents: torch.Tensor, size: tuple[int, int],
@@ -448,8 +524,9 @@ class TextToImage(SamplingEngine):
     """Plans and runs text-to-image requests, Hires. fix's two passes included."""
 
     def __init__(self, stages: DiffusionStages, presets: PresetCatalog, styles: StyleCatalog, limits: RequestLimits,
-                 version: str, downloads: HubDownloads | None = None, upscaling: Upscaling | None = None):
-        super().__init__(stages, presets, limits, version, downloads)
+                 version: str, downloads: HubDownloads | None = None, upscaling: Upscaling | None = None,
+                 loras: LoraCatalog | None = None):
+        super().__init__(stages, presets, limits, version, downloads, loras)
         self.styles = styles
         self.upscaling = upscaling  # Hires. fix's upscaler presets, on the same manager (latent modes without it)
 
@@ -493,7 +570,7 @@ class TextToImage(SamplingEngine):
             scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
-            warnings=self.prompt_warnings(preset, request.prompt),
+            warnings=self.prompt_warnings(preset, request.prompt), lora_uses=parse_prompt(prompt).loras,
         )
         if request.hires is not None:
             settings = request.hires
@@ -675,10 +752,13 @@ def inpaint_step_hooks(pipe, image: Image.Image, seed: int, then=None) -> dict[s
     return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents", "mask"]}
 
 
-def sampling_fields_from_parameters(params, presets: PresetCatalog, current: SamplingRequest) -> tuple[dict, list[str]]:
+def sampling_fields_from_parameters(params, presets: PresetCatalog, current: SamplingRequest,
+                                    loras: LoraCatalog | None = None) -> tuple[dict, list[str]]:
     """The fields every request has, from parsed A1111 parameters, and notes on what could not be taken over.
-    Fields the text lacks, and a sampler or model the studio does not have, keep their `current` values."""
-    notes = []
+    Fields the text lacks, and a sampler or model the studio does not have, keep their `current` values. The
+    prompt keeps its <lora:...> tags; a LoRA that is not here, or not the file the image was made with (its
+    "Lora hashes"), is named."""
+    notes = lora_notes(params.extra.get("Lora hashes", ""), loras or LoraCatalog({}))
     if params.sampler and params.scheduler is None:
         notes.append(f"The image was made with sampler {params.sampler}, which this studio does not have; the "
                      f"sampler stays {current.scheduler}.")
@@ -712,6 +792,24 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
     return fields, notes
 
 
+def lora_notes(hashes: str, loras: LoraCatalog) -> list[str]:
+    """Notes on an image's "Lora hashes" ("name: hash, name: hash") against the LoRAs here."""
+    notes = []
+    for entry in filter(None, (part.strip() for part in hashes.split(","))):
+        name, _, written = (value.strip() for value in entry.rpartition(":"))
+        if name not in loras:
+            notes.append(f"The image was made with LoRA {name!r} (hash {written}), which is not in this studio: add "
+                         f"its file to loras/, or take <lora:{name}:…> out of the prompt.")
+            continue
+        preset = loras.get(name)
+        if preset.repo is None:
+            here = loras.short_hash(Path(preset.file))
+            if written and here != written:
+                notes.append(f"LoRA {name!r} here has hash {here}; the image was made with hash {written}, another "
+                             "version of it: the result will differ.")
+    return notes
+
+
 def model_name(preset: ModelPreset, task: str) -> str:
     """The PNG's Model: A1111 writes the stem of the checkpoint file that ran; a repo or folder preset its name."""
     if task == "inpaint" and preset.inpaint_checkpoint is not None:
@@ -730,14 +828,15 @@ def _plain_name(name: str) -> str:
 
 
 def request_from_parameters(text: str, presets: PresetCatalog, current: TextToImageRequest,
-                            upscalers: UpscalerCatalog | None = None) -> tuple[TextToImageRequest, list[str]]:
+                            upscalers: UpscalerCatalog | None = None,
+                            loras: LoraCatalog | None = None) -> tuple[TextToImageRequest, list[str]]:
     """A text-to-image form filled from an image's A1111 parameters, and notes on what could not be taken over.
     Hires. fix is on when the text has its fields (its upscaler found by our name or A1111's), off otherwise.
 
     The style is reset to "None" because the stored prompt already has the style applied.
     """
     params = parse_parameters(text)
-    fields, notes = sampling_fields_from_parameters(params, presets, current)
+    fields, notes = sampling_fields_from_parameters(params, presets, current, loras)
     width, height = params.width or current.width, params.height or current.height
 
     def find_upscaler(written: str) -> str | None:

@@ -31,6 +31,7 @@ from .images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_m
 from .jobs import LocalJob
 from .metadata import parse_float, parse_int, parse_parameters
 from .presets import ModelPreset
+from .prompts import parse_prompt
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
 INPAINT_AREAS = (WHOLE_PICTURE, ONLY_MASKED)
@@ -197,6 +198,7 @@ class Inpainter(SamplingEngine):
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments=arguments, parameters_extra=extra,
             steps_per_image=int(request.steps * request.strength), warnings=warnings,
+            lora_uses=parse_prompt(request.prompt).loras,
         )
 
 
@@ -216,11 +218,12 @@ def paste_back(generated: Image.Image, source, blurred_mask: Image.Image) -> Ima
     return out
 
 
-def inpaint_request_from_parameters(text: str, presets, current: InpaintRequest) -> tuple[InpaintRequest, list[str]]:
+def inpaint_request_from_parameters(text: str, presets, current: InpaintRequest,
+                                    loras=None) -> tuple[InpaintRequest, list[str]]:
     """An inpaint form filled from an image's A1111 parameters (denoising strength, mask blur, inpaint area and
     padding too), and notes on what could not be taken over; what the text lacks keeps its `current` value."""
     params = parse_parameters(text)
-    fields, notes = sampling_fields_from_parameters(params, presets, current)
+    fields, notes = sampling_fields_from_parameters(params, presets, current, loras)
     extra = params.extra
     area = extra.get("Inpaint area", current.inpaint_area)
     strength = parse_float(extra.get("Denoising strength"))

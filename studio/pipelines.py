@@ -42,6 +42,8 @@ from .devices import format_bytes, release_memory
 from .downloads import DownloadRequest, diffusers_patterns, hub_offline_by_env, one_line
 from .errors import InvalidRequest, ModelUnavailable, OutOfMemoryBudget
 from .memory import ModelKey, ModelManager, text_encoder_working_memory, unet_working_memory, vae_decode_working_memory
+from .loras import LORA, AppliedLora, LoraLoader, adapters_applied
+from .prompts import encode_sd, encode_sdxl
 
 TASKS = ("text2img", "img2img", "inpaint")
 KIND = "diffusers"
@@ -283,8 +285,8 @@ def unet_overrides(checkpoint: dict[str, torch.Tensor]) -> dict[str, int]:
 
 def diffusers_loaders(variant_for: Callable[[str, torch.dtype], str | None] = lambda source, dtype: None) -> dict:
     """The manager's loaders for Stable Diffusion components: from diffusers repos and folders, and from
-    single-file checkpoints."""
-    return {KIND: DiffusersLoader(variant_for), CHECKPOINT_KIND: CheckpointLoader()}
+    single-file checkpoints, and LoRA add-ons."""
+    return {KIND: DiffusersLoader(variant_for), CHECKPOINT_KIND: CheckpointLoader(), LORA: LoraLoader()}
 
 
 def root_weight_patterns(variant: str | None) -> list[str]:
@@ -549,6 +551,12 @@ class DiffusersModels:
         found = file_without_download(*config_location(self.keys(preset, "text2img")["text_encoder"]), "config.json")
         return json.loads(Path(found).read_text()).get("num_hidden_layers") if found else None
 
+    def cross_attention_dim(self, preset, task: str = "text2img") -> int | None:
+        """The width of the text embeddings the preset's UNet reads (which LoRAs fit it), from its config file
+        where it can be read without a download; None otherwise."""
+        found = file_without_download(*config_location(self.keys(preset, task)["unet"]), "config.json")
+        return json.loads(Path(found).read_text()).get("cross_attention_dim") if found else None
+
     def _unet_weights_path(self, preset, source: str) -> str | None:
         variant = preset.inpaint_variant if source == preset.inpaint_source else preset.variant
         # a local folder has the plain file; on the Hub the variant is what is fetched (always for inpainting repos
@@ -607,15 +615,26 @@ class DiffusionStages:
 
     # ----- plans: what each stage holds (the device planner in bench/ runs these same plans) -----
 
-    def plan_encode(self, preset, task: str, guidance: bool) -> StagePlan:
-        return StagePlan("encode", self.models.stage_keys(preset, task, "encode"),
-                         text_encoder_working_memory(2 if guidance else 1, self.manager.dtype))
+    def plan_encode(self, preset, task: str, guidance: bool, loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
+        return StagePlan("encode", self.models.stage_keys(preset, task, "encode") | self._lora_keys(loras),
+                         text_encoder_working_memory(2 if guidance else 1, self.manager.dtype)
+                         + self._lora_bytes(loras))
 
-    def plan_denoise(self, preset, task: str, width: int, height: int, guidance: bool, tiled: bool = False) -> StagePlan:
+    def plan_denoise(self, preset, task: str, width: int, height: int, guidance: bool, tiled: bool = False,
+                     loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
         working = unet_working_memory(width, height, 1, self.manager.dtype, guidance)
         if task != "text2img":  # the VAE encodes the init image first (its activations are gone before the UNet runs)
             working = max(working, self._vae_working_memory(preset, width, height, tiled))
-        return StagePlan("denoise", self.models.stage_keys(preset, task, "denoise"), working, vae_tiling=tiled)
+        return StagePlan("denoise", self.models.stage_keys(preset, task, "denoise") | self._lora_keys(loras),
+                         working + self._lora_bytes(loras), vae_tiling=tiled)
+
+    @staticmethod
+    def _lora_keys(loras: tuple[AppliedLora, ...]) -> dict[str, ModelKey]:
+        return {f"{LORA}:{lora.name}": lora.key for lora in loras}
+
+    def _lora_bytes(self, loras: tuple[AppliedLora, ...]) -> int:
+        """The LoRAs' weights once more: PEFT copies them into the adapter layers it adds for the stage."""
+        return sum(self.manager.loaders[LORA].size(lora.key, self.manager.dtype) for lora in loras)
 
     def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False) -> StagePlan:
         keys = self.models.stage_keys(preset, task, "decode")
@@ -641,46 +660,42 @@ class DiffusionStages:
     # ----- running -----
 
     def encode(self, preset, task: str, prompt: str, negative_prompt: str, guidance_scale: float,
-               clip_skip: int = 1) -> tuple[Conditioning, list[str]]:
-        """The prompt's embeddings, and a warning for a prompt longer than the text encoder reads. `clip_skip` is
-        A1111's (2 = the text encoder's second-to-last layer; SD 1.x only)."""
+               clip_skip: int = 1, loras: tuple[AppliedLora, ...] = ()) -> tuple[Conditioning, list[str]]:
+        """The embeddings of prompts in A1111's syntax (weights, BREAK; extra-network tags already taken out),
+        of any length: encoded window by window and concatenated. `clip_skip` is A1111's (2 = the text
+        encoder's second-to-last layer; SD 1.x only). The LoRAs' text-encoder layers apply for this stage."""
         guidance = guidance_scale > 1
 
         def work(models, plan):
+            models, lora_weights = split_loras(models, loras)
             pipe = self.models.assemble(preset, task, models)
-            warnings = truncation_warnings(pipe, prompt, negative_prompt)
             device = self.manager.device
-            with torch.inference_mode():
+            with adapters_applied(lora_weights, models, architecture(preset)), torch.inference_mode():
                 if architecture(preset) == "sdxl":
-                    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-                        prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guidance,
-                        negative_prompt=negative_prompt or None)
-                    result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative,
-                                  pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=negative_pooled)
-                elif clip_skip > 1:
+                    embeds = encode_sdxl(pipe, prompt, negative_prompt or "", guidance, device)
+                else:
                     layers = pipe.text_encoder.config.num_hidden_layers
                     if clip_skip > layers:  # the check before the queue could not read the config
                         raise InvalidRequest([clip_skip_too_large(clip_skip, layers)])
-                    embeds = encode_skipping_layers(pipe, prompt, clip_skip, device)
-                    negative = encode_skipping_layers(pipe, negative_prompt or "", clip_skip, device) if guidance else None
-                    result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
-                else:
-                    embeds, negative = pipe.encode_prompt(prompt, device, 1, guidance, negative_prompt or None)
-                    result = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
-            return Conditioning({name: value for name, value in result.items() if value is not None}), warnings
+                    embeds = encode_sd(pipe, prompt, negative_prompt or "", guidance, clip_skip, device)
+            return Conditioning(embeds), []
 
-        return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance), work)
+        return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance, loras), work)
 
     def denoise(self, preset, task: str, width: int, height: int, guidance: bool,
-                call: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-        """`call(pipe)` runs the pipeline with output_type="latent" and returns the latents."""
+                call: Callable[[Any], torch.Tensor], loras: tuple[AppliedLora, ...] = ()) -> torch.Tensor:
+        """`call(pipe)` runs the pipeline with output_type="latent" and returns the latents. The LoRAs' UNet
+        layers apply for this stage."""
         def work(models, plan):
+            models, lora_weights = split_loras(models, loras)
             pipe = self.models.assemble(preset, task, models)
-            with vae_tiling(models.get("vae"), plan.vae_tiling):
+            with vae_tiling(models.get("vae"), plan.vae_tiling), \
+                    adapters_applied(lora_weights, {"unet": models["unet"]}, architecture(preset)):
                 return call(pipe)
 
-        return self.run_stage(lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled), work,
-                              can_tile=task != "text2img")
+        return self.run_stage(
+            lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled, loras), work,
+            can_tile=task != "text2img")
 
     def decode(self, preset, task: str, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
         """Latents -> image tensor in [-1, 1] on the CPU."""
@@ -774,40 +789,15 @@ class DiffusionStages:
                     hook.remove()
 
 
-def encode_skipping_layers(pipe, text: str, clip_skip: int, device) -> torch.Tensor:
-    """A1111's clip skip: the text encoder's hidden state `clip_skip` layers from the end, through its final layer
-    norm, for the prompt and the negative prompt alike. Hand-written because diffusers 0.42's `clip_skip` skips
-    layers for the prompt only (its negative reads the last layer) and reaches for `text_encoder.text_model`,
-    which transformers 5's CLIPTextModel no longer has (AttributeError, measured)."""
-    tokens = pipe.tokenizer(text, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt")
-    encoder = pipe.text_encoder
-    attention_mask = tokens.attention_mask.to(device) if getattr(encoder.config, "use_attention_mask", False) else None
-    hidden = encoder(tokens.input_ids.to(device), attention_mask=attention_mask,
-                     output_hidden_states=True).hidden_states[-clip_skip]
-    final_norm = getattr(encoder, "final_layer_norm", None) or encoder.text_model.final_layer_norm
-    return final_norm(hidden).to(dtype=encoder.dtype, device=device)
+def split_loras(models: dict[str, Any], loras: tuple[AppliedLora, ...]) -> tuple[dict[str, Any], list]:
+    """A stage's lease: its pipeline components, and (LoRA, weights) pairs in the prompt's order."""
+    components = {role: model for role, model in models.items() if not role.startswith(f"{LORA}:")}
+    return components, [(lora, models[f"{LORA}:{lora.name}"]) for lora in loras]
 
 
 def clip_skip_too_large(clip_skip: int, layers: int) -> str:
     return (f"Clip skip {clip_skip} is more than this model's text encoder has layers ({layers}): use at most "
             f"{layers}.")
-
-
-def truncation_warnings(pipe, prompt: str, negative_prompt: str) -> list[str]:
-    """CLIP reads a fixed number of tokens; say so when a prompt is longer rather than dropping words silently."""
-    tokenizer = pipe.tokenizer
-    limit = tokenizer.model_max_length
-    warnings = []
-    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
-        ids = tokenizer(text, truncation=False).input_ids if text else []
-        if len(ids) > limit:
-            kept = tokenizer.decode(ids[1 : limit - 1])
-            warnings.append(
-                f"The {label} is {len(ids)} tokens long; the model reads {limit}, so only "
-                f"\u201c{kept.strip()}\u201d was used."
-            )
-    return warnings
 
 
 @dataclass

@@ -107,3 +107,56 @@ def save_tiny_safety_checker(folder: Path, flags_everything: bool) -> Path:
     checker.save_pretrained(folder, safe_serialization=True)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def save_random_lora(pipeline_folder: Path, out: Path, seed: int = 0, rank: int = 4, strength: float = 0.5,
+                     text_encoder: bool = True) -> Path:
+    """A random LoRA for an SD pipeline folder, saved by diffusers' save_lora_weights (diffusers/PEFT keys):
+    UNet attention layers, and the text encoder's when `text_encoder`. `strength` scales lora_B (PEFT starts it
+    at zero, which would change nothing)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_folder, safety_checker=None)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = {"unet_lora_layers": pipe.unet}
+    if text_encoder:
+        pipe.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        layers["text_encoder_lora_layers"] = pipe.text_encoder
+    with torch.no_grad():
+        for model in layers.values():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, strength)
+    state = {argument: convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+             for argument, model in layers.items()}
+    StableDiffusionPipeline.save_lora_weights(out.parent, weight_name=out.name, **state)
+    return out
+
+
+def save_as_kohya(diffusers_lora: Path, out: Path) -> Path:
+    """The same LoRA in kohya/A1111 key names (lora_unet_…/lora_te_… with lora_down, lora_up and alpha), as
+    kohya's sd-scripts writes SD 1.x LoRAs."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    converted = {}
+    for key, tensor in load_file(diffusers_lora).items():
+        prefix, rest = key.split(".", 1)
+        module, kind = re.match(r"(.*)\.(lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up|lora_A|lora_B)"
+                                r"\.weight$", rest).groups()
+        if prefix == "text_encoder":
+            name = "lora_te_text_model_" + module.replace(".", "_")
+        else:
+            name = "lora_unet_" + module.replace(".", "_")
+        direction = "lora_down" if kind.endswith(("down", "A")) else "lora_up"
+        converted[f"{name}.{direction}.weight"] = tensor
+        rank = tensor.shape[0] if direction == "lora_down" else tensor.shape[1]
+        converted[f"{name}.alpha"] = torch.tensor(float(rank))  # alpha = rank: scale 1, as diffusers saved it
+    save_file(converted, out, metadata={"ss_network_module": "networks.lora"})
+    return out

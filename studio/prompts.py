@@ -1,0 +1,342 @@
+"""Prompts as AUTOMATIC1111 users write them.
+
+    a (red:1.3) circle, [blue] background <lora:hexagon:0.8> BREAK high quality
+
+- attention: `(words)` ×1.1, `((words))` ×1.21, `(words:1.3)` ×1.3, `[words]` ÷1.1; `\\(`, `\\)`, `\\[`, `\\]`
+  and `\\\\` are the characters themselves; an unclosed bracket reaches to the end of the prompt;
+- `BREAK` (upper case, a word of its own) starts a new chunk of the text encoder's window;
+- extra networks: `<lora:name>`, `<lora:name:0.8>`, `<lora:name:te:unet>` (`te=`/`unet=` by name too) are
+  taken out of the text, as A1111 does, and applied as LoRA add-ons.
+
+The parsing is A1111's (tests/test_prompts.py checks its documented examples). The encoding is compel's, handed
+the parsed fragments and their weights: prompts longer than the window are encoded chunk by chunk and
+concatenated (SD 1.x/2.x and SDXL's two encoders; SDXL's pooled embedding is the first chunk's).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidRequest
+
+ROUND_BRACKET = 1.1
+SQUARE_BRACKET = 1 / 1.1
+BREAK = "BREAK"
+
+# One token of A1111's attention grammar: an escape, a bracket, a weight that closes a round bracket, a run of
+# plain text, or a colon that is plain text.
+_ATTENTION_TOKEN = re.compile(
+    r"""
+    \\[()\[\]\\]            # an escaped bracket or backslash
+  | \\                      # a lone backslash (dropped, as in A1111)
+  | [(\[]                   # an opening bracket
+  | :([+-]?[.\d]+)\)        # ":1.3)": closes a round bracket with that weight
+  | [)\]]                   # a closing bracket
+  | [^\\()\[\]:]+           # plain text
+  | :                       # a colon that is not a weight
+    """,
+    re.VERBOSE,
+)
+_BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+# A1111's extra networks: <type:arguments>
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+LORA_TYPES = ("lora", "lyco")  # LyCORIS tags name LoRA files too
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """One `<lora:...>` of a prompt: which LoRA, at which weight for the text encoder(s) and for the UNet."""
+
+    name: str
+    text_encoder_weight: float = 1.0
+    unet_weight: float = 1.0
+
+    @property
+    def tag(self) -> str:
+        if self.text_encoder_weight == self.unet_weight:
+            return f"<lora:{self.name}:{self.unet_weight:g}>"
+        return f"<lora:{self.name}:{self.text_encoder_weight:g}:{self.unet_weight:g}>"
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """A prompt as typed, split into what the text encoder reads and the LoRAs it names."""
+
+    typed: str  # as typed: this is what the PNG keeps
+    text: str  # without the extra-network tags: what the attention parser reads
+    loras: tuple[LoraUse, ...] = ()
+    ignored_tags: tuple[str, ...] = ()  # extra networks of other types (hypernetworks ...), which we do not run
+
+    @property
+    def fragments(self) -> list[tuple[str, float]]:
+        return parse_attention(self.text)
+
+    @property
+    def plain(self) -> str:
+        """The words alone, without weights, brackets, BREAKs or tags (for CLIP scores and vocabulary checks)."""
+        return plain_text(self.text)
+
+
+def parse_prompt(typed: str) -> ParsedPrompt:
+    """Take the extra-network tags out of a prompt (raises InvalidRequest for a malformed LoRA tag)."""
+    loras: list[LoraUse] = []
+    ignored: list[str] = []
+    problems: list[str] = []
+
+    def take(match: re.Match) -> str:
+        kind, arguments = match.group(1), match.group(2)
+        if kind.lower() in LORA_TYPES:
+            try:
+                loras.append(parse_lora_arguments(arguments))
+            except ValueError as error:
+                problems.append(f"{match.group(0)}: {error}")
+        else:
+            ignored.append(match.group(0))
+        return ""
+
+    text = _EXTRA_NETWORK.sub(take, typed or "")
+    if problems:
+        raise InvalidRequest(problems)
+    return ParsedPrompt(typed=typed or "", text=text, loras=tuple(merge_loras(loras)), ignored_tags=tuple(ignored))
+
+
+def without_extra_networks(text: str) -> str:
+    """The text with every `<type:...>` tag taken out, unchecked (for a prompt already checked, and for the
+    negative prompt, whose tags A1111 does not run either)."""
+    return _EXTRA_NETWORK.sub("", text or "")
+
+
+def parse_lora_arguments(arguments: str) -> LoraUse:
+    """`name`, `name:0.8`, `name:te:unet` or `name:unet=0.5:te=1` (A1111's forms)."""
+    name, *values = [part.strip() for part in arguments.split(":")]
+    if not name:
+        raise ValueError("name the LoRA, as in <lora:name:0.8>.")
+    positional: list[float] = []
+    named: dict[str, float] = {}
+    for value in values:
+        key, _, number = value.rpartition("=")
+        weight = _weight(number, value)
+        if key:
+            if key not in ("te", "unet"):
+                raise ValueError(f"{key!r} is not a LoRA setting (use te= and unet=).")
+            named[key] = weight
+        else:
+            positional.append(weight)
+    if len(positional) > 2:
+        raise ValueError("give at most two weights: the text encoder's and the UNet's.")
+    text_encoder = named.get("te", positional[0] if positional else 1.0)
+    unet = named.get("unet", positional[1] if len(positional) > 1 else text_encoder)
+    return LoraUse(name, text_encoder, unet)
+
+
+def _weight(number: str, written: str) -> float:
+    try:
+        weight = float(number)
+    except ValueError:
+        raise ValueError(f"{written!r} is not a weight (write a number such as 0.8).") from None
+    if not math.isfinite(weight):
+        raise ValueError(f"{written!r} is not a weight (write a number such as 0.8).")
+    return weight
+
+
+def merge_loras(loras: list[LoraUse]) -> list[LoraUse]:
+    """The same LoRA named twice is applied once, at the weights written last (A1111 keeps the last too)."""
+    return list({lora.name: lora for lora in loras}.values())
+
+
+def with_lora(prompt: str, lora: LoraUse) -> str:
+    """The prompt with `lora`'s tag: written in place of the tag it already has for that LoRA, else appended
+    (what the LoRA picker does, as clicking a card in A1111's extra networks does)."""
+    for match in _EXTRA_NETWORK.finditer(prompt):
+        if match.group(1).lower() in LORA_TYPES:
+            try:
+                existing = parse_lora_arguments(match.group(2))
+            except ValueError:
+                continue
+            if existing.name == lora.name:
+                return prompt[: match.start()] + lora.tag + prompt[match.end():]
+    return f"{prompt.rstrip()} {lora.tag}".strip()
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """A1111's attention syntax: (text, weight) fragments in order, with ("BREAK", -1) where a BREAK is. Runs
+    of the same weight are merged; an empty prompt is one empty fragment."""
+    fragments: list[list] = []  # [text, weight], scaled in place as brackets close
+    open_round: list[int] = []  # where each open bracket's span starts in `fragments`
+    open_square: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for fragment in fragments[start:]:
+            fragment[1] *= factor
+
+    for match in _ATTENTION_TOKEN.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            fragments.append([token[1:], 1.0])
+        elif token == "(":
+            open_round.append(len(fragments))
+        elif token == "[":
+            open_square.append(len(fragments))
+        elif weight is not None and open_round and _is_number(weight):
+            scale_from(open_round.pop(), float(weight))
+        elif token == ")" and open_round:
+            scale_from(open_round.pop(), ROUND_BRACKET)
+        elif token == "]" and open_square:
+            scale_from(open_square.pop(), SQUARE_BRACKET)
+        else:  # plain text (a bracket with nothing to close is text too), split at BREAKs
+            for index, part in enumerate(_BREAK_WORD.split(token)):
+                if index:
+                    fragments.append([BREAK, -1])
+                fragments.append([part, 1.0])
+    # brackets left open reach to the end
+    for start in open_round:
+        scale_from(start, ROUND_BRACKET)
+    for start in open_square:
+        scale_from(start, SQUARE_BRACKET)
+    if not fragments:
+        fragments = [["", 1.0]]
+    merged: list[list] = [fragments[0]]
+    for fragment in fragments[1:]:
+        if fragment[1] == merged[-1][1]:
+            merged[-1][0] += fragment[0]
+        else:
+            merged.append(fragment)
+    return [(fragment_text, weight) for fragment_text, weight in merged]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:  # "..": A1111 crashes on it; here it is plain text
+        return False
+    return True
+
+
+def split_at_breaks(fragments: list[tuple[str, float]]) -> list[list[tuple[str, float]]]:
+    """The fragments of each chunk group that BREAK separates."""
+    groups: list[list[tuple[str, float]]] = [[]]
+    for text, weight in fragments:
+        if weight == -1:  # BREAK (two in a row merge into one "BREAKBREAK" fragment, as in A1111)
+            groups.extend([] for _ in range(text.count(BREAK)))
+        else:
+            groups[-1].append((text, weight))
+    return groups
+
+
+def plain_text(text: str) -> str:
+    """The words of a prompt without A1111's syntax: weights, brackets, BREAKs and extra-network tags."""
+    fragments = parse_attention(_EXTRA_NETWORK.sub("", text))
+    words = " ".join(fragment for fragment, weight in fragments if weight != -1)
+    return re.sub(r"\s+", " ", words).strip()
+
+
+# ----- encoding (compel) -----
+
+
+class ClipSkipped:
+    """A text encoder as compel sees it under A1111's clip skip: its `last_hidden_state` is the hidden state
+    `clip_skip` layers from the end, through the final layer norm. (compel's own clip-skip option reaches for
+    `text_encoder.text_model`, which transformers 5's CLIPTextModel no longer has.)"""
+
+    def __init__(self, encoder, clip_skip: int):
+        self.encoder = encoder
+        self.clip_skip = clip_skip
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.dtype
+
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states=False, return_dict=True):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if not getattr(self.encoder.config, "use_attention_mask", False):
+            attention_mask = None  # CLIP was trained without one (as diffusers encodes)
+        output = self.encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        final_norm = getattr(self.encoder, "final_layer_norm", None) or self.encoder.text_model.final_layer_norm
+        return BaseModelOutputWithPooling(last_hidden_state=final_norm(output.hidden_states[-self.clip_skip]),
+                                          pooler_output=output.pooler_output, hidden_states=output.hidden_states)
+
+
+def _compel(tokenizer, text_encoder, device, embeddings_type, requires_pooled: bool = False):
+    from compel import Compel
+
+    return Compel(tokenizer=tokenizer, text_encoder=text_encoder, truncate_long_prompts=False, device=device,
+                  returned_embeddings_type=embeddings_type, requires_pooled=requires_pooled)
+
+
+def _conditioning(compel, groups: list[list[tuple[str, float]]]) -> torch.Tensor:
+    """Each BREAK group encoded in chunks of the window (compel), the chunks concatenated: (1, n × window, dim)."""
+    from compel.prompt_parser import FlattenedPrompt, Fragment
+
+    tensors = []
+    for group in groups:
+        prompt = FlattenedPrompt([Fragment(text, weight) for text, weight in group] or [Fragment("", 1.0)])
+        (tensor, _tokens), _options = compel.build_conditioning_tensor_for_prompt_object(prompt)
+        tensors.append(tensor if tensor.dim() == 3 else tensor.unsqueeze(0))
+    return torch.cat(tensors, dim=1)
+
+
+def _pad_to(compel, tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """`tensor` with empty chunks (the encoding of "") appended up to `length` tokens, as A1111 pads the shorter
+    of the prompt and the negative prompt so that they batch together for CFG."""
+    empty = compel.conditioning_provider.empty_z.to(tensor.device, tensor.dtype)
+    missing = (length - tensor.shape[1]) // empty.shape[1]
+    return torch.cat([tensor] + [empty.expand(tensor.shape[0], -1, -1)] * missing, dim=1)
+
+
+def encode_sd(pipe, prompt: str, negative_prompt: str, guidance: bool, clip_skip: int,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    """SD 1.x/2.x: prompt_embeds (and negative_prompt_embeds under CFG) of the A1111-syntax prompts."""
+    from compel import ReturnedEmbeddingsType
+
+    encoder = ClipSkipped(pipe.text_encoder, clip_skip) if clip_skip > 1 else pipe.text_encoder
+    compel = _compel(pipe.tokenizer, encoder, device, ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED)
+    embeds = _conditioning(compel, split_at_breaks(parse_attention(prompt)))
+    if not guidance:
+        return {"prompt_embeds": embeds}
+    negative = _conditioning(compel, split_at_breaks(parse_attention(negative_prompt)))
+    length = max(embeds.shape[1], negative.shape[1])
+    return {"prompt_embeds": _pad_to(compel, embeds, length), "negative_prompt_embeds": _pad_to(compel, negative, length)}
+
+
+def encode_sdxl(pipe, prompt: str, negative_prompt: str, guidance: bool,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """SDXL: both text encoders' penultimate hidden states side by side, each chunked the same way, and the
+    second encoder's pooled embedding of the first chunk (what A1111 and diffusers condition on)."""
+    from compel import ReturnedEmbeddingsType
+
+    penultimate = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+    encoders = (_compel(pipe.tokenizer, pipe.text_encoder, device, penultimate),
+                _compel(pipe.tokenizer_2, pipe.text_encoder_2, device, penultimate, requires_pooled=True))
+
+    def halves(text: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        groups = split_at_breaks(parse_attention(text))
+        # the window's worth of the first group's text: the first chunk
+        pooled = encoders[1].conditioning_provider.get_pooled_embeddings(
+            ["".join(fragment for fragment, _ in groups[0])], device=device)
+        return [_conditioning(compel, groups) for compel in encoders], pooled
+
+    def joined(parts: list[torch.Tensor], length: int) -> torch.Tensor:
+        return torch.cat([_pad_to(compel, part, length) for compel, part in zip(encoders, parts)], dim=-1)
+
+    parts, pooled = halves(prompt)
+    if not guidance:
+        return {"prompt_embeds": joined(parts, max(p.shape[1] for p in parts)), "pooled_prompt_embeds": pooled}
+    if not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
+        # SDXL base was trained with zeros for "no negative prompt" (as diffusers does)
+        embeds = joined(parts, max(p.shape[1] for p in parts))
+        negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    else:
+        negative_parts, negative_pooled = halves(negative_prompt)
+        length = max(p.shape[1] for p in parts + negative_parts)
+        embeds, negative = joined(parts, length), joined(negative_parts, length)
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled}

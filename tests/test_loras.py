@@ -1,0 +1,141 @@
+"""LoRA add-ons on the embedded model: named in the prompt as A1111 does, applied per stage lease and removed
+after, in kohya and diffusers formats, written into the PNG and read back."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import EMBEDDED, save_as_kohya, save_random_lora, save_tiny_sd2
+
+from studio.errors import InvalidRequest
+from studio.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
+from studio.loras import LORA, addnet_hash, load_loras
+from studio.metadata import parse_parameters
+from studio.presets import load_presets, load_styles
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    save_random_lora(EMBEDDED, folder / "rand.safetensors", seed=0)
+    save_as_kohya(folder / "rand.safetensors", folder / "rand_kohya.safetensors")
+    save_random_lora(EMBEDDED, folder / "other.safetensors", seed=1, text_encoder=False)
+    sd2 = save_tiny_sd2(tmp_path_factory.mktemp("sd2") / "tiny-sd2")
+    save_random_lora(sd2, folder / "for_sd2.safetensors", seed=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_engine(stages, lora_folder):
+    return TextToImage(stages, load_presets(), load_styles(), RequestLimits(), version="test",
+                       loras=load_loras(lora_folder, None))
+
+
+def pixels(engine, prompt, seed=5, **fields):
+    request = TextToImageRequest(prompt=prompt, seed=seed, steps=8, width=64, height=64, **fields)
+    return np.asarray(engine.generate(request).images[0].image, dtype=np.int16)
+
+
+def has_peft_layers(model) -> bool:
+    return any("lora" in name for name, _ in model.named_modules())
+
+
+def test_a_lora_changes_the_image_and_leaves_the_shared_models_as_they_were(lora_engine, manager):
+    base = pixels(lora_engine, PROMPT)
+    with_lora = pixels(lora_engine, f"{PROMPT} <lora:rand:1>")
+    assert np.abs(with_lora - base).mean() > 2
+    assert np.array_equal(pixels(lora_engine, PROMPT), base)  # bit for bit: nothing of the LoRA stayed
+    loaded = [manager.loaded_object(key) for key in list(manager._entries)]
+    assert not any(has_peft_layers(model) for model in loaded if isinstance(model, torch.nn.Module)
+                   and not type(model).__name__ == "LoraWeights")
+
+
+def test_kohya_and_diffusers_files_of_one_lora_make_the_same_image(lora_engine):
+    diffusers_format = pixels(lora_engine, f"{PROMPT} <lora:rand:0.8>")
+    kohya_format = pixels(lora_engine, f"{PROMPT} <lora:rand_kohya:0.8>")
+    assert np.abs(diffusers_format - kohya_format).max() <= 1
+
+
+def test_weights_scale_the_lora_and_split_between_text_encoder_and_unet(lora_engine):
+    base = pixels(lora_engine, PROMPT)
+    assert np.array_equal(pixels(lora_engine, f"{PROMPT} <lora:rand:0>"), base)
+    half = np.abs(pixels(lora_engine, f"{PROMPT} <lora:rand:0.5>") - base).mean()
+    full = np.abs(pixels(lora_engine, f"{PROMPT} <lora:rand:1>") - base).mean()
+    assert 0 < half < full
+    text_only = pixels(lora_engine, f"{PROMPT} <lora:rand:1:0>")
+    unet_only = pixels(lora_engine, f"{PROMPT} <lora:rand:te=0:unet=1>")
+    assert not np.array_equal(text_only, base) and not np.array_equal(unet_only, base)
+    assert not np.array_equal(text_only, unet_only)
+
+
+def test_several_loras_apply_at_once(lora_engine):
+    one = pixels(lora_engine, f"{PROMPT} <lora:rand:1>")
+    other = pixels(lora_engine, f"{PROMPT} <lora:other:1>")
+    both = pixels(lora_engine, f"{PROMPT} <lora:rand:1> <lora:other:1>")
+    assert not np.array_equal(both, one) and not np.array_equal(both, other)
+
+
+def test_the_png_records_lora_hashes_as_a1111_does_and_reads_them_back(lora_engine, lora_folder):
+    typed = "a (red:1.2) circle <lora:rand:0.7>, on a blue background"
+    image = lora_engine.generate(TextToImageRequest(prompt=typed, seed=3, steps=4)).images[0]
+    params = parse_parameters(image.parameters)
+    assert params.prompt == typed  # as typed: the tag and the weights stay
+    assert params.extra["Lora hashes"] == f"rand: {addnet_hash(lora_folder / 'rand.safetensors')[:12]}"
+    assert 'Lora hashes: "rand: ' in image.parameters  # quoted, as A1111 writes a value with a colon
+    filled, notes = request_from_parameters(image.parameters, lora_engine.presets, TextToImageRequest(prompt=""),
+                                            loras=lora_engine.loras)
+    assert filled.prompt == typed and not notes
+    again = lora_engine.generate(filled).images[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(image.image))
+
+
+def test_a_png_whose_lora_is_missing_or_different_says_so(lora_engine):
+    text = ('a red circle <lora:gone:1> <lora:rand:1>\nSteps: 4, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 64x64, '
+            'Model: embedded, Lora hashes: "gone: 0123456789ab, rand: 000000000000"')
+    _, notes = request_from_parameters(text, lora_engine.presets, TextToImageRequest(prompt=""),
+                                       loras=lora_engine.loras)
+    assert any("gone" in note and "not in this studio" in note for note in notes)
+    assert any("rand" in note and "000000000000" in note for note in notes)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("a circle <lora:nope:1>", "Unknown LoRA 'nope'"),
+    ("a circle <lora:rand:lots>", "'lots' is not a weight"),
+    ("a circle <lora:rand:99>", "LoRA weights must be between -10 and 10"),
+    ("a circle <lora:for_sd2:1>", "made for a model with 32-wide text embeddings"),
+])
+def test_bad_lora_tags_get_a_clear_message(lora_engine, prompt, message):
+    with pytest.raises(InvalidRequest, match=message):
+        lora_engine.generate(TextToImageRequest(prompt=prompt, steps=2))
+
+
+def test_the_manager_counts_the_loras_weights(lora_engine, manager, lora_folder):
+    lora_engine.generate(TextToImageRequest(prompt=f"{PROMPT} <lora:rand:1>", seed=1, steps=2))
+    records = [record for record in manager.status().models if record.kind == LORA]
+    expected = sum(tensor.numel() * 4 for tensor in
+                   __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+                       lora_folder / "rand.safetensors").values())
+    assert [record.size for record in records if record.source.endswith("rand.safetensors")] == [expected]
+
+
+def test_a_lora_never_reaches_another_visitors_image_between_turns(lora_engine):
+    """Two jobs at once take turns on the shared models, image by image: the one without a LoRA gets exactly
+    what it gets alone."""
+    alone = [pixels(lora_engine, PROMPT, seed=seed) for seed in (11, 12, 13)]
+    results = {}
+
+    def run(name, prompt):
+        request = TextToImageRequest(prompt=prompt, seed=11, steps=8, batch_size=3)
+        results[name] = [np.asarray(image.image, dtype=np.int16) for image in lora_engine.generate(request).images]
+
+    threads = [threading.Thread(target=run, args=("lora", f"{PROMPT} <lora:rand:1>")),
+               threading.Thread(target=run, args=("plain", PROMPT))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(np.array_equal(a, b) for a, b in zip(results["plain"], alone))
+    assert not np.array_equal(results["lora"][0], alone[0])
