@@ -175,13 +175,16 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
 
     for match in _ATTENTION_TOKEN.finditer(text):
         token, weight = match.group(0), match.group(1)
+        if weight is not None and not _is_number(weight):  # ":..)" (A1111 crashes): the text, then a bracket
+            fragments.append([token[:-1], 1.0])
+            token, weight = ")", None
         if token.startswith("\\"):
             fragments.append([token[1:], 1.0])
         elif token == "(":
             open_round.append(len(fragments))
         elif token == "[":
             open_square.append(len(fragments))
-        elif weight is not None and open_round and _is_number(weight):
+        elif weight is not None and open_round:
             scale_from(open_round.pop(), float(weight))
         elif token == ")" and open_round:
             scale_from(open_round.pop(), ROUND_BRACKET)

@@ -118,11 +118,6 @@ def test_a_finished_image_is_not_marked(engine):
     assert "Stopped at step" not in result.images[0].parameters
 
 
-def test_long_prompts_are_truncated_with_a_warning(engine):
-    result = engine.generate(request(prompt="a red circle " * 12))  # 36 word tokens; the embedded limit is 32
-    assert result.warnings and "tokens long" in result.warnings[0]
-
-
 @pytest.mark.parametrize(
     "overrides, message",
     [

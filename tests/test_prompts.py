@@ -1,0 +1,172 @@
+"""Prompts as A1111 users write them: its attention parser (checked against A1111's own documented examples),
+LoRA tags, and the chunked encoding of long prompts for SD and SDXL."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from tiny_models import EMBEDDED, save_tiny_sdxl
+
+from studio.errors import InvalidRequest
+from studio.generation import TextToImageRequest
+from studio.prompts import (
+    LoraUse,
+    encode_sd,
+    encode_sdxl,
+    parse_attention,
+    parse_prompt,
+    plain_text,
+    split_at_breaks,
+    with_lora,
+)
+
+CPU = torch.device("cpu")
+
+# The examples in the docstring of A1111's parse_prompt_attention (modules/prompt_parser.py), weights per fragment
+A1111_EXAMPLES = [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+]
+
+
+@pytest.mark.parametrize("text, expected", A1111_EXAMPLES)
+def test_the_attention_parser_gives_a1111s_documented_weights(text, expected):
+    parsed = parse_attention(text)
+    assert [fragment for fragment, _ in parsed] == [fragment for fragment, _ in expected]
+    assert [weight for _, weight in parsed] == pytest.approx([weight for _, weight in expected], rel=1e-12)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("((word))", [("word", 1.21)]),
+    ("(word:1.3)", [("word", 1.3)]),
+    ("[word]", [("word", 1 / 1.1)]),
+    ("[[word]]", [("word", 1 / 1.21)]),
+    ("a \\(b\\) c", [("a (b) c", 1.0)]),
+    ("x (y: 1.3)", [("x ", 1.0), ("y: 1.3", 1.1)]),  # A1111 reads a weight only right after the colon
+    ("(a:..)", [("a:..", 1.1)]),  # not a number: text (A1111 would crash on it)
+    ("", [("", 1.0)]),
+])
+def test_more_attention_cases(text, expected):
+    parsed = parse_attention(text)
+    assert [fragment for fragment, _ in parsed] == [fragment for fragment, _ in expected]
+    assert [weight for _, weight in parsed] == pytest.approx([weight for _, weight in expected])
+
+
+def test_break_splits_the_prompt_into_chunk_groups():
+    groups = split_at_breaks(parse_attention("a (red:1.3) circle BREAK on a blue background"))
+    assert groups == [[("a ", 1.0), ("red", 1.3), (" circle", 1.0)], [("on a blue background", 1.0)]]
+    # an empty chunk between two BREAKs, as A1111 makes
+    assert split_at_breaks(parse_attention("a BREAK BREAK b")) == [[("a", 1.0)], [("", 1.0)], [("b", 1.0)]]
+    assert split_at_breaks(parse_attention("BREAKING news")) == [[("BREAKING news", 1.0)]]  # a word of its own only
+
+
+def test_lora_tags_are_taken_out_in_a1111s_forms():
+    parsed = parse_prompt("a circle <lora:hexagon:0.8>, <lora:b> <lora:c:0.5:1> <lora:d:unet=0.3:te=1> "
+                          "<hypernet:h:1>")
+    assert parsed.loras == (LoraUse("hexagon", 0.8, 0.8), LoraUse("b", 1.0, 1.0), LoraUse("c", 0.5, 1.0),
+                            LoraUse("d", 1.0, 0.3))
+    assert parsed.ignored_tags == ("<hypernet:h:1>",)
+    assert "<" not in parsed.text and parsed.plain == "a circle ,"
+    assert parse_prompt("<lora:a:1> <lora:a:0.2>").loras == (LoraUse("a", 0.2, 0.2),)  # the last one counts
+    with pytest.raises(InvalidRequest, match="'x' is not a weight"):
+        parse_prompt("<lora:a:x>")
+    with pytest.raises(InvalidRequest, match="not a LoRA setting"):
+        parse_prompt("<lora:a:foo=1>")
+
+
+def test_the_picker_writes_or_updates_a_tag():
+    assert with_lora("a circle", LoraUse("hexagon", 0.8, 0.8)) == "a circle <lora:hexagon:0.8>"
+    assert with_lora("a <lora:hexagon:1> circle", LoraUse("hexagon", 0.5, 0.5)) == "a <lora:hexagon:0.5> circle"
+    assert with_lora("", LoraUse("x", 1, 1)) == "<lora:x:1>"
+
+
+def test_plain_text_drops_the_syntax():
+    assert plain_text("a (red:1.3) circle, [blue] background <lora:x:1> BREAK ((sharp))") == \
+        "a red circle, blue background sharp"
+
+
+@pytest.fixture(scope="module")
+def sd_pipe():
+    return StableDiffusionPipeline.from_pretrained(EMBEDDED, safety_checker=None)
+
+
+def test_a_plain_prompt_encodes_as_diffusers_does(sd_pipe):
+    with torch.inference_mode():
+        embeds, negative = sd_pipe.encode_prompt("a red circle on a blue background", CPU, 1, True, "a square")
+        ours = encode_sd(sd_pipe, "a red circle on a blue background", "a square", True, 1, CPU)
+    assert torch.equal(ours["prompt_embeds"], embeds) and torch.equal(ours["negative_prompt_embeds"], negative)
+
+
+def test_a_weight_changes_only_its_words_embedding(sd_pipe):
+    with torch.inference_mode():
+        plain = encode_sd(sd_pipe, "a red circle", "", False, 1, CPU)["prompt_embeds"]
+        weighted = encode_sd(sd_pipe, "a (red:1.5) circle", "", False, 1, CPU)["prompt_embeds"]
+    changed = (weighted - plain).abs().amax(-1)[0]
+    assert changed[2] > 0.1 and changed[[0, 1, 3, 4]].max() == 0  # <start> a red circle <end>
+
+
+def test_long_prompts_are_encoded_in_chunks_not_cut(sd_pipe):
+    window = sd_pipe.tokenizer.model_max_length  # 32 for the embedded model (77 for SD)
+    words = ", ".join(["a red circle on a blue background"] * 6)  # about 50 tokens
+    with torch.inference_mode():
+        long = encode_sd(sd_pipe, words, "", True, 1, CPU)
+        changed_at_end = encode_sd(sd_pipe, words[: -len("background")] + "square", "", True, 1, CPU)
+    assert long["prompt_embeds"].shape == (1, 2 * window, 64)
+    assert long["negative_prompt_embeds"].shape == long["prompt_embeds"].shape  # padded to batch under CFG
+    first, second = slice(0, window), slice(window, 2 * window)
+    assert torch.equal(long["prompt_embeds"][:, first], changed_at_end["prompt_embeds"][:, first])
+    assert not torch.equal(long["prompt_embeds"][:, second], changed_at_end["prompt_embeds"][:, second])
+
+
+def test_break_starts_a_new_chunk(sd_pipe):
+    window = sd_pipe.tokenizer.model_max_length
+    with torch.inference_mode():
+        broken = encode_sd(sd_pipe, "a red circle BREAK on a blue background", "", False, 1, CPU)["prompt_embeds"]
+        alone = encode_sd(sd_pipe, "on a blue background", "", False, 1, CPU)["prompt_embeds"]
+    assert broken.shape[1] == 2 * window
+    assert torch.equal(broken[:, window:], alone)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(tmp_path_factory):
+    folder = save_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl")
+    return StableDiffusionXLPipeline.from_pretrained(folder)
+
+
+def test_sdxl_plain_prompts_encode_as_diffusers_does(sdxl_pipe):
+    with torch.inference_mode():
+        expected = sdxl_pipe.encode_prompt("a red circle", device=CPU, num_images_per_prompt=1,
+                                           do_classifier_free_guidance=True, negative_prompt="a blue square")
+        ours = encode_sdxl(sdxl_pipe, "a red circle", "a blue square", True, CPU)
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    for name, tensor in zip(names, expected):
+        assert torch.allclose(ours[name], tensor, atol=1e-5), name
+
+
+def test_sdxl_long_prompts_use_both_encoders_chunk_by_chunk_and_pool_the_first_chunk(sdxl_pipe):
+    window = sdxl_pipe.tokenizer.model_max_length
+    words = ", ".join(["a red circle on a blue background"] * 6)
+    changed_at_end = words[: -len("background")] + "square"
+    with torch.inference_mode():
+        long = encode_sdxl(sdxl_pipe, words, "", True, CPU)
+        changed = encode_sdxl(sdxl_pipe, changed_at_end, "", True, CPU)
+        first_chunk = encode_sdxl(sdxl_pipe, words, "", False, CPU)
+    assert long["prompt_embeds"].shape == (1, 2 * window, 32 + 48)  # both encoders' widths side by side
+    assert torch.equal(long["pooled_prompt_embeds"], changed["pooled_prompt_embeds"])  # the first chunk's
+    assert not torch.equal(long["prompt_embeds"][:, window:], changed["prompt_embeds"][:, window:])
+    assert torch.equal(first_chunk["pooled_prompt_embeds"], long["pooled_prompt_embeds"])
+    # SDXL's "no negative prompt" is zeros (force_zeros_for_empty_prompt), the prompt's length
+    assert torch.count_nonzero(long["negative_prompt_embeds"]) == 0
+    assert long["negative_prompt_embeds"].shape == long["prompt_embeds"].shape
+
+
+def test_the_engine_encodes_weights_and_keeps_the_prompt_as_typed(engine):
+    typed = "a (red:1.3) circle, [blue] background BREAK " + ", ".join(["a red circle on a blue background"] * 5)
+    result = engine.generate(TextToImageRequest(prompt=typed, seed=4, steps=4))
+    assert result.images[0].parameters.split("\n")[0] == typed
+    assert not [warning for warning in result.warnings if "tokens" in warning]  # nothing was cut
