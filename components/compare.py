@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from components.lora_picker import build_lora_picker
 from components.running import JobRunner, user_error
 from studio.axes import AXIS_TYPES, NO_AXIS, build_grid
 from studio.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
@@ -47,6 +48,7 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1)
+            build_lora_picker(comparison.text_to_image.loras, prompt)
             seed = gr.Number(-1, label="Seed (-1 = random; the same for every cell unless Seed is an axis)", precision=0)
             axes = []
             for name, default_type, default_values in (("X", "Sampler", "Euler, DDIM"), ("Y", "Steps", "10, 20"),

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from components.history import build_history
+from components.lora_picker import build_lora_picker
 from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest, StudioError
@@ -123,6 +124,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                                 elem_id="inpaint-prompt")
             prompt_note = gr.Markdown(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
+            build_lora_picker(engine.loras, prompt)
             with gr.Row():
                 generate = gr.Button("Inpaint", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)

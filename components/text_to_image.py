@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from components.history import build_history
+from components.lora_picker import build_lora_picker
 from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
 from studio.errors import InvalidRequest, StudioError
@@ -90,6 +91,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background", autofocus=True)
             prompt_note = gr.Markdown(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
+            build_lora_picker(engine.loras, prompt)
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)

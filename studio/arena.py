@@ -31,6 +31,7 @@ from .jobs import MAX_SECONDS, JobControl, LocalJob
 from .leaderboard import CHOICES, Leaderboard, leaderboard
 from .metrics import ClipScorer
 from .presets import PRESETS_DIR
+from .prompts import plain_text
 from .sessions import RateLimiter
 from .votes import StoredBattle, VoteStore, owner_of
 
@@ -188,7 +189,7 @@ class Arena:
         scores = (None, None)
         if self.clip is not None:
             try:
-                scores = tuple(self.clip.scores(images, [plan.prompt] * 2))
+                scores = tuple(self.clip.scores(images, [plain_text(plan.prompt)] * 2))  # CLIP reads words alone
             except StudioError:  # the battle stands without them; the CLIP column counts scored battles only
                 scores = (None, None)
         return ArenaImages(images[0], images[1], scores)

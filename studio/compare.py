@@ -19,6 +19,7 @@ from .axes import NO_AXIS, Cell, GridSpec, build_grid, value_text
 from .errors import InvalidRequest, StudioError
 from .generation import GeneratedImage, ProgressCallback, SamplingPlan, TextToImage, TextToImageRequest, resolve_seed
 from .grids import draw_grid
+from .prompts import plain_text
 from .hires import HiresFix
 from .jobs import MAX_SECONDS, OVERHEAD_SECONDS, JobControl, LocalJob
 from .metrics import ClipScorer
@@ -176,6 +177,8 @@ class Comparison:
                 if key not in seen:
                     stack.enter_context(self.text_to_image.model_files(cell_plan, on_progress))
                     seen[key] = cell_plan
+                else:  # the preset's files are there: only the cell's LoRAs (the same files, read once)
+                    self.text_to_image.resolve_loras(cell_plan, stack, on_progress)
                 cell_plan.model_hash = seen[key].model_hash
             yield
 
@@ -204,7 +207,9 @@ class Comparison:
         if self.clip is not None and scored:
             job.report(total, total, f"CLIP scores ({self.clip.label})")
             try:
-                scores = self.clip.scores([item.image.image for item in scored], [plan.request.prompt] * len(scored))
+                # the words alone: CLIP reads no weights, BREAKs or LoRA tags
+                text = plain_text(plan.request.prompt)
+                scores = self.clip.scores([item.image.image for item in scored], [text] * len(scored))
             except StudioError as error:  # the cells are kept, unscored
                 result.warnings.append(f"The cells could not be scored: {str(error).splitlines()[0]}")
             else:

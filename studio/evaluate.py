@@ -22,6 +22,7 @@ like app.py: it builds its own ModelManager on its process's device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -65,6 +66,7 @@ from .metrics import (
 from .model_kinds import CLIP, INCEPTION, ClipLoader, InceptionLoader
 from .pipelines import DiffusersModels, DiffusionStages, HubAccess, diffusers_loaders
 from .presets import PRESETS_DIR, PresetCatalog, load_presets, load_styles
+from .prompts import plain_text
 
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the interval is part of the report, which must be the same file on every run
@@ -202,12 +204,15 @@ class Evaluator:
                 for task in group:
                     plan = plans[task]
                     plan.model_hash = plans[group[0]].model_hash
+                    with contextlib.ExitStack() as protected:  # the task's own LoRAs, if its prompt names any
+                        self.text_to_image.resolve_loras(plan, protected)
                     made = self.text_to_image.run(plan).images[0]
                     path = self.out / task.image
                     path.parent.mkdir(parents=True, exist_ok=True)
                     save_png(made.image, path, made.parameters)
-                    rows.append(Row(task, self.clip.scores([made.image], [task.prompt])[0],
-                                    check_prompt(made.image, task.prompt) if judged else None,
+                    words = plain_text(task.prompt)  # without weights, BREAKs or LoRA tags
+                    rows.append(Row(task, self.clip.scores([made.image], [words])[0],
+                                    check_prompt(made.image, words) if judged else None,
                                     self.features.features([made.image]) if self.features else None))
                     log(f"{len(rows)}/{len(tasks)} {task.image}")
         return rows

@@ -17,14 +17,14 @@ import logging
 import re
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from .downloads import DownloadRequest, HubDownloads
+from .downloads import DownloadRequest, HubDownloads, download_command
 from .errors import InvalidRequest, ModelUnavailable
 from .memory import ModelKey
 from .prompts import LoraUse
@@ -100,7 +100,13 @@ class LoraCatalog:
             if not path.is_file():
                 raise ModelUnavailable(f"{preset.label}: the file {path} is missing.")
             return path
-        snapshot = (downloads or HubDownloads()).ensure(preset.download, on_progress)
+        downloads = downloads or HubDownloads()
+        if downloads.is_offline() and not downloads.is_cached(preset.download):
+            raise ModelUnavailable(
+                f"{preset.label} is a file in the Hub repo {preset.repo}, not downloaded yet, and the Hub cannot be "
+                f"reached. Connect to the internet, pre-download it with `{download_command(preset.download)}`, or "
+                f"take <lora:{name}:…> out of the prompt.")
+        snapshot = downloads.ensure(preset.download, on_progress)
         return Path(snapshot) / preset.file
 
     def short_hash(self, path: Path) -> str:
@@ -360,9 +366,3 @@ def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
 
-
-@dataclass
-class LoraSizes:
-    """Bytes of the LoRAs a stage holds (for its working memory: PEFT copies them into its layers)."""
-
-    by_key: dict[ModelKey, int] = field(default_factory=dict)

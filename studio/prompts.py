@@ -8,9 +8,10 @@
 - extra networks: `<lora:name>`, `<lora:name:0.8>`, `<lora:name:te:unet>` (`te=`/`unet=` by name too) are
   taken out of the text, as A1111 does, and applied as LoRA add-ons.
 
-The parsing is A1111's (tests/test_prompts.py checks its documented examples). The encoding is compel's, handed
-the parsed fragments and their weights: prompts longer than the window are encoded chunk by chunk and
-concatenated (SD 1.x/2.x and SDXL's two encoders; SDXL's pooled embedding is the first chunk's).
+The parsing is A1111's (tests/test_prompts.py checks its documented examples). compel tokenizes the parsed
+fragments and cuts prompts longer than the window into chunks, which are encoded one by one and concatenated
+(SD 1.x/2.x, and SDXL's two encoders, whose pooled embedding is the first chunk's); each chunk is weighted as
+A1111 weights it.
 """
 
 from __future__ import annotations
@@ -276,15 +277,31 @@ def _compel(tokenizer, text_encoder, device, embeddings_type, requires_pooled: b
 
 
 def _conditioning(compel, groups: list[list[tuple[str, float]]]) -> torch.Tensor:
-    """Each BREAK group encoded in chunks of the window (compel), the chunks concatenated: (1, n × window, dim)."""
-    from compel.prompt_parser import FlattenedPrompt, Fragment
-
+    """Each BREAK group tokenized and cut into windows by compel (at a sentence or phrase end where it can), each
+    window encoded and weighted as A1111 does, the windows concatenated: (1, n × window, dim)."""
+    provider = compel.conditioning_provider
+    window = provider.max_token_count
     tensors = []
     for group in groups:
-        prompt = FlattenedPrompt([Fragment(text, weight) for text, weight in group] or [Fragment("", 1.0)])
-        (tensor, _tokens), _options = compel.build_conditioning_tensor_for_prompt_object(prompt)
-        tensors.append(tensor if tensor.dim() == 3 else tensor.unsqueeze(0))
+        texts, weights = [text for text, _ in group] or [""], [weight for _, weight in group] or [1.0]
+        token_ids, token_weights, mask = provider.get_token_ids_and_expand_weights(texts, weights, compel.device)
+        for start in range(0, len(token_ids), window):
+            chunk = slice(start, start + window)
+            z = provider._encode_token_ids_to_embeddings(token_ids[chunk].unsqueeze(0), mask[chunk].unsqueeze(0))
+            tensors.append(a1111_emphasis(z, token_weights[chunk]))
     return torch.cat(tensors, dim=1)
+
+
+def a1111_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's weighting ("Original" emphasis): each token's embedding times its weight, then the whole window
+    scaled back to its mean before weighting. compel's own weighting (pushing a token away from the empty
+    prompt's embedding, and re-encoding without it to weaken it) moved the embedded model's colours the asked
+    way less often (bench/prompt_weights.py), and is not what A1111 users wrote their prompts for."""
+    if bool(torch.all(weights == 1)):
+        return z  # bit for bit what the text encoder gave (a plain prompt encodes exactly as diffusers does)
+    original_mean = z.mean()
+    weighted = z * weights.to(z.device, z.dtype).reshape(1, -1, 1)
+    return weighted * (original_mean / weighted.mean())
 
 
 def _pad_to(compel, tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -139,3 +139,16 @@ def test_a_lora_never_reaches_another_visitors_image_between_turns(lora_engine):
         thread.join()
     assert all(np.array_equal(a, b) for a, b in zip(results["plain"], alone))
     assert not np.array_equal(results["lora"][0], alone[0])
+
+
+def test_a_hub_lora_offline_gives_a_clear_error_naming_it(stages, tmp_path):
+    from studio.downloads import HubDownloads
+
+    catalog = load_loras(None)  # presets/loras.yaml: Hub entries only
+    engine = TextToImage(stages, load_presets(), load_styles(), RequestLimits(), version="test", loras=catalog,
+                         downloads=HubDownloads(tmp_path / "hub", offline=lambda: True))
+    with pytest.raises(Exception, match=r"LoRA lcm-sd15 is a file in the Hub repo latent-consistency/lcm-lora-sdv1-5.*"
+                                        r"hf download latent-consistency/lcm-lora-sdv1-5"):
+        engine.generate(TextToImageRequest(prompt="a red circle <lora:lcm-sd15:1>", steps=2))
+    # everything else keeps working
+    assert engine.generate(TextToImageRequest(prompt="a red circle", steps=2)).images

@@ -102,12 +102,18 @@ def test_a_plain_prompt_encodes_as_diffusers_does(sd_pipe):
     assert torch.equal(ours["prompt_embeds"], embeds) and torch.equal(ours["negative_prompt_embeds"], negative)
 
 
-def test_a_weight_changes_only_its_words_embedding(sd_pipe):
+def test_a_weight_scales_its_words_embedding_as_a1111_does(sd_pipe):
+    """A1111's "Original" emphasis: the token's embedding times its weight, then the window scaled back to the
+    mean it had."""
     with torch.inference_mode():
         plain = encode_sd(sd_pipe, "a red circle", "", False, 1, CPU)["prompt_embeds"]
         weighted = encode_sd(sd_pipe, "a (red:1.5) circle", "", False, 1, CPU)["prompt_embeds"]
-    changed = (weighted - plain).abs().amax(-1)[0]
-    assert changed[2] > 0.1 and changed[[0, 1, 3, 4]].max() == 0  # <start> a red circle <end>
+    multipliers = torch.ones(plain.shape[1])
+    multipliers[2] = 1.5  # <start> a red circle <end> ...
+    expected = plain * multipliers.reshape(1, -1, 1)
+    expected = expected * (plain.mean() / expected.mean())
+    assert torch.allclose(weighted, expected, atol=1e-6)
+    assert (weighted - plain)[0, 2].abs().max() > 0.5
 
 
 def test_long_prompts_are_encoded_in_chunks_not_cut(sd_pipe):
