@@ -29,7 +29,7 @@ def build_lora_picker(catalog: LoraCatalog, prompt: gr.Textbox) -> None:
             name = gr.Dropdown(lora_choices(catalog), value=catalog.names[0], label="LoRA", scale=3)
             weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2)
             add = gr.Button("Add to prompt", scale=1, min_width=120)
-        gr.Markdown(HELP, elem_classes="prompt-hint")
+        gr.Markdown(HELP, elem_classes="lora-help")
 
     def add_tag(text: str, chosen: str, value: float) -> str:
         if chosen not in catalog:

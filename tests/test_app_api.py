@@ -69,6 +69,26 @@ def test_text_to_image_returns_pngs_with_parameters_and_seeds(client):
     assert info.startswith("a red circle on a blue background\nSteps: 10")
 
 
+def test_a1111_prompts_with_a_lora_through_the_api_and_in_inpaint(client, tmp_path):
+    """Weights, BREAK and <lora:...> work in every generating endpoint; the PNG keeps the prompt as typed and
+    records the LoRA's hash as A1111 does."""
+    typed = "a (red:1.2) hexagon BREAK on a [blue] background <lora:hexagon:0.9>"
+    gallery, _, info = text_to_image(client, prompt=typed, seed=5)
+    with Image.open(gallery[0]["image"]) as image:
+        params = parse_parameters(image.info["parameters"])
+    assert params.prompt == typed and params.extra["Lora hashes"].startswith("hexagon: ")
+    assert info.startswith(typed + "\n")
+    # the same prompt syntax in the Inpaint tab's endpoint
+    picture_and_mask(tmp_path)
+    gallery, _, _ = client.predict(image=handle_file(tmp_path / "image.png"), mask=handle_file(tmp_path / "mask.png"),
+                                   **(INPAINT | {"prompt": typed}), api_name="/inpaint")
+    with Image.open(gallery[0]["image"]) as image:
+        assert image.info["parameters"].startswith(typed + "\n")
+        assert 'Lora hashes: "hexagon: ' in image.info["parameters"]
+    with pytest.raises(Exception, match="Unknown LoRA 'nope'"):
+        text_to_image(client, prompt="a red circle <lora:nope:1>")
+
+
 def test_hires_fix_through_the_api_makes_the_larger_png_with_a1111s_fields(client):
     gallery, seeds, info = text_to_image(client, seed=3, hires_fix=True, hires_upscaler="embedded-rrdbnet-x4",
                                          hires_upscale=2, hires_steps=8, denoising_strength=0.4)

@@ -1,6 +1,7 @@
 """Prompts as A1111 users write them: its attention parser (checked against A1111's own documented examples),
 LoRA tags, and the chunked encoding of long prompts for SD and SDXL."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -176,3 +177,22 @@ def test_the_engine_encodes_weights_and_keeps_the_prompt_as_typed(engine):
     result = engine.generate(TextToImageRequest(prompt=typed, seed=4, steps=4))
     assert result.images[0].parameters.split("\n")[0] == typed
     assert not [warning for warning in result.warnings if "tokens" in warning]  # nothing was cut
+
+
+def test_an_up_weighted_colour_moves_the_embedded_models_shape_towards_it(engine):
+    """"a red yellow circle" comes out orange. Up-weighting yellow rather than red must make it yellower (more
+    green in the shape's pixels, read with the oracle's shape mask) for most seeds; weights that did nothing would
+    split the seeds about evenly. bench/prompt_weights.py measures the same on other seeds."""
+    from studio.embedded.oracle import background_colour, shape_mask
+
+    preset = engine.presets.get("embedded")
+
+    def green(prompt: str, seed: int) -> float:
+        image = engine.generate(TextToImageRequest.preset_defaults(preset, prompt, seed)).images[0].image
+        pixels = np.asarray(image, dtype=np.float32)
+        return float(pixels[shape_mask(pixels, background_colour(pixels))][:, 1].mean())
+
+    seeds = range(3000, 3012)
+    asked_way = sum(green("a red (yellow:1.5) circle on a white background", seed)
+                    > green("a (red:1.5) yellow circle on a white background", seed) for seed in seeds)
+    assert asked_way >= 10, f"yellow-up greener than red-up in only {asked_way}/12 seeds"

@@ -248,3 +248,29 @@ def test_a_compare_grid_runs_in_the_worker_with_its_clip_scores_and_stop_keeps_f
     assert stopped.interrupted
     kept = [c for c in stopped.cells if c.image is not None]
     assert 1 <= len(kept) < 4, [c.image for c in stopped.cells]
+
+
+def test_a_lora_is_placed_at_start_applied_in_the_worker_and_removed_there(zerogpu):
+    """On ZeroGPU the LoRAs are placed with the presets at start (nothing may load in the worker); the worker keeps
+    its models between calls, so a LoRA must leave them as they were there too."""
+    studio, runner, on_device, fake = zerogpu
+    engine = studio.text_to_image
+    engine.loras = app.preload_loras(studio.manager, engine.models, engine.downloads, engine.presets, engine.loras)
+    assert "hexagon" in engine.loras.names
+
+    def in_worker(prompt):
+        plan = engine.plan(request(prompt=prompt))
+        job = runner.board.open("visitor", "text-to-image")
+        with engine.model_files(plan):
+            result = on_device(plan, job.slot)
+        runner.board.close(job)
+        return result.images[0]
+
+    with_lora = in_worker("a red hexagon on a blue background <lora:hexagon:1>")
+    plain = in_worker("a red hexagon on a blue background")
+    assert fake.observed[-1] == 0  # the LoRA was not loaded in the worker
+    assert "Lora hashes: " in with_lora.parameters and "Lora hashes" not in plain.parameters
+    here = engine.generate(request(prompt="a red hexagon on a blue background"))
+    difference = np.abs(np.asarray(plain.image, dtype=int) - np.asarray(here.images[0].image, dtype=int))
+    assert difference.max() <= 2  # the worker's models carry no LoRA after the call that had one
+    assert np.abs(np.asarray(with_lora.image, dtype=int) - np.asarray(plain.image, dtype=int)).mean() > 2

@@ -1,0 +1,52 @@
+"""What a LoRA costs per image: it is loaded into the models as PEFT adapters for each stage and removed after.
+
+Times a batch of images on the embedded model through the studio's engine, without a LoRA and with one (the
+shipped loras/hexagon.safetensors, or --lora), alternating, and prints the ratio with/without, and the time the
+adapters take per image (load + remove for the encode and denoise stages).
+
+    python bench/lora_overhead.py [--images 8] [--rounds 3] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import app  # noqa: E402
+from studio.generation import TextToImageRequest  # noqa: E402
+from studio.presets import load_presets  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lora", default="hexagon")
+    args = parser.parse_args()
+    engine, _ = app.local_engines(load_presets())
+    prompt = "a red hexagon on a blue background"
+
+    def seconds(text: str) -> float:
+        request = TextToImageRequest(prompt=text, seed=1, steps=args.steps, batch_size=args.images)
+        start = time.perf_counter()
+        engine.generate(request)
+        return time.perf_counter() - start
+
+    seconds(f"{prompt} <lora:{args.lora}:1>")  # warm: models and the LoRA loaded once
+    plain, with_lora = [], []
+    for _ in range(args.rounds):
+        plain.append(seconds(prompt))
+        with_lora.append(seconds(f"{prompt} <lora:{args.lora}:1>"))
+    best_plain, best_lora = min(plain), min(with_lora)
+    print(f"{args.images} images of {args.steps} steps, best of {args.rounds}: without {best_plain:.2f} s, "
+          f"with LoRA {best_lora:.2f} s; ratio {best_lora / best_plain:.3f}; "
+          f"{(best_lora - best_plain) / args.images * 1000:.0f} ms per image for the adapters")
+
+
+if __name__ == "__main__":
+    main()
