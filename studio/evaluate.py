@@ -204,9 +204,9 @@ class Evaluator:
                 for task in group:
                     plan = plans[task]
                     plan.model_hash = plans[group[0]].model_hash
-                    with contextlib.ExitStack() as protected:  # the task's own LoRAs, if its prompt names any
+                    with contextlib.ExitStack() as protected:  # the task's own LoRAs, kept while it runs
                         self.text_to_image.resolve_loras(plan, protected)
-                    made = self.text_to_image.run(plan).images[0]
+                        made = self.text_to_image.run(plan).images[0]
                     path = self.out / task.image
                     path.parent.mkdir(parents=True, exist_ok=True)
                     save_png(made.image, path, made.parameters)

@@ -28,7 +28,16 @@ from .hires import (
 )
 from .jobs import MAX_SECONDS as MAX_GPU_SECONDS
 from .jobs import JobControl, LocalJob, gpu_seconds
-from .loras import AppliedLora, LoraCatalog, check_lora_uses, context_width, family_mismatch, lora_key, vocabulary_of
+from .loras import (
+    AppliedLora,
+    LoraCatalog,
+    check_lora_uses,
+    context_width,
+    family_mismatch,
+    layer_kinds,
+    lora_key,
+    vocabulary_of,
+)
 from .metadata import format_parameters, parse_parameters
 from .pipelines import (
     Conditioning,
@@ -406,8 +415,10 @@ class SamplingEngine:
             mismatch = family_mismatch(use.name, context_width(path), model_width, plan.preset.label)
             if mismatch:
                 raise InvalidRequest([mismatch])
+            text_encoder_layers, unet_layers = layer_kinds(path)
             applied.append(AppliedLora(use.name, lora_key(path, architecture(plan.preset)), use.text_encoder_weight,
-                                       use.unet_weight, self.loras.short_hash(path)))
+                                       use.unet_weight, self.loras.short_hash(path), text_encoder_layers,
+                                       unet_layers))
         plan.loras = tuple(applied)
         if applied:
             plan.parameters_extra["Lora hashes"] = ", ".join(f"{lora.name}: {lora.short_hash}" for lora in applied)
@@ -803,7 +814,11 @@ def lora_notes(hashes: str, loras: LoraCatalog) -> list[str]:
             continue
         preset = loras.get(name)
         if preset.repo is None:
-            here = loras.short_hash(Path(preset.file))
+            try:
+                here = loras.short_hash(Path(preset.file))
+            except OSError:
+                notes.append(f"LoRA {name!r}'s file {preset.file} cannot be read now.")
+                continue
             if written and here != written:
                 notes.append(f"LoRA {name!r} here has hash {here}; the image was made with hash {written}, another "
                              "version of it: the result will differ.")

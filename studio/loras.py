@@ -216,6 +216,18 @@ class AppliedLora:
     text_encoder_weight: float
     unet_weight: float
     short_hash: str = ""
+    text_encoder_layers: bool = True  # whether it has any: a stage leases only the LoRAs it applies
+    unet_layers: bool = True
+
+
+def layer_kinds(path: Path) -> tuple[bool, bool]:
+    """(has text-encoder layers, has UNet layers), from the key names in the file's header (kohya or diffusers)."""
+    from .pipelines import safetensors_header
+
+    keys = [key for key in safetensors_header(path) if key != "__metadata__"]
+    text_encoder = any(key.startswith(("lora_te", "text_encoder", "te_", "te1_", "te2_")) for key in keys)
+    unet = any(not key.startswith(("lora_te", "text_encoder", "te_", "te1_", "te2_")) for key in keys)
+    return text_encoder, unet
 
 
 def lora_key(path: Path, architecture: str) -> ModelKey:
@@ -283,14 +295,14 @@ def adapters_applied(loras: list[tuple[AppliedLora, LoraWeights]], models: Mappi
     touched: list[tuple[str, Any]] = []
     try:
         for role, model in models.items():
+            if role not in ("unet", *TEXT_ENCODER_PREFIXES[architecture]):
+                continue
+            touched.append((role, model))  # before loading: a LoRA that fails half way is removed too
             if role == "unet":
                 names, weights = _load_into_unet(model, loras)
-            elif role in TEXT_ENCODER_PREFIXES[architecture]:
-                names, weights = _load_into_text_encoder(model, role, loras)
             else:
-                continue
+                names, weights = _load_into_text_encoder(model, role, loras)
             if names:
-                touched.append((role, model))
                 _activate(role, model, names, weights)
         yield
     finally:
@@ -298,16 +310,17 @@ def adapters_applied(loras: list[tuple[AppliedLora, LoraWeights]], models: Mappi
             _remove_adapters(role, model)
 
 
-def adapter_name(lora: AppliedLora) -> str:
-    return re.sub(r"\W", "_", f"studio_{lora.name}")
+def adapter_name(index: int) -> str:
+    """By position in the prompt: two LoRA names never become one adapter name."""
+    return f"studio_lora_{index}"
 
 
 def _load_into_unet(unet, loras) -> tuple[list[str], list[float]]:
     names, weights = [], []
-    for lora, lora_weights in loras:
+    for index, (lora, lora_weights) in enumerate(loras):
         if not lora_weights.has("unet"):
             continue
-        name = adapter_name(lora)
+        name = adapter_name(index)
         try:
             unet.load_lora_adapter(lora_weights.tensors(), prefix="unet", network_alphas=lora_weights.network_alphas,
                                    adapter_name=name, metadata=lora_weights.metadata)
@@ -326,10 +339,10 @@ def _load_into_text_encoder(encoder, prefix: str, loras) -> tuple[list[str], lis
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     names, weights = [], []
-    for lora, lora_weights in loras:
+    for index, (lora, lora_weights) in enumerate(loras):
         if not lora_weights.has(prefix):
             continue
-        name = adapter_name(lora)
+        name = adapter_name(index)
         try:
             StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
                 lora_weights.tensors(), lora_weights.network_alphas, encoder, prefix=prefix, adapter_name=name,
@@ -352,7 +365,10 @@ def _activate(role: str, model, names: list[str], weights: list[float]) -> None:
 
 
 def _remove_adapters(role: str, model) -> None:
-    """Every PEFT layer out of the model: it is the same module objects as before the lease."""
+    """Every PEFT layer out of the model: it is the same module objects as before the lease. Safe on a model
+    that got none (a LoRA that failed to load)."""
+    if not getattr(model, "peft_config", None) and not any("lora" in name for name, _ in model.named_modules()):
+        return
     if role == "unet":
         model.unload_lora()
     else:

@@ -616,12 +616,14 @@ class DiffusionStages:
     # ----- plans: what each stage holds (the device planner in bench/ runs these same plans) -----
 
     def plan_encode(self, preset, task: str, guidance: bool, loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
+        loras = tuple(lora for lora in loras if lora.text_encoder_layers)  # only those with layers to apply here
         return StagePlan("encode", self.models.stage_keys(preset, task, "encode") | self._lora_keys(loras),
                          text_encoder_working_memory(2 if guidance else 1, self.manager.dtype)
                          + self._lora_bytes(loras))
 
     def plan_denoise(self, preset, task: str, width: int, height: int, guidance: bool, tiled: bool = False,
                      loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
+        loras = tuple(lora for lora in loras if lora.unet_layers)
         working = unet_working_memory(width, height, 1, self.manager.dtype, guidance)
         if task != "text2img":  # the VAE encodes the init image first (its activations are gone before the UNet runs)
             working = max(working, self._vae_working_memory(preset, width, height, tiled))
@@ -667,7 +669,7 @@ class DiffusionStages:
         guidance = guidance_scale > 1
 
         def work(models, plan):
-            models, lora_weights = split_loras(models, loras)
+            models, lora_weights = split_loras(models, tuple(lora for lora in loras if lora.text_encoder_layers))
             pipe = self.models.assemble(preset, task, models)
             device = self.manager.device
             with adapters_applied(lora_weights, models, architecture(preset)), torch.inference_mode():
@@ -687,7 +689,7 @@ class DiffusionStages:
         """`call(pipe)` runs the pipeline with output_type="latent" and returns the latents. The LoRAs' UNet
         layers apply for this stage."""
         def work(models, plan):
-            models, lora_weights = split_loras(models, loras)
+            models, lora_weights = split_loras(models, tuple(lora for lora in loras if lora.unet_layers))
             pipe = self.models.assemble(preset, task, models)
             with vae_tiling(models.get("vae"), plan.vae_tiling), \
                     adapters_applied(lora_weights, {"unet": models["unet"]}, architecture(preset)):

@@ -224,8 +224,8 @@ def split_at_breaks(fragments: list[tuple[str, float]]) -> list[list[tuple[str, 
     """The fragments of each chunk group that BREAK separates."""
     groups: list[list[tuple[str, float]]] = [[]]
     for text, weight in fragments:
-        if weight == -1:  # BREAK (two in a row merge into one "BREAKBREAK" fragment, as in A1111)
-            groups.extend([] for _ in range(text.count(BREAK)))
+        if weight == -1 and text == BREAK:  # A1111's test: "(cat:-1)" is a weight, not a BREAK
+            groups.append([])
         else:
             groups[-1].append((text, weight))
     return groups
@@ -276,20 +276,73 @@ def _compel(tokenizer, text_encoder, device, embeddings_type, requires_pooled: b
                   returned_embeddings_type=embeddings_type, requires_pooled=requires_pooled)
 
 
+COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack": a window ends after a comma this close to its end
+
+
+def a1111_windows(token_ids: list[int], weights: list[float], length: int,
+                  comma_id: int | None) -> list[tuple[list[int], list[float]]]:
+    """A prompt's tokens cut into windows of `length` as A1111 cuts them: when a window is full and a comma is
+    among its last COMMA_BACKTRACK tokens, the window ends after the comma and the rest starts the next one."""
+    windows: list[tuple[list[int], list[float]]] = []
+    tokens: list[int] = []
+    token_weights: list[float] = []
+    last_comma = -1
+    for token, weight in zip(token_ids, weights):
+        if token == comma_id:
+            last_comma = len(tokens)
+        elif len(tokens) == length and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
+            cut = last_comma + 1
+            windows.append((tokens[:cut], token_weights[:cut]))
+            tokens, token_weights = tokens[cut:], token_weights[cut:]
+            last_comma = -1
+        if len(tokens) == length:
+            windows.append((tokens, token_weights))
+            tokens, token_weights, last_comma = [], [], -1
+        tokens.append(token)
+        token_weights.append(weight)
+    if tokens or not windows:  # A1111 drops an empty last window, but a prompt always has one
+        windows.append((tokens, token_weights))
+    return windows
+
+
 def _conditioning(compel, groups: list[list[tuple[str, float]]]) -> torch.Tensor:
-    """Each BREAK group tokenized and cut into windows by compel (at a sentence or phrase end where it can), each
-    window encoded and weighted as A1111 does, the windows concatenated: (1, n × window, dim)."""
+    """Each BREAK group tokenized (compel, fragment by fragment) and cut into windows as A1111 cuts them, each
+    window framed by start and end tokens, padded, encoded and weighted as A1111 does; the windows concatenated:
+    (1, n × window, dim)."""
     provider = compel.conditioning_provider
-    window = provider.max_token_count
+    tokenizer = provider.tokenizer
+    length = provider.max_token_count - 2  # room for <start> and <end>
+    comma_id = tokenizer.convert_tokens_to_ids(",</w>")
     tensors = []
-    for group in groups:
-        texts, weights = [text for text, _ in group] or [""], [weight for _, weight in group] or [1.0]
-        token_ids, token_weights, mask = provider.get_token_ids_and_expand_weights(texts, weights, compel.device)
-        for start in range(0, len(token_ids), window):
-            chunk = slice(start, start + window)
-            z = provider._encode_token_ids_to_embeddings(token_ids[chunk].unsqueeze(0), mask[chunk].unsqueeze(0))
-            tensors.append(a1111_emphasis(z, token_weights[chunk]))
+    for index, group in enumerate(groups):
+        token_ids: list[int] = []
+        weights: list[float] = []
+        for ids, (_text, weight) in zip(provider.get_token_ids([text for text, _ in group] or [""],
+                                                                  include_start_and_end_markers=False),
+                                        group or [("", 1.0)]):
+            token_ids += ids
+            weights += [weight] * len(ids)
+        if not token_ids and tensors and index == len(groups) - 1:
+            continue  # a BREAK at the very end adds no empty window (A1111 drops it)
+        for ids, window_weights in a1111_windows(token_ids, weights, length, comma_id):
+            padding = length - len(ids)
+            framed = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding
+            multipliers = torch.tensor([1.0, *window_weights, 1.0] + [1.0] * padding)
+            ids_tensor = torch.tensor([framed], dtype=torch.long, device=compel.device)
+            z = provider._encode_token_ids_to_embeddings(ids_tensor, torch.ones_like(ids_tensor))
+            tensors.append(a1111_emphasis(z, multipliers))
     return torch.cat(tensors, dim=1)
+
+
+def first_window_text(compel, groups: list[list[tuple[str, float]]]) -> list[int]:
+    """The token ids of the first window, as `_conditioning` cuts it (SDXL's pooled embedding is its)."""
+    provider = compel.conditioning_provider
+    group = groups[0] or [("", 1.0)]
+    token_ids: list[int] = []
+    for ids in provider.get_token_ids([text for text, _ in group], include_start_and_end_markers=False):
+        token_ids += ids
+    comma_id = provider.tokenizer.convert_tokens_to_ids(",</w>")
+    return a1111_windows(token_ids, [1.0] * len(token_ids), provider.max_token_count - 2, comma_id)[0][0]
 
 
 def a1111_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -310,6 +363,19 @@ def _pad_to(compel, tensor: torch.Tensor, length: int) -> torch.Tensor:
     empty = compel.conditioning_provider.empty_z.to(tensor.device, tensor.dtype)
     missing = (length - tensor.shape[1]) // empty.shape[1]
     return torch.cat([tensor] + [empty.expand(tensor.shape[0], -1, -1)] * missing, dim=1)
+
+
+def first_window_pooled(compel, groups: list[list[tuple[str, float]]], device: torch.device) -> torch.Tensor:
+    """The second SDXL encoder's pooled embedding of the first window, as A1111 and diffusers condition on."""
+    from compel.embeddings_provider import _get_pooled_output_from_text_encoder_output
+
+    tokenizer = compel.conditioning_provider.tokenizer
+    ids = first_window_text(compel, groups)
+    length = compel.conditioning_provider.max_token_count
+    framed = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    framed += [tokenizer.pad_token_id] * (length - len(framed))
+    output = compel.conditioning_provider.text_encoder(torch.tensor([framed], device=device), return_dict=True)
+    return _get_pooled_output_from_text_encoder_output(output)
 
 
 def encode_sd(pipe, prompt: str, negative_prompt: str, guidance: bool, clip_skip: int,
@@ -339,9 +405,7 @@ def encode_sdxl(pipe, prompt: str, negative_prompt: str, guidance: bool,
 
     def halves(text: str) -> tuple[list[torch.Tensor], torch.Tensor]:
         groups = split_at_breaks(parse_attention(text))
-        # the window's worth of the first group's text: the first chunk
-        pooled = encoders[1].conditioning_provider.get_pooled_embeddings(
-            ["".join(fragment for fragment, _ in groups[0])], device=device)
+        pooled = first_window_pooled(encoders[1], groups, device)
         return [_conditioning(compel, groups) for compel in encoders], pooled
 
     def joined(parts: list[torch.Tensor], length: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from tiny_models import EMBEDDED, save_as_kohya, save_random_lora, save_tiny_sd2
 
 from studio.errors import InvalidRequest
@@ -23,6 +24,9 @@ def lora_folder(tmp_path_factory):
     save_random_lora(EMBEDDED, folder / "rand.safetensors", seed=0)
     save_as_kohya(folder / "rand.safetensors", folder / "rand_kohya.safetensors")
     save_random_lora(EMBEDDED, folder / "other.safetensors", seed=1, text_encoder=False)
+    save_file({"unet.mystery_block.to_q.lora_A.weight": torch.zeros(4, 64),
+               "unet.mystery_block.to_q.lora_B.weight": torch.zeros(64, 4)}, folder / "my-lora.safetensors")
+    save_random_lora(EMBEDDED, folder / "my_lora.safetensors", seed=3)  # a name that sanitises like the one above
     sd2 = save_tiny_sd2(tmp_path_factory.mktemp("sd2") / "tiny-sd2")
     save_random_lora(sd2, folder / "for_sd2.safetensors", seed=2)
     return folder
@@ -51,6 +55,20 @@ def test_a_lora_changes_the_image_and_leaves_the_shared_models_as_they_were(lora
     loaded = [manager.loaded_object(key) for key in list(manager._entries)]
     assert not any(has_peft_layers(model) for model in loaded if isinstance(model, torch.nn.Module)
                    and not type(model).__name__ == "LoraWeights")
+
+
+def test_a_lora_that_fails_half_way_leaves_nothing_behind(lora_engine, manager):
+    """The first LoRA loads, the second does not fit: the error names it, and the models are as they were."""
+    base = pixels(lora_engine, PROMPT)
+    with pytest.raises(Exception, match="my-lora|LoRA"):
+        pixels(lora_engine, f"{PROMPT} <lora:rand:1> <lora:my-lora:1>")
+    assert np.array_equal(pixels(lora_engine, PROMPT), base)
+    models = [manager.loaded_object(key) for key in list(manager._entries)]
+    assert not any(has_peft_layers(model) for model in models
+                   if isinstance(model, torch.nn.Module) and type(model).__name__ != "LoraWeights")
+    # two names that look alike are two adapters
+    assert not np.array_equal(pixels(lora_engine, f"{PROMPT} <lora:my_lora:1> <lora:rand:1>"),
+                              pixels(lora_engine, f"{PROMPT} <lora:rand:1>"))
 
 
 def test_kohya_and_diffusers_files_of_one_lora_make_the_same_image(lora_engine):

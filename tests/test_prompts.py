@@ -130,6 +130,35 @@ def test_long_prompts_are_encoded_in_chunks_not_cut(sd_pipe):
     assert not torch.equal(long["prompt_embeds"][:, second], changed_at_end["prompt_embeds"][:, second])
 
 
+def test_windows_are_cut_as_a1111_cuts_them():
+    """Full at the window's length, unless a comma is among its last 20 tokens: then right after the comma."""
+    from studio.prompts import a1111_windows
+
+    comma = 0
+    tokens = [1] * 60 + [comma] + [2] * 30  # a comma 61st: 15 tokens before the end of a 75-token window
+    windows = a1111_windows(tokens, [1.0] * len(tokens), 75, comma)
+    assert [len(ids) for ids, _ in windows] == [61, 30] and windows[0][0][-1] == comma
+    far = [1] * 40 + [comma] + [2] * 50  # a comma 35 tokens before the end: no backtrack
+    assert [len(ids) for ids, _ in a1111_windows(far, [1.0] * 91, 75, comma)] == [75, 16]
+    assert a1111_windows([], [], 75, comma) == [([], [])]
+
+
+def test_an_early_full_stop_does_not_cut_a_window_short(sd_pipe):
+    """A1111 cuts at the window's length (stepping back to a comma only near its end); a sentence end early on
+    does not start a new window."""
+    window = sd_pipe.tokenizer.model_max_length
+    with torch.inference_mode():
+        embeds = encode_sd(sd_pipe, "red circle. " + "blue " * 35, "", False, 1, CPU)["prompt_embeds"]
+    assert embeds.shape[1] == 2 * window
+
+
+def test_break_at_the_end_adds_no_window_and_a_negative_weight_is_not_a_break(sd_pipe):
+    window = sd_pipe.tokenizer.model_max_length
+    with torch.inference_mode():
+        assert encode_sd(sd_pipe, "a red circle BREAK", "", False, 1, CPU)["prompt_embeds"].shape[1] == window
+    assert split_at_breaks(parse_attention("a (cat:-1) dog")) == [[("a ", 1.0), ("cat", -1.0), (" dog", 1.0)]]
+
+
 def test_break_starts_a_new_chunk(sd_pipe):
     window = sd_pipe.tokenizer.model_max_length
     with torch.inference_mode():
