@@ -769,7 +769,7 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
     Fields the text lacks, and a sampler or model the studio does not have, keep their `current` values. The
     prompt keeps its <lora:...> tags; a LoRA that is not here, or not the file the image was made with (its
     "Lora hashes"), is named."""
-    notes = lora_notes(params.extra.get("Lora hashes", ""), loras or LoraCatalog({}))
+    notes = []
     if params.sampler and params.scheduler is None:
         notes.append(f"The image was made with sampler {params.sampler}, which this studio does not have; the "
                      f"sampler stays {current.scheduler}.")
@@ -800,7 +800,7 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
         batch_size=1,
         clip_skip=clip_skip,
     )
-    return fields, notes
+    return fields, notes + lora_notes(params.extra.get("Lora hashes", ""), loras or LoraCatalog({}))
 
 
 def lora_notes(hashes: str, loras: LoraCatalog) -> list[str]:
