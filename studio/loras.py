@@ -133,18 +133,18 @@ def addnet_hash(path: Path) -> str:
 
 def load_loras(folder: str | Path | None = DEFAULT_LORA_FOLDER,
                presets_file: str | Path | None = DEFAULT_LORA_PRESETS) -> LoraCatalog:
-    """The folder's .safetensors files and the presets file's Hub entries (a local file wins a name clash)."""
+    """The folder's .safetensors files first (they work offline), then the presets file's Hub entries (a local
+    file wins a name clash)."""
     presets: dict[str, LoraPreset] = {}
+    if folder and Path(folder).is_dir():
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            presets[path.stem] = LoraPreset(name=path.stem, file=str(path), description=header_description(path))
     if presets_file and Path(presets_file).is_file():
         entries = yaml.safe_load(Path(presets_file).read_text()) or {}
         for name, entry in (entries.get("loras") or {}).items():
-            presets[str(name)] = LoraPreset(name=str(name), file=entry["file"], repo=entry.get("repo"),
-                                            revision=entry.get("revision"),
-                                            description=entry.get("description", ""))
-    if folder and Path(folder).is_dir():
-        for path in sorted(Path(folder).glob("*.safetensors")):
-            presets[path.stem] = LoraPreset(name=path.stem, file=str(path),
-                                            description=header_description(path))
+            presets.setdefault(str(name), LoraPreset(name=str(name), file=entry["file"], repo=entry.get("repo"),
+                                                     revision=entry.get("revision"),
+                                                     description=entry.get("description", "")))
     return LoraCatalog(presets)
 
 
@@ -155,11 +155,13 @@ def header_description(path: Path) -> str:
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
-    from .pipelines import safetensors_header
+    """The file's own metadata (the header's __metadata__; {} when it has none or is not safetensors)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return dict(safetensors_header(path).get("__metadata__") or {})
-    except (OSError, ValueError):
+        with safe_open(str(path), "pt") as file:
+            return dict(file.metadata() or {})
+    except (OSError, SafetensorError):
         return {}
 
 

@@ -574,7 +574,8 @@ def file_without_download(source: str, subfolder: str | None, filename: str) -> 
         return str(path) if path.exists() else None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(source, filename, subfolder=subfolder or None)
+    # huggingface_hub 1.x takes the file's path in the repo (it has no `subfolder` here)
+    found = try_to_load_from_cache(source, f"{subfolder}/{filename}" if subfolder else filename)
     return found if isinstance(found, str) else None
 
 

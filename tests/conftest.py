@@ -113,8 +113,22 @@ def stop_app(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def app_url(tmp_path_factory):
-    """The real app (python app.py), as a user starts it."""
-    url, process = start_app([], tmp_path_factory.mktemp("app"))
+def app_loras(tmp_path_factory):
+    """A folder with one random LoRA for the embedded model, "test-shapes", which says it teaches "hexagon" (the
+    apps the tests start offer it, so the LoRA mechanics are tested without a trained file)."""
+    import json
+
+    from tiny_models import EMBEDDED, save_random_lora
+
+    folder = tmp_path_factory.mktemp("loras")
+    save_random_lora(EMBEDDED, folder / "test-shapes.safetensors", seed=5,
+                     metadata={"studio.vocabulary": json.dumps(["hexagon"])})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory, app_loras):
+    """The real app (python app.py), as a user starts it (its LoRA folder: the test LoRA)."""
+    url, process = start_app(["--loras-dir", str(app_loras)], tmp_path_factory.mktemp("app"))
     yield url
     stop_app(process)

@@ -72,11 +72,11 @@ def test_text_to_image_returns_pngs_with_parameters_and_seeds(client):
 def test_a1111_prompts_with_a_lora_through_the_api_and_in_inpaint(client, tmp_path):
     """Weights, BREAK and <lora:...> work in every generating endpoint; the PNG keeps the prompt as typed and
     records the LoRA's hash as A1111 does."""
-    typed = "a (red:1.2) hexagon BREAK on a [blue] background <lora:hexagon:0.9>"
+    typed = "a (red:1.2) circle BREAK on a [blue] background <lora:test-shapes:0.9>"
     gallery, _, info = text_to_image(client, prompt=typed, seed=5)
     with Image.open(gallery[0]["image"]) as image:
         params = parse_parameters(image.info["parameters"])
-    assert params.prompt == typed and params.extra["Lora hashes"].startswith("hexagon: ")
+    assert params.prompt == typed and params.extra["Lora hashes"].startswith("test-shapes: ")
     assert info.startswith(typed + "\n")
     # the same prompt syntax in the Inpaint tab's endpoint
     picture_and_mask(tmp_path)
@@ -84,7 +84,7 @@ def test_a1111_prompts_with_a_lora_through_the_api_and_in_inpaint(client, tmp_pa
                                    **(INPAINT | {"prompt": typed}), api_name="/inpaint")
     with Image.open(gallery[0]["image"]) as image:
         assert image.info["parameters"].startswith(typed + "\n")
-        assert 'Lora hashes: "hexagon: ' in image.info["parameters"]
+        assert 'Lora hashes: "test-shapes: ' in image.info["parameters"]
     with pytest.raises(Exception, match="Unknown LoRA 'nope'"):
         text_to_image(client, prompt="a red circle <lora:nope:1>")
 

@@ -479,15 +479,16 @@ def test_arena_battle_vote_reveal_and_the_leaderboard_updates(page, artifacts):
 def test_the_lora_picker_writes_the_tag_and_the_image_records_its_hash(page, artifacts):
     tab = text_tab(page)
     tab.get_by_label("Prompt", exact=True).fill("a red hexagon on a blue background")
+    note = page.locator("#text-to-image-tab .prompt-hint.prose")
+    note.filter(has_text="“hexagon”").wait_for(timeout=10_000)  # unknown to the embedded model alone
     tab.get_by_text("LoRA add-ons").click()
     tab.get_by_role("button", name="Add to prompt").click()
-    prompt_value_is(page, "text-to-image-tab", "a red hexagon on a blue background <lora:hexagon:1>")
-    # the LoRA teaches "hexagon": the embedded model's note does not call it unknown while the tag is there
-    note = page.locator("#text-to-image-tab .prompt-hint.prose")
-    note.filter(has_text="This model knows").wait_for(timeout=10_000)
-    assert "“hexagon”" not in note.inner_text()
+    prompt_value_is(page, "text-to-image-tab", "a red hexagon on a blue background <lora:test-shapes:1>")
+    # the test LoRA says it teaches "hexagon": the embedded model's note does not call it unknown while the tag is there
+    note.filter(has_text="This model knows").filter(has_not_text="“hexagon”").wait_for(timeout=10_000)
     tab.get_by_role("button", name="Generate", exact=True).click()
     page.locator("#text-to-image-gallery img[alt^='Seed ']").first.wait_for(timeout=60_000)
     info = page.locator("#generation-info textarea").input_value()
-    assert info.startswith("a red hexagon on a blue background <lora:hexagon:1>\n") and 'Lora hashes: "hexagon: ' in info
+    assert info.startswith("a red hexagon on a blue background <lora:test-shapes:1>\n")
+    assert 'Lora hashes: "test-shapes: ' in info
     page.screenshot(path=str(artifacts / "lora_picker.png"), full_page=True)

@@ -71,16 +71,19 @@ def serve(task, arguments, results, observe):
 
 
 @pytest.fixture(scope="module")
-def zerogpu(tmp_path_factory):
+def zerogpu(tmp_path_factory, app_loras):
     """The studio as app.py builds it on ZeroGPU: every offered preset preloaded in the main process, the GPU
     function behind (a stand-in for) spaces.GPU."""
-    studio = app.build_studio(app.parse_args(["--device", "cpu"]))
+    studio = app.build_studio(app.parse_args(["--device", "cpu", "--loras-dir", str(app_loras)]))
     engine = studio.text_to_image
     assert app.preload_preset(studio.manager, engine.models, engine.downloads, engine.presets.get("embedded"), pin=True)
     files = ReleaseFiles(tmp_path_factory.mktemp("release-files"), offline=True)  # no Real-ESRGAN file here
     studio.upscaling = Upscaling(studio.manager, app.preload_upscalers(studio.manager, load_upscalers(), files), files)
     engine.upscaling = studio.upscaling  # Hires. fix's upscalers: those placed at start
     studio.manager.preload({"clip": clip_key(studio.comparison.clip.source)}, pin=True)  # as app.py does on ZeroGPU
+    # the LoRAs placed at start for the presets they fit, as app.py does on ZeroGPU
+    local = engine.loras.only(["test-shapes"])  # the Hub LoRAs of presets/loras.yaml: never a download in a test
+    engine.loras = app.preload_loras(studio.manager, engine.models, engine.downloads, engine.presets, local)
     loads_before = studio.manager.loads
     fake = ForkingGpu(observe=lambda: studio.manager.loads - loads_before)
     original = getattr(app, "spaces", None)
@@ -255,8 +258,7 @@ def test_a_lora_is_placed_at_start_applied_in_the_worker_and_removed_there(zerog
     its models between calls, so a LoRA must leave them as they were there too."""
     studio, runner, on_device, fake = zerogpu
     engine = studio.text_to_image
-    engine.loras = app.preload_loras(studio.manager, engine.models, engine.downloads, engine.presets, engine.loras)
-    assert "hexagon" in engine.loras.names
+    assert "test-shapes" in engine.loras.names
 
     def in_worker(prompt):
         plan = engine.plan(request(prompt=prompt))
@@ -266,11 +268,11 @@ def test_a_lora_is_placed_at_start_applied_in_the_worker_and_removed_there(zerog
         runner.board.close(job)
         return result.images[0]
 
-    with_lora = in_worker("a red hexagon on a blue background <lora:hexagon:1>")
-    plain = in_worker("a red hexagon on a blue background")
+    with_lora = in_worker("a red circle on a blue background <lora:test-shapes:1>")
+    plain = in_worker("a red circle on a blue background")
     assert fake.observed[-1] == 0  # the LoRA was not loaded in the worker
     assert "Lora hashes: " in with_lora.parameters and "Lora hashes" not in plain.parameters
-    here = engine.generate(request(prompt="a red hexagon on a blue background"))
+    here = engine.generate(request(prompt="a red circle on a blue background"))
     difference = np.abs(np.asarray(plain.image, dtype=int) - np.asarray(here.images[0].image, dtype=int))
     assert difference.max() <= 2  # the worker's models carry no LoRA after the call that had one
     assert np.abs(np.asarray(with_lora.image, dtype=int) - np.asarray(plain.image, dtype=int)).mean() > 2

@@ -110,7 +110,7 @@ def save_tiny_safety_checker(folder: Path, flags_everything: bool) -> Path:
 
 
 def save_random_lora(pipeline_folder: Path, out: Path, seed: int = 0, rank: int = 4, strength: float = 0.5,
-                     text_encoder: bool = True) -> Path:
+                     text_encoder: bool = True, metadata: dict[str, str] | None = None) -> Path:
     """A random LoRA for an SD pipeline folder, saved by diffusers' save_lora_weights (diffusers/PEFT keys):
     UNet attention layers, and the text encoder's when `text_encoder`. `strength` scales lora_B (PEFT starts it
     at zero, which would change nothing)."""
@@ -135,6 +135,13 @@ def save_random_lora(pipeline_folder: Path, out: Path, seed: int = 0, rank: int 
     state = {argument: convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
              for argument, model in layers.items()}
     StableDiffusionPipeline.save_lora_weights(out.parent, weight_name=out.name, **state)
+    if metadata:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(str(out), "pt") as file:
+            kept = file.metadata() or {}
+        save_file(load_file(out), out, metadata={**kept, **metadata})
     return out
 
 
