@@ -48,7 +48,8 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a blue background")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1)
-            build_lora_picker(comparison.text_to_image.loras, prompt)
+            # every LoRA: a grid's cells may span presets (a Checkpoint axis); each cell checks its own
+            build_lora_picker(comparison.text_to_image.loras, prompt, comparison.text_to_image.loras.names)
             seed = gr.Number(-1, label="Seed (-1 = random; the same for every cell unless Seed is an axis)", precision=0)
             axes = []
             for name, default_type, default_values in (("X", "Sampler", "Euler, DDIM"), ("Y", "Steps", "10, 20"),

@@ -124,7 +124,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                                 elem_id="inpaint-prompt")
             prompt_note = gr.Markdown(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
-            build_lora_picker(engine.loras, prompt)
+            lora_picker = build_lora_picker(engine.loras, prompt, engine.loras_that_fit(default.name))
             with gr.Row():
                 generate = gr.Button("Inpaint", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)
@@ -337,6 +337,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                       outputs=prompt_note, api_visibility="private", queue=False, show_progress="hidden")
     prompt.change(**note_event, trigger_mode="always_last")
     preset.change(**note_event)
+    lora_picker.follow(preset, engine.loras_that_fit)
 
     def fit_to_preset(demo: gr.Blocks) -> None:
         demo.load(**fit_form)

@@ -91,7 +91,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background", autofocus=True)
             prompt_note = gr.Markdown(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
-            build_lora_picker(engine.loras, prompt)
+            lora_picker = build_lora_picker(engine.loras, prompt, engine.loras_that_fit(default.name))
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)
@@ -286,6 +286,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                       outputs=prompt_note, api_visibility="private", queue=False, show_progress="hidden")
     prompt.change(**note_event, trigger_mode="always_last")
     preset.change(**note_event)
+    lora_picker.follow(preset, engine.loras_that_fit)
 
     def fit_to_preset(demo: gr.Blocks) -> None:
         demo.load(lambda name: preset_updates(name), preset, fitted_to_preset,

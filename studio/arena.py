@@ -31,7 +31,7 @@ from .jobs import MAX_SECONDS, JobControl, LocalJob
 from .leaderboard import CHOICES, Leaderboard, leaderboard
 from .metrics import ClipScorer
 from .presets import PRESETS_DIR
-from .prompts import plain_text
+from .prompts import parse_prompt, plain_text
 from .sessions import RateLimiter
 from .votes import StoredBattle, VoteStore, owner_of
 
@@ -162,6 +162,10 @@ class Arena:
         """Two contestants drawn and planned with one seed; counts against the session's battle limit."""
         if not (prompt or "").strip():
             raise InvalidRequest(["Enter a prompt (or take one of the examples) to start a battle."])
+        if parse_prompt(prompt).loras:
+            raise InvalidRequest(["The Arena compares models on the same words: take the <lora:…> tags out of the "
+                                  "prompt. A LoRA fits one family of models only, so both contestants could not use "
+                                  "it (and its error would tell which model is which)."])
         self.battle_limit.check(session)
         left, right = self.draw()
         seed = resolve_seed(seed)

@@ -29,6 +29,7 @@ from .hires import (
 from .jobs import MAX_SECONDS as MAX_GPU_SECONDS
 from .jobs import JobControl, LocalJob, gpu_seconds
 from .loras import (
+    FAMILY_CONTEXT_WIDTHS,
     AppliedLora,
     LoraCatalog,
     check_lora_uses,
@@ -314,6 +315,15 @@ class SamplingEngine:
         vocabulary = self.vocabularies.get(preset_name)
         return f"This model knows {vocabulary.summary()}." if vocabulary else ""
 
+    def loras_that_fit(self, preset_name: str) -> list[str]:
+        """The LoRAs on offer made for the preset's family (and those whose family is not known before a download),
+        for the picker: the request's own check refuses the others with the reason."""
+        if preset_name not in self.presets:
+            return self.loras.names
+        preset = self.presets.get(preset_name)
+        width = self.models.cross_attention_dim(preset) or FAMILY_CONTEXT_WIDTHS.get(preset.family)
+        return [name for name in self.loras.names if self.loras.get(name).fits(width)]
+
     def unknown_words(self, preset_name: str, prompt: str) -> list[str]:
         vocabulary = self.vocabularies.get(preset_name)
         if not vocabulary:
@@ -361,7 +371,8 @@ class SamplingEngine:
         problems = self.check(request, preset)
         if "prompt" not in problems:
             try:
-                lora_problems = check_lora_uses(parse_prompt(request.prompt).loras, self.loras, self.limits.max_loras)
+                lora_problems = check_lora_uses(parse_prompt(self.prompt_as_run(request)).loras, self.loras,
+                                                self.limits.max_loras)
             except InvalidRequest as error:
                 lora_problems = error.problems
             if lora_problems:
@@ -374,6 +385,10 @@ class SamplingEngine:
 
     def check(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, str]:
         return check_sampling(request, preset, self.limits)
+
+    def prompt_as_run(self, request: SamplingRequest) -> str:
+        """The prompt the job will encode (with its style's words, and any LoRA tags a style adds)."""
+        return request.prompt
 
     def validate(self, request: SamplingRequest) -> ModelPreset:
         problems = self.problems(request)
@@ -545,6 +560,11 @@ class TextToImage(SamplingEngine):
     def hires_upscalers(self) -> list[str]:
         """The upscaler presets Hires. fix can use besides the latent modes."""
         return self.upscaling.catalog.names if self.upscaling else []
+
+    def prompt_as_run(self, request: TextToImageRequest) -> str:
+        if request.style not in self.styles.names:
+            return request.prompt
+        return self.styles.get(request.style).apply(request.prompt.strip(), request.negative_prompt)[0]
 
     def check(self, request: TextToImageRequest, preset: ModelPreset) -> dict[str, str]:
         problems = check_text_to_image(request, preset, self.limits)

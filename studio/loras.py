@@ -40,6 +40,7 @@ MAX_LORA_WEIGHT = 10.0
 
 # The width of the text embeddings a UNet cross-attends to, per family: a LoRA's attn2.to_k reads it.
 CONTEXT_WIDTHS = {64: "the embedded model", 768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+FAMILY_CONTEXT_WIDTHS = {"sd15": 768, "sd21": 1024, "sdxl": 2048}  # a preset's `family:` (presets/models.yaml)
 _CROSS_ATTENTION_KEY = re.compile(r"attn2[._]to_k.*(lora_down|lora_A|lora\.down)\.weight$")
 
 
@@ -52,6 +53,12 @@ class LoraPreset:
     repo: str | None = None
     revision: str | None = None
     description: str = ""
+    context_width: int | None = None  # the text-embedding width it was made for (its family); None: not known
+
+    def fits(self, model_width: int | None) -> bool:
+        """Whether it fits a model whose UNet reads `model_width`-wide text embeddings (True when either is unknown:
+        the request's own check decides once the files are here)."""
+        return self.context_width is None or model_width is None or self.context_width == model_width
 
     @property
     def label(self) -> str:
@@ -115,9 +122,12 @@ class LoraCatalog:
         stat = path.stat()
         stamp = (str(path), stat.st_size, stat.st_mtime_ns)
         with self._hash_lock:
-            if stamp not in self._hashes:
-                self._hashes[stamp] = addnet_hash(path)[:12]
-            return self._hashes[stamp]
+            known = self._hashes.get(stamp)
+        if known is None:  # read outside the lock: one visitor's large file does not hold up another's small one
+            known = addnet_hash(path)[:12]
+            with self._hash_lock:
+                self._hashes[stamp] = known
+        return known
 
 
 def addnet_hash(path: Path) -> str:
@@ -138,13 +148,19 @@ def load_loras(folder: str | Path | None = DEFAULT_LORA_FOLDER,
     presets: dict[str, LoraPreset] = {}
     if folder and Path(folder).is_dir():
         for path in sorted(Path(folder).glob("*.safetensors")):
-            presets[path.stem] = LoraPreset(name=path.stem, file=str(path), description=header_description(path))
+            presets[path.stem] = LoraPreset(name=path.stem, file=str(path), description=header_description(path),
+                                            context_width=context_width(path))
     if presets_file and Path(presets_file).is_file():
         entries = yaml.safe_load(Path(presets_file).read_text()) or {}
         for name, entry in (entries.get("loras") or {}).items():
+            family = entry.get("family")
+            if family is not None and family not in FAMILY_CONTEXT_WIDTHS:
+                raise ValueError(f"LoRA {name!r} in {presets_file}: family must be one of "
+                                 f"{tuple(FAMILY_CONTEXT_WIDTHS)}, not {family!r}.")
             presets.setdefault(str(name), LoraPreset(name=str(name), file=entry["file"], repo=entry.get("repo"),
                                                      revision=entry.get("revision"),
-                                                     description=entry.get("description", "")))
+                                                     description=entry.get("description", ""),
+                                                     context_width=FAMILY_CONTEXT_WIDTHS.get(family)))
     return LoraCatalog(presets)
 
 

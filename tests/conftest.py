@@ -114,15 +114,18 @@ def stop_app(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def app_loras(tmp_path_factory):
-    """A folder with one random LoRA for the embedded model, "test-shapes", which says it teaches "hexagon" (the
-    apps the tests start offer it, so the LoRA mechanics are tested without a trained file)."""
+    """A folder with a random LoRA for the embedded model, "test-shapes", which says it teaches "hexagon" (the
+    apps the tests start offer it, so the LoRA mechanics are tested without a trained file), and one for another
+    family, "another-family" (first by name: the picker must leave it out for the embedded preset)."""
     import json
 
-    from tiny_models import EMBEDDED, save_random_lora
+    from tiny_models import EMBEDDED, save_random_lora, save_tiny_sd2
 
     folder = tmp_path_factory.mktemp("loras")
     save_random_lora(EMBEDDED, folder / "test-shapes.safetensors", seed=5,
                      metadata={"studio.vocabulary": json.dumps(["hexagon"])})
+    sd2 = save_tiny_sd2(tmp_path_factory.mktemp("sd2") / "tiny-sd2")
+    save_random_lora(sd2, folder / "another-family.safetensors", seed=6)
     return folder
 
 

@@ -59,6 +59,11 @@ def test_a_battle_a_vote_and_the_refusals(arena):
     assert winner.wins == 1 and winner.battles == 1
 
 
+def test_a_prompt_with_a_lora_tag_is_refused_before_any_contestant_is_drawn(arena):
+    with pytest.raises(InvalidRequest, match="take the <lora:…> tags out"):
+        arena.plan("lora visitor", "a red circle <lora:anything:0.8> on a blue background", seed=1)
+
+
 def test_battles_are_rate_limited_per_session(arena):
     for _ in range(3):
         arena.battle("eager", "a red circle on a blue background")

@@ -130,6 +130,29 @@ def test_bad_lora_tags_get_a_clear_message(lora_engine, prompt, message):
         lora_engine.generate(TextToImageRequest(prompt=prompt, steps=2))
 
 
+def test_the_picker_offers_the_loras_of_the_presets_family(stages, lora_folder, tmp_path):
+    presets_file = tmp_path / "loras.yaml"
+    presets_file.write_text("loras:\n  hub-xl: {repo: someone/xl-lora, file: x.safetensors, family: sdxl}\n"
+                            "  hub-any: {repo: someone/any-lora, file: y.safetensors}\n")
+    engine = TextToImage(stages, load_presets(), load_styles(), RequestLimits(), version="test",
+                         loras=load_loras(lora_folder, presets_file))
+    offered = engine.loras_that_fit("embedded")
+    assert {"rand", "rand_kohya", "other", "my_lora", "hub-any"} <= set(offered)  # family unknown: offered
+    assert "for_sd2" not in offered and "hub-xl" not in offered
+    assert "hub-xl" in engine.loras_that_fit("sdxl-base-1.0") and "rand" not in engine.loras_that_fit("sdxl-base-1.0")
+
+
+def test_loras_a_style_adds_count_against_the_limit(stages, lora_folder):
+    from studio.presets import StyleCatalog, StylePreset
+
+    styles = StyleCatalog([StylePreset("two loras", "{prompt} <lora:rand:0.5> <lora:other:0.5>")])
+    engine = TextToImage(stages, load_presets(), styles, RequestLimits(max_loras=2), version="test",
+                         loras=load_loras(lora_folder, None))
+    assert engine.problems(TextToImageRequest(prompt=PROMPT, style="two loras", steps=2)) == {}
+    problems = engine.problems(TextToImageRequest(prompt=f"{PROMPT} <lora:my_lora:1>", style="two loras", steps=2))
+    assert "names 3 LoRAs; at most 2" in problems["prompt"]
+
+
 def test_the_manager_counts_the_loras_weights(lora_engine, manager, lora_folder):
     lora_engine.generate(TextToImageRequest(prompt=f"{PROMPT} <lora:rand:1>", seed=1, steps=2))
     records = [record for record in manager.status().models if record.kind == LORA]
