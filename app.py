@@ -51,7 +51,15 @@ from studio.jobs import JobBoard
 from studio.memory import ModelManager
 from studio.metrics import EMBEDDED_CLIP, ClipScorer, default_clip_scorer
 from studio.model_kinds import CLIP, ClipLoader, clip_key
-from studio.loras import DEFAULT_LORA_FOLDER, DEFAULT_LORA_PRESETS, LoraCatalog, context_width, load_loras, lora_key
+from studio.loras import (
+    DEFAULT_LORA_FOLDER,
+    DEFAULT_LORA_PRESETS,
+    FAMILY_CONTEXT_WIDTHS,
+    LoraCatalog,
+    context_width,
+    load_loras,
+    lora_key,
+)
 from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, architecture, diffusers_loaders
 from studio.presets import PRESETS_DIR, load_presets, load_styles
 from studio.sessions import RateLimiter
@@ -252,6 +260,10 @@ def preload_loras(manager: ModelManager, models, downloads, presets, catalog: Lo
     one that fits none, or cannot load, is not offered."""
     kept = []
     for name in catalog.names:
+        # a Hub LoRA whose `family` fits none of the presets is not even downloaded
+        if not any(catalog.get(name).fits(models.cross_attention_dim(p) or FAMILY_CONTEXT_WIDTHS.get(p.family))
+                   for p in presets):
+            continue
         try:
             path = catalog.path(name, downloads)
             width = context_width(path)

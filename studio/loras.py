@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from .downloads import DownloadRequest, HubDownloads, download_command
-from .errors import InvalidRequest, ModelUnavailable
+from .errors import InvalidRequest, ModelUnavailable, StudioError
 from .memory import ModelKey
 from .prompts import LoraUse
 
@@ -42,6 +42,11 @@ MAX_LORA_WEIGHT = 10.0
 CONTEXT_WIDTHS = {64: "the embedded model", 768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
 FAMILY_CONTEXT_WIDTHS = {"sd15": 768, "sd21": 1024, "sdxl": 2048}  # a preset's `family:` (presets/models.yaml)
 _CROSS_ATTENTION_KEY = re.compile(r"attn2[._]to_k.*(lora_down|lora_A|lora\.down)\.weight$")
+# A text-encoder layer that reads the encoder's hidden states; its width is the embeddings' (SDXL: two encoders,
+# side by side), for a LoRA without cross-attention layers
+_TEXT_ENCODER_INPUT_KEY = re.compile(
+    r"^(?P<encoder>text_encoder_2|text_encoder|lora_te2|lora_te1|lora_te)[._].*(q_proj|k_proj|v_proj|fc1)"
+    r".*(lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -148,11 +153,16 @@ def load_loras(folder: str | Path | None = DEFAULT_LORA_FOLDER,
     presets: dict[str, LoraPreset] = {}
     if folder and Path(folder).is_dir():
         for path in sorted(Path(folder).glob("*.safetensors")):
-            presets[path.stem] = LoraPreset(name=path.stem, file=str(path), description=header_description(path),
-                                            context_width=context_width(path))
+            try:
+                presets[path.stem] = LoraPreset(name=path.stem, file=str(path), description=header_description(path),
+                                                context_width=context_width(path))
+            except (StudioError, OSError) as error:  # a truncated file, a Git LFS pointer: the others stay
+                log.warning("LoRA file %s left out: %s", path, str(error).splitlines()[0])
     if presets_file and Path(presets_file).is_file():
         entries = yaml.safe_load(Path(presets_file).read_text()) or {}
         for name, entry in (entries.get("loras") or {}).items():
+            if not isinstance(entry, dict) or not entry.get("file"):
+                raise ValueError(f"LoRA {name!r} in {presets_file}: give its `file` (and `repo` for a Hub file).")
             family = entry.get("family")
             if family is not None and family not in FAMILY_CONTEXT_WIDTHS:
                 raise ValueError(f"LoRA {name!r} in {presets_file}: family must be one of "
@@ -191,13 +201,21 @@ def vocabulary_of(path: Path) -> list[str]:
 
 
 def context_width(path: Path) -> int | None:
-    """The text-embedding width the LoRA's cross-attention layers read (None when it has none)."""
+    """The text-embedding width the LoRA's cross-attention layers read, or else its text encoders' width (None when
+    it has neither)."""
     from .pipelines import safetensors_header
 
-    for key, info in safetensors_header(path).items():
-        if key != "__metadata__" and _CROSS_ATTENTION_KEY.search(key) and len(info.get("shape", [])) == 2:
+    header = {key: info for key, info in safetensors_header(path).items()
+              if key != "__metadata__" and len(info.get("shape", [])) == 2}
+    for key, info in header.items():
+        if _CROSS_ATTENTION_KEY.search(key):
             return int(info["shape"][1])
-    return None
+    encoders: dict[str, int] = {}
+    for key, info in header.items():
+        match = _TEXT_ENCODER_INPUT_KEY.search(key)
+        if match:
+            encoders.setdefault(match["encoder"].replace("lora_te1", "lora_te"), int(info["shape"][1]))
+    return sum(encoders.values()) or None
 
 
 def family_mismatch(name: str, lora_width: int | None, model_width: int | None, model_label: str) -> str | None:
@@ -249,8 +267,14 @@ def layer_kinds(path: Path) -> tuple[bool, bool]:
 
 
 def lora_key(path: Path, architecture: str) -> ModelKey:
-    """`architecture` ("sd" or "sdxl") picks diffusers' key conversion (SDXL's kohya files name two encoders)."""
-    return ModelKey(LORA, str(Path(path).resolve()), architecture)
+    """`architecture` ("sd" or "sdxl") picks diffusers' key conversion (SDXL's kohya files name two encoders). The
+    file's size and time are part of the key: a LoRA file replaced on disk is a new model, not the cached old one."""
+    stat = Path(path).stat()
+    return ModelKey(LORA, str(Path(path).resolve()), f"{architecture}@{stat.st_size}-{stat.st_mtime_ns}")
+
+
+def lora_architecture(key: ModelKey) -> str:
+    return key.part.split("@")[0]
 
 
 class LoraWeights(torch.nn.Module):
@@ -284,7 +308,7 @@ class LoraLoader:
     def load(self, key: ModelKey, dtype: torch.dtype) -> LoraWeights:
         from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
-        mixin = StableDiffusionXLLoraLoaderMixin if key.part == "sdxl" else StableDiffusionLoraLoaderMixin
+        mixin = StableDiffusionXLLoraLoaderMixin if lora_architecture(key) == "sdxl" else StableDiffusionLoraLoaderMixin
         try:
             state_dict, alphas, metadata = mixin.lora_state_dict(key.source, return_lora_metadata=True)
         except (OSError, ValueError, KeyError) as error:
@@ -324,8 +348,15 @@ def adapters_applied(loras: list[tuple[AppliedLora, LoraWeights]], models: Mappi
                 _activate(role, model, names, weights)
         yield
     finally:
-        for role, model in touched:
-            _remove_adapters(role, model)
+        failed = None
+        for role, model in touched:  # each model apart: one failing removal must not leave the others' adapters
+            try:
+                _remove_adapters(role, model)
+            except Exception as error:  # noqa: BLE001 (re-raised below, after the other models)
+                log.exception("could not remove LoRA adapters from the %s", role)
+                failed = failed or error
+        if failed is not None:
+            raise failed
 
 
 def adapter_name(index: int) -> str:

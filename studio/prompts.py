@@ -35,7 +35,7 @@ _ATTENTION_TOKEN = re.compile(
     \\[()\[\]\\]            # an escaped bracket or backslash
   | \\                      # a lone backslash (dropped, as in A1111)
   | [(\[]                   # an opening bracket
-  | :([+-]?[.\d]+)\)        # ":1.3)": closes a round bracket with that weight
+  | :\s*([+-]?[.\d]+)\s*\)  # ":1.3)", ": 1.3 )": closes a round bracket with that weight
   | [)\]]                   # a closing bracket
   | [^\\()\[\]:]+           # plain text
   | :                       # a colon that is not a weight

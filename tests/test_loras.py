@@ -60,7 +60,7 @@ def test_a_lora_changes_the_image_and_leaves_the_shared_models_as_they_were(lora
 def test_a_lora_that_fails_half_way_leaves_nothing_behind(lora_engine, manager):
     """The first LoRA loads, the second does not fit: the error names it, and the models are as they were."""
     base = pixels(lora_engine, PROMPT)
-    with pytest.raises(Exception, match="my-lora|LoRA"):
+    with pytest.raises(InvalidRequest, match="LoRA 'my-lora' (does not fit this model's UNet|has no layers)"):
         pixels(lora_engine, f"{PROMPT} <lora:rand:1> <lora:my-lora:1>")
     assert np.array_equal(pixels(lora_engine, PROMPT), base)
     models = [manager.loaded_object(key) for key in list(manager._entries)]
@@ -140,6 +140,31 @@ def test_the_picker_offers_the_loras_of_the_presets_family(stages, lora_folder, 
     assert {"rand", "rand_kohya", "other", "my_lora", "hub-any"} <= set(offered)  # family unknown: offered
     assert "for_sd2" not in offered and "hub-xl" not in offered
     assert "hub-xl" in engine.loras_that_fit("sdxl-base-1.0") and "rand" not in engine.loras_that_fit("sdxl-base-1.0")
+
+
+def test_a_loras_family_is_read_from_its_text_encoder_layers_when_it_has_no_cross_attention(tmp_path):
+    from studio.loras import context_width
+
+    sdxl = tmp_path / "sdxl_te_only.safetensors"
+    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(3072, 4),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280),
+               "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 4)}, sdxl)
+    sd = tmp_path / "sd_te_only.safetensors"
+    save_file({"text_encoder.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight": torch.zeros(4, 768),
+               "text_encoder.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight": torch.zeros(3072, 4)}, sd)
+    assert context_width(sdxl) == 2048 and context_width(sd) == 768
+
+
+def test_a_broken_lora_file_is_left_out_and_a_replaced_one_is_a_new_model(tmp_path):
+    from studio.loras import lora_key
+
+    save_random_lora(EMBEDDED, tmp_path / "good.safetensors", seed=0)
+    (tmp_path / "pointer.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
+    assert load_loras(tmp_path, None).names == ["good"]
+    before = lora_key(tmp_path / "good.safetensors", "sd")
+    save_random_lora(EMBEDDED, tmp_path / "good.safetensors", seed=1, rank=8)
+    assert lora_key(tmp_path / "good.safetensors", "sd") != before
 
 
 def test_loras_a_style_adds_count_against_the_limit(stages, lora_folder):

@@ -3,12 +3,15 @@
     python -m studio.embedded train        # every stage in order; run it again to resume where it stopped
     python -m studio.embedded evaluate     # the quality table (oracle, PSNR, CLIP ranking)
     python -m studio.embedded samples      # docs/embedded-samples.png, outputs with their prompts
+    python -m studio.embedded train-lora   # loras/hexagon.safetensors: a LoRA that teaches the model hexagons
+    python -m studio.embedded evaluate-lora  # how often a hexagon prompt gives one, with the LoRA and without
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .family import MODELS_DIR, RUN_DIR, SMOKE_PLAN, TRAINING_PLAN, train
 
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     samples_parser = sub.add_parser("samples", help="save a sheet of sample outputs with their prompts")
     samples_parser.add_argument("--models-dir", default=MODELS_DIR)
     samples_parser.add_argument("--out", default="docs/embedded-samples.png")
+    add_lora_commands(sub)
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         for result in results:
             print(f"{result.name:>9}: {result.steps:>5} steps, {result.seconds / 60:5.1f} min, loss {result.final_loss}, {result.checks}")
         print(f"    total: {total / 60:.1f} min")
+    elif args.command in ("train-lora", "evaluate-lora"):
+        run_lora_command(args)
     elif args.command == "samples":
         from .evaluation import sample_sheet
 
@@ -48,6 +54,39 @@ def main(argv: list[str] | None = None) -> None:
 
         print(format_table(evaluate(args.models_dir, prompt_count=args.prompts)))
     sys.stdout.flush()
+
+
+def add_lora_commands(sub) -> None:
+    from .lora import LORA_OUT, LoraRecipe
+
+    default = LoraRecipe()
+    train_lora = sub.add_parser("train-lora", help="train the hexagon LoRA on the frozen embedded model")
+    train_lora.add_argument("--out", default=LORA_OUT, help="the .safetensors file (default: %(default)s)")
+    train_lora.add_argument("--steps", type=int, default=default.steps, help="default: %(default)s")
+    train_lora.add_argument("--rank", type=int, default=default.rank, help="default: %(default)s")
+    train_lora.add_argument("--models-dir", default=MODELS_DIR)
+    train_lora.add_argument("--smoke", action="store_true", help="a few steps on a few scenes, to check the code")
+    evaluate_lora = sub.add_parser("evaluate-lora", help="hexagon and circle rates with the LoRA and without")
+    evaluate_lora.add_argument("--lora", default=LORA_OUT, help="default: %(default)s")
+    evaluate_lora.add_argument("--count", type=int, default=50, help="seeds per prompt (default: %(default)s)")
+    evaluate_lora.add_argument("--weight", type=float, default=1.0, help="the LoRA's weight (default: %(default)s)")
+    evaluate_lora.add_argument("--models-dir", default=MODELS_DIR)
+
+
+def run_lora_command(args) -> None:
+    from dataclasses import replace
+
+    from .lora import SMOKE_RECIPE, LoraRecipe, format_lora_report, lora_rates, oracle_shape_accuracy, train_lora
+
+    if args.command == "train-lora":
+        recipe = SMOKE_RECIPE if args.smoke else LoraRecipe()
+        if not args.smoke:
+            recipe = replace(recipe, steps=args.steps, rank=args.rank)
+        result = train_lora(Path(args.out), recipe, Path(args.models_dir))
+        print(f"final loss {result['final_loss']}, {result['seconds'] / 60:.1f} min, recipe {result['recipe']}")
+    else:
+        rates = lora_rates(Path(args.lora), args.count, models_dir=Path(args.models_dir), weight=args.weight)
+        print(format_lora_report(rates, oracle_shape_accuracy()))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "ring")
+# Shapes the base model never saw: drawn and read like the others, but in none of the triples above, so the family's
+# training data is unchanged. A LoRA teaches them (`python -m studio.embedded train-lora`, studio/embedded/lora.py).
+LORA_SHAPES = ("hexagon",)
 PALETTE = {
     "red": (220, 38, 38),
     "orange": (249, 125, 22),
@@ -133,6 +136,15 @@ def seen_triples() -> list[tuple[str, str, str]]:
     return [triple for triple in all_triples() if triple not in held_out]
 
 
+def lora_triples(shapes: tuple[str, ...] = LORA_SHAPES) -> list[tuple[str, str, str]]:
+    """Every (shape, colour, background) of shapes the base model never saw, for a LoRA to learn them from."""
+    return [
+        (shape, colour, background)
+        for shape, colour, background in itertools.product(shapes, SHAPE_COLOURS, BACKGROUNDS)
+        if colour != background
+    ]
+
+
 def random_shape(rng: random.Random, shape: str, colour: str) -> Shape:
     return Shape(
         shape=shape,
@@ -207,7 +219,7 @@ def prompt_attributes(prompt: str) -> dict[str, str]:
     """What a prompt in the captions' words asks of the main shape: {"shape", "colour", "background", "position",
     "size"}, each only where the prompt names it. Empty when it names no shape, or more than one."""
     text = " ".join(re.sub(r"[^a-z ]", " ", prompt.lower()).split())
-    shapes = [shape for shape in SHAPES if re.search(rf"\b{shape}s?\b", text)]
+    shapes = [shape for shape in SHAPES + LORA_SHAPES if re.search(rf"\b{shape}s?\b", text)]
     if len(shapes) != 1:
         return {}
     shape = shapes[0]
@@ -266,6 +278,8 @@ def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[floa
             angle = -math.pi / 2 + k * math.pi / 5
             points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
         return points
+    if kind == "hexagon":  # flat top and bottom, its corners on the circle of radius r as the triangle's and star's are
+        return [(cx + r * math.cos(k * math.pi / 3), cy + r * math.sin(k * math.pi / 3)) for k in range(6)]
     raise ValueError(kind)
 
 
