@@ -43,7 +43,7 @@ class LoraPicker:
             return gr.Dropdown(choices=lora_choices(self.catalog, names), value=names[0] if names else None,
                                info=fitting_info(names, self.catalog))
 
-        preset.change(offered, preset, self.name, api_visibility="private")
+        preset.change(offered, preset, self.name, api_visibility="private", queue=False, show_progress="hidden")
 
 
 def build_lora_picker(catalog: LoraCatalog, prompt: gr.Textbox, offered: list[str]) -> LoraPicker:
@@ -68,5 +68,6 @@ def build_lora_picker(catalog: LoraCatalog, prompt: gr.Textbox, offered: list[st
             raise gr.Error(catalog.unknown(chosen), title="Unknown LoRA")
         return with_lora(text or "", LoraUse(chosen, float(value), float(value)))
 
-    add.click(add_tag, [prompt, name, weight], prompt, api_visibility="private")
+    # queued: gradio shows a gr.Error toast only for queued events
+    add.click(add_tag, [prompt, name, weight], prompt, api_visibility="private", show_progress="hidden")
     return LoraPicker(name, catalog)

@@ -436,7 +436,8 @@ class SamplingEngine:
                                        unet_layers))
         plan.loras = tuple(applied)
         if applied:
-            plan.parameters_extra["Lora hashes"] = ", ".join(f"{lora.name}: {lora.short_hash}" for lora in applied)
+            plan.parameters_extra["Lora hashes"] = ", ".join(f"{hash_entry_name(lora.name)}: {lora.short_hash}"
+                                                             for lora in applied)
 
     def run(self, plan: SamplingPlan, job: JobControl | None = None) -> GenerationResult:
         """The device work of a job: the prompt encoded once, then each image denoised, decoded and (where a
@@ -823,11 +824,18 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
     return fields, notes + lora_notes(params.extra.get("Lora hashes", ""), loras or LoraCatalog({}))
 
 
+def hash_entry_name(name: str) -> str:
+    """A LoRA's name as A1111 writes it in "Lora hashes": without the ':' and ',' that separate the entries."""
+    return name.replace(":", "").replace(",", "")
+
+
 def lora_notes(hashes: str, loras: LoraCatalog) -> list[str]:
     """Notes on an image's "Lora hashes" ("name: hash, name: hash") against the LoRAs here."""
     notes = []
+    written_names = {hash_entry_name(name): name for name in loras.names}
     for entry in filter(None, (part.strip() for part in hashes.split(","))):
         name, _, written = (value.strip() for value in entry.rpartition(":"))
+        name = name if name in loras else written_names.get(name, name)
         if name not in loras:
             notes.append(f"The image was made with LoRA {name!r} (hash {written}), which is not in this studio: add "
                          f"its file to loras/, or take <lora:{name}:…> out of the prompt.")

@@ -218,3 +218,15 @@ def test_a_hub_lora_offline_gives_a_clear_error_naming_it(stages, tmp_path):
         engine.generate(TextToImageRequest(prompt="a red circle <lora:lcm-sd15:1>", steps=2))
     # everything else keeps working
     assert engine.generate(TextToImageRequest(prompt="a red circle", steps=2)).images
+
+
+def test_lora_names_are_written_in_lora_hashes_as_a1111_writes_them_and_found_again(lora_folder):
+    from studio.generation import hash_entry_name, lora_notes
+    from studio.loras import LoraCatalog, LoraPreset
+
+    path = lora_folder / "rand.safetensors"
+    catalog = LoraCatalog({"style: a,b": LoraPreset("style: a,b", file=str(path))})
+    written = f"{hash_entry_name('style: a,b')}: {catalog.short_hash(path)}"
+    assert written.startswith("style ab: ")
+    assert lora_notes(written, catalog) == []
+    assert "another version" in lora_notes("style ab: 000000000000", catalog)[0]
