@@ -54,10 +54,11 @@ def build_lora_picker(catalog: LoraCatalog, prompt: gr.Textbox, offered: list[st
             gr.Markdown("No LoRAs here yet: put `.safetensors` LoRA files (kohya/A1111 or diffusers) in `loras/` "
                         "and restart.")
             return LoraPicker(None, catalog)
+        # the LoRA on a row of its own: its description must be readable, not cut to the column's width
+        name = gr.Dropdown(lora_choices(catalog, offered), value=offered[0] if offered else None, label="LoRA",
+                           info=fitting_info(offered, catalog))
         with gr.Row(equal_height=True):
-            name = gr.Dropdown(lora_choices(catalog, offered), value=offered[0] if offered else None, label="LoRA",
-                               info=fitting_info(offered, catalog), scale=3)
-            weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2)
+            weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=3)
             add = gr.Button("Add to prompt", scale=1, min_width=120)
         gr.Markdown(HELP, elem_classes="lora-help")
 
