@@ -10,7 +10,7 @@ from conftest import ROOT, start_app, stop_app
 from diffusers import StableDiffusionPipeline
 from gradio_client import Client, handle_file
 from PIL import Image
-from tiny_models import save_tiny_sd2, save_tiny_sdxl
+from tiny_models import save_random_sdxl_lora, save_tiny_sd2, save_tiny_sdxl
 
 from studio.metadata import parse_parameters
 from studio.schedulers import make_scheduler
@@ -35,12 +35,14 @@ def families(tmp_path_factory):
     }
     path = root / "models.yaml"
     path.write_text(yaml.safe_dump(presets))
+    save_random_sdxl_lora(root / "tiny-sdxl", root / "loras" / "xl-style.safetensors")
     return root
 
 
 @pytest.fixture(scope="module")
 def client(families, tmp_path_factory):
-    url, process = start_app(["--presets-file", str(families / "models.yaml")], tmp_path_factory.mktemp("app"))
+    url, process = start_app(["--presets-file", str(families / "models.yaml"), "--loras-dir", str(families / "loras")],
+                             tmp_path_factory.mktemp("app"))
     yield Client(url, verbose=False)
     stop_app(process)
 
@@ -114,3 +116,22 @@ def test_clip_skip_is_refused_for_sdxl_with_a_reason(client):
     with pytest.raises(Exception, match="Clip skip applies to SD 1.x models"):
         client.predict(**settings("tiny-sdxl"), width=64, height=64, style="None", clip_skip=2,
                        api_name="/text_to_image")
+
+
+def test_an_sdxl_lora_applies_to_both_text_encoders_and_the_unet_and_leaves_nothing_behind(client):
+    def pixels(prompt):
+        gallery, _, _ = client.predict(**settings("tiny-sdxl", prompt=prompt), width=64, height=64, style="None",
+                                       clip_skip=1, api_name="/text_to_image")
+        image = opened(gallery[0])
+        return np.asarray(image.convert("RGB"), dtype=int), parse_parameters(image.info["parameters"])
+
+    plain, _ = pixels("a red circle")
+    with_lora, params = pixels("a red circle <lora:xl-style:1>")
+    assert np.abs(with_lora - plain).max() > 10 and params.extra["Lora hashes"].startswith("xl-style: ")
+    assert np.array_equal(pixels("a red circle")[0], plain)  # the shared models came back as they were
+    text_encoders_only, _ = pixels("a red circle <lora:xl-style:1:0>")
+    assert np.abs(text_encoders_only - plain).max() > 0  # the text encoders' layers act on their own
+    # and the embedded model refuses it with the reason (the tiny SDXL reads 80-wide text embeddings, SDXL 2048)
+    with pytest.raises(Exception, match="made for a model with 80-wide text embeddings; Embedded is the embedded"):
+        client.predict(**settings("embedded", prompt="a red circle <lora:xl-style:1>"), width=64, height=64,
+                       style="None", clip_skip=1, api_name="/text_to_image")

@@ -145,6 +145,35 @@ def save_random_lora(pipeline_folder: Path, out: Path, seed: int = 0, rank: int 
     return out
 
 
+def save_random_sdxl_lora(pipeline_folder: Path, out: Path, seed: int = 0, rank: int = 4,
+                          strength: float = 0.5) -> Path:
+    """A random LoRA for an SDXL pipeline folder (UNet attention layers and both text encoders), saved by
+    diffusers' SDXL save_lora_weights."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_folder)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = {"unet_lora_layers": pipe.unet}
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name)
+        encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+        layers[f"{name}_lora_layers"] = encoder
+    with torch.no_grad():
+        for model in layers.values():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, strength)
+    state = {argument: convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+             for argument, model in layers.items()}
+    StableDiffusionXLPipeline.save_lora_weights(out.parent, weight_name=out.name, **state)
+    return out
+
+
 def save_as_kohya(diffusers_lora: Path, out: Path) -> Path:
     """The same LoRA in kohya/A1111 key names (lora_unet_…/lora_te_… with lora_down, lora_up and alpha), as
     kohya's sd-scripts writes SD 1.x LoRAs."""
