@@ -54,11 +54,11 @@ from studio.model_kinds import CLIP, ClipLoader, clip_key
 from studio.loras import (
     DEFAULT_LORA_FOLDER,
     DEFAULT_LORA_PRESETS,
-    FAMILY_CONTEXT_WIDTHS,
     LoraCatalog,
     context_width,
     load_loras,
     lora_key,
+    preset_context_width,
 )
 from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, architecture, diffusers_loaders
 from studio.presets import PRESETS_DIR, load_presets, load_styles
@@ -261,8 +261,7 @@ def preload_loras(manager: ModelManager, models, downloads, presets, catalog: Lo
     kept = []
     for name in catalog.names:
         # a Hub LoRA whose `family` fits none of the presets is not even downloaded
-        if not any(catalog.get(name).fits(models.cross_attention_dim(p) or FAMILY_CONTEXT_WIDTHS.get(p.family))
-                   for p in presets):
+        if not any(catalog.get(name).fits(preset_context_width(models, p)) for p in presets):
             continue
         try:
             path = catalog.path(name, downloads)

@@ -29,7 +29,6 @@ from .hires import (
 from .jobs import MAX_SECONDS as MAX_GPU_SECONDS
 from .jobs import JobControl, LocalJob, gpu_seconds
 from .loras import (
-    FAMILY_CONTEXT_WIDTHS,
     AppliedLora,
     LoraCatalog,
     check_lora_uses,
@@ -37,6 +36,7 @@ from .loras import (
     family_mismatch,
     layer_kinds,
     lora_key,
+    preset_context_width,
     vocabulary_of,
 )
 from .metadata import format_parameters, parse_parameters
@@ -320,8 +320,7 @@ class SamplingEngine:
         for the picker: the request's own check refuses the others with the reason."""
         if preset_name not in self.presets:
             return self.loras.names
-        preset = self.presets.get(preset_name)
-        width = self.models.cross_attention_dim(preset) or FAMILY_CONTEXT_WIDTHS.get(preset.family)
+        width = preset_context_width(self.models, self.presets.get(preset_name))
         return [name for name in self.loras.names if self.loras.get(name).fits(width)]
 
     def unknown_words(self, preset_name: str, prompt: str) -> list[str]:

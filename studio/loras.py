@@ -218,6 +218,12 @@ def context_width(path: Path) -> int | None:
     return sum(encoders.values()) or None
 
 
+def preset_context_width(models, preset) -> int | None:
+    """The text-embedding width the preset's UNet reads: from its config where that is here without a download
+    (`models`: DiffusersModels), else its family's."""
+    return models.cross_attention_dim(preset) or FAMILY_CONTEXT_WIDTHS.get(preset.family)
+
+
 def family_mismatch(name: str, lora_width: int | None, model_width: int | None, model_label: str) -> str | None:
     """A sentence when the LoRA was made for another family of models than the preset's."""
     if lora_width is None or model_width is None or lora_width == model_width:

@@ -310,39 +310,50 @@ def _conditioning(compel, groups: list[list[tuple[str, float]]]) -> torch.Tensor
     window framed by start and end tokens, padded, encoded and weighted as A1111 does; the windows concatenated:
     (1, n × window, dim)."""
     provider = compel.conditioning_provider
-    tokenizer = provider.tokenizer
-    length = provider.max_token_count - 2  # room for <start> and <end>
-    comma_id = tokenizer.convert_tokens_to_ids(",</w>")
     tensors = []
     for index, group in enumerate(groups):
-        token_ids: list[int] = []
-        weights: list[float] = []
-        for ids, (_text, weight) in zip(provider.get_token_ids([text for text, _ in group] or [""],
-                                                                  include_start_and_end_markers=False),
-                                        group or [("", 1.0)]):
-            token_ids += ids
-            weights += [weight] * len(ids)
+        token_ids, weights = _group_tokens(provider, group)
         if not token_ids and tensors and index == len(groups) - 1:
             continue  # a BREAK at the very end adds no empty window (A1111 drops it)
-        for ids, window_weights in a1111_windows(token_ids, weights, length, comma_id):
-            padding = length - len(ids)
-            framed = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding
-            multipliers = torch.tensor([1.0, *window_weights, 1.0] + [1.0] * padding)
+        for ids, window_weights in _windows(provider, token_ids, weights):
+            framed = _framed(provider, ids)
+            multipliers = torch.tensor([1.0, *window_weights] + [1.0] * (len(framed) - 1 - len(window_weights)))
             ids_tensor = torch.tensor([framed], dtype=torch.long, device=compel.device)
             z = provider._encode_token_ids_to_embeddings(ids_tensor, torch.ones_like(ids_tensor))
             tensors.append(a1111_emphasis(z, multipliers))
     return torch.cat(tensors, dim=1)
 
 
+def _group_tokens(provider, group: list[tuple[str, float]]) -> tuple[list[int], list[float]]:
+    """A BREAK group's token ids (no start or end tokens), and each token's weight (its fragment's)."""
+    group = group or [("", 1.0)]
+    token_ids: list[int] = []
+    weights: list[float] = []
+    for ids, (_text, weight) in zip(provider.get_token_ids([text for text, _ in group],
+                                                           include_start_and_end_markers=False), group):
+        token_ids += ids
+        weights += [weight] * len(ids)
+    return token_ids, weights
+
+
+def _windows(provider, token_ids: list[int], weights: list[float]) -> list[tuple[list[int], list[float]]]:
+    """A1111's windows for the provider's encoder: its token count less the start and end tokens."""
+    comma_id = provider.tokenizer.convert_tokens_to_ids(",</w>")
+    return a1111_windows(token_ids, weights, provider.max_token_count - 2, comma_id)
+
+
+def _framed(provider, ids: list[int]) -> list[int]:
+    """A window's ids between the start and end tokens, padded to the encoder's token count."""
+    tokenizer = provider.tokenizer
+    framed = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    return framed + [tokenizer.pad_token_id] * (provider.max_token_count - len(framed))
+
+
 def first_window_text(compel, groups: list[list[tuple[str, float]]]) -> list[int]:
     """The token ids of the first window, as `_conditioning` cuts it (SDXL's pooled embedding is its)."""
     provider = compel.conditioning_provider
-    group = groups[0] or [("", 1.0)]
-    token_ids: list[int] = []
-    for ids in provider.get_token_ids([text for text, _ in group], include_start_and_end_markers=False):
-        token_ids += ids
-    comma_id = provider.tokenizer.convert_tokens_to_ids(",</w>")
-    return a1111_windows(token_ids, [1.0] * len(token_ids), provider.max_token_count - 2, comma_id)[0][0]
+    token_ids, weights = _group_tokens(provider, groups[0])
+    return _windows(provider, token_ids, weights)[0][0]
 
 
 def a1111_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -369,12 +380,9 @@ def first_window_pooled(compel, groups: list[list[tuple[str, float]]], device: t
     """The second SDXL encoder's pooled embedding of the first window, as A1111 and diffusers condition on."""
     from compel.embeddings_provider import _get_pooled_output_from_text_encoder_output
 
-    tokenizer = compel.conditioning_provider.tokenizer
-    ids = first_window_text(compel, groups)
-    length = compel.conditioning_provider.max_token_count
-    framed = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
-    framed += [tokenizer.pad_token_id] * (length - len(framed))
-    output = compel.conditioning_provider.text_encoder(torch.tensor([framed], device=device), return_dict=True)
+    provider = compel.conditioning_provider
+    framed = _framed(provider, first_window_text(compel, groups))
+    output = provider.text_encoder(torch.tensor([framed], device=device), return_dict=True)
     return _get_pooled_output_from_text_encoder_output(output)
 
 

@@ -11,7 +11,7 @@ from tiny_models import ROOT
 from studio.embedded import lora, oracle
 from studio.embedded.__main__ import main as embedded_main
 from studio.generation import RequestLimits, TextToImage, TextToImageRequest
-from studio.loras import context_width, layer_kinds, load_loras, vocabulary_of
+from studio.loras import context_width, layer_kinds, load_loras, safetensors_metadata, vocabulary_of
 from studio.presets import load_presets, load_styles
 
 SHIPPED = ROOT / "loras" / "hexagon.safetensors"
@@ -37,7 +37,7 @@ def shapes_read(engine, prompt: str) -> Counter:
 def test_the_shipped_lora_is_small_and_says_what_it_teaches_and_for_which_model():
     assert SHIPPED.stat().st_size < 1_000_000
     assert vocabulary_of(SHIPPED) == ["hexagon"]
-    assert lora.lora_metadata(SHIPPED)[lora.BASE_MODEL_KEY] == "embedded-sd"
+    assert safetensors_metadata(SHIPPED)[lora.BASE_MODEL_KEY] == "embedded-sd"
     assert context_width(SHIPPED) == 64  # its text-encoder layers read the embedded model's 64-wide embeddings
     assert layer_kinds(SHIPPED) == (True, True)  # text-encoder and UNet layers
 

@@ -114,27 +114,8 @@ def save_random_lora(pipeline_folder: Path, out: Path, seed: int = 0, rank: int 
     """A random LoRA for an SD pipeline folder, saved by diffusers' save_lora_weights (diffusers/PEFT keys):
     UNet attention layers, and the text encoder's when `text_encoder`. `strength` scales lora_B (PEFT starts it
     at zero, which would change nothing)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_folder, safety_checker=None)
-    torch.manual_seed(seed)
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = {"unet_lora_layers": pipe.unet}
-    if text_encoder:
-        pipe.text_encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
-        layers["text_encoder_lora_layers"] = pipe.text_encoder
-    with torch.no_grad():
-        for model in layers.values():
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0, strength)
-    state = {argument: convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-             for argument, model in layers.items()}
-    StableDiffusionPipeline.save_lora_weights(out.parent, weight_name=out.name, **state)
+    _save_random_adapters(pipe, ("text_encoder",) if text_encoder else (), out, seed, rank, strength)
     if metadata:
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
@@ -149,16 +130,22 @@ def save_random_sdxl_lora(pipeline_folder: Path, out: Path, seed: int = 0, rank:
                           strength: float = 0.5) -> Path:
     """A random LoRA for an SDXL pipeline folder (UNet attention layers and both text encoders), saved by
     diffusers' SDXL save_lora_weights."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_folder)
+    return _save_random_adapters(pipe, ("text_encoder", "text_encoder_2"), out, seed, rank, strength)
+
+
+def _save_random_adapters(pipe, encoders: tuple[str, ...], out: Path, seed: int, rank: int, strength: float) -> Path:
+    """PEFT adapters on the pipeline's UNet attention layers and on the named text encoders, lora_B drawn at
+    `strength`, saved by the pipeline class's own save_lora_weights."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(pipeline_folder)
     torch.manual_seed(seed)
     pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = {"unet_lora_layers": pipe.unet}
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in encoders:
         encoder = getattr(pipe, name)
         encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                        target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
@@ -170,7 +157,7 @@ def save_random_sdxl_lora(pipeline_folder: Path, out: Path, seed: int = 0, rank:
                     parameter.normal_(0, strength)
     state = {argument: convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
              for argument, model in layers.items()}
-    StableDiffusionXLPipeline.save_lora_weights(out.parent, weight_name=out.name, **state)
+    type(pipe).save_lora_weights(out.parent, weight_name=out.name, **state)
     return out
 
 

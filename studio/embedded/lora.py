@@ -163,22 +163,19 @@ def hexagon_training_triples() -> list[tuple[str, str, str]]:
             if ("circle", colour, background) in seen]
 
 
-def with_size(scene: scenes.Scene, size: str) -> scenes.Scene:
-    return replace(scene, shapes=(replace(scene.main, size=size),) + scene.shapes[1:])
-
-
-def circle_twin(scene: scenes.Scene) -> scenes.Scene:
-    return replace(scene, shapes=(replace(scene.main, shape="circle"),) + scene.shapes[1:])
+def with_main(scene: scenes.Scene, **changes) -> scenes.Scene:
+    """The scene with its main shape changed (its size, or its kind for a circle twin)."""
+    return replace(scene, shapes=(replace(scene.main, **changes),) + scene.shapes[1:])
 
 
 def training_data(pipe, recipe: LoraRecipe) -> dict:
     """Hexagon scenes, their circle twins, and scenes of the shapes the model knows (its own training triples),
     with VAE latents."""
     rng = random.Random(recipe.seed)
-    hexagons = [with_size(scenes.random_scene(rng, hexagon_training_triples()),
-                          "small" if rng.random() < recipe.small_fraction else "large")
+    hexagons = [with_main(scenes.random_scene(rng, hexagon_training_triples()),
+                          size="small" if rng.random() < recipe.small_fraction else "large")
                 for _ in range(recipe.dataset_size)]
-    twins = [circle_twin(scene) for scene in hexagons]
+    twins = [with_main(scene, shape="circle") for scene in hexagons]
     known = [scenes.random_scene(rng) for _ in range(recipe.dataset_size)]
     return {
         "hexagon": {"scenes": hexagons, "latents": encode(pipe.vae, hexagons)},
@@ -196,8 +193,9 @@ class Batch:
 
 def sample_batch(data: dict, recipe: LoraRecipe, rng: random.Random) -> Batch:
     """Hexagons, then the first few of them again with a circle, captioned in the same words but for the shape,
-    then shapes the model knows. Captions are dropped as in the base model's training (a twin's with its
-    hexagon's), so classifier-free guidance keeps its unconditional half."""
+    then shapes the model knows. The known scenes' captions are dropped as in the base model's training, so
+    classifier-free guidance keeps its unconditional half; the hexagons' at `hexagon_caption_dropout` (a twin's with
+    its hexagon's)."""
     hexagons = round(recipe.batch_size * recipe.hexagon_fraction)
     twins = min(hexagons, round(recipe.batch_size * recipe.twin_fraction))
     hexagon_indices = [rng.randrange(recipe.dataset_size) for _ in range(hexagons)]
@@ -334,13 +332,6 @@ def add_studio_metadata(source: Path, out: Path, recipe: LoraRecipe) -> None:
         "studio.recipe": json.dumps(asdict(recipe), sort_keys=True),
     })
     save_file(load_file(str(source)), str(out), metadata=metadata)
-
-
-def lora_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as file:
-        return dict(file.metadata() or {})
 
 
 # ----- evaluation -----
