@@ -15,6 +15,9 @@ from studio.memory import ModelManager
 from studio.pipelines import DiffusersModels, DiffusionStages, diffusers_loaders
 from studio.presets import load_presets, load_styles
 
+# Tests that need Chromium or PostgreSQL's server tools are marked so; without them they are skipped, except in CI
+pytest_plugins = ["system_tools"]
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 APP_LOGS: dict[str, Path] = {}  # url -> the log file of the app serving it
