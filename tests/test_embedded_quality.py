@@ -125,9 +125,10 @@ def test_the_coherence_check_passes_clean_shapes_and_fails_a_faded_half():
 
 
 def test_inpainting_a_stroke_through_a_shape_gives_one_clean_shape():
-    """A regression guard on the first 30 of the README's 100 cases (90% there): the studio's inpainting gives one
-    clean shape 27 times. Before it kept the unmasked latents at every step it gave 22 (20 at CFG 3), and the UNet
-    trained on boxes only gave 6; the bar sits between, so losing the blending or the stroke training fails it."""
+    """A regression guard on the first 30 of the 100 cases in docs/embedded-model.md (90% there): the studio's
+    inpainting gives one clean shape 27 times. Before it kept the unmasked latents at every step it gave 22 (20 at
+    CFG 3), and the UNet trained on boxes only gave 6; the bar sits between, so losing the blending or the stroke
+    training fails it."""
     from studio.embedded.evaluation import evaluate_cutting_masks
 
     result = evaluate_cutting_masks(MODELS, 30)

@@ -1,7 +1,7 @@
 """The hexagon LoRA (loras/hexagon.safetensors, `python -m studio.embedded train-lora`): it teaches the embedded
 model a shape its training never showed, the oracle learns to read that shape, and the studio applies the file as
 it applies any LoRA. The rates here are measured on seeds used for nothing else (the recipe was chosen on
-studio.embedded.lora.LORA_VALIDATION_SEED's, the README's figures are LORA_EVAL_SEED's)."""
+studio.embedded.lora.LORA_VALIDATION_SEED's, docs/embedded-model.md's figures are LORA_EVAL_SEED's)."""
 
 from collections import Counter
 

@@ -396,7 +396,7 @@ def format_table(report: Report) -> str:
     return "\n".join(lines)
 
 
-# ----- sample sheet for the README -----
+# ----- sample sheet for docs/embedded-model.md -----
 
 
 def sample_sheet(models_dir: Path, count: int = 8, scale: int = 2, seed: int = EVAL_SEED + 10) -> Image.Image:

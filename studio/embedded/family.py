@@ -21,7 +21,7 @@ class StagePlan:
     dataset_size: int | None = None  # for the UNet stages, which pre-encode their latents
 
 
-# Sized so the whole family trains in under two hours on a 2-core CPU (see README for measured times).
+# Sized so the whole family trains in under two hours on a 2-core CPU (docs/embedded-model.md gives the measured times).
 TRAINING_PLAN = {
     "clip": StagePlan(2400, 128),
     "vae": StagePlan(4500, 32),

@@ -344,8 +344,8 @@ class MultiSizeStage(UnetStage):
     """The text-to-image UNet fine-tuned on 128 px scenes as much as on 64 px ones (each step one size, picked
     by the step's seed), so that Hires. fix's second pass at 128 px draws the shapes it drew at 64. Trained at
     64 px only, it redrew them: the prompt's shape, colour and position in 60% of 128 px results (Latent ×2,
-    denoising strength 0.5), against 97.5% at 64 px (bench/hires_fix.py; see README). The inpainting UNet still
-    starts from the 64 px UNet."""
+    denoising strength 0.5), against 97.5% at 64 px (bench/hires_fix.py; docs/embedded-model.md). The inpainting
+    UNet still starts from the 64 px UNet."""
 
     name = "multisize"
     lr = 2e-4
