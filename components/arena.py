@@ -15,6 +15,7 @@ from pathlib import Path
 import gradio as gr
 
 from components.running import JobRunner, session_of, user_error
+from components.whole_numbers import WholeNumber
 from studio.arena import Arena, ArenaPlan
 from studio.errors import StudioError
 from studio.generation import whole
@@ -70,7 +71,7 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder=examples[0] if examples else "")
             with gr.Row():
-                seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=2)
+                seed = WholeNumber(-1, label="Seed (-1 = random)", scale=2)
                 surprise = gr.Button("Random prompt", scale=1)
             with gr.Row():
                 start = gr.Button("New battle", variant="primary", scale=3)
@@ -81,7 +82,7 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
                                 elem_id="arena-left", elem_classes="arena-image")
                 right = gr.Image(label="Right", type="pil", format="png", interactive=False, height=320,
                                  elem_id="arena-right", elem_classes="arena-image")
-            battle_id = gr.Textbox(visible=False)
+            battle_id = gr.Textbox(label="Battle id", visible=False)  # the API names outputs by their labels
             with gr.Row():
                 votes = {choice: gr.Button(label, interactive=False) for choice, label in
                          zip(CHOICES, ("Left is better", "Right is better", "Tie", "Both are bad"))}
@@ -160,8 +161,16 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
             api_visibility="private", queue=False).then(refreshed, None, board_outputs, api_visibility="private",
                                                         **one_fit)
     refresh.click(refreshed, None, board_outputs, api_visibility="private", **one_fit)
-    gr.api(arena_vote, api_name="arena_vote", concurrency_limit=None)
-    gr.api(leaderboard, api_name="leaderboard", **one_fit)
+    # API-only endpoints on hidden components, so that their parameters and results have names and types
+    # (gr.api would call the result "1st")
+    with gr.Group(visible=False):
+        api_choice = gr.Dropdown(list(CHOICES), value=None, label="Choice",  # no default: the caller chooses
+                                 allow_custom_value=True)  # anything else reaches Arena.vote, which lists the choices
+        api_revealed = gr.Textbox(label="Revealed contestants")
+        api_board = gr.JSON(label="Leaderboard")
+        api_vote, api_leaderboard = gr.Button(), gr.Button()
+    api_vote.click(arena_vote, [battle_id, api_choice], api_revealed, api_name="arena_vote", concurrency_limit=None)
+    api_leaderboard.click(leaderboard, None, api_board, api_name="leaderboard", **one_fit)
 
     def show_board(demo: gr.Blocks) -> None:
         demo.load(refreshed, None, board_outputs, api_visibility="private", show_progress="hidden", **one_fit)

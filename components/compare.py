@@ -9,6 +9,7 @@ import gradio as gr
 
 from components.lora_picker import build_lora_picker
 from components.running import JobRunner, user_error
+from components.whole_numbers import WholeNumber
 from studio.axes import AXIS_TYPES, NO_AXIS, build_grid
 from studio.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
 from studio.errors import InvalidRequest
@@ -50,7 +51,7 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1)
             # every LoRA: a grid's cells may span presets (a Checkpoint axis); each cell checks its own
             build_lora_picker(comparison.text_to_image.loras, prompt, comparison.text_to_image.loras.names)
-            seed = gr.Number(-1, label="Seed (-1 = random; the same for every cell unless Seed is an axis)", precision=0)
+            seed = WholeNumber(-1, label="Seed (-1 = random; the same for every cell unless Seed is an axis)")
             axes = []
             for name, default_type, default_values in (("X", "Sampler", "Euler, DDIM"), ("Y", "Steps", "10, 20"),
                                                        ("Z", NO_AXIS, "")):

@@ -13,6 +13,7 @@ from components.history import build_history
 from components.lora_picker import build_lora_picker
 from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
+from components.whole_numbers import WholeNumber, WholeSlider
 from studio.errors import InvalidRequest, StudioError
 from studio.generation import MAX_CLIP_SKIP, whole
 from studio.images import check_pixels, open_image
@@ -136,7 +137,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 with gr.Row():
                     scheduler = gr.Dropdown(list(schedulers_for(default)), value=default.default_scheduler,
                                             label="Scheduler", allow_custom_value=True)
-                    steps = gr.Slider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")
+                    steps = WholeSlider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")
                 with gr.Row():
                     guidance_scale = gr.Slider(0, limits.max_guidance, value=default.inpaint_default_guidance, step=0.5,
                                                label="CFG scale")
@@ -146,14 +147,14 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                     inpaint_area = gr.Radio(list(INPAINT_AREAS), value=WHOLE_PICTURE, label="Inpaint area")
                     with gr.Row():
                         # both follow the image's size when one is loaded (A1111's 4 and 32 are for 512 px)
-                        mask_blur = gr.Slider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur, pixels")
-                        padding = gr.Slider(0, MAX_PADDING, value=32, step=1,
-                                            label="Padding around the mask (Only masked), pixels")
+                        mask_blur = WholeSlider(0, MAX_MASK_BLUR, value=4, step=1, label="Mask blur, pixels")
+                        padding = WholeSlider(0, MAX_PADDING, value=32, step=1,
+                                              label="Padding around the mask (Only masked), pixels")
                 with gr.Row():
-                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
-                    batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size")
-                    clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1,
-                                          label="Clip skip", info="2 for anime models; SD 1.x only")
+                    seed = WholeNumber(-1, label="Seed (-1 = random)")
+                    batch_size = WholeSlider(1, limits.max_batch_size, value=1, step=1, label="Batch size")
+                    clip_skip = WholeSlider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1,
+                                            label="Clip skip", info="2 for anime models; SD 1.x only")
         with gr.Column(scale=5):
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
                                  buttons=["download", "fullscreen"], interactive=False, elem_id="inpaint-gallery")
@@ -321,8 +322,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     preset.input(**fit_form)
 
     # The API takes plain files: an image and a mask (white = repaint), or a sketch; no editor layers.
-    api_image = gr.File(label="Image", file_types=["image"], visible=False)
-    api_mask = gr.File(label="Mask (white = repaint)", file_types=["image"], visible=False)
+    api_image = gr.File(label="Image", visible=False)  # any file: open_image says what is wrong
+    api_mask = gr.File(label="Mask (white = repaint)", visible=False)
     api_inpaint, api_sketch = gr.Button(visible=False), gr.Button(visible=False)
     api_inpaint.click(inpaint, [api_image, api_mask, *settings], outputs, api_name="inpaint", **gpu_event)
     api_sketch.click(

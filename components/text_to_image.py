@@ -11,6 +11,7 @@ from components.history import build_history
 from components.lora_picker import build_lora_picker
 from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
 from components.running import JobRunner, user_error
+from components.whole_numbers import WholeNumber, WholeSlider
 from studio.errors import InvalidRequest, StudioError
 from studio.generation import MAX_CLIP_SKIP, TextToImage, TextToImageRequest, request_from_parameters, whole
 from studio.hires import (
@@ -108,20 +109,20 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                         list(schedulers_for(default)), value=default.default_scheduler, label="Scheduler",
                         allow_custom_value=True,  # the API may ask for LCM with an LCM preset
                     )
-                    steps = gr.Slider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")
+                    steps = WholeSlider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")
                 guidance_scale = gr.Slider(0, limits.max_guidance, value=default.default_guidance, step=0.5,
                                            label="CFG scale")
                 with gr.Row():
-                    width = gr.Slider(min_size, max_size, value=default.default_width, step=8, label="Width")
-                    height = gr.Slider(min_size, max_size, value=default.default_height, step=8, label="Height")
+                    width = WholeSlider(min_size, max_size, value=default.default_width, step=8, label="Width")
+                    height = WholeSlider(min_size, max_size, value=default.default_height, step=8, label="Height")
                 with gr.Row():
-                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=3)
+                    seed = WholeNumber(-1, label="Seed (-1 = random)", scale=3)
                     random_seed = gr.Button("Random", scale=1, min_width=80)
                     reuse_seed = gr.Button("Reuse last", scale=1, min_width=80)
-                    batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size", scale=3)
-                clip_skip = gr.Slider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1, label="Clip skip",
-                                      info="A1111's: 2 reads the text encoder's second-to-last layer (anime "
-                                           "models); SD 1.x only")
+                    batch_size = WholeSlider(1, limits.max_batch_size, value=1, step=1, label="Batch size", scale=3)
+                clip_skip = WholeSlider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1, label="Clip skip",
+                                        info="A1111's: 2 reads the text encoder's second-to-last layer (anime "
+                                             "models); SD 1.x only")
                 hires_fix = gr.Checkbox(False, label="Hires. fix", elem_id="hires-fix",
                                         info="Two passes, as A1111's: generate at this size, upscale, then refine "
                                              "at the larger size (more detail than generating large at once)")
@@ -137,8 +138,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                         hires_upscale = gr.Slider(MIN_HIRES_SCALE, MAX_HIRES_SCALE, value=2.0, step=0.05,
                                                   label="Upscale by", scale=2)
                     with gr.Row():
-                        hires_steps = gr.Slider(0, limits.max_steps, value=0, step=1, label="Hires steps",
-                                                info="0 = as many as Steps")
+                        hires_steps = WholeSlider(0, limits.max_steps, value=0, step=1, label="Hires steps",
+                                                  info="0 = as many as Steps")
                         denoising_strength = gr.Slider(0, 1, value=0.5, step=0.01, label="Denoising strength",
                                                        info="How much the second pass redraws")
                     hires_size_note = gr.Markdown(

@@ -14,9 +14,11 @@ import gradio as gr
 from PIL import Image, PngImagePlugin
 
 from components.running import JobRunner, user_error
-from studio.errors import InvalidRequest
+from components.whole_numbers import WholeNumber
+from studio.errors import InvalidRequest, StudioError
 from studio.faces import NO_FACE_RESTORATION
-from studio.images import to_8bit
+from studio.generation import whole
+from studio.images import open_image, to_8bit
 from studio.upscaling import MAX_SCALE, MIN_SCALE, UpscalePlan, UpscaleRequest, Upscaling, check_upscale
 
 TAB = "upscale"
@@ -31,7 +33,7 @@ class UpscaleTab:
 
 def _request(upscaler, scale, tile, denoise_strength, face_restoration=NO_FACE_RESTORATION,
              face_visibility=1.0) -> UpscaleRequest:
-    tile = None if tile is None or tile == "" or int(tile) == AUTOMATIC_TILE else int(tile)
+    tile = None if tile is None or tile == "" or tile == AUTOMATIC_TILE else whole(tile)  # a fraction is refused
     return UpscaleRequest(upscaler, float(scale), tile, float(denoise_strength),
                           face_restoration or NO_FACE_RESTORATION, float(face_visibility))
 
@@ -97,9 +99,9 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
             denoise = gr.Slider(0, 1, value=0.5, step=0.05, label="Denoise strength",
                                 info="realesr-general-x4v3 only: 1 removes the most noise, 0 keeps the grain.",
                                 visible=catalog.get(catalog.default).has_denoise)
-            tile = gr.Number(value=AUTOMATIC_TILE, precision=0, minimum=AUTOMATIC_TILE, label="Tile size (px)",
-                             info="-1: chosen from the free memory. 0: the whole image at once. Tiles overlap and "
-                                  "are blended, so they leave no seams.")
+            tile = WholeNumber(value=AUTOMATIC_TILE, minimum=AUTOMATIC_TILE, label="Tile size (px)",
+                               info="-1: chosen from the free memory. 0: the whole image at once. Tiles overlap and "
+                                    "are blended, so they leave no seams.")
             # only where a face restorer's files are present (never downloaded for you): hidden otherwise
             restorers = upscaling.faces.names if upscaling.faces else []
             with gr.Row(visible=bool(restorers), elem_id="face-restoration"):
@@ -128,15 +130,29 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
 
     on_device = runner.device_function(upscaling, UpscalePlan)
 
-    def upscale(image, upscaler, scale, tile, denoise_strength, face_restoration, face_visibility,
-                request: gr.Request, progress=gr.Progress()):
-        """Upscale an image 1× to 8×. `tile`: input pixels per tile side, 0 for none, -1 to choose from the free
-        memory. `face_restoration`: "None", or a face restorer whose files are present (GFPGANv1.4), run on the
-        upscaled image at `face_visibility`. Returns the before/after pair and the PNG (the input's parameters
-        kept, plus A1111's `Postprocess upscale by` and `Postprocess upscaler`)."""
+    def upscale_in_page(image, upscaler, scale, tile, denoise_strength, face_restoration, face_visibility,
+                        request: gr.Request, progress=gr.Progress()):
         if image is None:
             raise user_error(InvalidRequest(["Upload an image first."]), "Cannot upscale")
         wanted = _request(upscaler, scale, tile, denoise_strength, face_restoration, face_visibility)
+        return upscale_image(image, wanted, request, progress)
+
+    def upscale(image, upscaler, scale, tile, denoise_strength, face_restoration, face_visibility,
+                request: gr.Request, progress=gr.Progress()):
+        """Upscale an image file 1× to 8×. `tile`: input pixels per tile side, 0 for none, -1 to choose from the
+        free memory. `face_restoration`: "None", or a face restorer whose files are present (GFPGANv1.4), run on
+        the upscaled image at `face_visibility`. Returns the before/after pair and the PNG (the input's parameters
+        kept, plus A1111's `Postprocess upscale by` and `Postprocess upscaler`)."""
+        if image is None:
+            raise user_error(InvalidRequest(["Give an image file to upscale."]), "Cannot upscale")
+        try:  # decoded here rather than by gradio, so that a file that is not an image is refused with the reason
+            opened = open_image(image, "image", upscaling.limits.max_input_pixels)
+        except StudioError as error:
+            raise user_error(error, "Cannot use this file") from None
+        wanted = _request(upscaler, scale, tile, denoise_strength, face_restoration, face_visibility)
+        return upscale_image(opened, wanted, request, progress)
+
+    def upscale_image(image: Image.Image, wanted: UpscaleRequest, request: gr.Request, progress):
         plan, result = runner.run_job(TAB, request, progress, upscaling, lambda: upscaling.plan(image, wanted),
                                       on_device, "Cannot upscale")
         for warning in result.warnings:
@@ -148,8 +164,13 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
 
     quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[slider])
-    event = run.click(check, inputs, None, **quick).success(upscale, inputs, [slider, result_file], api_name="upscale",
+    outputs = [slider, result_file]
+    event = run.click(check, inputs, None, **quick).success(upscale_in_page, inputs, outputs, api_visibility="private",
                                                            **gpu_event)
+    # The API takes a plain file that the studio decodes: gr.Image would decode it first, and a file that is not an
+    # image would fail there with gradio's "upstream app has raised an exception" and no word on what is wrong.
+    api_image = gr.File(label="Image to upscale", visible=False)
+    gr.Button(visible=False).click(upscale, [api_image, *inputs[1:]], outputs, api_name="upscale", **gpu_event)
     runner.wire_stop(stop, TAB)
     upscaler.input(lambda name: gr.Slider(visible=catalog.get(name).has_denoise), upscaler, denoise,
                    api_visibility="private", queue=False)

@@ -48,7 +48,7 @@ from .pipelines import (
     clip_skip_too_large,
 )
 from .presets import ModelPreset, PresetCatalog, StyleCatalog
-from .prompts import LoraUse, parse_prompt, without_extra_networks
+from .prompts import LoraUse, parse_prompt, prompt_mistakes, without_extra_networks
 from .schedulers import check_scheduler, evaluations_per_step, make_scheduler
 from .upscalers import UpscalerCatalog
 from .upscaling import UpscaleRequest, Upscaling
@@ -182,6 +182,8 @@ def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: Reques
     for name, label, text in (("prompt", "Prompt", prompt), ("negative_prompt", "Negative prompt", request.negative_prompt or "")):
         if len(text) > limits.max_prompt_chars:
             problems[name] = f"{label} is too long ({len(text)} characters; the limit is {limits.max_prompt_chars})."
+        elif mistakes := prompt_mistakes(text):
+            problems[name] = f"In the {label.lower()}, " + " ".join(mistakes)
     max_steps = min(preset.max_steps, limits.max_steps)
     if not (1 <= request.steps <= max_steps):
         problems["steps"] = f"Steps must be between 1 and {max_steps} for {preset.label} (got {request.steps})."

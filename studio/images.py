@@ -35,7 +35,10 @@ def open_image(path: str | Path, what: str = "image", max_pixels: int | None = N
                 return ImageOps.exif_transpose(image)  # photos taken sideways come out upright, as viewers show them
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidRequest([f"The {what} is too large to open (more than {MAX_INPUT_PIXELS:,} pixels)."]) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError:  # PIL's message would show the server's temporary path
+        raise InvalidRequest([f"The {what} file {Path(path).name!r} could not be read as an image: its content is "
+                              "not in an image format. Upload a PNG, JPEG or WebP file."]) from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise InvalidRequest([f"The {what} file could not be read as an image ({type(error).__name__}: {error}). "
                               "Upload a PNG, JPEG or WebP file."]) from None
 

@@ -8,6 +8,11 @@
 - extra networks: `<lora:name>`, `<lora:name:0.8>`, `<lora:name:te:unet>` (`te=`/`unet=` by name too) are
   taken out of the text, as A1111 does, and applied as LoRA add-ons.
 
+What A1111 users would call a mistake is refused with a message that quotes it (`prompt_mistakes`, and
+`parse_prompt` for LoRA tags): a LoRA tag without a name (`<lora:>`) or with a weight that is not a number, and an
+emphasis weight that is not a plain number (`(red:1e308)`, `(red:inf)`, `(red:1.2.3)`) or whose size is beyond
+MAX_EMPHASIS (A1111 takes any, but far beyond it the image is noise, and a huge one overflows the encoder).
+
 The parsing is A1111's (tests/test_prompts.py checks its documented examples). compel tokenizes the parsed
 fragments and cuts prompts longer than the window into chunks, which are encoded one by one and concatenated
 (SD 1.x/2.x, and SDXL's two encoders, whose pooled embedding is the first chunk's); each chunk is weighted as
@@ -44,7 +49,7 @@ _ATTENTION_TOKEN = re.compile(
 )
 _BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
 # A1111's extra networks: <type:arguments>
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]*)>")  # `<lora:>` too, to be refused rather than read as words
 LORA_TYPES = ("lora", "lyco")  # LyCORIS tags name LoRA files too
 
 
@@ -135,6 +140,8 @@ def parse_lora_arguments(arguments: str) -> LoraUse:
 
 
 def _weight(number: str, written: str) -> float:
+    if not number:
+        raise ValueError("a weight is missing after ':' (write a number such as 0.8, or leave out the ':').")
     try:
         weight = float(number)
     except ValueError:
@@ -218,6 +225,48 @@ def _is_number(text: str) -> bool:
     except ValueError:  # "..": A1111 crashes on it; here it is plain text
         return False
     return True
+
+
+MAX_EMPHASIS = 10.0  # the largest size of a word's weight, brackets multiplied (A1111's usual range: 0.5 to 1.5)
+# After ":", a number A1111's weight pattern ([+-]?[.\d]+) does not read: exponent notation, inf, nan
+_MISTYPED_WEIGHT = re.compile(r":\s*([+-]?(?:[.\d]+e[+-]?\d+|inf(?:inity)?|nan))\s*\)", re.IGNORECASE)
+
+
+def prompt_mistakes(text: str) -> list[str]:
+    """What A1111 users would call a mistake in a prompt's emphasis, each quoting the bracket it is in: a weight
+    that is not a plain number, or one (or brackets multiplied) beyond ±MAX_EMPHASIS. Empty for a sound prompt,
+    which is parsed as before (the LoRA tags are `parse_prompt`'s to check)."""
+    text = without_extra_networks(text)
+    allowed = f"write a number from -{MAX_EMPHASIS:g} to {MAX_EMPHASIS:g}, as in (red:1.3)"
+    mistakes: list[str] = []
+    open_round: list[int] = []  # where each open round bracket is in `text`
+    for match in _ATTENTION_TOKEN.finditer(text):
+        token, written = match.group(0), match.group(1)
+        if token == "(":
+            open_round.append(match.start())
+        elif token == ")" and open_round:
+            open_round.pop()
+        elif written is not None and open_round:  # "(red:1.3)": A1111 reads 1.3 as the weight
+            bracket = _quoted(text[open_round.pop():match.end()])
+            if not _is_number(written):
+                mistakes.append(f"{bracket}: {written!r} is not a weight; {allowed}.")
+            elif abs(float(written)) > MAX_EMPHASIS:
+                mistakes.append(f"{bracket}: the weight {written} is out of range; {allowed}.")
+        elif token == ":" and open_round and (mistyped := _MISTYPED_WEIGHT.match(text, match.start())):
+            bracket = _quoted(text[open_round[-1]:mistyped.end()])
+            mistakes.append(f"{bracket}: {mistyped.group(1)!r} is not a weight; {allowed}.")
+    if mistakes:
+        return mistakes
+    for fragment, weight in parse_attention(text):  # brackets multiply: ((((red:5)))) is 7.3
+        if not (fragment == BREAK and weight == -1) and not abs(weight) <= MAX_EMPHASIS:
+            mistakes.append(f"{_quoted(fragment.strip())!r} is weighted {weight:.3g} by its nested brackets, which "
+                            f"multiply; keep it from -{MAX_EMPHASIS:g} to {MAX_EMPHASIS:g}.")
+    return mistakes
+
+
+def _quoted(fragment: str, most: int = 80) -> str:
+    """A fragment of the prompt for a message, its middle cut when it is long."""
+    return fragment if len(fragment) <= most else f"{fragment[:most // 2]}…{fragment[-most // 2:]}"
 
 
 def split_at_breaks(fragments: list[tuple[str, float]]) -> list[list[tuple[str, float]]]:

@@ -125,7 +125,9 @@ def check_upscale(request: UpscaleRequest, catalog: UpscalerCatalog, faces: Face
         problems.append(f"Unknown upscaler {request.upscaler!r}. Available upscalers: {', '.join(catalog.names)}.")
     if not MIN_SCALE <= request.scale <= MAX_SCALE:
         problems.append(f"Scale must be from {MIN_SCALE:g} to {MAX_SCALE:g} (got {request.scale:g}).")
-    if request.tile is not None and request.tile != 0 and request.tile < MIN_TILE:
+    if request.tile is not None and not isinstance(request.tile, int):  # not silently rounded: 100.5 is not 100
+        problems.append(f"Tile size must be a whole number of pixels (got {request.tile:g}).")
+    elif request.tile is not None and request.tile != 0 and request.tile < MIN_TILE:
         problems.append(f"A tile must be at least {MIN_TILE} pixels, or 0 for no tiling (got {request.tile}).")
     if not 0 <= request.denoise_strength <= 1:
         problems.append(f"Denoise strength must be from 0 to 1 (got {request.denoise_strength:g}).")

@@ -1,5 +1,6 @@
 """The real app in a subprocess, driven through gradio_client as an API user would."""
 
+import re
 import threading
 
 import numpy as np
@@ -55,6 +56,60 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
 
     # the embedded preset's CFG: 3 for text to image, 1.5 in the Inpaint tab (fewer tinted strokes)
     assert (default("/text_to_image", "guidance_scale"), default("/inpaint", "guidance_scale")) == (3.0, 1.5)
+
+
+def test_every_endpoint_names_its_parameters_and_results(client):
+    """No `value_212` (gradio's name for an output without a label) nor `1st` (gr.api's)."""
+    api = client.view_api(print_info=False, return_format="dict")
+    placeholder = re.compile(r"value_\d+|\d+(st|nd|rd|th)")
+    for endpoint, info in api["named_endpoints"].items():
+        names = [p["parameter_name"] for p in info["parameters"]] + [p["label"] for p in info["parameters"]]
+        names += [r["label"] for r in info["returns"]]
+        assert all(name and not placeholder.fullmatch(name) for name in names), (endpoint, names)
+    returns = {endpoint: [r["label"] for r in info["returns"]] for endpoint, info in api["named_endpoints"].items()}
+    assert returns["/arena_battle"] == ["Battle id", "Left", "Right"]
+    assert returns["/arena_vote"] == ["Revealed contestants"] and returns["/leaderboard"] == ["Leaderboard"]
+
+
+# the settings that only whole numbers make sense for, by endpoint
+WHOLE_NUMBERS = {
+    "/text_to_image": {"steps", "width", "height", "seed", "batch_size", "clip_skip", "hires_steps"},
+    "/inpaint": {"steps", "mask_blur", "padding", "seed", "batch_size", "clip_skip"},
+    "/sketch_to_image": {"steps", "seed", "batch_size", "clip_skip"},
+    "/upscale": {"tile"},
+    "/compare": {"seed"},
+    "/arena_battle": {"seed"},
+}
+
+
+def test_the_schema_says_integer_for_whole_number_settings_and_number_for_the_rest(client):
+    api = client.view_api(print_info=False, return_format="dict")
+    for endpoint, info in api["named_endpoints"].items():
+        types = {p["parameter_name"]: (p["type"].get("type"), p["python_type"]["type"]) for p in info["parameters"]}
+        integers = {name for name, (json_type, _) in types.items() if json_type == "integer"}
+        assert integers == WHOLE_NUMBERS.get(endpoint, set()), endpoint
+        assert all(types[name][1] == "int" for name in integers), endpoint
+    settings = {p["parameter_name"]: p["type"]["type"] for p in api["named_endpoints"]["/text_to_image"]["parameters"]}
+    assert settings["guidance_scale"] == "number"  # fractions are fine there
+
+
+@pytest.mark.parametrize("endpoint, arguments, message", [
+    ("/text_to_image", DEFAULTS | {"seed": 7.5}, "Seed must be a whole number (got 7.5)"),  # gradio rounded it to 8
+    ("/text_to_image", DEFAULTS | {"hires_fix": True, "hires_steps": 2.5}, "Hires steps must be a whole number"),
+    ("/upscale", {"upscaler": "embedded-rrdbnet-x4", "tile": 100.5}, "Tile size must be a whole number of pixels"),
+    ("/compare", {"prompt": "a red circle", "seed": 1.5, "x_type": "Sampler", "x_values": "Euler"},
+     "Seed must be a whole number (got 1.5)"),
+    ("/arena_battle", {"prompt": "a red circle", "seed": 2.5}, "Seed must be a whole number (got 2.5)"),
+    ("/inpaint", {"prompt": "a star", "mask_blur": 4.5}, "Mask blur must be a whole number (got 4.5)"),
+])
+def test_a_fraction_for_a_whole_number_is_refused_not_rounded(client, tmp_path, endpoint, arguments, message):
+    files = {}
+    if endpoint in ("/upscale", "/inpaint"):
+        picture_and_mask(tmp_path)
+        files = {"image": handle_file(tmp_path / "image.png")}
+        files |= {"mask": handle_file(tmp_path / "mask.png")} if endpoint == "/inpaint" else {}
+    with pytest.raises(Exception, match=re.escape(message)):
+        client.predict(**files, **arguments, api_name=endpoint)
 
 
 def test_text_to_image_returns_pngs_with_parameters_and_seeds(client):
@@ -150,6 +205,13 @@ def test_same_seed_same_png_pixels_through_the_api(client):
         ({"steps": 2.5}, "Steps must be a whole number (got 2.5)"),  # not silently 2
         ({"width": 64.5}, "Width must be a whole number (got 64.5)"),
         ({"batch_size": 1.5}, "Batch size must be a whole number (got 1.5)"),
+        ({"clip_skip": 1.5}, "Clip skip must be a whole number (got 1.5)"),
+        # A1111 users' mistakes in a prompt, named, with what is allowed
+        ({"prompt": "a (red:1e308) circle"},
+         "In the prompt, (red:1e308): '1e308' is not a weight; write a number from -10 to 10, as in (red:1.3)."),
+        ({"negative_prompt": "(blue:25)"}, "In the negative prompt, (blue:25): the weight 25 is out of range"),
+        ({"prompt": "a red circle <lora:>"}, "<lora:>: name the LoRA, as in <lora:name:0.8>."),
+        ({"prompt": "a red circle <lora:test-shapes:lots>"}, "<lora:test-shapes:lots>: 'lots' is not a weight"),
         ({"preset": "sdxl-base-1.0", "width": 1024, "height": 1024}, "Preset 'SDXL base 1.0' is not downloaded yet"),
     ],
 )
@@ -283,6 +345,29 @@ def test_upscale_endpoint_returns_the_slider_pair_and_a_png_that_keeps_the_param
         assert result.info["postprocessing"] == "Postprocess upscale by: 2.5, Postprocess upscaler: embedded-rrdbnet-x4"
     with Image.open(after) as shown:
         assert shown.size == (160, 160)
+
+
+@pytest.mark.parametrize("endpoint, content", [
+    ("/upscale", b"these are words, not pixels"),
+    ("/upscale", b"\x89PNG\r\n\x1a\n a PNG's signature, then no image"),
+    ("/inpaint", b"these are words, not pixels"),
+    ("/sketch_to_image", b"these are words, not pixels"),
+])
+def test_a_file_that_is_not_an_image_is_refused_with_the_reason(client, tmp_path, endpoint, content):
+    """Decoded by the studio, not by gradio (whose answer was "The upstream Gradio app has raised an exception")."""
+    picture_and_mask(tmp_path)
+    (tmp_path / "notes.txt").write_bytes(content)
+    notes = handle_file(tmp_path / "notes.txt")
+    arguments = {"/upscale": dict(image=notes, upscaler="embedded-rrdbnet-x4"),
+                 "/inpaint": dict(image=notes, mask=handle_file(tmp_path / "mask.png"), prompt="a star"),
+                 "/sketch_to_image": dict(sketch=notes, prompt="a star")}[endpoint]
+    with pytest.raises(Exception) as caught:
+        client.predict(**arguments, api_name=endpoint)
+    what = "sketch" if endpoint == "/sketch_to_image" else "image"
+    assert (f"The {what} file 'notes.txt' could not be read as an image: its content is not in an image format. "
+            "Upload a PNG, JPEG or WebP file.") in str(caught.value)
+    _, seeds, _ = text_to_image(client, seed=3, steps=2)  # the server keeps answering
+    assert seeds == [3]
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -16,6 +16,7 @@ from studio.prompts import (
     parse_attention,
     parse_prompt,
     plain_text,
+    prompt_mistakes,
     split_at_breaks,
     with_lora,
 )
@@ -79,6 +80,65 @@ def test_lora_tags_are_taken_out_in_a1111s_forms():
         parse_prompt("<lora:a:x>")
     with pytest.raises(InvalidRequest, match="not a LoRA setting"):
         parse_prompt("<lora:a:foo=1>")
+
+
+@pytest.mark.parametrize("tag, message", [
+    ("<lora:>", "<lora:>: name the LoRA, as in <lora:name:0.8>."),  # was read as words
+    ("<LoRA:  >", "<LoRA:  >: name the LoRA"),
+    ("<lora::0.5>", "<lora::0.5>: name the LoRA"),
+    ("<lora:hexagon:>", "<lora:hexagon:>: a weight is missing after ':'"),
+    ("<lora:hexagon:strong>", "<lora:hexagon:strong>: 'strong' is not a weight (write a number such as 0.8)."),
+    ("<lora:hexagon:nan>", "<lora:hexagon:nan>: 'nan' is not a weight"),
+])
+def test_a_malformed_lora_tag_is_refused_naming_it(tag, message):
+    with pytest.raises(InvalidRequest) as refused:
+        parse_prompt(f"a circle {tag} on a blue background")
+    assert len(refused.value.problems) == 1 and refused.value.problems[0].startswith(message)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("a (red:1e308) circle", "(red:1e308): '1e308' is not a weight; write a number from -10 to 10, as in (red:1.3)."),
+    ("a (red: INF ) circle", "(red: INF ): 'INF' is not a weight;"),
+    ("a (red:-nan) circle", "(red:-nan): '-nan' is not a weight;"),
+    ("a (red:1.2.3) circle", "(red:1.2.3): '1.2.3' is not a weight;"),  # A1111 crashes on it
+    ("a (red:..) circle", "(red:..): '..' is not a weight;"),
+    ("a (red:20) circle", "(red:20): the weight 20 is out of range; write a number from -10 to 10"),
+    ("a (red:-10.5) circle", "(red:-10.5): the weight -10.5 is out of range"),
+    ("a ((red:1.2) circle:1e5)", "((red:1.2) circle:1e5): '1e5' is not a weight"),  # the bracket it closes
+    ("a (((((red:9))))) circle",
+     "'red' is weighted 13.2 by its nested brackets, which multiply; keep it from -10 to 10."),
+    ("a " + "(" * 30 + "red" + ")" * 30, "'red' is weighted 17.4"),
+])
+def test_an_emphasis_weight_that_is_not_a_sane_number_is_a_mistake(prompt, message):
+    mistakes = prompt_mistakes(prompt)
+    assert len(mistakes) == 1 and mistakes[0].startswith(message)
+
+
+@pytest.mark.parametrize("prompt", [
+    *(text for text, _ in A1111_EXAMPLES),
+    "(cat:-1)", "(red:10) (blue:-10) ((((red:5))))", "(masterpiece:1.2 ), [blue] background BREAK ((sharp))",
+    "16:90) ratio",  # no bracket to close: A1111 reads it as words
+    "\\(red:20\\)",  # escaped: words
+    "(aspect 16:9)",  # a weight of 9, as A1111 reads it
+    "a circle <lora:hexagon:1e1> <hypernet:h:1e9>",  # tags are not emphasis (their checks are their own)
+])
+def test_sound_prompts_have_no_mistakes_and_parse_as_before(prompt):
+    assert prompt_mistakes(prompt) == []
+
+
+@pytest.mark.parametrize("field, text, message", [
+    ("prompt", "a (red:1e308) circle", "In the prompt, (red:1e308): '1e308' is not a weight; write a number from -10"),
+    ("negative_prompt", "(blue:inf)", "In the negative prompt, (blue:inf): 'inf' is not a weight;"),
+    ("prompt", "a red circle <lora:>", "<lora:>: name the LoRA, as in <lora:name:0.8>."),
+])
+def test_text_to_image_and_inpainting_refuse_prompt_mistakes(engine, inpainter, field, text, message):
+    """Every tab's request goes through these checks (Compare's cells and the Arena's contestants are text to image
+    requests)."""
+    from studio.inpainting import InpaintRequest
+
+    prompts = {"prompt": "a red circle", field: text}
+    for problems in (engine.problems(TextToImageRequest(**prompts)), inpainter.problems(InpaintRequest(**prompts))):
+        assert list(problems) == [field] and problems[field].startswith(message)
 
 
 def test_the_picker_writes_or_updates_a_tag():
