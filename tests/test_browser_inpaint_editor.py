@@ -1,0 +1,166 @@
+"""The Inpaint editor in headless Chromium: it never makes the page slow or loses its image, each mode's strokes
+are its own, the Inpaint button is in view beside the results, and every palette colour can be seen."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_browser import browser, text_tab  # noqa: F401 - the module's browser fixture
+
+pytestmark = pytest.mark.browser
+
+# The window sizes the issue names: the layout tests run at both, the behaviour tests at the first (it is the same
+# code at any size, and each costs a generation).
+SIZES = [(1440, 1000), (1920, 1080)]
+
+
+@pytest.fixture
+def page(browser, app_url, artifacts, request):  # noqa: F811 - this module's page, at the size a test asks for
+    width, height = getattr(request, "param", SIZES[0])
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.goto(app_url)
+    text_tab(page).get_by_label("Prompt", exact=True).wait_for()
+    yield page
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        page.screenshot(path=str(artifacts / f"failed-{request.node.name}.png"), full_page=True)
+    context.close()
+
+
+def generate_and_send_to_inpaint(page):
+    tab = text_tab(page)
+    tab.get_by_label("Prompt", exact=True).fill("a large red circle on a blue background")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    page.locator("#text-to-image-gallery img[alt^='Seed ']").first.wait_for(timeout=60_000)
+    tab.get_by_role("button", name="Send to Inpaint", exact=True).click()
+    inpaint = page.locator("#inpaint-tab")
+    inpaint.locator("#inpaint-editor canvas").first.wait_for(timeout=10_000)
+    return inpaint
+
+
+def drag(page, inpaint, start, end):
+    """A brush stroke from `start` to `end`, fractions of the editor's canvas."""
+    inpaint.get_by_role("button", name="Brush").first.click()
+    box = inpaint.locator("#inpaint-editor canvas").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * start[0], box["y"] + box["height"] * start[1])
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * end[0], box["y"] + box["height"] * end[1], steps=10)
+    page.mouse.up()
+
+
+def shows_the_sent_image(inpaint) -> bool:
+    """The editor's canvas shows the image (the blue background of the generated scene), not a blank canvas."""
+    shot = Image.open(io.BytesIO(inpaint.locator("#inpaint-editor canvas").first.screenshot())).convert("RGB")
+    pixels = np.asarray(shot, dtype=np.int32)
+    blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 100)
+    return blue.mean() > 0.05
+
+
+def test_after_the_editor_is_used_other_jobs_do_not_make_it_upload_again(page, artifacts):
+    """gradio re-read the editor at every progress tick of any job once it had been an event's input or output
+    (or inside one: the Tabs), uploading its image each time; a 64 px image then took 5-10 s from Generate."""
+    inpaint = generate_and_send_to_inpaint(page)
+    drag(page, inpaint, (0.3, 0.5), (0.7, 0.5))
+    inpaint.get_by_label("Inpaint sketch").check()
+    page.wait_for_timeout(1000)
+    inpaint.get_by_label("Inpaint", exact=True).check()
+    page.wait_for_timeout(1000)
+    drag(page, inpaint, (0.3, 0.5), (0.7, 0.5))
+    inpaint.get_by_label("Prompt", exact=True).fill("a large yellow star on a blue background")
+    inpaint.get_by_role("button", name="Inpaint", exact=True).click()
+    page.locator("#inpaint-gallery img[alt^='Seed ']").first.wait_for(timeout=60_000)
+
+    uploads = []
+    page.on("request", lambda request: uploads.append(request.url) if "/gradio_api/upload" in request.url else None)
+    page.get_by_role("tab", name="Text to image").click()
+    tab = text_tab(page)
+    tab.get_by_label("Prompt", exact=True).fill("a small green square on a white background")
+    tab.get_by_label("number input for Steps").fill("40")
+    tab.get_by_label("number input for Steps").press("Enter")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#generation-info textarea')?.value"
+                           ".startsWith('a small green square')", timeout=60_000)
+    page.wait_for_timeout(500)
+    assert uploads == [], f"{len(uploads)} uploads while another tab's job ran"
+
+
+def test_clicking_the_palette_while_the_image_loads_never_loses_it(page, artifacts):
+    inpaint = generate_and_send_to_inpaint(page)
+    # at once, while the image is still arriving: another mode, and every colour of its palette
+    inpaint.get_by_label("Inpaint sketch").check()
+    inpaint.get_by_role("button", name="Brush").first.click()
+    for _ in range(3):
+        colour = page.locator("#inpaint-editor").get_by_label("Color")
+        if colour.count():
+            colour.first.click()
+        swatches = page.locator("#inpaint-editor button.color")
+        for index in range(swatches.count()):
+            swatches.nth(index).click()
+    page.wait_for_timeout(3000)
+    page.screenshot(path=str(artifacts / f"inpaint_palette_while_loading_{page.viewport_size['width']}.png"))
+    assert shows_the_sent_image(inpaint)
+    assert page.locator("#inpaint-editor .eta-bar, #inpaint-editor .progress-text").count() == 0  # not "processing"
+
+
+def test_each_modes_strokes_are_its_own(page, artifacts):
+    """A mask painted in Inpaint is not magenta paint in Inpaint sketch: switching clears the strokes (and says
+    so), the image stays."""
+    inpaint = generate_and_send_to_inpaint(page)
+    drag(page, inpaint, (0.3, 0.5), (0.7, 0.5))
+    inpaint.get_by_label("Inpaint sketch").check()
+    page.wait_for_function("() => document.querySelector('#inpaint-mode-help')?.textContent"
+                           ".includes('Switching mode clears the strokes')")
+    page.wait_for_timeout(1500)
+    assert shows_the_sent_image(inpaint)
+    inpaint.get_by_label("Prompt", exact=True).fill("a large yellow star on a blue background")
+    inpaint.get_by_role("button", name="Inpaint", exact=True).click()
+    toast = page.get_by_test_id("toast-text").first
+    toast.wait_for(timeout=20_000)
+    assert "Paint some strokes on the image first" in toast.inner_text()
+    page.screenshot(path=str(artifacts / f"inpaint_mode_switch_{page.viewport_size['width']}.png"))
+
+
+def in_view(page, locator) -> bool:
+    box = locator.bounding_box()
+    viewport = page.viewport_size
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"]
+
+
+@pytest.mark.parametrize("page", SIZES, ids=lambda size: f"{size[0]}x{size[1]}", indirect=True)
+def test_the_inpaint_button_sits_on_top_of_the_results_and_stays_in_view(page, artifacts):
+    page.get_by_role("tab", name="Inpaint").click()
+    inpaint = page.locator("#inpaint-tab")
+    button = inpaint.get_by_role("button", name="Inpaint", exact=True)
+    gallery = page.locator("#inpaint-gallery")
+    button.wait_for()
+    assert in_view(page, button)
+    assert button.bounding_box()["y"] < gallery.bounding_box()["y"]  # above the results
+    assert abs(button.bounding_box()["x"] - gallery.bounding_box()["x"]) < 20  # in the results' column
+    # scrolled down to the last settings, the button and the results are still in view
+    inpaint.get_by_label("number input for Clip skip").scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(artifacts / f"inpaint_scrolled_{page.viewport_size['width']}.png"))
+    assert in_view(page, button)
+    assert gallery.bounding_box()["y"] < page.viewport_size["height"]
+
+
+@pytest.mark.parametrize("page", SIZES, ids=lambda size: f"{size[0]}x{size[1]}", indirect=True)
+def test_every_palette_colour_shows_on_the_palette(page, artifacts):
+    """The white swatch was invisible on the white palette: each swatch must differ from what is around it."""
+    page.get_by_role("tab", name="Inpaint").click()
+    inpaint = page.locator("#inpaint-tab")
+    inpaint.get_by_label("Sketch to image").check()
+    page.wait_for_timeout(1500)
+    inpaint.get_by_role("button", name="Brush").first.click()
+    colour = page.locator("#inpaint-editor").get_by_label("Color")
+    swatches = page.locator("#inpaint-editor button.color")
+    if not swatches.first.is_visible():
+        colour.first.click()
+    swatches.first.wait_for()
+    page.screenshot(path=str(artifacts / f"inpaint_palette_{page.viewport_size['width']}.png"))
+    for index in range(swatches.count()):
+        shot = np.asarray(Image.open(io.BytesIO(swatches.nth(index).screenshot())).convert("L"), dtype=np.int32)
+        assert shot.max() - shot.min() > 20, f"swatch {index} cannot be told from the palette"
