@@ -26,7 +26,7 @@ import torch
 
 from components.arena import build_arena_tab
 from components.compare import build_compare_tab
-from components.inpaint import build_inpaint_tab, editor_with_background
+from components.inpaint import build_inpaint_tab
 from components.running import JobRunner, user_error
 from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
@@ -69,21 +69,51 @@ from studio.votes import default_votes_url, open_store
 
 log = logging.getLogger("studio")
 
-# Small images (the embedded model makes 64 px) are shown enlarged: keep their pixels crisp, not smeared. A single
-# result gets gradio's large square thumbnail as wide as the column, taller than the gallery at 1280 px and up, so
-# it was cropped: cap its height to the gallery's (520 / 420 px, less the label) so it is always seen whole.
-# The history is a strip of small, equal thumbnails, however many images it has (no seed label over them).
+# Small images (the embedded model makes 64 px) are shown enlarged: keep their pixels crisp, not smeared.
+# Results: gradio draws square thumbnails as wide as their column, so a single result (at 1280 px and up) and a
+# batch's second row ran past the gallery's height and were cut off. Its rows share the gallery's height instead,
+# each image contained in its cell; five images or more take four columns; captions wrap rather than end in "…".
+# The history is a strip of small, equal thumbnails in whole rows: as tall as its rows up to three, then it scrolls
+# a row at a time. Only an unfinished image has a caption there (inside the thumbnail).
+# Compare's cells: each caption whole, under its image (gradio's one-line caption cut it to "Sampler: Eule…"), the
+# first row below the gallery's long label (it covered their tops).
+# Inpaint: the palette's white swatch gets an outline (it was invisible on the white palette); the results column,
+# with the Inpaint button on top, stays in view while the editor and settings scroll (two columns), and comes first
+# when the columns stack (narrow windows), so the button is never below the whole form.
 CSS = """
 #text-to-image-gallery img, #inpaint-gallery img { image-rendering: pixelated; }
-#text-to-image-gallery .thumbnail-lg { max-height: 470px; margin: 0 auto; }
-#inpaint-gallery .thumbnail-lg { max-height: 370px; margin: 0 auto; }
+#text-to-image-gallery .grid-container, #inpaint-gallery .grid-container {
+  height: 100%; grid-template-rows: none; grid-auto-rows: minmax(0, 1fr); }
+#text-to-image-gallery .grid-container:has(> :nth-child(5)), #inpaint-gallery .grid-container:has(> :nth-child(5)) {
+  grid-template-columns: repeat(4, minmax(0, 1fr)); }
+#text-to-image-gallery .thumbnail-item, #inpaint-gallery .thumbnail-item { aspect-ratio: auto; }
+#text-to-image-gallery .caption-label, #inpaint-gallery .caption-label { white-space: normal; }
 #compare-grid .thumbnail-lg { max-height: 470px; margin: 0 auto; }
 #compare-grid img, #compare-cells img, #compare-slider img { image-rendering: pixelated; }
+#compare-cells .grid-wrap { max-height: 520px; }
+#compare-cells .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); grid-template-rows: none; grid-auto-rows: auto; }
+#compare-cells .grid-container.pt-6 { padding-top: 36px; }
+#compare-cells .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; }
+#compare-cells .thumbnail-item > img { aspect-ratio: 1; height: auto; }
+#compare-cells .caption-label { position: static; max-width: none; white-space: normal; border: 0; border-radius: 0; }
 .history-gallery img { image-rendering: pixelated; }
 .arena-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+.history-gallery .grid-wrap {
+  max-height: calc(3 * 112px + 2 * var(--spacing-lg) + 2 * var(--size-2)); scroll-snap-type: y mandatory; }
 .history-gallery .grid-container { grid-template-columns: repeat(auto-fill, 112px) !important; grid-auto-rows: 112px; }
+.history-gallery .gallery-item { scroll-snap-align: start; scroll-margin-top: var(--size-2); }
 .history-gallery .thumbnail-item { width: 112px; height: 112px; max-height: 112px; }
-.history-gallery .caption-label { display: none; }
+#inpaint-editor button.color { box-shadow: inset 0 0 0 1px var(--border-color-primary); }
+/* gradio's container clips with overflow: hidden, which makes it the (never scrolled) box sticky elements stick in;
+   clip looks the same and lets them stick to the page */
+.gradio-container { overflow: clip !important; }
+@media (min-width: 768px) {
+  #inpaint-results { position: sticky; top: var(--size-2); align-self: flex-start; max-height: calc(100vh - var(--size-4));
+                     overflow-y: auto; }
+}
+@media (max-width: 767px) { #inpaint-results { order: -1; } }
+.history-gallery .caption-label { left: 4px; right: 4px; max-width: none; white-space: normal; font-size: 11px; }
 """
 PUBLIC_RATE_LIMIT = 12  # jobs per minute per visitor in --public mode
 DEFAULT_UPSCALER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffusion-studio" / "upscalers"
@@ -330,6 +360,14 @@ def chosen_result(gallery, index, when_empty: str):
     return image
 
 
+def show_tab(event, tabs: gr.Tabs, tab_id: str) -> None:
+    """After `event` succeeds, the page shows the tab `tab_id`. Done in the browser: a server event with the Tabs
+    as an output makes gradio 6.31 re-read every component inside them at each later status update of any event,
+    the Inpaint editor too, which then re-uploads its image (seconds per progress tick)."""
+    event.success(None, None, tabs, js=f"() => ({{__type__: 'update', selected: '{tab_id}'}})",
+                  api_visibility="private", queue=False, show_progress="hidden")
+
+
 def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="Diffusion Studio", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# Diffusion Studio\nText to image, inpainting, upscaling and X/Y/Z comparisons with Stable "
@@ -353,27 +391,29 @@ def build_ui(studio: Studio) -> gr.Blocks:
         inpaint_tab.fit_to_preset(demo)
         arena_tab.show_board(demo)
 
-        def send_to_inpaint(gallery, index, prompt, negative_prompt):
-            """The chosen image into the Inpaint editor, with its prompts, as A1111's "Send to inpaint" does."""
+        def send_to_inpaint(gallery, index, prompt, negative_prompt, mode):
+            """The chosen image into the Inpaint editor (brush fitted to it), with its prompts, as A1111's "Send to
+            inpaint" does."""
             image = chosen_result(gallery, index, "Generate an image first, then send it to Inpaint.")
-            return editor_with_background(image), prompt, negative_prompt, gr.Tabs(selected="inpaint")
+            return (*inpaint_tab.image_updates(image, mode), prompt, negative_prompt)
 
         # queued (outside the GPU group), so that its error shows as a toast: gradio shows none for unqueued events
         sent = text_tab.send_to_inpaint.click(
-            send_to_inpaint, [text_tab.gallery, text_tab.selected, text_tab.prompt, text_tab.negative_prompt],
-            [inpaint_tab.editor, inpaint_tab.prompt, inpaint_tab.negative_prompt, tabs], api_visibility="private",
-            concurrency_limit=None,
+            send_to_inpaint,
+            [text_tab.gallery, text_tab.selected, text_tab.prompt, text_tab.negative_prompt, inpaint_tab.mode],
+            [*inpaint_tab.image_outputs, inpaint_tab.prompt, inpaint_tab.negative_prompt],
+            api_visibility="private", concurrency_limit=None,
         )
-        inpaint_tab.fit_to_image(sent)
+        inpaint_tab.apply_to_editor(sent)
+        show_tab(sent, tabs, "inpaint")
 
         def send_to_upscale(gallery, index):
             """The chosen result into the Upscale tab, with its PNG parameters (kept in the upscaled PNG)."""
-            return chosen_result(gallery, index, "There is no result to send yet: make one first."), gr.Tabs(
-                selected="upscale")
+            return chosen_result(gallery, index, "There is no result to send yet: make one first.")
 
         for tab in (text_tab, inpaint_tab):
-            tab.send_to_upscale.click(send_to_upscale, [tab.gallery, tab.selected], [upscale_tab.image, tabs],
-                                      api_visibility="private", concurrency_limit=None)
+            show_tab(tab.send_to_upscale.click(send_to_upscale, [tab.gallery, tab.selected], upscale_tab.image,
+                                               api_visibility="private", concurrency_limit=None), tabs, "upscale")
     return demo
 
 

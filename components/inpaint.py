@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from gradio import processing_utils, utils
+from gradio.components.image_editor import EditorData
+from gradio.data_classes import FileData
 from PIL import Image
 
 from components.history import build_history
 from components.lora_picker import build_lora_picker
-from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
+from components.preset_picker import (
+    build_model_availability,
+    chosen_preset,
+    preset_card,
+    prompt_hint,
+    sampling_updates,
+)
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
 from studio.errors import InvalidRequest, StudioError
@@ -40,12 +50,15 @@ SKETCH_STRENGTH = 0.75
 
 def default_strength(chosen_mode: str, preset) -> float:
     return preset.inpaint_strength if chosen_mode == INPAINT else SKETCH_STRENGTH
+# Each mode's strokes mean something else (a mask, paint over the image, a drawing), so switching mode clears
+# them, as A1111 keeps each in a tab of its own; the image stays.
+STROKES_ARE_CLEARED = " Switching mode clears the strokes (the image stays): each mode's strokes are its own."
 MODE_HELP = {
-    INPAINT: "Upload an image, paint over the part to redo, and describe what goes there.",
+    INPAINT: "Upload an image, paint over the part to redo, and describe what goes there." + STROKES_ARE_CLEARED,
     SKETCH: "Upload an image and paint on it in colour: the strokes are painted in, and the area they cover is "
-            "redrawn at the denoising strength, keeping their colours and shapes.",
+            "redrawn at the denoising strength, keeping their colours and shapes." + STROKES_ARE_CLEARED,
     SKETCH_TO_IMAGE: "Draw with coloured brushes on the blank canvas (or over an image): the whole picture is redrawn "
-                     "at the denoising strength. Empty areas count as white paper.",
+                     "at the denoising strength. Empty areas count as white paper." + STROKES_ARE_CLEARED,
 }
 PROMPT_PLACEHOLDER = {
     INPAINT: "what goes in the painted area",
@@ -72,12 +85,124 @@ def editor_image_size(value) -> tuple[int, int] | None:
     return image.size if image is not None else None
 
 
+# Installed on page load: remembers the size of the next image put into the editor (a file chosen, dropped or
+# pasted from the clipboard), measured in the browser; the editor's "upload" event then takes it once.
+UPLOAD_SIZE_JS = """
+() => {
+  if (window.studioInpaintUploads) return;
+  const editor = () => document.querySelector("#inpaint-editor");
+  const uploads = window.studioInpaintUploads = {count: 0, pending: null};
+  const measure = (blob) => {
+    if (!blob || !blob.type.startsWith("image/")) return;
+    const number = ++uploads.count;
+    uploads.pending = createImageBitmap(blob)
+      .then((bitmap) => `${bitmap.width}x${bitmap.height}#${number}`, () => null);
+  };
+  document.addEventListener("change", (event) => {
+    if (event.target.type === "file" && editor()?.contains(event.target)) measure(event.target.files?.[0]);
+  }, true);
+  document.addEventListener("drop", (event) => {
+    if (editor()?.contains(event.target)) measure(event.dataTransfer?.files?.[0]);
+  }, true);
+  const clipboard = navigator.clipboard;
+  if (clipboard?.read) {  // the editor's clipboard source reads the clipboard itself
+    const read = clipboard.read.bind(clipboard);
+    clipboard.read = async (...args) => {
+      const items = await read(...args);
+      for (const item of items) {
+        const type = item.types.find((t) => t.startsWith("image/"));
+        if (type) { measure(await item.getType(type)); break; }
+      }
+      return items;
+    };
+  }
+}
+"""
+TAKE_MEASURED_UPLOAD_JS = """
+async () => {
+  const uploads = window.studioInpaintUploads;
+  const pending = uploads?.pending;
+  if (!pending) return document.querySelector("#inpaint-upload-size textarea")?.value ?? "";
+  uploads.pending = null;
+  return (await pending) ?? "";
+}
+"""
+
+
+# Applies a to_editor update ({"value"?, "brush"}) to the editor; file URLs are made relative to the page, so
+# they work under a proxy's path prefix too.
+APPLY_EDITOR_UPDATE_JS = """
+(update) => {
+  if (!update) return undefined;
+  const withUrl = (file) => file && {...file, url: new URL(`gradio_api/file=${file.path}`, document.baseURI).href};
+  const value = update.value === undefined ? {} : {value: update.value && {
+    background: withUrl(update.value.background), layers: [], composite: withUrl(update.value.composite)}};
+  return {__type__: "update", ...value, brush: update.brush};
+}
+"""
+
+
+def brush_props(chosen: gr.Brush) -> dict:
+    """A brush as the editor's `brush` property in the page."""
+    return {"default_size": chosen.default_size, "colors": chosen.colors, "default_color": chosen.default_color,
+            "color_mode": chosen.color_mode}
+
+
+def file_for_page(component: gr.components.Component, image) -> dict:
+    """An image (a path or a PIL image) as a file the page may load: copied into gradio's cache for
+    `component`, as gradio does for a component's outputs."""
+    if isinstance(image, Image.Image):
+        cached = processing_utils.save_pil_to_cache(image, component.GRADIO_CACHE, format="png")
+    else:
+        cached = component.move_resource_to_block_cache(image)
+    return FileData(path=cached, orig_name=Path(cached).name).model_dump()
+
+
+def editor_images(component: gr.ImageEditor, sent) -> dict:
+    """The editor's value as the page sent it into from_editor (files it uploaded), preprocessed as the editor
+    itself would hand it to a handler: {"background", "layers", "composite"} as images. Only files uploaded to
+    this server are read."""
+    if not sent:
+        return {}
+    try:
+        data = EditorData.model_validate(sent)
+    except ValueError:
+        raise user_error(InvalidRequest(["The editor's image did not arrive whole: try again."]),
+                         "Cannot read the editor") from None
+    upload_folder = utils.abspath(utils.get_upload_folder())
+    for file in (data.background, data.composite, *data.layers):
+        if file is not None and not utils.is_in_or_equal(utils.abspath(file.path), upload_folder):
+            raise user_error(InvalidRequest(["The editor's image must be uploaded through the page."]),
+                             "Cannot read the editor")
+    return component.preprocess(data) or {}
+
+
+def parse_measured_size(measured: str | None) -> tuple[int, int] | None:
+    """(width, height) from the page's "WxH#n", None when there is none."""
+    try:
+        width, height = (measured or "").split("#")[0].split("x")
+        return int(width), int(height)
+    except ValueError:
+        return None
+
+
+def image_size(image) -> tuple[int, int]:
+    """The size of an image given as a PIL image or a file path (only the header is read)."""
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as opened:
+        return opened.size
+
+
 @dataclass
 class InpaintTab:
     editor: gr.ImageEditor
+    mode: gr.Radio
+    image_outputs: list  # what image_updates returns updates for
+    image_updates: Callable  # (image, mode) -> updates: the image in the editor, tools fitted (for Send to Inpaint)
+    apply_to_editor: Callable  # (event) -> None: after an event that returned image_updates, the page applies them
     generate_event: gr.events.Dependency
     fit_to_preset: Callable  # (demo) -> None: fits the settings to the selected preset on page load
-    fit_to_image: Callable  # (event) -> None: after the event puts an image in the editor, fits brush, blur, padding
     prompt: gr.Textbox
     negative_prompt: gr.Textbox
     gallery: gr.Gallery
@@ -126,13 +251,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             prompt_note = gr.Markdown(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
             lora_picker = build_lora_picker(engine.loras, prompt, engine.loras_that_fit(default.name))
-            with gr.Row():
-                generate = gr.Button("Inpaint", variant="primary", scale=3)
-                stop = gr.Button("Stop", variant="stop", scale=1)
-            # where the Text to image tab has it: under the prompt
             preset = gr.Dropdown([(p.label, p.name) for p in engine.presets], value=default.name,
                                  label="Model preset", allow_custom_value=True)
             card = gr.Markdown(preset_card(default))
+            availability = build_model_availability(engine, default, "inpaint")
             with gr.Accordion("Settings", open=True):
                 with gr.Row():
                     scheduler = gr.Dropdown(list(schedulers_for(default)), value=default.default_scheduler,
@@ -155,7 +277,12 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                     batch_size = WholeSlider(1, limits.max_batch_size, value=1, step=1, label="Batch size")
                     clip_skip = WholeSlider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1,
                                             label="Clip skip", info="2 for anime models; SD 1.x only")
-        with gr.Column(scale=5):
+        # The action sits on top of the results, as in A1111: the editor fills the other column, and the button
+        # under it was out of view. The column stays in view while the settings scroll (CSS: #inpaint-results).
+        with gr.Column(scale=5, elem_id="inpaint-results"):
+            with gr.Row():
+                generate = gr.Button("Inpaint", variant="primary", scale=3, elem_id="inpaint-generate")
+                stop = gr.Button("Stop", variant="stop", scale=1)
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
                                  buttons=["download", "fullscreen"], interactive=False, elem_id="inpaint-gallery")
             send_to_upscale = gr.Button("Send to Upscale", size="sm", elem_id="inpaint-send-to-upscale")
@@ -167,9 +294,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     settings = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
                 padding, seed, batch_size, clip_skip]
 
-    def images_for(chosen_mode, value):
-        """(image, mask) for the engine from the editor's value; mask None for sketch to image."""
-        value = value or {}
+    def images_for(chosen_mode, sent):
+        """(image, mask) for the engine from the editor's value as the page sent it; mask None for sketch to
+        image."""
+        value = editor_images(editor, sent)
         background, layers, composite = value.get("background"), value.get("layers") or [], value.get("composite")
         if chosen_mode == SKETCH_TO_IMAGE:
             if composite is None:
@@ -191,7 +319,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         """Instant feedback in the browser, before the request waits in the GPU queue."""
         image, mask = images_for(chosen_mode, value)
         problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
-                                            strength, mask_blur, inpaint_area, padding, seed, batch_size, clip_skip))
+                                            strength, mask_blur, inpaint_area, padding, seed, batch_size, clip_skip),
+                                   "img2img" if chosen_mode == SKETCH_TO_IMAGE else "inpaint")
         if mask is not None and not np.asarray(mask).any():
             problems["mask"] = ("Paint over the part of the image to redo first." if chosen_mode == INPAINT
                                 else "Paint some strokes on the image first.")
@@ -253,23 +382,58 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             raise user_error(InvalidRequest(["Give a sketch image."]), "Cannot generate")
         return run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
 
-    def brush_radius(value) -> int:
-        return mask_tools_for(editor_image_size(value) or SKETCH_CANVAS).brush_radius
+    # The editor is never an input or output of a server event, only of events that run in the browser
+    # (js=...): gradio 6.31 re-reads every component that an event with a status has touched at each status
+    # update of any event, and reading an ImageEditor makes the browser export and upload its image and every
+    # layer. With the editor in Inpaint's inputs, each progress tick of any later job (10 a second) uploaded the
+    # picture again: a 64 px image took 5-10 s from Generate. And an editor update makes it report an "upload",
+    # so a server handler that read it and set its brush ran in a loop. So the page copies the editor's value into
+    # `from_editor` when a handler needs it, applies `to_editor` to it, and measures an uploaded image itself.
+    from_editor = gr.JSON(visible="hidden", elem_id="inpaint-from-editor")  # the editor's files, as sent
+    to_editor = gr.JSON(visible="hidden", elem_id="inpaint-to-editor")  # {"value"?, "brush"}, applied by the page
+    upload_size = gr.Textbox(visible="hidden", elem_id="inpaint-upload-size")  # "WxH#n", written by the page
+    fitted_to = gr.State(None)  # the (width, height) the brush, blur and padding were last fitted to
 
-    def fit_tools_to_image(chosen_mode, value):
-        """Brush radius, mask blur and padding for the image now in the editor (A1111's defaults are for 512 px)."""
-        size = editor_image_size(value)
-        if size is None:
-            return gr.ImageEditor(), gr.Slider(), gr.Slider()
+    def read_editor(event_listener, **options):
+        """`event_listener` (e.g. generate.click) copying the editor's value into from_editor, in the browser."""
+        return event_listener(None, editor, from_editor, js="(value) => value", api_visibility="private",
+                              queue=False, show_progress="hidden", **options)
+
+    def apply_to_editor(event) -> None:
+        """After `event` wrote to_editor: the page applies it to the editor."""
+        event.then(None, to_editor, editor, js=APPLY_EDITOR_UPDATE_JS, api_visibility="private", queue=False,
+                   show_progress="hidden")
+
+    def image_updates(image, chosen_mode):
+        """The editor showing `image` (no strokes; None: a blank canvas) with its brush fitted to it, and blur and
+        padding fitted too; for Send to Inpaint and a mode switch. Updates for image_outputs."""
+        size = image_size(image) if image is not None else None
+        tools = mask_tools_for(size or SKETCH_CANVAS)
+        value = None
+        if image is not None:
+            shown = file_for_page(editor, image)
+            value = {"background": shown, "layers": [], "composite": shown}
+        update = {"value": value, "brush": brush_props(brush(chosen_mode, tools.brush_radius))}
+        return (update, gr.Slider(value=tools.mask_blur) if size else gr.Slider(),
+                gr.Slider(value=tools.padding) if size else gr.Slider(), size or tuple(SKETCH_CANVAS))
+
+    def fit_tools_to_upload(chosen_mode, measured, fitted):
+        """Brush, blur and padding fitted to an uploaded image, from the size the page measured; nothing changes
+        when they already fit."""
+        size = parse_measured_size(measured)
+        if size is None or size == tuple(fitted or ()):
+            return gr.skip(), gr.skip(), gr.skip(), fitted
         tools = mask_tools_for(size)
-        return (gr.ImageEditor(brush=brush(chosen_mode, tools.brush_radius)), gr.Slider(value=tools.mask_blur),
-                gr.Slider(value=tools.padding))
+        return ({"brush": brush_props(brush(chosen_mode, tools.brush_radius))}, gr.Slider(value=tools.mask_blur),
+                gr.Slider(value=tools.padding), size)
 
-    def switch_mode(chosen_mode, value, preset_name):
+    def switch_mode(chosen_mode, sent, preset_name):
+        """The mode's help, prompt hint, settings and brush, and the image without the other mode's strokes."""
+        background = editor_images(editor, sent).get("background")
         return (
             MODE_HELP[chosen_mode],
             gr.Textbox(placeholder=PROMPT_PLACEHOLDER[chosen_mode]),
-            gr.ImageEditor(brush=brush(chosen_mode, brush_radius(value))),
+            *image_updates(background, chosen_mode),
             gr.Slider(value=default_strength(chosen_mode, chosen_preset(engine.presets, preset_name))),
             gr.Group(visible=chosen_mode != SKETCH_TO_IMAGE),
             gr.Button(value="Generate" if chosen_mode == SKETCH_TO_IMAGE else "Inpaint"),
@@ -287,9 +451,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     # one progress bar, on the results (not one on each output)
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
     outputs = [gallery, seeds, info]
-    event = generate.click(check, [mode, editor, *settings], None, **quick).success(
-        inpaint_from_editor, [mode, editor, *settings], outputs, api_visibility="private", **gpu_event,
-    )
+    checked = read_editor(generate.click).then(check, [mode, from_editor, *settings], None, **quick)
+    event = checked.success(inpaint_from_editor, [mode, from_editor, *settings], outputs, api_visibility="private",
+                            **gpu_event)
+    runner.follow_results(TAB, [checked], [event], seeds, info)
     runner.wire_stop(stop, TAB)
 
     def fill_form(text, *values):
@@ -306,15 +471,14 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     history.follow([event], gallery)
     history.on_click(fill_form, settings, [*settings, card], **quick)
-    mode.input(switch_mode, [mode, editor, preset], [mode_help, prompt, editor, strength, mask_settings, generate],
-               api_visibility="private", queue=False)
-
-    fit_tools = dict(fn=fit_tools_to_image, inputs=[mode, editor], outputs=[editor, mask_blur, padding],
-                     api_visibility="private", queue=False)
-    editor.upload(**fit_tools)
-
-    def fit_to_image(event) -> None:
-        event.success(**fit_tools)
+    image_outputs = [to_editor, mask_blur, padding, fitted_to]
+    apply_to_editor(read_editor(mode.input).then(
+        switch_mode, [mode, from_editor, preset], [mode_help, prompt, *image_outputs, strength, mask_settings, generate],
+        api_visibility="private", queue=False, show_progress="hidden"))
+    # the page measures an upload itself; the server only hears of a new size
+    editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, api_visibility="private", queue=False)
+    apply_to_editor(upload_size.change(fit_tools_to_upload, [mode, upload_size, fitted_to], image_outputs,
+                                       api_visibility="private", queue=False, show_progress="hidden"))
 
     fit_form = dict(fn=preset_updates, inputs=[preset, mode],
                     outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip],
@@ -339,15 +503,20 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     prompt.change(**note_event, trigger_mode="always_last")
     preset.change(**note_event)
     lora_picker.follow(preset, engine.loras_that_fit)
+    availability.follow(preset)
 
     def fit_to_preset(demo: gr.Blocks) -> None:
         demo.load(**fit_form)
+        availability.on_load(demo, preset)
+        demo.load(None, js=UPLOAD_SIZE_JS, api_visibility="private", queue=False)  # see fitted_to above
 
     def remember_selection(selection: gr.SelectData):
         return selection.index
 
     gallery.select(remember_selection, None, selected, api_visibility="private", queue=False)
     event.then(lambda: 0, None, selected, api_visibility="private", queue=False)  # a new batch: its first image
-    return InpaintTab(editor=editor, generate_event=event, fit_to_preset=fit_to_preset, fit_to_image=fit_to_image,
+    return InpaintTab(editor=editor, mode=mode, image_outputs=image_outputs, image_updates=image_updates,
+                      apply_to_editor=apply_to_editor,
+                      generate_event=event, fit_to_preset=fit_to_preset,
                       prompt=prompt, negative_prompt=negative_prompt, gallery=gallery, selected=selected,
                       send_to_upscale=send_to_upscale)
