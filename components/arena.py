@@ -30,8 +30,9 @@ class ArenaTab:
     show_board: Callable  # (demo) -> None: the current leaderboard on each page load
 
 
-def leaderboard_table(board: Leaderboard) -> dict:
-    return {"headers": list(CSV_HEADERS), "data": table_rows(board)}
+def leaderboard_table(board: Leaderboard, missing: str = "") -> dict:
+    """The board's rows; `missing` for what a contestant has no value of yet (the page shows a dash)."""
+    return {"headers": list(CSV_HEADERS), "data": table_rows(board, missing)}
 
 
 def win_matrix_table(board: Leaderboard) -> dict:
@@ -90,7 +91,8 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
     with gr.Accordion("Leaderboard", open=True):
         # filled when each page loads (show_board), not once when the server starts
         table = gr.Dataframe(headers=list(CSV_HEADERS), label="Bradley–Terry scores (Elo scale, 95% bootstrap "
-                             "interval); a tie counts half a win; scores from fewer than 10 battles are provisional",
+                             "interval); a tie counts half a win; scores from fewer than 10 battles are provisional "
+                             "and have no interval yet (–)",
                              interactive=False, elem_id="arena-leaderboard")
         agreement = gr.Markdown("")
         matrix = gr.Dataframe(label="Win rate of each row against each column", interactive=False)
@@ -134,7 +136,7 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
 
     def refreshed():
         current = arena.leaderboard()
-        return (leaderboard_table(current), clip_agreement_note(current), win_matrix_table(current),
+        return (leaderboard_table(current, missing="–"), clip_agreement_note(current), win_matrix_table(current),
                 leaderboard_csv(current))
 
     def voter(choice: str):

@@ -73,9 +73,12 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
         with gr.Column(scale=6):
             grids = gr.Gallery(label="Grid (one per Z value)", format="png", columns=1, height=520,
                                object_fit="contain", interactive=False, elem_id="compare-grid")
-            table = gr.Dataframe(headers=TABLE_HEADERS, label="Cells", interactive=False, elem_id="compare-table")
+            # wrapped, in columns of set widths: long cell names (three axes) pushed the CLIP column out of sight
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="Cells", interactive=False, wrap=True,
+                                 column_widths=["55%", "15%", "30%"], elem_id="compare-table")
             cells = gr.Gallery(label="Cells (each a PNG with its parameters; click two to compare them)",
-                               format="png", columns=4, height=260, interactive=False, elem_id="compare-cells")
+                               format="png", columns=4, height="fit-content", interactive=False,
+                               elem_id="compare-cells")  # as tall as its rows up to 520 px (app.py's CSS)
             picked = gr.State([])
             pair = gr.ImageSlider(label="Two cells, side by side (drag the bar)", type="pil", format="png",
                                   max_height=420, interactive=False, elem_id="compare-slider")

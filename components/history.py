@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from studio.metadata import read_parameters
+from studio.metadata import parse_parameters, read_parameters
 
 HISTORY_SIZE = 48  # images kept per page
 
@@ -41,7 +41,8 @@ class History:
 def build_history(elem_id: str) -> History:
     with gr.Accordion("History of this session: click an image to load its settings", open=True):
         state = gr.State([])
-        gallery = gr.Gallery(label="History", show_label=False, format="png", columns=6, height=220,
+        # as tall as its rows (up to three, then it scrolls: app.py's CSS), never a row cut in half
+        gallery = gr.Gallery(label="History", show_label=False, format="png", columns=6, height="fit-content",
                              object_fit="contain", interactive=False, allow_preview=False, elem_id=elem_id,
                              elem_classes="history-gallery")
     return History(state, gallery)
@@ -49,7 +50,20 @@ def build_history(elem_id: str) -> History:
 
 def add_to_history(results, past):
     """This batch's images (PNGs with their parameters) in front of the session's earlier ones; returns the new
-    history and its thumbnails."""
-    fresh = [(path, caption, read_parameters(path) or "") for path, caption in (results or [])]
+    history and its thumbnails. A thumbnail has a caption only where Stop cut its image short: the history is a
+    strip of plain images, and an unfinished one must not pass for a finished one."""
+    fresh = []
+    for path, _caption in results or []:
+        parameters = read_parameters(path) or ""
+        fresh.append((path, unfinished_note(parameters), parameters))
     kept = (fresh + list(past or []))[:HISTORY_SIZE]
     return kept, [(path, caption) for path, caption, _ in kept]
+
+
+def unfinished_note(parameters: str) -> str | None:
+    """"Unfinished (stopped at step 51)" for an image whose parameters say Stop cut it short, else None."""
+    fields = parse_parameters(parameters).extra if parameters else {}
+    for name, where in (("Stopped at step", "step"), ("Stopped at hires step", "hires step")):
+        if name in fields:
+            return f"Unfinished (stopped at {where} {fields[name]})"
+    return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import gradio as gr
 
 from components.running import user_error
@@ -17,6 +20,57 @@ def preset_card(preset: ModelPreset) -> str:
     else:
         where = "built in, works offline" if preset.is_local else hub_link(preset.repo)
     return f"**{preset.label}** — {preset.description} <br><small>{where}</small>"
+
+
+@dataclass
+class ModelAvailability:
+    """Under a preset's card, for a preset whose model files cannot be had here (not downloaded, and the Hub out of
+    reach; a checkpoint file missing): why, in one sentence, and the command that downloads the files, to copy.
+    Said as soon as the preset is picked, not after Generate."""
+
+    note: gr.Markdown
+    command: gr.Textbox
+    engine: Any  # a SamplingEngine
+    task: str  # the pipeline task whose files the tab needs ("text2img", "inpaint")
+
+    @property
+    def outputs(self) -> list:
+        return [self.note, self.command]
+
+    def updates(self, preset_name: str | None) -> tuple:
+        note, command = unavailable_note(self.engine, preset_name, self.task)
+        return gr.Markdown(note, visible=bool(note)), gr.Textbox(command, visible=bool(command))
+
+    def follow(self, preset: gr.Dropdown) -> None:
+        """Said again whenever the preset changes (picked, an example, a PNG's or the history's settings)."""
+        preset.change(self.updates, preset, self.outputs, api_visibility="private", queue=False,
+                      show_progress="hidden")
+
+    def on_load(self, demo: gr.Blocks, preset: gr.Dropdown) -> None:
+        """Read again on each page load: files downloaded since the server started count."""
+        demo.load(self.updates, preset, self.outputs, api_visibility="private", queue=False, show_progress="hidden")
+
+
+def unavailable_note(engine, preset_name: str | None, task: str) -> tuple[str, str]:
+    """(the note, the download command) for a preset whose model cannot be had here; ("", "") otherwise, and for
+    a typed-in unknown name (the request's check names that)."""
+    if preset_name not in engine.presets:
+        return "", ""
+    unavailable = engine.unavailable_model(engine.presets.get(preset_name), task)
+    if unavailable is None:
+        return "", ""
+    return f"⚠️ **{unavailable.reason}**", unavailable.command or ""
+
+
+def build_model_availability(engine, preset: ModelPreset, task: str) -> ModelAvailability:
+    """The note and the command box for `preset` as it stands now (see ModelAvailability); build it under the
+    card."""
+    note, command = unavailable_note(engine, preset.name, task)
+    return ModelAvailability(
+        gr.Markdown(note, visible=bool(note), elem_classes="model-unavailable"),
+        gr.Textbox(command, label="Command that downloads the files it needs", lines=2, max_lines=6,
+                   interactive=False, buttons=["copy"], visible=bool(command), elem_classes="download-command"),
+        engine, task)
 
 
 def hub_link(repo: str) -> str:

@@ -3,6 +3,7 @@ fetched before the GPU work, the GPU function (spaces.GPU on ZeroGPU), messages,
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 import threading
@@ -19,6 +20,7 @@ from studio.jobs import JobBoard
 from studio.sessions import RateLimiter
 
 PROGRESS_INTERVAL_S = 0.1
+REMEMBERED_FAILURES = 1000  # sessions whose last failed job's reason is kept for their page
 log = logging.getLogger("studio.requests")
 
 # (function, duration(plan, slot) -> seconds) -> the function as the GPU runs it (spaces.GPU on ZeroGPU)
@@ -48,6 +50,8 @@ class JobRunner:
         self._device_functions: dict[int, Callable] = {}
         self._engines: dict[type, Any] = {}  # plan type -> the engine that runs such plans
         self._counted: dict[tuple[str, str], int] = {}  # requests already counted by the rate limit when queued
+        # (session, tab) -> why its last job failed, until its page reads it (API callers never do: bounded)
+        self._failures: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def device_function(self, engine, plan_type: type = SamplingPlan) -> Callable[[Any, int], Any]:
@@ -111,6 +115,14 @@ class JobRunner:
         """Plan (CPU), fetch the model files (outside the device lock), run the device work as this tab's job;
         returns (plan, result). `engine` has `model_files(plan, on_progress)`."""
         session = session_of(request)
+        try:
+            return self._run_job(session, tab, progress, engine, plan_for, device_function, error_title)
+        except gr.Error as error:  # kept for the tab's Generation info: the toast fades in seconds
+            self._remember_failure(session, tab, str(error.message))
+            raise
+
+    def _run_job(self, session: str, tab: str, progress: gr.Progress, engine, plan_for: Callable[[], Any],
+                 device_function: Callable, error_title: str) -> tuple[Any, Any]:
         self._count_unless_queued_from_the_page(session, tab)
         try:
             plan = plan_for()
@@ -130,6 +142,33 @@ class JobRunner:
         except StudioError as error:  # the model files could not be had
             raise user_error(error, error_title) from None
         return plan, result
+
+    def _remember_failure(self, session: str, tab: str, message: str) -> None:
+        with self._lock:
+            self._failures[(session, tab)] = message
+            self._failures.move_to_end((session, tab))
+            while len(self._failures) > REMEMBERED_FAILURES:
+                self._failures.popitem(last=False)
+
+    def failure_of(self, session: str, tab: str) -> str | None:
+        """Why this session's last job in `tab` failed (once: it is forgotten when read)."""
+        with self._lock:
+            return self._failures.pop((session, tab), None)
+
+    def follow_results(self, tab: str, started: list, jobs: list, seeds: gr.JSON, info: gr.Textbox) -> None:
+        """Used seeds and Generation info never show the previous image's values as the new one's: emptied when
+        a request passes its instant check (`started`), and when its job (`jobs`) fails, Generation info says
+        why, where it stays (the error's toast fades)."""
+
+        def failed(request: gr.Request):
+            reason = self.failure_of(session_of(request), tab)
+            return None, f"No image: {reason}" if reason else "No image: the request failed (see the error message)."
+
+        quiet = dict(api_visibility="private", queue=False, show_progress="hidden")
+        for event in started:
+            event.success(lambda: (None, ""), None, [seeds, info], **quiet)
+        for event in jobs:
+            event.failure(failed, None, [seeds, info], **quiet)
 
     def wire_stop(self, stop: gr.Button, tab: str) -> None:
         """Stop cancels this tab's job of this session, nothing else. It sets the job's flag rather than using
@@ -161,8 +200,8 @@ def follow_progress(work: Callable, job, progress: gr.Progress):
     while thread.is_alive():
         thread.join(PROGRESS_INTERVAL_S)
         done, total, text = job.progress()
-        if total and (done, total) != last:
-            last = (done, total)
+        if total and (done, total, text) != last:  # a new text (loading, then the steps) is shown too
+            last = (done, total, text)
             progress((done, total), desc=text, unit="steps")
     if "error" in outcome:
         raise outcome["error"]
@@ -171,15 +210,17 @@ def follow_progress(work: Callable, job, progress: gr.Progress):
 
 def throttled(progress: gr.Progress):
     """An on_progress(done, total, text) callback: a few updates per second keep the page smooth."""
-    last_update, last_text = 0.0, ""
+    last_update, last_kind = 0.0, ""
 
     def on_progress(done: int, total: int, text: str) -> None:
-        nonlocal last_update, last_text
+        nonlocal last_update, last_kind
         now = time.monotonic()
-        # a new kind of work (e.g. hashing after downloading) is always shown
-        if now - last_update >= PROGRESS_INTERVAL_S or done == total or text != last_text:
-            last_update, last_text = now, text
-            progress((done, total), desc=text)
+        # a new kind of work (e.g. hashing after downloading: the text before its counts) is always shown
+        kind = text.partition(":")[0]
+        if now - last_update >= PROGRESS_INTERVAL_S or done == total or kind != last_kind:
+            last_update, last_kind = now, kind
+            # a fraction, not "done/total steps": these count bytes (the text says how many)
+            progress(done / total if total else 0.0, desc=text)
 
     return on_progress
 

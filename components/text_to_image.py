@@ -9,7 +9,13 @@ import gradio as gr
 
 from components.history import build_history
 from components.lora_picker import build_lora_picker
-from components.preset_picker import chosen_preset, preset_card, prompt_hint, sampling_updates
+from components.preset_picker import (
+    build_model_availability,
+    chosen_preset,
+    preset_card,
+    prompt_hint,
+    sampling_updates,
+)
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
 from studio.errors import InvalidRequest, StudioError
@@ -78,6 +84,16 @@ def hires_note(preset: str, width, height, upscale, presets) -> str:
     return f"Generates {int(width)}×{int(height)}, then upscales to **{target[0]}×{target[1]}** and refines it."
 
 
+def size_slider(preset, value) -> gr.Slider:
+    """A width or height slider over the preset's sizes. A preset of one size (SD-Turbo's 512) gets it fixed:
+    gradio refuses a slider whose minimum is its maximum (picking the preset logged a traceback)."""
+    if preset.min_size == preset.max_size:
+        return gr.Slider(minimum=preset.min_size - preset.size_step, maximum=preset.max_size, step=preset.size_step,
+                         value=preset.max_size, interactive=False)
+    return gr.Slider(minimum=preset.min_size, maximum=preset.max_size, step=preset.size_step, value=value,
+                     interactive=True)
+
+
 def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToImageTab:
     """`runner` runs each request as a job of this tab (Stop, progress, the GPU function)."""
     default = engine.presets.get(engine.presets.default)
@@ -103,6 +119,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                 )
                 style = gr.Dropdown(engine.styles.names, value="None", label="Style", scale=2, allow_custom_value=True)
             card = gr.Markdown(preset_card(default))
+            availability = build_model_availability(engine, default, "text2img")
             with gr.Accordion("Settings", open=True):
                 with gr.Row():
                     scheduler = gr.Dropdown(
@@ -158,7 +175,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                 send_to_inpaint = gr.Button("Send to Inpaint", size="sm")
                 send_to_upscale = gr.Button("Send to Upscale", size="sm", elem_id="text-send-to-upscale")
             selected = gr.State(0)
-            seeds = gr.JSON(label="Used seeds")
+            seeds = gr.JSON(label="Used seeds", elem_id="used-seeds")
             info = gr.Textbox(label="Generation info", lines=4, interactive=False, buttons=["copy"],
                               elem_id="generation-info")
             history = build_history("history-gallery")
@@ -196,12 +213,11 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         """Card, scheduler, steps, CFG, width, height, clip skip and hires steps fitted to a preset; given values are
         kept."""
         chosen = chosen_preset(engine.presets, name)
-        size = {"minimum": chosen.min_size, "maximum": chosen.max_size, "step": chosen.size_step}
         most_steps = min(chosen.max_steps, limits.max_steps)
         return (
             *sampling_updates(chosen, limits, scheduler, steps, guidance),
-            gr.Slider(**size, value=width or chosen.default_width),
-            gr.Slider(**size, value=height or chosen.default_height),
+            size_slider(chosen, width or chosen.default_width),
+            size_slider(chosen, height or chosen.default_height),
             gr.Slider(value=clip_skip or chosen.default_clip_skip),
             gr.Slider(maximum=most_steps, value=min(hires_steps_value or 0, most_steps)),
         )
@@ -241,27 +257,33 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     # between their images (the memory manager's fair lock), so a quick image is not stuck behind a long batch.
     # one progress bar, on the results (not one on each output)
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
-    event = generate.click(check, inputs, None, **quick).success(
-        text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", **gpu_event,
-    )
-    submitted = prompt.submit(check, inputs, None, **quick).success(
-        text_to_image, inputs, [gallery, seeds, info], api_visibility="private", **gpu_event,
-    )
+    checked = generate.click(check, inputs, None, **quick)
+    event = checked.success(text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", **gpu_event)
+    prompt_checked = prompt.submit(check, inputs, None, **quick)
+    submitted = prompt_checked.success(text_to_image, inputs, [gallery, seeds, info], api_visibility="private",
+                                       **gpu_event)
+    runner.follow_results(TAB, [checked, prompt_checked], [event, submitted], seeds, info)
 
     history.follow([event, submitted], gallery)
     history.on_click(send_parameters, inputs, [*inputs, card], **quick)
     runner.wire_stop(stop, TAB)
     # Preset changes only need the preset itself: run them at once, outside the GPU queue.
-    preset.input(preset_updates, preset, fitted_to_preset,
-                 api_visibility="private", concurrency_limit=None, queue=False)
+    fitted = preset.input(preset_updates, preset, fitted_to_preset,
+                          api_visibility="private", concurrency_limit=None, queue=False)
     random_seed.click(lambda: -1, None, seed, api_visibility="private", queue=False)
     reuse_seed.click(lambda used: used[0] if used else -1, seeds, seed, api_visibility="private", queue=False)
     png.change(read_png, png, png_parameters, api_visibility="private", queue=False)
     hires_fix.change(lambda on: gr.Group(visible=on), hires_fix, hires_settings, api_visibility="private",
                      queue=False, show_progress="hidden")
-    for control in (preset, width, height, hires_upscale):
-        control.change(lambda *values: hires_note(*values, engine.presets), [preset, width, height, hires_upscale],
-                       hires_size_note, api_visibility="private", queue=False, show_progress="hidden")
+    # Not on the preset's own change: that fires before the sizes are fitted to the new preset, and gradio would
+    # refuse the old width as out of the new range (a traceback in the log). Fitting changes the sizes, or is
+    # followed by the note.
+    note_of_hires = dict(fn=lambda *values: hires_note(*values, engine.presets),
+                         inputs=[preset, width, height, hires_upscale], outputs=hires_size_note,
+                         api_visibility="private", queue=False, show_progress="hidden")
+    for control in (width, height, hires_upscale):
+        control.change(**note_of_hires)
+    fitted.then(**note_of_hires)
 
     def remember_selection(selection: gr.SelectData):
         return selection.index
@@ -288,10 +310,12 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     prompt.change(**note_event, trigger_mode="always_last")
     preset.change(**note_event)
     lora_picker.follow(preset, engine.loras_that_fit)
+    availability.follow(preset)
 
     def fit_to_preset(demo: gr.Blocks) -> None:
         demo.load(lambda name: preset_updates(name), preset, fitted_to_preset,
                   api_visibility="private", queue=False)
+        availability.on_load(demo, preset)
 
     return TextToImageTab(generate_event=event, gallery=gallery, selected=selected, send_to_inpaint=send_to_inpaint,
                           send_to_upscale=send_to_upscale,

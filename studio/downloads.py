@@ -126,19 +126,21 @@ def hub_offline_by_env() -> bool:
 # --- Errors that teach ------------------------------------------------------------------------------------------
 
 
-def offline_error(request: DownloadRequest) -> ModelUnavailable:
+def offline_error(requests: DownloadRequest | list[DownloadRequest]) -> ModelUnavailable:
+    """One sentence naming the preset, and the commands that download the missing files (from each repo)."""
+    requests = [requests] if isinstance(requests, DownloadRequest) else list(requests)
     return ModelUnavailable(
-        f"{request.label} is not downloaded yet and the Hugging Face Hub cannot be reached (repo {request.source}). "
-        f"Connect to the internet and try again, pre-download it with `{download_command(request)}` (an older "
-        "huggingface-cli takes one --include followed by all the patterns), or pick the embedded preset, which "
-        "works offline.")
+        f"{requests[0].label} is not downloaded yet, and the Hugging Face Hub cannot be reached: connect to the "
+        "internet and try again, or pick the embedded preset, which works offline.",
+        command="\n".join(download_command(request, one_per_line=True) for request in requests))
 
 
-def download_command(request: DownloadRequest) -> str:
-    """The `hf download` line that fetches exactly the request's files (the whole repo can be tens of GB)."""
+def download_command(request: DownloadRequest, one_per_line: bool = False) -> str:
+    """The `hf download` command that fetches exactly the request's files (the whole repo can be tens of GB);
+    `one_per_line` puts each --include on a line of its own (shell line continuations), to be read on a page."""
     # one --include per pattern: `hf download` takes the words after the first as file names
-    return " ".join([f"hf download {request.source}",
-                     *(f"--include {shlex.quote(pattern)}" for pattern in request.allow_patterns)])
+    return (" \\\n    " if one_per_line else " ").join(
+        [f"hf download {request.source}", *(f"--include {shlex.quote(pattern)}" for pattern in request.allow_patterns)])
 
 
 def unavailable_error(request: DownloadRequest, error: Exception) -> ModelUnavailable:

@@ -19,7 +19,15 @@ class UnknownPreset(InvalidRequest):
 
 
 class ModelUnavailable(StudioError):
-    """A preset's weights could not be loaded (no Hub connection, missing folder, broken files)."""
+    """A preset's weights could not be loaded (no Hub connection, missing folder, broken files).
+
+    `reason` is one sentence for the page; `command`, where there is one, downloads the missing files (the page
+    offers it to copy beside the preset). The message (str) has both, for API callers and the log."""
+
+    def __init__(self, reason: str, command: str | None = None):
+        self.reason = reason
+        self.command = command
+        super().__init__(reason if command is None else f"{reason}\nTo download its files:\n{command}")
 
 
 class OutOfMemoryBudget(StudioError):

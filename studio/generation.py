@@ -15,8 +15,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from .downloads import HubDownloads
-from .errors import InvalidRequest
+from .downloads import HubDownloads, offline_error
+from .errors import InvalidRequest, ModelUnavailable
 from .hires import (
     LATENT_UPSCALE_MODES,
     HiresFix,
@@ -299,6 +299,8 @@ class SamplingEngine:
     """What text to image and inpainting share: presets and limits, validation, and the batch loop, run as
     stages on models leased from the shared ModelManager. Holds no per-request state."""
 
+    main_task = "text2img"  # the pipeline task its requests run (whose model files must be here)
+
     def __init__(self, stages: DiffusionStages, presets: PresetCatalog, limits: RequestLimits, version: str,
                  downloads: HubDownloads | None = None, loras: LoraCatalog | None = None):
         self.stages = stages
@@ -364,11 +366,15 @@ class SamplingEngine:
                 words.update(word.lower() for word in vocabulary_of(Path(self.loras.get(use.name).file)))
         return words
 
-    def problems(self, request: SamplingRequest) -> dict[str, str]:
-        """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine."""
+    def problems(self, request: SamplingRequest, task: str | None = None) -> dict[str, str]:
+        """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine.
+        A model that cannot be had here is the one problem said (the sizes and steps it would take are moot)."""
         if request.preset not in self.presets:
             return {"preset": f"Unknown preset {request.preset!r}. Available presets: {', '.join(self.presets.names)}."}
         preset = self.presets.get(request.preset)
+        unavailable = self.unavailable_model(preset, task or self.main_task)
+        if unavailable is not None:
+            return {"preset": unavailable.reason}
         problems = self.check(request, preset)
         if "prompt" not in problems:
             try:
@@ -391,11 +397,32 @@ class SamplingEngine:
         """The prompt the job will encode (with its style's words, and any LoRA tags a style adds)."""
         return request.prompt
 
-    def validate(self, request: SamplingRequest) -> ModelPreset:
-        problems = self.problems(request)
+    def validate(self, request: SamplingRequest, task: str | None = None) -> ModelPreset:
+        """The request's preset; raises ModelUnavailable (with the download command) for a model that cannot be
+        had here, InvalidRequest for the rest."""
+        if request.preset in self.presets:
+            unavailable = self.unavailable_model(self.presets.get(request.preset), task or self.main_task)
+            if unavailable is not None:
+                raise unavailable
+        problems = self.problems(request, task)
         if problems:
             raise InvalidRequest(list(problems.values()))
         return self.presets.get(request.preset)
+
+    def unavailable_model(self, preset: ModelPreset, task: str | None = None) -> ModelUnavailable | None:
+        """Why the preset's model files cannot be had for `task`, read without network: a checkpoint file missing
+        or of another family, or files neither in the Hub cache nor downloadable (the Hub cannot be reached). None
+        when they are here, or will be downloaded."""
+        task = task or self.main_task
+        try:
+            self.models.check_checkpoint_files(preset, task)
+            requests = self.models.download_requests(preset, task, self.manager.dtype)
+        except ModelUnavailable as error:
+            return error
+        missing = [request for request in requests if not self.downloads.is_cached(request)]
+        if missing and self.downloads.is_offline():
+            return offline_error(missing)
+        return None
 
     @contextlib.contextmanager
     def model_files(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> Iterator[None]:
@@ -411,9 +438,7 @@ class SamplingEngine:
                 self.downloads.ensure(request, on_progress)
             # here, not in the device work: a checkpoint file's sha256 reads gigabytes (once per file), which must
             # not take GPU time (nor be lost with ZeroGPU's worker process)
-            if on_progress is not None:
-                on_progress(0, 1, "Reading the model's hash")
-            plan.model_hash = self.models.model_hash(plan.preset, plan.task)
+            plan.model_hash = self.models.model_hash(plan.preset, plan.task, on_progress)
             self.resolve_loras(plan, protected, on_progress)
             yield
 
@@ -461,6 +486,7 @@ class SamplingEngine:
             return conditioning[0]
 
         postprocess = VaeImageProcessor()
+        job.report(0, plan.total_steps, self._before_the_first_step(plan))
         for index in range(plan.batch_size):
             if job.cancelled:
                 result.interrupted = True
@@ -536,6 +562,14 @@ class SamplingEngine:
     @staticmethod
     def _image_label(plan: SamplingPlan, index: int) -> str:
         return f"Image {index + 1}/{plan.batch_size}"
+
+    def _before_the_first_step(self, plan: SamplingPlan) -> str:
+        """What the job waits for until its first denoising step: the model loaded (the first time), or only
+        the prompt encoded."""
+        keys = self.models.keys(plan.preset, plan.task).values()
+        if all(self.manager.is_loaded(key) for key in keys):
+            return "Encoding the prompt"
+        return f"Loading {plan.preset.label} and encoding the prompt"
 
     def describe(self, plan: SamplingPlan, seed: int, extra: dict | None = None) -> str:
         """A1111's parameters text for image `seed` of the plan (and `extra` fields of this image's own)."""

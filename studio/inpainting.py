@@ -105,6 +105,8 @@ class Inpainter(SamplingEngine):
     """Plans inpaint and sketch-to-image requests, runs them as stages on the shared ModelManager, and pastes
     the results back."""
 
+    main_task = "inpaint"  # sketch to image runs "img2img" (the base model alone)
+
     def check(self, request: InpaintRequest, preset: ModelPreset) -> dict[str, str]:
         return check_inpaint(request, preset, self.limits)
 
@@ -171,7 +173,7 @@ class Inpainter(SamplingEngine):
 
     def plan_sketch(self, sketch: Image.Image, request: InpaintRequest) -> SamplingPlan:
         """An image-to-image plan from a coloured sketch (transparent areas count as white paper)."""
-        preset = self.validate(request)
+        preset = self.validate(request, "img2img")
         drawing = prepare_image(sketch, "sketch", max_pixels=self.limits.max_upload_pixels)
         if all(low == high for low, high in drawing.rgb.getextrema()):  # one flat colour: nothing drawn
             raise InvalidRequest(["The sketch is empty: draw something with the brush first."])

@@ -6,7 +6,8 @@ as half a win for each side, as Chatbot Arena counts ties. The scores are put on
 A weak Gaussian prior on β (ridge 0.05: a standard deviation of about 550 points) keeps a contestant that has won
 or lost every battle finite. The 95% intervals are a percentile bootstrap over battles (refitted on battles drawn
 with replacement, with a fixed seed; a resample without a contestant's battles says nothing about it and is left
-out of its interval). A contestant with fewer than PROVISIONAL_BATTLES battles is marked provisional.
+out of its interval). A contestant with fewer than PROVISIONAL_BATTLES battles is marked provisional, and its
+interval is not given yet (a handful of battles resample to nearly the same score: an interval of zero width).
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ class Standing:
     def win_rate(self) -> float | None:
         """Wins, with a tie as half a win, over battles."""
         return (self.wins + self.ties / 2) / self.battles if self.battles else None
+
+    @property
+    def has_interval(self) -> bool:
+        """Whether its 95% interval says anything yet: from PROVISIONAL_BATTLES battles on, and not of zero width
+        (after one battle, or battles all alike, every resample gives the same score)."""
+        return (self.score is not None and self.battles >= PROVISIONAL_BATTLES
+                and round(self.high) > round(self.low))
 
 
 @dataclass(frozen=True)
@@ -153,15 +161,16 @@ def clip_agreement(battles: Sequence[Battle]) -> tuple[int, int]:
 CSV_HEADERS = ("rank", "contestant", "score", "95% low", "95% high", "battles", "wins", "ties", "win rate", "note")
 
 
-def table_rows(board: Leaderboard) -> list[list]:
-    """The leaderboard as rows (CSV_HEADERS), ranked; a contestant without votes has blank score and rank."""
+def table_rows(board: Leaderboard, missing: str = "") -> list[list]:
+    """The leaderboard as rows (CSV_HEADERS), ranked; what a contestant does not have yet is `missing`: rank, score
+    and win rate without votes, the 95% interval until it says something (Standing.has_interval)."""
     rows = []
     for rank, standing in enumerate(board.standings, start=1):
-        scored = standing.score is not None
-        rows.append([rank if scored else "", standing.name,
-                     round(standing.score) if scored else "", round(standing.low) if scored else "",
-                     round(standing.high) if scored else "", standing.battles, standing.wins, standing.ties,
-                     f"{standing.win_rate:.0%}" if standing.win_rate is not None else "",
+        scored, interval = standing.score is not None, standing.has_interval
+        rows.append([rank if scored else missing, standing.name,
+                     round(standing.score) if scored else missing, round(standing.low) if interval else missing,
+                     round(standing.high) if interval else missing, standing.battles, standing.wins, standing.ties,
+                     f"{standing.win_rate:.0%}" if standing.win_rate is not None else missing,
                      "no votes yet" if not standing.battles else
                      f"provisional: fewer than {PROVISIONAL_BATTLES} battles" if standing.battles < PROVISIONAL_BATTLES
                      else ""])
@@ -211,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv:
         print(to_csv(board), end="")
         return 0
-    widths = [max(len(str(x)) for x in column) for column in zip(CSV_HEADERS, *table_rows(board))]
-    for row in (CSV_HEADERS, *table_rows(board)):
+    rows = table_rows(board, missing="–")
+    widths = [max(len(str(x)) for x in column) for column in zip(CSV_HEADERS, *rows)]
+    for row in (CSV_HEADERS, *rows):
         print("  ".join(str(value).ljust(width) for value, width in zip(row, widths)))
     same, decided = board.clip_agreement
     if decided:

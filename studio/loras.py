@@ -116,8 +116,8 @@ class LoraCatalog:
         if downloads.is_offline() and not downloads.is_cached(preset.download):
             raise ModelUnavailable(
                 f"{preset.label} is a file in the Hub repo {preset.repo}, not downloaded yet, and the Hub cannot be "
-                f"reached. Connect to the internet, pre-download it with `{download_command(preset.download)}`, or "
-                f"take <lora:{name}:…> out of the prompt.")
+                f"reached: connect to the internet, or take <lora:{name}:…> out of the prompt.",
+                command=download_command(preset.download, one_per_line=True))
         snapshot = downloads.ensure(preset.download, on_progress)
         return Path(snapshot) / preset.file
 

@@ -39,7 +39,7 @@ from diffusers import (
 )
 
 from .devices import format_bytes, release_memory
-from .downloads import DownloadRequest, diffusers_patterns, hub_offline_by_env, one_line
+from .downloads import DownloadRequest, diffusers_patterns, hub_offline_by_env, human_size, one_line
 from .errors import InvalidRequest, ModelUnavailable, OutOfMemoryBudget
 from .memory import ModelKey, ModelManager, text_encoder_working_memory, unet_working_memory, vae_decode_working_memory
 from .loras import LORA, AppliedLora, LoraLoader, adapters_applied
@@ -501,10 +501,11 @@ class DiffusersModels:
 
     # ----- model hash for PNG metadata (A1111's "Model hash": sha256 of the weights, first 10 hex) -----
 
-    def model_hash(self, preset, task: str = "text2img") -> str | None:
+    def model_hash(self, preset, task: str = "text2img",
+                   on_progress: Callable[[int, int, str], None] | None = None) -> str | None:
         """The hash of the weights this task really runs (a dedicated inpainting checkpoint's own, as A1111 does):
         for a single-file checkpoint the file's, A1111's own short hash; for a diffusers repo or folder its UNet
-        file's."""
+        file's. Where the file must be read for it (once per file), `on_progress(bytes read, size, text)` follows."""
         source = preset.inpaint_source if task == "inpaint" and preset.inpaint_source else preset.source
         path = source if is_checkpoint_file(source) else self._unet_weights_path(preset, source)
         if path is None or not os.path.isfile(path):
@@ -516,7 +517,10 @@ class DiffusersModels:
                 return self._hashes[identity]
         # In the Hub cache, an LFS blob's file name is its sha256: no need to read gigabytes.
         name = os.path.basename(identity[0])
-        digest = name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else _sha256(path)
+        if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+            digest = name
+        else:
+            digest = _sha256(path, on_progress)
         with self._lock:
             self._hashes[identity] = digest[:10]
         return digest[:10]
@@ -579,11 +583,16 @@ def file_without_download(source: str, subfolder: str | None, filename: str) -> 
     return found if isinstance(found, str) else None
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
+def _sha256(path: str, on_progress: Callable[[int, int, str], None] | None = None) -> str:
+    digest, size, done = hashlib.sha256(), os.path.getsize(path), 0
+    name = os.path.basename(path)
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
+            done += len(chunk)
+            if on_progress is not None:
+                on_progress(done, size, f"Reading {name} for its hash (once per file): {human_size(done)} of "
+                                        f"{human_size(size)}")
     return digest.hexdigest()
 
 

@@ -223,6 +223,18 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_answering(client, ove
     assert seeds == [3]
 
 
+def test_an_offline_hub_preset_is_named_before_any_size_complaint(client):
+    """At the embedded model's 64 px (the form's default), SDXL was refused for "Width must be ... 512" before it
+    was said that its model is not here: the model is checked first, and the download command comes with it."""
+    with pytest.raises(Exception) as caught:
+        text_to_image(client, preset="sdxl-base-1.0")
+    message = str(caught.value)
+    assert message.startswith("Preset 'SDXL base 1.0' is not downloaded yet, and the Hugging Face Hub cannot be "
+                              "reached"), message
+    assert "Width" not in message and "Height" not in message and "Scheduler" not in message
+    assert "To download its files:\nhf download stabilityai/stable-diffusion-xl-base-1.0 \\\n" in message
+
+
 def test_a_user_error_is_one_line_in_the_log_not_a_traceback(client, app_url):
     from conftest import APP_LOGS
 

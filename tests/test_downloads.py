@@ -4,6 +4,7 @@ import errno
 import hashlib
 import logging
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -227,11 +228,16 @@ def test_ensure_offline_and_uncached_says_what_to_do(tmp_path):
         assert not hub.is_cached(request)
         with pytest.raises(ModelUnavailable) as raised:
             hub.ensure(request)
-        message = str(raised.value)
-        assert "Fancy XL" in message and repo_id in message
-        # its files only, one --include each (hf takes words after the first pattern as file names)
-        assert f"hf download {repo_id} --include model_index.json --include unet/config.json`" in message
-        assert "embedded preset" in message
+        error = raised.value
+        # one sentence naming the preset, for the page; the command apart, for the page to offer to copy
+        assert error.reason.startswith("Fancy XL is not downloaded yet") and "\n" not in error.reason
+        assert error.reason.count(". ") == 0 and "embedded preset" in error.reason
+        # its files only, one --include each (hf takes words after the first pattern as file names), one a line
+        words = subprocess.run(["bash", "-c", f"printf '%s\\n' {error.command.removeprefix('hf ')}"],
+                               capture_output=True, text=True, check=True).stdout.splitlines()
+        assert words == ["download", repo_id, "--include", "model_index.json", "--include", "unet/config.json"]
+        assert error.command.count("\n") == 2
+        assert str(error) == f"{error.reason}\nTo download its files:\n{error.command}"  # the API's message: both
 
 
 def test_ensure_offline_and_cached_returns_the_snapshot_without_network(cache, monkeypatch):
@@ -396,7 +402,8 @@ def test_ensure_turns_hub_errors_into_one_line_advice(tmp_path, monkeypatch, err
         hub.ensure(request_for("org/x", "Model X"))
     message = str(raised.value)
     assert expected in message and message.startswith("Model X")
-    assert "\n" not in message and raised.value.__cause__ is error
+    # one line (an offline error's download command comes on lines of its own, after it)
+    assert "\n" not in raised.value.reason and raised.value.__cause__ is error
 
 
 def test_ensure_says_which_files_the_repo_lacks(tmp_path, monkeypatch):

@@ -66,10 +66,13 @@ def test_parameters_record_the_styled_prompt_and_are_in_the_png_info(engine):
 
 @pytest.mark.parametrize("scheduler", ["Euler", "Heun", "DPM++ SDE Karras"])
 def test_progress_follows_every_step_of_every_image(engine, scheduler):
-    """Heun and DPM++ SDE evaluate the model twice a step (diffusers calls back twice): still 1..5 per image."""
+    """Heun and DPM++ SDE evaluate the model twice a step (diffusers calls back twice): still 1..5 per image.
+    Before the first step, what it waits for (loading, encoding) is said at step 0."""
     seen = []
     engine.generate(request(steps=5, batch_size=2, scheduler=scheduler),
                     on_progress=lambda done, total, _: seen.append((done, total)))
+    assert seen[0] == (0, 10)
+    seen = seen[1:]
     done = [done for done, _ in seen[:-1]]
     assert sorted(set(done)) == list(range(1, 11)) and done == sorted(done) and seen[-1] == (10, 10)
 
@@ -148,10 +151,52 @@ def test_unknown_preset_is_refused(engine):
 def test_hub_preset_offline_fails_clearly_and_leaves_the_manager_working(engine, manager, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     before = manager.status().models
-    with pytest.raises(ModelUnavailable, match="Preset 'SDXL base 1.0' is not downloaded yet.*stabilityai/stable-diffusion"):
+    with pytest.raises(ModelUnavailable, match="(?s)Preset 'SDXL base 1.0' is not downloaded yet.*stabilityai/stable-diffusion"):
         engine.generate(request(preset="sdxl-base-1.0", scheduler="Euler", width=1024, height=1024))
     assert manager.status().models == before
     assert engine.generate(request()).images
+
+
+def test_a_hub_preset_offline_is_named_before_its_sizes_are_refused(engine, monkeypatch):
+    """The model is checked first: a request at the embedded model's 64 px was refused for its width before it was
+    said that the model is not here (moot: picking the preset fits the sizes to it)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    problems = engine.problems(request(preset="sdxl-base-1.0"))  # 64×64 and Euler: refused by SDXL's own checks
+    assert list(problems) == ["preset"]
+    assert problems["preset"] == ("Preset 'SDXL base 1.0' is not downloaded yet, and the Hugging Face Hub cannot be "
+                                  "reached: connect to the internet and try again, or pick the embedded preset, "
+                                  "which works offline.")
+    with pytest.raises(ModelUnavailable) as raised:  # and the request itself: the download command with it
+        engine.generate(request(preset="sdxl-base-1.0"))
+    assert raised.value.reason == problems["preset"]
+    assert raised.value.command.startswith("hf download stabilityai/stable-diffusion-xl-base-1.0 \\\n")
+    assert engine.unavailable_model(engine.presets.get("embedded")) is None
+
+
+def test_progress_says_what_the_job_waits_for_before_its_first_step():
+    """Reading the model's hash (once, with its bytes), loading the model (the first time), encoding the prompt:
+    the page said "Reading the model's hash - 0.0%" and "0/1 steps" through all of it."""
+    from app import local_engines
+    from studio.presets import load_presets
+
+    fresh, _ = local_engines(load_presets())  # its own manager and hash cache: nothing loaded or read yet
+    plan = fresh.plan(request(steps=2))
+    hashing = []
+    with fresh.model_files(plan, lambda done, total, text: hashing.append((done, total, text))):
+        pass
+    assert hashing and all(text.startswith("Reading diffusion_pytorch_model.safetensors for its hash (once per "
+                                            "file): ") for _, _, text in hashing)
+    assert hashing[-1][0] == hashing[-1][1] > 1_000_000 and hashing[-1][2].endswith("7.7 MB of 7.7 MB")
+    texts = []
+    for _ in range(2):
+        fresh.generate(request(steps=2), on_progress=lambda done, total, text: texts.append((done, total, text)))
+    assert texts[:3] == [(0, 2, "Loading Embedded shapes model (offline) and encoding the prompt"),
+                         (1, 2, "Image 1/1, step 1/2"), (2, 2, "Image 1/1, step 2/2")]
+    assert texts[4] == (0, 2, "Encoding the prompt")  # the second job: the model is loaded
+    again = []
+    with fresh.model_files(fresh.plan(request(steps=2)), lambda *report: again.append(report)):
+        pass
+    assert again == []  # read once per file
 
 
 def test_clip_skip_reads_the_second_to_last_layer_for_the_prompt_and_the_negative_as_a1111_does(stages, engine):

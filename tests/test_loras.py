@@ -213,8 +213,8 @@ def test_a_hub_lora_offline_gives_a_clear_error_naming_it(stages, tmp_path):
     catalog = load_loras(None)  # presets/loras.yaml: Hub entries only
     engine = TextToImage(stages, load_presets(), load_styles(), RequestLimits(), version="test", loras=catalog,
                          downloads=HubDownloads(tmp_path / "hub", offline=lambda: True))
-    with pytest.raises(Exception, match=r"LoRA lcm-sd15 is a file in the Hub repo latent-consistency/lcm-lora-sdv1-5.*"
-                                        r"hf download latent-consistency/lcm-lora-sdv1-5"):
+    with pytest.raises(Exception, match=r"(?s)LoRA lcm-sd15 is a file in the Hub repo latent-consistency/"
+                                        r"lcm-lora-sdv1-5.*\nhf download latent-consistency/lcm-lora-sdv1-5"):
         engine.generate(TextToImageRequest(prompt="a red circle <lora:lcm-sd15:1>", steps=2))
     # everything else keeps working
     assert engine.generate(TextToImageRequest(prompt="a red circle", steps=2)).images
