@@ -7,6 +7,7 @@ noise hits all alike. Two API clients are timed, both ending with the PNG file o
 Prints the ratio of medians for each (target <= 1.10; gradio_client adds its own polling latency on top).
 
     python bench/api_overhead.py [--rounds 15] [--steps 20] [--batch-size 1]
+    python bench/api_overhead.py --smoke  # 1 round of 1 step: the same code, figures meaningless (the tests run it)
 """
 
 from __future__ import annotations
@@ -20,34 +21,51 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-from gradio_client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle on a blue background"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start_app(port: int, *flags: str) -> subprocess.Popen:
-    """`python app.py` on `port`, returned once its API answers."""
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *flags], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """`python app.py` on `port`, offline (a benchmark never downloads), returned once its API answers."""
+    log = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *flags], cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
+    while process.poll() is None and time.monotonic() < deadline:
+        try:  # "Running on local URL" is printed before the server answers: poll the API info instead
             if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=2).status_code == 200:
                 return process
         except httpx.HTTPError:
             time.sleep(0.5)
     process.kill()
-    raise SystemExit("the app did not start")
+    log.seek(0)
+    raise SystemExit(f"the app did not start:\n{log.read()[-3000:]}")
+
+
+def endpoint_inputs(http: httpx.Client, base: str, api_name: str, **values) -> list:
+    """The endpoint's inputs in its order: `values` by parameter name, the others at the defaults the API documents
+    (GET /gradio_api/info), so that the call keeps up with the app's signature as it grows."""
+    parameters = http.get(f"{base}/info").json()["named_endpoints"][f"/{api_name}"]["parameters"]
+    unknown = set(values) - {parameter["parameter_name"] for parameter in parameters}
+    if unknown:
+        raise SystemExit(f"/{api_name} has no parameter {', '.join(sorted(unknown))}")
+    return [values.get(parameter["parameter_name"], parameter.get("parameter_default")) for parameter in parameters]
 
 
 def main() -> None:
@@ -55,9 +73,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--port", type=int, default=7899)
+    parser.add_argument("--port", type=int, help="the app's port (default: a free one)")
     parser.add_argument("--settle", type=float, default=0.5, help="seconds of quiet before each timed run")
+    parser.add_argument("--smoke", action="store_true", help="1 round of 1 step, to check that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.steps, args.settle = 1, 1, 0.0
+    args.port = args.port or free_port()
+
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from gradio_client import Client
 
     pipe = StableDiffusionPipeline.from_pretrained(ROOT / "models" / "embedded-sd", use_safetensors=True)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -72,9 +98,11 @@ def main() -> None:
     try:
         client = Client(f"http://127.0.0.1:{args.port}", verbose=False)
 
-        inputs = [PROMPT, "", "embedded", "Euler", args.steps, 7.0, 64, 64, 1, args.batch_size, "None"]
         base = f"http://127.0.0.1:{args.port}/gradio_api"
         http = httpx.Client(timeout=60)
+        inputs = endpoint_inputs(http, base, "text_to_image", prompt=PROMPT, negative_prompt="", preset="embedded",
+                                 scheduler="Euler", steps=args.steps, guidance_scale=7.0, width=64, height=64, seed=1,
+                                 batch_size=args.batch_size, style="None")
 
         def via_gradio_client() -> None:
             gallery, _, _ = client.predict(*inputs, api_name="/text_to_image")
@@ -83,6 +111,8 @@ def main() -> None:
         def via_http() -> None:
             event_id = http.post(f"{base}/call/text_to_image", json={"data": inputs}).json()["event_id"]
             stream = http.get(f"{base}/call/text_to_image/{event_id}").text
+            if "event: complete\ndata: " not in stream:
+                raise SystemExit(f"the API did not complete the call: {stream[-500:]!r}")
             result = json.loads(stream.split("event: complete\ndata: ", 1)[1].split("\n", 1)[0])
             for item in result[0]:
                 png = http.get(item["image"]["url"]).content
@@ -102,6 +132,7 @@ def main() -> None:
                 times[name].append((time.perf_counter() - start) / args.batch_size)
     finally:
         app.terminate()
+        app.wait(timeout=20)
 
     bare_s = statistics.median(times["bare"])
     print(f"per image, median of {args.rounds} rounds ({args.steps} steps, 64x64, batch {args.batch_size}):")

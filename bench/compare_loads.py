@@ -23,10 +23,13 @@ the loaders: reading and converting weights; evictions and freeing memory count 
 time (the faster of its two runs), and the ratios to ours.
 
     python bench/compare_loads.py     # about 6 minutes on 2 cores (and a few to build the folder the first time)
+    python bench/compare_loads.py --smoke  # 3 presets x 2 samplers of tiny weights, each order once: the same code,
+                                           # figures meaningless (the tests run it)
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 PRESETS = ("sd15-random-a", "sd15-random-b", "sd15-random-c")
 SAMPLERS = "Euler, Euler a, DPM++ 2M, DDIM"
+SMOKE_SAMPLERS = "Euler, DDIM"
 STEPS = 2
 SIZE = 64
 RESULT_PREFIX = "RESULT "
@@ -89,7 +93,7 @@ def preset_bytes(folder: Path) -> int:
     return 2 * sum(path.stat().st_size for path in folder.rglob("*.safetensors"))
 
 
-def run_one(order: str, presets_path: Path, budget: int) -> dict:
+def run_one(order: str, presets_path: Path, budget: int, samplers: str) -> dict:
     """In this (fresh) process: the grid in `order`, returning loads and seconds."""
     import app
     from studio.compare import Comparison, CompareRequest
@@ -98,7 +102,7 @@ def run_one(order: str, presets_path: Path, budget: int) -> dict:
     text_to_image, _ = app.local_engines(load_presets(presets_path), device_budget=budget)
     comparison = Comparison(text_to_image)
     plan = comparison.plan(CompareRequest(prompt="a red circle on a blue background", seed=1, x_type="Preset",
-                                          x_values=", ".join(PRESETS), y_type="Sampler", y_values=SAMPLERS))
+                                          x_values=", ".join(PRESETS), y_type="Sampler", y_values=samplers))
     if order == "axis":
         by_cell = dict(zip(plan.cells, plan.plans))
         plan.cells = plan.grid.cells()
@@ -112,7 +116,7 @@ def run_one(order: str, presets_path: Path, budget: int) -> dict:
         if order == "a1111":  # the checkpoint it started with, restored after the grid
             manager.preload(text_to_image.models.keys(first_preset, "text2img"))
     seconds = time.perf_counter() - began
-    assert len([cell for cell in result.cells if cell.image]) == 12
+    assert len([cell for cell in result.cells if cell.image]) == len(plan.cells)
     order_names = [cell.value("preset") for cell in plan.cells]
     return {"loads": len(record), "unet_loads": sum(part == "unet" for part, _ in record),
             "load_seconds": sum(seconds for _, seconds in record), "seconds": seconds, "order": order_names,
@@ -121,26 +125,41 @@ def run_one(order: str, presets_path: Path, budget: int) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        print(RESULT_PREFIX + json.dumps(run_one(sys.argv[2], Path(sys.argv[3]), int(os.environ["BENCH_BUDGET"]))))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="3 presets of tiny weights x 2 samplers, each order "
+                        "once, to check that the script runs")
+    parser.add_argument("--child", nargs=3, metavar=("ORDER", "PRESETS_FILE", "SAMPLERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        order, presets_path, samplers = args.child
+        print(RESULT_PREFIX + json.dumps(run_one(order, Path(presets_path), int(os.environ["BENCH_BUDGET"]), samplers)))
         return
     from shared_memory import ensure_folder
 
-    folder, built = ensure_folder()
+    # --smoke: shared_memory's folder of tiny widths, 2 samplers, each order once
+    folder, built = ensure_folder(tiny=args.smoke)
     if built:
-        print(f"built the SD 1.5-size folder in {built:.0f} s")
-    out = Path(tempfile.gettempdir()) / "studio-bench-compare-loads"
+        print(f"built the {'tiny' if args.smoke else 'SD 1.5-size'} folder in {built:.0f} s")
+    samplers, runs = (SMOKE_SAMPLERS, 1) if args.smoke else (SAMPLERS, 2)
+    out = Path(tempfile.gettempdir()) / f"studio-bench-compare-loads{'-smoke' if args.smoke else ''}"
     presets_path = presets_file(folder, out)
     one = preset_bytes(folder)
     budget = int(2.5 * one)  # two presets and their working memory, not three
-    print(f"3 presets x 4 samplers, {STEPS} steps at {SIZE} px; one preset {one / 1024**3:.2f} GiB in float32, "
-          f"device budget {budget / 1024**3:.2f} GiB (holds two)")
+    if args.smoke:  # tiny weights: the encode stage's fixed working memory outweighs all three presets
+        import torch
+
+        from studio.memory import text_encoder_working_memory
+
+        budget += text_encoder_working_memory(2, torch.float32)
+    print(f"3 presets x {len(samplers.split(','))} samplers, {STEPS} steps at {SIZE} px; one preset "
+          f"{one / 1024**3:.2f} GiB in float32, device budget {budget / 1024**3:.2f} GiB (holds two)")
     for path in folder.rglob("*.safetensors"):  # into the page cache before either order runs
         path.read_bytes()
     results = {}
-    for order in ("ours", "axis", "a1111", "ours", "axis", "a1111"):
-        child = subprocess.run([sys.executable, __file__, "--child", order, str(presets_path)], capture_output=True,
-                               text=True, env={**os.environ, "BENCH_BUDGET": str(budget)}, cwd=ROOT)
+    for order in ("ours", "axis", "a1111") * runs:
+        child = subprocess.run([sys.executable, __file__, "--child", order, str(presets_path), samplers],
+                               capture_output=True, text=True, env={**os.environ, "BENCH_BUDGET": str(budget)},
+                               cwd=ROOT)
         lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
         if child.returncode or not lines:
             sys.exit(f"{order} failed:\n{child.stderr[-3000:]}")
@@ -162,7 +181,7 @@ def main() -> None:
               f"{other['load_seconds'] / ours['load_seconds']:.2f}, wall time {other['seconds'] / ours['seconds']:.2f}")
     print("(most of the wall time here is the SD 1.5-size UNet computing on the CPU; where it computes faster, the "
           "loads are a larger share)")
-    print("the same 12 images in every order (sha256 of the pixels): yes")
+    print(f"the same {len(ours['images'])} images in every order (sha256 of the pixels): yes")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ and the VAE decode's working memory, the old way) needs for SDXL at 1024x1024.
 Exit code 1 if SDXL at 1024x1024 does not fit 8 GiB or SD 1.5 at 512x512 does not fit 3 GiB.
 
     python bench/device_plan.py
+    python bench/device_plan.py --smoke  # the same run (a planner on meta weights: it takes seconds, no GPU)
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import sys
@@ -580,6 +582,10 @@ def report_preset(loader: MetaLoader, preset, budget: int) -> bool:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the same run: it already takes seconds (for tests/test_bench_smoke.py)")
+    parser.parse_args()
     began = time.perf_counter()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()

@@ -4,6 +4,7 @@ The engine path is the app's: ModelManager lease, fresh scheduler, the preset's 
 UNet runs twice per step), PNG parameters. Prints the median over rounds and its ratio to the 0.5 s target.
 
     python bench/embedded_speed.py [--rounds 15] [--steps 20]
+    python bench/embedded_speed.py --smoke  # 1 round of 1 step: the same code, figures meaningless (the tests run it)
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="1 round of 1 step, to check that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.steps = 1, 1
 
     presets = load_presets()
     preset = presets.get("embedded")

@@ -7,7 +7,8 @@ For scenes the model is asked for (half of them held-out combinations; a seed no
   bicubically, the Hires. fix result, and the scene drawn at 128 px, as ratios to the enlarged image;
 - the time of a Hires. fix image over a 64 px image.
 
-    python bench/hires_fix.py [--scenes 40] [--seed 914]
+    python bench/hires_fix.py [--scenes 40] [--seed 914] [--steps N]
+    python bench/hires_fix.py --smoke  # 1 scene at 2 steps: the same code, figures meaningless (the tests run it)
 """
 
 from __future__ import annotations
@@ -49,12 +50,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=40)
     parser.add_argument("--seed", type=int, default=914)
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the embedded preset's)")
+    parser.add_argument("--smoke", action="store_true", help="1 scene at 2 steps, to check that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.scenes, args.steps = 1, 2
 
     presets = load_presets()
     preset = presets.get("embedded")
+    steps = args.steps or preset.default_steps
     engine, _ = app.local_engines(presets)
-    settings = dict(preset="embedded", scheduler=preset.default_scheduler, steps=preset.default_steps,
+    settings = dict(preset="embedded", scheduler=preset.default_scheduler, steps=steps,
                     guidance_scale=preset.default_guidance, width=64, height=64)
     correct = {name: 0 for name in ("64 px", *UPSCALERS)}
     steepness = {name: [] for name in ("64 px enlarged", *UPSCALERS, "scene drawn at 128 px")}
@@ -76,7 +82,7 @@ def main() -> None:
             correct[upscaler] += right(hires, scene)
             steepness[upscaler].append(edge_steepness(hires))
 
-    print(f"{args.scenes} scenes (seed {args.seed}), {preset.default_steps} steps, CFG {preset.default_guidance:g}; "
+    print(f"{args.scenes} scenes (seed {args.seed}), {steps} steps, CFG {preset.default_guidance:g}; "
           "Hires. fix x2 at denoising strength 0.5, hires steps = steps")
     print("\nprompt's shape, colour and position (oracle at 64 px):")
     for name, count in correct.items():

@@ -5,10 +5,12 @@ Two cases: a base with a dedicated 9-channel inpainting checkpoint (the embedded
 inpaints with its own UNet (the same preset without its inpainting checkpoint). Target: <= 0.6 for the second.
 
     python bench/inpaint_memory.py
+    python bench/inpaint_memory.py --smoke  # the same run (the embedded model is small: it takes seconds)
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -49,6 +51,10 @@ def separate_bytes(preset) -> int:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the same run: its inputs are already the smallest (for tests/test_bench_smoke.py)")
+    parser.parse_args()
     embedded = load_presets().get("embedded")
     cases = [
         ("base UNet inpaints (4-channel)", dataclasses.replace(embedded, name="embedded-base", inpaint_local=None)),

@@ -5,6 +5,7 @@ shipped loras/hexagon.safetensors, or --lora), alternating, and prints the ratio
 adapters take per image (load + remove for the encode and denoise stages).
 
     python bench/lora_overhead.py [--images 8] [--rounds 3] [--steps 20]
+    python bench/lora_overhead.py --smoke  # 1 image of 1 step, 1 round: the same code, figures meaningless
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lora", default="hexagon")
+    parser.add_argument("--smoke", action="store_true", help="1 image of 1 step, 1 round: checks that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.rounds, args.steps = 1, 1, 1
     engine, _ = app.local_engines(load_presets())
     prompt = "a red hexagon on a blue background"
 

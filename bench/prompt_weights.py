@@ -7,7 +7,8 @@ For each seed it compares the two up-weightings, under
 - compel's own weighting (the token pushed away from the empty prompt's embedding),
 and prints how often the yellow up-weighting is the greener (the asked direction), and the mean green channel.
 
-    python bench/prompt_weights.py [--seeds 24] [--first-seed 5000] [--weight 1.5]
+    python bench/prompt_weights.py [--seeds 24] [--first-seed 5000] [--weight 1.5] [--steps N]
+    python bench/prompt_weights.py --smoke  # 1 seed at 2 steps: the same code, figures meaningless (the tests run it)
 """
 
 from __future__ import annotations
@@ -60,8 +61,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=24)
     parser.add_argument("--first-seed", type=int, default=5000)
     parser.add_argument("--weight", type=float, default=1.5)
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the embedded preset's)")
+    parser.add_argument("--smoke", action="store_true", help="1 seed at 2 steps, to check that the script runs")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.steps = 1, 2
     pipe, defaults = load_text_to_image(Path("models")), embedded_defaults()
+    steps = args.steps or defaults["steps"]
     variants = {"plain": PROMPT.format(red="red", yellow="yellow"),
                 "red up": PROMPT.format(red=f"(red:{args.weight:g})", yellow="yellow"),
                 "yellow up": PROMPT.format(red="red", yellow=f"(yellow:{args.weight:g})")}
@@ -74,7 +80,7 @@ def main() -> None:
                 with torch.inference_mode():
                     embeds = weighting(pipe, prompt)
                 pipe.scheduler = make_scheduler(defaults["scheduler"], pipe.scheduler.config)
-                image = pipe(**embeds, num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance_scale"],
+                image = pipe(**embeds, num_inference_steps=steps, guidance_scale=defaults["guidance_scale"],
                              width=defaults["size"], height=defaults["size"],
                              generator=torch.Generator("cpu").manual_seed(seed)).images[0]
                 greens[variant].append(shape_green(image))

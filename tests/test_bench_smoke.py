@@ -1,0 +1,47 @@
+"""Every bench/ script runs end to end in its --smoke mode (the same code on the smallest inputs) and still prints
+its figures, so no benchmark rots. The figures themselves are not judged: benchmarks are not timed tests."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = r"-?\d+(?:\.\d+)?"
+
+# script -> a line it prints with its result (a regular expression, searched in its output)
+RESULT_LINES = {
+    "api_overhead.py": rf"http +API +: +{NUMBER} ms +ratio {NUMBER}",
+    "compare_loads.py": rf"ratio axis / ours: UNet loads {NUMBER}, seconds loading {NUMBER}, wall time {NUMBER}",
+    "device_plan.py": rf"sdxl-base-1\.0 1024x1024 fp16: peak {NUMBER} GiB, budget 8\.0 GiB: fits",
+    "embedded_speed.py": rf"ratio to the 0\.5 s target: {NUMBER}",
+    "fairness.py": rf"--concurrency 4: quick image alone {NUMBER} s, .* ratio {NUMBER}",
+    "hires_fix.py": rf"time of an image, ratio to a 64 px image:\n  Hires\. fix with Latent +{NUMBER}",
+    "inpaint_memory.py": rf"base UNet inpaints \(4-channel\) +{NUMBER} MiB +{NUMBER} MiB +{NUMBER}",
+    "lora_overhead.py": rf"ratio {NUMBER}; {NUMBER} ms per image for the adapters",
+    "prompt_weights.py": r"A1111 emphasis \(the studio\): yellow-up greener than red-up in \d+/1 seeds",
+    "shared_memory.py": rf"ratio {NUMBER} \(target <= 0\.40",
+    "upscale_tiling.py": rf"time, ours ÷ RealESRGANer: {NUMBER}",
+    "inpaint_editor_page.py": rf"ratio after / fresh, main-thread busy per image: {NUMBER}; uploads per image: "
+                              rf"fresh {NUMBER}, after {NUMBER}",
+}
+NEEDS = {"inpaint_editor_page.py": pytest.mark.browser}  # Chromium (tests/system_tools.py skips or fails without)
+# One thread per process: the smoke runs' ops are tiny, and on a busy machine OpenMP's spin-waiting threads made
+# them 4x slower (compare_loads' grid: 24 s with 2 threads, 5.7 s with 1, with other work on the 2 cores).
+ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def test_every_bench_script_has_a_smoke_test():
+    assert sorted(RESULT_LINES) == sorted(path.name for path in (ROOT / "bench").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", [pytest.param(name, marks=NEEDS.get(name, ())) for name in RESULT_LINES])
+def test_bench_script_runs_in_smoke_mode_and_prints_its_result(script):
+    done = subprocess.run([sys.executable, f"bench/{script}", "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **ENVIRONMENT}, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"exit code {done.returncode}:\n{output[-4000:]}"
+    assert re.search(RESULT_LINES[script], done.stdout), f"no line matching {RESULT_LINES[script]!r} in:\n{done.stdout}"
