@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,8 +86,9 @@ def editor_image_size(value) -> tuple[int, int] | None:
     return image.size if image is not None else None
 
 
-# Installed on page load: remembers the size of the next image put into the editor (a file chosen, dropped or
-# pasted from the clipboard), measured in the browser; the editor's "upload" event then takes it once.
+# Installed on page load: remembers the size of the next image put into the editor (a file chosen or dropped),
+# measured in the browser; the editor's "upload" event then takes it once. (gradio's Paste button fires no upload
+# event, so a pasted image keeps the tools as they were.)
 UPLOAD_SIZE_JS = """
 () => {
   if (window.studioInpaintUploads) return;
@@ -104,18 +106,6 @@ UPLOAD_SIZE_JS = """
   document.addEventListener("drop", (event) => {
     if (editor()?.contains(event.target)) measure(event.dataTransfer?.files?.[0]);
   }, true);
-  const clipboard = navigator.clipboard;
-  if (clipboard?.read) {  // the editor's clipboard source reads the clipboard itself
-    const read = clipboard.read.bind(clipboard);
-    clipboard.read = async (...args) => {
-      const items = await read(...args);
-      for (const item of items) {
-        const type = item.types.find((t) => t.startsWith("image/"));
-        if (type) { measure(await item.getType(type)); break; }
-      }
-      return items;
-    };
-  }
 }
 """
 TAKE_MEASURED_UPLOAD_JS = """
@@ -158,10 +148,10 @@ def file_for_page(component: gr.components.Component, image) -> dict:
     return FileData(path=cached, orig_name=Path(cached).name).model_dump()
 
 
-def editor_images(component: gr.ImageEditor, sent) -> dict:
+def editor_images(component: gr.ImageEditor, sent, max_pixels: int) -> dict:
     """The editor's value as the page sent it into from_editor (files it uploaded), preprocessed as the editor
     itself would hand it to a handler: {"background", "layers", "composite"} as images. Only files uploaded to
-    this server are read."""
+    this server are read, and only after their headers show they are images within `max_pixels`."""
     if not sent:
         return {}
     try:
@@ -174,16 +164,22 @@ def editor_images(component: gr.ImageEditor, sent) -> dict:
         if file is not None and not utils.is_in_or_equal(utils.abspath(file.path), upload_folder):
             raise user_error(InvalidRequest(["The editor's image must be uploaded through the page."]),
                              "Cannot read the editor")
+        if file is not None:
+            try:
+                with Image.open(file.path) as header:  # the size, before anything is decoded
+                    check_pixels(header.size, "image", max_pixels)
+            except (OSError, Image.DecompressionBombError):
+                raise user_error(InvalidRequest(["The editor's image could not be read as an image."]),
+                                 "Cannot read the editor") from None
+            except StudioError as error:
+                raise user_error(error, "Cannot use this image") from None
     return component.preprocess(data) or {}
 
 
 def parse_measured_size(measured: str | None) -> tuple[int, int] | None:
     """(width, height) from the page's "WxH#n", None when there is none."""
-    try:
-        width, height = (measured or "").split("#")[0].split("x")
-        return int(width), int(height)
-    except ValueError:
-        return None
+    match = re.fullmatch(r"([1-9]\d{0,5})x([1-9]\d{0,5})#\d+", measured or "")
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def image_size(image) -> tuple[int, int]:
@@ -297,7 +293,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     def images_for(chosen_mode, sent):
         """(image, mask) for the engine from the editor's value as the page sent it; mask None for sketch to
         image."""
-        value = editor_images(editor, sent)
+        value = editor_images(editor, sent, engine.limits.max_upload_pixels)
         background, layers, composite = value.get("background"), value.get("layers") or [], value.get("composite")
         if chosen_mode == SKETCH_TO_IMAGE:
             if composite is None:
@@ -401,7 +397,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     def apply_to_editor(event) -> None:
         """After `event` wrote to_editor: the page applies it to the editor."""
-        event.then(None, to_editor, editor, js=APPLY_EDITOR_UPDATE_JS, api_visibility="private", queue=False,
+        event.success(None, to_editor, editor, js=APPLY_EDITOR_UPDATE_JS, api_visibility="private", queue=False,
                    show_progress="hidden")
 
     def image_updates(image, chosen_mode):
@@ -415,7 +411,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             value = {"background": shown, "layers": [], "composite": shown}
         update = {"value": value, "brush": brush_props(brush(chosen_mode, tools.brush_radius))}
         return (update, gr.Slider(value=tools.mask_blur) if size else gr.Slider(),
-                gr.Slider(value=tools.padding) if size else gr.Slider(), size or tuple(SKETCH_CANVAS))
+                gr.Slider(value=tools.padding) if size else gr.Slider(), size)
 
     def fit_tools_to_upload(chosen_mode, measured, fitted):
         """Brush, blur and padding fitted to an uploaded image, from the size the page measured; nothing changes
@@ -429,7 +425,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     def switch_mode(chosen_mode, sent, preset_name):
         """The mode's help, prompt hint, settings and brush, and the image without the other mode's strokes."""
-        background = editor_images(editor, sent).get("background")
+        background = editor_images(editor, sent, engine.limits.max_upload_pixels).get("background")
         return (
             MODE_HELP[chosen_mode],
             gr.Textbox(placeholder=PROMPT_PLACEHOLDER[chosen_mode]),
@@ -451,7 +447,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     # one progress bar, on the results (not one on each output)
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
     outputs = [gallery, seeds, info]
-    checked = read_editor(generate.click).then(check, [mode, from_editor, *settings], None, **quick)
+    checked = read_editor(generate.click).success(check, [mode, from_editor, *settings], None, **quick)
     event = checked.success(inpaint_from_editor, [mode, from_editor, *settings], outputs, api_visibility="private",
                             **gpu_event)
     runner.follow_results(TAB, [checked], [event], seeds, info)
@@ -472,7 +468,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     history.follow([event], gallery)
     history.on_click(fill_form, settings, [*settings, card], **quick)
     image_outputs = [to_editor, mask_blur, padding, fitted_to]
-    apply_to_editor(read_editor(mode.input).then(
+    apply_to_editor(read_editor(mode.input).success(
         switch_mode, [mode, from_editor, preset], [mode_help, prompt, *image_outputs, strength, mask_settings, generate],
         api_visibility="private", queue=False, show_progress="hidden"))
     # the page measures an upload itself; the server only hears of a new size

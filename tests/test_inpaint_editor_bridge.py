@@ -1,6 +1,7 @@
 """What the page sends from the Inpaint editor (its files) and what it is told (the size it measured): read only
 from files uploaded to this server, parsed strictly."""
 
+import os
 import uuid
 from pathlib import Path
 
@@ -28,12 +29,19 @@ def uploaded():
     folder.rmdir()
 
 
+MAX_PIXELS = 4_000_000
+
+
+def read(component, max_pixels, sent):
+    return editor_images(component, sent, max_pixels)
+
+
 def editor():
     return gr.ImageEditor(type="pil", image_mode="RGBA")
 
 
 def test_the_editors_files_are_read_as_the_editor_would_hand_them_over(uploaded):
-    value = editor_images(editor(), {"background": file_data(uploaded), "layers": [],
+    value = read(editor(), MAX_PIXELS, {"background": file_data(uploaded), "layers": [],
                                      "composite": file_data(uploaded)})
     assert value["background"].size == (40, 30) and value["background"].mode == "RGBA"
     assert value["layers"] == []
@@ -43,22 +51,35 @@ def test_a_file_the_page_did_not_upload_is_refused(tmp_path, uploaded):
     elsewhere = tmp_path / "secret.png"
     Image.new("RGB", (4, 4)).save(elsewhere)
     with pytest.raises(gr.Error, match="uploaded through the page"):
-        editor_images(editor(), {"background": file_data(uploaded), "layers": [file_data(elsewhere)],
+        read(editor(), MAX_PIXELS, {"background": file_data(uploaded), "layers": [file_data(elsewhere)],
                                  "composite": file_data(uploaded)})
     with pytest.raises(gr.Error, match="uploaded through the page"):  # a path that climbs out of the folder
-        climbing = Path(utils.get_upload_folder()) / ".." / elsewhere.relative_to("/")
-        editor_images(editor(), {"background": file_data(climbing), "layers": [], "composite": None})
+        climbing = Path(utils.get_upload_folder()) / os.path.relpath(elsewhere, utils.get_upload_folder())
+        assert climbing.resolve() == elsewhere.resolve()
+        read(editor(), MAX_PIXELS, {"background": file_data(climbing), "layers": [], "composite": None})
 
 
 def test_a_malformed_value_gets_a_message_and_nothing_is_an_empty_editor():
     with pytest.raises(gr.Error, match="did not arrive whole"):
-        editor_images(editor(), {"background": {"no": "path"}, "layers": "x"})
-    assert editor_images(editor(), None) == {}
+        read(editor(), MAX_PIXELS, {"background": {"no": "path"}, "layers": "x"})
+    assert read(editor(), MAX_PIXELS, None) == {}
+
+
+def test_an_image_too_large_or_not_an_image_is_refused_before_it_is_decoded(uploaded):
+    with pytest.raises(gr.Error, match="40x30|1,200|pixels"):
+        read(editor(), 1000, {"background": file_data(uploaded), "layers": [], "composite": file_data(uploaded)})
+    not_an_image = uploaded.with_name("notes.png")
+    not_an_image.write_text("not an image")
+    try:
+        with pytest.raises(gr.Error, match="could not be read as an image"):
+            read(editor(), MAX_PIXELS, {"background": file_data(not_an_image), "layers": [], "composite": None})
+    finally:
+        not_an_image.unlink()
 
 
 def test_the_measured_size_is_parsed_strictly():
     assert parse_measured_size("96x80#3") == (96, 80)
-    for bad in ("", None, "96x#1", "axb#2", "96x80x2#1"):
+    for bad in ("", None, "96x#1", "axb#2", "96x80x2#1", "-5x-3#1", "0x0#1", " 9_6x80 #junk"):
         assert parse_measured_size(bad) is None
 
 
