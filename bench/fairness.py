@@ -48,7 +48,7 @@ def timed(call) -> float:
     return time.perf_counter() - began
 
 
-def quick_image_wait_ratio(url: str, work: Workload) -> tuple[float, dict]:
+def quick_image_wait_ratio(url: str, work: Workload = Workload()) -> tuple[float, dict]:
     """(time of a quick image during a long batch) / (its time alone + one long image), and the figures."""
     quick = dict(steps=work.quick_steps, seed=1, batch_size=1)
     generate(url, **quick)  # warm: models loaded, first-call allocations done
