@@ -62,9 +62,16 @@ def width_of(page) -> int:
 
 
 def set_number(tab, label: str, value: str) -> None:
+    """Types `value` into a slider's number box. The page-load events fit the form to the preset a moment after the
+    page shows (later on a busy machine), putting the preset's value back: typed again until it holds."""
     box = tab.get_by_label(f"number input for {label}")
-    box.fill(value)
-    box.press("Enter")
+    for _ in range(5):
+        box.fill(value)
+        box.press("Enter")
+        tab.page.wait_for_timeout(1000)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"{label} did not keep {value}")
 
 
 def pick_preset(page, label: str, tab_id: str = "text-to-image-tab") -> None:
