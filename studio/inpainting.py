@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
+from scipy import ndimage
 
 from .errors import InvalidRequest
 from .generation import (
@@ -59,6 +60,24 @@ def mask_tools_for(size: tuple[int, int]) -> MaskTools:
     scale = side / REFERENCE_SIDE
     return MaskTools(brush_radius=max(1, round(side / 20)), mask_blur=max(1, round(4 * scale)),
                      padding=min(MAX_PADDING, max(2, round(32 * scale))))
+
+
+def sketch_mask(strokes: Image.Image) -> Image.Image:
+    """Inpaint sketch's repaint mask: the painted strokes (white, or opaque in a transparent image) grown by one
+    brush width of the image's size (twice mask_tools_for's radius).
+
+    The strokes alone left ghosts: the stroke's outer edge stayed as drawn in the latent cells the pipeline counts
+    as unmasked (it reads the mask once per cell, at the cell's corner) while the model, with no room around the
+    sketched shape, drew it where it liked inside, often smaller: a bar and an outline beside the shape; and
+    slivers of the old shape that the strokes just missed were pasted back unchanged, the model continuing them
+    into the mask. The margin is repainted too, as the sketch's surroundings (docs/embedded-model.md, "A sketch
+    over a shape")."""
+    painted = prepare_mask(strokes, strokes.size)
+    if not painted.any():
+        return Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
+    margin = 2 * mask_tools_for(strokes.size).brush_radius
+    grown = ndimage.distance_transform_edt(~painted) <= margin
+    return Image.fromarray(grown.astype(np.uint8) * 255, mode="L")
 
 
 @dataclass(frozen=True)

@@ -335,6 +335,54 @@ def test_brush_blur_and_padding_scale_with_the_image(size, expected):
     assert (tools.brush_radius, tools.mask_blur, tools.padding) == expected
 
 
+@pytest.mark.parametrize(("size", "cell"), [((64, 64), 4), ((512, 384), 8)])
+def test_a_sketch_mask_is_the_strokes_grown_by_one_brush_width(size, cell):
+    """Inpaint sketch repaints the strokes and one brush width around them, so every latent cell that holds paint
+    is read as masked: the pipeline reads the mask once per cell, at its top-left pixel (4 px cells on the
+    embedded model's 64 px images, 8 px on Stable Diffusion's 512 px), and the cells it reads as unmasked are put
+    back as they were."""
+    from scipy import ndimage
+
+    from studio.inpainting import sketch_mask
+
+    width, height = size
+    strokes = Image.new("L", size, 0)
+    strokes.paste(255, (width // 3 + 1, height // 3 + 2, width // 2 + 3, height // 2 + 1))  # off the cell grid
+    mask = np.asarray(sketch_mask(strokes)) > 0
+    painted = np.asarray(strokes) > 0
+    distance = ndimage.distance_transform_edt(~painted)
+    margin = 2 * mask_tools_for(size).brush_radius
+    assert mask[distance <= margin].all() and not mask[distance > margin].any()
+    read_as_masked = np.repeat(np.repeat(mask[::cell, ::cell], cell, axis=0), cell, axis=1)[:height, :width]
+    assert read_as_masked[painted].all()
+    assert not np.asarray(sketch_mask(Image.new("L", size, 0))).any()  # no strokes: still empty, refused as such
+
+
+def test_a_square_sketched_over_a_circle_leaves_nothing_of_the_circle(inpainter):
+    """The issue's picture: a green square sketched over a red circle (its caps outside the square) came back as
+    a green square with red caps, pasted back unchanged, and a bar and outline where the stroke's edge was."""
+    import random
+
+    from studio.embedded.evaluation import SKETCH_BRUSH, SKETCH_STRENGTH, SketchCase, brush_strokes
+    from studio.inpainting import sketch_mask
+
+    before = scenes.Scene("blue", (scenes.Shape("circle", "red", "center", "large"),))
+    square = scenes.Shape("square", "green", "center", "large")
+    preset, tools = load_presets().get("embedded"), mask_tools_for((64, 64))
+    case = SketchCase(before, square, SKETCH_BRUSH["green"],
+                      brush_strokes(square, random.Random(1), tools.brush_radius), covering=False)
+    red = np.asarray(scenes.PALETTE["red"], dtype=np.float32)
+    assert (np.linalg.norm(np.asarray(case.composite(), dtype=np.float32) - red, axis=-1) < 60).sum() > 20
+    for seed in range(3):
+        out = inpainter.inpaint(case.composite(), sketch_mask(case.strokes()), request(
+            prompt="a green square on a blue background", scheduler=preset.default_scheduler,
+            steps=preset.default_steps, guidance_scale=preset.inpaint_default_guidance, strength=SKETCH_STRENGTH,
+            mask_blur=tools.mask_blur, seed=seed)).images[0].image
+        reading = oracle.read(out)
+        reddish = np.linalg.norm(np.asarray(out, dtype=np.float32) - red, axis=-1) < 60
+        assert (reading.shape, reading.colour, int(reddish.sum())) == ("square", "green", 0), (seed, reading)
+
+
 def test_sdxls_inpainting_checkpoint_defaults_to_its_model_cards_strength():
     presets = load_presets()
     assert presets.get("sdxl-base-1.0").inpaint_strength == 0.99
