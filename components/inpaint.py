@@ -37,6 +37,7 @@ from studio.inpainting import (
     Inpainter,
     inpaint_request_from_parameters,
     mask_tools_for,
+    sketch_mask,
 )
 from studio.schedulers import schedulers_for
 
@@ -308,7 +309,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             raise user_error(InvalidRequest(["Upload an image first (or choose Sketch to image to draw on a blank "
                                              "canvas)."]), "Nothing to inpaint")
         mask = painted_mask(layers, background.size)
-        return (composite if chosen_mode == SKETCH else background), mask
+        # a sketch repaints one brush width around its strokes too, so it replaces what it covers (no ghost)
+        return (composite, sketch_mask(mask)) if chosen_mode == SKETCH else (background, mask)
 
     def check(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
               mask_blur, inpaint_area, padding, seed, batch_size, clip_skip, request: gr.Request):
