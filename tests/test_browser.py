@@ -23,10 +23,9 @@ def browser():  # the `browser` marker (tests/system_tools.py) skips or fails th
         browser.close()
 
 
-@pytest.fixture
-def page(browser, app_url, artifacts, request):
-    """A fresh page (a new gradio session) per test, so no test sees another's form, toasts or running batch."""
-    context = browser.new_context(viewport={"width": 1280, "height": 1100})
+def fresh_page(browser, app_url, artifacts, request, size):
+    """A fresh page (its own gradio session) in a window of `size`; a screenshot of it if the test fails."""
+    context = browser.new_context(viewport={"width": size[0], "height": size[1]})
     page = context.new_page()
     page.goto(app_url)
     text_tab(page).get_by_label("Prompt", exact=True).wait_for()
@@ -35,6 +34,12 @@ def page(browser, app_url, artifacts, request):
     if report is not None and report.failed:
         page.screenshot(path=str(artifacts / f"failed-{request.node.name}.png"), full_page=True)
     context.close()
+
+
+@pytest.fixture
+def page(browser, app_url, artifacts, request):
+    """A fresh page (a new gradio session) per test, so no test sees another's form, toasts or running batch."""
+    yield from fresh_page(browser, app_url, artifacts, request, (1280, 1100))
 
 
 def prompt_value_is(page, tab_id: str, text: str) -> None:

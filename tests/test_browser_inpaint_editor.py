@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_browser import browser, text_tab  # noqa: F401 - the module's browser fixture
+from test_browser import browser, fresh_page, text_tab  # noqa: F401 - the module's browser fixture
 
 pytestmark = pytest.mark.browser
 
@@ -17,16 +17,7 @@ SIZES = [(1440, 1000), (1920, 1080)]
 
 @pytest.fixture
 def page(browser, app_url, artifacts, request):  # noqa: F811 - this module's page, at the size a test asks for
-    width, height = getattr(request, "param", SIZES[0])
-    context = browser.new_context(viewport={"width": width, "height": height})
-    page = context.new_page()
-    page.goto(app_url)
-    text_tab(page).get_by_label("Prompt", exact=True).wait_for()
-    yield page
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        page.screenshot(path=str(artifacts / f"failed-{request.node.name}.png"), full_page=True)
-    context.close()
+    yield from fresh_page(browser, app_url, artifacts, request, getattr(request, "param", SIZES[0]))
 
 
 def generate_and_send_to_inpaint(page):

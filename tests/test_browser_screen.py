@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from test_browser import browser, playwright, text_tab  # noqa: F401 - `browser` is a fixture of this module too
+from test_browser import browser, fresh_page, playwright, text_tab  # noqa: F401 - `browser` is a fixture of this module too
 
 pytestmark = pytest.mark.browser
 SIZES = [(1440, 1000), (1920, 1080)]
@@ -30,19 +30,6 @@ CUT_OFF = """([items, container]) => [...document.querySelectorAll(items)].flatM
 
 def cut_off(page, items: str, container: str) -> list[str]:
     return page.evaluate(CUT_OFF, [items, container])
-
-
-def fresh_page(browser, app_url, artifacts, request, size):
-    """A fresh page (its own gradio session) in a window of `size`; a screenshot of it if the test fails."""
-    context = browser.new_context(viewport={"width": size[0], "height": size[1]})
-    page = context.new_page()
-    page.goto(app_url)
-    text_tab(page).get_by_label("Prompt", exact=True).wait_for()
-    yield page
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        page.screenshot(path=str(artifacts / f"failed-{request.node.name}.png"), full_page=True)
-    context.close()
 
 
 @pytest.fixture(params=SIZES, ids=lambda size: f"{size[0]}x{size[1]}")

@@ -220,11 +220,9 @@ MAX_SMEAR = 0.03  # of the mask's pixels
 MIN_OVERLAP = 0.8  # intersection over union of the result's shape with the scene's
 
 
-def coherence(image: Image.Image, scene: scenes.Scene, mask: np.ndarray) -> dict:
-    """Whether an inpainted image shows one clean shape where the scene's was: a single region apart from the
-    background, of the scene's shape and colour, covering the same pixels (so a shape with a bite out of it, or
-    moved, fails), and, inside the mask away from the shape's 1 px antialiased edge, no pixels that are neither
-    background nor the shape's colour, which is what a half-faded smear of the old shape is."""
+def apart_from_background(image: Image.Image):
+    """(pixels, background colour, pixels apart from it, their 1 px antialiased edge, and the count of regions apart
+    from it big enough to be a shape): what both inpainting checks read first."""
     from scipy import ndimage
 
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -233,6 +231,16 @@ def coherence(image: Image.Image, scene: scenes.Scene, mask: np.ndarray) -> dict
     labels, count = ndimage.label(differs)
     sizes = ndimage.sum(differs, labels, index=range(1, count + 1)) if count else []
     regions = int(sum(size >= oracle.MIN_SHAPE_FRACTION * differs.size for size in sizes))
+    edge = ndimage.binary_dilation(differs) & ~ndimage.binary_erosion(differs)
+    return pixels, background, differs, edge, regions
+
+
+def coherence(image: Image.Image, scene: scenes.Scene, mask: np.ndarray) -> dict:
+    """Whether an inpainted image shows one clean shape where the scene's was: a single region apart from the
+    background, of the scene's shape and colour, covering the same pixels (so a shape with a bite out of it, or
+    moved, fails), and, inside the mask away from the shape's 1 px antialiased edge, no pixels that are neither
+    background nor the shape's colour, which is what a half-faded smear of the old shape is."""
+    pixels, background, differs, edge, regions = apart_from_background(image)
     reading = oracle.read(image)
     truth = shape_region(scene)
     found = oracle.shape_mask(pixels, background)
@@ -240,7 +248,6 @@ def coherence(image: Image.Image, scene: scenes.Scene, mask: np.ndarray) -> dict
     shape_rgb = np.asarray(scenes.PALETTE[scene.main.colour], dtype=np.float32)
     neither = ((np.linalg.norm(pixels - background, axis=-1) > SMEAR_DISTANCE)
                & (np.linalg.norm(pixels - shape_rgb, axis=-1) > SMEAR_DISTANCE))
-    edge = ndimage.binary_dilation(differs) & ~ndimage.binary_erosion(differs)
     smear = float((neither & mask & ~edge).sum() / max(mask.sum(), 1))
     coherent = (regions == 1 and reading.shape == scene.main.shape and reading.colour == scene.main.colour
                 and overlap >= MIN_OVERLAP and smear < MAX_SMEAR)
@@ -413,14 +420,7 @@ def sketch_verdict(image: Image.Image, case: SketchCase) -> dict:
     (the palette's or the brush's) or a blend of them (what is left of the old shape, or a smear), or a half blend
     away from the shape's 1 px antialiased edge (a faint bar or outline). Also whether it has the sketched size and
     place (intersection over union with the sketched shape ≥ MIN_OVERLAP)."""
-    from scipy import ndimage
-
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    background = oracle.background_colour(pixels)
-    differs = np.linalg.norm(pixels - background, axis=-1) > oracle.FOREGROUND_DISTANCE
-    labels, count = ndimage.label(differs)
-    sizes = ndimage.sum(differs, labels, index=range(1, count + 1)) if count else []
-    regions = int(sum(size >= oracle.MIN_SHAPE_FRACTION * differs.size for size in sizes))
+    pixels, background, differs, edge, regions = apart_from_background(image)
     reading = oracle.read(image)
     truth, found = shape_region(case.after), oracle.shape_mask(pixels, background)
     overlap = float((found & truth).sum() / max((found | truth).sum(), 1))
@@ -433,7 +433,6 @@ def sketch_verdict(image: Image.Image, case: SketchCase) -> dict:
         distance = np.linalg.norm(pixels - (paper + share[..., None] * towards), axis=-1)
         closer = distance < off_blend
         off_blend[closer], blend[closer] = distance[closer], share[closer]
-    edge = ndimage.binary_dilation(differs) & ~ndimage.binary_erosion(differs)
     foreign = off_blend > SMEAR_DISTANCE
     faint = ~foreign & (blend > 0.25) & (blend < 0.75) & ~edge
     area = shape_region(case.before) | (case.coverage > 0)
