@@ -26,6 +26,7 @@ import torch
 
 from components.arena import build_arena_tab
 from components.compare import build_compare_tab
+from components.event_options import INSTANT, QUICK
 from components.inpaint import build_inpaint_tab
 from components.running import JobRunner, user_error
 from components.status import build_status_bar
@@ -364,8 +365,7 @@ def show_tab(event, tabs: gr.Tabs, tab_id: str) -> None:
     """After `event` succeeds, the page shows the tab `tab_id`. Done in the browser: a server event with the Tabs
     as an output makes gradio 6.31 re-read every component inside them at each later status update of any event,
     the Inpaint editor too, which then re-uploads its image (seconds per progress tick)."""
-    event.success(None, None, tabs, js=f"() => ({{__type__: 'update', selected: '{tab_id}'}})",
-                  api_visibility="private", queue=False, show_progress="hidden")
+    event.success(None, None, tabs, js=f"() => ({{__type__: 'update', selected: '{tab_id}'}})", **INSTANT)
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
@@ -401,8 +401,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
         sent = text_tab.send_to_inpaint.click(
             send_to_inpaint,
             [text_tab.gallery, text_tab.selected, text_tab.prompt, text_tab.negative_prompt, inpaint_tab.mode],
-            [*inpaint_tab.image_outputs, inpaint_tab.prompt, inpaint_tab.negative_prompt],
-            api_visibility="private", concurrency_limit=None,
+            [*inpaint_tab.image_outputs, inpaint_tab.prompt, inpaint_tab.negative_prompt], **QUICK,
         )
         inpaint_tab.apply_to_editor(sent)
         show_tab(sent, tabs, "inpaint")
@@ -412,8 +411,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
             return chosen_result(gallery, index, "There is no result to send yet: make one first.")
 
         for tab in (text_tab, inpaint_tab):
-            show_tab(tab.send_to_upscale.click(send_to_upscale, [tab.gallery, tab.selected], upscale_tab.image,
-                                               api_visibility="private", concurrency_limit=None), tabs, "upscale")
+            sent_up = tab.send_to_upscale.click(send_to_upscale, [tab.gallery, tab.selected], upscale_tab.image,
+                                                **QUICK)
+            show_tab(sent_up, tabs, "upscale")
     return demo
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from components.event_options import INSTANT, NO_PROGRESS, QUICK
 from components.running import JobRunner, session_of, user_error
 from components.whole_numbers import WholeNumber
 from studio.arena import Arena, ArenaPlan
@@ -146,23 +147,21 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
 
     board_outputs = [table, agreement, matrix, download]
     one_fit = dict(concurrency_id="arena-leaderboard", concurrency_limit=1)  # a refit takes seconds with many votes
-    surprise.click(lambda: random.choice(examples) if examples else "", None, prompt, api_visibility="private",
-                   queue=False)
-    battle_event = start.click(check, prompt, None, api_visibility="private", concurrency_limit=None,
-                               show_progress="hidden").success(
+    progress_on_table = dict(show_progress_on=[table])  # one progress bar, not one on each of the board's parts
+    surprise.click(lambda: random.choice(examples) if examples else "", None, prompt, **INSTANT)
+    battle_event = start.click(check, prompt, None, **QUICK).success(
         battle, [prompt, seed], [battle_id, left, right], api_name="arena_battle", concurrency_id="gpu",
-        concurrency_limit=runner.concurrency)
+        concurrency_limit=runner.concurrency, show_progress_on=[left, right])
     runner.wire_stop(stop, TAB)
     battle_event.success(lambda: ["Which is better? Vote to see who made them.",
                                   *[gr.Button(interactive=True) for _ in CHOICES]], None, [reveal, *votes.values()],
-                         api_visibility="private", queue=False)
+                         **INSTANT)
     for choice, button in votes.items():
         # queued (not on the GPU), so that a refusal shows as a toast; the buttons are disabled once it is recorded
-        button.click(voter(choice), battle_id, reveal, api_visibility="private", concurrency_limit=None).success(
-            lambda: [gr.Button(interactive=False) for _ in CHOICES], None, list(votes.values()),
-            api_visibility="private", queue=False).then(refreshed, None, board_outputs, api_visibility="private",
-                                                        **one_fit)
-    refresh.click(refreshed, None, board_outputs, api_visibility="private", **one_fit)
+        button.click(voter(choice), battle_id, reveal, **QUICK).success(
+            lambda: [gr.Button(interactive=False) for _ in CHOICES], None, list(votes.values()), **INSTANT
+        ).then(refreshed, None, board_outputs, api_visibility="private", **one_fit, **progress_on_table)
+    refresh.click(refreshed, None, board_outputs, api_visibility="private", **one_fit, **progress_on_table)
     # API-only endpoints on hidden components, so that their parameters and results have names and types
     # (gr.api would call the result "1st")
     with gr.Group(visible=False):
@@ -175,6 +174,6 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
     api_leaderboard.click(leaderboard, None, api_board, api_name="leaderboard", **one_fit)
 
     def show_board(demo: gr.Blocks) -> None:
-        demo.load(refreshed, None, board_outputs, api_visibility="private", show_progress="hidden", **one_fit)
+        demo.load(refreshed, None, board_outputs, api_visibility="private", **one_fit, **NO_PROGRESS)
 
     return ArenaTab(battle_event, show_board)

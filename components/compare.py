@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from components.event_options import INSTANT, QUICK
 from components.lora_picker import build_lora_picker
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber
@@ -126,16 +127,14 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
         (first, first_name), (second, second_name) = (gallery[index] for index in chosen)
         return chosen, gr.ImageSlider(value=(first, second), label=f"Left: {first_name} · right: {second_name}")
 
-    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[grids])
-    event = run.click(check, inputs, None, **quick).success(
+    event = run.click(check, inputs, None, **QUICK).success(
         compare, inputs, [grids, table, cells], api_name="compare", **gpu_event)
-    event.then(lambda: ([], None), None, [picked, pair], api_visibility="private", queue=False)  # a new grid
+    event.then(lambda: ([], None), None, [picked, pair], **INSTANT)  # a new grid
     runner.wire_stop(stop, TAB)
     for control in axes:
-        control.change(lambda *values: cell_count_note(comparison, *values), axes, count, api_visibility="private",
-                       queue=False, show_progress="hidden")
-    cells.select(pick, [picked, cells], [picked, pair], api_visibility="private", queue=False)
+        control.change(lambda *values: cell_count_note(comparison, *values), axes, count, **INSTANT)
+    cells.select(pick, [picked, cells], [picked, pair], **INSTANT)
     return CompareTab(event)
 
 

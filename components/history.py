@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from components.event_options import INSTANT
 from studio.metadata import parse_parameters, read_parameters
 
 HISTORY_SIZE = 48  # images kept per page
@@ -26,7 +27,7 @@ class History:
         """After each successful generation, put its images in front of the history."""
         for event in events:
             event.success(add_to_history, [results, self.state], [self.state, self.gallery],
-                          api_visibility="private", queue=False, show_progress="hidden")
+                          **INSTANT)
 
     def on_click(self, fill_form: Callable, inputs: list, outputs: list, **event_options) -> None:
         """Clicking a thumbnail calls `fill_form(parameters_text, *inputs)` and shows its result in `outputs`."""

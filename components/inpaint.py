@@ -14,6 +14,7 @@ from gradio.components.image_editor import EditorData
 from gradio.data_classes import FileData
 from PIL import Image
 
+from components.event_options import INSTANT, QUICK
 from components.history import build_history
 from components.lora_picker import build_lora_picker
 from components.preset_picker import (
@@ -80,13 +81,6 @@ def brush(chosen_mode: str, radius: int | str = "auto") -> gr.Brush:
     return gr.Brush(colors=SKETCH_COLOURS, default_color=SKETCH_COLOURS[0], color_mode="defaults", default_size=radius)
 
 
-def editor_image_size(value) -> tuple[int, int] | None:
-    """The size of what is being edited: the uploaded image, else the drawing canvas."""
-    value = value or {}
-    image = value.get("background") or value.get("composite")
-    return image.size if image is not None else None
-
-
 # Installed on page load: remembers the size of the next image put into the editor (a file chosen or dropped),
 # measured in the browser; the editor's "upload" event then takes it once. (gradio's Paste button fires no upload
 # event, so a pasted image keeps the tools as they were.)
@@ -125,7 +119,9 @@ async () => {
 APPLY_EDITOR_UPDATE_JS = """
 (update) => {
   if (!update) return undefined;
-  const withUrl = (file) => file && {...file, url: new URL(`gradio_api/file=${file.path}`, document.baseURI).href};
+  const encoded = (path) => path.split("/").map(encodeURIComponent).join("/");  // a file name may hold # or ?
+  const withUrl = (file) => file && {...file, url: new URL(`gradio_api/file=${encoded(file.path)}`,
+                                                           document.baseURI).href};
   const value = update.value === undefined ? {} : {value: update.value && {
     background: withUrl(update.value.background), layers: [], composite: withUrl(update.value.composite)}};
   return {__type__: "update", ...value, brush: update.brush};
@@ -149,12 +145,11 @@ def file_for_page(component: gr.components.Component, image) -> dict:
     return FileData(path=cached, orig_name=Path(cached).name).model_dump()
 
 
-def editor_images(component: gr.ImageEditor, sent, max_pixels: int) -> dict:
-    """The editor's value as the page sent it into from_editor (files it uploaded), preprocessed as the editor
-    itself would hand it to a handler: {"background", "layers", "composite"} as images. Only files uploaded to
-    this server are read, and only after their headers show they are images within `max_pixels`."""
+def editor_files(sent, max_pixels: int) -> EditorData | None:
+    """The editor's value as the page sent it into from_editor (files it uploaded), checked: only files uploaded
+    to this server, whose headers show images within `max_pixels`. None for an empty editor."""
     if not sent:
-        return {}
+        return None
     try:
         data = EditorData.model_validate(sent)
     except ValueError:
@@ -174,7 +169,14 @@ def editor_images(component: gr.ImageEditor, sent, max_pixels: int) -> dict:
                                  "Cannot read the editor") from None
             except StudioError as error:
                 raise user_error(error, "Cannot use this image") from None
-    return component.preprocess(data) or {}
+    return data
+
+
+def editor_images(component: gr.ImageEditor, sent, max_pixels: int) -> dict:
+    """The editor's value as the page sent it (see editor_files), preprocessed as the editor itself would hand it
+    to a handler: {"background", "layers", "composite"} as images."""
+    data = editor_files(sent, max_pixels)
+    return (component.preprocess(data) or {}) if data is not None else {}
 
 
 def parse_measured_size(measured: str | None) -> tuple[int, int] | None:
@@ -224,10 +226,6 @@ def painted_mask(layers: list[Image.Image], size: tuple[int, int]) -> Image.Imag
         if layer is not None and layer.size == tuple(size):
             mask |= np.asarray(layer.convert("RGBA").getchannel("A")) > 0
     return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-
-
-def editor_with_background(path) -> dict:
-    return {"background": path, "layers": [], "composite": path}
 
 
 def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
@@ -394,13 +392,11 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     def read_editor(event_listener, **options):
         """`event_listener` (e.g. generate.click) copying the editor's value into from_editor, in the browser."""
-        return event_listener(None, editor, from_editor, js="(value) => value", api_visibility="private",
-                              queue=False, show_progress="hidden", **options)
+        return event_listener(None, editor, from_editor, js="(value) => value", **INSTANT, **options)
 
     def apply_to_editor(event) -> None:
         """After `event` wrote to_editor: the page applies it to the editor."""
-        event.success(None, to_editor, editor, js=APPLY_EDITOR_UPDATE_JS, api_visibility="private", queue=False,
-                   show_progress="hidden")
+        event.success(None, to_editor, editor, js=APPLY_EDITOR_UPDATE_JS, **INSTANT)
 
     def image_updates(image, chosen_mode):
         """The editor showing `image` (no strokes; None: a blank canvas) with its brush fitted to it, and blur and
@@ -426,8 +422,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 gr.Slider(value=tools.padding), size)
 
     def switch_mode(chosen_mode, sent, preset_name):
-        """The mode's help, prompt hint, settings and brush, and the image without the other mode's strokes."""
-        background = editor_images(editor, sent, engine.limits.max_upload_pixels).get("background")
+        """The mode's help, prompt hint, settings and brush, and the image without the other mode's strokes (the
+        uploaded file itself: nothing is decoded)."""
+        files = editor_files(sent, engine.limits.max_upload_pixels)
+        background = files.background.path if files is not None and files.background is not None else None
         return (
             MODE_HELP[chosen_mode],
             gr.Textbox(placeholder=PROMPT_PLACEHOLDER[chosen_mode]),
@@ -443,13 +441,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 gr.Slider(value=default_strength(chosen_mode, chosen)),
                 gr.Slider(value=chosen.default_clip_skip))
 
-    # Queued (gradio shows an error toast only for queued events) but outside the GPU's concurrency group: it
-    # answers at once even while jobs run.
-    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     # one progress bar, on the results (not one on each output)
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
     outputs = [gallery, seeds, info]
-    checked = read_editor(generate.click).success(check, [mode, from_editor, *settings], None, **quick)
+    checked = read_editor(generate.click).success(check, [mode, from_editor, *settings], None, **QUICK)
     event = checked.success(inpaint_from_editor, [mode, from_editor, *settings], outputs, api_visibility="private",
                             **gpu_event)
     runner.follow_results(TAB, [checked], [event], seeds, info)
@@ -468,19 +463,17 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 filled.mask_blur, filled.inpaint_area, filled.padding, filled.seed, 1, filled.clip_skip, card_update]
 
     history.follow([event], gallery)
-    history.on_click(fill_form, settings, [*settings, card], **quick)
+    history.on_click(fill_form, settings, [*settings, card], **QUICK)
     image_outputs = [to_editor, mask_blur, padding, fitted_to]
     apply_to_editor(read_editor(mode.input).success(
         switch_mode, [mode, from_editor, preset], [mode_help, prompt, *image_outputs, strength, mask_settings, generate],
-        api_visibility="private", queue=False, show_progress="hidden"))
+        **INSTANT))
     # the page measures an upload itself; the server only hears of a new size
-    editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, api_visibility="private", queue=False)
-    apply_to_editor(upload_size.change(fit_tools_to_upload, [mode, upload_size, fitted_to], image_outputs,
-                                       api_visibility="private", queue=False, show_progress="hidden"))
+    editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, **INSTANT)
+    apply_to_editor(upload_size.change(fit_tools_to_upload, [mode, upload_size, fitted_to], image_outputs, **INSTANT))
 
     fit_form = dict(fn=preset_updates, inputs=[preset, mode],
-                    outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip],
-                    api_visibility="private", queue=False)
+                    outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip], **INSTANT)
     preset.input(**fit_form)
 
     # The API takes plain files: an image and a mask (white = repaint), or a sketch; no editor layers.
@@ -497,7 +490,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     # what the model knows, and which typed words it does not, as the user types (no queue: no GPU, no wait)
     note_event = dict(fn=lambda name, text: prompt_hint(engine, name, text), inputs=[preset, prompt],
-                      outputs=prompt_note, api_visibility="private", queue=False, show_progress="hidden")
+                      outputs=prompt_note, **INSTANT)
     prompt.change(**note_event, trigger_mode="always_last")
     preset.change(**note_event)
     lora_picker.follow(preset, engine.loras_that_fit)
@@ -506,13 +499,13 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     def fit_to_preset(demo: gr.Blocks) -> None:
         demo.load(**fit_form)
         availability.on_load(demo, preset)
-        demo.load(None, js=UPLOAD_SIZE_JS, api_visibility="private", queue=False)  # see fitted_to above
+        demo.load(None, js=UPLOAD_SIZE_JS, **INSTANT)  # see fitted_to above
 
     def remember_selection(selection: gr.SelectData):
         return selection.index
 
-    gallery.select(remember_selection, None, selected, api_visibility="private", queue=False)
-    event.then(lambda: 0, None, selected, api_visibility="private", queue=False)  # a new batch: its first image
+    gallery.select(remember_selection, None, selected, **INSTANT)
+    event.then(lambda: 0, None, selected, **INSTANT)  # a new batch: its first image
     return InpaintTab(editor=editor, mode=mode, image_outputs=image_outputs, image_updates=image_updates,
                       apply_to_editor=apply_to_editor,
                       generate_event=event, fit_to_preset=fit_to_preset,

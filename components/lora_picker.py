@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from components.event_options import INSTANT, NO_PROGRESS
 from studio.loras import LoraCatalog
 from studio.prompts import LoraUse, with_lora
 
@@ -43,7 +44,7 @@ class LoraPicker:
             return gr.Dropdown(choices=lora_choices(self.catalog, names), value=names[0] if names else None,
                                info=fitting_info(names, self.catalog))
 
-        preset.change(offered, preset, self.name, api_visibility="private", queue=False, show_progress="hidden")
+        preset.change(offered, preset, self.name, **INSTANT)
 
 
 def build_lora_picker(catalog: LoraCatalog, prompt: gr.Textbox, offered: list[str]) -> LoraPicker:
@@ -70,5 +71,5 @@ def build_lora_picker(catalog: LoraCatalog, prompt: gr.Textbox, offered: list[st
         return with_lora(text or "", LoraUse(chosen, float(value), float(value)))
 
     # queued: gradio shows a gr.Error toast only for queued events
-    add.click(add_tag, [prompt, name, weight], prompt, api_visibility="private", show_progress="hidden")
+    add.click(add_tag, [prompt, name, weight], prompt, api_visibility="private", **NO_PROGRESS)
     return LoraPicker(name, catalog)

@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from components.event_options import INSTANT
 from components.running import user_error
 from studio.errors import StudioError
 from studio.presets import ModelPreset, PresetCatalog
@@ -43,12 +44,11 @@ class ModelAvailability:
 
     def follow(self, preset: gr.Dropdown) -> None:
         """Said again whenever the preset changes (picked, an example, a PNG's or the history's settings)."""
-        preset.change(self.updates, preset, self.outputs, api_visibility="private", queue=False,
-                      show_progress="hidden")
+        preset.change(self.updates, preset, self.outputs, **INSTANT)
 
     def on_load(self, demo: gr.Blocks, preset: gr.Dropdown) -> None:
         """Read again on each page load: files downloaded since the server started count."""
-        demo.load(self.updates, preset, self.outputs, api_visibility="private", queue=False, show_progress="hidden")
+        demo.load(self.updates, preset, self.outputs, **INSTANT)
 
 
 def unavailable_note(engine, preset_name: str | None, task: str) -> tuple[str, str]:

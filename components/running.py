@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from components.event_options import INSTANT
 from studio.errors import StudioError
 from studio.generation import GenerationResult, SamplingEngine, SamplingPlan
 from studio.jobs import JobBoard
@@ -164,11 +165,10 @@ class JobRunner:
             reason = self.failure_of(session_of(request), tab)
             return None, f"No image: {reason}" if reason else "No image: the request failed (see the error message)."
 
-        quiet = dict(api_visibility="private", queue=False, show_progress="hidden")
         for event in started:
-            event.success(lambda: (None, ""), None, [seeds, info], **quiet)
+            event.success(lambda: (None, ""), None, [seeds, info], **INSTANT)
         for event in jobs:
-            event.failure(failed, None, [seeds, info], **quiet)
+            event.failure(failed, None, [seeds, info], **INSTANT)
 
     def wire_stop(self, stop: gr.Button, tab: str) -> None:
         """Stop cancels this tab's job of this session, nothing else. It sets the job's flag rather than using
@@ -179,7 +179,7 @@ class JobRunner:
             board.cancel(session_of(request), tab)
 
         # not queued: a full queue must not refuse a Stop
-        stop.click(stop_job, None, None, api_visibility="private", queue=False, show_progress="hidden")
+        stop.click(stop_job, None, None, **INSTANT)
 
 
 def follow_progress(work: Callable, job, progress: gr.Progress):

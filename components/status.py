@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from components.event_options import INSTANT
 from studio.memory import ModelManager
 
 
@@ -15,8 +16,8 @@ def build_status_bar(demo: gr.Blocks, manager: ModelManager, refresh_after: list
         status = gr.Markdown(current_status(), elem_id="memory-status")
         refresh = gr.Button("↻", size="sm", min_width=40, scale=0)
     # refreshed on page load by a private event (a callable value would add a public API endpoint of its own)
-    demo.load(current_status, None, status, api_visibility="private", queue=False)
-    refresh.click(current_status, None, status, api_visibility="private", queue=False)
+    demo.load(current_status, None, status, **INSTANT)
+    refresh.click(current_status, None, status, **INSTANT)
     for event in refresh_after:
-        event.then(current_status, None, status, api_visibility="private", queue=False)
+        event.then(current_status, None, status, **INSTANT)
     return status

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from components.event_options import INSTANT, QUICK
 from components.history import build_history
 from components.lora_picker import build_lora_picker
 from components.preset_picker import (
@@ -250,37 +251,31 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
 
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
     # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.
-    # Queued (gradio shows an error toast only for queued events) but outside the GPU's concurrency group: it
-    # answers at once even while jobs run.
-    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     # Jobs share the "gpu" concurrency group; several may be in flight, and they take turns on the device
     # between their images (the memory manager's fair lock), so a quick image is not stuck behind a long batch.
     # one progress bar, on the results (not one on each output)
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
-    checked = generate.click(check, inputs, None, **quick)
+    checked = generate.click(check, inputs, None, **QUICK)
     event = checked.success(text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", **gpu_event)
-    prompt_checked = prompt.submit(check, inputs, None, **quick)
+    prompt_checked = prompt.submit(check, inputs, None, **QUICK)
     submitted = prompt_checked.success(text_to_image, inputs, [gallery, seeds, info], api_visibility="private",
                                        **gpu_event)
     runner.follow_results(TAB, [checked, prompt_checked], [event, submitted], seeds, info)
 
     history.follow([event, submitted], gallery)
-    history.on_click(send_parameters, inputs, [*inputs, card], **quick)
+    history.on_click(send_parameters, inputs, [*inputs, card], **QUICK)
     runner.wire_stop(stop, TAB)
     # Preset changes only need the preset itself: run them at once, outside the GPU queue.
-    fitted = preset.input(preset_updates, preset, fitted_to_preset,
-                          api_visibility="private", concurrency_limit=None, queue=False)
-    random_seed.click(lambda: -1, None, seed, api_visibility="private", queue=False)
-    reuse_seed.click(lambda used: used[0] if used else -1, seeds, seed, api_visibility="private", queue=False)
-    png.change(read_png, png, png_parameters, api_visibility="private", queue=False)
-    hires_fix.change(lambda on: gr.Group(visible=on), hires_fix, hires_settings, api_visibility="private",
-                     queue=False, show_progress="hidden")
+    fitted = preset.input(preset_updates, preset, fitted_to_preset, **INSTANT)
+    random_seed.click(lambda: -1, None, seed, **INSTANT)
+    reuse_seed.click(lambda used: used[0] if used else -1, seeds, seed, **INSTANT)
+    png.change(read_png, png, png_parameters, **INSTANT)
+    hires_fix.change(lambda on: gr.Group(visible=on), hires_fix, hires_settings, **INSTANT)
     # Not on the preset's own change: that fires before the sizes are fitted to the new preset, and gradio would
     # refuse the old width as out of the new range (a traceback in the log). Fitting changes the sizes, or is
     # followed by the note.
     note_of_hires = dict(fn=lambda *values: hires_note(*values, engine.presets),
-                         inputs=[preset, width, height, hires_upscale], outputs=hires_size_note,
-                         api_visibility="private", queue=False, show_progress="hidden")
+                         inputs=[preset, width, height, hires_upscale], outputs=hires_size_note, **INSTANT)
     for control in (width, height, hires_upscale):
         control.change(**note_of_hires)
     fitted.then(**note_of_hires)
@@ -288,33 +283,30 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     def remember_selection(selection: gr.SelectData):
         return selection.index
 
-    gallery.select(remember_selection, None, selected, api_visibility="private", queue=False)
-    event.then(lambda: 0, None, selected, api_visibility="private", queue=False)  # a new batch: its first image
+    gallery.select(remember_selection, None, selected, **INSTANT)
+    event.then(lambda: 0, None, selected, **INSTANT)  # a new batch: its first image
     # queued (outside the GPU group), so its notes show as toasts
-    use_parameters.click(send_parameters, [png_parameters, *inputs], [*inputs, card], **quick)
+    use_parameters.click(send_parameters, [png_parameters, *inputs], [*inputs, card], **QUICK)
 
     # Each preset's own example prompts; clicking one also selects that preset, since an example only
     # shows what the model that knows it can do (the embedded model knows shapes, not "a cat").
     examples = [[text, p.name] for p in engine.presets for text in p.examples]
     if examples:
-        gr.Examples(
-            examples=examples, inputs=[prompt, preset], label="Try a prompt", examples_per_page=12,
-            # Fit the form to the example's preset (a programmatic change doesn't fire preset.input).
-            fn=lambda _prompt, name: preset_updates(name),
-            outputs=fitted_to_preset, run_on_click=True,
-            api_visibility="private",
-        )
+        shown = gr.Examples(examples=examples, inputs=[prompt, preset], label="Try a prompt", examples_per_page=12,
+                            api_visibility="private")
+        # Fit the form to the example's preset (a programmatic change doesn't fire preset.input); wired here
+        # rather than with run_on_click, whose event would show progress on the whole form
+        shown.load_input_event.then(preset_updates, preset, fitted_to_preset, **INSTANT)
     # what the model knows, and which typed words it does not, as the user types (no queue: no GPU, no wait)
     note_event = dict(fn=lambda name, text: prompt_hint(engine, name, text), inputs=[preset, prompt],
-                      outputs=prompt_note, api_visibility="private", queue=False, show_progress="hidden")
+                      outputs=prompt_note, **INSTANT)
     prompt.change(**note_event, trigger_mode="always_last")
     preset.change(**note_event)
     lora_picker.follow(preset, engine.loras_that_fit)
     availability.follow(preset)
 
     def fit_to_preset(demo: gr.Blocks) -> None:
-        demo.load(lambda name: preset_updates(name), preset, fitted_to_preset,
-                  api_visibility="private", queue=False)
+        demo.load(lambda name: preset_updates(name), preset, fitted_to_preset, **INSTANT)
         availability.on_load(demo, preset)
 
     return TextToImageTab(generate_event=event, gallery=gallery, selected=selected, send_to_inpaint=send_to_inpaint,

@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image, PngImagePlugin
 
+from components.event_options import INSTANT, QUICK
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber
 from studio.errors import InvalidRequest, StudioError
@@ -162,18 +163,16 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
             return gr.skip(), gr.skip()
         return slider_pair(image, result.image), pngs.save(result.image)
 
-    quick = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[slider])
     outputs = [slider, result_file]
-    event = run.click(check, inputs, None, **quick).success(upscale_in_page, inputs, outputs, api_visibility="private",
+    event = run.click(check, inputs, None, **QUICK).success(upscale_in_page, inputs, outputs, api_visibility="private",
                                                            **gpu_event)
     # The API takes a plain file that the studio decodes: gr.Image would decode it first, and a file that is not an
     # image would fail there with gradio's "upstream app has raised an exception" and no word on what is wrong.
     api_image = gr.File(label="Image to upscale", visible=False)
     gr.Button(visible=False).click(upscale, [api_image, *inputs[1:]], outputs, api_name="upscale", **gpu_event)
     runner.wire_stop(stop, TAB)
-    upscaler.input(lambda name: gr.Slider(visible=catalog.get(name).has_denoise), upscaler, denoise,
-                   api_visibility="private", queue=False)
+    upscaler.input(lambda name: gr.Slider(visible=catalog.get(name).has_denoise), upscaler, denoise, **INSTANT)
     face_restoration.input(lambda name: gr.Slider(visible=name != NO_FACE_RESTORATION), face_restoration,
-                           face_visibility, api_visibility="private", queue=False)
+                           face_visibility, **INSTANT)
     return UpscaleTab(image, event)

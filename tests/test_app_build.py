@@ -33,3 +33,28 @@ def test_the_ui_builds_with_the_named_endpoint():
     api_names = {fn.api_name for fn in demo.fns.values()}
     assert "text_to_image" in api_names
     assert {"arena_battle", "arena_vote", "leaderboard"} <= api_names
+
+
+
+def progress_targets(dependency: dict) -> list[int]:
+    """The components a dependency shows its progress on, as the page reads its config (an empty list is none)."""
+    targets = dependency["show_progress_on"]
+    return dependency["outputs"] if targets is None else targets
+
+
+def test_quick_events_show_no_progress_and_jobs_show_it_on_their_results_only():
+    """gradio 6.31 re-reads, at every progress message of any job, every component an event has ever shown
+    progress on, and its children: a quick event that names its outputs made every later image dearer for the page
+    (components/event_options.py). gr.Examples' own event (a click on the examples' table) is gradio's."""
+    demo = app.build_ui(app.build_studio(app.parse_args(["--device", "cpu"])))
+    config = demo.get_config_file()
+    kind = {component["id"]: component["type"] for component in config["components"]}
+    ours = [dependency for dependency in config["dependencies"] if dependency["backend_fn"]
+            and not any(kind.get(target) == "dataset" for target, _event in dependency["targets"])]
+    quick = [dependency for dependency in ours if dependency["show_progress"] == "hidden"]
+    showing = [dependency for dependency in ours if dependency["show_progress"] != "hidden"]
+    assert len(quick) > 30 and all(progress_targets(dependency) == [] for dependency in quick)
+    shown_on = [[kind[target] for target in progress_targets(dependency)] for dependency in showing]
+    assert shown_on and all(1 <= len(kinds) <= 2 for kinds in shown_on), shown_on
+    assert {one for kinds in shown_on for one in kinds} <= {"gallery", "imageslider", "image", "dataframe", "json",
+                                                          "textbox"}, shown_on

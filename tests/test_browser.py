@@ -2,9 +2,8 @@
 
 import shutil
 
+import playwright.sync_api as playwright  # in requirements.txt: a missing one is an error, not a skip
 import pytest
-
-playwright = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
