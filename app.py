@@ -113,7 +113,14 @@ CSS = """
   #inpaint-results { position: sticky; top: var(--size-2); align-self: flex-start; max-height: calc(100vh - var(--size-4));
                      overflow-y: auto; }
 }
-@media (max-width: 767px) { #inpaint-results { order: -1; } }
+/* a narrow window stacks the columns (editor, settings, then results): Inpaint and Stop stay at the bottom of the
+   screen, and the page scrolls to the results when a request starts (components/inpaint.py) */
+@media (max-width: 767px) {
+  #inpaint-actions { position: fixed; left: 0; right: 0; bottom: 0; z-index: 50; margin: 0;
+                     padding: var(--size-2) var(--size-4); background: var(--background-fill-primary);
+                     box-shadow: 0 -2px 8px rgb(0 0 0 / 0.15); }
+  #inpaint-tab { padding-bottom: 72px; }
+}
 .history-gallery .caption-label { left: 4px; right: 4px; max-width: none; white-space: normal; font-size: 11px; }
 """
 PUBLIC_RATE_LIMIT = 12  # jobs per minute per visitor in --public mode

@@ -129,6 +129,17 @@ APPLY_EDITOR_UPDATE_JS = """
 """
 
 
+# In a narrow window the results come after the editor and the settings: once a request passes its check, the
+# page scrolls to them (where the progress shows), as the stacked layout would otherwise hide it.
+SHOW_RESULTS_IN_A_NARROW_WINDOW_JS = """
+() => {
+  if (window.matchMedia("(max-width: 767px)").matches) {
+    document.querySelector("#inpaint-gallery")?.scrollIntoView({block: "start", behavior: "smooth"});
+  }
+}
+"""
+
+
 def brush_props(chosen: gr.Brush) -> dict:
     """A brush as the editor's `brush` property in the page."""
     return {"default_size": chosen.default_size, "colors": chosen.colors, "default_color": chosen.default_color,
@@ -273,9 +284,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                     clip_skip = WholeSlider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1,
                                             label="Clip skip", info="2 for anime models; SD 1.x only")
         # The action sits on top of the results, as in A1111: the editor fills the other column, and the button
-        # under it was out of view. The column stays in view while the settings scroll (CSS: #inpaint-results).
+        # under it was out of view. The column stays in view while the settings scroll; in a narrow window, where
+        # the columns stack, the buttons stay at the bottom of the screen (CSS: #inpaint-results, #inpaint-actions).
         with gr.Column(scale=5, elem_id="inpaint-results"):
-            with gr.Row():
+            with gr.Row(elem_id="inpaint-actions"):
                 generate = gr.Button("Inpaint", variant="primary", scale=3, elem_id="inpaint-generate")
                 stop = gr.Button("Stop", variant="stop", scale=1)
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
@@ -448,6 +460,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     event = checked.success(inpaint_from_editor, [mode, from_editor, *settings], outputs, api_visibility="private",
                             **gpu_event)
     runner.follow_results(TAB, [checked], [event], seeds, info)
+    checked.success(None, js=SHOW_RESULTS_IN_A_NARROW_WINDOW_JS, **INSTANT)
     runner.wire_stop(stop, TAB)
 
     def fill_form(text, *values):

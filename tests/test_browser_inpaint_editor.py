@@ -119,6 +119,41 @@ def test_the_inpaint_button_sits_on_top_of_the_results_and_stays_in_view(page, a
     assert gallery.bounding_box()["y"] < page.viewport_size["height"]
 
 
+@pytest.mark.parametrize("page", [(390, 844)], ids=["390x844"], indirect=True)  # a phone held upright
+def test_in_a_narrow_window_the_editor_comes_first_and_the_button_stays_on_screen(page, artifacts):
+    page.get_by_role("tab", name="Inpaint").click()
+    inpaint = page.locator("#inpaint-tab")
+    button = inpaint.get_by_role("button", name="Inpaint", exact=True)
+    button.wait_for()
+    editor, gallery = page.locator("#inpaint-editor"), page.locator("#inpaint-gallery")
+    assert editor.bounding_box()["y"] < gallery.bounding_box()["y"]  # stacked: the editor first, results after
+    page.screenshot(path=str(artifacts / "inpaint_narrow_top.png"))
+    assert in_view(page, button)
+    inpaint.get_by_label("number input for Clip skip").scroll_into_view_if_needed()
+    assert in_view(page, button)
+    # at the very bottom, the bar covers nothing of the tab
+    page.mouse.wheel(0, 20_000)
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(artifacts / "inpaint_narrow_bottom.png"))
+    last = inpaint.locator("#inpaint-history-gallery")
+    assert last.bounding_box()["y"] + last.bounding_box()["height"] <= page.locator("#inpaint-actions").bounding_box()["y"]
+    assert in_view(page, button)
+    # a request that starts scrolls to the results, where its progress and image show
+    page.mouse.wheel(0, -20_000)
+    inpaint.get_by_label("Sketch to image").check()
+    generate = inpaint.get_by_role("button", name="Generate", exact=True)
+    generate.wait_for()
+    drag(page, inpaint, (0.4, 0.35), (0.6, 0.5))  # on the paper (centred in the canvas), clear of the bar
+    inpaint.get_by_label("Prompt", exact=True).fill("a red square on a white background")
+    generate.click()
+    page.locator("#inpaint-gallery img").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(artifacts / "inpaint_narrow_result.png"))
+    assert gallery.bounding_box()["y"] < page.viewport_size["height"] / 2
+    page.get_by_role("tab", name="Text to image").click()
+    assert not generate.is_visible()  # the bar belongs to the Inpaint tab
+
+
 @pytest.mark.parametrize("page", SIZES, ids=lambda size: f"{size[0]}x{size[1]}", indirect=True)
 def test_every_palette_colour_shows_on_the_palette(page, artifacts):
     """The white swatch was invisible on the white palette: each swatch must differ from what is around it."""
