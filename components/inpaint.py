@@ -336,6 +336,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             raise user_error(InvalidRequest(list(problems.values())), "Check the settings")
         runner.submitted(request, TAB)
 
+    check = runner.remembering_refusals(TAB, check)
     on_device = runner.device_function(engine)
     max_upload = engine.limits.max_upload_pixels
 

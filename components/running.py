@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextvars
+import functools
 import logging
 import threading
 import time
@@ -156,10 +157,25 @@ class JobRunner:
         with self._lock:
             return self._failures.pop((session, tab), None)
 
+    def remembering_refusals(self, tab: str, check: Callable) -> Callable:
+        """A tab's instant check (a handler given the gr.Request) that also remembers why it refused a request,
+        for follow_results to say in Generation info."""
+
+        @functools.wraps(check)  # gradio reads the signature through it, to pass the request
+        def checked(*args, **kwargs):
+            try:
+                return check(*args, **kwargs)
+            except gr.Error as error:
+                request = next((value for value in (*args, *kwargs.values()) if isinstance(value, gr.Request)), None)
+                self._remember_failure(session_of(request), tab, str(error.message))
+                raise
+
+        return checked
+
     def follow_results(self, tab: str, started: list, jobs: list, seeds: gr.JSON, info: gr.Textbox) -> None:
         """Used seeds and Generation info never show the previous image's values as the new one's: emptied when
-        a request passes its instant check (`started`), and when its job (`jobs`) fails, Generation info says
-        why, where it stays (the error's toast fades)."""
+        a request passes its instant check (`started`); when the check refuses it (see remembering_refusals) or
+        its job (`jobs`) fails, Generation info says why, where it stays (the error's toast fades)."""
 
         def failed(request: gr.Request):
             reason = self.failure_of(session_of(request), tab)
@@ -167,6 +183,7 @@ class JobRunner:
 
         for event in started:
             event.success(lambda: (None, ""), None, [seeds, info], **INSTANT)
+            event.failure(failed, None, [seeds, info], **INSTANT)
         for event in jobs:
             event.failure(failed, None, [seeds, info], **INSTANT)
 

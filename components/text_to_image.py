@@ -195,6 +195,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             raise user_error(InvalidRequest(list(problems.values())), "Check the settings")
         runner.submitted(request, TAB)
 
+    check = runner.remembering_refusals(TAB, check)
     on_device = runner.device_function(engine)
 
     def text_to_image(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed,

@@ -5,9 +5,15 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-import pytest
-import torch
+# The tests run in parallel, a pytest-xdist worker per core (pytest.ini). One thread each for PyTorch's CPU work,
+# here and in the apps the tests start (they inherit the variable): two threads in each of two workers on two cores
+# made some tests ten times slower (OpenMP threads spin while they wait for a core). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from studio.generation import RequestLimits, TextToImage
 from studio.inpainting import Inpainter

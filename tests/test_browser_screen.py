@@ -176,6 +176,15 @@ def test_a_failed_generation_leaves_no_previous_info_and_says_why(page, artifact
     playwright.expect(info).to_have_value(re.compile(r"^No image: .*lcm-sd15", re.DOTALL), timeout=60_000)
     assert "424242" not in seeds.inner_text()
     page.screenshot(path=str(artifacts / "failed_generation_info.png"), full_page=True)
+    # refused by the instant check (an offline Hub preset) after a good image: the same, with the check's reason
+    tab.get_by_label("Prompt", exact=True).fill("a red circle on a blue background")
+    generate(page, "a red circle on a blue background", 1)
+    assert "424242" in seeds.inner_text()
+    pick_preset(page, "SDXL base 1.0")
+    page.locator("#text-to-image-tab .block.model-unavailable").wait_for(timeout=10_000)
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    playwright.expect(info).to_have_value(f"No image: {SDXL_OFFLINE}", timeout=10_000)
+    assert "424242" not in seeds.inner_text()
 
 
 def test_a_stopped_image_is_marked_in_the_history(screen, artifacts):
