@@ -79,8 +79,8 @@ log = logging.getLogger("studio")
 # Compare's cells: each caption whole, under its image (gradio's one-line caption cut it to "Sampler: Eule…"), the
 # first row below the gallery's long label (it covered their tops).
 # Inpaint: the palette's white swatch gets an outline (it was invisible on the white palette); the results column,
-# with the Inpaint button on top, stays in view while the editor and settings scroll (two columns), and comes first
-# when the columns stack (narrow windows), so the button is never below the whole form.
+# with the Inpaint button on top, stays in view while the editor and settings scroll (two columns); when the columns
+# stack (narrow windows, editor first) the buttons stay in a bar at the bottom of the screen.
 CSS = """
 #text-to-image-gallery img, #inpaint-gallery img { image-rendering: pixelated; }
 #text-to-image-gallery .grid-container, #inpaint-gallery .grid-container {

@@ -16,6 +16,7 @@ Chromium (/usr/bin/chromium) at 1440x1000; images are the embedded preset's defa
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import time
@@ -27,7 +28,7 @@ from playwright.sync_api import sync_playwright
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api_overhead import free_port, start_app  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's build, as the tests use
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 VIEWPORT = {"width": 1440, "height": 1000}
 # Consecutive images get different prompts, so each one's generation info is new text to wait for.

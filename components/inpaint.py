@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 import numpy as np
-from gradio import processing_utils, utils
-from gradio.components.image_editor import EditorData
-from gradio.data_classes import FileData
 from PIL import Image
 
+from components.editor_bridge import (
+    APPLY_EDITOR_UPDATE_JS,
+    TAKE_MEASURED_UPLOAD_JS,
+    UPLOAD_SIZE_JS,
+    brush_props,
+    editor_files,
+    editor_images,
+    file_for_page,
+    image_size,
+    parse_measured_size,
+)
 from components.event_options import INSTANT, QUICK
 from components.history import build_history
 from components.lora_picker import build_lora_picker
@@ -28,11 +34,13 @@ from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
 from studio.errors import InvalidRequest, StudioError
 from studio.generation import MAX_CLIP_SKIP, whole
-from studio.images import check_pixels, open_image
+from studio.images import open_image
 from studio.inpainting import (
     INPAINT_AREAS,
     MAX_MASK_BLUR,
     MAX_PADDING,
+    SKETCH_COLOURS,
+    SKETCH_STRENGTH,
     WHOLE_PICTURE,
     InpaintRequest,
     Inpainter,
@@ -46,13 +54,14 @@ TAB = "inpaint"
 
 INPAINT, SKETCH, SKETCH_TO_IMAGE = "Inpaint", "Inpaint sketch", "Sketch to image"
 MODES = (INPAINT, SKETCH, SKETCH_TO_IMAGE)
-# Inpainting models repaint best from noise (or at their checkpoint's own strength, e.g. SDXL's 0.99); sketches
-# must survive, so they are only partly re-noised.
-SKETCH_STRENGTH = 0.75
 
 
 def default_strength(chosen_mode: str, preset) -> float:
+    """Inpainting models repaint best from noise (or at their checkpoint's own strength, e.g. SDXL's 0.99);
+    sketches must survive, so they are only partly re-noised (SKETCH_STRENGTH)."""
     return preset.inpaint_strength if chosen_mode == INPAINT else SKETCH_STRENGTH
+
+
 # Each mode's strokes mean something else (a mask, paint over the image, a drawing), so switching mode clears
 # them, as A1111 keeps each in a tab of its own; the image stays.
 STROKES_ARE_CLEARED = " Switching mode clears the strokes (the image stays): each mode's strokes are its own."
@@ -68,8 +77,6 @@ PROMPT_PLACEHOLDER = {
     SKETCH: "what the strokes become, e.g. a red square",
     SKETCH_TO_IMAGE: "what the drawing shows, e.g. a red square on a white background",
 }
-SKETCH_COLOURS = ["#e41a1c", "#ff8c00", "#ffd700", "#2ca02c", "#1f5fe0", "#8a2be2", "#ff69b4", "#ffffff", "#111111",
-                  "#808080"]
 SKETCH_CANVAS = (512, 512)
 
 
@@ -78,55 +85,7 @@ def brush(chosen_mode: str, radius: int | str = "auto") -> gr.Brush:
     radius is in the image's pixels; gradio's "auto" is a fixed 25, so it is set from the image's size."""
     if chosen_mode == INPAINT:
         return gr.Brush(colors=[("#ff00ff", 0.5)], color_mode="fixed", default_size=radius)
-    return gr.Brush(colors=SKETCH_COLOURS, default_color=SKETCH_COLOURS[0], color_mode="defaults", default_size=radius)
-
-
-# Installed on page load: remembers the size of the next image put into the editor (a file chosen or dropped),
-# measured in the browser; the editor's "upload" event then takes it once. (gradio's Paste button fires no upload
-# event, so a pasted image keeps the tools as they were.)
-UPLOAD_SIZE_JS = """
-() => {
-  if (window.studioInpaintUploads) return;
-  const editor = () => document.querySelector("#inpaint-editor");
-  const uploads = window.studioInpaintUploads = {count: 0, pending: null};
-  const measure = (blob) => {
-    if (!blob || !blob.type.startsWith("image/")) return;
-    const number = ++uploads.count;
-    uploads.pending = createImageBitmap(blob)
-      .then((bitmap) => `${bitmap.width}x${bitmap.height}#${number}`, () => null);
-  };
-  document.addEventListener("change", (event) => {
-    if (event.target.type === "file" && editor()?.contains(event.target)) measure(event.target.files?.[0]);
-  }, true);
-  document.addEventListener("drop", (event) => {
-    if (editor()?.contains(event.target)) measure(event.dataTransfer?.files?.[0]);
-  }, true);
-}
-"""
-TAKE_MEASURED_UPLOAD_JS = """
-async () => {
-  const uploads = window.studioInpaintUploads;
-  const pending = uploads?.pending;
-  if (!pending) return document.querySelector("#inpaint-upload-size textarea")?.value ?? "";
-  uploads.pending = null;
-  return (await pending) ?? "";
-}
-"""
-
-
-# Applies a to_editor update ({"value"?, "brush"}) to the editor; file URLs are made relative to the page, so
-# they work under a proxy's path prefix too.
-APPLY_EDITOR_UPDATE_JS = """
-(update) => {
-  if (!update) return undefined;
-  const encoded = (path) => path.split("/").map(encodeURIComponent).join("/");  // a file name may hold # or ?
-  const withUrl = (file) => file && {...file, url: new URL(`gradio_api/file=${encoded(file.path)}`,
-                                                           document.baseURI).href};
-  const value = update.value === undefined ? {} : {value: update.value && {
-    background: withUrl(update.value.background), layers: [], composite: withUrl(update.value.composite)}};
-  return {__type__: "update", ...value, brush: update.brush};
-}
-"""
+    return gr.Brush(colors=list(SKETCH_COLOURS), default_color=SKETCH_COLOURS[0], color_mode="defaults", default_size=radius)
 
 
 # In a narrow window the results come after the editor and the settings: once a request passes its check, the
@@ -138,70 +97,6 @@ SHOW_RESULTS_IN_A_NARROW_WINDOW_JS = """
   }
 }
 """
-
-
-def brush_props(chosen: gr.Brush) -> dict:
-    """A brush as the editor's `brush` property in the page."""
-    return {"default_size": chosen.default_size, "colors": chosen.colors, "default_color": chosen.default_color,
-            "color_mode": chosen.color_mode}
-
-
-def file_for_page(component: gr.components.Component, image) -> dict:
-    """An image (a path or a PIL image) as a file the page may load: copied into gradio's cache for
-    `component`, as gradio does for a component's outputs."""
-    if isinstance(image, Image.Image):
-        cached = processing_utils.save_pil_to_cache(image, component.GRADIO_CACHE, format="png")
-    else:
-        cached = component.move_resource_to_block_cache(image)
-    return FileData(path=cached, orig_name=Path(cached).name).model_dump()
-
-
-def editor_files(sent, max_pixels: int) -> EditorData | None:
-    """The editor's value as the page sent it into from_editor (files it uploaded), checked: only files uploaded
-    to this server, whose headers show images within `max_pixels`. None for an empty editor."""
-    if not sent:
-        return None
-    try:
-        data = EditorData.model_validate(sent)
-    except ValueError:
-        raise user_error(InvalidRequest(["The editor's image did not arrive whole: try again."]),
-                         "Cannot read the editor") from None
-    upload_folder = utils.abspath(utils.get_upload_folder())
-    for file in (data.background, data.composite, *data.layers):
-        if file is not None and not utils.is_in_or_equal(utils.abspath(file.path), upload_folder):
-            raise user_error(InvalidRequest(["The editor's image must be uploaded through the page."]),
-                             "Cannot read the editor")
-        if file is not None:
-            try:
-                with Image.open(file.path) as header:  # the size, before anything is decoded
-                    check_pixels(header.size, "image", max_pixels)
-            except (OSError, Image.DecompressionBombError):
-                raise user_error(InvalidRequest(["The editor's image could not be read as an image."]),
-                                 "Cannot read the editor") from None
-            except StudioError as error:
-                raise user_error(error, "Cannot use this image") from None
-    return data
-
-
-def editor_images(component: gr.ImageEditor, sent, max_pixels: int) -> dict:
-    """The editor's value as the page sent it (see editor_files), preprocessed as the editor itself would hand it
-    to a handler: {"background", "layers", "composite"} as images."""
-    data = editor_files(sent, max_pixels)
-    return (component.preprocess(data) or {}) if data is not None else {}
-
-
-def parse_measured_size(measured: str | None) -> tuple[int, int] | None:
-    """(width, height) from the page's "WxH#n", None when there is none."""
-    match = re.fullmatch(r"([1-9]\d{0,5})x([1-9]\d{0,5})#\d+", measured or "")
-    return (int(match[1]), int(match[2])) if match else None
-
-
-def image_size(image) -> tuple[int, int]:
-    """The size of an image given as a PIL image or a file path (only the header is read)."""
-    if isinstance(image, Image.Image):
-        return image.size
-    with Image.open(image) as opened:
-        return opened.size
 
 
 @dataclass
@@ -237,6 +132,23 @@ def painted_mask(layers: list[Image.Image], size: tuple[int, int]) -> Image.Imag
         if layer is not None and layer.size == tuple(size):
             mask |= np.asarray(layer.convert("RGBA").getchannel("A")) > 0
     return Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+
+
+def images_for(editor: gr.ImageEditor, chosen_mode: str, sent, max_pixels: int):
+    """(image, mask) for the engine from the editor's value as the page sent it (see editor_bridge); mask None
+    for Sketch to image. Inpaint sketch repaints one brush width around its strokes too (sketch_mask), so that the
+    sketch replaces what it covers without a ghost."""
+    value = editor_images(editor, sent, max_pixels)
+    background, layers, composite = value.get("background"), value.get("layers") or [], value.get("composite")
+    if chosen_mode == SKETCH_TO_IMAGE:
+        if composite is None:
+            raise user_error(InvalidRequest(["Draw a sketch first."]), "Nothing to work from")
+        return composite, None
+    if background is None:
+        raise user_error(InvalidRequest(["Upload an image first (or choose Sketch to image to draw on a blank "
+                                         "canvas)."]), "Nothing to inpaint")
+    mask = painted_mask(layers, background.size)
+    return (composite, sketch_mask(mask)) if chosen_mode == SKETCH else (background, mask)
 
 
 def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
@@ -301,31 +213,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     settings = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
                 padding, seed, batch_size, clip_skip]
 
-    def images_for(chosen_mode, sent):
-        """(image, mask) for the engine from the editor's value as the page sent it; mask None for sketch to
-        image."""
-        value = editor_images(editor, sent, engine.limits.max_upload_pixels)
-        background, layers, composite = value.get("background"), value.get("layers") or [], value.get("composite")
-        if chosen_mode == SKETCH_TO_IMAGE:
-            if composite is None:
-                raise user_error(InvalidRequest(["Draw a sketch first."]), "Nothing to work from")
-            return composite, None
-        if background is not None:  # before any per-layer work: an oversized upload costs memory at once
-            try:
-                check_pixels(background.size, "image", engine.limits.max_upload_pixels)
-            except StudioError as error:
-                raise user_error(error, "Cannot use this file") from None
-        if background is None:
-            raise user_error(InvalidRequest(["Upload an image first (or choose Sketch to image to draw on a blank "
-                                             "canvas)."]), "Nothing to inpaint")
-        mask = painted_mask(layers, background.size)
-        # a sketch repaints one brush width around its strokes too, so it replaces what it covers (no ghost)
-        return (composite, sketch_mask(mask)) if chosen_mode == SKETCH else (background, mask)
-
     def check(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
               mask_blur, inpaint_area, padding, seed, batch_size, clip_skip, request: gr.Request):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
-        image, mask = images_for(chosen_mode, value)
+        image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
         problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
                                             strength, mask_blur, inpaint_area, padding, seed, batch_size, clip_skip),
                                    "img2img" if chosen_mode == SKETCH_TO_IMAGE else "inpaint")
@@ -363,7 +254,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     def inpaint_from_editor(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
                             strength, mask_blur, inpaint_area, padding, seed, batch_size, clip_skip,
                             request: gr.Request, progress=gr.Progress()):
-        image, mask = images_for(chosen_mode, value)
+        image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
         settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
                                     mask_blur, inpaint_area, padding, seed, batch_size, clip_skip)
         title = "Cannot generate" if mask is None else "Cannot inpaint"
@@ -479,9 +370,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     history.follow([event], gallery)
     history.on_click(fill_form, settings, [*settings, card], **QUICK)
     image_outputs = [to_editor, mask_blur, padding, fitted_to]
+    # queued, so that a refusal (an image over the size limit) shows as a toast
     apply_to_editor(read_editor(mode.input).success(
         switch_mode, [mode, from_editor, preset], [mode_help, prompt, *image_outputs, strength, mask_settings, generate],
-        **INSTANT))
+        **QUICK))
     # the page measures an upload itself; the server only hears of a new size
     editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, **INSTANT)
     apply_to_editor(upload_size.change(fit_tools_to_upload, [mode, upload_size, fitted_to], image_outputs, **INSTANT))

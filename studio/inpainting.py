@@ -38,6 +38,11 @@ WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
 INPAINT_AREAS = (WHOLE_PICTURE, ONLY_MASKED)
 MAX_MASK_BLUR = 64
 MAX_PADDING = 256
+# Inpaint sketch: the brush colours of the Inpaint tab's palette, and the denoising strength it starts at (a sketch
+# must survive, so it is only partly re-noised; inpainting models repaint best from noise)
+SKETCH_COLOURS = ("#e41a1c", "#ff8c00", "#ffd700", "#2ca02c", "#1f5fe0", "#8a2be2", "#ff69b4", "#ffffff", "#111111",
+                  "#808080")
+SKETCH_STRENGTH = 0.75
 
 
 @dataclass(frozen=True)

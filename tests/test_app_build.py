@@ -35,7 +35,6 @@ def test_the_ui_builds_with_the_named_endpoint():
     assert {"arena_battle", "arena_vote", "leaderboard"} <= api_names
 
 
-
 def progress_targets(dependency: dict) -> list[int]:
     """The components a dependency shows its progress on, as the page reads its config (an empty list is none)."""
     targets = dependency["show_progress_on"]
@@ -58,3 +57,19 @@ def test_quick_events_show_no_progress_and_jobs_show_it_on_their_results_only():
     assert shown_on and all(1 <= len(kinds) <= 2 for kinds in shown_on), shown_on
     assert {one for kinds in shown_on for one in kinds} <= {"gallery", "imageslider", "image", "dataframe", "json",
                                                           "textbox"}, shown_on
+
+
+def test_the_editor_and_the_tabs_are_never_read_or_written_by_the_server():
+    """Once the ImageEditor (or the Tabs around it) was an input or output of a server event, gradio 6.31 re-read it
+    at every progress message of any later job, and the browser uploaded the editor's image each time; and a server
+    handler that read the editor and set its brush ran in a loop. Only events that run in the page touch them."""
+    demo = app.build_ui(app.build_studio(app.parse_args(["--device", "cpu"])))
+    config = demo.get_config_file()
+    guarded = {component["id"] for component in config["components"]
+               if component["type"] == "tabs" or component["props"].get("elem_id") == "inpaint-editor"}
+    assert len(guarded) == 2
+    in_the_page = [dependency for dependency in config["dependencies"] if guarded & {*dependency["inputs"],
+                                                                                    *dependency["outputs"]}]
+    assert in_the_page and all(not dependency["backend_fn"] and dependency["js"] for dependency in in_the_page)
+    shown_on = {target for dependency in config["dependencies"] for target in progress_targets(dependency)}
+    assert not guarded & shown_on

@@ -77,6 +77,36 @@ def test_after_the_editor_is_used_other_jobs_do_not_make_it_upload_again(page, a
     assert uploads == [], f"{len(uploads)} uploads while another tab's job ran"
 
 
+def test_picking_a_colour_while_the_sent_image_loads_keeps_it_and_starts_nothing(page, artifacts):
+    """After Send to Inpaint the editor showed "processing" for seconds; a colour picked then left it blank for over
+    a minute: an editor update made it report an upload, whose handler read the editor and set its brush, which
+    updated it again, in a loop of requests. Now nothing on the server runs for the editor's own events."""
+    page.get_by_role("tab", name="Inpaint").click()
+    inpaint = page.locator("#inpaint-tab")
+    inpaint.get_by_label("Inpaint sketch").check()  # a palette of colours to pick from
+    page.wait_for_function("() => document.querySelector('#inpaint-prompt textarea')?.placeholder"
+                           ".startsWith('what the strokes become')")
+    page.get_by_role("tab", name="Text to image").click()
+    tab = text_tab(page)
+    tab.get_by_label("Prompt", exact=True).fill("a large red circle on a blue background")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    page.locator("#text-to-image-gallery img[alt^='Seed ']").first.wait_for(timeout=60_000)
+    calls = []
+    page.on("request", lambda request: calls.append(request.url.split("/gradio_api/")[-1].split("?")[0])
+            if request.method == "POST" and "/gradio_api/" in request.url else None)
+    tab.get_by_role("button", name="Send to Inpaint", exact=True).click()
+    inpaint.get_by_role("button", name="Brush").first.click()  # at once, while the image is on its way
+    swatches = page.locator("#inpaint-editor button.color")
+    if not swatches.first.is_visible():
+        page.locator("#inpaint-editor").get_by_label("Color").first.click()
+    swatches.nth(3).click()
+    page.wait_for_timeout(5000)
+    page.screenshot(path=str(artifacts / "inpaint_colour_while_loading.png"))
+    assert shows_the_sent_image(inpaint)
+    assert page.locator("#inpaint-editor").get_by_text("processing").count() == 0  # no status left on it
+    assert calls.count("upload") == 0 and len(calls) <= 3, calls  # Send to Inpaint's own call, and no loop
+
+
 def test_each_modes_strokes_are_its_own(page, artifacts):
     """A mask painted in Inpaint is not magenta paint in Inpaint sketch: switching clears the strokes (and says
     so), the image stays."""

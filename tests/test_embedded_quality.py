@@ -168,10 +168,12 @@ def test_a_shape_sketched_over_another_comes_back_clean():
 
 def test_the_sketch_cases_draw_with_the_inpaint_tabs_brush():
     """The measured sketches use the tab's own brush colours and denoising strength."""
-    from components.inpaint import SKETCH_COLOURS, SKETCH_STRENGTH
-    from studio.embedded.evaluation import SKETCH_BRUSH
-    from studio.embedded.evaluation import SKETCH_STRENGTH as MEASURED_STRENGTH
+    from components.inpaint import SKETCH, brush, default_strength
+    from studio.embedded.evaluation import SKETCH_BRUSH, SKETCH_STRENGTH
+    from studio.presets import load_presets
 
-    assert set(SKETCH_BRUSH.values()) <= set(SKETCH_COLOURS) and MEASURED_STRENGTH == SKETCH_STRENGTH
-    for colour, brush in SKETCH_BRUSH.items():  # each brush is read as the colour it stands for
-        assert oracle.nearest_colour(np.asarray(ImageColor.getrgb(brush), dtype=np.float32), scenes.SHAPE_COLOURS) == colour
+    assert set(SKETCH_BRUSH.values()) <= set(brush(SKETCH).colors) and len(SKETCH_BRUSH) == 9
+    assert default_strength(SKETCH, load_presets().get("embedded")) == SKETCH_STRENGTH
+    for colour, painted in SKETCH_BRUSH.items():  # each brush is read as the colour it stands for
+        assert oracle.nearest_colour(np.asarray(ImageColor.getrgb(painted), dtype=np.float32),
+                                     scenes.SHAPE_COLOURS) == colour

@@ -6,11 +6,14 @@ import uuid
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 from gradio import utils
 from PIL import Image
 
-from components.inpaint import brush, brush_props, editor_images, file_for_page, parse_measured_size
+from components.editor_bridge import MAX_LAYERS, brush_props, editor_images, file_for_page, parse_measured_size
+from components.inpaint import INPAINT, SKETCH, SKETCH_TO_IMAGE, brush, images_for
+from studio.inpainting import sketch_mask
 
 
 def file_data(path: Path) -> dict:
@@ -97,3 +100,33 @@ def test_the_brush_reaches_the_page_as_gradio_configures_it():
     chosen = brush("Inpaint", 3)
     assert brush_props(chosen) == {key: value for key, value in
                                    gr.ImageEditor(brush=chosen).get_config()["brush"].items()}
+
+
+def test_more_layers_than_the_editor_has_are_refused_before_any_is_read(uploaded):
+    layers = [file_data(uploaded)] * (MAX_LAYERS + 1)
+    with pytest.raises(gr.Error, match=f"at most {MAX_LAYERS} layers"):
+        read(editor(), MAX_PIXELS, {"background": file_data(uploaded), "layers": layers,
+                                 "composite": file_data(uploaded)})
+
+
+def test_each_mode_gives_the_engine_its_image_and_mask(uploaded):
+    """Inpaint: the background and the painted strokes as the mask; Inpaint sketch: the composite (strokes painted
+    in) and the strokes grown by one brush width (sketch_mask: no ghost); Sketch to image: the composite alone."""
+    stroke = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+    stroke.paste((255, 0, 0, 255), (18, 12, 22, 18))
+    layer = uploaded.with_name("layer.png")
+    stroke.save(layer)
+    try:
+        sent = {"background": file_data(uploaded), "layers": [file_data(layer)], "composite": file_data(uploaded)}
+        painted = np.asarray(stroke.getchannel("A")) > 0
+        image, mask = images_for(editor(), INPAINT, sent, MAX_PIXELS)
+        assert image.size == (40, 30) and np.array_equal(np.asarray(mask) > 0, painted)
+        _image, sketched = images_for(editor(), SKETCH, sent, MAX_PIXELS)
+        grown = np.asarray(sketched) > 0
+        assert grown.sum() > painted.sum() and grown[painted].all()
+        assert np.array_equal(grown, np.asarray(sketch_mask(mask)) > 0)
+        composite, none = images_for(editor(), SKETCH_TO_IMAGE, sent, MAX_PIXELS)
+        assert composite.size == (40, 30) and none is None
+    finally:
+        layer.unlink()
+

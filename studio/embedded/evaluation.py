@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageColor
 
 from ..generation import inpaint_step_hooks
+from ..inpainting import SKETCH_COLOURS, SKETCH_STRENGTH
 from ..presets import load_presets
 from ..schedulers import make_scheduler
 from . import oracle, scenes
@@ -296,10 +297,9 @@ def evaluate_cutting_masks(models_dir: Path, count: int, samples: list | None = 
 
 SKETCH_CALIBRATION_SEED = EVAL_SEED + 8  # the cases the fix (inpainting.sketch_mask) and GHOST_LIMIT were chosen on
 SKETCH_SEED = EVAL_SEED + 9  # the cases the reported figure is measured on, never looked at to choose anything
-SKETCH_STRENGTH = 0.75  # the Inpaint tab's denoising strength for Inpaint sketch (components/inpaint.py)
-# The Inpaint tab's brush colours (components/inpaint.py SKETCH_COLOURS), by the palette colour each is drawn for
-SKETCH_BRUSH = {"red": "#e41a1c", "orange": "#ff8c00", "yellow": "#ffd700", "green": "#2ca02c", "blue": "#1f5fe0",
-                "purple": "#8a2be2", "pink": "#ff69b4", "white": "#ffffff", "black": "#111111"}
+# The Inpaint tab's brush colours, by the palette colour each is drawn for (the tenth, grey, stands for none)
+SKETCH_BRUSH = dict(zip(("red", "orange", "yellow", "green", "blue", "purple", "pink", "white", "black"),
+                        SKETCH_COLOURS))
 # Shapes a person fills with the brush; a star's points and a ring's band are narrower than it at 64 px.
 SKETCHED_SHAPES = ("circle", "square", "triangle")
 GHOST_LIMIT = 0.02  # of the pixels the old shape and the strokes cover: more that are neither background, the

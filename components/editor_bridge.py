@@ -1,0 +1,142 @@
+"""The bridge between the Inpaint tab's ImageEditor and the server, which never reads the editor itself.
+
+gradio 6.31 re-reads every component that an event with a status has touched at each status update of any later
+event, and reading an ImageEditor makes the browser export and upload its image and every layer; and an update to
+the editor makes it report an "upload" again. So the editor is never an input or output of a server event: the page
+copies its value (the files it uploaded) into a hidden field when a handler needs it (editor_files, editor_images
+read it back), applies the server's updates to it (APPLY_EDITOR_UPDATE_JS), and measures an uploaded image itself
+(UPLOAD_SIZE_JS, parse_measured_size). See docs/inpaint.md, "The editor".
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import gradio as gr
+from gradio import processing_utils, utils
+from gradio.components.image_editor import EditorData
+from gradio.data_classes import FileData
+from PIL import Image
+
+from components.running import user_error
+from studio.errors import InvalidRequest, StudioError
+from studio.images import check_pixels
+
+# The Inpaint editor is built with one layer (layers=False): a value with more than a few did not come from it,
+# and every layer would be decoded
+MAX_LAYERS = 4
+
+# Installed on page load: remembers the size of the next image put into the editor (a file chosen or dropped),
+# measured in the browser; the editor's "upload" event then takes it once. (gradio's Paste button fires no upload
+# event, so a pasted image keeps the tools as they were.)
+UPLOAD_SIZE_JS = """
+() => {
+  if (window.studioInpaintUploads) return;
+  const editor = () => document.querySelector("#inpaint-editor");
+  const uploads = window.studioInpaintUploads = {count: 0, pending: null};
+  const measure = (blob) => {
+    if (!blob || !blob.type.startsWith("image/")) return;
+    const number = ++uploads.count;
+    uploads.pending = createImageBitmap(blob)
+      .then((bitmap) => `${bitmap.width}x${bitmap.height}#${number}`, () => null);
+  };
+  document.addEventListener("change", (event) => {
+    if (event.target.type === "file" && editor()?.contains(event.target)) measure(event.target.files?.[0]);
+  }, true);
+  document.addEventListener("drop", (event) => {
+    if (editor()?.contains(event.target)) measure(event.dataTransfer?.files?.[0]);
+  }, true);
+}
+"""
+TAKE_MEASURED_UPLOAD_JS = """
+async () => {
+  const uploads = window.studioInpaintUploads;
+  const pending = uploads?.pending;
+  if (!pending) return document.querySelector("#inpaint-upload-size textarea")?.value ?? "";
+  uploads.pending = null;
+  return (await pending) ?? "";
+}
+"""
+
+
+# Applies a to_editor update ({"value"?, "brush"}) to the editor; file URLs are made relative to the page, so
+# they work under a proxy's path prefix too.
+APPLY_EDITOR_UPDATE_JS = """
+(update) => {
+  if (!update) return undefined;
+  const encoded = (path) => path.split("/").map(encodeURIComponent).join("/");  // a file name may hold # or ?
+  const withUrl = (file) => file && {...file, url: new URL(`gradio_api/file=${encoded(file.path)}`,
+                                                           document.baseURI).href};
+  const value = update.value === undefined ? {} : {value: update.value && {
+    background: withUrl(update.value.background), layers: [], composite: withUrl(update.value.composite)}};
+  return {__type__: "update", ...value, brush: update.brush};
+}
+"""
+
+
+def brush_props(chosen: gr.Brush) -> dict:
+    """A brush as the editor's `brush` property in the page."""
+    return {"default_size": chosen.default_size, "colors": chosen.colors, "default_color": chosen.default_color,
+            "color_mode": chosen.color_mode}
+
+
+def file_for_page(component: gr.components.Component, image) -> dict:
+    """An image (a path or a PIL image) as a file the page may load: copied into gradio's cache for
+    `component`, as gradio does for a component's outputs."""
+    if isinstance(image, Image.Image):
+        cached = processing_utils.save_pil_to_cache(image, component.GRADIO_CACHE, format="png")
+    else:
+        cached = component.move_resource_to_block_cache(image)
+    return FileData(path=cached, orig_name=Path(cached).name).model_dump()
+
+
+def editor_files(sent, max_pixels: int) -> EditorData | None:
+    """The editor's value as the page sent it into from_editor (files it uploaded), checked: only files uploaded
+    to this server, whose headers show images within `max_pixels`. None for an empty editor."""
+    if not sent:
+        return None
+    try:
+        data = EditorData.model_validate(sent)
+    except ValueError:
+        raise user_error(InvalidRequest(["The editor's image did not arrive whole: try again."]),
+                         "Cannot read the editor") from None
+    if len(data.layers) > MAX_LAYERS:  # each would be decoded: the page's editor sends one
+        raise user_error(InvalidRequest([f"The editor sends at most {MAX_LAYERS} layers (got {len(data.layers)})."]),
+                         "Cannot read the editor")
+    upload_folder = utils.abspath(utils.get_upload_folder())
+    for file in (data.background, data.composite, *data.layers):
+        if file is not None and not utils.is_in_or_equal(utils.abspath(file.path), upload_folder):
+            raise user_error(InvalidRequest(["The editor's image must be uploaded through the page."]),
+                             "Cannot read the editor")
+        if file is not None:
+            try:
+                with Image.open(file.path) as header:  # the size, before anything is decoded
+                    check_pixels(header.size, "image", max_pixels)
+            except (OSError, Image.DecompressionBombError):
+                raise user_error(InvalidRequest(["The editor's image could not be read as an image."]),
+                                 "Cannot read the editor") from None
+            except StudioError as error:
+                raise user_error(error, "Cannot use this image") from None
+    return data
+
+
+def editor_images(component: gr.ImageEditor, sent, max_pixels: int) -> dict:
+    """The editor's value as the page sent it (see editor_files), preprocessed as the editor itself would hand it
+    to a handler: {"background", "layers", "composite"} as images."""
+    data = editor_files(sent, max_pixels)
+    return (component.preprocess(data) or {}) if data is not None else {}
+
+
+def parse_measured_size(measured: str | None) -> tuple[int, int] | None:
+    """(width, height) from the page's "WxH#n", None when there is none."""
+    match = re.fullmatch(r"([1-9]\d{0,5})x([1-9]\d{0,5})#\d+", measured or "")
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def image_size(image) -> tuple[int, int]:
+    """The size of an image given as a PIL image or a file path (only the header is read)."""
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as opened:
+        return opened.size
