@@ -85,7 +85,8 @@ def brush(chosen_mode: str, radius: int | str = "auto") -> gr.Brush:
     radius is in the image's pixels; gradio's "auto" is a fixed 25, so it is set from the image's size."""
     if chosen_mode == INPAINT:
         return gr.Brush(colors=[("#ff00ff", 0.5)], color_mode="fixed", default_size=radius)
-    return gr.Brush(colors=list(SKETCH_COLOURS), default_color=SKETCH_COLOURS[0], color_mode="defaults", default_size=radius)
+    return gr.Brush(colors=list(SKETCH_COLOURS), default_color=SKETCH_COLOURS[0], color_mode="defaults",
+                    default_size=radius)
 
 
 # In a narrow window the results come after the editor and the settings: once a request passes its check, the

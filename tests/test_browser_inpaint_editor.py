@@ -166,7 +166,8 @@ def test_in_a_narrow_window_the_editor_comes_first_and_the_button_stays_on_scree
     page.wait_for_timeout(300)
     page.screenshot(path=str(artifacts / "inpaint_narrow_bottom.png"))
     last = inpaint.locator("#inpaint-history-gallery")
-    assert last.bounding_box()["y"] + last.bounding_box()["height"] <= page.locator("#inpaint-actions").bounding_box()["y"]
+    bar = page.locator("#inpaint-actions").bounding_box()
+    assert last.bounding_box()["y"] + last.bounding_box()["height"] <= bar["y"]
     assert in_view(page, button)
     # a request that starts scrolls to the results, where its progress and image show
     page.mouse.wheel(0, -20_000)
