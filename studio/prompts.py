@@ -139,11 +139,6 @@ def parse_lora_arguments(arguments: str) -> LoraUse:
     return LoraUse(name, text_encoder, unet)
 
 
-# A LoRA's weight: A1111 users write 0.3 to 1.5, and up to about 2 or negative to push a style away; far beyond,
-# the adapter's change swamps the model (a typo like 1e308, or 80 for 0.8)
-MAX_LORA_WEIGHT = 10.0
-
-
 def _weight(number: str, written: str) -> float:
     if not number:
         raise ValueError("a weight is missing after ':' (write a number such as 0.8, or leave out the ':').")
@@ -153,9 +148,6 @@ def _weight(number: str, written: str) -> float:
         raise ValueError(f"{written!r} is not a weight (write a number such as 0.8).") from None
     if not math.isfinite(weight):
         raise ValueError(f"{written!r} is not a weight (write a number such as 0.8).")
-    if abs(weight) > MAX_LORA_WEIGHT:
-        raise ValueError(f"the weight {written} is out of range: write a number from -{MAX_LORA_WEIGHT:g} to "
-                         f"{MAX_LORA_WEIGHT:g}, such as 0.8.")
     return weight
 
 

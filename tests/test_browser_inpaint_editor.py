@@ -104,7 +104,12 @@ def test_picking_a_colour_while_the_sent_image_loads_keeps_it_and_starts_nothing
     page.screenshot(path=str(artifacts / "inpaint_colour_while_loading.png"))
     assert shows_the_sent_image(inpaint)
     assert page.locator("#inpaint-editor").get_by_text("processing").count() == 0  # no status left on it
-    assert calls.count("upload") == 0 and len(calls) <= 3, calls  # Send to Inpaint's own call, and no loop
+    # the server hears Send to Inpaint and the prompt it fills in (its note), nothing for the editor; the editor
+    # uploads its files a few times of its own (gradio's, on a new value and brush), then the page is quiet
+    assert [call for call in calls if call != "upload"] == ["queue/join", "run/predict"], calls
+    so_far = len(calls)
+    page.wait_for_timeout(3000)
+    assert len(calls) == so_far and calls.count("upload") <= 8, calls
 
 
 def test_each_modes_strokes_are_its_own(page, artifacts):

@@ -9,8 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
+import studio.evaluate
 from studio.embedded import scenes
 from studio.evaluate import all_tasks, bootstrap_interval
 from studio.metadata import read_parameters
@@ -98,23 +100,9 @@ def run_cli(*arguments, processes: int = 1):
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    ("--presets embedded,nope", "Unknown preset(s) nope. Available: embedded, embedded-8-steps."),
-    ("--presets ,", "name at least one preset"),
-    ("--presets embedded,embedded", "embedded named twice"),
-    ("--presets embedded --seed -1", "--seed must be between 0 and"),
-    ("--presets embedded --seeds 0", "--seeds must be at least 1"),
-    ("--presets embedded --prompts {dir}/missing.txt", "missing.txt does not exist"),
-    ("--presets embedded --prompts {dir}/latin1.txt", "latin1.txt is not UTF-8 text"),
-    ("--presets embedded --prompts {dir}/one.txt --seeds 1 --reference {dir}/reference",
-     "FID needs at least 2 images per preset"),
-    ("--presets embedded --reference {dir}/one-image", "FID needs at least 2 reference images"),
-    ("--presets embedded --reference {dir}/nowhere", "--reference {dir}/nowhere is not a folder of images"),
-    ("--presets embedded --device-budget 6XB", "argument --device-budget"),
-    ("--presets embedded --presets-file {dir}/none.yaml", "--presets-file {dir}/none.yaml does not exist"),
-    ("--presets embedded --presets-file {dir}/broken.yaml", "broken.yaml could not be read"),
-])
-def test_bad_input_gets_a_clear_message_before_any_image_is_made(inputs, tmp_path, arguments, message):
+def bad_inputs(inputs, tmp_path, arguments: str) -> list[str]:
+    """The command line `arguments` (with {dir} for tmp_path, where the bad files are), completed with the good
+    prompts and presets files where they name none."""
     (tmp_path / "latin1.txt").write_bytes("un cercle rouge sur fond bleu, café".encode("latin-1"))
     (tmp_path / "one.txt").write_text("a red circle on a blue background\n")
     (tmp_path / "reference").symlink_to(inputs / "reference")
@@ -126,10 +114,46 @@ def test_bad_input_gets_a_clear_message_before_any_image_is_made(inputs, tmp_pat
         given += ["--prompts", str(inputs / "prompts.txt")]
     if "--presets-file" not in given:
         given += ["--presets-file", str(inputs / "models.yaml")]
-    result = run_cli(*given, "--out", tmp_path / "out")
+    return [*given, "--out", str(tmp_path / "out")]
+
+
+# Found once the processes and the engine are set up: each in a process of its own, as a user runs it
+@pytest.mark.parametrize("arguments, message", [
+    ("--presets embedded,nope", "Unknown preset(s) nope. Available: embedded, embedded-8-steps."),
+    ("--presets embedded --reference {dir}/one-image", "FID needs at least 2 reference images"),
+    ("--presets embedded --presets-file {dir}/broken.yaml", "broken.yaml could not be read"),
+    ("--presets embedded --seeds 0", "--seeds must be at least 1"),  # and one of the command line's own
+])
+def test_bad_input_gets_a_clear_message_before_any_image_is_made(inputs, tmp_path, arguments, message):
+    result = run_cli(*bad_inputs(inputs, tmp_path, arguments))
     assert result.returncode == 2, result.stderr[-2000:]
     assert message.format(dir=tmp_path) in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out" / "images").exists()
+
+
+# Found in the command line and its files, before anything global (torch's settings, accelerate's state) is set:
+# run in this process (a process each cost 8 s of imports)
+@pytest.mark.parametrize("arguments, message", [
+    ("--presets ,", "name at least one preset"),
+    ("--presets embedded,embedded", "embedded named twice"),
+    ("--presets embedded --seed -1", "--seed must be between 0 and"),
+    ("--presets embedded --prompts {dir}/missing.txt", "missing.txt does not exist"),
+    ("--presets embedded --prompts {dir}/latin1.txt", "latin1.txt is not UTF-8 text"),
+    ("--presets embedded --prompts {dir}/one.txt --seeds 1 --reference {dir}/reference",
+     "FID needs at least 2 images per preset"),
+    ("--presets embedded --reference {dir}/nowhere", "--reference {dir}/nowhere is not a folder of images"),
+    ("--presets embedded --device-budget 6XB", "argument --device-budget"),
+    ("--presets embedded --presets-file {dir}/none.yaml", "--presets-file {dir}/none.yaml does not exist"),
+])
+def test_a_bad_command_line_is_refused_before_anything_starts(inputs, tmp_path, capsys, arguments, message):
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(SystemExit) as exited:
+        studio.evaluate.main(bad_inputs(inputs, tmp_path, arguments))
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert message.format(dir=tmp_path) in error and "Traceback" not in error, error
+    assert torch.are_deterministic_algorithms_enabled() == deterministic  # nothing global was touched
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_fault_in_one_process_stops_every_process_after_that_preset(inputs, tmp_path):

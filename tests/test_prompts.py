@@ -89,8 +89,6 @@ def test_lora_tags_are_taken_out_in_a1111s_forms():
     ("<lora:hexagon:>", "<lora:hexagon:>: a weight is missing after ':'"),
     ("<lora:hexagon:strong>", "<lora:hexagon:strong>: 'strong' is not a weight (write a number such as 0.8)."),
     ("<lora:hexagon:nan>", "<lora:hexagon:nan>: 'nan' is not a weight"),
-    ("<lora:hexagon:1e308>", "<lora:hexagon:1e308>: the weight 1e308 is out of range: write a number from -10 to 10"),
-    ("<lora:hexagon:0.8:-80>", "<lora:hexagon:0.8:-80>: the weight -80 is out of range"),
 ])
 def test_a_malformed_lora_tag_is_refused_naming_it(tag, message):
     with pytest.raises(InvalidRequest) as refused:
