@@ -110,8 +110,12 @@ CSS = """
    clip looks the same and lets them stick to the page */
 .gradio-container { overflow: clip !important; }
 @media (min-width: 768px) {
-  #inpaint-results { position: sticky; top: var(--size-2); align-self: flex-start; max-height: calc(100vh - var(--size-4));
-                     overflow-y: auto; }
+  /* nowrap: with a capped height, gradio's wrapping column put the history in a clipped second column; the cap
+     leaves room for the status line and footer under the row, which would push a taller column up and cut off the
+     button when the page is scrolled to its end */
+  #inpaint-results { position: sticky; top: var(--size-2); align-self: flex-start; flex-wrap: nowrap;
+                     max-height: calc(100vh - 140px); overflow-y: auto; }
+  #inpaint-results > * { flex-shrink: 0; }  /* each part at its own height; the column scrolls */
 }
 /* a narrow window stacks the columns (editor, settings, then results): Inpaint and Stop stay at the bottom of the
    screen, and the page scrolls to the results when a request starts (components/inpaint.py) */
@@ -377,8 +381,8 @@ def show_tab(event, tabs: gr.Tabs, tab_id: str) -> None:
 
 def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="Diffusion Studio", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# Diffusion Studio\nText to image, inpainting, upscaling and X/Y/Z comparisons with Stable "
-                    "Diffusion and Real-ESRGAN.")
+        gr.Markdown("# Diffusion Studio\nText to image, inpainting, upscaling, X/Y/Z comparisons and a blind-vote "
+                    "arena with Stable Diffusion and Real-ESRGAN.")
         with gr.Tabs() as tabs:
             with gr.Tab("Text to image", id="text-to-image", elem_id="text-to-image-tab"):
                 text_tab = build_text_to_image_tab(studio.text_to_image, studio.runner)

@@ -30,7 +30,7 @@ from components.preset_picker import (
     prompt_hint,
     sampling_updates,
 )
-from components.running import JobRunner, user_error
+from components.running import JobRunner, scroll_to_results_in_a_narrow_window, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
 from studio.errors import InvalidRequest, StudioError
 from studio.generation import MAX_CLIP_SKIP, whole
@@ -88,16 +88,6 @@ def brush(chosen_mode: str, radius: int | str = "auto") -> gr.Brush:
     return gr.Brush(colors=list(SKETCH_COLOURS), default_color=SKETCH_COLOURS[0], color_mode="defaults",
                     default_size=radius)
 
-
-# In a narrow window the results come after the editor and the settings: once a request passes its check, the
-# page scrolls to them (where the progress shows), as the stacked layout would otherwise hide it.
-SHOW_RESULTS_IN_A_NARROW_WINDOW_JS = """
-() => {
-  if (window.matchMedia("(max-width: 767px)").matches) {
-    document.querySelector("#inpaint-gallery")?.scrollIntoView({block: "start", behavior: "smooth"});
-  }
-}
-"""
 
 
 @dataclass
@@ -353,7 +343,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     event = checked.success(inpaint_from_editor, [mode, from_editor, *settings], outputs, api_visibility="private",
                             **gpu_event)
     runner.follow_results(TAB, [checked], [event], seeds, info)
-    checked.success(None, js=SHOW_RESULTS_IN_A_NARROW_WINDOW_JS, **INSTANT)
+    scroll_to_results_in_a_narrow_window(checked, "inpaint-gallery")
     runner.wire_stop(stop, TAB)
 
     def fill_form(text, *values):

@@ -199,6 +199,20 @@ class JobRunner:
         stop.click(stop_job, None, None, **INSTANT)
 
 
+# gradio stacks the columns below this width (and app.py's CSS follows it)
+NARROW_WINDOW = "(max-width: 767px)"
+
+
+def scroll_to_results_in_a_narrow_window(checked, results_id: str) -> None:
+    """In a narrow window (a phone) the columns stack and the results come after the whole form: once `checked`
+    (a request's instant check) succeeds, the page scrolls to the element `results_id`, where the progress shows."""
+    checked.success(None, js=f"""() => {{
+  if (window.matchMedia("{NARROW_WINDOW}").matches) {{
+    document.getElementById("{results_id}")?.scrollIntoView({{block: "start", behavior: "smooth"}});
+  }}
+}}""", **INSTANT)
+
+
 def follow_progress(work: Callable, job, progress: gr.Progress):
     """Runs `work()` in a thread while this one forwards the job's progress (written from wherever the work runs,
     even a forked GPU worker) to the browser a few times a second. Returns work's result or raises its error."""

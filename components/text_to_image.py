@@ -17,7 +17,7 @@ from components.preset_picker import (
     prompt_hint,
     sampling_updates,
 )
-from components.running import JobRunner, user_error
+from components.running import JobRunner, scroll_to_results_in_a_narrow_window, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
 from studio.errors import InvalidRequest, StudioError
 from studio.generation import MAX_CLIP_SKIP, TextToImage, TextToImageRequest, request_from_parameters, whole
@@ -262,6 +262,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     submitted = prompt_checked.success(text_to_image, inputs, [gallery, seeds, info], api_visibility="private",
                                        **gpu_event)
     runner.follow_results(TAB, [checked, prompt_checked], [event, submitted], seeds, info)
+    for started in (checked, prompt_checked):
+        scroll_to_results_in_a_narrow_window(started, "text-to-image-gallery")
 
     history.follow([event, submitted], gallery)
     history.on_click(send_parameters, inputs, [*inputs, card], **QUICK)

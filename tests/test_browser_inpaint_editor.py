@@ -146,6 +146,9 @@ def test_the_inpaint_button_sits_on_top_of_the_results_and_stays_in_view(page, a
     assert in_view(page, button)
     assert button.bounding_box()["y"] < gallery.bounding_box()["y"]  # above the results
     assert abs(button.bounding_box()["x"] - gallery.bounding_box()["x"]) < 20  # in the results' column
+    # the history too, under the results (gradio's wrapping column once put it in a clipped second column)
+    history = page.locator("#inpaint-history-gallery")
+    assert abs(history.bounding_box()["x"] - gallery.bounding_box()["x"]) < 40, history.bounding_box()
     # scrolled down to the last settings, the button and the results are still in view
     inpaint.get_by_label("number input for Clip skip").scroll_into_view_if_needed()
     page.wait_for_timeout(300)
@@ -188,6 +191,13 @@ def test_in_a_narrow_window_the_editor_comes_first_and_the_button_stays_on_scree
     assert gallery.bounding_box()["y"] < page.viewport_size["height"] / 2
     page.get_by_role("tab", name="Text to image").click()
     assert not generate.is_visible()  # the bar belongs to the Inpaint tab
+    # Text to image scrolls to its results too
+    text_tab(page).get_by_label("Prompt", exact=True).fill("a large blue square on a yellow background")
+    text_tab(page).get_by_role("button", name="Generate", exact=True).click()
+    page.locator("#text-to-image-gallery img").first.wait_for(timeout=60_000)
+    page.wait_for_timeout(500)
+    results = page.locator("#text-to-image-gallery").bounding_box()
+    assert 0 <= results["y"] < page.viewport_size["height"] / 2, results
 
 
 @pytest.mark.parametrize("page", SIZES, ids=lambda size: f"{size[0]}x{size[1]}", indirect=True)
