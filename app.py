@@ -118,7 +118,7 @@ CSS = """
   #inpaint-results > * { flex-shrink: 0; }  /* each part at its own height; the column scrolls */
 }
 /* a narrow window stacks the columns (editor, settings, then results): Inpaint and Stop stay at the bottom of the
-   screen, and the page scrolls to the results when a request starts (components/inpaint.py) */
+   screen, and the page scrolls to the results when a request starts (components/running.py) */
 @media (max-width: 767px) {
   #inpaint-actions { position: fixed; left: 0; right: 0; bottom: 0; z-index: 50; margin: 0;
                      padding: var(--size-2) var(--size-4); background: var(--background-fill-primary);
