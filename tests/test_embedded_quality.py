@@ -138,7 +138,8 @@ def test_inpainting_a_stroke_through_a_shape_gives_one_clean_shape():
 def test_the_sketch_check_passes_the_sketched_scene_and_fails_a_ghost():
     """The check behind the inpaint-sketch figure can fail: the sketched scene drawn clean passes, and the same
     with the old shape faintly over it, or with a faint bar of the sketched colour beside it, does not."""
-    from studio.embedded.evaluation import SIDE, shape_region, sketch_cases, sketch_verdict
+    from studio.embedded.evaluation import SIDE, shape_region
+    from studio.embedded.sketches import sketch_cases, sketch_verdict
 
     for case in sketch_cases(12):
         clean = np.asarray(scenes.render(case.after), dtype=np.float32)
@@ -160,7 +161,7 @@ def test_a_shape_sketched_over_another_comes_back_clean():
     """A regression guard on the first 20 of the inpaint-sketch cases in docs/embedded-model.md: one clean shape of
     the sketched kind and colour and no ghost. The bar was set before the measured run, between the calibration
     cases' 33% with the strokes alone as the mask and 85% with them grown by one brush width (sketch_mask)."""
-    from studio.embedded.evaluation import evaluate_inpaint_sketch
+    from studio.embedded.sketches import evaluate_inpaint_sketch
 
     result = evaluate_inpaint_sketch(MODELS, 20)
     assert result["clean"] >= 0.7, result
@@ -169,7 +170,7 @@ def test_a_shape_sketched_over_another_comes_back_clean():
 def test_the_sketch_cases_draw_with_the_inpaint_tabs_brush():
     """The measured sketches use the tab's own brush colours and denoising strength."""
     from components.inpaint import SKETCH, brush, default_strength
-    from studio.embedded.evaluation import SKETCH_BRUSH, SKETCH_STRENGTH
+    from studio.embedded.sketches import SKETCH_BRUSH, SKETCH_STRENGTH
     from studio.presets import load_presets
 
     assert set(SKETCH_BRUSH.values()) <= set(brush(SKETCH).colors) and len(SKETCH_BRUSH) == 9

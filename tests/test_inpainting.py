@@ -363,7 +363,7 @@ def test_a_square_sketched_over_a_circle_leaves_nothing_of_the_circle(inpainter)
     a green square with red caps, pasted back unchanged, and a bar and outline where the stroke's edge was."""
     import random
 
-    from studio.embedded.evaluation import SKETCH_BRUSH, SKETCH_STRENGTH, SketchCase, brush_strokes
+    from studio.embedded.sketches import SKETCH_BRUSH, SKETCH_STRENGTH, SketchCase, brush_strokes
     from studio.inpainting import sketch_mask
 
     before = scenes.Scene("blue", (scenes.Shape("circle", "red", "center", "large"),))
