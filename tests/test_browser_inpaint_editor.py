@@ -20,12 +20,17 @@ def page(browser, app_url, artifacts, request):  # noqa: F811 - this module's pa
     yield from fresh_page(browser, app_url, artifacts, request, getattr(request, "param", SIZES[0]))
 
 
-def generate_and_send_to_inpaint(page):
+def generate_in_text_to_image(page):
+    """A red circle on blue in Text to image, waited for."""
     tab = text_tab(page)
     tab.get_by_label("Prompt", exact=True).fill("a large red circle on a blue background")
     tab.get_by_role("button", name="Generate", exact=True).click()
     page.locator("#text-to-image-gallery img[alt^='Seed ']").first.wait_for(timeout=60_000)
-    tab.get_by_role("button", name="Send to Inpaint", exact=True).click()
+
+
+def generate_and_send_to_inpaint(page):
+    generate_in_text_to_image(page)
+    text_tab(page).get_by_role("button", name="Send to Inpaint", exact=True).click()
     inpaint = page.locator("#inpaint-tab")
     inpaint.locator("#inpaint-editor canvas").first.wait_for(timeout=10_000)
     return inpaint
@@ -87,14 +92,11 @@ def test_picking_a_colour_while_the_sent_image_loads_keeps_it_and_starts_nothing
     page.wait_for_function("() => document.querySelector('#inpaint-prompt textarea')?.placeholder"
                            ".startsWith('what the strokes become')")
     page.get_by_role("tab", name="Text to image").click()
-    tab = text_tab(page)
-    tab.get_by_label("Prompt", exact=True).fill("a large red circle on a blue background")
-    tab.get_by_role("button", name="Generate", exact=True).click()
-    page.locator("#text-to-image-gallery img[alt^='Seed ']").first.wait_for(timeout=60_000)
+    generate_in_text_to_image(page)
     calls = []
     page.on("request", lambda request: calls.append(request.url.split("/gradio_api/")[-1].split("?")[0])
             if request.method == "POST" and "/gradio_api/" in request.url else None)
-    tab.get_by_role("button", name="Send to Inpaint", exact=True).click()
+    text_tab(page).get_by_role("button", name="Send to Inpaint", exact=True).click()
     inpaint.get_by_role("button", name="Brush").first.click()  # at once, while the image is on its way
     swatches = page.locator("#inpaint-editor button.color")
     if not swatches.first.is_visible():
