@@ -33,8 +33,8 @@ from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
 from components.upscale import build_upscale_tab
 from studio import __version__
-from studio.arena import Arena, load_contestants
-from studio.devices import (
+from studio.arena.battles import Arena, load_contestants
+from studio.core.devices import (
     default_device_budget,
     default_dtype,
     default_ram_budget,
@@ -42,17 +42,17 @@ from studio.devices import (
     parse_bytes,
     resolve_device,
 )
-from studio.compare import CompareLimits, Comparison
-from studio.downloads import HubDownloads
-from studio.errors import InvalidRequest, StudioError
-from studio.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, load_face_restorers
-from studio.generation import RequestLimits, TextToImage
-from studio.inpainting import Inpainter
-from studio.jobs import JobBoard
-from studio.memory import ModelManager
-from studio.metrics import EMBEDDED_CLIP, ClipScorer, default_clip_scorer
-from studio.model_kinds import CLIP, ClipLoader, clip_key
-from studio.loras import (
+from studio.evaluation.compare import CompareLimits, Comparison
+from studio.core.downloads import HubDownloads
+from studio.core.errors import InvalidRequest, StudioError
+from studio.models.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, load_face_restorers
+from studio.tasks.generation import RequestLimits, TextToImage
+from studio.tasks.inpainting import Inpainter
+from studio.core.jobs import JobBoard
+from studio.core.memory import ModelManager
+from studio.evaluation.metrics import EMBEDDED_CLIP, ClipScorer, default_clip_scorer
+from studio.evaluation.model_kinds import CLIP, ClipLoader, clip_key
+from studio.models.loras import (
     DEFAULT_LORA_FOLDER,
     DEFAULT_LORA_PRESETS,
     LoraCatalog,
@@ -61,12 +61,15 @@ from studio.loras import (
     lora_key,
     preset_context_width,
 )
-from studio.pipelines import DiffusersModels, DiffusionStages, HubAccess, architecture, diffusers_loaders
-from studio.presets import PRESETS_DIR, load_presets, load_styles
-from studio.sessions import RateLimiter
-from studio.upscalers import UPSCALER, ReleaseFiles, UpscalerCatalog, UpscalerLoader, load_upscalers, upscaler_key
-from studio.upscaling import UpscaleLimits, Upscaling
-from studio.votes import default_votes_url, open_store
+from studio.models.components import DiffusersModels
+from studio.models.families import family_of
+from studio.models.loading import HubAccess, diffusers_loaders
+from studio.models.stages import DiffusionStages
+from studio.models.presets import PRESETS_DIR, load_presets, load_styles
+from studio.core.sessions import RateLimiter
+from studio.models.upscalers import UPSCALER, ReleaseFiles, UpscalerCatalog, UpscalerLoader, load_upscalers, upscaler_key
+from studio.tasks.upscaling import UpscaleLimits, Upscaling
+from studio.arena.votes import default_votes_url, open_store
 
 log = logging.getLogger("studio")
 
@@ -298,7 +301,7 @@ def preload_preset(manager, models, downloads, preset, pin: bool) -> bool:
 
 
 def preload_loras(manager: ModelManager, models, downloads, presets, catalog: LoraCatalog) -> LoraCatalog:
-    """ZeroGPU: every LoRA fetched and placed (pinned) for each architecture of the presets whose family it fits;
+    """ZeroGPU: every LoRA fetched and placed (pinned) for each LoRA format of the presets whose family it fits;
     one that fits none, or cannot load, is not offered."""
     kept = []
     for name in catalog.names:
@@ -309,8 +312,8 @@ def preload_loras(manager: ModelManager, models, downloads, presets, catalog: Lo
             path = catalog.path(name, downloads)
             width = context_width(path)
             fitting = [p for p in presets if width is None or models.cross_attention_dim(p) in (None, width)]
-            for kind in dict.fromkeys(architecture(p) for p in fitting):
-                manager.preload({"lora": lora_key(path, kind)}, pin=True)
+            for key in dict.fromkeys(lora_key(path, family_of(p)) for p in fitting):  # one per LoRA loader
+                manager.preload({"lora": key}, pin=True)
             if fitting:
                 kept.append(name)
         except StudioError as error:

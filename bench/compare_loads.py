@@ -4,7 +4,7 @@ in A1111's own order.
 The grid: X = 3 presets, Y = 4 samplers (12 cells), each preset Stable Diffusion 1.5's architecture with random
 weights (bench/shared_memory.py's fp16 folder, hard-linked into three folders so that the manager sees three
 models), on the CPU in float32 at 64x64 px and 2 steps, with a device budget that holds two presets but not
-three. Every order runs the same engine (studio.compare.Comparison) on the same cells; only the order differs:
+three. Every order runs the same engine (studio.evaluation.compare.Comparison) on the same cells; only the order differs:
 
   (a) ours:       the cells grouped by preset (GridSpec.run_order), each preset loaded once;
   (b) axis order: Z, then Y, then X innermost (GridSpec.cells()), which is A1111's nesting when its axes cost the
@@ -96,8 +96,8 @@ def preset_bytes(folder: Path) -> int:
 def run_one(order: str, presets_path: Path, budget: int, samplers: str) -> dict:
     """In this (fresh) process: the grid in `order`, returning loads and seconds."""
     import app
-    from studio.compare import Comparison, CompareRequest
-    from studio.presets import load_presets
+    from studio.evaluation.compare import Comparison, CompareRequest
+    from studio.models.presets import load_presets
 
     text_to_image, _ = app.local_engines(load_presets(presets_path), device_budget=budget)
     comparison = Comparison(text_to_image)
@@ -148,9 +148,9 @@ def main() -> None:
     if args.smoke:  # tiny weights: the encode stage's fixed working memory outweighs all three presets
         import torch
 
-        from studio.memory import text_encoder_working_memory
+        from studio.models.families import family_named
 
-        budget += text_encoder_working_memory(2, torch.float32)
+        budget += family_named("sd15").stage_working_memory("encode", 0, 0, torch.float32, guidance=True)
     print(f"3 presets x {len(samplers.split(','))} samplers, {STEPS} steps at {SIZE} px; one preset "
           f"{one / 1024**3:.2f} GiB in float32, device budget {budget / 1024**3:.2f} GiB (holds two)")
     for path in folder.rglob("*.safetensors"):  # into the page cache before either order runs

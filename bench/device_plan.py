@@ -42,12 +42,15 @@ from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
-from studio.devices import format_bytes, module_bytes  # noqa: E402
-from studio.errors import OutOfMemoryBudget  # noqa: E402
-from studio.memory import DEVICE as ON_DEVICE  # noqa: E402
-from studio.memory import ModelKey, ModelManager, estimate_working_memory  # noqa: E402
-from studio.pipelines import WEIGHTLESS, DiffusersModels, DiffusionStages, StagePlan  # noqa: E402
-from studio.presets import load_presets  # noqa: E402
+from studio.core.devices import format_bytes, module_bytes, working_memory_on  # noqa: E402
+from studio.core.errors import OutOfMemoryBudget  # noqa: E402
+from studio.core.memory import DEVICE as ON_DEVICE  # noqa: E402
+from studio.core.memory import ModelKey, ModelManager  # noqa: E402
+from studio.models.families import family_of  # noqa: E402
+from studio.models.components import DiffusersModels  # noqa: E402
+from studio.models.loading import WEIGHTLESS  # noqa: E402
+from studio.models.stages import DiffusionStages, StagePlan  # noqa: E402
+from studio.models.presets import load_presets  # noqa: E402
 
 GIB = 1024**3
 DTYPE = torch.float16
@@ -542,8 +545,10 @@ def whole_pipeline_need(loader: MetaLoader, preset) -> int:
     decode's working memory reserved, as one lease from the manager."""
     manager = new_manager(loader, BISECTION_CEILING)
     keys = DiffusersModels(DEVICE).keys(preset, TASK)
-    working = estimate_working_memory(preset.default_width, preset.default_height, 1, DTYPE,
-                                      preset.default_guidance > 1)
+    family, guidance = family_of(preset), preset.default_guidance > 1
+    working = working_memory_on(DEVICE, max(
+        family.stage_working_memory("denoise", preset.default_width, preset.default_height, DTYPE, guidance),
+        family.stage_working_memory("decode", preset.default_width, preset.default_height, DTYPE, guidance)))
     with manager.use(keys, working):
         pass
     return manager.status().peak

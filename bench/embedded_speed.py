@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import app  # noqa: E402
-from studio.generation import TextToImageRequest  # noqa: E402
-from studio.presets import load_presets  # noqa: E402
+from studio.tasks.generation import TextToImageRequest  # noqa: E402
+from studio.models.presets import load_presets  # noqa: E402
 
 TARGET_S = 0.5
 

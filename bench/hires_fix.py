@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import app  # noqa: E402
 from studio.embedded import oracle, scenes  # noqa: E402
 from studio.embedded.evaluation import evaluation_scenes  # noqa: E402
-from studio.generation import TextToImageRequest  # noqa: E402
-from studio.hires import HiresFix  # noqa: E402
-from studio.presets import load_presets  # noqa: E402
+from studio.tasks.generation import TextToImageRequest  # noqa: E402
+from studio.tasks.hires import HiresFix  # noqa: E402
+from studio.models.presets import load_presets  # noqa: E402
 
 UPSCALERS = ("Latent", "embedded-rrdbnet-x4", "lanczos")
 

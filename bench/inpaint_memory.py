@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline  # noqa: E402
 
 import app  # noqa: E402
-from studio.devices import format_bytes, module_bytes  # noqa: E402
-from studio.presets import PresetCatalog, load_presets  # noqa: E402
+from studio.core.devices import format_bytes, module_bytes  # noqa: E402
+from studio.models.presets import PresetCatalog, load_presets  # noqa: E402
 
 TARGET = 0.6
 

@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import app  # noqa: E402
-from studio.generation import TextToImageRequest  # noqa: E402
-from studio.presets import load_presets  # noqa: E402
+from studio.tasks.generation import TextToImageRequest  # noqa: E402
+from studio.models.presets import load_presets  # noqa: E402
 
 
 def main() -> None:

@@ -22,10 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from studio import prompts  # noqa: E402
+from studio.a1111 import prompts  # noqa: E402
+from studio.models.families import family_named  # noqa: E402
 from studio.embedded.evaluation import embedded_defaults, load_text_to_image  # noqa: E402
 from studio.embedded.oracle import background_colour, shape_mask  # noqa: E402
-from studio.schedulers import make_scheduler  # noqa: E402
+from studio.a1111.schedulers import make_scheduler  # noqa: E402
 
 CPU = torch.device("cpu")
 PROMPT = "a {red} {yellow} circle on a white background"
@@ -47,7 +48,7 @@ def compel_weighting(pipe, prompt: str) -> dict:
 
 
 def a1111_weighting(pipe, prompt: str) -> dict:
-    return prompts.encode_sd(pipe, prompt, "", True, 1, CPU)
+    return family_named("embedded").encode_prompt(pipe, prompt, "", True, 1, CPU)
 
 
 def shape_green(image) -> float:

@@ -252,11 +252,11 @@ def import_everything() -> None:
     )
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import studio.generation, studio.inpainting  # noqa: F401, E401
+    import studio.tasks.generation, studio.tasks.inpainting # noqa: F401, E401
 
 
 def bench_preset(folder: Path):
-    from studio.presets import load_presets
+    from studio.models.presets import load_presets
 
     return dataclasses.replace(
         load_presets().get("embedded"), name=PRESET_NAME, label="SD1.5 architecture, random weights",
@@ -276,10 +276,10 @@ def case_shared(folder: Path, dtype_name: str) -> dict:
     import torch
 
     import app
-    from studio.devices import module_bytes
-    from studio.generation import TextToImageRequest
-    from studio.inpainting import InpaintRequest
-    from studio.presets import PresetCatalog
+    from studio.core.devices import module_bytes
+    from studio.tasks.generation import TextToImageRequest
+    from studio.tasks.inpainting import InpaintRequest
+    from studio.models.presets import PresetCatalog
 
     dtype = getattr(torch, dtype_name)
     preset = bench_preset(folder)
@@ -314,7 +314,7 @@ def case_separate(folder: Path, dtype_name: str) -> dict:
     import torch
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    from studio.devices import module_bytes
+    from studio.core.devices import module_bytes
 
     dtype = getattr(torch, dtype_name)
     image, mask, sketch = test_images()

@@ -32,7 +32,7 @@ X4PLUS_BLOCKS = 23  # RealESRGAN_x4plus's RRDB blocks
 def build_network(blocks: int = X4PLUS_BLOCKS):
     import torch
 
-    from studio.basicsr_compat import rrdbnet_class
+    from studio.models.basicsr_compat import rrdbnet_class
 
     torch.manual_seed(0)
     network = rrdbnet_class()(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=blocks, num_grow_ch=32, scale=4).eval()
@@ -56,13 +56,13 @@ def child(variant: str, size: int, tile: int, blocks: int, folder: Path) -> None
     baseline = peak_bytes()
     start = time.perf_counter()
     if variant in ("untiled", "ours"):
-        from studio.tiling import run_tiled
+        from studio.core.tiling import run_tiled
 
         tensor = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
         output = run_tiled(network, tensor, 4, 0 if variant == "untiled" else tile, "cpu", torch.float32)
         result = (output[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     else:
-        from studio.basicsr_compat import install_functional_tensor_shim
+        from studio.models.basicsr_compat import install_functional_tensor_shim
 
         install_functional_tensor_shim()
         from realesrgan import RealESRGANer

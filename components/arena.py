@@ -17,10 +17,10 @@ import gradio as gr
 from components.event_options import INSTANT, NO_PROGRESS, QUICK
 from components.running import JobRunner, session_of, user_error
 from components.whole_numbers import WholeNumber
-from studio.arena import Arena, ArenaPlan
-from studio.errors import StudioError
-from studio.generation import whole
-from studio.leaderboard import CHOICES, CSV_HEADERS, Leaderboard, table_rows, to_csv
+from studio.arena.battles import Arena, ArenaPlan
+from studio.core.errors import StudioError
+from studio.tasks.generation import whole
+from studio.arena.leaderboard import CHOICES, CSV_HEADERS, Leaderboard, table_rows, to_csv
 
 TAB = "arena"
 

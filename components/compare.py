@@ -11,10 +11,10 @@ from components.event_options import INSTANT, QUICK
 from components.lora_picker import build_lora_picker
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber
-from studio.axes import AXIS_TYPES, NO_AXIS, build_grid
-from studio.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
-from studio.errors import InvalidRequest
-from studio.generation import whole
+from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid
+from studio.evaluation.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
+from studio.core.errors import InvalidRequest
+from studio.tasks.generation import whole
 
 TAB = "compare"
 AXES = [NO_AXIS, *AXIS_TYPES]

@@ -20,8 +20,8 @@ from gradio.data_classes import FileData
 from PIL import Image
 
 from components.running import user_error
-from studio.errors import InvalidRequest, StudioError
-from studio.images import check_pixels
+from studio.core.errors import InvalidRequest, StudioError
+from studio.core.images import check_pixels
 
 # The Inpaint editor is built with one layer (layers=False): a value with more than a few did not come from it,
 # and every layer would be decoded

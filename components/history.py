@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from components.event_options import INSTANT
-from studio.metadata import parse_parameters, read_parameters
+from studio.a1111.metadata import parse_parameters, read_parameters
 
 HISTORY_SIZE = 48  # images kept per page
 

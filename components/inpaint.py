@@ -32,10 +32,10 @@ from components.preset_picker import (
 )
 from components.running import JobRunner, scroll_to_results_in_a_narrow_window, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
-from studio.errors import InvalidRequest, StudioError
-from studio.generation import MAX_CLIP_SKIP, whole
-from studio.images import open_image
-from studio.inpainting import (
+from studio.core.errors import InvalidRequest, StudioError
+from studio.tasks.generation import MAX_CLIP_SKIP, whole
+from studio.core.images import open_image
+from studio.tasks.inpainting import (
     INPAINT_AREAS,
     MAX_MASK_BLUR,
     MAX_PADDING,
@@ -48,7 +48,7 @@ from studio.inpainting import (
     mask_tools_for,
     sketch_mask,
 )
-from studio.schedulers import schedulers_for
+from studio.a1111.schedulers import schedulers_for
 
 TAB = "inpaint"
 

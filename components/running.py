@@ -16,10 +16,10 @@ from typing import Any
 import gradio as gr
 
 from components.event_options import INSTANT
-from studio.errors import StudioError
-from studio.generation import GenerationResult, SamplingEngine, SamplingPlan
-from studio.jobs import JobBoard
-from studio.sessions import RateLimiter
+from studio.core.errors import StudioError
+from studio.tasks.generation import GenerationResult, SamplingEngine, SamplingPlan
+from studio.core.jobs import JobBoard
+from studio.core.sessions import RateLimiter
 
 PROGRESS_INTERVAL_S = 0.1
 REMEMBERED_FAILURES = 1000  # sessions whose last failed job's reason is kept for their page

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from components.event_options import INSTANT
-from studio.memory import ModelManager
+from studio.core.memory import ModelManager
 
 
 def build_status_bar(demo: gr.Blocks, manager: ModelManager, refresh_after: list) -> gr.Markdown:

@@ -19,9 +19,9 @@ from components.preset_picker import (
 )
 from components.running import JobRunner, scroll_to_results_in_a_narrow_window, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
-from studio.errors import InvalidRequest, StudioError
-from studio.generation import MAX_CLIP_SKIP, TextToImage, TextToImageRequest, request_from_parameters, whole
-from studio.hires import (
+from studio.core.errors import InvalidRequest, StudioError
+from studio.tasks.generation import MAX_CLIP_SKIP, TextToImage, TextToImageRequest, request_from_parameters, whole
+from studio.tasks.hires import (
     DEFAULT_HIRES_UPSCALER,
     LATENT_UPSCALE_MODES,
     MAX_HIRES_SCALE,
@@ -29,7 +29,7 @@ from studio.hires import (
     HiresFix,
     hires_size,
 )
-from studio.schedulers import schedulers_for
+from studio.a1111.schedulers import schedulers_for
 
 TAB = "text-to-image"
 

@@ -16,11 +16,11 @@ from PIL import Image, PngImagePlugin
 from components.event_options import INSTANT, QUICK
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber
-from studio.errors import InvalidRequest, StudioError
-from studio.faces import NO_FACE_RESTORATION
-from studio.generation import whole
-from studio.images import open_image, to_8bit
-from studio.upscaling import MAX_SCALE, MIN_SCALE, UpscalePlan, UpscaleRequest, Upscaling, check_upscale
+from studio.core.errors import InvalidRequest, StudioError
+from studio.models.faces import NO_FACE_RESTORATION
+from studio.tasks.generation import whole
+from studio.core.images import open_image, to_8bit
+from studio.tasks.upscaling import MAX_SCALE, MIN_SCALE, UpscalePlan, UpscaleRequest, Upscaling, check_upscale
 
 TAB = "upscale"
 AUTOMATIC_TILE = -1  # as seed -1 is random: the tile is chosen from the free memory

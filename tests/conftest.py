@@ -15,11 +15,13 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from studio.generation import RequestLimits, TextToImage
-from studio.inpainting import Inpainter
-from studio.memory import ModelManager
-from studio.pipelines import DiffusersModels, DiffusionStages, diffusers_loaders
-from studio.presets import load_presets, load_styles
+from studio.tasks.generation import RequestLimits, TextToImage
+from studio.tasks.inpainting import Inpainter
+from studio.core.memory import ModelManager
+from studio.models.components import DiffusersModels
+from studio.models.loading import diffusers_loaders
+from studio.models.stages import DiffusionStages
+from studio.models.presets import load_presets, load_styles
 
 # Tests that need Chromium or PostgreSQL's server tools are marked so; without them they are skipped, except in CI
 pytest_plugins = ["system_tools"]
@@ -132,7 +134,7 @@ def app_loras(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("loras")
     save_random_lora(EMBEDDED, folder / "test-shapes.safetensors", seed=5,
-                     metadata={"studio.vocabulary": json.dumps(["hexagon"])})
+                     metadata={"studio.models.vocabulary": json.dumps(["hexagon"])})
     sd2 = save_tiny_sd2(tmp_path_factory.mktemp("sd2") / "tiny-sd2")
     save_random_lora(sd2, folder / "another-family.safetensors", seed=6)
     return folder

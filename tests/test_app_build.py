@@ -3,8 +3,8 @@
 import pytest
 
 import app
-from studio.errors import UnknownPreset
-from studio.generation import RequestLimits
+from studio.core.errors import UnknownPreset
+from studio.tasks.generation import RequestLimits
 
 
 def test_public_mode_narrows_the_presets_to_the_allow_list_with_stricter_limits():

@@ -4,11 +4,11 @@ rate limits, and the leaderboard from the store."""
 import pytest
 
 import app
-from studio.arena import Arena, Contestant, load_contestants
-from studio.errors import InvalidRequest
-from studio.presets import load_presets
-from studio.sessions import RateLimiter
-from studio.votes import open_store
+from studio.arena.battles import Arena, Contestant, load_contestants
+from studio.core.errors import InvalidRequest
+from studio.models.presets import load_presets
+from studio.core.sessions import RateLimiter
+from studio.arena.votes import open_store
 
 
 @pytest.fixture

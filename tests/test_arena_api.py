@@ -7,7 +7,7 @@ import threading
 import pytest
 from gradio_client import Client
 
-from studio.votes import default_votes_url, open_store
+from studio.arena.votes import default_votes_url, open_store
 from tests.conftest import start_app, stop_app
 
 PROMPT = "a red circle on a blue background"

@@ -89,7 +89,7 @@ def test_stop_interrupts_a_long_batch(page, artifacts):
 def test_parameters_of_a_dropped_png_fill_the_form(page, tmp_path):
     from PIL import Image
 
-    from studio.metadata import format_parameters, save_png
+    from studio.a1111.metadata import format_parameters, save_png
 
     text = format_parameters("a large yellow star", "blurry", steps=12, scheduler="DDIM", guidance_scale=5.5,
                              seed=777, width=96, height=64, model="embedded", model_hash=None, version="test")
@@ -174,7 +174,7 @@ def upload_to_inpaint(page, path):
     # editor's tool, so a stroke begun before it lands would be lost)
     from PIL import Image
 
-    from studio.inpainting import mask_tools_for
+    from studio.tasks.inpainting import mask_tools_for
 
     with Image.open(path) as image:
         padding = str(mask_tools_for(image.size).padding)
@@ -395,7 +395,7 @@ def test_hires_fix_shows_its_settings_and_makes_the_larger_image(page, artifacts
 def test_a_png_with_hires_fields_switches_hires_fix_on(page, tmp_path):
     from PIL import Image
 
-    from studio.metadata import save_png
+    from studio.a1111.metadata import save_png
 
     text = ("a large yellow star\nSteps: 12, Sampler: Euler, CFG scale: 5, Seed: 9, Size: 64x64, Model: embedded, "
             "Denoising strength: 0.4, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: Lanczos, Version: test")

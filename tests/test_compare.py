@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from studio.compare import CompareRequest, Comparison, CompareLimits
-from studio.errors import InvalidRequest
-from studio.generation import RequestLimits, TextToImage, TextToImageRequest
-from studio.memory import ModelManager
-from studio.metadata import parse_parameters
-from studio.metrics import ClipScorer
-from studio.model_kinds import CLIP, ClipLoader
-from studio.pipelines import DiffusionStages, diffusers_loaders
-from studio.presets import load_presets, load_styles
+from studio.evaluation.compare import CompareRequest, Comparison, CompareLimits
+from studio.core.errors import InvalidRequest
+from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest
+from studio.core.memory import ModelManager
+from studio.a1111.metadata import parse_parameters
+from studio.evaluation.metrics import ClipScorer
+from studio.evaluation.model_kinds import CLIP, ClipLoader
+from studio.models.loading import diffusers_loaders
+from studio.models.stages import DiffusionStages
+from studio.models.presets import load_presets, load_styles
 from tests.conftest import ROOT
 
 PROMPT = "a large red circle in the center on a blue background"

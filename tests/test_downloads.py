@@ -1,4 +1,4 @@
-"""studio.downloads against a fake but real-format Hugging Face cache; no test touches the network."""
+"""studio.core.downloads against a fake but real-format Hugging Face cache; no test touches the network."""
 
 import errno
 import hashlib
@@ -20,9 +20,9 @@ from huggingface_hub.utils._xet_progress_reporting import _finish_transfer_bar, 
 from huggingface_hub.utils.tqdm import _create_progress_bar, hf_thread_map
 from tqdm.auto import tqdm as auto_tqdm
 
-from studio import downloads
-from studio.downloads import DownloadRequest, HubDownloads, diffusers_patterns, forwarding_tqdm_class
-from studio.errors import ModelUnavailable
+from studio.core import downloads
+from studio.core.downloads import DownloadRequest, HubDownloads, diffusers_patterns, forwarding_tqdm_class
+from studio.core.errors import ModelUnavailable
 
 DAY = 24 * 3600
 NOW = time.time()
@@ -129,14 +129,14 @@ def test_scan_cache_dir_reads_the_fake_cache(cache):
 
 
 def test_enforce_budget_deletes_least_recently_used_until_within_budget(cache, caplog):
-    caplog.set_level(logging.INFO, logger="studio.downloads")
+    caplog.set_level(logging.INFO, logger="studio.core.downloads")
     deleted = HubDownloads(cache, disk_budget=5000).enforce_budget()
     # d (last used 30 days ago) leaves 6000 > 5000, then b (10 days) leaves 4000. By download time it would be d, a.
     assert deleted == [rev("org/d"), rev("org/b")]
     assert cached_repos(cache) == {"org/a", "org/c"}
     assert scan_cache_dir(cache).size_on_disk == 4000
     assert not (cache / "models--org--d").exists()
-    logged = [r.getMessage() for r in caplog.records if r.name == "studio.downloads"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "studio.core.downloads"]
     assert any(rev("org/d") in message for message in logged)
     assert any(rev("org/b") in message for message in logged)
 
@@ -188,7 +188,7 @@ def test_enforce_budget_counts_blobs_shared_between_revisions_once(tmp_path):
 
 
 def test_ensure_keeps_the_revision_it_ensured_even_over_budget(cache, caplog):
-    caplog.set_level(logging.INFO, logger="studio.downloads")
+    caplog.set_level(logging.INFO, logger="studio.core.downloads")
     hub = HubDownloads(cache, disk_budget=500)  # smaller than any repo
     snapshot = hub.ensure(request_for("org/c", "Model C"))
     assert Path(snapshot).name == commit_of("org/c")

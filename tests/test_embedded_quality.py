@@ -13,9 +13,9 @@ from PIL import Image, ImageColor
 
 from studio.embedded import oracle, scenes
 from studio.embedded.evaluation import evaluate_clip, evaluate_inpaint, evaluate_upscaler
-from studio.generation import TextToImageRequest
-from studio.presets import load_presets
-from studio.schedulers import GENERAL_SCHEDULERS
+from studio.tasks.generation import TextToImageRequest
+from studio.models.presets import load_presets
+from studio.a1111.schedulers import GENERAL_SCHEDULERS
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -171,7 +171,7 @@ def test_the_sketch_cases_draw_with_the_inpaint_tabs_brush():
     """The measured sketches use the tab's own brush colours and denoising strength."""
     from components.inpaint import SKETCH, brush, default_strength
     from studio.embedded.sketches import SKETCH_BRUSH, SKETCH_STRENGTH
-    from studio.presets import load_presets
+    from studio.models.presets import load_presets
 
     assert set(SKETCH_BRUSH.values()) <= set(brush(SKETCH).colors) and len(SKETCH_BRUSH) == 9
     assert default_strength(SKETCH, load_presets().get("embedded")) == SKETCH_STRENGTH

@@ -10,9 +10,9 @@ import torch
 from studio.embedded.family import SMOKE_PLAN, train
 from studio.embedded.stages import VaeStage
 import app
-from studio.generation import TextToImageRequest
-from studio.memory import ModelKey
-from studio.presets import PresetCatalog, load_presets
+from studio.tasks.generation import TextToImageRequest
+from studio.core.memory import ModelKey
+from studio.models.presets import PresetCatalog, load_presets
 
 
 @pytest.fixture(scope="module")

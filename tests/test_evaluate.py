@@ -1,4 +1,4 @@
-"""`python -m studio.evaluate`: images, per-image scores and a report; two processes (torchrun, as accelerate scales
+"""`python -m studio.evaluation`: images, per-image scores and a report; two processes (torchrun, as accelerate scales
 out) write the same files as one, bit for bit."""
 
 import csv
@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-import studio.evaluate
+import studio.evaluation.evaluate
 from studio.embedded import scenes
-from studio.evaluate import all_tasks, bootstrap_interval
-from studio.metadata import read_parameters
+from studio.evaluation.evaluate import all_tasks, bootstrap_interval
+from studio.a1111.metadata import read_parameters
 from tests.conftest import ROOT
 
 PROMPTS = ["a red circle on a blue background", "a large yellow star at the top left on a black background",
@@ -45,7 +45,7 @@ def evaluate(inputs, out, processes: int, *extra):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
         if processes > 1 else [sys.executable]
     return subprocess.run(
-        [*launcher, "-m", "studio.evaluate", "--presets", "embedded,embedded-8-steps", "--prompts",
+        [*launcher, "-m", "studio.evaluation", "--presets", "embedded,embedded-8-steps", "--prompts",
          str(inputs / "prompts.txt"), "--seeds", "3", "--seed", "5", "--out", str(out), "--reference",
          str(inputs / "reference"), "--presets-file", str(inputs / "models.yaml"), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -96,7 +96,7 @@ def test_two_processes_write_the_same_files_as_one_bit_for_bit(inputs, tmp_path)
 def run_cli(*arguments, processes: int = 1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)] \
         if processes > 1 else [sys.executable]
-    return subprocess.run([*launcher, "-m", "studio.evaluate", *map(str, arguments)], cwd=ROOT, capture_output=True,
+    return subprocess.run([*launcher, "-m", "studio.evaluation", *map(str, arguments)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -148,7 +148,7 @@ def test_bad_input_gets_a_clear_message_before_any_image_is_made(inputs, tmp_pat
 def test_a_bad_command_line_is_refused_before_anything_starts(inputs, tmp_path, capsys, arguments, message):
     deterministic = torch.are_deterministic_algorithms_enabled()
     with pytest.raises(SystemExit) as exited:
-        studio.evaluate.main(bad_inputs(inputs, tmp_path, arguments))
+        studio.evaluation.evaluate.main(bad_inputs(inputs, tmp_path, arguments))
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert message.format(dir=tmp_path) in error and "Traceback" not in error, error
@@ -196,7 +196,7 @@ def test_tasks_and_the_interval():
 
 def test_a_hub_preset_offline_is_named_before_any_image_is_made(inputs, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
-    result = subprocess.run([sys.executable, "-m", "studio.evaluate", "--presets", "embedded,stable-diffusion-1.5",
+    result = subprocess.run([sys.executable, "-m", "studio.evaluation", "--presets", "embedded,stable-diffusion-1.5",
                              "--prompts", str(inputs / "prompts.txt"), "--seeds", "1", "--out", str(tmp_path / "out")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]

@@ -10,9 +10,9 @@ import torch
 from scipy import linalg
 
 from studio.embedded import scenes
-from studio.errors import InvalidRequest, ModelUnavailable
-from studio.memory import ModelManager
-from studio.metrics import (
+from studio.core.errors import InvalidRequest, ModelUnavailable
+from studio.core.memory import ModelManager
+from studio.evaluation.metrics import (
     ClipImageFeatures,
     ClipScorer,
     InceptionFeatures,
@@ -21,7 +21,7 @@ from studio.metrics import (
     folder_images,
     frechet_distance,
 )
-from studio.model_kinds import CLIP, INCEPTION, INCEPTION_WEIGHTS, ClipLoader, InceptionLoader
+from studio.evaluation.model_kinds import CLIP, INCEPTION, INCEPTION_WEIGHTS, ClipLoader, InceptionLoader
 from tests.conftest import ROOT
 
 CLIP_FOLDER = ROOT / "models" / "embedded-clip"

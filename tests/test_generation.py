@@ -5,10 +5,10 @@ import threading
 import numpy as np
 import pytest
 
-from studio.errors import InvalidRequest, ModelUnavailable
-from studio.generation import TextToImageRequest
-from studio.metadata import parse_parameters
-from studio.schedulers import GENERAL_SCHEDULERS
+from studio.core.errors import InvalidRequest, ModelUnavailable
+from studio.tasks.generation import TextToImageRequest
+from studio.a1111.metadata import parse_parameters
+from studio.a1111.schedulers import GENERAL_SCHEDULERS
 
 
 def request(**overrides):
@@ -177,7 +177,7 @@ def test_progress_says_what_the_job_waits_for_before_its_first_step():
     """Reading the model's hash (once, with its bytes), loading the model (the first time), encoding the prompt:
     the page said "Reading the model's hash - 0.0%" and "0/1 steps" through all of it."""
     from app import local_engines
-    from studio.presets import load_presets
+    from studio.models.presets import load_presets
 
     fresh, _ = local_engines(load_presets())  # its own manager and hash cache: nothing loaded or read yet
     plan = fresh.plan(request(steps=2))
@@ -206,7 +206,7 @@ def test_clip_skip_reads_the_second_to_last_layer_for_the_prompt_and_the_negativ
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from studio.embedded.stages import PIPELINE_DIR
-    from studio.presets import load_presets
+    from studio.models.presets import load_presets
 
     folder = load_presets().get("embedded").local.parent / PIPELINE_DIR
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
@@ -228,7 +228,7 @@ def test_clip_skip_reads_the_second_to_last_layer_for_the_prompt_and_the_negativ
 
 
 def test_clip_skip_is_written_and_read_back_as_a1111_does(engine):
-    from studio.generation import request_from_parameters
+    from studio.tasks.generation import request_from_parameters
 
     two = engine.generate(request(clip_skip=2, steps=2)).images[0]
     assert "Clip skip: 2" in two.parameters

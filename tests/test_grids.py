@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from studio.grids import MIN_CELL, draw_grid
+from studio.evaluation.grids import MIN_CELL, draw_grid
 
 COLOURS = [[(200, 30, 30), (30, 160, 40), (40, 60, 220)], [(240, 200, 20), (150, 40, 160), None]]
 

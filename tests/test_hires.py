@@ -12,15 +12,16 @@ from PIL import Image
 
 from studio.embedded import oracle, scenes
 from studio.embedded.evaluation import evaluation_scenes
-from studio.errors import InvalidRequest, ModelUnavailable
-from studio.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
-from studio.hires import LATENT_UPSCALE_MODES, HiresFix, HiresPlan, hires_size
-from studio.memory import ModelManager
-from studio.metadata import parse_parameters
-from studio.pipelines import DiffusionStages, diffusers_loaders
-from studio.presets import load_presets, load_styles
-from studio.upscalers import UPSCALER, ReleaseFiles, UpscalerLoader, load_upscalers
-from studio.upscaling import Upscaling
+from studio.core.errors import InvalidRequest, ModelUnavailable
+from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
+from studio.tasks.hires import LATENT_UPSCALE_MODES, HiresFix, HiresPlan, hires_size
+from studio.core.memory import ModelManager
+from studio.a1111.metadata import parse_parameters
+from studio.models.loading import diffusers_loaders
+from studio.models.stages import DiffusionStages
+from studio.models.presets import load_presets, load_styles
+from studio.models.upscalers import UPSCALER, ReleaseFiles, UpscalerLoader, load_upscalers
+from studio.tasks.upscaling import Upscaling
 
 EMBEDDED_UPSCALER = "embedded-rrdbnet-x4"
 

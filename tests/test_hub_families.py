@@ -12,8 +12,8 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from tiny_models import save_random_sdxl_lora, save_tiny_sd2, save_tiny_sdxl
 
-from studio.metadata import parse_parameters
-from studio.schedulers import make_scheduler
+from studio.a1111.metadata import parse_parameters
+from studio.a1111.schedulers import make_scheduler
 
 PRESET = dict(description="a tiny random-weight test model", default_steps=4, default_guidance=5.0,
               default_width=64, default_height=64, min_size=64, max_size=128, default_scheduler="Euler")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from components.editor_bridge import MAX_LAYERS, brush_props, editor_images, file_for_page, parse_measured_size
 from components.inpaint import INPAINT, SKETCH, SKETCH_TO_IMAGE, brush, images_for
-from studio.inpainting import sketch_mask
+from studio.tasks.inpainting import sketch_mask
 
 
 def file_data(path: Path) -> dict:

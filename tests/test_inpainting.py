@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 
 from studio.embedded import oracle, scenes
-from studio.errors import InvalidRequest
-from studio.generation import RequestLimits, TextToImageRequest, inpaint_step_hooks
-from studio.images import blur_mask, open_image, prepare_mask
-from studio.inpainting import ONLY_MASKED, InpaintRequest, Inpainter, mask_tools_for
-from studio.metadata import parse_parameters
-from studio.presets import PresetCatalog, load_presets
-from studio.schedulers import make_scheduler
+from studio.core.errors import InvalidRequest
+from studio.tasks.generation import RequestLimits, TextToImageRequest, inpaint_step_hooks
+from studio.models.families import family_named
+from studio.core.images import blur_mask, open_image, prepare_mask
+from studio.tasks.inpainting import ONLY_MASKED, InpaintRequest, Inpainter, mask_tools_for
+from studio.a1111.metadata import parse_parameters
+from studio.models.presets import PresetCatalog, load_presets
+from studio.a1111.schedulers import make_scheduler
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -86,7 +87,7 @@ def run_recording(pipe, scheduler, guidance, strength, hooked: bool):
         callbacks.append(step)
         return callback_kwargs
 
-    hooks = inpaint_step_hooks(pipe, image, seed=3, then=count) if hooked else {"callback_on_step_end": count}
+    hooks = inpaint_step_hooks(pipe, family_named("embedded"), image, seed=3, then=count) if hooked else {"callback_on_step_end": count}
     latents = pipe("a large yellow star on a blue background", image=image, mask_image=mask, num_inference_steps=6,
                    guidance_scale=guidance, strength=strength, output_type="latent",
                    generator=torch.Generator("cpu").manual_seed(3), **hooks).images
@@ -343,7 +344,7 @@ def test_a_sketch_mask_is_the_strokes_grown_by_one_brush_width(size, cell):
     back as they were."""
     from scipy import ndimage
 
-    from studio.inpainting import sketch_mask
+    from studio.tasks.inpainting import sketch_mask
 
     width, height = size
     strokes = Image.new("L", size, 0)
@@ -364,7 +365,7 @@ def test_a_square_sketched_over_a_circle_leaves_nothing_of_the_circle(inpainter)
     import random
 
     from studio.embedded.sketches import SKETCH_BRUSH, SKETCH_STRENGTH, SketchCase, brush_strokes
-    from studio.inpainting import sketch_mask
+    from studio.tasks.inpainting import sketch_mask
 
     before = scenes.Scene("blue", (scenes.Shape("circle", "red", "center", "large"),))
     square = scenes.Shape("square", "green", "center", "large")
@@ -390,7 +391,7 @@ def test_sdxls_inpainting_checkpoint_defaults_to_its_model_cards_strength():
 
 
 def test_an_inpainted_pngs_parameters_fill_the_inpaint_form():
-    from studio.inpainting import inpaint_request_from_parameters
+    from studio.tasks.inpainting import inpaint_request_from_parameters
 
     text = ("a large yellow star\nNegative prompt: blurry\nSteps: 12, Sampler: DPM++ 2M, Schedule type: Karras, "
             "CFG scale: 4, Seed: 9, Size: 64x64, Model: embedded, Clip skip: 2, Denoising strength: 0.6, "

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from studio.leaderboard import BOTH_BAD, ELO_SCALE, LEFT, RIGHT, TIE, Battle, clip_agreement, fit_scores, leaderboard
+from studio.arena.leaderboard import BOTH_BAD, ELO_SCALE, LEFT, RIGHT, TIE, Battle, clip_agreement, fit_scores, leaderboard
 
 TRUE_ELO = {"a": 1150.0, "b": 1050.0, "c": 1000.0, "d": 900.0}
 
@@ -83,8 +83,8 @@ def test_an_unknown_choice_is_refused():
 
 
 def test_the_command_line_prints_the_leaderboard_from_the_store(tmp_path, capsys):
-    from studio.leaderboard import main
-    from studio.votes import StoredBattle, default_votes_url, open_store
+    from studio.arena.__main__ import main
+    from studio.arena.votes import StoredBattle, default_votes_url, open_store
 
     assert main(["--data-dir", str(tmp_path)]) == 1 and "No votes yet" in capsys.readouterr().err
     store = open_store(default_votes_url(tmp_path))

@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import EMBEDDED, save_as_kohya, save_random_lora, save_tiny_sd2
 
-from studio.errors import InvalidRequest
-from studio.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
-from studio.loras import LORA, addnet_hash, load_loras
-from studio.metadata import parse_parameters
-from studio.presets import load_presets, load_styles
+from studio.models.families import family_named
+from studio.core.errors import InvalidRequest
+from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
+from studio.models.loras import LORA, addnet_hash, load_loras
+from studio.a1111.metadata import parse_parameters
+from studio.models.presets import load_presets, load_styles
 
 PROMPT = "a red circle on a blue background"
 
@@ -143,7 +144,7 @@ def test_the_picker_offers_the_loras_of_the_presets_family(stages, lora_folder, 
 
 
 def test_a_loras_family_is_read_from_its_text_encoder_layers_when_it_has_no_cross_attention(tmp_path):
-    from studio.loras import context_width
+    from studio.models.loras import context_width
 
     sdxl = tmp_path / "sdxl_te_only.safetensors"
     save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768),
@@ -157,18 +158,18 @@ def test_a_loras_family_is_read_from_its_text_encoder_layers_when_it_has_no_cros
 
 
 def test_a_broken_lora_file_is_left_out_and_a_replaced_one_is_a_new_model(tmp_path):
-    from studio.loras import lora_key
+    from studio.models.loras import lora_key
 
     save_random_lora(EMBEDDED, tmp_path / "good.safetensors", seed=0)
     (tmp_path / "pointer.safetensors").write_text("version https://git-lfs.github.com/spec/v1\n")
     assert load_loras(tmp_path, None).names == ["good"]
-    before = lora_key(tmp_path / "good.safetensors", "sd")
+    before = lora_key(tmp_path / "good.safetensors", family_named("sd15"))
     save_random_lora(EMBEDDED, tmp_path / "good.safetensors", seed=1, rank=8)
-    assert lora_key(tmp_path / "good.safetensors", "sd") != before
+    assert lora_key(tmp_path / "good.safetensors", family_named("sd15")) != before
 
 
 def test_loras_a_style_adds_count_against_the_limit(stages, lora_folder):
-    from studio.presets import StyleCatalog, StylePreset
+    from studio.models.presets import StyleCatalog, StylePreset
 
     styles = StyleCatalog([StylePreset("two loras", "{prompt} <lora:rand:0.5> <lora:other:0.5>")])
     engine = TextToImage(stages, load_presets(), styles, RequestLimits(max_loras=2), version="test",
@@ -208,7 +209,7 @@ def test_a_lora_never_reaches_another_visitors_image_between_turns(lora_engine):
 
 
 def test_a_hub_lora_offline_gives_a_clear_error_naming_it(stages, tmp_path):
-    from studio.downloads import HubDownloads
+    from studio.core.downloads import HubDownloads
 
     catalog = load_loras(None)  # presets/loras.yaml: Hub entries only
     engine = TextToImage(stages, load_presets(), load_styles(), RequestLimits(), version="test", loras=catalog,
@@ -221,8 +222,8 @@ def test_a_hub_lora_offline_gives_a_clear_error_naming_it(stages, tmp_path):
 
 
 def test_lora_names_are_written_in_lora_hashes_as_a1111_writes_them_and_found_again(lora_folder):
-    from studio.generation import hash_entry_name, lora_notes
-    from studio.loras import LoraCatalog, LoraPreset
+    from studio.tasks.generation import hash_entry_name, lora_notes
+    from studio.models.loras import LoraCatalog, LoraPreset
 
     path = lora_folder / "rand.safetensors"
     catalog = LoraCatalog({"style: a,b": LoraPreset("style: a,b", file=str(path))})

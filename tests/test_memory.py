@@ -8,8 +8,8 @@ import weakref
 import pytest
 import torch
 
-from studio.errors import ModelUnavailable, OutOfMemoryBudget
-from studio.memory import DEVICE, RAM, FairLock, ModelKey, ModelManager, estimate_working_memory
+from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
+from studio.core.memory import DEVICE, RAM, FairLock, ModelKey, ModelManager
 
 KB = 1024
 SIZES = {"unet": 100 * KB, "vae": 20 * KB, "text_encoder": 10 * KB}  # SD's proportions
@@ -427,11 +427,3 @@ def test_status_answers_while_a_stage_runs():
         thread.join(timeout=2)
         assert result and result[0].device_used == PIPELINE
     assert "a 130.0 KiB" in manager.status().summary()
-
-
-def test_working_memory_estimate_grows_with_area_batch_and_dtype():
-    small = estimate_working_memory(512, 512, 1, torch.float16)
-    assert estimate_working_memory(1024, 1024, 1, torch.float16) == pytest.approx(4 * small, rel=0.01)
-    assert estimate_working_memory(512, 512, 2, torch.float16) == pytest.approx(2 * small, rel=0.01)
-    assert estimate_working_memory(512, 512, 1, torch.float32) == pytest.approx(2 * small, rel=0.01)
-    assert 0.5e9 < small < 2e9  # SD 1.5 at 512 px in fp16 needs about a gigabyte for the VAE decode

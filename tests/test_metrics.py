@@ -4,9 +4,9 @@ import torch
 
 from studio.embedded import scenes
 from studio.embedded.evaluation import evaluation_scenes
-from studio.memory import ModelManager
-from studio.metrics import ClipScorer, clip_score_from_embeddings
-from studio.model_kinds import CLIP, ClipLoader
+from studio.core.memory import ModelManager
+from studio.evaluation.metrics import ClipScorer, clip_score_from_embeddings
+from studio.evaluation.model_kinds import CLIP, ClipLoader
 from tests.conftest import ROOT
 
 CLIP_FOLDER = ROOT / "models" / "embedded-clip"

@@ -2,11 +2,12 @@
 
 import torch
 
-from studio.memory import ModelKey, ModelManager
-from studio.model_kinds import CLIP, ClipLoader, clip_key
-from studio.pipelines import DiffusersLoader, DiffusersModels
-from studio.presets import load_presets
-from studio.upscalers import UPSCALER, UpscalerLoader, load_upscalers, upscaler_key
+from studio.core.memory import ModelKey, ModelManager
+from studio.evaluation.model_kinds import CLIP, ClipLoader, clip_key
+from studio.models.components import DiffusersModels
+from studio.models.loading import DiffusersLoader
+from studio.models.presets import load_presets
+from studio.models.upscalers import UPSCALER, UpscalerLoader, load_upscalers, upscaler_key
 
 from tiny_models import ROOT
 

@@ -9,21 +9,15 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from tiny_models import save_tiny_safety_checker, save_tiny_sdxl, save_tiny_vae
 
-from studio.errors import ModelUnavailable, OutOfMemoryBudget
-from studio.generation import RequestLimits, TextToImage, TextToImageRequest
-from studio.memory import ModelKey, ModelManager
-from studio.pipelines import (
-    SAFETY_CHECKER_REPO,
-    DiffusersLoader,
-    DiffusersModels,
-    DiffusionStages,
-    safetensors_bytes,
-    diffusers_loaders,
-    standalone_key,
-    weight_files,
-)
-from studio.presets import PresetCatalog, load_presets, load_styles
-from studio.schedulers import make_scheduler
+from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
+from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest
+from studio.core.memory import ModelKey, ModelManager
+from studio.models.components import DiffusersModels, SAFETY_CHECKER_REPO
+from studio.models.loading import DiffusersLoader, diffusers_loaders, standalone_key
+from studio.models.stages import DiffusionStages
+from studio.models.weights import safetensors_bytes, weight_files
+from studio.models.presets import PresetCatalog, load_presets, load_styles
+from studio.a1111.schedulers import make_scheduler
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 import pytest
 
-from studio.errors import InvalidRequest, UnknownPreset
-from studio.presets import PresetCatalog, StyleCatalog, StylePreset, load_presets, load_styles, _preset_from_yaml
-from studio.schedulers import SCHEDULERS, schedulers_for
+from studio.core.errors import InvalidRequest, UnknownPreset
+from studio.models.presets import PresetCatalog, StyleCatalog, StylePreset, load_presets, load_styles, _preset_from_yaml
+from studio.a1111.schedulers import SCHEDULERS, schedulers_for
 
 
 def test_shipped_presets_cover_the_real_models_and_the_embedded_default():
@@ -23,7 +23,7 @@ def test_shipped_presets_cover_the_real_models_and_the_embedded_default():
 
 def test_every_preset_is_consistent():
     for preset in load_presets():
-        assert preset.family in ("sd15", "sd21", "sdxl")
+        assert preset.family in ("sd15", "sd21", "sdxl", "embedded")
         assert preset.default_scheduler in schedulers_for(preset), preset.name
         assert all(name in SCHEDULERS for name in schedulers_for(preset))
         assert preset.min_size <= preset.default_width <= preset.max_size

@@ -7,12 +7,10 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from tiny_models import EMBEDDED, save_tiny_sdxl
 
-from studio.errors import InvalidRequest
-from studio.generation import TextToImageRequest
-from studio.prompts import (
+from studio.core.errors import InvalidRequest
+from studio.tasks.generation import TextToImageRequest
+from studio.a1111.prompts import (
     LoraUse,
-    encode_sd,
-    encode_sdxl,
     parse_attention,
     parse_prompt,
     plain_text,
@@ -21,7 +19,17 @@ from studio.prompts import (
     with_lora,
 )
 
+from studio.models.families import family_named
+
 CPU = torch.device("cpu")
+
+
+def encode_sd(pipe, prompt, negative_prompt, guidance, clip_skip, device):
+    return family_named("sd15").encode_prompt(pipe, prompt, negative_prompt, guidance, clip_skip, device)
+
+
+def encode_sdxl(pipe, prompt, negative_prompt, guidance, device):
+    return family_named("sdxl").encode_prompt(pipe, prompt, negative_prompt, guidance, 1, device)
 
 # The examples in the docstring of A1111's parse_prompt_attention (modules/prompt_parser.py), weights per fragment
 A1111_EXAMPLES = [
@@ -134,7 +142,7 @@ def test_sound_prompts_have_no_mistakes_and_parse_as_before(prompt):
 def test_text_to_image_and_inpainting_refuse_prompt_mistakes(engine, inpainter, field, text, message):
     """Every tab's request goes through these checks (Compare's cells and the Arena's contestants are text to image
     requests)."""
-    from studio.inpainting import InpaintRequest
+    from studio.tasks.inpainting import InpaintRequest
 
     prompts = {"prompt": "a red circle", field: text}
     for problems in (engine.problems(TextToImageRequest(**prompts)), inpainter.problems(InpaintRequest(**prompts))):
@@ -193,7 +201,7 @@ def test_long_prompts_are_encoded_in_chunks_not_cut(sd_pipe):
 
 def test_windows_are_cut_as_a1111_cuts_them():
     """Full at the window's length, unless a comma is among its last 20 tokens: then right after the comma."""
-    from studio.prompts import a1111_windows
+    from studio.a1111.prompts import a1111_windows
 
     comma = 0
     tokens = [1] * 60 + [comma] + [2] * 30  # a comma 61st: 15 tokens before the end of a 75-token window

@@ -1,8 +1,8 @@
 import pytest
 
-from studio.errors import InvalidRequest
-from studio.jobs import JobBoard
-from studio.sessions import RateLimiter
+from studio.core.errors import InvalidRequest
+from studio.core.jobs import JobBoard
+from studio.core.sessions import RateLimiter
 
 
 def test_rate_limit_counts_per_session_and_says_how_long_to_wait():

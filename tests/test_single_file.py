@@ -17,13 +17,14 @@ from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny_sd2, save_tiny_sdxl
 
 from app import local_engines
-from studio.downloads import HubDownloads
-from studio.errors import ModelUnavailable
-from studio.generation import TextToImageRequest, request_from_parameters
-from studio.inpainting import InpaintRequest
-from studio.metadata import parse_parameters
-from studio.pipelines import DiffusersModels, diffusers_loaders
-from studio.presets import load_presets
+from studio.core.downloads import HubDownloads
+from studio.core.errors import ModelUnavailable
+from studio.tasks.generation import TextToImageRequest, request_from_parameters
+from studio.tasks.inpainting import InpaintRequest
+from studio.a1111.metadata import parse_parameters
+from studio.models.components import DiffusersModels
+from studio.models.loading import diffusers_loaders
+from studio.models.presets import load_presets
 
 EMBEDDED = ROOT / "models" / "embedded-sd"
 SETTINGS = dict(description="the embedded model as one file", family="sd15", default_steps=8, default_guidance=3.0,

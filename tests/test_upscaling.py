@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from studio.basicsr_compat import rrdbnet_class, srvgg_class
+from studio.models.basicsr_compat import rrdbnet_class, srvgg_class
 from studio.embedded.evaluation import psnr
-from studio.errors import InvalidRequest, ModelUnavailable, OutOfMemoryBudget
-from studio.memory import ModelKey, ModelManager
-from studio.tiling import MIN_TILE, run_tiled
-from studio.upscalers import (
+from studio.core.errors import InvalidRequest, ModelUnavailable, OutOfMemoryBudget
+from studio.core.memory import ModelKey, ModelManager
+from studio.core.tiling import MIN_TILE, run_tiled
+from studio.models.upscalers import (
     UPSCALER,
     ReleaseFile,
     ReleaseFiles,
@@ -30,7 +30,7 @@ from studio.upscalers import (
     read_pth,
     upscaler_key,
 )
-from studio.upscaling import UpscaleLimits, UpscaleRequest, Upscaling
+from studio.tasks.upscaling import UpscaleLimits, UpscaleRequest, Upscaling
 
 EMBEDDED = "embedded-rrdbnet-x4"
 
@@ -314,7 +314,7 @@ def test_every_release_preset_pins_its_official_file():
 
 def test_release_architectures_build_with_the_official_keys():
     """Each preset's architecture builds, and the key names are those the release files store."""
-    from studio.upscalers import build_network
+    from studio.models.upscalers import build_network
 
     catalog = load_upscalers()
     x4plus = build_network(catalog.get("RealESRGAN_x4plus").architecture)

@@ -1,4 +1,4 @@
-from studio.vocabulary import Vocabulary, load_vocabulary, unknown_words_warning
+from studio.models.vocabulary import Vocabulary, load_vocabulary, unknown_words_warning
 
 from conftest import ROOT
 

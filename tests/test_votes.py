@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.votes import SQLiteStore, StoredBattle, open_store
+from studio.arena.votes import SQLiteStore, StoredBattle, open_store
 from tests.conftest import ROOT
 
 
@@ -67,7 +67,7 @@ def test_sqlite_store(tmp_path):
 
 WRITER = """
 import sys
-from studio.votes import open_store, StoredBattle
+from studio.arena.votes import open_store, StoredBattle
 store = open_store(sys.argv[1])
 for index in range(10_000):
     battle_id = f"b{index}"

@@ -14,15 +14,15 @@ from PIL import Image
 
 import app
 from components.running import JobRunner
-from studio.compare import CompareRequest, ComparePlan
-from studio.errors import InvalidRequest
-from studio.generation import TextToImageRequest
-from studio.hires import HiresFix
-from studio.jobs import JobBoard
-from studio.metadata import parse_parameters
-from studio.model_kinds import clip_key
-from studio.upscalers import ReleaseFiles, load_upscalers
-from studio.upscaling import UpscalePlan, UpscaleRequest, Upscaling
+from studio.evaluation.compare import CompareRequest, ComparePlan
+from studio.core.errors import InvalidRequest
+from studio.tasks.generation import TextToImageRequest
+from studio.tasks.hires import HiresFix
+from studio.core.jobs import JobBoard
+from studio.a1111.metadata import parse_parameters
+from studio.evaluation.model_kinds import clip_key
+from studio.models.upscalers import ReleaseFiles, load_upscalers
+from studio.tasks.upscaling import UpscalePlan, UpscaleRequest, Upscaling
 
 
 class ForkingGpu:

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .family import MODELS_DIR, RUN_DIR, SMOKE_PLAN, TRAINING_PLAN, train
+from studio.embedded.family import MODELS_DIR, RUN_DIR, SMOKE_PLAN, TRAINING_PLAN, train
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,19 +45,19 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command in ("train-lora", "evaluate-lora"):
         run_lora_command(args)
     elif args.command == "samples":
-        from .evaluation import sample_sheet
+        from studio.embedded.evaluation import sample_sheet
 
         sample_sheet(args.models_dir).save(args.out)
         print(f"Saved {args.out}")
     else:
-        from .evaluation import evaluate, format_table
+        from studio.embedded.report import evaluate, format_table
 
         print(format_table(evaluate(args.models_dir, prompt_count=args.prompts)))
     sys.stdout.flush()
 
 
 def add_lora_commands(sub) -> None:
-    from .lora import LORA_OUT, LoraRecipe
+    from studio.embedded.lora import LORA_OUT, LoraRecipe
 
     default = LoraRecipe()
     train_lora = sub.add_parser("train-lora", help="train the hexagon LoRA on the frozen embedded model")
@@ -76,7 +76,7 @@ def add_lora_commands(sub) -> None:
 def run_lora_command(args) -> None:
     from dataclasses import replace
 
-    from .lora import SMOKE_RECIPE, LoraRecipe, format_lora_report, lora_rates, oracle_shape_accuracy, train_lora
+    from studio.embedded.lora import SMOKE_RECIPE, LoraRecipe, format_lora_report, lora_rates, oracle_shape_accuracy, train_lora
 
     if args.command == "train-lora":
         recipe = SMOKE_RECIPE if args.smoke else LoraRecipe()

@@ -1,4 +1,5 @@
-"""Measure the embedded family with the oracle: `python -m studio.embedded evaluate` prints the table.
+"""Measure the embedded family with the oracle, one measure a function (studio/embedded/report.py makes the
+table that `python -m studio.embedded evaluate` prints).
 
 Every number comes from fixed seeds, so two runs on one machine print the same table. Text-to-image and
 inpainting run at the embedded preset's default settings (presets/models.yaml).
@@ -7,21 +8,23 @@ inpainting run at the embedded preset's default settings (presets/models.yaml).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..generation import inpaint_step_hooks
-from ..presets import load_presets
-from ..schedulers import make_scheduler
-from . import oracle, scenes
-from .stages import CLIP_DIR, INPAINT_DIR, PIPELINE_DIR, SIDE, UPSCALE, vae_oracle_check
-from .upscaler import load_upscaler, upscale
+from studio.tasks.generation import inpaint_step_hooks
+from studio.models.families import family_named
+from studio.models.presets import load_presets
+from studio.a1111.schedulers import make_scheduler
+from studio.embedded import oracle, scenes
+from studio.embedded.stages import CLIP_DIR, INPAINT_DIR, PIPELINE_DIR, SIDE, UPSCALE, vae_oracle_check
+from studio.embedded.upscaler import load_upscaler, upscale
 
 EVAL_SEED = 777
+EMBEDDED = family_named("embedded")
 BARS = {
     "colour": 0.95,
     "background": 0.95,
@@ -32,18 +35,6 @@ BARS = {
     "clip_top1": 0.90,
     "vae": 0.99,
 }
-
-
-@dataclass
-class Report:
-    text_to_image: dict = field(default_factory=dict)  # {"seen": {...}, "held-out": {...}}
-    plain_prompts: dict = field(default_factory=dict)  # the same, for prompts without size or position
-    inpaint: dict = field(default_factory=dict)
-    cutting_masks: dict = field(default_factory=dict)  # inpainting a mask that cuts through a shape
-    inpaint_sketch: dict = field(default_factory=dict)  # a shape sketched over another (Inpaint sketch)
-    upscaler: dict = field(default_factory=dict)
-    clip: dict = field(default_factory=dict)
-    vae: dict = field(default_factory=dict)
 
 
 def embedded_defaults() -> dict:
@@ -155,7 +146,7 @@ def evaluate_inpaint(models_dir: Path, count: int) -> dict:
             image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
             guidance_scale=defaults["inpaint_guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
             generator=torch.Generator("cpu").manual_seed(EVAL_SEED + index),
-            **inpaint_step_hooks(pipe, init, EVAL_SEED + index),  # as the studio runs it
+            **inpaint_step_hooks(pipe, EMBEDDED, init, EVAL_SEED + index),  # as the studio runs it
         ).images[0]
         result = pipe.image_processor.apply_overlay(mask_image, init, raw)  # paste the unmasked pixels back
         reading = oracle.read(result, within=mask)
@@ -258,8 +249,8 @@ def coherence(image: Image.Image, scene: scenes.Scene, mask: np.ndarray) -> dict
 def studio_paste_back(generated: Image.Image, init: Image.Image, mask: np.ndarray) -> Image.Image:
     """The result as the studio returns it for "Whole picture": pasted back through A1111's sharpened mask,
     blurred by the default for the image's size."""
-    from ..images import blur_mask
-    from ..inpainting import mask_tools_for, sharpened
+    from studio.core.images import blur_mask
+    from studio.tasks.inpainting import mask_tools_for, sharpened
 
     overlay = sharpened(blur_mask(mask, mask_tools_for(init.size).mask_blur))
     return Image.composite(generated.convert("RGB"), init, overlay)
@@ -281,7 +272,7 @@ def evaluate_cutting_masks(models_dir: Path, count: int, samples: list | None = 
         raw = pipe(
             plain_caption(scene), image=init, mask_image=mask_image, num_inference_steps=defaults["steps"],
             guidance_scale=defaults["inpaint_guidance_scale"], width=SIDE, height=SIDE, strength=1.0,
-            generator=torch.Generator("cpu").manual_seed(seed + index), **inpaint_step_hooks(pipe, init, seed + index),
+            generator=torch.Generator("cpu").manual_seed(seed + index), **inpaint_step_hooks(pipe, EMBEDDED, init, seed + index),
         ).images[0]
         result = studio_paste_back(raw, init, mask)
         verdict = coherence(result, scene, mask)
@@ -350,67 +341,6 @@ def evaluate_vae(models_dir: Path) -> dict:
     from diffusers import AutoencoderKL
 
     return vae_oracle_check(AutoencoderKL.from_pretrained(Path(models_dir) / PIPELINE_DIR / "vae").eval())
-
-
-def evaluate(models_dir: Path, prompt_count: int = 200, inpaint_count: int = 100, upscaler_count: int = 50,
-             clip_count: int = 200) -> Report:
-    from . import sketches  # it reads this module's helpers (shape_region, apart_from_background, ...)
-
-    torch.manual_seed(EVAL_SEED)
-    return Report(
-        text_to_image=evaluate_text_to_image(models_dir, prompt_count),
-        plain_prompts=evaluate_text_to_image(models_dir, prompt_count // 2, seed=EVAL_SEED + 4, caption_of=plain_caption),
-        inpaint=evaluate_inpaint(models_dir, inpaint_count),
-        cutting_masks=evaluate_cutting_masks(models_dir, inpaint_count),
-        inpaint_sketch=sketches.evaluate_inpaint_sketch(models_dir, inpaint_count),
-        upscaler=evaluate_upscaler(models_dir, upscaler_count),
-        clip=evaluate_clip(models_dir, clip_count),
-        vae=evaluate_vae(models_dir),
-    )
-
-
-def _verdict(value: float, bar: float) -> str:
-    return "met" if value >= bar else "NOT met"
-
-
-def format_table(report: Report) -> str:
-    lines = ["| measure | seen | held-out | bar | |", "|---|---|---|---|---|"]
-    t2i = report.text_to_image
-    for key in ("colour", "background", "shape", "position", "size"):
-        seen, held = t2i["seen"][key], t2i["held-out"][key]
-        bar = BARS.get(key)
-        verdict = _verdict(min(seen, held), bar) if bar else ""
-        lines.append(f"| text to image: {key} | {seen:.1%} | {held:.1%} | {f'≥ {bar:.0%}' if bar else '—'} | {verdict} |")
-    lines.append(f"| (text-to-image prompts) | {t2i['seen']['n']} | {t2i['held-out']['n']} | | |")
-    plain = report.plain_prompts
-    if plain:
-        for key in ("colour", "background", "shape"):
-            seen, held = plain["seen"][key], plain["held-out"][key]
-            lines.append(f"| prompts without size or position: {key} | {seen:.1%} | {held:.1%} | ≥ {BARS[key]:.0%} | {_verdict(min(seen, held), BARS[key])} |")
-        lines.append(f"| (prompts like \"{plain_caption(evaluation_scenes(1)[0][0])}\") | {plain['seen']['n']} | {plain['held-out']['n']} | | |")
-    clip = report.clip
-    lines.append(f"| CLIP: right caption first of 8 | {clip['seen']:.1%} | {clip['held-out']:.1%} | ≥ 90% | {_verdict(min(clip['seen'], clip['held-out']), BARS['clip_top1'])} |")
-    inpaint = report.inpaint
-    key = "right shape and colour inside the mask"
-    lines.append(f"| inpaint: {key} | {inpaint[key]:.1%} (n={inpaint['n']}, both) | | ≥ 85% | {_verdict(inpaint[key], BARS['inpaint'])} |")
-    lines.append(f"| inpaint: outside pixels identical | {inpaint['outside pixels identical (after paste-back)']:.0%} | | 100% | |")
-    lines.append(f"| inpaint: mean change outside before paste-back | {inpaint['mean |change| outside before paste-back (0-255)']:.2f} / 255 | | | |")
-    cut = report.cutting_masks
-    if cut:
-        lines.append(f"| inpaint, a brush stroke through a shape: one clean shape | {cut['coherent']:.1%} (n={cut['n']}) | | "
-                     f"≥ 85% | {_verdict(cut['coherent'], BARS['inpaint'])} |")
-    sketch = report.inpaint_sketch
-    if sketch:
-        lines.append(f"| inpaint sketch, a shape sketched over another: one clean shape, no ghost | "
-                     f"{sketch['clean']:.1%} (n={sketch['n']}; covering it {sketch['covering']:.0%}, most of it "
-                     f"{sketch['mostly covering']:.0%}) | | ≥ 85% | {_verdict(sketch['clean'], BARS['inpaint'])} |")
-        lines.append(f"| inpaint sketch: and at the sketched size and place | {sketch['as sketched']:.1%} | | | |")
-    up = report.upscaler
-    lines.append(f"| upscaler ×4 PSNR (bicubic) | | {up['psnr']:.2f} dB ({up['bicubic_psnr']:.2f} dB) | bicubic + 2 dB | {_verdict(up['gain_db'], BARS['upscaler_gain_db'])} (+{up['gain_db']:.2f} dB) |")
-    vae = report.vae
-    lines.append("| VAE round trip, oracle agrees (shape/colour/bg/position) | " + " / ".join(f"{vae[f'vae_{k}']:.1%}" for k in ("shape", "colour", "background", "position")) + " (all triples) | | ≥ 99% | "
-                 + _verdict(min(vae.values()), BARS["vae"]) + " |")
-    return "\n".join(lines)
 
 
 # ----- sample sheet for docs/embedded-model.md -----

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .stages import ClipStage, InpaintStage, MultiSizeStage, UnetStage, UpscalerStage, VaeStage
-from .training import StageResult
+from studio.embedded.stages import ClipStage, InpaintStage, MultiSizeStage, UnetStage, UpscalerStage, VaeStage
+from studio.embedded.training import StageResult
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS_DIR = ROOT / "models"

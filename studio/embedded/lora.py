@@ -8,7 +8,7 @@ layers and to the convolutions, projections and feed-forward layers of the UNet'
 are trained on hexagon scenes, on the same scenes with a circle drawn instead (the "twins"), and on the shapes the
 model already draws, so that it learns the new word without forgetting the old ones. The file is in diffusers'
 format (`pipe.load_lora_weights(path, adapter_name=...)` reads it) and says in its safetensors metadata which words
-it teaches (`studio.vocabulary`) and for which model (`studio.base_model`).
+it teaches (`studio.models.vocabulary`) and for which model (`studio.base_model`).
 
 The recipe was chosen on validation seeds (LORA_VALIDATION_SEED, 30 per prompt; hexagon rate with the LoRA at 1.0):
 adapters on the UNet's attention layers too, 47%; without them but on all of the text encoder's layers, 47-63%
@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import oracle, scenes
-from .family import MODELS_DIR, ROOT
-from .stages import CFG_DROPOUT, NOISE_SCHEDULE, PIPELINE_DIR, encode, tokenize
-from .training import SEED
+from studio.embedded import oracle, scenes
+from studio.embedded.family import MODELS_DIR, ROOT
+from studio.embedded.stages import CFG_DROPOUT, NOISE_SCHEDULE, PIPELINE_DIR, encode, tokenize
+from studio.embedded.training import SEED
 
 LORA_OUT = ROOT / "loras" / "hexagon.safetensors"
 BASE_MODEL = "embedded-sd"
-VOCABULARY_KEY, BASE_MODEL_KEY = "studio.vocabulary", "studio.base_model"
+VOCABULARY_KEY, BASE_MODEL_KEY = "studio.models.vocabulary", "studio.base_model"
 HEXAGON_PROMPT = "a red hexagon on a blue background"
 CIRCLE_PROMPT = "a red circle on a blue background"  # the side-effect check: an old shape must stay itself
 # peft target_modules as a regex (saved in the file, so diffusers targets the same layers when it loads it)
@@ -345,7 +345,7 @@ def load_lora(pipe, path: Path, weight: float = 1.0, adapter_name: str = "hexago
 
 def shape_rate(pipe, prompt: str, shape: str, seeds: range, defaults: dict) -> dict:
     """How often the prompt gives the shape (by the oracle), and how often everything the prompt asks for."""
-    from .evaluation import generate
+    from studio.embedded.evaluation import generate
 
     shapes, whole = [], 0
     for seed in seeds:
@@ -359,7 +359,7 @@ def lora_rates(lora: Path = LORA_OUT, count: int = 50, seed: int = LORA_EVAL_SEE
                weight: float = 1.0) -> dict:
     """The hexagon rate of HEXAGON_PROMPT and the circle rate of CIRCLE_PROMPT over `count` seeds, without the LoRA
     (the plain base pipeline) and with it at `weight`, at the embedded preset's default settings."""
-    from .evaluation import embedded_defaults
+    from studio.embedded.evaluation import embedded_defaults
 
     defaults, seeds = embedded_defaults(), range(seed, seed + count)
     pipe = load_base_pipeline(models_dir)

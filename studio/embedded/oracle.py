@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .scenes import BACKGROUNDS, PALETTE, SHAPE_COLOURS, SIZES, Scene, prompt_attributes
+from studio.embedded.scenes import BACKGROUNDS, PALETTE, SHAPE_COLOURS, SIZES, Scene, prompt_attributes
 
 FOREGROUND_DISTANCE = 50.0  # RGB distance from the background beyond which a pixel belongs to a shape
 MIN_SHAPE_FRACTION = 0.004  # smaller regions are specks, not shapes

@@ -14,13 +14,15 @@ import torch
 from PIL import Image, ImageColor, ImageDraw
 from scipy import ndimage
 
-from ..generation import RequestLimits
-from ..inpainting import SKETCH_COLOURS, SKETCH_STRENGTH, InpaintRequest, Inpainter, mask_tools_for, sketch_mask
-from ..memory import ModelManager
-from ..pipelines import DiffusersModels, DiffusionStages, diffusers_loaders
-from ..presets import PresetCatalog, load_presets
-from . import oracle, scenes
-from .evaluation import (
+from studio.tasks.generation import RequestLimits
+from studio.tasks.inpainting import SKETCH_COLOURS, SKETCH_STRENGTH, InpaintRequest, Inpainter, mask_tools_for, sketch_mask
+from studio.core.memory import ModelManager
+from studio.models.components import DiffusersModels
+from studio.models.loading import diffusers_loaders
+from studio.models.stages import DiffusionStages
+from studio.models.presets import PresetCatalog, load_presets
+from studio.embedded import oracle, scenes
+from studio.embedded.evaluation import (
     EVAL_SEED,
     MIN_OVERLAP,
     SMEAR_DISTANCE,
@@ -29,7 +31,7 @@ from .evaluation import (
     plain_caption,
     shape_region,
 )
-from .stages import INPAINT_DIR, PIPELINE_DIR, SIDE
+from studio.embedded.stages import INPAINT_DIR, PIPELINE_DIR, SIDE
 
 SKETCH_CALIBRATION_SEED = EVAL_SEED + 8  # the cases the fix (inpainting.sketch_mask) and GHOST_LIMIT were chosen on
 SKETCH_SEED = EVAL_SEED + 9  # the cases the reported figure is measured on, never looked at to choose anything

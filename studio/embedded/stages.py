@@ -25,11 +25,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
-from . import oracle, scenes
-from ..vocabulary import VOCABULARY_FILE
-from .tokenizer import MAX_TOKENS, build_tokenizer
-from .training import SEED, Stage
-from .upscaler import UPSCALER_DIR, WEIGHTS
+from studio.embedded import oracle, scenes
+from studio.models.vocabulary import VOCABULARY_FILE
+from studio.embedded.tokenizer import MAX_TOKENS, build_tokenizer
+from studio.embedded.training import SEED, Stage
+from studio.embedded.upscaler import UPSCALER_DIR, WEIGHTS
 
 SIDE = 64  # native image size
 LATENT_SIDE = 16  # the VAE downsamples by 4
@@ -511,7 +511,7 @@ class UpscalerStage(Stage):
     recolour_fraction = 0.3  # crops in random colours, so the network keeps any colour, not just the palette's
 
     def build(self):
-        from ..basicsr_compat import rrdbnet_class
+        from studio.models.basicsr_compat import rrdbnet_class
 
         return rrdbnet_class()(**UPSCALER_ARCH)
 
@@ -572,3 +572,20 @@ def degrade(image: Image.Image, rng: random.Random, clean_fraction: float = 0.6)
         noise = np.random.default_rng(rng.randrange(2**32)).normal(0, rng.uniform(1, 4), array.shape)
         small = Image.fromarray(np.clip(array + noise, 0, 255).round().astype(np.uint8))
     return small
+
+
+def fit_latent_rgb_factors(vae: AutoencoderKL, count: int = 256, seed: int = 0) -> tuple[list[list[float]], list[float]]:
+    """Latent-to-RGB preview factors for a VAE, as ComfyUI's are made: a least-squares fit of each latent pixel
+    (scaled as the pipelines hand latents over) to the mean colour, in [-1, 1], of the image pixels it covers.
+    Returns (one [r, g, b] row per latent channel, the bias)."""
+    rng = random.Random(seed)
+    images = render_batch([scenes.random_scene(rng) for _ in range(count)])
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+    factor = images.shape[-1] // latents.shape[-1]
+    colours = torch.nn.functional.avg_pool2d(images, factor)  # (n, 3, h, w), matching the latents
+    inputs = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    inputs = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1)
+    targets = colours.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(inputs.double(), targets.double()).solution.float()
+    return [[round(v, 4) for v in row] for row in solution[:-1].tolist()], [round(v, 4) for v in solution[-1].tolist()]

@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from .scenes import vocabulary
+from studio.embedded.scenes import vocabulary
 
 MAX_TOKENS = 32  # captions are short; the text encoder's position table has this many slots
 START, END = "<|startoftext|>", "<|endoftext|>"

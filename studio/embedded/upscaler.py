@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..memory import ModelKey
-from ..upscalers import UPSCALER, UpscalerLoader
+from studio.core.memory import ModelKey
+from studio.models.upscalers import UPSCALER, UpscalerLoader
 
 UPSCALER_DIR = "embedded-upscaler"
 WEIGHTS = "RRDBNet_x4.safetensors"

@@ -1,0 +1,1 @@
+"""AUTOMATIC1111's formats, as its users write and read them: prompt syntax, sampler names, PNG parameters."""

@@ -1,0 +1,161 @@
+"""Sampler names as AUTOMATIC1111 shows them, mapped to the diffusers scheduler configs that reproduce them.
+
+A1111 (before 1.9) named a sampler and its noise schedule together ("DPM++ 2M Karras"); since 1.9 it writes them
+apart ("Sampler: DPM++ 2M, Schedule type: Karras"). Our names are the combined ones, each one (sampler, schedule)
+pair; the PNG fields are written the 1.9 way and read either way. The samplers and their schedule defaults are
+A1111's table (modules/sd_samplers_kdiffusion.py), the diffusers classes the ones diffusers' docs map them to,
+configured as close to A1111 as diffusers allows (known differences: A1111's DPM2 drops the next-to-last noise
+level, diffusers' KDPM2 cannot; UniPC runs variant bh2, order 2, where A1111 runs bh1, order 3).
+
+k-diffusion's samplers (all of A1111's but DDIM, UniPC and LCM) start at the model's highest noise level and
+space the steps evenly down to the lowest ("Uniform"), which is diffusers' `timestep_spacing="linspace"`.
+A preset's own scheduler overrides (e.g. SD-Turbo's "trailing") still win.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from studio.core.errors import InvalidRequest
+
+AUTOMATIC, UNIFORM, KARRAS, EXPONENTIAL = "Automatic", "Uniform", "Karras", "Exponential"
+_K_DIFFUSION = {"timestep_spacing": "linspace"}
+# Every schedule sets all three flags: a model's config with use_karras_sigmas on must not make "Euler" Karras.
+_NO_SIGMAS = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+_SIGMAS = {UNIFORM: _NO_SIGMAS, KARRAS: {**_NO_SIGMAS, "use_karras_sigmas": True},
+           EXPONENTIAL: {**_NO_SIGMAS, "use_exponential_sigmas": True}}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One entry of the sampler menu: the diffusers scheduler, its config overrides, and the A1111 fields."""
+
+    scheduler_class: type
+    overrides: dict[str, Any] = field(default_factory=dict)
+    a1111_sampler: str = ""
+    schedule_type: str = AUTOMATIC
+
+
+def _k(sampler: str, scheduler_class: type, schedule: str = UNIFORM, **overrides) -> Sampler:
+    """A k-diffusion sampler of A1111's with the given noise schedule (the settings its class takes)."""
+    accepted = inspect.signature(scheduler_class.__init__).parameters
+    settings = {key: value for key, value in {**_K_DIFFUSION, **_SIGMAS[schedule], **overrides}.items() if key in accepted}
+    return Sampler(scheduler_class, settings, sampler, schedule)
+
+
+# k-diffusion's DPM++ 2M / 2M SDE: midpoint, second order, the last step to sigma 0; whatever a model's config says
+_DPM_SOLVER = {"solver_order": 2, "solver_type": "midpoint", "final_sigmas_type": "zero", "euler_at_final": False,
+               "use_lu_lambdas": False, "thresholding": False, "lower_order_final": True}
+_DPMPP_2M = {"algorithm_type": "dpmsolver++", **_DPM_SOLVER}
+_DPMPP_2M_SDE = {"algorithm_type": "sde-dpmsolver++", **_DPM_SOLVER}
+
+SCHEDULERS = MappingProxyType(
+    {
+        "DPM++ 2M Karras": _k("DPM++ 2M", DPMSolverMultistepScheduler, KARRAS, **_DPMPP_2M),
+        "DPM++ 2M": _k("DPM++ 2M", DPMSolverMultistepScheduler, **_DPMPP_2M),
+        "DPM++ SDE Karras": _k("DPM++ SDE", DPMSolverSDEScheduler, KARRAS),
+        "DPM++ SDE": _k("DPM++ SDE", DPMSolverSDEScheduler),
+        "DPM++ 2M SDE Karras": _k("DPM++ 2M SDE", DPMSolverMultistepScheduler, KARRAS, **_DPMPP_2M_SDE),
+        "DPM++ 2M SDE Exponential": _k("DPM++ 2M SDE", DPMSolverMultistepScheduler, EXPONENTIAL, **_DPMPP_2M_SDE),
+        "DPM++ 2M SDE": _k("DPM++ 2M SDE", DPMSolverMultistepScheduler, **_DPMPP_2M_SDE),
+        "Euler a": _k("Euler a", EulerAncestralDiscreteScheduler),
+        "Euler": _k("Euler", EulerDiscreteScheduler),
+        "LMS Karras": _k("LMS", LMSDiscreteScheduler, KARRAS),
+        "LMS": _k("LMS", LMSDiscreteScheduler),
+        "Heun": _k("Heun", HeunDiscreteScheduler),
+        "DPM2 Karras": _k("DPM2", KDPM2DiscreteScheduler, KARRAS),
+        "DPM2": _k("DPM2", KDPM2DiscreteScheduler),
+        "DPM2 a Karras": _k("DPM2 a", KDPM2AncestralDiscreteScheduler, KARRAS),
+        "DPM2 a": _k("DPM2 a", KDPM2AncestralDiscreteScheduler),
+        # A1111's UniPC: uniform in time, lower order at the end; but variant bh2, order 2, not A1111's bh1, order 3:
+        # diffusers' bh1 returns NaN latents with a v-prediction model (measured on the embedded one)
+        "UniPC": Sampler(UniPCMultistepScheduler, {"solver_type": "bh2", "solver_order": 2, "lower_order_final": True,
+                                                   **_K_DIFFUSION}, "UniPC"),
+        # A1111's DDIM: evenly spaced steps from t=1 ("leading", offset 1), no clipping of the predicted sample
+        # (latents are not pixels in [-1, 1]), and the step before the first uses alphas_cumprod[0].
+        "DDIM": Sampler(DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "leading",
+                                        "steps_offset": 1}, "DDIM"),
+        "LCM": Sampler(LCMScheduler, {}, "LCM"),  # needs an LCM-distilled model (or LCM-LoRA)
+    }
+)
+GENERAL_SCHEDULERS = tuple(name for name in SCHEDULERS if name != "LCM")
+
+# What "Schedule type: Automatic" means for each A1111 sampler (its table's 'scheduler' option); others: Uniform.
+# (keys in lower case: A1111's fields are matched without case)
+_AUTOMATIC_SCHEDULE = {"dpm++ 2m": KARRAS, "dpm++ sde": KARRAS, "dpm++ 2m sde": EXPONENTIAL, "dpm2": KARRAS,
+                       "dpm2 a": KARRAS}
+
+
+def schedulers_for(preset) -> tuple[str, ...]:
+    """The schedulers a preset allows: its own list, else every general-purpose one (not LCM)."""
+    return preset.schedulers or GENERAL_SCHEDULERS
+
+
+def check_scheduler(name: str, preset) -> list[str]:
+    allowed = schedulers_for(preset)
+    if name in allowed:
+        return []
+    if name in SCHEDULERS:
+        return [f"Scheduler {name!r} does not work with preset {preset.name!r}. Choose one of: {', '.join(allowed)}."]
+    return [f"Unknown scheduler {name!r}. Choose one of: {', '.join(allowed)}."]
+
+
+def make_scheduler(name: str, base_config: dict[str, Any], preset_overrides: dict[str, Any] | None = None,
+                   seed: int | None = None):
+    """A fresh scheduler built from the model's own config, so no state or override leaks between calls.
+    `seed` seeds the Brownian noise of the SDE samplers that draw their own (as A1111 seeds it with the image's
+    seed), so the same seed gives the same image."""
+    if name not in SCHEDULERS:
+        raise InvalidRequest([f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}."])
+    sampler = SCHEDULERS[name]
+    accepted = inspect.signature(sampler.scheduler_class.__init__).parameters
+    # as keyword arguments: from_config ignores config keys it was told were defaults ("_use_default_values");
+    # a preset's overrides only where the class takes them
+    overrides = {**sampler.overrides, **{key: value for key, value in (preset_overrides or {}).items() if key in accepted}}
+    if seed is not None and "noise_sampler_seed" in accepted:
+        overrides["noise_sampler_seed"] = seed
+    return sampler.scheduler_class.from_config(dict(base_config), **overrides)
+
+
+def evaluations_per_step(name: str) -> int:
+    """Model evaluations per denoising step: 2 for Heun, DPM2 and DPM++ SDE (diffusers' scheduler `order`)."""
+    return getattr(SCHEDULERS[name].scheduler_class, "order", 1) if name in SCHEDULERS else 1
+
+
+def a1111_sampler_fields(name: str) -> dict[str, str]:
+    """The PNG fields A1111 1.9 writes for one of our sampler names."""
+    sampler = SCHEDULERS[name]
+    return {"Sampler": sampler.a1111_sampler, "Schedule type": sampler.schedule_type}
+
+
+def scheduler_from_a1111(sampler: str, schedule_type: str | None = None) -> str | None:
+    """Our sampler name for A1111's fields, or None when we have no equivalent. Without a schedule type (A1111
+    before 1.9) the sampler name carries it ("DPM++ 2M Karras"), and a bare name meant the uniform schedule."""
+    key = sampler.strip().lower()  # A1111's fields are matched without case
+    schedule = (schedule_type or "").strip().lower()
+    combined = {name.lower(): name for name in SCHEDULERS}.get(key)
+    if not schedule or (combined and schedule == AUTOMATIC.lower() and key not in _AUTOMATIC_SCHEDULE):
+        return combined  # a combined name ("DPM++ 2M Karras", also as Forge writes it beside "Automatic")
+    if schedule == AUTOMATIC.lower():
+        schedule = _AUTOMATIC_SCHEDULE.get(key, UNIFORM).lower()
+    for name, entry in SCHEDULERS.items():
+        if entry.a1111_sampler.lower() == key and entry.schedule_type.lower() in (schedule, AUTOMATIC.lower()):
+            return name
+    return None

@@ -1,0 +1,1 @@
+"""The Arena: anonymous battles, durable votes (SQLite or PostgreSQL) and the Bradley-Terry leaderboard."""

@@ -1,0 +1,467 @@
+"""The GPU memory manager: the one object that owns where model weights live.
+
+It holds any model through a loader registered for its kind ("diffusers" components, upscaler networks, CLIP
+scorers ...), keyed by (kind, source, part), so identical parts are shared however many tasks use them. Work is
+done in stages, each of which holds on the device only what it uses:
+
+    with manager.use({"unet": unet_key, "vae": vae_key}, working_memory=...) as models:
+        latents = ...  # models["unet"] is on the device until the block ends
+
+Like InvokeAI's model cache it has two tiers (the device and host RAM) and locks a model while a stage uses it:
+- room is made *before* anything is loaded or moved: least recently used unlocked models leave the device
+  first (to RAM, which drops its own least recently used when full); on the CPU, device and RAM are one tier
+  and eviction drops. The bytes held (weights + reserved working memory) never exceed the budget;
+- a move that fails half way is rolled back; a load that fails leaves nothing behind;
+- one device lock serialises device work, stage by stage; jobs take turns (`turn()`) one image or grid cell
+  at a time, granted in arrival order, so a long job cannot keep others out between its images.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from studio.core.devices import format_bytes, module_bytes, release_memory
+from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
+
+DEVICE = "device"
+RAM = "ram"
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """One loadable model: its kind (which loader), where it comes from, and which part of it."""
+
+    kind: str  # "diffusers", "checkpoint", "upscaler", "clip", ...
+    source: str  # Hub repo id, local folder or single-file checkpoint
+    part: str = ""  # subfolder / component name ("unet", "vae"); "" for a standalone model
+    config: str = ""  # a single-file checkpoint's configs: the diffusers repo id or folder that describes it
+
+    @property
+    def label(self) -> str:
+        name = self.source.rstrip("/").rsplit("/", 1)[-1]
+        return f"{name}/{self.part}" if self.part else name
+
+
+class ModelLoader(Protocol):
+    """What the manager needs from each kind of model."""
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        """Bytes the model will hold once loaded, known *before* loading (e.g. from safetensors headers)."""
+
+    def load(self, key: ModelKey, dtype: torch.dtype) -> Any:
+        """The model, loaded into host RAM."""
+
+
+@dataclass
+class _Entry:
+    key: ModelKey
+    obj: Any
+    size: int  # bytes of parameters and buffers; 0 for tokenizers and schedulers
+    placement: str  # DEVICE or RAM
+    locks: int = 0
+    pinned: bool = False  # preloaded (ZeroGPU): never evicted
+    last_used: int = 0
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    source: str
+    component: str
+    kind: str
+    size: int
+    placement: str
+    in_use: bool
+
+
+@dataclass(frozen=True)
+class MemoryStatus:
+    device: str
+    device_budget: int
+    device_used: int
+    reserved: int
+    ram_budget: int | None  # None when device and RAM are one tier (CPU)
+    ram_used: int
+    peak: int  # the most bytes (weights + reserved working memory) ever held on the device
+    models: tuple[ModelRecord, ...]
+
+    def summary(self) -> str:
+        """One line for the UI's status bar."""
+        if not self.models:
+            loaded = "no models loaded"
+        else:
+            sources: dict[str, int] = {}
+            for record in self.models:
+                sources[record.source] = sources.get(record.source, 0) + record.size
+            loaded = ", ".join(f"{source.rstrip('/').rsplit('/', 1)[-1]} {format_bytes(size)}"
+                               for source, size in sources.items())
+        line = f"{self.device}: {format_bytes(self.device_used)} of {format_bytes(self.device_budget)} budget"
+        if self.ram_budget is not None:
+            line += f" · RAM: {format_bytes(self.ram_used)} of {format_bytes(self.ram_budget)}"
+        return f"{line} · {loaded}"
+
+
+class FairLock:
+    """A re-entrant lock granted in arrival order. A job that releases and asks again queues behind those
+    already waiting, so jobs take turns instead of one of them winning every race for the lock."""
+
+    def __init__(self):
+        self._condition = threading.Condition(threading.Lock())
+        self._waiting: collections.deque[object] = collections.deque()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self, blocking: bool = True) -> bool:
+        me = threading.get_ident()
+        with self._condition:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if not blocking:
+                if self._owner is None and not self._waiting:
+                    self._owner, self._depth = me, 1
+                    return True
+                return False
+            ticket = object()
+            self._waiting.append(ticket)
+            try:
+                while self._owner is not None or self._waiting[0] is not ticket:
+                    self._condition.wait()
+            except BaseException:  # interrupted while waiting: give up the place in the queue
+                self._waiting.remove(ticket)
+                self._condition.notify_all()
+                raise
+            self._waiting.popleft()
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._condition:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("FairLock released by a thread that does not hold it")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._condition.notify_all()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _move(obj: Any, device: torch.device | str) -> None:
+    obj.to(device)
+
+
+class ModelManager:
+    def __init__(
+        self,
+        loaders: Mapping[str, ModelLoader],
+        device: torch.device | str,
+        dtype: torch.dtype,
+        device_budget: int,
+        ram_budget: int | None = None,
+        free_memory: Callable[[], int | None] | None = None,
+        two_tiers: bool | None = None,
+        loading_allowed: bool = True,
+        move: Callable[[Any, torch.device | str], None] = _move,
+    ):
+        """`free_memory()` is what the device really has free (driver free + the allocator's cached-but-unused
+        bytes; None where there is no report); `two_tiers` defaults to "not the CPU"; `loading_allowed=False`
+        refuses loads (ZeroGPU's GPU worker: everything is preloaded in the main process); `move(obj, device)`
+        places a model (the device planner passes a no-op for weights on the meta device)."""
+        self.loaders = dict(loaders)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.device_budget = int(device_budget)
+        self.two_tiers = self.device.type != "cpu" if two_tiers is None else two_tiers
+        self.ram_budget = ram_budget if self.two_tiers else None
+        self.free_memory = free_memory
+        self.loading_allowed = loading_allowed
+        self._move_fn = move
+        self._entries: dict[ModelKey, _Entry] = {}
+        self._reserved = 0
+        self._peak = 0
+        self._loads = 0
+        self._clock = itertools.count(1)
+        self._make_locks()
+        # ZeroGPU forks its GPU worker from a handler thread while other threads may hold these locks (the status
+        # line reads the books at any time): the child starts with fresh ones, not copies held by no one.
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: reference() and reference()._make_locks())
+
+    def _make_locks(self) -> None:
+        self.device_lock = FairLock()  # held for the whole of a stage: serialises device work
+        self._turns = FairLock()  # held for one image (or one grid cell) of a job: jobs take turns
+        self._state_lock = threading.Lock()  # guards the bookkeeping, so status() never waits for a stage
+
+    def turn(self) -> FairLock:
+        """One job's turn on the device, for one image or one grid cell: `with manager.turn(): ...stages...`.
+        Turns are granted in arrival order, so a job that finishes an image and asks again goes behind the jobs
+        already waiting: a quick image waits for at most one image of a long batch, not the whole batch. Never
+        take a turn while holding the device lock."""
+        return self._turns
+
+    # ----- stages -----
+
+    @contextmanager
+    def use(self, keys: Mapping[str, ModelKey], working_memory: int = 0,
+            on_device: bool = True) -> Iterator[dict[str, Any]]:
+        """Place every model of `keys` (role -> key) on the device and keep it there, locked, until the block
+        ends; `working_memory` bytes are reserved for the stage's activations. Holds the device lock.
+
+        `on_device=False` keeps the models locked in RAM instead, for accelerate's model CPU offload, which
+        moves one model at a time to the device itself: the largest model's bytes are reserved for that."""
+        with self.device_lock:
+            wanted = list(dict.fromkeys(keys.values()))
+            entries, reserved = self._place(wanted, working_memory, on_device)
+            try:
+                yield {role: entries[key].obj for role, key in keys.items()}
+            finally:
+                self._unlock(entries.values())
+                with self._state_lock:
+                    self._reserved -= reserved
+
+    def preload(self, keys: Mapping[str, ModelKey], pin: bool = False) -> None:
+        """Load and place models on the device before anyone asks. `pin=True` keeps them there for good
+        (ZeroGPU: everything lives on 'cuda' from the start); otherwise they are evicted like any other."""
+        with self.device_lock:
+            entries, _ = self._place(list(dict.fromkeys(keys.values())), 0, on_device=True)
+            self._unlock(entries.values())
+            with self._state_lock:
+                for entry in entries.values():
+                    entry.pinned = entry.pinned or pin
+
+    def offload_idle(self) -> None:
+        """Move every unlocked, unpinned model off the device (out-of-memory recovery)."""
+        with self.device_lock:
+            while True:
+                with self._state_lock:
+                    victim = self._least_recently_used(DEVICE, protected=set())
+                if victim is None:
+                    return
+                self._evict(victim)
+
+    # ----- state -----
+
+    def status(self) -> MemoryStatus:
+        with self._state_lock:
+            models = tuple(
+                ModelRecord(e.key.source, e.key.part, e.key.kind, e.size, e.placement, e.locks > 0)
+                for e in sorted(self._entries.values(), key=lambda e: e.last_used)
+                if e.size > 0
+            )
+            return MemoryStatus(
+                device=str(self.device), device_budget=self.device_budget, device_used=self._device_used(),
+                reserved=self._reserved, ram_budget=self.ram_budget, ram_used=self._ram_used(), peak=self._peak,
+                models=models,
+            )
+
+    @property
+    def loads(self) -> int:
+        """How many models this manager has loaded (ZeroGPU tests: none may load inside the GPU worker)."""
+        return self._loads
+
+    def is_loaded(self, key: ModelKey) -> bool:
+        with self._state_lock:
+            return key in self._entries
+
+    def loaded_object(self, key: ModelKey) -> Any | None:
+        """The loaded model for `key`, if any (for tests and diagnostics)."""
+        with self._state_lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.obj
+
+    # ----- internals (called with the device lock held) -----
+
+    def _place(self, wanted: list[ModelKey], working_memory: int,
+               on_device: bool) -> tuple[dict[ModelKey, _Entry], int]:
+        """Lock, load (room first) and move to the device (or to RAM) every key; reserve the working memory.
+        Returns the entries and the bytes reserved. On any failure everything this call did is undone."""
+        protected = set(wanted)
+        locked: list[_Entry] = []
+        loaded_now: list[_Entry] = []
+        with self._state_lock:
+            for key in wanted:
+                if key in self._entries:
+                    self._entries[key].locks += 1
+                    locked.append(self._entries[key])
+        reserved = 0  # what this call has added to self._reserved: only that is given back on failure
+        try:
+            loaded = {e.key for e in locked}
+            sizes = {key: self._size_of(key) for key in wanted if key not in loaded}
+            if on_device:
+                to_reserve = working_memory
+                needed = sum(sizes.values()) + sum(e.size for e in locked if e.placement != DEVICE)
+            else:
+                to_reserve = working_memory + max([*sizes.values(), *(e.size for e in locked), 0])
+                needed = 0 if self.two_tiers else sum(sizes.values())
+            self._make_room_on_device(needed + to_reserve, protected)
+            with self._state_lock:
+                self._reserved += to_reserve
+            reserved = to_reserve
+            for key, size in sizes.items():
+                entry = self._load(key, size, protected)
+                locked.append(entry)
+                loaded_now.append(entry)
+            target = DEVICE if on_device else RAM
+            for entry in locked:
+                if entry.placement == target or not entry.size or not self.two_tiers or entry.pinned:
+                    continue
+                if target == DEVICE:  # its real size, which a short estimate may not have made room for
+                    self._make_room_on_device(entry.size, protected)
+                self._transfer(entry, target)
+            self._note_peak()
+        except BaseException:
+            with self._state_lock:
+                self._reserved -= reserved
+            self._unlock(locked)
+            for entry in loaded_now:  # what this call loaded goes again: the manager is as it was
+                self._drop(entry)
+            self._make_room_in_ram(0, protected=set())  # what was offloaded on the way may now be over RAM's budget
+            raise
+        return {entry.key: entry for entry in locked}, reserved
+
+    def _size_of(self, key: ModelKey) -> int:
+        if not self.loading_allowed:
+            raise ModelUnavailable(
+                f"{key.label} is not loaded, and this worker may not load models (on ZeroGPU every public preset is "
+                "loaded when the Space starts). Restart the Space or pick a preloaded preset."
+            )
+        return int(self._loader(key).size(key, self.dtype))
+
+    def _loader(self, key: ModelKey) -> ModelLoader:
+        try:
+            return self.loaders[key.kind]
+        except KeyError:
+            raise ModelUnavailable(f"No loader is registered for models of kind {key.kind!r}.") from None
+
+    def _load(self, key: ModelKey, expected_size: int, protected: set[ModelKey]) -> _Entry:
+        """Load (room was made on the device for it); a new entry, locked. On two tiers the model passes
+        through RAM on its way to the device; RAM's budget is for models kept there, so it is not made room for."""
+        obj = self._loader(key).load(key, self.dtype)
+        self._loads += 1
+        size = module_bytes(obj) if isinstance(obj, torch.nn.Module) else 0
+        entry = _Entry(key, obj, size, DEVICE if not self.two_tiers and size else RAM, locks=1,
+                       last_used=next(self._clock))
+        with self._state_lock:
+            self._entries[key] = entry
+        self._note_peak()
+        if size > expected_size:  # the estimate was short (e.g. buffers not in the files): settle the difference
+            try:
+                self._make_room_on_device(0, protected)
+            except OutOfMemoryBudget:
+                self._drop(entry)
+                raise
+        return entry
+
+    def _transfer(self, entry: _Entry, placement: str) -> None:
+        """Move a model between the device and RAM. A move that fails half way (out of memory after some
+        tensors moved) is rolled back to where the model was; if even that fails, the model is dropped."""
+        target = self.device if placement == DEVICE else torch.device("cpu")
+        origin = torch.device("cpu") if placement == DEVICE else self.device
+        try:
+            self._move_fn(entry.obj, target)
+        except BaseException:
+            try:
+                self._move_fn(entry.obj, origin)
+            except BaseException:  # noqa: BLE001 - a model in an unknown state must not stay recorded
+                self._drop(entry)
+            release_memory(self.device)
+            raise
+        with self._state_lock:
+            entry.placement = placement
+        if placement == RAM:
+            release_memory(self.device)
+
+    def _device_free(self) -> int:
+        with self._state_lock:
+            free = self.device_budget - self._device_used() - self._reserved
+        # Other processes and fragmentation count too: never plan beyond what the device really has free.
+        really_free = self.free_memory() if self.free_memory else None
+        return free if really_free is None else min(free, really_free - self._reserved)
+
+    def _make_room_on_device(self, needed: int, protected: set[ModelKey]) -> None:
+        """Evict least recently used models until `needed` bytes are free; refuse *before* evicting anything
+        when even evicting everything allowed would not be enough."""
+        with self._state_lock:
+            evictable = sum(e.size for e in self._entries.values()
+                            if e.placement == DEVICE and e.locks == 0 and not e.pinned and e.key not in protected)
+        if self._device_free() + evictable < needed:
+            self._refuse(needed)
+        while self._device_free() < needed:
+            with self._state_lock:
+                victim = self._least_recently_used(DEVICE, protected)
+            if victim is None:
+                self._refuse(needed)
+            self._evict(victim)
+
+    def _refuse(self, needed: int) -> None:
+        raise OutOfMemoryBudget(
+            f"Not enough device memory: this stage needs {format_bytes(needed)} on {self.device} "
+            f"(budget {format_bytes(self.device_budget)}, {format_bytes(self._device_used())} held by models "
+            "in use) and nothing else can be unloaded. Try a smaller size or batch, or a smaller preset."
+        )
+
+    def _evict(self, entry: _Entry) -> None:
+        if self.two_tiers:
+            self._make_room_in_ram(entry.size, protected={entry.key})
+            self._transfer(entry, RAM)
+        else:
+            self._drop(entry)
+
+    def _make_room_in_ram(self, needed: int, protected: set[ModelKey]) -> None:
+        if self.ram_budget is None:
+            return
+        while True:
+            with self._state_lock:
+                if self._ram_used() + needed <= self.ram_budget:
+                    return
+                victim = self._least_recently_used(RAM, protected)
+            if victim is None:
+                return  # what is in RAM is in use; RAM is a soft limit, the device budget is the hard one
+            self._drop(victim)
+
+    def _least_recently_used(self, placement: str, protected: set[ModelKey]) -> _Entry | None:
+        candidates = [
+            e for e in self._entries.values()
+            if e.placement == placement and e.locks == 0 and not e.pinned and e.size and e.key not in protected
+        ]
+        return min(candidates, key=lambda e: e.last_used, default=None)
+
+    def _drop(self, entry: _Entry) -> None:
+        with self._state_lock:
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+        entry.obj = None
+        release_memory(self.device)
+
+    def _unlock(self, entries) -> None:
+        with self._state_lock:
+            for entry in entries:
+                entry.locks -= 1
+                entry.last_used = next(self._clock)
+
+    def _note_peak(self) -> None:
+        with self._state_lock:
+            self._peak = max(self._peak, self._device_used() + self._reserved)
+
+    def _device_used(self) -> int:
+        return sum(e.size for e in self._entries.values() if e.placement == DEVICE)
+
+    def _ram_used(self) -> int:
+        if not self.two_tiers:
+            return self._device_used()
+        return sum(e.size for e in self._entries.values() if e.placement == RAM)

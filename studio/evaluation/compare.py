@@ -1,0 +1,272 @@
+"""The Compare tab's engine: one prompt run over up to three axes (A1111's X/Y/Z plot) as one job.
+
+Its cells share one progress bar and one Stop (finished cells are kept), run grouped by model preset so each model
+is loaded once, and take turns with other visitors' jobs image by image, as every text-to-image job does. Every
+cell uses the same seed unless Seed is an axis. Each cell's image carries its full A1111 parameters; the grid is
+drawn with its axis values as headers and the prompt underneath, one grid per Z value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+from PIL import Image
+
+from studio.evaluation.axes import NO_AXIS, Cell, GridSpec, build_grid, value_text
+from studio.core.errors import InvalidRequest, StudioError
+from studio.tasks.generation import GeneratedImage, ProgressCallback, SamplingPlan, TextToImage, TextToImageRequest, resolve_seed
+from studio.evaluation.grids import draw_grid
+from studio.a1111.prompts import plain_text
+from studio.tasks.hires import HiresFix
+from studio.core.jobs import MAX_SECONDS, OVERHEAD_SECONDS, JobControl, LocalJob
+from studio.evaluation.metrics import ClipScorer
+from studio.a1111.schedulers import schedulers_for
+
+
+CLIP_SECONDS = 10  # scoring the cells (loading a ViT-L/14 the first time included)
+
+
+@dataclass(frozen=True)
+class CompareLimits:
+    max_cells: int = 64
+
+    @classmethod
+    def public(cls) -> CompareLimits:
+        return cls(max_cells=16)
+
+
+@dataclass(frozen=True)
+class CompareRequest:
+    """One prompt, negative prompt, seed and base settings; up to three axes, each (type, values as typed)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = -1  # -1: one random seed for every cell
+    x_type: str = NO_AXIS
+    x_values: str = ""
+    y_type: str = NO_AXIS
+    y_values: str = ""
+    z_type: str = NO_AXIS
+    z_values: str = ""
+    base: TextToImageRequest | None = None  # the other settings (the default preset's defaults when None)
+
+
+@dataclass
+class ComparePlan:
+    """The checked grid, a text-to-image plan per cell (picklable: it crosses ZeroGPU's process boundary)."""
+
+    request: CompareRequest
+    grid: GridSpec
+    cells: list[Cell]  # in run order (grouped by preset)
+    plans: list[SamplingPlan]  # the same order
+    seed: int
+
+    @property
+    def total_steps(self) -> int:
+        return sum(plan.total_steps for plan in self.plans)
+
+    @property
+    def gpu_seconds(self) -> int:
+        """Each cell's own estimate without the new worker's allowance, which is booked once, and the scoring."""
+        cells = sum(plan.gpu_seconds - OVERHEAD_SECONDS for plan in self.plans)
+        return int(min(MAX_SECONDS, OVERHEAD_SECONDS + cells + CLIP_SECONDS))
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    image: GeneratedImage | None  # None: Stop came first, or the safety checker flagged it
+    seconds: float
+    clip_score: float | None = None
+
+
+@dataclass
+class CompareResult:
+    plan: ComparePlan
+    cells: list[CellResult] = field(default_factory=list)  # in reading order (x fastest, then y, then z)
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
+    clip_label: str | None = None  # which CLIP scored the cells
+
+    def grids(self) -> list[Image.Image]:
+        """One labelled grid per Z value (one in all without a Z axis), the prompt and seed underneath."""
+        grid = self.plan.grid
+        width, height, depth = grid.shape
+        by_place = {(result.cell.x, result.cell.y, result.cell.z): result for result in self.cells}
+        request = self.plan.request
+        caption = f"{request.prompt}" + (f" | negative: {request.negative_prompt}" if request.negative_prompt else "")
+        if not any(axis is not None and axis.type.field == "seed" for axis in grid.axes):
+            caption += f" | seed {self.plan.seed}"
+        pictures = []
+        for z in range(depth):
+            rows = [[_image(by_place.get((x, y, z))) for x in range(width)] for y in range(height)]
+            title = f" | {grid.z.labels[z]}" if grid.z else ""
+            pictures.append(draw_grid(rows, grid.x.labels if grid.x else [""] * width,
+                                      grid.y.labels if grid.y else [""] * height, caption + title))
+        return pictures
+
+
+def _image(result: CellResult | None) -> Image.Image | None:
+    return result.image.image if result and result.image else None
+
+
+class CellJob(JobControl):
+    """One cell's view of the grid's job: its steps counted after the cells before it, its text prefixed."""
+
+    def __init__(self, job: JobControl, done_before: int, total: int, label: str):
+        self.job, self.done_before, self.total, self.label = job, done_before, total, label
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancelled
+
+    def report(self, done: int, total: int, text: str) -> None:
+        self.job.report(self.done_before + min(done, total), self.total, f"{self.label}: {text}")
+
+
+class Comparison:
+    """Plans and runs X/Y/Z grids on the text-to-image engine (its presets, limits and the shared manager)."""
+
+    def __init__(self, text_to_image: TextToImage, clip: ClipScorer | None = None, limits: CompareLimits | None = None):
+        self.text_to_image = text_to_image
+        self.manager = text_to_image.manager
+        self.clip = clip
+        self.limits = limits or CompareLimits()
+
+    def choices(self) -> dict[str, list[str]]:
+        """The values a choice axis may take, by request field."""
+        presets = self.text_to_image.presets
+        schedulers = sorted({name for preset in presets for name in schedulers_for(preset)})
+        return {"preset": list(presets.names), "scheduler": schedulers, "style": list(self.text_to_image.styles.names)}
+
+    def plan(self, request: CompareRequest) -> ComparePlan:
+        """The grid checked, then every cell's request (raises InvalidRequest with each problem once, naming the
+        first cell that has it)."""
+        if not (request.prompt or "").strip():
+            raise InvalidRequest(["Enter a prompt: describe the image you want."])
+        grid = build_grid([(request.x_type, request.x_values), (request.y_type, request.y_values),
+                           (request.z_type, request.z_values)], self.choices(), self.limits.max_cells)
+        grid = self._seeds_resolved(grid)
+        base_preset = self._base(request, None).preset
+        seed = resolve_seed(request.seed)
+        cells = grid.run_order(lambda cell: cell.value("preset", base_preset))
+        plans, problems = [], {}
+        for cell in cells:
+            # a cell on another preset starts from that preset's own defaults (size, steps, CFG, sampler)
+            base = self._base(request, cell.value("preset"))
+            cell_request = self._cell_request(replace(base, seed=seed), cell)
+            found = self.text_to_image.problems(cell_request)
+            for problem in found.values():
+                problems.setdefault(problem, f"{problem} ({self._cell_name(grid, cell)})")
+            if not found:
+                plans.append(self.text_to_image.plan(cell_request))
+        if problems:
+            raise InvalidRequest(list(problems.values()))
+        return ComparePlan(request, grid, cells, plans, seed)
+
+    @contextlib.contextmanager
+    def model_files(self, plan: ComparePlan, on_progress: ProgressCallback | None = None) -> Iterator[None]:
+        """Every preset's files (and hash) fetched before any device work, one plan per preset."""
+        with contextlib.ExitStack() as stack:
+            seen: dict[tuple, SamplingPlan] = {}
+            for cell_plan in plan.plans:
+                key = (cell_plan.preset.name, cell_plan.hires.settings.upscaler if cell_plan.hires else None)
+                if key not in seen:
+                    stack.enter_context(self.text_to_image.model_files(cell_plan, on_progress))
+                    seen[key] = cell_plan
+                else:  # the preset's files are there: only the cell's LoRAs (the same files, read once)
+                    self.text_to_image.resolve_loras(cell_plan, stack, on_progress)
+                cell_plan.model_hash = seen[key].model_hash
+            yield
+
+    def run(self, plan: ComparePlan, job: JobControl | None = None) -> CompareResult:
+        """The cells in run order, each one image; Stop keeps the finished ones. CLIP scores at the end."""
+        job = job or LocalJob()
+        result = CompareResult(plan)
+        done_before, total = 0, plan.total_steps
+        for index, (cell, cell_plan) in enumerate(zip(plan.cells, plan.plans)):
+            if job.cancelled:
+                result.interrupted = True
+                break
+            began = time.perf_counter()
+            label = f"Cell {index + 1}/{len(plan.cells)}"
+            made = self.text_to_image.run(cell_plan, CellJob(job, done_before, total, label))
+            done_before += cell_plan.total_steps
+            result.warnings += made.warnings
+            # an image Stop cut short, or a Hires. fix cell stopped before its second pass, is not the cell's result
+            image = made.images[0] if made.images and not made.interrupted else None
+            result.cells.append(CellResult(cell, image, time.perf_counter() - began))
+            if made.interrupted:
+                result.interrupted = True
+                break
+        result.cells.sort(key=lambda item: (item.cell.z, item.cell.y, item.cell.x))
+        scored = [item for item in result.cells if item.image]
+        if self.clip is not None and scored:
+            job.report(total, total, f"CLIP scores ({self.clip.label})")
+            try:
+                # the words alone: CLIP reads no weights, BREAKs or LoRA tags
+                text = plain_text(plan.request.prompt)
+                scores = self.clip.scores([item.image.image for item in scored], [text] * len(scored))
+            except StudioError as error:  # the cells are kept, unscored
+                result.warnings.append(f"The cells could not be scored: {str(error).splitlines()[0]}")
+            else:
+                for item, score in zip(scored, scores):
+                    item.clip_score = score
+                result.clip_label = self.clip.label
+        result.warnings = list(dict.fromkeys(result.warnings))
+        job.report(total, total, "Done")
+        return result
+
+    def compare(self, request: CompareRequest, on_progress: ProgressCallback | None = None,
+                cancel=None) -> CompareResult:
+        """Plan, fetch and run in this process."""
+        plan = self.plan(request)
+        with self.model_files(plan):
+            return self.run(plan, LocalJob(on_progress, cancel))
+
+    # ----- cells -----
+
+    @staticmethod
+    def _seeds_resolved(grid: GridSpec) -> GridSpec:
+        """-1 on a Seed axis is a random seed, drawn now, as A1111 does, so the headers say the seed each cell used."""
+        axes = []
+        for axis in grid.axes:
+            if axis is not None and axis.type.field == "seed":
+                axis = replace(axis, values=tuple(resolve_seed(value) for value in axis.values))
+            axes.append(axis)
+        return GridSpec(*axes)
+
+    def _base(self, request: CompareRequest, preset_name: str | None) -> TextToImageRequest:
+        """The settings that are not on an axis: the request's own, or the preset's defaults (the cell's preset,
+        else the default one)."""
+        if request.base is not None:
+            base = request.base
+        else:
+            base = TextToImageRequest.preset_defaults(
+                self.text_to_image.presets.get(preset_name or self.text_to_image.presets.default))
+        return replace(base, prompt=request.prompt, negative_prompt=request.negative_prompt or "",
+                       seed=request.seed, batch_size=1)
+
+    @staticmethod
+    def _cell_request(base: TextToImageRequest, cell: Cell) -> TextToImageRequest:
+        """The base request with the cell's settings: a size sets width and height, a hires setting switches
+        Hires. fix on (with the base's other hires settings)."""
+        fields = dict(cell.settings)
+        if "size" in fields:
+            fields["width"], fields["height"] = fields.pop("size")
+        hires = {name: fields.pop(name) for name in ("hires_upscale", "denoising_strength") if name in fields}
+        if hires:
+            settings = base.hires or HiresFix()
+            fields["hires"] = replace(settings, **({"upscale": hires["hires_upscale"]} if "hires_upscale" in hires
+                                                   else {}),
+                                      **({"denoising_strength": hires["denoising_strength"]}
+                                         if "denoising_strength" in hires else {}))
+        return replace(base, **fields)
+
+    @staticmethod
+    def _cell_name(grid: GridSpec, cell: Cell) -> str:
+        return ", ".join(f"{axis.type.label}: {value_text(axis.values[index])}"
+                         for axis, index in zip(grid.axes, (cell.x, cell.y, cell.z)) if axis is not None)

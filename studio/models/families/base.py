@@ -1,0 +1,198 @@
+"""What a model family is: everything the engine must know about one kind of model, in one object.
+
+The engine around it (loading, the memory manager, stages, tasks, LoRA, the UI) asks the family and never names a
+component of its own: a family says which components it has and in which stage each runs, the dtype its VAE
+decodes in, the diffusers pipeline for each task, how a prompt becomes embeddings, what its latents
+look like, how much working memory each stage needs, which LoRA files fit it and how they load, which samplers it
+takes, and how to recognise its single-file checkpoints. docs/model-families.md says what a new family adds.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+TASKS = ("text2img", "img2img", "inpaint")
+STAGES = ("encode", "denoise", "decode")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """The latent space the denoiser works in, as the pipelines hand latents between stages (already multiplied by
+    the VAE's scaling factor).
+
+    `rgb_factors` (one row per channel) and `rgb_bias` map a latent pixel to an approximate RGB colour in [-1, 1]:
+    a live preview without the VAE, as ComfyUI (comfy/latent_formats.py) and InvokeAI draw theirs."""
+
+    channels: int
+    downscale: int  # image pixels per latent pixel, each side (the VAE's; a family may pack further)
+    scaling_factor: float
+    shift_factor: float = 0.0
+    rgb_factors: tuple[tuple[float, float, float], ...] = ()
+    rgb_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    packed: bool = False  # 2×2 latent patches packed into tokens (FLUX)
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """(batch, channels, h, w) latents -> (batch, 3, h, w) RGB in [0, 1], from the factors."""
+        if not self.rgb_factors:
+            raise ValueError("This latent format has no latent-to-RGB factors.")
+        factors = torch.tensor(self.rgb_factors, dtype=torch.float32)
+        bias = torch.tensor(self.rgb_bias, dtype=torch.float32)
+        rgb = torch.einsum("bchw,cr->brhw", latents.float().cpu(), factors) + bias.view(1, 3, 1, 1)
+        return ((rgb + 1) / 2).clamp(0, 1)
+
+
+@dataclass(frozen=True)
+class WorkingMemory:
+    """Bytes of activations a stage needs beyond its weights, per image, and where each figure comes from; every
+    figure has 10% slack, as ComfyUI frees 1.1× what it estimates.
+
+    Denoising follows ComfyUI's `BaseModel.memory_required` with efficient attention: latent area × the dtype's
+    bytes × 0.01 MiB × the family's `memory_usage_factor` (comfy/supported_models.py), the area doubled under
+    classifier-free guidance, whose two halves run as one batch. Decoding: 2178 bytes per output pixel per byte of
+    dtype, ComfyUI's `memory_used_decode` for the SD VAEs. Encoding: 32 MiB per prompt per byte of dtype covers a
+    window of SDXL's OpenCLIP bigG encoder."""
+
+    denoise_factor: float
+    decode_bytes_per_pixel: float = 2178
+    encode_mib_per_prompt: float = 32
+    source: str = ""
+    slack: float = 1.1
+
+    def denoise(self, latent_area: int, dtype: torch.dtype) -> int:
+        return int(latent_area * dtype_bytes(dtype) * 0.01 * MiB * self.denoise_factor * self.slack)
+
+    def decode(self, pixels: int, dtype: torch.dtype) -> int:
+        return int(pixels * self.decode_bytes_per_pixel * dtype_bytes(dtype) * self.slack)
+
+    def encode(self, prompts: int, dtype: torch.dtype) -> int:
+        return int(prompts * self.encode_mib_per_prompt * MiB * dtype_bytes(dtype))
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+class ModelFamily:
+    """One family of models. Subclasses set the class attributes and override what differs; one instance of each
+    lives in `studio.models.families.FAMILIES` (immutable, shared by every request)."""
+
+    name: str  # the presets' `family:`
+    label: str
+    short_label: str  # in sentences: "made for SD 1.x"
+    denoiser: str  # the component that denoises ("unet"; "transformer" for SD 3 and FLUX)
+    denoiser_label = "UNet"  # its name in messages
+    text_encoders: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+    vae = "vae"
+    scheduler = "scheduler"
+    pipeline_classes: Mapping[str, str]  # task -> diffusers pipeline class name
+    latent: LatentFormat
+    working_memory: WorkingMemory
+    context_width: int  # the width of the text embeddings the denoiser reads: which LoRAs fit
+    checkpoint_config: str | None = None  # the diffusers repo whose configs describe a single-file checkpoint
+    checkpoint_prefixes: Mapping[str, tuple[str, ...]] = {}  # component -> where its tensors sit in such a file
+    component_classes: Mapping[str, tuple[str, str]] = {}  # component -> (library, class), for one given alone
+    lora_loader = "StableDiffusionLoraLoaderMixin"  # the diffusers mixin whose lora_state_dict converts its files
+    clip_skip = False  # whether A1111's clip skip applies (its text encoder is CLIP ViT-L)
+    samplers: tuple[str, ...] | None = None  # the sampler names it takes; None: every noise-prediction sampler
+    takes_safety_checker = False  # its pipelines run the SD safety checker (those of SDXL have none)
+
+    # ----- components -----
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Every component a pipeline of the family is made of, in the order they run."""
+        return (*self.text_encoders, *self.tokenizers, self.vae, self.denoiser, self.scheduler)
+
+    @property
+    def execution_order(self) -> tuple[str, ...]:
+        """The models with weights, in the order a job runs them (the VAE encodes an init image before denoising)."""
+        return (*self.text_encoders, self.vae, self.denoiser)
+
+    def stage_components(self, stage: str, task: str) -> tuple[str, ...]:
+        """The components a stage holds on the device."""
+        if stage == "encode":
+            return (*self.text_encoders, *self.tokenizers)
+        if stage == "denoise":  # the VAE encodes the init image of img2img and inpaint first
+            return (self.denoiser, self.scheduler) + ((self.vae,) if task != "text2img" else ())
+        if stage == "decode":
+            return (self.vae,)
+        raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")
+
+    def decode_dtype(self, dtype: torch.dtype, own_vae: bool) -> torch.dtype:
+        """The dtype the VAE decodes in when the studio runs in `dtype`: the same, unless the family's own VAE
+        overflows in it (SDXL's in fp16). `own_vae`: the preset did not swap the VAE for another."""
+        return dtype
+
+    # ----- pipelines -----
+
+    def pipeline_class(self, task: str) -> type:
+        if task not in self.pipeline_classes:
+            raise ValueError(f"{self.label} has no pipeline for {task!r}.")
+        return getattr(importlib.import_module("diffusers"), self.pipeline_classes[task])
+
+    def pipeline_arguments(self, parts: Mapping[str, Any]) -> dict[str, Any]:
+        """The pipeline constructor's keyword arguments over a stage's components (None where a stage lacks one)."""
+        arguments = {role: parts.get(role) for role in self.components}
+        if self.takes_safety_checker:
+            arguments.update(safety_checker=parts.get("safety_checker"),
+                             feature_extractor=parts.get("feature_extractor"), requires_safety_checker=False)
+        return arguments
+
+    def denoiser_of(self, pipe) -> torch.nn.Module:
+        return getattr(pipe, self.denoiser)
+
+    def takes_inpaint_channels(self, pipe) -> bool:
+        """Whether the pipeline's denoiser is a dedicated inpainting model (latents, mask and masked image in)."""
+        return self.denoiser_of(pipe).config.in_channels != self.latent.channels
+
+    # ----- prompts -----
+
+    def encode_prompt(self, pipe, prompt: str, negative_prompt: str, guidance: bool, clip_skip: int,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the pipeline call (prompt_embeds, negative_prompt_embeds, ...) from prompts in
+        A1111's syntax."""
+        raise NotImplementedError
+
+    def text_encoder_layers(self, pipe) -> int:
+        """How many layers the first text encoder has (the most clip skip can skip)."""
+        return getattr(pipe, self.text_encoders[0]).config.num_hidden_layers
+
+    # ----- working memory -----
+
+    def stage_working_memory(self, stage: str, width: int, height: int, dtype: torch.dtype, guidance: bool,
+                             downscale: int | None = None) -> int:
+        """Working memory of one image at width × height in a stage, in `dtype` (the VAE's for decode).
+        `downscale`: the VAE's real factor where it was read from its config."""
+        if stage == "encode":
+            return self.working_memory.encode(2 if guidance else 1, dtype)
+        if stage == "denoise":
+            factor = downscale or self.latent.downscale
+            area = (width // factor) * (height // factor) * (2 if guidance else 1)
+            return self.working_memory.denoise(area, dtype)
+        if stage == "decode":
+            return self.working_memory.decode(width * height, dtype)
+        raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")
+
+    # ----- single-file checkpoints -----
+
+    def recognises(self, tensor_names: set[str] | Mapping[str, Any]) -> bool:
+        """Whether an original-layout checkpoint (its tensor names) is of this family."""
+        return False
+
+    def checkpoint_tensors(self, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A checkpoint's tensors as diffusers' single-file conversion reads them (old files renamed)."""
+        return checkpoint
+
+    def checkpoint_overrides(self, component: str, checkpoint: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Config values a checkpoint's file says and the base configs do not (an inpainting UNet's 9 inputs)."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}: {self.label}>"

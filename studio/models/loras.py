@@ -1,0 +1,438 @@
+"""LoRA add-ons: files in `loras/` or Hub files named in `presets/loras.yaml`, applied per request.
+
+A LoRA is named in the prompt as A1111 does (`<lora:name:0.8>`; the UI's picker writes that tag). Its weights
+are a model of kind "lora" in the shared ModelManager (counted against the budget like any other), converted
+once from kohya/A1111 or diffusers/PEFT keys by diffusers' `lora_state_dict`. A stage that needs them leases
+them with its own models, loads them as PEFT adapters into the text encoder(s) or the denoiser it holds (its
+family says which components those are and how a file's keys convert), sets the
+request's weights, runs, and removes them before the lease ends: the shared models never carry one visitor's
+LoRA into another visitor's request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from studio.core.downloads import DownloadRequest, HubDownloads, download_command
+from studio.core.errors import InvalidRequest, ModelUnavailable, StudioError
+from studio.core.memory import ModelKey
+from studio.a1111.prompts import LoraUse
+from studio.models.families import FAMILIES, ModelFamily, family_of
+from studio.models.weights import safetensors_bytes, safetensors_header
+
+log = logging.getLogger("studio.models.loras")
+
+LORA = "lora"  # the ModelManager kind
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_LORA_FOLDER = ROOT / "loras"
+DEFAULT_LORA_PRESETS = ROOT / "presets" / "loras.yaml"
+VOCABULARY_METADATA = "studio.models.vocabulary"  # the words a LoRA teaches (JSON list), so they are not "unknown"
+MAX_LORA_WEIGHT = 10.0
+
+# The width of the text embeddings a denoiser cross-attends to, per family: a LoRA's attn2.to_k reads it.
+CONTEXT_WIDTHS = {family.context_width: family.short_label for family in FAMILIES.values()}
+_CROSS_ATTENTION_KEY = re.compile(r"attn2[._]to_k.*(lora_down|lora_A|lora\.down)\.weight$")
+# A text-encoder layer that reads the encoder's hidden states; its width is the embeddings' (SDXL: two encoders,
+# side by side), for a LoRA without cross-attention layers
+_TEXT_ENCODER_INPUT_KEY = re.compile(
+    r"^(?P<encoder>text_encoder_2|text_encoder|lora_te2|lora_te1|lora_te)[._].*(q_proj|k_proj|v_proj|fc1)"
+    r".*(lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraPreset:
+    """One LoRA the studio offers: a local .safetensors file, or a file in a Hub repo."""
+
+    name: str  # what <lora:name> says
+    file: str  # a local path, or the file's name in `repo`
+    repo: str | None = None
+    revision: str | None = None
+    description: str = ""
+    context_width: int | None = None  # the text-embedding width it was made for (its family); None: not known
+
+    def fits(self, model_width: int | None) -> bool:
+        """Whether it fits a model whose UNet reads `model_width`-wide text embeddings (True when either is unknown:
+        the request's own check decides once the files are here)."""
+        return self.context_width is None or model_width is None or self.context_width == model_width
+
+    @property
+    def label(self) -> str:
+        return f"LoRA {self.name}"
+
+    @property
+    def download(self) -> DownloadRequest | None:
+        return DownloadRequest(self.repo, (self.file,), self.label, self.revision) if self.repo else None
+
+
+class LoraCatalog:
+    """The LoRAs on offer: every .safetensors in the folder (named by its file name) and the presets file's
+    entries. Immutable once built."""
+
+    def __init__(self, presets: Mapping[str, LoraPreset]):
+        self.presets = dict(presets)
+        self._hashes: dict[tuple, str] = {}
+        self._hash_lock = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.presets)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.presets
+
+    def get(self, name: str) -> LoraPreset:
+        try:
+            return self.presets[name]
+        except KeyError:
+            raise InvalidRequest([self.unknown(name)]) from None
+
+    def unknown(self, name: str) -> str:
+        available = ", ".join(self.names) or "none (put .safetensors files in loras/)"
+        return f"Unknown LoRA {name!r} in <lora:{name}:…>. Available LoRAs: {available}."
+
+    def only(self, names: list[str]) -> LoraCatalog:
+        return LoraCatalog({name: self.presets[name] for name in names})
+
+    def path(self, name: str, downloads: HubDownloads | None = None, on_progress=None) -> Path:
+        """The LoRA's file on disk: a local file, or the Hub file fetched into the cache (ModelUnavailable
+        offline, naming the LoRA)."""
+        preset = self.get(name)
+        if preset.repo is None:
+            path = Path(preset.file).expanduser()
+            if not path.is_file():
+                raise ModelUnavailable(f"{preset.label}: the file {path} is missing.")
+            return path
+        downloads = downloads or HubDownloads()
+        if downloads.is_offline() and not downloads.is_cached(preset.download):
+            raise ModelUnavailable(
+                f"{preset.label} is a file in the Hub repo {preset.repo}, not downloaded yet, and the Hub cannot be "
+                f"reached: connect to the internet, or take <lora:{name}:…> out of the prompt.",
+                command=download_command(preset.download, one_per_line=True))
+        snapshot = downloads.ensure(preset.download, on_progress)
+        return Path(snapshot) / preset.file
+
+    def short_hash(self, path: Path) -> str:
+        """A1111's LoRA hash (what Civitai matches): the first 12 hex digits of the sha256 of the tensors,
+        without the safetensors header, so that editing metadata keeps the hash. Read once per file version."""
+        stat = path.stat()
+        stamp = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._hash_lock:
+            known = self._hashes.get(stamp)
+        if known is None:  # read outside the lock: one visitor's large file does not hold up another's small one
+            known = addnet_hash(path)[:12]
+            with self._hash_lock:
+                self._hashes[stamp] = known
+        return known
+
+
+def addnet_hash(path: Path) -> str:
+    """sha256 of a safetensors file after its header (kohya's and A1111's 'addnet' hash)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+        file.seek(8 + header_length)
+        for block in iter(lambda: file.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_loras(folder: str | Path | None = DEFAULT_LORA_FOLDER,
+               presets_file: str | Path | None = DEFAULT_LORA_PRESETS) -> LoraCatalog:
+    """The folder's .safetensors files first (they work offline), then the presets file's Hub entries (a local
+    file wins a name clash)."""
+    presets: dict[str, LoraPreset] = {}
+    if folder and Path(folder).is_dir():
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            try:
+                presets[path.stem] = LoraPreset(name=path.stem, file=str(path), description=header_description(path),
+                                                context_width=context_width(path))
+            except (StudioError, OSError) as error:  # a truncated file, a Git LFS pointer: the others stay
+                log.warning("LoRA file %s left out: %s", path, str(error).splitlines()[0])
+    if presets_file and Path(presets_file).is_file():
+        entries = yaml.safe_load(Path(presets_file).read_text()) or {}
+        for name, entry in (entries.get("loras") or {}).items():
+            if not isinstance(entry, dict) or not entry.get("file"):
+                raise ValueError(f"LoRA {name!r} in {presets_file}: give its `file` (and `repo` for a Hub file).")
+            family = entry.get("family")
+            if family is not None and family not in FAMILIES:
+                raise ValueError(f"LoRA {name!r} in {presets_file}: family must be one of "
+                                 f"{tuple(FAMILIES)}, not {family!r}.")
+            presets.setdefault(str(name), LoraPreset(name=str(name), file=entry["file"], repo=entry.get("repo"),
+                                                     revision=entry.get("revision"),
+                                                     description=entry.get("description", ""),
+                                                     context_width=FAMILIES[family].context_width if family else None))
+    return LoraCatalog(presets)
+
+
+def header_description(path: Path) -> str:
+    """A local LoRA's own description, from its metadata (kohya's ss_* fields or ours)."""
+    metadata = safetensors_metadata(path)
+    return metadata.get("studio.description") or metadata.get("ss_output_name") or ""
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The file's own metadata (the header's __metadata__; {} when it has none or is not safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as file:
+            return dict(file.metadata() or {})
+    except (OSError, SafetensorError):
+        return {}
+
+
+def vocabulary_of(path: Path) -> list[str]:
+    """The words a LoRA says it teaches (our metadata field), for the unknown-words check."""
+    try:
+        words = json.loads(safetensors_metadata(path).get(VOCABULARY_METADATA, "[]"))
+    except json.JSONDecodeError:
+        return []
+    return [str(word) for word in words] if isinstance(words, list) else []
+
+
+def context_width(path: Path) -> int | None:
+    """The text-embedding width the LoRA's cross-attention layers read, or else its text encoders' width (None when
+    it has neither)."""
+    header = {key: info for key, info in safetensors_header(path).items()
+              if key != "__metadata__" and len(info.get("shape", [])) == 2}
+    for key, info in header.items():
+        if _CROSS_ATTENTION_KEY.search(key):
+            return int(info["shape"][1])
+    encoders: dict[str, int] = {}
+    for key, info in header.items():
+        match = _TEXT_ENCODER_INPUT_KEY.search(key)
+        if match:
+            encoders.setdefault(match["encoder"].replace("lora_te1", "lora_te"), int(info["shape"][1]))
+    return sum(encoders.values()) or None
+
+
+def preset_context_width(models, preset) -> int | None:
+    """The text-embedding width the preset's denoiser reads: from its config where that is here without a download
+    (`models`: DiffusersModels), else its family's."""
+    return models.cross_attention_dim(preset) or family_of(preset).context_width
+
+
+def family_mismatch(name: str, lora_width: int | None, model_width: int | None, model_label: str) -> str | None:
+    """A sentence when the LoRA was made for another family of models than the preset's."""
+    if lora_width is None or model_width is None or lora_width == model_width:
+        return None
+    made_for = CONTEXT_WIDTHS.get(lora_width, f"a model with {lora_width}-wide text embeddings")
+    return (f"LoRA {name!r} was made for {made_for}; {model_label} is "
+            f"{CONTEXT_WIDTHS.get(model_width, f'a model with {model_width}-wide text embeddings')}. "
+            "Pick a LoRA made for this model's family, or another preset.")
+
+
+def check_lora_uses(uses: tuple[LoraUse, ...], catalog: LoraCatalog, max_loras: int) -> list[str]:
+    """Problems with a prompt's LoRAs that need no file: unknown names, too many, weights out of range."""
+    problems = [catalog.unknown(use.name) for use in uses if use.name not in catalog]
+    if len(uses) > max_loras:
+        problems.append(f"The prompt names {len(uses)} LoRAs; at most {max_loras} can be applied at once here.")
+    for use in uses:
+        if max(abs(use.text_encoder_weight), abs(use.unet_weight)) > MAX_LORA_WEIGHT:
+            problems.append(f"{use.tag}: LoRA weights must be between -{MAX_LORA_WEIGHT:g} and "
+                            f"{MAX_LORA_WEIGHT:g} (1 is the LoRA as trained; 0.5-1 is usual).")
+    return problems
+
+
+# ----- the manager's side -----
+
+
+@dataclass(frozen=True)
+class AppliedLora:
+    """A LoRA as a request applies it: its weights' key in the manager, and the two weights."""
+
+    name: str
+    key: ModelKey
+    text_encoder_weight: float
+    denoiser_weight: float
+    short_hash: str = ""
+    text_encoder_layers: bool = True  # whether it has any: a stage leases only the LoRAs it applies
+    denoiser_layers: bool = True
+
+
+_TEXT_ENCODER_KEYS = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
+
+
+def layer_kinds(path: Path) -> tuple[bool, bool]:
+    """(has text-encoder layers, has denoiser layers), from the key names in the file's header (kohya or
+    diffusers)."""
+    keys = [key for key in safetensors_header(path) if key != "__metadata__"]
+    text_encoder = any(key.startswith(_TEXT_ENCODER_KEYS) for key in keys)
+    denoiser = any(not key.startswith(_TEXT_ENCODER_KEYS) for key in keys)
+    return text_encoder, denoiser
+
+
+def lora_key(path: Path, family: ModelFamily) -> ModelKey:
+    """The family's LoRA loader picks diffusers' key conversion (SDXL's kohya files name two encoders), so families
+    that share one share the loaded weights. The file's size and time are part of the key: a LoRA file replaced
+    on disk is a new model, not the cached old one."""
+    stat = Path(path).stat()
+    return ModelKey(LORA, str(Path(path).resolve()), f"{family.lora_loader}@{stat.st_size}-{stat.st_mtime_ns}")
+
+
+def lora_loader_mixin(key: ModelKey) -> type:
+    import diffusers.loaders
+
+    return getattr(diffusers.loaders, key.part.split("@")[0])
+
+
+class LoraWeights(torch.nn.Module):
+    """A LoRA's tensors in diffusers' key names, held as buffers so that the manager can size and move them."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], network_alphas: dict[str, float] | None,
+                 metadata: dict | None):
+        super().__init__()
+        self.keys = list(state_dict)
+        for index, key in enumerate(self.keys):
+            self.register_buffer(f"t{index}", state_dict[key])
+        self.network_alphas = network_alphas
+        self.metadata = metadata
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """A fresh dict each time: diffusers pops the keys it uses."""
+        return {key: getattr(self, f"t{index}") for index, key in enumerate(self.keys)}
+
+    def has(self, prefix: str) -> bool:
+        return any(key.startswith(f"{prefix}.") for key in self.keys)
+
+
+class LoraLoader:
+    """The ModelManager's loader for kind "lora"."""
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        return safetensors_bytes([Path(key.source)], dtype)
+
+    def load(self, key: ModelKey, dtype: torch.dtype) -> LoraWeights:
+        mixin = lora_loader_mixin(key)
+        try:
+            state_dict, alphas, metadata = mixin.lora_state_dict(key.source, return_lora_metadata=True)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelUnavailable(f"{Path(key.source).name} could not be read as a LoRA ({error}).") from error
+        if not state_dict or not all("lora" in name for name in state_dict):
+            raise ModelUnavailable(f"{Path(key.source).name} is not a LoRA file diffusers reads (kohya/A1111 or "
+                                   "diffusers/PEFT safetensors).")
+        floating = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                    for name, tensor in state_dict.items()}
+        return LoraWeights(floating, alphas, metadata)
+
+
+@contextlib.contextmanager
+def adapters_applied(loras: list[tuple[AppliedLora, LoraWeights]], models: Mapping[str, Any],
+                     family: ModelFamily) -> Iterator[None]:
+    """The LoRAs loaded as PEFT adapters into the denoiser and text encoders among `models` (a stage's lease), at
+    their weights, for the block; removed afterwards, even when the block fails, so the shared models come
+    back as they were."""
+    if not loras:
+        yield
+        return
+    touched: list[tuple[str, Any]] = []
+    try:
+        for role, model in models.items():
+            if role not in (family.denoiser, *family.text_encoders):
+                continue
+            touched.append((role, model))  # before loading: a LoRA that fails half way is removed too
+            if role == family.denoiser:
+                names, weights = _load_into_denoiser(model, role, family.denoiser_label, loras)
+            else:
+                names, weights = _load_into_text_encoder(model, role, loras)
+            if names:
+                _activate(model, role == family.denoiser, names, weights)
+        yield
+    finally:
+        failed = None
+        for role, model in touched:  # each model apart: one failing removal must not leave the others' adapters
+            try:
+                _remove_adapters(model, role == family.denoiser)
+            except Exception as error:  # noqa: BLE001 (re-raised below, after the other models)
+                log.exception("could not remove LoRA adapters from the %s", role)
+                failed = failed or error
+        if failed is not None:
+            raise failed
+
+
+def adapter_name(index: int) -> str:
+    """By position in the prompt: two LoRA names never become one adapter name."""
+    return f"studio_lora_{index}"
+
+
+def _load_into_denoiser(denoiser, prefix: str, label: str, loras) -> tuple[list[str], list[float]]:
+    """`prefix`: the denoiser's component name, which diffusers' converted LoRA keys start with ("unet");
+    `label`: its name for people ("UNet")."""
+    names, weights = [], []
+    for index, (lora, lora_weights) in enumerate(loras):
+        if not lora_weights.has(prefix):
+            continue
+        name = adapter_name(index)
+        try:
+            denoiser.load_lora_adapter(lora_weights.tensors(), prefix=prefix, network_alphas=lora_weights.network_alphas,
+                                       adapter_name=name, metadata=lora_weights.metadata)
+        except (ValueError, RuntimeError, KeyError) as error:
+            raise InvalidRequest([f"LoRA {lora.name!r} does not fit this model's {label} ({_first_line(error)}). "
+                                  "It was probably made for another family of models."]) from error
+        if name not in getattr(denoiser, "peft_config", {}):
+            raise InvalidRequest([f"LoRA {lora.name!r} has no layers this model's {label} has: it was made for "
+                                  "another family of models."])
+        names.append(name)
+        weights.append(lora.denoiser_weight)
+    return names, weights
+
+
+def _load_into_text_encoder(encoder, prefix: str, loras) -> tuple[list[str], list[float]]:
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    names, weights = [], []
+    for index, (lora, lora_weights) in enumerate(loras):
+        if not lora_weights.has(prefix):
+            continue
+        name = adapter_name(index)
+        try:
+            StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(
+                lora_weights.tensors(), lora_weights.network_alphas, encoder, prefix=prefix, adapter_name=name,
+                metadata=lora_weights.metadata)
+        except (ValueError, RuntimeError, KeyError) as error:
+            raise InvalidRequest([f"LoRA {lora.name!r} does not fit this model's text encoder "
+                                  f"({_first_line(error)})."]) from error
+        names.append(name)
+        weights.append(lora.text_encoder_weight)
+    return names, weights
+
+
+def _activate(model, is_denoiser: bool, names: list[str], weights: list[float]) -> None:
+    if is_denoiser:  # a diffusers model
+        model.set_adapters(names, weights)
+    else:  # a transformers text encoder
+        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+        set_weights_and_activate_adapters(model, names, weights)
+
+
+def _remove_adapters(model, is_denoiser: bool) -> None:
+    """Every PEFT layer out of the model: it is the same module objects as before the lease. Safe on a model
+    that got none (a LoRA that failed to load)."""
+    if not getattr(model, "peft_config", None) and not any("lora" in name for name, _ in model.named_modules()):
+        return
+    if is_denoiser:
+        model.unload_lora()
+    else:
+        # what diffusers' unload_lora_weights does for a transformers text encoder
+        from diffusers.loaders.lora_base import _remove_text_encoder_monkey_patch
+
+        _remove_text_encoder_monkey_patch(model)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+

@@ -1,0 +1,279 @@
+"""One image as stages, each holding only what it uses on the device: encode (text encoders), denoise (the
+denoiser, and the VAE for an init image), decode (VAE), check (safety checker). Models are leased per stage from the
+shared ModelManager; between stages the device lock is free, so other jobs take turns. A stage that runs out of
+memory is retried with VAE tiling, then with idle models off the device, then (on CUDA) with accelerate's model CPU
+offload, and only then reported. What differs between model families is asked of the preset's family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from studio.core.devices import format_bytes, release_memory, working_memory_on
+from studio.core.errors import InvalidRequest, OutOfMemoryBudget
+from studio.core.memory import ModelKey, ModelManager
+from studio.models.components import DiffusersModels
+from studio.models.families import family_of
+from studio.models.loras import LORA, AppliedLora, adapters_applied
+
+VAE_TILE = 512  # pixels: the tile a tiled VAE decodes at a time (SD's native size)
+
+
+@dataclass
+class Conditioning:
+    """The prompt's embeddings, made once per job by the encode stage and reused for every image."""
+
+    embeds: dict[str, torch.Tensor]  # keyword arguments for the pipeline call: prompt_embeds, negative_prompt_embeds ...
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a stage holds on the device: its models and the working memory reserved for its activations."""
+
+    stage: str
+    keys: dict[str, ModelKey]
+    working_memory: int
+    vae_tiling: bool = False
+
+
+class DiffusionStages:
+    """One image as stages on models leased per stage from the shared ModelManager."""
+
+    def __init__(self, manager: ModelManager, models: DiffusersModels):
+        self.manager = manager
+        self.models = models
+
+    # ----- plans: what each stage holds (the device planner in bench/ runs these same plans) -----
+
+    def plan_encode(self, preset, task: str, guidance: bool, loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
+        loras = tuple(lora for lora in loras if lora.text_encoder_layers)  # only those with layers to apply here
+        working = family_of(preset).stage_working_memory("encode", 0, 0, self.manager.dtype, guidance)
+        return StagePlan("encode", self.models.stage_keys(preset, task, "encode") | self._lora_keys(loras),
+                         self._reserved(working + self._lora_bytes(loras)))
+
+    def plan_denoise(self, preset, task: str, width: int, height: int, guidance: bool, tiled: bool = False,
+                     loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
+        loras = tuple(lora for lora in loras if lora.denoiser_layers)
+        working = family_of(preset).stage_working_memory("denoise", width, height, self.manager.dtype, guidance)
+        if task != "text2img":  # the VAE encodes the init image first (its activations are gone before the UNet runs)
+            working = max(working, self._vae_working_memory(preset, width, height, tiled))
+        return StagePlan("denoise", self.models.stage_keys(preset, task, "denoise") | self._lora_keys(loras),
+                         self._reserved(working + self._lora_bytes(loras)), vae_tiling=tiled)
+
+    @staticmethod
+    def _lora_keys(loras: tuple[AppliedLora, ...]) -> dict[str, ModelKey]:
+        return {f"{LORA}:{lora.name}": lora.key for lora in loras}
+
+    def _lora_bytes(self, loras: tuple[AppliedLora, ...]) -> int:
+        """The LoRAs' weights once more: PEFT copies them into the adapter layers it adds for the stage."""
+        return sum(self.manager.loaders[LORA].size(lora.key, self.manager.dtype) for lora in loras)
+
+    def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False) -> StagePlan:
+        keys = self.models.stage_keys(preset, task, "decode")
+        working = self._vae_working_memory(preset, width, height, tiled)
+        vae = keys[family_of(preset).vae]
+        if self._decode_dtype(preset) != self.manager.dtype:  # its weights double while they are in fp32
+            working += self.manager.loaders[vae.kind].size(vae, self.manager.dtype)
+        return StagePlan("decode", keys, self._reserved(working), vae_tiling=tiled)
+
+    def plan_check(self, preset, task: str) -> StagePlan | None:
+        keys = self.models.stage_keys(preset, task, "check")
+        return StagePlan("check", keys, self._reserved(256 * 1024**2)) if keys else None
+
+    def _reserved(self, estimate: int) -> int:
+        """A stage's working memory on this device: the estimate, with CUDA's floor and reserve on a GPU."""
+        return working_memory_on(self.manager.device, estimate)
+
+    def _decode_dtype(self, preset) -> torch.dtype:
+        family = family_of(preset)
+        return family.decode_dtype(self.manager.dtype, own_vae=family.vae not in preset.components)
+
+    def _vae_working_memory(self, preset, width: int, height: int, tiled: bool) -> int:
+        if tiled:
+            width, height = min(width, VAE_TILE), min(height, VAE_TILE)
+        return family_of(preset).stage_working_memory("decode", width, height, self._decode_dtype(preset), False)
+
+    # ----- running -----
+
+    def encode(self, preset, task: str, prompt: str, negative_prompt: str, guidance_scale: float,
+               clip_skip: int = 1, loras: tuple[AppliedLora, ...] = ()) -> tuple[Conditioning, list[str]]:
+        """The embeddings of prompts in A1111's syntax (weights, BREAK; extra-network tags already taken out),
+        of any length: encoded window by window and concatenated. `clip_skip` is A1111's (2 = the text
+        encoder's second-to-last layer; SD 1.x only). The LoRAs' text-encoder layers apply for this stage."""
+        guidance = guidance_scale > 1
+
+        family = family_of(preset)
+
+        def work(models, plan):
+            models, lora_weights = split_loras(models, tuple(lora for lora in loras if lora.text_encoder_layers))
+            pipe = self.models.assemble(preset, task, models)
+            with adapters_applied(lora_weights, models, family), torch.inference_mode():
+                if family.clip_skip and clip_skip > 1:
+                    layers = family.text_encoder_layers(pipe)
+                    if clip_skip > layers:  # the check before the queue could not read the config
+                        raise InvalidRequest([clip_skip_too_large(clip_skip, layers)])
+                embeds = family.encode_prompt(pipe, prompt, negative_prompt or "", guidance,
+                                              clip_skip if family.clip_skip else 1, self.manager.device)
+            return Conditioning(embeds), []
+
+        return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance, loras), work)
+
+    def denoise(self, preset, task: str, width: int, height: int, guidance: bool,
+                call: Callable[[Any], torch.Tensor], loras: tuple[AppliedLora, ...] = ()) -> torch.Tensor:
+        """`call(pipe)` runs the pipeline with output_type="latent" and returns the latents. The LoRAs' denoiser
+        layers apply for this stage."""
+        family = family_of(preset)
+
+        def work(models, plan):
+            models, lora_weights = split_loras(models, tuple(lora for lora in loras if lora.denoiser_layers))
+            pipe = self.models.assemble(preset, task, models)
+            with vae_tiling(models.get(family.vae), plan.vae_tiling), \
+                    adapters_applied(lora_weights, {family.denoiser: models[family.denoiser]}, family):
+                return call(pipe)
+
+        return self.run_stage(
+            lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled, loras), work,
+            can_tile=task != "text2img")
+
+    def decode(self, preset, task: str, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Latents -> image tensor in [-1, 1] on the CPU."""
+        family = family_of(preset)
+
+        def work(models, plan):
+            vae = models[family.vae]
+            with vae_tiling(vae, plan.vae_tiling), torch.inference_mode():
+                upcast = self._decode_dtype(preset) != self.manager.dtype and vae.config.force_upcast
+                if upcast:
+                    vae.to(dtype=torch.float32)
+                try:
+                    # the manager's device, not the VAE's: under model CPU offload the VAE waits in RAM until
+                    # decode's forward hook moves it
+                    dtype = next(iter(vae.post_quant_conv.parameters())).dtype
+                    scaled = unscale_latents(vae, latents.to(self.manager.device, dtype))
+                    return vae.decode(scaled, return_dict=False)[0].float().cpu()
+                finally:
+                    if upcast:
+                        vae.to(dtype=self.manager.dtype)
+
+        return self.run_stage(lambda tiled: self.plan_decode(preset, task, width, height, tiled), work, can_tile=True)
+
+    def check(self, preset, task: str, images: torch.Tensor) -> list[bool]:
+        """Which images the safety checker flags (none when the preset has no checker). It runs on its own, as
+        SD's pipelines run it, so that it works for every architecture (SDXL's pipelines have no checker)."""
+        def work(models, plan):
+            pil = VaeImageProcessor().postprocess(images, output_type="pil")
+            clip_input = models["feature_extractor"](pil, return_tensors="pt").pixel_values
+            with torch.inference_mode():
+                _, flagged = models["safety_checker"](
+                    images=images.to(self.manager.device),
+                    clip_input=clip_input.to(self.manager.device, self.manager.dtype),
+                )
+            return [bool(flag) for flag in flagged]
+
+        plan = self.plan_check(preset, task)
+        if plan is None:
+            return [False] * len(images)
+        return self.run_stage(lambda tiled: plan, work)
+
+    def run_stage(self, plan_for: Callable[[bool], StagePlan], work: Callable[[dict, StagePlan], Any],
+                  can_tile: bool = False) -> Any:
+        """Run `work(models, plan)` holding the plan's models on the device. Out of memory (our budget or the
+        device's own): VAE tiling first, then idle models off the device, then accelerate's model CPU offload
+        (CUDA only), then a clear message."""
+        plan = plan_for(False)
+        attempts = ["as planned"] + (["with VAE tiling"] if can_tile else []) + ["with idle models off the device"]
+        if self.manager.device.type == "cuda":
+            attempts.append("with model CPU offload")
+        failure = ""
+        for attempt in attempts:
+            if attempt == "with VAE tiling":
+                plan = plan_for(True)
+            if attempt == "with idle models off the device":
+                self.manager.offload_idle()
+            try:
+                if attempt == "with model CPU offload":
+                    return self._run_offloaded(plan, work)
+                with self.manager.use(plan.keys, plan.working_memory) as models:
+                    return work(models, plan)
+            except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
+                failure = str(error).splitlines()[0] if str(error) else type(error).__name__
+            # Outside the except block: the failed attempt's traceback, and the activations its frames hold, are
+            # gone by now, so this really gives their memory back before the next attempt.
+            release_memory(self.manager.device)
+        raise OutOfMemoryBudget(
+            f"Out of memory on {self.manager.device} in the {plan.stage} stage, even {attempts[-1]} "
+            f"(it needs about {format_bytes(plan.working_memory)} of working memory besides the weights). "
+            f"Try a smaller size or batch, or a smaller preset. ({failure})"
+        )
+
+    def _run_offloaded(self, plan: StagePlan, work):
+        """accelerate's model CPU offload: the models stay in RAM and each is moved to the device only while
+        its forward runs (the manager reserves room for the largest)."""
+        from accelerate import cpu_offload_with_hook
+
+        with self.manager.use(plan.keys, plan.working_memory, on_device=False) as models:
+            hooks = []
+            # chained in the order they run (a stage's keys come in its family's order: the VAE encodes an init
+            # image before the denoiser runs), so each model's hook sends the previous one back to RAM: one model
+            # on the device at a time
+            for role in plan.keys:
+                model = models[role]
+                if isinstance(model, torch.nn.Module):
+                    _, hook = cpu_offload_with_hook(model, self.manager.device,
+                                                    prev_module_hook=hooks[-1] if hooks else None)
+                    hooks.append(hook)
+            try:
+                return work(models, plan)
+            finally:
+                for hook in hooks:
+                    hook.offload()  # back to RAM, where the manager has them recorded
+                    hook.remove()
+
+
+def split_loras(models: dict[str, Any], loras: tuple[AppliedLora, ...]) -> tuple[dict[str, Any], list]:
+    """A stage's lease: its pipeline components, and (LoRA, weights) pairs in the prompt's order."""
+    components = {role: model for role, model in models.items() if not role.startswith(f"{LORA}:")}
+    return components, [(lora, models[f"{LORA}:{lora.name}"]) for lora in loras]
+
+
+def clip_skip_too_large(clip_skip: int, layers: int) -> str:
+    return (f"Clip skip {clip_skip} is more than this model's text encoder has layers ({layers}): use at most "
+            f"{layers}.")
+
+
+@dataclass
+class _Tiling:
+    vae: Any
+    on: bool
+
+    def __enter__(self):
+        if self.on and self.vae is not None:
+            self._saved = (self.vae.tile_sample_min_size, self.vae.tile_latent_min_size)
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            self.vae.tile_sample_min_size = min(self.vae.tile_sample_min_size, VAE_TILE)
+            self.vae.tile_latent_min_size = self.vae.tile_sample_min_size // factor
+            self.vae.enable_tiling()
+
+    def __exit__(self, *exc):
+        if self.on and self.vae is not None:
+            self.vae.disable_tiling()
+            self.vae.tile_sample_min_size, self.vae.tile_latent_min_size = self._saved
+
+
+def vae_tiling(vae, on: bool) -> _Tiling:
+    """Tiled VAE encode/decode for one stage; the VAE is shared, so it is switched back off afterwards."""
+    return _Tiling(vae, on)
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the VAE decodes them (SDXL's optional latents mean/std included), as the pipelines do."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        return latents * std / vae.config.scaling_factor + mean
+    return latents / vae.config.scaling_factor

@@ -1,0 +1,263 @@
+"""Inpainting (from a drawn mask or coloured sketch strokes) and sketch to image, on pipelines leased from
+the shared ModelManager.
+
+Whatever the input's mode and size, the model sees RGB at about its native pixel count; the result comes back
+at the input's size, and every pixel outside the (blurred) mask is the input's own pixel, unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+
+import numpy as np
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+from scipy import ndimage
+
+from studio.core.errors import InvalidRequest
+from studio.tasks.generation import (
+    GenerationResult,
+    ProgressCallback,
+    RequestLimits,
+    SamplingEngine,
+    SamplingPlan,
+    SamplingRequest,
+    check_sampling,
+    fraction_problems,
+    resolve_seed,
+    sampling_fields_from_parameters,
+)
+from studio.core.images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
+from studio.core.jobs import LocalJob
+from studio.a1111.metadata import parse_float, parse_int, parse_parameters
+from studio.models.presets import ModelPreset
+from studio.a1111.prompts import parse_prompt
+
+WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
+INPAINT_AREAS = (WHOLE_PICTURE, ONLY_MASKED)
+MAX_MASK_BLUR = 64
+MAX_PADDING = 256
+# Inpaint sketch: the brush colours of the Inpaint tab's palette, and the denoising strength it starts at (a sketch
+# must survive, so it is only partly re-noised; inpainting models repaint best from noise)
+SKETCH_COLOURS = ("#e41a1c", "#ff8c00", "#ffd700", "#2ca02c", "#1f5fe0", "#8a2be2", "#ff69b4", "#ffffff", "#111111",
+                  "#808080")
+SKETCH_STRENGTH = 0.75
+
+
+@dataclass(frozen=True)
+class MaskTools:
+    """Brush radius, mask blur and padding for an image of a given size (in its pixels)."""
+
+    brush_radius: int
+    mask_blur: int
+    padding: int
+
+
+REFERENCE_SIDE = 512  # A1111's defaults (blur 4, padding 32) are for 512 px images
+
+
+def mask_tools_for(size: tuple[int, int]) -> MaskTools:
+    """Defaults that scale with the image: a brush radius of a twentieth of its shorter side (26 px on 512 px,
+    about gradio's fixed 25; 3 px on 64 px, where 25 px masked half the image), blur and padding as A1111's at
+    512 px, scaled."""
+    side = max(1, min(size))
+    scale = side / REFERENCE_SIDE
+    return MaskTools(brush_radius=max(1, round(side / 20)), mask_blur=max(1, round(4 * scale)),
+                     padding=min(MAX_PADDING, max(2, round(32 * scale))))
+
+
+def sketch_mask(strokes: Image.Image) -> Image.Image:
+    """Inpaint sketch's repaint mask: the painted strokes (white, or opaque in a transparent image) grown by one
+    brush width of the image's size (twice mask_tools_for's radius).
+
+    The strokes alone left ghosts: the stroke's outer edge stayed as drawn in the latent cells the pipeline counts
+    as unmasked (it reads the mask once per cell, at the cell's corner) while the model, with no room around the
+    sketched shape, drew it where it liked inside, often smaller: a bar and an outline beside the shape; and
+    slivers of the old shape that the strokes just missed were pasted back unchanged, the model continuing them
+    into the mask. The margin is repainted too, as the sketch's surroundings (docs/embedded-model.md, "A sketch
+    over a shape")."""
+    painted = prepare_mask(strokes, strokes.size)
+    if not painted.any():
+        return Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
+    margin = 2 * mask_tools_for(strokes.size).brush_radius
+    grown = ndimage.distance_transform_edt(~painted) <= margin
+    return Image.fromarray(grown.astype(np.uint8) * 255, mode="L")
+
+
+@dataclass(frozen=True)
+class InpaintRequest(SamplingRequest):
+    """Settings of an inpaint, inpaint-sketch or sketch-to-image request (the image and mask come apart)."""
+
+    strength: float = 1.0  # denoising strength: 1 repaints from noise, lower keeps more of what is there
+    mask_blur: int = 4
+    inpaint_area: str = WHOLE_PICTURE  # or ONLY_MASKED: crop around the mask, inpaint at full resolution
+    padding: int = 32  # around the mask, for ONLY_MASKED
+
+
+def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
+    problems = check_sampling(request, preset, limits)
+    fractions = fraction_problems(request, {"mask_blur": "Mask blur", "padding": "Padding"})
+    if fractions:
+        return problems | fractions  # the range checks below assume whole numbers
+    if not (0 < request.strength <= 1):
+        problems["strength"] = f"Denoising strength must be above 0 and at most 1 (got {request.strength:g})."
+    elif "steps" not in problems and int(request.steps * request.strength) < 1:
+        problems["strength"] = (f"Steps × denoising strength must be at least 1 ({request.steps} × "
+                                f"{request.strength:g} leaves no step): raise one of them.")
+    if not (0 <= request.mask_blur <= MAX_MASK_BLUR):
+        problems["mask_blur"] = f"Mask blur must be between 0 and {MAX_MASK_BLUR} pixels (got {request.mask_blur})."
+    if request.inpaint_area not in INPAINT_AREAS:
+        problems["inpaint_area"] = f"Inpaint area must be one of {', '.join(INPAINT_AREAS)} (got {request.inpaint_area!r})."
+    if not (0 <= request.padding <= MAX_PADDING):
+        problems["padding"] = f"Padding must be between 0 and {MAX_PADDING} pixels (got {request.padding})."
+    return problems
+
+
+@dataclass
+class Finishing:
+    """What putting an inpainted image back together needs; it stays in the main process (CPU work, outside
+    the device lock)."""
+
+    source: PreparedImage
+    overlay: Image.Image  # the mask the result is pasted back through, at the input's size
+    region: tuple[int, int, int, int] | None  # "Only masked": the crop the model worked on
+    crop_size: tuple[int, int]
+
+
+class Inpainter(SamplingEngine):
+    """Plans inpaint and sketch-to-image requests, runs them as stages on the shared ModelManager, and pastes
+    the results back."""
+
+    main_task = "inpaint"  # sketch to image runs "img2img" (the base model alone)
+
+    def check(self, request: InpaintRequest, preset: ModelPreset) -> dict[str, str]:
+        return check_inpaint(request, preset, self.limits)
+
+    # ----- inpaint (and inpaint sketch: the strokes already painted into `image`, `mask` where they are) -----
+
+    def plan_inpaint(self, image: Image.Image, mask: Image.Image, request: InpaintRequest) -> tuple[SamplingPlan, Finishing]:
+        """Check the request and prepare the model's input (CPU work). Raises InvalidRequest."""
+        preset = self.validate(request)
+        source = prepare_image(image, max_pixels=self.limits.max_upload_pixels)
+        repaint = prepare_mask(mask, source.rgb.size)
+        if not repaint.any():
+            raise InvalidRequest(["The mask is empty: paint over the part of the image to redo (white = repaint)."])
+        blurred = blur_mask(repaint, request.mask_blur)
+        only_masked = request.inpaint_area == ONLY_MASKED
+        # Both work at about the preset's native pixel count, resizing up or down as A1111 does: "Whole picture"
+        # the whole image, "Only masked" a crop around the mask (more detail for a small area).
+        if only_masked:
+            left, top, right, bottom = mask_box(repaint, request.padding)
+            size = working_size(right - left, bottom - top, preset, self.limits.max_pixels, upscale=True)
+        else:
+            size = working_size(*source.rgb.size, preset, self.limits.max_pixels, upscale=True)
+
+        extra = {"Denoising strength": f"{request.strength:g}", "Mask blur": request.mask_blur,
+                 "Inpaint area": request.inpaint_area}
+        if only_masked:
+            extra["Masked area padding"] = request.padding
+
+        # "Only masked" works on a crop around the mask (grown by the padding, then to the working aspect
+        # ratio, as diffusers' padding_mask_crop does), at the full working size: more detail for small areas.
+        region = VaeImageProcessor.get_crop_region(blurred, *size, pad=request.padding) if only_masked else None
+        crop = source.rgb.crop(region) if region else source.rgb
+        crop_mask = blurred.crop(region) if region else blurred
+        arguments = dict(image=crop.resize(size, Image.Resampling.LANCZOS),
+                         mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
+                         strength=request.strength)
+        plan = self._plan(preset, "inpaint", request, size, arguments, extra,
+                          ([source.note] if source.note else []) + self.prompt_warnings(preset, request.prompt))
+        # A1111 pastes "Whole picture" back through the blurred mask sharpened (doubled, clipped): the repainted
+        # area is fully the model's up to half the blur's falloff, so no faded ghost of the old content shows.
+        overlay = blurred if only_masked else sharpened(blurred)
+        return plan, Finishing(source, overlay, region, crop.size)
+
+    def finish_inpaint(self, finishing: Finishing, result: GenerationResult) -> GenerationResult:
+        """Every image back at the input's size, the input's own pixels outside the mask (CPU work)."""
+        for item in result.images:
+            generated = item.image.convert("RGB").resize(finishing.crop_size, Image.Resampling.LANCZOS)
+            if finishing.region:
+                whole = finishing.source.rgb.copy()
+                whole.paste(generated, finishing.region[:2])
+                generated = whole
+            item.image = paste_back(generated, finishing.source, finishing.overlay)
+            item.image.info["parameters"] = item.parameters
+        return result
+
+    def inpaint(self, image: Image.Image, mask: Image.Image, request: InpaintRequest,
+                on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> GenerationResult:
+        """Plan, run and finish in this process: repaint the white part of `mask` in `image`."""
+        plan, finishing = self.plan_inpaint(image, mask, request)
+        with self.model_files(plan):
+            result = self.run(plan, LocalJob(on_progress, cancel))
+        return self.finish_inpaint(finishing, result)
+
+    # ----- sketch to image: image-to-image from a drawing -----
+
+    def plan_sketch(self, sketch: Image.Image, request: InpaintRequest) -> SamplingPlan:
+        """An image-to-image plan from a coloured sketch (transparent areas count as white paper)."""
+        preset = self.validate(request, "img2img")
+        drawing = prepare_image(sketch, "sketch", max_pixels=self.limits.max_upload_pixels)
+        if all(low == high for low, high in drawing.rgb.getextrema()):  # one flat colour: nothing drawn
+            raise InvalidRequest(["The sketch is empty: draw something with the brush first."])
+        size = working_size(*drawing.rgb.size, preset, self.limits.max_pixels, upscale=True)
+        arguments = dict(image=drawing.rgb.resize(size, Image.Resampling.LANCZOS), strength=request.strength)
+        return self._plan(preset, "img2img", request, size, arguments,
+                          {"Denoising strength": f"{request.strength:g}"}, self.prompt_warnings(preset, request.prompt))
+
+    def sketch_to_image(self, sketch: Image.Image, request: InpaintRequest,
+                        on_progress: ProgressCallback | None = None,
+                        cancel: threading.Event | None = None) -> GenerationResult:
+        plan = self.plan_sketch(sketch, request)
+        with self.model_files(plan):
+            return self.run(plan, LocalJob(on_progress, cancel))
+
+    # ----- shared -----
+
+    @staticmethod
+    def _plan(preset, task, request: InpaintRequest, size, arguments, extra, warnings) -> SamplingPlan:
+        # diffusers skips the first (1 - strength) of the schedule, so each image takes steps × strength steps.
+        return SamplingPlan(
+            preset=preset, task=task, prompt=request.prompt.strip(), negative_prompt=request.negative_prompt,
+            scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
+            seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
+            clip_skip=request.clip_skip, call_arguments=arguments, parameters_extra=extra,
+            steps_per_image=int(request.steps * request.strength), warnings=warnings,
+            lora_uses=parse_prompt(request.prompt).loras,
+        )
+
+
+def sharpened(blurred_mask: Image.Image) -> Image.Image:
+    """A1111's overlay mask for "Whole picture": clip(2 × blurred mask)."""
+    doubled = np.clip(np.asarray(blurred_mask, dtype=np.float32) * 2, 0, 255).astype(np.uint8)
+    return Image.fromarray(doubled, mode="L")
+
+
+def paste_back(generated: Image.Image, source, blurred_mask: Image.Image) -> Image.Image:
+    """The generated pixels where the mask is, the input's own pixels (exactly) where it is not; at the
+    input's size, with the input's transparency kept outside the mask."""
+    out = Image.composite(generated, source.rgb, blurred_mask)
+    if source.alpha is not None:
+        alpha = np.maximum(np.asarray(source.alpha), np.asarray(blurred_mask))
+        out.putalpha(Image.fromarray(alpha, mode="L"))
+    return out
+
+
+def inpaint_request_from_parameters(text: str, presets, current: InpaintRequest,
+                                    loras=None) -> tuple[InpaintRequest, list[str]]:
+    """An inpaint form filled from an image's A1111 parameters (denoising strength, mask blur, inpaint area and
+    padding too), and notes on what could not be taken over; what the text lacks keeps its `current` value."""
+    params = parse_parameters(text)
+    fields, notes = sampling_fields_from_parameters(params, presets, current, loras)
+    extra = params.extra
+    area = extra.get("Inpaint area", current.inpaint_area)
+    strength = parse_float(extra.get("Denoising strength"))
+    mask_blur, padding = parse_int(extra.get("Mask blur")), parse_int(extra.get("Masked area padding"))
+    return replace(
+        current, **fields,
+        strength=current.strength if strength is None else strength,
+        mask_blur=current.mask_blur if mask_blur is None else mask_blur,
+        inpaint_area=area if area in INPAINT_AREAS else current.inpaint_area,
+        padding=current.padding if padding is None else padding,
+    ), notes
