@@ -32,26 +32,26 @@ from components.running import JobRunner, user_error
 from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
 from components.upscale import build_upscale_tab
-from studio import __version__
 from studio.arena.battles import Arena, load_contestants
+from studio.arena.votes import default_votes_url, open_store
 from studio.core.devices import (
     default_device_budget,
-    default_dtype,
     default_ram_budget,
     free_device_bytes,
     parse_bytes,
     resolve_device,
 )
-from studio.evaluation.compare import CompareLimits, Comparison
 from studio.core.downloads import HubDownloads
 from studio.core.errors import InvalidRequest, StudioError
-from studio.models.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, load_face_restorers
-from studio.tasks.generation import RequestLimits, TextToImage
-from studio.tasks.inpainting import Inpainter
 from studio.core.jobs import JobBoard
 from studio.core.memory import ModelManager
+from studio.core.sessions import RateLimiter
+from studio.evaluation.compare import CompareLimits, Comparison
 from studio.evaluation.metrics import EMBEDDED_CLIP, ClipScorer, default_clip_scorer
 from studio.evaluation.model_kinds import CLIP, ClipLoader, clip_key
+from studio.models.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, load_face_restorers
+from studio.models.families import family_of
+from studio.models.loading import HubAccess
 from studio.models.loras import (
     DEFAULT_LORA_FOLDER,
     DEFAULT_LORA_PRESETS,
@@ -61,15 +61,12 @@ from studio.models.loras import (
     lora_key,
     preset_context_width,
 )
-from studio.models.components import DiffusersModels
-from studio.models.families import family_of
-from studio.models.loading import HubAccess, diffusers_loaders
-from studio.models.stages import DiffusionStages
-from studio.models.presets import PRESETS_DIR, load_presets, load_styles
-from studio.core.sessions import RateLimiter
-from studio.models.upscalers import UPSCALER, ReleaseFiles, UpscalerCatalog, UpscalerLoader, load_upscalers, upscaler_key
+from studio.models.presets import PRESETS_DIR, load_presets
+from studio.models.upscalers import ReleaseFiles, UpscalerCatalog, load_upscalers, upscaler_key
+from studio.tasks.engines import DEFAULT_UPSCALER_CACHE, ManagerSettings, build_engines, build_manager
+from studio.tasks.generation import RequestLimits, TextToImage
+from studio.tasks.inpainting import Inpainter
 from studio.tasks.upscaling import UpscaleLimits, Upscaling
-from studio.arena.votes import default_votes_url, open_store
 
 log = logging.getLogger("studio")
 
@@ -131,7 +128,6 @@ CSS = """
 .history-gallery .caption-label { left: 4px; right: 4px; max-width: none; white-space: normal; font-size: 11px; }
 """
 PUBLIC_RATE_LIMIT = 12  # jobs per minute per visitor in --public mode
-DEFAULT_UPSCALER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffusion-studio" / "upscalers"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,22 +191,16 @@ def build_studio(args: argparse.Namespace) -> Studio:
         presets = presets.only([p.name for p in presets if p.public])  # the allow-list
     if args.preset:
         presets = presets.only(presets.names, default=presets.get(args.preset).name)
-    models = DiffusersModels(device, safety_checker_everywhere=args.public)
     if ON_ZEROGPU:
         # The GPU is attached only inside @spaces.GPU calls: no driver to ask, and everything stays loaded.
         device_budget, free_memory = parse_bytes(args.device_budget or "40GiB"), None
     else:
         device_budget = parse_bytes(args.device_budget) if args.device_budget else default_device_budget(device)
         free_memory = functools.partial(free_device_bytes, device)
-    manager = ModelManager(
-        {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader(), CLIP: ClipLoader(),
-         FACE_RESTORER: FaceRestorerLoader()},
-        device,
-        default_dtype(device),
-        device_budget=device_budget,
+    manager, models = build_manager(presets, ManagerSettings(
+        device=device, device_budget=device_budget, free_memory=free_memory, public=args.public,
         ram_budget=parse_bytes(args.ram_budget) if args.ram_budget else default_ram_budget(),
-        free_memory=free_memory,
-    )
+        extra_loaders={CLIP: ClipLoader(), FACE_RESTORER: FaceRestorerLoader()}))
     downloads = HubDownloads(disk_budget=parse_bytes(args.hub_cache_budget) if args.hub_cache_budget else None,
                              offline=HubAccess().offline)
     for name in dict.fromkeys(args.preload or []):
@@ -218,12 +208,9 @@ def build_studio(args: argparse.Namespace) -> Studio:
     if ON_ZEROGPU:  # every offered preset is loaded now, in this process; one that cannot load is not offered
         loaded = [p.name for p in presets if preload_preset(manager, models, downloads, p, pin=True)]
         presets = presets.only(loaded or [presets.default])
-    stages = DiffusionStages(manager, models)
-    limits = RequestLimits.public() if args.public else RequestLimits()
     loras = load_loras(args.loras_dir, args.loras_file)
     if ON_ZEROGPU:  # nothing may load in the GPU worker: each LoRA is placed now for the presets it fits
         loras = preload_loras(manager, models, downloads, presets, loras)
-    version = f"Diffusion Studio {__version__}"
     release_files = ReleaseFiles(args.upscaler_cache, offline=HubAccess().offline)
     upscalers = load_upscalers()
     if ON_ZEROGPU:  # nothing may load in the GPU worker: the upscalers are placed now, like the presets
@@ -231,12 +218,11 @@ def build_studio(args: argparse.Namespace) -> Studio:
     faces = FaceRestoration(manager, load_face_restorers(), release_files)  # those whose files are present
     if ON_ZEROGPU:  # placed now, like the upscalers
         faces = preload_face_restorers(manager, faces)
-    upscaling = Upscaling(manager, upscalers, release_files, UpscaleLimits.public() if args.public else UpscaleLimits(),
-                          faces=faces)
-    # Hires. fix upscales with the same upscalers, on the same manager
-    text_to_image = TextToImage(stages, presets, load_styles(), limits, version=version, downloads=downloads,
-                                upscaling=upscaling, loras=loras)
-    inpainter = Inpainter(stages, presets, limits, version=version, downloads=downloads, loras=loras)
+    engines = build_engines(
+        manager, models, presets, limits=RequestLimits.public() if args.public else RequestLimits(),
+        upscale_limits=UpscaleLimits.public() if args.public else UpscaleLimits(), loras=loras, upscalers=upscalers,
+        release_files=release_files, faces=faces, downloads=downloads)
+    text_to_image = engines.text_to_image
     clip = clip_scorer(manager)
     if ON_ZEROGPU:  # the Compare tab scores on the GPU worker, where nothing may load
         try:
@@ -254,29 +240,14 @@ def build_studio(args: argparse.Namespace) -> Studio:
         limiter=RateLimiter(rate_limit) if rate_limit else None,
         concurrency=args.concurrency,
     )
-    return Studio(manager=manager, text_to_image=text_to_image, inpainter=inpainter, upscaling=upscaling,
-                  comparison=comparison, arena=arena, runner=runner)
+    return Studio(manager=manager, text_to_image=text_to_image, inpainter=engines.inpainter,
+                  upscaling=engines.upscaling, comparison=comparison, arena=arena, runner=runner)
 
 
 def clip_scorer(manager: ModelManager) -> ClipScorer:
     """The CLIP the Compare tab scores with: OpenAI's ViT-L/14 (the CLIP score papers report) where its weights are
     in the Hub cache, otherwise the embedded CLIP, which works offline. The table names which."""
     return default_clip_scorer(manager, EMBEDDED_CLIP)
-
-
-def local_engines(presets, device: str = "cpu", device_budget: int = 2 * 1024**3,
-                  dtype: torch.dtype = torch.float32) -> tuple[TextToImage, Inpainter]:
-    """Text to image (with Hires. fix's upscalers) and inpainting over one fresh manager, with no server around
-    them (tests, benchmarks)."""
-    models = DiffusersModels(torch.device(device))
-    loaders = {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader()}
-    manager = ModelManager(loaders, device, dtype, device_budget)
-    stages = DiffusionStages(manager, models)
-    limits, version = RequestLimits(), f"Diffusion Studio {__version__}"
-    upscaling = Upscaling(manager, load_upscalers(), ReleaseFiles(DEFAULT_UPSCALER_CACHE))
-    loras = load_loras()
-    return (TextToImage(stages, presets, load_styles(), limits, version=version, upscaling=upscaling, loras=loras),
-            Inpainter(stages, presets, limits, version=version, loras=loras))
 
 
 def preload_preset(manager, models, downloads, preset, pin: bool) -> bool:

@@ -95,11 +95,11 @@ def preset_bytes(folder: Path) -> int:
 
 def run_one(order: str, presets_path: Path, budget: int, samplers: str) -> dict:
     """In this (fresh) process: the grid in `order`, returning loads and seconds."""
-    import app
-    from studio.evaluation.compare import Comparison, CompareRequest
+    from studio.evaluation.compare import CompareRequest, Comparison
     from studio.models.presets import load_presets
+    from studio.tasks.engines import local_engines
 
-    text_to_image, _ = app.local_engines(load_presets(presets_path), device_budget=budget)
+    text_to_image = local_engines(load_presets(presets_path), device_budget=budget).text_to_image
     comparison = Comparison(text_to_image)
     plan = comparison.plan(CompareRequest(prompt="a red circle on a blue background", seed=1, x_type="Preset",
                                           x_values=", ".join(PRESETS), y_type="Sampler", y_values=samplers))

@@ -46,11 +46,11 @@ from studio.core.devices import format_bytes, module_bytes, working_memory_on  #
 from studio.core.errors import OutOfMemoryBudget  # noqa: E402
 from studio.core.memory import DEVICE as ON_DEVICE  # noqa: E402
 from studio.core.memory import ModelKey, ModelManager  # noqa: E402
-from studio.models.families import family_of  # noqa: E402
 from studio.models.components import DiffusersModels  # noqa: E402
+from studio.models.families import family_of  # noqa: E402
 from studio.models.loading import WEIGHTLESS  # noqa: E402
-from studio.models.stages import DiffusionStages, StagePlan  # noqa: E402
 from studio.models.presets import load_presets  # noqa: E402
+from studio.models.stages import DiffusionStages, StagePlan  # noqa: E402
 
 GIB = 1024**3
 DTYPE = torch.float16

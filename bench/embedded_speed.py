@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import app  # noqa: E402
-from studio.tasks.generation import TextToImageRequest  # noqa: E402
 from studio.models.presets import load_presets  # noqa: E402
+from studio.tasks.engines import local_engines  # noqa: E402
+from studio.tasks.generation import TextToImageRequest  # noqa: E402
 
 TARGET_S = 0.5
 
@@ -37,7 +37,7 @@ def main() -> None:
 
     presets = load_presets()
     preset = presets.get("embedded")
-    engine, _ = app.local_engines(presets)
+    engine = local_engines(presets).text_to_image
     request = TextToImageRequest(
         "a large red circle in the center on a blue background", preset="embedded", scheduler=preset.default_scheduler,
         steps=args.steps, guidance_scale=preset.default_guidance, width=preset.default_width,

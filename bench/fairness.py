@@ -21,6 +21,7 @@ from gradio_client import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api_overhead import free_port, start_app  # noqa: E402
+
 REQUEST = dict(prompt="a red circle on a blue background", negative_prompt="", preset="embedded", scheduler="Euler",
                guidance_scale=3.0, width=64, height=64, style="None")
 TARGET = 1.5

@@ -23,12 +23,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import app  # noqa: E402
 from studio.embedded import oracle, scenes  # noqa: E402
 from studio.embedded.evaluation import evaluation_scenes  # noqa: E402
+from studio.models.presets import load_presets  # noqa: E402
+from studio.tasks.engines import local_engines  # noqa: E402
 from studio.tasks.generation import TextToImageRequest  # noqa: E402
 from studio.tasks.hires import HiresFix  # noqa: E402
-from studio.models.presets import load_presets  # noqa: E402
 
 UPSCALERS = ("Latent", "embedded-rrdbnet-x4", "lanczos")
 
@@ -59,7 +59,7 @@ def main() -> None:
     presets = load_presets()
     preset = presets.get("embedded")
     steps = args.steps or preset.default_steps
-    engine, _ = app.local_engines(presets)
+    engine = local_engines(presets).text_to_image
     settings = dict(preset="embedded", scheduler=preset.default_scheduler, steps=steps,
                     guidance_scale=preset.default_guidance, width=64, height=64)
     correct = {name: 0 for name in ("64 px", *UPSCALERS)}

@@ -21,16 +21,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline  # noqa: E402
 
-import app  # noqa: E402
 from studio.core.devices import format_bytes, module_bytes  # noqa: E402
 from studio.models.presets import PresetCatalog, load_presets  # noqa: E402
+from studio.tasks.engines import local_engines  # noqa: E402
 
 TARGET = 0.6
 
 
 def shared_bytes(preset) -> int:
     """Both tasks warm in the studio's one memory manager: what it holds, by its own accounting."""
-    engine, _ = app.local_engines(PresetCatalog([preset], preset.name), device_budget=8 * 1024**3)
+    engine = local_engines(PresetCatalog([preset], preset.name), device_budget=8 * 1024**3).text_to_image
     manager, pipelines = engine.manager, []
     for task in ("text2img", "inpaint"):
         with manager.use(engine.models.keys(preset, task)) as parts:

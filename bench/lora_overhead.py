@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import app  # noqa: E402
-from studio.tasks.generation import TextToImageRequest  # noqa: E402
 from studio.models.presets import load_presets  # noqa: E402
+from studio.tasks.engines import local_engines  # noqa: E402
+from studio.tasks.generation import TextToImageRequest  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.images, args.rounds, args.steps = 1, 1, 1
-    engine, _ = app.local_engines(load_presets())
+    engine = local_engines(load_presets()).text_to_image
     prompt = "a red hexagon on a blue background"
 
     def seconds(text: str) -> float:

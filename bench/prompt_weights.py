@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from studio.a1111 import prompts  # noqa: E402
-from studio.models.families import family_named  # noqa: E402
+from studio.a1111.schedulers import make_scheduler  # noqa: E402
 from studio.embedded.evaluation import embedded_defaults, load_text_to_image  # noqa: E402
 from studio.embedded.oracle import background_colour, shape_mask  # noqa: E402
-from studio.a1111.schedulers import make_scheduler  # noqa: E402
+from studio.models.families import family_named  # noqa: E402
 
 CPU = torch.device("cpu")
 PROMPT = "a {red} {yellow} circle on a white background"

@@ -8,7 +8,7 @@ set size (VmRSS in /proc/self/status, after gc.collect()) before and after makin
 on the CPU (the studio's CPU dtype; loading the fp16 files copies them, as loading onto a GPU does), at 64x64 px
 and 1 denoising step (tiny inputs: the weights, not the activations, dominate):
 
-  (a) shared:   the studio's one ModelManager (app.local_engines) running Text to image, Inpaint (on the base
+  (a) shared:   the studio's one ModelManager (studio.tasks.engines.local_engines) running Text to image, Inpaint (on the base
                 UNet, as for a preset without an inpainting checkpoint) and Sketch to image (img2img) once each;
   (b) separate: StableDiffusionPipeline, StableDiffusionInpaintPipeline and StableDiffusionImg2ImgPipeline, each
                 from_pretrained of the same folder, all three kept alive, each run once.
@@ -245,14 +245,20 @@ def test_images():
 
 def import_everything() -> None:
     """Both cases import the same modules before their first reading, so imports never count in a delta."""
-    import app  # noqa: F401
     from diffusers import (  # noqa: F401
-        AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
-        StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel,
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
     )
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import studio.tasks.generation, studio.tasks.inpainting # noqa: F401, E401
+    import app  # noqa: F401
+    import studio.tasks.generation  # noqa: F401, E401
+    import studio.tasks.inpainting
 
 
 def bench_preset(folder: Path):
@@ -275,16 +281,17 @@ def case_shared(folder: Path, dtype_name: str) -> dict:
     """(a) One manager, three tasks warm, through the studio's engines."""
     import torch
 
-    import app
     from studio.core.devices import module_bytes
+    from studio.models.presets import PresetCatalog
+    from studio.tasks.engines import local_engines
     from studio.tasks.generation import TextToImageRequest
     from studio.tasks.inpainting import InpaintRequest
-    from studio.models.presets import PresetCatalog
 
     dtype = getattr(torch, dtype_name)
     preset = bench_preset(folder)
     catalog = PresetCatalog([preset], default=PRESET_NAME)
-    text_to_image, inpainter = app.local_engines(catalog, "cpu", device_budget=24 * GIB, dtype=dtype)
+    engines = local_engines(catalog, "cpu", device_budget=24 * GIB, dtype=dtype)
+    text_to_image, inpainter = engines.text_to_image, engines.inpainter
     image, mask, sketch = test_images()
     common = dict(prompt=PROMPT, preset=PRESET_NAME, scheduler="Euler", steps=1, guidance_scale=GUIDANCE, seed=SEED)
     before = memory_now()

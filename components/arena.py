@@ -17,10 +17,10 @@ import gradio as gr
 from components.event_options import INSTANT, NO_PROGRESS, QUICK
 from components.running import JobRunner, session_of, user_error
 from components.whole_numbers import WholeNumber
-from studio.arena.battles import Arena, ArenaPlan
+from studio.arena.battles import Arena
+from studio.arena.leaderboard import CHOICES, CSV_HEADERS, Leaderboard, table_rows, to_csv
 from studio.core.errors import StudioError
 from studio.tasks.generation import whole
-from studio.arena.leaderboard import CHOICES, CSV_HEADERS, Leaderboard, table_rows, to_csv
 
 TAB = "arena"
 
@@ -101,7 +101,7 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
             refresh = gr.Button("Refresh", scale=1)
             download = gr.DownloadButton("Download CSV", scale=1)
 
-    on_device = runner.device_function(arena, ArenaPlan)
+    on_device = runner.device_function("arena", arena)
 
     def check(prompt, request: gr.Request):
         """Instant feedback before the battle waits in the GPU queue; it then counts as waiting (Stop reaches it)."""

@@ -11,9 +11,9 @@ from components.event_options import INSTANT, QUICK
 from components.lora_picker import build_lora_picker
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber
+from studio.core.errors import InvalidRequest
 from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid
 from studio.evaluation.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
-from studio.core.errors import InvalidRequest
 from studio.tasks.generation import whole
 
 TAB = "compare"
@@ -85,7 +85,7 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
                                   max_height=420, interactive=False, elem_id="compare-slider")
 
     inputs = [prompt, negative_prompt, seed, *axes]
-    on_device = runner.device_function(comparison, ComparePlan)
+    on_device = runner.device_function("compare", comparison)
 
     def check(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values,
               request: gr.Request):

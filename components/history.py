@@ -29,14 +29,16 @@ class History:
             event.success(add_to_history, [results, self.state], [self.state, self.gallery],
                           **INSTANT)
 
-    def on_click(self, fill_form: Callable, inputs: list, outputs: list, **event_options) -> None:
-        """Clicking a thumbnail calls `fill_form(parameters_text, *inputs)` and shows its result in `outputs`."""
+    def on_click(self, fill_form: Callable, form: dict[str, gr.components.Component], outputs: list,
+                 **event_options) -> None:
+        """Clicking a thumbnail calls `fill_form(parameters_text, **form's values)` and shows its result in
+        `outputs`."""
 
-        def load(selection: gr.SelectData, past, *values):
+        def load(selection: gr.SelectData, past, **fields):
             _path, _caption, parameters = past[selection.index]
-            return fill_form(parameters, *values)
+            return fill_form(parameters, **fields)
 
-        self.gallery.select(load, [self.state, *inputs], outputs, **event_options)
+        self.gallery.select(load, self.state, outputs, inputs_kwargs=form, **event_options)
 
 
 def build_history(elem_id: str) -> History:

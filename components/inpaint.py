@@ -32,9 +32,10 @@ from components.preset_picker import (
 )
 from components.running import JobRunner, scroll_to_results_in_a_narrow_window, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
+from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import InvalidRequest, StudioError
-from studio.tasks.generation import MAX_CLIP_SKIP, whole
 from studio.core.images import open_image
+from studio.tasks.generation import MAX_CLIP_SKIP, whole
 from studio.tasks.inpainting import (
     INPAINT_AREAS,
     MAX_MASK_BLUR,
@@ -42,13 +43,12 @@ from studio.tasks.inpainting import (
     SKETCH_COLOURS,
     SKETCH_STRENGTH,
     WHOLE_PICTURE,
-    InpaintRequest,
     Inpainter,
+    InpaintRequest,
     inpaint_request_from_parameters,
     mask_tools_for,
     sketch_mask,
 )
-from studio.a1111.schedulers import schedulers_for
 
 TAB = "inpaint"
 
@@ -106,8 +106,8 @@ class InpaintTab:
     send_to_upscale: gr.Button
 
 
-def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
-             padding, seed, batch_size, clip_skip=1) -> InpaintRequest:
+def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
+                 padding, seed, batch_size, clip_skip=1) -> InpaintRequest:
     return InpaintRequest(
         prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
         steps=whole(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=whole(mask_blur),
@@ -201,16 +201,19 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             seeds = gr.JSON(label="Used seeds")
             history = build_history("inpaint-history-gallery")
 
-    settings = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
-                padding, seed, batch_size, clip_skip]
+    # The one map from the settings' components to the request's fields: handlers take them by name (gradio's
+    # inputs_kwargs), and the API's parameters are these names, in this order. Sketch to image has no mask.
+    form = dict(prompt=prompt, negative_prompt=negative_prompt, preset=preset, scheduler=scheduler, steps=steps,
+                guidance_scale=guidance_scale, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
+                padding=padding, seed=seed, batch_size=batch_size, clip_skip=clip_skip)
+    sketch_form = {name: component for name, component in form.items()
+                   if name not in ("mask_blur", "inpaint_area", "padding")}
+    settings = list(form.values())
 
-    def check(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
-              mask_blur, inpaint_area, padding, seed, batch_size, clip_skip, request: gr.Request):
+    def check(chosen_mode, value, request: gr.Request, **fields):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
         image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
-        problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
-                                            strength, mask_blur, inpaint_area, padding, seed, batch_size, clip_skip),
-                                   "img2img" if chosen_mode == SKETCH_TO_IMAGE else "inpaint")
+        problems = engine.problems(form_request(**fields), "img2img" if chosen_mode == SKETCH_TO_IMAGE else "inpaint")
         if mask is not None and not np.asarray(mask).any():
             problems["mask"] = ("Paint over the part of the image to redo first." if chosen_mode == INPAINT
                                 else "Paint some strokes on the image first.")
@@ -219,7 +222,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         runner.submitted(request, TAB)
 
     check = runner.remembering_refusals(TAB, check)
-    on_device = runner.device_function(engine)
+    on_device = runner.device_function("inpaint", engine)
     max_upload = engine.limits.max_upload_pixels
 
     def run(request, progress, image, mask, settings_request, error_title):
@@ -242,33 +245,26 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         except StudioError as error:
             raise user_error(error, "Cannot use this file") from None
 
-    def inpaint_from_editor(chosen_mode, value, prompt, negative_prompt, preset, scheduler, steps, guidance_scale,
-                            strength, mask_blur, inpaint_area, padding, seed, batch_size, clip_skip,
-                            request: gr.Request, progress=gr.Progress()):
+    def inpaint_from_editor(chosen_mode, value, request: gr.Request, progress=gr.Progress(), **fields):
         image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
-        settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
-                                    mask_blur, inpaint_area, padding, seed, batch_size, clip_skip)
+        settings_request = form_request(**fields)
         title = "Cannot generate" if mask is None else "Cannot inpaint"
         return run(request, progress, image, mask, settings_request, title)
 
-    def inpaint(image, mask, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur,
-                inpaint_area, padding, seed, batch_size, clip_skip, request: gr.Request, progress=gr.Progress()):
+    def inpaint(image, mask, request: gr.Request, progress=gr.Progress(), **fields):
         """Repaint the white part of `mask` (an image the size of `image`; in a transparent PNG, the opaque part)
         as the prompt describes. Pixels outside the (blurred) mask are returned unchanged, at the input's size.
         Returns the images (PNG with A1111 parameters), the seeds used and the generation info."""
-        settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength,
-                                    mask_blur, inpaint_area, padding, seed, batch_size, clip_skip)
+        settings_request = form_request(**fields)
         if image is None or mask is None:
             raise user_error(InvalidRequest(["Give both an image and a mask (white = repaint)."]), "Cannot inpaint")
         return run(request, progress, opened(image, "image"), opened(mask, "mask"), settings_request,
                    "Cannot inpaint")
 
-    def sketch_to_image(sketch, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, seed,
-                        batch_size, clip_skip, request: gr.Request, progress=gr.Progress()):
+    def sketch_to_image(sketch, request: gr.Request, progress=gr.Progress(), **fields):
         """An image from a coloured sketch (transparent areas count as white paper), redrawn at the denoising
         strength. Returns the images (PNG with A1111 parameters), the seeds used and the generation info."""
-        settings_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, 4,
-                                    WHOLE_PICTURE, 32, seed, batch_size, clip_skip)
+        settings_request = form_request(**fields, mask_blur=4, inpaint_area=WHOLE_PICTURE, padding=32)
         if sketch is None:
             raise user_error(InvalidRequest(["Give a sketch image."]), "Cannot generate")
         return run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
@@ -339,18 +335,18 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     # one progress bar, on the results (not one on each output)
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
     outputs = [gallery, seeds, info]
-    checked = read_editor(generate.click).success(check, [mode, from_editor, *settings], None, **QUICK)
-    event = checked.success(inpaint_from_editor, [mode, from_editor, *settings], outputs, api_visibility="private",
-                            **gpu_event)
+    checked = read_editor(generate.click).success(check, [mode, from_editor], None, inputs_kwargs=form, **QUICK)
+    event = checked.success(inpaint_from_editor, [mode, from_editor], outputs, inputs_kwargs=form,
+                            api_visibility="private", **gpu_event)
     runner.follow_results(TAB, [checked], [event], seeds, info)
     scroll_to_results_in_a_narrow_window(checked, "inpaint-gallery")
     runner.wire_stop(stop, TAB)
 
-    def fill_form(text, *values):
+    def fill_form(text, **fields):
         """The settings an inpainted PNG was made with, back in the form (the image and mask stay as they are)."""
         if not text:
             raise user_error(InvalidRequest(["This image has no generation parameters."]), "No parameters")
-        filled, notes = inpaint_request_from_parameters(text, engine.presets, _request(*values), engine.loras)
+        filled, notes = inpaint_request_from_parameters(text, engine.presets, form_request(**fields), engine.loras)
         for note in notes:
             gr.Warning(note)
         card_update, scheduler_, steps_, guidance_ = sampling_updates(
@@ -359,7 +355,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 filled.mask_blur, filled.inpaint_area, filled.padding, filled.seed, 1, filled.clip_skip, card_update]
 
     history.follow([event], gallery)
-    history.on_click(fill_form, settings, [*settings, card], **QUICK)
+    history.on_click(fill_form, form, [*settings, card], **QUICK)
     image_outputs = [to_editor, mask_blur, padding, fitted_to]
     # queued, so that a refusal (an image over the size limit) shows as a toast
     apply_to_editor(read_editor(mode.input).success(
@@ -377,13 +373,9 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     api_image = gr.File(label="Image", visible=False)  # any file: open_image says what is wrong
     api_mask = gr.File(label="Mask (white = repaint)", visible=False)
     api_inpaint, api_sketch = gr.Button(visible=False), gr.Button(visible=False)
-    api_inpaint.click(inpaint, [api_image, api_mask, *settings], outputs, api_name="inpaint", **gpu_event)
-    api_sketch.click(
-        sketch_to_image,
-        [api_image, prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, seed, batch_size,
-         clip_skip],
-        outputs, api_name="sketch_to_image", **gpu_event,
-    )
+    api_inpaint.click(inpaint, [api_image, api_mask], outputs, inputs_kwargs=form, api_name="inpaint", **gpu_event)
+    api_sketch.click(sketch_to_image, api_image, outputs, inputs_kwargs=sketch_form, api_name="sketch_to_image",
+                     **gpu_event)
 
     # what the model knows, and which typed words it does not, as the user types (no queue: no GPU, no wait)
     note_event = dict(fn=lambda name, text: prompt_hint(engine, name, text), inputs=[preset, prompt],

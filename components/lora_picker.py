@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from components.event_options import INSTANT, NO_PROGRESS
-from studio.models.loras import LoraCatalog
 from studio.a1111.prompts import LoraUse, with_lora
+from studio.models.loras import LoraCatalog
 
 HELP = ("Adds `<lora:name:weight>` to the prompt, as AUTOMATIC1111 does; choose again to change a LoRA's weight, "
         "or delete its tag to take it out. Several LoRAs apply at once. Weight 1 is the LoRA as trained; "

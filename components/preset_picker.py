@@ -9,9 +9,9 @@ import gradio as gr
 
 from components.event_options import INSTANT
 from components.running import user_error
+from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import StudioError
 from studio.models.presets import ModelPreset, PresetCatalog
-from studio.a1111.schedulers import schedulers_for
 
 
 def preset_card(preset: ModelPreset) -> str:

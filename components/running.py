@@ -17,9 +17,9 @@ import gradio as gr
 
 from components.event_options import INSTANT
 from studio.core.errors import StudioError
-from studio.tasks.generation import GenerationResult, SamplingEngine, SamplingPlan
 from studio.core.jobs import JobBoard
 from studio.core.sessions import RateLimiter
+from studio.tasks.generation import GenerationResult, SamplingEngine, SamplingPlan
 
 PROGRESS_INTERVAL_S = 0.1
 REMEMBERED_FAILURES = 1000  # sessions whose last failed job's reason is kept for their page
@@ -39,6 +39,17 @@ def user_error(error: StudioError, title: str) -> gr.Error:
     return gr.Error(str(error), title=title, print_exception=False)  # a traceback is for real faults only
 
 
+@dataclass(frozen=True)
+class DeviceCall:
+    """One engine's plans run by its manager's GPU function: `call(plan, slot)`."""
+
+    engine: str
+    gpu: Callable[[str, Any, int], Any]
+
+    def __call__(self, plan, slot: int):
+        return self.gpu(self.engine, plan, slot)
+
+
 @dataclass
 class JobRunner:
     """Jobs, Stop, the rate limit and the GPU function, for every tab."""
@@ -49,33 +60,35 @@ class JobRunner:
     concurrency: int = 4  # jobs in flight at once; they take turns on the device between images
 
     def __post_init__(self):
-        self._device_functions: dict[int, Callable] = {}
-        self._engines: dict[type, Any] = {}  # plan type -> the engine that runs such plans
+        self._device_functions: dict[int, Callable] = {}  # id(manager) -> its GPU function
+        self._engines: dict[str, Any] = {}  # engine name -> the engine that runs its plans
         self._counted: dict[tuple[str, str], int] = {}  # requests already counted by the rate limit when queued
         # (session, tab) -> why its last job failed, until its page reads it (API callers never do: bounded)
         self._failures: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def device_function(self, engine, plan_type: type = SamplingPlan) -> Callable[[Any, int], Any]:
-        """The GPU work of a plan, as spaces.GPU can run it: plain, picklable arguments (the plan and the job's
-        slot number) and result; its duration is the plan's own estimate. One function per memory manager, for
-        every tab (the plan's type says which engine runs it): spaces keeps a GPU worker per function, and each
-        new worker moves every preloaded model again."""
+    def device_function(self, name: str, engine) -> DeviceCall:
+        """The GPU work of the engine registered as `name` ("text_to_image", "inpaint", ...), as spaces.GPU can
+        run it: plain, picklable arguments (the engine's name, the plan, the job's slot number) and result; its
+        duration is the plan's own estimate. One GPU function per memory manager, for every tab: spaces keeps a
+        GPU worker per function, and each new worker moves every preloaded model again. Every tab registers its
+        engine before the first job: a worker forked earlier would not know a later one."""
         board, engines = self.board, self._engines
 
-        def run_on_device(plan, slot: int):
+        def run_on_device(engine_name: str, plan, slot: int):
             try:
-                return engines[type(plan)].run(plan, board.attach(slot))
+                return engines[engine_name].run(plan, board.attach(slot))
             except StudioError as error:  # crosses ZeroGPU's process boundary as a gradio error
                 raise gr.Error(str(error), print_exception=False) from None
 
         manager = getattr(engine, "manager", None) or engine.stages.manager
         with self._lock:
-            engines.setdefault(plan_type, engine)
+            if engines.setdefault(name, engine) is not engine:
+                raise ValueError(f"Another engine is already registered as {name!r}.")
             key = id(manager)
             if key not in self._device_functions:
-                self._device_functions[key] = self.gpu(run_on_device, lambda plan, slot: plan.gpu_seconds)
-            return self._device_functions[key]
+                self._device_functions[key] = self.gpu(run_on_device, lambda engine_name, plan, slot: plan.gpu_seconds)
+            return DeviceCall(name, self._device_functions[key])
 
     def submitted(self, request: gr.Request | None, tab: str) -> None:
         """Called by a tab's instant check, before the request waits in the queue: it counts against the rate

@@ -19,6 +19,7 @@ from components.preset_picker import (
 )
 from components.running import JobRunner, scroll_to_results_in_a_narrow_window, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
+from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import InvalidRequest, StudioError
 from studio.tasks.generation import MAX_CLIP_SKIP, TextToImage, TextToImageRequest, request_from_parameters, whole
 from studio.tasks.hires import (
@@ -29,7 +30,6 @@ from studio.tasks.hires import (
     HiresFix,
     hires_size,
 )
-from studio.a1111.schedulers import schedulers_for
 
 TAB = "text-to-image"
 
@@ -47,7 +47,7 @@ class TextToImageTab:
     negative_prompt: gr.Textbox
 
 
-def _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
+def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
              clip_skip=1, hires_fix=False, hires_upscaler=DEFAULT_HIRES_UPSCALER, hires_upscale=2.0, hires_steps=0,
              denoising_strength=0.5):
     hires = None
@@ -181,33 +181,30 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                               elem_id="generation-info")
             history = build_history("history-gallery")
 
-    inputs = [prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
-              clip_skip, hires_fix, hires_upscaler, hires_upscale, hires_steps, denoising_strength]
+    # The one map from the form's components to the request's fields: handlers take them by name (gradio's
+    # inputs_kwargs), and the API's parameters are these names, in this order.
+    form = dict(prompt=prompt, negative_prompt=negative_prompt, preset=preset, scheduler=scheduler, steps=steps,
+                guidance_scale=guidance_scale, width=width, height=height, seed=seed, batch_size=batch_size,
+                style=style, clip_skip=clip_skip, hires_fix=hires_fix, hires_upscaler=hires_upscaler,
+                hires_upscale=hires_upscale, hires_steps=hires_steps, denoising_strength=denoising_strength)
+    inputs = list(form.values())
 
-    def check(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size,
-              style, clip_skip, hires_fix, hires_upscaler, hires_upscale, hires_steps, denoising_strength,
-              request: gr.Request):
+    def check(request: gr.Request, **fields):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
-        problems = engine.problems(_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width,
-                                            height, seed, batch_size, style, clip_skip, hires_fix, hires_upscaler,
-                                            hires_upscale, hires_steps, denoising_strength))
+        problems = engine.problems(form_request(**fields))
         if problems:
             raise user_error(InvalidRequest(list(problems.values())), "Check the settings")
         runner.submitted(request, TAB)
 
     check = runner.remembering_refusals(TAB, check)
-    on_device = runner.device_function(engine)
+    on_device = runner.device_function("text_to_image", engine)
 
-    def text_to_image(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed,
-                      batch_size, style, clip_skip, hires_fix, hires_upscaler, hires_upscale, hires_steps,
-                      denoising_strength, request: gr.Request, progress=gr.Progress()):
+    def text_to_image(request: gr.Request, progress=gr.Progress(), **fields):
         """Generate images from a prompt. Returns the images (PNG with A1111 parameters), the seeds used and the
         generation info. Image i uses seed + i; seed -1 picks a random seed. With hires_fix, each image is
         generated at width × height, upscaled by hires_upscale with hires_upscaler (a latent mode or an upscaler
         preset), then refined at that size at denoising_strength for hires_steps (0 = steps)."""
-        text_request = _request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height,
-                                seed, batch_size, style, clip_skip, hires_fix, hires_upscaler, hires_upscale,
-                                hires_steps, denoising_strength)
+        text_request = form_request(**fields)
         return runner.run(TAB, request, progress, engine, lambda: engine.plan(text_request), on_device)
 
     def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None, clip_skip=None,
@@ -232,16 +229,16 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         text = image.info.get("parameters")
         return text if isinstance(text, str) and text.strip() else "This image has no generation parameters."
 
-    def send_parameters(text, *values):
+    def send_parameters(text, **fields):
         if not text or text.startswith("This image has no"):
             raise user_error(InvalidRequest(["Drop a PNG with generation parameters first."]), "No parameters")
         # the form, with its hires settings read even while Hires. fix is off (an image without it keeps them)
-        form = _request(*values[:12], True, *values[13:])
-        filled, notes = request_from_parameters(text, engine.presets, form,
+        current = form_request(**(fields | {"hires_fix": True}))
+        filled, notes = request_from_parameters(text, engine.presets, current,
                                                 engine.upscaling.catalog if engine.upscaling else None, engine.loras)
         for note in notes:
             gr.Warning(note)
-        hires = filled.hires or form.hires
+        hires = filled.hires or current.hires
         card_update, scheduler_, steps_, guidance_, width_, height_, clip_skip_, hires_steps_ = preset_updates(
             filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height,
             filled.clip_skip, hires.steps,
@@ -256,17 +253,18 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     # between their images (the memory manager's fair lock), so a quick image is not stuck behind a long batch.
     # one progress bar, on the results (not one on each output)
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
-    checked = generate.click(check, inputs, None, **QUICK)
-    event = checked.success(text_to_image, inputs, [gallery, seeds, info], api_name="text_to_image", **gpu_event)
-    prompt_checked = prompt.submit(check, inputs, None, **QUICK)
-    submitted = prompt_checked.success(text_to_image, inputs, [gallery, seeds, info], api_visibility="private",
-                                       **gpu_event)
+    checked = generate.click(check, None, None, inputs_kwargs=form, **QUICK)
+    event = checked.success(text_to_image, None, [gallery, seeds, info], inputs_kwargs=form, api_name="text_to_image",
+                            **gpu_event)
+    prompt_checked = prompt.submit(check, None, None, inputs_kwargs=form, **QUICK)
+    submitted = prompt_checked.success(text_to_image, None, [gallery, seeds, info], inputs_kwargs=form,
+                                       api_visibility="private", **gpu_event)
     runner.follow_results(TAB, [checked, prompt_checked], [event, submitted], seeds, info)
     for started in (checked, prompt_checked):
         scroll_to_results_in_a_narrow_window(started, "text-to-image-gallery")
 
     history.follow([event, submitted], gallery)
-    history.on_click(send_parameters, inputs, [*inputs, card], **QUICK)
+    history.on_click(send_parameters, form, [*inputs, card], **QUICK)
     runner.wire_stop(stop, TAB)
     # Preset changes only need the preset itself: run them at once, outside the GPU queue.
     fitted = preset.input(preset_updates, preset, fitted_to_preset, **INSTANT)
@@ -289,7 +287,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     gallery.select(remember_selection, None, selected, **INSTANT)
     event.then(lambda: 0, None, selected, **INSTANT)  # a new batch: its first image
     # queued (outside the GPU group), so its notes show as toasts
-    use_parameters.click(send_parameters, [png_parameters, *inputs], [*inputs, card], **QUICK)
+    use_parameters.click(send_parameters, png_parameters, [*inputs, card], inputs_kwargs=form, **QUICK)
 
     # Each preset's own example prompts; clicking one also selects that preset, since an example only
     # shows what the model that knows it can do (the embedded model knows shapes, not "a cat").

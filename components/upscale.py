@@ -17,10 +17,10 @@ from components.event_options import INSTANT, QUICK
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber
 from studio.core.errors import InvalidRequest, StudioError
+from studio.core.images import open_image, to_8bit
 from studio.models.faces import NO_FACE_RESTORATION
 from studio.tasks.generation import whole
-from studio.core.images import open_image, to_8bit
-from studio.tasks.upscaling import MAX_SCALE, MIN_SCALE, UpscalePlan, UpscaleRequest, Upscaling, check_upscale
+from studio.tasks.upscaling import MAX_SCALE, MIN_SCALE, UpscaleRequest, Upscaling, check_upscale
 
 TAB = "upscale"
 AUTOMATIC_TILE = -1  # as seed -1 is random: the tile is chosen from the free memory
@@ -129,7 +129,7 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
             raise user_error(InvalidRequest(problems), "Check the settings")
         runner.submitted(request, TAB)
 
-    on_device = runner.device_function(upscaling, UpscalePlan)
+    on_device = runner.device_function("upscale", upscaling)
 
     def upscale_in_page(image, upscaler, scale, tile, denoise_strength, face_restoration, face_visibility,
                         request: gr.Request, progress=gr.Progress()):

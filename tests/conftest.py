@@ -13,15 +13,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-from studio.tasks.generation import RequestLimits, TextToImage
-from studio.tasks.inpainting import Inpainter
-from studio.core.memory import ModelManager
-from studio.models.components import DiffusersModels
-from studio.models.loading import diffusers_loaders
-from studio.models.stages import DiffusionStages
-from studio.models.presets import load_presets, load_styles
+from studio.models.loras import LoraCatalog  # noqa: E402
+from studio.models.presets import load_presets  # noqa: E402
+from studio.tasks.engines import local_engines  # noqa: E402
 
 # Tests that need Chromium or PostgreSQL's server tools are marked so; without them they are skipped, except in CI
 pytest_plugins = ["system_tools"]
@@ -43,29 +38,34 @@ def arena_votes_elsewhere(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def models():
-    return DiffusersModels(torch.device("cpu"))
+def engines():
+    """The engines most tests share: one manager on the CPU (4 GiB), the presets files, no LoRAs."""
+    return local_engines(load_presets(), device_budget=4 * 1024**3, loras=LoraCatalog({}), version="Diffusion Studio test")
 
 
 @pytest.fixture(scope="session")
-def manager(models):
-    loaders = diffusers_loaders(models.variant_for(load_presets()))
-    return ModelManager(loaders, torch.device("cpu"), torch.float32, device_budget=4 * 1024**3)
+def models(engines):
+    return engines.models
 
 
 @pytest.fixture(scope="session")
-def stages(manager, models):
-    return DiffusionStages(manager, models)
+def manager(engines):
+    return engines.manager
 
 
 @pytest.fixture(scope="session")
-def engine(stages):
-    return TextToImage(stages, load_presets(), load_styles(), RequestLimits(), version="Diffusion Studio test")
+def stages(engines):
+    return engines.stages
 
 
 @pytest.fixture(scope="session")
-def inpainter(stages):
-    return Inpainter(stages, load_presets(), RequestLimits(), version="Diffusion Studio test")
+def engine(engines):
+    return engines.text_to_image
+
+
+@pytest.fixture(scope="session")
+def inpainter(engines):
+    return engines.inpainter
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +134,7 @@ def app_loras(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("loras")
     save_random_lora(EMBEDDED, folder / "test-shapes.safetensors", seed=5,
-                     metadata={"studio.models.vocabulary": json.dumps(["hexagon"])})
+                     metadata={"studio.vocabulary": json.dumps(["hexagon"])})
     sd2 = save_tiny_sd2(tmp_path_factory.mktemp("sd2") / "tiny-sd2")
     save_random_lora(sd2, folder / "another-family.safetensors", seed=6)
     return folder

@@ -9,9 +9,9 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from bench.fairness import quick_image_wait_ratio
-from studio.embedded import scenes
-from studio.core.images import blur_mask
 from studio.a1111.metadata import parse_parameters
+from studio.core.images import blur_mask
+from studio.embedded import scenes
 
 DEFAULTS = dict(prompt="a red circle on a blue background", negative_prompt="", preset="embedded", scheduler="Euler",
                 steps=10, guidance_scale=7.0, width=64, height=64, seed=7, batch_size=1, style="None", clip_skip=1)

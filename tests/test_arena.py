@@ -3,19 +3,19 @@ rate limits, and the leaderboard from the store."""
 
 import pytest
 
-import app
 from studio.arena.battles import Arena, Contestant, load_contestants
-from studio.core.errors import InvalidRequest
-from studio.models.presets import load_presets
-from studio.core.sessions import RateLimiter
 from studio.arena.votes import open_store
+from studio.core.errors import InvalidRequest
+from studio.core.sessions import RateLimiter
+from studio.models.presets import load_presets
+from studio.tasks.engines import local_engines
 
 
 @pytest.fixture
 def arena(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as here, with an empty cache: the Hub preset cannot run
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    text_to_image, _ = app.local_engines(load_presets())
+    text_to_image = local_engines(load_presets()).text_to_image
     contestants = [Contestant("fast", "embedded", "Euler", 4, 3.0), Contestant("slow", "embedded", "Euler", 12, 3.0),
                    Contestant("hub", "stable-diffusion-1.5", "Euler", 20, 7.0),
                    Contestant("bad", "embedded", "Nope", 20, 3.0)]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid, parse_values, split_values
 from studio.core.errors import InvalidRequest
+from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid, parse_values, split_values
 
 STEPS, CFG, SAMPLER, SIZE, PRESET = (AXIS_TYPES[name] for name in ("Steps", "CFG Scale", "Sampler", "Size", "Preset"))
 CHOICES = {"scheduler": ["Euler", "Euler a", "DPM++ 2M Karras", "DDIM"], "preset": ["embedded", "sd-turbo", "sdxl"],

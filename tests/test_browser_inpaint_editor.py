@@ -5,7 +5,6 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-
 from test_browser import browser, fresh_page, text_tab  # noqa: F401 - the module's browser fixture
 
 pytestmark = pytest.mark.browser

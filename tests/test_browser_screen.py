@@ -6,7 +6,6 @@ new one's, a stopped image marked in the history, and the Arena's intervals give
 import re
 
 import pytest
-
 from test_browser import browser, fresh_page, playwright, text_tab  # noqa: F401 - `browser` is a fixture of this module too
 
 pytestmark = pytest.mark.browser

@@ -7,27 +7,26 @@ import numpy as np
 import pytest
 import torch
 
-from studio.evaluation.compare import CompareRequest, Comparison, CompareLimits
-from studio.core.errors import InvalidRequest
-from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest
-from studio.core.memory import ModelManager
 from studio.a1111.metadata import parse_parameters
+from studio.core.errors import InvalidRequest
+from studio.evaluation.compare import CompareLimits, CompareRequest, Comparison
 from studio.evaluation.metrics import ClipScorer
 from studio.evaluation.model_kinds import CLIP, ClipLoader
-from studio.models.loading import diffusers_loaders
-from studio.models.stages import DiffusionStages
-from studio.models.presets import load_presets, load_styles
+from studio.models.loras import LoraCatalog
+from studio.models.presets import load_presets
+from studio.tasks.engines import ManagerSettings, build_engines, build_manager
+from studio.tasks.generation import TextToImageRequest
 from tests.conftest import ROOT
 
 PROMPT = "a large red circle in the center on a blue background"
 
 
 @pytest.fixture(scope="module")
-def comparison(models):
-    loaders = {**diffusers_loaders(models.variant_for(load_presets())), CLIP: ClipLoader()}
-    manager = ModelManager(loaders, torch.device("cpu"), torch.float32, device_budget=4 * 1024**3)
-    engine = TextToImage(DiffusionStages(manager, models), load_presets(), load_styles(), RequestLimits(),
-                         version="Diffusion Studio test")
+def comparison():
+    presets = load_presets()
+    manager, models = build_manager(presets, ManagerSettings(device_budget=4 * 1024**3, dtype=torch.float32,
+                                                             extra_loaders={CLIP: ClipLoader()}))
+    engine = build_engines(manager, models, presets, loras=LoraCatalog({}), version="Diffusion Studio test").text_to_image
     return Comparison(engine, ClipScorer(manager, ROOT / "models" / "embedded-clip", "embedded CLIP"),
                       CompareLimits(max_cells=16))
 

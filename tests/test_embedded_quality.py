@@ -11,11 +11,11 @@ import pytest
 from gradio_client import Client
 from PIL import Image, ImageColor
 
+from studio.a1111.schedulers import GENERAL_SCHEDULERS
 from studio.embedded import oracle, scenes
 from studio.embedded.evaluation import evaluate_clip, evaluate_inpaint, evaluate_upscaler
-from studio.tasks.generation import TextToImageRequest
 from studio.models.presets import load_presets
-from studio.a1111.schedulers import GENERAL_SCHEDULERS
+from studio.tasks.generation import TextToImageRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
+from studio.core.memory import ModelKey
 from studio.embedded.family import SMOKE_PLAN, train
 from studio.embedded.stages import VaeStage
-import app
-from studio.tasks.generation import TextToImageRequest
-from studio.core.memory import ModelKey
 from studio.models.presets import PresetCatalog, load_presets
+from studio.tasks.engines import local_engines
+from studio.tasks.generation import TextToImageRequest
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_exported_pipelines_load_through_the_presets_like_any_model(smoke_family
     preset = dataclasses.replace(
         embedded, local=root / "models" / "embedded-sd", inpaint_local=root / "models" / "embedded-sd-inpainting"
     )
-    engine, _ = app.local_engines(PresetCatalog([preset], "embedded"))
+    engine = local_engines(PresetCatalog([preset], "embedded")).text_to_image
     result = engine.generate(TextToImageRequest("a red circle", steps=2, seed=1))
     assert result.images[0].image.size == (64, 64)
     with engine.manager.use(engine.models.keys(preset, "inpaint")) as parts:

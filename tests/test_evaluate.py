@@ -13,9 +13,9 @@ import torch
 import yaml
 
 import studio.evaluation.evaluate
+from studio.a1111.metadata import read_parameters
 from studio.embedded import scenes
 from studio.evaluation.evaluate import all_tasks, bootstrap_interval
-from studio.a1111.metadata import read_parameters
 from tests.conftest import ROOT
 
 PROMPTS = ["a red circle on a blue background", "a large yellow star at the top left on a black background",

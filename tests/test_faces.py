@@ -11,10 +11,16 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
-from studio.models.basicsr_compat import install_functional_tensor_shim
 from studio.core.errors import InvalidRequest, ModelUnavailable
-from studio.models.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, face_restorer_key, load_face_restorers
 from studio.core.memory import ModelManager
+from studio.models.basicsr_compat import install_functional_tensor_shim
+from studio.models.faces import (
+    FACE_RESTORER,
+    FaceRestoration,
+    FaceRestorerLoader,
+    face_restorer_key,
+    load_face_restorers,
+)
 from studio.models.upscalers import UPSCALER, ReleaseFiles, UpscalerLoader, load_upscalers
 from studio.tasks.upscaling import UpscaleRequest, Upscaling
 

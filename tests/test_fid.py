@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy import linalg
 
-from studio.embedded import scenes
 from studio.core.errors import InvalidRequest, ModelUnavailable
 from studio.core.memory import ModelManager
+from studio.embedded import scenes
 from studio.evaluation.metrics import (
     ClipImageFeatures,
     ClipScorer,

@@ -5,10 +5,10 @@ import threading
 import numpy as np
 import pytest
 
-from studio.core.errors import InvalidRequest, ModelUnavailable
-from studio.tasks.generation import TextToImageRequest
 from studio.a1111.metadata import parse_parameters
 from studio.a1111.schedulers import GENERAL_SCHEDULERS
+from studio.core.errors import InvalidRequest, ModelUnavailable
+from studio.tasks.generation import TextToImageRequest
 
 
 def request(**overrides):
@@ -176,10 +176,10 @@ def test_a_hub_preset_offline_is_named_before_its_sizes_are_refused(engine, monk
 def test_progress_says_what_the_job_waits_for_before_its_first_step():
     """Reading the model's hash (once, with its bytes), loading the model (the first time), encoding the prompt:
     the page said "Reading the model's hash - 0.0%" and "0/1 steps" through all of it."""
-    from app import local_engines
     from studio.models.presets import load_presets
+    from studio.tasks.engines import local_engines
 
-    fresh, _ = local_engines(load_presets())  # its own manager and hash cache: nothing loaded or read yet
+    fresh = local_engines(load_presets()).text_to_image  # its own manager and hash cache: nothing loaded or read yet
     plan = fresh.plan(request(steps=2))
     hashing = []
     with fresh.model_files(plan, lambda done, total, text: hashing.append((done, total, text))):

@@ -10,30 +10,26 @@ import pytest
 import torch
 from PIL import Image
 
+from studio.a1111.metadata import parse_parameters
+from studio.core.errors import InvalidRequest, ModelUnavailable
 from studio.embedded import oracle, scenes
 from studio.embedded.evaluation import evaluation_scenes
-from studio.core.errors import InvalidRequest, ModelUnavailable
+from studio.models.loras import LoraCatalog
+from studio.models.presets import load_presets, load_styles
+from studio.models.upscalers import ReleaseFiles
+from studio.tasks.engines import local_engines
 from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
 from studio.tasks.hires import LATENT_UPSCALE_MODES, HiresFix, HiresPlan, hires_size
-from studio.core.memory import ModelManager
-from studio.a1111.metadata import parse_parameters
-from studio.models.loading import diffusers_loaders
-from studio.models.stages import DiffusionStages
-from studio.models.presets import load_presets, load_styles
-from studio.models.upscalers import UPSCALER, ReleaseFiles, UpscalerLoader, load_upscalers
-from studio.tasks.upscaling import Upscaling
 
 EMBEDDED_UPSCALER = "embedded-rrdbnet-x4"
 
 
 @pytest.fixture(scope="module")
-def hires_engine(models, tmp_path_factory):
+def hires_engine(tmp_path_factory):
     """Text to image with the studio's upscalers, on one manager (as app.py wires them)."""
-    loaders = {**diffusers_loaders(models.variant_for(load_presets())), UPSCALER: UpscalerLoader()}
-    manager = ModelManager(loaders, torch.device("cpu"), torch.float32, device_budget=4 * 1024**3)
-    upscaling = Upscaling(manager, load_upscalers(), ReleaseFiles(tmp_path_factory.mktemp("release"), offline=True))
-    return TextToImage(DiffusionStages(manager, models), load_presets(), load_styles(), RequestLimits(),
-                       version="Diffusion Studio test", upscaling=upscaling)
+    release = ReleaseFiles(tmp_path_factory.mktemp("release"), offline=True)
+    return local_engines(load_presets(), device_budget=4 * 1024**3, loras=LoraCatalog({}), release_files=release,
+                         version="Diffusion Studio test").text_to_image
 
 
 def request(**overrides):

@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.embedded import oracle, scenes
-from studio.core.errors import InvalidRequest
-from studio.tasks.generation import RequestLimits, TextToImageRequest, inpaint_step_hooks
-from studio.models.families import family_named
-from studio.core.images import blur_mask, open_image, prepare_mask
-from studio.tasks.inpainting import ONLY_MASKED, InpaintRequest, Inpainter, mask_tools_for
 from studio.a1111.metadata import parse_parameters
-from studio.models.presets import PresetCatalog, load_presets
 from studio.a1111.schedulers import make_scheduler
+from studio.core.errors import InvalidRequest
+from studio.core.images import blur_mask, open_image, prepare_mask
+from studio.embedded import oracle, scenes
+from studio.models.families import family_named
+from studio.models.presets import PresetCatalog, load_presets
+from studio.tasks.generation import RequestLimits, TextToImageRequest, inpaint_step_hooks
+from studio.tasks.inpainting import ONLY_MASKED, Inpainter, InpaintRequest, mask_tools_for
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

@@ -6,7 +6,17 @@ import math
 import numpy as np
 import pytest
 
-from studio.arena.leaderboard import BOTH_BAD, ELO_SCALE, LEFT, RIGHT, TIE, Battle, clip_agreement, fit_scores, leaderboard
+from studio.arena.leaderboard import (
+    BOTH_BAD,
+    ELO_SCALE,
+    LEFT,
+    RIGHT,
+    TIE,
+    Battle,
+    clip_agreement,
+    fit_scores,
+    leaderboard,
+)
 
 TRUE_ELO = {"a": 1150.0, "b": 1050.0, "c": 1000.0, "d": 900.0}
 

@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import EMBEDDED, save_as_kohya, save_random_lora, save_tiny_sd2
 
-from studio.models.families import family_named
-from studio.core.errors import InvalidRequest
-from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
-from studio.models.loras import LORA, addnet_hash, load_loras
 from studio.a1111.metadata import parse_parameters
+from studio.core.errors import InvalidRequest
+from studio.models.families import family_named
+from studio.models.loras import LORA, addnet_hash, load_loras
 from studio.models.presets import load_presets, load_styles
+from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
 
 PROMPT = "a red circle on a blue background"
 
@@ -222,8 +222,8 @@ def test_a_hub_lora_offline_gives_a_clear_error_naming_it(stages, tmp_path):
 
 
 def test_lora_names_are_written_in_lora_hashes_as_a1111_writes_them_and_found_again(lora_folder):
-    from studio.tasks.generation import hash_entry_name, lora_notes
     from studio.models.loras import LoraCatalog, LoraPreset
+    from studio.tasks.generation import hash_entry_name, lora_notes
 
     path = lora_folder / "rand.safetensors"
     catalog = LoraCatalog({"style: a,b": LoraPreset("style: a,b", file=str(path))})

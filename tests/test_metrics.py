@@ -2,9 +2,9 @@
 
 import torch
 
+from studio.core.memory import ModelManager
 from studio.embedded import scenes
 from studio.embedded.evaluation import evaluation_scenes
-from studio.core.memory import ModelManager
 from studio.evaluation.metrics import ClipScorer, clip_score_from_embeddings
 from studio.evaluation.model_kinds import CLIP, ClipLoader
 from tests.conftest import ROOT

@@ -1,6 +1,7 @@
 """Other kinds of model in the same manager as the diffusers components: one budget, one lock, shared by key."""
 
 import torch
+from tiny_models import ROOT
 
 from studio.core.memory import ModelKey, ModelManager
 from studio.evaluation.model_kinds import CLIP, ClipLoader, clip_key
@@ -8,8 +9,6 @@ from studio.models.components import DiffusersModels
 from studio.models.loading import DiffusersLoader
 from studio.models.presets import load_presets
 from studio.models.upscalers import UPSCALER, UpscalerLoader, load_upscalers, upscaler_key
-
-from tiny_models import ROOT
 
 MODELS = ROOT / "models"
 

@@ -9,15 +9,15 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from tiny_models import save_tiny_safety_checker, save_tiny_sdxl, save_tiny_vae
 
+from studio.a1111.schedulers import make_scheduler
 from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
-from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest
 from studio.core.memory import ModelKey, ModelManager
-from studio.models.components import DiffusersModels, SAFETY_CHECKER_REPO
+from studio.models.components import SAFETY_CHECKER_REPO, DiffusersModels
 from studio.models.loading import DiffusersLoader, diffusers_loaders, standalone_key
+from studio.models.presets import PresetCatalog, load_presets, load_styles
 from studio.models.stages import DiffusionStages
 from studio.models.weights import safetensors_bytes, weight_files
-from studio.models.presets import PresetCatalog, load_presets, load_styles
-from studio.a1111.schedulers import make_scheduler
+from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest
 
 
 @pytest.fixture

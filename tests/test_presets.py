@@ -1,8 +1,8 @@
 import pytest
 
-from studio.core.errors import InvalidRequest, UnknownPreset
-from studio.models.presets import PresetCatalog, StyleCatalog, StylePreset, load_presets, load_styles, _preset_from_yaml
 from studio.a1111.schedulers import SCHEDULERS, schedulers_for
+from studio.core.errors import InvalidRequest, UnknownPreset
+from studio.models.presets import PresetCatalog, StyleCatalog, StylePreset, _preset_from_yaml, load_presets, load_styles
 
 
 def test_shipped_presets_cover_the_real_models_and_the_embedded_default():

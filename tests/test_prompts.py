@@ -7,8 +7,6 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from tiny_models import EMBEDDED, save_tiny_sdxl
 
-from studio.core.errors import InvalidRequest
-from studio.tasks.generation import TextToImageRequest
 from studio.a1111.prompts import (
     LoraUse,
     parse_attention,
@@ -18,8 +16,9 @@ from studio.a1111.prompts import (
     split_at_breaks,
     with_lora,
 )
-
+from studio.core.errors import InvalidRequest
 from studio.models.families import family_named
+from studio.tasks.generation import TextToImageRequest
 
 CPU = torch.device("cpu")
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, LCMScheduler
 
-from studio.core.errors import InvalidRequest
 from studio.a1111.schedulers import SCHEDULERS, a1111_sampler_fields, make_scheduler, scheduler_from_a1111
+from studio.core.errors import InvalidRequest
 
 # Stable Diffusion 1.5's own scheduler config (PNDM, "leading" with offset 1), which every sampler starts from
 BASE = {

@@ -16,15 +16,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny_sd2, save_tiny_sdxl
 
-from app import local_engines
+from studio.a1111.metadata import parse_parameters
 from studio.core.downloads import HubDownloads
 from studio.core.errors import ModelUnavailable
-from studio.tasks.generation import TextToImageRequest, request_from_parameters
-from studio.tasks.inpainting import InpaintRequest
-from studio.a1111.metadata import parse_parameters
 from studio.models.components import DiffusersModels
 from studio.models.loading import diffusers_loaders
 from studio.models.presets import load_presets
+from studio.tasks.engines import local_engines
+from studio.tasks.generation import TextToImageRequest, request_from_parameters
+from studio.tasks.inpainting import InpaintRequest
 
 EMBEDDED = ROOT / "models" / "embedded-sd"
 SETTINGS = dict(description="the embedded model as one file", family="sd15", default_steps=8, default_guidance=3.0,
@@ -70,7 +70,7 @@ def generate(engine, preset, **overrides):
 
 
 def test_a_checkpoint_file_gives_the_pixels_of_the_same_weights_as_a_folder(engines):
-    text_to_image, _ = engines
+    text_to_image = engines.text_to_image
     from_folder = generate(text_to_image, "embedded")
     from_file = generate(text_to_image, "shapes-one-file")
     assert np.array_equal(np.asarray(from_file.image), np.asarray(from_folder.image))
@@ -97,7 +97,7 @@ def test_sd2_and_sdxl_checkpoint_files_give_their_folders_pixels(tmp_path, famil
         from_folder = loaders["diffusers"].load(folder_keys[role], torch.float32).state_dict()
         assert from_file.keys() == from_folder.keys(), role
         assert all(torch.equal(from_file[name], from_folder[name]) for name in from_folder), role
-    text_to_image, _ = local_engines(presets)
+    text_to_image = local_engines(presets).text_to_image
     from_folder = np.asarray(generate(text_to_image, "folder", steps=4, guidance_scale=5.0).image).astype(int)
     made = generate(text_to_image, "file", steps=4, guidance_scale=5.0)
     assert from_folder.std() > 0  # a picture, not a blank
@@ -108,7 +108,7 @@ def test_sd2_and_sdxl_checkpoint_files_give_their_folders_pixels(tmp_path, famil
 
 
 def test_the_model_hash_is_a1111s_short_sha256_of_the_file_that_ran(engines, checkpoints):
-    text_to_image, inpainter = engines
+    text_to_image, inpainter = engines.text_to_image, engines.inpainter
     params = parse_parameters(generate(text_to_image, "shapes-one-file").parameters)
     assert params.model_hash == sha10(checkpoints / "embedded_shapes.safetensors")
     image = Image.new("RGB", (64, 64), "blue")
@@ -125,7 +125,7 @@ def test_the_model_hash_is_a1111s_short_sha256_of_the_file_that_ran(engines, che
 
 
 def test_a1111s_model_name_is_the_checkpoint_stem_and_reads_back_to_the_preset(engines):
-    text_to_image, _ = engines
+    text_to_image = engines.text_to_image
     made = generate(text_to_image, "shapes-one-file")
     assert "Model: embedded_shapes," in made.parameters
     for model in ("Embedded_Shapes", "embedded_shapes-inpainting", "shapes-one-file"):
@@ -155,7 +155,7 @@ def test_a_checkpoint_file_that_is_missing_broken_or_of_another_family_is_named_
     (tmp_path / "pointer.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n")
     whole = (checkpoints / "embedded_shapes.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(whole[: len(whole) // 2])  # the header is whole, the tensors not
-    text_to_image, _ = engines_for(
+    text_to_image = engines_for(
         tmp_path,
         gone={"checkpoint": str(tmp_path / "gone.safetensors"), "config": str(EMBEDDED)},
         pointer={"checkpoint": str(tmp_path / "pointer.safetensors"), "config": str(EMBEDDED)},
@@ -188,7 +188,7 @@ def test_configs_only_folder_and_an_early_sd1_file_without_the_text_model_level(
              for name, tensor in tensors.items()}
     assert early.keys() != tensors.keys()
     save_file(early, str(tmp_path / "early.safetensors"))
-    text_to_image, _ = engines_for(
+    text_to_image = engines_for(
         tmp_path, folder={"local": str(EMBEDDED)},
         early={"checkpoint": str(tmp_path / "early.safetensors"), "config": str(configs)})
     assert np.array_equal(np.asarray(generate(text_to_image, "early").image),
@@ -210,7 +210,7 @@ def test_bad_checkpoint_presets_are_refused_when_the_file_is_read(tmp_path, entr
 
 
 def test_offline_a_checkpoint_whose_configs_are_on_the_hub_fails_clearly(checkpoints, tmp_path):
-    text_to_image, _ = local_engines(load_presets(checkpoints / "models.yaml"))
+    text_to_image = local_engines(load_presets(checkpoints / "models.yaml")).text_to_image
     text_to_image.downloads = HubDownloads(tmp_path / "empty-hub-cache", offline=lambda: True)
     with pytest.raises(ModelUnavailable, match=r"Preset 'Configs from the Hub' \(its configs: tokenizer, scheduler, "
                                                r"config.json; the weights are in changed.safetensors\) is not "

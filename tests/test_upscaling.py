@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from studio.models.basicsr_compat import rrdbnet_class, srvgg_class
-from studio.embedded.evaluation import psnr
 from studio.core.errors import InvalidRequest, ModelUnavailable, OutOfMemoryBudget
 from studio.core.memory import ModelKey, ModelManager
 from studio.core.tiling import MIN_TILE, run_tiled
+from studio.embedded.evaluation import psnr
+from studio.models.basicsr_compat import rrdbnet_class, srvgg_class
 from studio.models.upscalers import (
     UPSCALER,
     ReleaseFile,

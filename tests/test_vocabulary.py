@@ -1,6 +1,6 @@
-from studio.models.vocabulary import Vocabulary, load_vocabulary, unknown_words_warning
-
 from conftest import ROOT
+
+from studio.models.vocabulary import Vocabulary, load_vocabulary, unknown_words_warning
 
 VOCABULARY = Vocabulary({"shapes": ("circle", "star"), "colours": ("red", "grey", "gray"),
                          "positions": ("at the top left", "in the middle"), "other": ("a", "on")})

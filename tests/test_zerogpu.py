@@ -14,15 +14,15 @@ from PIL import Image
 
 import app
 from components.running import JobRunner
-from studio.evaluation.compare import CompareRequest, ComparePlan
-from studio.core.errors import InvalidRequest
-from studio.tasks.generation import TextToImageRequest
-from studio.tasks.hires import HiresFix
-from studio.core.jobs import JobBoard
 from studio.a1111.metadata import parse_parameters
+from studio.core.errors import InvalidRequest
+from studio.core.jobs import JobBoard
+from studio.evaluation.compare import CompareRequest
 from studio.evaluation.model_kinds import clip_key
 from studio.models.upscalers import ReleaseFiles, load_upscalers
-from studio.tasks.upscaling import UpscalePlan, UpscaleRequest, Upscaling
+from studio.tasks.generation import TextToImageRequest
+from studio.tasks.hires import HiresFix
+from studio.tasks.upscaling import UpscaleRequest, Upscaling
 
 
 class ForkingGpu:
@@ -90,11 +90,11 @@ def zerogpu(tmp_path_factory, app_loras):
     app.spaces = fake
     try:
         runner = JobRunner(board=JobBoard(slots=8), gpu=app.zerogpu_wrapper(studio.manager))
-        on_device = runner.device_function(engine)
+        on_device = runner.device_function("text_to_image", engine)
         # every tab registers its engine before the first job, as build_ui does: a worker forked later would not
         # know an engine registered after it
-        runner.device_function(studio.upscaling, UpscalePlan)
-        runner.device_function(studio.comparison, ComparePlan)
+        runner.device_function("upscale", studio.upscaling)
+        runner.device_function("compare", studio.comparison)
         yield studio, runner, on_device, fake
     finally:
         for process in fake.workers:
@@ -176,11 +176,12 @@ def test_an_upscale_runs_in_the_same_gpu_function_and_nothing_loads_there(zerogp
     studio, runner, on_device, fake = zerogpu
     upscaling = studio.upscaling
     assert set(upscaling.catalog.names) == {"embedded-rrdbnet-x4", "lanczos"}
-    assert runner.device_function(upscaling, UpscalePlan) is on_device
+    upscale_on_device = runner.device_function("upscale", upscaling)
+    assert upscale_on_device.gpu is on_device.gpu  # the images' GPU function, bound to the Upscale engine
     image = Image.new("RGB", (40, 30), (40, 90, 200))
     plan = upscaling.plan(image, UpscaleRequest("embedded-rrdbnet-x4", 2))
     job = runner.board.open("visitor", "upscale")
-    result = on_device(plan, job.slot)
+    result = upscale_on_device(plan, job.slot)
     runner.board.close(job)
     here = upscaling.upscale(image, UpscaleRequest("embedded-rrdbnet-x4", 2))
     assert result.image.size == (80, 60) and result.image.info["postprocessing"].startswith("Postprocess upscale by: 2")
@@ -210,8 +211,9 @@ def test_hires_fix_runs_both_passes_and_its_upscaler_in_the_worker_and_nothing_l
 
 def test_a_compare_grid_runs_in_the_worker_with_its_clip_scores_and_stop_keeps_finished_cells(zerogpu):
     """A grid is one job: its cells and CLIP scores in one GPU call, its progress and Stop across the fork."""
-    studio, runner, on_device, fake = zerogpu
+    studio, runner, _, fake = zerogpu
     comparison = studio.comparison
+    on_device = runner.device_function("compare", comparison)  # the same GPU function, bound to the Compare engine
     grid = CompareRequest(prompt="a red circle on a blue background", seed=5, x_type="Sampler",
                           x_values="Euler, DDIM", y_type="Steps", y_values="6, 12")
     plan = comparison.plan(grid)

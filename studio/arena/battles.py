@@ -17,23 +17,22 @@ import contextlib
 import logging
 import secrets
 import threading
-from collections.abc import Iterator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from studio.evaluation.compare import CLIP_SECONDS, CellJob
-from studio.core.errors import InvalidRequest, StudioError
-from studio.tasks.generation import ProgressCallback, SamplingPlan, TextToImage, TextToImageRequest, resolve_seed
-from studio.core.jobs import MAX_SECONDS, JobControl, LocalJob
+from studio.a1111.prompts import parse_prompt, plain_text
 from studio.arena.leaderboard import CHOICES, Leaderboard, leaderboard
+from studio.arena.votes import StoredBattle, VoteStore, owner_of
+from studio.core.errors import InvalidRequest, StudioError
+from studio.core.jobs import MAX_SECONDS, JobControl, LocalJob
+from studio.core.sessions import RateLimiter
+from studio.evaluation.compare import CLIP_SECONDS, CellJob
 from studio.evaluation.metrics import ClipScorer
 from studio.models.presets import PRESETS_DIR
-from studio.a1111.prompts import parse_prompt, plain_text
-from studio.core.sessions import RateLimiter
-from studio.arena.votes import StoredBattle, VoteStore, owner_of
+from studio.tasks.generation import ProgressCallback, SamplingPlan, TextToImage, TextToImageRequest, resolve_seed
 
 log = logging.getLogger(__name__)
 

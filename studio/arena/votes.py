@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from abc import ABC, abstractmethod
 import threading
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -76,7 +76,14 @@ def add_lora_commands(sub) -> None:
 def run_lora_command(args) -> None:
     from dataclasses import replace
 
-    from studio.embedded.lora import SMOKE_RECIPE, LoraRecipe, format_lora_report, lora_rates, oracle_shape_accuracy, train_lora
+    from studio.embedded.lora import (
+        SMOKE_RECIPE,
+        LoraRecipe,
+        format_lora_report,
+        lora_rates,
+        oracle_shape_accuracy,
+        train_lora,
+    )
 
     if args.command == "train-lora":
         recipe = SMOKE_RECIPE if args.smoke else LoraRecipe()

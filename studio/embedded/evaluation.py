@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from studio.tasks.generation import inpaint_step_hooks
-from studio.models.families import family_named
-from studio.models.presets import load_presets
 from studio.a1111.schedulers import make_scheduler
 from studio.embedded import oracle, scenes
 from studio.embedded.stages import CLIP_DIR, INPAINT_DIR, PIPELINE_DIR, SIDE, UPSCALE, vae_oracle_check
 from studio.embedded.upscaler import load_upscaler, upscale
+from studio.models.families import family_named
+from studio.models.presets import load_presets
+from studio.tasks.generation import inpaint_step_hooks
 
 EVAL_SEED = 777
 EMBEDDED = family_named("embedded")

@@ -8,7 +8,7 @@ layers and to the convolutions, projections and feed-forward layers of the UNet'
 are trained on hexagon scenes, on the same scenes with a circle drawn instead (the "twins"), and on the shapes the
 model already draws, so that it learns the new word without forgetting the old ones. The file is in diffusers'
 format (`pipe.load_lora_weights(path, adapter_name=...)` reads it) and says in its safetensors metadata which words
-it teaches (`studio.models.vocabulary`) and for which model (`studio.base_model`).
+it teaches (`studio.vocabulary`) and for which model (`studio.base_model`).
 
 The recipe was chosen on validation seeds (LORA_VALIDATION_SEED, 30 per prompt; hexagon rate with the LoRA at 1.0):
 adapters on the UNet's attention layers too, 47%; without them but on all of the text encoder's layers, 47-63%
@@ -38,7 +38,7 @@ from studio.embedded.training import SEED
 
 LORA_OUT = ROOT / "loras" / "hexagon.safetensors"
 BASE_MODEL = "embedded-sd"
-VOCABULARY_KEY, BASE_MODEL_KEY = "studio.models.vocabulary", "studio.base_model"
+VOCABULARY_KEY, BASE_MODEL_KEY = "studio.vocabulary", "studio.base_model"
 HEXAGON_PROMPT = "a red hexagon on a blue background"
 CIRCLE_PROMPT = "a red circle on a blue background"  # the side-effect check: an old shape must stay itself
 # peft target_modules as a regex (saved in the file, so diffusers targets the same layers when it loads it)

@@ -14,13 +14,7 @@ import torch
 from PIL import Image, ImageColor, ImageDraw
 from scipy import ndimage
 
-from studio.tasks.generation import RequestLimits
-from studio.tasks.inpainting import SKETCH_COLOURS, SKETCH_STRENGTH, InpaintRequest, Inpainter, mask_tools_for, sketch_mask
 from studio.core.memory import ModelManager
-from studio.models.components import DiffusersModels
-from studio.models.loading import diffusers_loaders
-from studio.models.stages import DiffusionStages
-from studio.models.presets import PresetCatalog, load_presets
 from studio.embedded import oracle, scenes
 from studio.embedded.evaluation import (
     EVAL_SEED,
@@ -32,6 +26,19 @@ from studio.embedded.evaluation import (
     shape_region,
 )
 from studio.embedded.stages import INPAINT_DIR, PIPELINE_DIR, SIDE
+from studio.models.components import DiffusersModels
+from studio.models.loading import diffusers_loaders
+from studio.models.presets import PresetCatalog, load_presets
+from studio.models.stages import DiffusionStages
+from studio.tasks.generation import RequestLimits
+from studio.tasks.inpainting import (
+    SKETCH_COLOURS,
+    SKETCH_STRENGTH,
+    Inpainter,
+    InpaintRequest,
+    mask_tools_for,
+    sketch_mask,
+)
 
 SKETCH_CALIBRATION_SEED = EVAL_SEED + 8  # the cases the fix (inpainting.sketch_mask) and GHOST_LIMIT were chosen on
 SKETCH_SEED = EVAL_SEED + 9  # the cases the reported figure is measured on, never looked at to choose anything

@@ -26,10 +26,10 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
 from studio.embedded import oracle, scenes
-from studio.models.vocabulary import VOCABULARY_FILE
 from studio.embedded.tokenizer import MAX_TOKENS, build_tokenizer
 from studio.embedded.training import SEED, Stage
 from studio.embedded.upscaler import UPSCALER_DIR, WEIGHTS
+from studio.models.vocabulary import VOCABULARY_FILE
 
 SIDE = 64  # native image size
 LATENT_SIDE = 16  # the VAE downsamples by 4

@@ -15,16 +15,22 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from studio.evaluation.axes import NO_AXIS, Cell, GridSpec, build_grid, value_text
-from studio.core.errors import InvalidRequest, StudioError
-from studio.tasks.generation import GeneratedImage, ProgressCallback, SamplingPlan, TextToImage, TextToImageRequest, resolve_seed
-from studio.evaluation.grids import draw_grid
 from studio.a1111.prompts import plain_text
-from studio.tasks.hires import HiresFix
-from studio.core.jobs import MAX_SECONDS, OVERHEAD_SECONDS, JobControl, LocalJob
-from studio.evaluation.metrics import ClipScorer
 from studio.a1111.schedulers import schedulers_for
-
+from studio.core.errors import InvalidRequest, StudioError
+from studio.core.jobs import MAX_SECONDS, OVERHEAD_SECONDS, JobControl, LocalJob
+from studio.evaluation.axes import NO_AXIS, Cell, GridSpec, build_grid, value_text
+from studio.evaluation.grids import draw_grid
+from studio.evaluation.metrics import ClipScorer
+from studio.tasks.generation import (
+    GeneratedImage,
+    ProgressCallback,
+    SamplingPlan,
+    TextToImage,
+    TextToImageRequest,
+    resolve_seed,
+)
+from studio.tasks.hires import HiresFix
 
 CLIP_SECONDS = 10  # scoring the cells (loading a ViT-L/14 the first time included)
 

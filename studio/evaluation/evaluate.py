@@ -26,8 +26,8 @@ import contextlib
 import csv
 import dataclasses
 import functools
-import io
 import hashlib
+import io
 import os
 import socket
 import sys
@@ -42,13 +42,12 @@ import torch
 import yaml
 from scipy import stats
 
-from studio import __version__
-from studio.core.devices import default_device_budget, default_dtype, default_ram_budget, free_device_bytes, parse_bytes
+from studio.a1111.metadata import save_png
+from studio.a1111.prompts import plain_text
+from studio.core.devices import default_device_budget, default_ram_budget, free_device_bytes, parse_bytes
 from studio.core.downloads import HubDownloads
 from studio.core.errors import InvalidRequest, ModelUnavailable, StudioError
-from studio.tasks.generation import MAX_SEED, RequestLimits, SamplingPlan, TextToImage, TextToImageRequest
 from studio.core.memory import ModelManager
-from studio.a1111.metadata import save_png
 from studio.evaluation.metrics import (
     EMBEDDED_CLIP,
     FID_EXTRACTORS,
@@ -64,11 +63,11 @@ from studio.evaluation.metrics import (
     real_clip_scorer,
 )
 from studio.evaluation.model_kinds import CLIP, INCEPTION, ClipLoader, InceptionLoader
-from studio.models.components import DiffusersModels
-from studio.models.loading import HubAccess, diffusers_loaders
-from studio.models.stages import DiffusionStages
-from studio.models.presets import PRESETS_DIR, PresetCatalog, load_presets, load_styles
-from studio.a1111.prompts import plain_text
+from studio.models.loading import HubAccess
+from studio.models.loras import LoraCatalog
+from studio.models.presets import PRESETS_DIR, PresetCatalog, load_presets
+from studio.tasks.engines import ManagerSettings, build_engines, build_manager
+from studio.tasks.generation import MAX_SEED, SamplingPlan, TextToImage, TextToImageRequest
 
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the interval is part of the report, which must be the same file on every run
@@ -344,15 +343,13 @@ def build_engine(args: argparse.Namespace, device: torch.device) -> TextToImage:
     if unknown:
         raise InvalidRequest([f"Unknown preset(s) {', '.join(unknown)}. Available: {', '.join(presets.names)}."])
     presets = PresetCatalog([presets.get(name) for name in args.presets], args.presets[0])
-    models = DiffusersModels(device)
     sharing = 1 if device.type != "cpu" else local_processes()  # on the CPU the processes share one RAM
-    budget = args.device_budget or default_device_budget(device) // sharing
-    manager = ModelManager(
-        {**diffusers_loaders(models.variant_for(presets)), CLIP: ClipLoader(), INCEPTION: InceptionLoader()},
-        device, default_dtype(device), device_budget=budget, ram_budget=default_ram_budget() // local_processes(),
-        free_memory=functools.partial(free_device_bytes, device))
-    return TextToImage(DiffusionStages(manager, models), presets, load_styles(), RequestLimits(),
-                       version=f"Diffusion Studio {__version__}", downloads=HubDownloads(offline=HubAccess().offline))
+    manager, models = build_manager(presets, ManagerSettings(
+        device=device, device_budget=args.device_budget or default_device_budget(device) // sharing,
+        ram_budget=default_ram_budget() // local_processes(), free_memory=functools.partial(free_device_bytes, device),
+        extra_loaders={CLIP: ClipLoader(), INCEPTION: InceptionLoader()}))
+    return build_engines(manager, models, presets, loras=LoraCatalog({}),
+                         downloads=HubDownloads(offline=HubAccess().offline)).text_to_image
 
 
 def chosen_models(args: argparse.Namespace, manager: ModelManager) -> tuple[str, str | None]:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import yaml
 
-from studio.models.basicsr_compat import install_functional_tensor_shim
 from studio.core.errors import InvalidRequest, ModelUnavailable
 from studio.core.memory import ModelKey, ModelManager
+from studio.models.basicsr_compat import install_functional_tensor_shim
 from studio.models.presets import PRESETS_DIR
 from studio.models.upscalers import ReleaseFile, ReleaseFiles, read_pth, release_file_from
 

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 import yaml
 
+from studio.a1111.prompts import LoraUse
 from studio.core.downloads import DownloadRequest, HubDownloads, download_command
 from studio.core.errors import InvalidRequest, ModelUnavailable, StudioError
 from studio.core.memory import ModelKey
-from studio.a1111.prompts import LoraUse
 from studio.models.families import FAMILIES, ModelFamily, family_of
 from studio.models.weights import safetensors_bytes, safetensors_header
 
@@ -38,7 +38,7 @@ LORA = "lora"  # the ModelManager kind
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LORA_FOLDER = ROOT / "loras"
 DEFAULT_LORA_PRESETS = ROOT / "presets" / "loras.yaml"
-VOCABULARY_METADATA = "studio.models.vocabulary"  # the words a LoRA teaches (JSON list), so they are not "unknown"
+VOCABULARY_METADATA = "studio.vocabulary"  # the words a LoRA teaches (JSON list), so they are not "unknown"
 MAX_LORA_WEIGHT = 10.0
 
 # The width of the text embeddings a denoiser cross-attends to, per family: a LoRA's attn2.to_k reads it.

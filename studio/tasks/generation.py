@@ -15,19 +15,15 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from studio.a1111.metadata import format_parameters, parse_parameters
+from studio.a1111.prompts import LoraUse, parse_prompt, prompt_mistakes, without_extra_networks
+from studio.a1111.schedulers import check_scheduler, evaluations_per_step, make_scheduler
 from studio.core.downloads import HubDownloads, offline_error
 from studio.core.errors import InvalidRequest, ModelUnavailable
-from studio.tasks.hires import (
-    LATENT_UPSCALE_MODES,
-    HiresFix,
-    HiresPlan,
-    check_hires,
-    hires_from_parameters,
-    hires_size,
-    upscale_latents,
-)
 from studio.core.jobs import MAX_SECONDS as MAX_GPU_SECONDS
 from studio.core.jobs import JobControl, LocalJob, gpu_seconds
+from studio.models.components import DiffusersModels
+from studio.models.families import ModelFamily, family_of
 from studio.models.loras import (
     AppliedLora,
     LoraCatalog,
@@ -39,16 +35,20 @@ from studio.models.loras import (
     preset_context_width,
     vocabulary_of,
 )
-from studio.a1111.metadata import format_parameters, parse_parameters
-from studio.models.components import DiffusersModels
-from studio.models.families import ModelFamily, family_of
-from studio.models.stages import Conditioning, DiffusionStages, clip_skip_too_large
 from studio.models.presets import ModelPreset, PresetCatalog, StyleCatalog
-from studio.a1111.prompts import LoraUse, parse_prompt, prompt_mistakes, without_extra_networks
-from studio.a1111.schedulers import check_scheduler, evaluations_per_step, make_scheduler
+from studio.models.stages import Conditioning, DiffusionStages, clip_skip_too_large
 from studio.models.upscalers import UpscalerCatalog
-from studio.tasks.upscaling import UpscaleRequest, Upscaling
 from studio.models.vocabulary import load_vocabulary, unknown_words_warning
+from studio.tasks.hires import (
+    LATENT_UPSCALE_MODES,
+    HiresFix,
+    HiresPlan,
+    check_hires,
+    hires_from_parameters,
+    hires_size,
+    upscale_latents,
+)
+from studio.tasks.upscaling import UpscaleRequest, Upscaling
 
 MAX_SEED = 2**32 - 1
 

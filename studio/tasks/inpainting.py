@@ -15,7 +15,12 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from scipy import ndimage
 
+from studio.a1111.metadata import parse_float, parse_int, parse_parameters
+from studio.a1111.prompts import parse_prompt
 from studio.core.errors import InvalidRequest
+from studio.core.images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
+from studio.core.jobs import LocalJob
+from studio.models.presets import ModelPreset
 from studio.tasks.generation import (
     GenerationResult,
     ProgressCallback,
@@ -28,11 +33,6 @@ from studio.tasks.generation import (
     resolve_seed,
     sampling_fields_from_parameters,
 )
-from studio.core.images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
-from studio.core.jobs import LocalJob
-from studio.a1111.metadata import parse_float, parse_int, parse_parameters
-from studio.models.presets import ModelPreset
-from studio.a1111.prompts import parse_prompt
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
 INPAINT_AREAS = (WHOLE_PICTURE, ONLY_MASKED)
