@@ -32,3 +32,8 @@ class ModelUnavailable(StudioError):
 
 class OutOfMemoryBudget(StudioError):
     """The models a request needs do not fit in the device budget even after evicting everything unlocked."""
+
+
+class NumericalError(StudioError):
+    """A model gave NaN or inf values (not numbers): the denoiser, or the VAE even in float32. The message names
+    the stage, the preset and the dtype, and what to try."""

@@ -6,6 +6,7 @@ offload, and only then reported. What differs between model families is asked of
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,13 +15,14 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 from studio.core.devices import format_bytes, release_memory, working_memory_on
-from studio.core.errors import InvalidRequest, OutOfMemoryBudget
+from studio.core.errors import InvalidRequest, NumericalError, OutOfMemoryBudget
 from studio.core.memory import ModelKey, ModelManager
 from studio.models.components import DiffusersModels
 from studio.models.families import family_of
 from studio.models.loras import LORA, AppliedLora, adapters_applied
 
 VAE_TILE = 512  # pixels: the tile a tiled VAE decodes at a time (SD's native size)
+log = logging.getLogger("studio.models.stages")
 
 
 @dataclass
@@ -72,11 +74,14 @@ class DiffusionStages:
         """The LoRAs' weights once more: PEFT copies them into the adapter layers it adds for the stage."""
         return sum(self.manager.loaders[LORA].size(lora.key, self.manager.dtype) for lora in loras)
 
-    def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False) -> StagePlan:
+    def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False,
+                    in_float32: bool = False) -> StagePlan:
+        """`in_float32`: the VAE decodes in float32 whatever the family says (decode's second try after NaN)."""
         keys = self.models.stage_keys(preset, task, "decode")
-        working = self._vae_working_memory(preset, width, height, tiled)
+        dtype = torch.float32 if in_float32 else self._decode_dtype(preset)
+        working = self._vae_working_memory(preset, width, height, tiled, dtype)
         vae = keys[family_of(preset).vae]
-        if self._decode_dtype(preset) != self.manager.dtype:  # its weights double while they are in fp32
+        if dtype != self.manager.dtype:  # its weights double while they are in fp32
             working += self.manager.loaders[vae.kind].size(vae, self.manager.dtype)
         return StagePlan("decode", keys, self._reserved(working), vae_tiling=tiled)
 
@@ -92,10 +97,12 @@ class DiffusionStages:
         family = family_of(preset)
         return family.decode_dtype(self.manager.dtype, own_vae=family.vae not in preset.components)
 
-    def _vae_working_memory(self, preset, width: int, height: int, tiled: bool) -> int:
+    def _vae_working_memory(self, preset, width: int, height: int, tiled: bool,
+                            dtype: torch.dtype | None = None) -> int:
         if tiled:
             width, height = min(width, VAE_TILE), min(height, VAE_TILE)
-        return family_of(preset).stage_working_memory("decode", width, height, self._decode_dtype(preset), False)
+        return family_of(preset).stage_working_memory("decode", width, height, dtype or self._decode_dtype(preset),
+                                                      False)
 
     # ----- running -----
 
@@ -135,18 +142,39 @@ class DiffusionStages:
                     adapters_applied(lora_weights, {family.denoiser: models[family.denoiser]}, family):
                 return call(pipe)
 
-        return self.run_stage(
+        latents = self.run_stage(
             lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled, loras), work,
             can_tile=task != "text2img")
+        if has_nan_or_inf(latents):
+            raise denoiser_nan_error(preset, self.manager.dtype)
+        return latents
 
     def decode(self, preset, task: str, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        """Latents -> image tensor in [-1, 1] on the CPU."""
+        """Latents -> image tensor in [-1, 1] on the CPU. A VAE in half precision that gives NaN or inf (it
+        overflowed) decodes again in float32, as A1111 does, with one warning in the log; NaN or inf even in
+        float32 raises NumericalError."""
+        image, dtype = self._decode(preset, task, latents, width, height, in_float32=False)
+        if has_nan_or_inf(image) and dtype != torch.float32:
+            log.warning("%s: the VAE gave NaN or inf in %s; decoding again in float32", preset.name,
+                        dtype_name(dtype))
+            image, dtype = self._decode(preset, task, latents, width, height, in_float32=True)
+        if has_nan_or_inf(image):
+            raise NumericalError(f"The VAE of {preset.label} gave NaN (invalid) values even in float32, so there "
+                                 "is no image: its weights are likely broken. Use another preset, or another VAE.")
+        return image
+
+    def _decode(self, preset, task: str, latents: torch.Tensor, width: int, height: int,
+                in_float32: bool) -> tuple[torch.Tensor, torch.dtype]:
+        """(image, the dtype the VAE decoded in). `in_float32`: the VAE is upcast for this decode whatever its
+        family says."""
         family = family_of(preset)
 
         def work(models, plan):
             vae = models[family.vae]
             with vae_tiling(vae, plan.vae_tiling), torch.inference_mode():
-                upcast = self._decode_dtype(preset) != self.manager.dtype and vae.config.force_upcast
+                wants_float32 = in_float32 or (self._decode_dtype(preset) != self.manager.dtype
+                                               and vae.config.force_upcast)
+                upcast = wants_float32 and self.manager.dtype != torch.float32
                 if upcast:
                     vae.to(dtype=torch.float32)
                 try:
@@ -154,12 +182,13 @@ class DiffusionStages:
                     # decode's forward hook moves it
                     dtype = next(iter(vae.post_quant_conv.parameters())).dtype
                     scaled = unscale_latents(vae, latents.to(self.manager.device, dtype))
-                    return vae.decode(scaled, return_dict=False)[0].float().cpu()
+                    return vae.decode(scaled, return_dict=False)[0].float().cpu(), dtype
                 finally:
                     if upcast:
                         vae.to(dtype=self.manager.dtype)
 
-        return self.run_stage(lambda tiled: self.plan_decode(preset, task, width, height, tiled), work, can_tile=True)
+        return self.run_stage(lambda tiled: self.plan_decode(preset, task, width, height, tiled, in_float32), work,
+                              can_tile=True)
 
     def check(self, preset, task: str, images: torch.Tensor) -> list[bool]:
         """Which images the safety checker flags (none when the preset has no checker). It runs on its own, as
@@ -232,6 +261,26 @@ class DiffusionStages:
                 for hook in hooks:
                     hook.offload()  # back to RAM, where the manager has them recorded
                     hook.remove()
+
+
+def has_nan_or_inf(tensor: torch.Tensor) -> bool:
+    """Whether any value is NaN or inf (one reduction, one sync on a GPU)."""
+    return not bool(torch.isfinite(tensor).all())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def denoiser_nan_error(preset, dtype: torch.dtype) -> NumericalError:
+    """What to say when denoising gave NaN or inf: the usual causes first, then the model itself."""
+    model = (f"this model does not work in {dtype_name(dtype)} here" if dtype != torch.float32
+             else "its weights may be broken")
+    return NumericalError(
+        f"Denoising with {preset.label} in {dtype_name(dtype)} gave NaN (invalid) values, so there is no image. Try "
+        f"a lower CFG scale, another sampler, fewer steps, a smaller size or lower LoRA weights; if it happens "
+        f"whatever you set, {model}: use another preset."
+    )
 
 
 def split_loras(models: dict[str, Any], loras: tuple[AppliedLora, ...]) -> tuple[dict[str, Any], list]:
