@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
-from studio.core.memory import DEVICE, RAM, FairLock, ModelKey, ModelManager
+from studio.core.memory import DEVICE, RAM, FairLock, ModelKey, ModelManager, Patch
 
 KB = 1024
 SIZES = {"unet": 100 * KB, "vae": 20 * KB, "text_encoder": 10 * KB}  # SD's proportions
@@ -427,3 +427,66 @@ def test_status_answers_while_a_stage_runs():
         thread.join(timeout=2)
         assert result and result[0].device_used == PIPELINE
     assert "a 130.0 KiB" in manager.status().summary()
+
+
+# ----- patches: a job's changes to shared models (its LoRAs) -----
+
+class Counting:
+    """A patch that adds a marker to the model and counts what the manager asks of it."""
+
+    def __init__(self, name: str, size: int = 4 * KB, fail_remove: bool = False):
+        self.name, self.applied, self.removed, self.fail_remove = name, 0, 0, fail_remove
+        self.patch = Patch(identity=("test", name), apply=self.apply, remove=self.remove, size=size)
+
+    def apply(self, model, lease):
+        self.applied += 1
+        model.marker = self.name
+
+    def remove(self, model):
+        if self.fail_remove:
+            raise RuntimeError("injected: the patch cannot be removed")
+        self.removed += 1
+        del model.marker
+
+
+def test_a_patch_stays_across_one_jobs_turns_and_leaves_before_another_jobs_turn():
+    manager = cpu_manager(TrackingLoader(), 10 * PIPELINE)
+    lora = Counting("lora")
+    job, other = object(), object()
+    for _ in range(3):  # three images of one job: applied once
+        with manager.turn(owner=job), manager.use({"unet": A["unet"]}, patches={"unet": lora.patch}) as models:
+            assert models["unet"].marker == "lora"
+    assert (lora.applied, lora.removed) == (1, 0)
+    assert manager.carries(A["unet"], lora.patch.identity)
+    assert manager.status().device_used == SIZES["unet"] + 4 * KB  # the patch's bytes are on the books
+    with manager.turn(owner=other):  # another job's turn: the model is as it was loaded before it starts
+        assert lora.removed == 1 and not hasattr(manager.loaded_object(A["unet"]), "marker")
+        with manager.use({"unet": A["unet"]}) as models:
+            assert not hasattr(models["unet"], "marker")
+    assert manager.status().device_used == SIZES["unet"]
+    with manager.turn(owner=job), manager.use({"unet": A["unet"]}, patches={"unet": lora.patch}):
+        pass
+    assert lora.applied == 2  # the first job again: applied again
+
+
+def test_a_lease_without_the_patch_or_with_another_gets_its_own():
+    manager = cpu_manager(TrackingLoader(), 10 * PIPELINE)
+    first, second = Counting("first"), Counting("second")
+    with manager.use({"unet": A["unet"]}, patches={"unet": first.patch}):
+        pass
+    with manager.use({"unet": A["unet"]}, patches={"unet": second.patch}) as models:  # no turn: still switched
+        assert models["unet"].marker == "second" and first.removed == 1
+    with manager.use({"unet": A["unet"], "vae": A["vae"]}) as models:
+        assert not hasattr(models["unet"], "marker") and second.removed == 1
+
+
+def test_a_patch_that_cannot_be_removed_unloads_its_model():
+    manager = cpu_manager(TrackingLoader(), 10 * PIPELINE)
+    stuck = Counting("stuck", fail_remove=True)
+    with manager.use({"unet": A["unet"]}, patches={"unet": stuck.patch}):
+        pass
+    with pytest.raises(RuntimeError, match="cannot be removed"):
+        manager.remove_patches()
+    assert not manager.is_loaded(A["unet"])  # loaded again, clean, when next asked for
+    with manager.use({"unet": A["unet"]}) as models:
+        assert not hasattr(models["unet"], "marker")

@@ -13,17 +13,20 @@ Like InvokeAI's model cache it has two tiers (the device and host RAM) and locks
   and eviction drops. The bytes held (weights + reserved working memory) never exceed the budget;
 - a move that fails half way is rolled back; a load that fails leaves nothing behind;
 - one device lock serialises device work, stage by stage; jobs take turns (`turn()`) one image or grid cell
-  at a time, granted in arrival order, so a long job cannot keep others out between its images.
+  at a time, granted in arrival order, so a long job cannot keep others out between its images;
+- changes to a shared model (a job's LoRA adapters) are `Patch`es the manager applies and records: they stay
+  across one job's consecutive turns and are removed before any other job's turn.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -32,6 +35,8 @@ import torch
 
 from studio.core.devices import format_bytes, module_bytes, release_memory
 from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
+
+log = logging.getLogger("studio.core.memory")
 
 DEVICE = "device"
 RAM = "ram"
@@ -62,15 +67,31 @@ class ModelLoader(Protocol):
         """The model, loaded into host RAM."""
 
 
+@dataclass(frozen=True)
+class Patch:
+    """A reversible change to a loaded model, made for one job (LoRA adapters). The manager applies it, records
+    it and removes it, so that no shared model is changed behind its books.
+
+    `identity`: equal identities are the same change (the same LoRAs at the same weights); a model that already
+    carries it is left as it is. `apply(model, lease)` gets the stage's other leased models too (the LoRA weights)
+    and, if it raises, leaves the model as it was. `size`: the bytes it adds to the model."""
+
+    identity: Hashable
+    apply: Callable[[Any, Mapping[str, Any]], None]
+    remove: Callable[[Any], None]
+    size: int = 0
+
+
 @dataclass
 class _Entry:
     key: ModelKey
     obj: Any
-    size: int  # bytes of parameters and buffers; 0 for tokenizers and schedulers
+    size: int  # bytes of parameters and buffers (a patch's included); 0 for tokenizers and schedulers
     placement: str  # DEVICE or RAM
     locks: int = 0
     pinned: bool = False  # preloaded (ZeroGPU): never evicted
     last_used: int = 0
+    patch: Patch | None = None  # the change it carries now
 
 
 @dataclass(frozen=True)
@@ -196,6 +217,7 @@ class ModelManager:
         self._peak = 0
         self._loads = 0
         self._clock = itertools.count(1)
+        self._patch_owner: object | None = None  # the job whose turns the recorded patches are for
         self._make_locks()
         # ZeroGPU forks its GPU worker from a handler thread while other threads may hold these locks (the status
         # line reads the books at any time): the child starts with fresh ones, not copies held by no one.
@@ -207,20 +229,31 @@ class ModelManager:
         self._turns = FairLock()  # held for one image (or one grid cell) of a job: jobs take turns
         self._state_lock = threading.Lock()  # guards the bookkeeping, so status() never waits for a stage
 
-    def turn(self) -> FairLock:
-        """One job's turn on the device, for one image or one grid cell: `with manager.turn(): ...stages...`.
+    @contextmanager
+    def turn(self, owner: object | None = None) -> Iterator[None]:
+        """One job's turn on the device, for one image or one grid cell: `with manager.turn(job): ...stages...`.
         Turns are granted in arrival order, so a job that finishes an image and asks again goes behind the jobs
         already waiting: a quick image waits for at most one image of a long batch, not the whole batch. Never
-        take a turn while holding the device lock."""
-        return self._turns
+        take a turn while holding the device lock.
+
+        Patches (a job's LoRAs) stay on the models across the consecutive turns of their `owner`; a turn of any
+        other owner (or of none) first removes every patch, so no job runs on models another job changed."""
+        with self._turns:
+            if owner is None or owner is not self._patch_owner:
+                self.remove_patches()
+                self._patch_owner = owner
+            yield
 
     # ----- stages -----
 
     @contextmanager
-    def use(self, keys: Mapping[str, ModelKey], working_memory: int = 0,
-            on_device: bool = True) -> Iterator[dict[str, Any]]:
+    def use(self, keys: Mapping[str, ModelKey], working_memory: int = 0, on_device: bool = True,
+            patches: Mapping[str, Patch] | None = None) -> Iterator[dict[str, Any]]:
         """Place every model of `keys` (role -> key) on the device and keep it there, locked, until the block
         ends; `working_memory` bytes are reserved for the stage's activations. Holds the device lock.
+
+        `patches` (role -> Patch): the models of those roles carry that patch for the block (and after it, until
+        another job's turn or a lease without it); every other leased model carries none.
 
         `on_device=False` keeps the models locked in RAM instead, for accelerate's model CPU offload, which
         moves one model at a time to the device itself: the largest model's bytes are reserved for that."""
@@ -228,7 +261,9 @@ class ModelManager:
             wanted = list(dict.fromkeys(keys.values()))
             entries, reserved = self._place(wanted, working_memory, on_device)
             try:
-                yield {role: entries[key].obj for role, key in keys.items()}
+                lease = {role: entries[key].obj for role, key in keys.items()}
+                self._patch({role: entries[key] for role, key in keys.items()}, patches or {}, lease)
+                yield lease
             finally:
                 self._unlock(entries.values())
                 with self._state_lock:
@@ -253,6 +288,21 @@ class ModelManager:
                 if victim is None:
                     return
                 self._evict(victim)
+
+    def remove_patches(self) -> None:
+        """Every model back as it was loaded (each job's turn starts so, unless it is the same job's)."""
+        with self.device_lock:
+            with self._state_lock:
+                patched = [entry for entry in self._entries.values() if entry.patch is not None]
+            for entry in patched:
+                self._unpatch(entry)
+
+    def carries(self, key: ModelKey, identity: Hashable) -> bool:
+        """Whether the loaded model `key` carries the patch `identity` now (a stage's plan then needs no room to
+        apply it)."""
+        with self._state_lock:
+            entry = self._entries.get(key)
+            return entry is not None and entry.patch is not None and entry.patch.identity == identity
 
     # ----- state -----
 
@@ -445,8 +495,32 @@ class ModelManager:
         with self._state_lock:
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
-        entry.obj = None
+        entry.obj, entry.patch = None, None
         release_memory(self.device)
+
+    def _patch(self, entries: Mapping[str, _Entry], patches: Mapping[str, Patch], lease: Mapping[str, Any]) -> None:
+        """Each leased model with exactly the patch `patches` names for its role (none where it names none)."""
+        for role, entry in entries.items():
+            wanted = patches.get(role)
+            if entry.patch is not None and (wanted is None or entry.patch.identity != wanted.identity):
+                self._unpatch(entry)
+            if wanted is not None and entry.patch is None:
+                wanted.apply(entry.obj, lease)
+                with self._state_lock:
+                    entry.patch, entry.size = wanted, entry.size + wanted.size
+
+    def _unpatch(self, entry: _Entry) -> None:
+        """The patch off the model. A model whose patch cannot be removed is in an unknown state: it is dropped
+        (loaded again, clean, when next asked for), and the error is raised."""
+        patch = entry.patch
+        try:
+            patch.remove(entry.obj)
+        except BaseException:
+            log.exception("could not remove a patch from %s: the model is unloaded", entry.key.label)
+            self._drop(entry)
+            raise
+        with self._state_lock:
+            entry.patch, entry.size = None, entry.size - patch.size
 
     def _unlock(self, entries) -> None:
         with self._state_lock:

@@ -11,13 +11,12 @@ LoRA into another visitor's request.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import yaml
 from studio.a1111.prompts import LoraUse
 from studio.core.downloads import DownloadRequest, HubDownloads, download_command
 from studio.core.errors import InvalidRequest, ModelUnavailable, StudioError
-from studio.core.memory import ModelKey
+from studio.core.memory import ModelKey, Patch
 from studio.models.families import FAMILIES, ModelFamily, family_of
 from studio.models.weights import safetensors_bytes, safetensors_header
 
@@ -328,38 +327,33 @@ class LoraLoader:
         return LoraWeights(floating, alphas, metadata)
 
 
-@contextlib.contextmanager
-def adapters_applied(loras: list[tuple[AppliedLora, LoraWeights]], models: Mapping[str, Any],
-                     family: ModelFamily) -> Iterator[None]:
-    """The LoRAs loaded as PEFT adapters into the denoiser and text encoders among `models` (a stage's lease), at
-    their weights, for the block; removed afterwards, even when the block fails, so the shared models come
-    back as they were."""
-    if not loras:
-        yield
-        return
-    touched: list[tuple[str, Any]] = []
-    try:
-        for role, model in models.items():
-            if role not in (family.denoiser, *family.text_encoders):
-                continue
-            touched.append((role, model))  # before loading: a LoRA that fails half way is removed too
-            if role == family.denoiser:
-                names, weights = _load_into_denoiser(model, role, family.denoiser_label, loras)
+def lora_patch(component: str, family: ModelFamily, loras: tuple[AppliedLora, ...], size: int) -> Patch:
+    """The LoRAs as PEFT adapters on one component (the denoiser or a text encoder), at their weights, as a patch
+    the manager applies and removes. Its identity is the LoRAs and their weights in the prompt's order: a model
+    that carries it already (the same job's previous image) is left as it is. `size`: the adapters' bytes."""
+    is_denoiser = component == family.denoiser
+    weights = tuple(lora.denoiser_weight if is_denoiser else lora.text_encoder_weight for lora in loras)
+
+    def apply(model, lease: Mapping[str, Any]) -> None:
+        files = [(lora, lease[lora_role(lora)]) for lora in loras]
+        try:
+            if is_denoiser:
+                names, chosen = _load_into_denoiser(model, component, family.denoiser_label, files)
             else:
-                names, weights = _load_into_text_encoder(model, role, loras)
+                names, chosen = _load_into_text_encoder(model, component, files)
             if names:
-                _activate(model, role == family.denoiser, names, weights)
-        yield
-    finally:
-        failed = None
-        for role, model in touched:  # each model apart: one failing removal must not leave the others' adapters
-            try:
-                _remove_adapters(model, role == family.denoiser)
-            except Exception as error:  # noqa: BLE001 (re-raised below, after the other models)
-                log.exception("could not remove LoRA adapters from the %s", role)
-                failed = failed or error
-        if failed is not None:
-            raise failed
+                _activate(model, is_denoiser, names, chosen)
+        except BaseException:
+            _remove_adapters(model, is_denoiser)  # a LoRA that failed half way: the model as it was
+            raise
+
+    return Patch(identity=("lora", component, tuple(lora.key for lora in loras), weights), apply=apply,
+                 remove=lambda model: _remove_adapters(model, is_denoiser), size=size)
+
+
+def lora_role(lora: AppliedLora) -> str:
+    """The role a LoRA's weights have in a stage's lease."""
+    return f"{LORA}:{lora.name}"
 
 
 def adapter_name(index: int) -> str:

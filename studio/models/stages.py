@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -16,10 +16,10 @@ from diffusers.image_processor import VaeImageProcessor
 
 from studio.core.devices import format_bytes, release_memory, working_memory_on
 from studio.core.errors import InvalidRequest, NumericalError, OutOfMemoryBudget
-from studio.core.memory import ModelKey, ModelManager
+from studio.core.memory import ModelKey, ModelManager, Patch
 from studio.models.components import DiffusersModels
 from studio.models.families import family_of
-from studio.models.loras import LORA, AppliedLora, adapters_applied
+from studio.models.loras import LORA, AppliedLora, lora_patch, lora_role
 
 VAE_TILE = 512  # pixels: the tile a tiled VAE decodes at a time (SD's native size)
 log = logging.getLogger("studio.models.stages")
@@ -40,6 +40,7 @@ class StagePlan:
     keys: dict[str, ModelKey]
     working_memory: int
     vae_tiling: bool = False
+    patches: dict[str, Patch] = field(default_factory=dict)  # role -> the change its model carries (LoRAs)
 
 
 class DiffusionStages:
@@ -54,8 +55,8 @@ class DiffusionStages:
     def plan_encode(self, preset, task: str, guidance: bool, loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
         loras = tuple(lora for lora in loras if lora.text_encoder_layers)  # only those with layers to apply here
         working = family_of(preset).stage_working_memory("encode", 0, 0, self.manager.dtype, guidance)
-        return StagePlan("encode", self.models.stage_keys(preset, task, "encode") | self._lora_keys(loras),
-                         self._reserved(working + self._lora_bytes(loras)))
+        keys = self.models.stage_keys(preset, task, "encode")
+        return self._with_loras(StagePlan("encode", keys, working), family_of(preset).text_encoders, loras, preset)
 
     def plan_denoise(self, preset, task: str, width: int, height: int, guidance: bool, tiled: bool = False,
                      loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
@@ -63,16 +64,27 @@ class DiffusionStages:
         working = family_of(preset).stage_working_memory("denoise", width, height, self.manager.dtype, guidance)
         if task != "text2img":  # the VAE encodes the init image first (its activations are gone before the UNet runs)
             working = max(working, self._vae_working_memory(preset, width, height, tiled))
-        return StagePlan("denoise", self.models.stage_keys(preset, task, "denoise") | self._lora_keys(loras),
-                         self._reserved(working + self._lora_bytes(loras)), vae_tiling=tiled)
+        keys = self.models.stage_keys(preset, task, "denoise")
+        plan = StagePlan("denoise", keys, working, vae_tiling=tiled)
+        return self._with_loras(plan, (family_of(preset).denoiser,), loras, preset)
 
-    @staticmethod
-    def _lora_keys(loras: tuple[AppliedLora, ...]) -> dict[str, ModelKey]:
-        return {f"{LORA}:{lora.name}": lora.key for lora in loras}
-
-    def _lora_bytes(self, loras: tuple[AppliedLora, ...]) -> int:
-        """The LoRAs' weights once more: PEFT copies them into the adapter layers it adds for the stage."""
-        return sum(self.manager.loaders[LORA].size(lora.key, self.manager.dtype) for lora in loras)
+    def _with_loras(self, plan: StagePlan, components: tuple[str, ...], loras: tuple[AppliedLora, ...],
+                    preset) -> StagePlan:
+        """The plan with the LoRAs as patches on `components`, and its working memory made final (CUDA's floor).
+        A model that already carries its patch (this job's previous image) needs neither the LoRA files nor room
+        for the adapters; one that does not gets them leased, and room for PEFT's copy of their weights."""
+        patches, to_apply = {}, False
+        if loras:
+            size = sum(self.manager.loaders[LORA].size(lora.key, self.manager.dtype) for lora in loras)
+            for component in components:
+                patch = lora_patch(component, family_of(preset), loras, size)
+                patches[component] = patch
+                to_apply = to_apply or not self.manager.carries(plan.keys[component], patch.identity)
+        keys, working = dict(plan.keys), plan.working_memory
+        if to_apply:
+            keys |= {lora_role(lora): lora.key for lora in loras}
+            working += sum(patch.size for patch in patches.values())
+        return replace(plan, keys=keys, working_memory=self._reserved(working), patches=patches)
 
     def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False,
                     in_float32: bool = False) -> StagePlan:
@@ -116,9 +128,8 @@ class DiffusionStages:
         family = family_of(preset)
 
         def work(models, plan):
-            models, lora_weights = split_loras(models, tuple(lora for lora in loras if lora.text_encoder_layers))
-            pipe = self.models.assemble(preset, task, models)
-            with adapters_applied(lora_weights, models, family), torch.inference_mode():
+            pipe = self.models.assemble(preset, task, pipeline_components(models))
+            with torch.inference_mode():
                 if family.clip_skip and clip_skip > 1:
                     layers = family.text_encoder_layers(pipe)
                     if clip_skip > layers:  # the check before the queue could not read the config
@@ -136,10 +147,8 @@ class DiffusionStages:
         family = family_of(preset)
 
         def work(models, plan):
-            models, lora_weights = split_loras(models, tuple(lora for lora in loras if lora.denoiser_layers))
-            pipe = self.models.assemble(preset, task, models)
-            with vae_tiling(models.get(family.vae), plan.vae_tiling), \
-                    adapters_applied(lora_weights, {family.denoiser: models[family.denoiser]}, family):
+            pipe = self.models.assemble(preset, task, pipeline_components(models))
+            with vae_tiling(models.get(family.vae), plan.vae_tiling):
                 return call(pipe)
 
         latents = self.run_stage(
@@ -226,7 +235,7 @@ class DiffusionStages:
             try:
                 if attempt == "with model CPU offload":
                     return self._run_offloaded(plan, work)
-                with self.manager.use(plan.keys, plan.working_memory) as models:
+                with self.manager.use(plan.keys, plan.working_memory, patches=plan.patches) as models:
                     return work(models, plan)
             except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
                 failure = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -244,7 +253,7 @@ class DiffusionStages:
         its forward runs (the manager reserves room for the largest)."""
         from accelerate import cpu_offload_with_hook
 
-        with self.manager.use(plan.keys, plan.working_memory, on_device=False) as models:
+        with self.manager.use(plan.keys, plan.working_memory, on_device=False, patches=plan.patches) as models:
             hooks = []
             # chained in the order they run (a stage's keys come in its family's order: the VAE encodes an init
             # image before the denoiser runs), so each model's hook sends the previous one back to RAM: one model
@@ -283,10 +292,9 @@ def denoiser_nan_error(preset, dtype: torch.dtype) -> NumericalError:
     )
 
 
-def split_loras(models: dict[str, Any], loras: tuple[AppliedLora, ...]) -> tuple[dict[str, Any], list]:
-    """A stage's lease: its pipeline components, and (LoRA, weights) pairs in the prompt's order."""
-    components = {role: model for role, model in models.items() if not role.startswith(f"{LORA}:")}
-    return components, [(lora, models[f"{LORA}:{lora.name}"]) for lora in loras]
+def pipeline_components(models: dict[str, Any]) -> dict[str, Any]:
+    """A stage's lease without the LoRA files leased to patch its models."""
+    return {role: model for role, model in models.items() if not role.startswith(f"{LORA}:")}
 
 
 def clip_skip_too_large(clip_skip: int, layers: int) -> str:

@@ -508,7 +508,7 @@ class SamplingEngine:
     def _one_image(self, plan: SamplingPlan, encoded: Callable[[], Conditioning], index: int,
                    job: JobControl) -> MadeImage:
         """Image `index` of the plan in one turn on the device: denoised, decoded and checked."""
-        with self.manager.turn():
+        with self.manager.turn(owner=job):
             latents, steps_done = self._denoise(plan, encoded(), index, job)
             return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
 
@@ -671,7 +671,7 @@ class TextToImage(SamplingEngine):
         label = self._image_label(plan, index)
         after_first_pass = index * plan.steps_per_image_total + plan.steps_per_image
         first_pixels = None
-        with self.manager.turn():
+        with self.manager.turn(owner=job):
             latents, steps_done = self._denoise(plan, encoded(), index, job)
             if steps_done < plan.steps_per_image:  # Stop in the first pass: that pass's image, cut short
                 return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
@@ -687,7 +687,7 @@ class TextToImage(SamplingEngine):
             # stopped before the second pass: the first pass's image, finished, and a word that it is not hires
             warnings.append(f"Stopped before Hires. fix's second pass: image {index + 1} is the first pass's, "
                             f"{plan.size[0]}×{plan.size[1]}.")
-            with self.manager.turn():
+            with self.manager.turn(owner=job):
                 if first_pixels is None:
                     made = self._finish_image(plan, plan.task, latents, plan.size, steps_done, steps_done)
                 else:
@@ -695,7 +695,7 @@ class TextToImage(SamplingEngine):
                                      False, {})
             made.warnings += warnings
             return made
-        with self.manager.turn():
+        with self.manager.turn(owner=job):
             if hires.latent_mode is not None:  # on the device, in this turn; in float32 (no fp16 antialiasing)
                 scale_factor = self.models.vae_scale_factor(plan.preset, "img2img")
                 upscaled = upscale_latents(latents, hires.size, hires.latent_mode, scale_factor)
