@@ -490,3 +490,36 @@ def test_a_patch_that_cannot_be_removed_unloads_its_model():
     assert not manager.is_loaded(A["unet"])  # loaded again, clean, when next asked for
     with manager.use({"unet": A["unet"]}) as models:
         assert not hasattr(models["unet"], "marker")
+
+
+# ----- the records are the truth: what a lease's code does to a model is put back -----
+
+def test_a_model_cast_behind_the_records_is_cast_back_when_its_lease_ends():
+    """diffusers' SDXL img2img casts its VAE to the pipeline's dtype after encoding the init image."""
+    manager = cpu_manager(TrackingLoader(), 10 * PIPELINE)
+    with manager.use({"vae": A["vae"]}) as models:
+        models["vae"].to(dtype=torch.float16)
+    assert {p.dtype for p in manager.loaded_object(A["vae"]).parameters()} == {torch.float32}
+    assert manager.status().device_used == SIZES["vae"]
+
+
+def test_a_model_kept_in_another_dtype_is_its_own_record():
+    """A key's dtype (SDXL's own VAE in float32 under float16) is another model, loaded and sized in that dtype."""
+    manager = ModelManager({"test": TrackingLoader()}, "cpu", torch.float16, device_budget=10 * PIPELINE)
+    in_float32 = ModelKey("test", "repo/a", "vae", dtype="float32")
+    with manager.use({"vae": A["vae"]}), manager.use({"vae": in_float32}):
+        pass
+    records = {(r.component, r.dtype) for r in manager.status().models}
+    assert records == {("vae", "float16"), ("vae", "float32")}
+
+
+def test_model_offload_hooks_the_models_but_never_a_pinned_one():
+    pytest.importorskip("accelerate")
+    manager = two_tier_manager(TrackingLoader(), device_budget=10 * PIPELINE)
+    manager.preload({"text_encoder": A["text_encoder"]}, pin=True)
+    keys = {"text_encoder": A["text_encoder"], "unet": A["unet"]}
+    with manager.model_offload(keys) as models:
+        assert not hasattr(models["text_encoder"], "_hf_hook")  # pinned: it stays where it is, unhooked
+        assert hasattr(models["unet"], "_hf_hook")
+    assert not hasattr(manager.loaded_object(A["unet"]), "_hf_hook")  # the hooks go with the lease
+    assert placements(manager)[("repo/a", "text_encoder")] == DEVICE

@@ -50,6 +50,7 @@ class ModelKey:
     source: str  # Hub repo id, local folder or single-file checkpoint
     part: str = ""  # subfolder / component name ("unet", "vae"); "" for a standalone model
     config: str = ""  # a single-file checkpoint's configs: the diffusers repo id or folder that describes it
+    dtype: str = ""  # the dtype its weights are kept in ("float32"); "" for the manager's own
 
     @property
     def label(self) -> str:
@@ -92,6 +93,7 @@ class _Entry:
     pinned: bool = False  # preloaded (ZeroGPU): never evicted
     last_used: int = 0
     patch: Patch | None = None  # the change it carries now
+    dtype: torch.dtype | None = None  # what its floating weights are kept in
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class ModelRecord:
     size: int
     placement: str
     in_use: bool
+    dtype: str = ""  # what its weights are kept in ("" for weightless parts)
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,13 @@ def _move(obj: Any, device: torch.device | str) -> None:
     obj.to(device)
 
 
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    """A module's first parameter (or buffer): where it is and in which dtype, for the records' check."""
+    if not isinstance(obj, torch.nn.Module):
+        return None
+    return next(itertools.chain(obj.parameters(), obj.buffers()), None)
+
+
 class ModelManager:
     def __init__(
         self,
@@ -265,9 +275,36 @@ class ModelManager:
                 self._patch({role: entries[key] for role, key in keys.items()}, patches or {}, lease)
                 yield lease
             finally:
+                self._reassert(wanted)
                 self._unlock(entries.values())
                 with self._state_lock:
                     self._reserved -= reserved
+
+    @contextmanager
+    def model_offload(self, keys: Mapping[str, ModelKey], working_memory: int = 0,
+                      patches: Mapping[str, Patch] | None = None) -> Iterator[dict[str, Any]]:
+        """A lease under accelerate's model CPU offload, the last resort after an out-of-memory: the models wait
+        in RAM and each is moved to the device only while its forward runs, chained in the order of `keys` (the
+        order they run), so one model is on the device at a time; room is reserved for the largest. Pinned models
+        stay on the device, unhooked. When the block ends every model is where the records say."""
+        from accelerate import cpu_offload_with_hook
+
+        with self.use(keys, working_memory, on_device=False, patches=patches) as lease:
+            hooks = []
+            for role, key in keys.items():
+                with self._state_lock:
+                    entry = self._entries.get(key)
+                if entry is None or entry.pinned or not entry.size or not isinstance(entry.obj, torch.nn.Module):
+                    continue
+                _, hook = cpu_offload_with_hook(entry.obj, self.device, prev_module_hook=hooks[-1] if hooks else None)
+                hooks.append(hook)
+            try:
+                yield lease
+            finally:
+                for hook in hooks:
+                    hook.offload()
+                    hook.remove()
+                self._reassert(keys.values())
 
     def preload(self, keys: Mapping[str, ModelKey], pin: bool = False) -> None:
         """Load and place models on the device before anyone asks. `pin=True` keeps them there for good
@@ -309,7 +346,8 @@ class ModelManager:
     def status(self) -> MemoryStatus:
         with self._state_lock:
             models = tuple(
-                ModelRecord(e.key.source, e.key.part, e.key.kind, e.size, e.placement, e.locks > 0)
+                ModelRecord(e.key.source, e.key.part, e.key.kind, e.size, e.placement, e.locks > 0,
+                            str(e.dtype).removeprefix("torch.") if e.size and e.dtype else "")
                 for e in sorted(self._entries.values(), key=lambda e: e.last_used)
                 if e.size > 0
             )
@@ -390,7 +428,11 @@ class ModelManager:
                 f"{key.label} is not loaded, and this worker may not load models (on ZeroGPU every public preset is "
                 "loaded when the Space starts). Restart the Space or pick a preloaded preset."
             )
-        return int(self._loader(key).size(key, self.dtype))
+        return int(self._loader(key).size(key, self.dtype_of(key)))
+
+    def dtype_of(self, key: ModelKey) -> torch.dtype:
+        """The dtype a model's floating weights are kept in: its key's, else the manager's."""
+        return getattr(torch, key.dtype) if key.dtype else self.dtype
 
     def _loader(self, key: ModelKey) -> ModelLoader:
         try:
@@ -401,11 +443,12 @@ class ModelManager:
     def _load(self, key: ModelKey, expected_size: int, protected: set[ModelKey]) -> _Entry:
         """Load (room was made on the device for it); a new entry, locked. On two tiers the model passes
         through RAM on its way to the device; RAM's budget is for models kept there, so it is not made room for."""
-        obj = self._loader(key).load(key, self.dtype)
+        dtype = self.dtype_of(key)
+        obj = self._loader(key).load(key, dtype)
         self._loads += 1
         size = module_bytes(obj) if isinstance(obj, torch.nn.Module) else 0
         entry = _Entry(key, obj, size, DEVICE if not self.two_tiers and size else RAM, locks=1,
-                       last_used=next(self._clock))
+                       last_used=next(self._clock), dtype=dtype)
         with self._state_lock:
             self._entries[key] = entry
         self._note_peak()
@@ -497,6 +540,24 @@ class ModelManager:
                 del self._entries[entry.key]
         entry.obj, entry.patch = None, None
         release_memory(self.device)
+
+    def _reassert(self, keys) -> None:
+        """Every leased model back where, and in the dtype, the records say. Code the manager lends a model to may
+        move or cast it (accelerate's offload hooks; diffusers' SDXL img2img casts its VAE to the pipeline's dtype
+        after encoding): the records stay the truth, so the model is put back."""
+        for key in dict.fromkeys(keys):
+            with self._state_lock:
+                entry = self._entries.get(key)
+            tensor = _first_tensor(entry.obj) if entry is not None else None
+            if tensor is None or tensor.device.type == "meta":
+                continue
+            expected = self.device if entry.placement == DEVICE else torch.device("cpu")
+            if tensor.device.type != expected.type:
+                log.debug("%s was moved to %s behind the records: back to %s", key.label, tensor.device, expected)
+                self._move_fn(entry.obj, expected)
+            if entry.dtype is not None and tensor.is_floating_point() and tensor.dtype != entry.dtype:
+                log.debug("%s was cast to %s behind the records: back to %s", key.label, tensor.dtype, entry.dtype)
+                entry.obj.to(dtype=entry.dtype)
 
     def _patch(self, entries: Mapping[str, _Entry], patches: Mapping[str, Patch], lease: Mapping[str, Any]) -> None:
         """Each leased model with exactly the patch `patches` names for its role (none where it names none)."""

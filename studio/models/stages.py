@@ -55,7 +55,7 @@ class DiffusionStages:
     def plan_encode(self, preset, task: str, guidance: bool, loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
         loras = tuple(lora for lora in loras if lora.text_encoder_layers)  # only those with layers to apply here
         working = family_of(preset).stage_working_memory("encode", 0, 0, self.manager.dtype, guidance)
-        keys = self.models.stage_keys(preset, task, "encode")
+        keys = self._stage_keys(preset, task, "encode")
         return self._with_loras(StagePlan("encode", keys, working), family_of(preset).text_encoders, loras, preset)
 
     def plan_denoise(self, preset, task: str, width: int, height: int, guidance: bool, tiled: bool = False,
@@ -64,7 +64,7 @@ class DiffusionStages:
         working = family_of(preset).stage_working_memory("denoise", width, height, self.manager.dtype, guidance)
         if task != "text2img":  # the VAE encodes the init image first (its activations are gone before the UNet runs)
             working = max(working, self._vae_working_memory(preset, width, height, tiled))
-        keys = self.models.stage_keys(preset, task, "denoise")
+        keys = self._stage_keys(preset, task, "denoise")
         plan = StagePlan("denoise", keys, working, vae_tiling=tiled)
         return self._with_loras(plan, (family_of(preset).denoiser,), loras, preset)
 
@@ -88,18 +88,26 @@ class DiffusionStages:
 
     def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False,
                     in_float32: bool = False) -> StagePlan:
-        """`in_float32`: the VAE decodes in float32 whatever the family says (decode's second try after NaN)."""
-        keys = self.models.stage_keys(preset, task, "decode")
+        """`in_float32`: the VAE decodes in float32 whatever the family says (decode's second try after NaN): a
+        float32 VAE is another model in the manager's records, loaded from the same files."""
+        keys = self._stage_keys(preset, task, "decode", vae_in_float32=in_float32)
         dtype = torch.float32 if in_float32 else self._decode_dtype(preset)
         working = self._vae_working_memory(preset, width, height, tiled, dtype)
-        vae = keys[family_of(preset).vae]
-        if dtype != self.manager.dtype:  # its weights double while they are in fp32
-            working += self.manager.loaders[vae.kind].size(vae, self.manager.dtype)
         return StagePlan("decode", keys, self._reserved(working), vae_tiling=tiled)
 
     def plan_check(self, preset, task: str) -> StagePlan | None:
-        keys = self.models.stage_keys(preset, task, "check")
+        keys = self._stage_keys(preset, task, "check")
         return StagePlan("check", keys, self._reserved(256 * 1024**2)) if keys else None
+
+    def _stage_keys(self, preset, task: str, stage: str, vae_in_float32: bool = False) -> dict[str, ModelKey]:
+        """A stage's models, each in the dtype it is kept in: the VAE in float32 where the family's own VAE
+        overflows in the manager's dtype (SDXL's in float16), or when asked."""
+        keys = self.models.stage_keys(preset, task, stage)
+        vae = family_of(preset).vae
+        wanted = torch.float32 if vae_in_float32 else self._decode_dtype(preset)
+        if vae in keys and wanted != self.manager.dtype:
+            keys[vae] = replace(keys[vae], dtype=dtype_name(wanted))
+        return keys
 
     def _reserved(self, estimate: int) -> int:
         """A stage's working memory on this device: the estimate, with CUDA's floor and reserve on a GPU."""
@@ -181,20 +189,11 @@ class DiffusionStages:
         def work(models, plan):
             vae = models[family.vae]
             with vae_tiling(vae, plan.vae_tiling), torch.inference_mode():
-                wants_float32 = in_float32 or (self._decode_dtype(preset) != self.manager.dtype
-                                               and vae.config.force_upcast)
-                upcast = wants_float32 and self.manager.dtype != torch.float32
-                if upcast:
-                    vae.to(dtype=torch.float32)
-                try:
-                    # the manager's device, not the VAE's: under model CPU offload the VAE waits in RAM until
-                    # decode's forward hook moves it
-                    dtype = next(iter(vae.post_quant_conv.parameters())).dtype
-                    scaled = unscale_latents(vae, latents.to(self.manager.device, dtype))
-                    return vae.decode(scaled, return_dict=False)[0].float().cpu(), dtype
-                finally:
-                    if upcast:
-                        vae.to(dtype=self.manager.dtype)
+                # the manager's device, not the VAE's: under model CPU offload the VAE waits in RAM until
+                # decode's forward hook moves it
+                dtype = next(iter(vae.post_quant_conv.parameters())).dtype
+                scaled = unscale_latents(vae, latents.to(self.manager.device, dtype))
+                return vae.decode(scaled, return_dict=False)[0].float().cpu(), dtype
 
         return self.run_stage(lambda tiled: self.plan_decode(preset, task, width, height, tiled, in_float32), work,
                               can_tile=True)
@@ -249,27 +248,11 @@ class DiffusionStages:
         )
 
     def _run_offloaded(self, plan: StagePlan, work):
-        """accelerate's model CPU offload: the models stay in RAM and each is moved to the device only while
-        its forward runs (the manager reserves room for the largest)."""
-        from accelerate import cpu_offload_with_hook
-
-        with self.manager.use(plan.keys, plan.working_memory, on_device=False, patches=plan.patches) as models:
-            hooks = []
-            # chained in the order they run (a stage's keys come in its family's order: the VAE encodes an init
-            # image before the denoiser runs), so each model's hook sends the previous one back to RAM: one model
-            # on the device at a time
-            for role in plan.keys:
-                model = models[role]
-                if isinstance(model, torch.nn.Module):
-                    _, hook = cpu_offload_with_hook(model, self.manager.device,
-                                                    prev_module_hook=hooks[-1] if hooks else None)
-                    hooks.append(hook)
-            try:
-                return work(models, plan)
-            finally:
-                for hook in hooks:
-                    hook.offload()  # back to RAM, where the manager has them recorded
-                    hook.remove()
+        """accelerate's model CPU offload, as a placement of the manager's (ModelManager.model_offload): the
+        models wait in RAM and each is on the device only while its forward runs. A stage's keys come in its
+        family's order, the order the models run."""
+        with self.manager.model_offload(plan.keys, plan.working_memory, patches=plan.patches) as models:
+            return work(models, plan)
 
 
 def has_nan_or_inf(tensor: torch.Tensor) -> bool:
