@@ -161,7 +161,7 @@ def test_a_checkpoint_file_that_is_missing_broken_or_of_another_family_is_named_
         pointer={"checkpoint": str(tmp_path / "pointer.safetensors"), "config": str(EMBEDDED)},
         cut={"checkpoint": str(tmp_path / "cut.safetensors")},  # configs from the Hub: the file is checked first
         wrong={"checkpoint": str(checkpoints / "embedded_shapes.safetensors"), "config": str(EMBEDDED),
-               "family": "sdxl"})
+               "family": "sdxl"}).text_to_image
     text_to_image.downloads = HubDownloads(tmp_path / "empty-hub-cache", offline=lambda: True)
     with pytest.raises(ModelUnavailable, match="Preset 'Gone': its checkpoint file .*gone.safetensors does not exist"):
         generate(text_to_image, "gone")
@@ -190,7 +190,7 @@ def test_configs_only_folder_and_an_early_sd1_file_without_the_text_model_level(
     save_file(early, str(tmp_path / "early.safetensors"))
     text_to_image = engines_for(
         tmp_path, folder={"local": str(EMBEDDED)},
-        early={"checkpoint": str(tmp_path / "early.safetensors"), "config": str(configs)})
+        early={"checkpoint": str(tmp_path / "early.safetensors"), "config": str(configs)}).text_to_image
     assert np.array_equal(np.asarray(generate(text_to_image, "early").image),
                           np.asarray(generate(text_to_image, "folder").image))
 
