@@ -119,3 +119,15 @@ def test_sdxl_own_vae_decodes_in_fp32_under_fp16_only():
 def test_an_unknown_family_is_refused_by_name():
     with pytest.raises(ValueError, match="Unknown model family 'sd3'.*sd15"):
         family_named("sd3")
+
+
+def test_a_family_that_names_its_samplers_refuses_others(engine, monkeypatch):
+    """A flow-matching family takes only its own samplers; the request check says which."""
+    from studio.models.families.embedded import Embedded
+    from studio.tasks.generation import TextToImageRequest
+
+    monkeypatch.setattr(Embedded, "samplers", ("Euler",))
+    ok = TextToImageRequest(prompt="a red circle", preset="embedded", scheduler="Euler")
+    assert "scheduler" not in engine.problems(ok)
+    refused = engine.problems(TextToImageRequest(prompt="a red circle", preset="embedded", scheduler="DDIM"))
+    assert refused["scheduler"] == "Embedded shapes models take the samplers Euler, not 'DDIM'."

@@ -4,8 +4,8 @@ It holds any model through a loader registered for its kind ("diffusers" compone
 scorers ...), keyed by (kind, source, part), so identical parts are shared however many tasks use them. Work is
 done in stages, each of which holds on the device only what it uses:
 
-    with manager.use({"unet": unet_key, "vae": vae_key}, working_memory=...) as models:
-        latents = ...  # models["unet"] is on the device until the block ends
+    with manager.use({"denoiser": denoiser_key, "vae": vae_key}, working_memory=...) as models:
+        latents = ...  # models["denoiser"] is on the device until the block ends
 
 Like InvokeAI's model cache it has two tiers (the device and host RAM) and locks a model while a stage uses it:
 - room is made *before* anything is loaded or moved: least recently used unlocked models leave the device

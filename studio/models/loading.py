@@ -71,7 +71,7 @@ def config_location(key: ModelKey) -> tuple[str, str | None]:
 
 
 def split_part(part: str) -> tuple[str, str | None]:
-    """(role, subfolder) of a key's part: 'unet' -> ('unet', 'unet'); 'vae@root' -> ('vae', None)."""
+    """(role, subfolder) of a key's part: 'vae' -> ('vae', 'vae'); 'vae@root' -> ('vae', None)."""
     role, _, where = part.partition("@")
     return role, None if where == "root" else role
 

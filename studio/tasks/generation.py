@@ -199,6 +199,10 @@ def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: Reques
         problems["clip_skip"] = (f"Clip skip applies to SD 1.x models; {preset.label} reads its text encoders' "
                                  "layers as it was trained to (A1111 ignores it there too). Set it to 1.")
     scheduler_problems = check_scheduler(request.scheduler, preset)
+    family = family_of(preset)
+    if not scheduler_problems and family.samplers is not None and request.scheduler not in family.samplers:
+        scheduler_problems = [f"{family.label} models take the samplers {', '.join(family.samplers)}, not "
+                              f"{request.scheduler!r}."]
     if scheduler_problems:
         problems["scheduler"] = scheduler_problems[0]
     return problems
