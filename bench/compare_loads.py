@@ -111,7 +111,7 @@ def run_one(order: str, presets_path: Path, budget: int, samplers: str) -> dict:
     manager, record = text_to_image.manager, []
     manager.loaders = {kind: TimedLoader(loader, record) for kind, loader in manager.loaders.items()}
     began = time.perf_counter()
-    with comparison.model_files(plan):
+    with comparison.model_files(plan) as plan:
         result = comparison.run(plan)
         if order == "a1111":  # the checkpoint it started with, restored after the grid
             manager.preload(text_to_image.models.keys(first_preset, "text2img"))

@@ -128,7 +128,8 @@ class JobRunner:
     def run_job(self, tab: str, request: gr.Request | None, progress: gr.Progress, engine,
                 plan_for: Callable[[], Any], device_function: Callable, error_title: str) -> tuple[Any, Any]:
         """Plan (CPU), fetch the model files (outside the device lock), run the device work as this tab's job;
-        returns (plan, result). `engine` has `model_files(plan, on_progress)`."""
+        returns (plan, result). `engine` has `model_files(plan, on_progress)`, which yields the plan resolved
+        against the files (what runs)."""
         session = session_of(request)
         try:
             return self._run_job(session, tab, progress, engine, plan_for, device_function, error_title)
@@ -145,7 +146,7 @@ class JobRunner:
             raise user_error(error, error_title) from None
         # The model files are fetched first, and stay protected from the cache budget until the job is done.
         try:
-            with engine.model_files(plan, throttled(progress)):
+            with engine.model_files(plan, throttled(progress)) as plan:
                 job = self.board.open(session, tab)
                 try:
                     result = follow_progress(lambda: device_function(plan, job.slot), job, progress)

@@ -115,7 +115,7 @@ def test_results_come_back_from_the_forked_worker_and_nothing_loads_there(zerogp
     studio, runner, on_device, fake = zerogpu
     plan = studio.text_to_image.plan(request(batch_size=2))
     job = runner.board.open("visitor", "text-to-image")
-    with studio.text_to_image.model_files(plan):  # as the app runs it: model files (and hash) first, in this process
+    with studio.text_to_image.model_files(plan) as plan:  # as the app runs it: model files (and hash) first, in this process
         result = on_device(plan, job.slot)
     runner.board.close(job)
     assert fake.workers and fake.workers[0].pid != multiprocessing.current_process().pid
@@ -196,7 +196,7 @@ def test_hires_fix_runs_both_passes_and_its_upscaler_in_the_worker_and_nothing_l
     hires = HiresFix(upscaler="embedded-rrdbnet-x4", steps=8)
     plan = engine.plan(request(hires=hires))
     job = runner.board.open("visitor", "text-to-image")
-    with engine.model_files(plan):
+    with engine.model_files(plan) as plan:
         result = on_device(plan, job.slot)
     runner.board.close(job)
     here = engine.generate(request(hires=hires))
@@ -218,7 +218,7 @@ def test_a_compare_grid_runs_in_the_worker_with_its_clip_scores_and_stop_keeps_f
                           x_values="Euler, DDIM", y_type="Steps", y_values="6, 12")
     plan = comparison.plan(grid)
     job = runner.board.open("visitor", "compare")
-    with comparison.model_files(plan):
+    with comparison.model_files(plan) as plan:
         result = on_device(plan, job.slot)
     runner.board.close(job)
     assert fake.observed[-1] == 0  # no model was loaded inside the worker, the CLIP neither
@@ -238,7 +238,7 @@ def test_a_compare_grid_runs_in_the_worker_with_its_clip_scores_and_stop_keeps_f
     plan = comparison.plan(long_grid)
     job = runner.board.open("visitor", "compare")
     outcome = {}
-    with comparison.model_files(plan):
+    with comparison.model_files(plan) as plan:
         worker = threading.Thread(target=lambda: outcome.update(result=on_device(plan, job.slot)))
         worker.start()
         deadline = time.monotonic() + 120
@@ -265,7 +265,7 @@ def test_a_lora_is_placed_at_start_applied_in_the_worker_and_removed_there(zerog
     def in_worker(prompt):
         plan = engine.plan(request(prompt=prompt))
         job = runner.board.open("visitor", "text-to-image")
-        with engine.model_files(plan):
+        with engine.model_files(plan) as plan:
             result = on_device(plan, job.slot)
         runner.board.close(job)
         return result.images[0]

@@ -18,7 +18,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -172,12 +172,13 @@ class Arena:
         return ArenaPlan(prompt.strip(), seed, left, right, plans)
 
     @contextlib.contextmanager
-    def model_files(self, plan: ArenaPlan, on_progress: ProgressCallback | None = None) -> Iterator[None]:
-        """Both contestants' files (and hashes) fetched before any device work."""
+    def model_files(self, plan: ArenaPlan, on_progress: ProgressCallback | None = None) -> Iterator[ArenaPlan]:
+        """Both contestants' files (and hashes) fetched before any device work; yields the battle with both
+        plans resolved."""
         with contextlib.ExitStack() as stack:
-            for sampling_plan in plan.plans:
-                stack.enter_context(self.text_to_image.model_files(sampling_plan, on_progress))
-            yield
+            resolved = [stack.enter_context(self.text_to_image.model_files(sampling_plan, on_progress))
+                        for sampling_plan in plan.plans]
+            yield replace(plan, plans=resolved)
 
     def run(self, plan: ArenaPlan, job: JobControl | None = None) -> ArenaImages:
         """The device work: one image per contestant (each a turn, other jobs between), then their CLIP scores."""
@@ -208,7 +209,7 @@ class Arena:
     def battle(self, session: str, prompt: str, seed: int = -1) -> BattleImages:
         """Plan, fetch, run and record in this process."""
         plan = self.plan(session, prompt, seed)
-        with self.model_files(plan):
+        with self.model_files(plan) as plan:
             return self.record(session, plan, self.run(plan))
 
     def vote(self, session: str, battle_id: str, choice: str) -> Reveal:

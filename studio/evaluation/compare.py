@@ -174,19 +174,21 @@ class Comparison:
         return ComparePlan(request, grid, cells, plans, seed)
 
     @contextlib.contextmanager
-    def model_files(self, plan: ComparePlan, on_progress: ProgressCallback | None = None) -> Iterator[None]:
-        """Every preset's files (and hash) fetched before any device work, one plan per preset."""
+    def model_files(self, plan: ComparePlan, on_progress: ProgressCallback | None = None) -> Iterator[ComparePlan]:
+        """Every preset's files (and hash) fetched before any device work, once per preset; yields the grid with
+        each cell's plan resolved."""
         with contextlib.ExitStack() as stack:
             seen: dict[tuple, SamplingPlan] = {}
+            resolved = []
             for cell_plan in plan.plans:
                 key = (cell_plan.preset.name, cell_plan.hires.settings.upscaler if cell_plan.hires else None)
                 if key not in seen:
-                    stack.enter_context(self.text_to_image.model_files(cell_plan, on_progress))
-                    seen[key] = cell_plan
+                    seen[key] = stack.enter_context(self.text_to_image.model_files(cell_plan, on_progress))
+                    resolved.append(seen[key])
                 else:  # the preset's files are there: only the cell's LoRAs (the same files, read once)
-                    self.text_to_image.resolve_loras(cell_plan, stack, on_progress)
-                cell_plan.model_hash = seen[key].model_hash
-            yield
+                    with_hash = replace(cell_plan, model_hash=seen[key].model_hash)
+                    resolved.append(self.text_to_image.with_loras(with_hash, stack, on_progress))
+            yield replace(plan, plans=resolved)
 
     def run(self, plan: ComparePlan, job: JobControl | None = None) -> CompareResult:
         """The cells in run order, each one image; Stop keeps the finished ones. CLIP scores at the end."""
@@ -230,7 +232,7 @@ class Comparison:
                 cancel=None) -> CompareResult:
         """Plan, fetch and run in this process."""
         plan = self.plan(request)
-        with self.model_files(plan):
+        with self.model_files(plan) as plan:
             return self.run(plan, LocalJob(on_progress, cancel))
 
     # ----- cells -----

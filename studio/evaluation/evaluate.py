@@ -33,7 +33,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -201,13 +201,11 @@ class Evaluator:
         for preset in dict.fromkeys(task.preset for task in tasks):  # one model load per preset
             group = [task for task in tasks if task.preset == preset]
             judged = self.text_to_image.presets.get(preset).oracle
-            with self.text_to_image.model_files(plans[group[0]]):
+            with self.text_to_image.model_files(plans[group[0]]) as first:
                 for task in group:
-                    plan = plans[task]
-                    plan.model_hash = plans[group[0]].model_hash
+                    plan = replace(plans[task], model_hash=first.model_hash)
                     with contextlib.ExitStack() as protected:  # the task's own LoRAs, kept while it runs
-                        self.text_to_image.resolve_loras(plan, protected)
-                        made = self.text_to_image.run(plan).images[0]
+                        made = self.text_to_image.run(self.text_to_image.with_loras(plan, protected)).images[0]
                     path = self.out / task.image
                     path.parent.mkdir(parents=True, exist_ok=True)
                     save_png(made.image, path, made.parameters)

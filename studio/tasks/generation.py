@@ -425,10 +425,11 @@ class SamplingEngine:
         return None
 
     @contextlib.contextmanager
-    def model_files(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> Iterator[None]:
+    def model_files(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> Iterator[SamplingPlan]:
         """The plan's model files, fetched from the Hub if they are not in the cache (its own step, before any
         device work and outside the device lock, so a download never holds up other visitors), and kept from the
-        cache budget until the block ends. Raises ModelUnavailable on entering."""
+        cache budget until the block ends; yields the plan resolved against them (the model's hash, the LoRAs as
+        files), which is what runs. Raises ModelUnavailable on entering."""
         self.models.check_checkpoint_files(plan.preset, plan.task)
         requests = self.models.download_requests(plan.preset, plan.task, self.manager.dtype)
         with contextlib.ExitStack() as protected:
@@ -438,14 +439,13 @@ class SamplingEngine:
                 self.downloads.ensure(request, on_progress)
             # here, not in the device work: a checkpoint file's sha256 reads gigabytes (once per file), which must
             # not take GPU time (nor be lost with ZeroGPU's worker process)
-            plan.model_hash = self.models.model_hash(plan.preset, plan.task, on_progress)
-            self.resolve_loras(plan, protected, on_progress)
-            yield
+            model_hash = self.models.model_hash(plan.preset, plan.task, on_progress)
+            yield self.with_loras(replace(plan, model_hash=model_hash), protected, on_progress)
 
-    def resolve_loras(self, plan: SamplingPlan, protected: contextlib.ExitStack,
-                      on_progress: ProgressCallback | None = None) -> None:
-        """The prompt's LoRAs as files (a Hub LoRA fetched now, before any device work), each checked against
-        the preset's family, with the hashes the PNG records (A1111's "Lora hashes")."""
+    def with_loras(self, plan: SamplingPlan, protected: contextlib.ExitStack,
+                   on_progress: ProgressCallback | None = None) -> SamplingPlan:
+        """The plan with the prompt's LoRAs as files (a Hub LoRA fetched now, before any device work), each
+        checked against the preset's family, and the hashes the PNG records (A1111's "Lora hashes")."""
         applied = []
         model_width = self.models.cross_attention_dim(plan.preset, plan.task)
         for use in plan.lora_uses:
@@ -460,10 +460,10 @@ class SamplingEngine:
             applied.append(AppliedLora(use.name, lora_key(path, family_of(plan.preset)), use.text_encoder_weight,
                                        use.unet_weight, self.loras.short_hash(path), text_encoder_layers,
                                        denoiser_layers))
-        plan.loras = tuple(applied)
-        if applied:
-            plan.parameters_extra["Lora hashes"] = ", ".join(f"{hash_entry_name(lora.name)}: {lora.short_hash}"
-                                                             for lora in applied)
+        if not applied:
+            return plan
+        hashes = ", ".join(f"{hash_entry_name(lora.name)}: {lora.short_hash}" for lora in applied)
+        return replace(plan, loras=tuple(applied), parameters_extra=plan.parameters_extra | {"Lora hashes": hashes})
 
     def run(self, plan: SamplingPlan, job: JobControl | None = None) -> GenerationResult:
         """The device work of a job: the prompt encoded once, then each image denoised, decoded and (where a
@@ -650,18 +650,17 @@ class TextToImage(SamplingEngine):
         return plan
 
     @contextlib.contextmanager
-    def model_files(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> Iterator[None]:
+    def model_files(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> Iterator[SamplingPlan]:
         """The preset's files, and the hires upscaler's release file (fetched before any device work too)."""
-        with super().model_files(plan, on_progress):
+        with super().model_files(plan, on_progress) as resolved:
             if plan.hires is not None and plan.hires.latent_mode is None:
                 self.upscaling.fetch(self.upscaling.catalog.get(plan.hires.settings.upscaler), on_progress=on_progress)
-            yield
+            yield resolved
 
     def generate(self, request: TextToImageRequest, on_progress: ProgressCallback | None = None,
                  cancel: threading.Event | None = None) -> GenerationResult:
         """Plan, fetch and run in this process: images for the prompt; image i uses seed + i."""
-        plan = self.plan(request)
-        with self.model_files(plan):
+        with self.model_files(self.plan(request)) as plan:
             return self.run(plan, LocalJob(on_progress, cancel))
 
     def _one_image(self, plan: SamplingPlan, encoded: Callable[[], Conditioning], index: int,

@@ -189,8 +189,8 @@ class Inpainter(SamplingEngine):
                 on_progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> GenerationResult:
         """Plan, run and finish in this process: repaint the white part of `mask` in `image`."""
         plan, finishing = self.plan_inpaint(image, mask, request)
-        with self.model_files(plan):
-            result = self.run(plan, LocalJob(on_progress, cancel))
+        with self.model_files(plan) as resolved:
+            result = self.run(resolved, LocalJob(on_progress, cancel))
         return self.finish_inpaint(finishing, result)
 
     # ----- sketch to image: image-to-image from a drawing -----
@@ -209,8 +209,7 @@ class Inpainter(SamplingEngine):
     def sketch_to_image(self, sketch: Image.Image, request: InpaintRequest,
                         on_progress: ProgressCallback | None = None,
                         cancel: threading.Event | None = None) -> GenerationResult:
-        plan = self.plan_sketch(sketch, request)
-        with self.model_files(plan):
+        with self.model_files(self.plan_sketch(sketch, request)) as plan:
             return self.run(plan, LocalJob(on_progress, cancel))
 
     # ----- shared -----

@@ -247,10 +247,11 @@ class Upscaling:
         return []
 
     @contextmanager
-    def model_files(self, plan: UpscalePlan, on_progress=None) -> Iterator[None]:
-        """The release files fetched and checked before any device work (a no-op for a folder or a resize)."""
+    def model_files(self, plan: UpscalePlan, on_progress=None) -> Iterator[UpscalePlan]:
+        """The release files fetched and checked before any device work (a no-op for a folder or a resize); yields
+        the plan, which needs nothing resolved."""
         self.fetch(plan.preset, plan.request.denoise_strength, on_progress)
-        yield
+        yield plan
 
     def fetch(self, preset: UpscalerPreset, denoise_strength: float = 1.0, on_progress=None) -> None:
         """A preset's release files fetched and checked (Hires. fix's too); nothing for a folder or a resize."""
@@ -300,7 +301,7 @@ class Upscaling:
                 cancel: threading.Event | None = None) -> UpscaleResult:
         """Plan, fetch and run in this process."""
         plan = self.plan(image, request)
-        with self.model_files(plan, on_progress):
+        with self.model_files(plan, on_progress) as plan:
             return self.run(plan, LocalJob(on_progress, cancel))
 
     def _restore_faces(self, image: Image.Image, plan: UpscalePlan) -> tuple[Image.Image, int]:
