@@ -18,8 +18,9 @@ from studio.models.loras import LoraCatalog  # noqa: E402
 from studio.models.presets import load_presets  # noqa: E402
 from studio.tasks.engines import local_engines  # noqa: E402
 
-# Tests that need Chromium or PostgreSQL's server tools are marked so; without them they are skipped, except in CI
-pytest_plugins = ["system_tools"]
+# Tests that need Chromium or PostgreSQL's server tools are marked so; without them they are skipped, except in CI.
+# Tests that need a CUDA GPU are marked `cuda`; without one they are skipped, in CI too (tests/accelerators.py).
+pytest_plugins = ["system_tools", "accelerators"]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

@@ -19,6 +19,8 @@ RESULT_LINES = {
     "device_plan.py": rf"sdxl-base-1\.0 1024x1024 fp16: peak {NUMBER} GiB, budget 8\.0 GiB: fits",
     "embedded_speed.py": rf"ratio to the 0\.5 s target: {NUMBER}",
     "fairness.py": rf"--concurrency 4: quick image alone {NUMBER} s, .* ratio {NUMBER}",
+    "gpu_check.py": rf"gpu check: \d+ cases, \d+ stages, NaN in \d+, over reserved \d+, placement mismatches \d+, "
+                    rf"unexpected errors \d+, denoise speed ratio sd15 {NUMBER}, sdxl {NUMBER}",
     "hires_fix.py": rf"time of an image, ratio to a 64 px image:\n  Hires\. fix with Latent +{NUMBER}",
     "inpaint_memory.py": rf"base UNet inpaints \(4-channel\) +{NUMBER} MiB +{NUMBER} MiB +{NUMBER}",
     "lora_overhead.py": rf"ratio {NUMBER}; {NUMBER} ms per image for the adapters",

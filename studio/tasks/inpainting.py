@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 import numpy as np
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
-from scipy import ndimage
 
 from studio.a1111.metadata import parse_float, parse_int, parse_parameters
 from studio.a1111.prompts import parse_prompt
@@ -77,6 +76,10 @@ def sketch_mask(strokes: Image.Image) -> Image.Image:
     slivers of the old shape that the strokes just missed were pasted back unchanged, the model continuing them
     into the mask. The margin is repainted too, as the sketch's surroundings (docs/embedded-model.md, "A sketch
     over a shape")."""
+    # imported here, not at the top: the engine then runs where scipy is not installed and no sketch is inpainted
+    # (bench/gpu_check.py on GPU machines without scipy, whose 35 MB wheel cannot travel with the script)
+    from scipy import ndimage
+
     painted = prepare_mask(strokes, strokes.size)
     if not painted.any():
         return Image.fromarray(painted.astype(np.uint8) * 255, mode="L")
