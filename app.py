@@ -64,8 +64,9 @@ from studio.models.loras import (
 from studio.models.presets import PRESETS_DIR, load_presets
 from studio.models.upscalers import ReleaseFiles, UpscalerCatalog, load_upscalers, upscaler_key
 from studio.tasks.engines import DEFAULT_UPSCALER_CACHE, ManagerSettings, build_engines, build_manager
-from studio.tasks.generation import RequestLimits, TextToImage
+from studio.tasks.generation import TextToImage
 from studio.tasks.inpainting import Inpainter
+from studio.tasks.sampling import RequestLimits
 from studio.tasks.upscaling import UpscaleLimits, Upscaling
 
 log = logging.getLogger("studio")

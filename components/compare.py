@@ -14,7 +14,7 @@ from components.whole_numbers import WholeNumber
 from studio.core.errors import InvalidRequest
 from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid
 from studio.evaluation.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
-from studio.tasks.generation import whole
+from studio.tasks.sampling import whole
 
 TAB = "compare"
 AXES = [NO_AXIS, *AXIS_TYPES]

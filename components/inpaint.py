@@ -35,7 +35,6 @@ from components.whole_numbers import WholeNumber, WholeSlider
 from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import InvalidRequest, StudioError
 from studio.core.images import open_image
-from studio.tasks.generation import MAX_CLIP_SKIP, whole
 from studio.tasks.inpainting import (
     INPAINT_AREAS,
     MAX_MASK_BLUR,
@@ -49,6 +48,7 @@ from studio.tasks.inpainting import (
     mask_tools_for,
     sketch_mask,
 )
+from studio.tasks.sampling import MAX_CLIP_SKIP, whole
 
 TAB = "inpaint"
 

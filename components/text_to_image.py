@@ -21,7 +21,7 @@ from components.running import JobRunner, scroll_to_results_in_a_narrow_window, 
 from components.whole_numbers import WholeNumber, WholeSlider
 from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import InvalidRequest, StudioError
-from studio.tasks.generation import MAX_CLIP_SKIP, TextToImage, TextToImageRequest, request_from_parameters, whole
+from studio.tasks.generation import TextToImage, TextToImageRequest
 from studio.tasks.hires import (
     DEFAULT_HIRES_UPSCALER,
     LATENT_UPSCALE_MODES,
@@ -30,6 +30,8 @@ from studio.tasks.hires import (
     HiresFix,
     hires_size,
 )
+from studio.tasks.parameters import request_from_parameters
+from studio.tasks.sampling import MAX_CLIP_SKIP, whole
 
 TAB = "text-to-image"
 

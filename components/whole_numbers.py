@@ -3,7 +3,7 @@
 The API schema says "integer" for them, so a client that reads `view_api` sends integers. gradio's own way to get
 that, `precision=0`, rounds whatever arrives (steps 20.5 would run 20 steps), so these keep gradio's default of no
 rounding: a fraction reaches the handler as sent, and the studio's checks refuse it with a message
-(`studio.tasks.generation.whole`). In the browser they are gradio's own slider and number field.
+(`studio.tasks.sampling.whole`). In the browser they are gradio's own slider and number field.
 """
 
 from __future__ import annotations

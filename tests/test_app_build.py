@@ -4,7 +4,7 @@ import pytest
 
 import app
 from studio.core.errors import UnknownPreset
-from studio.tasks.generation import RequestLimits
+from studio.tasks.sampling import RequestLimits
 
 
 def test_public_mode_narrows_the_presets_to_the_allow_list_with_stricter_limits():

@@ -228,7 +228,7 @@ def test_clip_skip_reads_the_second_to_last_layer_for_the_prompt_and_the_negativ
 
 
 def test_clip_skip_is_written_and_read_back_as_a1111_does(engine):
-    from studio.tasks.generation import request_from_parameters
+    from studio.tasks.parameters import request_from_parameters
 
     two = engine.generate(request(clip_skip=2, steps=2)).images[0]
     assert "Clip skip: 2" in two.parameters

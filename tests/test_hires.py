@@ -18,8 +18,10 @@ from studio.models.loras import LoraCatalog
 from studio.models.presets import load_presets, load_styles
 from studio.models.upscalers import ReleaseFiles
 from studio.tasks.engines import local_engines
-from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
+from studio.tasks.generation import TextToImage, TextToImageRequest
 from studio.tasks.hires import LATENT_UPSCALE_MODES, HiresFix, HiresPlan, hires_size
+from studio.tasks.parameters import request_from_parameters
+from studio.tasks.sampling import RequestLimits
 
 EMBEDDED_UPSCALER = "embedded-rrdbnet-x4"
 

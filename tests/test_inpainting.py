@@ -16,8 +16,10 @@ from studio.core.images import blur_mask, open_image, prepare_mask
 from studio.embedded import oracle, scenes
 from studio.models.families import family_named
 from studio.models.presets import PresetCatalog, load_presets
-from studio.tasks.generation import RequestLimits, TextToImageRequest, inpaint_step_hooks
+from studio.tasks.generation import TextToImageRequest
 from studio.tasks.inpainting import ONLY_MASKED, Inpainter, InpaintRequest, mask_tools_for
+from studio.tasks.sampling import RequestLimits
+from studio.tasks.step_hooks import inpaint_step_hooks
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

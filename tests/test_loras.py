@@ -14,7 +14,9 @@ from studio.core.errors import InvalidRequest
 from studio.models.families import family_named
 from studio.models.loras import LORA, addnet_hash, load_loras
 from studio.models.presets import load_presets, load_styles
-from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest, request_from_parameters
+from studio.tasks.generation import TextToImage, TextToImageRequest
+from studio.tasks.parameters import request_from_parameters
+from studio.tasks.sampling import RequestLimits
 
 PROMPT = "a red circle on a blue background"
 
@@ -223,7 +225,8 @@ def test_a_hub_lora_offline_gives_a_clear_error_naming_it(stages, tmp_path):
 
 def test_lora_names_are_written_in_lora_hashes_as_a1111_writes_them_and_found_again(lora_folder):
     from studio.models.loras import LoraCatalog, LoraPreset
-    from studio.tasks.generation import hash_entry_name, lora_notes
+    from studio.tasks.parameters import lora_notes
+    from studio.tasks.sampling import hash_entry_name
 
     path = lora_folder / "rand.safetensors"
     catalog = LoraCatalog({"style: a,b": LoraPreset("style: a,b", file=str(path))})

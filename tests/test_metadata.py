@@ -3,7 +3,8 @@ from PIL import Image
 
 from studio.a1111.metadata import format_parameters, parse_parameters, read_parameters, save_png
 from studio.models.presets import load_presets
-from studio.tasks.generation import TextToImageRequest, request_from_parameters
+from studio.tasks.generation import TextToImageRequest
+from studio.tasks.parameters import request_from_parameters
 
 A1111_TEXT = """masterpiece, a castle on a hill
 at sunset

@@ -18,7 +18,8 @@ from studio.models.components import DiffusersModels
 from studio.models.loading import diffusers_loaders
 from studio.models.presets import PresetCatalog, load_presets, load_styles
 from studio.models.stages import DiffusionStages, unscale_latents
-from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest
+from studio.tasks.generation import TextToImage, TextToImageRequest
+from studio.tasks.sampling import RequestLimits
 
 STAGES_LOG = "studio.models.stages"
 

@@ -17,7 +17,8 @@ from studio.models.loading import DiffusersLoader, diffusers_loaders, standalone
 from studio.models.presets import PresetCatalog, load_presets, load_styles
 from studio.models.stages import DiffusionStages
 from studio.models.weights import safetensors_bytes, weight_files
-from studio.tasks.generation import RequestLimits, TextToImage, TextToImageRequest
+from studio.tasks.generation import TextToImage, TextToImageRequest
+from studio.tasks.sampling import RequestLimits
 
 
 @pytest.fixture

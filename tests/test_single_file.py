@@ -23,8 +23,9 @@ from studio.models.components import DiffusersModels
 from studio.models.loading import diffusers_loaders
 from studio.models.presets import load_presets
 from studio.tasks.engines import local_engines
-from studio.tasks.generation import TextToImageRequest, request_from_parameters
+from studio.tasks.generation import TextToImageRequest
 from studio.tasks.inpainting import InpaintRequest
+from studio.tasks.parameters import request_from_parameters
 
 EMBEDDED = ROOT / "models" / "embedded-sd"
 SETTINGS = dict(description="the embedded model as one file", family="sd15", default_steps=8, default_guidance=3.0,

@@ -32,7 +32,8 @@ from studio.core.sessions import RateLimiter
 from studio.evaluation.compare import CLIP_SECONDS, CellJob
 from studio.evaluation.metrics import ClipScorer
 from studio.models.presets import PRESETS_DIR
-from studio.tasks.generation import ProgressCallback, SamplingPlan, TextToImage, TextToImageRequest, resolve_seed
+from studio.tasks.generation import TextToImage, TextToImageRequest
+from studio.tasks.sampling import ProgressCallback, SamplingPlan, resolve_seed
 
 log = logging.getLogger(__name__)
 

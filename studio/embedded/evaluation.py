@@ -21,7 +21,7 @@ from studio.embedded.stages import CLIP_DIR, INPAINT_DIR, PIPELINE_DIR, SIDE, UP
 from studio.embedded.upscaler import load_upscaler, upscale
 from studio.models.families import family_named
 from studio.models.presets import load_presets
-from studio.tasks.generation import inpaint_step_hooks
+from studio.tasks.step_hooks import inpaint_step_hooks
 
 EVAL_SEED = 777
 EMBEDDED = family_named("embedded")

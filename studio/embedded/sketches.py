@@ -30,7 +30,6 @@ from studio.models.components import DiffusersModels
 from studio.models.loading import diffusers_loaders
 from studio.models.presets import PresetCatalog, load_presets
 from studio.models.stages import DiffusionStages
-from studio.tasks.generation import RequestLimits
 from studio.tasks.inpainting import (
     SKETCH_COLOURS,
     SKETCH_STRENGTH,
@@ -39,6 +38,7 @@ from studio.tasks.inpainting import (
     mask_tools_for,
     sketch_mask,
 )
+from studio.tasks.sampling import RequestLimits
 
 SKETCH_CALIBRATION_SEED = EVAL_SEED + 8  # the cases the fix (inpainting.sketch_mask) and GHOST_LIMIT were chosen on
 SKETCH_SEED = EVAL_SEED + 9  # the cases the reported figure is measured on, never looked at to choose anything

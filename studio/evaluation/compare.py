@@ -22,15 +22,9 @@ from studio.core.jobs import MAX_SECONDS, OVERHEAD_SECONDS, JobControl, LocalJob
 from studio.evaluation.axes import NO_AXIS, Cell, GridSpec, build_grid, value_text
 from studio.evaluation.grids import draw_grid
 from studio.evaluation.metrics import ClipScorer
-from studio.tasks.generation import (
-    GeneratedImage,
-    ProgressCallback,
-    SamplingPlan,
-    TextToImage,
-    TextToImageRequest,
-    resolve_seed,
-)
+from studio.tasks.generation import TextToImage, TextToImageRequest
 from studio.tasks.hires import HiresFix
+from studio.tasks.sampling import GeneratedImage, ProgressCallback, SamplingPlan, resolve_seed
 
 CLIP_SECONDS = 10  # scoring the cells (loading a ViT-L/14 the first time included)
 

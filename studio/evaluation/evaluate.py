@@ -67,7 +67,8 @@ from studio.models.loading import HubAccess
 from studio.models.loras import LoraCatalog
 from studio.models.presets import PRESETS_DIR, PresetCatalog, load_presets
 from studio.tasks.engines import ManagerSettings, build_engines, build_manager
-from studio.tasks.generation import MAX_SEED, SamplingPlan, TextToImage, TextToImageRequest
+from studio.tasks.generation import TextToImage, TextToImageRequest
+from studio.tasks.sampling import MAX_SEED, SamplingPlan
 
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the interval is part of the report, which must be the same file on every run

@@ -31,8 +31,9 @@ from studio.models.loras import LoraCatalog, load_loras
 from studio.models.presets import PresetCatalog, StyleCatalog, load_styles
 from studio.models.stages import DiffusionStages
 from studio.models.upscalers import UPSCALER, ReleaseFiles, UpscalerCatalog, UpscalerLoader, load_upscalers
-from studio.tasks.generation import RequestLimits, TextToImage
+from studio.tasks.generation import TextToImage
 from studio.tasks.inpainting import Inpainter
+from studio.tasks.sampling import RequestLimits
 from studio.tasks.upscaling import UpscaleLimits, Upscaling
 
 VERSION = f"Diffusion Studio {__version__}"

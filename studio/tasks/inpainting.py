@@ -20,7 +20,8 @@ from studio.core.errors import InvalidRequest
 from studio.core.images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
 from studio.core.jobs import LocalJob
 from studio.models.presets import ModelPreset
-from studio.tasks.generation import (
+from studio.tasks.parameters import sampling_fields_from_parameters
+from studio.tasks.sampling import (
     GenerationResult,
     ProgressCallback,
     RequestLimits,
@@ -30,7 +31,6 @@ from studio.tasks.generation import (
     check_sampling,
     fraction_problems,
     resolve_seed,
-    sampling_fields_from_parameters,
 )
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"

@@ -1,0 +1,594 @@
+"""What Text to image and Inpaint share: request limits and checks, seeds, the plan a job runs, the engine
+that runs it image by image (each image a turn on the device, the prompt encoded once, progress, Stop), and the
+pipeline hooks of a denoising pass."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from studio.a1111.metadata import format_parameters
+from studio.a1111.prompts import LoraUse, parse_prompt, prompt_mistakes, without_extra_networks
+from studio.a1111.schedulers import check_scheduler, evaluations_per_step, make_scheduler
+from studio.core.downloads import HubDownloads, offline_error
+from studio.core.errors import InvalidRequest, ModelUnavailable
+from studio.core.jobs import MAX_SECONDS as MAX_GPU_SECONDS
+from studio.core.jobs import JobControl, LocalJob, gpu_seconds
+from studio.models.components import DiffusersModels
+from studio.models.families import family_of
+from studio.models.loras import (
+    AppliedLora,
+    LoraCatalog,
+    check_lora_uses,
+    context_width,
+    family_mismatch,
+    layer_kinds,
+    lora_key,
+    preset_context_width,
+    vocabulary_of,
+)
+from studio.models.presets import ModelPreset, PresetCatalog
+from studio.models.stages import Conditioning, DiffusionStages, clip_skip_too_large
+from studio.models.vocabulary import load_vocabulary, unknown_words_warning
+from studio.tasks.hires import (
+    HiresPlan,
+)
+from studio.tasks.step_hooks import inpaint_step_hooks, step_callback
+
+MAX_SEED = 2**32 - 1
+
+# on_progress(done_steps, total_steps, description)
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Server-wide limits on top of each preset's own. `public()` is the stricter set for a public demo."""
+
+    max_prompt_chars: int = 2000
+    max_batch_size: int = 8
+    max_steps: int = 150
+    max_guidance: float = 30.0
+    max_pixels: int | None = None  # width * height cap on top of the preset's max size
+    max_upload_pixels: int = 50_000_000  # uploads larger than this are refused before they are decoded
+    max_loras: int = 8  # LoRAs one prompt may apply at once
+
+    @classmethod
+    def public(cls) -> RequestLimits:
+        return cls(max_prompt_chars=1000, max_batch_size=4, max_steps=50, max_guidance=20.0, max_pixels=1024 * 1024,
+                   max_upload_pixels=4_000_000, max_loras=4)
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """The settings every generating request has; each task's request adds its own."""
+
+    prompt: str
+    negative_prompt: str = ""
+    preset: str = "embedded"
+    scheduler: str = "Euler"
+    steps: int = 20
+    guidance_scale: float = 7.0
+    seed: int = -1  # -1: a random seed, reported back
+    batch_size: int = 1
+    clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the one before it (anime models)
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    parameters: str  # A1111 "parameters" text for the PNG
+    stopped_at: int | None = None  # Stop cut its denoising short after this many of its steps
+    stopped_in_hires: bool = False  # ... of Hires. fix's second pass
+
+    @property
+    def unfinished(self) -> str:
+        """How far an image Stop cut short got ("" when it is finished)."""
+        if not self.stopped_at:
+            return ""
+        return f"stopped at {'hires ' if self.stopped_in_hires else ''}step {self.stopped_at}"
+
+    @property
+    def caption(self) -> str:
+        return f"Seed {self.seed}" + (f" · unfinished ({self.unfinished})" if self.stopped_at else "")
+
+
+@dataclass
+class MadeImage:
+    """One image as the device work leaves it, before it becomes a PIL image."""
+
+    pixels: torch.Tensor  # in [-1, 1], on the CPU
+    flagged: bool  # by the safety checker
+    stopped_at: int | None  # Stop cut the last pass short after this many steps
+    stopped_in_hires: bool
+    parameters: dict  # the image's own PNG fields (Hires. fix's, where it ran; where Stop cut it)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage] = field(default_factory=list)
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [image.seed for image in self.images]
+
+
+def whole(value):
+    """A number from a form or the API as an int when it is a whole number (sliders send 20.0); a fraction stays
+    a float, for the checks to refuse rather than silently round (steps 2.5 is not 2)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def fraction_problems(request, labels: dict[str, str]) -> dict[str, str]:
+    """A problem for each field (name -> label) that is not a whole number."""
+    return {name: f"{label} must be a whole number (got {getattr(request, name):g})."
+            for name, label in labels.items() if not isinstance(getattr(request, name), int)}
+
+
+WHOLE_SAMPLING_FIELDS = {"steps": "Steps", "seed": "Seed", "batch_size": "Batch size", "clip_skip": "Clip skip"}
+MAX_CLIP_SKIP = 12  # A1111's slider: a CLIP ViT-L text encoder has 12 layers
+
+
+def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
+    """Problems with the fields every generating request has (prompt, steps, CFG, seed, batch, scheduler),
+    by field name, each a sentence a user can act on. Empty when they are fine."""
+    fractions = fraction_problems(request, WHOLE_SAMPLING_FIELDS)
+    if fractions:
+        return fractions  # the range checks below assume whole numbers
+    problems: dict[str, str] = {}
+    prompt = request.prompt or ""
+    if not prompt.strip():
+        problems["prompt"] = "Enter a prompt: describe the image you want."
+    for name, label, text in (("prompt", "Prompt", prompt), ("negative_prompt", "Negative prompt", request.negative_prompt or "")):
+        if len(text) > limits.max_prompt_chars:
+            problems[name] = f"{label} is too long ({len(text)} characters; the limit is {limits.max_prompt_chars})."
+        elif mistakes := prompt_mistakes(text):
+            problems[name] = f"In the {label.lower()}, " + " ".join(mistakes)
+    max_steps = min(preset.max_steps, limits.max_steps)
+    if not (1 <= request.steps <= max_steps):
+        problems["steps"] = f"Steps must be between 1 and {max_steps} for {preset.label} (got {request.steps})."
+    if not (0 <= request.guidance_scale <= limits.max_guidance):
+        problems["guidance_scale"] = (
+            f"CFG scale must be between 0 and {limits.max_guidance:g} (got {request.guidance_scale:g})."
+        )
+    if not (1 <= request.batch_size <= limits.max_batch_size):
+        problems["batch_size"] = f"Batch size must be between 1 and {limits.max_batch_size} (got {request.batch_size})."
+    if not (-1 <= request.seed <= MAX_SEED):
+        problems["seed"] = f"Seed must be -1 (random) or between 0 and {MAX_SEED} (got {request.seed})."
+    elif request.seed >= 0 and request.seed + request.batch_size - 1 > MAX_SEED:
+        problems["seed"] = f"Seed + batch size - 1 must not exceed {MAX_SEED}."
+    if not (1 <= request.clip_skip <= MAX_CLIP_SKIP):
+        problems["clip_skip"] = f"Clip skip must be between 1 and {MAX_CLIP_SKIP} (got {request.clip_skip})."
+    elif request.clip_skip > 1 and not family_of(preset).clip_skip:
+        problems["clip_skip"] = (f"Clip skip applies to SD 1.x models; {preset.label} reads its text encoders' "
+                                 "layers as it was trained to (A1111 ignores it there too). Set it to 1.")
+    scheduler_problems = check_scheduler(request.scheduler, preset)
+    family = family_of(preset)
+    if not scheduler_problems and family.samplers is not None and request.scheduler not in family.samplers:
+        scheduler_problems = [f"{family.label} models take the samplers {', '.join(family.samplers)}, not "
+                              f"{request.scheduler!r}."]
+    if scheduler_problems:
+        problems["scheduler"] = scheduler_problems[0]
+    return problems
+
+
+def resolve_seed(seed: int, batch_size: int = 1) -> int:
+    return secrets.randbelow(MAX_SEED - batch_size + 2) if seed == -1 else seed
+
+
+@dataclass
+class SamplingPlan:
+    """A checked request made ready for the device: everything the GPU work needs and nothing else. It is
+    picklable, so that it can cross into ZeroGPU's forked worker."""
+
+    preset: ModelPreset
+    task: str  # "text2img", "img2img" or "inpaint"
+    prompt: str  # with the style applied
+    negative_prompt: str
+    scheduler: str
+    steps: int
+    guidance_scale: float
+    seed: int  # resolved: image i of the batch uses seed + i
+    batch_size: int
+    size: tuple[int, int]  # what the model works at
+    clip_skip: int = 1
+    call_arguments: dict[str, Any] = field(default_factory=dict)  # task's own pipeline arguments (image, mask, strength)
+    parameters_extra: dict[str, Any] = field(default_factory=dict)  # A1111 fields the task adds
+    steps_per_image: int = 0  # denoising steps actually run per image (steps × strength for img2img)
+    warnings: list[str] = field(default_factory=list)
+    model_hash: str | None = None  # read with the model files, before the device work (hashing a file takes time)
+    hires: HiresPlan | None = None  # text to image's second pass, at a larger size
+    hires_upscaler_native_scale: int = 1  # of the hires upscaler preset (1 for latent modes and Lanczos)
+    lora_uses: tuple[LoraUse, ...] = ()  # the prompt's <lora:...> tags
+    loras: tuple[AppliedLora, ...] = ()  # ... resolved to files with the model files (the Hub's fetched first)
+
+    @property
+    def encoder_prompt(self) -> str:
+        """The prompt as the text encoder reads it: the extra-network tags taken out (the PNG keeps them)."""
+        return without_extra_networks(self.prompt)
+
+    @property
+    def encoder_negative_prompt(self) -> str:
+        return without_extra_networks(self.negative_prompt)
+
+    def __post_init__(self):
+        self.steps_per_image = self.steps_per_image or self.steps
+
+    @property
+    def steps_per_image_total(self) -> int:
+        """Denoising steps of one image, both passes of Hires. fix counted."""
+        return self.steps_per_image + (self.hires.steps_run if self.hires else 0)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_image_total * self.batch_size
+
+    @property
+    def gpu_seconds(self) -> int:
+        """What to book on ZeroGPU for this job: the steps at the base size, Hires. fix's at its size (as many
+        base-size steps as they cost by area), and its upscaler's passes."""
+        # Heun, DPM2 and DPM++ SDE evaluate the UNet twice a step
+        per_step = evaluations_per_step(self.scheduler)
+        evaluations = self.steps_per_image * per_step
+        pixels = self.size[0] * self.size[1]
+        seconds = 0
+        if self.hires:
+            hires_pixels = self.hires.size[0] * self.hires.size[1]
+            # its steps, and the VAE's encode and decode at its size (about two steps' worth)
+            evaluations += math.ceil((self.hires.steps_run * per_step + 2) * hires_pixels / pixels)
+            # an upscaler model's pass: about 1 s per 200 k output pixels (as the Upscale tab books it)
+            if self.hires_upscaler_native_scale > 1:
+                seconds = math.ceil(pixels * self.hires_upscaler_native_scale**2 / 200_000) * self.batch_size
+        return min(MAX_GPU_SECONDS, gpu_seconds(self.preset, evaluations, self.batch_size, pixels) + seconds)
+
+
+class SamplingEngine:
+    """What text to image and inpainting share: presets and limits, validation, and the batch loop, run as
+    stages on models leased from the shared ModelManager. Holds no per-request state."""
+
+    main_task = "text2img"  # the pipeline task its requests run (whose model files must be here)
+
+    def __init__(self, stages: DiffusionStages, presets: PresetCatalog, limits: RequestLimits, version: str,
+                 downloads: HubDownloads | None = None, loras: LoraCatalog | None = None):
+        self.stages = stages
+        self.loras = loras or LoraCatalog({})
+        self.downloads = downloads or HubDownloads()
+        self.models: DiffusersModels = stages.models
+        self.manager = stages.manager
+        self.presets = presets
+        self.limits = limits
+        self.version = version
+        # what each preset's model knows to draw, where its folder says so (the embedded family)
+        self.vocabularies = {preset.name: load_vocabulary(preset.local) for preset in presets}
+
+    def vocabulary_hint(self, preset_name: str) -> str:
+        """What the preset's model knows, for the place where the user types ("" when it does not say)."""
+        vocabulary = self.vocabularies.get(preset_name)
+        return f"This model knows {vocabulary.summary()}." if vocabulary else ""
+
+    def loras_that_fit(self, preset_name: str) -> list[str]:
+        """The LoRAs on offer made for the preset's family (and those whose family is not known before a download),
+        for the picker: the request's own check refuses the others with the reason."""
+        if preset_name not in self.presets:
+            return self.loras.names
+        width = preset_context_width(self.models, self.presets.get(preset_name))
+        return [name for name in self.loras.names if self.loras.get(name).fits(width)]
+
+    def unknown_words(self, preset_name: str, prompt: str) -> list[str]:
+        vocabulary = self.vocabularies.get(preset_name)
+        if not vocabulary:
+            return []
+        taught = self._lora_vocabulary(prompt)
+        return [word for word in vocabulary.unknown_words(self._plain(prompt)) if word not in taught]
+
+    def prompt_warnings(self, preset: ModelPreset, prompt: str) -> list[str]:
+        """Notes on the prompt: the words the preset's model never saw (it ignores them; a LoRA's own words
+        count as known), and extra-network tags of kinds the studio does not run."""
+        warnings = []
+        unknown = self.unknown_words(preset.name, prompt)
+        if unknown:
+            warnings.append(unknown_words_warning(self.vocabularies.get(preset.name), " ".join(unknown),
+                                                  preset.label))
+        ignored = self._parsed(prompt).ignored_tags
+        if ignored:
+            warnings.append(f"{', '.join(ignored)}: only <lora:…> add-ons run here; "
+                            f"{'this tag was' if len(ignored) == 1 else 'these tags were'} left out.")
+        return [warning for warning in warnings if warning]
+
+    @staticmethod
+    def _parsed(prompt: str):
+        try:
+            return parse_prompt(prompt)
+        except InvalidRequest:  # a malformed tag: the request's check says so
+            return parse_prompt("")
+
+    def _plain(self, prompt: str) -> str:
+        return self._parsed(prompt).plain
+
+    def _lora_vocabulary(self, prompt: str) -> set[str]:
+        """Words the prompt's local LoRAs say they teach."""
+        words: set[str] = set()
+        for use in self._parsed(prompt).loras:
+            if use.name in self.loras and self.loras.get(use.name).repo is None:
+                words.update(word.lower() for word in vocabulary_of(Path(self.loras.get(use.name).file)))
+        return words
+
+    def problems(self, request: SamplingRequest, task: str | None = None) -> dict[str, str]:
+        """Problems with the request by field name, each a sentence a user can act on. Empty when it is fine.
+        A model that cannot be had here is the one problem said (the sizes and steps it would take are moot)."""
+        if request.preset not in self.presets:
+            return {"preset": f"Unknown preset {request.preset!r}. Available presets: {', '.join(self.presets.names)}."}
+        preset = self.presets.get(request.preset)
+        unavailable = self.unavailable_model(preset, task or self.main_task)
+        if unavailable is not None:
+            return {"preset": unavailable.reason}
+        problems = self.check(request, preset)
+        if "prompt" not in problems:
+            try:
+                lora_problems = check_lora_uses(parse_prompt(self.prompt_as_run(request)).loras, self.loras,
+                                                self.limits.max_loras)
+            except InvalidRequest as error:
+                lora_problems = error.problems
+            if lora_problems:
+                problems["prompt"] = " ".join(lora_problems)
+        if isinstance(request.clip_skip, int) and request.clip_skip > 1 and "clip_skip" not in problems:
+            layers = self.models.text_encoder_layers(preset)
+            if layers is not None and request.clip_skip > layers:
+                problems["clip_skip"] = clip_skip_too_large(request.clip_skip, layers)
+        return problems
+
+    def check(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, str]:
+        return check_sampling(request, preset, self.limits)
+
+    def prompt_as_run(self, request: SamplingRequest) -> str:
+        """The prompt the job will encode (with its style's words, and any LoRA tags a style adds)."""
+        return request.prompt
+
+    def validate(self, request: SamplingRequest, task: str | None = None) -> ModelPreset:
+        """The request's preset; raises ModelUnavailable (with the download command) for a model that cannot be
+        had here, InvalidRequest for the rest."""
+        if request.preset in self.presets:
+            unavailable = self.unavailable_model(self.presets.get(request.preset), task or self.main_task)
+            if unavailable is not None:
+                raise unavailable
+        problems = self.problems(request, task)
+        if problems:
+            raise InvalidRequest(list(problems.values()))
+        return self.presets.get(request.preset)
+
+    def unavailable_model(self, preset: ModelPreset, task: str | None = None) -> ModelUnavailable | None:
+        """Why the preset's model files cannot be had for `task`, read without network: a checkpoint file missing
+        or of another family, or files neither in the Hub cache nor downloadable (the Hub cannot be reached). None
+        when they are here, or will be downloaded."""
+        task = task or self.main_task
+        try:
+            self.models.check_checkpoint_files(preset, task)
+            requests = self.models.download_requests(preset, task, self.manager.dtype)
+        except ModelUnavailable as error:
+            return error
+        missing = [request for request in requests if not self.downloads.is_cached(request)]
+        if missing and self.downloads.is_offline():
+            return offline_error(missing)
+        return None
+
+    @contextlib.contextmanager
+    def model_files(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> Iterator[SamplingPlan]:
+        """The plan's model files, fetched from the Hub if they are not in the cache (its own step, before any
+        device work and outside the device lock, so a download never holds up other visitors), and kept from the
+        cache budget until the block ends; yields the plan resolved against them (the model's hash, the LoRAs as
+        files), which is what runs. Raises ModelUnavailable on entering."""
+        self.models.check_checkpoint_files(plan.preset, plan.task)
+        requests = self.models.download_requests(plan.preset, plan.task, self.manager.dtype)
+        with contextlib.ExitStack() as protected:
+            for request in requests:
+                protected.enter_context(self.downloads.in_use(request.source))
+            for request in requests:
+                self.downloads.ensure(request, on_progress)
+            # here, not in the device work: a checkpoint file's sha256 reads gigabytes (once per file), which must
+            # not take GPU time (nor be lost with ZeroGPU's worker process)
+            model_hash = self.models.model_hash(plan.preset, plan.task, on_progress)
+            yield self.with_loras(replace(plan, model_hash=model_hash), protected, on_progress)
+
+    def with_loras(self, plan: SamplingPlan, protected: contextlib.ExitStack,
+                   on_progress: ProgressCallback | None = None) -> SamplingPlan:
+        """The plan with the prompt's LoRAs as files (a Hub LoRA fetched now, before any device work), each
+        checked against the preset's family, and the hashes the PNG records (A1111's "Lora hashes")."""
+        applied = []
+        model_width = self.models.cross_attention_dim(plan.preset, plan.task)
+        for use in plan.lora_uses:
+            preset = self.loras.get(use.name)
+            if preset.repo is not None:
+                protected.enter_context(self.downloads.in_use(preset.repo))
+            path = self.loras.path(use.name, self.downloads, on_progress)
+            mismatch = family_mismatch(use.name, context_width(path), model_width, plan.preset.label)
+            if mismatch:
+                raise InvalidRequest([mismatch])
+            text_encoder_layers, denoiser_layers = layer_kinds(path)
+            applied.append(AppliedLora(use.name, lora_key(path, family_of(plan.preset)), use.text_encoder_weight,
+                                       use.unet_weight, self.loras.short_hash(path), text_encoder_layers,
+                                       denoiser_layers))
+        if not applied:
+            return plan
+        hashes = ", ".join(f"{hash_entry_name(lora.name)}: {lora.short_hash}" for lora in applied)
+        return replace(plan, loras=tuple(applied), parameters_extra=plan.parameters_extra | {"Lora hashes": hashes})
+
+    def run(self, plan: SamplingPlan, job: JobControl | None = None) -> GenerationResult:
+        """The device work of a job: the prompt encoded once, then each image denoised, decoded and (where a
+        safety checker runs) checked. Each image is one turn on the device (the manager grants turns in arrival
+        order), so other jobs' images go in between; within it each stage holds the device lock and only its
+        own models. Image i uses seed + i with a fresh scheduler: reproducible alone, bit for bit. A cancelled
+        job ends the current image early and skips the rest."""
+        job = job or LocalJob()
+        result = GenerationResult(warnings=list(plan.warnings))
+        conditioning = []
+
+        def encoded() -> Conditioning:
+            """The prompt's embeddings, encoded in the first image's turn and kept for the others."""
+            if not conditioning:
+                embeds, warnings = self.stages.encode(plan.preset, plan.task, plan.encoder_prompt,
+                                                      plan.encoder_negative_prompt, plan.guidance_scale,
+                                                      plan.clip_skip, plan.loras)
+                result.warnings += warnings
+                conditioning.append(embeds)
+            return conditioning[0]
+
+        postprocess = VaeImageProcessor()
+        job.report(0, plan.total_steps, self._before_the_first_step(plan))
+        for index in range(plan.batch_size):
+            if job.cancelled:
+                result.interrupted = True
+                break
+            image_seed = plan.seed + index
+            made = self._one_image(plan, encoded, index, job)
+            result.warnings += made.warnings
+            if job.cancelled:
+                result.interrupted = True
+            if made.flagged:
+                result.warnings.append(f"The safety checker flagged the image with seed {image_seed}; it is not "
+                                       "shown.")
+                continue
+            image = postprocess.postprocess(made.pixels, output_type="pil")[0]
+            # an image Stop cut short is decoded where it stopped, and says so in its parameters
+            parameters = self.describe(plan, image_seed, made.parameters)
+            image.info["parameters"] = parameters  # written as a PNG text chunk when saved as PNG
+            result.images.append(GeneratedImage(image, image_seed, parameters, made.stopped_at, made.stopped_in_hires))
+        job.report(plan.total_steps, plan.total_steps, "Done")
+        result.warnings = list(dict.fromkeys(result.warnings))  # said once, not once per image
+        return result
+
+    def _one_image(self, plan: SamplingPlan, encoded: Callable[[], Conditioning], index: int,
+                   job: JobControl) -> MadeImage:
+        """Image `index` of the plan in one turn on the device: denoised, decoded and checked."""
+        with self.manager.turn(owner=job):
+            latents, steps_done = self._denoise(plan, encoded(), index, job)
+            return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
+
+    def _denoise(self, plan: SamplingPlan, conditioning: Conditioning, index: int, job: JobControl,
+                 second_pass: SecondPass | None = None) -> tuple[torch.Tensor, int]:
+        """One denoising pass of image `index`: (latents, steps done). The plan's own pass, or Hires. fix's
+        second pass."""
+        preset = plan.preset
+        task, size, arguments = plan.task, plan.size, plan.call_arguments
+        schedule, pass_steps = plan.steps, plan.steps_per_image
+        start, label = index * plan.steps_per_image_total, self._image_label(plan, index)
+        if second_pass is not None:
+            task, size, arguments = "img2img", second_pass.size, second_pass.call_arguments
+            schedule, pass_steps = second_pass.schedule_steps, second_pass.steps
+            start, label = second_pass.start, f"{label}, hires. fix"
+        image_seed = plan.seed + index
+        steps_done = [0]
+        on_step = step_callback(job, steps_done, pass_steps, start, plan.total_steps, label)
+
+        def call(pipe):
+            pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides,
+                                           seed=image_seed)
+            step_hooks = {"callback_on_step_end": on_step}
+            if task == "inpaint":
+                step_hooks = inpaint_step_hooks(pipe, family_of(plan.preset), arguments["image"], image_seed,
+                                                then=on_step)
+            return pipe(
+                **conditioning.embeds, **arguments, num_inference_steps=schedule,
+                guidance_scale=plan.guidance_scale, generator=torch.Generator("cpu").manual_seed(image_seed),
+                output_type="latent", **step_hooks,
+            ).images
+
+        latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras)
+        return latents, steps_done[0]
+
+    def _finish_image(self, plan: SamplingPlan, task: str, latents: torch.Tensor, size: tuple[int, int],
+                      steps_done: int, steps: int, parameters: dict | None = None,
+                      in_hires: bool = False) -> MadeImage:
+        """Decode and check latents of `steps` steps of which `steps_done` ran (in the caller's turn)."""
+        pixels = self.stages.decode(plan.preset, task, latents, size[0], size[1])
+        stopped_at = steps_done if steps_done < steps else None
+        fields = dict(parameters or {})
+        if stopped_at:
+            fields["Stopped at hires step" if in_hires else "Stopped at step"] = stopped_at
+        flagged = self.stages.check(plan.preset, task, pixels)[0]
+        return MadeImage(pixels, flagged, stopped_at, in_hires and stopped_at is not None, fields)
+
+    @staticmethod
+    def _image_label(plan: SamplingPlan, index: int) -> str:
+        return f"Image {index + 1}/{plan.batch_size}"
+
+    def _before_the_first_step(self, plan: SamplingPlan) -> str:
+        """What the job waits for until its first denoising step: the model loaded (the first time), or only
+        the prompt encoded."""
+        keys = self.models.keys(plan.preset, plan.task).values()
+        if all(self.manager.is_loaded(key) for key in keys):
+            return "Encoding the prompt"
+        return f"Loading {plan.preset.label} and encoding the prompt"
+
+    def describe(self, plan: SamplingPlan, seed: int, extra: dict | None = None) -> str:
+        """A1111's parameters text for image `seed` of the plan (and `extra` fields of this image's own)."""
+        return format_parameters(
+            plan.prompt, plan.negative_prompt, steps=plan.steps, scheduler=plan.scheduler,
+            guidance_scale=plan.guidance_scale, seed=seed, width=plan.size[0], height=plan.size[1],
+            model=model_name(plan.preset, plan.task), model_hash=plan.model_hash, version=self.version,
+            extra={**({"Clip skip": plan.clip_skip} if plan.clip_skip > 1 else {}), **plan.parameters_extra,
+                   **(extra or {})} or None,
+        )
+
+
+@dataclass
+class SecondPass:
+    """What Hires. fix's second pass of one image runs: image to image on `call_arguments` (the upscaled image or
+    latents, and diffusers' strength), the last `steps` of a `schedule_steps` schedule, at `size`."""
+
+    size: tuple[int, int]
+    call_arguments: dict
+    schedule_steps: int
+    steps: int
+    start: int  # the job's steps done before it
+
+
+class PhaseOfJob(JobControl):
+    """A part of a job that counts its own progress (an upscaler's passes and tiles): shown as the job's text
+    while its bar stays at `done` of `total`; cancelled when the job is."""
+
+    def __init__(self, job: JobControl, done: int, total: int, label: str):
+        self.job, self.done, self.total, self.label = job, done, total, label
+
+    @property
+    def cancelled(self) -> bool:
+        return self.job.cancelled
+
+    def report(self, done: int, total: int, text: str) -> None:
+        self.job.report(self.done, self.total, f"{self.label}: {text}")
+
+
+def hash_entry_name(name: str) -> str:
+    """A LoRA's name as A1111 writes it in "Lora hashes": without the ':' and ',' that separate the entries."""
+    return name.replace(":", "").replace(",", "")
+
+
+def model_name(preset: ModelPreset, task: str) -> str:
+    """The PNG's Model: A1111 writes the stem of the checkpoint file that ran; a repo or folder preset its name."""
+    if task == "inpaint" and preset.inpaint_checkpoint is not None:
+        return preset.inpaint_checkpoint.stem
+    return preset.checkpoint.stem if preset.checkpoint is not None else preset.name
+
+
+def model_names(preset: ModelPreset) -> set[str]:
+    """The names a PNG's Model field may give this preset by (plain-spelled)."""
+    names = {preset.name, model_name(preset, "text2img"), model_name(preset, "inpaint")}
+    return {plain_model_name(name) for name in names}
+
+
+def plain_model_name(name: str) -> str:
+    return name.lower().replace("_", "-").replace(" ", "-")
