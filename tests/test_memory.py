@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
-from studio.core.memory import DEVICE, RAM, FairLock, ModelKey, ModelManager, Patch
+from studio.core.fair_lock import FairLock
+from studio.core.memory import DEVICE, RAM, ModelKey, ModelManager, Patch
 
 KB = 1024
 SIZES = {"unet": 100 * KB, "vae": 20 * KB, "text_encoder": 10 * KB}  # SD's proportions
