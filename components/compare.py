@@ -26,7 +26,7 @@ class CompareTab:
     compare_event: gr.events.Dependency
 
 
-def _request(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values) -> CompareRequest:
+def form_request(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values) -> CompareRequest:
     return CompareRequest(prompt=prompt or "", negative_prompt=negative_prompt or "",
                           seed=whole(seed) if seed is not None else -1, x_type=x_type or NO_AXIS,
                           x_values=x_values or "", y_type=y_type or NO_AXIS, y_values=y_values or "",
@@ -84,25 +84,25 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
             pair = gr.ImageSlider(label="Two cells, side by side (drag the bar)", type="pil", format="png",
                                   max_height=420, interactive=False, elem_id="compare-slider")
 
-    inputs = [prompt, negative_prompt, seed, *axes]
+    # The one map from the form's components to the request's fields (gradio's inputs_kwargs): the handlers and
+    # the API's parameters take these names, in this order.
+    form = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, x_type=axes[0], x_values=axes[1],
+                y_type=axes[2], y_values=axes[3], z_type=axes[4], z_values=axes[5])
     on_device = runner.device_function("compare", comparison)
 
-    def check(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values,
-              request: gr.Request):
+    def check(request: gr.Request, **fields):
         """Instant feedback: the whole grid checked before the job waits in the GPU queue."""
         try:
-            comparison.plan(_request(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type,
-                                     z_values))
+            comparison.plan(form_request(**fields))
         except InvalidRequest as error:
             raise user_error(error, "Check the grid") from None
         runner.submitted(request, TAB)
 
-    def compare(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values,
-                request: gr.Request, progress=gr.Progress()):
+    def compare(request: gr.Request, progress=gr.Progress(), **fields):
         """One prompt over up to three axes (A1111's X/Y/Z syntax; an empty type or "Nothing" is no axis). Returns
         the labelled grids (one per Z value), every cell as a PNG with its parameters, and a table of the cells
         with their time and CLIP score."""
-        wanted = _request(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values)
+        wanted = form_request(**fields)
         plan, result = runner.run_job(TAB, request, progress, comparison, lambda: comparison.plan(wanted), on_device,
                                       "Cannot compare")
         for warning in result.warnings:
@@ -128,8 +128,8 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
         return chosen, gr.ImageSlider(value=(first, second), label=f"Left: {first_name} · right: {second_name}")
 
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[grids])
-    event = run.click(check, inputs, None, **QUICK).success(
-        compare, inputs, [grids, table, cells], api_name="compare", **gpu_event)
+    event = run.click(check, None, None, inputs_kwargs=form, **QUICK).success(
+        compare, None, [grids, table, cells], inputs_kwargs=form, api_name="compare", **gpu_event)
     event.then(lambda: ([], None), None, [picked, pair], **INSTANT)  # a new grid
     runner.wire_stop(stop, TAB)
     for control in axes:

@@ -32,8 +32,8 @@ class UpscaleTab:
     upscale_event: gr.events.Dependency
 
 
-def _request(upscaler, scale, tile, denoise_strength, face_restoration=NO_FACE_RESTORATION,
-             face_visibility=1.0) -> UpscaleRequest:
+def form_request(upscaler, scale, tile, denoise_strength, face_restoration=NO_FACE_RESTORATION,
+                 face_visibility=1.0) -> UpscaleRequest:
     tile = None if tile is None or tile == "" or tile == AUTOMATIC_TILE else whole(tile)  # a fraction is refused
     return UpscaleRequest(upscaler, float(scale), tile, float(denoise_strength),
                           face_restoration or NO_FACE_RESTORATION, float(face_visibility))
@@ -117,12 +117,13 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
             result_file = gr.File(label="Upscaled PNG (with the input's parameters)", interactive=False,
                                   elem_id="upscale-file")
 
-    inputs = [image, upscaler, scale, tile, denoise, face_restoration, face_visibility]
+    # The one map from the settings' components to the request's fields (gradio's inputs_kwargs): the handlers and
+    # the API's parameters take these names, in this order, after the image.
+    form = dict(upscaler=upscaler, scale=scale, tile=tile, denoise_strength=denoise, face_restoration=face_restoration,
+                face_visibility=face_visibility)
 
-    def check(image, upscaler, scale, tile, denoise_strength, face_restoration, face_visibility,
-              request: gr.Request):
-        problems = check_upscale(_request(upscaler, scale, tile, denoise_strength, face_restoration,
-                                          face_visibility), catalog, upscaling.faces)
+    def check(image, request: gr.Request, **fields):
+        problems = check_upscale(form_request(**fields), catalog, upscaling.faces)
         if image is None:
             problems.insert(0, "Upload an image first.")
         if problems:
@@ -131,15 +132,12 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
 
     on_device = runner.device_function("upscale", upscaling)
 
-    def upscale_in_page(image, upscaler, scale, tile, denoise_strength, face_restoration, face_visibility,
-                        request: gr.Request, progress=gr.Progress()):
+    def upscale_in_page(image, request: gr.Request, progress=gr.Progress(), **fields):
         if image is None:
             raise user_error(InvalidRequest(["Upload an image first."]), "Cannot upscale")
-        wanted = _request(upscaler, scale, tile, denoise_strength, face_restoration, face_visibility)
-        return upscale_image(image, wanted, request, progress)
+        return upscale_image(image, form_request(**fields), request, progress)
 
-    def upscale(image, upscaler, scale, tile, denoise_strength, face_restoration, face_visibility,
-                request: gr.Request, progress=gr.Progress()):
+    def upscale(image, request: gr.Request, progress=gr.Progress(), **fields):
         """Upscale an image file 1× to 8×. `tile`: input pixels per tile side, 0 for none, -1 to choose from the
         free memory. `face_restoration`: "None", or a face restorer whose files are present (GFPGANv1.4), run on
         the upscaled image at `face_visibility`. Returns the before/after pair and the PNG (the input's parameters
@@ -150,8 +148,7 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
             opened = open_image(image, "image", upscaling.limits.max_input_pixels)
         except StudioError as error:
             raise user_error(error, "Cannot use this file") from None
-        wanted = _request(upscaler, scale, tile, denoise_strength, face_restoration, face_visibility)
-        return upscale_image(opened, wanted, request, progress)
+        return upscale_image(opened, form_request(**fields), request, progress)
 
     def upscale_image(image: Image.Image, wanted: UpscaleRequest, request: gr.Request, progress):
         plan, result = runner.run_job(TAB, request, progress, upscaling, lambda: upscaling.plan(image, wanted),
@@ -165,12 +162,12 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
 
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[slider])
     outputs = [slider, result_file]
-    event = run.click(check, inputs, None, **QUICK).success(upscale_in_page, inputs, outputs, api_visibility="private",
-                                                           **gpu_event)
+    event = run.click(check, image, None, inputs_kwargs=form, **QUICK).success(
+        upscale_in_page, image, outputs, inputs_kwargs=form, api_visibility="private", **gpu_event)
     # The API takes a plain file that the studio decodes: gr.Image would decode it first, and a file that is not an
     # image would fail there with gradio's "upstream app has raised an exception" and no word on what is wrong.
     api_image = gr.File(label="Image to upscale", visible=False)
-    gr.Button(visible=False).click(upscale, [api_image, *inputs[1:]], outputs, api_name="upscale", **gpu_event)
+    gr.Button(visible=False).click(upscale, api_image, outputs, inputs_kwargs=form, api_name="upscale", **gpu_event)
     runner.wire_stop(stop, TAB)
     upscaler.input(lambda name: gr.Slider(visible=catalog.get(name).has_denoise), upscaler, denoise, **INSTANT)
     face_restoration.input(lambda name: gr.Slider(visible=name != NO_FACE_RESTORATION), face_restoration,
