@@ -327,12 +327,16 @@ class LoraLoader:
         return LoraWeights(floating, alphas, metadata)
 
 
-def lora_patch(component: str, family: ModelFamily, loras: tuple[AppliedLora, ...], size: int) -> Patch:
-    """The LoRAs as PEFT adapters on one component (the denoiser or a text encoder), at their weights, as a patch
-    the manager applies and removes. Its identity is the LoRAs and their weights in the prompt's order: a model
-    that carries it already (the same job's previous image) is left as it is. `size`: the adapters' bytes."""
+def lora_patch(component: str, family: ModelFamily, loras: tuple[AppliedLora, ...]) -> Patch:
+    """The LoRAs merged into one component (the denoiser or a text encoder) at their weights, as a patch the
+    manager applies and removes, as ComfyUI patches a model: PEFT loads them as adapters, each adapted layer's
+    weight is kept (a copy in RAM) and the adapters are merged into it, and the adapter layers go, so denoising
+    costs what it costs without a LoRA; removing the patch puts the kept weights back, bit for bit. Its identity is
+    the LoRAs and their weights in the prompt's order: a model that carries it already (the same job's previous
+    image) is left as it is."""
     is_denoiser = component == family.denoiser
     weights = tuple(lora.denoiser_weight if is_denoiser else lora.text_encoder_weight for lora in loras)
+    kept: dict[str, torch.Tensor] = {}  # adapted layer -> its weight before the merge
 
     def apply(model, lease: Mapping[str, Any]) -> None:
         files = [(lora, lease[lora_role(lora)]) for lora in loras]
@@ -343,12 +347,32 @@ def lora_patch(component: str, family: ModelFamily, loras: tuple[AppliedLora, ..
                 names, chosen = _load_into_text_encoder(model, component, files)
             if names:
                 _activate(model, is_denoiser, names, chosen)
-        except BaseException:
-            _remove_adapters(model, is_denoiser)  # a LoRA that failed half way: the model as it was
+                _merge(model, names, kept)
+        except BaseException:  # a LoRA that failed half way: the model as it was
+            _remove_adapters(model, is_denoiser)
+            restore(model)
             raise
+        _remove_adapters(model, is_denoiser)  # the merged weights stay; the adapter layers go
+
+    def restore(model) -> None:
+        for path, weight in kept.items():
+            model.get_submodule(path).weight.data.copy_(weight)
+        kept.clear()
 
     return Patch(identity=("lora", component, tuple(lora.key for lora in loras), weights), apply=apply,
-                 remove=lambda model: _remove_adapters(model, is_denoiser), size=size)
+                 remove=restore)
+
+
+def _merge(model, names: list[str], kept: dict[str, torch.Tensor]) -> None:
+    """Every adapted layer's weight kept in RAM, then the active adapters merged into it (PEFT's merge, at the
+    weights set). The layer's path is where its base layer will be once the adapter layers are removed."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(path, module) for path, module in model.named_modules() if isinstance(module, LoraLayer)]
+    for path, layer in layers:
+        kept[path] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
+    for _path, layer in layers:
+        layer.merge(adapter_names=[name for name in names if name in layer.lora_A])
 
 
 def lora_role(lora: AppliedLora) -> str:

@@ -72,18 +72,17 @@ class DiffusionStages:
                     preset) -> StagePlan:
         """The plan with the LoRAs as patches on `components`, and its working memory made final (CUDA's floor).
         A model that already carries its patch (this job's previous image) needs neither the LoRA files nor room
-        for the adapters; one that does not gets them leased, and room for PEFT's copy of their weights."""
+        to merge them; one that does not gets them leased, and room for PEFT's copy of their weights."""
         patches, to_apply = {}, False
-        if loras:
-            size = sum(self.manager.loaders[LORA].size(lora.key, self.manager.dtype) for lora in loras)
-            for component in components:
-                patch = lora_patch(component, family_of(preset), loras, size)
-                patches[component] = patch
-                to_apply = to_apply or not self.manager.carries(plan.keys[component], patch.identity)
+        for component in components if loras else ():
+            patch = lora_patch(component, family_of(preset), loras)
+            patches[component] = patch
+            to_apply = to_apply or not self.manager.carries(plan.keys[component], patch.identity)
         keys, working = dict(plan.keys), plan.working_memory
-        if to_apply:
+        if to_apply:  # the LoRA files, and PEFT's copy of them in the adapter layers while they are merged
             keys |= {lora_role(lora): lora.key for lora in loras}
-            working += sum(patch.size for patch in patches.values())
+            working += len(components) * sum(self.manager.loaders[LORA].size(lora.key, self.manager.dtype)
+                                             for lora in loras)
         return replace(plan, keys=keys, working_memory=self._reserved(working), patches=patches)
 
     def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False,
