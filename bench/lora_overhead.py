@@ -1,8 +1,10 @@
-"""What a LoRA costs per image: it is loaded into the models as PEFT adapters for each stage and removed after.
+"""What a LoRA costs per image. It is a patch of the memory manager's: merged into the text encoder's and the
+denoiser's weights once per job (the weights it changes kept in RAM), kept across the job's images, and the kept
+weights put back before another job's turn. Target: ratio <= 1.10.
 
 Times a batch of images on the embedded model through the studio's engine, without a LoRA and with one (the
 shipped loras/hexagon.safetensors, or --lora), alternating, and prints the ratio with/without, and the time the
-adapters take per image (load + remove for the encode and denoise stages).
+LoRA adds per image (merging and putting back, shared by the batch's images).
 
     python bench/lora_overhead.py [--images 8] [--rounds 3] [--steps 20]
     python bench/lora_overhead.py --smoke  # 1 image of 1 step, 1 round: the same code, figures meaningless
