@@ -234,3 +234,36 @@ def test_lora_names_are_written_in_lora_hashes_as_a1111_writes_them_and_found_ag
     assert written.startswith("style ab: ")
     assert lora_notes(written, catalog) == []
     assert "another version" in lora_notes("style ab: 000000000000", catalog)[0]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_lora_patch_merges_and_its_removal_gives_back_every_tensor_bit_for_bit(tmp_path, with_bias):
+    """Merged into the weights (or, with a bias PEFT cannot merge into a layer without one, kept as adapter
+    layers): the UNet's output changes; removing the patch leaves every tensor as it was."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    from tiny_models import EMBEDDED, save_random_lora
+
+    from studio.core.memory import ModelKey
+    from studio.models.loras import AppliedLora, LoraWeights, lora_patch, lora_role
+
+    path = tmp_path / "rand.safetensors"
+    save_random_lora(EMBEDDED, path, seed=0, text_encoder=False)
+    tensors = load_file(path)
+    if with_bias:
+        for key in [key for key in tensors if key.endswith("lora.up.weight") and "to_out" in key]:
+            tensors[key.replace("lora.up.weight", "lora.up.bias")] = torch.randn(tensors[key].shape[0]) * 0.1
+    unet = UNet2DConditionModel.from_pretrained(EMBEDDED / "unet").eval()
+    before = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    sample, context = torch.randn(1, 4, 16, 16), torch.randn(1, 8, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        plain = unet(sample, 10, context).sample
+    lora = AppliedLora("rand", ModelKey("lora", str(path), "x"), 1.0, 1.0, text_encoder_layers=False)
+    patch = lora_patch("unet", family_named("embedded"), (lora,))
+    patch.apply(unet, {lora_role(lora): LoraWeights(tensors, None, None)})
+    with torch.no_grad():
+        assert not torch.allclose(unet(sample, 10, context).sample, plain)
+    assert with_bias == any("lora" in name for name, _ in unet.named_modules())  # merged: no adapter layers
+    patch.remove(unet)
+    after = unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[name], before[name]) for name in before)

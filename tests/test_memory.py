@@ -504,14 +504,35 @@ def test_a_model_cast_behind_the_records_is_cast_back_when_its_lease_ends():
     assert manager.status().device_used == SIZES["vae"]
 
 
-def test_a_model_kept_in_another_dtype_is_its_own_record():
-    """A key's dtype (SDXL's own VAE in float32 under float16) is another model, loaded and sized in that dtype."""
-    manager = ModelManager({"test": TrackingLoader()}, "cpu", torch.float16, device_budget=10 * PIPELINE)
-    in_float32 = ModelKey("test", "repo/a", "vae", dtype="float32")
-    with manager.use({"vae": A["vae"]}), manager.use({"vae": in_float32}):
+class LoaderInItsDtype(TrackingLoader):
+    """Loads in the dtype the manager asks for, as the diffusers loaders do."""
+
+    def size(self, key, dtype):
+        return super().size(key, dtype) * torch.finfo(dtype).bits // 32
+
+    def load(self, key, dtype):
+        return super().load(key, dtype).to(dtype=dtype)
+
+
+def test_a_lease_may_cast_a_model_for_its_stage_and_the_records_say_so():
+    """SDXL's own VAE decodes in float32 when the studio runs in float16: cast for the stage, recorded, and back."""
+    manager = ModelManager({"test": LoaderInItsDtype()}, "cpu", torch.float16, device_budget=10 * PIPELINE)
+    with manager.use({"vae": A["vae"]}):
         pass
-    records = {(r.component, r.dtype) for r in manager.status().models}
-    assert records == {("vae", "float16"), ("vae", "float32")}
+    with manager.use({"vae": A["vae"]}, dtypes={"vae": torch.float32}) as models:
+        assert {p.dtype for p in models["vae"].parameters()} == {torch.float32}
+        assert [(r.dtype, r.size) for r in manager.status().models] == [("float32", SIZES["vae"])]
+    assert {p.dtype for p in manager.loaded_object(A["vae"]).parameters()} == {torch.float16}
+    assert [(r.dtype, r.size) for r in manager.status().models] == [("float16", SIZES["vae"] // 2)]
+
+
+def test_a_model_its_loader_keeps_in_float32_stays_so_under_float16():
+    """Face restorers and Inception keep float32 whatever the manager's dtype: recorded as loaded, never cast."""
+    manager = ModelManager({"test": TrackingLoader()}, "cpu", torch.float16, device_budget=10 * PIPELINE)
+    for _ in range(2):
+        with manager.use({"vae": A["vae"]}) as models:  # TrackingLoader builds float32 modules
+            assert {p.dtype for p in models["vae"].parameters()} == {torch.float32}
+    assert [r.dtype for r in manager.status().models] == ["float32"]
 
 
 def test_model_offload_hooks_the_models_but_never_a_pinned_one():

@@ -31,6 +31,11 @@ class JobControl:
     def report(self, done: int, total: int, text: str) -> None:
         raise NotImplementedError
 
+    @property
+    def owner(self) -> object:
+        """The job this is (a part of): the memory manager keeps a job's LoRA patches across its turns."""
+        return self
+
 
 class LocalJob(JobControl):
     """A job in this process only (tests, scripts): a threading.Event and an optional progress callback."""

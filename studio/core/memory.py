@@ -50,7 +50,6 @@ class ModelKey:
     source: str  # Hub repo id, local folder or single-file checkpoint
     part: str = ""  # subfolder / component name ("unet", "vae"); "" for a standalone model
     config: str = ""  # a single-file checkpoint's configs: the diffusers repo id or folder that describes it
-    dtype: str = ""  # the dtype its weights are kept in ("float32"); "" for the manager's own
 
     @property
     def label(self) -> str:
@@ -93,7 +92,8 @@ class _Entry:
     pinned: bool = False  # preloaded (ZeroGPU): never evicted
     last_used: int = 0
     patch: Patch | None = None  # the change it carries now
-    dtype: torch.dtype | None = None  # what its floating weights are kept in
+    dtype: torch.dtype | None = None  # what its floating weights are in now (a lease may cast it for a while)
+    dtype_as_loaded: torch.dtype | None = None  # ... and between leases: what its loader made
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,10 @@ class ModelManager:
         other owner (or of none) first removes every patch, so no job runs on models another job changed."""
         with self._turns:
             if owner is None or owner is not self._patch_owner:
-                self.remove_patches()
+                try:
+                    self.remove_patches()
+                except Exception:  # noqa: BLE001 - logged by _unpatch; the model is unloaded, this job goes on
+                    pass
                 self._patch_owner = owner
             yield
 
@@ -207,38 +210,50 @@ class ModelManager:
 
     @contextmanager
     def use(self, keys: Mapping[str, ModelKey], working_memory: int = 0, on_device: bool = True,
-            patches: Mapping[str, Patch] | None = None) -> Iterator[dict[str, Any]]:
+            patches: Mapping[str, Patch] | None = None,
+            dtypes: Mapping[str, torch.dtype] | None = None) -> Iterator[dict[str, Any]]:
         """Place every model of `keys` (role -> key) on the device and keep it there, locked, until the block
         ends; `working_memory` bytes are reserved for the stage's activations. Holds the device lock.
 
         `patches` (role -> Patch): the models of those roles carry that patch for the block (and after it, until
         another job's turn or a lease without it); every other leased model carries none.
 
+        `dtypes` (role -> dtype): those models are cast for the block and back after it, recorded as such (SDXL's
+        own VAE decodes in float32 under float16); `working_memory` must include what the cast adds.
+
         `on_device=False` keeps the models locked in RAM instead, for accelerate's model CPU offload, which
         moves one model at a time to the device itself: the largest model's bytes are reserved for that."""
         with self.device_lock:
             wanted = list(dict.fromkeys(keys.values()))
             entries, reserved = self._place(wanted, working_memory, on_device)
+            cast: list[_Entry] = []
             try:
                 lease = {role: entries[key].obj for role, key in keys.items()}
                 self._patch({role: entries[key] for role, key in keys.items()}, patches or {}, lease)
+                for role, dtype in (dtypes or {}).items():
+                    self._cast(entries[keys[role]], dtype, cast)
                 yield lease
             finally:
-                self._reassert(wanted)
-                self._unlock(entries.values())
-                with self._state_lock:
-                    self._reserved -= reserved
+                try:
+                    for entry in cast:
+                        self._cast(entry, entry.dtype_as_loaded, [])
+                    self._reassert(wanted)
+                finally:
+                    self._unlock(entries.values())
+                    with self._state_lock:
+                        self._reserved -= reserved
 
     @contextmanager
     def model_offload(self, keys: Mapping[str, ModelKey], working_memory: int = 0,
-                      patches: Mapping[str, Patch] | None = None) -> Iterator[dict[str, Any]]:
+                      patches: Mapping[str, Patch] | None = None,
+                      dtypes: Mapping[str, torch.dtype] | None = None) -> Iterator[dict[str, Any]]:
         """A lease under accelerate's model CPU offload, the last resort after an out-of-memory: the models wait
         in RAM and each is moved to the device only while its forward runs, chained in the order of `keys` (the
         order they run), so one model is on the device at a time; room is reserved for the largest. Pinned models
         stay on the device, unhooked. When the block ends every model is where the records say."""
         from accelerate import cpu_offload_with_hook
 
-        with self.use(keys, working_memory, on_device=False, patches=patches) as lease:
+        with self.use(keys, working_memory, on_device=False, patches=patches, dtypes=dtypes) as lease:
             hooks = []
             for role, key in keys.items():
                 with self._state_lock:
@@ -280,8 +295,14 @@ class ModelManager:
         with self.device_lock:
             with self._state_lock:
                 patched = [entry for entry in self._entries.values() if entry.patch is not None]
-            for entry in patched:
-                self._unpatch(entry)
+            failed = None
+            for entry in patched:  # each apart: one that cannot be removed must not leave the others on
+                try:
+                    self._unpatch(entry)
+                except Exception as error:  # noqa: BLE001 - raised below, after the others
+                    failed = failed or error
+            if failed is not None:
+                raise failed
 
     def carries(self, key: ModelKey, identity: Hashable) -> bool:
         """Whether the loaded model `key` carries the patch `identity` now (a stage's plan then needs no room to
@@ -377,11 +398,7 @@ class ModelManager:
                 f"{key.label} is not loaded, and this worker may not load models (on ZeroGPU every public preset is "
                 "loaded when the Space starts). Restart the Space or pick a preloaded preset."
             )
-        return int(self._loader(key).size(key, self.dtype_of(key)))
-
-    def dtype_of(self, key: ModelKey) -> torch.dtype:
-        """The dtype a model's floating weights are kept in: its key's, else the manager's."""
-        return getattr(torch, key.dtype) if key.dtype else self.dtype
+        return int(self._loader(key).size(key, self.dtype))
 
     def _loader(self, key: ModelKey) -> ModelLoader:
         try:
@@ -392,12 +409,13 @@ class ModelManager:
     def _load(self, key: ModelKey, expected_size: int, protected: set[ModelKey]) -> _Entry:
         """Load (room was made on the device for it); a new entry, locked. On two tiers the model passes
         through RAM on its way to the device; RAM's budget is for models kept there, so it is not made room for."""
-        dtype = self.dtype_of(key)
-        obj = self._loader(key).load(key, dtype)
+        obj = self._loader(key).load(key, self.dtype)
         self._loads += 1
         size = module_bytes(obj) if isinstance(obj, torch.nn.Module) else 0
+        tensor = _first_tensor(obj)
+        dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else None  # a loader may keep fp32
         entry = _Entry(key, obj, size, DEVICE if not self.two_tiers and size else RAM, locks=1,
-                       last_used=next(self._clock), dtype=dtype)
+                       last_used=next(self._clock), dtype=dtype, dtype_as_loaded=dtype)
         with self._state_lock:
             self._entries[key] = entry
         self._note_peak()
@@ -492,8 +510,8 @@ class ModelManager:
 
     def _reassert(self, keys) -> None:
         """Every leased model back where, and in the dtype, the records say. Code the manager lends a model to may
-        move or cast it (accelerate's offload hooks; diffusers' SDXL img2img casts its VAE to the pipeline's dtype
-        after encoding): the records stay the truth, so the model is put back."""
+        move or cast it (accelerate's offload hooks; diffusers' SDXL img2img upcasts its VAE to encode and casts it to
+        the pipeline's dtype after): the records stay the truth, so the model is put back."""
         for key in dict.fromkeys(keys):
             with self._state_lock:
                 entry = self._entries.get(key)
@@ -507,6 +525,16 @@ class ModelManager:
             if entry.dtype is not None and tensor.is_floating_point() and tensor.dtype != entry.dtype:
                 log.debug("%s was cast to %s behind the records: back to %s", key.label, tensor.dtype, entry.dtype)
                 entry.obj.to(dtype=entry.dtype)
+
+    def _cast(self, entry: _Entry, dtype: torch.dtype | None, cast: list[_Entry]) -> None:
+        """The model in `dtype`, its record too (its bytes change with it); `cast` collects what is to go back."""
+        if dtype is None or entry.dtype is None or dtype == entry.dtype or not isinstance(entry.obj, torch.nn.Module):
+            return
+        entry.obj.to(dtype=dtype)
+        with self._state_lock:
+            entry.dtype, entry.size = dtype, module_bytes(entry.obj)
+        cast.append(entry)
+        self._note_peak()
 
     def _patch(self, entries: Mapping[str, _Entry], patches: Mapping[str, Patch], lease: Mapping[str, Any]) -> None:
         """Each leased model with exactly the patch `patches` names for its role (none where it names none)."""

@@ -126,6 +126,10 @@ class CellJob(JobControl):
     def report(self, done: int, total: int, text: str) -> None:
         self.job.report(self.done_before + min(done, total), self.total, f"{self.label}: {text}")
 
+    @property
+    def owner(self) -> object:
+        return self.job.owner
+
 
 class Comparison:
     """Plans and runs X/Y/Z grids on the text-to-image engine (its presets, limits and the shared manager)."""

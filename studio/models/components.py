@@ -121,16 +121,13 @@ class DiffusersModels:
         return requests
 
     def variant_for(self, presets) -> Callable[[str, torch.dtype], str | None]:
-        """(source, dtype) -> the file variant to load: a preset's `variant` applies on GPUs, where the studio runs
-        in fp16 and fetches the fp16 files (a model kept in float32 there, SDXL's own VAE, is loaded from them
-        too); some inpainting repos ship fp16 files only, so their variant applies everywhere."""
-        on_gpu = self.device.type != "cpu"
-
+        """(source, dtype) -> the file variant to load: a preset's `variant` applies on GPUs (fp16); some
+        inpainting repos ship fp16 files only, so their variant applies everywhere."""
         def variant(source: str, dtype: torch.dtype) -> str | None:
             for preset in presets:
                 if source == preset.inpaint_source and preset.inpaint_variant:
                     return preset.inpaint_variant
-                if source == preset.source and on_gpu:
+                if source == preset.source and dtype == torch.float16:
                     return preset.variant
             return None
 

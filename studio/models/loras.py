@@ -328,15 +328,17 @@ class LoraLoader:
 
 
 def lora_patch(component: str, family: ModelFamily, loras: tuple[AppliedLora, ...]) -> Patch:
-    """The LoRAs merged into one component (the denoiser or a text encoder) at their weights, as a patch the
-    manager applies and removes, as ComfyUI patches a model: PEFT loads them as adapters, each adapted layer's
-    weight is kept (a copy in RAM) and the adapters are merged into it, and the adapter layers go, so denoising
-    costs what it costs without a LoRA; removing the patch puts the kept weights back, bit for bit. Its identity is
-    the LoRAs and their weights in the prompt's order: a model that carries it already (the same job's previous
-    image) is left as it is."""
+    """The LoRAs on one component (the denoiser or a text encoder) at their weights, as a patch the manager applies
+    and removes. As ComfyUI patches a model, they are merged into its weights: PEFT loads them as adapters, each
+    adapted layer's weight and bias are kept (a copy in RAM), the adapters are merged and their layers go, so
+    denoising costs what it costs without a LoRA; removing the patch puts the kept tensors back, bit for bit. A
+    LoRA PEFT cannot merge (a bias where the layer has none) stays as adapter layers instead. Its identity is the
+    LoRAs and their weights in the prompt's order: a model that carries it already (the same job's previous image)
+    is left as it is."""
     is_denoiser = component == family.denoiser
     weights = tuple(lora.denoiser_weight if is_denoiser else lora.text_encoder_weight for lora in loras)
-    kept: dict[str, torch.Tensor] = {}  # adapted layer -> its weight before the merge
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # adapted layer -> (weight, bias) before the merge
+    merged = [True]  # False: the adapters stay as layers (PEFT could not merge them)
 
     def apply(model, lease: Mapping[str, Any]) -> None:
         files = [(lora, lease[lora_role(lora)]) for lora in loras]
@@ -347,32 +349,55 @@ def lora_patch(component: str, family: ModelFamily, loras: tuple[AppliedLora, ..
                 names, chosen = _load_into_text_encoder(model, component, files)
             if names:
                 _activate(model, is_denoiser, names, chosen)
-                _merge(model, names, kept)
+                merged[0] = _merge(model, names, kept)
+                if not merged[0]:
+                    restore_kept(model)  # what merged before PEFT refused: the adapters do it all
+            if merged[0]:
+                _remove_adapters(model, is_denoiser)  # the merged weights stay; the adapter layers go
         except BaseException:  # a LoRA that failed half way: the model as it was
             _remove_adapters(model, is_denoiser)
-            restore(model)
+            restore_kept(model)
             raise
-        _remove_adapters(model, is_denoiser)  # the merged weights stay; the adapter layers go
 
-    def restore(model) -> None:
-        for path, weight in kept.items():
-            model.get_submodule(path).weight.data.copy_(weight)
+    def restore_kept(model) -> None:
+        for path, (weight, bias) in kept.items():
+            layer = model.get_submodule(path)
+            layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            layer.weight.data.copy_(weight)
+            if bias is not None:
+                layer.bias.data.copy_(bias)
         kept.clear()
 
+    def remove(model) -> None:
+        if merged[0]:
+            restore_kept(model)
+        else:
+            _remove_adapters(model, is_denoiser)
+
     return Patch(identity=("lora", component, tuple(lora.key for lora in loras), weights), apply=apply,
-                 remove=restore)
+                 remove=remove)
 
 
-def _merge(model, names: list[str], kept: dict[str, torch.Tensor]) -> None:
-    """Every adapted layer's weight kept in RAM, then the active adapters merged into it (PEFT's merge, at the
-    weights set). The layer's path is where its base layer will be once the adapter layers are removed."""
+def _merge(model, names: list[str], kept: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
+    """Every adapted layer's weight and bias kept in RAM, then the active adapters merged into them (PEFT's merge, at
+    the weights set); False where PEFT cannot merge them. A layer's path is where its base layer will be once the
+    adapter layers are removed."""
     from peft.tuners.lora import LoraLayer
 
     layers = [(path, module) for path, module in model.named_modules() if isinstance(module, LoraLayer)]
     for path, layer in layers:
-        kept[path] = layer.get_base_layer().weight.detach().to("cpu", copy=True)
-    for _path, layer in layers:
-        layer.merge(adapter_names=[name for name in names if name in layer.lora_A])
+        base = layer.get_base_layer()
+        bias = base.bias.detach().to("cpu", copy=True) if getattr(base, "bias", None) is not None else None
+        kept[path] = (base.weight.detach().to("cpu", copy=True), bias)
+    try:
+        for _path, layer in layers:
+            layer.merge(adapter_names=[name for name in names if name in layer.lora_A])
+    except (RuntimeError, ValueError) as error:
+        log.info("LoRA adapters kept as layers, not merged: %s", _first_line(error))
+        for _path, layer in layers:
+            layer.merged_adapters.clear()  # the kept tensors go back; PEFT must not unmerge them again
+        return False
+    return True
 
 
 def lora_role(lora: AppliedLora) -> str:

@@ -19,6 +19,7 @@ from studio.core.errors import InvalidRequest, NumericalError, OutOfMemoryBudget
 from studio.core.memory import ModelKey, ModelManager, Patch
 from studio.models.components import DiffusersModels
 from studio.models.families import family_of
+from studio.models.families.base import dtype_bytes
 from studio.models.loras import LORA, AppliedLora, lora_patch, lora_role
 
 VAE_TILE = 512  # pixels: the tile a tiled VAE decodes at a time (SD's native size)
@@ -41,6 +42,7 @@ class StagePlan:
     working_memory: int
     vae_tiling: bool = False
     patches: dict[str, Patch] = field(default_factory=dict)  # role -> the change its model carries (LoRAs)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # role -> the dtype it runs in, cast for the stage
 
 
 class DiffusionStages:
@@ -55,16 +57,18 @@ class DiffusionStages:
     def plan_encode(self, preset, task: str, guidance: bool, loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
         loras = tuple(lora for lora in loras if lora.text_encoder_layers)  # only those with layers to apply here
         working = family_of(preset).stage_working_memory("encode", 0, 0, self.manager.dtype, guidance)
-        keys = self._stage_keys(preset, task, "encode")
+        keys = self.models.stage_keys(preset, task, "encode")
         return self._with_loras(StagePlan("encode", keys, working), family_of(preset).text_encoders, loras, preset)
 
     def plan_denoise(self, preset, task: str, width: int, height: int, guidance: bool, tiled: bool = False,
                      loras: tuple[AppliedLora, ...] = ()) -> StagePlan:
         loras = tuple(lora for lora in loras if lora.denoiser_layers)
         working = family_of(preset).stage_working_memory("denoise", width, height, self.manager.dtype, guidance)
+        keys = self.models.stage_keys(preset, task, "denoise")
         if task != "text2img":  # the VAE encodes the init image first (its activations are gone before the UNet runs)
             working = max(working, self._vae_working_memory(preset, width, height, tiled))
-        keys = self._stage_keys(preset, task, "denoise")
+            if self._decode_dtype(preset) != self.manager.dtype:  # diffusers upcasts it to encode, then casts back
+                working += self._upcast_bytes(keys[family_of(preset).vae], self._decode_dtype(preset))
         plan = StagePlan("denoise", keys, working, vae_tiling=tiled)
         return self._with_loras(plan, (family_of(preset).denoiser,), loras, preset)
 
@@ -87,26 +91,27 @@ class DiffusionStages:
 
     def plan_decode(self, preset, task: str, width: int, height: int, tiled: bool = False,
                     in_float32: bool = False) -> StagePlan:
-        """`in_float32`: the VAE decodes in float32 whatever the family says (decode's second try after NaN): a
-        float32 VAE is another model in the manager's records, loaded from the same files."""
-        keys = self._stage_keys(preset, task, "decode", vae_in_float32=in_float32)
+        """`in_float32`: the VAE decodes in float32 whatever the family says (decode's second try after NaN). A VAE
+        that decodes in another dtype than it is kept in is cast by the manager for the stage (recorded so), and
+        its weights take that much more room meanwhile."""
+        keys = self.models.stage_keys(preset, task, "decode")
+        vae = family_of(preset).vae
         dtype = torch.float32 if in_float32 else self._decode_dtype(preset)
         working = self._vae_working_memory(preset, width, height, tiled, dtype)
-        return StagePlan("decode", keys, self._reserved(working), vae_tiling=tiled)
+        dtypes = {}
+        if dtype != self.manager.dtype:
+            dtypes[vae] = dtype
+            working += self._upcast_bytes(keys[vae], dtype)
+        return StagePlan("decode", keys, self._reserved(working), vae_tiling=tiled, dtypes=dtypes)
 
     def plan_check(self, preset, task: str) -> StagePlan | None:
-        keys = self._stage_keys(preset, task, "check")
+        keys = self.models.stage_keys(preset, task, "check")
         return StagePlan("check", keys, self._reserved(256 * 1024**2)) if keys else None
 
-    def _stage_keys(self, preset, task: str, stage: str, vae_in_float32: bool = False) -> dict[str, ModelKey]:
-        """A stage's models, each in the dtype it is kept in: the VAE in float32 where the family's own VAE
-        overflows in the manager's dtype (SDXL's in float16), or when asked."""
-        keys = self.models.stage_keys(preset, task, stage)
-        vae = family_of(preset).vae
-        wanted = torch.float32 if vae_in_float32 else self._decode_dtype(preset)
-        if vae in keys and wanted != self.manager.dtype:
-            keys[vae] = replace(keys[vae], dtype=dtype_name(wanted))
-        return keys
+    def _upcast_bytes(self, key: ModelKey, dtype: torch.dtype) -> int:
+        """What a model's weights grow by when cast from the manager's dtype to `dtype`."""
+        size = self.manager.loaders[key.kind].size(key, self.manager.dtype)
+        return max(size * dtype_bytes(dtype) // dtype_bytes(self.manager.dtype) - size, 0)
 
     def _reserved(self, estimate: int) -> int:
         """A stage's working memory on this device: the estimate, with CUDA's floor and reserve on a GPU."""
@@ -220,20 +225,22 @@ class DiffusionStages:
         """Run `work(models, plan)` holding the plan's models on the device. Out of memory (our budget or the
         device's own): VAE tiling first, then idle models off the device, then accelerate's model CPU offload
         (CUDA only), then a clear message."""
-        plan = plan_for(False)
         attempts = ["as planned"] + (["with VAE tiling"] if can_tile else []) + ["with idle models off the device"]
         if self.manager.device.type == "cuda":
             attempts.append("with model CPU offload")
-        failure = ""
+        failure, tiled = "", False
         for attempt in attempts:
-            if attempt == "with VAE tiling":
-                plan = plan_for(True)
+            tiled = tiled or attempt == "with VAE tiling"
             if attempt == "with idle models off the device":
                 self.manager.offload_idle()
+            # planned again for each attempt: what the last one dropped (a model that carried this job's LoRAs)
+            # must be planned for again
+            plan = plan_for(tiled)
             try:
                 if attempt == "with model CPU offload":
                     return self._run_offloaded(plan, work)
-                with self.manager.use(plan.keys, plan.working_memory, patches=plan.patches) as models:
+                with self.manager.use(plan.keys, plan.working_memory, patches=plan.patches,
+                                      dtypes=plan.dtypes) as models:
                     return work(models, plan)
             except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
                 failure = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -250,7 +257,8 @@ class DiffusionStages:
         """accelerate's model CPU offload, as a placement of the manager's (ModelManager.model_offload): the
         models wait in RAM and each is on the device only while its forward runs. A stage's keys come in its
         family's order, the order the models run."""
-        with self.manager.model_offload(plan.keys, plan.working_memory, patches=plan.patches) as models:
+        with self.manager.model_offload(plan.keys, plan.working_memory, patches=plan.patches,
+                                        dtypes=plan.dtypes) as models:
             return work(models, plan)
 
 

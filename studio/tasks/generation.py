@@ -166,7 +166,7 @@ class TextToImage(SamplingEngine):
         label = self._image_label(plan, index)
         after_first_pass = index * plan.steps_per_image_total + plan.steps_per_image
         first_pixels = None
-        with self.manager.turn(owner=job):
+        with self.manager.turn(owner=job.owner):
             latents, steps_done = self._denoise(plan, encoded(), index, job)
             if steps_done < plan.steps_per_image:  # Stop in the first pass: that pass's image, cut short
                 return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
@@ -182,7 +182,7 @@ class TextToImage(SamplingEngine):
             # stopped before the second pass: the first pass's image, finished, and a word that it is not hires
             warnings.append(f"Stopped before Hires. fix's second pass: image {index + 1} is the first pass's, "
                             f"{plan.size[0]}×{plan.size[1]}.")
-            with self.manager.turn(owner=job):
+            with self.manager.turn(owner=job.owner):
                 if first_pixels is None:
                     made = self._finish_image(plan, plan.task, latents, plan.size, steps_done, steps_done)
                 else:
@@ -190,7 +190,7 @@ class TextToImage(SamplingEngine):
                                      False, {})
             made.warnings += warnings
             return made
-        with self.manager.turn(owner=job):
+        with self.manager.turn(owner=job.owner):
             if hires.latent_mode is not None:  # on the device, in this turn; in float32 (no fp16 antialiasing)
                 scale_factor = self.models.vae_scale_factor(plan.preset, "img2img")
                 upscaled = upscale_latents(latents, hires.size, hires.latent_mode, scale_factor)

@@ -474,7 +474,7 @@ class SamplingEngine:
     def _one_image(self, plan: SamplingPlan, encoded: Callable[[], Conditioning], index: int,
                    job: JobControl) -> MadeImage:
         """Image `index` of the plan in one turn on the device: denoised, decoded and checked."""
-        with self.manager.turn(owner=job):
+        with self.manager.turn(owner=job.owner):
             latents, steps_done = self._denoise(plan, encoded(), index, job)
             return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
 
@@ -570,6 +570,10 @@ class PhaseOfJob(JobControl):
 
     def report(self, done: int, total: int, text: str) -> None:
         self.job.report(self.done, self.total, f"{self.label}: {text}")
+
+    @property
+    def owner(self) -> object:
+        return self.job.owner
 
 
 def hash_entry_name(name: str) -> str:

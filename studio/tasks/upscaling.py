@@ -334,7 +334,8 @@ class Upscaling:
             def network(piece: torch.Tensor, needed=needed) -> torch.Tensor:
                 # each tile is one turn on the device, with the network leased for it alone: other visitors'
                 # images go in between the tiles of a large upscale, as between the images of a batch
-                with self.manager.turn(), self.manager.use({"upscaler": plan.key}, needed) as models:
+                with self.manager.turn(owner=counter.job.owner), \
+                        self.manager.use({"upscaler": plan.key}, needed) as models:
                     return models["upscaler"](piece)
 
             try:

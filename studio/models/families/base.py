@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -96,8 +97,8 @@ class ModelFamily:
     working_memory: WorkingMemory
     context_width: int  # the width of the text embeddings the denoiser reads: which LoRAs fit
     checkpoint_config: str | None = None  # the diffusers repo whose configs describe a single-file checkpoint
-    checkpoint_prefixes: Mapping[str, tuple[str, ...]] = {}  # component -> where its tensors sit in such a file
-    component_classes: Mapping[str, tuple[str, str]] = {}  # component -> (library, class), for one given alone
+    checkpoint_prefixes: Mapping[str, tuple[str, ...]] = MappingProxyType({})  # component -> where its tensors sit
+    component_classes: Mapping[str, tuple[str, str]] = MappingProxyType({})  # component -> (library, class), alone
     lora_loader = "StableDiffusionLoraLoaderMixin"  # the diffusers mixin whose lora_state_dict converts its files
     clip_skip = False  # whether A1111's clip skip applies (its text encoder is CLIP ViT-L)
     samplers: tuple[str, ...] | None = None  # the sampler names it takes; None: every noise-prediction sampler
@@ -109,11 +110,6 @@ class ModelFamily:
     def components(self) -> tuple[str, ...]:
         """Every component a pipeline of the family is made of, in the order they run."""
         return (*self.text_encoders, *self.tokenizers, self.vae, self.denoiser, self.scheduler)
-
-    @property
-    def execution_order(self) -> tuple[str, ...]:
-        """The models with weights, in the order a job runs them (the VAE encodes an init image before denoising)."""
-        return (*self.text_encoders, self.vae, self.denoiser)
 
     def stage_components(self, stage: str, task: str) -> tuple[str, ...]:
         """The components a stage holds on the device."""
@@ -166,14 +162,12 @@ class ModelFamily:
 
     # ----- working memory -----
 
-    def stage_working_memory(self, stage: str, width: int, height: int, dtype: torch.dtype, guidance: bool,
-                             downscale: int | None = None) -> int:
-        """Working memory of one image at width × height in a stage, in `dtype` (the VAE's for decode).
-        `downscale`: the VAE's real factor where it was read from its config."""
+    def stage_working_memory(self, stage: str, width: int, height: int, dtype: torch.dtype, guidance: bool) -> int:
+        """Working memory of one image at width × height in a stage, in `dtype` (the VAE's for decode)."""
         if stage == "encode":
             return self.working_memory.encode(2 if guidance else 1, dtype)
         if stage == "denoise":
-            factor = downscale or self.latent.downscale
+            factor = self.latent.downscale
             area = (width // factor) * (height // factor) * (2 if guidance else 1)
             return self.working_memory.denoise(area, dtype)
         if stage == "decode":
@@ -193,6 +187,9 @@ class ModelFamily:
     def checkpoint_overrides(self, component: str, checkpoint: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Config values a checkpoint's file says and the base configs do not (an inpainting UNet's 9 inputs)."""
         return {}
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"{self!r} is shared by every request: it cannot be changed.")
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.label}>"

@@ -3,6 +3,8 @@ VAE that downsamples by 4, a 64-wide CLIP text encoder. It runs through Stable D
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from studio.models.families.base import LatentFormat, WorkingMemory
 from studio.models.families.stable_diffusion import COMFYUI_FACTORS, StableDiffusion1
 
@@ -21,7 +23,7 @@ class Embedded(StableDiffusion1):
     working_memory = WorkingMemory(denoise_factor=2.0, source=COMFYUI_FACTORS + " (SD 1.x's, whose UNet it shares)")
     context_width = 64
     checkpoint_config = None  # no single-file checkpoints: it is saved as a diffusers folder
-    checkpoint_prefixes = {}
+    checkpoint_prefixes = MappingProxyType({})
     takes_safety_checker = True  # the SD 1.x pipelines; it is safe by construction and runs without one
 
     def recognises(self, tensor_names) -> bool:

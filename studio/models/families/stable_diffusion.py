@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -21,11 +22,11 @@ from studio.models.families.base import LatentFormat, ModelFamily, WorkingMemory
 # ComfyUI's supported_models.py: the base factor (2.0) serves SD 1.x and 2.x, SDXL's UNet needs less per pixel.
 COMFYUI_FACTORS = "ComfyUI comfy/supported_models.py (memory_usage_factor) and model_base.memory_required"
 # Where each component's tensors sit in an original-layout checkpoint (SD 1.x/2.x, and SDXL's conditioner).
-SD_CHECKPOINT_PREFIXES = {
+SD_CHECKPOINT_PREFIXES = MappingProxyType({
     "unet": ("model.diffusion_model.",),
     "vae": ("first_stage_model.",),
     "text_encoder": ("cond_stage_model.", "conditioner.embedders.0."),
-}
+})
 UNET_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 # Early SD 1.x files store the text encoder without transformers' `text_model.` level; A1111 renames these
 # (its checkpoint_dict_replacements_sd1), and so does the studio, since diffusers does not recognise them.
@@ -40,8 +41,9 @@ class StableDiffusion1(ModelFamily):
     denoiser = "unet"
     text_encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)
-    pipeline_classes = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
-                        "inpaint": "StableDiffusionInpaintPipeline"}
+    pipeline_classes = MappingProxyType({"text2img": "StableDiffusionPipeline",
+                                         "img2img": "StableDiffusionImg2ImgPipeline",
+                                         "inpaint": "StableDiffusionInpaintPipeline"})
     # ComfyUI's latent_formats.SD15 (the preview factors fitted on SD 1.5's VAE)
     latent = LatentFormat(channels=4, downscale=8, scaling_factor=0.18215,
                           rgb_factors=((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350),
@@ -50,8 +52,9 @@ class StableDiffusion1(ModelFamily):
     context_width = 768
     checkpoint_config = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     checkpoint_prefixes = SD_CHECKPOINT_PREFIXES
-    component_classes = {"vae": ("diffusers", "AutoencoderKL"), "unet": ("diffusers", "UNet2DConditionModel"),
-                         "text_encoder": ("transformers", "CLIPTextModel")}
+    component_classes = MappingProxyType({"vae": ("diffusers", "AutoencoderKL"),
+                                          "unet": ("diffusers", "UNet2DConditionModel"),
+                                          "text_encoder": ("transformers", "CLIPTextModel")})
     clip_skip = True
     takes_safety_checker = True
 
@@ -104,8 +107,9 @@ class StableDiffusionXL(StableDiffusion1):
     short_label = "SDXL"
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
-    pipeline_classes = {"text2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
-                        "inpaint": "StableDiffusionXLInpaintPipeline"}
+    pipeline_classes = MappingProxyType({"text2img": "StableDiffusionXLPipeline",
+                                         "img2img": "StableDiffusionXLImg2ImgPipeline",
+                                         "inpaint": "StableDiffusionXLInpaintPipeline"})
     # ComfyUI's latent_formats.SDXL
     latent = LatentFormat(channels=4, downscale=8, scaling_factor=0.13025,
                           rgb_factors=((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
@@ -114,9 +118,9 @@ class StableDiffusionXL(StableDiffusion1):
     working_memory = WorkingMemory(denoise_factor=0.8, source=COMFYUI_FACTORS)
     context_width = 2048
     checkpoint_config = "stabilityai/stable-diffusion-xl-base-1.0"
-    checkpoint_prefixes = {**SD_CHECKPOINT_PREFIXES, "text_encoder_2": ("conditioner.embedders.1.",)}
-    component_classes = {**StableDiffusion1.component_classes,
-                         "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")}
+    checkpoint_prefixes = MappingProxyType({**SD_CHECKPOINT_PREFIXES, "text_encoder_2": ("conditioner.embedders.1.",)})
+    component_classes = MappingProxyType({**StableDiffusion1.component_classes,
+                                          "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")})
     lora_loader = "StableDiffusionXLLoraLoaderMixin"  # kohya files name both encoders (lora_te1_, lora_te2_)
     clip_skip = False
     takes_safety_checker = False  # SDXL's pipelines have none: the studio runs the checker on its own
