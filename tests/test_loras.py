@@ -267,3 +267,30 @@ def test_a_lora_patch_merges_and_its_removal_gives_back_every_tensor_bit_for_bit
     patch.remove(unet)
     after = unet.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_an_out_of_memory_retry_of_a_later_image_reapplies_the_jobs_lora(lora_folder, monkeypatch):
+    """Image 2 of a LoRA batch was planned while the UNet carried the patch (no LoRA files leased); an out-of-memory
+    error there makes the fallback drop the patched UNet, so the next attempt must lease the LoRA again."""
+    from diffusers import UNet2DConditionModel
+
+    from studio.tasks.engines import local_engines
+
+    engines = local_engines(load_presets(), device_budget=4 * 1024**3, loras=load_loras(lora_folder, None),
+                            version="test")
+    request = TextToImageRequest(prompt=f"{PROMPT} <lora:rand:1>", preset="embedded", scheduler="Euler", steps=2,
+                                 width=64, height=64, seed=1, batch_size=2)
+    expected = engines.text_to_image.generate(request)
+    calls, original = [], UNet2DConditionModel.forward
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # image 2's first step (2 steps an image, one forward each with CFG batched)
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
+    result = engines.text_to_image.generate(request)
+    assert len(result.images) == 2 and len(calls) == 5  # image 2 ran again after the fallback
+    for made, reference in zip(result.images, expected.images):
+        assert np.array_equal(np.asarray(made.image), np.asarray(reference.image))
