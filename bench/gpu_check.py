@@ -658,8 +658,8 @@ class Probe:
         return original()
 
     @contextlib.contextmanager
-    def _use(self, original, keys, working_memory=0, on_device=True, patches=None):
-        with original(keys, working_memory, on_device, patches=patches) as models:
+    def _use(self, original, keys, working_memory=0, on_device=True, **options):
+        with original(keys, working_memory, on_device, **options) as models:
             record = self.current
             watch = []
             if record is None:  # not a diffusion stage: an upscaler's tile
