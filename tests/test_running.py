@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-import components.running as running
+from components import running
 from components.running import JobRunner, follow_progress
 from studio.core.jobs import JobBoard
 
