@@ -4,7 +4,9 @@ Same preset (embedded), prompt, steps, size and seed; the runs alternate in one 
 noise hits all alike. Two API clients are timed, both ending with the PNG file on the client's disk:
 - "http": gradio's documented HTTP API (POST /gradio_api/call/text_to_image, read the SSE result, GET the PNG);
 - "gradio_client": Client.predict, which polls its message queue every 50 ms (a fixed client-side latency).
-Prints the ratio of medians for each (target <= 1.10; gradio_client adds its own polling latency on top).
+Prints the ratio of medians for each (target <= 1.05 through HTTP; gradio_client adds its own polling latency on
+top), the spread (quartiles of the times, and of each round's ratio to that round's bare call) and the machine's
+load average during the run: on a shared machine, compare ratios only from runs at a similar load.
 
     python bench/api_overhead.py [--rounds 15] [--steps 20] [--batch-size 1]
     python bench/api_overhead.py --smoke  # 1 round of 1 step: the same code, figures meaningless (the tests run it)
@@ -60,12 +62,18 @@ def start_app(port: int, *flags: str) -> subprocess.Popen:
 
 def endpoint_inputs(http: httpx.Client, base: str, api_name: str, **values) -> list:
     """The endpoint's inputs in its order: `values` by parameter name, the others at the defaults the API documents
-    (GET /gradio_api/info), so that the call keeps up with the app's signature as it grows."""
+    (GET /gradio_api/info), so that the call keeps up with the app's signature as it grows (a new parameter with a
+    default is sent at its default; one without a default is named in the error)."""
     parameters = http.get(f"{base}/info").json()["named_endpoints"][f"/{api_name}"]["parameters"]
     unknown = set(values) - {parameter["parameter_name"] for parameter in parameters}
     if unknown:
         raise SystemExit(f"/{api_name} has no parameter {', '.join(sorted(unknown))}")
-    return [values.get(parameter["parameter_name"], parameter.get("parameter_default")) for parameter in parameters]
+    missing = [parameter["parameter_name"] for parameter in parameters
+               if parameter["parameter_name"] not in values and not parameter.get("parameter_has_default")]
+    if missing:
+        raise SystemExit(f"/{api_name} needs {', '.join(missing)}, which the benchmark does not give")
+    return [values[parameter["parameter_name"]] if parameter["parameter_name"] in values
+            else parameter.get("parameter_default") for parameter in parameters]
 
 
 def main() -> None:
@@ -100,12 +108,14 @@ def main() -> None:
 
         base = f"http://127.0.0.1:{args.port}/gradio_api"
         http = httpx.Client(timeout=60)
-        inputs = endpoint_inputs(http, base, "text_to_image", prompt=PROMPT, negative_prompt="", preset="embedded",
-                                 scheduler="Euler", steps=args.steps, guidance_scale=7.0, width=64, height=64, seed=1,
-                                 batch_size=args.batch_size, style="None")
+        # by name: the endpoint takes its parameters as keywords (gradio's inputs_kwargs), and the ones not given
+        # here keep their documented defaults
+        values = dict(prompt=PROMPT, negative_prompt="", preset="embedded", scheduler="Euler", steps=args.steps,
+                      guidance_scale=7.0, width=64, height=64, seed=1, batch_size=args.batch_size, style="None")
+        inputs = endpoint_inputs(http, base, "text_to_image", **values)
 
         def via_gradio_client() -> None:
-            gallery, _, _ = client.predict(*inputs, api_name="/text_to_image")
+            gallery, _, _ = client.predict(api_name="/text_to_image", **values)
             assert len(gallery) == args.batch_size and Path(gallery[0]["image"]).exists()
 
         def via_http() -> None:
@@ -122,6 +132,7 @@ def main() -> None:
         for _, warm_up in runs:
             warm_up()
         times = {name: [] for name, _ in runs}
+        loads = [os.getloadavg()[0]]
         for _ in range(args.rounds):
             for name, run in runs:
                 # Let the other process's OpenMP threads stop spinning after its last op: on 2 cores they
@@ -130,16 +141,27 @@ def main() -> None:
                 start = time.perf_counter()
                 run()
                 times[name].append((time.perf_counter() - start) / args.batch_size)
+            loads.append(os.getloadavg()[0])
     finally:
         app.terminate()
         app.wait(timeout=20)
 
     bare_s = statistics.median(times["bare"])
-    print(f"per image, median of {args.rounds} rounds ({args.steps} steps, 64x64, batch {args.batch_size}):")
-    print(f"  bare diffusers call     : {bare_s * 1000:7.1f} ms")
+    print(f"per image, median of {args.rounds} rounds ({args.steps} steps, 64x64, batch {args.batch_size}); 1-minute "
+          f"load average during the run {min(loads):.1f}-{max(loads):.1f}:")
+    print(f"  bare diffusers call     : {bare_s * 1000:7.1f} ms   (quartiles {quartiles(times['bare'], 1000, '.0f')} ms)")
     for name in ("http", "gradio_client"):
         api_s = statistics.median(times[name])
-        print(f"  {name:<14} API     : {api_s * 1000:7.1f} ms   ratio {api_s / bare_s:.3f}  (target <= 1.10)")
+        ratios = [api / bare for api, bare in zip(times[name], times["bare"])]
+        print(f"  {name:<14} API     : {api_s * 1000:7.1f} ms   ratio {api_s / bare_s:.3f}  (target <= 1.05)   "
+              f"quartiles {quartiles(times[name], 1000, '.0f')} ms; per round: ratio {statistics.median(ratios):.3f}, "
+              f"quartiles {quartiles(ratios, 1, '.3f')}")
+
+
+def quartiles(values: list[float], scale: float, form: str) -> str:
+    """The first and third quartiles of `values` × `scale` ("a-b"); the one value twice for a single round."""
+    low, _, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return f"{low * scale:{form}}-{high * scale:{form}}"
 
 
 if __name__ == "__main__":

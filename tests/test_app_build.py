@@ -1,6 +1,9 @@
 """The composition root: flags -> engine objects."""
 
+import inspect
+
 import pytest
+from gradio.state_holder import SessionState
 
 import app
 from studio.core.errors import UnknownPreset
@@ -33,6 +36,19 @@ def test_the_ui_builds_with_the_named_endpoint():
     api_names = {fn.api_name for fn in demo.fns.values()}
     assert "text_to_image" in api_names
     assert {"arena_battle", "arena_vote", "leaderboard"} <= api_names
+
+
+def test_cached_init_signatures_leave_every_blocks_config_as_gradio_makes_it(monkeypatch):
+    """build_ui stores each block class's __init__ signature (components/session_config.py), which gradio reads for
+    every block at every API call without a session: the session's configs are the ones gradio computes itself."""
+    demo = app.build_ui(app.build_studio(app.parse_args(["--device", "cpu"])))
+    cached = {init for cls in {type(block) for block in demo.blocks.values()} for klass in cls.__mro__
+              if inspect.isfunction(init := vars(klass).get("__init__")) and "__signature__" in vars(init)}
+    assert len(cached) >= 10  # gradio's components and ours (WholeSlider inherits gr.Slider's)
+    with_cache = SessionState(demo).config_values
+    for init in cached:
+        monkeypatch.delattr(init, "__signature__")  # put back after the test
+    assert SessionState(demo).config_values == with_cache
 
 
 def progress_targets(dependency: dict) -> list[int]:

@@ -49,3 +49,32 @@ def test_bench_script_runs_in_smoke_mode_and_prints_its_result(script):
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"exit code {done.returncode}:\n{output[-4000:]}"
     assert re.search(RESULT_LINES[script], done.stdout), f"no line matching {RESULT_LINES[script]!r} in:\n{done.stdout}"
+
+
+class FakeInfo:
+    """GET /gradio_api/info of an endpoint whose parameters are `parameters` (name -> default, or ... for none)."""
+
+    def __init__(self, parameters: dict):
+        self.parameters = parameters
+
+    def get(self, url):
+        parameters = [{"parameter_name": name, "parameter_has_default": default is not ...,
+                       **({"parameter_default": default} if default is not ... else {})}
+                      for name, default in self.parameters.items()]
+        info = {"named_endpoints": {"/text_to_image": {"parameters": parameters}}}
+        return type("Response", (), {"json": lambda self: info})()
+
+
+def test_api_overhead_calls_the_endpoint_by_name_whatever_parameters_it_grows(monkeypatch):
+    """The benchmark rotted once when the endpoint grew: it now sends its values by name, in the order the API
+    documents, and a parameter it does not know keeps its default."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # the script's own setdefault leaves the tests' environment alone
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from api_overhead import endpoint_inputs
+
+    grown = FakeInfo({"prompt": ..., "new_first": "a", "steps": 20, "seed": -1, "new_last": 0.5})
+    assert endpoint_inputs(grown, "", "text_to_image", prompt="p", seed=1) == ["p", "a", 20, 1, 0.5]
+    with pytest.raises(SystemExit, match="no parameter colour"):
+        endpoint_inputs(grown, "", "text_to_image", prompt="p", colour="red")
+    with pytest.raises(SystemExit, match="needs prompt"):
+        endpoint_inputs(grown, "", "text_to_image", seed=1)
