@@ -271,6 +271,7 @@ from studio.a1111.schedulers import make_scheduler  # noqa: E402
 from studio.core.devices import (  # noqa: E402
     default_device_budget,
     default_ram_budget,
+    dtype_name,
     format_bytes,
     free_device_bytes,
 )
@@ -1116,10 +1117,6 @@ def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def versions(sizes: Sizes) -> str:

@@ -45,6 +45,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float16" for torch.float16: how records, logs and messages name a dtype."""
+    return str(dtype).removeprefix("torch.")
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """Half precision on accelerators (half the memory, the usual way to run SD); fp32 on the CPU."""
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32

@@ -32,7 +32,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from studio.core.devices import format_bytes, module_bytes, release_memory
+from studio.core.devices import dtype_name, format_bytes, module_bytes, release_memory
 from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
 from studio.core.fair_lock import FairLock
 
@@ -317,7 +317,7 @@ class ModelManager:
         with self._state_lock:
             models = tuple(
                 ModelRecord(e.key.source, e.key.part, e.key.kind, e.size, e.placement, e.locks > 0,
-                            str(e.dtype).removeprefix("torch.") if e.size and e.dtype else "")
+                            dtype_name(e.dtype) if e.size and e.dtype else "")
                 for e in sorted(self._entries.values(), key=lambda e: e.last_used)
                 if e.size > 0
             )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from studio.core.devices import format_bytes, release_memory, working_memory_on
+from studio.core.devices import dtype_name, format_bytes, release_memory, working_memory_on
 from studio.core.errors import InvalidRequest, NumericalError, OutOfMemoryBudget
 from studio.core.memory import ModelKey, ModelManager, Patch
 from studio.models.components import DiffusersModels
@@ -265,10 +265,6 @@ class DiffusionStages:
 def has_nan_or_inf(tensor: torch.Tensor) -> bool:
     """Whether any value is NaN or inf (one reduction, one sync on a GPU)."""
     return not bool(torch.isfinite(tensor).all())
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def denoiser_nan_error(preset, dtype: torch.dtype) -> NumericalError:
