@@ -23,6 +23,7 @@ from tqdm.auto import tqdm as auto_tqdm
 from studio.core import downloads
 from studio.core.downloads import DownloadRequest, HubDownloads, diffusers_patterns, forwarding_tqdm_class
 from studio.core.errors import ModelUnavailable
+from studio.models.loading import WEIGHTLESS
 
 DAY = 24 * 3600
 NOW = time.time()
@@ -351,7 +352,7 @@ def test_same_source_downloads_once_while_different_sources_overlap(tmp_path, mo
     results, errors, progress = {}, [], {"first": [], "second": [], "b": []}
 
     def visit(name, repo_id):
-        request = DownloadRequest(repo_id, diffusers_patterns(["unet"], None), f"Model {repo_id}")
+        request = DownloadRequest(repo_id, diffusers_patterns(["unet"], None, WEIGHTLESS), f"Model {repo_id}")
         try:
             results[name] = hub.ensure(request, on_progress=lambda *report: progress[name].append(report))
         except Exception as error:  # reported below, with the thread's name
@@ -374,7 +375,7 @@ def test_same_source_downloads_once_while_different_sources_overlap(tmp_path, mo
     assert progress["first"][-1][:2] == progress["b"][-1][:2] == (3002, 3002)
     call = fake.kwargs[0]
     assert call["local_files_only"] is False and call["revision"] is None
-    assert call["allow_patterns"] == list(diffusers_patterns(["unet"], None))
+    assert call["allow_patterns"] == list(diffusers_patterns(["unet"], None, WEIGHTLESS))
     assert not (Path(results["first"]) / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
 
 
@@ -411,7 +412,7 @@ def test_ensure_says_which_files_the_repo_lacks(tmp_path, monkeypatch):
     monkeypatch.setattr(downloads, "snapshot_download", fake)
     hub = HubDownloads(tmp_path / "hub", offline=lambda: False)
     with pytest.raises(ModelUnavailable, match=r"Model A: org/a has no unet/config.json\. Check the preset"):
-        hub.ensure(DownloadRequest("org/a", diffusers_patterns(["unet"], "fp16"), "Model A"))
+        hub.ensure(DownloadRequest("org/a", diffusers_patterns(["unet"], "fp16", WEIGHTLESS), "Model A"))
 
 
 # --- Which files ------------------------------------------------------------------------------------------------
@@ -443,14 +444,14 @@ def selected(patterns) -> set[str]:
 
 
 def test_diffusers_patterns_for_fp16():
-    assert selected(diffusers_patterns(SDXL_COMPONENTS, "fp16")) == WEIGHTLESS_FILES | {
+    assert selected(diffusers_patterns(SDXL_COMPONENTS, "fp16", WEIGHTLESS)) == WEIGHTLESS_FILES | {
         "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
         "text_encoder/model.fp16.safetensors", "text_encoder_2/model.safetensors.index.fp16.json",
         "text_encoder_2/model.fp16-00001-of-00002.safetensors", "text_encoder_2/model.fp16-00002-of-00002.safetensors"}
 
 
 def test_diffusers_patterns_without_variant_skip_the_variant_weights():
-    assert selected(diffusers_patterns(SDXL_COMPONENTS, None)) == WEIGHTLESS_FILES | {
+    assert selected(diffusers_patterns(SDXL_COMPONENTS, None, WEIGHTLESS)) == WEIGHTLESS_FILES | {
         "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
         "text_encoder/model.safetensors", "text_encoder_2/model.safetensors.index.json",
         "text_encoder_2/model-00001-of-00002.safetensors", "text_encoder_2/model-00002-of-00002.safetensors"}

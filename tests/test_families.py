@@ -116,6 +116,28 @@ def test_sdxl_own_vae_decodes_in_fp32_under_fp16_only():
     assert family_named("sd15").decode_dtype(torch.float16, own_vae=True) == torch.float16
 
 
+@pytest.mark.parametrize("normalised", [False, True])
+def test_the_family_decodes_latents_as_the_sdxl_pipeline_does(tmp_path, normalised):
+    """The decode stage's latents -> image is the pipeline's own, with and without a VAE config that gives the
+    latents' mean and std (SDXL's VAE may; the pipeline then un-normalises before decoding)."""
+    from diffusers import StableDiffusionXLPipeline
+    from tiny_models import save_tiny_sdxl
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(save_tiny_sdxl(tmp_path / "sdxl"))
+    if normalised:
+        pipe.vae.register_to_config(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+    def run(output_type):
+        return pipe(prompt_embeds=torch.zeros(1, 77, 80), pooled_prompt_embeds=torch.zeros(1, 32), width=64,
+                    height=64, num_inference_steps=2, guidance_scale=1.0, output_type=output_type,
+                    generator=torch.Generator().manual_seed(0)).images
+
+    with torch.inference_mode():
+        latents, expected = run("latent"), run("pt")
+        image, dtype = family_named("sdxl").decode_latents(pipe.vae, latents, torch.device("cpu"))
+    torch.testing.assert_close((image / 2 + 0.5).clamp(0, 1), expected)
+    assert dtype == torch.float32
+
+
 def test_an_unknown_family_is_refused_by_name():
     with pytest.raises(ValueError, match="Unknown model family 'sd3'.*sd15"):
         family_named("sd3")

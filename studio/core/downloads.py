@@ -44,7 +44,6 @@ logger = logging.getLogger("studio.core.downloads")
 
 ProgressCallback = Callable[[int, int, str], None]  # (done, total, description), same as elsewhere in studio
 
-WEIGHTLESS_SUBFOLDERS = ("tokenizer", "tokenizer_2", "scheduler", "feature_extractor")
 GLOB_CHARACTERS = set("*?[")
 
 
@@ -59,12 +58,12 @@ class DownloadRequest:
 # --- Which files a diffusers preset needs -----------------------------------------------------------------------
 
 
-def diffusers_patterns(subfolders: Iterable[str], variant: str | None,
-                       weightless: Iterable[str] = WEIGHTLESS_SUBFOLDERS) -> tuple[str, ...]:
+def diffusers_patterns(subfolders: Iterable[str], variant: str | None, weightless: Iterable[str]) -> tuple[str, ...]:
     """Patterns for a diffusers repo's model_index.json and the given component subfolders: configs and, for weighted
     components, safetensors weights of the variant (e.g. 'unet/diffusion_pytorch_model.fp16.safetensors' or
     'text_encoder/model.fp16.safetensors'; with variant None the non-variant '*.safetensors' files only, NOT the
-    '.fp16.' ones), plus all files of weightless subfolders (tokenizer vocab, scheduler config)."""
+    '.fp16.' ones), plus all files of the `weightless` subfolders (tokenizer vocab, scheduler config: the model
+    families say which)."""
     weightless = set(weightless)
     patterns = ["model_index.json"]
     for folder in subfolders:

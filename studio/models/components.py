@@ -105,7 +105,8 @@ class DiffusersModels:
         for source in dict.fromkeys([*subfolders, *standalone, *configs_only]):
             if os.path.isdir(source):
                 continue
-            patterns = list(diffusers_patterns(subfolders[source], variant(source, dtype))) if source in subfolders else []
+            patterns = (list(diffusers_patterns(subfolders[source], variant(source, dtype), WEIGHTLESS))
+                        if source in subfolders else [])
             for role in standalone.get(source, []):  # a model of its own: its files sit at the repo's root
                 patterns += ["preprocessor_config.json"] if role in WEIGHTLESS else root_weight_patterns(
                     variant(source, dtype))

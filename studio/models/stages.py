@@ -193,11 +193,8 @@ class DiffusionStages:
         def work(models, plan):
             vae = models[family.vae]
             with vae_tiling(vae, plan.vae_tiling), torch.inference_mode():
-                # the manager's device, not the VAE's: under model CPU offload the VAE waits in RAM until
-                # decode's forward hook moves it
-                dtype = next(iter(vae.post_quant_conv.parameters())).dtype
-                scaled = unscale_latents(vae, latents.to(self.manager.device, dtype))
-                return vae.decode(scaled, return_dict=False)[0].float().cpu(), dtype
+                image, dtype = family.decode_latents(vae, latents, self.manager.device)
+                return image.float().cpu(), dtype
 
         return self.run_stage(lambda tiled: self.plan_decode(preset, task, width, height, tiled, in_float32), work,
                               can_tile=True)
@@ -311,12 +308,3 @@ def vae_tiling(vae, on: bool) -> _Tiling:
     """Tiled VAE encode/decode for one stage; the VAE is shared, so it is switched back off afterwards."""
     return _Tiling(vae, on)
 
-
-def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents as the VAE decodes them (SDXL's optional latents mean/std included), as the pipelines do."""
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        return latents * std / vae.config.scaling_factor + mean
-    return latents / vae.config.scaling_factor

@@ -148,6 +148,24 @@ class ModelFamily:
         """Whether the pipeline's denoiser is a dedicated inpainting model (latents, mask and masked image in)."""
         return self.denoiser_of(pipe).config.in_channels != self.latent.channels
 
+    # ----- latents -----
+
+    def decode_latents(self, vae, latents: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.dtype]:
+        """Denoised latents -> (image in [-1, 1], the dtype the VAE decoded in), as the family's pipelines decode:
+        the latents unscaled (and un-normalised, where the VAE's config gives a mean and std, as SDXL's may) and
+        cast to the dtype of the VAE's first layer. `device`: the manager's, not the VAE's: under model CPU offload
+        the VAE waits in RAM until its forward hook moves it."""
+        dtype = next(iter(vae.post_quant_conv.parameters())).dtype
+        latents = latents.to(device, dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(device, dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(device, dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        return vae.decode(latents, return_dict=False)[0], dtype
+
     # ----- prompts -----
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, guidance: bool, clip_skip: int,
