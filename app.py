@@ -29,7 +29,7 @@ from components.compare import build_compare_tab
 from components.event_options import INSTANT, QUICK
 from components.inpaint import build_inpaint_tab
 from components.running import JobRunner, user_error
-from components.session_config import cache_init_signatures
+from components.session_config import cache_init_signatures, make_session_configs_on_demand
 from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
 from components.upscale import build_upscale_tab
@@ -401,7 +401,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
             sent_up = tab.send_to_upscale.click(send_to_upscale, [tab.gallery, tab.selected], upscale_tab.image,
                                                 **QUICK)
             show_tab(sent_up, tabs, "upscale")
-    cache_init_signatures(demo)  # every API call without a session reads every block's config (see the module)
+    # every API call without a session starts a session of its own (see the module)
+    cache_init_signatures(demo)
+    make_session_configs_on_demand()
     return demo
 
 

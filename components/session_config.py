@@ -9,13 +9,22 @@ recomputes `inspect.signature(cls.__init__)` for each block each time. With this
 
 A class's __init__ signature never changes, so it is computed once and stored as the function's `__signature__`,
 where inspect.signature looks first: the same Signature object, without the parsing. The configs are unchanged
-(tests/test_app_build.py)."""
+(tests/test_app_build.py).
+
+Even so, building every config took 5.8 ms per session (249 blocks) and kept 400 KB in it, and gradio keeps each
+API call's session until 10,000 newer ones push it out (StateHolder's capacity): about 4 GB on a busy public
+server. Yet a session reads a block's config only when an event touches that block (its inputs and outputs), or
+for a deep link (all of them). `SessionWithConfigsOnDemand` makes each config when it is first read, and all of
+them when they are listed: the same configs, later, and only those used."""
 
 from __future__ import annotations
 
 import inspect
+import os
+from copy import copy
 
 import gradio as gr
+import gradio.state_holder
 
 
 def cache_init_signatures(demo: gr.Blocks) -> int:
@@ -29,3 +38,73 @@ def cache_init_signatures(demo: gr.Blocks) -> int:
                 init.__signature__ = inspect.signature(init)
                 stored += 1
     return stored
+
+
+class _ConfigsOnDemand(dict):
+    """A session's block configs: a block's own when it is first looked up, every block's when they are listed."""
+
+    def __init__(self, session: gradio.state_holder.SessionState, page_blocks):
+        super().__init__()
+        self._session, self._page_blocks = session, page_blocks
+
+    def _config_of(self, key: int) -> dict:
+        return self._session.blocks_config.config_for_block(key, [], self._session.blocks_config.blocks[key])
+
+    def _page_keys(self) -> list[int]:
+        return [key for key in self._session.blocks_config.blocks if key in self._page_blocks]
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or (key in self._page_blocks and key in self._session.blocks_config.blocks)
+
+    def __missing__(self, key: int) -> dict:
+        if key not in self:
+            raise KeyError(key)
+        config = self[key] = self._config_of(key)
+        return config
+
+    def _complete(self) -> None:
+        """Every block's config, in the page's order as gradio's eager dict has them (then any others set since)."""
+        made = dict(super().items())
+        ordered = {key: made.pop(key) if key in made else self._config_of(key) for key in self._page_keys()}
+        super().clear()
+        super().update(ordered | made)
+
+    def items(self):
+        self._complete()
+        return super().items()
+
+    def keys(self):
+        self._complete()
+        return super().keys()
+
+    def values(self):
+        self._complete()
+        return super().values()
+
+    def __iter__(self):
+        self._complete()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._complete()
+        return super().__len__()
+
+
+class SessionWithConfigsOnDemand(gradio.state_holder.SessionState):
+    """gradio's SessionState with its block configs made on demand (see the module)."""
+
+    def __init__(self, blocks: gr.Blocks):
+        # gradio 6.31's __init__ (gradio/state_holder.py) but for the configs; tests/test_app_build.py checks that
+        # both hold the same attributes and configs
+        self.blocks_config = copy(blocks.default_config)
+        self.config_values = _ConfigsOnDemand(self, blocks.blocks)
+        self.state_data = {}
+        self._state_ttl = {}
+        self.is_closed = False
+        self.STATE_TTL_WHEN_CLOSED = 1 if os.getenv("GRADIO_IS_E2E_TEST", None) else 3600
+
+
+def make_session_configs_on_demand() -> None:
+    """Every gradio server in this process makes its sessions' block configs on demand. gradio's StateHolder makes
+    its sessions through the module's name `SessionState`, which is what this replaces."""
+    gradio.state_holder.SessionState = SessionWithConfigsOnDemand

@@ -2,10 +2,12 @@
 
 import inspect
 
+import gradio.state_holder
 import pytest
-from gradio.state_holder import SessionState
+from gradio.state_holder import StateHolder
 
 import app
+from components.session_config import SessionWithConfigsOnDemand
 from studio.core.errors import UnknownPreset
 from studio.tasks.sampling import RequestLimits
 
@@ -38,6 +40,10 @@ def test_the_ui_builds_with_the_named_endpoint():
     assert {"arena_battle", "arena_vote", "leaderboard"} <= api_names
 
 
+# gradio's own session, eager (the class ours derives from, whether or not the app has replaced gradio's name yet)
+SessionState = SessionWithConfigsOnDemand.__mro__[1]
+
+
 def test_cached_init_signatures_leave_every_blocks_config_as_gradio_makes_it(monkeypatch):
     """build_ui stores each block class's __init__ signature (components/session_config.py), which gradio reads for
     every block at every API call without a session: the session's configs are the ones gradio computes itself."""
@@ -49,6 +55,42 @@ def test_cached_init_signatures_leave_every_blocks_config_as_gradio_makes_it(mon
     for init in cached:
         monkeypatch.delattr(init, "__signature__")  # put back after the test
     assert SessionState(demo).config_values == with_cache
+
+
+def test_a_new_session_makes_no_block_config_until_one_is_read(monkeypatch):
+    """The server's sessions (one per API call without a session_hash) are ours once the UI is built; making one
+    computes no config, and an event's inputs cost one config each."""
+    demo = app.build_ui(app.build_studio(app.parse_args(["--device", "cpu"])))
+    assert gradio.state_holder.SessionState is SessionWithConfigsOnDemand
+    holder = StateHolder()
+    holder.set_blocks(demo)
+    made = []
+    config_for_block = type(demo.default_config).config_for_block
+    monkeypatch.setattr(type(demo.default_config), "config_for_block",
+                        staticmethod(lambda key, *rest: made.append(key) or config_for_block(key, *rest)))
+    session = holder["an-api-call"]
+    assert isinstance(session, SessionWithConfigsOnDemand) and made == []
+    assert set(vars(session)) == set(vars(SessionState(demo)))  # gradio's attributes, no more, no fewer
+    prompt = next(block for block in demo.blocks.values() if getattr(block, "label", None) == "Prompt")
+    made.clear()
+    session[prompt._id] = prompt
+    session._update_value_in_config(prompt._id, "a red circle")
+    assert made == [prompt._id]
+
+
+def test_configs_made_on_demand_are_the_ones_gradio_makes_at_once():
+    """After the same updates (a component replaced, a value set, a config re-read), a session's configs, listed
+    as a deep link lists them, equal those of gradio's eager session."""
+    demo = app.build_ui(app.build_studio(app.parse_args(["--device", "cpu"])))
+    eager, lazy = SessionState(demo), SessionWithConfigsOnDemand(demo)
+    textboxes = [block for block in demo.blocks.values() if type(block).__name__ == "Textbox"][:3]
+    for session in (eager, lazy):
+        session[textboxes[0]._id] = type(textboxes[0])(value="replaced", label="A new label")
+        session._update_value_in_config(textboxes[1]._id, "typed")
+        session._update_config(textboxes[2]._id)
+    assert lazy.config_values[textboxes[1]._id]["props"]["value"] == "typed"
+    assert list(lazy.components) == list(eager.components)
+    assert dict(lazy.config_values.items()) == eager.config_values and len(lazy.config_values) == len(eager.config_values)
 
 
 def progress_targets(dependency: dict) -> list[int]:
