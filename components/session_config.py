@@ -19,12 +19,18 @@ them when they are listed: the same configs, later, and only those used."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import logging
 import os
+import threading
+import weakref
 from copy import copy
 
 import gradio as gr
 import gradio.state_holder
+
+log = logging.getLogger("studio.requests")
 
 
 def cache_init_signatures(demo: gr.Blocks) -> int:
@@ -40,34 +46,64 @@ def cache_init_signatures(demo: gr.Blocks) -> int:
     return stored
 
 
+# gradio's SessionState as SessionWithConfigsOnDemand copies it (6.31.0): another gradio keeps its own class until
+# someone compares the two again (tests/test_app_build.py pins this)
+GRADIO_SESSION_STATE_SHA256 = "cf7fe461008045411e90162d83e87cc612760f944d4b6cb01eb236e4d76eef76"
+
+
+def gradio_session_state_source_hash() -> str:
+    """Of gradio's own class (the one ours derives from, whether or not the module's name is ours yet)."""
+    return hashlib.sha256(inspect.getsource(SessionWithConfigsOnDemand.__mro__[1]).encode()).hexdigest()
+
+
 class _ConfigsOnDemand(dict):
-    """A session's block configs: a block's own when it is first looked up, every block's when they are listed."""
+    """A session's block configs: a block's own when it is first looked up, all of them (in the page's order, as
+    gradio's eager dict has them) the first time they are listed; a plain dict from then on.
+
+    gradio reads and writes them from the event loop (an event's inputs and outputs) and from worker threads (the
+    deep-link route), so making and completing them holds a lock. Methods gradio 6.31 does not use on them (`get`,
+    `copy`, `==`, `pop`) see only the configs made so far."""
 
     def __init__(self, session: gradio.state_holder.SessionState, page_blocks):
         super().__init__()
-        self._session, self._page_blocks = session, page_blocks
+        self._session = weakref.ref(session)  # no cycle: an evicted session is freed at once, as gradio's is
+        self._page_blocks = page_blocks
+        self._lock = threading.RLock()
+        self._completed = False
+
+    def _blocks(self) -> dict:
+        return self._session().blocks_config.blocks
 
     def _config_of(self, key: int) -> dict:
-        return self._session.blocks_config.config_for_block(key, [], self._session.blocks_config.blocks[key])
-
-    def _page_keys(self) -> list[int]:
-        return [key for key in self._session.blocks_config.blocks if key in self._page_blocks]
+        return self._session().blocks_config.config_for_block(key, [], self._blocks()[key])
 
     def __contains__(self, key) -> bool:
-        return dict.__contains__(self, key) or (key in self._page_blocks and key in self._session.blocks_config.blocks)
+        return dict.__contains__(self, key) or (key in self._page_blocks and key in self._blocks())
 
     def __missing__(self, key: int) -> dict:
-        if key not in self:
-            raise KeyError(key)
-        config = self[key] = self._config_of(key)
-        return config
+        with self._lock:
+            if dict.__contains__(self, key):  # made by another thread meanwhile
+                return dict.__getitem__(self, key)
+            if key not in self:
+                raise KeyError(key)
+            config = self._config_of(key)
+            dict.__setitem__(self, key, config)
+            return config
+
+    def __setitem__(self, key: int, config: dict) -> None:
+        with self._lock:
+            dict.__setitem__(self, key, config)
 
     def _complete(self) -> None:
-        """Every block's config, in the page's order as gradio's eager dict has them (then any others set since)."""
-        made = dict(super().items())
-        ordered = {key: made.pop(key) if key in made else self._config_of(key) for key in self._page_keys()}
-        super().clear()
-        super().update(ordered | made)
+        with self._lock:
+            if self._completed:
+                return
+            made = dict(super().items())
+            ordered = {key: made.pop(key) if key in made else self._config_of(key)
+                       for key in self._blocks() if key in self._page_blocks}
+            super().clear()
+            super().update(ordered | made)  # then the ones set for other blocks, as gradio appends them
+            self._completed = True
 
     def items(self):
         self._complete()
@@ -104,7 +140,17 @@ class SessionWithConfigsOnDemand(gradio.state_holder.SessionState):
         self.STATE_TTL_WHEN_CLOSED = 1 if os.getenv("GRADIO_IS_E2E_TEST", None) else 3600
 
 
-def make_session_configs_on_demand() -> None:
-    """Every gradio server in this process makes its sessions' block configs on demand. gradio's StateHolder makes
-    its sessions through the module's name `SessionState`, which is what this replaces."""
+def make_session_configs_on_demand() -> bool:
+    """The sessions gradio's servers keep (StateHolder makes them through the module's name `SessionState`, which
+    is what this replaces) make their block configs on demand. gradio's other, short-lived sessions (a call through
+    /run without a session, MCP) still make them all. Returns whether it is in place: only over the gradio class
+    this copies, with a warning otherwise."""
+    if gradio.state_holder.SessionState is SessionWithConfigsOnDemand:
+        return True
+    if gradio_session_state_source_hash() != GRADIO_SESSION_STATE_SHA256:
+        log.warning("gradio %s's SessionState is not the one components/session_config.py copies: every API call "
+                    "without a session builds every block's config again (slower, more memory per call)",
+                    gr.__version__)
+        return False
     gradio.state_holder.SessionState = SessionWithConfigsOnDemand
+    return True

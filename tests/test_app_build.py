@@ -1,13 +1,20 @@
 """The composition root: flags -> engine objects."""
 
+import gc
 import inspect
+import weakref
 
 import gradio.state_holder
 import pytest
 from gradio.state_holder import StateHolder
 
 import app
-from components.session_config import SessionWithConfigsOnDemand
+from components.session_config import (
+    GRADIO_SESSION_STATE_SHA256,
+    SessionWithConfigsOnDemand,
+    gradio_session_state_source_hash,
+    make_session_configs_on_demand,
+)
 from studio.core.errors import UnknownPreset
 from studio.tasks.sampling import RequestLimits
 
@@ -61,7 +68,9 @@ def test_a_new_session_makes_no_block_config_until_one_is_read(monkeypatch):
     """The server's sessions (one per API call without a session_hash) are ours once the UI is built; making one
     computes no config, and an event's inputs cost one config each."""
     demo = app.build_ui(app.build_studio(app.parse_args(["--device", "cpu"])))
-    assert gradio.state_holder.SessionState is SessionWithConfigsOnDemand
+    # the gradio class ours copies (a new gradio fails here until someone compares them again) is replaced
+    assert gradio_session_state_source_hash() == GRADIO_SESSION_STATE_SHA256
+    assert make_session_configs_on_demand() and gradio.state_holder.SessionState is SessionWithConfigsOnDemand
     holder = StateHolder()
     holder.set_blocks(demo)
     made = []
@@ -70,7 +79,11 @@ def test_a_new_session_makes_no_block_config_until_one_is_read(monkeypatch):
                         staticmethod(lambda key, *rest: made.append(key) or config_for_block(key, *rest)))
     session = holder["an-api-call"]
     assert isinstance(session, SessionWithConfigsOnDemand) and made == []
-    assert set(vars(session)) == set(vars(SessionState(demo)))  # gradio's attributes, no more, no fewer
+    eager = SessionState(demo)
+    assert set(vars(session)) == set(vars(eager))  # gradio's attributes, no more, no fewer, with its values
+    assert session.blocks_config.blocks == eager.blocks_config.blocks and session.blocks_config.fns == eager.blocks_config.fns
+    assert all(getattr(session, name) == getattr(eager, name) for name in vars(eager)
+               if name not in ("blocks_config", "config_values"))
     prompt = next(block for block in demo.blocks.values() if getattr(block, "label", None) == "Prompt")
     made.clear()
     session[prompt._id] = prompt
@@ -91,6 +104,24 @@ def test_configs_made_on_demand_are_the_ones_gradio_makes_at_once():
     assert lazy.config_values[textboxes[1]._id]["props"]["value"] == "typed"
     assert list(lazy.components) == list(eager.components)
     assert dict(lazy.config_values.items()) == eager.config_values and len(lazy.config_values) == len(eager.config_values)
+    for session in (eager, lazy):  # listed once, then updated: the update is kept (nothing is made again)
+        session._update_value_in_config(textboxes[1]._id, "typed again")
+    assert list(lazy.components) == list(eager.components)
+
+
+def test_an_evicted_session_is_freed_at_once_as_gradios_is():
+    """The configs point back at their session weakly: no reference cycle keeps an evicted session (and its copy
+    of the page's blocks) alive until a full garbage collection."""
+    demo = app.build_ui(app.build_studio(app.parse_args(["--device", "cpu"])))
+    gc.disable()
+    try:
+        session = SessionWithConfigsOnDemand(demo)
+        session._update_value_in_config(next(iter(demo.blocks)), None)
+        alive = weakref.ref(session)
+        del session
+        assert alive() is None
+    finally:
+        gc.enable()
 
 
 def progress_targets(dependency: dict) -> list[int]:

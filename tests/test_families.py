@@ -123,7 +123,7 @@ def test_the_family_decodes_latents_as_the_sdxl_pipeline_does(tmp_path, normalis
     from diffusers import StableDiffusionXLPipeline
     from tiny_models import save_tiny_sdxl
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(save_tiny_sdxl(tmp_path / "sdxl"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(save_tiny_sdxl(tmp_path / "sdxl"), add_watermarker=False)
     if normalised:
         pipe.vae.register_to_config(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
     def run(output_type):

@@ -152,19 +152,15 @@ class ModelFamily:
 
     def decode_latents(self, vae, latents: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.dtype]:
         """Denoised latents -> (image in [-1, 1], the dtype the VAE decoded in), as the family's pipelines decode:
-        the latents unscaled (and un-normalised, where the VAE's config gives a mean and std, as SDXL's may) and
-        cast to the dtype of the VAE's first layer. `device`: the manager's, not the VAE's: under model CPU offload
-        the VAE waits in RAM until its forward hook moves it."""
-        dtype = next(iter(vae.post_quant_conv.parameters())).dtype
-        latents = latents.to(device, dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(device, dtype)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(device, dtype)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
+        the latents unscaled by the VAE's config and cast to the dtype of its first layer. `device`: the manager's,
+        not the VAE's: under model CPU offload the VAE waits in RAM until its forward hook moves it."""
+        first_layer = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder
+        dtype = next(iter(first_layer.parameters())).dtype
+        latents = self.unscale_latents(vae, latents.to(device, dtype))
         return vae.decode(latents, return_dict=False)[0], dtype
+
+    def unscale_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        return latents / vae.config.scaling_factor
 
     # ----- prompts -----
 

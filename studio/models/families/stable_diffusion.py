@@ -125,6 +125,15 @@ class StableDiffusionXL(StableDiffusion1):
     clip_skip = False
     takes_safety_checker = False  # SDXL's pipelines have none: the studio runs the checker on its own
 
+    def unscale_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """As SDXL's pipelines do: un-normalised too where the VAE's config gives the latents' mean and std."""
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is None or std is None:
+            return super().unscale_latents(vae, latents)
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        return latents * std / vae.config.scaling_factor + mean
+
     def pipeline_arguments(self, parts):
         return {**super().pipeline_arguments(parts), "add_watermarker": False}
 
