@@ -29,6 +29,7 @@ from components.compare import build_compare_tab
 from components.event_options import INSTANT, QUICK
 from components.inpaint import build_inpaint_tab
 from components.running import JobRunner, user_error
+from components.queue_polling import poll_the_queue_less_often
 from components.session_config import cache_init_signatures, make_session_configs_on_demand
 from components.status import build_status_bar
 from components.text_to_image import build_text_to_image_tab
@@ -407,13 +408,20 @@ def build_ui(studio: Studio) -> gr.Blocks:
     return demo
 
 
+def queue_requests(demo: gr.Blocks, args: argparse.Namespace) -> None:
+    """The queue every generating event waits in: bounded (a public demo's smaller), one job at a time per event
+    (jobs take turns on the device), polled less often than gradio's default."""
+    demo.queue(max_size=args.max_queue or (20 if args.public else 64), default_concurrency_limit=1)
+    poll_the_queue_less_often(demo)  # an idle server's CPU: 4.7% of a core -> 1.9% (see the module)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("studio").setLevel(logging.INFO)  # ours: one line per refused request, preloads
     args = parse_args(argv)
     studio = build_studio(args)
     demo = build_ui(studio)
-    demo.queue(max_size=args.max_queue or (20 if args.public else 64), default_concurrency_limit=1)
+    queue_requests(demo, args)
     # quiet: gradio's own banner tells people to "set `share=True` in `launch()`"; our switch is --share
     _, local_url, _ = demo.launch(
         server_name=args.host,

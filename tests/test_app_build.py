@@ -9,6 +9,7 @@ import pytest
 from gradio.state_holder import StateHolder
 
 import app
+from components.queue_polling import PROGRESS_POLL_S, QUEUE_POLL_S, poll_the_queue_less_often
 from components.session_config import (
     GRADIO_SESSION_STATE_SHA256,
     SessionWithConfigsOnDemand,
@@ -45,6 +46,23 @@ def test_the_ui_builds_with_the_named_endpoint():
     api_names = {fn.api_name for fn in demo.fns.values()}
     assert "text_to_image" in api_names
     assert {"arena_battle", "arena_vote", "leaderboard"} <= api_names
+
+
+def test_the_queue_is_bounded_and_polled_every_5_ms_not_every_1():
+    demo = app.build_ui(app.build_studio(app.parse_args(["--device", "cpu"])))
+    assert demo._queue.sleep_when_free == 0.001  # gradio's own default on Linux, before the app queues requests
+    app.queue_requests(demo, app.parse_args(["--device", "cpu", "--public"]))
+    assert demo._queue.max_size == 20
+    assert (demo._queue.sleep_when_free, demo._queue.progress_update_sleep_when_free) == (0.005, 0.05) \
+        == (QUEUE_POLL_S, PROGRESS_POLL_S)
+
+
+def test_a_queue_without_polling_intervals_is_left_as_it_is(caplog):
+    class Renamed:  # a gradio whose queue calls them something else
+        _queue = type("Queue", (), {"sleep_when_free": None})()
+
+    assert not poll_the_queue_less_often(Renamed())
+    assert "keeps its own" in caplog.text and Renamed._queue.sleep_when_free is None
 
 
 # gradio's own session, eager (the class ours derives from, whether or not the app has replaced gradio's name yet)
