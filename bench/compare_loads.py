@@ -23,8 +23,9 @@ the loaders: reading and converting weights; evictions and freeing memory count 
 time (the faster of its two runs), and the ratios to ours.
 
     python bench/compare_loads.py     # about 6 minutes on 2 cores (and a few to build the folder the first time)
-    python bench/compare_loads.py --smoke  # 3 presets x 2 samplers of tiny weights, each order once: the same code,
-                                           # figures meaningless (the tests run it)
+    python bench/compare_loads.py --smoke  # 3 presets x 2 samplers of tiny weights, each order once, the three in
+                                           # one subprocess (each on engines of its own): the same code, figures
+                                           # meaningless (the tests run it)
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ SMOKE_SAMPLERS = "Euler, DDIM"
 STEPS = 2
 SIZE = 64
 RESULT_PREFIX = "RESULT "
+ORDERS = ("ours", "axis", "a1111")
 
 
 class TimedLoader:
@@ -128,11 +130,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="3 presets of tiny weights x 2 samplers, each order "
                         "once, to check that the script runs")
-    parser.add_argument("--child", nargs=3, metavar=("ORDER", "PRESETS_FILE", "SAMPLERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("ORDERS", "PRESETS_FILE", "SAMPLERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        order, presets_path, samplers = args.child
-        print(RESULT_PREFIX + json.dumps(run_one(order, Path(presets_path), int(os.environ["BENCH_BUDGET"]), samplers)))
+    if args.child:  # ORDERS: comma-separated, each run on fresh engines (nothing loaded), a RESULT line each
+        orders, presets_path, samplers = args.child
+        for order in orders.split(","):
+            result = run_one(order, Path(presets_path), int(os.environ["BENCH_BUDGET"]), samplers)
+            print(RESULT_PREFIX + json.dumps({"order_name": order, **result}), flush=True)
         return
     from shared_memory import ensure_folder
 
@@ -156,16 +160,20 @@ def main() -> None:
     for path in folder.rglob("*.safetensors"):  # into the page cache before either order runs
         path.read_bytes()
     results = {}
-    for order in ("ours", "axis", "a1111") * runs:
-        child = subprocess.run([sys.executable, __file__, "--child", order, str(presets_path), samplers],
+    # a process per order and run; in the smoke run one process runs the three (a process costs ~8 s of imports)
+    children = [",".join(ORDERS)] if args.smoke else list(ORDERS) * runs
+    for orders in children:
+        child = subprocess.run([sys.executable, __file__, "--child", orders, str(presets_path), samplers],
                                capture_output=True, text=True, env={**os.environ, "BENCH_BUDGET": str(budget)},
                                cwd=ROOT)
         lines = [line for line in child.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-        if child.returncode or not lines:
-            sys.exit(f"{order} failed:\n{child.stderr[-3000:]}")
-        result = json.loads(lines[0][len(RESULT_PREFIX):])
-        if order not in results or result["seconds"] < results[order]["seconds"]:
-            results[order] = result
+        if child.returncode or len(lines) != len(orders.split(",")):
+            sys.exit(f"{orders} failed:\n{child.stderr[-3000:]}")
+        for line in lines:
+            result = json.loads(line[len(RESULT_PREFIX):])
+            order = result.pop("order_name")
+            if order not in results or result["seconds"] < results[order]["seconds"]:
+                results[order] = result
     assert results["ours"]["images"] == results["axis"]["images"] == results["a1111"]["images"], \
         "the orders made different images"
     for order, label in (("ours", "ours (grouped by preset)"), ("axis", "axis order (X innermost)"),
