@@ -184,6 +184,7 @@ class VaeStage(Stage):
     lr = 1e-3
     crop = 32
     kl_weight = 1e-6
+    check_images = 500  # read back through the exported VAE by the oracle
 
     def build(self) -> AutoencoderKL:
         return AutoencoderKL(
@@ -209,7 +210,7 @@ class VaeStage(Stage):
             latents = model.encode(batch).latent_dist.mean
         model.register_to_config(scaling_factor=round(1.0 / float(latents.std()), 5))
         model.save_pretrained(self.models_dir / PIPELINE_DIR / "vae", safe_serialization=True)
-        return {"scaling_factor": model.config.scaling_factor, **vae_oracle_check(model)}
+        return {"scaling_factor": model.config.scaling_factor, **vae_oracle_check(model, self.check_images)}
 
 
 def vae_oracle_check(vae: AutoencoderKL, count: int = 500) -> dict:
