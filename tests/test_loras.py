@@ -188,6 +188,13 @@ def test_the_manager_counts_the_loras_weights(lora_engine, manager, lora_folder)
                    __import__("safetensors.torch", fromlist=["load_file"]).load_file(
                        lora_folder / "rand.safetensors").values())
     assert [record.size for record in records if record.source.endswith("rand.safetensors")] == [expected]
+    # the UNet still carries the job's LoRA (until another job's turn): its kept weights are on the books too
+    status = manager.status()
+    held = status.device_used - sum(record.size for record in status.models)
+    assert held > 0 and status.device_used <= manager.device_budget
+    manager.remove_patches()
+    status = manager.status()
+    assert status.device_used == sum(record.size for record in status.models)
 
 
 def test_a_lora_never_reaches_another_visitors_image_between_turns(lora_engine):
@@ -264,7 +271,15 @@ def test_a_lora_patch_merges_and_its_removal_gives_back_every_tensor_bit_for_bit
     with torch.no_grad():
         assert not torch.allclose(unet(sample, 10, context).sample, plain)
     assert with_bias == any("lora" in name for name, _ in unet.named_modules())  # merged: no adapter layers
+    # what the manager books in RAM for it: a copy of each weight the merge changed, and of its layer's bias
+    merged = {name for name, tensor in unet.state_dict().items() if name in before and not torch.equal(tensor,
+                                                                                                      before[name])}
+    copies = [*merged] + [name.replace(".weight", ".bias") for name in merged
+                                          if name.replace(".weight", ".bias") in before]
+    assert patch.held() == (0 if with_bias else sum(before[name].numel() * 4 for name in copies))
+    assert with_bias or len(merged) >= 8
     patch.remove(unet)
+    assert patch.held() == 0
     after = unet.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[name], before[name]) for name in before)
 

@@ -493,6 +493,82 @@ def test_a_patch_that_cannot_be_removed_unloads_its_model():
         assert not hasattr(models["unet"], "marker")
 
 
+class Keeping:
+    """A patch as a merged LoRA is: it changes a layer's weights in place and keeps a copy of them in host RAM
+    (`held`), to put them back bit for bit."""
+
+    def __init__(self, name: str = "keeping"):
+        self.kept: dict[str, torch.Tensor] = {}
+        self.patch = Patch(identity=("keeping", name), apply=self.apply, remove=self.remove,
+                           held=lambda: sum(t.numel() * t.element_size() for t in self.kept.values()))
+
+    def apply(self, model, lease):
+        weight = model.parts[0].weight
+        self.kept["parts.0"] = weight.detach().to("cpu", copy=True)
+        with torch.no_grad():
+            weight.add_(1)
+
+    def remove(self, model):
+        with torch.no_grad():
+            model.parts[0].weight.copy_(self.kept.pop("parts.0"))
+
+
+class Adding:
+    """A patch that leaves layers on the model (LoRA adapters PEFT could not merge): an extra parameter."""
+
+    def __init__(self, count: int):
+        self.patch = Patch(identity=("adding", count), apply=lambda model, lease: model.register_parameter(
+            "adapter", torch.nn.Parameter(torch.zeros(count))), remove=lambda model: delattr(model, "adapter"))
+
+
+def test_what_a_patch_keeps_in_ram_is_on_the_books_and_makes_room_there():
+    """Two tiers: the kept copies count against RAM's budget while the patch is on; an idle model in RAM goes to
+    make room for them; none are counted once the patch is off."""
+    kept = SIZES["unet"] // 4  # one of the UNet's four parts
+    manager = two_tier_manager(TrackingLoader(), ram_budget=SIZES["unet"] + kept + SIZES["vae"] - KB)
+    with manager.use({"vae": A["vae"]}):
+        pass
+    manager.offload_idle()  # the VAE waits in RAM
+    assert placements(manager)[(A["vae"].source, "vae")] == RAM
+    keeping = Keeping()
+    with manager.use({"unet": A["unet"]}, patches={"unet": keeping.patch}):
+        assert manager.status().ram_used == SIZES["vae"] + kept
+    manager.offload_idle()  # the patched UNet to RAM: its bytes and the kept copy would pass the budget ...
+    status = manager.status()
+    assert status.ram_used <= manager.ram_budget and not manager.is_loaded(A["vae"])  # ... so the VAE left
+    assert status.ram_used == SIZES["unet"] + kept
+    manager.remove_patches()
+    assert manager.status().ram_used == SIZES["unet"] and not keeping.kept
+
+
+def test_on_the_cpu_what_a_patch_keeps_counts_against_the_device_budget():
+    """One tier: the kept copies are in the same memory as the models; an idle model is dropped for them rather
+    than the budget passed."""
+    kept = SIZES["unet"] // 4
+    manager = cpu_manager(TrackingLoader(), SIZES["unet"] + kept + SIZES["text_encoder"] + KB)
+    with manager.use({"vae": A["vae"]}):  # used first: the least recently used
+        pass
+    with manager.use({"text_encoder": A["text_encoder"]}):
+        pass
+    keeping = Keeping()
+    with manager.use({"unet": A["unet"]}, patches={"unet": keeping.patch}) as models:
+        assert manager.status().device_used == SIZES["unet"] + kept + SIZES["text_encoder"]
+        assert not manager.is_loaded(A["vae"])  # the least recently used idle model made the room
+        assert models["unet"].parts[0].weight[0] == 2
+    manager.remove_patches()
+    assert manager.status().device_used == SIZES["unet"] + SIZES["text_encoder"]
+    assert manager.loaded_object(A["unet"]).parts[0].weight[0] == 1  # put back
+
+
+def test_layers_a_patch_adds_are_measured_not_declared():
+    manager = cpu_manager(TrackingLoader(), 10 * PIPELINE)
+    adding = Adding(count=1000)
+    with manager.use({"unet": A["unet"]}, patches={"unet": adding.patch}):
+        assert manager.status().device_used == SIZES["unet"] + 4000  # 1000 float32 the patch never declared
+    manager.remove_patches()
+    assert manager.status().device_used == SIZES["unet"]
+
+
 # ----- the records are the truth: what a lease's code does to a model is put back -----
 
 def test_a_model_cast_behind_the_records_is_cast_back_when_its_lease_ends():

@@ -74,12 +74,16 @@ class Patch:
 
     `identity`: equal identities are the same change (the same LoRAs at the same weights); a model that already
     carries it is left as it is. `apply(model, lease)` gets the stage's other leased models too (the LoRA weights)
-    and, if it raises, leaves the model as it was. `size`: the bytes it adds to the model."""
+    and, if it raises, leaves the model as it was. What it adds to the model's parameters and buffers (adapter
+    layers) the manager measures; `size`: bytes it adds that they do not show. `held()`: bytes the applied patch
+    keeps in host RAM outside the model (a merged LoRA's copies of the weights it changed, to put them back),
+    counted against RAM's budget (the device's, where the device is the CPU)."""
 
     identity: Hashable
     apply: Callable[[Any, Mapping[str, Any]], None]
     remove: Callable[[Any], None]
     size: int = 0
+    held: Callable[[], int] = lambda: 0
 
 
 @dataclass
@@ -92,6 +96,7 @@ class _Entry:
     pinned: bool = False  # preloaded (ZeroGPU): never evicted
     last_used: int = 0
     patch: Patch | None = None  # the change it carries now
+    held: int = 0  # bytes its patch keeps in host RAM outside it (Patch.held)
     dtype: torch.dtype | None = None  # what its floating weights are in now (a lease may cast it for a while)
     dtype_as_loaded: torch.dtype | None = None  # ... and between leases: what its loader made
 
@@ -537,7 +542,9 @@ class ModelManager:
         self._note_peak()
 
     def _patch(self, entries: Mapping[str, _Entry], patches: Mapping[str, Patch], lease: Mapping[str, Any]) -> None:
-        """Each leased model with exactly the patch `patches` names for its role (none where it names none)."""
+        """Each leased model with exactly the patch `patches` names for its role (none where it names none), its
+        bytes and what the patch keeps in RAM on the books. Room for the kept copies is made after they are made
+        (their size is known then): least recently used idle models leave RAM (on the CPU: the device) for them."""
         for role, entry in entries.items():
             wanted = patches.get(role)
             if entry.patch is not None and (wanted is None or entry.patch.identity != wanted.identity):
@@ -545,7 +552,18 @@ class ModelManager:
             if wanted is not None and entry.patch is None:
                 wanted.apply(entry.obj, lease)
                 with self._state_lock:
-                    entry.patch, entry.size = wanted, entry.size + wanted.size
+                    entry.patch, entry.size, entry.held = wanted, self._bytes_of(entry) + wanted.size, wanted.held()
+                self._note_peak()
+                if entry.held:
+                    protected = {e.key for e in entries.values()}
+                    if self.two_tiers:
+                        self._make_room_in_ram(0, protected)
+                    else:
+                        self._make_room_on_device(0, protected)
+
+    def _bytes_of(self, entry: _Entry) -> int:
+        """A model's bytes as its parameters and buffers show them now (a patch's adapter layers included)."""
+        return module_bytes(entry.obj) if isinstance(entry.obj, torch.nn.Module) else entry.size
 
     def _unpatch(self, entry: _Entry) -> None:
         """The patch off the model. A model whose patch cannot be removed is in an unknown state: it is dropped
@@ -558,7 +576,7 @@ class ModelManager:
             self._drop(entry)
             raise
         with self._state_lock:
-            entry.patch, entry.size = None, entry.size - patch.size
+            entry.patch, entry.size, entry.held = None, self._bytes_of(entry), 0
 
     def _unlock(self, entries) -> None:
         with self._state_lock:
@@ -571,9 +589,14 @@ class ModelManager:
             self._peak = max(self._peak, self._device_used() + self._reserved)
 
     def _device_used(self) -> int:
-        return sum(e.size for e in self._entries.values() if e.placement == DEVICE)
+        used = sum(e.size for e in self._entries.values() if e.placement == DEVICE)
+        return used if self.two_tiers else used + self._held()
 
     def _ram_used(self) -> int:
         if not self.two_tiers:
             return self._device_used()
-        return sum(e.size for e in self._entries.values() if e.placement == RAM)
+        return sum(e.size for e in self._entries.values() if e.placement == RAM) + self._held()
+
+    def _held(self) -> int:
+        """What the models' patches keep in host RAM outside them."""
+        return sum(e.held for e in self._entries.values())

@@ -374,8 +374,12 @@ def lora_patch(component: str, family: ModelFamily, loras: tuple[AppliedLora, ..
         else:
             _remove_adapters(model, is_denoiser)
 
+    def held() -> int:  # the kept copies, on the manager's books while the patch is on
+        return sum(tensor.numel() * tensor.element_size() for pair in kept.values() for tensor in pair
+                   if tensor is not None)
+
     return Patch(identity=("lora", component, tuple(lora.key for lora in loras), weights), apply=apply,
-                 remove=remove)
+                 remove=remove, held=held)
 
 
 def _merge(model, names: list[str], kept: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
