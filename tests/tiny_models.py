@@ -183,3 +183,24 @@ def save_as_kohya(diffusers_lora: Path, out: Path) -> Path:
         converted[f"{name}.alpha"] = torch.tensor(float(rank))  # alpha = rank: scale 1, as diffusers saved it
     save_file(converted, out, metadata={"ss_network_module": "networks.lora"})
     return out
+
+
+def save_random_controlnet(pipeline_folder: Path, out: Path, seed: int = 0, strength: float = 0.5) -> Path:
+    """A ControlNet for a pipeline folder's UNet (diffusers' ControlNetModel.from_unet: its encoder copied), its
+    conditioning embedding sized to the VAE's downscale, and its zero convolutions (which start at zero and would
+    change nothing) random at `strength`; saved as a diffusers folder."""
+    import json
+
+    from diffusers import ControlNetModel
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline_folder, subfolder="unet")
+    vae_blocks = len(json.loads((Path(pipeline_folder) / "vae" / "config.json").read_text())["block_out_channels"])
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 32, 32)[:vae_blocks])
+    with torch.no_grad():
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]
+        for conv in zero_convs:
+            conv.weight.normal_(0, strength)
+    controlnet.save_pretrained(out, safe_serialization=True)
+    return out

@@ -49,7 +49,8 @@ class ModelKey:
     kind: str  # "diffusers", "checkpoint", "upscaler", "clip", ...
     source: str  # Hub repo id, local folder or single-file checkpoint
     part: str = ""  # subfolder / component name ("unet", "vae"); "" for a standalone model
-    config: str = ""  # a single-file checkpoint's configs: the diffusers repo id or folder that describes it
+    config: str = ""  # a single-file checkpoint's configs (the diffusers repo id or folder that describes it);
+    # a ControlNet's file variant
 
     @property
     def label(self) -> str:

@@ -43,7 +43,7 @@ class DiffusersModels:
         # Public mode: every preset gets a safety checker (its own, or CompVis's), unless it is safe by construction.
         self.safety_checker_everywhere = safety_checker_everywhere
         self.safety_checker_source = safety_checker_source
-        self._hashes: dict[tuple, str] = {}  # (real path, size, mtime) -> short sha256
+        self._hashes: dict[tuple, str] = {}  # (real path, size, mtime) -> sha256
         self._scale_factors: dict[ModelKey, int] = {}
         self._lock = threading.Lock()
 
@@ -134,16 +134,19 @@ class DiffusersModels:
 
         return variant
 
-    def assemble(self, preset, task: str, parts: dict[str, Any]):
+    def assemble(self, preset, task: str, parts: dict[str, Any], controlnet: Any = None):
         """A pipeline over the given components; those a stage does not use are None, so that the pipeline
-        object never keeps a model alive that the manager has let go."""
+        object never keeps a model alive that the manager has let go. `controlnet` (a job's control units): the
+        family's ControlNet pipeline for the task, running them."""
         family = family_of(preset)
         arguments = family.pipeline_arguments(parts)
+        if controlnet is not None:
+            arguments["controlnet"] = controlnet
         if arguments[family.scheduler] is not None:
             # A private scheduler copy: schedulers keep per-call state (step index), pipelines share the rest.
             scheduler = arguments[family.scheduler]
             arguments[family.scheduler] = type(scheduler).from_config(scheduler.config)
-        pipeline = family.pipeline_class(task)(**arguments)
+        pipeline = family.pipeline_class(task, controlnet=controlnet is not None)(**arguments)
         if arguments[family.vae] is None and arguments[family.denoiser] is not None:
             pipeline.vae_scale_factor = self.vae_scale_factor(preset, task)
         pipeline.set_progress_bar_config(disable=True)
@@ -160,20 +163,24 @@ class DiffusersModels:
         path = source if is_checkpoint_file(source) else self._denoiser_weights_path(preset, source)
         if path is None or not os.path.isfile(path):
             return None
+        return self.file_hash(path, on_progress)[:10]
+
+    def file_hash(self, path: str | Path, on_progress: Callable[[int, int, str], None] | None = None) -> str:
+        """The sha256 of a weights file (hex), read once per file and kept; in the Hub cache, an LFS blob's name
+        is its sha256, so gigabytes need not be read."""
         status = os.stat(path)
         identity = (os.path.realpath(path), status.st_size, status.st_mtime_ns)  # a file replaced in place is new
         with self._lock:
             if identity in self._hashes:
                 return self._hashes[identity]
-        # In the Hub cache, an LFS blob's file name is its sha256: no need to read gigabytes.
         name = os.path.basename(identity[0])
         if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
             digest = name
         else:
-            digest = _sha256(path, on_progress)
+            digest = _sha256(str(path), on_progress)
         with self._lock:
-            self._hashes[identity] = digest[:10]
-        return digest[:10]
+            self._hashes[identity] = digest
+        return digest
 
     def check_checkpoint_files(self, preset, task: str) -> None:
         """A preset's single-file checkpoints, checked before anything is fetched or loaded: there, readable, and

@@ -25,6 +25,7 @@ from studio.core.devices import default_dtype
 from studio.core.downloads import HubDownloads
 from studio.core.memory import ModelLoader, ModelManager
 from studio.models.components import DiffusersModels
+from studio.models.controlnets import CONTROLNET, ControlNetCatalog, ControlNetLoader, load_controlnets
 from studio.models.faces import FaceRestoration
 from studio.models.loading import diffusers_loaders
 from studio.models.loras import LoraCatalog, load_loras
@@ -69,7 +70,8 @@ def build_manager(presets: PresetCatalog, settings: ManagerSettings = ManagerSet
     """The memory manager with a loader for every kind of model the engines use, and the presets' components."""
     device = torch.device(settings.device)
     models = DiffusersModels(device, safety_checker_everywhere=settings.public)
-    loaders = {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader(), **settings.extra_loaders}
+    loaders = {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader(),
+               CONTROLNET: ControlNetLoader(), **settings.extra_loaders}
     manager = ModelManager(loaders, device, settings.dtype or default_dtype(device), device_budget=settings.device_budget,
                            ram_budget=settings.ram_budget, free_memory=settings.free_memory)
     return manager, models
@@ -80,16 +82,17 @@ def build_engines(manager: ModelManager, models: DiffusersModels, presets: Prese
                   styles: StyleCatalog | None = None, loras: LoraCatalog | None = None,
                   upscalers: UpscalerCatalog | None = None, release_files: ReleaseFiles | None = None,
                   faces: FaceRestoration | None = None, downloads: HubDownloads | None = None,
-                  version: str = VERSION) -> Engines:
+                  controlnets: ControlNetCatalog | None = None, version: str = VERSION) -> Engines:
     """Text to image (its Hires. fix upscales with the Upscale tab's upscalers), inpaint and upscale on one
     manager. What is not given is the default: the presets files, `loras/`, the upscaler cache."""
     limits = limits or RequestLimits()
     loras = load_loras() if loras is None else loras
+    controlnets = load_controlnets() if controlnets is None else controlnets
     release_files = release_files or ReleaseFiles(DEFAULT_UPSCALER_CACHE)
     upscaling = Upscaling(manager, load_upscalers() if upscalers is None else upscalers, release_files,
                           upscale_limits or UpscaleLimits(), faces=faces)
     stages = DiffusionStages(manager, models)
-    common: dict[str, Any] = dict(version=version, downloads=downloads, loras=loras)
+    common: dict[str, Any] = dict(version=version, downloads=downloads, loras=loras, controlnets=controlnets)
     text_to_image = TextToImage(stages, presets, styles or load_styles(), limits, upscaling=upscaling, **common)
     inpainter = Inpainter(stages, presets, limits, **common)
     return Engines(manager=manager, models=models, stages=stages, text_to_image=text_to_image, inpainter=inpainter,

@@ -13,11 +13,13 @@ from PIL import Image
 from studio.a1111.prompts import parse_prompt
 from studio.core.downloads import HubDownloads
 from studio.core.jobs import JobControl, LocalJob
+from studio.models.controlnets import ControlNetCatalog
 from studio.models.loras import (
     LoraCatalog,
 )
 from studio.models.presets import ModelPreset, PresetCatalog, StyleCatalog
 from studio.models.stages import Conditioning, DiffusionStages
+from studio.tasks.control import plan_controls
 from studio.tasks.hires import (
     LATENT_UPSCALE_MODES,
     HiresFix,
@@ -80,8 +82,8 @@ class TextToImage(SamplingEngine):
 
     def __init__(self, stages: DiffusionStages, presets: PresetCatalog, styles: StyleCatalog, limits: RequestLimits,
                  version: str, downloads: HubDownloads | None = None, upscaling: Upscaling | None = None,
-                 loras: LoraCatalog | None = None):
-        super().__init__(stages, presets, limits, version, downloads, loras)
+                 loras: LoraCatalog | None = None, controlnets: ControlNetCatalog | None = None):
+        super().__init__(stages, presets, limits, version, downloads, loras, controlnets)
         self.styles = styles
         self.upscaling = upscaling  # Hires. fix's upscaler presets, on the same manager (latent modes without it)
 
@@ -131,6 +133,7 @@ class TextToImage(SamplingEngine):
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
             warnings=self.prompt_warnings(preset, request.prompt), lora_uses=parse_prompt(prompt).loras,
+            controls=plan_controls(tuple(request.controls), self.controlnets, size),
         )
         if request.hires is not None:
             settings = request.hires

@@ -20,6 +20,7 @@ from studio.core.errors import InvalidRequest
 from studio.core.images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
 from studio.core.jobs import LocalJob
 from studio.models.presets import ModelPreset
+from studio.tasks.control import plan_controls
 from studio.tasks.parameters import sampling_fields_from_parameters
 from studio.tasks.sampling import (
     GenerationResult,
@@ -170,7 +171,8 @@ class Inpainter(SamplingEngine):
                          mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
                          strength=request.strength)
         plan = self._plan(preset, "inpaint", request, size, arguments, extra,
-                          ([source.note] if source.note else []) + self.prompt_warnings(preset, request.prompt))
+                          ([source.note] if source.note else []) + self.prompt_warnings(preset, request.prompt),
+                          self._controls(request, size, arguments["image"]))
         # A1111 pastes "Whole picture" back through the blurred mask sharpened (doubled, clipped): the repainted
         # area is fully the model's up to half the blur's falloff, so no faded ghost of the old content shows.
         overlay = blurred if only_masked else sharpened(blurred)
@@ -207,7 +209,8 @@ class Inpainter(SamplingEngine):
         size = working_size(*drawing.rgb.size, preset, self.limits.max_pixels, upscale=True)
         arguments = dict(image=drawing.rgb.resize(size, Image.Resampling.LANCZOS), strength=request.strength)
         return self._plan(preset, "img2img", request, size, arguments,
-                          {"Denoising strength": f"{request.strength:g}"}, self.prompt_warnings(preset, request.prompt))
+                          {"Denoising strength": f"{request.strength:g}"}, self.prompt_warnings(preset, request.prompt),
+                          self._controls(request, size, arguments["image"]))
 
     def sketch_to_image(self, sketch: Image.Image, request: InpaintRequest,
                         on_progress: ProgressCallback | None = None,
@@ -217,8 +220,13 @@ class Inpainter(SamplingEngine):
 
     # ----- shared -----
 
+    def _controls(self, request: InpaintRequest, size: tuple[int, int], own_image: Image.Image):
+        """The request's units; one without an image of its own reads the picture the model works on (the
+        sketch, or the image being inpainted)."""
+        return plan_controls(tuple(request.controls), self.controlnets, size, own_image)
+
     @staticmethod
-    def _plan(preset, task, request: InpaintRequest, size, arguments, extra, warnings) -> SamplingPlan:
+    def _plan(preset, task, request: InpaintRequest, size, arguments, extra, warnings, controls=()) -> SamplingPlan:
         # diffusers skips the first (1 - strength) of the schedule, so each image takes steps × strength steps.
         return SamplingPlan(
             preset=preset, task=task, prompt=request.prompt.strip(), negative_prompt=request.negative_prompt,
@@ -226,7 +234,7 @@ class Inpainter(SamplingEngine):
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments=arguments, parameters_extra=extra,
             steps_per_image=int(request.steps * request.strength), warnings=warnings,
-            lora_uses=parse_prompt(request.prompt).loras,
+            lora_uses=parse_prompt(request.prompt).loras, controls=controls,
         )
 
 

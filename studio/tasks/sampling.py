@@ -16,6 +16,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
+from studio.a1111.controlnet import controlnet_parameters
 from studio.a1111.metadata import format_parameters
 from studio.a1111.prompts import LoraUse, parse_prompt, prompt_mistakes, without_extra_networks
 from studio.a1111.schedulers import check_scheduler, evaluations_per_step, make_scheduler
@@ -24,6 +25,12 @@ from studio.core.errors import InvalidRequest, ModelUnavailable
 from studio.core.jobs import MAX_SECONDS as MAX_GPU_SECONDS
 from studio.core.jobs import JobControl, LocalJob, gpu_seconds
 from studio.models.components import DiffusersModels
+from studio.models.controlnets import (
+    ControlClock,
+    ControlNetCatalog,
+    controlnet_weights_file,
+    missing_controlnet_error,
+)
 from studio.models.families import family_of
 from studio.models.loras import (
     AppliedLora,
@@ -38,6 +45,7 @@ from studio.models.loras import (
 )
 from studio.models.presets import ModelPreset, PresetCatalog
 from studio.models.stages import Conditioning, DiffusionStages, clip_skip_too_large
+from studio.tasks.control import PlannedControl, check_control_units, pass_controls, with_model_hashes
 from studio.models.vocabulary import load_vocabulary, unknown_words_warning
 from studio.tasks.hires import (
     HiresPlan,
@@ -61,11 +69,12 @@ class RequestLimits:
     max_pixels: int | None = None  # width * height cap on top of the preset's max size
     max_upload_pixels: int = 50_000_000  # uploads larger than this are refused before they are decoded
     max_loras: int = 8  # LoRAs one prompt may apply at once
+    max_control_units: int = 3  # ControlNet units one request may use at once (A1111's default)
 
     @classmethod
     def public(cls) -> RequestLimits:
         return cls(max_prompt_chars=1000, max_batch_size=4, max_steps=50, max_guidance=20.0, max_pixels=1024 * 1024,
-                   max_upload_pixels=4_000_000, max_loras=4)
+                   max_upload_pixels=4_000_000, max_loras=4, max_control_units=2)
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class SamplingRequest:
     seed: int = -1  # -1: a random seed, reported back
     batch_size: int = 1
     clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the one before it (anime models)
+    controls: tuple = ()  # ControlNet units (studio.tasks.control.ControlUnit), at most RequestLimits' count
 
 
 @dataclass
@@ -216,6 +226,7 @@ class SamplingPlan:
     hires_upscaler_native_scale: int = 1  # of the hires upscaler preset (1 for latent modes and Lanczos)
     lora_uses: tuple[LoraUse, ...] = ()  # the prompt's <lora:...> tags
     loras: tuple[AppliedLora, ...] = ()  # ... resolved to files with the model files (the Hub's fetched first)
+    controls: tuple[PlannedControl, ...] = ()  # ControlNet units, their maps made at `size`
 
     @property
     def encoder_prompt(self) -> str:
@@ -243,8 +254,9 @@ class SamplingPlan:
         """What to book on ZeroGPU for this job: the steps at the base size, Hires. fix's at its size (as many
         base-size steps as they cost by area), and its upscaler's passes."""
         # Heun, DPM2 and DPM++ SDE evaluate the UNet twice a step
-        per_step = evaluations_per_step(self.scheduler)
-        evaluations = self.steps_per_image * per_step
+        # a ControlNet is about the encoder half of its UNet: half an evaluation more per unit
+        per_step = evaluations_per_step(self.scheduler) * (1 + 0.5 * len(self.controls))
+        evaluations = math.ceil(self.steps_per_image * per_step)
         pixels = self.size[0] * self.size[1]
         seconds = 0
         if self.hires:
@@ -264,9 +276,11 @@ class SamplingEngine:
     main_task = "text2img"  # the pipeline task its requests run (whose model files must be here)
 
     def __init__(self, stages: DiffusionStages, presets: PresetCatalog, limits: RequestLimits, version: str,
-                 downloads: HubDownloads | None = None, loras: LoraCatalog | None = None):
+                 downloads: HubDownloads | None = None, loras: LoraCatalog | None = None,
+                 controlnets: ControlNetCatalog | None = None):
         self.stages = stages
         self.loras = loras or LoraCatalog({})
+        self.controlnets = controlnets or ControlNetCatalog([])
         self.downloads = downloads or HubDownloads()
         self.models: DiffusersModels = stages.models
         self.manager = stages.manager
@@ -350,7 +364,30 @@ class SamplingEngine:
             layers = self.models.text_encoder_layers(preset)
             if layers is not None and request.clip_skip > layers:
                 problems["clip_skip"] = clip_skip_too_large(request.clip_skip, layers)
+        control_problems = self.control_problems(request, preset, task or self.main_task)
+        if control_problems:
+            problems["controls"] = " ".join(control_problems)
         return problems
+
+    def control_problems(self, request: SamplingRequest, preset: ModelPreset, task: str) -> list[str]:
+        """What is wrong with the request's ControlNet units (a unit without an image uses the request's own image,
+        where the task has one), and a ControlNet folder that is not here."""
+        if not request.controls:
+            return []
+        problems = check_control_units(tuple(request.controls), preset, self.controlnets,
+                                       self.limits.max_control_units, self.limits.max_upload_pixels,
+                                       own_image=task != "text2img")
+        if family_of(preset).controlnet_pipeline_classes.get(task) is None:
+            problems.append(f"{family_of(preset).label} models take no ControlNet here.")
+        for unit in request.controls:
+            if unit.model in self.controlnets:
+                controlnet = self.controlnets.get(unit.model)
+                if controlnet.local is not None and not controlnet.local.is_dir():
+                    problems.append(missing_controlnet_error(controlnet).reason)
+                elif controlnet.local is None and self.downloads.is_offline() and not self.downloads.is_cached(
+                        controlnet.download_request(self.manager.dtype)):
+                    problems.append(offline_error(controlnet.download_request(self.manager.dtype)).reason)
+        return list(dict.fromkeys(problems))
 
     def check(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, str]:
         return check_sampling(request, preset, self.limits)
@@ -394,6 +431,8 @@ class SamplingEngine:
         files), which is what runs. Raises ModelUnavailable on entering."""
         self.models.check_checkpoint_files(plan.preset, plan.task)
         requests = self.models.download_requests(plan.preset, plan.task, self.manager.dtype)
+        requests += [request for control in plan.controls
+                     if (request := control.preset.download_request(self.manager.dtype)) is not None]
         with contextlib.ExitStack() as protected:
             for request in requests:
                 protected.enter_context(self.downloads.in_use(request.source))
@@ -402,7 +441,20 @@ class SamplingEngine:
             # here, not in the device work: a checkpoint file's sha256 reads gigabytes (once per file), which must
             # not take GPU time (nor be lost with ZeroGPU's worker process)
             model_hash = self.models.model_hash(plan.preset, plan.task, on_progress)
-            yield self.with_loras(replace(plan, model_hash=model_hash), protected, on_progress)
+            plan = self.with_controls(replace(plan, model_hash=model_hash), on_progress)
+            yield self.with_loras(plan, protected, on_progress)
+
+    def with_controls(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> SamplingPlan:
+        """The plan with its ControlNets' hashes in the PNG's fields, as A1111 writes them."""
+        if not plan.controls:
+            return plan
+        hashes = []
+        for control in plan.controls:  # A1111 writes the first 8 hex digits of the file's sha256
+            path = controlnet_weights_file(control.preset, self.manager.dtype)
+            hashes.append(self.models.file_hash(path, on_progress)[:8] if path is not None else None)
+        controls = with_model_hashes(plan.controls, hashes)
+        return replace(plan, controls=controls, parameters_extra=plan.parameters_extra | controlnet_parameters(
+            [control.fields for control in controls]))
 
     def with_loras(self, plan: SamplingPlan, protected: contextlib.ExitStack,
                    on_progress: ProgressCallback | None = None) -> SamplingPlan:
@@ -493,21 +545,28 @@ class SamplingEngine:
         image_seed = plan.seed + index
         steps_done = [0]
         on_step = step_callback(job, steps_done, pass_steps, start, plan.total_steps, label)
+        controls = pass_controls(plan.controls, size)
 
         def call(pipe):
             pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides,
                                            seed=image_seed)
-            step_hooks = {"callback_on_step_end": on_step}
+            each_step, control_arguments = on_step, {}
+            if controls is not None:  # the units' clock: which step each evaluation is at, for their ranges
+                clock = pipe.controlnet.clock = ControlClock(pass_steps, getattr(pipe.scheduler, "order", 1))
+                each_step = clock.ticking(on_step)
+                control_arguments = control_call_arguments(family_of(preset).control_image_argument(task), controls)
+            step_hooks = {"callback_on_step_end": each_step}
             if task == "inpaint":
                 step_hooks = inpaint_step_hooks(pipe, family_of(plan.preset), arguments["image"], image_seed,
-                                                then=on_step)
+                                                then=each_step)
             return pipe(
-                **conditioning.embeds, **arguments, num_inference_steps=schedule,
+                **conditioning.embeds, **arguments, **control_arguments, num_inference_steps=schedule,
                 guidance_scale=plan.guidance_scale, generator=torch.Generator("cpu").manual_seed(image_seed),
                 output_type="latent", **step_hooks,
             ).images
 
-        latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras)
+        latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras,
+                                      controls)
         return latents, steps_done[0]
 
     def _finish_image(self, plan: SamplingPlan, task: str, latents: torch.Tensor, size: tuple[int, int],
@@ -574,6 +633,14 @@ class PhaseOfJob(JobControl):
     @property
     def owner(self) -> object:
         return self.job.owner
+
+
+def control_call_arguments(image_argument: str, controls) -> dict[str, Any]:
+    """The ControlNet pipeline's arguments for the units: their maps, and weight 1 over the whole range for each,
+    since ControlUnits applies each unit's own weight, range and mode."""
+    count = len(controls.keys)
+    return {image_argument: list(controls.images), "controlnet_conditioning_scale": [1.0] * count,
+            "control_guidance_start": [0.0] * count, "control_guidance_end": [1.0] * count}
 
 
 def hash_entry_name(name: str) -> str:

@@ -93,6 +93,7 @@ class ModelFamily:
     vae = "vae"
     scheduler = "scheduler"
     pipeline_classes: Mapping[str, str]  # task -> diffusers pipeline class name
+    controlnet_pipeline_classes: Mapping[str, str] = MappingProxyType({})  # task -> ... with ControlNets
     latent: LatentFormat
     working_memory: WorkingMemory
     context_width: int  # the width of the text embeddings the denoiser reads: which LoRAs fit
@@ -128,10 +129,17 @@ class ModelFamily:
 
     # ----- pipelines -----
 
-    def pipeline_class(self, task: str) -> type:
-        if task not in self.pipeline_classes:
-            raise ValueError(f"{self.label} has no pipeline for {task!r}.")
-        return getattr(importlib.import_module("diffusers"), self.pipeline_classes[task])
+    def pipeline_class(self, task: str, controlnet: bool = False) -> type:
+        """The diffusers pipeline for `task`; `controlnet`: the one that also runs ControlNets."""
+        classes = self.controlnet_pipeline_classes if controlnet else self.pipeline_classes
+        if task not in classes:
+            raise ValueError(f"{self.label} has no {'ControlNet ' if controlnet else ''}pipeline for {task!r}.")
+        return getattr(importlib.import_module("diffusers"), classes[task])
+
+    def control_image_argument(self, task: str) -> str:
+        """The ControlNet pipeline's argument for the control maps (text to image's `image`; where `image` is the
+        init image, `control_image`)."""
+        return "image" if task == "text2img" else "control_image"
 
     def pipeline_arguments(self, parts: Mapping[str, Any]) -> dict[str, Any]:
         """The pipeline constructor's keyword arguments over a stage's components (None where a stage lacks one)."""

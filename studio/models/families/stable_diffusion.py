@@ -44,6 +44,9 @@ class StableDiffusion1(ModelFamily):
     pipeline_classes = MappingProxyType({"text2img": "StableDiffusionPipeline",
                                          "img2img": "StableDiffusionImg2ImgPipeline",
                                          "inpaint": "StableDiffusionInpaintPipeline"})
+    controlnet_pipeline_classes = MappingProxyType({"text2img": "StableDiffusionControlNetPipeline",
+                                                    "img2img": "StableDiffusionControlNetImg2ImgPipeline",
+                                                    "inpaint": "StableDiffusionControlNetInpaintPipeline"})
     # ComfyUI's latent_formats.SD15 (the preview factors fitted on SD 1.5's VAE)
     latent = LatentFormat(channels=4, downscale=8, scaling_factor=0.18215,
                           rgb_factors=((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350),
@@ -110,6 +113,9 @@ class StableDiffusionXL(StableDiffusion1):
     pipeline_classes = MappingProxyType({"text2img": "StableDiffusionXLPipeline",
                                          "img2img": "StableDiffusionXLImg2ImgPipeline",
                                          "inpaint": "StableDiffusionXLInpaintPipeline"})
+    controlnet_pipeline_classes = MappingProxyType({"text2img": "StableDiffusionXLControlNetPipeline",
+                                                    "img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+                                                    "inpaint": "StableDiffusionXLControlNetInpaintPipeline"})
     # ComfyUI's latent_formats.SDXL
     latent = LatentFormat(channels=4, downscale=8, scaling_factor=0.13025,
                           rgb_factors=((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),

@@ -1,0 +1,298 @@
+"""ControlNet models: the presets a control unit picks from (presets/controlnets.yaml), the manager's loader for them
+(kind "controlnet"), the files each needs from the Hub, and `ControlUnits`, the module diffusers' ControlNet
+pipelines call at every model evaluation. It runs a job's units as A1111's ControlNet extension does
+(sd-webui-controlnet, scripts/hook.py): each with its weight, the steps it acts on (guidance start and end, as a
+fraction of the pass's steps) and its control mode."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+from studio.core.downloads import DownloadRequest
+from studio.core.errors import InvalidRequest, ModelUnavailable
+from studio.core.memory import ModelKey
+from studio.models.families import FAMILIES, family_named
+from studio.models.loading import unavailable
+from studio.models.weights import root_weight_patterns, safetensors_bytes, weight_files
+
+CONTROLNET = "controlnet"  # the manager's kind
+PRESETS_FILE = Path(__file__).resolve().parents[2] / "presets" / "controlnets.yaml"
+MODEL_CLASSES = {"controlnet": "ControlNetModel"}  # a preset's kind -> its diffusers class
+
+BALANCED = "Balanced"
+PROMPT_MORE_IMPORTANT = "My prompt is more important"
+CONTROLNET_MORE_IMPORTANT = "ControlNet is more important"
+CONTROL_MODES = (BALANCED, PROMPT_MORE_IMPORTANT, CONTROLNET_MORE_IMPORTANT)
+# "My prompt is more important" (soft injection): the ControlNet's output i of n is scaled by 0.825 ** (n - 1 - i),
+# the middle block's (the last) at the full weight. lllyasviel's ControlNet and A1111 use this for SD 1.x's 13
+# outputs; other UNets have other counts, and keep the same decay from the middle block outwards.
+SOFT_INJECTION_BASE = 0.825
+
+
+@dataclass(frozen=True)
+class ControlNetPreset:
+    """One ControlNet a unit can use: the family it was trained for and where its weights are."""
+
+    name: str
+    label: str
+    family: str
+    kind: str = "controlnet"
+    repo: str | None = None
+    local: Path | None = None
+    variant: str | None = None  # loaded on GPUs (fp16)
+    preprocessor: str = "none"  # the one it was trained on: the form picks it with the model
+    description: str = ""
+
+    @property
+    def source(self) -> str:
+        return str(self.local) if self.local is not None else str(self.repo)
+
+    @property
+    def key(self) -> ModelKey:
+        """The manager's key: its kind (the class) as the part, its file variant as `config`."""
+        return ModelKey(CONTROLNET, self.source, self.kind, config=self.variant or "")
+
+    def variant_for(self, dtype: torch.dtype) -> str | None:
+        return self.variant if dtype == torch.float16 else None
+
+    def download_request(self, dtype: torch.dtype) -> DownloadRequest | None:
+        """What to fetch from the Hub for it (None for a folder)."""
+        if self.local is not None:
+            return None
+        return DownloadRequest(self.source, tuple(root_weight_patterns(self.variant_for(dtype))),
+                               label=f"ControlNet {self.label!r}")
+
+
+class ControlNetCatalog:
+    """The ControlNets a server offers, in file order. Read-only after construction."""
+
+    def __init__(self, presets: list[ControlNetPreset]):
+        self._presets = {preset.name: preset for preset in presets}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._presets)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._presets
+
+    def __iter__(self):
+        return iter(self._presets.values())
+
+    def get(self, name: str) -> ControlNetPreset:
+        try:
+            return self._presets[name]
+        except KeyError:
+            raise InvalidRequest([f"Unknown ControlNet model {name!r}. Available: {', '.join(self.names) or 'none'}."]
+                                 ) from None
+
+    def for_family(self, family: str) -> list[str]:
+        """The names of the ControlNets made for a family (those the form offers for its presets)."""
+        return [preset.name for preset in self if preset.family == family]
+
+
+
+_FIELDS = set(ControlNetPreset.__dataclass_fields__) - {"name"}
+
+
+def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> ControlNetPreset:
+    unknown = set(entry) - _FIELDS
+    if unknown:
+        raise ValueError(f"ControlNet {name!r}: unknown field(s) {sorted(unknown)}.")
+    if sum(key in entry for key in ("repo", "local")) != 1:
+        raise ValueError(f"ControlNet {name!r}: give exactly one of 'repo' (Hub id) or 'local' (folder).")
+    if entry.get("family") not in FAMILIES:
+        raise ValueError(f"ControlNet {name!r}: family must be one of {tuple(FAMILIES)}, not {entry.get('family')!r}.")
+    if entry.get("kind", "controlnet") not in MODEL_CLASSES:
+        raise ValueError(f"ControlNet {name!r}: kind must be one of {tuple(MODEL_CLASSES)}, not {entry['kind']!r}.")
+    values = dict(entry)
+    if values.get("local") is not None:
+        values["local"] = (base_dir / Path(values["local"]).expanduser()).resolve()
+    return ControlNetPreset(name=name, **values)
+
+
+def load_controlnets(path: Path = PRESETS_FILE) -> ControlNetCatalog:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return ControlNetCatalog([_preset_from_yaml(name, entry, Path(path).parent)
+                              for name, entry in (data.get("controlnets") or {}).items()])
+
+
+class ControlNetLoader:
+    """The ModelManager's loader for kind "controlnet": `<class>.from_pretrained` from a folder or the Hub cache
+    (files are fetched beforehand, outside the device lock); the key's variant (`config`) is read on GPUs, in
+    float16, as the presets' variants are."""
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        return safetensors_bytes(weight_files(self._folder(key.source), variant_of(key, dtype)), dtype)
+
+    def load(self, key: ModelKey, dtype: torch.dtype) -> torch.nn.Module:
+        import diffusers
+
+        model_class = getattr(diffusers, MODEL_CLASSES[key.part])
+        kwargs: dict[str, Any] = dict(dtype=dtype, use_safetensors=True, local_files_only=not os.path.isdir(key.source))
+        variant = variant_of(key, dtype)
+        if variant:
+            kwargs["variant"] = variant
+        try:
+            return model_class.from_pretrained(key.source, **kwargs).eval()
+        except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear message
+            raise unavailable(key.source, error) from error
+
+    @staticmethod
+    def _folder(source: str) -> Path:
+        if os.path.isdir(source):
+            return Path(source)
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(source, local_files_only=True))
+        except Exception as error:  # noqa: BLE001
+            raise unavailable(source, error) from error
+
+
+def variant_of(key: ModelKey, dtype: torch.dtype) -> str | None:
+    return key.config if key.config and dtype == torch.float16 else None
+
+
+def controlnet_weights_file(preset: ControlNetPreset, dtype: torch.dtype) -> Path | None:
+    """The weights file the loader reads for it (None when it is not here)."""
+    try:
+        files = weight_files(ControlNetLoader._folder(preset.source), preset.variant_for(dtype))
+    except ModelUnavailable:
+        return None
+    return files[0] if len(files) == 1 else None
+
+
+def check_controlnet_fits(preset: ControlNetPreset, model_family: str, model_label: str) -> str | None:
+    """Why a ControlNet cannot serve a model of `model_family` (None when it can)."""
+    if preset.family == model_family:
+        return None
+    made_for, family = family_named(preset.family), family_named(model_family)
+    return (f"ControlNet {preset.label!r} is made for {made_for.label} models and cannot steer {model_label} "
+            f"({family.label}): a ControlNet adds to the blocks of the UNet it was trained with. Pick one made for "
+            f"{family.label}, or another preset.")
+
+
+def soft_injection_scales(count: int, weight: float) -> list[float]:
+    """A unit's scale for each of its `count` outputs (down blocks, then the middle block) under "My prompt is more
+    important"."""
+    return [weight * SOFT_INJECTION_BASE ** (count - 1 - index) for index in range(count)]
+
+
+@dataclass
+class ControlClock:
+    """Which sampling step a pass is at, for the units' guidance ranges: the pipeline's step callback advances it
+    once per model evaluation (twice a step for Heun, DPM2 and DPM++ SDE)."""
+
+    steps: int  # the pass's sampling steps
+    order: int = 1  # model evaluations per step
+    evaluations: int = 0
+
+    @property
+    def step(self) -> int:
+        return self.evaluations // self.order
+
+    def advance(self) -> None:
+        self.evaluations += 1
+
+    def ticking(self, then):
+        """A callback_on_step_end that advances the clock, then calls `then`."""
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            self.advance()
+            return then(pipe, step, timestep, callback_kwargs)
+
+        return on_step_end
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    """How one unit acts: its weight, the fraction of the pass's steps it starts and stops at, and its mode."""
+
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = BALANCED
+
+    def acts_at(self, step: int, steps: int) -> bool:
+        """As A1111: a unit acts at step i of n while start <= i / n <= end (and its weight is not 0)."""
+        done = step / max(steps, 1)
+        return self.weight != 0 and self.guidance_start <= done <= self.guidance_end
+
+
+class ControlUnits(MultiControlNetModel):
+    """A job's control units as diffusers' ControlNet pipelines call them (a MultiControlNetModel, which they
+    accept), with each unit's range and mode applied here rather than by the pipeline: the pipeline is called
+    with a full range and weight 1 per unit, and this module
+
+    - leaves out a unit outside its range or at weight 0 (the UNet gets no residuals at all when none acts, so a
+      unit at weight 0 gives the image without it, bit for bit);
+    - scales a unit's outputs by its weight ("Balanced"), by 0.825 ** (n - 1 - i) times it ("My prompt is more
+      important"), or adds them to the conditional half of the batch only, under classifier-free guidance
+      ("ControlNet is more important": the negative prompt's pass sees no control, as A1111's cfg injection).
+
+    The nets are the manager's shared models: this wrapper is made per pass and holds nothing else."""
+
+    def __init__(self, nets: list[torch.nn.Module], settings: list[UnitSettings], clock: ControlClock,
+                 guidance: bool):
+        super().__init__(nets)
+        self.settings = settings
+        self.clock = clock
+        self.guidance = guidance  # the batch is [negative, positive] halves
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
+                class_labels=None, timestep_cond=None, attention_mask=None, added_cond_kwargs=None,
+                cross_attention_kwargs=None, guess_mode=False, return_dict=True):
+        down, middle = None, None
+        for net, image, unit in zip(self.nets, controlnet_cond, self.settings):
+            if not unit.acts_at(self.clock.step, self.clock.steps):
+                continue
+            unit_down, unit_middle = net(
+                sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=image,
+                conditioning_scale=1.0, class_labels=class_labels, timestep_cond=timestep_cond,
+                attention_mask=attention_mask, added_cond_kwargs=added_cond_kwargs,
+                cross_attention_kwargs=cross_attention_kwargs, guess_mode=False, return_dict=False)
+            outputs = [*unit_down, unit_middle]
+            if unit.control_mode == PROMPT_MORE_IMPORTANT:
+                scales = soft_injection_scales(len(outputs), unit.weight)
+            else:
+                scales = [unit.weight] * len(outputs)
+            outputs = [output * scale for output, scale in zip(outputs, scales)]
+            if unit.control_mode == CONTROLNET_MORE_IMPORTANT and self.guidance:
+                outputs = [torch.cat([torch.zeros_like(half), half]) for half in
+                           (output.chunk(2)[1] for output in outputs)]
+            if down is None:
+                down, middle = outputs[:-1], outputs[-1]
+            else:
+                down = [total + output for total, output in zip(down, outputs[:-1])]
+                middle = middle + outputs[-1]
+        return down, middle
+
+
+@dataclass(frozen=True)
+class PassControls:
+    """What a denoising pass needs for its units: the manager's keys (one per unit, in order), each unit's control
+    image at the pass's size, and its settings."""
+
+    keys: tuple[ModelKey, ...]
+    images: tuple[Any, ...]  # PIL images
+    settings: tuple[UnitSettings, ...] = field(default=())
+
+    def roles(self) -> dict[str, ModelKey]:
+        return {control_role(index): key for index, key in enumerate(self.keys)}
+
+
+def control_role(index: int) -> str:
+    """A unit's ControlNet's role in a stage's lease."""
+    return f"{CONTROLNET}:{index}"
+
+
+def missing_controlnet_error(preset: ControlNetPreset) -> ModelUnavailable:
+    return ModelUnavailable(f"ControlNet {preset.label!r} is not here: its folder {preset.source} does not exist. "
+                            "For the embedded one: python -m studio.embedded train-controlnet.")

@@ -1,0 +1,214 @@
+"""Control units, as A1111's ControlNet extension offers them: a control image, a preprocessor, a ControlNet model,
+its weight, the fraction of the steps it acts on, its control mode, how its map is fitted to the image's size, and
+the preprocessor's resolution. A request carries up to `max_units` of them; each is checked with a message a user
+can act on, then preprocessed on the CPU into the map its ControlNet reads, before any GPU work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from PIL import Image
+
+from studio.a1111.controlnet import ControlNetFields
+from studio.core.errors import InvalidRequest
+from studio.models.controlnets import (
+    CONTROL_MODES,
+    ControlNetCatalog,
+    ControlNetPreset,
+    PassControls,
+    UnitSettings,
+    check_controlnet_fits,
+)
+from studio.models.presets import ModelPreset
+from studio.tasks.preprocessors import PREPROCESSORS, preprocess
+
+JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = "Just Resize", "Crop and Resize", "Resize and Fill"
+RESIZE_MODES = (JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL)
+MAX_WEIGHT = 2.0
+MIN_PROCESSOR_RES, MAX_PROCESSOR_RES = 64, 2048
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet unit of a request. `image` None: the request's own image is the control image (Sketch to
+    image and Inpaint: the sketch or picture itself)."""
+
+    model: str
+    image: Image.Image | None = None
+    preprocessor: str = "none"
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = "Balanced"
+    resize_mode: str = CROP_AND_RESIZE
+    pixel_perfect: bool = False
+    processor_res: int = 512
+    threshold_a: float | None = None  # the preprocessor's (None or -1: its default)
+    threshold_b: float | None = None
+
+
+@dataclass(frozen=True)
+class PlannedControl:
+    """A checked unit made ready for the device: its ControlNet and the map it reads at the generation's size.
+    Picklable (it crosses into ZeroGPU's worker)."""
+
+    preset: ControlNetPreset
+    image: Image.Image  # the preprocessed map, fitted to the generation's size
+    settings: UnitSettings
+    fields: ControlNetFields  # for the PNG (the model's hash is added with the model files)
+
+
+def check_control_units(units: tuple[ControlUnit, ...], preset: ModelPreset, catalog: ControlNetCatalog,
+                        max_units: int, max_upload_pixels: int, own_image: bool = False) -> list[str]:
+    """Problems with the units, each a sentence naming the unit. `own_image`: a unit without an image uses the
+    request's own."""
+    if len(units) > max_units:
+        return [f"At most {max_units} ControlNet unit(s) here (got {len(units)})."]
+    problems = []
+    for index, unit in enumerate(units):
+        label = f"ControlNet unit {index + 1}"
+        if unit.model not in catalog:
+            problems.append(f"{label}: unknown model {unit.model!r}. Available for {preset.label}: "
+                            f"{', '.join(catalog.for_family(preset.family)) or 'none'}.")
+        else:
+            mismatch = check_controlnet_fits(catalog.get(unit.model), preset.family, preset.label)
+            if mismatch:
+                problems.append(f"{label}: {mismatch}")
+        if unit.preprocessor not in PREPROCESSORS:
+            problems.append(f"{label}: unknown preprocessor {unit.preprocessor!r}. Available: "
+                            f"{', '.join(PREPROCESSORS)}.")
+        if unit.image is None and not own_image:
+            problems.append(f"{label}: give it a control image (upload one, or draw one).")
+        elif unit.image is not None:
+            if not isinstance(unit.image, Image.Image):
+                problems.append(f"{label}: the control image could not be read as an image.")
+            elif unit.image.width * unit.image.height > max_upload_pixels:
+                problems.append(f"{label}: the control image is too large ({unit.image.width}×{unit.image.height}; "
+                                f"at most {max_upload_pixels:,} pixels).")
+        if not (0 <= unit.weight <= MAX_WEIGHT):
+            problems.append(f"{label}: the weight must be between 0 and {MAX_WEIGHT:g} (got {unit.weight:g}).")
+        if not (0 <= unit.guidance_start < unit.guidance_end <= 1):
+            problems.append(f"{label}: guidance start and end must satisfy 0 <= start < end <= 1 (got "
+                            f"{unit.guidance_start:g} and {unit.guidance_end:g}).")
+        if unit.control_mode not in CONTROL_MODES:
+            problems.append(f"{label}: control mode must be one of {', '.join(CONTROL_MODES)}.")
+        if unit.resize_mode not in RESIZE_MODES:
+            problems.append(f"{label}: resize mode must be one of {', '.join(RESIZE_MODES)}.")
+        if not (MIN_PROCESSOR_RES <= unit.processor_res <= MAX_PROCESSOR_RES):
+            problems.append(f"{label}: the preprocessor resolution must be between {MIN_PROCESSOR_RES} and "
+                            f"{MAX_PROCESSOR_RES} (got {unit.processor_res}).")
+        problems += _threshold_problems(unit, label)
+    return problems
+
+
+def _threshold_problems(unit: ControlUnit, label: str) -> list[str]:
+    preprocessor = PREPROCESSORS.get(unit.preprocessor)
+    problems = []
+    for value, threshold in ((unit.threshold_a, preprocessor and preprocessor.threshold_a),
+                             (unit.threshold_b, preprocessor and preprocessor.threshold_b)):
+        if value is None or value == -1 or threshold is None:
+            continue
+        if not (threshold.minimum <= value <= threshold.maximum):
+            problems.append(f"{label}: {threshold.label} must be between {threshold.minimum:g} and "
+                            f"{threshold.maximum:g} (got {value:g}).")
+    return problems
+
+
+def pixel_perfect_resolution(image: Image.Image, size: tuple[int, int], resize_mode: str) -> int:
+    """A1111's pixel perfect: the preprocessor resolution at which its map needs no further scaling for the
+    generation's size (sd-webui-controlnet, pixel_perfect_resolution)."""
+    scale_h, scale_w = size[1] / image.height, size[0] / image.width
+    scale = min(scale_h, scale_w) if resize_mode == RESIZE_AND_FILL else max(scale_h, scale_w)
+    return int(round(scale * min(image.size)))
+
+
+def fit_to_size(control_map: Image.Image, size: tuple[int, int], resize_mode: str) -> Image.Image:
+    """The map at exactly `size`: stretched (Just Resize), scaled to cover and cut to the middle (Crop and
+    Resize), or scaled to fit inside with black around it, where a map says "no control" (Resize and Fill)."""
+    width, height = size
+    if control_map.size == size:
+        return control_map
+    if resize_mode == JUST_RESIZE:
+        return control_map.resize(size, Image.Resampling.LANCZOS)
+    cover = resize_mode == CROP_AND_RESIZE
+    scale = (max if cover else min)(width / control_map.width, height / control_map.height)
+    scaled = control_map.resize((max(1, round(control_map.width * scale)), max(1, round(control_map.height * scale))),
+                                Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", size)
+    canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
+    return canvas
+
+
+def control_map(unit: ControlUnit, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """What the unit's ControlNet reads: `image` preprocessed (at the unit's resolution, or pixel perfect's) and
+    fitted to `size`."""
+    resolution = pixel_perfect_resolution(image, size, unit.resize_mode) if unit.pixel_perfect else unit.processor_res
+    processed = preprocess(unit.preprocessor, image, max(MIN_PROCESSOR_RES, resolution), unit.threshold_a,
+                           unit.threshold_b)
+    return fit_to_size(processed.convert("RGB"), size, unit.resize_mode)
+
+
+def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, size: tuple[int, int],
+                  own_image: Image.Image | None = None) -> tuple[PlannedControl, ...]:
+    """The checked units as planned controls: each map made now, on the CPU."""
+    planned = []
+    for unit in units:
+        preset = catalog.get(unit.model)
+        image = unit.image if unit.image is not None else own_image
+        if image is None:
+            raise InvalidRequest(["A ControlNet unit has no control image."])
+        preprocessor = PREPROCESSORS[unit.preprocessor]
+        a, b = preprocessor.thresholds(unit.threshold_a, unit.threshold_b)
+        resolution = pixel_perfect_resolution(image, size, unit.resize_mode) if unit.pixel_perfect \
+            else unit.processor_res
+        fields = ControlNetFields(module=preprocessor.a1111_module, model=written_name(preset), weight=unit.weight,
+                                  resize_mode=unit.resize_mode, processor_res=resolution, threshold_a=a,
+                                  threshold_b=b, guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
+                                  pixel_perfect=unit.pixel_perfect, control_mode=unit.control_mode)
+        settings = UnitSettings(unit.weight, unit.guidance_start, unit.guidance_end, unit.control_mode)
+        planned.append(PlannedControl(preset, control_map(unit, image, size), settings, fields))
+    return tuple(planned)
+
+
+def written_name(preset: ControlNetPreset) -> str:
+    """The model's name in the PNG, as A1111 writes it: the file's or repo's name."""
+    return preset.source.rstrip("/").rsplit("/", 1)[-1]
+
+
+def pass_controls(controls: tuple[PlannedControl, ...], size: tuple[int, int]) -> PassControls | None:
+    """What a denoising pass at `size` gives its units (Hires. fix's second pass: the maps at its size)."""
+    if not controls:
+        return None
+    images = tuple(control.image if control.image.size == size else
+                   control.image.resize(size, Image.Resampling.LANCZOS) for control in controls)
+    return PassControls(tuple(control.preset.key for control in controls), images,
+                        tuple(control.settings for control in controls))
+
+
+def with_model_hashes(controls: tuple[PlannedControl, ...], hashes: list[str | None]) -> tuple[PlannedControl, ...]:
+    return tuple(replace(control, fields=replace(control.fields, model_hash=model_hash))
+                 for control, model_hash in zip(controls, hashes))
+
+
+def unit_from_fields(fields: ControlNetFields, catalog: ControlNetCatalog) -> tuple[ControlUnit | None, str]:
+    """A unit of the form from a PNG's fields, and a note ("" when all is well): the control image is not in a
+    PNG, and a model this studio does not offer cannot be set."""
+    preprocessor = next((p.name for p in PREPROCESSORS.values() if p.a1111_module == fields.module), "none")
+    model = next((preset.name for preset in catalog if written_name(preset) == fields.model or
+                  preset.name == fields.model), None)
+    if model is None:
+        return None, f"The PNG's ControlNet model {fields.model!r} is not offered here."
+    unit = ControlUnit(model=model, preprocessor=preprocessor, weight=fields.weight,
+                       guidance_start=fields.guidance_start, guidance_end=fields.guidance_end,
+                       control_mode=fields.control_mode if fields.control_mode in CONTROL_MODES else "Balanced",
+                       resize_mode=fields.resize_mode if fields.resize_mode in RESIZE_MODES else CROP_AND_RESIZE,
+                       pixel_perfect=fields.pixel_perfect, processor_res=fields.processor_res,
+                       threshold_a=None if fields.threshold_a == -1 else fields.threshold_a,
+                       threshold_b=None if fields.threshold_b == -1 else fields.threshold_b)
+    return unit, "The control image is not stored in a PNG: give it again."
+
+
+def is_blank(image: Image.Image) -> bool:
+    """A map with nothing on it (a sketch preprocessed to all black)."""
+    return not np.asarray(image.convert("L")).any()

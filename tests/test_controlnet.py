@@ -1,0 +1,301 @@
+"""ControlNet units: tiny random ControlNets for the embedded model, SD 2.x and SDXL, loaded through the presets
+path and leased by the memory manager beside the UNet; weight, guidance range and the three control modes as A1111
+computes them; several units; the PNG fields; the checks; the preprocessors."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from tiny_models import EMBEDDED, save_random_controlnet, save_tiny_sd2, save_tiny_sdxl
+
+from studio.a1111.controlnet import ControlNetFields, parse_unit, read_controlnet_fields
+from studio.a1111.metadata import parse_parameters
+from studio.core.errors import InvalidRequest
+from studio.models.controlnets import (
+    CONTROLNET,
+    CONTROLNET_MORE_IMPORTANT,
+    PROMPT_MORE_IMPORTANT,
+    ControlClock,
+    ControlNetCatalog,
+    ControlNetPreset,
+    ControlUnits,
+    UnitSettings,
+    load_controlnets,
+    soft_injection_scales,
+)
+from studio.models.presets import ModelPreset, PresetCatalog, load_presets
+from studio.tasks.control import (
+    CROP_AND_RESIZE,
+    JUST_RESIZE,
+    RESIZE_AND_FILL,
+    ControlUnit,
+    fit_to_size,
+    pixel_perfect_resolution,
+    unit_from_fields,
+)
+from studio.tasks.engines import local_engines
+from studio.tasks.generation import TextToImageRequest
+from studio.tasks.inpainting import InpaintRequest
+from studio.tasks.preprocessors import preprocess
+
+PROMPT = "a red circle on a blue background"
+
+
+def sketch(size: int = 64) -> Image.Image:
+    """Black lines on white, as a person draws: a square at the bottom right."""
+    image = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(image).rectangle((size // 2, size // 2, size - 8, size - 8), outline="black", width=3)
+    return image
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnets")
+    sd2, sdxl = save_tiny_sd2(root / "tiny-sd2"), save_tiny_sdxl(root / "tiny-sdxl")
+    return {"embedded": save_random_controlnet(EMBEDDED, root / "cn-embedded", seed=1),
+            "embedded-b": save_random_controlnet(EMBEDDED, root / "cn-embedded-b", seed=2),
+            "sd2": sd2, "sdxl": sdxl,
+            "cn-sd2": save_random_controlnet(sd2, root / "cn-sd2", seed=3),
+            "cn-sdxl": save_random_controlnet(sdxl, root / "cn-sdxl", seed=4)}
+
+
+@pytest.fixture(scope="module")
+def catalog(folders):
+    return ControlNetCatalog([
+        ControlNetPreset("embedded-a", "Embedded A", "embedded", local=folders["embedded"], preprocessor="invert"),
+        ControlNetPreset("embedded-b", "Embedded B", "embedded", local=folders["embedded-b"]),
+        ControlNetPreset("sd2", "Tiny SD 2", "sd21", local=folders["cn-sd2"]),
+        ControlNetPreset("sdxl", "Tiny SDXL", "sdxl", local=folders["cn-sdxl"]),
+        ControlNetPreset("elsewhere", "Not here", "embedded", local=Path("/nonexistent/controlnet")),
+    ])
+
+
+@pytest.fixture(scope="module")
+def engines(folders, catalog):
+    embedded = load_presets().get("embedded")
+    tiny = dict(description="tiny", default_width=64, default_height=64, min_size=64, default_steps=4,
+                default_scheduler="Euler")
+    presets = PresetCatalog([embedded,
+                             ModelPreset(name="tiny-sd2", label="Tiny SD 2", family="sd21", local=folders["sd2"], **tiny),
+                             ModelPreset(name="tiny-sdxl", label="Tiny SDXL", family="sdxl", local=folders["sdxl"],
+                                         **tiny)], "embedded")
+    return local_engines(presets, controlnets=catalog)
+
+
+def request(**fields) -> TextToImageRequest:
+    return TextToImageRequest(**{"prompt": PROMPT, "seed": 3, "steps": 6, **fields})
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].image)
+
+
+def test_weight_0_gives_the_plain_image_bit_for_bit_and_weight_1_another(engines):
+    engine = engines.text_to_image
+    plain = pixels(engine.generate(request()))
+    off = engine.generate(request(controls=(ControlUnit("embedded-a", sketch(), "invert", weight=0.0),)))
+    on = engine.generate(request(controls=(ControlUnit("embedded-a", sketch(), "invert", weight=1.0),)))
+    assert np.array_equal(pixels(off), plain)
+    assert np.abs(pixels(on).astype(int) - plain).mean() > 1
+
+
+def test_the_manager_leases_and_counts_the_controlnet_beside_the_unet(engines, folders):
+    engine = engines.text_to_image
+    engine.generate(request(controls=(ControlUnit("embedded-a", sketch(), "invert"),)))
+    records = [record for record in engines.manager.status().models if record.kind == CONTROLNET]
+    weights = Path(folders["embedded"]) / "diffusion_pytorch_model.safetensors"
+    assert [record.source for record in records] == [str(folders["embedded"])]
+    assert records[0].size == pytest.approx(weights.stat().st_size, rel=0.01)  # float32 on disk and in memory
+    assert engines.manager.status().device_used <= engines.manager.device_budget
+
+
+class Recording(torch.nn.Module):
+    """A stand-in ControlNet: residuals of ones (3 down blocks and the middle one), recording the calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, **kwargs):
+        self.calls += 1
+        ones = torch.ones(sample.shape[0], 1, 2, 2)
+        return [ones.clone() for _ in range(3)], ones.clone()
+
+
+def run_units(settings: list[UnitSettings], step: int = 0, steps: int = 10, guidance: bool = True):
+    nets = [Recording() for _ in settings]
+    units = ControlUnits(nets, settings, ControlClock(steps, evaluations=step), guidance)
+    sample = torch.zeros(2 if guidance else 1, 4, 2, 2)
+    down, middle = units(sample, 1, None, [None] * len(nets), [1.0] * len(nets))
+    return down, middle, nets
+
+
+def test_the_three_control_modes_as_a1111_computes_them():
+    down, middle, _ = run_units([UnitSettings(weight=0.5)])  # Balanced: the weight on every output, both halves
+    assert all(torch.equal(output, torch.full_like(output, 0.5)) for output in [*down, middle])
+    down, middle, _ = run_units([UnitSettings(weight=0.5, control_mode=PROMPT_MORE_IMPORTANT)])
+    scales = [float(output.flatten()[0]) for output in [*down, middle]]
+    assert scales == pytest.approx([0.5 * 0.825**3, 0.5 * 0.825**2, 0.5 * 0.825, 0.5])  # the middle block at full
+    assert soft_injection_scales(13, 1.0)[0] == pytest.approx(0.825**12)  # SD 1.x's 13 outputs, as A1111 has them
+    down, middle, _ = run_units([UnitSettings(weight=0.5, control_mode=CONTROLNET_MORE_IMPORTANT)])
+    for output in [*down, middle]:  # the negative prompt's half of the batch gets none
+        assert torch.equal(output[0], torch.zeros_like(output[0])) and torch.equal(output[1], torch.full_like(output[1], 0.5))
+
+
+def test_several_units_add_up_and_a_unit_acts_only_inside_its_range():
+    settings = [UnitSettings(weight=1.0), UnitSettings(weight=0.25, guidance_start=0.2, guidance_end=0.5)]
+    down, _, nets = run_units(settings, step=1)  # 1/10 is before the second unit's start
+    assert float(down[0].flatten()[0]) == 1.0 and nets[1].calls == 0
+    down, _, nets = run_units(settings, step=5)  # 5/10 = its end: still acts, as A1111's `<=`
+    assert float(down[0].flatten()[0]) == 1.25 and nets[1].calls == 1
+    down, middle, nets = run_units([UnitSettings(weight=1.0, guidance_end=0.5)], step=6)
+    assert down is None and middle is None and nets[0].calls == 0  # none acts: the UNet gets no residuals
+
+
+def test_the_guidance_range_is_honoured_step_by_step_in_a_real_pass(engines, monkeypatch):
+    """8 Euler steps, start 0.25, end 0.5: the ControlNet runs at steps 2, 3 and 4 (i / 8 within [0.25, 0.5])."""
+    import studio.models.controlnets as controlnets
+
+    acting = []
+    original = controlnets.UnitSettings.acts_at
+
+    def recording(self, step, steps):
+        acts = original(self, step, steps)
+        if acts:
+            acting.append(step)
+        return acts
+
+    monkeypatch.setattr(controlnets.UnitSettings, "acts_at", recording)
+    unit = ControlUnit("embedded-a", sketch(), "invert", guidance_start=0.25, guidance_end=0.5)
+    engines.text_to_image.generate(request(steps=8, controls=(unit,)))
+    assert acting == [2, 3, 4]
+    acting.clear()  # Heun evaluates twice a step: the same steps, each twice
+    engines.text_to_image.generate(request(steps=8, scheduler="Heun", controls=(unit,)))
+    assert acting == [2, 2, 3, 3, 4, 4]
+
+
+def test_two_units_at_once_differ_from_each_alone(engines):
+    engine = engines.text_to_image
+    first = ControlUnit("embedded-a", sketch(), "invert")
+    second = ControlUnit("embedded-b", sketch().transpose(Image.Transpose.FLIP_LEFT_RIGHT), "invert", weight=0.7)
+    both = pixels(engine.generate(request(controls=(first, second))))
+    assert not np.array_equal(both, pixels(engine.generate(request(controls=(first,)))))
+    assert not np.array_equal(both, pixels(engine.generate(request(controls=(second,)))))
+
+
+@pytest.mark.parametrize("preset, model", [("tiny-sd2", "sd2"), ("tiny-sdxl", "sdxl")])
+def test_sd2_and_sdxl_run_their_own_controlnets(engines, preset, model):
+    engine = engines.text_to_image
+    base = request(preset=preset, steps=3)
+    plain = pixels(engine.generate(base))
+    controlled = pixels(engine.generate(replace(base, controls=(ControlUnit(model, sketch(), "invert"),))))
+    assert controlled.shape == plain.shape and not np.array_equal(controlled, plain)
+
+
+def test_a_controlnet_of_another_family_is_refused_with_the_reason(engines):
+    with pytest.raises(InvalidRequest, match=r"made for SDXL models and cannot steer Embedded shapes model \(offline\) \(Embedded shapes\)"):
+        engines.text_to_image.plan(request(controls=(ControlUnit("sdxl", sketch()),)))
+
+
+@pytest.mark.parametrize("unit, message", [
+    (ControlUnit("nope", sketch()), "unknown model 'nope'. Available for Embedded shapes model (offline): embedded-a, embedded-b, elsewhere"),
+    (ControlUnit("embedded-a", None), "give it a control image"),
+    (ControlUnit("embedded-a", sketch(), weight=2.5), "the weight must be between 0 and 2"),
+    (ControlUnit("embedded-a", sketch(), guidance_start=0.6, guidance_end=0.4), "0 <= start < end <= 1"),
+    (ControlUnit("embedded-a", sketch(), preprocessor="depth_leres"), "unknown preprocessor 'depth_leres'"),
+    (ControlUnit("embedded-a", sketch(), control_mode="Loud"), "control mode must be one of Balanced"),
+    (ControlUnit("embedded-a", sketch(), preprocessor="canny", threshold_a=300), "Canny low threshold must be"),
+    (ControlUnit("elsewhere", sketch()), "ControlNet 'Not here' is not here"),
+])
+def test_bad_units_get_a_clear_message_before_any_gpu_work(engines, unit, message):
+    with pytest.raises(InvalidRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
+        engines.text_to_image.plan(request(controls=(unit,)))
+
+
+def test_more_units_than_allowed_and_an_oversized_control_image_are_refused(engines):
+    unit = ControlUnit("embedded-a", sketch())
+    with pytest.raises(InvalidRequest, match=r"At most 3 ControlNet unit\(s\) here \(got 4\)"):
+        engines.text_to_image.plan(request(controls=(unit,) * 4))
+    huge = replace(unit, image=Image.new("RGB", (8000, 7000)))
+    with pytest.raises(InvalidRequest, match="the control image is too large"):
+        engines.text_to_image.plan(request(controls=(huge,)))
+
+
+def test_the_png_says_each_unit_as_a1111_writes_it_and_reads_back_into_a_unit(engines, catalog):
+    unit = ControlUnit("embedded-a", sketch(), "canny", weight=0.8, guidance_start=0.1, guidance_end=0.9,
+                       control_mode=PROMPT_MORE_IMPORTANT, resize_mode=JUST_RESIZE, processor_res=256,
+                       threshold_a=50)
+    result = engines.text_to_image.generate(request(steps=2, controls=(unit,)))
+    fields = read_controlnet_fields(parse_parameters(result.images[0].parameters).extra)
+    assert len(fields) == 1 and fields[0].module == "canny" and fields[0].model == "cn-embedded"
+    assert fields[0].model_hash and len(fields[0].model_hash) == 8
+    assert 'ControlNet 0: "Module: canny, Model: cn-embedded [' in result.images[0].parameters
+    assert ("Weight: 0.8, Resize Mode: Just Resize, Processor Res: 256, Threshold A: 50, Threshold B: 200, "
+            "Guidance Start: 0.1, Guidance End: 0.9, Pixel Perfect: False, Control Mode: My prompt is more "
+            "important") in result.images[0].parameters
+    back, note = unit_from_fields(fields[0], catalog)
+    # what ran, the preprocessor's default high threshold included
+    assert back == replace(unit, image=None, threshold_b=200) and "not stored in a PNG" in note
+
+
+def test_a1111s_own_field_reads_and_an_unknown_model_is_said():
+    text = ("Module: scribble_xdog, Model: control_v11p_sd15_scribble [d4ba51ff], Weight: 1, Resize Mode: Crop and "
+            "Resize, Processor Res: 512, Threshold A: 32, Threshold B: -1, Guidance Start: 0, Guidance End: 1, "
+            "Pixel Perfect: True, Control Mode: ControlNet is more important")
+    unit = parse_unit(text)
+    assert unit == ControlNetFields("scribble_xdog", "control_v11p_sd15_scribble", "d4ba51ff", 1.0, CROP_AND_RESIZE,
+                                    512, 32, -1, 0.0, 1.0, True, CONTROLNET_MORE_IMPORTANT)
+    assert unit.text() == text
+    form, note = unit_from_fields(unit, load_controlnets())
+    assert form.model == "sd15-scribble" and form.preprocessor == "scribble" and form.pixel_perfect
+    missing, note = unit_from_fields(replace(unit, model="control_v11e_sd15_shuffle"), load_controlnets())
+    assert missing is None and "not offered here" in note
+
+
+def test_inpaint_and_sketch_to_image_use_their_own_picture_when_a_unit_has_none(engines):
+    inpainter = engines.inpainter
+    drawing = sketch()
+    base = InpaintRequest(prompt=PROMPT, seed=2, steps=4, strength=0.8)
+    plain = pixels(inpainter.sketch_to_image(drawing, base))
+    controlled = inpainter.sketch_to_image(drawing, replace(base, controls=(ControlUnit("embedded-a", None, "invert"),)))
+    assert not np.array_equal(pixels(controlled), plain)
+    mask = Image.new("L", (64, 64))
+    ImageDraw.Draw(mask).rectangle((20, 20, 50, 50), fill=255)
+    picture = Image.new("RGB", (64, 64), "blue")
+    result = inpainter.inpaint(picture, mask, replace(base, controls=(ControlUnit("embedded-a", drawing, "invert"),)))
+    out = np.asarray(result.images[0].image)
+    assert out.shape == (64, 64, 3) and np.array_equal(out[:8, :8], np.asarray(picture)[:8, :8])  # outside the mask
+    assert "ControlNet 0" in result.images[0].parameters
+
+
+def test_preprocessors_make_the_maps_the_models_read():
+    drawing = sketch()
+    inverted = np.asarray(preprocess("invert", drawing, 64))
+    assert inverted[0, 0].tolist() == [0, 0, 0] and inverted[32, 32].tolist() == [255, 255, 255]  # white lines on black
+    edges = np.asarray(preprocess("canny", drawing, 64))
+    assert set(np.unique(edges)) <= {0, 255} and edges[:, :, 0].any() and not edges[:20, :20].any()
+    scribble = np.asarray(preprocess("scribble", drawing, 128))
+    assert scribble.shape == (128, 128, 3) and scribble[64:, 64:].any() and not scribble[:40, :40].any()
+    photo = Image.new("RGB", (200, 100), (200, 30, 30))
+    assert preprocess("none", photo, 64).size == (200, 100)  # as it is, at its own size
+
+
+def test_resize_modes_and_pixel_perfect_as_a1111():
+    wide = Image.new("RGB", (200, 100), "white")
+    assert fit_to_size(wide, (64, 64), JUST_RESIZE).getpixel((0, 32)) == (255, 255, 255)
+    cropped = np.asarray(fit_to_size(wide, (64, 64), CROP_AND_RESIZE))
+    assert cropped.min() == 255  # covers the square, the sides cut off
+    filled = np.asarray(fit_to_size(wide, (64, 64), RESIZE_AND_FILL))
+    assert filled[0].max() == 0 and filled[32].min() == 255  # fits inside, black ("no control") above and below
+    assert pixel_perfect_resolution(wide, (64, 64), CROP_AND_RESIZE) == 64  # the shorter side scaled to cover
+    assert pixel_perfect_resolution(wide, (64, 64), RESIZE_AND_FILL) == 32
+
+
+def test_the_shipped_catalog_reads_and_names_a_family_for_each_model():
+    catalog = load_controlnets()
+    assert {"sd15-scribble", "sd15-canny", "sdxl-scribble", "sdxl-canny"} <= set(catalog.names)
+    assert catalog.get("sd15-scribble").repo == "lllyasviel/control_v11p_sd15_scribble"
+    assert all(catalog.get(name).family == "sd15" for name in catalog.for_family("sd15"))
