@@ -277,6 +277,9 @@ def test_a_lora_patch_merges_and_its_removal_gives_back_every_tensor_bit_for_bit
     copies = [*merged] + [name.replace(".weight", ".bias") for name in merged
                                           if name.replace(".weight", ".bias") in before]
     assert patch.held() == (0 if with_bias else sum(before[name].numel() * 4 for name in copies))
+    # the bound room is made for beforehand: every adapted layer's weight and a bias, from the LoRA's own shapes
+    bound = patch.held_bound(unet, {lora_role(lora): LoraWeights(tensors, None, None)})
+    assert with_bias or patch.held() <= bound <= patch.held() + sum(before[name].shape[0] * 4 for name in merged)
     assert with_bias or len(merged) >= 8
     patch.remove(unet)
     assert patch.held() == 0

@@ -500,7 +500,8 @@ class Keeping:
     def __init__(self, name: str = "keeping"):
         self.kept: dict[str, torch.Tensor] = {}
         self.patch = Patch(identity=("keeping", name), apply=self.apply, remove=self.remove,
-                           held=lambda: sum(t.numel() * t.element_size() for t in self.kept.values()))
+                           held=lambda: sum(t.numel() * t.element_size() for t in self.kept.values()),
+                           held_bound=lambda model, lease: model.parts[0].weight.numel() * 4)
 
     def apply(self, model, lease):
         weight = model.parts[0].weight
@@ -541,6 +542,31 @@ def test_what_a_patch_keeps_in_ram_is_on_the_books_and_makes_room_there():
     assert manager.status().ram_used == SIZES["unet"] and not keeping.kept
 
 
+def test_room_for_what_a_patch_keeps_is_made_in_ram_while_its_model_is_on_the_device():
+    kept = SIZES["unet"] // 4
+    manager = two_tier_manager(TrackingLoader(), ram_budget=SIZES["vae"] + kept - KB)
+    with manager.use({"vae": A["vae"]}):
+        pass
+    manager.offload_idle()  # the VAE waits in RAM, where the kept copy will not fit beside it
+    with manager.use({"unet": A["unet"]}, patches={"unet": Keeping().patch}):
+        assert not manager.is_loaded(A["vae"]) and manager.status().ram_used == kept
+
+
+def test_a_patch_there_is_no_room_for_is_taken_off_and_never_passes_the_budget():
+    """One tier: the kept copy does not fit beside the UNet. The lease is refused before anything changes, the
+    model stays as loaded, and asking again refuses again rather than going over the budget."""
+    manager = cpu_manager(TrackingLoader(), SIZES["unet"] + SIZES["unet"] // 8)
+    keeping = Keeping()
+    for _ in range(2):
+        with pytest.raises(OutOfMemoryBudget):
+            with manager.use({"unet": A["unet"]}, patches={"unet": keeping.patch}):
+                pass
+        assert not manager.carries(A["unet"], keeping.patch.identity) and not keeping.kept
+        assert manager.loaded_object(A["unet"]).parts[0].weight[0] == 1
+        status = manager.status()
+        assert status.device_used == SIZES["unet"] and status.peak <= manager.device_budget
+
+
 def test_on_the_cpu_what_a_patch_keeps_counts_against_the_device_budget():
     """One tier: the kept copies are in the same memory as the models; an idle model is dropped for them rather
     than the budget passed."""
@@ -558,15 +584,23 @@ def test_on_the_cpu_what_a_patch_keeps_counts_against_the_device_budget():
     manager.remove_patches()
     assert manager.status().device_used == SIZES["unet"] + SIZES["text_encoder"]
     assert manager.loaded_object(A["unet"]).parts[0].weight[0] == 1  # put back
+    assert manager.status().peak <= manager.device_budget  # room was made before the copy, not after
 
 
-def test_layers_a_patch_adds_are_measured_not_declared():
+def test_layers_a_patch_adds_are_measured_not_declared_and_made_room_for():
     manager = cpu_manager(TrackingLoader(), 10 * PIPELINE)
     adding = Adding(count=1000)
     with manager.use({"unet": A["unet"]}, patches={"unet": adding.patch}):
         assert manager.status().device_used == SIZES["unet"] + 4000  # 1000 float32 the patch never declared
     manager.remove_patches()
     assert manager.status().device_used == SIZES["unet"]
+    # two tiers: the layers left on the model on the device push an idle model off it
+    manager = two_tier_manager(TrackingLoader(), device_budget=SIZES["unet"] + SIZES["vae"] + 10 * KB)
+    with manager.use({"vae": A["vae"]}):
+        pass
+    with manager.use({"unet": A["unet"]}, patches={"unet": Adding(count=5000).patch}):
+        assert placements(manager)[(A["vae"].source, "vae")] == RAM
+        assert manager.status().device_used == SIZES["unet"] + 20000 <= manager.device_budget
 
 
 # ----- the records are the truth: what a lease's code does to a model is put back -----

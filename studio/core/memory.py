@@ -78,13 +78,15 @@ class Patch:
     and, if it raises, leaves the model as it was. What it adds to the model's parameters and buffers (adapter
     layers) the manager measures; `size`: bytes it adds that they do not show. `held()`: bytes the applied patch
     keeps in host RAM outside the model (a merged LoRA's copies of the weights it changed, to put them back),
-    counted against RAM's budget (the device's, where the device is the CPU)."""
+    counted against RAM's budget (the device's, where the device is the CPU); `held_bound(model, lease)`: at
+    most that many, known before it is applied, so that room is made first."""
 
     identity: Hashable
     apply: Callable[[Any, Mapping[str, Any]], None]
     remove: Callable[[Any], None]
     size: int = 0
     held: Callable[[], int] = lambda: 0
+    held_bound: Callable[[Any, Mapping[str, Any]], int] = lambda model, lease: 0
 
 
 @dataclass
@@ -111,6 +113,7 @@ class ModelRecord:
     placement: str
     in_use: bool
     dtype: str = ""  # what its weights are kept in ("" for weightless parts)
+    held: int = 0  # bytes its patch keeps in host RAM outside it (a merged LoRA's copies of the weights)
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ class MemoryStatus:
         else:
             sources: dict[str, int] = {}
             for record in self.models:
-                sources[record.source] = sources.get(record.source, 0) + record.size
+                sources[record.source] = sources.get(record.source, 0) + record.size + record.held
             loaded = ", ".join(f"{source.rstrip('/').rsplit('/', 1)[-1]} {format_bytes(size)}"
                                for source, size in sources.items())
         line = f"{self.device}: {format_bytes(self.device_used)} of {format_bytes(self.device_budget)} budget"
@@ -323,7 +326,7 @@ class ModelManager:
         with self._state_lock:
             models = tuple(
                 ModelRecord(e.key.source, e.key.part, e.key.kind, e.size, e.placement, e.locks > 0,
-                            dtype_name(e.dtype) if e.size and e.dtype else "")
+                            dtype_name(e.dtype) if e.size and e.dtype else "", e.held)
                 for e in sorted(self._entries.values(), key=lambda e: e.last_used)
                 if e.size > 0
             )
@@ -463,7 +466,7 @@ class ModelManager:
         """Evict least recently used models until `needed` bytes are free; refuse *before* evicting anything
         when even evicting everything allowed would not be enough."""
         with self._state_lock:
-            evictable = sum(e.size for e in self._entries.values()
+            evictable = sum(e.size + (0 if self.two_tiers else e.held) for e in self._entries.values()
                             if e.placement == DEVICE and e.locks == 0 and not e.pinned and e.key not in protected)
         if self._device_free() + evictable < needed:
             self._refuse(needed)
@@ -511,7 +514,12 @@ class ModelManager:
         with self._state_lock:
             if self._entries.get(entry.key) is entry:
                 del self._entries[entry.key]
-        entry.obj, entry.patch = None, None
+        if entry.patch is not None:  # what it keeps to put the model back goes with the model
+            try:
+                entry.patch.remove(entry.obj)
+            except Exception:  # noqa: BLE001 - the model goes anyway
+                log.debug("a patch of %s could not be removed as its model was dropped", entry.key.label)
+        entry.obj, entry.patch, entry.held = None, None, 0
         release_memory(self.device)
 
     def _reassert(self, keys) -> None:
@@ -538,33 +546,49 @@ class ModelManager:
             return
         entry.obj.to(dtype=dtype)
         with self._state_lock:
-            entry.dtype, entry.size = dtype, module_bytes(entry.obj)
+            entry.dtype, entry.size = dtype, module_bytes(entry.obj) + (entry.patch.size if entry.patch else 0)
         cast.append(entry)
         self._note_peak()
 
     def _patch(self, entries: Mapping[str, _Entry], patches: Mapping[str, Patch], lease: Mapping[str, Any]) -> None:
         """Each leased model with exactly the patch `patches` names for its role (none where it names none), its
-        bytes and what the patch keeps in RAM on the books. Room for the kept copies is made after they are made
-        (their size is known then): least recently used idle models leave RAM (on the CPU: the device) for them."""
+        bytes and what the patch keeps in RAM on the books. Room is made before applying, for the patch's bound
+        on what it will keep (least recently used idle models leave RAM, or on the CPU the device), then settled
+        with what it really added; a patch there is no room for is taken off again and the error raised."""
+        protected = {e.key for e in entries.values()}
         for role, entry in entries.items():
             wanted = patches.get(role)
             if entry.patch is not None and (wanted is None or entry.patch.identity != wanted.identity):
                 self._unpatch(entry)
-            if wanted is not None and entry.patch is None:
-                wanted.apply(entry.obj, lease)
-                with self._state_lock:
-                    entry.patch, entry.size, entry.held = wanted, self._bytes_of(entry) + wanted.size, wanted.held()
-                self._note_peak()
-                if entry.held:
-                    protected = {e.key for e in entries.values()}
-                    if self.two_tiers:
-                        self._make_room_in_ram(0, protected)
-                    else:
-                        self._make_room_on_device(0, protected)
+            if wanted is None or entry.patch is not None:
+                continue
+            self._make_room_for_held(wanted.held_bound(entry.obj, lease), protected)
+            wanted.apply(entry.obj, lease)
+            before = entry.size
+            with self._state_lock:
+                entry.patch, entry.size, entry.held = wanted, self._bytes_of(entry) + wanted.size, wanted.held()
+            try:
+                self._make_room_for_held(0, protected)
+                if entry.size > before and entry.placement == DEVICE:  # adapter layers left on the model
+                    self._make_room_on_device(0, protected)
+            except OutOfMemoryBudget:
+                self._unpatch(entry)
+                raise
+            self._note_peak()
 
-    def _bytes_of(self, entry: _Entry) -> int:
-        """A model's bytes as its parameters and buffers show them now (a patch's adapter layers included)."""
-        return module_bytes(entry.obj) if isinstance(entry.obj, torch.nn.Module) else entry.size
+    def _make_room_for_held(self, needed: int, protected: set[ModelKey]) -> None:
+        """Room for `needed` more bytes kept in host RAM: RAM's (a soft limit) on two tiers, the device's on one."""
+        if self.two_tiers:
+            self._make_room_in_ram(needed, protected)
+        else:
+            self._make_room_on_device(needed, protected)
+
+    def _bytes_of(self, entry: _Entry, without: Patch | None = None) -> int:
+        """A model's bytes as its parameters and buffers show them now (a patch's adapter layers included); for
+        an object that is not a module, its recorded size less `without`'s declared bytes."""
+        if isinstance(entry.obj, torch.nn.Module):
+            return module_bytes(entry.obj)
+        return entry.size - (without.size if without is not None else 0)
 
     def _unpatch(self, entry: _Entry) -> None:
         """The patch off the model. A model whose patch cannot be removed is in an unknown state: it is dropped
@@ -577,7 +601,7 @@ class ModelManager:
             self._drop(entry)
             raise
         with self._state_lock:
-            entry.patch, entry.size, entry.held = None, self._bytes_of(entry), 0
+            entry.patch, entry.size, entry.held = None, self._bytes_of(entry, without=patch), 0
 
     def _unlock(self, entries) -> None:
         with self._state_lock:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 from collections.abc import Mapping
@@ -378,8 +379,33 @@ def lora_patch(component: str, family: ModelFamily, loras: tuple[AppliedLora, ..
         return sum(tensor.numel() * tensor.element_size() for pair in kept.values() for tensor in pair
                    if tensor is not None)
 
+    def held_bound(model, lease: Mapping[str, Any]) -> int:  # before applying: room is made for this first
+        # diffusers' converted keys start with the component's name ("unet.", "text_encoder.")
+        return adapted_layer_bytes([lease[lora_role(lora)] for lora in loras], component, model)
+
     return Patch(identity=("lora", component, tuple(lora.key for lora in loras), weights), apply=apply,
-                 remove=remove, held=held)
+                 remove=remove, held=held, held_bound=held_bound)
+
+
+def adapted_layer_bytes(files: list[LoraWeights], prefix: str, model) -> int:
+    """At most the bytes of the layers these LoRAs change in `model` (their weight and a bias), from the LoRAs'
+    own shapes: a layer's down (A) matrix gives its inputs (times the kernel), its up (B) matrix its outputs."""
+    dtype_bytes = next(iter(model.parameters())).element_size()
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for lora_weights in files:
+        for key, tensor in lora_weights.tensors().items():
+            if not key.startswith(f"{prefix}.") or ".lora" not in key:
+                continue
+            layer, _, rest = key.partition(".lora")
+            side = "down" if ("down" in rest or "_A" in rest) else "up" if ("up" in rest or "_B" in rest) else None
+            if side and rest.endswith("weight"):
+                layers.setdefault(layer, {})[side] = tensor
+    total = 0
+    for pair in layers.values():
+        if "down" in pair and "up" in pair:
+            outputs, inputs = pair["up"].shape[0], math.prod(pair["down"].shape[1:])
+            total += (outputs * inputs + outputs) * dtype_bytes
+    return total
 
 
 def _merge(model, names: list[str], kept: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> bool:
