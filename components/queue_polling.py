@@ -30,6 +30,7 @@ def poll_the_queue_less_often(demo: gr.Blocks) -> bool:
     if queue is None or not all(isinstance(getattr(queue, name, None), float) for name in names):
         log.warning("gradio %s's queue has no polling intervals to set: it keeps its own", gr.__version__)
         return False
-    queue.sleep_when_free = QUEUE_POLL_S
-    queue.progress_update_sleep_when_free = PROGRESS_POLL_S
+    # never more often than gradio's own (a later gradio may poll less often still)
+    queue.sleep_when_free = max(queue.sleep_when_free, QUEUE_POLL_S)
+    queue.progress_update_sleep_when_free = max(queue.progress_update_sleep_when_free, PROGRESS_POLL_S)
     return True
