@@ -51,6 +51,7 @@ from studio.core.sessions import RateLimiter
 from studio.evaluation.compare import CompareLimits, Comparison
 from studio.evaluation.metrics import EMBEDDED_CLIP, ClipScorer, default_clip_scorer
 from studio.evaluation.model_kinds import CLIP, ClipLoader, clip_key
+from studio.models.controlnets import CONTROLNET, ControlNetCatalog, load_controlnets
 from studio.models.faces import FACE_RESTORER, FaceRestoration, FaceRestorerLoader, load_face_restorers
 from studio.models.families import family_of
 from studio.models.loading import HubAccess
@@ -221,10 +222,13 @@ def build_studio(args: argparse.Namespace) -> Studio:
     faces = FaceRestoration(manager, load_face_restorers(), release_files)  # those whose files are present
     if ON_ZEROGPU:  # placed now, like the upscalers
         faces = preload_face_restorers(manager, faces)
+    controlnets = load_controlnets()
+    if ON_ZEROGPU:  # the ControlNets of the offered presets' families, placed now like the presets
+        controlnets = preload_controlnets(manager, downloads, presets, controlnets)
     engines = build_engines(
         manager, models, presets, limits=RequestLimits.public() if args.public else RequestLimits(),
         upscale_limits=UpscaleLimits.public() if args.public else UpscaleLimits(), loras=loras, upscalers=upscalers,
-        release_files=release_files, faces=faces, downloads=downloads)
+        release_files=release_files, faces=faces, downloads=downloads, controlnets=controlnets)
     text_to_image = engines.text_to_image
     clip = clip_scorer(manager)
     if ON_ZEROGPU:  # the Compare tab scores on the GPU worker, where nothing may load
@@ -292,6 +296,25 @@ def preload_loras(manager: ModelManager, models, downloads, presets, catalog: Lo
                 kept.append(name)
         except StudioError as error:
             log.warning("could not preload LoRA %s: %s", name, str(error).splitlines()[0])
+    return catalog.only(kept)
+
+
+def preload_controlnets(manager: ModelManager, downloads, presets, catalog: ControlNetCatalog) -> ControlNetCatalog:
+    """ZeroGPU: every ControlNet made for a family of the offered presets fetched and placed (pinned) now; one that
+    cannot be is not offered (nothing may load in the GPU worker)."""
+    families = {preset.family for preset in presets}
+    kept = []
+    for controlnet in catalog:
+        if controlnet.family not in families:
+            continue
+        try:
+            request = controlnet.download_request(manager.dtype)
+            if request is not None:
+                downloads.ensure(request)
+            manager.preload({CONTROLNET: controlnet.key}, pin=True)
+            kept.append(controlnet.name)
+        except StudioError as error:
+            log.warning("could not preload ControlNet %s: %s", controlnet.name, str(error).splitlines()[0])
     return catalog.only(kept)
 
 

@@ -10,7 +10,7 @@ import traceback
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import app
 from components.running import JobRunner
@@ -19,7 +19,9 @@ from studio.core.errors import InvalidRequest
 from studio.core.jobs import JobBoard
 from studio.evaluation.compare import CompareRequest
 from studio.evaluation.model_kinds import clip_key
+from studio.models.controlnets import ControlNetCatalog, ControlNetPreset
 from studio.models.upscalers import ReleaseFiles, load_upscalers
+from studio.tasks.control import ControlUnit
 from studio.tasks.generation import TextToImageRequest
 from studio.tasks.hires import HiresFix
 from studio.tasks.upscaling import UpscaleRequest, Upscaling
@@ -84,6 +86,15 @@ def zerogpu(tmp_path_factory, app_loras):
     # the LoRAs placed at start for the presets they fit, as app.py does on ZeroGPU
     local = engine.loras.only(["test-shapes"])  # the Hub LoRAs of presets/loras.yaml: never a download in a test
     engine.loras = app.preload_loras(studio.manager, engine.models, engine.downloads, engine.presets, local)
+    # the ControlNets of the offered families placed at start, as app.py does on ZeroGPU (one whose folder is
+    # missing is not offered)
+    from tiny_models import EMBEDDED, save_random_controlnet
+
+    folder = save_random_controlnet(EMBEDDED, tmp_path_factory.mktemp("controlnet") / "cn", seed=1)
+    catalog = ControlNetCatalog([ControlNetPreset("tiny-cn", "Tiny", "embedded", local=folder),
+                                 ControlNetPreset("missing-cn", "Missing", "embedded", local=folder.parent / "none")])
+    engine.controlnets = studio.inpainter.controlnets = app.preload_controlnets(
+        studio.manager, engine.downloads, engine.presets, catalog)
     loads_before = studio.manager.loads
     fake = ForkingGpu(observe=lambda: studio.manager.loads - loads_before)
     original = getattr(app, "spaces", None)
@@ -103,6 +114,21 @@ def zerogpu(tmp_path_factory, app_loras):
             del app.spaces
         else:
             app.spaces = original
+
+
+def test_controlnets_are_placed_at_start_and_a_unit_runs_in_the_worker_without_loading(zerogpu):
+    studio, runner, on_device, fake = zerogpu
+    engine = studio.text_to_image
+    assert engine.controlnets.names == ["tiny-cn"]  # the missing one is not offered
+    drawing = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(drawing).rectangle((30, 30, 56, 56), outline="black", width=3)
+    plan = engine.plan(request(controls=(ControlUnit("tiny-cn", drawing, "invert"),)))
+    job = runner.board.open("visitor", "text-to-image")
+    with engine.model_files(plan) as plan:
+        result = on_device(plan, job.slot)
+    runner.board.close(job)
+    assert fake.observed[-1] == 0  # nothing loaded in the worker: the ControlNet was there already
+    assert "ControlNet 0" in result.images[0].parameters
 
 
 def request(**changes):

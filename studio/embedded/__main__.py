@@ -5,6 +5,8 @@
     python -m studio.embedded samples      # docs/embedded-samples.png, outputs with their prompts
     python -m studio.embedded train-lora   # loras/hexagon.safetensors: a LoRA that teaches the model hexagons
     python -m studio.embedded evaluate-lora  # how often a hexagon prompt gives one, with the LoRA and without
+    python -m studio.embedded train-controlnet     # models/embedded-controlnet-scribble: sketches -> shapes
+    python -m studio.embedded evaluate-controlnet  # sketch to image on held-out sketches, with and without it
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     samples_parser.add_argument("--models-dir", default=MODELS_DIR)
     samples_parser.add_argument("--out", default="docs/embedded-samples.png")
     add_lora_commands(sub)
+    add_controlnet_commands(sub)
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"    total: {total / 60:.1f} min")
     elif args.command in ("train-lora", "evaluate-lora"):
         run_lora_command(args)
+    elif args.command in ("train-controlnet", "evaluate-controlnet"):
+        run_controlnet_command(args)
     elif args.command == "samples":
         from studio.embedded.evaluation import sample_sheet
 
@@ -94,6 +99,39 @@ def run_lora_command(args) -> None:
     else:
         rates = lora_rates(Path(args.lora), args.count, models_dir=Path(args.models_dir), weight=args.weight)
         print(format_lora_report(rates, oracle_shape_accuracy()))
+
+
+def add_controlnet_commands(sub) -> None:
+    from studio.embedded.controlnet import ControlNetRecipe
+
+    default = ControlNetRecipe()
+    train = sub.add_parser("train-controlnet", help="train the embedded scribble ControlNet (resumable)")
+    train.add_argument("--steps", type=int, default=default.steps, help="default: %(default)s")
+    train.add_argument("--batch-size", type=int, default=default.batch_size, help="default: %(default)s")
+    train.add_argument("--run-dir", default=RUN_DIR, help="checkpoints and logs (default: %(default)s)")
+    train.add_argument("--models-dir", default=MODELS_DIR)
+    train.add_argument("--smoke", action="store_true", help="a few steps, to check the code")
+    evaluate = sub.add_parser("evaluate-controlnet", help="sketch to image on held-out sketches, with and without it")
+    evaluate.add_argument("--count", type=int, default=100, help="sketches (default: %(default)s)")
+    evaluate.add_argument("--models-dir", default=MODELS_DIR)
+
+
+def run_controlnet_command(args) -> None:
+    from studio.embedded.controlnet import (
+        SMOKE_RECIPE,
+        ControlNetRecipe,
+        evaluate_sketch_to_image,
+        format_scores,
+        train_controlnet,
+    )
+
+    if args.command == "train-controlnet":
+        recipe = SMOKE_RECIPE if args.smoke else ControlNetRecipe(args.steps, args.batch_size)
+        result = train_controlnet(Path(args.run_dir), Path(args.models_dir), recipe)
+        print(f"controlnet: {result.steps} steps, {result.seconds / 60:.1f} min, loss {result.final_loss}, "
+              f"{result.checks}")
+    else:
+        print(format_scores(evaluate_sketch_to_image(Path(args.models_dir), args.count)))
 
 
 if __name__ == "__main__":

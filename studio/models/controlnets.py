@@ -93,6 +93,10 @@ class ControlNetCatalog:
             raise InvalidRequest([f"Unknown ControlNet model {name!r}. Available: {', '.join(self.names) or 'none'}."]
                                  ) from None
 
+    def only(self, names: list[str]) -> ControlNetCatalog:
+        """A catalog of these (ZeroGPU: those that could be placed at start)."""
+        return ControlNetCatalog([self.get(name) for name in names])
+
     def for_family(self, family: str) -> list[str]:
         """The names of the ControlNets made for a family (those the form offers for its presets)."""
         return [preset.name for preset in self if preset.family == family]
