@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from components.control_units import build_control_units, control_units, optional_control_images
 from components.event_options import INSTANT, QUICK
 from components.lora_picker import build_lora_picker
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber
-from studio.core.errors import InvalidRequest
+from studio.core.errors import InvalidRequest, StudioError
 from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid
 from studio.evaluation.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
 from studio.tasks.sampling import whole
@@ -26,11 +27,12 @@ class CompareTab:
     compare_event: gr.events.Dependency
 
 
-def form_request(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values) -> CompareRequest:
+def form_request(prompt, negative_prompt, seed, x_type, x_values, y_type, y_values, z_type, z_values,
+                 controls=()) -> CompareRequest:
     return CompareRequest(prompt=prompt or "", negative_prompt=negative_prompt or "",
                           seed=whole(seed) if seed is not None else -1, x_type=x_type or NO_AXIS,
                           x_values=x_values or "", y_type=y_type or NO_AXIS, y_values=y_values or "",
-                          z_type=z_type or NO_AXIS, z_values=z_values or "")
+                          z_type=z_type or NO_AXIS, z_values=z_values or "", controls=controls)
 
 
 def cell_count_note(comparison: Comparison, x_type, x_values, y_type, y_values, z_type, z_values) -> str:
@@ -67,7 +69,12 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
             gr.Markdown(f"Values as in A1111's X/Y/Z plot: `1-5`, `1-5 (+2)`, `1-10 [5]`, `5, 7.5`, sizes `64x64`; "
                         f"seed -1 is drawn at random. At most {limits.max_cells} cells. Settings not on an axis are "
                         "each cell's preset's defaults. Denoising and Hires upscale switch Hires. fix on (Latent, ×2 "
-                        "unless Hires upscale is an axis).", elem_classes="prompt-hint")
+                        "unless Hires upscale is an axis). The [ControlNet] axes vary the ControlNet unit below.",
+                        elem_classes="prompt-hint")
+            engine = comparison.text_to_image
+            default_family = engine.presets.get(engine.presets.default).family
+            controls = build_control_units(engine.controlnets, 1, engine.controlnets.for_family(default_family),
+                                           engine.limits.max_upload_pixels, elem_prefix="compare-control")
             with gr.Row():
                 run = gr.Button("Compare", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)
@@ -87,13 +94,20 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
     # The one map from the form's components to the request's fields (gradio's inputs_kwargs): the handlers and
     # the API's parameters take these names, in this order.
     form = dict(prompt=prompt, negative_prompt=negative_prompt, seed=seed, x_type=axes[0], x_values=axes[1],
-                y_type=axes[2], y_values=axes[3], z_type=axes[4], z_values=axes[5])
+                y_type=axes[2], y_values=axes[3], z_type=axes[4], z_values=axes[5], **controls.fields)
+
+    def request_of(fields: dict) -> CompareRequest:
+        try:
+            plain, units = control_units(fields, comparison.text_to_image.limits.max_upload_pixels)
+        except StudioError as error:
+            raise user_error(error, "Check the ControlNet unit") from None
+        return form_request(**plain, controls=units)
     on_device = runner.device_function("compare", comparison)
 
     def check(request: gr.Request, **fields):
         """Instant feedback: the whole grid checked before the job waits in the GPU queue."""
         try:
-            comparison.plan(form_request(**fields))
+            comparison.plan(request_of(fields))
         except InvalidRequest as error:
             raise user_error(error, "Check the grid") from None
         runner.submitted(request, TAB)
@@ -101,8 +115,9 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
     def compare(request: gr.Request, progress=gr.Progress(), **fields):
         """One prompt over up to three axes (A1111's X/Y/Z syntax; an empty type or "Nothing" is no axis). Returns
         the labelled grids (one per Z value), every cell as a PNG with its parameters, and a table of the cells
-        with their time and CLIP score."""
-        wanted = form_request(**fields)
+        with their time and CLIP score. control_1_*: a ControlNet unit for every cell (the [ControlNet] axes vary
+        it); its model must fit each cell's preset."""
+        wanted = request_of(fields)
         plan, result = runner.run_job(TAB, request, progress, comparison, lambda: comparison.plan(wanted), on_device,
                                       "Cannot compare")
         for warning in result.warnings:
@@ -116,6 +131,8 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
                 for name, cell in zip(names, result.cells)]
         gallery = [(cell.image.image, name) for name, cell in zip(names, result.cells) if cell.image]
         return result.grids(), {"headers": ["cell", "seconds", clip], "data": rows}, gallery
+
+    optional_control_images(compare, controls.count)  # the API may leave a unit's image out
 
     def pick(chosen, gallery, selection: gr.SelectData):
         """The last two different cells clicked, on the slider (clicking the cell just clicked changes nothing)."""

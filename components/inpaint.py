@@ -9,6 +9,13 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
+from components.control_units import (
+    build_control_units,
+    control_units,
+    map_of,
+    optional_control_images,
+    split_control_fields,
+)
 from components.editor_bridge import (
     APPLY_EDITOR_UPDATE_JS,
     TAKE_MEASURED_UPLOAD_JS,
@@ -56,10 +63,13 @@ INPAINT, SKETCH, SKETCH_TO_IMAGE = "Inpaint", "Inpaint sketch", "Sketch to image
 MODES = (INPAINT, SKETCH, SKETCH_TO_IMAGE)
 
 
-def default_strength(chosen_mode: str, preset) -> float:
+def default_strength(chosen_mode: str, preset, sketch_guided: bool = False) -> float:
     """Inpainting models repaint best from noise (or at their checkpoint's own strength, e.g. SDXL's 0.99);
-    sketches must survive, so they are only partly re-noised (SKETCH_STRENGTH)."""
-    return preset.inpaint_strength if chosen_mode == INPAINT else SKETCH_STRENGTH
+    sketches must survive, so they are only partly re-noised (SKETCH_STRENGTH), unless a sketch ControlNet holds
+    the drawing's shapes (`sketch_guided`): then from noise, the colours from the prompt."""
+    if chosen_mode == INPAINT:
+        return preset.inpaint_strength
+    return 1.0 if chosen_mode == SKETCH_TO_IMAGE and sketch_guided else SKETCH_STRENGTH
 
 
 # Each mode's strokes mean something else (a mask, paint over the image, a drawing), so switching mode clears
@@ -90,6 +100,25 @@ def brush(chosen_mode: str, radius: int | str = "auto") -> gr.Brush:
 
 
 
+def sketch_controlnet_of(engine: Inpainter, preset):
+    """The ControlNet Sketch to image guides with for the preset's family (None: plain image to image)."""
+    return engine.controlnets.for_sketches(preset.family)
+
+
+def sketch_controlnet_info(engine: Inpainter, preset) -> str:
+    controlnet = sketch_controlnet_of(engine, preset)
+    if controlnet is None:
+        return ""
+    return (f"{controlnet.label}: the shapes and their places come from your drawing, the colours from the prompt "
+            "(at denoising strength 1). Off: image to image from the drawing, its colours kept.")
+
+
+def sketch_controlnet_checkbox(engine: Inpainter, preset, chosen_mode: str, value=None) -> gr.Checkbox:
+    """Shown in Sketch to image for a preset whose family has a sketch ControlNet."""
+    return gr.Checkbox(visible=chosen_mode == SKETCH_TO_IMAGE and sketch_controlnet_of(engine, preset) is not None,
+                       info=sketch_controlnet_info(engine, preset), **({} if value is None else {"value": value}))
+
+
 @dataclass
 class InpaintTab:
     editor: gr.ImageEditor
@@ -107,12 +136,13 @@ class InpaintTab:
 
 
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
-                 padding, seed, batch_size, clip_skip=1) -> InpaintRequest:
+                 padding, seed, batch_size, clip_skip=1, sketch_controlnet=False, controls=()) -> InpaintRequest:
     return InpaintRequest(
         prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
         steps=whole(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=whole(mask_blur),
         inpaint_area=inpaint_area, padding=whole(padding), seed=whole(seed) if seed is not None else -1,
         batch_size=whole(batch_size), clip_skip=whole(clip_skip) if clip_skip is not None else 1,
+        sketch_controlnet=bool(sketch_controlnet), controls=controls,
     )
 
 
@@ -174,6 +204,9 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                                                label="CFG scale")
                     strength = gr.Slider(0.01, 1, value=default_strength(INPAINT, default), step=0.01,
                                          label="Denoising strength")
+                sketch_controlnet = gr.Checkbox(
+                    True, label="Guide with the sketch ControlNet", elem_id="sketch-controlnet",
+                    visible=False, info=sketch_controlnet_info(engine, default))
                 with gr.Group() as mask_settings:
                     inpaint_area = gr.Radio(list(INPAINT_AREAS), value=WHOLE_PICTURE, label="Inpaint area")
                     with gr.Row():
@@ -186,6 +219,9 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                     batch_size = WholeSlider(1, limits.max_batch_size, value=1, step=1, label="Batch size")
                     clip_skip = WholeSlider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1,
                                             label="Clip skip", info="2 for anime models; SD 1.x only")
+            controls = build_control_units(engine.controlnets, limits.max_control_units,
+                                           engine.controlnets.for_family(default.family), limits.max_upload_pixels,
+                                           own_image="the picture", elem_prefix="inpaint-control")
         # The action sits on top of the results, as in A1111: the editor fills the other column, and the button
         # under it was out of view. The column stays in view while the settings scroll; in a narrow window, where
         # the columns stack, the buttons stay at the bottom of the screen (CSS: #inpaint-results, #inpaint-actions).
@@ -205,15 +241,25 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     # inputs_kwargs), and the API's parameters are these names, in this order. Sketch to image has no mask.
     form = dict(prompt=prompt, negative_prompt=negative_prompt, preset=preset, scheduler=scheduler, steps=steps,
                 guidance_scale=guidance_scale, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
-                padding=padding, seed=seed, batch_size=batch_size, clip_skip=clip_skip)
+                padding=padding, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
+                sketch_controlnet=sketch_controlnet, **controls.fields)
     sketch_form = {name: component for name, component in form.items()
                    if name not in ("mask_blur", "inpaint_area", "padding")}
+    inpaint_form = {name: component for name, component in form.items() if name != "sketch_controlnet"}
     settings = list(form.values())
+
+    def request_of(fields: dict, **defaults) -> InpaintRequest:
+        """The request the settings make, its ControlNet units' images opened (a clear message if one cannot be)."""
+        try:
+            plain, units = control_units(fields, limits.max_upload_pixels)
+        except StudioError as error:
+            raise user_error(error, "Check the ControlNet units") from None
+        return form_request(**(defaults | plain), controls=units)
 
     def check(chosen_mode, value, request: gr.Request, **fields):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
         image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
-        problems = engine.problems(form_request(**fields), "img2img" if chosen_mode == SKETCH_TO_IMAGE else "inpaint")
+        problems = engine.problems(request_of(fields), "img2img" if chosen_mode == SKETCH_TO_IMAGE else "inpaint")
         if mask is not None and not np.asarray(mask).any():
             problems["mask"] = ("Paint over the part of the image to redo first." if chosen_mode == INPAINT
                                 else "Paint some strokes on the image first.")
@@ -247,27 +293,35 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     def inpaint_from_editor(chosen_mode, value, request: gr.Request, progress=gr.Progress(), **fields):
         image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
-        settings_request = form_request(**fields)
+        settings_request = request_of(fields)
         title = "Cannot generate" if mask is None else "Cannot inpaint"
         return run(request, progress, image, mask, settings_request, title)
 
     def inpaint(image, mask, request: gr.Request, progress=gr.Progress(), **fields):
         """Repaint the white part of `mask` (an image the size of `image`; in a transparent PNG, the opaque part)
         as the prompt describes. Pixels outside the (blurred) mask are returned unchanged, at the input's size.
-        Returns the images (PNG with A1111 parameters), the seeds used and the generation info."""
-        settings_request = form_request(**fields)
+        Returns the images (PNG with A1111 parameters), the seeds used and the generation info. control_<n>_*:
+        ControlNet unit n; a unit without an image reads the image being inpainted."""
+        settings_request = request_of(fields)
         if image is None or mask is None:
             raise user_error(InvalidRequest(["Give both an image and a mask (white = repaint)."]), "Cannot inpaint")
         return run(request, progress, opened(image, "image"), opened(mask, "mask"), settings_request,
                    "Cannot inpaint")
 
+    optional_control_images(inpaint, controls.count)  # the API may leave a unit's image out
+
     def sketch_to_image(sketch, request: gr.Request, progress=gr.Progress(), **fields):
         """An image from a coloured sketch (transparent areas count as white paper), redrawn at the denoising
-        strength. Returns the images (PNG with A1111 parameters), the seeds used and the generation info."""
-        settings_request = form_request(**fields, mask_blur=4, inpaint_area=WHOLE_PICTURE, padding=32)
+        strength. With sketch_controlnet, the preset family's sketch ControlNet (the embedded one) also holds the
+        drawing's shapes and places (use strength 1: the colours then come from the prompt). control_<n>_*:
+        ControlNet unit n; a unit without an image reads the sketch. Returns the images (PNG with A1111
+        parameters), the seeds used and the generation info."""
+        settings_request = request_of(fields, mask_blur=4, inpaint_area=WHOLE_PICTURE, padding=32)
         if sketch is None:
             raise user_error(InvalidRequest(["Give a sketch image."]), "Cannot generate")
         return run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
+
+    optional_control_images(sketch_to_image, controls.count)  # the API may leave a unit's image out
 
     # The editor is never an input or output of a server event, only of events that run in the browser
     # (js=...): gradio 6.31 re-reads every component that an event with a status has touched at each status
@@ -312,25 +366,31 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         return ({"brush": brush_props(brush(chosen_mode, tools.brush_radius))}, gr.Slider(value=tools.mask_blur),
                 gr.Slider(value=tools.padding), size)
 
-    def switch_mode(chosen_mode, sent, preset_name):
+    def sketch_guided(chosen_mode, preset, guide) -> bool:
+        return chosen_mode == SKETCH_TO_IMAGE and bool(guide) and sketch_controlnet_of(engine, preset) is not None
+
+    def switch_mode(chosen_mode, sent, preset_name, guide):
         """The mode's help, prompt hint, settings and brush, and the image without the other mode's strokes (the
         uploaded file itself: nothing is decoded)."""
         files = editor_files(sent, engine.limits.max_upload_pixels)
         background = files.background.path if files is not None and files.background is not None else None
+        chosen = chosen_preset(engine.presets, preset_name)
         return (
             MODE_HELP[chosen_mode],
             gr.Textbox(placeholder=PROMPT_PLACEHOLDER[chosen_mode]),
             *image_updates(background, chosen_mode),
-            gr.Slider(value=default_strength(chosen_mode, chosen_preset(engine.presets, preset_name))),
+            gr.Slider(value=default_strength(chosen_mode, chosen, sketch_guided(chosen_mode, chosen, guide))),
             gr.Group(visible=chosen_mode != SKETCH_TO_IMAGE),
             gr.Button(value="Generate" if chosen_mode == SKETCH_TO_IMAGE else "Inpaint"),
+            sketch_controlnet_checkbox(engine, chosen, chosen_mode),
         )
 
-    def preset_updates(name, chosen_mode=INPAINT):
+    def preset_updates(name, chosen_mode=INPAINT, guide=True):
         chosen = chosen_preset(engine.presets, name)
         return (*sampling_updates(chosen, limits, guidance=chosen.inpaint_default_guidance),
-                gr.Slider(value=default_strength(chosen_mode, chosen)),
-                gr.Slider(value=chosen.default_clip_skip))
+                gr.Slider(value=default_strength(chosen_mode, chosen, sketch_guided(chosen_mode, chosen, guide))),
+                gr.Slider(value=chosen.default_clip_skip),
+                sketch_controlnet_checkbox(engine, chosen, chosen_mode))
 
     # one progress bar, on the results (not one on each output)
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[gallery])
@@ -346,34 +406,55 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         """The settings an inpainted PNG was made with, back in the form (the image and mask stay as they are)."""
         if not text:
             raise user_error(InvalidRequest(["This image has no generation parameters."]), "No parameters")
-        filled, notes = inpaint_request_from_parameters(text, engine.presets, form_request(**fields), engine.loras)
+        plain, _ = split_control_fields(fields)  # the units come from the PNG (without their images)
+        filled, notes = inpaint_request_from_parameters(text, engine.presets, form_request(**plain), engine.loras,
+                                                        engine.controlnets)
         for note in notes:
             gr.Warning(note)
         card_update, scheduler_, steps_, guidance_ = sampling_updates(
             chosen_preset(engine.presets, filled.preset), limits, filled.scheduler, filled.steps, filled.guidance_scale)
         return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, filled.strength,
-                filled.mask_blur, filled.inpaint_area, filled.padding, filled.seed, 1, filled.clip_skip, card_update]
+                filled.mask_blur, filled.inpaint_area, filled.padding, filled.seed, 1, filled.clip_skip,
+                # a PNG guided by the sketch ControlNet lists it as a unit: the box stays, the unit is not added twice
+                gr.skip(), *controls.values_for(filled.controls), card_update]
 
     history.follow([event], gallery)
     history.on_click(fill_form, form, [*settings, card], **QUICK)
     image_outputs = [to_editor, mask_blur, padding, fitted_to]
     # queued, so that a refusal (an image over the size limit) shows as a toast
     apply_to_editor(read_editor(mode.input).success(
-        switch_mode, [mode, from_editor, preset], [mode_help, prompt, *image_outputs, strength, mask_settings, generate],
-        **QUICK))
+        switch_mode, [mode, from_editor, preset, sketch_controlnet],
+        [mode_help, prompt, *image_outputs, strength, mask_settings, generate, sketch_controlnet], **QUICK))
     # the page measures an upload itself; the server only hears of a new size
     editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, **INSTANT)
     apply_to_editor(upload_size.change(fit_tools_to_upload, [mode, upload_size, fitted_to], image_outputs, **INSTANT))
 
-    fit_form = dict(fn=preset_updates, inputs=[preset, mode],
-                    outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip], **INSTANT)
+    fit_form = dict(fn=preset_updates, inputs=[preset, mode, sketch_controlnet],
+                    outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip, sketch_controlnet], **INSTANT)
     preset.input(**fit_form)
+    sketch_controlnet.input(
+        lambda chosen_mode, name, guide: gr.Slider(value=default_strength(
+            chosen_mode, chosen_preset(engine.presets, name),
+            sketch_guided(chosen_mode, chosen_preset(engine.presets, name), guide))),
+        [mode, preset, sketch_controlnet], strength, **INSTANT)
+
+    def own_map(chosen_mode, value, image, *settings):
+        """A unit's map of the picture in the editor (the drawing in Sketch to image), or of its own upload."""
+        picture = None
+        if image is None:
+            picture, _ = images_for(editor, chosen_mode, value, limits.max_upload_pixels)
+        return map_of(image, picture, *settings, limits.max_upload_pixels)
+
+    for index, button in enumerate(controls.own_map_buttons):
+        read_editor(button.click).success(own_map, [mode, from_editor, *controls.map_settings(index)],
+                                          controls.maps[index], **QUICK)
 
     # The API takes plain files: an image and a mask (white = repaint), or a sketch; no editor layers.
     api_image = gr.File(label="Image", visible=False)  # any file: open_image says what is wrong
     api_mask = gr.File(label="Mask (white = repaint)", visible=False)
     api_inpaint, api_sketch = gr.Button(visible=False), gr.Button(visible=False)
-    api_inpaint.click(inpaint, [api_image, api_mask], outputs, inputs_kwargs=form, api_name="inpaint", **gpu_event)
+    api_inpaint.click(inpaint, [api_image, api_mask], outputs, inputs_kwargs=inpaint_form, api_name="inpaint",
+                      **gpu_event)
     api_sketch.click(sketch_to_image, api_image, outputs, inputs_kwargs=sketch_form, api_name="sketch_to_image",
                      **gpu_event)
 
@@ -383,6 +464,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     prompt.change(**note_event, trigger_mode="always_last")
     preset.change(**note_event)
     lora_picker.follow(preset, engine.loras_that_fit)
+    controls.follow(preset, lambda name: chosen_preset(engine.presets, name).family)
     availability.follow(preset)
 
     def fit_to_preset(demo: gr.Blocks) -> None:

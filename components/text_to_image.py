@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from components.control_units import build_control_units, control_units, optional_control_images, split_control_fields
 from components.event_options import INSTANT, QUICK
 from components.history import build_history
 from components.lora_picker import build_lora_picker
@@ -51,7 +52,7 @@ class TextToImageTab:
 
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
              clip_skip=1, hires_fix=False, hires_upscaler=DEFAULT_HIRES_UPSCALER, hires_upscale=2.0, hires_steps=0,
-             denoising_strength=0.5):
+             denoising_strength=0.5, controls=()):
     hires = None
     if hires_fix:
         defaults = HiresFix()  # an API caller's null is the default, as for the other fields
@@ -74,6 +75,7 @@ def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_sca
         style=style or "None",
         clip_skip=whole(clip_skip) if clip_skip is not None else 1,
         hires=hires,
+        controls=controls,
     )
 
 
@@ -165,6 +167,9 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                     hires_size_note = gr.Markdown(
                         hires_note(default.name, default.default_width, default.default_height, 2.0, engine.presets),
                         elem_id="hires-size-note")
+            controls = build_control_units(engine.controlnets, limits.max_control_units,
+                                           engine.controlnets.for_family(default.family), limits.max_upload_pixels,
+                                           elem_prefix="text-control")
             with gr.Accordion("Read parameters from a PNG", open=False):
                 png = gr.Image(label="PNG made here or by AUTOMATIC1111", type="pil", image_mode=None,
                                sources=["upload"], format="png", height=200, elem_id="png-parameters-input")
@@ -188,12 +193,22 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     form = dict(prompt=prompt, negative_prompt=negative_prompt, preset=preset, scheduler=scheduler, steps=steps,
                 guidance_scale=guidance_scale, width=width, height=height, seed=seed, batch_size=batch_size,
                 style=style, clip_skip=clip_skip, hires_fix=hires_fix, hires_upscaler=hires_upscaler,
-                hires_upscale=hires_upscale, hires_steps=hires_steps, denoising_strength=denoising_strength)
+                hires_upscale=hires_upscale, hires_steps=hires_steps, denoising_strength=denoising_strength,
+                **controls.fields)
     inputs = list(form.values())
+
+    def request_of(fields: dict) -> TextToImageRequest:
+        """The request the form's fields make, its ControlNet units' images opened (a clear message if one
+        cannot be)."""
+        try:
+            plain, units = control_units(fields, limits.max_upload_pixels)
+        except StudioError as error:
+            raise user_error(error, "Check the ControlNet units") from None
+        return form_request(**plain, controls=units)
 
     def check(request: gr.Request, **fields):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
-        problems = engine.problems(form_request(**fields))
+        problems = engine.problems(request_of(fields))
         if problems:
             raise user_error(InvalidRequest(list(problems.values())), "Check the settings")
         runner.submitted(request, TAB)
@@ -205,9 +220,15 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         """Generate images from a prompt. Returns the images (PNG with A1111 parameters), the seeds used and the
         generation info. Image i uses seed + i; seed -1 picks a random seed. With hires_fix, each image is
         generated at width × height, upscaled by hires_upscale with hires_upscaler (a latent mode or an upscaler
-        preset), then refined at that size at denoising_strength for hires_steps (0 = steps)."""
-        text_request = form_request(**fields)
+        preset), then refined at that size at denoising_strength for hires_steps (0 = steps).
+        control_<n>_*: ControlNet unit n, used when control_<n>_enabled: its control image, preprocessor, model
+        (one made for the preset's family), weight 0-2, guidance start and end (fractions of the steps),
+        control_mode, resize_mode, pixel_perfect, processor_res, and the preprocessor's thresholds (-1: its
+        defaults)."""
+        text_request = request_of(fields)
         return runner.run(TAB, request, progress, engine, lambda: engine.plan(text_request), on_device)
+
+    optional_control_images(text_to_image, controls.count)  # the API may leave a unit's image out
 
     def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None, clip_skip=None,
                        hires_steps_value=None):
@@ -235,9 +256,11 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         if not text or text.startswith("This image has no"):
             raise user_error(InvalidRequest(["Drop a PNG with generation parameters first."]), "No parameters")
         # the form, with its hires settings read even while Hires. fix is off (an image without it keeps them)
-        current = form_request(**(fields | {"hires_fix": True}))
+        plain, _ = split_control_fields(fields)  # the units come from the PNG (without their images)
+        current = form_request(**(plain | {"hires_fix": True}))
         filled, notes = request_from_parameters(text, engine.presets, current,
-                                                engine.upscaling.catalog if engine.upscaling else None, engine.loras)
+                                                engine.upscaling.catalog if engine.upscaling else None, engine.loras,
+                                                engine.controlnets)
         for note in notes:
             gr.Warning(note)
         hires = filled.hires or current.hires
@@ -247,7 +270,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         )
         return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, width_, height_,
                 filled.seed, 1, "None", clip_skip_, filled.hires is not None, hires.upscaler, hires.upscale,
-                hires_steps_, hires.denoising_strength, card_update]
+                hires_steps_, hires.denoising_strength, *controls.values_for(filled.controls), card_update]
 
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
     # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.
@@ -306,6 +329,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     prompt.change(**note_event, trigger_mode="always_last")
     preset.change(**note_event)
     lora_picker.follow(preset, engine.loras_that_fit)
+    controls.follow(preset, lambda name: chosen_preset(engine.presets, name).family)
     availability.follow(preset)
 
     def fit_to_preset(demo: gr.Blocks) -> None:

@@ -17,6 +17,15 @@ DEFAULTS = dict(prompt="a red circle on a blue background", negative_prompt="", 
                 steps=10, guidance_scale=7.0, width=64, height=64, seed=7, batch_size=1, style="None", clip_skip=1)
 
 
+UNIT = ("enabled", "image", "preprocessor", "model", "weight", "guidance_start", "guidance_end", "control_mode",
+        "resize_mode", "pixel_perfect", "processor_res", "threshold_a", "threshold_b")
+
+
+def units(count: int) -> list[str]:
+    """The API's names of `count` ControlNet units' fields: control_1_enabled, ..."""
+    return [f"control_{n}_{name}" for n in range(1, count + 1) for name in UNIT}
+
+
 def text_to_image(client, **overrides):
     return client.predict(**(DEFAULTS | overrides), api_name="/text_to_image")
 
@@ -32,7 +41,7 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
         return [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]]
 
     assert parameters("/text_to_image") == [*DEFAULTS, "hires_fix", "hires_upscaler", "hires_upscale", "hires_steps",
-                                            "denoising_strength"]
+                                            "denoising_strength", *units(3)]
     # no timers, no UI glue
     assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image", "/upscale", "/compare",
                                            "/arena_battle", "/arena_vote", "/leaderboard"}
@@ -44,11 +53,13 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
     assert parameters("/arena_battle") == ["prompt", "seed"]
     assert parameters("/arena_vote") == ["battle_id", "choice"]
     assert parameters("/compare") == ["prompt", "negative_prompt", "seed", "x_type", "x_values", "y_type", "y_values",
-                                      "z_type", "z_values"]
+                                      "z_type", "z_values", *units(1)]
     assert parameters("/upscale") == ["image", "upscaler", "scale", "tile", "denoise_strength", "face_restoration",
                                       "face_visibility"]
-    assert parameters("/inpaint") == ["image", "mask", *INPAINT]
-    assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area", "padding"))]
+    assert parameters("/inpaint") == ["image", "mask", *INPAINT, *units(3)]
+    assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area",
+                                                                                        "padding")),
+                                              "sketch_controlnet", *units(3)]
 
     def default(endpoint, name):
         return next(p["parameter_default"] for p in api["named_endpoints"][endpoint]["parameters"]
@@ -73,11 +84,13 @@ def test_every_endpoint_names_its_parameters_and_results(client):
 
 # the settings that only whole numbers make sense for, by endpoint
 WHOLE_NUMBERS = {
-    "/text_to_image": {"steps", "width", "height", "seed", "batch_size", "clip_skip", "hires_steps"},
-    "/inpaint": {"steps", "mask_blur", "padding", "seed", "batch_size", "clip_skip"},
-    "/sketch_to_image": {"steps", "seed", "batch_size", "clip_skip"},
+    "/text_to_image": {"steps", "width", "height", "seed", "batch_size", "clip_skip", "hires_steps",
+                       *(f"control_{n}_processor_res" for n in (1, 2, 3))},
+    "/inpaint": {"steps", "mask_blur", "padding", "seed", "batch_size", "clip_skip",
+                 *(f"control_{n}_processor_res" for n in (1, 2, 3))},
+    "/sketch_to_image": {"steps", "seed", "batch_size", "clip_skip", *(f"control_{n}_processor_res" for n in (1, 2, 3))},
     "/upscale": {"tile"},
-    "/compare": {"seed"},
+    "/compare": {"seed", "control_1_processor_res"},
     "/arena_battle": {"seed"},
 }
 
@@ -328,9 +341,66 @@ def test_sketch_to_image_endpoint_draws_from_the_sketch(client, tmp_path):
     settings = {k: v for k, v in INPAINT.items() if k not in ("mask_blur", "inpaint_area", "padding")}
     gallery, seeds, info = client.predict(sketch=handle_file(tmp_path / "sketch.png"),
                                           **settings | {"strength": 0.75}, api_name="/sketch_to_image")
+    # the embedded family's sketch ControlNet guides it by default
     assert seeds == [7] and "Denoising strength: 0.75" in info
+    assert 'ControlNet 0: "Module: invert (from white bg & black line), Model: embedded-controlnet-scribble [' in info
     with Image.open(gallery[0]["image"]) as out:
         assert out.format == "PNG" and out.size == (64, 64)
+    _, _, plain = client.predict(sketch=handle_file(tmp_path / "sketch.png"), **settings, sketch_controlnet=False,
+                                 api_name="/sketch_to_image")
+    assert "ControlNet" not in plain
+
+
+def control_drawing(path):
+    """Black lines on white: a square at the bottom right."""
+    image = Image.new("RGB", (128, 128), "white")
+    image.paste((0, 0, 0), (70, 70, 120, 120))
+    image.paste((255, 255, 255), (76, 76, 114, 114))
+    image.save(path)
+    return handle_file(path)
+
+
+def test_text_to_image_with_a_controlnet_unit_through_the_api(client, tmp_path):
+    unit = dict(control_1_enabled=True, control_1_image=control_drawing(tmp_path / "lines.png"),
+                control_1_model="embedded-scribble", control_1_preprocessor="invert", control_1_weight=0.8,
+                control_1_guidance_end=0.9)
+    _, seeds, info = text_to_image(client, seed=4, **unit)
+    assert seeds == [4]
+    assert ('ControlNet 0: "Module: invert (from white bg & black line), Model: embedded-controlnet-scribble [' in info
+            and "Weight: 0.8," in info and "Guidance End: 0.9," in info)
+    # a unit left off is not used, whatever it holds
+    _, _, plain = text_to_image(client, seed=4, **(unit | {"control_1_enabled": False}))
+    assert "ControlNet" not in plain
+
+
+@pytest.mark.parametrize("unit, message", [
+    (dict(control_2_model="sd15-scribble"), "ControlNet unit 2: ControlNet 'ControlNet 1.1 scribble (SD 1.5)' is made for"),
+    (dict(control_2_weight=2.5), "Value 2.5 is greater than maximum value 2"),  # gradio's own range check
+    (dict(control_2_image=None), "ControlNet unit 2: give it a control image (upload one, or draw one)."),
+    (dict(control_2_preprocessor="depth_midas"), "ControlNet unit 2: unknown preprocessor 'depth_midas'"),
+    (dict(control_2_processor_res=100.5), "the preprocessor resolution must be a whole number (got 100.5)"),
+    ("not an image", "ControlNet unit 2's control image file 'notes.png' could not be read as an image"),
+])
+def test_a_bad_control_unit_is_refused_with_the_reason(client, tmp_path, unit, message):
+    if unit == "not an image":
+        (tmp_path / "notes.png").write_bytes(b"these are words, not pixels")
+        unit = dict(control_2_image=handle_file(tmp_path / "notes.png"))
+    base = dict(control_2_enabled=True, control_2_image=control_drawing(tmp_path / "lines.png"),
+                control_2_model="embedded-scribble")
+    with pytest.raises(Exception) as caught:
+        text_to_image(client, **(base | unit))
+    assert message in str(caught.value)
+
+
+def test_compare_has_controlnet_axes(client, tmp_path):
+    _, table, cells = client.predict(prompt="a red shape on a blue background", seed=2,
+                                     x_type="[ControlNet] Weight", x_values="0, 1", y_type="Nothing", y_values="",
+                                     z_type="Nothing", z_values="", control_1_enabled=True,
+                                     control_1_image=control_drawing(tmp_path / "lines.png"),
+                                     control_1_model="embedded-scribble", api_name="/compare")
+    assert [row[0] for row in table["data"]] == ["[ControlNet] Weight: 0", "[ControlNet] Weight: 1"]
+    with Image.open(cells[0]["image"]) as off, Image.open(cells[1]["image"]) as on:
+        assert "Weight: 0," in off.info["parameters"] and off.tobytes() != on.tobytes()
 
 
 # ----- fairness: jobs take turns on the device between images -----

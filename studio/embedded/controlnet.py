@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -248,14 +248,14 @@ def evaluation_cases(count: int, style: str = HELD_OUT_STYLE) -> list[tuple[scen
 
 
 def evaluate_sketch_to_image(models_dir: Path, count: int = 100, steps: int = 20) -> dict[str, SketchScores]:
-    """Sketch to image on the held-out sketches with a colour-only prompt: with the ControlNet (strength 1, the
-    sketch as its control image through the invert preprocessor) and without it (today's image to image from
-    the drawing, at the tab's default strength)."""
+    """Sketch to image on the held-out sketches with a colour-only prompt, at the Inpaint tab's CFG: with the
+    ControlNet (strength 1, the sketch as its control image through the invert preprocessor; in black, and in the
+    brush's red) and without it (image to image from the drawing, at the tab's strength without it)."""
     from studio.models.controlnets import ControlNetCatalog, ControlNetPreset
     from studio.models.presets import load_presets
     from studio.tasks.control import ControlUnit
     from studio.tasks.engines import local_engines
-    from studio.tasks.inpainting import SKETCH_STRENGTH, InpaintRequest
+    from studio.tasks.inpainting import SKETCH_COLOURS, SKETCH_STRENGTH, InpaintRequest
 
     models_dir = Path(models_dir)
     embedded = replace(load_presets().get("embedded"), local=models_dir / PIPELINE_DIR)
@@ -264,15 +264,19 @@ def evaluate_sketch_to_image(models_dir: Path, count: int = 100, steps: int = 20
     from studio.models.presets import PresetCatalog
 
     inpainter = local_engines(PresetCatalog([embedded], "embedded"), controlnets=catalog).inpainter
-    scores = {"controlnet": SketchScores(), "image to image": SketchScores()}
+    red = "controlnet, drawn in the brush's red"
+    scores = {"controlnet": SketchScores(), red: SketchScores(), "image to image": SketchScores()}
     unit = ControlUnit("embedded-scribble", None, "invert")
     for index, (scene, drawing) in enumerate(evaluation_cases(count)):
         base = InpaintRequest(prompt=colour_prompt(scene), preset="embedded", seed=900 + index, steps=steps,
-                              scheduler="Euler")
-        runs = {"controlnet": replace(base, strength=1.0, controls=(unit,)),
-                "image to image": replace(base, strength=SKETCH_STRENGTH)}
-        for name, request in runs.items():
-            image = inpainter.sketch_to_image(drawing, request).images[0].image
+                              scheduler="Euler", guidance_scale=embedded.inpaint_default_guidance)  # the tab's CFG
+        # the tab's first brush colour, whatever colour the prompt asks for: the lines are read, not their colour
+        in_red = ImageOps.colorize(drawing.convert("L"), black=SKETCH_COLOURS[0], white="white")
+        runs = {"controlnet": (drawing, replace(base, strength=1.0, controls=(unit,))),
+                red: (in_red, replace(base, strength=1.0, controls=(unit,))),
+                "image to image": (drawing, replace(base, strength=SKETCH_STRENGTH))}
+        for name, (sketch, request) in runs.items():
+            image = inpainter.sketch_to_image(sketch, request).images[0].image
             scores[name].add(oracle.read(image).matches(scene))
     return scores
 

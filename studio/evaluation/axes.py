@@ -57,7 +57,13 @@ AXIS_TYPES = {axis.label: axis for axis in (
     AxisType("Size", "size", "size"),
     AxisType("Denoising", "denoising_strength", "float"),  # Hires. fix's denoising strength
     AxisType("Hires upscale", "hires_upscale", "float"),
+    # the first ControlNet unit's (A1111's sd-webui-controlnet adds these to the X/Y/Z plot)
+    AxisType("[ControlNet] Weight", "control_weight", "float"),
+    AxisType("[ControlNet] Guidance End", "control_guidance_end", "float"),
+    AxisType("[ControlNet] Preprocessor", "control_preprocessor", "choice"),
 )}
+CONTROL_AXIS_FIELDS = {"control_weight": "weight", "control_guidance_end": "guidance_end",
+                       "control_preprocessor": "preprocessor"}  # axis field -> the unit's field
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,12 @@ from studio.a1111.prompts import plain_text
 from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import InvalidRequest, StudioError
 from studio.core.jobs import MAX_SECONDS, OVERHEAD_SECONDS, JobControl, LocalJob
-from studio.evaluation.axes import NO_AXIS, Cell, GridSpec, build_grid, value_text
+from studio.evaluation.axes import CONTROL_AXIS_FIELDS, NO_AXIS, Cell, GridSpec, build_grid, value_text
 from studio.evaluation.grids import draw_grid
 from studio.evaluation.metrics import ClipScorer
 from studio.tasks.generation import TextToImage, TextToImageRequest
 from studio.tasks.hires import HiresFix
+from studio.tasks.preprocessors import PREPROCESSORS
 from studio.tasks.sampling import GeneratedImage, ProgressCallback, SamplingPlan, resolve_seed
 
 CLIP_SECONDS = 10  # scoring the cells (loading a ViT-L/14 the first time included)
@@ -52,6 +53,8 @@ class CompareRequest:
     z_type: str = NO_AXIS
     z_values: str = ""
     base: TextToImageRequest | None = None  # the other settings (the default preset's defaults when None)
+    controls: tuple = ()  # ControlNet units (studio.tasks.control.ControlUnit) of every cell; the ControlNet axes
+    # set the first one's weight, guidance end or preprocessor
 
 
 @dataclass
@@ -144,7 +147,8 @@ class Comparison:
         """The values a choice axis may take, by request field."""
         presets = self.text_to_image.presets
         schedulers = sorted({name for preset in presets for name in schedulers_for(preset)})
-        return {"preset": list(presets.names), "scheduler": schedulers, "style": list(self.text_to_image.styles.names)}
+        return {"preset": list(presets.names), "scheduler": schedulers, "style": list(self.text_to_image.styles.names),
+                "control_preprocessor": list(PREPROCESSORS)}
 
     def plan(self, request: CompareRequest) -> ComparePlan:
         """The grid checked, then every cell's request (raises InvalidRequest with each problem once, naming the
@@ -154,6 +158,10 @@ class Comparison:
         grid = build_grid([(request.x_type, request.x_values), (request.y_type, request.y_values),
                            (request.z_type, request.z_values)], self.choices(), self.limits.max_cells)
         grid = self._seeds_resolved(grid)
+        if not request.controls and any(axis is not None and axis.type.field in CONTROL_AXIS_FIELDS
+                                        for axis in grid.axes):
+            raise InvalidRequest(["A ControlNet axis varies the first ControlNet unit: enable one (with its control "
+                                  "image) under ControlNet."])
         base_preset = self._base(request, None).preset
         seed = resolve_seed(request.seed)
         cells = grid.run_order(lambda cell: cell.value("preset", base_preset))
@@ -183,8 +191,9 @@ class Comparison:
                 if key not in seen:
                     seen[key] = stack.enter_context(self.text_to_image.model_files(cell_plan, on_progress))
                     resolved.append(seen[key])
-                else:  # the preset's files are there: only the cell's LoRAs (the same files, read once)
-                    with_hash = replace(cell_plan, model_hash=seen[key].model_hash)
+                else:  # the preset's files are there: only the cell's LoRAs and ControlNets' hashes (files read once)
+                    with_hash = self.text_to_image.with_controls(replace(cell_plan, model_hash=seen[key].model_hash),
+                                                                 on_progress)
                     resolved.append(self.text_to_image.with_loras(with_hash, stack, on_progress))
             yield replace(plan, plans=resolved)
 
@@ -254,7 +263,7 @@ class Comparison:
             base = TextToImageRequest.preset_defaults(
                 self.text_to_image.presets.get(preset_name or self.text_to_image.presets.default))
         return replace(base, prompt=request.prompt, negative_prompt=request.negative_prompt or "",
-                       seed=request.seed, batch_size=1)
+                       seed=request.seed, batch_size=1, controls=tuple(request.controls) or base.controls)
 
     @staticmethod
     def _cell_request(base: TextToImageRequest, cell: Cell) -> TextToImageRequest:
@@ -263,6 +272,9 @@ class Comparison:
         fields = dict(cell.settings)
         if "size" in fields:
             fields["width"], fields["height"] = fields.pop("size")
+        unit = {CONTROL_AXIS_FIELDS[name]: fields.pop(name) for name in list(fields) if name in CONTROL_AXIS_FIELDS}
+        if unit and base.controls:  # the first unit's setting (plan refuses a ControlNet axis without a unit)
+            fields["controls"] = (replace(base.controls[0], **unit), *base.controls[1:])
         hires = {name: fields.pop(name) for name in ("hires_upscale", "denoising_strength") if name in fields}
         if hires:
             settings = base.hires or HiresFix()

@@ -49,6 +49,7 @@ class ControlNetPreset:
     variant: str | None = None  # loaded on GPUs (fp16)
     preprocessor: str = "none"  # the one it was trained on: the form picks it with the model
     description: str = ""
+    for_sketches: bool = False  # Sketch to image guides with it by default, for presets of its family
 
     @property
     def source(self) -> str:
@@ -101,6 +102,9 @@ class ControlNetCatalog:
         """The names of the ControlNets made for a family (those the form offers for its presets)."""
         return [preset.name for preset in self if preset.family == family]
 
+    def for_sketches(self, family: str) -> ControlNetPreset | None:
+        """The ControlNet Sketch to image guides with by default for a family's presets, if it has one."""
+        return next((preset for preset in self if preset.family == family and preset.for_sketches), None)
 
 
 _FIELDS = set(ControlNetPreset.__dataclass_fields__) - {"name"}
@@ -124,8 +128,13 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Contr
 
 def load_controlnets(path: Path = PRESETS_FILE) -> ControlNetCatalog:
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return ControlNetCatalog([_preset_from_yaml(name, entry, Path(path).parent)
-                              for name, entry in (data.get("controlnets") or {}).items()])
+    presets = [_preset_from_yaml(name, entry, Path(path).parent)
+               for name, entry in (data.get("controlnets") or {}).items()]
+    sketch_families = [preset.family for preset in presets if preset.for_sketches]
+    doubled = sorted({family for family in sketch_families if sketch_families.count(family) > 1})
+    if doubled:
+        raise ValueError(f"{path}: more than one ControlNet with for_sketches for family {', '.join(doubled)}.")
+    return ControlNetCatalog(presets)
 
 
 class ControlNetLoader:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from studio.a1111.controlnet import ControlNetFields
 from studio.core.errors import InvalidRequest
+from studio.core.images import prepare_image
 from studio.models.controlnets import (
     CONTROL_MODES,
     ControlNetCatalog,
@@ -95,7 +96,9 @@ def check_control_units(units: tuple[ControlUnit, ...], preset: ModelPreset, cat
             problems.append(f"{label}: control mode must be one of {', '.join(CONTROL_MODES)}.")
         if unit.resize_mode not in RESIZE_MODES:
             problems.append(f"{label}: resize mode must be one of {', '.join(RESIZE_MODES)}.")
-        if not (MIN_PROCESSOR_RES <= unit.processor_res <= MAX_PROCESSOR_RES):
+        if not isinstance(unit.processor_res, int):
+            problems.append(f"{label}: the preprocessor resolution must be a whole number (got {unit.processor_res:g}).")
+        elif not (MIN_PROCESSOR_RES <= unit.processor_res <= MAX_PROCESSOR_RES):
             problems.append(f"{label}: the preprocessor resolution must be between {MIN_PROCESSOR_RES} and "
                             f"{MAX_PROCESSOR_RES} (got {unit.processor_res}).")
         problems += _threshold_problems(unit, label)
@@ -149,6 +152,30 @@ def control_map(unit: ControlUnit, image: Image.Image, size: tuple[int, int]) ->
     return fit_to_size(processed.convert("RGB"), size, unit.resize_mode)
 
 
+def preview_map(unit: ControlUnit, image: Image.Image, max_upload_pixels: int) -> Image.Image:
+    """The unit's preprocessed map of `image`, as the form shows it before anything runs: at the unit's
+    preprocessor resolution (pixel perfect's depends on the generation's size, fitted when it runs)."""
+    if not isinstance(image, Image.Image):
+        raise InvalidRequest(["The control image could not be read as an image."])
+    if unit.preprocessor not in PREPROCESSORS:
+        raise InvalidRequest([f"Unknown preprocessor {unit.preprocessor!r}. Available: {', '.join(PREPROCESSORS)}."])
+    problems = _threshold_problems(unit, "The preprocessor")
+    if problems:
+        raise InvalidRequest(problems)
+    resolution = min(MAX_PROCESSOR_RES, max(MIN_PROCESSOR_RES, round(unit.processor_res)))
+    drawing = prepare_image(image, "control image", max_upload_pixels).rgb  # transparent areas: white paper
+    return preprocess(unit.preprocessor, drawing, resolution, unit.threshold_a, unit.threshold_b)
+
+
+def sketch_unit(catalog: ControlNetCatalog, family: str) -> ControlUnit | None:
+    """Sketch to image's default unit for a family: its sketch ControlNet reading the drawing itself through the
+    preprocessor the model was trained on; None where the family has none."""
+    preset = catalog.for_sketches(family)
+    if preset is None:
+        return None
+    return ControlUnit(model=preset.name, preprocessor=preset.preprocessor)
+
+
 def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, size: tuple[int, int],
                   own_image: Image.Image | None = None) -> tuple[PlannedControl, ...]:
     """The checked units as planned controls: each map made now, on the CPU."""
@@ -158,6 +185,7 @@ def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, si
         image = unit.image if unit.image is not None else own_image
         if image is None:
             raise InvalidRequest(["A ControlNet unit has no control image."])
+        image = prepare_image(image, "control image").rgb  # a drawing's transparent areas are white paper
         preprocessor = PREPROCESSORS[unit.preprocessor]
         a, b = preprocessor.thresholds(unit.threshold_a, unit.threshold_b)
         resolution = pixel_perfect_resolution(image, size, unit.resize_mode) if unit.pixel_perfect \

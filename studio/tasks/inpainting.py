@@ -20,7 +20,7 @@ from studio.core.errors import InvalidRequest
 from studio.core.images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
 from studio.core.jobs import LocalJob
 from studio.models.presets import ModelPreset
-from studio.tasks.control import plan_controls
+from studio.tasks.control import plan_controls, sketch_unit
 from studio.tasks.parameters import sampling_fields_from_parameters
 from studio.tasks.sampling import (
     GenerationResult,
@@ -97,6 +97,9 @@ class InpaintRequest(SamplingRequest):
     mask_blur: int = 4
     inpaint_area: str = WHOLE_PICTURE  # or ONLY_MASKED: crop around the mask, inpaint at full resolution
     padding: int = 32  # around the mask, for ONLY_MASKED
+    # Sketch to image: also guide with the preset family's sketch ControlNet (presets/controlnets.yaml's
+    # for_sketches), reading the drawing itself; the form and the API turn it on
+    sketch_controlnet: bool = False
 
 
 def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
@@ -137,6 +140,21 @@ class Inpainter(SamplingEngine):
 
     def check(self, request: InpaintRequest, preset: ModelPreset) -> dict[str, str]:
         return check_inpaint(request, preset, self.limits)
+
+    def problems(self, request: InpaintRequest, task: str | None = None) -> dict[str, str]:
+        if task == "img2img":  # sketch to image: checked with the units it will run
+            request = self.with_sketch_controlnet(request)
+        return super().problems(request, task)
+
+    def with_sketch_controlnet(self, request: InpaintRequest) -> InpaintRequest:
+        """Sketch to image's request as it runs: with `sketch_controlnet`, the family's sketch ControlNet reads the
+        drawing, as the first unit, unless a unit of the request already uses it (a form filled from a PNG)."""
+        if not request.sketch_controlnet or request.preset not in self.presets:
+            return request
+        unit = sketch_unit(self.controlnets, self.presets.get(request.preset).family)
+        if unit is None or any(given.model == unit.model for given in request.controls):
+            return request
+        return replace(request, controls=(unit, *request.controls))
 
     # ----- inpaint (and inpaint sketch: the strokes already painted into `image`, `mask` where they are) -----
 
@@ -201,7 +219,9 @@ class Inpainter(SamplingEngine):
     # ----- sketch to image: image-to-image from a drawing -----
 
     def plan_sketch(self, sketch: Image.Image, request: InpaintRequest) -> SamplingPlan:
-        """An image-to-image plan from a coloured sketch (transparent areas count as white paper)."""
+        """An image-to-image plan from a coloured sketch (transparent areas count as white paper), guided by the
+        family's sketch ControlNet where the request asks for it."""
+        request = self.with_sketch_controlnet(request)
         preset = self.validate(request, "img2img")
         drawing = prepare_image(sketch, "sketch", max_pixels=self.limits.max_upload_pixels)
         if all(low == high for low, high in drawing.rgb.getextrema()):  # one flat colour: nothing drawn
@@ -254,12 +274,12 @@ def paste_back(generated: Image.Image, source, blurred_mask: Image.Image) -> Ima
     return out
 
 
-def inpaint_request_from_parameters(text: str, presets, current: InpaintRequest,
-                                    loras=None) -> tuple[InpaintRequest, list[str]]:
+def inpaint_request_from_parameters(text: str, presets, current: InpaintRequest, loras=None,
+                                    controlnets=None) -> tuple[InpaintRequest, list[str]]:
     """An inpaint form filled from an image's A1111 parameters (denoising strength, mask blur, inpaint area and
     padding too), and notes on what could not be taken over; what the text lacks keeps its `current` value."""
     params = parse_parameters(text)
-    fields, notes = sampling_fields_from_parameters(params, presets, current, loras)
+    fields, notes = sampling_fields_from_parameters(params, presets, current, loras, controlnets)
     extra = params.extra
     area = extra.get("Inpaint area", current.inpaint_area)
     strength = parse_float(extra.get("Denoising strength"))

@@ -6,13 +6,16 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from studio.a1111.controlnet import read_controlnet_fields
 from studio.a1111.metadata import parse_parameters
+from studio.models.controlnets import ControlNetCatalog
 from studio.models.families import family_of
 from studio.models.loras import (
     LoraCatalog,
 )
 from studio.models.presets import PresetCatalog
 from studio.models.upscalers import UpscalerCatalog
+from studio.tasks.control import unit_from_fields
 from studio.tasks.generation import TextToImageRequest
 from studio.tasks.hires import (
     HiresFix,
@@ -22,7 +25,8 @@ from studio.tasks.sampling import SamplingRequest, hash_entry_name, model_names,
 
 
 def sampling_fields_from_parameters(params, presets: PresetCatalog, current: SamplingRequest,
-                                    loras: LoraCatalog | None = None) -> tuple[dict, list[str]]:
+                                    loras: LoraCatalog | None = None,
+                                    controlnets: ControlNetCatalog | None = None) -> tuple[dict, list[str]]:
     """The fields every request has, from parsed A1111 parameters, and notes on what could not be taken over.
     Fields the text lacks, and a sampler or model the studio does not have, keep their `current` values. The
     prompt keeps its <lora:...> tags; a LoRA that is not here, or not the file the image was made with (its
@@ -58,7 +62,21 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
         batch_size=1,
         clip_skip=clip_skip,
     )
-    return fields, notes + lora_notes(params.extra.get("Lora hashes", ""), loras or LoraCatalog({}))
+    controls, control_notes = controls_from_parameters(params.extra, controlnets or ControlNetCatalog([]))
+    fields["controls"] = controls
+    return fields, notes + lora_notes(params.extra.get("Lora hashes", ""), loras or LoraCatalog({})) + control_notes
+
+
+def controls_from_parameters(extra: dict[str, str], controlnets: ControlNetCatalog) -> tuple[tuple, list[str]]:
+    """The ControlNet units an image's "ControlNet N" fields describe, without their control images (a PNG does
+    not hold them), and notes: that the images must be given again, and each model not offered here."""
+    units, notes = [], []
+    for fields in read_controlnet_fields(extra):
+        unit, note = unit_from_fields(fields, controlnets)
+        if unit is not None:
+            units.append(unit)
+        notes.append(note)
+    return tuple(units), list(dict.fromkeys(notes))
 
 
 def lora_notes(hashes: str, loras: LoraCatalog) -> list[str]:
@@ -87,14 +105,15 @@ def lora_notes(hashes: str, loras: LoraCatalog) -> list[str]:
 
 def request_from_parameters(text: str, presets: PresetCatalog, current: TextToImageRequest,
                             upscalers: UpscalerCatalog | None = None,
-                            loras: LoraCatalog | None = None) -> tuple[TextToImageRequest, list[str]]:
+                            loras: LoraCatalog | None = None,
+                            controlnets: ControlNetCatalog | None = None) -> tuple[TextToImageRequest, list[str]]:
     """A text-to-image form filled from an image's A1111 parameters, and notes on what could not be taken over.
     Hires. fix is on when the text has its fields (its upscaler found by our name or A1111's), off otherwise.
 
     The style is reset to "None" because the stored prompt already has the style applied.
     """
     params = parse_parameters(text)
-    fields, notes = sampling_fields_from_parameters(params, presets, current, loras)
+    fields, notes = sampling_fields_from_parameters(params, presets, current, loras, controlnets)
     width, height = params.width or current.width, params.height or current.height
 
     def find_upscaler(written: str) -> str | None:

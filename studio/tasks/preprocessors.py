@@ -45,7 +45,9 @@ def _none(image: np.ndarray, a: float, b: float) -> np.ndarray:
 
 
 def _invert(image: np.ndarray, a: float, b: float) -> np.ndarray:
-    """A1111's "invert (from white bg & black line)": a drawing in dark lines on white becomes white on black."""
+    """A1111's "invert (from white bg & black line)": a drawing in dark lines on white becomes white on black (each
+    channel inverted, as A1111 does: a coloured line becomes its complement, which the embedded ControlNet reads as
+    well as a black one: docs/embedded-model.md)."""
     return 255 - image
 
 

@@ -1,0 +1,169 @@
+"""ControlNet units as the forms and the API give them: the fields made into units (an image that cannot be used
+named), the preprocessed map shown before anything runs, Sketch to image's own ControlNet, units read back from a
+PNG, and the Compare tab's ControlNet axes."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from tiny_models import EMBEDDED, save_random_controlnet
+
+from components.control_units import control_units, optional_control_images, split_control_fields
+from studio.core.errors import InvalidRequest
+from studio.evaluation.compare import CompareRequest, Comparison
+from studio.models.controlnets import ControlNetCatalog, ControlNetPreset, load_controlnets
+from studio.models.presets import PresetCatalog, load_presets
+from studio.tasks.control import ControlUnit, preview_map, sketch_unit
+from studio.tasks.engines import local_engines
+from studio.tasks.generation import TextToImageRequest
+from studio.tasks.inpainting import InpaintRequest
+from studio.tasks.parameters import request_from_parameters
+
+PROMPT = "a red circle on a blue background"
+
+
+def drawing(colour="black", size: int = 64, transparent: bool = False) -> Image.Image:
+    """A square outline at the bottom right, on white paper (or on nothing)."""
+    image = Image.new("RGBA" if transparent else "RGB", (size, size), (0, 0, 0, 0) if transparent else "white")
+    ImageDraw.Draw(image).rectangle((size // 2, size // 2, size - 8, size - 8), outline=colour, width=3)
+    return image
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    folder = save_random_controlnet(EMBEDDED, tmp_path_factory.mktemp("controlnets") / "sketch", seed=5)
+    return ControlNetCatalog([ControlNetPreset("sketchy", "Sketchy", "embedded", local=folder, preprocessor="invert",
+                                               for_sketches=True)])
+
+
+@pytest.fixture(scope="module")
+def engines(catalog):
+    return local_engines(PresetCatalog([load_presets().get("embedded")], "embedded"), controlnets=catalog)
+
+
+def unit_fields(index: int, **values) -> dict:
+    defaults = dict(enabled=True, image=None, preprocessor="invert", model="sketchy", weight=1.0, guidance_start=0.0,
+                    guidance_end=1.0, control_mode="Balanced", resize_mode="Crop and Resize", pixel_perfect=False,
+                    processor_res=512, threshold_a=-1, threshold_b=-1)
+    return {f"control_{index}_{name}": value for name, value in (defaults | values).items()}
+
+
+def test_the_form_makes_units_of_the_enabled_ones_and_opens_their_images(tmp_path):
+    drawing().save(tmp_path / "sketch.png")
+    fields = {"prompt": PROMPT, **unit_fields(1, image=str(tmp_path / "sketch.png"), weight=0.5),
+              **unit_fields(2, enabled=False, weight=2.0), **unit_fields(3, image=None, threshold_a=None)}
+    rest, units = control_units(fields, max_upload_pixels=1_000_000)
+    assert rest == {"prompt": PROMPT}
+    assert [unit.weight for unit in units] == [0.5, 1.0]  # unit 2 is off
+    assert units[0].image.size == (64, 64) and units[1].image is None  # None: the request's own picture
+    assert units[1].threshold_a is None  # an API caller's null is the preprocessor's default
+    assert len(split_control_fields(fields)[1]) == 3
+
+
+def test_a_control_file_that_is_not_an_image_or_too_large_is_named(tmp_path):
+    (tmp_path / "notes.png").write_bytes(b"words, not pixels")
+    with pytest.raises(InvalidRequest, match="ControlNet unit 2's control image file 'notes.png' could not be read"):
+        control_units({**unit_fields(1, enabled=False), **unit_fields(2, image=str(tmp_path / "notes.png"))}, 10**6)
+    drawing(size=200).save(tmp_path / "big.png")
+    with pytest.raises(InvalidRequest, match="ControlNet unit 1's control image is 200×200: more than 10,000 pixels"):
+        control_units(unit_fields(1, image=str(tmp_path / "big.png")), 10_000)
+
+
+def test_a_fractional_preprocessor_resolution_is_refused_not_rounded(engines):
+    _, units = control_units(unit_fields(1, image=None, processor_res=512.5), 10**6)
+    problems = engines.inpainter.problems(InpaintRequest(prompt=PROMPT, controls=units), "img2img")
+    assert "the preprocessor resolution must be a whole number (got 512.5)" in problems["controls"]
+
+
+def test_the_api_may_leave_every_control_image_out():
+    def handler(request, progress=None, **fields):
+        return fields
+
+    optional_control_images(handler, 2)
+    import inspect
+
+    parameters = inspect.signature(handler).parameters
+    assert [name for name in parameters][-3:] == ["control_1_image", "control_2_image", "fields"]
+    assert parameters["control_1_image"].default is None
+    assert handler(None, control_1_image="x", prompt="p") == {"control_1_image": "x", "prompt": "p"}
+
+
+def test_the_map_shown_before_anything_runs_is_what_the_model_reads():
+    unit = ControlUnit("sketchy", preprocessor="invert", processor_res=64)
+    black = np.asarray(preview_map(unit, drawing("black"), 10**6))
+    assert black.max() == 255 and black[4, 4].tolist() == [0, 0, 0]  # white lines on black
+    # each channel inverted, as A1111 does: a yellow line is a blue one on black
+    yellow = np.asarray(preview_map(unit, drawing("#ffd700"), 10**6))
+    assert yellow[-9, -20].tolist() == [0, 40, 255] and yellow[4, 4].tolist() == [0, 0, 0]
+    # a drawing on a transparent canvas: the canvas is paper, not a black slab
+    assert (np.asarray(preview_map(unit, drawing("black", transparent=True), 10**6)) == black).all()
+    with pytest.raises(InvalidRequest, match="Canny low threshold must be between 1 and 255"):
+        preview_map(replace(unit, preprocessor="canny", threshold_a=0), drawing(), 10**6)
+    with pytest.raises(InvalidRequest, match="more than 100 pixels"):
+        preview_map(unit, drawing(), 100)
+
+
+def test_sketch_to_image_guides_with_the_familys_sketch_controlnet_once(engines, catalog):
+    inpainter = engines.inpainter
+    assert sketch_unit(catalog, "embedded") == ControlUnit("sketchy", preprocessor="invert")
+    assert sketch_unit(catalog, "sdxl") is None
+    base = InpaintRequest(prompt=PROMPT, seed=4, steps=4, strength=1.0, sketch_controlnet=True)
+    assert inpainter.with_sketch_controlnet(base).controls == (ControlUnit("sketchy", preprocessor="invert"),)
+    given = replace(base, controls=(ControlUnit("sketchy", preprocessor="invert", weight=0.5),))
+    assert inpainter.with_sketch_controlnet(given) == given  # a PNG's unit is not added twice
+    assert inpainter.with_sketch_controlnet(replace(base, sketch_controlnet=False)).controls == ()
+
+    guided = inpainter.sketch_to_image(drawing(), base).images[0]
+    plain = inpainter.sketch_to_image(drawing(), replace(base, sketch_controlnet=False)).images[0]
+    assert 'ControlNet 0: "Module: invert (from white bg & black line), Model: sketch' in guided.parameters
+    assert "ControlNet 0" not in plain.parameters
+    assert not np.array_equal(np.asarray(guided.image), np.asarray(plain.image))
+
+
+def test_a_png_fills_the_units_without_their_images_and_says_so(engines, catalog):
+    engine = engines.text_to_image
+    made = engine.generate(TextToImageRequest(prompt=PROMPT, seed=2, steps=3, controls=(
+        ControlUnit("sketchy", drawing(), "invert", weight=0.7, guidance_end=0.8),))).images[0]
+    filled, notes = request_from_parameters(made.parameters, engine.presets, TextToImageRequest(prompt=""),
+                                            controlnets=catalog)
+    assert filled.controls == (ControlUnit("sketchy", None, "invert", weight=0.7, guidance_end=0.8,
+                                           processor_res=512),)
+    assert "The control image is not stored in a PNG: give it again." in notes
+    # a PNG without units turns the form's off
+    without = made.parameters.split(", ControlNet 0")[0]
+    assert request_from_parameters(without, engine.presets, TextToImageRequest(prompt=""),
+                                   controlnets=catalog)[0].controls == ()
+
+
+def test_compare_varies_the_first_units_weight_and_preprocessor(engines):
+    comparison = Comparison(engines.text_to_image)
+    unit = ControlUnit("sketchy", drawing(), "invert")
+    request = CompareRequest(prompt=PROMPT, seed=5, x_type="[ControlNet] Weight", x_values="0, 1",
+                             y_type="[ControlNet] Preprocessor", y_values="invert, scribble", controls=(unit,))
+    plan = comparison.plan(request)
+    settings = [(cell_plan.controls[0].settings.weight, cell_plan.controls[0].fields.module)
+                for cell_plan in plan.plans]
+    assert sorted(settings) == [(0.0, "invert (from white bg & black line)"), (0.0, "scribble_xdog"),
+                                (1.0, "invert (from white bg & black line)"), (1.0, "scribble_xdog")]
+    with comparison.model_files(plan) as resolved:
+        result = comparison.run(resolved)
+    assert all('ControlNet 0: "Module' in cell.image.parameters for cell in result.cells)
+    by_weight = {dict(cell.cell.settings)["control_weight"]: np.asarray(cell.image.image) for cell in result.cells
+                 if dict(cell.cell.settings)["control_preprocessor"] == "invert"}
+    assert not np.array_equal(by_weight[0.0], by_weight[1.0])
+    with pytest.raises(InvalidRequest, match="A ControlNet axis varies the first ControlNet unit: enable one"):
+        comparison.plan(replace(request, controls=()))
+    with pytest.raises(InvalidRequest, match="weight must be between 0 and 2"):
+        comparison.plan(replace(request, x_values="1, 3"))
+
+
+def test_one_sketch_controlnet_per_family(tmp_path):
+    entry = "  {name}:\n    label: {name}\n    family: embedded\n    local: x\n    for_sketches: true\n"
+    (tmp_path / "controlnets.yaml").write_text("controlnets:\n" + entry.format(name="a") + entry.format(name="b"))
+    with pytest.raises(ValueError, match="more than one ControlNet with for_sketches for family embedded"):
+        load_controlnets(tmp_path / "controlnets.yaml")
+    shipped = load_controlnets()
+    assert shipped.for_sketches("embedded").name == "embedded-scribble"
+    assert Path(shipped.get("embedded-scribble").local).name == "embedded-controlnet-scribble"
