@@ -96,7 +96,7 @@ def unit_from_values(values: dict, image, label: str = "ControlNet unit") -> Con
             pixel_perfect=bool(values.get("pixel_perfect")),
             processor_res=whole(float(_or(values.get("processor_res"), 512))),
             threshold_a=None if threshold_a is None else float(threshold_a),
-            threshold_b=None if threshold_b is None else float(threshold_b))
+            threshold_b=None if threshold_b is None else float(threshold_b), label=label)
     except (TypeError, ValueError) as error:
         raise InvalidRequest([f"{label}: a setting is not a number ({error})."]) from None
 
@@ -163,6 +163,12 @@ class ControlUnitsForm:
     maps: list[gr.Image] = field(default_factory=list)  # each unit's preprocessed map, shown before anything runs
     # with `own_image`: each unit's button that shows the map of the tab's own picture (the tab wires it)
     own_map_buttons: list[gr.Button] = field(default_factory=list)
+    map_events: list[dict] = field(default_factory=list)  # each unit's event options that remake its map
+
+    def refresh_maps(self, event) -> None:
+        """After `event` changed the units' settings (a form filled from a PNG), their maps are made again."""
+        for options in self.map_events:
+            event.then(**options)
 
     def component(self, index: int, name: str) -> gr.Component:
         return self.fields[field_name(index, name)]
@@ -205,38 +211,40 @@ def build_control_units(catalog: ControlNetCatalog, count: int, offered: list[st
     `own_image`: what a unit without an image of its own reads (Inpaint: "the picture"), None where it needs one.
     Call `.follow(preset, ...)` once the preset dropdown exists."""
     fields: dict[str, gr.Component] = {}
-    models, maps, own_map_buttons = [], [], []
+    models, maps, own_map_buttons, map_events = [], [], [], []
     image_label = "Control image" + (f" (none: {own_image})" if own_image else "")
     with gr.Accordion("ControlNet", open=False, elem_id=f"{elem_prefix}-units") as accordion:
         gr.Markdown(HELP, elem_classes="control-help")
         with gr.Tabs():
             for index in range(count):
                 with gr.Tab(f"Unit {index + 1}"):
-                    unit = _build_unit(index, catalog, offered, image_label, elem_prefix)
+                    unit = _build_unit(index, catalog, offered, image_label, elem_prefix, own_image)
                     if own_image:
-                        own_map_buttons.append(gr.Button(f"Show the map of {own_image}", size="sm",
-                                                          elem_id=f"{elem_prefix}-unit-{index + 1}-own-map"))
+                        own_map_buttons.append(unit["own_map"])
                     fields.update({field_name(index, name): component for name, component in unit.items()
                                    if name in UNIT_FIELDS})
                     models.append(unit["model"])
                     maps.append(unit["map"])
-                    _wire_unit(unit, catalog, max_upload_pixels)
+                    map_events.append(_wire_unit(unit, catalog, max_upload_pixels))
     return ControlUnitsForm(fields=fields, accordion=accordion, count=count, catalog=catalog, models=models,
-                            maps=maps, own_map_buttons=own_map_buttons)
+                            maps=maps, own_map_buttons=own_map_buttons, map_events=map_events)
 
 
 def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], image_label: str,
-                elem_prefix: str) -> dict[str, gr.Component]:
+                elem_prefix: str, own_image: str | None) -> dict[str, gr.Component]:
     first = catalog.get(offered[0]) if offered else None
     preprocessor = PREPROCESSORS[first.preprocessor if first else "none"]
     unit: dict[str, gr.Component] = {}
     element = f"{elem_prefix}-unit-{index + 1}"
     unit["enabled"] = gr.Checkbox(False, label="Enable", elem_id=f"{element}-enabled")
     with gr.Row(equal_height=True):
-        unit["image"] = ControlImage(label=image_label, type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                 height=220, elem_id=f"{element}-image")
-        unit["map"] = gr.Image(label="Preprocessed map (what the ControlNet reads)", interactive=False, height=220,
-                               format="png", buttons=["download"], elem_id=f"{element}-map")
+        unit["image"] = ControlImage(label=image_label, type="filepath", image_mode=None,
+                                     sources=["upload", "clipboard"], height=220, elem_id=f"{element}-image")
+        with gr.Column():
+            unit["map"] = gr.Image(label="Preprocessed map (what the ControlNet reads)", interactive=False,
+                                   height=220, format="png", buttons=["download"], elem_id=f"{element}-map")
+            if own_image:
+                unit["own_map"] = gr.Button(f"Show the map of {own_image}", size="sm", elem_id=f"{element}-own-map")
     with gr.Row():
         unit["preprocessor"] = gr.Dropdown(
             [(f"{p.name} — {p.description}", p.name) for p in PREPROCESSORS.values()], value=preprocessor.name,
@@ -264,24 +272,27 @@ def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], imag
     return unit
 
 
-def _wire_unit(unit: dict[str, gr.Component], catalog: ControlNetCatalog, max_upload_pixels: int) -> None:
+def _wire_unit(unit: dict[str, gr.Component], catalog: ControlNetCatalog, max_upload_pixels: int) -> dict:
     """The map follows the image and the preprocessor's settings; a model picks the preprocessor it was trained on;
     an uploaded image turns the unit on, as in A1111."""
 
     def show_map(image, *settings):
         return map_of(image, None, *settings, max_upload_pixels) if image is not None else None
 
-    preview_inputs = [unit[name] for name in MAP_INPUTS]
-    for trigger in (unit["image"].change, unit["preprocessor"].change, unit["processor_res"].release,
-                    unit["threshold_a"].release, unit["threshold_b"].release):
-        trigger(show_map, preview_inputs, unit["map"], **QUICK)  # queued: a refusal shows as a toast
+    # The map follows the settings. After a change of preprocessor it is made once its thresholds are fitted
+    # (`then`): made at the same time, it read the old threshold against the new one's range, refused by gradio.
+    refresh_map = dict(fn=show_map, inputs=[unit[name] for name in MAP_INPUTS], outputs=unit["map"],
+                       **QUICK)  # queued: a refusal shows as a toast
+    for trigger in (unit["image"].change, unit["processor_res"].release, unit["threshold_a"].release,
+                    unit["threshold_b"].release):
+        trigger(**refresh_map)
 
     def thresholds_of(name):
         chosen = PREPROCESSORS.get(name)
         return (threshold_slider(chosen and chosen.threshold_a), threshold_slider(chosen and chosen.threshold_b))
 
     unit["preprocessor"].input(thresholds_of, unit["preprocessor"], [unit["threshold_a"], unit["threshold_b"]],
-                               **INSTANT)
+                               **INSTANT).then(**refresh_map)
 
     def trained_preprocessor(model):
         if model not in catalog:
@@ -290,7 +301,8 @@ def _wire_unit(unit: dict[str, gr.Component], catalog: ControlNetCatalog, max_up
         return (name, *thresholds_of(name))
 
     unit["model"].input(trained_preprocessor, unit["model"],
-                        [unit["preprocessor"], unit["threshold_a"], unit["threshold_b"]], **INSTANT)
+                        [unit["preprocessor"], unit["threshold_a"], unit["threshold_b"]], **INSTANT).then(**refresh_map)
     unit["image"].upload(lambda: True, None, unit["enabled"], **INSTANT)
     unit["pixel_perfect"].change(lambda on: gr.Slider(interactive=not on), unit["pixel_perfect"],
                                  unit["processor_res"], **INSTANT)
+    return refresh_map

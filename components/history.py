@@ -30,7 +30,7 @@ class History:
                           **INSTANT)
 
     def on_click(self, fill_form: Callable, form: dict[str, gr.components.Component], outputs: list,
-                 **event_options) -> None:
+                 **event_options):
         """Clicking a thumbnail calls `fill_form(parameters_text, **form's values)` and shows its result in
         `outputs`."""
 
@@ -38,7 +38,7 @@ class History:
             _path, _caption, parameters = past[selection.index]
             return fill_form(parameters, **fields)
 
-        self.gallery.select(load, self.state, outputs, inputs_kwargs=form, **event_options)
+        return self.gallery.select(load, self.state, outputs, inputs_kwargs=form, **event_options)
 
 
 def build_history(elem_id: str) -> History:

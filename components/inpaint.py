@@ -233,7 +233,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                                  buttons=["download", "fullscreen"], interactive=False, elem_id="inpaint-gallery")
             send_to_upscale = gr.Button("Send to Upscale", size="sm", elem_id="inpaint-send-to-upscale")
             selected = gr.State(0)
-            info = gr.Textbox(label="Generation info", lines=3, interactive=False, buttons=["copy"])
+            info = gr.Textbox(label="Generation info", lines=3, interactive=False, buttons=["copy"],
+                              elem_id="inpaint-generation-info")
             seeds = gr.JSON(label="Used seeds")
             history = build_history("inpaint-history-gallery")
 
@@ -419,7 +420,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 gr.skip(), *controls.values_for(filled.controls), card_update]
 
     history.follow([event], gallery)
-    history.on_click(fill_form, form, [*settings, card], **QUICK)
+    controls.refresh_maps(history.on_click(fill_form, form, [*settings, card], **QUICK))
     image_outputs = [to_editor, mask_blur, padding, fitted_to]
     # queued, so that a refusal (an image over the size limit) shows as a toast
     apply_to_editor(read_editor(mode.input).success(
@@ -459,10 +460,16 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                      **gpu_event)
 
     # what the model knows, and which typed words it does not, as the user types (no queue: no GPU, no wait)
-    note_event = dict(fn=lambda name, text: prompt_hint(engine, name, text), inputs=[preset, prompt],
-                      outputs=prompt_note, **INSTANT)
+    def hint(name, text, chosen_mode, guide):
+        """The prompt hint; in Sketch to image guided by the sketch ControlNet, its words count as known."""
+        guided = (InpaintRequest(prompt="", preset=name, sketch_controlnet=sketch_guided(
+            chosen_mode, chosen_preset(engine.presets, name), guide)))
+        return prompt_hint(engine, name, text, engine.with_sketch_controlnet(guided).controls)
+
+    note_event = dict(fn=hint, inputs=[preset, prompt, mode, sketch_controlnet], outputs=prompt_note, **INSTANT)
     prompt.change(**note_event, trigger_mode="always_last")
-    preset.change(**note_event)
+    for changed in (preset, mode, sketch_controlnet):
+        changed.change(**note_event)
     lora_picker.follow(preset, engine.loras_that_fit)
     controls.follow(preset, lambda name: chosen_preset(engine.presets, name).family)
     availability.follow(preset)

@@ -95,13 +95,14 @@ def sampling_updates(preset: ModelPreset, limits, scheduler=None, steps=None, gu
     )
 
 
-def prompt_hint(engine, preset_name: str, prompt: str | None) -> str:
+def prompt_hint(engine, preset_name: str, prompt: str | None, controls: tuple = ()) -> str:
     """Under the prompt, for a model that lists what it knows: the words it knows, and the typed words it has
-    never seen. Empty for the other models."""
+    never seen (those a ControlNet unit of `controls` was trained with count as known). Empty for the other
+    models."""
     known = engine.vocabulary_hint(preset_name)
     if not known:
         return ""
-    unknown = engine.unknown_words(preset_name, prompt or "")
+    unknown = engine.unknown_words(preset_name, prompt or "", controls)
     warning = ("**Never seen by this model, so they do not steer it: " + ", ".join(f"“{word}”" for word in unknown)
                + ".** " if unknown else "")
     return warning + known

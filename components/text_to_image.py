@@ -289,7 +289,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         scroll_to_results_in_a_narrow_window(started, "text-to-image-gallery")
 
     history.follow([event, submitted], gallery)
-    history.on_click(send_parameters, form, [*inputs, card], **QUICK)
+    controls.refresh_maps(history.on_click(send_parameters, form, [*inputs, card], **QUICK))
     runner.wire_stop(stop, TAB)
     # Preset changes only need the preset itself: run them at once, outside the GPU queue.
     fitted = preset.input(preset_updates, preset, fitted_to_preset, **INSTANT)
@@ -312,7 +312,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     gallery.select(remember_selection, None, selected, **INSTANT)
     event.then(lambda: 0, None, selected, **INSTANT)  # a new batch: its first image
     # queued (outside the GPU group), so its notes show as toasts
-    use_parameters.click(send_parameters, png_parameters, [*inputs, card], inputs_kwargs=form, **QUICK)
+    controls.refresh_maps(use_parameters.click(send_parameters, png_parameters, [*inputs, card], inputs_kwargs=form,
+                                               **QUICK))
 
     # Each preset's own example prompts; clicking one also selects that preset, since an example only
     # shows what the model that knows it can do (the embedded model knows shapes, not "a cat").

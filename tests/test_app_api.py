@@ -23,7 +23,7 @@ UNIT = ("enabled", "image", "preprocessor", "model", "weight", "guidance_start",
 
 def units(count: int) -> list[str]:
     """The API's names of `count` ControlNet units' fields: control_1_enabled, ..."""
-    return [f"control_{n}_{name}" for n in range(1, count + 1) for name in UNIT}
+    return [f"control_{n}_{name}" for n in range(1, count + 1) for name in UNIT]
 
 
 def text_to_image(client, **overrides):

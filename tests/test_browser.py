@@ -513,6 +513,12 @@ def test_draw_a_sketch_pick_the_scribble_preprocessor_see_its_map_and_generate(p
     page.locator("#sketch-controlnet").wait_for()  # the embedded family's sketch ControlNet, on by default
     canvas = tab.locator("canvas").first
     tab.get_by_role("button", name="Brush").first.click()
+    swatches = page.locator("#inpaint-editor button.color")
+    if not swatches.first.is_visible():
+        page.locator("#inpaint-editor").get_by_label("Color").first.click()
+    # black: the scribble preprocessor finds dark lines (a red one is light in red)
+    colours = swatches.evaluate_all("buttons => buttons.map(b => getComputedStyle(b).backgroundColor)")
+    swatches.nth(colours.index("rgb(17, 17, 17)")).click()
     box = canvas.bounding_box()
     square = [(0.55, 0.55), (0.9, 0.55), (0.9, 0.9), (0.55, 0.9), (0.55, 0.55)]  # bottom right
     page.mouse.move(box["x"] + box["width"] * square[0][0], box["y"] + box["height"] * square[0][1])
@@ -535,12 +541,18 @@ def test_draw_a_sketch_pick_the_scribble_preprocessor_see_its_map_and_generate(p
     assert lines.any() and not lines[: height // 3, : width // 3].any(), "the lines are where the square was drawn"
     page.screenshot(path=str(artifacts / "sketch_controlnet_map.png"), full_page=True)
 
+    # "shape" is a word the sketch ControlNet was trained with: not flagged as unknown to the model, "zebra" is
+    tab.get_by_label("Prompt", exact=True).fill("a red shape zebra")
+    hint = page.locator("#inpaint-tab .prompt-hint").first
+    page.wait_for_function("e => e.innerText.includes('“zebra”')", arg=hint.element_handle())
+    assert "“shape”" not in hint.inner_text()
     tab.get_by_label("Prompt", exact=True).fill("a red shape on a blue background")
     tab.get_by_role("button", name="Generate", exact=True).click()
     result = page.locator("#inpaint-gallery img[alt^='Seed ']").first
     result.wait_for(timeout=90_000)
-    info = tab.locator("textarea").filter(has_text="ControlNet 0").first
-    info.wait_for()
+    info = page.locator("#inpaint-generation-info textarea")
+    page.wait_for_function("() => document.querySelector('#inpaint-generation-info textarea')?.value"
+                           ".includes('ControlNet 0')")
     assert 'Module: scribble_xdog, Model: embedded-controlnet-scribble [' in info.input_value()
     assert "ControlNet 1" not in info.input_value()  # the sketch ControlNet's unit is this one, not another
     page.screenshot(path=str(artifacts / "sketch_controlnet_result.png"), full_page=True)

@@ -35,7 +35,7 @@ def drawing(colour="black", size: int = 64, transparent: bool = False) -> Image.
 def catalog(tmp_path_factory):
     folder = save_random_controlnet(EMBEDDED, tmp_path_factory.mktemp("controlnets") / "sketch", seed=5)
     return ControlNetCatalog([ControlNetPreset("sketchy", "Sketchy", "embedded", local=folder, preprocessor="invert",
-                                               for_sketches=True)])
+                                               for_sketches=True, words=("shape",))])
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +115,10 @@ def test_sketch_to_image_guides_with_the_familys_sketch_controlnet_once(engines,
     assert inpainter.with_sketch_controlnet(given) == given  # a PNG's unit is not added twice
     assert inpainter.with_sketch_controlnet(replace(base, sketch_controlnet=False)).controls == ()
 
+    # "a red shape": the model's captions never said "shape", the sketch ControlNet's prompts did
+    assert inpainter.unknown_words("embedded", "a red shape") == ["shape"]
+    assert inpainter.unknown_words("embedded", "a red shape", (ControlUnit("sketchy"),)) == []
+    assert not any("shape" in warning for warning in inpainter.plan_sketch(drawing(), base).warnings)
     guided = inpainter.sketch_to_image(drawing(), base).images[0]
     plain = inpainter.sketch_to_image(drawing(), replace(base, sketch_controlnet=False)).images[0]
     assert 'ControlNet 0: "Module: invert (from white bg & black line), Model: sketch' in guided.parameters
@@ -166,4 +170,5 @@ def test_one_sketch_controlnet_per_family(tmp_path):
         load_controlnets(tmp_path / "controlnets.yaml")
     shipped = load_controlnets()
     assert shipped.for_sketches("embedded").name == "embedded-scribble"
+    assert shipped.get("embedded-scribble").words == ("shape",)
     assert Path(shipped.get("embedded-scribble").local).name == "embedded-controlnet-scribble"

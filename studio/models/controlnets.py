@@ -50,6 +50,8 @@ class ControlNetPreset:
     preprocessor: str = "none"  # the one it was trained on: the form picks it with the model
     description: str = ""
     for_sketches: bool = False  # Sketch to image guides with it by default, for presets of its family
+    # words its training prompts had that its family's captions lack: known to the prompt check while it guides
+    words: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -121,6 +123,7 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Contr
     if entry.get("kind", "controlnet") not in MODEL_CLASSES:
         raise ValueError(f"ControlNet {name!r}: kind must be one of {tuple(MODEL_CLASSES)}, not {entry['kind']!r}.")
     values = dict(entry)
+    values["words"] = tuple(str(word).lower() for word in values.get("words") or ())
     if values.get("local") is not None:
         values["local"] = (base_dir / Path(values["local"]).expanduser()).resolve()
     return ControlNetPreset(name=name, **values)

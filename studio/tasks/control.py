@@ -5,7 +5,7 @@ can act on, then preprocessed on the CPU into the map its ControlNet reads, befo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -47,6 +47,7 @@ class ControlUnit:
     processor_res: int = 512
     threshold_a: float | None = None  # the preprocessor's (None or -1: its default)
     threshold_b: float | None = None
+    label: str = field(default="", compare=False)  # how messages name it (the form's "ControlNet unit 2")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def check_control_units(units: tuple[ControlUnit, ...], preset: ModelPreset, cat
         return [f"At most {max_units} ControlNet unit(s) here (got {len(units)})."]
     problems = []
     for index, unit in enumerate(units):
-        label = f"ControlNet unit {index + 1}"
+        label = unit.label or f"ControlNet unit {index + 1}"
         if unit.model not in catalog:
             problems.append(f"{label}: unknown model {unit.model!r}. Available for {preset.label}: "
                             f"{', '.join(catalog.for_family(preset.family)) or 'none'}.")

@@ -132,7 +132,7 @@ class TextToImage(SamplingEngine):
             scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
-            warnings=self.prompt_warnings(preset, request.prompt), lora_uses=parse_prompt(prompt).loras,
+            warnings=self.prompt_warnings(preset, request.prompt, tuple(request.controls)), lora_uses=parse_prompt(prompt).loras,
             controls=plan_controls(tuple(request.controls), self.controlnets, size),
         )
         if request.hires is not None:

@@ -189,7 +189,8 @@ class Inpainter(SamplingEngine):
                          mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
                          strength=request.strength)
         plan = self._plan(preset, "inpaint", request, size, arguments, extra,
-                          ([source.note] if source.note else []) + self.prompt_warnings(preset, request.prompt),
+                          ([source.note] if source.note else [])
+                          + self.prompt_warnings(preset, request.prompt, tuple(request.controls)),
                           self._controls(request, size, arguments["image"]))
         # A1111 pastes "Whole picture" back through the blurred mask sharpened (doubled, clipped): the repainted
         # area is fully the model's up to half the blur's falloff, so no faded ghost of the old content shows.
@@ -229,7 +230,8 @@ class Inpainter(SamplingEngine):
         size = working_size(*drawing.rgb.size, preset, self.limits.max_pixels, upscale=True)
         arguments = dict(image=drawing.rgb.resize(size, Image.Resampling.LANCZOS), strength=request.strength)
         return self._plan(preset, "img2img", request, size, arguments,
-                          {"Denoising strength": f"{request.strength:g}"}, self.prompt_warnings(preset, request.prompt),
+                          {"Denoising strength": f"{request.strength:g}"},
+                          self.prompt_warnings(preset, request.prompt, tuple(request.controls)),
                           self._controls(request, size, arguments["image"]))
 
     def sketch_to_image(self, sketch: Image.Image, request: InpaintRequest,

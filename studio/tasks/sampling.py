@@ -303,18 +303,21 @@ class SamplingEngine:
         width = preset_context_width(self.models, self.presets.get(preset_name))
         return [name for name in self.loras.names if self.loras.get(name).fits(width)]
 
-    def unknown_words(self, preset_name: str, prompt: str) -> list[str]:
+    def unknown_words(self, preset_name: str, prompt: str, controls: tuple = ()) -> list[str]:
+        """The prompt's words the preset's model never saw; a LoRA's own words, and those a ControlNet of
+        `controls` (units) was trained with, count as known."""
         vocabulary = self.vocabularies.get(preset_name)
         if not vocabulary:
             return []
-        taught = self._lora_vocabulary(prompt)
+        taught = self._lora_vocabulary(prompt) | {word for unit in controls if unit.model in self.controlnets
+                                                  for word in self.controlnets.get(unit.model).words}
         return [word for word in vocabulary.unknown_words(self._plain(prompt)) if word not in taught]
 
-    def prompt_warnings(self, preset: ModelPreset, prompt: str) -> list[str]:
+    def prompt_warnings(self, preset: ModelPreset, prompt: str, controls: tuple = ()) -> list[str]:
         """Notes on the prompt: the words the preset's model never saw (it ignores them; a LoRA's own words
-        count as known), and extra-network tags of kinds the studio does not run."""
+        count as known, and a ControlNet unit's), and extra-network tags of kinds the studio does not run."""
         warnings = []
-        unknown = self.unknown_words(preset.name, prompt)
+        unknown = self.unknown_words(preset.name, prompt, controls)
         if unknown:
             warnings.append(unknown_words_warning(self.vocabularies.get(preset.name), " ".join(unknown),
                                                   preset.label))
