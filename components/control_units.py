@@ -133,6 +133,13 @@ def map_of(image, own_image, preprocessor, processor_res, threshold_a, threshold
         raise user_error(error, "Cannot preprocess this image") from None
 
 
+def trained_settings(catalog: ControlNetCatalog, model: str) -> list:
+    """Updates for a unit's preprocessor and thresholds: the ones `model` was trained on."""
+    name = catalog.get(model).preprocessor
+    chosen = PREPROCESSORS.get(name)
+    return [name, threshold_slider(chosen and chosen.threshold_a), threshold_slider(chosen and chosen.threshold_b)]
+
+
 def threshold_slider(threshold: Threshold | None, value=None) -> gr.Slider:
     """A preprocessor's threshold; hidden, at -1 (A1111's "not used"), for one that takes none."""
     if threshold is None:
@@ -160,6 +167,8 @@ class ControlUnitsForm:
     count: int
     catalog: ControlNetCatalog
     models: list[gr.Dropdown] = field(default_factory=list)
+    images: list[gr.Image] = field(default_factory=list)
+    enabled: list[gr.Checkbox] = field(default_factory=list)
     maps: list[gr.Image] = field(default_factory=list)  # each unit's preprocessed map, shown before anything runs
     # with `own_image`: each unit's button that shows the map of the tab's own picture (the tab wires it)
     own_map_buttons: list[gr.Button] = field(default_factory=list)
@@ -178,15 +187,31 @@ class ControlUnitsForm:
         return [self.component(index, name) for name in MAP_INPUTS]
 
     def follow(self, preset: gr.Dropdown, family_of_preset: Callable[[str], str]) -> None:
-        """Offer the ControlNets made for the family of the preset chosen in `preset`."""
+        """Offer the ControlNets made for the family of the preset chosen in `preset`; a unit whose model is not
+        among them gets the first, with the preprocessor it was trained on (and its map remade)."""
+        settings = [self.component(index, name) for index in range(self.count)
+                    for name in ("preprocessor", "threshold_a", "threshold_b")]
 
         def offered(preset_name, *current):
             names = self.catalog.for_family(family_of_preset(preset_name))
-            return [gr.Dropdown(choices=model_choices(self.catalog, names),
-                                value=value if value in names else (names[0] if names else None),
-                                info=models_note(names, self.catalog)) for value in current]
+            models, fitted = [], []
+            for value in current:
+                chosen = value if value in names else (names[0] if names else None)
+                models.append(gr.Dropdown(choices=model_choices(self.catalog, names), value=chosen,
+                                          info=models_note(names, self.catalog)))
+                fitted += (trained_settings(self.catalog, chosen) if chosen != value and chosen is not None
+                           else [gr.skip()] * 3)
+            return models + fitted
 
-        preset.change(offered, [preset, *self.models], self.models, **INSTANT)
+        changed = preset.change(offered, [preset, *self.models], self.models + settings, **INSTANT)
+        self.refresh_maps(changed)
+
+    def clear_own_maps(self, trigger) -> None:
+        """On `trigger` (the tab's picture changed), the maps made of the picture are cleared in the page (no
+        server call): a unit with an upload of its own keeps its map."""
+        count = self.count
+        trigger(None, self.images + self.maps, self.maps, js=f"(...values) => values.slice({count}).map("
+                f"(map, index) => values[index] ? map : null)", **INSTANT)
 
     def values_for(self, units: tuple[ControlUnit, ...]) -> list:
         """Updates for every unit field, in `fields`' order, showing `units` (a form filled from a PNG): the
@@ -211,7 +236,7 @@ def build_control_units(catalog: ControlNetCatalog, count: int, offered: list[st
     `own_image`: what a unit without an image of its own reads (Inpaint: "the picture"), None where it needs one.
     Call `.follow(preset, ...)` once the preset dropdown exists."""
     fields: dict[str, gr.Component] = {}
-    models, maps, own_map_buttons, map_events = [], [], [], []
+    models, maps, own_map_buttons, map_events, images, enabled = [], [], [], [], [], []
     image_label = "Control image" + (f" (none: {own_image})" if own_image else "")
     with gr.Accordion("ControlNet", open=False, elem_id=f"{elem_prefix}-units") as accordion:
         gr.Markdown(HELP, elem_classes="control-help")
@@ -224,10 +249,13 @@ def build_control_units(catalog: ControlNetCatalog, count: int, offered: list[st
                     fields.update({field_name(index, name): component for name, component in unit.items()
                                    if name in UNIT_FIELDS})
                     models.append(unit["model"])
+                    images.append(unit["image"])
+                    enabled.append(unit["enabled"])
                     maps.append(unit["map"])
                     map_events.append(_wire_unit(unit, catalog, max_upload_pixels))
     return ControlUnitsForm(fields=fields, accordion=accordion, count=count, catalog=catalog, models=models,
-                            maps=maps, own_map_buttons=own_map_buttons, map_events=map_events)
+                            maps=maps, own_map_buttons=own_map_buttons, map_events=map_events, images=images,
+                            enabled=enabled)
 
 
 def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], image_label: str,
@@ -297,8 +325,7 @@ def _wire_unit(unit: dict[str, gr.Component], catalog: ControlNetCatalog, max_up
     def trained_preprocessor(model):
         if model not in catalog:
             return gr.skip(), gr.skip(), gr.skip()
-        name = catalog.get(model).preprocessor
-        return (name, *thresholds_of(name))
+        return tuple(trained_settings(catalog, model))
 
     unit["model"].input(trained_preprocessor, unit["model"],
                         [unit["preprocessor"], unit["threshold_a"], unit["threshold_b"]], **INSTANT).then(**refresh_map)

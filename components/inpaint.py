@@ -449,6 +449,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     for index, button in enumerate(controls.own_map_buttons):
         read_editor(button.click).success(own_map, [mode, from_editor, *controls.map_settings(index)],
                                           controls.maps[index], **QUICK)
+    for changed in (editor.change, mode.input):  # a map of the picture as it was is not left showing
+        controls.clear_own_maps(changed)
 
     # The API takes plain files: an image and a mask (white = repaint), or a sketch; no editor layers.
     api_image = gr.File(label="Image", visible=False)  # any file: open_image says what is wrong

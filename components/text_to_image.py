@@ -22,6 +22,7 @@ from components.running import JobRunner, scroll_to_results_in_a_narrow_window, 
 from components.whole_numbers import WholeNumber, WholeSlider
 from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import InvalidRequest, StudioError
+from studio.tasks.control import ControlUnit
 from studio.tasks.generation import TextToImage, TextToImageRequest
 from studio.tasks.hires import (
     DEFAULT_HIRES_UPSCALER,
@@ -325,10 +326,17 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         # rather than with run_on_click, whose event would show progress on the whole form
         shown.load_input_event.then(preset_updates, preset, fitted_to_preset, **INSTANT)
     # what the model knows, and which typed words it does not, as the user types (no queue: no GPU, no wait)
-    note_event = dict(fn=lambda name, text: prompt_hint(engine, name, text), inputs=[preset, prompt],
-                      outputs=prompt_note, **INSTANT)
+    # (a ControlNet unit that is on makes the words it was trained with known)
+    def hint(name, text, *units):
+        on, models = units[:controls.count], units[controls.count:]
+        chosen = tuple(ControlUnit(model) for enabled, model in zip(on, models) if enabled and model)
+        return prompt_hint(engine, name, text, chosen)
+
+    note_event = dict(fn=hint, inputs=[preset, prompt, *controls.enabled, *controls.models], outputs=prompt_note,
+                      **INSTANT)
     prompt.change(**note_event, trigger_mode="always_last")
-    preset.change(**note_event)
+    for changed in (preset, *controls.enabled, *controls.models):
+        changed.change(**note_event)
     lora_picker.follow(preset, engine.loras_that_fit)
     controls.follow(preset, lambda name: chosen_preset(engine.presets, name).family)
     availability.follow(preset)

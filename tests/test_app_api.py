@@ -376,7 +376,7 @@ def test_text_to_image_with_a_controlnet_unit_through_the_api(client, tmp_path):
 @pytest.mark.parametrize("unit, message", [
     (dict(control_2_model="sd15-scribble"), "ControlNet unit 2: ControlNet 'ControlNet 1.1 scribble (SD 1.5)' is made for"),
     (dict(control_2_weight=2.5), "Value 2.5 is greater than maximum value 2"),  # gradio's own range check
-    (dict(control_2_image=None), "ControlNet unit 2: give it a control image (upload one, or draw one)."),
+    (dict(control_2_image=None), "ControlNet unit 2: give it a control image (upload one)."),
     (dict(control_2_preprocessor="depth_midas"), "ControlNet unit 2: unknown preprocessor 'depth_midas'"),
     (dict(control_2_processor_res=100.5), "the preprocessor resolution must be a whole number (got 100.5)"),
     ("not an image", "ControlNet unit 2's control image file 'notes.png' could not be read as an image"),

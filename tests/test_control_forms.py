@@ -172,3 +172,52 @@ def test_one_sketch_controlnet_per_family(tmp_path):
     assert shipped.for_sketches("embedded").name == "embedded-scribble"
     assert shipped.get("embedded-scribble").words == ("shape",)
     assert Path(shipped.get("embedded-scribble").local).name == "embedded-controlnet-scribble"
+
+
+def test_only_masked_cuts_a_units_own_image_to_the_same_region(engines):
+    """A1111: the control image is fitted to the picture and cut to the crop being inpainted, so its map lines up."""
+    from studio.tasks.inpainting import ONLY_MASKED
+
+    picture = Image.new("RGB", (128, 128), (40, 90, 200))
+    mask = Image.new("L", (128, 128))
+    mask.paste(255, (96, 96, 120, 120))  # bottom right
+    control = Image.new("RGB", (64, 64))  # at half the picture's size: fitted to it first
+    control.paste((255, 255, 255), (0, 0, 32, 64))  # white on the left half only
+    request = InpaintRequest(prompt=PROMPT, steps=4, inpaint_area=ONLY_MASKED, padding=4,
+                             controls=(ControlUnit("sketchy", control, "none"),))
+    plan, _ = engines.inpainter.plan_inpaint(picture, mask, request)
+    assert np.asarray(plan.controls[0].image).max() == 0  # the crop is in the black right half
+    whole, _ = engines.inpainter.plan_inpaint(picture, mask, replace(request, inpaint_area="Whole picture"))
+    assert np.asarray(whole.controls[0].image).max() == 255
+
+
+def test_the_sketch_controlnet_is_not_one_of_the_forms_units(engines):
+    limit = engines.inpainter.limits.max_control_units
+    units = tuple(ControlUnit("sketchy", drawing(), "invert", label=f"ControlNet unit {n + 1}") for n in range(limit))
+    request = InpaintRequest(prompt=PROMPT, steps=4, sketch_controlnet=True, controls=units)
+    assert engines.inpainter.problems(request, "img2img") == {}  # the form's full count, and the sketch ControlNet
+    over = replace(request, controls=(*units, units[0]))
+    assert f"At most {limit} ControlNet unit(s) here (got {limit + 1})" in engines.inpainter.problems(
+        over, "img2img")["controls"]
+    assert sketch_unit(engines.inpainter.controlnets, "embedded").label == "The sketch ControlNet"
+
+
+def test_hires_fix_soft_injects_every_unit_as_a1111():
+    from studio.models.controlnets import BALANCED, CONTROLNET_MORE_IMPORTANT, PROMPT_MORE_IMPORTANT, UnitSettings
+    from studio.tasks.control import PlannedControl, pass_controls
+
+    preset = ControlNetPreset("sketchy", "Sketchy", "embedded", local=Path("x"))
+    planned = tuple(PlannedControl(preset, drawing(), UnitSettings(control_mode=mode), None)
+                    for mode in (BALANCED, CONTROLNET_MORE_IMPORTANT))
+    assert [s.control_mode for s in pass_controls(planned, (64, 64)).settings] == [BALANCED, CONTROLNET_MORE_IMPORTANT]
+    assert [s.control_mode for s in pass_controls(planned, (128, 128), hires=True).settings] == [
+        PROMPT_MORE_IMPORTANT, CONTROLNET_MORE_IMPORTANT]
+
+
+def test_a_preprocessor_axis_gives_each_cell_its_preprocessors_own_thresholds(engines):
+    comparison = Comparison(engines.text_to_image)
+    unit = ControlUnit("sketchy", drawing(), "canny", threshold_a=100, threshold_b=200)
+    plan = comparison.plan(CompareRequest(prompt=PROMPT, seed=1, x_type="[ControlNet] Preprocessor",
+                                          x_values="canny, scribble", controls=(unit,)))
+    assert sorted((p.controls[0].fields.module, p.controls[0].fields.threshold_a) for p in plan.plans) == [
+        ("canny", 100), ("scribble_xdog", 32)]

@@ -136,13 +136,17 @@ def run_units(settings: list[UnitSettings], step: int = 0, steps: int = 10, guid
 def test_the_three_control_modes_as_a1111_computes_them():
     down, middle, _ = run_units([UnitSettings(weight=0.5)])  # Balanced: the weight on every output, both halves
     assert all(torch.equal(output, torch.full_like(output, 0.5)) for output in [*down, middle])
+    # soft injection: A1111's table for 13 outputs, its first ones for fewer (SDXL's 10: the middle at 0.825**3)
+    soft = [0.5 * 0.825**12, 0.5 * 0.825**11, 0.5 * 0.825**10, 0.5 * 0.825**9]
     down, middle, _ = run_units([UnitSettings(weight=0.5, control_mode=PROMPT_MORE_IMPORTANT)])
-    scales = [float(output.flatten()[0]) for output in [*down, middle]]
-    assert scales == pytest.approx([0.5 * 0.825**3, 0.5 * 0.825**2, 0.5 * 0.825, 0.5])  # the middle block at full
-    assert soft_injection_scales(13, 1.0)[0] == pytest.approx(0.825**12)  # SD 1.x's 13 outputs, as A1111 has them
+    assert [float(output.flatten()[0]) for output in [*down, middle]] == pytest.approx(soft)
+    assert soft_injection_scales(13, 1.0) == pytest.approx([0.825 ** (12 - i) for i in range(13)])  # SD 1.x
+    assert soft_injection_scales(10, 1.0)[-1] == pytest.approx(0.825**3)  # SDXL, as A1111's control_scales[:10]
+    # "ControlNet is more important": soft injection, and the negative prompt's half of the batch gets none
     down, middle, _ = run_units([UnitSettings(weight=0.5, control_mode=CONTROLNET_MORE_IMPORTANT)])
-    for output in [*down, middle]:  # the negative prompt's half of the batch gets none
-        assert torch.equal(output[0], torch.zeros_like(output[0])) and torch.equal(output[1], torch.full_like(output[1], 0.5))
+    for output, scale in zip([*down, middle], soft):
+        assert torch.equal(output[0], torch.zeros_like(output[0]))
+        assert float(output[1].flatten()[0]) == pytest.approx(scale)
 
 
 def test_several_units_add_up_and_a_unit_acts_only_inside_its_range():
@@ -253,6 +257,11 @@ def test_a1111s_own_field_reads_and_an_unknown_model_is_said():
     assert form.model == "sd15-scribble" and form.preprocessor == "scribble" and form.pixel_perfect
     missing, note = unit_from_fields(replace(unit, model="control_v11e_sd15_shuffle"), load_controlnets())
     assert missing is None and "not offered here" in note
+    # a detector not offered here is said, and the model's own preprocessor set (never the raw image as the map);
+    # A1111's API writes Processor Res: -1
+    other, note = unit_from_fields(replace(unit, module="lineart_realistic", processor_res=-1), load_controlnets())
+    assert (other.preprocessor, other.processor_res) == ("scribble", 512)
+    assert "The PNG's preprocessor 'lineart_realistic' is not offered here: 'scribble' is set" in note
 
 
 def test_inpaint_and_sketch_to_image_use_their_own_picture_when_a_unit_has_none(engines):
@@ -288,8 +297,12 @@ def test_resize_modes_and_pixel_perfect_as_a1111():
     assert fit_to_size(wide, (64, 64), JUST_RESIZE).getpixel((0, 32)) == (255, 255, 255)
     cropped = np.asarray(fit_to_size(wide, (64, 64), CROP_AND_RESIZE))
     assert cropped.min() == 255  # covers the square, the sides cut off
-    filled = np.asarray(fit_to_size(wide, (64, 64), RESIZE_AND_FILL))
-    assert filled[0].max() == 0 and filled[32].min() == 255  # fits inside, black ("no control") above and below
+    lines = Image.new("RGB", (200, 100))
+    lines.paste((255, 255, 255), (90, 0, 110, 100))  # a white line on black, top to bottom
+    filled = np.asarray(fit_to_size(lines, (64, 64), RESIZE_AND_FILL))
+    assert filled[0].max() == 0 and filled[32, 32].min() == 255  # fits inside, black ("no control") above and below
+    depth = Image.new("RGB", (200, 100), (40, 40, 40))  # far away: dark grey, as A1111 fills, with its border colour
+    assert np.asarray(fit_to_size(depth, (64, 64), RESIZE_AND_FILL)).reshape(-1, 3).tolist() == [[40, 40, 40]] * 4096
     assert pixel_perfect_resolution(wide, (64, 64), CROP_AND_RESIZE) == 64  # the shorter side scaled to cover
     assert pixel_perfect_resolution(wide, (64, 64), RESIZE_AND_FILL) == 32
 

@@ -82,12 +82,12 @@ def test_the_training_loop_runs_on_the_frozen_model_and_exports_a_small_fp16_con
 
 
 def test_the_shipped_controlnet_puts_the_sketched_shape_where_it_is_drawn_in_the_prompts_colours():
-    """The committed model on the first 12 held-out sketches (the measured 100 are in docs/embedded-model.md): with
-    it, shape and place come from the sketch and colours from the prompt; image to image from the drawing does
-    neither."""
-    from studio.embedded.controlnet import evaluate_sketch_to_image
+    """The committed model on 12 held-out sketches of a seed of their own (not the 100 measured in
+    docs/embedded-model.md, which set these bars: 97-99% there): with it, shape and place come from the sketch and
+    colours from the prompt; image to image from the drawing does neither (22-42% there)."""
+    from studio.embedded.controlnet import EVALUATION_SEED, evaluate_sketch_to_image
 
-    scores = evaluate_sketch_to_image(ROOT / "models", count=12)
+    scores = evaluate_sketch_to_image(ROOT / "models", count=12, seed=EVALUATION_SEED + 1000)
     guided, red, plain = scores["controlnet"], scores["controlnet, drawn in the brush's red"], scores["image to image"]
     for score in (guided, red):
         assert min(score.shape, score.position, score.colour, score.background) >= 10, vars(score)

@@ -236,10 +236,11 @@ class SketchScores:
         return getattr(self, key) / max(1, self.count)
 
 
-def evaluation_cases(count: int, style: str = HELD_OUT_STYLE) -> list[tuple[scenes.Scene, Image.Image]]:
+def evaluation_cases(count: int, style: str = HELD_OUT_STYLE,
+                     seed: int = EVALUATION_SEED) -> list[tuple[scenes.Scene, Image.Image]]:
     """Scenes of the evaluation's own seed (every shape, colour and background, held-out triples too) and their
     sketches in `style`."""
-    rng = random.Random(EVALUATION_SEED)
+    rng = random.Random(seed)
     cases = []
     for _ in range(count):
         scene = scenes.random_scene(rng, scenes.all_triples())
@@ -247,7 +248,8 @@ def evaluation_cases(count: int, style: str = HELD_OUT_STYLE) -> list[tuple[scen
     return cases
 
 
-def evaluate_sketch_to_image(models_dir: Path, count: int = 100, steps: int = 20) -> dict[str, SketchScores]:
+def evaluate_sketch_to_image(models_dir: Path, count: int = 100, steps: int = 20,
+                             seed: int = EVALUATION_SEED) -> dict[str, SketchScores]:
     """Sketch to image on the held-out sketches with a colour-only prompt, at the Inpaint tab's CFG: with the
     ControlNet (strength 1, the sketch as its control image through the invert preprocessor; in black, and in the
     brush's red) and without it (image to image from the drawing, at the tab's strength without it)."""
@@ -267,7 +269,7 @@ def evaluate_sketch_to_image(models_dir: Path, count: int = 100, steps: int = 20
     red = "controlnet, drawn in the brush's red"
     scores = {"controlnet": SketchScores(), red: SketchScores(), "image to image": SketchScores()}
     unit = ControlUnit("embedded-scribble", None, "invert")
-    for index, (scene, drawing) in enumerate(evaluation_cases(count)):
+    for index, (scene, drawing) in enumerate(evaluation_cases(count, seed=seed)):
         base = InpaintRequest(prompt=colour_prompt(scene), preset="embedded", seed=900 + index, steps=steps,
                               scheduler="Euler", guidance_scale=embedded.inpaint_default_guidance)  # the tab's CFG
         # the tab's first brush colour, whatever colour the prompt asks for: the lines are read, not their colour

@@ -273,6 +273,8 @@ class Comparison:
         if "size" in fields:
             fields["width"], fields["height"] = fields.pop("size")
         unit = {CONTROL_AXIS_FIELDS[name]: fields.pop(name) for name in list(fields) if name in CONTROL_AXIS_FIELDS}
+        if "preprocessor" in unit:  # the form's thresholds are its preprocessor's: each cell's own defaults
+            unit |= {"threshold_a": None, "threshold_b": None}
         if unit and base.controls:  # the first unit's setting (plan refuses a ControlNet axis without a unit)
             fields["controls"] = (replace(base.controls[0], **unit), *base.controls[1:])
         hires = {name: fields.pop(name) for name in ("hires_upscale", "denoising_strength") if name in fields}

@@ -30,10 +30,12 @@ BALANCED = "Balanced"
 PROMPT_MORE_IMPORTANT = "My prompt is more important"
 CONTROLNET_MORE_IMPORTANT = "ControlNet is more important"
 CONTROL_MODES = (BALANCED, PROMPT_MORE_IMPORTANT, CONTROLNET_MORE_IMPORTANT)
-# "My prompt is more important" (soft injection): the ControlNet's output i of n is scaled by 0.825 ** (n - 1 - i),
-# the middle block's (the last) at the full weight. lllyasviel's ControlNet and A1111 use this for SD 1.x's 13
-# outputs; other UNets have other counts, and keep the same decay from the middle block outwards.
+# "My prompt is more important" and "ControlNet is more important" (soft injection): the ControlNet's output i is
+# scaled by 0.825 ** (12 - i), A1111's table for SD 1.x's 13 outputs (the middle block, the last, at the full
+# weight); a ControlNet with fewer outputs takes the table's first ones, as A1111 does for SDXL's 10 (hook.py:
+# control_scales[:10], so SDXL's middle block gets 0.825 ** 3).
 SOFT_INJECTION_BASE = 0.825
+SOFT_INJECTION_OUTPUTS = 13
 
 
 @dataclass(frozen=True)
@@ -197,9 +199,10 @@ def check_controlnet_fits(preset: ControlNetPreset, model_family: str, model_lab
 
 
 def soft_injection_scales(count: int, weight: float) -> list[float]:
-    """A unit's scale for each of its `count` outputs (down blocks, then the middle block) under "My prompt is more
-    important"."""
-    return [weight * SOFT_INJECTION_BASE ** (count - 1 - index) for index in range(count)]
+    """A unit's scale for each of its `count` outputs (down blocks, then the middle block) under soft injection:
+    A1111's 13-entry table, its first `count` entries (a ControlNet with more outputs continues the decay)."""
+    top = max(count, SOFT_INJECTION_OUTPUTS) - 1
+    return [weight * SOFT_INJECTION_BASE ** (top - index) for index in range(count)]
 
 
 @dataclass
@@ -275,7 +278,9 @@ class ControlUnits(MultiControlNetModel):
                 attention_mask=attention_mask, added_cond_kwargs=added_cond_kwargs,
                 cross_attention_kwargs=cross_attention_kwargs, guess_mode=False, return_dict=False)
             outputs = [*unit_down, unit_middle]
-            if unit.control_mode == PROMPT_MORE_IMPORTANT:
+            # A1111's (sd-webui-controlnet, controlnet.py): soft injection for both non-balanced modes; cfg
+            # injection, the negative prompt's half without control, for "ControlNet is more important" alone
+            if unit.control_mode in (PROMPT_MORE_IMPORTANT, CONTROLNET_MORE_IMPORTANT):
                 scales = soft_injection_scales(len(outputs), unit.weight)
             else:
                 scales = [unit.weight] * len(outputs)

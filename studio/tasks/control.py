@@ -14,7 +14,9 @@ from studio.a1111.controlnet import ControlNetFields
 from studio.core.errors import InvalidRequest
 from studio.core.images import prepare_image
 from studio.models.controlnets import (
+    BALANCED,
     CONTROL_MODES,
+    PROMPT_MORE_IMPORTANT,
     ControlNetCatalog,
     ControlNetPreset,
     PassControls,
@@ -48,6 +50,7 @@ class ControlUnit:
     threshold_a: float | None = None  # the preprocessor's (None or -1: its default)
     threshold_b: float | None = None
     label: str = field(default="", compare=False)  # how messages name it (the form's "ControlNet unit 2")
+    built_in: bool = field(default=False, compare=False)  # Sketch to image's own: not one of the form's units
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,9 @@ def check_control_units(units: tuple[ControlUnit, ...], preset: ModelPreset, cat
                         max_units: int, max_upload_pixels: int, own_image: bool = False) -> list[str]:
     """Problems with the units, each a sentence naming the unit. `own_image`: a unit without an image uses the
     request's own."""
-    if len(units) > max_units:
-        return [f"At most {max_units} ControlNet unit(s) here (got {len(units)})."]
+    chosen = [unit for unit in units if not unit.built_in]  # the sketch ControlNet is not one of them
+    if len(chosen) > max_units:
+        return [f"At most {max_units} ControlNet unit(s) here (got {len(chosen)})."]
     problems = []
     for index, unit in enumerate(units):
         label = unit.label or f"ControlNet unit {index + 1}"
@@ -81,7 +85,7 @@ def check_control_units(units: tuple[ControlUnit, ...], preset: ModelPreset, cat
             problems.append(f"{label}: unknown preprocessor {unit.preprocessor!r}. Available: "
                             f"{', '.join(PREPROCESSORS)}.")
         if unit.image is None and not own_image:
-            problems.append(f"{label}: give it a control image (upload one, or draw one).")
+            problems.append(f"{label}: give it a control image (upload one).")
         elif unit.image is not None:
             if not isinstance(unit.image, Image.Image):
                 problems.append(f"{label}: the control image could not be read as an image.")
@@ -129,7 +133,8 @@ def pixel_perfect_resolution(image: Image.Image, size: tuple[int, int], resize_m
 
 def fit_to_size(control_map: Image.Image, size: tuple[int, int], resize_mode: str) -> Image.Image:
     """The map at exactly `size`: stretched (Just Resize), scaled to cover and cut to the middle (Crop and
-    Resize), or scaled to fit inside with black around it, where a map says "no control" (Resize and Fill)."""
+    Resize), or scaled to fit inside (Resize and Fill), the rest in the median colour of the map's border, as
+    A1111 fills it (black around a line map: "no control"; a depth map's far grey around a depth map)."""
     width, height = size
     if control_map.size == size:
         return control_map
@@ -139,9 +144,16 @@ def fit_to_size(control_map: Image.Image, size: tuple[int, int], resize_mode: st
     scale = (max if cover else min)(width / control_map.width, height / control_map.height)
     scaled = control_map.resize((max(1, round(control_map.width * scale)), max(1, round(control_map.height * scale))),
                                 Image.Resampling.LANCZOS)
-    canvas = Image.new("RGB", size)
+    canvas = Image.new("RGB", size, border_colour(control_map))
     canvas.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
     return canvas
+
+
+def border_colour(image: Image.Image) -> tuple[int, ...]:
+    """The median colour of an image's outermost pixels (sd-webui-controlnet's fill for Resize and Fill)."""
+    pixels = np.asarray(image.convert("RGB"))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    return tuple(int(value) for value in np.median(border, axis=0))
 
 
 def control_map(unit: ControlUnit, image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -174,7 +186,8 @@ def sketch_unit(catalog: ControlNetCatalog, family: str) -> ControlUnit | None:
     preset = catalog.for_sketches(family)
     if preset is None:
         return None
-    return ControlUnit(model=preset.name, preprocessor=preset.preprocessor)
+    return ControlUnit(model=preset.name, preprocessor=preset.preprocessor, label="The sketch ControlNet",
+                       built_in=True)
 
 
 def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, size: tuple[int, int],
@@ -205,14 +218,18 @@ def written_name(preset: ControlNetPreset) -> str:
     return preset.source.rstrip("/").rsplit("/", 1)[-1]
 
 
-def pass_controls(controls: tuple[PlannedControl, ...], size: tuple[int, int]) -> PassControls | None:
-    """What a denoising pass at `size` gives its units (Hires. fix's second pass: the maps at its size)."""
+def pass_controls(controls: tuple[PlannedControl, ...], size: tuple[int, int],
+                  hires: bool = False) -> PassControls | None:
+    """What a denoising pass at `size` gives its units. Hires. fix's second pass: the maps at its size, and every
+    unit soft-injected, as A1111 does there (a Balanced unit as "My prompt is more important")."""
     if not controls:
         return None
     images = tuple(control.image if control.image.size == size else
                    control.image.resize(size, Image.Resampling.LANCZOS) for control in controls)
-    return PassControls(tuple(control.preset.key for control in controls), images,
-                        tuple(control.settings for control in controls))
+    settings = tuple(replace(control.settings, control_mode=PROMPT_MORE_IMPORTANT)
+                     if hires and control.settings.control_mode == BALANCED else control.settings
+                     for control in controls)
+    return PassControls(tuple(control.preset.key for control in controls), images, settings)
 
 
 def with_model_hashes(controls: tuple[PlannedControl, ...], hashes: list[str | None]) -> tuple[PlannedControl, ...]:
@@ -223,19 +240,27 @@ def with_model_hashes(controls: tuple[PlannedControl, ...], hashes: list[str | N
 def unit_from_fields(fields: ControlNetFields, catalog: ControlNetCatalog) -> tuple[ControlUnit | None, str]:
     """A unit of the form from a PNG's fields, and a note ("" when all is well): the control image is not in a
     PNG, and a model this studio does not offer cannot be set."""
-    preprocessor = next((p.name for p in PREPROCESSORS.values() if p.a1111_module == fields.module), "none")
+    preprocessor = next((p.name for p in PREPROCESSORS.values() if p.a1111_module == fields.module), None)
     model = next((preset.name for preset in catalog if written_name(preset) == fields.model or
                   preset.name == fields.model), None)
     if model is None:
         return None, f"The PNG's ControlNet model {fields.model!r} is not offered here."
+    notes = []
+    if preprocessor is None:  # the model's own then, never the raw image as its map
+        preprocessor = catalog.get(model).preprocessor
+        notes.append(f"The PNG's preprocessor {fields.module!r} is not offered here: {preprocessor!r} is set, the one "
+                     f"{catalog.get(model).label} was trained on.")
+    resolution = fields.processor_res
+    if not MIN_PROCESSOR_RES <= resolution <= MAX_PROCESSOR_RES:  # A1111's API writes -1
+        resolution = 512
     unit = ControlUnit(model=model, preprocessor=preprocessor, weight=fields.weight,
                        guidance_start=fields.guidance_start, guidance_end=fields.guidance_end,
                        control_mode=fields.control_mode if fields.control_mode in CONTROL_MODES else "Balanced",
                        resize_mode=fields.resize_mode if fields.resize_mode in RESIZE_MODES else CROP_AND_RESIZE,
-                       pixel_perfect=fields.pixel_perfect, processor_res=fields.processor_res,
+                       pixel_perfect=fields.pixel_perfect, processor_res=resolution,
                        threshold_a=None if fields.threshold_a == -1 else fields.threshold_a,
                        threshold_b=None if fields.threshold_b == -1 else fields.threshold_b)
-    return unit, "The control image is not stored in a PNG: give it again."
+    return unit, " ".join(["The control image is not stored in a PNG: give it again.", *notes])
 
 
 def is_blank(image: Image.Image) -> bool:

@@ -191,7 +191,7 @@ class Inpainter(SamplingEngine):
         plan = self._plan(preset, "inpaint", request, size, arguments, extra,
                           ([source.note] if source.note else [])
                           + self.prompt_warnings(preset, request.prompt, tuple(request.controls)),
-                          self._controls(request, size, arguments["image"]))
+                          self._controls(request, size, arguments["image"], region, source.rgb.size))
         # A1111 pastes "Whole picture" back through the blurred mask sharpened (doubled, clipped): the repainted
         # area is fully the model's up to half the blur's falloff, so no faded ghost of the old content shows.
         overlay = blurred if only_masked else sharpened(blurred)
@@ -242,10 +242,16 @@ class Inpainter(SamplingEngine):
 
     # ----- shared -----
 
-    def _controls(self, request: InpaintRequest, size: tuple[int, int], own_image: Image.Image):
+    def _controls(self, request: InpaintRequest, size: tuple[int, int], own_image: Image.Image,
+                  region: tuple[int, int, int, int] | None = None, picture_size: tuple[int, int] | None = None):
         """The request's units; one without an image of its own reads the picture the model works on (the
-        sketch, or the image being inpainted)."""
-        return plan_controls(tuple(request.controls), self.controlnets, size, own_image)
+        sketch, or the image being inpainted). "Only masked" works on `region` of the picture: a unit's own image
+        is fitted to the whole picture and cut to the same region first, as A1111 does, so its map lines up."""
+        units = tuple(request.controls)
+        if region is not None:
+            units = tuple(replace(unit, image=unit.image.resize(picture_size, Image.Resampling.LANCZOS).crop(region))
+                          if unit.image is not None else unit for unit in units)
+        return plan_controls(units, self.controlnets, size, own_image)
 
     @staticmethod
     def _plan(preset, task, request: InpaintRequest, size, arguments, extra, warnings, controls=()) -> SamplingPlan:

@@ -548,7 +548,7 @@ class SamplingEngine:
         image_seed = plan.seed + index
         steps_done = [0]
         on_step = step_callback(job, steps_done, pass_steps, start, plan.total_steps, label)
-        controls = pass_controls(plan.controls, size)
+        controls = pass_controls(plan.controls, size, hires=second_pass is not None)
 
         def call(pipe):
             pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides,
