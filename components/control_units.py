@@ -216,6 +216,9 @@ class ControlUnitsForm:
     def values_for(self, units: tuple[ControlUnit, ...]) -> list:
         """Updates for every unit field, in `fields`' order, showing `units` (a form filled from a PNG): the
         control images stay as they are (a PNG holds none), units beyond them are turned off."""
+        if len(units) > self.count:
+            gr.Warning(f"The PNG has {len(units)} ControlNet units; this form has {self.count}: the first "
+                       f"{self.count} are set.")
         updates = []
         for index in range(self.count):
             unit = units[index] if index < len(units) else None
