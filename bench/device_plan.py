@@ -14,6 +14,10 @@ and the smallest budget (bisection to 0.05 GiB, a fresh manager per trial) at wh
 OutOfMemoryBudget. Then, for contrast, what one whole-pipeline lease (all components + the larger of the UNet's
 and the VAE decode's working memory, the old way) needs for SDXL at 1024x1024.
 
+Then SD 1.5 with a ControlNet (lllyasviel's scribble, built from its config and checked against its fp16 file's
+size), leased beside the UNet for the denoise stage with the working memory a unit adds, as the studio plans it.
+(SDXL with ControlNet Union is not here yet: the studio does not run Union models yet.)
+
 Exit code 1 if SDXL at 1024x1024 does not fit 8 GiB or SD 1.5 at 512x512 does not fit 3 GiB.
 
     python bench/device_plan.py
@@ -47,6 +51,7 @@ from studio.core.errors import OutOfMemoryBudget  # noqa: E402
 from studio.core.memory import DEVICE as ON_DEVICE  # noqa: E402
 from studio.core.memory import ModelKey, ModelManager  # noqa: E402
 from studio.models.components import DiffusersModels  # noqa: E402
+from studio.models.controlnets import CONTROLNET, PassControls, UnitSettings, load_controlnets  # noqa: E402
 from studio.models.families import family_of  # noqa: E402
 from studio.models.loading import WEIGHTLESS  # noqa: E402
 from studio.models.presets import load_presets  # noqa: E402
@@ -58,6 +63,7 @@ DEVICE = torch.device("cuda")  # planned for, never touched: every weight is on 
 TASK = "text2img"
 CASES = (("sdxl-base-1.0", 8 * GIB), ("stable-diffusion-1.5", 3 * GIB), ("sd-turbo", 3 * GIB))
 MUST_FIT = ("sdxl-base-1.0", "stable-diffusion-1.5")  # the exit code's cases, at the budgets above
+CONTROLNET_BUDGET = 4 * GIB  # SD 1.5 + a ControlNet: reported at this budget, with its smallest
 BISECTION_STEP = 0.05 * GIB
 BISECTION_CEILING = 64 * GIB
 
@@ -418,8 +424,10 @@ class MetaLoader:
     """The manager's ModelLoader for "diffusers" keys: exact sizes of the meta-built components, known before
     loading; `load` returns the meta module (tokenizers, schedulers and the feature extractor: a placeholder)."""
 
-    def __init__(self, modules: dict[tuple[str, str], torch.nn.Module]):
+    def __init__(self, modules: dict[tuple[str, str], torch.nn.Module],
+                 controlnet: MetaControlNetLoader | None = None):
         self.modules = modules
+        self.controlnet = controlnet  # the case's ControlNet, if it has one
 
     def size(self, key: ModelKey, dtype: torch.dtype) -> int:
         role = role_of(key)
@@ -441,6 +449,62 @@ class MetaLoader:
 def role_of(key: ModelKey) -> str:
     """'unet' -> 'unet'; 'vae@root' (a standalone repo) -> 'vae'."""
     return key.part.partition("@")[0]
+
+
+# lllyasviel/control_v11p_sd15_scribble: config.json (the SD 1.5 UNet's encoder and middle block, a conditioning
+# embedding for the 512 px map, zero convolutions); the Hub lists its diffusion_pytorch_model.fp16.safetensors at
+# 723 MB, which the build's fp16 bytes are checked against (within 1 MB: the file's header and rounding)
+SD15_CONTROLNET = {
+    "_class_name": "ControlNetModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "class_embed_type": None,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 768,
+    "down_block_types": _SD_DOWN,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": None,
+    "resnet_time_scale_shift": "default",
+    "upcast_attention": False,
+    "use_linear_projection": False,
+}
+SD15_CONTROLNET_FILE_MB = 723
+CONTROLNET_CASES = (("stable-diffusion-1.5", "sd15-scribble", SD15_CONTROLNET, SD15_CONTROLNET_FILE_MB),)
+
+
+class MetaControlNetLoader:
+    """The manager's loader for kind "controlnet": a ControlNet built on the meta device from its repo's config."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        return fp16_bytes(self.module)
+
+    def load(self, key: ModelKey, dtype: torch.dtype):
+        return self.module
+
+
+def build_controlnet(config: dict, file_megabytes: int) -> torch.nn.Module:
+    from diffusers import ControlNetModel
+
+    module = build_on_meta(ControlNetModel, config)
+    made = fp16_bytes(module) / 1e6
+    assert abs(made - file_megabytes) < 1, f"ControlNet: {made:.1f} MB in fp16, the Hub's file {file_megabytes} MB"
+    print(f"  {'controlnet (SD 1.5 scribble)':<44} {'ControlNetModel':<28} {parameter_count(module):>13,} params "
+          f"{format_bytes(fp16_bytes(module)):>9} fp16 (the Hub's file: {file_megabytes} MB)")
+    return module
 
 
 # ----- one image through the studio's stages -----
@@ -466,7 +530,10 @@ class MetaStages(DiffusionStages):
 
 
 def new_manager(loader: MetaLoader, budget: int) -> ModelManager:
-    return ModelManager({"diffusers": loader}, DEVICE, DTYPE, device_budget=budget, ram_budget=None, two_tiers=True,
+    loaders = {"diffusers": loader}
+    if loader.controlnet is not None:
+        loaders[CONTROLNET] = loader.controlnet
+    return ModelManager(loaders, DEVICE, DTYPE, device_budget=budget, ram_budget=None, two_tiers=True,
                         move=lambda obj, device: None)
 
 
@@ -480,12 +547,13 @@ def record(manager: ModelManager) -> Callable[[dict, StagePlan], StageRecord]:
     return work
 
 
-def stage_plans(stages: DiffusionStages, preset, width: int, height: int,
-                guidance: bool) -> list[tuple[Callable[[bool], StagePlan], bool]]:
+def stage_plans(stages: DiffusionStages, preset, width: int, height: int, guidance: bool,
+                controls: PassControls | None = None) -> list[tuple[Callable[[bool], StagePlan], bool]]:
     """(plan_for, can_tile) per stage, as DiffusionStages.encode/denoise/decode/check pass them to run_stage."""
     plans = [
         (lambda tiled: stages.plan_encode(preset, TASK, guidance), False),
-        (lambda tiled: stages.plan_denoise(preset, TASK, width, height, guidance, tiled), TASK != "text2img"),
+        (lambda tiled: stages.plan_denoise(preset, TASK, width, height, guidance, tiled, controls=controls),
+         TASK != "text2img"),
         (lambda tiled: stages.plan_decode(preset, TASK, width, height, tiled), True),
     ]
     check = stages.plan_check(preset, TASK)
@@ -498,14 +566,15 @@ class BrokenBookkeeping(Exception):
     """The manager's books disagree with what the stages did: its plans can no longer be trusted."""
 
 
-def run_one_image(loader: MetaLoader, preset, budget: int) -> tuple[ModelManager, list[StageRecord]]:
+def run_one_image(loader: MetaLoader, preset, budget: int,
+                  controls: PassControls | None = None) -> tuple[ModelManager, list[StageRecord]]:
     """One image at the preset's defaults on a fresh manager. Raises OutOfMemoryBudget if a stage cannot run, and
     BrokenBookkeeping if working memory is still counted as reserved once a stage is over."""
     manager = new_manager(loader, budget)
     stages = MetaStages(manager, DiffusersModels(DEVICE))
     width, height, guidance = preset.default_width, preset.default_height, preset.default_guidance > 1
     records = []
-    for plan_for, can_tile in stage_plans(stages, preset, width, height, guidance):
+    for plan_for, can_tile in stage_plans(stages, preset, width, height, guidance, controls):
         records.append(stages.run_stage(plan_for, record(manager), can_tile=can_tile))
         left = manager.status().reserved
         if left != 0:
@@ -514,11 +583,11 @@ def run_one_image(loader: MetaLoader, preset, budget: int) -> tuple[ModelManager
     return manager, records
 
 
-def fits(loader: MetaLoader, preset, budget: int, broken: list[str]) -> bool:
+def fits(loader: MetaLoader, preset, budget: int, broken: list[str], controls: PassControls | None = None) -> bool:
     """Whether the image runs without OutOfMemoryBudget. A run whose bookkeeping broke does not count as fitting
     (the manager planned it with bytes it does not have); what broke is appended to `broken`."""
     try:
-        run_one_image(loader, preset, budget)
+        run_one_image(loader, preset, budget, controls)
     except OutOfMemoryBudget:
         return False
     except BrokenBookkeeping as error:
@@ -527,13 +596,14 @@ def fits(loader: MetaLoader, preset, budget: int, broken: list[str]) -> bool:
     return True
 
 
-def smallest_budget(loader: MetaLoader, preset, broken: list[str]) -> int:
+def smallest_budget(loader: MetaLoader, preset, broken: list[str], controls: PassControls | None = None) -> int:
     """The smallest multiple of 0.05 GiB at which the whole image runs (fits is monotonic in the budget)."""
     low, high = 0, round(BISECTION_CEILING / BISECTION_STEP)  # in steps: low does not fit, high does
-    assert fits(loader, preset, int(high * BISECTION_STEP), broken), f"{preset.name} does not fit {BISECTION_CEILING}"
+    assert fits(loader, preset, int(high * BISECTION_STEP), broken, controls), \
+        f"{preset.name} does not fit {BISECTION_CEILING}"
     while high - low > 1:
         middle = (low + high) // 2
-        if fits(loader, preset, int(middle * BISECTION_STEP), broken):
+        if fits(loader, preset, int(middle * BISECTION_STEP), broken, controls):
             high = middle
         else:
             low = middle
@@ -565,19 +635,20 @@ def describe_stage(stage: StageRecord) -> str:
     return f"{label} {format_bytes(stage.held)} (own {format_bytes(stage.own)})"
 
 
-def report_preset(loader: MetaLoader, preset, budget: int) -> bool:
+def report_preset(loader: MetaLoader, preset, budget: int, controls: PassControls | None = None,
+                  label: str = "") -> bool:
     size = f"{preset.default_width}x{preset.default_height}"
     try:
-        manager, stages = run_one_image(loader, preset, budget)
+        manager, stages = run_one_image(loader, preset, budget, controls)
         peak, verdict, ok = format_bytes(manager.status().peak), "fits", True
     except (OutOfMemoryBudget, BrokenBookkeeping) as error:
         stages, peak, verdict, ok = [], "-", f"DOES NOT FIT ({error})", False
-    print(f"{preset.name} {size} fp16: peak {peak}, budget {format_bytes(budget)}: {verdict}")
+    print(f"{preset.name}{label} {size} fp16: peak {peak}, budget {format_bytes(budget)}: {verdict}")
     print(f"  CFG {preset.default_guidance:g} ({'with' if preset.default_guidance > 1 else 'no'} guidance); "
           f"per stage, held on the device: " + " / ".join(describe_stage(stage) for stage in stages))
     broken: list[str] = []
-    least = smallest_budget(loader, preset, broken)
-    manager, at_least = run_one_image(loader, preset, least)
+    least = smallest_budget(loader, preset, broken, controls)
+    manager, at_least = run_one_image(loader, preset, least, controls)
     print(f"  smallest budget that fits: {least / GIB:.2f} GiB (peak {format_bytes(manager.status().peak)}): "
           + " / ".join(describe_stage(stage) for stage in at_least))
     if broken:
@@ -602,6 +673,12 @@ def main() -> int:
     for name, budget in CASES:
         if not report_preset(loader, presets.get(name), budget) and name in MUST_FIT:
             failed.append(name)
+    for name, controlnet_name, config, file_megabytes in CONTROLNET_CASES:
+        controlnet = load_controlnets().get(controlnet_name)
+        print()
+        with_controlnet = MetaLoader(loader.modules, MetaControlNetLoader(build_controlnet(config, file_megabytes)))
+        controls = PassControls((controlnet.key,), (None,), (UnitSettings(),))
+        report_preset(with_controlnet, presets.get(name), CONTROLNET_BUDGET, controls, f" + {controlnet_name}")
     sdxl = presets.get("sdxl-base-1.0")
     whole = whole_pipeline_need(loader, sdxl)
     print(f"\nfor contrast, one whole-pipeline lease (all components + max(UNet, VAE decode) working memory) for "
