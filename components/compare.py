@@ -59,7 +59,7 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
             for name, default_type, default_values in (("X", "Sampler", "Euler, DDIM"), ("Y", "Steps", "10, 20"),
                                                        ("Z", NO_AXIS, "")):
                 with gr.Row():
-                    axis_type = gr.Dropdown(AXES, value=default_type, label=f"{name} type", scale=2,
+                    axis_type = gr.Dropdown(AXES, value=default_type, label=f"{name} type", scale=3,
                                             allow_custom_value=True)
                     axis_values = gr.Textbox(default_values, label=f"{name} values", scale=5,
                                              placeholder="Euler a, DPM++ 2M Karras · 10-30 (+10) · 5, 7.5")

@@ -117,6 +117,8 @@ def control_units(fields: dict, max_upload_pixels: int) -> tuple[dict, tuple[Con
 
 
 MAP_INPUTS = ("image", "preprocessor", "processor_res", "threshold_a", "threshold_b")
+PREPROCESSOR_INFO = ("none: the image as the map · invert: dark lines on white become white on black · scribble: "
+                     "thick lines of a drawing or photo · canny: edges")
 
 
 def map_of(image, own_image, preprocessor, processor_res, threshold_a, threshold_b, max_upload_pixels: int):
@@ -240,13 +242,13 @@ def build_control_units(catalog: ControlNetCatalog, count: int, offered: list[st
     Call `.follow(preset, ...)` once the preset dropdown exists."""
     fields: dict[str, gr.Component] = {}
     models, maps, own_map_buttons, map_events, images, enabled = [], [], [], [], [], []
-    image_label = "Control image" + (f" (none: {own_image})" if own_image else "")
     with gr.Accordion("ControlNet", open=False, elem_id=f"{elem_prefix}-units") as accordion:
-        gr.Markdown(HELP, elem_classes="control-help")
+        gr.Markdown(HELP + (f" A unit without a control image of its own reads {own_image}." if own_image else ""),
+                    elem_classes="control-help")
         with gr.Tabs():
             for index in range(count):
                 with gr.Tab(f"Unit {index + 1}"):
-                    unit = _build_unit(index, catalog, offered, image_label, elem_prefix, own_image)
+                    unit = _build_unit(index, catalog, offered, elem_prefix, own_image)
                     if own_image:
                         own_map_buttons.append(unit["own_map"])
                     fields.update({field_name(index, name): component for name, component in unit.items()
@@ -261,25 +263,26 @@ def build_control_units(catalog: ControlNetCatalog, count: int, offered: list[st
                             enabled=enabled)
 
 
-def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], image_label: str,
-                elem_prefix: str, own_image: str | None) -> dict[str, gr.Component]:
+def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], elem_prefix: str,
+                own_image: str | None) -> dict[str, gr.Component]:
     first = catalog.get(offered[0]) if offered else None
     preprocessor = PREPROCESSORS[first.preprocessor if first else "none"]
     unit: dict[str, gr.Component] = {}
     element = f"{elem_prefix}-unit-{index + 1}"
     unit["enabled"] = gr.Checkbox(False, label="Enable", elem_id=f"{element}-enabled")
     with gr.Row(equal_height=True):
-        unit["image"] = ControlImage(label=image_label, type="filepath", image_mode=None,
+        unit["image"] = ControlImage(label="Control image", type="filepath", image_mode=None,
                                      sources=["upload", "clipboard"], height=220, elem_id=f"{element}-image")
         with gr.Column():
-            unit["map"] = gr.Image(label="Preprocessed map (what the ControlNet reads)", interactive=False,
+            unit["map"] = gr.Image(label="Map it reads", interactive=False,
                                    height=220, format="png", buttons=["download"], elem_id=f"{element}-map")
             if own_image:
                 unit["own_map"] = gr.Button(f"Show the map of {own_image}", size="sm", elem_id=f"{element}-own-map")
     with gr.Row():
+        # the names alone (a description cut off mid-word by the arrow read badly); what each does is the info line
         unit["preprocessor"] = gr.Dropdown(
-            [(f"{p.name} — {p.description}", p.name) for p in PREPROCESSORS.values()], value=preprocessor.name,
-            label="Preprocessor", allow_custom_value=True, elem_id=f"{element}-preprocessor")
+            list(PREPROCESSORS), value=preprocessor.name, label="Preprocessor", allow_custom_value=True,
+            info=PREPROCESSOR_INFO, elem_id=f"{element}-preprocessor")
         unit["model"] = gr.Dropdown(model_choices(catalog, offered), value=first.name if first else None,
                                     label="Model", allow_custom_value=True, info=models_note(offered, catalog),
                                     elem_id=f"{element}-model")

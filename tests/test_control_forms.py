@@ -221,3 +221,13 @@ def test_a_preprocessor_axis_gives_each_cell_its_preprocessors_own_thresholds(en
                                           x_values="canny, scribble", controls=(unit,)))
     assert sorted((p.controls[0].fields.module, p.controls[0].fields.threshold_a) for p in plan.plans) == [
         ("canny", 100), ("scribble_xdog", 32)]
+
+
+def test_a_model_of_another_family_is_refused_as_such_not_as_missing():
+    engines = local_engines(PresetCatalog([load_presets().get("embedded")], "embedded"),
+                            controlnets=load_controlnets())
+    problems = engines.text_to_image.problems(TextToImageRequest(
+        prompt=PROMPT, controls=(ControlUnit("sd15-scribble", drawing(), "scribble", label="ControlNet unit 2"),)))
+    assert problems["controls"].startswith("ControlNet unit 2: ControlNet 'ControlNet 1.1 scribble (SD 1.5)' is "
+                                           "made for Stable Diffusion 1.x models")
+    assert "not downloaded" not in problems["controls"] and "Hub" not in problems["controls"]

@@ -383,7 +383,8 @@ class SamplingEngine:
         if family_of(preset).controlnet_pipeline_classes.get(task) is None:
             problems.append(f"{family_of(preset).label} models take no ControlNet here.")
         for unit in request.controls:
-            if unit.model in self.controlnets:
+            # a model of another family is refused as such (above): whether it is downloaded is moot
+            if unit.model in self.controlnets and self.controlnets.get(unit.model).family == preset.family:
                 controlnet = self.controlnets.get(unit.model)
                 if controlnet.local is not None and not controlnet.local.is_dir():
                     problems.append(missing_controlnet_error(controlnet).reason)
