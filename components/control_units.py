@@ -271,9 +271,10 @@ def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], elem
     element = f"{elem_prefix}-unit-{index + 1}"
     unit["enabled"] = gr.Checkbox(False, label="Enable", elem_id=f"{element}-enabled")
     with gr.Row(equal_height=True):
-        unit["image"] = ControlImage(label="Control image", type="filepath", image_mode=None,
-                                     sources=["upload", "clipboard"], height=220, elem_id=f"{element}-image")
-        with gr.Column():
+        with gr.Column(scale=1, min_width=200):  # the two images side by side, as wide as each other
+            unit["image"] = ControlImage(label="Control image", type="filepath", image_mode=None,
+                                         sources=["upload", "clipboard"], height=220, elem_id=f"{element}-image")
+        with gr.Column(scale=1, min_width=200):
             unit["map"] = gr.Image(label="Map it reads", interactive=False,
                                    height=220, format="png", buttons=["download"], elem_id=f"{element}-map")
             if own_image:
