@@ -477,7 +477,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     availability.follow(preset)
 
     def fit_to_preset(demo: gr.Blocks) -> None:
-        demo.load(**fit_form)
+        # not the sketch ControlNet's box: a page's first answer can come after a quick visitor switched to Sketch
+        # to image, and would hide it again (it starts hidden, as the mode starts at Inpaint)
+        demo.load(**(fit_form | dict(fn=lambda *values: preset_updates(*values)[:-1],
+                                     outputs=fit_form["outputs"][:-1])))
         availability.on_load(demo, preset)
         demo.load(None, js=UPLOAD_SIZE_JS, **INSTANT)  # see fitted_to above
 

@@ -1,0 +1,80 @@
+"""ControlNet in the page, in headless Chromium (a file of its own, so that pytest-xdist runs it beside
+test_browser.py rather than after it)."""
+
+import pytest
+
+from tests.test_browser import browser, page, text_tab  # noqa: F401 - the fixtures, and the tab's locator
+
+pytestmark = pytest.mark.browser
+
+
+def test_draw_a_sketch_pick_the_scribble_preprocessor_see_its_map_and_generate(page, artifacts):
+    """Sketch to image with a ControlNet unit: the map the ControlNet reads is shown before anything runs."""
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    page.get_by_role("tab", name="Inpaint").click()
+    tab = page.locator("#inpaint-tab")
+    tab.get_by_label("Sketch to image").check()
+    page.locator("#sketch-controlnet").wait_for()  # the embedded family's sketch ControlNet, on by default
+    canvas = tab.locator("canvas").first
+    tab.get_by_role("button", name="Brush").first.click()
+    swatches = page.locator("#inpaint-editor button.color")
+    if not swatches.first.is_visible():
+        page.locator("#inpaint-editor").get_by_label("Color").first.click()
+    # black: the scribble preprocessor finds dark lines (a red one is light in red)
+    colours = swatches.evaluate_all("buttons => buttons.map(b => getComputedStyle(b).backgroundColor)")
+    swatches.nth(colours.index("rgb(17, 17, 17)")).click()
+    box = canvas.bounding_box()
+    square = [(0.55, 0.55), (0.9, 0.55), (0.9, 0.9), (0.55, 0.9), (0.55, 0.55)]  # bottom right
+    page.mouse.move(box["x"] + box["width"] * square[0][0], box["y"] + box["height"] * square[0][1])
+    page.mouse.down()
+    for x, y in square[1:]:
+        page.mouse.move(box["x"] + box["width"] * x, box["y"] + box["height"] * y, steps=8)
+    page.mouse.up()
+
+    page.locator("#inpaint-control-units").get_by_text("ControlNet", exact=True).first.click()
+    unit = page.locator("#inpaint-control-units")
+    page.locator("#inpaint-control-unit-1-enabled input").check()
+    page.locator("#inpaint-control-unit-1-preprocessor input").click()
+    page.get_by_role("option", name=re.compile("^scribble")).click()
+    unit.get_by_role("button", name="Show the map of the picture").first.click()
+    shown = page.locator("#inpaint-control-unit-1-map img").first
+    shown.wait_for(timeout=30_000)
+    control_map = Image.open(io.BytesIO(page.request.get(shown.get_attribute("src")).body())).convert("L")
+    lines = np.asarray(control_map) > 128
+    height, width = lines.shape
+    assert lines.any() and not lines[: height // 3, : width // 3].any(), "the lines are where the square was drawn"
+    page.screenshot(path=str(artifacts / "sketch_controlnet_map.png"), full_page=True)
+
+    # "shape" is a word the sketch ControlNet was trained with: not flagged as unknown to the model, "zebra" is
+    tab.get_by_label("Prompt", exact=True).fill("a red shape zebra")
+    hint = page.locator("#inpaint-tab .prompt-hint").first
+    page.wait_for_function("e => e.innerText.includes('“zebra”')", arg=hint.element_handle())
+    assert "“shape”" not in hint.inner_text()
+    tab.get_by_label("Prompt", exact=True).fill("a red shape on a blue background")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    result = page.locator("#inpaint-gallery img[alt^='Seed ']").first
+    result.wait_for(timeout=90_000)
+    info = page.locator("#inpaint-generation-info textarea")
+    page.wait_for_function("() => document.querySelector('#inpaint-generation-info textarea')?.value"
+                           ".includes('ControlNet 0')")
+    assert 'Module: scribble_xdog, Model: embedded-controlnet-scribble [' in info.input_value()
+    assert "ControlNet 1" not in info.input_value()  # the sketch ControlNet's unit is this one, not another
+    page.screenshot(path=str(artifacts / "sketch_controlnet_result.png"), full_page=True)
+
+
+def test_a_control_image_upload_turns_its_unit_on_and_shows_the_map(page, artifacts, tmp_path):
+    from PIL import Image
+
+    drawing = Image.new("RGB", (96, 96), "white")
+    drawing.paste((0, 0, 0), (10, 10, 40, 40))
+    drawing.save(tmp_path / "lines.png")
+    text_tab(page).locator("#text-control-units").get_by_text("ControlNet", exact=True).first.click()
+    page.locator("#text-control-unit-1-image input[type=file]").set_input_files(str(tmp_path / "lines.png"))
+    page.locator("#text-control-unit-1-map img").first.wait_for(timeout=30_000)
+    assert page.locator("#text-control-unit-1-enabled input").is_checked()
+    page.screenshot(path=str(artifacts / "text_to_image_control_unit.png"), full_page=True)
