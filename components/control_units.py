@@ -298,7 +298,7 @@ def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], elem
         unit["pixel_perfect"] = gr.Checkbox(False, label="Pixel perfect",
                                             info="Preprocess at the resolution the image is generated at")
         unit["processor_res"] = WholeSlider(MIN_PROCESSOR_RES, MAX_PROCESSOR_RES, value=512, step=8,
-                                          label="Preprocessor resolution")
+                                            label="Preprocessor resolution")
     with gr.Row():
         for name, threshold in (("threshold_a", preprocessor.threshold_a), ("threshold_b", preprocessor.threshold_b)):
             # -1: the preprocessor's default (an API caller who leaves it out gets that)
