@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from components.control_units import build_control_units, control_units, optional_control_images
+from components.control_units import build_control_units, form_control_units, optional_control_images
 from components.event_options import INSTANT, QUICK
 from components.lora_picker import build_lora_picker
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber
-from studio.core.errors import InvalidRequest, StudioError
+from studio.core.errors import InvalidRequest
 from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid
 from studio.evaluation.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
 from studio.tasks.sampling import whole
@@ -97,10 +97,7 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
                 y_type=axes[2], y_values=axes[3], z_type=axes[4], z_values=axes[5], **controls.fields)
 
     def request_of(fields: dict) -> CompareRequest:
-        try:
-            plain, units = control_units(fields, comparison.text_to_image.limits.max_upload_pixels)
-        except StudioError as error:
-            raise user_error(error, "Check the ControlNet unit") from None
+        plain, units = form_control_units(fields, comparison.text_to_image.limits.max_upload_pixels)
         return form_request(**plain, controls=units)
     on_device = runner.device_function("compare", comparison)
 

@@ -101,6 +101,14 @@ def unit_from_values(values: dict, image, label: str = "ControlNet unit") -> Con
         raise InvalidRequest([f"{label}: a setting is not a number ({error})."]) from None
 
 
+def form_control_units(fields: dict, max_upload_pixels: int) -> tuple[dict, tuple[ControlUnit, ...]]:
+    """control_units for a tab's handler: a unit that cannot be used is the visitor's error, said in the page."""
+    try:
+        return control_units(fields, max_upload_pixels)
+    except StudioError as error:
+        raise user_error(error, "Check the ControlNet units") from None
+
+
 def control_units(fields: dict, max_upload_pixels: int) -> tuple[dict, tuple[ControlUnit, ...]]:
     """(the other fields, the enabled units) from a handler's keyword arguments; each unit's image is opened with
     a message that names it (not an image, or over the upload limit). Raises InvalidRequest."""
@@ -135,11 +143,16 @@ def map_of(image, own_image, preprocessor, processor_res, threshold_a, threshold
         raise user_error(error, "Cannot preprocess this image") from None
 
 
+def threshold_sliders(preprocessor: str) -> list[gr.Slider]:
+    """Updates for a unit's two threshold sliders, fitted to the preprocessor named."""
+    chosen = PREPROCESSORS.get(preprocessor)
+    return [threshold_slider(chosen and chosen.threshold_a), threshold_slider(chosen and chosen.threshold_b)]
+
+
 def trained_settings(catalog: ControlNetCatalog, model: str) -> list:
     """Updates for a unit's preprocessor and thresholds: the ones `model` was trained on."""
     name = catalog.get(model).preprocessor
-    chosen = PREPROCESSORS.get(name)
-    return [name, threshold_slider(chosen and chosen.threshold_a), threshold_slider(chosen and chosen.threshold_b)]
+    return [name, *threshold_sliders(name)]
 
 
 def threshold_slider(threshold: Threshold | None, value=None) -> gr.Slider:
@@ -322,11 +335,7 @@ def _wire_unit(unit: dict[str, gr.Component], catalog: ControlNetCatalog, max_up
                     unit["threshold_b"].release):
         trigger(**refresh_map)
 
-    def thresholds_of(name):
-        chosen = PREPROCESSORS.get(name)
-        return (threshold_slider(chosen and chosen.threshold_a), threshold_slider(chosen and chosen.threshold_b))
-
-    unit["preprocessor"].input(thresholds_of, unit["preprocessor"], [unit["threshold_a"], unit["threshold_b"]],
+    unit["preprocessor"].input(threshold_sliders, unit["preprocessor"], [unit["threshold_a"], unit["threshold_b"]],
                                **INSTANT).then(**refresh_map)
 
     def trained_preprocessor(model):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from components.control_units import (
     build_control_units,
-    control_units,
+    form_control_units,
     map_of,
     optional_control_images,
     split_control_fields,
@@ -42,6 +42,7 @@ from components.whole_numbers import WholeNumber, WholeSlider
 from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import InvalidRequest, StudioError
 from studio.core.images import open_image
+from studio.tasks.control import sketch_unit
 from studio.tasks.inpainting import (
     INPAINT_AREAS,
     MAX_MASK_BLUR,
@@ -251,10 +252,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     def request_of(fields: dict, **defaults) -> InpaintRequest:
         """The request the settings make, its ControlNet units' images opened (a clear message if one cannot be)."""
-        try:
-            plain, units = control_units(fields, limits.max_upload_pixels)
-        except StudioError as error:
-            raise user_error(error, "Check the ControlNet units") from None
+        plain, units = form_control_units(fields, limits.max_upload_pixels)
         return form_request(**(defaults | plain), controls=units)
 
     def check(chosen_mode, value, request: gr.Request, **fields):
@@ -464,9 +462,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     # what the model knows, and which typed words it does not, as the user types (no queue: no GPU, no wait)
     def hint(name, text, chosen_mode, guide):
         """The prompt hint; in Sketch to image guided by the sketch ControlNet, its words count as known."""
-        guided = (InpaintRequest(prompt="", preset=name, sketch_controlnet=sketch_guided(
-            chosen_mode, chosen_preset(engine.presets, name), guide)))
-        return prompt_hint(engine, name, text, engine.with_sketch_controlnet(guided).controls)
+        chosen = chosen_preset(engine.presets, name)
+        controls = (sketch_unit(engine.controlnets, chosen.family),) if sketch_guided(chosen_mode, chosen, guide) \
+            else ()
+        return prompt_hint(engine, name, text, controls)
 
     note_event = dict(fn=hint, inputs=[preset, prompt, mode, sketch_controlnet], outputs=prompt_note, **INSTANT)
     prompt.change(**note_event, trigger_mode="always_last")

@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from components.control_units import build_control_units, control_units, optional_control_images, split_control_fields
+from components.control_units import (
+    build_control_units,
+    form_control_units,
+    optional_control_images,
+    split_control_fields,
+)
 from components.event_options import INSTANT, QUICK
 from components.history import build_history
 from components.lora_picker import build_lora_picker
@@ -201,10 +206,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     def request_of(fields: dict) -> TextToImageRequest:
         """The request the form's fields make, its ControlNet units' images opened (a clear message if one
         cannot be)."""
-        try:
-            plain, units = control_units(fields, limits.max_upload_pixels)
-        except StudioError as error:
-            raise user_error(error, "Check the ControlNet units") from None
+        plain, units = form_control_units(fields, limits.max_upload_pixels)
         return form_request(**plain, controls=units)
 
     def check(request: gr.Request, **fields):

@@ -6,11 +6,14 @@ can act on, then preprocessed on the CPU into the map its ControlNet reads, befo
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from studio.a1111.controlnet import ControlNetFields
+from studio.core.downloads import HubDownloads, offline_error
 from studio.core.errors import InvalidRequest
 from studio.core.images import prepare_image
 from studio.models.controlnets import (
@@ -22,6 +25,7 @@ from studio.models.controlnets import (
     PassControls,
     UnitSettings,
     check_controlnet_fits,
+    missing_controlnet_error,
 )
 from studio.models.presets import ModelPreset
 from studio.tasks.preprocessors import PREPROCESSORS, preprocess
@@ -156,10 +160,13 @@ def border_colour(image: Image.Image) -> tuple[int, ...]:
     return tuple(int(value) for value in np.median(border, axis=0))
 
 
-def control_map(unit: ControlUnit, image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """What the unit's ControlNet reads: `image` preprocessed (at the unit's resolution, or pixel perfect's) and
-    fitted to `size`."""
-    resolution = pixel_perfect_resolution(image, size, unit.resize_mode) if unit.pixel_perfect else unit.processor_res
+def processor_resolution(unit: ControlUnit, image: Image.Image, size: tuple[int, int]) -> int:
+    """The resolution the unit's preprocessor runs at: its own, or pixel perfect's for `size`."""
+    return pixel_perfect_resolution(image, size, unit.resize_mode) if unit.pixel_perfect else unit.processor_res
+
+
+def control_map(unit: ControlUnit, image: Image.Image, size: tuple[int, int], resolution: int) -> Image.Image:
+    """What the unit's ControlNet reads: `image` preprocessed at `resolution` and fitted to `size`."""
     processed = preprocess(unit.preprocessor, image, max(MIN_PROCESSOR_RES, resolution), unit.threshold_a,
                            unit.threshold_b)
     return fit_to_size(processed.convert("RGB"), size, unit.resize_mode)
@@ -202,14 +209,13 @@ def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, si
         image = prepare_image(image, "control image").rgb  # a drawing's transparent areas are white paper
         preprocessor = PREPROCESSORS[unit.preprocessor]
         a, b = preprocessor.thresholds(unit.threshold_a, unit.threshold_b)
-        resolution = pixel_perfect_resolution(image, size, unit.resize_mode) if unit.pixel_perfect \
-            else unit.processor_res
+        resolution = processor_resolution(unit, image, size)
         fields = ControlNetFields(module=preprocessor.a1111_module, model=written_name(preset), weight=unit.weight,
                                   resize_mode=unit.resize_mode, processor_res=resolution, threshold_a=a,
                                   threshold_b=b, guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                   pixel_perfect=unit.pixel_perfect, control_mode=unit.control_mode)
         settings = UnitSettings(unit.weight, unit.guidance_start, unit.guidance_end, unit.control_mode)
-        planned.append(PlannedControl(preset, control_map(unit, image, size), settings, fields))
+        planned.append(PlannedControl(preset, control_map(unit, image, size, resolution), settings, fields))
     return tuple(planned)
 
 
@@ -230,6 +236,31 @@ def pass_controls(controls: tuple[PlannedControl, ...], size: tuple[int, int],
                      if hires and control.settings.control_mode == BALANCED else control.settings
                      for control in controls)
     return PassControls(tuple(control.preset.key for control in controls), images, settings)
+
+
+def control_call_arguments(image_argument: str, controls: PassControls) -> dict[str, Any]:
+    """The ControlNet pipeline's arguments for the units: their maps, and weight 1 over the whole range for each,
+    since ControlUnits applies each unit's own weight, range and mode."""
+    count = len(controls.keys)
+    return {image_argument: list(controls.images), "controlnet_conditioning_scale": [1.0] * count,
+            "control_guidance_start": [0.0] * count, "control_guidance_end": [1.0] * count}
+
+
+def controlnets_not_here(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, family: str,
+                         downloads: HubDownloads, dtype: torch.dtype) -> list[str]:
+    """Why the units' ControlNets cannot be had: a local folder missing, or not in the Hub cache while offline. A
+    model of another family is refused as such (check_control_units): whether it is downloaded is moot."""
+    problems = []
+    for unit in units:
+        if unit.model not in catalog or catalog.get(unit.model).family != family:
+            continue
+        controlnet = catalog.get(unit.model)
+        if controlnet.local is not None and not controlnet.local.is_dir():
+            problems.append(missing_controlnet_error(controlnet).reason)
+        elif controlnet.local is None and downloads.is_offline() and not downloads.is_cached(
+                controlnet.download_request(dtype)):
+            problems.append(offline_error(controlnet.download_request(dtype)).reason)
+    return problems
 
 
 def with_model_hashes(controls: tuple[PlannedControl, ...], hashes: list[str | None]) -> tuple[PlannedControl, ...]:

@@ -25,12 +25,7 @@ from studio.core.errors import InvalidRequest, ModelUnavailable
 from studio.core.jobs import MAX_SECONDS as MAX_GPU_SECONDS
 from studio.core.jobs import JobControl, LocalJob, gpu_seconds
 from studio.models.components import DiffusersModels
-from studio.models.controlnets import (
-    ControlClock,
-    ControlNetCatalog,
-    controlnet_weights_file,
-    missing_controlnet_error,
-)
+from studio.models.controlnets import ControlClock, ControlNetCatalog, controlnet_weights_file
 from studio.models.families import family_of
 from studio.models.loras import (
     AppliedLora,
@@ -45,8 +40,15 @@ from studio.models.loras import (
 )
 from studio.models.presets import ModelPreset, PresetCatalog
 from studio.models.stages import Conditioning, DiffusionStages, clip_skip_too_large
-from studio.tasks.control import PlannedControl, check_control_units, pass_controls, with_model_hashes
 from studio.models.vocabulary import load_vocabulary, unknown_words_warning
+from studio.tasks.control import (
+    PlannedControl,
+    check_control_units,
+    control_call_arguments,
+    controlnets_not_here,
+    pass_controls,
+    with_model_hashes,
+)
 from studio.tasks.hires import (
     HiresPlan,
 )
@@ -382,15 +384,8 @@ class SamplingEngine:
                                        own_image=task != "text2img")
         if family_of(preset).controlnet_pipeline_classes.get(task) is None:
             problems.append(f"{family_of(preset).label} models take no ControlNet here.")
-        for unit in request.controls:
-            # a model of another family is refused as such (above): whether it is downloaded is moot
-            if unit.model in self.controlnets and self.controlnets.get(unit.model).family == preset.family:
-                controlnet = self.controlnets.get(unit.model)
-                if controlnet.local is not None and not controlnet.local.is_dir():
-                    problems.append(missing_controlnet_error(controlnet).reason)
-                elif controlnet.local is None and self.downloads.is_offline() and not self.downloads.is_cached(
-                        controlnet.download_request(self.manager.dtype)):
-                    problems.append(offline_error(controlnet.download_request(self.manager.dtype)).reason)
+        problems += controlnets_not_here(tuple(request.controls), self.controlnets, preset.family, self.downloads,
+                                         self.manager.dtype)
         return list(dict.fromkeys(problems))
 
     def check(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, str]:
@@ -637,14 +632,6 @@ class PhaseOfJob(JobControl):
     @property
     def owner(self) -> object:
         return self.job.owner
-
-
-def control_call_arguments(image_argument: str, controls) -> dict[str, Any]:
-    """The ControlNet pipeline's arguments for the units: their maps, and weight 1 over the whole range for each,
-    since ControlUnits applies each unit's own weight, range and mode."""
-    count = len(controls.keys)
-    return {image_argument: list(controls.images), "controlnet_conditioning_scale": [1.0] * count,
-            "control_guidance_start": [0.0] * count, "control_guidance_end": [1.0] * count}
 
 
 def hash_entry_name(name: str) -> str:
