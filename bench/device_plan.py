@@ -16,7 +16,9 @@ and the VAE decode's working memory, the old way) needs for SDXL at 1024x1024.
 
 Then SD 1.5 with a ControlNet (lllyasviel's scribble, built from its config and checked against its fp16 file's
 size), leased beside the UNet for the denoise stage with the working memory a unit adds, as the studio plans it.
-(SDXL with ControlNet Union is not here yet: the studio does not run Union models yet.)
+Then SDXL with xinsir's ControlNet Union ProMax at 1024x1024 (from its config_promax.json, checked against its
+2.51 GB file), and SDXL with TencentARC's sketch T2I-Adapter (checked against its 158 MB fp16 file), the one for
+small GPUs.
 
 Exit code 1 if SDXL at 1024x1024 does not fit 8 GiB or SD 1.5 at 512x512 does not fit 3 GiB.
 
@@ -63,7 +65,7 @@ DEVICE = torch.device("cuda")  # planned for, never touched: every weight is on 
 TASK = "text2img"
 CASES = (("sdxl-base-1.0", 8 * GIB), ("stable-diffusion-1.5", 3 * GIB), ("sd-turbo", 3 * GIB))
 MUST_FIT = ("sdxl-base-1.0", "stable-diffusion-1.5")  # the exit code's cases, at the budgets above
-CONTROLNET_BUDGET = 4 * GIB  # SD 1.5 + a ControlNet: reported at this budget, with its smallest
+# a ControlNet case is reported at its budget (SD 1.5's 4 GiB, SDXL's 8 GiB), with its smallest
 BISECTION_STEP = 0.05 * GIB
 BISECTION_CEILING = 64 * GIB
 
@@ -480,7 +482,55 @@ SD15_CONTROLNET = {
     "use_linear_projection": False,
 }
 SD15_CONTROLNET_FILE_MB = 723
-CONTROLNET_CASES = (("stable-diffusion-1.5", "sd15-scribble", SD15_CONTROLNET, SD15_CONTROLNET_FILE_MB),)
+# xinsir/controlnet-union-sdxl-1.0's config_promax.json: SDXL's encoder (block_out_channels 320/640/1280, 10
+# transformer layers in the last block) with the union parts (8 control types, one 320-wide transformer layer); its
+# diffusion_pytorch_model_promax.safetensors is 2.51 GB (fp16), as its Hub copies for diffusers
+SDXL_UNION_PROMAX = {
+    "_class_name": "ControlNetUnionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": [16, 32, 96, 256],
+    "controlnet_conditioning_channel_order": "rgb",
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "global_pool_conditions": False,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "only_cross_attention": False,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_time_scale_shift": "default",
+    "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True,
+    "num_control_type": 8,
+}
+SDXL_UNION_FILE_MB = 2510  # the Hub shows 2.51 GB: checked within its rounding (10 MB)
+# TencentARC/t2i-adapter-sketch-sdxl-1.0's config.json; its diffusion_pytorch_model.fp16.safetensors is 158 MB
+SDXL_SKETCH_ADAPTER = {
+    "_class_name": "T2IAdapter",
+    "adapter_type": "full_adapter_xl",
+    "channels": [320, 640, 1280, 1280],
+    "downscale_factor": 16,
+    "in_channels": 3,
+    "num_res_blocks": 2,
+}
+SDXL_ADAPTER_FILE_MB = 158
+# (preset, ControlNet preset, its config, its file's MB, the check's tolerance in MB, the budget reported at)
+CONTROLNET_CASES = (
+    ("stable-diffusion-1.5", "sd15-scribble", SD15_CONTROLNET, SD15_CONTROLNET_FILE_MB, 1, 4 * GIB),
+    ("sdxl-base-1.0", "sdxl-union-promax", SDXL_UNION_PROMAX, SDXL_UNION_FILE_MB, 10, 8 * GIB),
+    ("sdxl-base-1.0", "sdxl-t2i-sketch", SDXL_SKETCH_ADAPTER, SDXL_ADAPTER_FILE_MB, 1, 8 * GIB),
+)
 
 
 class MetaControlNetLoader:
@@ -496,13 +546,14 @@ class MetaControlNetLoader:
         return self.module
 
 
-def build_controlnet(config: dict, file_megabytes: int) -> torch.nn.Module:
-    from diffusers import ControlNetModel
-
-    module = build_on_meta(ControlNetModel, config)
+def build_controlnet(name: str, config: dict, file_megabytes: int, tolerance: int) -> torch.nn.Module:
+    """A ControlNet (or Union, or T2I-Adapter) on the meta device from its config, its fp16 size checked against
+    the Hub's file."""
+    model_class = getattr(diffusers, config["_class_name"])
+    module = build_on_meta(model_class, config)
     made = fp16_bytes(module) / 1e6
-    assert abs(made - file_megabytes) < 1, f"ControlNet: {made:.1f} MB in fp16, the Hub's file {file_megabytes} MB"
-    print(f"  {'controlnet (SD 1.5 scribble)':<44} {'ControlNetModel':<28} {parameter_count(module):>13,} params "
+    assert abs(made - file_megabytes) < tolerance, f"{name}: {made:.1f} MB in fp16, the Hub's file {file_megabytes} MB"
+    print(f"  {name:<44} {config['_class_name']:<28} {parameter_count(module):>13,} params "
           f"{format_bytes(fp16_bytes(module)):>9} fp16 (the Hub's file: {file_megabytes} MB)")
     return module
 
@@ -673,12 +724,13 @@ def main() -> int:
     for name, budget in CASES:
         if not report_preset(loader, presets.get(name), budget) and name in MUST_FIT:
             failed.append(name)
-    for name, controlnet_name, config, file_megabytes in CONTROLNET_CASES:
+    for name, controlnet_name, config, file_megabytes, tolerance, budget in CONTROLNET_CASES:
         controlnet = load_controlnets().get(controlnet_name)
         print()
-        with_controlnet = MetaLoader(loader.modules, MetaControlNetLoader(build_controlnet(config, file_megabytes)))
+        built = build_controlnet(controlnet_name, config, file_megabytes, tolerance)
+        with_controlnet = MetaLoader(loader.modules, MetaControlNetLoader(built))
         controls = PassControls((controlnet.key,), (None,), (UnitSettings(),))
-        report_preset(with_controlnet, presets.get(name), CONTROLNET_BUDGET, controls, f" + {controlnet_name}")
+        report_preset(with_controlnet, presets.get(name), budget, controls, f" + {controlnet_name}")
     sdxl = presets.get("sdxl-base-1.0")
     whole = whole_pipeline_need(loader, sdxl)
     print(f"\nfor contrast, one whole-pipeline lease (all components + max(UNet, VAE decode) working memory) for "

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from tiny_models import EMBEDDED, save_random_controlnet, save_tiny_sd2, save_tiny_sdxl
+from tiny_models import (
+    EMBEDDED,
+    save_random_adapter,
+    save_random_controlnet,
+    save_random_union,
+    save_tiny_sd2,
+    save_tiny_sdxl,
+)
 
 from studio.a1111.controlnet import ControlNetFields, parse_unit, read_controlnet_fields
 from studio.a1111.metadata import parse_parameters
@@ -59,7 +66,9 @@ def folders(tmp_path_factory):
             "embedded-b": save_random_controlnet(EMBEDDED, root / "cn-embedded-b", seed=2),
             "sd2": sd2, "sdxl": sdxl,
             "cn-sd2": save_random_controlnet(sd2, root / "cn-sd2", seed=3),
-            "cn-sdxl": save_random_controlnet(sdxl, root / "cn-sdxl", seed=4)}
+            "cn-sdxl": save_random_controlnet(sdxl, root / "cn-sdxl", seed=4),
+            "union-sdxl": save_random_union(sdxl, root / "union-sdxl", seed=5),
+            "adapter-sdxl": save_random_adapter(sdxl, root / "adapter-sdxl", seed=6)}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +78,11 @@ def catalog(folders):
         ControlNetPreset("embedded-b", "Embedded B", "embedded", local=folders["embedded-b"]),
         ControlNetPreset("sd2", "Tiny SD 2", "sd21", local=folders["cn-sd2"]),
         ControlNetPreset("sdxl", "Tiny SDXL", "sdxl", local=folders["cn-sdxl"]),
+        ControlNetPreset("union", "Tiny Union", "sdxl", kind="controlnet_union", local=folders["union-sdxl"],
+                         control_types=(("invert", 2), ("canny", 3))),
+        ControlNetPreset("union-as-edges", "Tiny Union, edges", "sdxl", kind="controlnet_union",
+                         local=folders["union-sdxl"], control_types=(("invert", 3),)),
+        ControlNetPreset("adapter", "Tiny adapter", "sdxl", kind="t2i_adapter", local=folders["adapter-sdxl"]),
         ControlNetPreset("elsewhere", "Not here", "embedded", local=Path("/nonexistent/controlnet")),
     ])
 
@@ -312,3 +326,61 @@ def test_the_shipped_catalog_reads_and_names_a_family_for_each_model():
     assert {"sd15-scribble", "sd15-canny", "sdxl-scribble", "sdxl-canny"} <= set(catalog.names)
     assert catalog.get("sd15-scribble").repo == "lllyasviel/control_v11p_sd15_scribble"
     assert all(catalog.get(name).family == "sd15" for name in catalog.for_family("sd15"))
+
+
+def test_a_union_controlnet_reads_the_map_as_its_units_control_type(engines):
+    engine = engines.text_to_image
+    base = request(preset="tiny-sdxl", steps=3)
+    plain = pixels(engine.generate(base))
+    as_scribble = pixels(engine.generate(replace(base, controls=(ControlUnit("union", sketch(), "invert"),))))
+    as_edges = pixels(engine.generate(replace(base, controls=(ControlUnit("union-as-edges", sketch(), "invert"),))))
+    off = pixels(engine.generate(replace(base, controls=(ControlUnit("union", sketch(), "invert", weight=0.0),))))
+    assert np.array_equal(off, plain)
+    assert not np.array_equal(as_scribble, plain) and not np.array_equal(as_scribble, as_edges)
+    with pytest.raises(InvalidRequest, match="reads a map by its kind and has none for the 'scribble'"):
+        engine.generate(replace(base, controls=(ControlUnit("union", sketch(), "scribble"),)))
+
+
+def test_a_t2i_adapter_runs_once_per_pass_inside_the_unet_and_leaves_it_as_it_was(engines, monkeypatch):
+    from diffusers import T2IAdapter
+
+    calls = []
+    original = T2IAdapter.forward
+    monkeypatch.setattr(T2IAdapter, "forward", lambda self, x: calls.append(x.shape) or original(self, x))
+    engine = engines.text_to_image
+    base = request(preset="tiny-sdxl", steps=4)
+    plain = pixels(engine.generate(base))
+    adapted = pixels(engine.generate(replace(base, controls=(ControlUnit("adapter", sketch(), "invert"),))))
+    assert not np.array_equal(adapted, plain)
+    assert calls == [(2, 3, 64, 64)]  # once for 4 steps, the map doubled for the two halves of guidance
+    unets = [engines.manager.loaded_object(key) for key in list(engines.manager._entries) if key.part == "unet"]
+    assert unets and all(not unet._forward_pre_hooks for unet in unets)  # the pass's hook is gone
+    off = pixels(engine.generate(replace(base, controls=(ControlUnit("adapter", sketch(), "invert", weight=0.0),))))
+    assert np.array_equal(off, plain)  # and nothing left behind changes the next image
+    both = pixels(engine.generate(replace(base, controls=(ControlUnit("adapter", sketch(), "invert"),
+                                                          ControlUnit("sdxl", sketch(), "invert")))))
+    alone = pixels(engine.generate(replace(base, controls=(ControlUnit("sdxl", sketch(), "invert"),))))
+    assert not np.array_equal(both, adapted) and not np.array_equal(both, alone)
+
+
+def test_a_t2i_adapters_features_in_each_control_mode_as_a1111(folders):
+    from diffusers import T2IAdapter
+
+    adapter = T2IAdapter.from_pretrained(folders["adapter-sdxl"])
+    image = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        features = adapter(image)
+    assert len(features) == 4
+
+    def intrablock(mode):
+        units = ControlUnits([adapter], [UnitSettings(weight=0.5, control_mode=mode)], ControlClock(10), True)
+        with torch.no_grad():
+            assert units(torch.zeros(2, 4, 8, 8), 1, None, [image], [1.0]) == (None, None)  # no ControlNet residuals
+        return units.intrablock
+
+    for feature, made in zip(features, intrablock("Balanced")):
+        assert torch.allclose(made, feature * 0.5)
+    for feature, made, factor in zip(features, intrablock(PROMPT_MORE_IMPORTANT), (0.25, 0.62, 0.825, 1.0)):
+        assert torch.allclose(made, feature * 0.5 * factor)  # A1111's soft-injection table for adapters
+    for feature, made, factor in zip(features, intrablock(CONTROLNET_MORE_IMPORTANT), (0.25, 0.62, 0.825, 1.0)):
+        assert not made[0].any() and torch.allclose(made[1], feature[1] * 0.5 * factor)

@@ -204,3 +204,47 @@ def save_random_controlnet(pipeline_folder: Path, out: Path, seed: int = 0, stre
             conv.weight.normal_(0, strength)
     controlnet.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def save_random_union(pipeline_folder: Path, out: Path, seed: int = 0, strength: float = 0.5) -> Path:
+    """A ControlNet Union (xinsir's architecture, diffusers' ControlNetUnionModel.from_unet) for an SDXL pipeline
+    folder's UNet, with 8 control types as ProMax has; zero convolutions random at `strength`."""
+    import json
+
+    from diffusers import ControlNetUnionModel
+
+    unet = UNet2DConditionModel.from_pretrained(pipeline_folder, subfolder="unet")
+    vae_blocks = len(json.loads((Path(pipeline_folder) / "vae" / "config.json").read_text())["block_out_channels"])
+    torch.manual_seed(seed)
+    made = ControlNetUnionModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 32, 32)[:vae_blocks])
+    # from_unet keeps the union parts at SDXL's width (320): sized here to the tiny UNet's first block
+    width = unet.config.block_out_channels[0]
+    config = {key: value for key, value in made.config.items() if key != "_use_default_values"}
+    union = ControlNetUnionModel.from_config({**config, "num_trans_channel": width, "num_proj_channel": width,
+                                              "num_control_type": 8})
+    own = union.state_dict()  # the UNet's encoder weights that from_unet copied; the union parts stay random
+    union.load_state_dict({name: value for name, value in made.state_dict().items()
+                           if name in own and own[name].shape == value.shape}, strict=False)
+    with torch.no_grad():
+        for layer in [*union.controlnet_down_blocks, union.controlnet_mid_block,
+                      union.controlnet_cond_embedding.conv_out, union.spatial_ch_projs]:
+            layer.weight.normal_(0, strength)
+    union.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def save_random_adapter(pipeline_folder: Path, out: Path, seed: int = 0) -> Path:
+    """A T2I-Adapter in SDXL's layout (diffusers' "full_adapter_xl": a pixel unshuffle to the UNet's first
+    downsampled size, features at 1, 1, 1/2 and 1/2 of it) sized for save_tiny_sdxl's UNet (32 and 64 channels):
+    its first two features go into the UNet's two down blocks; the UNet leaves the others, whose size does not match
+    its middle block. SDXL's own unshuffles by 16: its VAE's 8, then its first down block's 2."""
+    import json
+
+    from diffusers import T2IAdapter
+
+    vae_blocks = len(json.loads((Path(pipeline_folder) / "vae" / "config.json").read_text())["block_out_channels"])
+    torch.manual_seed(seed)
+    adapter = T2IAdapter(in_channels=3, channels=[32, 64, 64, 64], num_res_blocks=1,
+                         downscale_factor=2 ** (vae_blocks - 1) * 2, adapter_type="full_adapter_xl")
+    adapter.save_pretrained(out, safe_serialization=True)
+    return out

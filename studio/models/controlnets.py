@@ -7,8 +7,10 @@ fraction of the pass's steps) and its control mode."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -24,7 +26,11 @@ from studio.models.weights import root_weight_patterns, safetensors_bytes, weigh
 
 CONTROLNET = "controlnet"  # the manager's kind
 PRESETS_FILE = Path(__file__).resolve().parents[2] / "presets" / "controlnets.yaml"
-MODEL_CLASSES = {"controlnet": "ControlNetModel"}  # a preset's kind -> its diffusers class
+# a preset's kind -> its diffusers class: a ControlNet, xinsir's Union (one net, a control type per map) or a
+# T2I-Adapter (run once per pass on its map; its features added inside the UNet's down blocks)
+MODEL_CLASSES = {"controlnet": "ControlNetModel", "controlnet_union": "ControlNetUnionModel",
+                 "t2i_adapter": "T2IAdapter"}
+UNION, ADAPTER = "controlnet_union", "t2i_adapter"
 
 BALANCED = "Balanced"
 PROMPT_MORE_IMPORTANT = "My prompt is more important"
@@ -36,6 +42,7 @@ CONTROL_MODES = (BALANCED, PROMPT_MORE_IMPORTANT, CONTROLNET_MORE_IMPORTANT)
 # control_scales[:10], so SDXL's middle block gets 0.825 ** 3).
 SOFT_INJECTION_BASE = 0.825
 SOFT_INJECTION_OUTPUTS = 13
+ADAPTER_SOFT_INJECTION = (0.25, 0.62, 0.825, 1.0)  # A1111's table for a T2I-Adapter's four features
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,13 @@ class ControlNetPreset:
     for_sketches: bool = False  # Sketch to image guides with it by default, for presets of its family
     # words its training prompts had that its family's captions lack: known to the prompt check while it guides
     words: tuple[str, ...] = ()
+    # a Union model's control type for each preprocessor's map (xinsir's indices: 1 depth, 2 scribble/soft edge,
+    # 3 canny/lineart); a unit whose preprocessor has none is refused
+    control_types: tuple[tuple[str, int], ...] = ()
+
+    def control_type_for(self, preprocessor: str) -> int | None:
+        """The Union type the model reads a `preprocessor` map as (None: not a Union model, or no such type)."""
+        return dict(self.control_types).get(preprocessor)
 
     @property
     def source(self) -> str:
@@ -126,6 +140,11 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Contr
         raise ValueError(f"ControlNet {name!r}: kind must be one of {tuple(MODEL_CLASSES)}, not {entry['kind']!r}.")
     values = dict(entry)
     values["words"] = tuple(str(word).lower() for word in values.get("words") or ())
+    values["control_types"] = tuple((str(name), int(index))
+                                    for name, index in (values.get("control_types") or {}).items())
+    if (values.get("kind") == UNION) != bool(values["control_types"]):
+        raise ValueError(f"ControlNet {name!r}: a controlnet_union model needs control_types (preprocessor: type), "
+                         "and only it has them.")
     if values.get("local") is not None:
         values["local"] = (base_dir / Path(values["local"]).expanduser()).resolve()
     return ControlNetPreset(name=name, **values)
@@ -238,11 +257,29 @@ class UnitSettings:
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     control_mode: str = BALANCED
+    control_type: int | None = None  # a Union model's type for the unit's map
 
     def acts_at(self, step: int, steps: int) -> bool:
         """As A1111: a unit acts at step i of n while start <= i / n <= end (and its weight is not 0)."""
         done = step / max(steps, 1)
         return self.weight != 0 and self.guidance_start <= done <= self.guidance_end
+
+
+class AdapterNet(torch.nn.Module):
+    """A T2I-Adapter as one of ControlUnits' nets. The pipeline prepares its map like a ControlNet's ([0, 1], the
+    batch doubled under guidance) and reads `config.global_pool_conditions` of its first net; the adapter's
+    features depend on the map alone, so they are computed once per pass (this wrapper is made per pass)."""
+
+    def __init__(self, adapter: torch.nn.Module):
+        super().__init__()
+        self.adapter = adapter
+        self.config = SimpleNamespace(global_pool_conditions=False)
+        self._features: list[torch.Tensor] | None = None
+
+    def features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        if self._features is None:
+            self._features = list(self.adapter(image.to(self.adapter.dtype)))
+        return self._features
 
 
 class ControlUnits(MultiControlNetModel):
@@ -252,48 +289,115 @@ class ControlUnits(MultiControlNetModel):
 
     - leaves out a unit outside its range or at weight 0 (the UNet gets no residuals at all when none acts, so a
       unit at weight 0 gives the image without it, bit for bit);
-    - scales a unit's outputs by its weight ("Balanced"), by 0.825 ** (n - 1 - i) times it ("My prompt is more
-      important"), or adds them to the conditional half of the batch only, under classifier-free guidance
+    - scales a unit's outputs by its weight ("Balanced"), by A1111's soft-injection table times it ("My prompt is
+      more important"), or adds them to the conditional half of the batch only, under classifier-free guidance
       ("ControlNet is more important": the negative prompt's pass sees no control, as A1111's cfg injection).
 
+    ControlNets (plain or Union, which reads its map as the unit's control type) return the residuals the pipeline
+    hands the UNet. T2I-Adapters' features go inside the UNet's down blocks, which the pipeline has no argument
+    for: they wait in `intrablock` for the UNet's call, where `adapter_residuals` puts them.
     The nets are the manager's shared models: this wrapper is made per pass and holds nothing else."""
 
     def __init__(self, nets: list[torch.nn.Module], settings: list[UnitSettings], clock: ControlClock,
                  guidance: bool):
-        super().__init__(nets)
+        super().__init__([AdapterNet(net) if is_adapter(net) else net for net in nets])
         self.settings = settings
         self.clock = clock
         self.guidance = guidance  # the batch is [negative, positive] halves
+        self.intrablock: list[torch.Tensor] | None = None  # this evaluation's adapter features, for the UNet
+
+    @property
+    def has_adapters(self) -> bool:
+        return any(isinstance(net, AdapterNet) for net in self.nets)
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale,
                 class_labels=None, timestep_cond=None, attention_mask=None, added_cond_kwargs=None,
                 cross_attention_kwargs=None, guess_mode=False, return_dict=True):
-        down, middle = None, None
+        residuals, intrablock = None, None
         for net, image, unit in zip(self.nets, controlnet_cond, self.settings):
             if not unit.acts_at(self.clock.step, self.clock.steps):
                 continue
-            unit_down, unit_middle = net(
-                sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=image,
-                conditioning_scale=1.0, class_labels=class_labels, timestep_cond=timestep_cond,
-                attention_mask=attention_mask, added_cond_kwargs=added_cond_kwargs,
-                cross_attention_kwargs=cross_attention_kwargs, guess_mode=False, return_dict=False)
+            if isinstance(net, AdapterNet):
+                features = self._in_mode(net.features(image), unit, ADAPTER_SOFT_INJECTION)
+                intrablock = add_up(intrablock, features)
+                continue
+            arguments = dict(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                             controlnet_cond=image, conditioning_scale=1.0, class_labels=class_labels,
+                             timestep_cond=timestep_cond, attention_mask=attention_mask,
+                             added_cond_kwargs=added_cond_kwargs, cross_attention_kwargs=cross_attention_kwargs,
+                             guess_mode=False, return_dict=False)
+            if is_union(net):
+                arguments |= union_arguments(net, image, unit.control_type, sample)
+            unit_down, unit_middle = net(**arguments)
             outputs = [*unit_down, unit_middle]
-            # A1111's (sd-webui-controlnet, controlnet.py): soft injection for both non-balanced modes; cfg
-            # injection, the negative prompt's half without control, for "ControlNet is more important" alone
-            if unit.control_mode in (PROMPT_MORE_IMPORTANT, CONTROLNET_MORE_IMPORTANT):
-                scales = soft_injection_scales(len(outputs), unit.weight)
-            else:
-                scales = [unit.weight] * len(outputs)
-            outputs = [output * scale for output, scale in zip(outputs, scales)]
-            if unit.control_mode == CONTROLNET_MORE_IMPORTANT and self.guidance:
-                outputs = [torch.cat([torch.zeros_like(half), half]) for half in
-                           (output.chunk(2)[1] for output in outputs)]
-            if down is None:
-                down, middle = outputs[:-1], outputs[-1]
-            else:
-                down = [total + output for total, output in zip(down, outputs[:-1])]
-                middle = middle + outputs[-1]
-        return down, middle
+            residuals = add_up(residuals, self._in_mode(outputs, unit, soft_injection_scales(len(outputs), 1.0)))
+        self.intrablock = intrablock
+        if residuals is None:
+            return None, None
+        return residuals[:-1], residuals[-1]
+
+    def _in_mode(self, outputs: list[torch.Tensor], unit: UnitSettings, soft_table) -> list[torch.Tensor]:
+        """A unit's outputs scaled for its control mode. A1111's (sd-webui-controlnet, hook.py): soft injection
+        for both non-balanced modes; cfg injection, the negative prompt's half without control, for "ControlNet is
+        more important" alone."""
+        if unit.control_mode in (PROMPT_MORE_IMPORTANT, CONTROLNET_MORE_IMPORTANT):
+            scales = [unit.weight * factor for factor in soft_table[:len(outputs)]]
+        else:
+            scales = [unit.weight] * len(outputs)
+        outputs = [output * scale for output, scale in zip(outputs, scales)]
+        if unit.control_mode == CONTROLNET_MORE_IMPORTANT and self.guidance:
+            outputs = [torch.cat([torch.zeros_like(half), half]) for half in (output.chunk(2)[1] for output in outputs)]
+        return outputs
+
+    def add_intrablock_residuals(self, unet, args, kwargs):
+        """The UNet's forward pre-hook (see adapter_residuals): this evaluation's adapter features, once."""
+        if self.intrablock is not None:
+            kwargs["down_intrablock_additional_residuals"] = list(self.intrablock)  # the UNet pops from it
+            self.intrablock = None
+        return args, kwargs
+
+
+@contextmanager
+def adapter_residuals(unet: torch.nn.Module, units: ControlUnits | None):
+    """While a pass runs, the UNet's calls get the units' T2I-Adapter features (none without adapters). A call
+    hook, not a change to the model: removed when the pass ends, even on an error, so the shared UNet the manager
+    records is the same model after the pass as before it."""
+    if units is None or not units.has_adapters:
+        yield
+        return
+    handle = unet.register_forward_pre_hook(units.add_intrablock_residuals, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def add_up(total: list[torch.Tensor] | None, outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return outputs if total is None else [left + right for left, right in zip(total, outputs)]
+
+
+def is_adapter(net: torch.nn.Module) -> bool:
+    from diffusers import T2IAdapter
+
+    return isinstance(net, T2IAdapter)
+
+
+def is_union(net: torch.nn.Module) -> bool:
+    from diffusers import ControlNetUnionModel
+
+    return isinstance(net, ControlNetUnionModel)
+
+
+def union_arguments(net: torch.nn.Module, image: torch.Tensor, control_type: int | None,
+                    sample: torch.Tensor) -> dict[str, Any]:
+    """A Union net's call for one map: the map as the one condition, and its control type as the one-hot vector
+    diffusers' Union pipeline makes (a row per sample)."""
+    if control_type is None:
+        raise ValueError("A Union ControlNet's unit has no control type.")
+    one_hot = torch.zeros(sample.shape[0], net.config.num_control_type, device=sample.device, dtype=sample.dtype)
+    one_hot[:, control_type] = 1
+    return dict(controlnet_cond=[image], control_type=one_hot, control_type_idx=[control_type],
+                conditioning_scale=[1.0])
 
 
 @dataclass(frozen=True)

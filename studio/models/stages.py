@@ -18,7 +18,7 @@ from studio.core.devices import dtype_name, format_bytes, release_memory, workin
 from studio.core.errors import InvalidRequest, NumericalError, OutOfMemoryBudget
 from studio.core.memory import ModelKey, ModelManager, Patch
 from studio.models.components import DiffusersModels
-from studio.models.controlnets import CONTROLNET, ControlUnits, PassControls
+from studio.models.controlnets import CONTROLNET, ControlUnits, PassControls, adapter_residuals
 from studio.models.families import family_of
 from studio.models.families.base import dtype_bytes
 from studio.models.loras import LORA, AppliedLora, lora_patch, lora_role
@@ -175,7 +175,7 @@ class DiffusionStages:
                 nets = [models[role] for role in controls.roles()]
                 units = ControlUnits(nets, list(controls.settings), clock=None, guidance=guidance)
             pipe = self.models.assemble(preset, task, pipeline_components(models), controlnet=units)
-            with vae_tiling(models.get(family.vae), plan.vae_tiling):
+            with vae_tiling(models.get(family.vae), plan.vae_tiling), adapter_residuals(models[family.denoiser], units):
                 return call(pipe)
 
         latents = self.run_stage(

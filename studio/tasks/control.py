@@ -82,9 +82,14 @@ def check_control_units(units: tuple[ControlUnit, ...], preset: ModelPreset, cat
             problems.append(f"{label}: unknown model {unit.model!r}. Available for {preset.label}: "
                             f"{', '.join(catalog.for_family(preset.family)) or 'none'}.")
         else:
-            mismatch = check_controlnet_fits(catalog.get(unit.model), preset.family, preset.label)
+            controlnet = catalog.get(unit.model)
+            mismatch = check_controlnet_fits(controlnet, preset.family, preset.label)
             if mismatch:
                 problems.append(f"{label}: {mismatch}")
+            elif controlnet.control_types and controlnet.control_type_for(unit.preprocessor) is None:
+                problems.append(f"{label}: {controlnet.label} reads a map by its kind and has none for the "
+                                f"{unit.preprocessor!r} preprocessor; pick one of "
+                                f"{', '.join(name for name, _ in controlnet.control_types)}.")
         if unit.preprocessor not in PREPROCESSORS:
             problems.append(f"{label}: unknown preprocessor {unit.preprocessor!r}. Available: "
                             f"{', '.join(PREPROCESSORS)}.")
@@ -214,7 +219,8 @@ def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, si
                                   resize_mode=unit.resize_mode, processor_res=resolution, threshold_a=a,
                                   threshold_b=b, guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
                                   pixel_perfect=unit.pixel_perfect, control_mode=unit.control_mode)
-        settings = UnitSettings(unit.weight, unit.guidance_start, unit.guidance_end, unit.control_mode)
+        settings = UnitSettings(unit.weight, unit.guidance_start, unit.guidance_end, unit.control_mode,
+                                control_type=preset.control_type_for(unit.preprocessor))
         planned.append(PlannedControl(preset, control_map(unit, image, size, resolution), settings, fields))
     return tuple(planned)
 
