@@ -74,7 +74,8 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
             engine = comparison.text_to_image
             default_family = engine.presets.get(engine.presets.default).family
             controls = build_control_units(engine.controlnets, 1, engine.controlnets.for_family(default_family),
-                                           engine.limits.max_upload_pixels, elem_prefix="compare-control")
+                                           engine.limits.max_upload_pixels, engine.preprocessor_weights,
+                                           elem_prefix="compare-control")
             with gr.Row():
                 run = gr.Button("Compare", variant="primary", scale=3)
                 stop = gr.Button("Stop", variant="stop", scale=1)

@@ -24,6 +24,7 @@ from studio.tasks.control import (
     MIN_PROCESSOR_RES,
     RESIZE_MODES,
     ControlUnit,
+    WeightsFor,
     preview_map,
 )
 from studio.tasks.preprocessors import PREPROCESSORS, Threshold
@@ -126,10 +127,12 @@ def control_units(fields: dict, max_upload_pixels: int) -> tuple[dict, tuple[Con
 
 MAP_INPUTS = ("image", "preprocessor", "processor_res", "threshold_a", "threshold_b")
 PREPROCESSOR_INFO = ("none: the image as the map · invert: dark lines on white become white on black · scribble: "
-                     "thick lines of a drawing or photo · canny: edges")
+                     "thick lines of a drawing or photo · canny: edges · lineart, softedge, depth: learned detectors "
+                     "for photos (their weights are fetched once)")
 
 
-def map_of(image, own_image, preprocessor, processor_res, threshold_a, threshold_b, max_upload_pixels: int):
+def map_of(image, own_image, preprocessor, processor_res, threshold_a, threshold_b, max_upload_pixels: int,
+           weights_for: WeightsFor):
     """The preprocessed map a unit shows: of its uploaded image (a path), else of `own_image` (the tab's picture,
     opened); None when there is neither."""
     try:
@@ -138,7 +141,7 @@ def map_of(image, own_image, preprocessor, processor_res, threshold_a, threshold
             return None
         values = dict(preprocessor=preprocessor, processor_res=processor_res, threshold_a=threshold_a,
                       threshold_b=threshold_b)
-        return preview_map(unit_from_values(values, opened), opened, max_upload_pixels)
+        return preview_map(unit_from_values(values, opened), opened, max_upload_pixels, weights_for)
     except StudioError as error:
         raise user_error(error, "Cannot preprocess this image") from None
 
@@ -181,6 +184,7 @@ class ControlUnitsForm:
     accordion: gr.Accordion
     count: int
     catalog: ControlNetCatalog
+    weights_for: WeightsFor  # a learned preprocessor's files, for the maps
     models: list[gr.Dropdown] = field(default_factory=list)
     images: list[gr.Image] = field(default_factory=list)
     enabled: list[gr.Checkbox] = field(default_factory=list)
@@ -249,6 +253,7 @@ class ControlUnitsForm:
 
 
 def build_control_units(catalog: ControlNetCatalog, count: int, offered: list[str], max_upload_pixels: int,
+                        weights_for: WeightsFor,
                         own_image: str | None = None, elem_prefix: str = "control") -> ControlUnitsForm:
     """An accordion of `count` units offering the ControlNets `offered` (those of the default preset's family).
     `own_image`: what a unit without an image of its own reads (Inpaint: "the picture"), None where it needs one.
@@ -270,8 +275,9 @@ def build_control_units(catalog: ControlNetCatalog, count: int, offered: list[st
                     images.append(unit["image"])
                     enabled.append(unit["enabled"])
                     maps.append(unit["map"])
-                    map_events.append(_wire_unit(unit, catalog, max_upload_pixels))
-    return ControlUnitsForm(fields=fields, accordion=accordion, count=count, catalog=catalog, models=models,
+                    map_events.append(_wire_unit(unit, catalog, max_upload_pixels, weights_for))
+    return ControlUnitsForm(fields=fields, accordion=accordion, count=count, catalog=catalog, weights_for=weights_for,
+                            models=models,
                             maps=maps, own_map_buttons=own_map_buttons, map_events=map_events, images=images,
                             enabled=enabled)
 
@@ -320,12 +326,13 @@ def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], elem
     return unit
 
 
-def _wire_unit(unit: dict[str, gr.Component], catalog: ControlNetCatalog, max_upload_pixels: int) -> dict:
+def _wire_unit(unit: dict[str, gr.Component], catalog: ControlNetCatalog, max_upload_pixels: int,
+               weights_for: WeightsFor) -> dict:
     """The map follows the image and the preprocessor's settings; a model picks the preprocessor it was trained on;
     an uploaded image turns the unit on, as in A1111."""
 
     def show_map(image, *settings):
-        return map_of(image, None, *settings, max_upload_pixels) if image is not None else None
+        return map_of(image, None, *settings, max_upload_pixels, weights_for) if image is not None else None
 
     # The map follows the settings. After a change of preprocessor it is made once its thresholds are fitted
     # (`then`): made at the same time, it read the old threshold against the new one's range, refused by gradio.

@@ -222,6 +222,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                                             label="Clip skip", info="2 for anime models; SD 1.x only")
             controls = build_control_units(engine.controlnets, limits.max_control_units,
                                            engine.controlnets.for_family(default.family), limits.max_upload_pixels,
+                                           engine.preprocessor_weights,
                                            own_image="the picture", elem_prefix="inpaint-control")
         # The action sits on top of the results, as in A1111: the editor fills the other column, and the button
         # under it was out of view. The column stays in view while the settings scroll; in a narrow window, where
@@ -442,7 +443,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         picture = None
         if image is None:
             picture, _ = images_for(editor, chosen_mode, value, limits.max_upload_pixels)
-        return map_of(image, picture, *settings, limits.max_upload_pixels)
+        return map_of(image, picture, *settings, limits.max_upload_pixels, controls.weights_for)
 
     for index, button in enumerate(controls.own_map_buttons):
         read_editor(button.click).success(own_map, [mode, from_editor, *controls.map_settings(index)],

@@ -175,6 +175,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                         elem_id="hires-size-note")
             controls = build_control_units(engine.controlnets, limits.max_control_units,
                                            engine.controlnets.for_family(default.family), limits.max_upload_pixels,
+                                           engine.preprocessor_weights,
                                            elem_prefix="text-control")
             with gr.Accordion("Read parameters from a PNG", open=False):
                 png = gr.Image(label="PNG made here or by AUTOMATIC1111", type="pil", image_mode=None,

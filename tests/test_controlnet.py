@@ -13,6 +13,7 @@ from tiny_models import (
     EMBEDDED,
     save_random_adapter,
     save_random_controlnet,
+    save_random_preprocessor_weights,
     save_random_union,
     save_tiny_sd2,
     save_tiny_sdxl,
@@ -29,6 +30,7 @@ from studio.models.controlnets import (
     ControlNetCatalog,
     ControlNetPreset,
     ControlUnits,
+    PreprocessorWeights,
     UnitSettings,
     load_controlnets,
     soft_injection_scales,
@@ -41,6 +43,8 @@ from studio.tasks.control import (
     ControlUnit,
     fit_to_size,
     pixel_perfect_resolution,
+    preprocessor_weights,
+    preprocessors_not_here,
     unit_from_fields,
 )
 from studio.tasks.engines import local_engines
@@ -68,7 +72,8 @@ def folders(tmp_path_factory):
             "cn-sd2": save_random_controlnet(sd2, root / "cn-sd2", seed=3),
             "cn-sdxl": save_random_controlnet(sdxl, root / "cn-sdxl", seed=4),
             "union-sdxl": save_random_union(sdxl, root / "union-sdxl", seed=5),
-            "adapter-sdxl": save_random_adapter(sdxl, root / "adapter-sdxl", seed=6)}
+            "adapter-sdxl": save_random_adapter(sdxl, root / "adapter-sdxl", seed=6),
+            "weights": save_random_preprocessor_weights(root / "preprocessor-weights")}
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +84,12 @@ def catalog(folders):
         ControlNetPreset("sd2", "Tiny SD 2", "sd21", local=folders["cn-sd2"]),
         ControlNetPreset("sdxl", "Tiny SDXL", "sdxl", local=folders["cn-sdxl"]),
         ControlNetPreset("union", "Tiny Union", "sdxl", kind="controlnet_union", local=folders["union-sdxl"],
-                         control_types=(("invert", 2), ("canny", 3))),
+                         control_types=(("invert", 2), ("canny", 3), ("depth", 1))),
         ControlNetPreset("union-as-edges", "Tiny Union, edges", "sdxl", kind="controlnet_union",
                          local=folders["union-sdxl"], control_types=(("invert", 3),)),
         ControlNetPreset("adapter", "Tiny adapter", "sdxl", kind="t2i_adapter", local=folders["adapter-sdxl"]),
         ControlNetPreset("elsewhere", "Not here", "embedded", local=Path("/nonexistent/controlnet")),
-    ])
+    ], {name: PreprocessorWeights(name, ("any",), local=folder) for name, folder in folders["weights"].items()})
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +278,9 @@ def test_a1111s_own_field_reads_and_an_unknown_model_is_said():
     assert missing is None and "not offered here" in note
     # a detector not offered here is said, and the model's own preprocessor set (never the raw image as the map);
     # A1111's API writes Processor Res: -1
-    other, note = unit_from_fields(replace(unit, module="lineart_realistic", processor_res=-1), load_controlnets())
+    other, note = unit_from_fields(replace(unit, module="openpose_full", processor_res=-1), load_controlnets())
     assert (other.preprocessor, other.processor_res) == ("scribble", 512)
-    assert "The PNG's preprocessor 'lineart_realistic' is not offered here: 'scribble' is set" in note
+    assert "The PNG's preprocessor 'openpose_full' is not offered here: 'scribble' is set" in note
 
 
 def test_inpaint_and_sketch_to_image_use_their_own_picture_when_a_unit_has_none(engines):
@@ -384,3 +389,47 @@ def test_a_t2i_adapters_features_in_each_control_mode_as_a1111(folders):
         assert torch.allclose(made, feature * 0.5 * factor)  # A1111's soft-injection table for adapters
     for feature, made, factor in zip(features, intrablock(CONTROLNET_MORE_IMPORTANT), (0.25, 0.62, 0.825, 1.0)):
         assert not made[0].any() and torch.allclose(made[1], feature[1] * 0.5 * factor)
+
+
+def photo(size: tuple[int, int] = (96, 64)) -> Image.Image:
+    """A small scene: a dark square on a lit gradient."""
+    ramp = np.linspace(40, 220, size[0], dtype=np.uint8)[None, :, None].repeat(size[1], 0).repeat(3, 2)
+    image = Image.fromarray(ramp)
+    ImageDraw.Draw(image).rectangle((20, 16, 50, 44), fill=(30, 20, 10))
+    return image
+
+
+@pytest.mark.parametrize("name", ["lineart", "softedge", "depth"])
+def test_the_learned_preprocessors_make_maps_with_their_weights(catalog, name):
+    with preprocessor_weights(name, catalog, downloads=None) as folder:
+        made = np.asarray(preprocess(name, photo(), 64, weights=folder))
+    assert made.shape == (64, 96, 3) and made.std() > 0  # at the processor resolution, the image's shape kept
+    if name == "depth":  # scaled over the image, as A1111 scales Depth Anything's relative depth
+        assert made.min() == 0 and made.max() == 255
+    with pytest.raises(ValueError, match="needs its weights"):
+        preprocess(name, photo(), 64)
+
+
+def test_a_unit_with_a_learned_preprocessor_generates_and_the_png_names_it(engines):
+    result = engines.text_to_image.generate(request(preset="tiny-sdxl", steps=2,
+                                                    controls=(ControlUnit("union", photo(), "depth"),)))
+    assert 'ControlNet 0: "Module: depth_anything_v2, Model: union-sdxl [' in result.images[0].parameters
+
+
+def test_a_learned_preprocessor_without_its_weights_is_refused_before_any_work(engines, catalog, tmp_path,
+                                                                                monkeypatch):
+    from studio.core.downloads import HubDownloads
+
+    weights = {"lineart": PreprocessorWeights("lineart", ("sk_model.pth",), repo="lllyasviel/Annotators"),
+               "depth": PreprocessorWeights("depth", ("model.safetensors",), local=tmp_path / "missing")}
+    offline = HubDownloads(cache_dir=tmp_path / "cache", offline=lambda: True)
+    units = tuple(ControlUnit("union", photo(), name) for name in ("lineart", "depth", "softedge", "canny"))
+    problems = preprocessors_not_here(units, ControlNetCatalog([], weights), offline)
+    assert problems == [
+        "The lineart preprocessor needs sk_model.pth from lllyasviel/Annotators, which is not downloaded, and this "
+        "server is offline. Pick another preprocessor, or run once with the Hub reachable.",
+        f"The depth preprocessor's weights are not here: {tmp_path / 'missing'} does not exist.",
+        "The softedge preprocessor's weights are not named in presets/controlnets.yaml (preprocessor_weights)."]
+    monkeypatch.setitem(catalog.weights, "depth", weights["depth"])
+    with pytest.raises(InvalidRequest, match="The depth preprocessor's weights are not here"):
+        engines.text_to_image.generate(request(preset="tiny-sdxl", controls=(ControlUnit("union", photo(), "depth"),)))

@@ -248,3 +248,30 @@ def save_random_adapter(pipeline_folder: Path, out: Path, seed: int = 0) -> Path
                          downscale_factor=2 ** (vae_blocks - 1) * 2, adapter_type="full_adapter_xl")
     adapter.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def save_random_preprocessor_weights(root: Path) -> dict[str, Path]:
+    """Random weights for the learned preprocessors, in the files and layouts presets/controlnets.yaml names:
+    controlnet_aux's lineart Generator (sk_model.pth) and HED (ControlNetHED.pth), and a tiny Depth Anything
+    (transformers: config, preprocessor config, safetensors). A folder per preprocessor."""
+    from controlnet_aux.hed import ControlNetHED_Apache2
+    from controlnet_aux.lineart import Generator
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    folders = {name: root / name for name in ("lineart", "softedge", "depth")}
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(Generator(3, 1, 3).state_dict(), folders["lineart"] / "sk_model.pth")
+    torch.save(ControlNetHED_Apache2().state_dict(), folders["softedge"] / "ControlNetHED.pth")
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                            image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    depth = DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16, head_hidden_size=8, patch_size=14, depth_estimation_type="relative"))
+    depth.save_pretrained(folders["depth"])
+    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      resample=3).save_pretrained(folders["depth"])
+    return folders

@@ -89,11 +89,32 @@ class ControlNetPreset:
                                label=f"ControlNet {self.label!r}")
 
 
-class ControlNetCatalog:
-    """The ControlNets a server offers, in file order. Read-only after construction."""
+@dataclass(frozen=True)
+class PreprocessorWeights:
+    """The files a learned preprocessor (lineart, soft edge, depth) reads, and where they are."""
 
-    def __init__(self, presets: list[ControlNetPreset]):
+    name: str  # the preprocessor's
+    files: tuple[str, ...]
+    repo: str | None = None
+    local: Path | None = None
+
+    @property
+    def source(self) -> str:
+        return str(self.local) if self.local is not None else str(self.repo)
+
+    def download_request(self) -> DownloadRequest | None:
+        if self.local is not None:
+            return None
+        return DownloadRequest(self.source, self.files, label=f"the {self.name} preprocessor's weights")
+
+
+class ControlNetCatalog:
+    """The ControlNets a server offers, in file order, and the learned preprocessors' weights. Read-only after
+    construction."""
+
+    def __init__(self, presets: list[ControlNetPreset], weights: dict[str, PreprocessorWeights] | None = None):
         self._presets = {preset.name: preset for preset in presets}
+        self.weights = dict(weights or {})  # preprocessor name -> its files
 
     @property
     def names(self) -> list[str]:
@@ -114,7 +135,7 @@ class ControlNetCatalog:
 
     def only(self, names: list[str]) -> ControlNetCatalog:
         """A catalog of these (ZeroGPU: those that could be placed at start)."""
-        return ControlNetCatalog([self.get(name) for name in names])
+        return ControlNetCatalog([self.get(name) for name in names], self.weights)
 
     def for_family(self, family: str) -> list[str]:
         """The names of the ControlNets made for a family (those the form offers for its presets)."""
@@ -158,7 +179,16 @@ def load_controlnets(path: Path = PRESETS_FILE) -> ControlNetCatalog:
     doubled = sorted({family for family in sketch_families if sketch_families.count(family) > 1})
     if doubled:
         raise ValueError(f"{path}: more than one ControlNet with for_sketches for family {', '.join(doubled)}.")
-    return ControlNetCatalog(presets)
+    weights = {name: _weights_from_yaml(name, entry, Path(path).parent)
+               for name, entry in (data.get("preprocessor_weights") or {}).items()}
+    return ControlNetCatalog(presets, weights)
+
+
+def _weights_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> PreprocessorWeights:
+    if set(entry) - {"repo", "local", "files"} or sum(key in entry for key in ("repo", "local")) != 1:
+        raise ValueError(f"Preprocessor weights {name!r}: give 'files' and exactly one of 'repo' or 'local'.")
+    local = (base_dir / Path(entry["local"]).expanduser()).resolve() if "local" in entry else None
+    return PreprocessorWeights(name, tuple(entry.get("files") or ()), entry.get("repo"), local)
 
 
 class ControlNetLoader:

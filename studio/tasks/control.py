@@ -5,7 +5,10 @@ can act on, then preprocessed on the CPU into the map its ControlNet reads, befo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +17,7 @@ from PIL import Image
 
 from studio.a1111.controlnet import ControlNetFields
 from studio.core.downloads import HubDownloads, offline_error
-from studio.core.errors import InvalidRequest
+from studio.core.errors import InvalidRequest, ModelUnavailable
 from studio.core.images import prepare_image
 from studio.models.controlnets import (
     BALANCED,
@@ -30,6 +33,14 @@ from studio.models.controlnets import (
 from studio.models.presets import ModelPreset
 from studio.tasks.preprocessors import PREPROCESSORS, preprocess
 
+# a learned preprocessor's name -> a context giving the folder with its files (None for one without), kept from
+# the download cache's eviction while the map is made
+WeightsFor = Callable[[str], AbstractContextManager[Path | None]]
+
+
+def no_weights(name: str) -> AbstractContextManager[None]:
+    """WeightsFor where only preprocessors without learned weights run (training's sketches)."""
+    return nullcontext(None)
 JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL = "Just Resize", "Crop and Resize", "Resize and Fill"
 RESIZE_MODES = (JUST_RESIZE, CROP_AND_RESIZE, RESIZE_AND_FILL)
 MAX_WEIGHT = 2.0
@@ -170,14 +181,17 @@ def processor_resolution(unit: ControlUnit, image: Image.Image, size: tuple[int,
     return pixel_perfect_resolution(image, size, unit.resize_mode) if unit.pixel_perfect else unit.processor_res
 
 
-def control_map(unit: ControlUnit, image: Image.Image, size: tuple[int, int], resolution: int) -> Image.Image:
+def control_map(unit: ControlUnit, image: Image.Image, size: tuple[int, int], resolution: int,
+                weights_for: WeightsFor = no_weights) -> Image.Image:
     """What the unit's ControlNet reads: `image` preprocessed at `resolution` and fitted to `size`."""
-    processed = preprocess(unit.preprocessor, image, max(MIN_PROCESSOR_RES, resolution), unit.threshold_a,
-                           unit.threshold_b)
+    with weights_for(unit.preprocessor) as weights:
+        processed = preprocess(unit.preprocessor, image, max(MIN_PROCESSOR_RES, resolution), unit.threshold_a,
+                               unit.threshold_b, weights)
     return fit_to_size(processed.convert("RGB"), size, unit.resize_mode)
 
 
-def preview_map(unit: ControlUnit, image: Image.Image, max_upload_pixels: int) -> Image.Image:
+def preview_map(unit: ControlUnit, image: Image.Image, max_upload_pixels: int,
+                weights_for: WeightsFor = no_weights) -> Image.Image:
     """The unit's preprocessed map of `image`, as the form shows it before anything runs: at the unit's
     preprocessor resolution (pixel perfect's depends on the generation's size, fitted when it runs)."""
     if not isinstance(image, Image.Image):
@@ -189,7 +203,8 @@ def preview_map(unit: ControlUnit, image: Image.Image, max_upload_pixels: int) -
         raise InvalidRequest(problems)
     resolution = min(MAX_PROCESSOR_RES, max(MIN_PROCESSOR_RES, round(unit.processor_res)))
     drawing = prepare_image(image, "control image", max_upload_pixels).rgb  # transparent areas: white paper
-    return preprocess(unit.preprocessor, drawing, resolution, unit.threshold_a, unit.threshold_b)
+    with weights_for(unit.preprocessor) as weights:
+        return preprocess(unit.preprocessor, drawing, resolution, unit.threshold_a, unit.threshold_b, weights)
 
 
 def sketch_unit(catalog: ControlNetCatalog, family: str) -> ControlUnit | None:
@@ -203,7 +218,8 @@ def sketch_unit(catalog: ControlNetCatalog, family: str) -> ControlUnit | None:
 
 
 def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, size: tuple[int, int],
-                  own_image: Image.Image | None = None) -> tuple[PlannedControl, ...]:
+                  own_image: Image.Image | None = None,
+                  weights_for: WeightsFor = no_weights) -> tuple[PlannedControl, ...]:
     """The checked units as planned controls: each map made now, on the CPU."""
     planned = []
     for unit in units:
@@ -221,7 +237,8 @@ def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, si
                                   pixel_perfect=unit.pixel_perfect, control_mode=unit.control_mode)
         settings = UnitSettings(unit.weight, unit.guidance_start, unit.guidance_end, unit.control_mode,
                                 control_type=preset.control_type_for(unit.preprocessor))
-        planned.append(PlannedControl(preset, control_map(unit, image, size, resolution), settings, fields))
+        planned.append(PlannedControl(preset, control_map(unit, image, size, resolution, weights_for), settings,
+                                      fields))
     return tuple(planned)
 
 
@@ -266,6 +283,51 @@ def controlnets_not_here(units: tuple[ControlUnit, ...], catalog: ControlNetCata
         elif controlnet.local is None and downloads.is_offline() and not downloads.is_cached(
                 controlnet.download_request(dtype)):
             problems.append(offline_error(controlnet.download_request(dtype)).reason)
+    return problems
+
+
+@contextmanager
+def preprocessor_weights(name: str, catalog: ControlNetCatalog, downloads: HubDownloads) -> Iterator[Path | None]:
+    """The folder with a learned preprocessor's files (None for one that needs none): a local folder, or the Hub
+    cache, fetched now where the server may (offline and not cached: ModelUnavailable, naming the files), and kept
+    from the cache's budget while the block runs."""
+    preprocessor = PREPROCESSORS.get(name)
+    if preprocessor is None or not preprocessor.needs_weights:
+        yield None
+        return
+    weights = catalog.weights.get(name)
+    if weights is None:
+        raise ModelUnavailable(f"The {name} preprocessor's weights are not named in presets/controlnets.yaml "
+                               "(preprocessor_weights).")
+    if weights.local is not None:
+        if not weights.local.is_dir():
+            raise ModelUnavailable(f"The {name} preprocessor's weights are not here: {weights.local} does not exist.")
+        yield weights.local
+        return
+    with downloads.in_use(weights.source):
+        yield Path(downloads.ensure(weights.download_request()))
+
+
+def preprocessors_not_here(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog,
+                           downloads: HubDownloads) -> list[str]:
+    """Why the units' learned preprocessors cannot run: weights not named, a local folder missing, or not in the
+    Hub cache while offline (said before any work, as a missing model is)."""
+    problems = []
+    for name in dict.fromkeys(unit.preprocessor for unit in units):
+        preprocessor = PREPROCESSORS.get(name)
+        if preprocessor is None or not preprocessor.needs_weights:
+            continue
+        weights = catalog.weights.get(name)
+        if weights is None or weights.local is not None:
+            try:
+                with preprocessor_weights(name, catalog, downloads):
+                    pass
+            except ModelUnavailable as error:
+                problems.append(error.reason)
+        elif downloads.is_offline() and not downloads.is_cached(weights.download_request()):
+            problems.append(f"The {name} preprocessor needs {', '.join(weights.files)} from {weights.repo}, which "
+                            "is not downloaded, and this server is offline. Pick another preprocessor, or run "
+                            "once with the Hub reachable.")
     return problems
 
 

@@ -133,7 +133,8 @@ class TextToImage(SamplingEngine):
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
             warnings=self.prompt_warnings(preset, request.prompt, tuple(request.controls)), lora_uses=parse_prompt(prompt).loras,
-            controls=plan_controls(tuple(request.controls), self.controlnets, size),
+            controls=plan_controls(tuple(request.controls), self.controlnets, size,
+                                   weights_for=self.preprocessor_weights),
         )
         if request.hires is not None:
             settings = request.hires

@@ -251,7 +251,7 @@ class Inpainter(SamplingEngine):
         if region is not None:
             units = tuple(replace(unit, image=unit.image.resize(picture_size, Image.Resampling.LANCZOS).crop(region))
                           if unit.image is not None else unit for unit in units)
-        return plan_controls(units, self.controlnets, size, own_image)
+        return plan_controls(units, self.controlnets, size, own_image, self.preprocessor_weights)
 
     @staticmethod
     def _plan(preset, task, request: InpaintRequest, size, arguments, extra, warnings, controls=()) -> SamplingPlan:

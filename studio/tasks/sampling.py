@@ -47,6 +47,8 @@ from studio.tasks.control import (
     control_call_arguments,
     controlnets_not_here,
     pass_controls,
+    preprocessor_weights,
+    preprocessors_not_here,
     with_model_hashes,
 )
 from studio.tasks.hires import (
@@ -386,7 +388,12 @@ class SamplingEngine:
             problems.append(f"{family_of(preset).label} models take no ControlNet here.")
         problems += controlnets_not_here(tuple(request.controls), self.controlnets, preset.family, self.downloads,
                                          self.manager.dtype)
+        problems += preprocessors_not_here(tuple(request.controls), self.controlnets, self.downloads)
         return list(dict.fromkeys(problems))
+
+    def preprocessor_weights(self, name: str) -> contextlib.AbstractContextManager[Path | None]:
+        """The folder with a learned preprocessor's files, fetched where allowed (WeightsFor, for units' maps)."""
+        return preprocessor_weights(name, self.controlnets, self.downloads)
 
     def check(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, str]:
         return check_sampling(request, preset, self.limits)
