@@ -74,6 +74,29 @@ APPLY_EDITOR_UPDATE_JS = """
 }
 """
 
+# After the editor got an image (an upload, or one the server put there: `update.value`), or in Sketch to image
+# (`blank_paper_mode`, whose blank canvas is the paper): its Brush tool is selected, so that the first drag draws,
+# as in A1111. gradio's editor opens on its Image tool, where a drag selects the page's text instead. Called with
+# (mode) after an upload, (mode, update) after a server update; the tool bar may be re-rendered just then, hence
+# the retries.
+SELECT_BRUSH_JS = """
+(mode, update) => {
+  const hasImage = update === undefined || Boolean(update?.value);
+  if (mode !== "%s" && !hasImage) return;
+  let tries = 0;
+  const pick = () => {
+    const brush = document.querySelector('#inpaint-editor button[aria-label="Brush"]');
+    if (brush && !brush.className.includes("highlight")) brush.click();
+    else if (!brush && ++tries < 20) setTimeout(pick, 50);
+  };
+  setTimeout(pick, 50);
+}
+"""
+
+
+def select_brush_js(blank_paper_mode: str) -> str:
+    return SELECT_BRUSH_JS % blank_paper_mode
+
 
 def brush_props(chosen: gr.Brush) -> dict:
     """A brush as the editor's `brush` property in the page."""

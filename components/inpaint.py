@@ -21,6 +21,7 @@ from components.editor_bridge import (
     TAKE_MEASURED_UPLOAD_JS,
     UPLOAD_SIZE_JS,
     brush_props,
+    select_brush_js,
     editor_files,
     editor_images,
     file_for_page,
@@ -340,8 +341,9 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         return event_listener(None, editor, from_editor, js="(value) => value", **INSTANT, **options)
 
     def apply_to_editor(event) -> None:
-        """After `event` wrote to_editor: the page applies it to the editor."""
-        event.success(None, to_editor, editor, js=APPLY_EDITOR_UPDATE_JS, **INSTANT)
+        """After `event` wrote to_editor: the page applies it to the editor (and picks the brush, where it draws)."""
+        applied = event.success(None, to_editor, editor, js=APPLY_EDITOR_UPDATE_JS, **INSTANT)
+        applied.then(None, [mode, to_editor], None, js=select_brush_js(SKETCH_TO_IMAGE), **INSTANT)
 
     def image_updates(image, chosen_mode):
         """The editor showing `image` (no strokes; None: a blank canvas) with its brush fitted to it, and blur and
@@ -426,7 +428,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         switch_mode, [mode, from_editor, preset, sketch_controlnet],
         [mode_help, prompt, *image_outputs, strength, mask_settings, generate, sketch_controlnet], **QUICK))
     # the page measures an upload itself; the server only hears of a new size
-    editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, **INSTANT)
+    uploaded = editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, **INSTANT)
+    uploaded.then(None, [mode], None, js=select_brush_js(SKETCH_TO_IMAGE), **INSTANT)
     apply_to_editor(upload_size.change(fit_tools_to_upload, [mode, upload_size, fitted_to], image_outputs, **INSTANT))
 
     fit_form = dict(fn=preset_updates, inputs=[preset, mode, sketch_controlnet],

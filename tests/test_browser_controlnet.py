@@ -21,7 +21,6 @@ def test_draw_a_sketch_pick_the_scribble_preprocessor_see_its_map_and_generate(p
     tab.get_by_label("Sketch to image").check()
     page.locator("#sketch-controlnet").wait_for()  # the embedded family's sketch ControlNet, on by default
     canvas = tab.locator("canvas").first
-    tab.get_by_role("button", name="Brush").first.click()
     swatches = page.locator("#inpaint-editor button.color")
     if not swatches.first.is_visible():
         page.locator("#inpaint-editor").get_by_label("Color").first.click()
@@ -78,3 +77,39 @@ def test_a_control_image_upload_turns_its_unit_on_and_shows_the_map(page, artifa
     page.locator("#text-control-unit-1-map img").first.wait_for(timeout=30_000)
     assert page.locator("#text-control-unit-1-enabled input").is_checked()
     page.screenshot(path=str(artifacts / "text_to_image_control_unit.png"), full_page=True)
+
+
+def test_the_editor_draws_at_the_first_drag_on_sketch_paper_and_after_an_upload(page, artifacts, tmp_path):
+    """gradio's editor opens on its Image tool, where a drag draws nothing: the page picks the Brush where there is
+    something to draw on (Sketch to image's blank paper, an uploaded picture)."""
+    from PIL import Image
+
+    page.get_by_role("tab", name="Inpaint").click()
+    tab = page.locator("#inpaint-tab")
+    editor = page.locator("#inpaint-editor")
+    brush = editor.get_by_role("button", name="Brush", exact=True)
+
+    def drag_changes_the_canvas() -> bool:
+        canvas = tab.locator("canvas").first
+        before = canvas.screenshot()
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.6, steps=10)
+        page.mouse.up()
+        page.wait_for_timeout(300)
+        return canvas.screenshot() != before
+
+    assert "highlight" not in (brush.get_attribute("class") or "")  # Inpaint without a picture: nothing to draw on
+    tab.get_by_label("Sketch to image").check()
+    page.wait_for_function("() => document.querySelector('#inpaint-editor button[aria-label=\"Brush\"]')"
+                           "?.className.includes('highlight')")
+    assert drag_changes_the_canvas()
+    page.screenshot(path=str(artifacts / "sketch_first_drag.png"), full_page=True)
+
+    tab.get_by_label("Inpaint", exact=True).check()
+    Image.new("RGB", (128, 128), "skyblue").save(tmp_path / "sky.png")
+    editor.locator("input[type=file]").first.set_input_files(str(tmp_path / "sky.png"))
+    page.wait_for_function("() => document.querySelector('#inpaint-editor button[aria-label=\"Brush\"]')"
+                           "?.className.includes('highlight')")
+    assert drag_changes_the_canvas()
