@@ -10,7 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import gradio as gr
+from PIL import Image
 
+from components.editor_bridge import editor_images, pick_brush_js
 from components.event_options import INSTANT, QUICK
 from components.running import user_error
 from components.whole_numbers import WholeSlider
@@ -125,6 +127,7 @@ def control_units(fields: dict, max_upload_pixels: int) -> tuple[dict, tuple[Con
     return rest, tuple(chosen)
 
 
+DRAWING_CANVAS = (512, 512)  # a drawn control image's size (SD 1.5's; the map is fitted to the image's size)
 MAP_INPUTS = ("image", "preprocessor", "processor_res", "threshold_a", "threshold_b")
 PREPROCESSOR_INFO = ("none: the image as the map · invert: dark lines on white become white on black · scribble: "
                      "thick lines of a drawing or photo · canny: edges · lineart, softedge, depth: learned detectors "
@@ -298,6 +301,15 @@ def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], elem
                                    height=220, format="png", buttons=["download"], elem_id=f"{element}-map")
             if own_image:
                 unit["own_map"] = gr.Button(f"Show the map of {own_image}", size="sm", elem_id=f"{element}-own-map")
+    if not own_image:  # a tab without a picture of its own: the control image may be drawn here
+        with gr.Accordion("Draw the control image", open=False, elem_id=f"{element}-draw") as unit["draw"]:
+            unit["canvas"] = gr.Sketchpad(
+                label="Drawing", type="pil", image_mode="RGBA", format="png", sources=(), layers=False,
+                transforms=(), canvas_size=DRAWING_CANVAS, height=360, elem_id=f"{element}-canvas",
+                brush=gr.Brush(colors=["#000000"], default_color="#000000", default_size=6, color_mode="fixed"))
+            unit["use_drawing"] = gr.Button("Use the drawing as the control image", size="sm",
+                                            elem_id=f"{element}-use-drawing")
+            unit["drawing_sent"] = gr.JSON(visible="hidden")  # the canvas's files, as the page sent them
     with gr.Row():
         # the names alone (a description cut off mid-word by the arrow read badly); what each does is the info line
         unit["preprocessor"] = gr.Dropdown(
@@ -353,6 +365,33 @@ def _wire_unit(unit: dict[str, gr.Component], catalog: ControlNetCatalog, max_up
     unit["model"].input(trained_preprocessor, unit["model"],
                         [unit["preprocessor"], unit["threshold_a"], unit["threshold_b"]], **INSTANT).then(**refresh_map)
     unit["image"].upload(lambda: True, None, unit["enabled"], **INSTANT)
+    if "canvas" in unit:
+        _wire_drawing(unit, max_upload_pixels)
     unit["pixel_perfect"].change(lambda on: gr.Slider(interactive=not on), unit["pixel_perfect"],
                                  unit["processor_res"], **INSTANT)
     return refresh_map
+
+
+def _wire_drawing(unit: dict[str, gr.Component], max_upload_pixels: int) -> None:
+    """The drawing canvas: its Brush picked when it opens; "Use the drawing" makes it the control image (which
+    turns the unit on and shows the map). The canvas is read the way the Inpaint editor is (editor_bridge): the
+    page copies its value into a hidden field, so no server event re-reads it at every progress tick."""
+    canvas = unit["canvas"]
+
+    def use_drawing(sent):
+        drawing = editor_images(canvas, sent, max_upload_pixels).get("composite")
+        return drawing_on_paper(drawing), True
+
+    unit["draw"].expand(None, None, None, js=pick_brush_js(canvas.elem_id), **INSTANT)
+    copied = unit["use_drawing"].click(None, canvas, unit["drawing_sent"], js="(value) => value", **INSTANT)
+    copied.success(use_drawing, unit["drawing_sent"], [unit["image"], unit["enabled"]], **QUICK)
+
+
+def drawing_on_paper(drawing: Image.Image | None) -> Image.Image:
+    """A canvas's strokes (RGBA, clear where nothing is drawn) on white paper, as a drawing is scanned: the invert
+    and scribble preprocessors read dark lines on white."""
+    if drawing is None or drawing.mode != "RGBA" or not drawing.getchannel("A").getbbox():
+        raise user_error(InvalidRequest(["The drawing is empty: draw with the brush first."]), "Nothing drawn")
+    paper = Image.new("RGB", drawing.size, "white")
+    paper.paste(drawing.convert("RGB"), mask=drawing.getchannel("A"))
+    return paper

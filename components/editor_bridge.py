@@ -74,28 +74,32 @@ APPLY_EDITOR_UPDATE_JS = """
 }
 """
 
-# After the editor got an image (an upload, or one the server put there: `update.value`), or in Sketch to image
-# (`blank_paper_mode`, whose blank canvas is the paper): its Brush tool is selected, so that the first drag draws,
-# as in A1111. gradio's editor opens on its Image tool, where a drag selects the page's text instead. Called with
-# (mode) after an upload, (mode, update) after a server update; the tool bar may be re-rendered just then, hence
-# the retries.
-SELECT_BRUSH_JS = """
-(mode, update) => {
-  const hasImage = update === undefined || Boolean(update?.value);
-  if (mode !== "%s" && !hasImage) return;
+# Picks an editor's Brush tool, so that the first drag draws, as in A1111: gradio's editor opens on its Image tool,
+# where a drag selects the page's text instead. The tool bar may be re-rendered just then, hence the retries.
+PICK_BRUSH_JS = """
+const pickBrush = (elemId) => {
   let tries = 0;
   const pick = () => {
-    const brush = document.querySelector('#inpaint-editor button[aria-label="Brush"]');
+    const brush = document.querySelector(`#${elemId} button[aria-label="Brush"]`);
     if (brush && !brush.className.includes("highlight")) brush.click();
     else if (!brush && ++tries < 20) setTimeout(pick, 50);
   };
   setTimeout(pick, 50);
-}
+};
 """
 
 
-def select_brush_js(blank_paper_mode: str) -> str:
-    return SELECT_BRUSH_JS % blank_paper_mode
+def pick_brush_js(elem_id: str) -> str:
+    """JS for an event: the editor `elem_id`'s Brush picked (a drawing canvas opened)."""
+    return f"() => {{ {PICK_BRUSH_JS} pickBrush({elem_id!r}); }}"
+
+
+def select_brush_js(elem_id: str, blank_paper_mode: str) -> str:
+    """JS for the Inpaint editor's events: the Brush picked once there is something to draw on, an image (an
+    upload: called with (mode); one the server put there: (mode, update) with `update.value`) or, in
+    `blank_paper_mode` (Sketch to image), the blank canvas, which is the paper."""
+    return (f"(mode, update) => {{ {PICK_BRUSH_JS} const hasImage = update === undefined || Boolean(update?.value);"
+            f" if (mode === {blank_paper_mode!r} || hasImage) pickBrush({elem_id!r}); }}")
 
 
 def brush_props(chosen: gr.Brush) -> dict:

@@ -336,6 +336,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     upload_size = gr.Textbox(visible="hidden", elem_id="inpaint-upload-size")  # "WxH#n", written by the page
     fitted_to = gr.State(None)  # the (width, height) the brush, blur and padding were last fitted to
 
+    select_brush = select_brush_js("inpaint-editor", SKETCH_TO_IMAGE)
+
     def read_editor(event_listener, **options):
         """`event_listener` (e.g. generate.click) copying the editor's value into from_editor, in the browser."""
         return event_listener(None, editor, from_editor, js="(value) => value", **INSTANT, **options)
@@ -343,7 +345,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     def apply_to_editor(event) -> None:
         """After `event` wrote to_editor: the page applies it to the editor (and picks the brush, where it draws)."""
         applied = event.success(None, to_editor, editor, js=APPLY_EDITOR_UPDATE_JS, **INSTANT)
-        applied.then(None, [mode, to_editor], None, js=select_brush_js(SKETCH_TO_IMAGE), **INSTANT)
+        applied.then(None, [mode, to_editor], None, js=select_brush, **INSTANT)
 
     def image_updates(image, chosen_mode):
         """The editor showing `image` (no strokes; None: a blank canvas) with its brush fitted to it, and blur and
@@ -429,7 +431,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         [mode_help, prompt, *image_outputs, strength, mask_settings, generate, sketch_controlnet], **QUICK))
     # the page measures an upload itself; the server only hears of a new size
     uploaded = editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, **INSTANT)
-    uploaded.then(None, [mode], None, js=select_brush_js(SKETCH_TO_IMAGE), **INSTANT)
+    uploaded.then(None, [mode], None, js=select_brush, **INSTANT)
     apply_to_editor(upload_size.change(fit_tools_to_upload, [mode, upload_size, fitted_to], image_outputs, **INSTANT))
 
     fit_form = dict(fn=preset_updates, inputs=[preset, mode, sketch_controlnet],

@@ -113,3 +113,36 @@ def test_the_editor_draws_at_the_first_drag_on_sketch_paper_and_after_an_upload(
     page.wait_for_function("() => document.querySelector('#inpaint-editor button[aria-label=\"Brush\"]')"
                            "?.className.includes('highlight')")
     assert drag_changes_the_canvas()
+
+
+def test_a_control_image_drawn_on_the_units_canvas_becomes_its_control_image(page, artifacts):
+    """Text to image has no picture of its own: a unit's control image may be drawn on its canvas (the Brush picked
+    when it opens), then used: the unit turns on and shows the map of the drawing."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    text_tab(page).locator("#text-control-units").get_by_text("ControlNet", exact=True).first.click()
+    page.locator("#text-control-unit-1-draw").get_by_text("Draw the control image").click()
+    canvas = page.locator("#text-control-unit-1-canvas canvas").first
+    canvas.wait_for()
+    canvas.scroll_into_view_if_needed()
+    page.wait_for_function("() => document.querySelector('#text-control-unit-1-canvas button[aria-label=\"Brush\"]')"
+                           "?.className.includes('highlight')")
+    box = canvas.bounding_box()
+    corners = [(0.3, 0.3), (0.7, 0.3), (0.7, 0.7), (0.3, 0.7), (0.3, 0.3)]
+    page.mouse.move(box["x"] + box["width"] * corners[0][0], box["y"] + box["height"] * corners[0][1])
+    page.mouse.down()
+    for x, y in corners[1:]:
+        page.mouse.move(box["x"] + box["width"] * x, box["y"] + box["height"] * y, steps=8)
+    page.mouse.up()
+    page.locator("#text-control-unit-1-use-drawing").click()
+    shown = page.locator("#text-control-unit-1-map img").first
+    shown.wait_for(timeout=30_000)
+    assert page.locator("#text-control-unit-1-enabled input").is_checked()
+    lines = np.asarray(Image.open(io.BytesIO(page.request.get(shown.get_attribute("src")).body())).convert("L")) > 128
+    height, width = lines.shape
+    assert lines.any() and not lines[height // 2 - 20: height // 2 + 20, width // 2 - 20: width // 2 + 20].any(), \
+        "white lines (the invert preprocessor's) around the square's empty middle"
+    page.screenshot(path=str(artifacts / "text_to_image_drawn_control.png"), full_page=True)

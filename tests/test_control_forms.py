@@ -231,3 +231,17 @@ def test_a_model_of_another_family_is_refused_as_such_not_as_missing():
     assert problems["controls"].startswith("ControlNet unit 2: ControlNet 'ControlNet 1.1 scribble (SD 1.5)' is "
                                            "made for Stable Diffusion 1.x models")
     assert "not downloaded" not in problems["controls"] and "Hub" not in problems["controls"]
+
+
+def test_a_drawing_is_put_on_white_paper_and_an_empty_one_is_refused():
+    import gradio as gr
+
+    from components.control_units import drawing_on_paper
+
+    strokes = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    strokes.paste((0, 0, 0, 255), (10, 10, 30, 12))
+    paper = np.asarray(drawing_on_paper(strokes))
+    assert paper.shape == (64, 64, 3) and (paper[11, 20] == 0).all() and (paper[40, 40] == 255).all()
+    for empty in (Image.new("RGBA", (64, 64), (0, 0, 0, 0)), None):
+        with pytest.raises(gr.Error, match="The drawing is empty"):
+            drawing_on_paper(empty)
