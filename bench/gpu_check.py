@@ -24,7 +24,10 @@ What it does:
    upscaler folder with an RRDBNet of Real-ESRGAN x4plus's size (num_feat 64, num_block 23, num_grow_ch 32).
 2. Loads them through the studio's own factory and loaders (studio.tasks.engines.build_manager / build_engines, device
    cuda, fp16, the app's free-memory report) and runs, per family: text to image (512² / 1024²), inpaint (a square
-   mask) and Hires. fix (Latent, ×2 / ×1.5); then a ×4 upscale of a 512² image.
+   mask) and Hires. fix (Latent, ×2 / ×1.5); then a ×4 upscale of a 512² image. With control units: SD 1.5 with a
+   ControlNet of lllyasviel's size, SDXL with a Union of ProMax's size and a T2I-Adapter of TencentARC's sketch
+   adapter's size at once (random weights from bench/device_plan.py's configs): whether the 10% of working memory
+   the denoise stage adds per unit covers what the units use (`reserved` vs `used`).
 3. Model CPU offload and memory limits, each on a fresh manager:
    A. SD 1.5 text to image, text encoders pinned (`manager.preload(..., pin=True)`, as ZeroGPU does), a budget too
       small for the UNet and its working memory: the fallbacks, then (expected) a clear OutOfMemoryBudget.
@@ -238,24 +241,30 @@ import yaml  # noqa: E402
 from device_plan import (  # noqa: E402  (bench/device_plan.py: the repos' config.json files)
     CLIP_BIGG_TEXT_PROJ_PARAMS,
     CLIP_L_TEXT_PARAMS,
+    SD15_CONTROLNET,
     SD15_TEXT_ENCODER,
     SD15_UNET,
     SD15_UNET_PARAMS,
     SD15_VAE,
     SDXL_TEXT_ENCODER,
+    SDXL_SKETCH_ADAPTER,
     SDXL_TEXT_ENCODER_2,
     SDXL_UNET,
+    SDXL_UNION_PROMAX,
     SDXL_UNET_PARAMS,
     SDXL_VAE_FP16_FIX,
     VAE_PARAMS,
 )
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    ControlNetModel,
+    ControlNetUnionModel,
     EulerDiscreteScheduler,
     ModelMixin,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    T2IAdapter,
     UNet2DConditionModel,
 )
 from diffusers import __version__ as diffusers_version  # noqa: E402
@@ -279,10 +288,12 @@ from studio.core.errors import NumericalError, OutOfMemoryBudget  # noqa: E402
 from studio.core.memory import DEVICE, ModelKey, ModelManager  # noqa: E402
 from studio.models import upscalers  # noqa: E402
 from studio.models.basicsr_compat import rrdbnet_class  # noqa: E402
+from studio.models.controlnets import ControlNetCatalog, ControlNetPreset  # noqa: E402
 from studio.models.families import family_of  # noqa: E402
 from studio.models.loras import LoraCatalog  # noqa: E402
 from studio.models.presets import load_presets  # noqa: E402
 from studio.models.stages import has_nan_or_inf  # noqa: E402
+from studio.tasks.control import ControlUnit  # noqa: E402
 from studio.models.upscalers import ReleaseFiles, UpscalerCatalog, UpscalerPreset  # noqa: E402
 from studio.tasks.engines import Engines, ManagerSettings, build_engines, build_manager  # noqa: E402
 from studio.tasks.generation import TextToImageRequest  # noqa: E402
@@ -296,6 +307,8 @@ SCHEDULER = "DPM++ 2M Karras"
 TIME_LIMIT_S = 420  # cases not started by then are skipped: with the longest case (~40 s) the run stays within 8 min
 SPEED_TARGET = 0.97
 SD15, SDXL, UPSCALER_NAME = "sd15-random", "sdxl-random", "x4plus-random"
+# the control models' folders (and their names in the ControlNet catalog)
+CONTROLNET_SD15, UNION_SDXL, ADAPTER_SDXL = "controlnet-sd15-random", "union-sdxl-random", "adapter-sdxl-random"
 
 
 # ===== 3. Sizes: the real run and the smoke run =====
@@ -307,6 +320,7 @@ class Sizes:
     device: torch.device
     dtype: torch.dtype
     configs: dict  # folder name -> {role: (class, config.json dict)}
+    controls: dict  # folder name -> (class, config.json dict): SD 1.5's ControlNet, SDXL's Union and T2I-Adapter
     upscaler: dict  # the RRDBNet's config.json
     side: dict  # preset -> the side of its images
     hires: dict  # preset -> Hires. fix's factor
@@ -330,7 +344,9 @@ def real_sizes() -> Sizes:
     }
     upscaler = {"arch": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 64, "num_block": 23,
                 "num_grow_ch": 32, "scale": 4}
-    return Sizes(torch.device("cuda"), torch.float16, configs, upscaler, {SD15: 512, SDXL: 1024},
+    controls = {CONTROLNET_SD15: (ControlNetModel, SD15_CONTROLNET), UNION_SDXL: (ControlNetUnionModel, SDXL_UNION_PROMAX),
+                ADAPTER_SDXL: (T2IAdapter, SDXL_SKETCH_ADAPTER)}
+    return Sizes(torch.device("cuda"), torch.float16, configs, controls, upscaler, {SD15: 512, SDXL: 1024},
                  {SD15: 2.0, SDXL: 1.5}, steps=20, hires_steps=10, timed_runs=3, time_limit_s=TIME_LIMIT_S)
 
 
@@ -358,7 +374,22 @@ def tiny_sizes() -> Sizes:
     }
     upscaler = {"arch": "RRDBNet", "num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1, "num_grow_ch": 4,
                 "scale": 4}
-    return Sizes(torch.device("cpu"), torch.float32, configs, upscaler, {SD15: 64, SDXL: 64}, {SD15: 1.5, SDXL: 1.5},
+    controlnet = dict(block_out_channels=[32, 64], layers_per_block=2, in_channels=4,
+                      conditioning_embedding_out_channels=[16, 32])  # the tiny VAE's 2x
+    controls = {
+        CONTROLNET_SD15: (ControlNetModel, {**controlnet, "down_block_types": unet["down_block_types"],
+                                            "cross_attention_dim": 32, "attention_head_dim": 8}),
+        UNION_SDXL: (ControlNetUnionModel, {
+            **controlnet, **{key: sdxl_unet[key] for key in (
+                "down_block_types", "attention_head_dim", "use_linear_projection", "addition_embed_type",
+                "addition_time_embed_dim", "transformer_layers_per_block", "projection_class_embeddings_input_dim",
+                "cross_attention_dim")},
+            "num_control_type": 8, "num_trans_channel": 32, "num_proj_channel": 32}),
+        ADAPTER_SDXL: (T2IAdapter, {"adapter_type": "full_adapter_xl", "channels": [32, 64, 64, 64],
+                                    "downscale_factor": 4, "in_channels": 3, "num_res_blocks": 1}),
+    }
+    return Sizes(torch.device("cpu"), torch.float32, configs, controls, upscaler, {SD15: 64, SDXL: 64},
+                 {SD15: 1.5, SDXL: 1.5},
                  steps=2, hires_steps=1, timed_runs=1, time_limit_s=float("inf"))
 
 
@@ -563,6 +594,25 @@ def write_models(folder: Path, sizes: Sizes) -> None:
     for name in sizes.configs:
         write_folder(folder / name, name, sizes, tokenizer)
     write_upscaler(folder / UPSCALER_NAME, sizes)
+    for name, (model_class, config) in sizes.controls.items():
+        torch.manual_seed(0)
+        module = build_module(model_class, config, tokenizer, sizes)
+        module.save_pretrained(folder / name, safe_serialization=True)
+        print(f"  {name}: {model_class.__name__}, {sum(p.numel() for p in module.parameters()):,} parameters")
+        del module
+        release(sizes.device)
+
+
+def control_catalog(folder: Path) -> ControlNetCatalog:
+    """The control models as the studio's catalog offers them (presets/controlnets.yaml's fields)."""
+    return ControlNetCatalog([
+        ControlNetPreset(CONTROLNET_SD15, "ControlNet, random weights", "sd15", local=folder / CONTROLNET_SD15,
+                         preprocessor="scribble"),
+        ControlNetPreset(UNION_SDXL, "Union ProMax size, random weights", "sdxl", kind="controlnet_union",
+                         local=folder / UNION_SDXL, preprocessor="scribble", control_types=(("scribble", 2),)),
+        ControlNetPreset(ADAPTER_SDXL, "Sketch T2I-Adapter size, random weights", "sdxl", kind="t2i_adapter",
+                         local=folder / ADAPTER_SDXL, preprocessor="scribble"),
+    ])
 
 
 # ===== 5. Measuring the engine =====
@@ -789,7 +839,8 @@ class Check:
             settings = ManagerSettings(device=device, device_budget=device_budget or 8 * GIB, dtype=self.sizes.dtype)
         manager, models = build_manager(self.presets, settings)
         return build_engines(manager, models, self.presets, loras=LoraCatalog({}), upscalers=self.upscalers,
-                             release_files=ReleaseFiles(self.folder / "release-files", offline=True))
+                             release_files=ReleaseFiles(self.folder / "release-files", offline=True),
+                             controlnets=control_catalog(self.folder))
 
     def run_case(self, title: str, function: Callable[[], None]) -> None:
         if time.perf_counter() - STARTED > self.sizes.time_limit_s:
@@ -834,8 +885,12 @@ class Check:
         engines = self.engines()
         probe = Probe(engines)
         self.family_cases(engines, probe, SD15)
+        self.run_case(f"{SD15}: text to image with a ControlNet unit, {self.sizes.side[SD15]}²",
+                      lambda: self.controlled(engines, probe, SD15, (CONTROLNET_SD15,)))
         self.run_case("upscale ×4, RRDBNet of x4plus's size", lambda: self.upscale(engines, probe))
         self.family_cases(engines, probe, SDXL)
+        self.run_case(f"{SDXL}: text to image with Union ProMax and the sketch T2I-Adapter, {self.sizes.side[SDXL]}²",
+                      lambda: self.controlled(engines, probe, SDXL, (UNION_SDXL, ADAPTER_SDXL)))
 
     def family_cases(self, engines: Engines, probe: Probe, preset: str) -> None:
         self.run_case(f"{preset}: text to image, {self.sizes.side[preset]}², denoise speed vs a bare pipeline",
@@ -900,6 +955,20 @@ class Check:
         case = f"{preset} inpaint"
         with probe.case(case):
             _, outcome = attempt(lambda: engines.inpainter.inpaint(image, mask, self.inpaint_request(preset)))
+        self.report(probe, engines.manager, case, outcome)
+
+    def controlled(self, engines: Engines, probe: Probe, preset: str, models: tuple[str, ...]) -> None:
+        """Text to image with a unit per model, a drawn square as the map: the denoise stage leases them beside
+        the UNet with 10% more working memory per unit, which `reserved` vs `used` checks."""
+        side = self.sizes.side[preset]
+        drawing = Image.new("RGB", (side, side), "white")
+        ImageDraw.Draw(drawing).rectangle((side // 4, side // 4, 3 * side // 4, 3 * side // 4), outline="black",
+                                          width=max(2, side // 64))
+        units = tuple(ControlUnit(model, drawing, "scribble", processor_res=side) for model in models)
+        case = f"{preset} + {' + '.join(models)}"
+        with probe.case(case):
+            request = dataclasses.replace(self.text_to_image(preset), controls=units)
+            _, outcome = attempt(lambda: engines.text_to_image.generate(request))
         self.report(probe, engines.manager, case, outcome)
 
     def hires(self, engines: Engines, probe: Probe, preset: str) -> None:
