@@ -69,7 +69,7 @@ from studio.models.upscalers import ReleaseFiles, UpscalerCatalog, load_upscaler
 from studio.tasks.engines import DEFAULT_UPSCALER_CACHE, ManagerSettings, build_engines, build_manager
 from studio.tasks.generation import TextToImage
 from studio.tasks.inpainting import Inpainter
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 from studio.tasks.upscaling import UpscaleLimits, Upscaling
 
 log = logging.getLogger("studio")

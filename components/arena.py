@@ -20,7 +20,7 @@ from components.whole_numbers import WholeNumber
 from studio.arena.battles import Arena
 from studio.arena.leaderboard import CHOICES, CSV_HEADERS, Leaderboard, table_rows, to_csv
 from studio.core.errors import StudioError
-from studio.tasks.sampling import whole
+from studio.tasks.requests import whole
 
 TAB = "arena"
 

@@ -15,7 +15,7 @@ from components.whole_numbers import WholeNumber
 from studio.core.errors import InvalidRequest
 from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid
 from studio.evaluation.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
-from studio.tasks.sampling import whole
+from studio.tasks.requests import whole
 
 TAB = "compare"
 AXES = [NO_AXIS, *AXIS_TYPES]

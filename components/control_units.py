@@ -30,7 +30,7 @@ from studio.tasks.control import (
     preview_map,
 )
 from studio.tasks.preprocessors import PREPROCESSORS, Threshold
-from studio.tasks.sampling import whole
+from studio.tasks.requests import whole
 
 UNIT_FIELDS = ("enabled", "image", "preprocessor", "model", "weight", "guidance_start", "guidance_end",
                "control_mode", "resize_mode", "pixel_perfect", "processor_res", "threshold_a", "threshold_b")

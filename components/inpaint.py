@@ -57,7 +57,7 @@ from studio.tasks.inpainting import (
     mask_tools_for,
     sketch_mask,
 )
-from studio.tasks.sampling import MAX_CLIP_SKIP, whole
+from studio.tasks.requests import MAX_CLIP_SKIP, whole
 
 TAB = "inpaint"
 

@@ -19,7 +19,8 @@ from components.event_options import INSTANT
 from studio.core.errors import StudioError
 from studio.core.jobs import JobBoard
 from studio.core.sessions import RateLimiter
-from studio.tasks.sampling import GenerationResult, SamplingEngine, SamplingPlan
+from studio.tasks.requests import GenerationResult
+from studio.tasks.sampling import SamplingEngine, SamplingPlan
 
 PROGRESS_INTERVAL_S = 0.1
 REMEMBERED_FAILURES = 1000  # sessions whose last failed job's reason is kept for their page

@@ -38,7 +38,7 @@ from studio.tasks.hires import (
     hires_size,
 )
 from studio.tasks.parameters import request_from_parameters
-from studio.tasks.sampling import MAX_CLIP_SKIP, whole
+from studio.tasks.requests import MAX_CLIP_SKIP, whole
 
 TAB = "text-to-image"
 

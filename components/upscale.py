@@ -19,7 +19,7 @@ from components.whole_numbers import WholeNumber
 from studio.core.errors import InvalidRequest, StudioError
 from studio.core.images import open_image, to_8bit
 from studio.models.faces import NO_FACE_RESTORATION
-from studio.tasks.sampling import whole
+from studio.tasks.requests import whole
 from studio.tasks.upscaling import MAX_SCALE, MIN_SCALE, UpscaleRequest, Upscaling, check_upscale
 
 TAB = "upscale"

@@ -17,7 +17,7 @@ from components.session_config import (
     make_session_configs_on_demand,
 )
 from studio.core.errors import UnknownPreset
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 
 
 def test_public_mode_narrows_the_presets_to_the_allow_list_with_stricter_limits():

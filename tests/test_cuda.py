@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from studio.core.devices import free_device_bytes
 from studio.core.errors import OutOfMemoryBudget
-from studio.core.memory import DEVICE, ModelKey
+from studio.core.model_records import DEVICE, ModelKey
 from studio.models.families import family_of
 from studio.models.loras import LoraCatalog
 from studio.models.presets import load_presets

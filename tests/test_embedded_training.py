@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from studio.core.memory import ModelKey
+from studio.core.model_records import ModelKey
 from studio.embedded.family import SMOKE_PLAN, train
 from studio.embedded.stages import VaeStage
 from studio.models.presets import PresetCatalog, load_presets

@@ -13,7 +13,7 @@ from studio.embedded.__main__ import main as embedded_main
 from studio.models.loras import context_width, layer_kinds, load_loras, safetensors_metadata, vocabulary_of
 from studio.models.presets import load_presets, load_styles
 from studio.tasks.generation import TextToImage, TextToImageRequest
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 
 SHIPPED = ROOT / "loras" / "hexagon.safetensors"
 TEST_SEEDS = range(7000, 7020)

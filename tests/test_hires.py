@@ -21,7 +21,7 @@ from studio.tasks.engines import local_engines
 from studio.tasks.generation import TextToImage, TextToImageRequest
 from studio.tasks.hires import LATENT_UPSCALE_MODES, HiresFix, HiresPlan, hires_size
 from studio.tasks.parameters import request_from_parameters
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 
 EMBEDDED_UPSCALER = "embedded-rrdbnet-x4"
 

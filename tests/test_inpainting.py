@@ -18,7 +18,7 @@ from studio.models.families import family_named
 from studio.models.presets import PresetCatalog, load_presets
 from studio.tasks.generation import TextToImageRequest
 from studio.tasks.inpainting import ONLY_MASKED, Inpainter, InpaintRequest, mask_tools_for
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 from studio.tasks.step_hooks import inpaint_step_hooks
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

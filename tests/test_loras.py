@@ -16,7 +16,7 @@ from studio.models.loras import LORA, addnet_hash, load_loras
 from studio.models.presets import load_presets, load_styles
 from studio.tasks.generation import TextToImage, TextToImageRequest
 from studio.tasks.parameters import request_from_parameters
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 
 PROMPT = "a red circle on a blue background"
 
@@ -251,7 +251,7 @@ def test_a_lora_patch_merges_and_its_removal_gives_back_every_tensor_bit_for_bit
     from safetensors.torch import load_file
     from tiny_models import EMBEDDED, save_random_lora
 
-    from studio.core.memory import ModelKey
+    from studio.core.model_records import ModelKey
     from studio.models.loras import AppliedLora, LoraWeights, lora_patch, lora_role
 
     path = tmp_path / "rand.safetensors"

@@ -10,7 +10,8 @@ import torch
 
 from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
 from studio.core.fair_lock import FairLock
-from studio.core.memory import DEVICE, RAM, ModelKey, ModelManager, Patch
+from studio.core.memory import ModelManager
+from studio.core.model_records import DEVICE, RAM, ModelKey, Patch
 
 KB = 1024
 SIZES = {"unet": 100 * KB, "vae": 20 * KB, "text_encoder": 10 * KB}  # SD's proportions

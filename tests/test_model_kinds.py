@@ -3,7 +3,8 @@
 import torch
 from tiny_models import ROOT
 
-from studio.core.memory import ModelKey, ModelManager
+from studio.core.memory import ModelManager
+from studio.core.model_records import ModelKey
 from studio.evaluation.model_kinds import CLIP, ClipLoader, clip_key
 from studio.models.components import DiffusersModels
 from studio.models.loading import DiffusersLoader

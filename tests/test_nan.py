@@ -19,7 +19,7 @@ from studio.models.loading import diffusers_loaders
 from studio.models.presets import PresetCatalog, load_presets, load_styles
 from studio.models.stages import DiffusionStages
 from studio.tasks.generation import TextToImage, TextToImageRequest
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 
 STAGES_LOG = "studio.models.stages"
 

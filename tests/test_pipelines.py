@@ -11,14 +11,15 @@ from tiny_models import save_tiny_safety_checker, save_tiny_sdxl, save_tiny_vae
 
 from studio.a1111.schedulers import make_scheduler
 from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
-from studio.core.memory import ModelKey, ModelManager
+from studio.core.memory import ModelManager
+from studio.core.model_records import ModelKey
 from studio.models.components import SAFETY_CHECKER_REPO, DiffusersModels
 from studio.models.loading import DiffusersLoader, diffusers_loaders, standalone_key
 from studio.models.presets import PresetCatalog, load_presets, load_styles
 from studio.models.stages import DiffusionStages
 from studio.models.weights import safetensors_bytes, weight_files
 from studio.tasks.generation import TextToImage, TextToImageRequest
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 
 
 @pytest.fixture

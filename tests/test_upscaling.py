@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from studio.core.errors import InvalidRequest, ModelUnavailable, OutOfMemoryBudget
-from studio.core.memory import ModelKey, ModelManager
+from studio.core.memory import ModelManager
+from studio.core.model_records import ModelKey
 from studio.core.tiling import MIN_TILE, run_tiled
 from studio.embedded.evaluation import psnr
 from studio.models.basicsr_compat import rrdbnet_class, srvgg_class

@@ -33,7 +33,8 @@ from studio.evaluation.compare import CLIP_SECONDS, CellJob
 from studio.evaluation.metrics import ClipScorer
 from studio.models.presets import PRESETS_DIR
 from studio.tasks.generation import TextToImage, TextToImageRequest
-from studio.tasks.sampling import ProgressCallback, SamplingPlan, resolve_seed
+from studio.tasks.requests import ProgressCallback, resolve_seed
+from studio.tasks.sampling import SamplingPlan
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from studio.tasks.inpainting import (
     mask_tools_for,
     sketch_mask,
 )
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 
 SKETCH_CALIBRATION_SEED = EVAL_SEED + 8  # the cases the fix (inpainting.sketch_mask) and GHOST_LIMIT were chosen on
 SKETCH_SEED = EVAL_SEED + 9  # the cases the reported figure is measured on, never looked at to choose anything

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from studio.core.memory import ModelKey
+from studio.core.model_records import ModelKey
 from studio.models.upscalers import UPSCALER, UpscalerLoader
 
 UPSCALER_DIR = "embedded-upscaler"

@@ -25,7 +25,8 @@ from studio.evaluation.metrics import ClipScorer
 from studio.tasks.generation import TextToImage, TextToImageRequest
 from studio.tasks.hires import HiresFix
 from studio.tasks.preprocessors import PREPROCESSORS
-from studio.tasks.sampling import GeneratedImage, ProgressCallback, SamplingPlan, resolve_seed
+from studio.tasks.requests import GeneratedImage, ProgressCallback, resolve_seed
+from studio.tasks.sampling import SamplingPlan
 
 CLIP_SECONDS = 10  # scoring the cells (loading a ViT-L/14 the first time included)
 

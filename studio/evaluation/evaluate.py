@@ -68,7 +68,8 @@ from studio.models.loras import LoraCatalog
 from studio.models.presets import PRESETS_DIR, PresetCatalog, load_presets
 from studio.tasks.engines import ManagerSettings, build_engines, build_manager
 from studio.tasks.generation import TextToImage, TextToImageRequest
-from studio.tasks.sampling import MAX_SEED, SamplingPlan
+from studio.tasks.requests import MAX_SEED
+from studio.tasks.sampling import SamplingPlan
 
 BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0  # the interval is part of the report, which must be the same file on every run

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from studio.core.memory import ModelKey
+from studio.core.model_records import ModelKey
 from studio.models.loading import unavailable
 from studio.models.weights import safetensors_bytes, weight_files
 

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 
 from studio.core.downloads import DownloadRequest, diffusers_patterns, human_size, one_line
 from studio.core.errors import ModelUnavailable
-from studio.core.memory import ModelKey
+from studio.core.model_records import ModelKey
 from studio.models.families import TASKS, checkpoint_family, family_of
 from studio.models.loading import (
     CHECKPOINT_KIND,

@@ -19,7 +19,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from studio.core.downloads import DownloadRequest
 from studio.core.errors import InvalidRequest, ModelUnavailable
-from studio.core.memory import ModelKey
+from studio.core.model_records import ModelKey
 from studio.models.families import FAMILIES, family_named
 from studio.models.loading import unavailable
 from studio.models.weights import root_weight_patterns, safetensors_bytes, weight_files

@@ -20,7 +20,8 @@ import torch
 import yaml
 
 from studio.core.errors import InvalidRequest, ModelUnavailable
-from studio.core.memory import ModelKey, ModelManager
+from studio.core.memory import ModelManager
+from studio.core.model_records import ModelKey
 from studio.models.basicsr_compat import install_functional_tensor_shim
 from studio.models.presets import PRESETS_DIR
 from studio.models.upscalers import ReleaseFile, ReleaseFiles, read_pth, release_file_from

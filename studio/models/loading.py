@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 
 from studio.core.downloads import hub_offline_by_env, one_line
 from studio.core.errors import ModelUnavailable
-from studio.core.memory import ModelKey
+from studio.core.model_records import ModelKey
 from studio.models.families import (
     FAMILIES,
     checkpoint_family,

@@ -28,7 +28,7 @@ import yaml
 from studio.a1111.prompts import LoraUse
 from studio.core.downloads import DownloadRequest, HubDownloads, download_command
 from studio.core.errors import InvalidRequest, ModelUnavailable, StudioError
-from studio.core.memory import ModelKey, Patch
+from studio.core.model_records import ModelKey, Patch
 from studio.models.families import FAMILIES, ModelFamily, family_of
 from studio.models.weights import safetensors_bytes, safetensors_header
 

@@ -16,7 +16,8 @@ from diffusers.image_processor import VaeImageProcessor
 
 from studio.core.devices import dtype_name, format_bytes, release_memory, working_memory_on
 from studio.core.errors import InvalidRequest, NumericalError, OutOfMemoryBudget
-from studio.core.memory import ModelKey, ModelManager, Patch
+from studio.core.memory import ModelManager
+from studio.core.model_records import ModelKey, Patch
 from studio.models.components import DiffusersModels
 from studio.models.controlnets import CONTROLNET, ControlUnits, PassControls, adapter_residuals
 from studio.models.families import family_of

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from studio.core.downloads import ProgressCallback, hub_offline_by_env, human_size, one_line
 from studio.core.errors import ModelUnavailable, UnknownPreset
-from studio.core.memory import ModelKey
+from studio.core.model_records import ModelKey
 from studio.models.basicsr_compat import rrdbnet_class, srvgg_class
 from studio.models.presets import PRESETS_DIR
 from studio.models.weights import safetensors_bytes, weight_files

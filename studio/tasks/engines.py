@@ -23,7 +23,8 @@ import torch
 from studio import __version__
 from studio.core.devices import default_dtype
 from studio.core.downloads import HubDownloads
-from studio.core.memory import ModelLoader, ModelManager
+from studio.core.memory import ModelManager
+from studio.core.model_records import ModelLoader
 from studio.models.components import DiffusersModels
 from studio.models.controlnets import CONTROLNET, ControlNetCatalog, ControlNetLoader, load_controlnets
 from studio.models.faces import FaceRestoration
@@ -34,7 +35,7 @@ from studio.models.stages import DiffusionStages
 from studio.models.upscalers import UPSCALER, ReleaseFiles, UpscalerCatalog, UpscalerLoader, load_upscalers
 from studio.tasks.generation import TextToImage
 from studio.tasks.inpainting import Inpainter
-from studio.tasks.sampling import RequestLimits
+from studio.tasks.requests import RequestLimits
 from studio.tasks.upscaling import UpscaleLimits, Upscaling
 
 VERSION = f"Diffusion Studio {__version__}"

@@ -28,20 +28,8 @@ from studio.tasks.hires import (
     hires_size,
     upscale_latents,
 )
-from studio.tasks.sampling import (
-    GenerationResult,
-    MadeImage,
-    PhaseOfJob,
-    ProgressCallback,
-    RequestLimits,
-    SamplingEngine,
-    SamplingPlan,
-    SamplingRequest,
-    SecondPass,
-    check_sampling,
-    fraction_problems,
-    resolve_seed,
-)
+from studio.tasks.requests import GenerationResult, MadeImage, ProgressCallback, RequestLimits, SamplingRequest, check_sampling, fraction_problems, resolve_seed
+from studio.tasks.sampling import PhaseOfJob, SamplingEngine, SamplingPlan, SecondPass
 from studio.tasks.upscaling import UpscaleRequest, Upscaling
 
 

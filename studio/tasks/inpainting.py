@@ -22,17 +22,8 @@ from studio.core.jobs import LocalJob
 from studio.models.presets import ModelPreset
 from studio.tasks.control import plan_controls, sketch_unit
 from studio.tasks.parameters import sampling_fields_from_parameters
-from studio.tasks.sampling import (
-    GenerationResult,
-    ProgressCallback,
-    RequestLimits,
-    SamplingEngine,
-    SamplingPlan,
-    SamplingRequest,
-    check_sampling,
-    fraction_problems,
-    resolve_seed,
-)
+from studio.tasks.requests import GenerationResult, ProgressCallback, RequestLimits, SamplingRequest, check_sampling, fraction_problems, resolve_seed
+from studio.tasks.sampling import SamplingEngine, SamplingPlan
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
 INPAINT_AREAS = (WHOLE_PICTURE, ONLY_MASKED)

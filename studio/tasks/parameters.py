@@ -21,7 +21,8 @@ from studio.tasks.hires import (
     HiresFix,
     hires_from_parameters,
 )
-from studio.tasks.sampling import SamplingRequest, hash_entry_name, model_names, plain_model_name
+from studio.tasks.requests import SamplingRequest
+from studio.tasks.sampling import hash_entry_name, model_names, plain_model_name
 
 
 def sampling_fields_from_parameters(params, presets: PresetCatalog, current: SamplingRequest,

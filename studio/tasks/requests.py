@@ -1,0 +1,166 @@
+"""What every generating request has, and its checks: the request limits a server sets, the sampling fields
+(prompt, steps, CFG, seed, batch, scheduler, clip skip) and their messages, seeds, and the results a job returns.
+Shared by Text to image, Inpaint, Compare and the Arena (studio.tasks.sampling runs them)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from studio.a1111.prompts import prompt_mistakes
+from studio.a1111.schedulers import check_scheduler
+from studio.models.families import family_of
+from studio.models.presets import ModelPreset
+
+
+MAX_SEED = 2**32 - 1
+
+# on_progress(done_steps, total_steps, description)
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Server-wide limits on top of each preset's own. `public()` is the stricter set for a public demo."""
+
+    max_prompt_chars: int = 2000
+    max_batch_size: int = 8
+    max_steps: int = 150
+    max_guidance: float = 30.0
+    max_pixels: int | None = None  # width * height cap on top of the preset's max size
+    max_upload_pixels: int = 50_000_000  # uploads larger than this are refused before they are decoded
+    max_loras: int = 8  # LoRAs one prompt may apply at once
+    max_control_units: int = 3  # ControlNet units one request may use at once (A1111's default)
+
+    @classmethod
+    def public(cls) -> RequestLimits:
+        return cls(max_prompt_chars=1000, max_batch_size=4, max_steps=50, max_guidance=20.0, max_pixels=1024 * 1024,
+                   max_upload_pixels=4_000_000, max_loras=4, max_control_units=2)
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """The settings every generating request has; each task's request adds its own."""
+
+    prompt: str
+    negative_prompt: str = ""
+    preset: str = "embedded"
+    scheduler: str = "Euler"
+    steps: int = 20
+    guidance_scale: float = 7.0
+    seed: int = -1  # -1: a random seed, reported back
+    batch_size: int = 1
+    clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the one before it (anime models)
+    controls: tuple = ()  # ControlNet units (studio.tasks.control.ControlUnit), at most RequestLimits' count
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    parameters: str  # A1111 "parameters" text for the PNG
+    stopped_at: int | None = None  # Stop cut its denoising short after this many of its steps
+    stopped_in_hires: bool = False  # ... of Hires. fix's second pass
+
+    @property
+    def unfinished(self) -> str:
+        """How far an image Stop cut short got ("" when it is finished)."""
+        if not self.stopped_at:
+            return ""
+        return f"stopped at {'hires ' if self.stopped_in_hires else ''}step {self.stopped_at}"
+
+    @property
+    def caption(self) -> str:
+        return f"Seed {self.seed}" + (f" · unfinished ({self.unfinished})" if self.stopped_at else "")
+
+
+@dataclass
+class MadeImage:
+    """One image as the device work leaves it, before it becomes a PIL image."""
+
+    pixels: torch.Tensor  # in [-1, 1], on the CPU
+    flagged: bool  # by the safety checker
+    stopped_at: int | None  # Stop cut the last pass short after this many steps
+    stopped_in_hires: bool
+    parameters: dict  # the image's own PNG fields (Hires. fix's, where it ran; where Stop cut it)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    images: list[GeneratedImage] = field(default_factory=list)
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [image.seed for image in self.images]
+
+
+def whole(value):
+    """A number from a form or the API as an int when it is a whole number (sliders send 20.0); a fraction stays
+    a float, for the checks to refuse rather than silently round (steps 2.5 is not 2)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def fraction_problems(request, labels: dict[str, str]) -> dict[str, str]:
+    """A problem for each field (name -> label) that is not a whole number."""
+    return {name: f"{label} must be a whole number (got {getattr(request, name):g})."
+            for name, label in labels.items() if not isinstance(getattr(request, name), int)}
+
+
+WHOLE_SAMPLING_FIELDS = {"steps": "Steps", "seed": "Seed", "batch_size": "Batch size", "clip_skip": "Clip skip"}
+MAX_CLIP_SKIP = 12  # A1111's slider: a CLIP ViT-L text encoder has 12 layers
+
+
+def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
+    """Problems with the fields every generating request has (prompt, steps, CFG, seed, batch, scheduler),
+    by field name, each a sentence a user can act on. Empty when they are fine."""
+    fractions = fraction_problems(request, WHOLE_SAMPLING_FIELDS)
+    if fractions:
+        return fractions  # the range checks below assume whole numbers
+    problems: dict[str, str] = {}
+    prompt = request.prompt or ""
+    if not prompt.strip():
+        problems["prompt"] = "Enter a prompt: describe the image you want."
+    for name, label, text in (("prompt", "Prompt", prompt), ("negative_prompt", "Negative prompt", request.negative_prompt or "")):
+        if len(text) > limits.max_prompt_chars:
+            problems[name] = f"{label} is too long ({len(text)} characters; the limit is {limits.max_prompt_chars})."
+        elif mistakes := prompt_mistakes(text):
+            problems[name] = f"In the {label.lower()}, " + " ".join(mistakes)
+    max_steps = min(preset.max_steps, limits.max_steps)
+    if not (1 <= request.steps <= max_steps):
+        problems["steps"] = f"Steps must be between 1 and {max_steps} for {preset.label} (got {request.steps})."
+    if not (0 <= request.guidance_scale <= limits.max_guidance):
+        problems["guidance_scale"] = (
+            f"CFG scale must be between 0 and {limits.max_guidance:g} (got {request.guidance_scale:g})."
+        )
+    if not (1 <= request.batch_size <= limits.max_batch_size):
+        problems["batch_size"] = f"Batch size must be between 1 and {limits.max_batch_size} (got {request.batch_size})."
+    if not (-1 <= request.seed <= MAX_SEED):
+        problems["seed"] = f"Seed must be -1 (random) or between 0 and {MAX_SEED} (got {request.seed})."
+    elif request.seed >= 0 and request.seed + request.batch_size - 1 > MAX_SEED:
+        problems["seed"] = f"Seed + batch size - 1 must not exceed {MAX_SEED}."
+    if not (1 <= request.clip_skip <= MAX_CLIP_SKIP):
+        problems["clip_skip"] = f"Clip skip must be between 1 and {MAX_CLIP_SKIP} (got {request.clip_skip})."
+    elif request.clip_skip > 1 and not family_of(preset).clip_skip:
+        problems["clip_skip"] = (f"Clip skip applies to SD 1.x models; {preset.label} reads its text encoders' "
+                                 "layers as it was trained to (A1111 ignores it there too). Set it to 1.")
+    scheduler_problems = check_scheduler(request.scheduler, preset)
+    family = family_of(preset)
+    if not scheduler_problems and family.samplers is not None and request.scheduler not in family.samplers:
+        scheduler_problems = [f"{family.label} models take the samplers {', '.join(family.samplers)}, not "
+                              f"{request.scheduler!r}."]
+    if scheduler_problems:
+        problems["scheduler"] = scheduler_problems[0]
+    return problems
+
+
+def resolve_seed(seed: int, batch_size: int = 1) -> int:
+    return secrets.randbelow(MAX_SEED - batch_size + 2) if seed == -1 else seed
