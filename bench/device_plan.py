@@ -50,8 +50,8 @@ from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextMode
 
 from studio.core.devices import format_bytes, module_bytes, working_memory_on  # noqa: E402
 from studio.core.errors import OutOfMemoryBudget  # noqa: E402
+from studio.core.memory import ModelManager  # noqa: E402
 from studio.core.model_records import DEVICE as ON_DEVICE  # noqa: E402
-from studio.core.memory import ModelManager
 from studio.core.model_records import ModelKey  # noqa: E402
 from studio.models.components import DiffusersModels  # noqa: E402
 from studio.models.controlnets import CONTROLNET, PassControls, UnitSettings, load_controlnets  # noqa: E402

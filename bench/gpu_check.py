@@ -285,7 +285,7 @@ from studio.core.devices import (  # noqa: E402
     free_device_bytes,
 )
 from studio.core.errors import NumericalError, OutOfMemoryBudget  # noqa: E402
-from studio.core.memory import ModelManager
+from studio.core.memory import ModelManager  # noqa: E402
 from studio.core.model_records import DEVICE, ModelKey  # noqa: E402
 from studio.models import upscalers  # noqa: E402
 from studio.models.basicsr_compat import rrdbnet_class  # noqa: E402

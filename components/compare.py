@@ -12,7 +12,7 @@ from components.event_options import INSTANT, QUICK
 from components.lora_picker import build_lora_picker
 from components.running import JobRunner, user_error
 from components.whole_numbers import WholeNumber
-from studio.core.errors import InvalidRequest
+from studio.core.errors import InvalidRequest, StudioError
 from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid
 from studio.evaluation.compare import CompareLimits, ComparePlan, CompareRequest, Comparison
 from studio.tasks.requests import whole
@@ -106,7 +106,7 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
         """Instant feedback: the whole grid checked before the job waits in the GPU queue."""
         try:
             comparison.plan(request_of(fields))
-        except InvalidRequest as error:
+        except StudioError as error:  # a wrong setting, or a preprocessor's weights that cannot be had
             raise user_error(error, "Check the grid") from None
         runner.submitted(request, TAB)
 

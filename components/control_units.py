@@ -127,7 +127,9 @@ def control_units(fields: dict, max_upload_pixels: int) -> tuple[dict, tuple[Con
     return rest, tuple(chosen)
 
 
-DRAWING_CANVAS = (512, 512)  # a drawn control image's size (SD 1.5's; the map is fitted to the image's size)
+# a drawn control image's size: SD 1.5's, and what a hand draws in a form; its map is fitted to the image's size
+# (an SDXL image reads it scaled up, which a line drawing takes well)
+DRAWING_CANVAS = (512, 512)
 MAP_INPUTS = ("image", "preprocessor", "processor_res", "threshold_a", "threshold_b")
 PREPROCESSOR_INFO = ("none: the image as the map · invert: dark lines on white become white on black · scribble: "
                      "thick lines of a drawing or photo · canny: edges · lineart, softedge, depth: learned detectors "
@@ -390,7 +392,8 @@ def _wire_drawing(unit: dict[str, gr.Component], max_upload_pixels: int) -> None
 def drawing_on_paper(drawing: Image.Image | None) -> Image.Image:
     """A canvas's strokes (RGBA, clear where nothing is drawn) on white paper, as a drawing is scanned: the invert
     and scribble preprocessors read dark lines on white."""
-    if drawing is None or drawing.mode != "RGBA" or not drawing.getchannel("A").getbbox():
+    drawing = drawing.convert("RGBA") if drawing is not None else None
+    if drawing is None or not drawing.getchannel("A").getbbox():
         raise user_error(InvalidRequest(["The drawing is empty: draw with the brush first."]), "Nothing drawn")
     paper = Image.new("RGB", drawing.size, "white")
     paper.paste(drawing.convert("RGB"), mask=drawing.getchannel("A"))

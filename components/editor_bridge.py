@@ -75,14 +75,15 @@ APPLY_EDITOR_UPDATE_JS = """
 """
 
 # Picks an editor's Brush tool, so that the first drag draws, as in A1111: gradio's editor opens on its Image tool,
-# where a drag selects the page's text instead. The tool bar may be re-rendered just then, hence the retries.
+# where a drag selects the page's text instead. The tool bar may be re-rendered just then, hence the retries
+# (for 3 s: a slow first render).
 PICK_BRUSH_JS = """
 const pickBrush = (elemId) => {
   let tries = 0;
   const pick = () => {
     const brush = document.querySelector(`#${elemId} button[aria-label="Brush"]`);
     if (brush && !brush.className.includes("highlight")) brush.click();
-    else if (!brush && ++tries < 20) setTimeout(pick, 50);
+    else if (!brush && ++tries < 60) setTimeout(pick, 50);
   };
   setTimeout(pick, 50);
 };

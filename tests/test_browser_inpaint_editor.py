@@ -45,6 +45,15 @@ def drag(page, inpaint, start, end):
     page.mouse.up()
 
 
+def eventually(check, page, seconds: float = 15) -> bool:
+    """Whether `check()` comes true within `seconds` (a busy machine renders late), polled every 250 ms."""
+    for _ in range(int(seconds * 4)):
+        if check():
+            return True
+        page.wait_for_timeout(250)
+    return check()
+
+
 def shows_the_sent_image(inpaint) -> bool:
     """The editor's canvas shows the image (the blue background of the generated scene), not a blank canvas."""
     shot = Image.open(io.BytesIO(inpaint.locator("#inpaint-editor canvas").first.screenshot())).convert("RGB")
@@ -121,8 +130,7 @@ def test_each_modes_strokes_are_its_own(page, artifacts):
     inpaint.get_by_label("Inpaint sketch").check()
     page.wait_for_function("() => document.querySelector('#inpaint-mode-help')?.textContent"
                            ".includes('Switching mode clears the strokes')")
-    page.wait_for_timeout(1500)
-    assert shows_the_sent_image(inpaint)
+    assert eventually(lambda: shows_the_sent_image(inpaint), page)  # the editor loads the image again
     inpaint.get_by_label("Prompt", exact=True).fill("a large yellow star on a blue background")
     inpaint.get_by_role("button", name="Inpaint", exact=True).click()
     toast = page.get_by_test_id("toast-text").first

@@ -84,7 +84,7 @@ def catalog(folders):
         ControlNetPreset("sd2", "Tiny SD 2", "sd21", local=folders["cn-sd2"]),
         ControlNetPreset("sdxl", "Tiny SDXL", "sdxl", local=folders["cn-sdxl"]),
         ControlNetPreset("union", "Tiny Union", "sdxl", kind="controlnet_union", local=folders["union-sdxl"],
-                         control_types=(("invert", 2), ("canny", 3), ("depth", 1))),
+                         control_types=(("invert", 2), ("canny", 3), ("depth", 1), ("none", 2))),
         ControlNetPreset("union-as-edges", "Tiny Union, edges", "sdxl", kind="controlnet_union",
                          local=folders["union-sdxl"], control_types=(("invert", 3),)),
         ControlNetPreset("adapter", "Tiny adapter", "sdxl", kind="t2i_adapter", local=folders["adapter-sdxl"]),
@@ -430,6 +430,87 @@ def test_a_learned_preprocessor_without_its_weights_is_refused_before_any_work(e
         "server is offline. Pick another preprocessor, or run once with the Hub reachable.",
         f"The depth preprocessor's weights are not here: {tmp_path / 'missing'} does not exist.",
         "The softedge preprocessor's weights are not named in presets/controlnets.yaml (preprocessor_weights)."]
-    monkeypatch.setitem(catalog.weights, "depth", weights["depth"])
+    monkeypatch.setattr(engines.text_to_image, "controlnets", ControlNetCatalog(list(catalog), {**catalog.weights,
+                                                                                              "depth": weights["depth"]}))
     with pytest.raises(InvalidRequest, match="The depth preprocessor's weights are not here"):
         engines.text_to_image.generate(request(preset="tiny-sdxl", controls=(ControlUnit("union", photo(), "depth"),)))
+
+
+def test_a_t2i_adapters_features_line_up_with_the_unets_blocks_at_any_size():
+    """SDXL's adapter unshuffles by 16, but 1000 px is 125 latents, 63 after the UNet's first block: the map is
+    padded to 1008 px (63 × 16), the features at 63 and 32, as the UNet's (a 1000 px map alone would not unshuffle)."""
+    from diffusers import T2IAdapter
+
+    from studio.models.controlnets import AdapterNet
+
+    torch.manual_seed(0)
+    adapter = T2IAdapter(in_channels=3, channels=[8, 16, 16, 16], num_res_blocks=1, downscale_factor=16,
+                         adapter_type="full_adapter_xl")
+    unet_sides = []
+    side = 1000 // 8
+    for _ in range(2):  # the UNet's downsamplers: 3×3 convolutions, stride 2, padding 1
+        side = (side + 2 - 3) // 2 + 1
+        unet_sides.append(side)
+    with torch.no_grad():
+        features = AdapterNet(adapter).features(torch.rand(2, 3, 1000, 1000))
+        assert [feature.shape[-1] for feature in features] == [unet_sides[0], unet_sides[0], unet_sides[1],
+                                                               unet_sides[1]] == [63, 63, 32, 32]
+        with pytest.raises(RuntimeError):
+            adapter(torch.rand(2, 3, 1000, 1000))
+        image = torch.rand(1, 3, 1024, 1024)  # a multiple already: the adapter's own features, unpadded
+        assert all(torch.equal(mine, its) for mine, its in zip(AdapterNet(adapter).features(image), adapter(image)))
+
+
+def test_union_and_adapter_units_in_hires_fix_and_inpaint(engines):
+    """Hires. fix's second pass makes the adapter's features again at its size; SDXL's inpaint ControlNet pipeline
+    takes both kinds too."""
+    from studio.tasks.hires import HiresFix
+
+    units = (ControlUnit("adapter", sketch(), "invert"), ControlUnit("union", sketch(), "invert"))
+    base = request(preset="tiny-sdxl", steps=2, hires=HiresFix(upscale=1.5, upscaler="Latent", steps=1))
+    plain = pixels(engines.text_to_image.generate(base))
+    controlled = pixels(engines.text_to_image.generate(replace(base, controls=units)))
+    assert controlled.shape == plain.shape == (96, 96, 3) and not np.array_equal(controlled, plain)
+    mask = Image.new("L", (64, 64))
+    ImageDraw.Draw(mask).rectangle((16, 16, 48, 48), fill=255)
+    inpaint = InpaintRequest(prompt=PROMPT, preset="tiny-sdxl", seed=2, steps=2, strength=1.0)
+    picture = Image.new("RGB", (64, 64), "blue")
+    plain = pixels(engines.inpainter.inpaint(picture, mask, inpaint))
+    controlled = pixels(engines.inpainter.inpaint(picture, mask, replace(inpaint, controls=units)))
+    assert not np.array_equal(controlled, plain)
+
+
+def test_unreadable_detector_weights_are_said_and_learned_detectors_run_at_most_at_1024(catalog, tmp_path):
+    from studio.core.errors import ModelUnavailable
+
+    (tmp_path / "sk_model.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ModelUnavailable, match=r"The lineart preprocessor's weights \(.*sk_model.pth\) could not be read"):
+        preprocess("lineart", photo(), 64, weights=tmp_path)
+    with preprocessor_weights("depth", catalog, downloads=None) as folder:
+        made = preprocess("depth", photo((300, 200)), 2048, weights=folder)
+    assert made.size == (1536, 1024)  # the shorter side capped at 1024, not 2048
+
+
+def test_a_union_unit_given_a_map_as_it_is_says_how_it_reads_it(engines):
+    def plan_warnings(preprocessor):
+        unit = ControlUnit("union", sketch(), preprocessor)
+        return engines.text_to_image.plan(request(preset="tiny-sdxl", controls=(unit,))).warnings
+
+    assert not any("reads a map given as it is" in warning for warning in plan_warnings("invert"))
+    assert ("ControlNet unit 1: Tiny Union reads a map given as it is (preprocessor none) as a scribble map (its type "
+            "2); for a depth or edge map, pick the preprocessor of that kind and give it the photo."
+            ) in plan_warnings("none")
+
+
+def test_the_adapters_hook_is_gone_after_a_pass_that_failed(engines, monkeypatch):
+    from diffusers import T2IAdapter
+
+    def broken(self, x):
+        raise RuntimeError("broken adapter")
+
+    monkeypatch.setattr(T2IAdapter, "forward", broken)
+    with pytest.raises(Exception, match="broken adapter"):
+        engines.text_to_image.generate(request(preset="tiny-sdxl", steps=2,
+                                               controls=(ControlUnit("adapter", sketch(), "invert"),)))
+    unets = [engines.manager.loaded_object(key) for key in list(engines.manager._entries) if key.part == "unet"]
+    assert unets and all(not unet._forward_pre_hooks for unet in unets)

@@ -167,6 +167,7 @@ class Comparison:
         seed = resolve_seed(request.seed)
         cells = grid.run_order(lambda cell: cell.value("preset", base_preset))
         plans, problems = [], {}
+        made_maps: dict = {}  # a unit's map is made once for the cells that read it alike
         for cell in cells:
             # a cell on another preset starts from that preset's own defaults (size, steps, CFG, sampler)
             base = self._base(request, cell.value("preset"))
@@ -175,7 +176,7 @@ class Comparison:
             for problem in found.values():
                 problems.setdefault(problem, f"{problem} ({self._cell_name(grid, cell)})")
             if not found:
-                plans.append(self.text_to_image.plan(cell_request))
+                plans.append(self.text_to_image.plan(cell_request, made_maps))
         if problems:
             raise InvalidRequest(list(problems.values()))
         return ComparePlan(request, grid, cells, plans, seed)

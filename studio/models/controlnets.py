@@ -10,7 +10,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import torch
@@ -114,7 +114,7 @@ class ControlNetCatalog:
 
     def __init__(self, presets: list[ControlNetPreset], weights: dict[str, PreprocessorWeights] | None = None):
         self._presets = {preset.name: preset for preset in presets}
-        self.weights = dict(weights or {})  # preprocessor name -> its files
+        self.weights = MappingProxyType(dict(weights or {}))  # preprocessor name -> its files
 
     @property
     def names(self) -> list[str]:
@@ -135,7 +135,7 @@ class ControlNetCatalog:
 
     def only(self, names: list[str]) -> ControlNetCatalog:
         """A catalog of these (ZeroGPU: those that could be placed at start)."""
-        return ControlNetCatalog([self.get(name) for name in names], self.weights)
+        return ControlNetCatalog([self.get(name) for name in names], dict(self.weights))
 
     def for_family(self, family: str) -> list[str]:
         """The names of the ControlNets made for a family (those the form offers for its presets)."""
@@ -161,6 +161,8 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Contr
         raise ValueError(f"ControlNet {name!r}: kind must be one of {tuple(MODEL_CLASSES)}, not {entry['kind']!r}.")
     values = dict(entry)
     values["words"] = tuple(str(word).lower() for word in values.get("words") or ())
+    if not isinstance(values.get("control_types") or {}, dict):
+        raise ValueError(f"ControlNet {name!r}: control_types maps a preprocessor to its type: {{scribble: 2, ...}}.")
     values["control_types"] = tuple((str(name), int(index))
                                     for name, index in (values.get("control_types") or {}).items())
     if (values.get("kind") == UNION) != bool(values["control_types"]):
@@ -307,8 +309,15 @@ class AdapterNet(torch.nn.Module):
         self._features: list[torch.Tensor] | None = None
 
     def features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The adapter's features of the pipeline's map. Its pixel unshuffle needs sides that are multiples of its
+        downscale factor (16 for SDXL's); the UNet's blocks round a side up instead (1000 px: 125 latents, 63 after
+        the first block), so the map is padded below and to the right with black ("no control") to the next
+        multiple (1008 px: 63), which lines the features up with the UNet's blocks at any size the studio takes."""
         if self._features is None:
-            self._features = list(self.adapter(image.to(self.adapter.dtype)))
+            factor = self.adapter.downscale_factor
+            height, width = image.shape[-2:]
+            padded = torch.nn.functional.pad(image, (0, -width % factor, 0, -height % factor))
+            self._features = list(self.adapter(padded.to(self.adapter.dtype)))
         return self._features
 
 
@@ -422,8 +431,9 @@ def union_arguments(net: torch.nn.Module, image: torch.Tensor, control_type: int
                     sample: torch.Tensor) -> dict[str, Any]:
     """A Union net's call for one map: the map as the one condition, and its control type as the one-hot vector
     diffusers' Union pipeline makes (a row per sample)."""
-    if control_type is None:
-        raise ValueError("A Union ControlNet's unit has no control type.")
+    if control_type is None or not 0 <= control_type < net.config.num_control_type:
+        raise InvalidRequest([f"A Union ControlNet unit's control type {control_type} is not one of the model's "
+                              f"{net.config.num_control_type} (presets/controlnets.yaml, control_types)."])
     one_hot = torch.zeros(sample.shape[0], net.config.num_control_type, device=sample.device, dtype=sample.dtype)
     one_hot[:, control_type] = 1
     return dict(controlnet_cond=[image], control_type=one_hot, control_type_idx=[control_type],

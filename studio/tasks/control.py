@@ -218,16 +218,17 @@ def sketch_unit(catalog: ControlNetCatalog, family: str) -> ControlUnit | None:
 
 
 def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, size: tuple[int, int],
-                  own_image: Image.Image | None = None,
-                  weights_for: WeightsFor = no_weights) -> tuple[PlannedControl, ...]:
-    """The checked units as planned controls: each map made now, on the CPU."""
+                  own_image: Image.Image | None = None, weights_for: WeightsFor = no_weights,
+                  made_maps: dict | None = None) -> tuple[PlannedControl, ...]:
+    """The checked units as planned controls: each map made now, on the CPU. `made_maps`: maps already made for
+    other plans of one job (Compare's cells), by what makes them, so a map is made once per job."""
     planned = []
     for unit in units:
         preset = catalog.get(unit.model)
-        image = unit.image if unit.image is not None else own_image
-        if image is None:
+        given = unit.image if unit.image is not None else own_image
+        if given is None:
             raise InvalidRequest(["A ControlNet unit has no control image."])
-        image = prepare_image(image, "control image").rgb  # a drawing's transparent areas are white paper
+        image = prepare_image(given, "control image").rgb  # a drawing's transparent areas are white paper
         preprocessor = PREPROCESSORS[unit.preprocessor]
         a, b = preprocessor.thresholds(unit.threshold_a, unit.threshold_b)
         resolution = processor_resolution(unit, image, size)
@@ -237,9 +238,27 @@ def plan_controls(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog, si
                                   pixel_perfect=unit.pixel_perfect, control_mode=unit.control_mode)
         settings = UnitSettings(unit.weight, unit.guidance_start, unit.guidance_end, unit.control_mode,
                                 control_type=preset.control_type_for(unit.preprocessor))
-        planned.append(PlannedControl(preset, control_map(unit, image, size, resolution, weights_for), settings,
-                                      fields))
+        recipe = (id(given), unit.preprocessor, a, b, resolution, unit.resize_mode, size)  # `given` lives on
+        made = made_maps.get(recipe) if made_maps is not None else None
+        if made is None:
+            made = control_map(unit, image, size, resolution, weights_for)
+            if made_maps is not None:
+                made_maps[recipe] = made
+        planned.append(PlannedControl(preset, made, settings, fields))
     return tuple(planned)
+
+
+def control_notes(units: tuple[ControlUnit, ...], catalog: ControlNetCatalog) -> list[str]:
+    """What a user should know of how the units will read their maps: a Union model given a map as it is reads it
+    as the kind its preset names for "none" (a scribble), whatever the map shows."""
+    notes = []
+    for index, unit in enumerate(units):
+        preset = catalog.get(unit.model) if unit.model in catalog else None
+        if preset is not None and preset.control_types and unit.preprocessor == "none":
+            notes.append(f"{unit.label or f'ControlNet unit {index + 1}'}: {preset.label} reads a map given as it "
+                         f"is (preprocessor none) as a scribble map (its type {preset.control_type_for('none')}); "
+                         "for a depth or edge map, pick the preprocessor of that kind and give it the photo.")
+    return notes
 
 
 def written_name(preset: ControlNetPreset) -> str:

@@ -19,7 +19,7 @@ from studio.models.loras import (
 )
 from studio.models.presets import ModelPreset, PresetCatalog, StyleCatalog
 from studio.models.stages import Conditioning, DiffusionStages
-from studio.tasks.control import plan_controls
+from studio.tasks.control import control_notes, plan_controls
 from studio.tasks.hires import (
     LATENT_UPSCALE_MODES,
     HiresFix,
@@ -28,7 +28,16 @@ from studio.tasks.hires import (
     hires_size,
     upscale_latents,
 )
-from studio.tasks.requests import GenerationResult, MadeImage, ProgressCallback, RequestLimits, SamplingRequest, check_sampling, fraction_problems, resolve_seed
+from studio.tasks.requests import (
+    GenerationResult,
+    MadeImage,
+    ProgressCallback,
+    RequestLimits,
+    SamplingRequest,
+    check_sampling,
+    fraction_problems,
+    resolve_seed,
+)
 from studio.tasks.sampling import PhaseOfJob, SamplingEngine, SamplingPlan, SecondPass
 from studio.tasks.upscaling import UpscaleRequest, Upscaling
 
@@ -110,8 +119,9 @@ class TextToImage(SamplingEngine):
         return UpscaleRequest(settings.upscaler, scale=max(target[0] / size[0], target[1] / size[1]),
                               denoise_strength=1.0)
 
-    def plan(self, request: TextToImageRequest) -> SamplingPlan:
-        """The checked request with its style applied and its seed resolved (raises InvalidRequest)."""
+    def plan(self, request: TextToImageRequest, made_maps: dict | None = None) -> SamplingPlan:
+        """The checked request with its style applied and its seed resolved (raises InvalidRequest). `made_maps`:
+        ControlNet maps shared by the plans of one job (plan_controls)."""
         preset = self.validate(request)
         prompt, negative_prompt = self.styles.get(request.style).apply(request.prompt.strip(), request.negative_prompt)
         size = (request.width, request.height)
@@ -120,9 +130,10 @@ class TextToImage(SamplingEngine):
             scheduler=request.scheduler, steps=request.steps, guidance_scale=request.guidance_scale,
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
-            warnings=self.prompt_warnings(preset, request.prompt, tuple(request.controls)), lora_uses=parse_prompt(prompt).loras,
+            warnings=self.prompt_warnings(preset, request.prompt, tuple(request.controls))
+            + control_notes(tuple(request.controls), self.controlnets), lora_uses=parse_prompt(prompt).loras,
             controls=plan_controls(tuple(request.controls), self.controlnets, size,
-                                   weights_for=self.preprocessor_weights),
+                                   weights_for=self.preprocessor_weights, made_maps=made_maps),
         )
         if request.hires is not None:
             settings = request.hires

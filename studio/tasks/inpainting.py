@@ -20,9 +20,17 @@ from studio.core.errors import InvalidRequest
 from studio.core.images import PreparedImage, blur_mask, mask_box, prepare_image, prepare_mask, working_size
 from studio.core.jobs import LocalJob
 from studio.models.presets import ModelPreset
-from studio.tasks.control import plan_controls, sketch_unit
+from studio.tasks.control import control_notes, plan_controls, sketch_unit
 from studio.tasks.parameters import sampling_fields_from_parameters
-from studio.tasks.requests import GenerationResult, ProgressCallback, RequestLimits, SamplingRequest, check_sampling, fraction_problems, resolve_seed
+from studio.tasks.requests import (
+    GenerationResult,
+    ProgressCallback,
+    RequestLimits,
+    SamplingRequest,
+    check_sampling,
+    fraction_problems,
+    resolve_seed,
+)
 from studio.tasks.sampling import SamplingEngine, SamplingPlan
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
@@ -181,7 +189,8 @@ class Inpainter(SamplingEngine):
                          strength=request.strength)
         plan = self._plan(preset, "inpaint", request, size, arguments, extra,
                           ([source.note] if source.note else [])
-                          + self.prompt_warnings(preset, request.prompt, tuple(request.controls)),
+                          + self.prompt_warnings(preset, request.prompt, tuple(request.controls))
+                          + control_notes(tuple(request.controls), self.controlnets),
                           self._controls(request, size, arguments["image"], region, source.rgb.size))
         # A1111 pastes "Whole picture" back through the blurred mask sharpened (doubled, clipped): the repainted
         # area is fully the model's up to half the blur's falloff, so no faded ghost of the old content shows.
@@ -222,7 +231,8 @@ class Inpainter(SamplingEngine):
         arguments = dict(image=drawing.rgb.resize(size, Image.Resampling.LANCZOS), strength=request.strength)
         return self._plan(preset, "img2img", request, size, arguments,
                           {"Denoising strength": f"{request.strength:g}"},
-                          self.prompt_warnings(preset, request.prompt, tuple(request.controls)),
+                          self.prompt_warnings(preset, request.prompt, tuple(request.controls))
+                          + control_notes(tuple(request.controls), self.controlnets),
                           self._controls(request, size, arguments["image"]))
 
     def sketch_to_image(self, sketch: Image.Image, request: InpaintRequest,

@@ -10,12 +10,16 @@ transformers' (Depth Anything V2). Each is loaded for the map it makes and let g
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from studio.core.errors import ModelUnavailable
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,9 @@ def _canny(image: np.ndarray, low: float, high: float, weights: Path | None = No
     return np.repeat(edges[:, :, None], 3, axis=2)
 
 
+# the learned detectors run with the shorter side at most this (HED's activations at 2048² would hold gigabytes);
+# their map is then fitted to the image's size like any other
+MAX_LEARNED_RESOLUTION = 1024
 LINEART_FILE = "sk_model.pth"  # lllyasviel/Annotators: informative-drawings' "realistic" line model
 HED_FILE = "ControlNetHED.pth"  # lllyasviel/Annotators: lllyasviel's Apache-2.0 HED
 
@@ -87,11 +94,11 @@ HED_FILE = "ControlNetHED.pth"  # lllyasviel/Annotators: lllyasviel's Apache-2.0
 def _lineart(image: np.ndarray, a: float, b: float, weights: Path | None = None) -> np.ndarray:
     """A1111's "lineart_realistic": informative-drawings' line model (controlnet_aux's Generator), white lines on
     black, as lllyasviel's lineart ControlNet reads them."""
-    import torch
     from controlnet_aux.lineart import Generator, LineartDetector
 
     model = Generator(3, 1, 3)
-    model.load_state_dict(torch.load(weights / LINEART_FILE, map_location="cpu", weights_only=True))
+    with readable_weights("lineart", weights / LINEART_FILE) as path:
+        model.load_state_dict(torch_load(path))
     detector = LineartDetector(model.eval(), model)
     return _at_input_size(detector(image, detect_resolution=min(image.shape[:2]),
                                    image_resolution=min(image.shape[:2]), output_type="np"), image)
@@ -99,11 +106,11 @@ def _lineart(image: np.ndarray, a: float, b: float, weights: Path | None = None)
 
 def _softedge_hed(image: np.ndarray, a: float, b: float, weights: Path | None = None) -> np.ndarray:
     """A1111's "softedge_hed": HED's soft edges (controlnet_aux's HEDdetector on lllyasviel's Apache-2.0 port)."""
-    import torch
     from controlnet_aux.hed import ControlNetHED_Apache2, HEDdetector
 
     network = ControlNetHED_Apache2()
-    network.load_state_dict(torch.load(weights / HED_FILE, map_location="cpu", weights_only=True))
+    with readable_weights("softedge", weights / HED_FILE) as path:
+        network.load_state_dict(torch_load(path))
     detector = HEDdetector(network.float().eval())
     return _at_input_size(detector(image, detect_resolution=min(image.shape[:2]),
                                    image_resolution=min(image.shape[:2]), output_type="np"), image)
@@ -115,14 +122,32 @@ def _depth_anything(image: np.ndarray, a: float, b: float, weights: Path | None 
     import torch
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-    processor = AutoImageProcessor.from_pretrained(weights)
-    model = AutoModelForDepthEstimation.from_pretrained(weights).eval()
+    with readable_weights("depth", weights) as folder:  # float32: the maps are made on the CPU
+        processor = AutoImageProcessor.from_pretrained(folder)
+        model = AutoModelForDepthEstimation.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.inference_mode():
         depth = model(**processor(images=image, return_tensors="pt")).predicted_depth
         depth = torch.nn.functional.interpolate(depth[:, None], size=image.shape[:2], mode="bicubic")[0, 0]
     low, high = float(depth.min()), float(depth.max())
     scaled = ((depth - low) / max(high - low, 1e-12) * 255).clamp(0, 255).to(torch.uint8).numpy()
     return np.repeat(scaled[:, :, None], 3, axis=2)
+
+
+@contextmanager
+def readable_weights(name: str, path: Path) -> Iterator[Path]:
+    """A learned preprocessor's weights being read: a file that cannot be (cut short, not what it should be) is
+    ModelUnavailable naming it, as a model's is, not an error from deep inside torch."""
+    try:
+        yield path
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise ModelUnavailable(f"The {name} preprocessor's weights ({path}) could not be read: {error}. Delete them "
+                               "to have them fetched again.") from error
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _at_input_size(detected: np.ndarray, image: np.ndarray) -> np.ndarray:
@@ -159,6 +184,8 @@ def preprocess(name: str, image: Image.Image, resolution: int, threshold_a: floa
     preprocessor = PREPROCESSORS[name]
     if preprocessor.needs_weights and weights is None:
         raise ValueError(f"The {name} preprocessor needs its weights' folder.")
+    if preprocessor.needs_weights:  # their activations grow with the square of the side
+        resolution = min(resolution, MAX_LEARNED_RESOLUTION)
     rgb = image.convert("RGB")
     if name != "none":
         scale = resolution / min(rgb.size)

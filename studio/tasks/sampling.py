@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -144,6 +145,7 @@ class SamplingEngine:
         self.loras = loras or LoraCatalog({})
         self.controlnets = controlnets or ControlNetCatalog([])
         self.downloads = downloads or HubDownloads()
+        self._detector_turn = threading.Lock()  # one learned preprocessor at a time (preprocessor_weights)
         self.models: DiffusersModels = stages.models
         self.manager = stages.manager
         self.presets = presets
@@ -249,9 +251,17 @@ class SamplingEngine:
         problems += preprocessors_not_here(tuple(request.controls), self.controlnets, self.downloads)
         return list(dict.fromkeys(problems))
 
-    def preprocessor_weights(self, name: str) -> contextlib.AbstractContextManager[Path | None]:
-        """The folder with a learned preprocessor's files, fetched where allowed (WeightsFor, for units' maps)."""
-        return preprocessor_weights(name, self.controlnets, self.downloads)
+    @contextlib.contextmanager
+    def preprocessor_weights(self, name: str) -> Iterator[Path | None]:
+        """The folder with a learned preprocessor's files, fetched where allowed (WeightsFor, for units' maps),
+        held while one map is made: one learned detector at a time per engine, since each holds a model and its
+        activations in RAM (previews and plans run outside the GPU queue, several visitors at once)."""
+        with preprocessor_weights(name, self.controlnets, self.downloads) as folder:
+            if folder is None:
+                yield None
+                return
+            with self._detector_turn:
+                yield folder
 
     def check(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, str]:
         return check_sampling(request, preset, self.limits)
