@@ -399,8 +399,10 @@ class ControlUnits(MultiControlNetModel):
 @contextmanager
 def adapter_residuals(unet: torch.nn.Module, units: ControlUnits | None):
     """While a pass runs, the UNet's calls get the units' T2I-Adapter features (none without adapters). A call
-    hook, not a change to the model: removed when the pass ends, even on an error, so the shared UNet the manager
-    records is the same model after the pass as before it."""
+    hook, not a change to the model: registered inside the stage's lease (the device lock held, the UNet this job's
+    alone) and removed when the pass ends, even on an error, so the shared UNet the manager records is the same
+    model after the pass as before it. Not a manager Patch: a patch outlives its lease (it stays across one job's
+    turns, as a LoRA does), where this belongs to one pass's units and their maps."""
     if units is None or not units.has_adapters:
         yield
         return
