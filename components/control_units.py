@@ -305,9 +305,11 @@ def _build_unit(index: int, catalog: ControlNetCatalog, offered: list[str], elem
                 unit["own_map"] = gr.Button(f"Show the map of {own_image}", size="sm", elem_id=f"{element}-own-map")
     if not own_image:  # a tab without a picture of its own: the control image may be drawn here
         with gr.Accordion("Draw the control image", open=False, elem_id=f"{element}-draw") as unit["draw"]:
+            # as wide as it is high, so that the paper fills it: a stroke begun beside the paper draws nothing
             unit["canvas"] = gr.Sketchpad(
-                label="Drawing", type="pil", image_mode="RGBA", format="png", sources=(), layers=False,
-                transforms=(), canvas_size=DRAWING_CANVAS, height=360, elem_id=f"{element}-canvas",
+                label="Drawing", type="pil", image_mode="RGBA", format="png", sources=(),
+                layers=False, transforms=(), canvas_size=DRAWING_CANVAS, height=420, width=420,
+                elem_id=f"{element}-canvas",
                 brush=gr.Brush(colors=["#000000"], default_color="#000000", default_size=6, color_mode="fixed"))
             unit["use_drawing"] = gr.Button("Use the drawing as the control image", size="sm",
                                             elem_id=f"{element}-use-drawing")
@@ -381,12 +383,16 @@ def _wire_drawing(unit: dict[str, gr.Component], max_upload_pixels: int) -> None
     canvas = unit["canvas"]
 
     def use_drawing(sent):
+        """The drawing as the control image, the unit on, and the canvas folded away, so that the image and its
+        map (above it) come into view."""
         drawing = editor_images(canvas, sent, max_upload_pixels).get("composite")
-        return drawing_on_paper(drawing), True
+        return drawing_on_paper(drawing), True, gr.Accordion(open=False)
 
     unit["draw"].expand(None, None, None, js=pick_brush_js(canvas.elem_id), **INSTANT)
     copied = unit["use_drawing"].click(None, canvas, unit["drawing_sent"], js="(value) => value", **INSTANT)
-    copied.success(use_drawing, unit["drawing_sent"], [unit["image"], unit["enabled"]], **QUICK)
+    used = copied.success(use_drawing, unit["drawing_sent"], [unit["image"], unit["enabled"], unit["draw"]], **QUICK)
+    used.success(None, js=f"() => document.getElementById({unit['map'].elem_id!r})"
+                          "?.scrollIntoView({block: 'nearest', behavior: 'smooth'})", **INSTANT)
 
 
 def drawing_on_paper(drawing: Image.Image | None) -> Image.Image:
@@ -394,7 +400,8 @@ def drawing_on_paper(drawing: Image.Image | None) -> Image.Image:
     and scribble preprocessors read dark lines on white."""
     drawing = drawing.convert("RGBA") if drawing is not None else None
     if drawing is None or not drawing.getchannel("A").getbbox():
-        raise user_error(InvalidRequest(["The drawing is empty: draw with the brush first."]), "Nothing drawn")
+        raise user_error(InvalidRequest(["Nothing is drawn on the white paper: draw on it with the brush first (a "
+                                         "stroke begun beside the paper draws nothing)."]), "Nothing drawn")
     paper = Image.new("RGB", drawing.size, "white")
     paper.paste(drawing.convert("RGB"), mask=drawing.getchannel("A"))
     return paper

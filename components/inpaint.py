@@ -402,7 +402,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     checked = read_editor(generate.click).success(check, [mode, from_editor], None, inputs_kwargs=form, **QUICK)
     event = checked.success(inpaint_from_editor, [mode, from_editor], outputs, inputs_kwargs=form,
                             api_visibility="private", **gpu_event)
-    runner.follow_results(TAB, [checked], [event], seeds, info)
+    runner.follow_results(TAB, [checked], [event], seeds, info, gallery)
     scroll_to_results_in_a_narrow_window(checked, "inpaint-gallery")
     runner.wire_stop(stop, TAB)
 

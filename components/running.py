@@ -187,20 +187,24 @@ class JobRunner:
 
         return checked
 
-    def follow_results(self, tab: str, started: list, jobs: list, seeds: gr.JSON, info: gr.Textbox) -> None:
+    def follow_results(self, tab: str, started: list, jobs: list, seeds: gr.JSON, info: gr.Textbox,
+                       gallery: gr.Gallery) -> None:
         """Used seeds and Generation info never show the previous image's values as the new one's: emptied when
         a request passes its instant check (`started`); when the check refuses it (see remembering_refusals) or
-        its job (`jobs`) fails, Generation info says why, where it stays (the error's toast fades)."""
+        its job (`jobs`) fails, Generation info says why, where it stays (the error's toast fades), and the
+        results are emptied too, so that no earlier image stands beside "No image" as if this request made it (it
+        is in the session's History)."""
 
         def failed(request: gr.Request):
             reason = self.failure_of(session_of(request), tab)
-            return None, f"No image: {reason}" if reason else "No image: the request failed (see the error message)."
+            return (None, None,
+                    f"No image: {reason}" if reason else "No image: the request failed (see the error message).")
 
         for event in started:
             event.success(lambda: (None, ""), None, [seeds, info], **INSTANT)
-            event.failure(failed, None, [seeds, info], **INSTANT)
+            event.failure(failed, None, [gallery, seeds, info], **INSTANT)
         for event in jobs:
-            event.failure(failed, None, [seeds, info], **INSTANT)
+            event.failure(failed, None, [gallery, seeds, info], **INSTANT)
 
     def wire_stop(self, stop: gr.Button, tab: str) -> None:
         """Stop cancels this tab's job of this session, nothing else. It sets the job's flag rather than using

@@ -288,7 +288,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     prompt_checked = prompt.submit(check, None, None, inputs_kwargs=form, **QUICK)
     submitted = prompt_checked.success(text_to_image, None, [gallery, seeds, info], inputs_kwargs=form,
                                        api_visibility="private", **gpu_event)
-    runner.follow_results(TAB, [checked, prompt_checked], [event, submitted], seeds, info)
+    runner.follow_results(TAB, [checked, prompt_checked], [event, submitted], seeds, info, gallery)
     for started in (checked, prompt_checked):
         scroll_to_results_in_a_narrow_window(started, "text-to-image-gallery")
 

@@ -160,7 +160,8 @@ def test_switching_presets_logs_no_traceback(page, app_url):
 
 
 def test_a_failed_generation_leaves_no_previous_info_and_says_why(page, artifacts):
-    """Used seeds and Generation info kept the previous image's values under the failed request's "Error"."""
+    """Used seeds and Generation info kept the previous image's values under the failed request's "Error", and the
+    previous image stayed in the results beside "No image"."""
     tab = text_tab(page)
     seed = tab.get_by_label("Seed (-1 = random)")
     seed.fill("424242")
@@ -174,6 +175,8 @@ def test_a_failed_generation_leaves_no_previous_info_and_says_why(page, artifact
     tab.get_by_role("button", name="Generate", exact=True).click()
     playwright.expect(info).to_have_value(re.compile(r"^No image: .*lcm-sd15", re.DOTALL), timeout=60_000)
     assert "424242" not in seeds.inner_text()
+    # no earlier image beside "No image", as if this request had made it (it is in the History)
+    playwright.expect(page.locator("#text-to-image-gallery img[alt^='Seed ']")).to_have_count(0, timeout=10_000)
     page.screenshot(path=str(artifacts / "failed_generation_info.png"), full_page=True)
     # refused by the instant check (an offline Hub preset) after a good image: the same, with the check's reason
     tab.get_by_label("Prompt", exact=True).fill("a red circle on a blue background")
@@ -184,6 +187,7 @@ def test_a_failed_generation_leaves_no_previous_info_and_says_why(page, artifact
     tab.get_by_role("button", name="Generate", exact=True).click()
     playwright.expect(info).to_have_value(f"No image: {SDXL_OFFLINE}", timeout=10_000)
     assert "424242" not in seeds.inner_text()
+    playwright.expect(page.locator("#text-to-image-gallery img[alt^='Seed ']")).to_have_count(0, timeout=10_000)
 
 
 def test_a_stopped_image_is_marked_in_the_history(screen, artifacts):

@@ -243,5 +243,5 @@ def test_a_drawing_is_put_on_white_paper_and_an_empty_one_is_refused():
     paper = np.asarray(drawing_on_paper(strokes))
     assert paper.shape == (64, 64, 3) and (paper[11, 20] == 0).all() and (paper[40, 40] == 255).all()
     for empty in (Image.new("RGBA", (64, 64), (0, 0, 0, 0)), None):
-        with pytest.raises(gr.Error, match="The drawing is empty"):
+        with pytest.raises(gr.Error, match="Nothing is drawn on the white paper"):
             drawing_on_paper(empty)

@@ -244,9 +244,10 @@ def check_controlnet_fits(preset: ControlNetPreset, model_family: str, model_lab
     if preset.family == model_family:
         return None
     made_for, family = family_named(preset.family), family_named(model_family)
-    return (f"ControlNet {preset.label!r} is made for {made_for.label} models and cannot steer {model_label} "
-            f"({family.label}): a ControlNet adds to the blocks of the UNet it was trained with. Pick one made for "
-            f"{family.label}, or another preset.")
+    steered = model_label if family.label in model_label else f"{model_label} ({family.label})"
+    return (f"ControlNet {preset.label!r} is made for {made_for.label} models and cannot steer {steered}: a "
+            f"ControlNet adds to the blocks of the UNet it was trained with. Pick one made for {family.label}, or "
+            "another preset.")
 
 
 def soft_injection_scales(count: int, weight: float) -> list[float]:
