@@ -26,6 +26,7 @@ RESULT_LINES = {
     "hires_fix.py": rf"time of an image, ratio to a 64 px image:\n  Hires\. fix with Latent +{NUMBER}",
     "inpaint_memory.py": rf"base UNet inpaints \(4-channel\) +{NUMBER} MiB +{NUMBER} MiB +{NUMBER}",
     "lora_overhead.py": rf"ratio {NUMBER}; {NUMBER} ms per image for the adapters",
+    "preview_cost.py": rf"ratio {NUMBER} \(target <= 1\.03\); {NUMBER} ms per preview",
     "prompt_weights.py": r"A1111 emphasis \(the studio\): yellow-up greener than red-up in \d+/1 seeds",
     "shared_memory.py": rf"ratio {NUMBER} \(target <= 0\.40",
     "upscale_tiling.py": rf"time, ours ÷ RealESRGANer: {NUMBER}",

@@ -3,9 +3,9 @@ estimate that ZeroGPU books GPU time from.
 
 On ZeroGPU the GPU work runs in a *forked* worker process (spaces keeps one per GPU), so a threading.Event set
 by Stop in the main process would never reach it, nor would the worker's progress reach the page. A JobBoard
-therefore keeps each job's cancel flag and progress in shared memory created *before* any fork; the GPU
-function gets only the job's slot number (an int crosses the process boundary) and attaches to the same slot
-on its side of the fork. Without ZeroGPU the very same code runs in one process.
+therefore keeps each job's cancel flag, progress and latest live preview (a small RGB image) in shared memory
+created *before* any fork; the GPU function gets only the job's slot number (an int crosses the process boundary)
+and attaches to the same slot on its side of the fork. Without ZeroGPU the very same code runs in one process.
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawArray
 
+import numpy as np
+from PIL import Image
+
 TEXT_BYTES = 120
+# A live preview crosses the fork at most this many pixels a side (SDXL's 1024 px image is 128 latents a side; a
+# larger preview is scaled down first): 48 KiB of shared memory per job slot
+PREVIEW_SIDE = 128
 PENDING_TTL_SECONDS = 3600  # a Stop pressed for a job that never started (tab closed) is forgotten after this
 
 
@@ -31,6 +37,14 @@ class JobControl:
     def report(self, done: int, total: int, text: str) -> None:
         raise NotImplementedError
 
+    def show(self, preview: Image.Image) -> None:
+        """A live preview of the image being made (the latest replaces the one before). Ignored by default."""
+
+    @property
+    def wants_previews(self) -> bool:
+        """Whether anyone looks at this job's previews (making one costs a little at each step)."""
+        return False
+
     @property
     def owner(self) -> object:
         """The job this is (a part of): the memory manager keeps a job's LoRA patches across its turns."""
@@ -41,9 +55,18 @@ class LocalJob(JobControl):
     """A job in this process only (tests, scripts): a threading.Event and an optional progress callback."""
 
     def __init__(self, on_progress: Callable[[int, int, str], None] | None = None,
-                 cancel: threading.Event | None = None):
+                 cancel: threading.Event | None = None, on_preview: Callable[[Image.Image], None] | None = None):
         self.cancel_event = cancel or threading.Event()
         self.on_progress = on_progress
+        self.on_preview = on_preview
+
+    def show(self, preview: Image.Image) -> None:
+        if self.on_preview:
+            self.on_preview(preview)
+
+    @property
+    def wants_previews(self) -> bool:
+        return self.on_preview is not None
 
     @property
     def cancelled(self) -> bool:
@@ -74,6 +97,17 @@ class SlotJob(JobControl):
     def progress(self) -> tuple[int, int, str]:
         return self.board._read_progress(self.slot)
 
+    def show(self, preview: Image.Image) -> None:
+        self.board._write_preview(self.slot, preview)
+
+    @property
+    def wants_previews(self) -> bool:
+        return bool(self.board._wants_previews[self.slot])
+
+    def latest_preview(self, after: int = 0) -> tuple[int, Image.Image | None]:
+        """(its number, the latest preview) if one newer than number `after` was shown, else (after, None)."""
+        return self.board._read_preview(self.slot, after)
+
 
 @dataclass
 class _Open:
@@ -91,6 +125,12 @@ class JobBoard:
         self._done = RawArray(ctypes.c_long, slots)
         self._total = RawArray(ctypes.c_long, slots)
         self._text = RawArray(ctypes.c_char, slots * TEXT_BYTES)
+        self._wants_previews = RawArray(ctypes.c_bool, slots)
+        # a preview per slot: its pixels, size and a sequence number, odd while the writer is at work (a reader
+        # that sees it odd, or changed under it, leaves that preview and takes the next)
+        self._preview_pixels = RawArray(ctypes.c_ubyte, slots * PREVIEW_SIDE * PREVIEW_SIDE * 3)
+        self._preview_size = RawArray(ctypes.c_int, slots * 2)
+        self._preview_sequence = RawArray(ctypes.c_long, slots)
         self._free = list(range(slots))
         self._open: dict[int, _Open] = {}
         self._stopped_early: dict[tuple[str, str], float] = {}  # Stop pressed while the job waited in the queue
@@ -107,12 +147,15 @@ class JobBoard:
             self._submitted[(session, tab)] = now
             self._stopped_early.pop((session, tab), None)
 
-    def open(self, session: str, tab: str) -> SlotJob:
+    def open(self, session: str, tab: str, previews: bool = False) -> SlotJob:
+        """A slot for the tab's job; `previews`: its work shows live previews (someone will read them)."""
         with self._lock:
             if not self._free:
                 raise RuntimeError("Too many jobs at once: every job slot is taken.")
             slot = self._free.pop()
             self._cancel[slot] = self._stopped_early.pop((session, tab), None) is not None
+            self._wants_previews[slot] = previews
+            self._preview_sequence[slot] = 0
             self._submitted.pop((session, tab), None)
             job = SlotJob(self, slot)
             self._open[slot] = _Open(job, session, tab)
@@ -146,6 +189,30 @@ class JobBoard:
         self._text[slot * TEXT_BYTES:(slot + 1) * TEXT_BYTES] = encoded
         self._total[slot] = total
         self._done[slot] = done
+
+    def _write_preview(self, slot: int, preview: Image.Image) -> None:
+        preview = preview.convert("RGB")
+        if max(preview.size) > PREVIEW_SIDE:
+            preview = preview.copy()
+            preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
+        pixels = np.asarray(preview, dtype=np.uint8).reshape(-1)
+        start = slot * PREVIEW_SIDE * PREVIEW_SIDE * 3
+        sequence = self._preview_sequence[slot]
+        self._preview_sequence[slot] = sequence + 1  # odd: being written
+        np.frombuffer(self._preview_pixels, dtype=np.uint8)[start:start + pixels.size] = pixels
+        self._preview_size[2 * slot], self._preview_size[2 * slot + 1] = preview.size
+        self._preview_sequence[slot] = sequence + 2
+
+    def _read_preview(self, slot: int, after: int) -> tuple[int, Image.Image | None]:
+        sequence = self._preview_sequence[slot]
+        if sequence <= after or sequence % 2:
+            return after, None
+        width, height = self._preview_size[2 * slot], self._preview_size[2 * slot + 1]
+        start = slot * PREVIEW_SIDE * PREVIEW_SIDE * 3
+        pixels = np.frombuffer(self._preview_pixels, dtype=np.uint8)[start:start + width * height * 3].copy()
+        if self._preview_sequence[slot] != sequence:  # rewritten while it was read: the next one will do
+            return after, None
+        return sequence, Image.fromarray(pixels.reshape(height, width, 3))
 
     def _read_progress(self, slot: int) -> tuple[int, int, str]:
         raw = bytes(self._text[slot * TEXT_BYTES:(slot + 1) * TEXT_BYTES]).split(b"\0", 1)[0]

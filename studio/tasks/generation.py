@@ -28,6 +28,7 @@ from studio.tasks.hires import (
     hires_size,
     upscale_latents,
 )
+from studio.tasks.previews import preview_every_of
 from studio.tasks.requests import (
     GenerationResult,
     MadeImage,
@@ -132,6 +133,7 @@ class TextToImage(SamplingEngine):
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
             warnings=self.prompt_warnings(preset, request.prompt, tuple(request.controls))
             + control_notes(tuple(request.controls), self.controlnets), lora_uses=parse_prompt(prompt).loras,
+            preview_every=preview_every_of(request),
             controls=plan_controls(tuple(request.controls), self.controlnets, size,
                                    weights_for=self.preprocessor_weights, made_maps=made_maps),
         )

@@ -22,6 +22,7 @@ from studio.core.jobs import LocalJob
 from studio.models.presets import ModelPreset
 from studio.tasks.control import control_notes, plan_controls, sketch_unit
 from studio.tasks.parameters import sampling_fields_from_parameters
+from studio.tasks.previews import preview_every_of
 from studio.tasks.requests import (
     GenerationResult,
     ProgressCallback,
@@ -263,7 +264,7 @@ class Inpainter(SamplingEngine):
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments=arguments, parameters_extra=extra,
             steps_per_image=int(request.steps * request.strength), warnings=warnings,
-            lora_uses=parse_prompt(request.prompt).loras, controls=controls,
+            lora_uses=parse_prompt(request.prompt).loras, controls=controls, preview_every=preview_every_of(request),
         )
 
 

@@ -15,6 +15,7 @@ from studio.a1111.prompts import prompt_mistakes
 from studio.a1111.schedulers import check_scheduler
 from studio.models.families import family_of
 from studio.models.presets import ModelPreset
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, FAST, LIVE_PREVIEWS
 
 
 MAX_SEED = 2**32 - 1
@@ -56,6 +57,8 @@ class SamplingRequest:
     batch_size: int = 1
     clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the one before it (anime models)
     controls: tuple = ()  # ControlNet units (studio.tasks.control.ControlUnit), at most RequestLimits' count
+    live_preview: str = FAST  # Off or Fast (studio.tasks.previews): made only while someone watches the job
+    preview_every: int = DEFAULT_PREVIEW_EVERY  # steps between two previews
 
 
 @dataclass
@@ -115,7 +118,8 @@ def fraction_problems(request, labels: dict[str, str]) -> dict[str, str]:
             for name, label in labels.items() if not isinstance(getattr(request, name), int)}
 
 
-WHOLE_SAMPLING_FIELDS = {"steps": "Steps", "seed": "Seed", "batch_size": "Batch size", "clip_skip": "Clip skip"}
+WHOLE_SAMPLING_FIELDS = {"steps": "Steps", "seed": "Seed", "batch_size": "Batch size", "clip_skip": "Clip skip",
+                         "preview_every": "Live preview every"}
 MAX_CLIP_SKIP = 12  # A1111's slider: a CLIP ViT-L text encoder has 12 layers
 
 
@@ -147,6 +151,12 @@ def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: Reques
         problems["seed"] = f"Seed must be -1 (random) or between 0 and {MAX_SEED} (got {request.seed})."
     elif request.seed >= 0 and request.seed + request.batch_size - 1 > MAX_SEED:
         problems["seed"] = f"Seed + batch size - 1 must not exceed {MAX_SEED}."
+    if request.live_preview not in LIVE_PREVIEWS:
+        problems["live_preview"] = (f"Live preview must be one of {', '.join(LIVE_PREVIEWS)} "
+                                    f"(got {request.live_preview!r}).")
+    if not (1 <= request.preview_every <= max_steps):
+        problems["preview_every"] = (f"Live preview every must be between 1 and {max_steps} steps "
+                                     f"(got {request.preview_every}).")
     if not (1 <= request.clip_skip <= MAX_CLIP_SKIP):
         problems["clip_skip"] = f"Clip skip must be between 1 and {MAX_CLIP_SKIP} (got {request.clip_skip})."
     elif request.clip_skip > 1 and not family_of(preset).clip_skip:

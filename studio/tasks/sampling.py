@@ -53,6 +53,7 @@ from studio.tasks.control import (
 from studio.tasks.hires import (
     HiresPlan,
 )
+from studio.tasks.previews import CleanEstimate, preview_step
 from studio.tasks.requests import (
     GeneratedImage,
     GenerationResult,
@@ -90,6 +91,7 @@ class SamplingPlan:
     lora_uses: tuple[LoraUse, ...] = ()  # the prompt's <lora:...> tags
     loras: tuple[AppliedLora, ...] = ()  # ... resolved to files with the model files (the Hub's fetched first)
     controls: tuple[PlannedControl, ...] = ()  # ControlNet units, their maps made at `size`
+    preview_every: int = 0  # a live preview every this many steps while someone watches the job (0: none)
 
     @property
     def encoder_prompt(self) -> str:
@@ -429,6 +431,9 @@ class SamplingEngine:
                 clock = pipe.controlnet.clock = ControlClock(pass_steps, getattr(pipe.scheduler, "order", 1))
                 each_step = clock.ticking(on_step)
                 control_arguments = control_call_arguments(family_of(preset).control_image_argument(task), controls)
+            if plan.preview_every and job.wants_previews:
+                each_step = preview_step(job, family_of(preset), CleanEstimate(pipe.scheduler), plan.preview_every,
+                                         pass_steps, then=each_step)
             step_hooks = {"callback_on_step_end": each_step}
             if task == "inpaint":
                 step_hooks = inpaint_step_hooks(pipe, family_of(plan.preset), arguments["image"], image_seed,

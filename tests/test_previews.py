@@ -1,0 +1,109 @@
+"""Live previews in the engine: a preview every N steps of the sampler's estimate of the clean image, through the
+family's latent-to-RGB factors; the final image the same bit for bit with previews on and off; previews across a
+fork through the job board's shared memory."""
+
+import multiprocessing
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.core.jobs import PREVIEW_SIDE, JobBoard, LocalJob
+from studio.tasks.generation import TextToImageRequest
+from studio.tasks.inpainting import InpaintRequest
+
+PROMPT = "a red circle on a blue background"
+
+
+def run_with_previews(engine, request, previews: list | None):
+    job = LocalJob(on_preview=previews.append) if previews is not None else LocalJob()
+    with engine.model_files(engine.plan(request)) as plan:
+        return engine.run(plan, job)
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].image.convert("RGB"), dtype=np.float64) / 255
+
+
+@pytest.mark.parametrize("scheduler", ["Euler", "DPM++ 2M Karras", "Heun", "DDIM"])
+def test_a_preview_every_step_and_the_final_image_is_the_same_without_them(engines, scheduler):
+    request = TextToImageRequest(prompt=PROMPT, seed=11, steps=6, scheduler=scheduler)
+    previews: list[Image.Image] = []
+    watched = run_with_previews(engines.text_to_image, request, previews)
+    unwatched = run_with_previews(engines.text_to_image, request, None)
+    assert np.array_equal(pixels(watched), pixels(unwatched))
+    assert len(previews) == 6 and all(preview.size == (16, 16) for preview in previews)  # 64 px / the VAE's 4
+    # the last preview is the image, approximately (the factors explain 82% of the colour variance)
+    final = np.asarray(watched.images[0].image.convert("RGB").resize((16, 16), Image.Resampling.BOX)) / 255
+    assert np.abs(np.asarray(previews[-1]) / 255 - final).mean() < 0.15
+
+
+def test_previews_show_the_clean_estimate_so_the_scene_shows_early(engines, monkeypatch):
+    """At step 3 of 12 the noisy latents are still mostly noise; the sampler's estimate of the clean image already
+    shows the scene: its preview is nearer the final image than a preview of the noisy latents."""
+    import studio.tasks.previews as previews_module
+
+    request = TextToImageRequest(prompt=PROMPT, seed=5, steps=12, scheduler="Euler")
+    estimated: list = []
+    result = run_with_previews(engines.text_to_image, request, estimated)
+    monkeypatch.setattr(previews_module, "clean_estimate", lambda scheduler, output: None)
+    noisy: list = []
+    run_with_previews(engines.text_to_image, request, noisy)
+    final = np.asarray(result.images[0].image.convert("RGB").resize((16, 16), Image.Resampling.BOX)) / 255
+
+    def distance(preview):
+        return np.abs(np.asarray(preview) / 255 - final).mean()
+
+    assert distance(estimated[2]) < 0.7 * distance(noisy[2])
+    assert distance(estimated[-1]) < 0.15
+
+
+def test_every_n_steps_and_off(engines):
+    base = TextToImageRequest(prompt=PROMPT, seed=3, steps=7, preview_every=3)
+    previews: list = []
+    run_with_previews(engines.text_to_image, base, previews)
+    assert len(previews) == 3  # steps 3, 6 and the last (7)
+    previews.clear()
+    run_with_previews(engines.text_to_image, replace(base, live_preview="Off"), previews)
+    assert previews == []
+
+
+def test_inpaint_and_sketch_to_image_show_previews_too(engines):
+    previews: list = []
+    request = InpaintRequest(prompt=PROMPT, seed=2, steps=4, strength=1.0)
+    sketch = Image.new("RGB", (64, 64), "white")
+    sketch.paste((220, 30, 30), (20, 20, 44, 44))
+    job = LocalJob(on_preview=previews.append)
+    engine = engines.inpainter
+    with engine.model_files(engine.plan_sketch(sketch, request)) as plan:
+        engine.run(plan, job)
+    assert len(previews) == 4
+
+
+def test_bad_preview_settings_are_refused_with_a_message(engines):
+    problems = engines.text_to_image.problems(TextToImageRequest(prompt=PROMPT, live_preview="Sometimes",
+                                                                 preview_every=0))
+    assert problems["live_preview"] == "Live preview must be one of Off, Fast (got 'Sometimes')."
+    assert problems["preview_every"].startswith("Live preview every must be between 1 and ")
+
+
+def _show_from_the_worker(board: JobBoard, slot: int) -> None:
+    job = board.attach(slot)
+    job.show(Image.new("RGB", (300, 150), (10, 200, 30)))
+
+
+def test_a_preview_shown_in_a_forked_worker_reaches_the_main_process():
+    board = JobBoard(slots=4)
+    job = board.open("session", "tab", previews=True)
+    assert board.attach(job.slot).wants_previews and job.latest_preview() == (0, None)
+    worker = multiprocessing.get_context("fork").Process(target=_show_from_the_worker, args=(board, job.slot))
+    worker.start()
+    worker.join(30)
+    number, preview = job.latest_preview()
+    assert number > 0 and preview.size == (PREVIEW_SIDE, PREVIEW_SIDE // 2)  # scaled to fit, its shape kept
+    assert preview.getpixel((5, 5)) == (10, 200, 30)
+    assert job.latest_preview(after=number) == (number, None)  # nothing newer
+    board.close(job)
+    again = board.open("other", "tab")
+    assert not again.wants_previews and again.latest_preview() == (0, None)  # a reused slot starts clean
