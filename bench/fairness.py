@@ -49,6 +49,15 @@ def timed(call) -> float:
     return time.perf_counter() - began
 
 
+def denoising(job) -> bool:
+    """Whether a submitted text-to-image job is denoising: a live preview has come (its step in the caption), or
+    its progress counts steps (before the first preview)."""
+    if job.outputs():
+        return True
+    progress = job.status().progress_data
+    return bool(progress and progress[0].index)
+
+
 def quick_image_wait_ratio(url: str, work: Workload = Workload()) -> tuple[float, dict]:
     """(time of a quick image during a long batch) / (its time alone + one long image), and the figures."""
     quick = dict(steps=work.quick_steps, seed=1, batch_size=1)
@@ -60,7 +69,7 @@ def quick_image_wait_ratio(url: str, work: Workload = Workload()) -> tuple[float
                                                                 batch_size=work.batch_size)),
                                               api_name="/text_to_image")
     deadline = time.monotonic() + 60
-    while not (batch.status().progress_data and batch.status().progress_data[0].index):  # the batch is denoising
+    while not denoising(batch):
         if batch.done():
             raise RuntimeError("the long batch finished before its progress was seen: make it longer")
         if time.monotonic() > deadline:

@@ -4,16 +4,18 @@ fetched before the GPU work, the GPU function (spaces.GPU on ZeroGPU), messages,
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextvars
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from components.event_options import INSTANT
 from studio.core.errors import StudioError
@@ -23,6 +25,8 @@ from studio.tasks.requests import GenerationResult
 from studio.tasks.sampling import SamplingEngine, SamplingPlan
 
 PROGRESS_INTERVAL_S = 0.1
+PREVIEW_INTERVAL_S = 0.1  # how often a watched job's latest preview is looked for
+PREVIEW, RESULT = "preview", "result"  # what a job's run yields
 REMEMBERED_FAILURES = 1000  # sessions whose last failed job's reason is kept for their page
 log = logging.getLogger("studio.requests")
 
@@ -61,6 +65,9 @@ class JobRunner:
     concurrency: int = 4  # jobs in flight at once; they take turns on the device between images
 
     def __post_init__(self):
+        # the threads watched jobs run on (Text to image streams its previews): kept, as gradio keeps its handlers'
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency,
+                                                              thread_name_prefix="watched-job")
         self._device_functions: dict[int, Callable] = {}  # id(manager) -> its GPU function
         self._engines: dict[str, Any] = {}  # engine name -> the engine that runs its plans
         self._counted: dict[tuple[str, str], int] = {}  # requests already counted by the rate limit when queued
@@ -126,6 +133,28 @@ class JobRunner:
         plan, result = self.run_job(tab, request, progress, engine, plan_for, device_function, error_title)
         return gallery_outputs(finish(result), plan.batch_size)
 
+    def stream(self, tab: str, request: gr.Request | None, progress: gr.Progress, engine: SamplingEngine,
+               plan_for: Callable[[], SamplingPlan], device_function: Callable,
+               finish: Callable[[GenerationResult], GenerationResult] = lambda result: result,
+               error_title: str = "Cannot generate", shown: Callable[[Image.Image], Any] = lambda preview: preview,
+               ) -> Iterator[tuple]:
+        """A generating tab's job as a generator handler: the gallery outputs of each live preview as it comes
+        (`shown` makes the picture of a preview; seeds and info are left as they are), then the result's. The
+        gallery keeps the previous result until the first preview arrives."""
+        session = session_of(request)
+        try:
+            for kind, value in self._run_job(session, tab, progress, engine, plan_for, device_function, error_title,
+                                             previews=True):
+                if kind == PREVIEW:
+                    preview, step = value
+                    yield [(shown(preview), f"Forming… {step}".strip())], gr.skip(), gr.skip()
+                else:
+                    plan, result = value
+                    yield gallery_outputs(finish(result), plan.batch_size)
+        except gr.Error as error:
+            self._remember_failure(session, tab, str(error.message))
+            raise
+
     def run_job(self, tab: str, request: gr.Request | None, progress: gr.Progress, engine,
                 plan_for: Callable[[], Any], device_function: Callable, error_title: str) -> tuple[Any, Any]:
         """Plan (CPU), fetch the model files (outside the device lock), run the device work as this tab's job;
@@ -133,13 +162,16 @@ class JobRunner:
         against the files (what runs)."""
         session = session_of(request)
         try:
-            return self._run_job(session, tab, progress, engine, plan_for, device_function, error_title)
+            (_, made), = self._run_job(session, tab, progress, engine, plan_for, device_function, error_title)
+            return made
         except gr.Error as error:  # kept for the tab's Generation info: the toast fades in seconds
             self._remember_failure(session, tab, str(error.message))
             raise
 
     def _run_job(self, session: str, tab: str, progress: gr.Progress, engine, plan_for: Callable[[], Any],
-                 device_function: Callable, error_title: str) -> tuple[Any, Any]:
+                 device_function: Callable, error_title: str, previews: bool = False) -> Iterator[tuple[str, Any]]:
+        """(PREVIEW, image) for each live preview while the job runs (with `previews`), then (RESULT, (plan,
+        result))."""
         self._count_unless_queued_from_the_page(session, tab)
         try:
             plan = plan_for()
@@ -148,9 +180,12 @@ class JobRunner:
         # The model files are fetched first, and stay protected from the cache budget until the job is done.
         try:
             with engine.model_files(plan, throttled(progress)) as plan:
-                job = self.board.open(session, tab)
+                job = self.board.open(session, tab, previews=previews)
                 try:
-                    result = follow_progress(lambda: device_function(plan, job.slot), job, progress)
+                    if previews:
+                        result = yield from self._watched(lambda: device_function(plan, job.slot), job, progress)
+                    else:
+                        result = follow_progress(lambda: device_function(plan, job.slot), job, progress)
                 except gr.Error as error:  # an engine error raised on the GPU side: said once, with this tab's title
                     log.info("%s: %s", error_title, str(error.message).splitlines()[0])
                     raise gr.Error(error.message, title=error_title, print_exception=False) from None
@@ -158,7 +193,38 @@ class JobRunner:
                     self.board.close(job)
         except StudioError as error:  # the model files could not be had
             raise user_error(error, error_title) from None
-        return plan, result
+        yield RESULT, (plan, result)
+
+    def _watched(self, work: Callable, job, progress: gr.Progress):
+        """Runs `work()` on one of the runner's own threads (kept from job to job, as a handler's thread is) while
+        this generator yields (PREVIEW, (image, its step)) for each new preview the job shows; returns work's
+        result. A handler closed early (the visitor left) stops the job and waits for it, so its slot is never
+        freed under it.
+
+        Once a preview shows, the progress bar is left: gradio draws it over the output, so the forming image
+        would be hidden under it; the preview's caption says the step instead."""
+        context = contextvars.copy_context()  # gradio's progress and spaces' request live in context variables
+        previewing = threading.Event()
+
+        def progress_until_a_preview(*args, **kwargs):
+            if not previewing.is_set():
+                progress(*args, **kwargs)
+
+        future = self._workers.submit(context.run, follow_progress, work, job, progress_until_a_preview)
+        seen = 0
+        try:
+            while True:
+                try:
+                    return future.result(timeout=PREVIEW_INTERVAL_S)  # its error, if it failed, raised here
+                except concurrent.futures.TimeoutError:
+                    seen, preview = job.latest_preview(seen)
+                    if preview is not None:
+                        previewing.set()
+                        yield PREVIEW, (preview, job.progress()[2])
+        finally:
+            if not future.done():
+                job.stop()
+                concurrent.futures.wait([future])
 
     def _remember_failure(self, session: str, tab: str, message: str) -> None:
         with self._lock:

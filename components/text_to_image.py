@@ -230,7 +230,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         control_mode, resize_mode, pixel_perfect, processor_res, and the preprocessor's thresholds (-1: its
         defaults)."""
         text_request = request_of(fields)
-        return runner.run(TAB, request, progress, engine, lambda: engine.plan(text_request), on_device)
+        # live previews as the images form (a generator handler: Client.submit sees them, predict the result)
+        yield from runner.stream(TAB, request, progress, engine, lambda: engine.plan(text_request), on_device)
 
     optional_control_images(text_to_image, controls.count)  # the API may leave a unit's image out
 

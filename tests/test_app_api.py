@@ -412,3 +412,20 @@ def test_upscale_endpoint_refuses_clearly(client, tmp_path, overrides, message):
     with pytest.raises(Exception, match=message):
         client.predict(handle_file(str(tmp_path / "plain.png")), **({"upscaler": "embedded-rrdbnet-x4"} | overrides),
                        api_name="/upscale")
+
+
+def test_submit_sees_live_previews_before_the_result_and_predict_the_same_result(client):
+    """Text to image streams: Client.submit has each live preview as an intermediate output (a "Forming…" image),
+    then the result, which is predict's, bit for bit."""
+    job = client.submit(**(DEFAULTS | dict(steps=100, seed=21)), api_name="/text_to_image")
+    outputs = list(job)  # every output, as it came
+    final = job.result()
+    previews = [gallery for gallery, _, _ in outputs[:-1] if gallery and gallery[0].get("caption", "").startswith(
+        "Forming… Image 1/1, step ")]
+    assert len(previews) >= 2, [output[0] for output in outputs]
+    distinct = {Image.open(preview[0]["image"]).tobytes() for preview in previews}
+    assert len(distinct) >= 2  # the image changes as it forms
+    predicted = text_to_image(client, steps=100, seed=21)
+    streamed, direct = (Image.open(gallery[0]["image"]) for gallery in (final[0], predicted[0]))
+    assert np.array_equal(np.asarray(streamed), np.asarray(direct))
+    assert not final[0][0].get("caption", "").startswith("Forming") and "Seed: 21," in final[2]

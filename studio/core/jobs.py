@@ -100,6 +100,10 @@ class SlotJob(JobControl):
     def show(self, preview: Image.Image) -> None:
         self.board._write_preview(self.slot, preview)
 
+    def stop(self) -> None:
+        """Cancel this job (its handler is gone: nobody waits for its images)."""
+        self.board._cancel[self.slot] = True
+
     @property
     def wants_previews(self) -> bool:
         return bool(self.board._wants_previews[self.slot])
