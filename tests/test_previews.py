@@ -107,3 +107,24 @@ def test_a_preview_shown_in_a_forked_worker_reaches_the_main_process():
     board.close(job)
     again = board.open("other", "tab")
     assert not again.wants_previews and again.latest_preview() == (0, None)  # a reused slot starts clean
+
+
+def test_a_public_demo_shows_no_previews_where_a_safety_checker_looks_at_the_images():
+    """On a public demo every preset but the embedded one is checked, and a preview is not: it could show what the
+    checker then hides, so there is none; locally (no checker on a plain preset) there is."""
+    from studio.models.presets import load_presets
+    from studio.tasks.engines import ManagerSettings, build_engines, build_manager
+    from studio.tasks.previews import preview_every_of
+    from studio.tasks.requests import RequestLimits
+
+    presets = load_presets()
+    manager, models = build_manager(presets, ManagerSettings(public=True))
+    public = build_engines(manager, models, presets, limits=RequestLimits.public()).text_to_image
+    request = TextToImageRequest(prompt=PROMPT, preview_every=2)
+    dreamshaper = presets.get("dreamshaper-8")
+    assert public.models.needs_safety_checker(dreamshaper) and not dreamshaper.safety_checker
+    assert preview_every_of(request, True, public.limits.previews_of_checked_presets) == 0
+    assert preview_every_of(request, False, RequestLimits().previews_of_checked_presets) == 2
+    assert preview_every_of(request, True, RequestLimits().previews_of_checked_presets) == 2  # a local studio
+    # the embedded shapes are safe by construction: previews even on a public demo
+    assert public.plan(request).preview_every == 2

@@ -133,7 +133,8 @@ class TextToImage(SamplingEngine):
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
             warnings=self.prompt_warnings(preset, request.prompt, tuple(request.controls))
             + control_notes(tuple(request.controls), self.controlnets), lora_uses=parse_prompt(prompt).loras,
-            preview_every=preview_every_of(request),
+            preview_every=preview_every_of(request, self.models.needs_safety_checker(preset),
+                                           self.limits.previews_of_checked_presets),
             controls=plan_controls(tuple(request.controls), self.controlnets, size,
                                    weights_for=self.preprocessor_weights, made_maps=made_maps),
         )

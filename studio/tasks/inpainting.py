@@ -255,8 +255,8 @@ class Inpainter(SamplingEngine):
                           if unit.image is not None else unit for unit in units)
         return plan_controls(units, self.controlnets, size, own_image, self.preprocessor_weights)
 
-    @staticmethod
-    def _plan(preset, task, request: InpaintRequest, size, arguments, extra, warnings, controls=()) -> SamplingPlan:
+    def _plan(self, preset, task, request: InpaintRequest, size, arguments, extra, warnings,
+              controls=()) -> SamplingPlan:
         # diffusers skips the first (1 - strength) of the schedule, so each image takes steps × strength steps.
         return SamplingPlan(
             preset=preset, task=task, prompt=request.prompt.strip(), negative_prompt=request.negative_prompt,
@@ -264,7 +264,9 @@ class Inpainter(SamplingEngine):
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments=arguments, parameters_extra=extra,
             steps_per_image=int(request.steps * request.strength), warnings=warnings,
-            lora_uses=parse_prompt(request.prompt).loras, controls=controls, preview_every=preview_every_of(request),
+            lora_uses=parse_prompt(request.prompt).loras, controls=controls,
+            preview_every=preview_every_of(request, self.models.needs_safety_checker(preset),
+                                           self.limits.previews_of_checked_presets),
         )
 
 

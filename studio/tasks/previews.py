@@ -28,9 +28,13 @@ LIVE_PREVIEWS = (OFF, FAST)
 DEFAULT_PREVIEW_EVERY = 1
 
 
-def preview_every_of(request) -> int:
-    """A plan's preview interval from its request's live preview settings (0: none)."""
-    return request.preview_every if request.live_preview == FAST else 0
+def preview_every_of(request, checked: bool, previews_of_checked_presets: bool = True) -> int:
+    """A plan's preview interval from its request's live preview settings (0: none). None where a safety checker
+    looks at the preset's images here (`checked`: its own, or every preset's on a public demo) and the server says
+    so (a public demo): a preview is not checked, and would show what the checker then hides."""
+    if request.live_preview != FAST or (checked and not previews_of_checked_presets):
+        return 0
+    return request.preview_every
 
 
 class CleanEstimate:

@@ -36,11 +36,14 @@ class RequestLimits:
     max_upload_pixels: int = 50_000_000  # uploads larger than this are refused before they are decoded
     max_loras: int = 8  # LoRAs one prompt may apply at once
     max_control_units: int = 3  # ControlNet units one request may use at once (A1111's default)
+    # live previews of presets whose safety checker looks at every image: a preview is not checked, so on a public
+    # demo it could show what the checker then hides; off there (studio.tasks.previews.preview_every_of)
+    previews_of_checked_presets: bool = True
 
     @classmethod
     def public(cls) -> RequestLimits:
         return cls(max_prompt_chars=1000, max_batch_size=4, max_steps=50, max_guidance=20.0, max_pixels=1024 * 1024,
-                   max_upload_pixels=4_000_000, max_loras=4, max_control_units=2)
+                   max_upload_pixels=4_000_000, max_loras=4, max_control_units=2, previews_of_checked_presets=False)
 
 
 @dataclass(frozen=True)
