@@ -27,6 +27,7 @@ from studio.tasks.sampling import SamplingEngine, SamplingPlan
 PROGRESS_INTERVAL_S = 0.1
 PREVIEW_INTERVAL_S = 0.1  # how often a watched job's latest preview is looked for
 PREVIEW, RESULT = "preview", "result"  # what a job's run yields
+FORMING = "Forming…"  # a live preview's caption begins so (never a finished image's)
 REMEMBERED_FAILURES = 1000  # sessions whose last failed job's reason is kept for their page
 log = logging.getLogger("studio.requests")
 
@@ -147,7 +148,7 @@ class JobRunner:
                                              previews=True):
                 if kind == PREVIEW:
                     preview, step = value
-                    yield [(shown(preview), f"Forming… {step}".strip())], gr.skip(), gr.skip()
+                    yield [(shown(preview), f"{FORMING} {step}".strip())], gr.skip(), gr.skip()
                 else:
                     plan, result = value
                     yield gallery_outputs(finish(result), plan.batch_size)
@@ -162,8 +163,8 @@ class JobRunner:
         against the files (what runs)."""
         session = session_of(request)
         try:
-            (_, made), = self._run_job(session, tab, progress, engine, plan_for, device_function, error_title)
-            return made
+            for _, made in self._run_job(session, tab, progress, engine, plan_for, device_function, error_title):
+                return made  # without previews, the run yields its result only
         except gr.Error as error:  # kept for the tab's Generation info: the toast fades in seconds
             self._remember_failure(session, tab, str(error.message))
             raise
@@ -181,25 +182,31 @@ class JobRunner:
         try:
             with engine.model_files(plan, throttled(progress)) as plan:
                 job = self.board.open(session, tab, previews=previews)
+                draining: list[concurrent.futures.Future] = []  # a watched job still running when its handler left
                 try:
                     if previews:
-                        result = yield from self._watched(lambda: device_function(plan, job.slot), job, progress)
+                        result = yield from self._watched(lambda: device_function(plan, job.slot), job, progress,
+                                                          draining)
                     else:
                         result = follow_progress(lambda: device_function(plan, job.slot), job, progress)
                 except gr.Error as error:  # an engine error raised on the GPU side: said once, with this tab's title
                     log.info("%s: %s", error_title, str(error.message).splitlines()[0])
                     raise gr.Error(error.message, title=error_title, print_exception=False) from None
                 finally:
-                    self.board.close(job)
+                    if draining:  # its slot is freed when its work ends, never under it
+                        draining[0].add_done_callback(lambda _: self.board.close(job))
+                    else:
+                        self.board.close(job)
         except StudioError as error:  # the model files could not be had
             raise user_error(error, error_title) from None
         yield RESULT, (plan, result)
 
-    def _watched(self, work: Callable, job, progress: gr.Progress):
+    def _watched(self, work: Callable, job, progress: gr.Progress, draining: list):
         """Runs `work()` on one of the runner's own threads (kept from job to job, as a handler's thread is) while
-        this generator yields (PREVIEW, (image, its step)) for each new preview the job shows; returns work's
-        result. A handler closed early (the visitor left) stops the job and waits for it, so its slot is never
-        freed under it.
+        this generator yields (PREVIEW, (image, its step)) for each new preview the job shows, and the last preview
+        again when the job's progress text changes without one (waiting for its turn, decoding); returns work's
+        result. A handler closed early (the visitor left; gradio closes it on its event loop) stops the job and
+        puts its future in `draining` without waiting for it, so the server never waits on a job nobody watches.
 
         Once a preview shows, the progress bar is left: gradio draws it over the output, so the forming image
         would be hidden under it; the preview's caption says the step instead."""
@@ -211,20 +218,20 @@ class JobRunner:
                 progress(*args, **kwargs)
 
         future = self._workers.submit(context.run, follow_progress, work, job, progress_until_a_preview)
-        seen = 0
+        seen, last, said = 0, None, ""
         try:
-            while True:
-                try:
-                    return future.result(timeout=PREVIEW_INTERVAL_S)  # its error, if it failed, raised here
-                except concurrent.futures.TimeoutError:
-                    seen, preview = job.latest_preview(seen)
-                    if preview is not None:
-                        previewing.set()
-                        yield PREVIEW, (preview, job.progress()[2])
+            while not concurrent.futures.wait([future], PREVIEW_INTERVAL_S).done:
+                seen, preview = job.latest_preview(seen)
+                text = job.progress()[2]
+                if preview is not None or (last is not None and text != said):
+                    last, said = preview if preview is not None else last, text
+                    previewing.set()
+                    yield PREVIEW, (last, text)
+            return future.result()  # its error, if it failed, raised here
         finally:
             if not future.done():
                 job.stop()
-                concurrent.futures.wait([future])
+                draining.append(future)
 
     def _remember_failure(self, session: str, tab: str, message: str) -> None:
         with self._lock:

@@ -26,11 +26,19 @@ def pixels(result) -> np.ndarray:
     return np.asarray(result.images[0].image.convert("RGB"), dtype=np.float64) / 255
 
 
-@pytest.mark.parametrize("scheduler", ["Euler", "DPM++ 2M Karras", "Heun", "DDIM"])
-def test_a_preview_every_step_and_the_final_image_is_the_same_without_them(engines, scheduler):
+@pytest.mark.parametrize("scheduler", ["Euler", "Euler a", "DPM++ 2M Karras", "DPM++ SDE", "DPM++ 2M SDE", "Heun",
+                                       "DPM2", "LMS", "UniPC", "DDIM"])
+def test_a_preview_every_step_and_the_final_image_is_the_same_without_them(engines, scheduler, monkeypatch):
+    import studio.tasks.previews as previews_module
+
+    estimates = []  # whether each step's output gave an estimate of the clean image (x0)
+    found = previews_module.clean_estimate
+    monkeypatch.setattr(previews_module, "clean_estimate",
+                        lambda scheduler_, output: estimates.append(found(scheduler_, output)) or estimates[-1])
     request = TextToImageRequest(prompt=PROMPT, seed=11, steps=6, scheduler=scheduler)
     previews: list[Image.Image] = []
     watched = run_with_previews(engines.text_to_image, request, previews)
+    assert estimates and all(estimate is not None for estimate in estimates), scheduler  # never the noisy latents
     unwatched = run_with_previews(engines.text_to_image, request, None)
     assert np.array_equal(pixels(watched), pixels(unwatched))
     assert len(previews) == 6 and all(preview.size == (16, 16) for preview in previews)  # 64 px / the VAE's 4
@@ -128,3 +136,57 @@ def test_a_public_demo_shows_no_previews_where_a_safety_checker_looks_at_the_ima
     assert preview_every_of(request, True, RequestLimits().previews_of_checked_presets) == 2  # a local studio
     # the embedded shapes are safe by construction: previews even on a public demo
     assert public.plan(request).preview_every == 2
+
+
+def test_a_failing_preview_costs_the_image_nothing(engines, monkeypatch):
+    import studio.tasks.previews as previews_module
+
+    def broken(family, latents):
+        raise ValueError("no factors")
+
+    monkeypatch.setattr(previews_module, "latents_preview", broken)
+    request = TextToImageRequest(prompt=PROMPT, seed=4, steps=3)
+    previews: list = []
+    watched = run_with_previews(engines.text_to_image, request, previews)
+    assert previews == [] and np.array_equal(pixels(watched), pixels(run_with_previews(engines.text_to_image, request,
+                                                                                         None)))
+
+
+def test_a_watched_job_whose_handler_leaves_is_stopped_without_the_handler_waiting_for_it():
+    """gradio closes a generator handler on its event loop when the visitor leaves: closing must not wait for the
+    job (the whole server would), which is stopped, and its slot freed only once its work has ended."""
+    import contextlib
+    import threading
+    import time
+
+    from components.running import PREVIEW, JobRunner
+
+    board = JobBoard(slots=2)
+    runner = JobRunner(board=board)
+    ended = threading.Event()
+
+    class Engine:
+        @contextlib.contextmanager
+        def model_files(self, plan, on_progress=None):
+            yield plan
+
+    def device_work(plan, slot):
+        job = board.attach(slot)
+        while not job.cancelled:
+            job.show(Image.new("RGB", (8, 8), (time.monotonic_ns() % 255, 0, 0)))
+            time.sleep(0.05)
+        time.sleep(0.5)  # the rest of its step, its decode
+        ended.set()
+        return "stopped"
+
+    run = runner._run_job("visitor", "tab", lambda *args, **kwargs: None, Engine(), lambda: "plan", device_work,
+                          "Cannot generate", previews=True)
+    kind, _ = next(run)
+    assert kind == PREVIEW
+    began = time.monotonic()
+    run.close()  # the visitor left
+    assert time.monotonic() - began < 0.3 and not ended.is_set()
+    assert len(board._free) == 1  # the slot is still the job's while it runs
+    assert ended.wait(5)
+    time.sleep(0.1)
+    assert len(board._free) == 2  # freed once its work ended

@@ -12,6 +12,7 @@ is the same bit for bit with previews on and off (tested)."""
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import torch
@@ -20,6 +21,7 @@ from PIL import Image
 from studio.core.jobs import JobControl
 from studio.models.families import ModelFamily
 
+log = logging.getLogger("studio.tasks.previews")
 OFF, FAST = "Off", "Fast"
 LIVE_PREVIEWS = (OFF, FAST)
 # every how many steps a preview is made by default: every step, as ComfyUI and Fooocus (A1111 defaults to 10). On
@@ -81,15 +83,19 @@ def preview_step(job: JobControl, family: ModelFamily, estimate: CleanEstimate, 
     """A callback_on_step_end that shows a preview every `every` steps of a `steps`-step pass (and after its
     last), then calls `then` (progress, Stop)."""
 
-    shown = [0]  # the last step shown
+    shown = [0]  # the last step shown; -1 once a preview failed (the image goes on without them)
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
         # called once per model evaluation (twice a step for Heun, DPM2 and DPM++ SDE; Heun's last step once)
         done = min(steps, math.ceil((step + 1) / getattr(pipe.scheduler, "order", 1)))
-        if done != shown[0] and (done % every == 0 or done == steps):
+        if shown[0] >= 0 and done != shown[0] and (done % every == 0 or done == steps):
             shown[0] = done
             latents = estimate.latest if estimate.latest is not None else callback_kwargs["latents"]
-            job.show(latents_preview(family, latents))
+            try:
+                job.show(latents_preview(family, latents))
+            except Exception:  # noqa: BLE001 - a preview is a courtesy: it must never cost the image
+                log.exception("Live preview failed; this pass goes on without previews")
+                shown[0] = -1
         return then(pipe, step, timestep, callback_kwargs)
 
     return on_step_end
