@@ -38,6 +38,7 @@ from studio.tasks.hires import (
     hires_size,
 )
 from studio.tasks.parameters import request_from_parameters
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, FAST, LIVE_PREVIEWS
 from studio.tasks.requests import MAX_CLIP_SKIP, whole
 
 TAB = "text-to-image"
@@ -58,7 +59,7 @@ class TextToImageTab:
 
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
              clip_skip=1, hires_fix=False, hires_upscaler=DEFAULT_HIRES_UPSCALER, hires_upscale=2.0, hires_steps=0,
-             denoising_strength=0.5, controls=()):
+             denoising_strength=0.5, live_preview=FAST, preview_every=DEFAULT_PREVIEW_EVERY, controls=()):
     hires = None
     if hires_fix:
         defaults = HiresFix()  # an API caller's null is the default, as for the other fields
@@ -81,6 +82,8 @@ def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_sca
         style=style or "None",
         clip_skip=whole(clip_skip) if clip_skip is not None else 1,
         hires=hires,
+        live_preview=live_preview or FAST,
+        preview_every=whole(preview_every) if preview_every is not None else DEFAULT_PREVIEW_EVERY,
         controls=controls,
     )
 
@@ -151,6 +154,12 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                 clip_skip = WholeSlider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1, label="Clip skip",
                                         info="A1111's: 2 reads the text encoder's second-to-last layer (anime "
                                              "models); SD 1.x only")
+                with gr.Row():
+                    live_preview = gr.Radio(list(LIVE_PREVIEWS), value=FAST, label="Live preview",
+                                            elem_id="live-preview",
+                                            info="The image as it forms (Fast: from the latents, a pixel per latent)")
+                    preview_every = WholeSlider(1, limits.max_steps, value=DEFAULT_PREVIEW_EVERY, step=1,
+                                                label="Preview every N steps")
                 hires_fix = gr.Checkbox(False, label="Hires. fix", elem_id="hires-fix",
                                         info="Two passes, as A1111's: generate at this size, upscale, then refine "
                                              "at the larger size (more detail than generating large at once)")
@@ -201,7 +210,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                 guidance_scale=guidance_scale, width=width, height=height, seed=seed, batch_size=batch_size,
                 style=style, clip_skip=clip_skip, hires_fix=hires_fix, hires_upscaler=hires_upscaler,
                 hires_upscale=hires_upscale, hires_steps=hires_steps, denoising_strength=denoising_strength,
-                **controls.fields)
+                live_preview=live_preview, preview_every=preview_every, **controls.fields)
     inputs = list(form.values())
 
     def request_of(fields: dict) -> TextToImageRequest:
@@ -224,7 +233,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         """Generate images from a prompt. Returns the images (PNG with A1111 parameters), the seeds used and the
         generation info. Image i uses seed + i; seed -1 picks a random seed. With hires_fix, each image is
         generated at width × height, upscaled by hires_upscale with hires_upscaler (a latent mode or an upscaler
-        preset), then refined at that size at denoising_strength for hires_steps (0 = steps).
+        preset), then refined at that size at denoising_strength for hires_steps (0 = steps). live_preview (Off,
+        Fast) every preview_every steps: the images as they form, intermediate outputs for Client.submit.
         control_<n>_*: ControlNet unit n, used when control_<n>_enabled: its control image, preprocessor, model
         (one made for the preset's family), weight 0-2, guidance start and end (fractions of the steps),
         control_mode, resize_mode, pixel_perfect, processor_res, and the preprocessor's thresholds (-1: its
@@ -275,7 +285,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         )
         return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, width_, height_,
                 filled.seed, 1, "None", clip_skip_, filled.hires is not None, hires.upscaler, hires.upscale,
-                hires_steps_, hires.denoising_strength, *controls.values_for(filled.controls), card_update]
+                hires_steps_, hires.denoising_strength, gr.skip(), gr.skip(),  # a PNG says nothing of previews
+                *controls.values_for(filled.controls), card_update]
 
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
     # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.

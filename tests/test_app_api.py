@@ -41,7 +41,7 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
         return [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]]
 
     assert parameters("/text_to_image") == [*DEFAULTS, "hires_fix", "hires_upscaler", "hires_upscale", "hires_steps",
-                                            "denoising_strength", *units(3)]
+                                            "denoising_strength", "live_preview", "preview_every", *units(3)]
     # no timers, no UI glue
     assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image", "/upscale", "/compare",
                                            "/arena_battle", "/arena_vote", "/leaderboard"}
@@ -84,7 +84,7 @@ def test_every_endpoint_names_its_parameters_and_results(client):
 
 # the settings that only whole numbers make sense for, by endpoint
 WHOLE_NUMBERS = {
-    "/text_to_image": {"steps", "width", "height", "seed", "batch_size", "clip_skip", "hires_steps",
+    "/text_to_image": {"steps", "width", "height", "seed", "batch_size", "clip_skip", "hires_steps", "preview_every",
                        *(f"control_{n}_processor_res" for n in (1, 2, 3))},
     "/inpaint": {"steps", "mask_blur", "padding", "seed", "batch_size", "clip_skip",
                  *(f"control_{n}_processor_res" for n in (1, 2, 3))},
@@ -417,6 +417,8 @@ def test_upscale_endpoint_refuses_clearly(client, tmp_path, overrides, message):
 def test_submit_sees_live_previews_before_the_result_and_predict_the_same_result(client):
     """Text to image streams: Client.submit has each live preview as an intermediate output (a "Forming…" image),
     then the result, which is predict's, bit for bit."""
+    off = client.submit(**(DEFAULTS | dict(steps=30, seed=21, live_preview="Off")), api_name="/text_to_image")
+    assert len(list(off)) == 1  # the result only
     job = client.submit(**(DEFAULTS | dict(steps=100, seed=21)), api_name="/text_to_image")
     outputs = list(job)  # every output, as it came
     final = job.result()
