@@ -433,6 +433,8 @@ def test_compare_a_2x2_grid_then_two_cells_on_the_slider(page, artifacts):
     tab.get_by_role("button", name="Compare", exact=True).click()
     grid = page.locator("#compare-grid img").first
     grid.wait_for(timeout=90_000)
+    # shown before its file has loaded (naturalWidth 0 for a moment on a busy machine): its size once it has
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=grid.element_handle(), timeout=30_000)
     assert grid.evaluate("img => img.naturalWidth") > 256
     box = grid.bounding_box()
     assert box["width"] > 300 and box["height"] > 250  # shown large enough to read its labels
