@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
-from PIL import Image
 
 from components.event_options import INSTANT
 from studio.core.errors import StudioError
@@ -137,10 +136,9 @@ class JobRunner:
     def stream(self, tab: str, request: gr.Request | None, progress: gr.Progress, engine: SamplingEngine,
                plan_for: Callable[[], SamplingPlan], device_function: Callable,
                finish: Callable[[GenerationResult], GenerationResult] = lambda result: result,
-               error_title: str = "Cannot generate", shown: Callable[[Image.Image], Any] = lambda preview: preview,
-               ) -> Iterator[tuple]:
+               error_title: str = "Cannot generate") -> Iterator[tuple]:
         """A generating tab's job as a generator handler: the gallery outputs of each live preview as it comes
-        (`shown` makes the picture of a preview; seeds and info are left as they are), then the result's. The
+        (seeds and info are left as they are), then the result's. The
         gallery keeps the previous result until the first preview arrives."""
         session = session_of(request)
         try:
@@ -148,7 +146,7 @@ class JobRunner:
                                              previews=True):
                 if kind == PREVIEW:
                     preview, step = value
-                    yield [(shown(preview), f"{FORMING} {step}".strip())], gr.skip(), gr.skip()
+                    yield [(preview, f"{FORMING} {step}".strip())], gr.skip(), gr.skip()
                 else:
                     plan, result = value
                     yield gallery_outputs(finish(result), plan.batch_size)
