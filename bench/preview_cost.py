@@ -42,7 +42,7 @@ def main() -> None:
     shown = []
 
     def seconds(watched: bool) -> float:
-        job = LocalJob(on_preview=shown.append) if watched else LocalJob()
+        job = LocalJob(on_preview=lambda image, part: shown.append(image)) if watched else LocalJob()
         with engine.model_files(engine.plan(request)) as plan:
             start = time.perf_counter()
             engine.run(plan, job)

@@ -38,7 +38,14 @@ from components.preset_picker import (
     prompt_hint,
     sampling_updates,
 )
-from components.running import JobRunner, scroll_to_results_in_a_narrow_window, user_error
+from components.live_preview import build_live_preview_settings, live_preview_fields
+from components.running import (
+    JobRunner,
+    gallery_outputs,
+    gallery_preview,
+    scroll_to_results_in_a_narrow_window,
+    user_error,
+)
 from components.whole_numbers import WholeNumber, WholeSlider
 from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import InvalidRequest, StudioError
@@ -57,6 +64,7 @@ from studio.tasks.inpainting import (
     mask_tools_for,
     sketch_mask,
 )
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, FAST
 from studio.tasks.requests import MAX_CLIP_SKIP, whole
 
 TAB = "inpaint"
@@ -138,13 +146,15 @@ class InpaintTab:
 
 
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
-                 padding, seed, batch_size, clip_skip=1, sketch_controlnet=False, controls=()) -> InpaintRequest:
+                 padding, seed, batch_size, clip_skip=1, sketch_controlnet=False, live_preview=FAST,
+                 preview_every=DEFAULT_PREVIEW_EVERY, controls=()) -> InpaintRequest:
     return InpaintRequest(
         prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
         steps=whole(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=whole(mask_blur),
         inpaint_area=inpaint_area, padding=whole(padding), seed=whole(seed) if seed is not None else -1,
         batch_size=whole(batch_size), clip_skip=whole(clip_skip) if clip_skip is not None else 1,
-        sketch_controlnet=bool(sketch_controlnet), controls=controls,
+        sketch_controlnet=bool(sketch_controlnet), **live_preview_fields(live_preview, preview_every),
+        controls=controls,
     )
 
 
@@ -221,6 +231,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                     batch_size = WholeSlider(1, limits.max_batch_size, value=1, step=1, label="Batch size")
                     clip_skip = WholeSlider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1,
                                             label="Clip skip", info="2 for anime models; SD 1.x only")
+                live_preview, preview_every = build_live_preview_settings(limits.max_steps, "inpaint-live-preview")
             controls = build_control_units(engine.controlnets, limits.max_control_units,
                                            engine.controlnets.for_family(default.family), limits.max_upload_pixels,
                                            engine.preprocessor_weights,
@@ -246,7 +257,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     form = dict(prompt=prompt, negative_prompt=negative_prompt, preset=preset, scheduler=scheduler, steps=steps,
                 guidance_scale=guidance_scale, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
                 padding=padding, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
-                sketch_controlnet=sketch_controlnet, **controls.fields)
+                sketch_controlnet=sketch_controlnet, live_preview=live_preview, preview_every=preview_every,
+                **controls.fields)
     sketch_form = {name: component for name, component in form.items()
                    if name not in ("mask_blur", "inpaint_area", "padding")}
     inpaint_form = {name: component for name, component in form.items() if name != "sketch_controlnet"}
@@ -273,18 +285,26 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     max_upload = engine.limits.max_upload_pixels
 
     def run(request, progress, image, mask, settings_request, error_title):
-        """Inpaint `image` where `mask` is white, or (mask None) sketch to image, as this tab's job."""
+        """Inpaint `image` where `mask` is white, or (mask None) sketch to image, as this tab's job: a generator
+        of the live previews' outputs (an inpaint's pasted into the picture, where the edit goes), then the
+        result's (Client.submit sees the previews, predict the result)."""
         if mask is None:
-            return runner.run(TAB, request, progress, engine, lambda: engine.plan_sketch(image, settings_request),
-                              on_device, error_title=error_title)
+            yield from runner.stream(TAB, request, progress, engine,
+                                     lambda: engine.plan_sketch(image, settings_request), on_device,
+                                     error_title=error_title)
+            return
         finishing = {}
 
         def plan():
             plan_, finishing["it"] = engine.plan_inpaint(image, mask, settings_request)
             return plan_
 
-        return runner.run(TAB, request, progress, engine, plan, on_device,
-                          finish=lambda result: engine.finish_inpaint(finishing["it"], result), error_title=error_title)
+        def in_place(preview, caption):
+            return gallery_preview(preview._replace(image=finishing["it"].preview_in_picture(preview.image)), caption)
+
+        yield from runner.stream_job(
+            TAB, request, progress, engine, plan, on_device, error_title, in_place,
+            lambda plan_, result: gallery_outputs(engine.finish_inpaint(finishing["it"], result), plan_.batch_size))
 
     def opened(path, what):
         try:
@@ -296,18 +316,19 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
         settings_request = request_of(fields)
         title = "Cannot generate" if mask is None else "Cannot inpaint"
-        return run(request, progress, image, mask, settings_request, title)
+        yield from run(request, progress, image, mask, settings_request, title)
 
     def inpaint(image, mask, request: gr.Request, progress=gr.Progress(), **fields):
         """Repaint the white part of `mask` (an image the size of `image`; in a transparent PNG, the opaque part)
         as the prompt describes. Pixels outside the (blurred) mask are returned unchanged, at the input's size.
         Returns the images (PNG with A1111 parameters), the seeds used and the generation info. control_<n>_*:
-        ControlNet unit n; a unit without an image reads the image being inpainted."""
+        ControlNet unit n; a unit without an image reads the image being inpainted. live_preview (Off, Fast) every
+        preview_every steps: the picture as the edit forms in it, intermediate outputs for Client.submit."""
         settings_request = request_of(fields)
         if image is None or mask is None:
             raise user_error(InvalidRequest(["Give both an image and a mask (white = repaint)."]), "Cannot inpaint")
-        return run(request, progress, opened(image, "image"), opened(mask, "mask"), settings_request,
-                   "Cannot inpaint")
+        yield from run(request, progress, opened(image, "image"), opened(mask, "mask"), settings_request,
+                       "Cannot inpaint")
 
     optional_control_images(inpaint, controls.count)  # the API may leave a unit's image out
 
@@ -316,11 +337,11 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         strength. With sketch_controlnet, the preset family's sketch ControlNet (the embedded one) also holds the
         drawing's shapes and places (use strength 1: the colours then come from the prompt). control_<n>_*:
         ControlNet unit n; a unit without an image reads the sketch. Returns the images (PNG with A1111
-        parameters), the seeds used and the generation info."""
+        parameters), the seeds used and the generation info; live previews as /inpaint's."""
         settings_request = request_of(fields, mask_blur=4, inpaint_area=WHOLE_PICTURE, padding=32)
         if sketch is None:
             raise user_error(InvalidRequest(["Give a sketch image."]), "Cannot generate")
-        return run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
+        yield from run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
 
     optional_control_images(sketch_to_image, controls.count)  # the API may leave a unit's image out
 
@@ -419,8 +440,9 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             chosen_preset(engine.presets, filled.preset), limits, filled.scheduler, filled.steps, filled.guidance_scale)
         return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, filled.strength,
                 filled.mask_blur, filled.inpaint_area, filled.padding, filled.seed, 1, filled.clip_skip,
-                # a PNG guided by the sketch ControlNet lists it as a unit: the box stays, the unit is not added twice
-                gr.skip(), *controls.values_for(filled.controls), card_update]
+                # a PNG guided by the sketch ControlNet lists it as a unit: the box stays, the unit is not added twice;
+                # a PNG says nothing of previews
+                gr.skip(), gr.skip(), gr.skip(), *controls.values_for(filled.controls), card_update]
 
     history.follow([event], gallery)
     controls.refresh_maps(history.on_click(fill_form, form, [*settings, card], **QUICK))

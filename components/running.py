@@ -18,7 +18,7 @@ import gradio as gr
 
 from components.event_options import INSTANT
 from studio.core.errors import StudioError
-from studio.core.jobs import JobBoard
+from studio.core.jobs import JobBoard, Preview
 from studio.core.sessions import RateLimiter
 from studio.tasks.requests import GenerationResult
 from studio.tasks.sampling import SamplingEngine, SamplingPlan
@@ -138,18 +138,27 @@ class JobRunner:
                finish: Callable[[GenerationResult], GenerationResult] = lambda result: result,
                error_title: str = "Cannot generate") -> Iterator[tuple]:
         """A generating tab's job as a generator handler: the gallery outputs of each live preview as it comes
-        (seeds and info are left as they are), then the result's. The
-        gallery keeps the previous result until the first preview arrives."""
+        (seeds and info are left as they are), then the result's. The gallery keeps the previous result until the
+        first preview arrives."""
+        yield from self.stream_job(tab, request, progress, engine, plan_for, device_function, error_title,
+                                   gallery_preview,
+                                   lambda plan, result: gallery_outputs(finish(result), plan.batch_size))
+
+    def stream_job(self, tab: str, request: gr.Request | None, progress: gr.Progress, engine,
+                   plan_for: Callable[[], Any], device_function: Callable, error_title: str,
+                   preview_outputs: Callable[[Preview, str], tuple], result_outputs: Callable[[Any, Any], tuple],
+                   ) -> Iterator[tuple]:
+        """A tab's job as a generator handler: preview_outputs(preview, its caption) for each live preview,
+        then result_outputs(plan, result)."""
         session = session_of(request)
         try:
             for kind, value in self._run_job(session, tab, progress, engine, plan_for, device_function, error_title,
                                              previews=True):
                 if kind == PREVIEW:
-                    preview, step = value
-                    yield [(preview, f"{FORMING} {step}".strip())], gr.skip(), gr.skip()
+                    preview, text = value
+                    yield preview_outputs(preview, f"{FORMING} {text}".strip())
                 else:
-                    plan, result = value
-                    yield gallery_outputs(finish(result), plan.batch_size)
+                    yield result_outputs(*value)
         except gr.Error as error:
             self._remember_failure(session, tab, str(error.message))
             raise
@@ -201,7 +210,7 @@ class JobRunner:
 
     def _watched(self, work: Callable, job, progress: gr.Progress, draining: list):
         """Runs `work()` on one of the runner's own threads (kept from job to job, as a handler's thread is) while
-        this generator yields (PREVIEW, (image, its step)) for each new preview the job shows, and the last preview
+        this generator yields (PREVIEW, (Preview, its step)) for each new preview the job shows, and the last preview
         again when the job's progress text changes without one (waiting for its turn, decoding); returns work's
         result. A handler closed early (the visitor left; gradio closes it on its event loop) stops the job and
         puts its future in `draining` without waiting for it, so the server never waits on a job nobody watches.
@@ -219,10 +228,10 @@ class JobRunner:
         seen, last, said = 0, None, ""
         try:
             while not concurrent.futures.wait([future], PREVIEW_INTERVAL_S).done:
-                seen, preview = job.latest_preview(seen)
+                preview = job.latest_preview(seen)
                 text = job.progress()[2]
-                if preview is not None or (last is not None and text != said):
-                    last, said = preview if preview is not None else last, text
+                if preview.image is not None or (last is not None and text != said):
+                    seen, last, said = preview.number, preview if preview.image is not None else last, text
                     previewing.set()
                     yield PREVIEW, (last, text)
             return future.result()  # its error, if it failed, raised here
@@ -348,6 +357,11 @@ def throttled(progress: gr.Progress):
             progress(done / total if total else 0.0, desc=text)
 
     return on_progress
+
+
+def gallery_preview(preview: Preview, caption: str) -> tuple:
+    """A generating tab's outputs (gallery, seeds, info) while a preview shows: the preview alone in the gallery."""
+    return [(preview.image, caption)], gr.skip(), gr.skip()
 
 
 def gallery_outputs(result, batch_size: int) -> tuple[list, list[int], str]:

@@ -15,6 +15,7 @@ from components.control_units import (
 )
 from components.event_options import INSTANT, QUICK
 from components.history import build_history
+from components.live_preview import build_live_preview_settings, live_preview_fields
 from components.lora_picker import build_lora_picker
 from components.preset_picker import (
     build_model_availability,
@@ -38,7 +39,7 @@ from studio.tasks.hires import (
     hires_size,
 )
 from studio.tasks.parameters import request_from_parameters
-from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, FAST, LIVE_PREVIEWS
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, FAST
 from studio.tasks.requests import MAX_CLIP_SKIP, whole
 
 TAB = "text-to-image"
@@ -82,8 +83,7 @@ def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_sca
         style=style or "None",
         clip_skip=whole(clip_skip) if clip_skip is not None else 1,
         hires=hires,
-        live_preview=live_preview or FAST,
-        preview_every=whole(preview_every) if preview_every is not None else DEFAULT_PREVIEW_EVERY,
+        **live_preview_fields(live_preview, preview_every),
         controls=controls,
     )
 
@@ -154,12 +154,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                 clip_skip = WholeSlider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1, label="Clip skip",
                                         info="A1111's: 2 reads the text encoder's second-to-last layer (anime "
                                              "models); SD 1.x only")
-                with gr.Row():
-                    live_preview = gr.Radio(list(LIVE_PREVIEWS), value=FAST, label="Live preview",
-                                            elem_id="live-preview",
-                                            info="The image as it forms (Fast: from the latents, a pixel per latent)")
-                    preview_every = WholeSlider(1, limits.max_steps, value=DEFAULT_PREVIEW_EVERY, step=1,
-                                                label="Preview every N steps")
+                live_preview, preview_every = build_live_preview_settings(limits.max_steps, "live-preview")
                 hires_fix = gr.Checkbox(False, label="Hires. fix", elem_id="hires-fix",
                                         info="Two passes, as A1111's: generate at this size, upscale, then refine "
                                              "at the larger size (more detail than generating large at once)")

@@ -56,10 +56,10 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
                                       "z_type", "z_values", *units(1)]
     assert parameters("/upscale") == ["image", "upscaler", "scale", "tile", "denoise_strength", "face_restoration",
                                       "face_visibility"]
-    assert parameters("/inpaint") == ["image", "mask", *INPAINT, *units(3)]
+    assert parameters("/inpaint") == ["image", "mask", *INPAINT, "live_preview", "preview_every", *units(3)]
     assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area",
                                                                                         "padding")),
-                                              "sketch_controlnet", *units(3)]
+                                              "sketch_controlnet", "live_preview", "preview_every", *units(3)]
 
     def default(endpoint, name):
         return next(p["parameter_default"] for p in api["named_endpoints"][endpoint]["parameters"]
@@ -86,9 +86,10 @@ def test_every_endpoint_names_its_parameters_and_results(client):
 WHOLE_NUMBERS = {
     "/text_to_image": {"steps", "width", "height", "seed", "batch_size", "clip_skip", "hires_steps", "preview_every",
                        *(f"control_{n}_processor_res" for n in (1, 2, 3))},
-    "/inpaint": {"steps", "mask_blur", "padding", "seed", "batch_size", "clip_skip",
+    "/inpaint": {"steps", "mask_blur", "padding", "seed", "batch_size", "clip_skip", "preview_every",
                  *(f"control_{n}_processor_res" for n in (1, 2, 3))},
-    "/sketch_to_image": {"steps", "seed", "batch_size", "clip_skip", *(f"control_{n}_processor_res" for n in (1, 2, 3))},
+    "/sketch_to_image": {"steps", "seed", "batch_size", "clip_skip", "preview_every",
+                         *(f"control_{n}_processor_res" for n in (1, 2, 3))},
     "/upscale": {"tile"},
     "/compare": {"seed", "control_1_processor_res"},
     "/arena_battle": {"seed"},
@@ -431,3 +432,24 @@ def test_submit_sees_live_previews_before_the_result_and_predict_the_same_result
     streamed, direct = (Image.open(gallery[0]["image"]) for gallery in (final[0], predicted[0]))
     assert np.array_equal(np.asarray(streamed), np.asarray(direct))
     assert not final[0][0].get("caption", "").startswith("Forming") and "Seed: 21," in final[2]
+
+
+def test_inpaint_submit_sees_previews_in_place_and_predict_the_same_result(client, tmp_path):
+    """Inpaint streams too: each preview is the whole picture with the edit forming inside the mask (the rest is
+    the picture's own pixels), and the result is predict's, bit for bit."""
+    image, mask = picture_and_mask(tmp_path)
+    files = dict(image=handle_file(tmp_path / "image.png"), mask=handle_file(tmp_path / "mask.png"))
+    job = client.submit(**files, **(INPAINT | dict(steps=100)), api_name="/inpaint")
+    outputs = list(job)
+    previews = [gallery[0] for gallery, _, _ in outputs[:-1]
+                if gallery and gallery[0].get("caption", "").startswith("Forming…")]
+    assert len(previews) >= 2, [output[0] for output in outputs]
+    keep = np.asarray(blur_mask(np.asarray(mask) > 0, 4)) == 0
+    for preview in previews:
+        with Image.open(preview["image"]) as shown:
+            assert shown.size == image.size
+            assert np.array_equal(np.asarray(shown.convert("RGB"))[keep], np.asarray(image)[keep])
+    assert len({Image.open(preview["image"]).tobytes() for preview in previews}) >= 2
+    predicted = client.predict(**files, **(INPAINT | dict(steps=100)), api_name="/inpaint")
+    streamed, direct = (np.asarray(Image.open(gallery[0]["image"])) for gallery in (job.result()[0], predicted[0]))
+    assert np.array_equal(streamed, direct)

@@ -17,7 +17,7 @@ PROMPT = "a red circle on a blue background"
 
 
 def run_with_previews(engine, request, previews: list | None):
-    job = LocalJob(on_preview=previews.append) if previews is not None else LocalJob()
+    job = LocalJob(on_preview=lambda image, part: previews.append(image)) if previews is not None else LocalJob()
     with engine.model_files(engine.plan(request)) as plan:
         return engine.run(plan, job)
 
@@ -82,7 +82,7 @@ def test_inpaint_and_sketch_to_image_show_previews_too(engines):
     request = InpaintRequest(prompt=PROMPT, seed=2, steps=4, strength=1.0)
     sketch = Image.new("RGB", (64, 64), "white")
     sketch.paste((220, 30, 30), (20, 20, 44, 44))
-    job = LocalJob(on_preview=previews.append)
+    job = LocalJob(on_preview=lambda image, part: previews.append(image))
     engine = engines.inpainter
     with engine.model_files(engine.plan_sketch(sketch, request)) as plan:
         engine.run(plan, job)
@@ -98,23 +98,35 @@ def test_bad_preview_settings_are_refused_with_a_message(engines):
 
 def _show_from_the_worker(board: JobBoard, slot: int) -> None:
     job = board.attach(slot)
-    job.show(Image.new("RGB", (300, 150), (10, 200, 30)))
+    job.show(Image.new("RGB", (2 * PREVIEW_SIDE, PREVIEW_SIDE), (10, 200, 30)), part=1)
 
 
 def test_a_preview_shown_in_a_forked_worker_reaches_the_main_process():
     board = JobBoard(slots=4)
     job = board.open("session", "tab", previews=True)
-    assert board.attach(job.slot).wants_previews and job.latest_preview() == (0, None)
+    assert board.attach(job.slot).wants_previews and job.latest_preview() == (0, None, 0)
     worker = multiprocessing.get_context("fork").Process(target=_show_from_the_worker, args=(board, job.slot))
     worker.start()
     worker.join(30)
-    number, preview = job.latest_preview()
-    assert number > 0 and preview.size == (PREVIEW_SIDE, PREVIEW_SIDE // 2)  # scaled to fit, its shape kept
+    number, preview, part = job.latest_preview()
+    assert number > 0 and preview.size == (PREVIEW_SIDE, PREVIEW_SIDE // 2) and part == 1  # scaled, its shape kept
     assert preview.getpixel((5, 5)) == (10, 200, 30)
-    assert job.latest_preview(after=number) == (number, None)  # nothing newer
+    assert job.latest_preview(after=number) == (number, None, 0)  # nothing newer
     board.close(job)
     again = board.open("other", "tab")
-    assert not again.wants_previews and again.latest_preview() == (0, None)  # a reused slot starts clean
+    assert not again.wants_previews and again.latest_preview() == (0, None, 0)  # a reused slot starts clean
+
+
+def test_watched_jobs_share_a_few_preview_lanes_and_a_job_without_one_shows_nothing():
+    board = JobBoard(slots=4, preview_lanes=1)
+    first, second = board.open("a", "tab", previews=True), board.open("b", "tab", previews=True)
+    assert first.wants_previews and not second.wants_previews  # one lane: the second runs without previews
+    second.show(Image.new("RGB", (8, 8), "red"))
+    first.show(Image.new("RGB", (8, 8), "blue"))
+    assert second.latest_preview().image is None and first.latest_preview().image.getpixel((0, 0)) == (0, 0, 255)
+    board.close(first)
+    third = board.open("c", "tab", previews=True)
+    assert third.wants_previews and third.latest_preview() == (0, None, 0)  # the lane, freed, starts clean
 
 
 def test_a_public_demo_shows_no_previews_where_a_safety_checker_looks_at_the_images():
@@ -190,3 +202,20 @@ def test_a_watched_job_whose_handler_leaves_is_stopped_without_the_handler_waiti
     assert ended.wait(5)
     time.sleep(0.1)
     assert len(board._free) == 2  # freed once its work ended
+
+
+def test_an_inpaint_preview_is_pasted_into_the_picture_where_the_result_goes():
+    """"Only masked" works on a crop: its preview goes back into that crop of the picture, through the mask; the
+    picture's pixels elsewhere are its own; a large picture is shown at most PREVIEW_PICTURE_SIDE a side."""
+    from studio.core.images import prepare_image
+    from studio.tasks.inpainting import PREVIEW_PICTURE_SIDE, Finishing
+
+    picture = Image.new("RGB", (1024, 768), (0, 0, 255))
+    overlay = Image.new("L", picture.size, 0)
+    overlay.paste(255, (512, 256, 768, 512))  # the mask, inside the crop the model worked on
+    finishing = Finishing(prepare_image(picture), overlay, region=(384, 128, 896, 640), crop_size=(512, 512))
+    shown = np.asarray(finishing.preview_in_picture(Image.new("RGB", (64, 64), (255, 255, 0))))
+    assert shown.shape == (384, PREVIEW_PICTURE_SIDE, 3)  # half size
+    assert (shown[140:250, 260:380] == (255, 255, 0)).all()  # the mask's inside (256-384 × 128-256, scaled)
+    assert (shown[:120] == (0, 0, 255)).all() and (shown[:, :250] == (0, 0, 255)).all()  # the picture elsewhere
+    assert (shown[70:120, 200:250] == (0, 0, 255)).all()  # inside the crop, outside the mask: the picture's own

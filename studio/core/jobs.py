@@ -16,14 +16,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import RawArray
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 TEXT_BYTES = 120
-# A live preview crosses the fork at most this many pixels a side (SDXL's 1024 px image is 128 latents a side; a
-# larger preview is scaled down first): 48 KiB of shared memory per job slot
-PREVIEW_SIDE = 128
+# A live preview crosses the fork at most this many pixels a side (a larger one is scaled down first): SDXL's 1024 px
+# image is 128 latents a side, a Compare grid's or an upscale's preview is an image of the whole, cells or tiles
+# filling in. 768 KiB of shared memory per preview lane: a watched job takes one of a few lanes (the jobs on the
+# device at once), not one per job slot.
+PREVIEW_SIDE = 512
+PREVIEW_LANES = 16
 PENDING_TTL_SECONDS = 3600  # a Stop pressed for a job that never started (tab closed) is forgotten after this
 
 
@@ -37,8 +41,9 @@ class JobControl:
     def report(self, done: int, total: int, text: str) -> None:
         raise NotImplementedError
 
-    def show(self, preview: Image.Image) -> None:
-        """A live preview of the image being made (the latest replaces the one before). Ignored by default."""
+    def show(self, preview: Image.Image, part: int = 0) -> None:
+        """A live preview of the image being made (the latest replaces the one before); `part`: which of the job's
+        images it is (the Arena's left or right). Ignored by default."""
 
     @property
     def wants_previews(self) -> bool:
@@ -55,14 +60,14 @@ class LocalJob(JobControl):
     """A job in this process only (tests, scripts): a threading.Event and an optional progress callback."""
 
     def __init__(self, on_progress: Callable[[int, int, str], None] | None = None,
-                 cancel: threading.Event | None = None, on_preview: Callable[[Image.Image], None] | None = None):
+                 cancel: threading.Event | None = None, on_preview: Callable[[Image.Image, int], None] | None = None):
         self.cancel_event = cancel or threading.Event()
         self.on_progress = on_progress
         self.on_preview = on_preview
 
-    def show(self, preview: Image.Image) -> None:
+    def show(self, preview: Image.Image, part: int = 0) -> None:
         if self.on_preview:
-            self.on_preview(preview)
+            self.on_preview(preview, part)
 
     @property
     def wants_previews(self) -> bool:
@@ -78,6 +83,15 @@ class LocalJob(JobControl):
     def report(self, done: int, total: int, text: str) -> None:
         if self.on_progress:
             self.on_progress(done, total, text)
+
+
+class Preview(NamedTuple):
+    """What a job's lane holds: the number of its latest preview (0: none yet), and, when asked for one newer than a
+    number, that preview's image and part (else None)."""
+
+    number: int
+    image: Image.Image | None = None
+    part: int = 0
 
 
 class SlotJob(JobControl):
@@ -97,8 +111,8 @@ class SlotJob(JobControl):
     def progress(self) -> tuple[int, int, str]:
         return self.board._read_progress(self.slot)
 
-    def show(self, preview: Image.Image) -> None:
-        self.board._write_preview(self.slot, preview)
+    def show(self, preview: Image.Image, part: int = 0) -> None:
+        self.board._write_preview(self.slot, preview, part)
 
     def stop(self) -> None:
         """Cancel this job (its handler is gone: nobody waits for its images)."""
@@ -106,10 +120,10 @@ class SlotJob(JobControl):
 
     @property
     def wants_previews(self) -> bool:
-        return bool(self.board._wants_previews[self.slot])
+        return self.board._lane_of[self.slot] >= 0
 
-    def latest_preview(self, after: int = 0) -> tuple[int, Image.Image | None]:
-        """(its number, the latest preview) if one newer than number `after` was shown, else (after, None)."""
+    def latest_preview(self, after: int = 0) -> Preview:
+        """The latest preview if one newer than number `after` was shown, else Preview(after)."""
         return self.board._read_preview(self.slot, after)
 
 
@@ -124,17 +138,19 @@ class JobBoard:
     """The jobs in flight, keyed by (session, tab): Stop in one tab cancels that tab's job and nothing else.
     Create it once, in the main process, before ZeroGPU forks its worker."""
 
-    def __init__(self, slots: int = 128):
+    def __init__(self, slots: int = 128, preview_lanes: int = PREVIEW_LANES):
         self._cancel = RawArray(ctypes.c_bool, slots)
         self._done = RawArray(ctypes.c_long, slots)
         self._total = RawArray(ctypes.c_long, slots)
         self._text = RawArray(ctypes.c_char, slots * TEXT_BYTES)
-        self._wants_previews = RawArray(ctypes.c_bool, slots)
-        # a preview per slot: its pixels, size and a sequence number, odd while the writer is at work (a reader
-        # that sees it odd, or changed under it, leaves that preview and takes the next)
-        self._preview_pixels = RawArray(ctypes.c_ubyte, slots * PREVIEW_SIDE * PREVIEW_SIDE * 3)
-        self._preview_size = RawArray(ctypes.c_int, slots * 2)
-        self._preview_sequence = RawArray(ctypes.c_long, slots)
+        lanes = min(slots, preview_lanes)
+        self._lane_of = RawArray(ctypes.c_int, [-1] * slots)  # a watched job's preview lane (-1: none)
+        # a preview per lane: its pixels, size, part and a sequence number, odd while the writer is at work (a
+        # reader that sees it odd, or changed under it, leaves that preview and takes the next)
+        self._preview_pixels = RawArray(ctypes.c_ubyte, lanes * PREVIEW_SIDE * PREVIEW_SIDE * 3)
+        self._preview_size = RawArray(ctypes.c_int, lanes * 3)
+        self._preview_sequence = RawArray(ctypes.c_long, lanes)
+        self._free_lanes = list(range(lanes))
         self._free = list(range(slots))
         self._open: dict[int, _Open] = {}
         self._stopped_early: dict[tuple[str, str], float] = {}  # Stop pressed while the job waited in the queue
@@ -152,14 +168,17 @@ class JobBoard:
             self._stopped_early.pop((session, tab), None)
 
     def open(self, session: str, tab: str, previews: bool = False) -> SlotJob:
-        """A slot for the tab's job; `previews`: its work shows live previews (someone will read them)."""
+        """A slot for the tab's job; `previews`: its work shows live previews (someone will read them), in a
+        lane of their own while one is free (else the job runs without: more jobs watched than lanes)."""
         with self._lock:
             if not self._free:
                 raise RuntimeError("Too many jobs at once: every job slot is taken.")
             slot = self._free.pop()
             self._cancel[slot] = self._stopped_early.pop((session, tab), None) is not None
-            self._wants_previews[slot] = previews
-            self._preview_sequence[slot] = 0
+            lane = self._free_lanes.pop() if previews and self._free_lanes else -1
+            if lane >= 0:
+                self._preview_sequence[lane] = 0
+            self._lane_of[slot] = lane
             self._submitted.pop((session, tab), None)
             job = SlotJob(self, slot)
             self._open[slot] = _Open(job, session, tab)
@@ -169,6 +188,9 @@ class JobBoard:
     def close(self, job: SlotJob) -> None:
         with self._lock:
             if self._open.pop(job.slot, None) is not None:
+                if self._lane_of[job.slot] >= 0:
+                    self._free_lanes.append(self._lane_of[job.slot])
+                    self._lane_of[job.slot] = -1
                 self._free.append(job.slot)
 
     def attach(self, slot: int) -> SlotJob:
@@ -194,29 +216,35 @@ class JobBoard:
         self._total[slot] = total
         self._done[slot] = done
 
-    def _write_preview(self, slot: int, preview: Image.Image) -> None:
+    def _write_preview(self, slot: int, preview: Image.Image, part: int) -> None:
+        lane = self._lane_of[slot]
+        if lane < 0:  # nobody watches this job
+            return
         preview = preview.convert("RGB")
         if max(preview.size) > PREVIEW_SIDE:
             preview = preview.copy()
             preview.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.BILINEAR)
         pixels = np.asarray(preview, dtype=np.uint8).reshape(-1)
-        start = slot * PREVIEW_SIDE * PREVIEW_SIDE * 3
-        sequence = self._preview_sequence[slot]
-        self._preview_sequence[slot] = sequence + 1  # odd: being written
+        start = lane * PREVIEW_SIDE * PREVIEW_SIDE * 3
+        sequence = self._preview_sequence[lane]
+        self._preview_sequence[lane] = sequence + 1  # odd: being written
         np.frombuffer(self._preview_pixels, dtype=np.uint8)[start:start + pixels.size] = pixels
-        self._preview_size[2 * slot], self._preview_size[2 * slot + 1] = preview.size
-        self._preview_sequence[slot] = sequence + 2
+        self._preview_size[3 * lane:3 * lane + 3] = [*preview.size, part]
+        self._preview_sequence[lane] = sequence + 2
 
-    def _read_preview(self, slot: int, after: int) -> tuple[int, Image.Image | None]:
-        sequence = self._preview_sequence[slot]
+    def _read_preview(self, slot: int, after: int) -> Preview:
+        lane = self._lane_of[slot]
+        if lane < 0:
+            return Preview(after)
+        sequence = self._preview_sequence[lane]
         if sequence <= after or sequence % 2:
-            return after, None
-        width, height = self._preview_size[2 * slot], self._preview_size[2 * slot + 1]
-        start = slot * PREVIEW_SIDE * PREVIEW_SIDE * 3
+            return Preview(after)
+        width, height, part = self._preview_size[3 * lane:3 * lane + 3]
+        start = lane * PREVIEW_SIDE * PREVIEW_SIDE * 3
         pixels = np.frombuffer(self._preview_pixels, dtype=np.uint8)[start:start + width * height * 3].copy()
-        if self._preview_sequence[slot] != sequence:  # rewritten while it was read: the next one will do
-            return after, None
-        return sequence, Image.fromarray(pixels.reshape(height, width, 3))
+        if self._preview_sequence[lane] != sequence:  # rewritten while it was read: the next one will do
+            return Preview(after)
+        return Preview(sequence, Image.fromarray(pixels.reshape(height, width, 3)), part)
 
     def _read_progress(self, slot: int) -> tuple[int, int, str]:
         raw = bytes(self._text[slot * TEXT_BYTES:(slot + 1) * TEXT_BYTES]).split(b"\0", 1)[0]

@@ -7,6 +7,7 @@ at the input's size, and every pixel outside the (blurred) mask is the input's o
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass, replace
 
@@ -43,6 +44,7 @@ MAX_PADDING = 256
 SKETCH_COLOURS = ("#e41a1c", "#ff8c00", "#ffd700", "#2ca02c", "#1f5fe0", "#8a2be2", "#ff69b4", "#ffffff", "#111111",
                   "#808080")
 SKETCH_STRENGTH = 0.75
+PREVIEW_PICTURE_SIDE = 512  # a live preview shows the whole picture at most this large (it crosses to the page often)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,27 @@ class Finishing:
     overlay: Image.Image  # the mask the result is pasted back through, at the input's size
     region: tuple[int, int, int, int] | None  # "Only masked": the crop the model worked on
     crop_size: tuple[int, int]
+
+    @functools.cached_property
+    def _preview_picture(self) -> tuple[float, Image.Image, Image.Image]:
+        """(scale, the picture, the overlay) at a live preview's size: made once per job, not per preview."""
+        scale = min(1.0, PREVIEW_PICTURE_SIDE / max(self.source.rgb.size))
+        size = tuple(max(1, round(side * scale)) for side in self.source.rgb.size)
+        return (scale, self.source.rgb.resize(size, Image.Resampling.BILINEAR),
+                self.overlay.resize(size, Image.Resampling.BILINEAR))
+
+    def preview_in_picture(self, preview: Image.Image) -> Image.Image:
+        """A live preview of the working image (a pixel per latent) where the result will go: pasted into the
+        picture through the mask, as finish_inpaint pastes the result, so the edit shows in place."""
+        scale, picture, overlay = self._preview_picture
+        if self.region is None:
+            return Image.composite(preview.convert("RGB").resize(picture.size, Image.Resampling.BILINEAR), picture,
+                                   overlay)
+        left, top, right, bottom = (round(edge * scale) for edge in self.region)
+        layer = picture.copy()
+        layer.paste(preview.convert("RGB").resize((max(1, right - left), max(1, bottom - top)),
+                                                  Image.Resampling.BILINEAR), (left, top))
+        return Image.composite(layer, picture, overlay)
 
 
 class Inpainter(SamplingEngine):
