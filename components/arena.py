@@ -112,13 +112,22 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
 
     def battle(prompt, seed, request: gr.Request, progress=gr.Progress()):
         """Two hidden contestants make one image each for `prompt` with the same `seed` (-1: random). Returns the
-        battle id (vote with it through /arena_vote) and the left and right images."""
+        battle id (vote with it through /arena_vote) and the left and right images; Client.submit also sees each
+        side's live preview as it forms (the battle id empty until both are made)."""
         session = session_of(request)
-        plan, images = runner.run_job(TAB, request, progress, arena,
-                                      lambda: arena.plan(session, prompt or "", whole(seed) if seed is not None else -1),
-                                      on_device, "Cannot start the battle")
-        made = arena.record(session, plan, images)
-        return made.battle_id, made.left, made.right
+
+        def side_forming(preview, caption):  # each side's live preview on its own side, names still hidden
+            # (the right is emptied while the left forms: the last battle's right image is not this one's)
+            return (gr.skip(), preview.image, None) if preview.part == 0 else (gr.skip(), gr.skip(), preview.image)
+
+        def recorded(plan, images):
+            made = arena.record(session, plan, images)
+            return made.battle_id, made.left, made.right
+
+        yield from runner.stream_job(
+            TAB, request, progress, arena,
+            lambda: arena.plan(session, prompt or "", whole(seed) if seed is not None else -1), on_device,
+            "Cannot start the battle", side_forming, recorded)
 
     def arena_vote(battle_id: str, choice: str, request: gr.Request) -> str:
         """Your vote on the battle `battle_id`: "left", "right", "tie" or "both bad". Returns who the two
@@ -149,7 +158,11 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
     one_fit = dict(concurrency_id="arena-leaderboard", concurrency_limit=1)  # a refit takes seconds with many votes
     progress_on_table = dict(show_progress_on=[table])  # one progress bar, not one on each of the board's parts
     surprise.click(lambda: random.choice(examples) if examples else "", None, prompt, **INSTANT)
-    battle_event = start.click(check, prompt, None, **QUICK).success(
+    checked = start.click(check, prompt, None, **QUICK)
+    # the last battle's votes end as the new one starts: its images are replaced by the new ones as they form
+    checked.success(lambda: ["", "", *[gr.Button(interactive=False) for _ in CHOICES]], None,
+                    [battle_id, reveal, *votes.values()], **INSTANT)
+    battle_event = checked.success(
         battle, [prompt, seed], [battle_id, left, right], api_name="arena_battle", concurrency_id="gpu",
         concurrency_limit=runner.concurrency, show_progress_on=[left, right])
     runner.wire_stop(stop, TAB)

@@ -10,7 +10,7 @@ import gradio as gr
 from components.control_units import build_control_units, form_control_units, optional_control_images
 from components.event_options import INSTANT, QUICK
 from components.lora_picker import build_lora_picker
-from components.running import JobRunner, user_error
+from components.running import JobRunner, gallery_preview, user_error
 from components.whole_numbers import WholeNumber
 from studio.core.errors import InvalidRequest, StudioError
 from studio.evaluation.axes import AXIS_TYPES, NO_AXIS, build_grid
@@ -114,10 +114,15 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
         """One prompt over up to three axes (A1111's X/Y/Z syntax; an empty type or "Nothing" is no axis). Returns
         the labelled grids (one per Z value), every cell as a PNG with its parameters, and a table of the cells
         with their time and CLIP score. control_1_*: a ControlNet unit for every cell (the [ControlNet] axes vary
-        it); its model must fit each cell's preset."""
+        it); its model must fit each cell's preset. Client.submit also sees the grid fill in as it runs (a
+        "Forming…" grid, the running cell's live preview in its place)."""
         wanted = request_of(fields)
-        plan, result = runner.run_job(TAB, request, progress, comparison, lambda: comparison.plan(wanted), on_device,
-                                      "Cannot compare")
+        # a generator: the grid filling in (the running cell forming in its place) as Client.submit's intermediate
+        # outputs, then the result
+        yield from runner.stream_job(TAB, request, progress, comparison, lambda: comparison.plan(wanted), on_device,
+                                     "Cannot compare", gallery_preview, compared)
+
+    def compared(plan, result):
         for warning in result.warnings:
             gr.Warning(warning)
         if result.interrupted:
@@ -143,8 +148,10 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
         return chosen, gr.ImageSlider(value=(first, second), label=f"Left: {first_name} · right: {second_name}")
 
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[grids])
-    event = run.click(check, None, None, inputs_kwargs=form, **QUICK).success(
-        compare, None, [grids, table, cells], inputs_kwargs=form, api_name="compare", **gpu_event)
+    checked = run.click(check, None, None, inputs_kwargs=form, **QUICK)
+    # the last grid's table, cells and pair go as the new grid starts forming: they are not its
+    checked.success(lambda: (None, [], [], None), None, [table, cells, picked, pair], **INSTANT)
+    event = checked.success(compare, None, [grids, table, cells], inputs_kwargs=form, api_name="compare", **gpu_event)
     event.then(lambda: ([], None), None, [picked, pair], **INSTANT)  # a new grid
     runner.wire_stop(stop, TAB)
     for control in axes:

@@ -193,6 +193,21 @@ def test_compare_endpoint_returns_the_grid_the_cells_and_the_table(client):
         client.predict(prompt="a red circle", x_type="Steps", x_values="2.5", api_name="/compare")
 
 
+def test_compare_submit_sees_the_grid_forming_then_the_grid_of_predict(client):
+    settings = dict(prompt="a red circle on a blue background", seed=9, x_type="Sampler", x_values="Euler, DDIM",
+                    y_type="Steps", y_values="60", z_type="Nothing", z_values="")
+    job = client.submit(**settings, api_name="/compare")
+    outputs = list(job)
+    forming = [grids[0] for grids, _, _ in outputs[:-1] if grids and grids[0].get("caption", "").startswith("Forming…")]
+    assert len(forming) >= 2, [output[0] for output in outputs]
+    assert "Cell 2/2" in forming[-1]["caption"]
+    final = job.result()
+    predicted = client.predict(**settings, api_name="/compare")
+    for streamed, direct in zip(final[2], predicted[2]):  # the cells, as predict makes them
+        assert np.array_equal(np.asarray(Image.open(streamed["image"])), np.asarray(Image.open(direct["image"])))
+
+
+
 def test_same_seed_same_png_pixels_through_the_api(client):
     first, _, _ = text_to_image(client, seed=5)
     second, _, _ = text_to_image(client, seed=5)

@@ -76,3 +76,31 @@ def test_votes_refusals_and_durability_across_kill_9(tmp_path):
         assert sum(row[5] for row in after["data"]) == 2 * len(acknowledged)  # every battle counted, both sides
     finally:
         stop_app(server)
+
+
+def test_submit_sees_each_side_forming_then_the_battle(tmp_path):
+    """Client.submit's intermediate outputs: a side's live preview (the left's with the right emptied, then the
+    right's), no battle id until both images are made; then the battle, as predict returns it."""
+    url, server = start_app(["--data-dir", str(tmp_path / "data")], tmp_path)
+    try:
+        client = Client(url, verbose=False)
+
+        def unchanged(value):  # gr.skip(), as the client gets it
+            return isinstance(value, dict) and value.get("__type__") == "update"
+
+        for _ in range(3):  # an 8-step side may end between two looks (10 a second): another battle then
+            job = client.submit(prompt=PROMPT, seed=5, api_name="/arena_battle")
+            outputs = list(job)
+            battle_id, left, right = job.result()
+            assert battle_id and left and right
+            for forming_id, forming_left, forming_right in outputs[:-1]:
+                assert unchanged(forming_id)
+                # the left forming (the right emptied), or the right forming (the left as it was)
+                assert (isinstance(forming_left, str) and forming_right is None) or (
+                    unchanged(forming_left) and isinstance(forming_right, str)), (forming_left, forming_right)
+            if any(isinstance(forming_left, str) for _, forming_left, _ in outputs[:-1]):
+                break
+        else:
+            raise AssertionError("no battle showed its left side forming")
+    finally:
+        stop_app(server)

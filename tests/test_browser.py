@@ -440,14 +440,15 @@ def test_compare_a_2x2_grid_then_two_cells_on_the_slider(page, artifacts):
     page.locator("#compare-cell-count").get_by_text("Sampler: unknown value 'Nope'").wait_for(timeout=1_000)
     tab.get_by_label("X values").fill("Euler, DDIM")
     tab.get_by_role("button", name="Compare", exact=True).click()
+    # the table comes with the result (the grid shows the cells forming before it)
+    page.locator("#compare-table").get_by_text("Sampler: DDIM, Steps: 12").wait_for(timeout=90_000)
     grid = page.locator("#compare-grid img").first
-    grid.wait_for(timeout=90_000)
+    grid.wait_for(timeout=10_000)
     # shown before its file has loaded (naturalWidth 0 for a moment on a busy machine): its size once it has
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=grid.element_handle(), timeout=30_000)
     assert grid.evaluate("img => img.naturalWidth") > 256
     box = grid.bounding_box()
     assert box["width"] > 300 and box["height"] > 250  # shown large enough to read its labels
-    page.locator("#compare-table").get_by_text("Sampler: DDIM, Steps: 12").wait_for()
     assert "CLIP score (embedded CLIP, offline)" in page.locator("#compare-table").inner_text()
     # the whole grid is seen, caption included: not cropped by the gallery's square thumbnail
     fit, image_box, gallery_box = grid.evaluate(

@@ -11,11 +11,12 @@ from tests.test_browser_screen import set_number
 pytestmark = pytest.mark.browser
 
 
-def watch_previews(page, gallery_id: str, artifacts, shot: str, done_selector: str = "img[alt^='Seed ']",
-                   seconds: float = 40) -> dict[str, bytes]:
-    """The distinct "Forming…" images the gallery `gallery_id` shows until its result (`done_selector`) is in, by
-    hash; each checked to be on top (not under gradio's progress overlay). A screenshot of the second."""
+def watch_previews(page, gallery_id: str, artifacts, shot: str, done=None, seconds: float = 40) -> dict[str, bytes]:
+    """The distinct "Forming…" images the gallery `gallery_id` shows until its result is in (the locator `done`,
+    by default a "Seed …" image in the gallery), by hash; the second checked to be on top (not under gradio's
+    progress overlay), and screenshot."""
     gallery = page.locator(f"#{gallery_id}")
+    done = done or gallery.locator("img[alt^='Seed ']")
     seen: dict[str, bytes] = {}
     for _ in range(int(seconds * 10)):
         image = gallery.locator("img").first
@@ -31,10 +32,10 @@ def watch_previews(page, gallery_id: str, artifacts, shot: str, done_selector: s
                     on_top = page.evaluate("([x, y]) => document.elementFromPoint(x, y)?.tagName",
                                            [box["x"] + box["width"] / 2, box["y"] + box["height"] / 2])
                     assert on_top == "IMG", on_top
-        if gallery.locator(done_selector).count():
+        if done.count():
             break
         page.wait_for_timeout(100)
-    gallery.locator(done_selector).first.wait_for(timeout=60_000)
+    done.first.wait_for(timeout=60_000)
     assert gallery.get_by_text("Forming…").count() == 0
     return seen
 
@@ -81,3 +82,24 @@ def test_inpaint_shows_the_edit_forming_in_the_picture(page, artifacts, tmp_path
     for body in seen.values():
         shown = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
         assert shown.shape == (256, 256, 3) and np.array_equal(shown[left], np.asarray(source)[left])
+
+
+def test_compare_shows_the_grid_filling_in(page, artifacts):
+    """Two 100-step cells: at least 3 different forming grids (the running cell's preview in its place, under the
+    headers), then the grid."""
+    from PIL import Image
+
+    page.get_by_role("tab", name="Compare").click()
+    tab = page.locator("#compare-tab")
+    tab.get_by_label("Prompt", exact=True).fill("a large yellow star in the center on a blue background")
+    tab.get_by_label("Y values").fill("100")
+    page.locator("#compare-cell-count").get_by_text("2 cells (2 × 1)").wait_for()
+    tab.get_by_role("button", name="Compare", exact=True).click()
+    seen = watch_previews(page, "compare-grid", artifacts, "compare_forming.png",
+                          done=page.locator("#compare-table").get_by_text("Sampler: DDIM, Steps: 100"), seconds=60)
+    assert len(seen) >= 3, f"{len(seen)} distinct previews"
+    import io
+
+    for body in seen.values():
+        with Image.open(io.BytesIO(body)) as grid:
+            assert grid.width > grid.height  # two cells side by side under their headers

@@ -219,3 +219,41 @@ def test_an_inpaint_preview_is_pasted_into_the_picture_where_the_result_goes():
     assert (shown[140:250, 260:380] == (255, 255, 0)).all()  # the mask's inside (256-384 × 128-256, scaled)
     assert (shown[:120] == (0, 0, 255)).all() and (shown[:, :250] == (0, 0, 255)).all()  # the picture elsewhere
     assert (shown[70:120, 200:250] == (0, 0, 255)).all()  # inside the crop, outside the mask: the picture's own
+
+
+def test_a_compare_grid_shows_its_cells_filling_in_and_the_cells_are_the_same_without_previews(engines, monkeypatch):
+    """The grid's live preview: the running cell's preview in its place under the headers, and each finished cell
+    once it is done (drawn whatever the interval); the cells' images bit for bit those made without previews."""
+    import studio.evaluation.compare as compare_module
+    from studio.evaluation.compare import Comparison, CompareRequest
+
+    monkeypatch.setattr(compare_module, "PREVIEW_INTERVAL_S", 0.0)  # every preview drawn: each step is seen
+    comparison = Comparison(engines.text_to_image)
+    request = CompareRequest(prompt=PROMPT, seed=5, x_type="Steps", x_values="3, 4")
+    shown: list[Image.Image] = []
+    with comparison.model_files(comparison.plan(request)) as plan:
+        watched = comparison.run(plan, LocalJob(on_preview=lambda image, part: shown.append(image)))
+        plain = comparison.run(plan, LocalJob())
+    assert len(shown) == 3 + 1 + 4 + 1  # each cell's steps, then the cell as made
+    sizes = {image.size for image in shown}
+    assert len(sizes) == 1 and next(iter(sizes))[0] > next(iter(sizes))[1]  # one grid, two cells side by side
+    first_done = np.asarray(shown[3], dtype=np.int16)
+    assert not np.array_equal(first_done, np.asarray(shown[2], dtype=np.int16))  # the made cell replaced its preview
+    assert np.array_equal(np.asarray(shown[-1])[:, : first_done.shape[1] // 2],  # the first cell stays as it was made
+                          first_done[:, : first_done.shape[1] // 2].astype(np.uint8))
+    for with_previews, without in zip(watched.cells, plain.cells):
+        assert np.array_equal(np.asarray(with_previews.image.image), np.asarray(without.image.image))
+
+
+def test_an_arena_battle_shows_each_side_forming_as_its_own_part(engines, tmp_path):
+    from studio.arena.battles import Arena, Contestant
+    from studio.arena.votes import open_store
+
+    arena = Arena(engines.text_to_image, open_store(tmp_path / "arena.sqlite3"),
+                  [Contestant("fast", "embedded", "Euler", 3, 3.0), Contestant("slow", "embedded", "Euler", 5, 3.0)])
+    parts: list[int] = []
+    plan = arena.plan("visitor", PROMPT, seed=3)
+    with arena.model_files(plan) as plan:
+        arena.run(plan, LocalJob(on_preview=lambda image, part: parts.append(part)))
+    steps = [sampling_plan.steps for sampling_plan in plan.plans]
+    assert parts == [0] * steps[0] + [1] * steps[1]

@@ -186,8 +186,9 @@ class Arena:
         """The device work: one image per contestant (each a turn, other jobs between), then their CLIP scores."""
         job = job or LocalJob()
         images, done = [], 0
-        for side, sampling_plan in zip(("Left", "Right"), plan.plans):
-            made = self.text_to_image.run(sampling_plan, CellJob(job, done, plan.total_steps, side))
+        for part, (side, sampling_plan) in enumerate(zip(("Left", "Right"), plan.plans)):
+            # each side's live previews as a part of its own (0 left, 1 right): the page shows them in place
+            made = self.text_to_image.run(sampling_plan, CellJob(job, done, plan.total_steps, side, part=part))
             done += sampling_plan.total_steps
             if made.interrupted or not made.images:
                 raise InvalidRequest(["The battle was stopped before both images were made: start a new one."])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
@@ -18,9 +18,9 @@ from PIL import Image
 from studio.a1111.prompts import plain_text
 from studio.a1111.schedulers import schedulers_for
 from studio.core.errors import InvalidRequest, StudioError
-from studio.core.jobs import MAX_SECONDS, OVERHEAD_SECONDS, JobControl, LocalJob
+from studio.core.jobs import MAX_SECONDS, OVERHEAD_SECONDS, PREVIEW_SIDE, JobControl, LocalJob
 from studio.evaluation.axes import CONTROL_AXIS_FIELDS, NO_AXIS, Cell, GridSpec, build_grid, value_text
-from studio.evaluation.grids import draw_grid
+from studio.evaluation.grids import MIN_CELL, draw_grid
 from studio.evaluation.metrics import ClipScorer
 from studio.tasks.generation import TextToImage, TextToImageRequest
 from studio.tasks.hires import HiresFix
@@ -29,6 +29,7 @@ from studio.tasks.requests import GeneratedImage, ProgressCallback, resolve_seed
 from studio.tasks.sampling import SamplingPlan
 
 CLIP_SECONDS = 10  # scoring the cells (loading a ViT-L/14 the first time included)
+PREVIEW_INTERVAL_S = 0.1  # the grid's live preview is drawn at most this often (the page looks 10 times a second)
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,13 @@ def _image(result: CellResult | None) -> Image.Image | None:
 
 
 class CellJob(JobControl):
-    """One cell's view of the grid's job: its steps counted after the cells before it, its text prefixed."""
+    """One cell's view of the grid's job: its steps counted after the cells before it, its text prefixed; its
+    previews shown as the job's `part` (the Arena's side), or passed to `shown` (the Compare grid draws them in)."""
 
-    def __init__(self, job: JobControl, done_before: int, total: int, label: str):
+    def __init__(self, job: JobControl, done_before: int, total: int, label: str, part: int = 0,
+                 shown: Callable[[Image.Image], None] | None = None):
         self.job, self.done_before, self.total, self.label = job, done_before, total, label
+        self.part, self.shown = part, shown
 
     @property
     def cancelled(self) -> bool:
@@ -130,9 +134,59 @@ class CellJob(JobControl):
     def report(self, done: int, total: int, text: str) -> None:
         self.job.report(self.done_before + min(done, total), self.total, f"{self.label}: {text}")
 
+    def show(self, preview: Image.Image, part: int = 0) -> None:
+        if self.shown is not None:
+            self.shown(preview)
+        else:
+            self.job.show(preview, self.part)
+
+    @property
+    def wants_previews(self) -> bool:
+        return self.job.wants_previews
+
     @property
     def owner(self) -> object:
         return self.job.owner
+
+
+class GridPreview:
+    """The grid as it fills in, shown as the job's live preview: the finished cells and the running cell's preview
+    in its place, under the grid's headers (the running cell's Z grid), each cell at most a few hundred pixels.
+    Drawn at most every PREVIEW_INTERVAL_S (a preview comes every step), and when a cell is done."""
+
+    def __init__(self, plan: ComparePlan, job: JobControl):
+        self.plan, self.job = plan, job
+        width, height, _ = plan.grid.shape
+        self.cell_side = max(MIN_CELL, min(256, PREVIEW_SIDE // max(width, height)))
+        self.made: dict[tuple[int, int, int], Image.Image] = {}
+        self.shown_at = 0.0
+
+    def forming(self, cell: Cell) -> Callable[[Image.Image], None]:
+        """What `cell`'s previews are given to."""
+        return lambda preview: self._draw(cell, preview, force=False)
+
+    def finished(self, cell: Cell, image: Image.Image | None) -> None:
+        if image is not None:
+            self.made[(cell.x, cell.y, cell.z)] = self._fitted(image)
+            self._draw(cell, None, force=True)
+
+    def _fitted(self, image: Image.Image) -> Image.Image:
+        scale = self.cell_side / max(image.size)
+        return image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                           Image.Resampling.BILINEAR)
+
+    def _draw(self, cell: Cell, preview: Image.Image | None, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self.shown_at < PREVIEW_INTERVAL_S:
+            return
+        self.shown_at = now
+        grid = self.plan.grid
+        width, height, _ = grid.shape
+        rows = [[self.made.get((x, y, cell.z)) for x in range(width)] for y in range(height)]
+        if preview is not None:
+            rows[cell.y][cell.x] = self._fitted(preview)
+        self.job.show(draw_grid(rows, grid.x.labels if grid.x else [""] * width,
+                                grid.y.labels if grid.y else [""] * height, grid.z.labels[cell.z] if grid.z else ""))
 
 
 class Comparison:
@@ -204,18 +258,22 @@ class Comparison:
         job = job or LocalJob()
         result = CompareResult(plan)
         done_before, total = 0, plan.total_steps
+        preview = GridPreview(plan, job) if job.wants_previews else None
         for index, (cell, cell_plan) in enumerate(zip(plan.cells, plan.plans)):
             if job.cancelled:
                 result.interrupted = True
                 break
             began = time.perf_counter()
             label = f"Cell {index + 1}/{len(plan.cells)}"
-            made = self.text_to_image.run(cell_plan, CellJob(job, done_before, total, label))
+            made = self.text_to_image.run(cell_plan, CellJob(job, done_before, total, label,
+                                                             shown=preview.forming(cell) if preview else None))
             done_before += cell_plan.total_steps
             result.warnings += made.warnings
             # an image Stop cut short, or a Hires. fix cell stopped before its second pass, is not the cell's result
             image = made.images[0] if made.images and not made.interrupted else None
             result.cells.append(CellResult(cell, image, time.perf_counter() - began))
+            if preview:
+                preview.finished(cell, image.image if image else None)
             if made.interrupted:
                 result.interrupted = True
                 break
