@@ -70,6 +70,7 @@ class PngFolder:
                 shutil.rmtree(old.parent, ignore_errors=True)
 
 
+SLIDER_LABEL = "Before / after (drag the bar)"
 PREVIEW_SIDE = 2048  # the slider's images at most this long: the full result is the PNG to download
 
 
@@ -112,7 +113,7 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
                 face_visibility = gr.Slider(0, 1, value=1, step=0.05, label="Face visibility", visible=False,
                                             info="1: the restored faces; lower blends the upscaled ones back in")
         with gr.Column(scale=6):
-            slider = gr.ImageSlider(label="Before / after (drag the bar)", type="pil", format="png", max_height=620,
+            slider = gr.ImageSlider(label=SLIDER_LABEL, type="pil", format="png", max_height=620,
                                     interactive=False, elem_id="upscale-slider")
             result_file = gr.File(label="Upscaled PNG (with the input's parameters)", interactive=False,
                                   elem_id="upscale-file")
@@ -135,30 +136,42 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
     def upscale_in_page(image, request: gr.Request, progress=gr.Progress(), **fields):
         if image is None:
             raise user_error(InvalidRequest(["Upload an image first."]), "Cannot upscale")
-        return upscale_image(image, form_request(**fields), request, progress)
+        yield from upscale_image(image, form_request(**fields), request, progress, in_page=True)
 
     def upscale(image, request: gr.Request, progress=gr.Progress(), **fields):
         """Upscale an image file 1× to 8×. `tile`: input pixels per tile side, 0 for none, -1 to choose from the
         free memory. `face_restoration`: "None", or a face restorer whose files are present (GFPGANv1.4), run on
         the upscaled image at `face_visibility`. Returns the before/after pair and the PNG (the input's parameters
-        kept, plus A1111's `Postprocess upscale by` and `Postprocess upscaler`)."""
+        kept, plus A1111's `Postprocess upscale by` and `Postprocess upscaler`). Client.submit also sees the tiles
+        fill in (a small before/after pair per look) when the image is upscaled in tiles."""
         if image is None:
             raise user_error(InvalidRequest(["Give an image file to upscale."]), "Cannot upscale")
         try:  # decoded here rather than by gradio, so that a file that is not an image is refused with the reason
             opened = open_image(image, "image", upscaling.limits.max_input_pixels)
         except StudioError as error:
             raise user_error(error, "Cannot use this file") from None
-        return upscale_image(opened, form_request(**fields), request, progress)
+        yield from upscale_image(opened, form_request(**fields), request, progress, in_page=False)
 
-    def upscale_image(image: Image.Image, wanted: UpscaleRequest, request: gr.Request, progress):
-        plan, result = runner.run_job(TAB, request, progress, upscaling, lambda: upscaling.plan(image, wanted),
-                                      on_device, "Cannot upscale")
-        for warning in result.warnings:
-            gr.Warning(warning)
-        if result.image is None:
-            gr.Info("Stopped: no image.")
-            return gr.skip(), gr.skip()
-        return slider_pair(image, result.image), pngs.save(result.image)
+    def upscale_image(image: Image.Image, wanted: UpscaleRequest, request: gr.Request, progress, in_page: bool):
+        """The job as a generator: the tiles filling in, then the result. In the page the slider's label says
+        where it is while they fill in (the progress bar would hide them); the API gets plain pairs."""
+
+        def slider(pair, label=SLIDER_LABEL):
+            return gr.ImageSlider(value=pair, label=label) if in_page else pair
+
+        def filling_in(preview, caption):
+            return slider(slider_pair(image, preview.image), f"Before / after: {caption}"), gr.skip()
+
+        def upscaled(plan, result):
+            for warning in result.warnings:
+                gr.Warning(warning)
+            if result.image is None:
+                gr.Info("Stopped: no image.")
+                return slider(None), None  # no half-made image left shown
+            return slider(slider_pair(image, result.image)), pngs.save(result.image)
+
+        yield from runner.stream_job(TAB, request, progress, upscaling, lambda: upscaling.plan(image, wanted),
+                                     on_device, "Cannot upscale", filling_in, upscaled)
 
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[slider])
     outputs = [slider, result_file]

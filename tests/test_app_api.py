@@ -416,6 +416,22 @@ def test_a_file_that_is_not_an_image_is_refused_with_the_reason(client, tmp_path
     assert seeds == [3]
 
 
+def test_upscale_submit_sees_the_tiles_filling_in_then_the_result_of_predict(client, tmp_path):
+    scenes.render(scenes.Scene("blue", (scenes.Shape("star", "yellow", "center", "large"),)), 64).resize(
+        (150, 150), Image.Resampling.BICUBIC).save(tmp_path / "star.png")
+    settings = dict(upscaler="embedded-rrdbnet-x4", scale=4, tile=64)
+    job = client.submit(handle_file(str(tmp_path / "star.png")), **settings, api_name="/upscale")
+    outputs = list(job)
+    filling = [pair for pair, _ in outputs[:-1] if isinstance(pair, (list, tuple))]
+    assert len(filling) >= 2, outputs
+    assert len({Image.open(after).tobytes() for _, after in filling}) >= 2  # more tiles in each
+    (_, streamed), png = job.result()
+    (_, direct), _ = client.predict(handle_file(str(tmp_path / "star.png")), **settings, api_name="/upscale")
+    assert np.array_equal(np.asarray(Image.open(streamed)), np.asarray(Image.open(direct)))
+    with Image.open(png) as result:
+        assert result.size == (600, 600)
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (dict(upscaler="RealESRGAN_x4plus"), "RealESRGAN_x4plus.pth"),  # offline here: which file, and where
     (dict(scale=12), "Value 12 is greater than maximum value 8"),  # gradio's own range check

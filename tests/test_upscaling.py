@@ -466,3 +466,29 @@ def test_another_job_takes_its_turn_between_the_tiles_of_a_large_upscale(tmp_pat
         quick = time.monotonic()
     worker.join()
     assert len(network.times) > 4 and quick < network.times[-3], (quick, network.times)
+
+
+def test_a_tiled_upscale_shows_its_tiles_filling_in_and_the_result_is_the_same_without(upscaling, monkeypatch):
+    """Each preview (but the last tile's: the result follows) is the output so far over the input enlarged, at
+    most PREVIEW_SIDE a side; later ones have more of the result in them; the result is the same bit for bit."""
+    import studio.tasks.upscaling as upscaling_module
+    from studio.core.jobs import PREVIEW_SIDE, LocalJob
+
+    monkeypatch.setattr(upscaling_module, "PREVIEW_INTERVAL_S", 0.0)
+    image = shapes_picture(150)
+    request = UpscaleRequest(EMBEDDED, 4, tile=64)
+    shown: list[Image.Image] = []
+    texts: list[str] = []
+    with upscaling.model_files(upscaling.plan(image, request)) as plan:
+        watched = upscaling.run(plan, LocalJob(lambda done, total, text: texts.append(text),
+                                               on_preview=lambda preview, part: shown.append(preview)))
+        plain = upscaling.run(plan, LocalJob())
+    assert np.array_equal(np.asarray(watched.image), np.asarray(plain.image))
+    tiles = int(re.fullmatch(r"Pass 1/1, tile (\d+)/\1", texts[-1]).group(1))
+    side = 600 // 2  # the 600 px result seen from every second pixel (at most PREVIEW_SIDE)
+    assert side <= PREVIEW_SIDE and len(shown) == tiles - 1 > 1 and {preview.size for preview in shown} == {(side, side)}
+    result = np.asarray(plain.image.resize((side, side), Image.Resampling.NEAREST), dtype=np.float64)
+    distance = [np.abs(np.asarray(preview, dtype=np.float64) - result).mean() for preview in shown]
+    assert distance == sorted(distance, reverse=True) and distance[-1] < distance[0] / 2, distance
+    # the first tile (top left) is already the result's
+    assert np.abs(np.asarray(shown[0], dtype=np.float64)[:60, :60] - result[:60, :60]).mean() < 3

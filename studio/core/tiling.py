@@ -77,11 +77,13 @@ class TileGrid:
 
 def run_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scale: int, tile: int,
               device: torch.device | str, dtype: torch.dtype,
-              on_tile: Callable[[int, int], None] | None = None, multiple: int = 1) -> torch.Tensor:
+              on_tile: Callable[[int, int], None] | None = None, multiple: int = 1,
+              on_partial: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """`model` applied to `image` (1×C×H×W, float on the CPU) tile by tile; returns 1×C×(H·scale)×(W·scale) float32
     on the CPU. `tile` is the tile's side in input pixels (0 or at least the image: one pass). `on_tile(done,
     total)` is called after each tile (progress; it may raise to stop). Tile sides are kept a multiple of
-    `multiple`."""
+    `multiple`. `on_partial(output, weight)` sees the output so far after each tile but the last (a live preview:
+    output / weight where weight > 0 is what is made; to be read, not kept or changed)."""
     _, channels, height, width = image.shape
     if tile <= 0 or (tile >= height and tile >= width):
         with torch.no_grad():
@@ -111,4 +113,6 @@ def run_tiled(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor
             done += 1
             if on_tile:
                 on_tile(done, count)
+            if on_partial and done < count:
+                on_partial(output, total_weight)
     return output.div_(total_weight)

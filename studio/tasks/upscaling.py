@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from PIL import Image
 from studio.core.devices import format_bytes, release_memory
 from studio.core.errors import InvalidRequest, OutOfMemoryBudget, StudioError
 from studio.core.images import check_pixels
-from studio.core.jobs import JobControl, LocalJob
+from studio.core.jobs import PREVIEW_SIDE, JobControl, LocalJob
 from studio.core.memory import ModelManager
 from studio.core.tiling import MIN_TILE, run_tiled
 from studio.models.faces import NO_FACE_RESTORATION, FaceRestoration, FaceRestorerPreset
@@ -30,6 +31,7 @@ from studio.models.upscalers import ReleaseFiles, UpscalerCatalog, UpscalerPrese
 
 MIN_SCALE, MAX_SCALE = 1.0, 8.0
 TILE_SIZES = (1024, 768, 512, 384, 256, 192, 128, 96, MIN_TILE)  # automatic tiling tries these, largest first
+PREVIEW_INTERVAL_S = 0.1  # a pass's tiles are shown filling in at most this often (the page looks 10 times a second)
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -271,11 +273,14 @@ class Upscaling:
             counter = ProgressCounter(job, plan.passes * len(planes))
             results = []
             try:
-                for plane in planes:
+                for number, plane in enumerate(planes):
                     for _ in range(plan.passes):
                         if job.cancelled:
                             raise Cancelled("Stopped.")
-                        plane, tile = self._one_pass(plan, plane, counter, warnings)
+                        # the colour's passes are shown as their tiles fill in (not the alpha's)
+                        shown = TilesFillingIn(job, plane, plan.preset.native_scale) \
+                            if number == 0 and job.wants_previews else None
+                        plane, tile = self._one_pass(plan, plane, counter, warnings, shown)
                         counter.pass_done()
                     results.append(plane)
             except Cancelled:  # Stop: nothing half-upscaled is returned
@@ -320,7 +325,7 @@ class Upscaling:
         return plan.alpha is not None and plan.alpha.min() < 1
 
     def _one_pass(self, plan: UpscalePlan, plane: np.ndarray, counter: ProgressCounter,
-                  warnings: list[str]) -> tuple[np.ndarray, int]:
+                  warnings: list[str], shown: TilesFillingIn | None = None) -> tuple[np.ndarray, int]:
         """One native pass over `plane` (H×W×3), halving the tile on out of memory down to MIN_TILE."""
         height, width = plane.shape[:2]
         architecture = plan.preset.architecture
@@ -340,7 +345,7 @@ class Upscaling:
 
             try:
                 upscaled = run_tiled(network, image, plan.preset.native_scale, tile, self.manager.device,
-                                     self.manager.dtype, counter.tile_done, multiple)
+                                     self.manager.dtype, counter.tile_done, multiple, shown)
                 break
             except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
                 smaller = min(tile or max(height, width), max(height, width)) // 2
@@ -394,6 +399,32 @@ def padded(image: torch.Tensor, multiple: int) -> torch.Tensor:
     if not (bottom or right):
         return image
     return torch.nn.functional.pad(image, (0, right, 0, bottom), mode="replicate")  # reflect fails on 1 px sides
+
+
+class TilesFillingIn:
+    """An upscale pass's live preview: the tiles made so far over the pass's input enlarged (bilinear), at most
+    PREVIEW_SIDE a side, drawn from every few output pixels (a strided view: no full-size copy), at most every
+    PREVIEW_INTERVAL_S."""
+
+    def __init__(self, job: JobControl, plane: np.ndarray, scale: int):
+        height, width = plane.shape[0] * scale, plane.shape[1] * scale
+        self.job, self.stride = job, max(1, math.ceil(max(height, width) / PREVIEW_SIDE))
+        self.size = (math.ceil(width / self.stride), math.ceil(height / self.stride))
+        enlarged = Image.fromarray((np.clip(plane, 0, 1) * 255).round().astype(np.uint8)).resize(
+            self.size, Image.Resampling.BILINEAR)
+        self.base = torch.from_numpy(np.asarray(enlarged, dtype=np.float32) / 255).permute(2, 0, 1)
+        self.shown_at = 0.0
+
+    def __call__(self, output: torch.Tensor, weight: torch.Tensor) -> None:
+        now = time.monotonic()
+        if now - self.shown_at < PREVIEW_INTERVAL_S:
+            return
+        self.shown_at = now
+        width, height = self.size
+        made = output[0, :, ::self.stride, ::self.stride][:, :height, :width]
+        weights = weight[0, :, ::self.stride, ::self.stride][:, :height, :width]
+        shown = torch.where(weights > 0, made / weights.clamp_min(1e-12), self.base).clamp_(0, 1)
+        self.job.show(Image.fromarray((shown.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()))
 
 
 @dataclass
