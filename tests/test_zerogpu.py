@@ -304,3 +304,30 @@ def test_a_lora_is_placed_at_start_applied_in_the_worker_and_removed_there(zerog
     difference = np.abs(np.asarray(plain.image, dtype=int) - np.asarray(here.images[0].image, dtype=int))
     assert difference.max() <= 2  # the worker's models carry no LoRA after the call that had one
     assert np.abs(np.asarray(with_lora.image, dtype=int) - np.asarray(plain.image, dtype=int)).mean() > 2
+
+
+def test_live_previews_cross_the_fork_and_the_streamed_result_is_the_plain_one(zerogpu):
+    """The generator handlers' path on ZeroGPU: previews made in the forked worker reach the main process through
+    the job board's preview lanes (text to image, a Compare grid filling in), and the image is the one made
+    without previews."""
+    studio, runner, on_device, fake = zerogpu
+    engine = studio.text_to_image
+    quiet = lambda *args, **kwargs: None  # noqa: E731 - gradio's Progress, unused outside a page
+    outputs = list(runner.stream("text-to-image", None, quiet, engine, lambda: engine.plan(request(steps=100)),
+                                 on_device))
+    previews = [gallery[0] for gallery, _, _ in outputs[:-1]]
+    assert len(previews) >= 3 and all(caption.startswith("Forming… Image 1/1, step ") for _, caption in previews)
+    assert len({image.tobytes() for image, _ in previews}) >= 2
+    streamed = outputs[-1][0][0][0]
+    plain = runner.run("text-to-image", None, quiet, engine, lambda: engine.plan(request(steps=100)), on_device)
+    assert np.array_equal(np.asarray(streamed), np.asarray(plain[0][0][0]))
+    assert fake.observed[-1] == 0  # nothing loaded in the worker
+
+    comparison = studio.comparison
+    grids = list(runner.stream_job(
+        "compare", None, quiet, comparison,
+        lambda: comparison.plan(CompareRequest(prompt="a red circle", seed=3, x_type="Steps", x_values="60, 80")),
+        runner.device_function("compare", comparison), "Cannot compare", lambda preview, caption: preview.image,
+        lambda plan, result: result))
+    assert len(grids) >= 3 and grids[-1].cells[1].image is not None
+    assert all(grid.width > grid.height for grid in grids[:-1])  # the two cells side by side, forming
