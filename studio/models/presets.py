@@ -31,6 +31,7 @@ class ModelPreset:
     inpaint_variant: str | None = None  # some inpainting repos ship only fp16 safetensors
     inpaint_strength: float = 1.0  # the denoising strength the inpainting checkpoint is meant to run at
     components: dict[str, str] = field(default_factory=dict)  # role -> another source, e.g. {"vae": "stabilityai/sd-vae-ft-mse"}
+    preview_decoder: str | None = None  # a TAESD for live previews (repo id or folder); default: its family's
     safety_checker: bool = False  # the repo's own safety checker runs on every image
     safe_by_construction: bool = False  # cannot draw anything a safety checker looks for (the embedded shapes)
     oracle: bool = False  # draws the embedded family's shapes: evaluations read its images with the oracle
@@ -184,6 +185,9 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Model
     # A component source written as a relative path is a folder beside the presets file; otherwise a Hub repo id.
     values["components"] = {role: str((base_dir / source).resolve()) if source.startswith((".", "/")) else source
                             for role, source in (values.get("components") or {}).items()}
+    decoder = values.get("preview_decoder")
+    if decoder is not None and str(decoder).startswith((".", "/")):
+        values["preview_decoder"] = str((base_dir / decoder).resolve())
     values["schedulers"] = tuple(values.get("schedulers", ()))
     values["examples"] = tuple(values.get("examples", ()))
     preset = ModelPreset(name=name, **values)

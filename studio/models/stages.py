@@ -23,6 +23,7 @@ from studio.models.controlnets import CONTROLNET, ControlUnits, PassControls, ad
 from studio.models.families import family_of
 from studio.models.families.base import dtype_bytes
 from studio.models.loras import LORA, AppliedLora, lora_patch, lora_role
+from studio.models.preview_decoders import PREVIEW_DECODER, decode_working_memory
 
 VAE_TILE = 512  # pixels: the tile a tiled VAE decodes at a time (SD's native size)
 # A ControlNet runs before the denoiser at each evaluation, and its activations are gone when the denoiser's begin;
@@ -67,14 +68,20 @@ class DiffusionStages:
         return self._with_loras(StagePlan("encode", keys, working), family_of(preset).text_encoders, loras, preset)
 
     def plan_denoise(self, preset, task: str, width: int, height: int, guidance: bool, tiled: bool = False,
-                     loras: tuple[AppliedLora, ...] = (), controls: PassControls | None = None) -> StagePlan:
-        """`controls`: the pass's control units, whose ControlNets are leased beside the denoiser."""
+                     loras: tuple[AppliedLora, ...] = (), controls: PassControls | None = None,
+                     preview_decoder: ModelKey | None = None) -> StagePlan:
+        """`controls`: the pass's control units, whose ControlNets are leased beside the denoiser;
+        `preview_decoder`: a TAESD leased beside it for live previews (it decodes between steps, when the
+        denoiser's activations are gone: the stage needs the larger of the two)."""
         loras = tuple(lora for lora in loras if lora.denoiser_layers)
         working = family_of(preset).stage_working_memory("denoise", width, height, self.manager.dtype, guidance)
         keys = self.models.stage_keys(preset, task, "denoise")
         if controls is not None:
             keys |= controls.roles()
             working += int(len(controls.keys) * CONTROLNET_WORKING_SHARE * working)
+        if preview_decoder is not None:
+            keys[PREVIEW_DECODER] = preview_decoder
+            working = max(working, decode_working_memory(width, height, self.manager.dtype))
         if task != "text2img":  # the VAE encodes the init image first (its activations are gone before the UNet runs)
             working = max(working, self._vae_working_memory(preset, width, height, tiled))
             if self._decode_dtype(preset) != self.manager.dtype:  # diffusers upcasts it to encode, then casts back
@@ -163,11 +170,12 @@ class DiffusionStages:
         return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance, loras), work)
 
     def denoise(self, preset, task: str, width: int, height: int, guidance: bool,
-                call: Callable[[Any], torch.Tensor], loras: tuple[AppliedLora, ...] = (),
-                controls: PassControls | None = None) -> torch.Tensor:
-        """`call(pipe)` runs the pipeline with output_type="latent" and returns the latents. The LoRAs' denoiser
-        layers apply for this stage. With `controls`, the pipeline is the family's ControlNet pipeline and
-        `pipe.controlnet` the units (ControlUnits), whose clock `call` sets and advances."""
+                call: Callable[..., torch.Tensor], loras: tuple[AppliedLora, ...] = (),
+                controls: PassControls | None = None, preview_decoder: ModelKey | None = None) -> torch.Tensor:
+        """`call(pipe, preview_decoder)` runs the pipeline with output_type="latent" and returns the latents
+        (`preview_decoder`: the leased TAESD, or None). The LoRAs' denoiser layers apply for this stage. With
+        `controls`, the pipeline is the family's ControlNet pipeline and `pipe.controlnet` the units
+        (ControlUnits), whose clock `call` sets and advances."""
         family = family_of(preset)
 
         def work(models, plan):
@@ -177,10 +185,11 @@ class DiffusionStages:
                 units = ControlUnits(nets, list(controls.settings), clock=None, guidance=guidance)
             pipe = self.models.assemble(preset, task, pipeline_components(models), controlnet=units)
             with vae_tiling(models.get(family.vae), plan.vae_tiling), adapter_residuals(models[family.denoiser], units):
-                return call(pipe)
+                return call(pipe, models.get(PREVIEW_DECODER))
 
         latents = self.run_stage(
-            lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled, loras, controls), work,
+            lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled, loras, controls,
+                                            preview_decoder), work,
             can_tile=task != "text2img")
         if has_nan_or_inf(latents):
             raise denoiser_nan_error(preset, self.manager.dtype)
@@ -293,8 +302,9 @@ def denoiser_nan_error(preset, dtype: torch.dtype) -> NumericalError:
 
 def pipeline_components(models: dict[str, Any]) -> dict[str, Any]:
     """A stage's lease without the LoRA files leased to patch its models (and the ControlNets, which the pipeline
-    gets as its units)."""
-    return {role: model for role, model in models.items() if not role.startswith((f"{LORA}:", f"{CONTROLNET}:"))}
+    gets as its units, and the live previews' TAESD)."""
+    return {role: model for role, model in models.items()
+            if role != PREVIEW_DECODER and not role.startswith((f"{LORA}:", f"{CONTROLNET}:"))}
 
 
 def clip_skip_too_large(clip_skip: int, layers: int) -> str:

@@ -31,6 +31,7 @@ from studio.models.faces import FaceRestoration
 from studio.models.loading import diffusers_loaders
 from studio.models.loras import LoraCatalog, load_loras
 from studio.models.presets import PresetCatalog, StyleCatalog, load_styles
+from studio.models.preview_decoders import PREVIEW_DECODER, PreviewDecoderLoader
 from studio.models.stages import DiffusionStages
 from studio.models.upscalers import UPSCALER, ReleaseFiles, UpscalerCatalog, UpscalerLoader, load_upscalers
 from studio.tasks.generation import TextToImage
@@ -72,7 +73,7 @@ def build_manager(presets: PresetCatalog, settings: ManagerSettings = ManagerSet
     device = torch.device(settings.device)
     models = DiffusersModels(device, safety_checker_everywhere=settings.public)
     loaders = {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader(),
-               CONTROLNET: ControlNetLoader(), **settings.extra_loaders}
+               CONTROLNET: ControlNetLoader(), PREVIEW_DECODER: PreviewDecoderLoader(), **settings.extra_loaders}
     manager = ModelManager(loaders, device, settings.dtype or default_dtype(device), device_budget=settings.device_budget,
                            ram_budget=settings.ram_budget, free_memory=settings.free_memory)
     return manager, models

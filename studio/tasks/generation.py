@@ -28,7 +28,6 @@ from studio.tasks.hires import (
     hires_size,
     upscale_latents,
 )
-from studio.tasks.previews import preview_every_of
 from studio.tasks.requests import (
     GenerationResult,
     MadeImage,
@@ -133,8 +132,7 @@ class TextToImage(SamplingEngine):
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
             warnings=self.prompt_warnings(preset, request.prompt, tuple(request.controls))
             + control_notes(tuple(request.controls), self.controlnets), lora_uses=parse_prompt(prompt).loras,
-            preview_every=preview_every_of(request, self.models.needs_safety_checker(preset),
-                                           self.limits.previews_of_checked_presets),
+            **self.live_preview_plan(request, preset),
             controls=plan_controls(tuple(request.controls), self.controlnets, size,
                                    weights_for=self.preprocessor_weights, made_maps=made_maps),
         )

@@ -23,7 +23,6 @@ from studio.core.jobs import LocalJob
 from studio.models.presets import ModelPreset
 from studio.tasks.control import control_notes, plan_controls, sketch_unit
 from studio.tasks.parameters import sampling_fields_from_parameters
-from studio.tasks.previews import preview_every_of
 from studio.tasks.requests import (
     GenerationResult,
     ProgressCallback,
@@ -288,8 +287,7 @@ class Inpainter(SamplingEngine):
             clip_skip=request.clip_skip, call_arguments=arguments, parameters_extra=extra,
             steps_per_image=int(request.steps * request.strength), warnings=warnings,
             lora_uses=parse_prompt(request.prompt).loras, controls=controls,
-            preview_every=preview_every_of(request, self.models.needs_safety_checker(preset),
-                                           self.limits.previews_of_checked_presets),
+            **self.live_preview_plan(request, preset),
         )
 
 

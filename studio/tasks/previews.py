@@ -1,29 +1,32 @@
 """Live previews: the image as it forms, shown while a pass runs, as every studio our users come from shows it
 (A1111 and Forge every 10 steps by default, ComfyUI, Fooocus and InvokeAI every step).
 
-"Fast" previews are the family's latent-to-RGB factors (LatentFormat.preview: one small matrix product per step)
-applied to the sampler's latest estimate of the clean image (x0), as ComfyUI and A1111 preview the denoised
-latents rather than the noisy ones, which are mostly noise until the last steps. diffusers' pipelines keep that
-estimate inside the scheduler's step, so `CleanEstimate` watches the step for it: Euler, Heun, LMS, DDIM and the
-DPM2 family return it (`pred_original_sample`), LCM as `denoised`, and the multistep solvers (DPM++ 2M, UniPC) keep
-their data prediction as their latest model output. Watching changes nothing the step computes: the final image
-is the same bit for bit with previews on and off (tested)."""
+A preview shows the sampler's latest estimate of the clean image (x0), as ComfyUI and A1111 preview the denoised
+latents rather than the noisy ones, which are mostly noise until the last steps: "Fast" through the family's
+latent-to-RGB factors (LatentFormat.preview: one small matrix product, a pixel per latent), "TAESD" decoded by the
+family's tiny decoder (studio.models.preview_decoders: a few milliseconds, at the image's size). diffusers'
+pipelines keep that estimate inside the scheduler's step, so `CleanEstimate` watches the step for it: Euler, Heun,
+LMS, DDIM and the DPM2 family return it (`pred_original_sample`), LCM as `denoised`, and the multistep solvers
+(DPM++ 2M, UniPC) keep their data prediction as their latest model output. Watching changes nothing the step
+computes: the final image is the same bit for bit with previews on and off (tested)."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from PIL import Image
 
 from studio.core.jobs import JobControl
 from studio.models.families import ModelFamily
+from studio.models.preview_decoders import preview_image
 
 log = logging.getLogger("studio.tasks.previews")
-OFF, FAST = "Off", "Fast"
-LIVE_PREVIEWS = (OFF, FAST)
+OFF, FAST, TAESD = "Off", "Fast", "TAESD"
+LIVE_PREVIEWS = (OFF, FAST, TAESD)
 # every how many steps a preview is made by default: every step, as ComfyUI and Fooocus (A1111 defaults to 10). On
 # the embedded model, whose steps take only ~17 ms on 2 CPU cores, that cost 2.4-2.5% of the image's time
 # (python bench/preview_cost.py: ratios 1.025 and 1.024, 0.4 ms a preview), within the 3% aim.
@@ -34,7 +37,7 @@ def preview_every_of(request, checked: bool, previews_of_checked_presets: bool =
     """A plan's preview interval from its request's live preview settings (0: none). None where a safety checker
     looks at the preset's images here (`checked`: its own, or every preset's on a public demo) and the server says
     so (a public demo): a preview is not checked, and would show what the checker then hides."""
-    if request.live_preview != FAST or (checked and not previews_of_checked_presets):
+    if request.live_preview == OFF or (checked and not previews_of_checked_presets):
         return 0
     return request.preview_every
 
@@ -75,13 +78,30 @@ def clean_estimate(scheduler, output) -> torch.Tensor | None:
 
 def latents_preview(family: ModelFamily, latents: torch.Tensor) -> Image.Image:
     """The first image of `latents` as an RGB preview at the latents' size (a pixel per latent)."""
-    rgb = family.latent.preview(latents[:1].detach())[0]
+    return rgb_image(family.latent.preview(latents[:1].detach())[0])
+
+
+def decoded_preview(decoder, latents: torch.Tensor) -> Image.Image:
+    """The first image of `latents` decoded by a TAESD (at the image's size)."""
+    return rgb_image(preview_image(decoder, latents.detach()))
+
+
+def rgb_image(rgb: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> an RGB image."""
     return Image.fromarray((rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
 
 
-def preview_step(job: JobControl, family: ModelFamily, estimate: CleanEstimate, every: int, steps: int, then):
-    """A callback_on_step_end that shows a preview every `every` steps of a `steps`-step pass (and after its
-    last), then calls `then` (progress, Stop)."""
+def preview_maker(family: ModelFamily, decoder=None) -> Callable[[torch.Tensor], Image.Image]:
+    """How a pass's previews are made from latents: the TAESD leased for it, or the family's factors."""
+    if decoder is not None:
+        return functools.partial(decoded_preview, decoder)
+    return functools.partial(latents_preview, family)
+
+
+def preview_step(job: JobControl, to_image: Callable[[torch.Tensor], Image.Image], estimate: CleanEstimate,
+                 every: int, steps: int, then):
+    """A callback_on_step_end that shows a preview (`to_image` of the latest clean estimate) every `every` steps
+    of a `steps`-step pass (and after its last), then calls `then` (progress, Stop)."""
 
     shown = [0]  # the last step shown; -1 once a preview failed (the image goes on without them)
 
@@ -92,7 +112,7 @@ def preview_step(job: JobControl, family: ModelFamily, estimate: CleanEstimate, 
             shown[0] = done
             latents = estimate.latest if estimate.latest is not None else callback_kwargs["latents"]
             try:
-                job.show(latents_preview(family, latents))
+                job.show(to_image(latents))
             except Exception:  # noqa: BLE001 - a preview is a courtesy: it must never cost the image
                 log.exception("Live preview failed; this pass goes on without previews")
                 shown[0] = -1

@@ -38,6 +38,7 @@ from studio.models.loras import (
     vocabulary_of,
 )
 from studio.models.presets import ModelPreset, PresetCatalog
+from studio.models.preview_decoders import decoder_download, preview_decoder_key
 from studio.models.stages import Conditioning, DiffusionStages, clip_skip_too_large
 from studio.models.vocabulary import load_vocabulary, unknown_words_warning
 from studio.tasks.control import (
@@ -53,7 +54,16 @@ from studio.tasks.control import (
 from studio.tasks.hires import (
     HiresPlan,
 )
-from studio.tasks.previews import CleanEstimate, preview_step
+from studio.tasks.previews import (
+    FAST,
+    LIVE_PREVIEWS,
+    OFF,
+    TAESD,
+    CleanEstimate,
+    preview_every_of,
+    preview_maker,
+    preview_step,
+)
 from studio.tasks.requests import (
     GeneratedImage,
     GenerationResult,
@@ -92,6 +102,7 @@ class SamplingPlan:
     loras: tuple[AppliedLora, ...] = ()  # ... resolved to files with the model files (the Hub's fetched first)
     controls: tuple[PlannedControl, ...] = ()  # ControlNet units, their maps made at `size`
     preview_every: int = 0  # a live preview every this many steps while someone watches the job (0: none)
+    preview_decoder: str | None = None  # the TAESD those previews are decoded with (a source; None: Fast)
 
     @property
     def encoder_prompt(self) -> str:
@@ -236,7 +247,41 @@ class SamplingEngine:
         control_problems = self.control_problems(request, preset, task or self.main_task)
         if control_problems:
             problems["controls"] = " ".join(control_problems)
+        if request.live_preview == TAESD and "live_preview" not in problems:
+            decoder_problem = self.preview_decoder_problem(preset)
+            if decoder_problem:
+                problems["live_preview"] = decoder_problem
         return problems
+
+    # ----- live previews -----
+
+    def preview_decoder_source(self, preset: ModelPreset) -> str | None:
+        """The TAESD of the preset (its own, else its family's), a Hub repo or a folder; None where it has none."""
+        return preset.preview_decoder or family_of(preset).preview_decoder
+
+    def preview_decoder_problem(self, preset: ModelPreset) -> str | None:
+        """Why TAESD previews cannot be had for the preset here (read without network), or None."""
+        source = self.preview_decoder_source(preset)
+        if source is None:
+            return f"TAESD previews: there is no TAESD for {family_of(preset).label} models; choose Fast."
+        download = decoder_download(source)
+        if download is None:
+            return None if Path(source).is_dir() else f"TAESD previews: the folder {source} is not there; choose Fast."
+        if self.downloads.is_offline() and not self.downloads.is_cached(download):
+            return f"TAESD previews: {source} is not downloaded and this server is offline; choose Fast."
+        return None
+
+    def live_preview_choices(self, preset: ModelPreset) -> tuple[str, ...]:
+        """The live preview settings a form offers for the preset: TAESD where its decoder is here or can be had."""
+        return LIVE_PREVIEWS if self.preview_decoder_problem(preset) is None else (OFF, FAST)
+
+    def live_preview_plan(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, Any]:
+        """A plan's preview fields: every how many steps (0: none; none on a checked preset of a public demo, see
+        preview_every_of), and the TAESD to decode them with."""
+        every = preview_every_of(request, self.models.needs_safety_checker(preset),
+                                 self.limits.previews_of_checked_presets)
+        decoder = self.preview_decoder_source(preset) if every and request.live_preview == TAESD else None
+        return dict(preview_every=every, preview_decoder=decoder)
 
     def control_problems(self, request: SamplingRequest, preset: ModelPreset, task: str) -> list[str]:
         """What is wrong with the request's ControlNet units (a unit without an image uses the request's own image,
@@ -318,7 +363,24 @@ class SamplingEngine:
             # not take GPU time (nor be lost with ZeroGPU's worker process)
             model_hash = self.models.model_hash(plan.preset, plan.task, on_progress)
             plan = self.with_controls(replace(plan, model_hash=model_hash), on_progress)
+            plan = self.with_preview_decoder(plan, protected, on_progress)
             yield self.with_loras(plan, protected, on_progress)
+
+    def with_preview_decoder(self, plan: SamplingPlan, protected: contextlib.ExitStack,
+                             on_progress: ProgressCallback | None = None) -> SamplingPlan:
+        """The plan with its TAESD fetched (kept from the cache budget with the model's files); one that cannot be
+        fetched costs the image nothing: its previews are Fast ones, and the result says so."""
+        download = decoder_download(plan.preview_decoder) if plan.preview_decoder else None
+        if download is None:
+            return plan
+        protected.enter_context(self.downloads.in_use(download.source))
+        try:
+            self.downloads.ensure(download, on_progress)
+        except ModelUnavailable as error:
+            return replace(plan, preview_decoder=None, warnings=[
+                *plan.warnings, f"TAESD previews: {download.source} could not be fetched, so the previews were Fast "
+                f"ones ({str(error).splitlines()[0]})"])
+        return plan
 
     def with_controls(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> SamplingPlan:
         """The plan with its ControlNets' hashes in the PNG's fields, as A1111 writes them."""
@@ -423,7 +485,10 @@ class SamplingEngine:
         on_step = step_callback(job, steps_done, pass_steps, start, plan.total_steps, label)
         controls = pass_controls(plan.controls, size, hires=second_pass is not None)
 
-        def call(pipe):
+        previews = bool(plan.preview_every and job.wants_previews)
+        decoder = preview_decoder_key(plan.preview_decoder) if previews and plan.preview_decoder else None
+
+        def call(pipe, preview_decoder=None):
             pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides,
                                            seed=image_seed)
             each_step, control_arguments = on_step, {}
@@ -431,9 +496,9 @@ class SamplingEngine:
                 clock = pipe.controlnet.clock = ControlClock(pass_steps, getattr(pipe.scheduler, "order", 1))
                 each_step = clock.ticking(on_step)
                 control_arguments = control_call_arguments(family_of(preset).control_image_argument(task), controls)
-            if plan.preview_every and job.wants_previews:
-                each_step = preview_step(job, family_of(preset), CleanEstimate(pipe.scheduler), plan.preview_every,
-                                         pass_steps, then=each_step)
+            if previews:
+                each_step = preview_step(job, preview_maker(family_of(preset), preview_decoder),
+                                         CleanEstimate(pipe.scheduler), plan.preview_every, pass_steps, then=each_step)
             step_hooks = {"callback_on_step_end": each_step}
             if task == "inpaint":
                 step_hooks = inpaint_step_hooks(pipe, family_of(plan.preset), arguments["image"], image_seed,
@@ -445,7 +510,7 @@ class SamplingEngine:
             ).images
 
         latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras,
-                                      controls)
+                                      controls, decoder)
         return latents, steps_done[0]
 
     def _finish_image(self, plan: SamplingPlan, task: str, latents: torch.Tensor, size: tuple[int, int],

@@ -104,6 +104,8 @@ class ModelFamily:
     clip_skip = False  # whether A1111's clip skip applies (its text encoder is CLIP ViT-L)
     samplers: tuple[str, ...] | None = None  # the sampler names it takes; None: every noise-prediction sampler
     takes_safety_checker = False  # its pipelines run the SD safety checker (those of SDXL have none)
+    # the Hub repo of its TAESD (diffusers' AutoencoderTiny, madebyollin's): a tiny decoder for live previews
+    preview_decoder: str | None = None
 
     # ----- components -----
 

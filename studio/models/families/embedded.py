@@ -16,6 +16,7 @@ class Embedded(StableDiffusion1):
     # Preview factors fitted on the trained VAE by studio.embedded.stages.fit_latent_rgb_factors (256 random
     # scenes, seed 0); tests/test_families.py fits them again and compares.
     # (the fit explains 82% of the colour variance: RMSE 0.29 on colours of standard deviation 0.69)
+    preview_decoder = None  # its own, trained here, is named by its preset (models/embedded-taesd)
     latent = LatentFormat(channels=4, downscale=4, scaling_factor=0.67943,
                           rgb_factors=((0.3582, 0.3537, 0.6958), (0.5195, 0.5876, 0.6149), (0.5300, 0.7385, 0.2281),
                                        (-0.8884, -0.4033, -0.2280)),

@@ -48,6 +48,7 @@ class StableDiffusion1(ModelFamily):
                                                     "img2img": "StableDiffusionControlNetImg2ImgPipeline",
                                                     "inpaint": "StableDiffusionControlNetInpaintPipeline"})
     # ComfyUI's latent_formats.SD15 (the preview factors fitted on SD 1.5's VAE)
+    preview_decoder = "madebyollin/taesd"  # SD 1.x and 2.x share their VAE's latent space
     latent = LatentFormat(channels=4, downscale=8, scaling_factor=0.18215,
                           rgb_factors=((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350),
                                        (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177)))
@@ -117,6 +118,7 @@ class StableDiffusionXL(StableDiffusion1):
                                                     "img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
                                                     "inpaint": "StableDiffusionXLControlNetInpaintPipeline"})
     # ComfyUI's latent_formats.SDXL
+    preview_decoder = "madebyollin/taesdxl"
     latent = LatentFormat(channels=4, downscale=8, scaling_factor=0.13025,
                           rgb_factors=((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
                                        (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188)),
