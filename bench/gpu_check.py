@@ -27,7 +27,10 @@ What it does:
    mask) and Hires. fix (Latent, ×2 / ×1.5); then a ×4 upscale of a 512² image. With control units: SD 1.5 with a
    ControlNet of lllyasviel's size, SDXL with a Union of ProMax's size and a T2I-Adapter of TencentARC's sketch
    adapter's size at once (random weights from bench/device_plan.py's configs): whether the 10% of working memory
-   the denoise stage adds per unit covers what the units use (`reserved` vs `used`).
+   the denoise stage adds per unit covers what the units use (`reserved` vs `used`). SD 1.5 with TAESD live
+   previews (a random AutoencoderTiny of madebyollin/taesd's config, the preset's `preview_decoder:`), watched as the
+   page watches a job: the image's time with previews at the default interval ÷ without (target <= 1.03), and the
+   denoise stage's `reserved` vs `used` with the decoder leased beside the UNet.
 3. Model CPU offload and memory limits, each on a fresh manager:
    A. SD 1.5 text to image, text encoders pinned (`manager.preload(..., pin=True)`, as ZeroGPU does), a budget too
       small for the UNet and its working memory: the fallbacks, then (expected) a clear OutOfMemoryBudget.
@@ -257,6 +260,7 @@ from device_plan import (  # noqa: E402  (bench/device_plan.py: the repos' confi
 )
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    AutoencoderTiny,
     ControlNetModel,
     ControlNetUnionModel,
     EulerDiscreteScheduler,
@@ -285,6 +289,7 @@ from studio.core.devices import (  # noqa: E402
     free_device_bytes,
 )
 from studio.core.errors import NumericalError, OutOfMemoryBudget  # noqa: E402
+from studio.core.jobs import LocalJob  # noqa: E402
 from studio.core.memory import ModelManager  # noqa: E402
 from studio.core.model_records import DEVICE, ModelKey  # noqa: E402
 from studio.models import upscalers  # noqa: E402
@@ -299,6 +304,7 @@ from studio.models.upscalers import ReleaseFiles, UpscalerCatalog, UpscalerPrese
 from studio.tasks.engines import Engines, ManagerSettings, build_engines, build_manager  # noqa: E402
 from studio.tasks.generation import TextToImageRequest  # noqa: E402
 from studio.tasks.hires import HiresFix  # noqa: E402
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY  # noqa: E402
 from studio.tasks.inpainting import InpaintRequest  # noqa: E402
 from studio.tasks.upscaling import UpscaleRequest  # noqa: E402
 
@@ -307,9 +313,11 @@ PROMPT, NEGATIVE = "a lighthouse on a cliff at sunset, oil painting, detailed", 
 SCHEDULER = "DPM++ 2M Karras"
 TIME_LIMIT_S = 420  # cases not started by then are skipped: with the longest case (~40 s) the run stays within 8 min
 SPEED_TARGET = 0.97
+PREVIEW_COST_TARGET = 1.03  # issue [4/7]: previews at the default interval cost at most 3% of the image's time
 SD15, SDXL, UPSCALER_NAME = "sd15-random", "sdxl-random", "x4plus-random"
 # the control models' folders (and their names in the ControlNet catalog)
 CONTROLNET_SD15, UNION_SDXL, ADAPTER_SDXL = "controlnet-sd15-random", "union-sdxl-random", "adapter-sdxl-random"
+TAESD_SD15 = "taesd-sd15-random"  # SD 1.5's live previews' tiny decoder (madebyollin/taesd's config: the defaults)
 
 
 # ===== 3. Sizes: the real run and the smoke run =====
@@ -323,6 +331,7 @@ class Sizes:
     configs: dict  # folder name -> {role: (class, config.json dict)}
     controls: dict  # folder name -> (class, config.json dict): SD 1.5's ControlNet, SDXL's Union and T2I-Adapter
     upscaler: dict  # the RRDBNet's config.json
+    preview_decoder: dict  # SD 1.5's TAESD's config.json (AutoencoderTiny)
     side: dict  # preset -> the side of its images
     hires: dict  # preset -> Hires. fix's factor
     steps: int
@@ -347,7 +356,7 @@ def real_sizes() -> Sizes:
                 "num_grow_ch": 32, "scale": 4}
     controls = {CONTROLNET_SD15: (ControlNetModel, SD15_CONTROLNET), UNION_SDXL: (ControlNetUnionModel, SDXL_UNION_PROMAX),
                 ADAPTER_SDXL: (T2IAdapter, SDXL_SKETCH_ADAPTER)}
-    return Sizes(torch.device("cuda"), torch.float16, configs, controls, upscaler, {SD15: 512, SDXL: 1024},
+    return Sizes(torch.device("cuda"), torch.float16, configs, controls, upscaler, {}, {SD15: 512, SDXL: 1024},
                  {SD15: 2.0, SDXL: 1.5}, steps=20, hires_steps=10, timed_runs=3, time_limit_s=TIME_LIMIT_S)
 
 
@@ -389,7 +398,10 @@ def tiny_sizes() -> Sizes:
         ADAPTER_SDXL: (T2IAdapter, {"adapter_type": "full_adapter_xl", "channels": [32, 64, 64, 64],
                                     "downscale_factor": 4, "in_channels": 3, "num_res_blocks": 1}),
     }
-    return Sizes(torch.device("cpu"), torch.float32, configs, controls, upscaler, {SD15: 64, SDXL: 64},
+    # the tiny VAE's two blocks: one upsampling, as its decoder's
+    taesd = dict(encoder_block_out_channels=[8, 8], decoder_block_out_channels=[8, 8], num_encoder_blocks=[1, 1],
+                 num_decoder_blocks=[1, 1])
+    return Sizes(torch.device("cpu"), torch.float32, configs, controls, upscaler, taesd, {SD15: 64, SDXL: 64},
                  {SD15: 1.5, SDXL: 1.5},
                  steps=2, hires_steps=1, timed_runs=1, time_limit_s=float("inf"))
 
@@ -579,6 +591,7 @@ def write_presets(folder: Path, sizes: Sizes) -> Path:
     common = {"description": "Random weights (bench/gpu_check.py).", "min_size": 64, "default_scheduler": SCHEDULER}
     presets = {
         SD15: {**common, "label": "SD 1.5, random weights", "family": "sd15", "local": "./sd15", "max_size": 1024,
+               "preview_decoder": f"./{TAESD_SD15}",
                "default_width": sizes.side[SD15], "default_height": sizes.side[SD15]},
         SDXL: {**common, "label": "SDXL, random weights", "family": "sdxl", "local": "./sdxl", "max_size": 1536,
                "components": {"vae": "./sdxl-vae"}, "default_width": sizes.side[SDXL],
@@ -595,6 +608,11 @@ def write_models(folder: Path, sizes: Sizes) -> None:
     for name in sizes.configs:
         write_folder(folder / name, name, sizes, tokenizer)
     write_upscaler(folder / UPSCALER_NAME, sizes)
+    torch.manual_seed(0)
+    taesd = build_module(AutoencoderTiny, sizes.preview_decoder, tokenizer, sizes)
+    taesd.save_pretrained(folder / TAESD_SD15, safe_serialization=True)
+    print(f"  {TAESD_SD15}: AutoencoderTiny, {sum(p.numel() for p in taesd.parameters()):,} parameters")
+    del taesd
     for name, (model_class, config) in sizes.controls.items():
         torch.manual_seed(0)
         module = build_module(model_class, config, tokenizer, sizes)
@@ -811,6 +829,7 @@ class Findings:
     mismatches: int = 0
     unexpected: int = 0  # errors other than the studio's own
     speed: dict = dataclasses.field(default_factory=dict)  # preset -> studio / bare
+    preview_ratio: float | None = None  # SD 1.5's image time with TAESD previews / without
     crashed: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
 
@@ -888,6 +907,9 @@ class Check:
         self.family_cases(engines, probe, SD15)
         self.run_case(f"{SD15}: text to image with a ControlNet unit, {self.sizes.side[SD15]}²",
                       lambda: self.controlled(engines, probe, SD15, (CONTROLNET_SD15,)))
+        self.run_case(f"{SD15}: text to image with TAESD live previews every {DEFAULT_PREVIEW_EVERY} step(s), "
+                      f"{self.sizes.side[SD15]}², the image's time with them ÷ without",
+                      lambda: self.taesd_previews(engines, probe, SD15))
         self.run_case("upscale ×4, RRDBNet of x4plus's size", lambda: self.upscale(engines, probe))
         self.family_cases(engines, probe, SDXL)
         self.run_case(f"{SDXL}: text to image with Union ProMax and the sketch T2I-Adapter, {self.sizes.side[SDXL]}²",
@@ -971,6 +993,45 @@ class Check:
             request = dataclasses.replace(self.text_to_image(preset), controls=units)
             _, outcome = attempt(lambda: engines.text_to_image.generate(request))
         self.report(probe, engines.manager, case, outcome)
+
+    def taesd_previews(self, engines: Engines, probe: Probe, preset: str) -> None:
+        """A watched job (LocalJob with a preview callback, as the page's): its TAESD leased beside the UNet (the
+        denoise stage's `reserved` vs `used` with it), and the image's time with previews at the default interval
+        ÷ without (target <= 1.03, issue [4/7]), best of the timed runs, alternating."""
+        engine = engines.text_to_image
+        request = self.text_to_image(preset)
+        shown: list[Image.Image] = []
+
+        def seconds(watched: bool) -> float:
+            job = LocalJob(on_preview=lambda image, part: shown.append(image)) if watched else LocalJob()
+            with engine.model_files(engine.plan(request)) as plan:
+                synchronize(self.sizes.device)
+                began = time.perf_counter()
+                engine.run(plan, job)
+                synchronize(self.sizes.device)
+                return time.perf_counter() - began
+
+        case = f"{preset} TAESD previews"
+        with probe.case(case):
+            _, outcome = attempt(lambda: seconds(True))  # the first warms up (the decoder loaded, its kernels)
+        self.report(probe, engines.manager, case, outcome)
+        if outcome:
+            return
+        decoded = shown[-1].size == (request.width, request.height)  # Fast previews would be a pixel per latent
+        shown.clear()
+        without, with_previews = [], []
+        for _ in range(self.sizes.timed_runs):
+            without.append(seconds(False))
+            with_previews.append(seconds(True))
+        previews = len(shown) // self.sizes.timed_runs
+        ratio = min(with_previews) / min(without)
+        verdict = "ok" if ratio <= PREVIEW_COST_TARGET else f"ABOVE the {PREVIEW_COST_TARGET} target"
+        self.findings.preview_ratio = ratio
+        print(f"   TAESD previews: {previews} per image of {request.steps} steps, "
+              f"{'decoded at the image size' if decoded else 'NOT decoded by TAESD'}; image {min(without):.3f} s "
+              f"without, {min(with_previews):.3f} s with: ratio {ratio:.3f} ({verdict}; best of "
+              f"{self.sizes.timed_runs}); {(min(with_previews) - min(without)) / max(previews, 1) * 1000:.2f} ms "
+              "per preview")
 
     def hires(self, engines: Engines, probe: Probe, preset: str) -> None:
         case = f"{preset} Hires. fix"
@@ -1110,7 +1171,8 @@ class Check:
         speed = ", ".join(f"{name.split('-')[0]} {ratio:.3f}" for name, ratio in found.speed.items()) or "none"
         return (f"gpu check: {found.cases} cases, {found.stages} stages, NaN in {found.nan_stages}, over reserved "
                 f"{found.over_reserved}, placement mismatches {found.mismatches}, unexpected errors "
-                f"{found.unexpected}, denoise speed ratio {speed} "
+                f"{found.unexpected}, denoise speed ratio {speed}, TAESD preview cost ratio "
+                f"{'none' if found.preview_ratio is None else f'{found.preview_ratio:.3f}'} "
                 f"({time.perf_counter() - STARTED:.0f} s)")
 
     # ----- the run -----

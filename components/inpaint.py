@@ -64,7 +64,7 @@ from studio.tasks.inpainting import (
     mask_tools_for,
     sketch_mask,
 )
-from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, FAST
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, TAESD
 from studio.tasks.requests import MAX_CLIP_SKIP, whole
 
 TAB = "inpaint"
@@ -146,7 +146,7 @@ class InpaintTab:
 
 
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
-                 padding, seed, batch_size, clip_skip=1, sketch_controlnet=False, live_preview=FAST,
+                 padding, seed, batch_size, clip_skip=1, sketch_controlnet=False, live_preview=TAESD,
                  preview_every=DEFAULT_PREVIEW_EVERY, controls=()) -> InpaintRequest:
     return InpaintRequest(
         prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
@@ -322,8 +322,9 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         """Repaint the white part of `mask` (an image the size of `image`; in a transparent PNG, the opaque part)
         as the prompt describes. Pixels outside the (blurred) mask are returned unchanged, at the input's size.
         Returns the images (PNG with A1111 parameters), the seeds used and the generation info. control_<n>_*:
-        ControlNet unit n; a unit without an image reads the image being inpainted. live_preview (Off, Fast) every
-        preview_every steps: the picture as the edit forms in it, intermediate outputs for Client.submit."""
+        ControlNet unit n; a unit without an image reads the image being inpainted. live_preview (Off, Fast, TAESD:
+        Fast where the model has no TAESD) every preview_every steps: the picture as the edit forms in it,
+        intermediate outputs for Client.submit."""
         settings_request = request_of(fields)
         if image is None or mask is None:
             raise user_error(InvalidRequest(["Give both an image and a mask (white = repaint)."]), "Cannot inpaint")

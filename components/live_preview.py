@@ -5,20 +5,22 @@ from __future__ import annotations
 import gradio as gr
 
 from components.whole_numbers import WholeSlider
-from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, FAST, LIVE_PREVIEWS
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, LIVE_PREVIEWS, TAESD
 from studio.tasks.requests import whole
+
+INFO = ("The image as it forms. TAESD: a tiny decoder, sharp (Fast where the model has none); Fast: from the "
+        "latents, a pixel per latent")
 
 
 def build_live_preview_settings(max_steps: int, elem_id: str) -> tuple[gr.Radio, WholeSlider]:
     """(Live preview, Preview every N steps), side by side."""
     with gr.Row():
-        live_preview = gr.Radio(list(LIVE_PREVIEWS), value=FAST, label="Live preview", elem_id=elem_id,
-                                info="The image as it forms (Fast: from the latents, a pixel per latent)")
+        live_preview = gr.Radio(list(LIVE_PREVIEWS), value=TAESD, label="Live preview", elem_id=elem_id, info=INFO)
         preview_every = WholeSlider(1, max_steps, value=DEFAULT_PREVIEW_EVERY, step=1, label="Preview every N steps")
     return live_preview, preview_every
 
 
 def live_preview_fields(live_preview, preview_every) -> dict:
     """The request's fields from the form's (or an API caller's) values; a null is the default."""
-    return dict(live_preview=live_preview or FAST,
+    return dict(live_preview=live_preview or TAESD,
                 preview_every=whole(preview_every) if preview_every is not None else DEFAULT_PREVIEW_EVERY)

@@ -39,7 +39,7 @@ from studio.tasks.hires import (
     hires_size,
 )
 from studio.tasks.parameters import request_from_parameters
-from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, FAST
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, TAESD
 from studio.tasks.requests import MAX_CLIP_SKIP, whole
 
 TAB = "text-to-image"
@@ -60,7 +60,7 @@ class TextToImageTab:
 
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
              clip_skip=1, hires_fix=False, hires_upscaler=DEFAULT_HIRES_UPSCALER, hires_upscale=2.0, hires_steps=0,
-             denoising_strength=0.5, live_preview=FAST, preview_every=DEFAULT_PREVIEW_EVERY, controls=()):
+             denoising_strength=0.5, live_preview=TAESD, preview_every=DEFAULT_PREVIEW_EVERY, controls=()):
     hires = None
     if hires_fix:
         defaults = HiresFix()  # an API caller's null is the default, as for the other fields
@@ -229,7 +229,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         generation info. Image i uses seed + i; seed -1 picks a random seed. With hires_fix, each image is
         generated at width × height, upscaled by hires_upscale with hires_upscaler (a latent mode or an upscaler
         preset), then refined at that size at denoising_strength for hires_steps (0 = steps). live_preview (Off,
-        Fast) every preview_every steps: the images as they form, intermediate outputs for Client.submit.
+        Fast, TAESD: Fast where the model has no TAESD) every preview_every steps: the images as they form,
+        intermediate outputs for Client.submit.
         control_<n>_*: ControlNet unit n, used when control_<n>_enabled: its control image, preprocessor, model
         (one made for the preset's family), weight 0-2, guidance start and end (fractions of the steps),
         control_mode, resize_mode, pixel_perfect, processor_res, and the preprocessor's thresholds (-1: its

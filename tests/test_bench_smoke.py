@@ -22,11 +22,13 @@ RESULT_LINES = {
     # the engine runs every case of the smoke run without an error the script did not expect, and every model is
     # where its record says afterwards
     "gpu_check.py": rf"gpu check: \d+ cases, \d+ stages, NaN in 0, over reserved \d+, placement mismatches 0, "
-                    rf"unexpected errors 0, denoise speed ratio sd15 {NUMBER}, sdxl {NUMBER}",
+                    rf"unexpected errors 0, denoise speed ratio sd15 {NUMBER}, sdxl {NUMBER}, TAESD preview cost ratio "
+                    rf"{NUMBER}",
     "hires_fix.py": rf"time of an image, ratio to a 64 px image:\n  Hires\. fix with Latent +{NUMBER}",
     "inpaint_memory.py": rf"base UNet inpaints \(4-channel\) +{NUMBER} MiB +{NUMBER} MiB +{NUMBER}",
     "lora_overhead.py": rf"ratio {NUMBER}; {NUMBER} ms per image for the adapters",
     "preview_cost.py": rf"ratio {NUMBER} \(target <= 1\.03\); {NUMBER} ms per preview",
+    "preview_legibility.py": rf"TAESD +100% in +{NUMBER}% +{NUMBER}% +{NUMBER}% +{NUMBER}%",
     "prompt_weights.py": r"A1111 emphasis \(the studio\): yellow-up greener than red-up in \d+/1 seeds",
     "shared_memory.py": rf"ratio {NUMBER} \(target <= 0\.40",
     "upscale_tiling.py": rf"time, ours ÷ RealESRGANer: {NUMBER}",

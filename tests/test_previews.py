@@ -92,7 +92,7 @@ def test_inpaint_and_sketch_to_image_show_previews_too(engines):
 def test_bad_preview_settings_are_refused_with_a_message(engines):
     problems = engines.text_to_image.problems(TextToImageRequest(prompt=PROMPT, live_preview="Sometimes",
                                                                  preview_every=0))
-    assert problems["live_preview"] == "Live preview must be one of Off, Fast (got 'Sometimes')."
+    assert problems["live_preview"] == "Live preview must be one of Off, Fast, TAESD (got 'Sometimes')."
     assert problems["preview_every"].startswith("Live preview every must be between 1 and ")
 
 
@@ -257,3 +257,60 @@ def test_an_arena_battle_shows_each_side_forming_as_its_own_part(engines, tmp_pa
         arena.run(plan, LocalJob(on_preview=lambda image, part: parts.append(part)))
     steps = [sampling_plan.steps for sampling_plan in plan.plans]
     assert parts == [0] * steps[0] + [1] * steps[1]
+
+
+
+def test_taesd_previews_are_the_presets_tiny_decoder_at_the_images_size_leased_beside_the_unet(engines):
+    """The embedded preset's TAESD (trained here, models/embedded-taesd) decodes each preview at the image's size;
+    it is a model of its own kind in the manager, leased for the watched pass only; the image is the same bit for
+    bit as with Fast previews and none."""
+    from studio.models.preview_decoders import PREVIEW_DECODER
+
+    engine = engines.text_to_image
+    request = TextToImageRequest(prompt=PROMPT, seed=8, steps=5, width=64, height=64)
+    assert request.live_preview == "TAESD" and engine.plan(request).preview_decoder.endswith("embedded-taesd")
+    taesd: list[Image.Image] = []
+    with_taesd = run_with_previews(engine, request, taesd)
+    fast: list[Image.Image] = []
+    with_fast = run_with_previews(engine, replace(request, live_preview="Fast"), fast)
+    assert [image.size for image in taesd] == [(64, 64)] * 5 and [image.size for image in fast] == [(16, 16)] * 5
+    assert any(key.kind == PREVIEW_DECODER for key in engines.manager.records)  # loaded through the manager
+    for other in (with_fast, run_with_previews(engine, request, None)):
+        assert np.array_equal(pixels(with_taesd), pixels(other))
+    # the last TAESD preview is the finished image drawn by the tiny decoder: close to the VAE's
+    difference = np.abs(np.asarray(taesd[-1], dtype=np.float64) - pixels(with_taesd) * 255).mean()
+    assert difference < 12, difference
+
+
+def test_taesd_falls_back_to_fast_where_the_preset_has_none_here(engines, monkeypatch):
+    """TAESD asks for the best preview there is: a preset whose TAESD is not downloaded on an offline server, or a
+    folder that is not there, previews Fast, without a refusal; a decoder that cannot be fetched online says so
+    once, in the result's notes, and the image is made."""
+    from studio.core.errors import ModelUnavailable
+    from studio.models.preview_decoders import decoder_download
+
+    engine = engines.text_to_image
+    sd15 = engine.presets.get("stable-diffusion-1.5")
+    assert engine.preview_decoder_source(sd15) == "madebyollin/taesd"
+    assert decoder_download("madebyollin/taesd").allow_patterns == ("config.json", "diffusion_pytorch_model.safetensors")
+    monkeypatch.setattr(engine.downloads, "is_offline", lambda: True)
+    assert "is not downloaded and this server is offline" in engine.preview_decoder_problem(sd15)
+    request = TextToImageRequest(prompt=PROMPT, preset="stable-diffusion-1.5", seed=1)
+    assert engine.live_preview_plan(request, sd15) == dict(preview_every=1, preview_decoder=None)
+    missing = replace(engine.presets.get("embedded"), preview_decoder="/nowhere/taesd")
+    assert engine.preview_decoder_problem(missing) == ("TAESD previews: the folder /nowhere/taesd is not there; "
+                                                       "choose Fast.")
+    monkeypatch.setattr(engine.downloads, "is_offline", lambda: False)
+
+    def unreachable(download, on_progress=None):
+        raise ModelUnavailable("The Hub could not be reached.")
+
+    monkeypatch.setattr(engine.downloads, "ensure", unreachable)
+    plan = replace(engine.plan(TextToImageRequest(prompt=PROMPT, seed=2, steps=2)), preview_decoder="madebyollin/taesd")
+    import contextlib
+
+    with contextlib.ExitStack() as protected:
+        fetched = engine.with_preview_decoder(plan, protected)
+    assert fetched.preview_decoder is None
+    assert fetched.warnings[-1].startswith("TAESD previews: madebyollin/taesd could not be fetched, so the previews "
+                                           "were Fast ones (The Hub could not be reached.)")

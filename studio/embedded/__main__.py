@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     samples_parser.add_argument("--out", default="docs/embedded-samples.png")
     add_lora_commands(sub)
     add_controlnet_commands(sub)
+    add_preview_decoder_command(sub)
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         run_lora_command(args)
     elif args.command in ("train-controlnet", "evaluate-controlnet"):
         run_controlnet_command(args)
+    elif args.command == "train-preview-decoder":
+        run_preview_decoder_command(args)
     elif args.command == "samples":
         from studio.embedded.evaluation import sample_sheet
 
@@ -132,6 +135,27 @@ def run_controlnet_command(args) -> None:
               f"{result.checks}")
     else:
         print(format_scores(evaluate_sketch_to_image(Path(args.models_dir), args.count)))
+
+
+def add_preview_decoder_command(sub) -> None:
+    from studio.embedded.preview_decoder import PreviewDecoderRecipe
+
+    default = PreviewDecoderRecipe()
+    train = sub.add_parser("train-preview-decoder", help="train the embedded TAESD for live previews (resumable)")
+    train.add_argument("--steps", type=int, default=default.steps, help="default: %(default)s")
+    train.add_argument("--batch-size", type=int, default=default.batch_size, help="default: %(default)s")
+    train.add_argument("--run-dir", default=RUN_DIR, help="checkpoints and logs (default: %(default)s)")
+    train.add_argument("--models-dir", default=MODELS_DIR)
+    train.add_argument("--smoke", action="store_true", help="a few steps, to check the code")
+
+
+def run_preview_decoder_command(args) -> None:
+    from studio.embedded.preview_decoder import SMOKE_RECIPE, PreviewDecoderRecipe, train_preview_decoder
+
+    recipe = SMOKE_RECIPE if args.smoke else PreviewDecoderRecipe(args.steps, args.batch_size)
+    result = train_preview_decoder(Path(args.run_dir), Path(args.models_dir), recipe)
+    print(f"preview decoder: {result.steps} steps, {result.seconds / 60:.1f} min, loss {result.final_loss}, "
+          f"{result.checks}")
 
 
 if __name__ == "__main__":

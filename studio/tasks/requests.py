@@ -15,7 +15,7 @@ from studio.a1111.prompts import prompt_mistakes
 from studio.a1111.schedulers import check_scheduler
 from studio.models.families import family_of
 from studio.models.presets import ModelPreset
-from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, FAST, LIVE_PREVIEWS
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, LIVE_PREVIEWS, TAESD
 
 
 MAX_SEED = 2**32 - 1
@@ -60,7 +60,9 @@ class SamplingRequest:
     batch_size: int = 1
     clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the one before it (anime models)
     controls: tuple = ()  # ControlNet units (studio.tasks.control.ControlUnit), at most RequestLimits' count
-    live_preview: str = FAST  # Off or Fast (studio.tasks.previews): made only while someone watches the job
+    # Off, Fast or TAESD (studio.tasks.previews; TAESD: Fast where the preset has none): made only while someone
+    # watches the job
+    live_preview: str = TAESD
     preview_every: int = DEFAULT_PREVIEW_EVERY  # steps between two previews
 
 

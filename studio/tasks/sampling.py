@@ -55,9 +55,6 @@ from studio.tasks.hires import (
     HiresPlan,
 )
 from studio.tasks.previews import (
-    FAST,
-    LIVE_PREVIEWS,
-    OFF,
     TAESD,
     CleanEstimate,
     preview_every_of,
@@ -247,10 +244,6 @@ class SamplingEngine:
         control_problems = self.control_problems(request, preset, task or self.main_task)
         if control_problems:
             problems["controls"] = " ".join(control_problems)
-        if request.live_preview == TAESD and "live_preview" not in problems:
-            decoder_problem = self.preview_decoder_problem(preset)
-            if decoder_problem:
-                problems["live_preview"] = decoder_problem
         return problems
 
     # ----- live previews -----
@@ -260,7 +253,7 @@ class SamplingEngine:
         return preset.preview_decoder or family_of(preset).preview_decoder
 
     def preview_decoder_problem(self, preset: ModelPreset) -> str | None:
-        """Why TAESD previews cannot be had for the preset here (read without network), or None."""
+        """Why TAESD previews cannot be had for the preset here (read without network), or None: then Fast ones."""
         source = self.preview_decoder_source(preset)
         if source is None:
             return f"TAESD previews: there is no TAESD for {family_of(preset).label} models; choose Fast."
@@ -271,17 +264,15 @@ class SamplingEngine:
             return f"TAESD previews: {source} is not downloaded and this server is offline; choose Fast."
         return None
 
-    def live_preview_choices(self, preset: ModelPreset) -> tuple[str, ...]:
-        """The live preview settings a form offers for the preset: TAESD where its decoder is here or can be had."""
-        return LIVE_PREVIEWS if self.preview_decoder_problem(preset) is None else (OFF, FAST)
-
     def live_preview_plan(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, Any]:
         """A plan's preview fields: every how many steps (0: none; none on a checked preset of a public demo, see
-        preview_every_of), and the TAESD to decode them with."""
+        preview_every_of), and the TAESD to decode them with: TAESD asks for the best preview there is, as
+        ComfyUI's "auto": the preset's TAESD where it is here or can be fetched, else Fast ones (a preview is a
+        courtesy: never a refusal, and no note on every image of a model that has none)."""
         every = preview_every_of(request, self.models.needs_safety_checker(preset),
                                  self.limits.previews_of_checked_presets)
-        decoder = self.preview_decoder_source(preset) if every and request.live_preview == TAESD else None
-        return dict(preview_every=every, preview_decoder=decoder)
+        wanted = every and request.live_preview == TAESD and self.preview_decoder_problem(preset) is None
+        return dict(preview_every=every, preview_decoder=self.preview_decoder_source(preset) if wanted else None)
 
     def control_problems(self, request: SamplingRequest, preset: ModelPreset, task: str) -> list[str]:
         """What is wrong with the request's ControlNet units (a unit without an image uses the request's own image,
