@@ -154,8 +154,10 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
     event = checked.success(compare, None, [grids, table, cells], inputs_kwargs=form, api_name="compare", **gpu_event)
     event.then(lambda: ([], None), None, [picked, pair], **INSTANT)  # a new grid
     runner.wire_stop(stop, TAB)
-    for control in axes:
-        control.change(lambda *values: cell_count_note(comparison, *values), axes, count, **INSTANT)
+    # one queued event for every axis field, its answer always for the last keystroke: unqueued, each keystroke's
+    # answer could come after the next one's on a busy machine, leaving the note of a value no longer there
+    gr.on([control.change for control in axes], lambda *values: cell_count_note(comparison, *values), axes, count,
+          trigger_mode="always_last", **QUICK)
     cells.select(pick, [picked, cells], [picked, pair], **INSTANT)
     return CompareTab(event)
 
