@@ -64,7 +64,14 @@ from studio.models.loras import (
     lora_key,
     preset_context_width,
 )
-from studio.models.presets import PRESETS_DIR, load_presets
+from studio.models.presets import PRESETS_DIR, PresetCatalog, load_presets
+from studio.models.preview_decoders import (
+    NO_PREVIEW_DECODER,
+    PREVIEW_DECODER,
+    decoder_download,
+    preview_decoder_key,
+    preview_decoder_of,
+)
 from studio.models.upscalers import ReleaseFiles, UpscalerCatalog, load_upscalers, upscaler_key
 from studio.tasks.engines import DEFAULT_UPSCALER_CACHE, ManagerSettings, build_engines, build_manager
 from studio.tasks.generation import TextToImage
@@ -225,6 +232,7 @@ def build_studio(args: argparse.Namespace) -> Studio:
     controlnets = load_controlnets()
     if ON_ZEROGPU:  # the ControlNets of the offered presets' families, placed now like the presets
         controlnets = preload_controlnets(manager, downloads, presets, controlnets)
+        presets = preload_preview_decoders(manager, downloads, presets)  # the live previews' TAESDs, likewise
     engines = build_engines(
         manager, models, presets, limits=RequestLimits.public() if args.public else RequestLimits(),
         upscale_limits=UpscaleLimits.public() if args.public else UpscaleLimits(), loras=loras, upscalers=upscalers,
@@ -316,6 +324,25 @@ def preload_controlnets(manager: ModelManager, downloads, presets, catalog: Cont
         except StudioError as error:
             log.warning("could not preload ControlNet %s: %s", controlnet.name, str(error).splitlines()[0])
     return catalog.only(kept)
+
+
+def preload_preview_decoders(manager: ModelManager, downloads, presets: PresetCatalog) -> PresetCatalog:
+    """ZeroGPU: each offered preset's TAESD fetched and placed (pinned) now; a preset whose TAESD cannot be has it
+    turned off (`preview_decoder: none`: Fast previews), since nothing may load in the GPU worker."""
+    kept = []
+    for preset in presets:
+        source = preview_decoder_of(preset)
+        try:
+            if source is not None:
+                download = decoder_download(source)
+                if download is not None:
+                    downloads.ensure(download)
+                manager.preload({PREVIEW_DECODER: preview_decoder_key(source)}, pin=True)
+        except StudioError as error:
+            log.warning("could not preload the TAESD of %s: %s", preset.name, str(error).splitlines()[0])
+            preset = dataclasses.replace(preset, preview_decoder=NO_PREVIEW_DECODER)
+        kept.append(preset)
+    return PresetCatalog(kept, default=presets.default)
 
 
 def preload_upscalers(manager: ModelManager, catalog: UpscalerCatalog, files: ReleaseFiles) -> UpscalerCatalog:

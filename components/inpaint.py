@@ -36,6 +36,7 @@ from components.preset_picker import (
     chosen_preset,
     preset_card,
     prompt_hint,
+    shown_hint,
     sampling_updates,
 )
 from components.live_preview import build_live_preview_settings, live_preview_fields
@@ -199,7 +200,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             )
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder=PROMPT_PLACEHOLDER[INPAINT],
                                 elem_id="inpaint-prompt")
-            prompt_note = gr.Markdown(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
+            prompt_note = shown_hint(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
             lora_picker = build_lora_picker(engine.loras, prompt, engine.loras_that_fit(default.name))
             preset = gr.Dropdown([(p.label, p.name) for p in engine.presets], value=default.name,
@@ -494,7 +495,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         chosen = chosen_preset(engine.presets, name)
         controls = (sketch_unit(engine.controlnets, chosen.family),) if sketch_guided(chosen_mode, chosen, guide) \
             else ()
-        return prompt_hint(engine, name, text, controls)
+        return shown_hint(prompt_hint(engine, name, text, controls))
 
     note_event = dict(fn=hint, inputs=[preset, prompt, mode, sketch_controlnet], outputs=prompt_note, **INSTANT)
     prompt.change(**note_event, trigger_mode="always_last")

@@ -95,6 +95,12 @@ def sampling_updates(preset: ModelPreset, limits, scheduler=None, steps=None, gu
     )
 
 
+def shown_hint(text: str, **options) -> gr.Markdown:
+    """The prompt hint's Markdown, hidden while it says nothing (a Hub preset: no vocabulary), which would otherwise
+    leave an empty gap under the prompt."""
+    return gr.Markdown(text, visible=bool(text), **options)
+
+
 def prompt_hint(engine, preset_name: str, prompt: str | None, controls: tuple = ()) -> str:
     """Under the prompt, for a model that lists what it knows: the words it knows, and the typed words it has
     never seen (those a ControlNet unit of `controls` was trained with count as known). Empty for the other

@@ -22,6 +22,7 @@ from components.preset_picker import (
     chosen_preset,
     preset_card,
     prompt_hint,
+    shown_hint,
     sampling_updates,
 )
 from components.running import JobRunner, scroll_to_results_in_a_narrow_window, user_error
@@ -120,7 +121,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
             prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red circle on a blue background", autofocus=True)
-            prompt_note = gr.Markdown(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
+            prompt_note = shown_hint(prompt_hint(engine, default.name, ""), elem_classes="prompt-hint")
             negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, placeholder="what to avoid")
             lora_picker = build_lora_picker(engine.loras, prompt, engine.loras_that_fit(default.name))
             with gr.Row():
@@ -341,7 +342,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
     def hint(name, text, *units):
         on, models = units[:controls.count], units[controls.count:]
         chosen = tuple(ControlUnit(model) for enabled, model in zip(on, models) if enabled and model)
-        return prompt_hint(engine, name, text, chosen)
+        return shown_hint(prompt_hint(engine, name, text, chosen))
 
     note_event = dict(fn=hint, inputs=[preset, prompt, *controls.enabled, *controls.models], outputs=prompt_note,
                       **INSTANT)

@@ -95,6 +95,9 @@ def zerogpu(tmp_path_factory, app_loras):
                                  ControlNetPreset("missing-cn", "Missing", "embedded", local=folder.parent / "none")])
     engine.controlnets = studio.inpainter.controlnets = app.preload_controlnets(
         studio.manager, engine.downloads, engine.presets, catalog)
+    # the live previews' TAESDs placed at start (the embedded one; the Hub presets', not downloaded, turned off)
+    engine.presets = studio.inpainter.presets = app.preload_preview_decoders(studio.manager, engine.downloads,
+                                                                             engine.presets)
     loads_before = studio.manager.loads
     fake = ForkingGpu(observe=lambda: studio.manager.loads - loads_before)
     original = getattr(app, "spaces", None)
@@ -317,6 +320,7 @@ def test_live_previews_cross_the_fork_and_the_streamed_result_is_the_plain_one(z
                                  on_device))
     previews = [gallery[0] for gallery, _, _ in outputs[:-1]]
     assert len(previews) >= 3 and all(caption.startswith("Forming… Image 1/1, step ") for _, caption in previews)
+    assert all(image.size == (64, 64) for image, _ in previews)  # decoded by the embedded TAESD, placed at start
     assert len({image.tobytes() for image, _ in previews}) >= 2
     streamed = outputs[-1][0][0][0]
     plain = runner.run("text-to-image", None, quiet, engine, lambda: engine.plan(request(steps=100)), on_device)

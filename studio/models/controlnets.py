@@ -21,7 +21,7 @@ from studio.core.downloads import DownloadRequest
 from studio.core.errors import InvalidRequest, ModelUnavailable
 from studio.core.model_records import ModelKey
 from studio.models.families import FAMILIES, family_named
-from studio.models.loading import unavailable
+from studio.models.loading import cached_folder, unavailable
 from studio.models.weights import root_weight_patterns, safetensors_bytes, weight_files
 
 CONTROLNET = "controlnet"  # the manager's kind
@@ -216,14 +216,7 @@ class ControlNetLoader:
 
     @staticmethod
     def _folder(source: str) -> Path:
-        if os.path.isdir(source):
-            return Path(source)
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(source, local_files_only=True))
-        except Exception as error:  # noqa: BLE001
-            raise unavailable(source, error) from error
+        return cached_folder(source)
 
 
 def variant_of(key: ModelKey, dtype: torch.dtype) -> str | None:

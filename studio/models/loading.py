@@ -212,6 +212,19 @@ def diffusers_loaders(variant_for: Callable[[str, torch.dtype], str | None] = la
     return {KIND: DiffusersLoader(variant_for), CHECKPOINT_KIND: CheckpointLoader(), LORA: LoraLoader()}
 
 
+def cached_folder(source: str, allow_patterns: list[str] | None = None) -> Path:
+    """The folder a model's files are in: `source` itself, or its snapshot in the Hub cache (fetched beforehand,
+    outside the device lock; never downloaded here). Raises ModelUnavailable."""
+    if os.path.isdir(source):
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True, allow_patterns=allow_patterns))
+    except Exception as error:  # noqa: BLE001
+        raise unavailable(source, error) from error
+
+
 def unavailable(source: str, error: Exception) -> ModelUnavailable:
     """A model that is in neither its folder nor the Hub cache when it is loaded (downloads have their own)."""
     reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__

@@ -31,7 +31,8 @@ class ModelPreset:
     inpaint_variant: str | None = None  # some inpainting repos ship only fp16 safetensors
     inpaint_strength: float = 1.0  # the denoising strength the inpainting checkpoint is meant to run at
     components: dict[str, str] = field(default_factory=dict)  # role -> another source, e.g. {"vae": "stabilityai/sd-vae-ft-mse"}
-    preview_decoder: str | None = None  # a TAESD for live previews (repo id or folder); default: its family's
+    # a TAESD for live previews (repo id or folder); default: its family's; "none": Fast previews only
+    preview_decoder: str | None = None
     safety_checker: bool = False  # the repo's own safety checker runs on every image
     safe_by_construction: bool = False  # cannot draw anything a safety checker looks for (the embedded shapes)
     oracle: bool = False  # draws the embedded family's shapes: evaluations read its images with the oracle

@@ -6,20 +6,28 @@ sampler's estimate of the clean latents (a few milliseconds; a full VAE decode w
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
 from studio.core.downloads import DownloadRequest, is_local_folder
 from studio.core.model_records import ModelKey
-from studio.models.loading import unavailable
+from studio.models.families import family_of
+from studio.models.loading import cached_folder, unavailable
 from studio.models.weights import safetensors_bytes, weight_files
 
 PREVIEW_DECODER = "preview_decoder"
+NO_PREVIEW_DECODER = "none"  # a preset's `preview_decoder: none` turns its family's TAESD off (Fast previews)
 FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 # a decode's activations: its output pixels × its widest block's channels × the dtype's bytes, three such tensors
 # alive at once (a block's input, its convolution's output and the skip), with 10% slack
 ACTIVATIONS_ALIVE = 3 * 1.1
+
+
+def preview_decoder_of(preset) -> str | None:
+    """The preset's TAESD (a Hub repo or a folder): its own `preview_decoder:`, else its family's; None for none."""
+    if preset.preview_decoder == NO_PREVIEW_DECODER:
+        return None
+    return preset.preview_decoder or family_of(preset).preview_decoder
 
 
 def preview_decoder_key(source: str) -> ModelKey:
@@ -49,7 +57,7 @@ class PreviewDecoderLoader:
     Hub cache (fetched beforehand, outside the device lock)."""
 
     def size(self, key: ModelKey, dtype: torch.dtype) -> int:
-        return safetensors_bytes(weight_files(self._folder(key.source), None), dtype)
+        return safetensors_bytes(weight_files(cached_folder(key.source, list(FILES)), None), dtype)
 
     def load(self, key: ModelKey, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import AutoencoderTiny
@@ -59,14 +67,3 @@ class PreviewDecoderLoader:
                                                    local_files_only=not os.path.isdir(key.source)).eval()
         except Exception as error:  # noqa: BLE001 - every loading failure becomes one clear message
             raise unavailable(key.source, error) from error
-
-    @staticmethod
-    def _folder(source: str) -> Path:
-        if os.path.isdir(source):
-            return Path(source)
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(source, local_files_only=True, allow_patterns=list(FILES)))
-        except Exception as error:  # noqa: BLE001
-            raise unavailable(source, error) from error

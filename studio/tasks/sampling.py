@@ -38,7 +38,7 @@ from studio.models.loras import (
     vocabulary_of,
 )
 from studio.models.presets import ModelPreset, PresetCatalog
-from studio.models.preview_decoders import decoder_download, preview_decoder_key
+from studio.models.preview_decoders import decoder_download, preview_decoder_key, preview_decoder_of
 from studio.models.stages import Conditioning, DiffusionStages, clip_skip_too_large
 from studio.models.vocabulary import load_vocabulary, unknown_words_warning
 from studio.tasks.control import (
@@ -250,7 +250,7 @@ class SamplingEngine:
 
     def preview_decoder_source(self, preset: ModelPreset) -> str | None:
         """The TAESD of the preset (its own, else its family's), a Hub repo or a folder; None where it has none."""
-        return preset.preview_decoder or family_of(preset).preview_decoder
+        return preview_decoder_of(preset)
 
     def preview_decoder_problem(self, preset: ModelPreset) -> str | None:
         """Why TAESD previews cannot be had for the preset here (read without network), or None: then Fast ones."""
