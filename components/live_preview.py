@@ -16,7 +16,8 @@ def build_live_preview_settings(max_steps: int, elem_id: str) -> tuple[gr.Radio,
     """(Live preview, Preview every N steps), side by side."""
     with gr.Row():
         live_preview = gr.Radio(list(LIVE_PREVIEWS), value=TAESD, label="Live preview", elem_id=elem_id, info=INFO)
-        preview_every = WholeSlider(1, max_steps, value=DEFAULT_PREVIEW_EVERY, step=1, label="Preview every N steps")
+        preview_every = WholeSlider(0, max_steps, value=DEFAULT_PREVIEW_EVERY, step=1, label="Preview every N steps",
+                                    info="0: Auto, as often as they take at most 3% of the time")
     return live_preview, preview_every
 
 

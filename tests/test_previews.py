@@ -14,6 +14,7 @@ from studio.tasks.generation import TextToImageRequest
 from studio.tasks.inpainting import InpaintRequest
 
 PROMPT = "a red circle on a blue background"
+FAST_EVERY_STEP = dict(live_preview="Fast", preview_every=1)  # the latents' factors, each step (not Auto's budget)
 
 
 def run_with_previews(engine, request, previews: list | None):
@@ -35,7 +36,7 @@ def test_a_preview_every_step_and_the_final_image_is_the_same_without_them(engin
     found = previews_module.clean_estimate
     monkeypatch.setattr(previews_module, "clean_estimate",
                         lambda scheduler_, output: estimates.append(found(scheduler_, output)) or estimates[-1])
-    request = TextToImageRequest(prompt=PROMPT, seed=11, steps=6, scheduler=scheduler)
+    request = TextToImageRequest(prompt=PROMPT, seed=11, steps=6, scheduler=scheduler, **FAST_EVERY_STEP)
     previews: list[Image.Image] = []
     watched = run_with_previews(engines.text_to_image, request, previews)
     assert estimates and all(estimate is not None for estimate in estimates), scheduler  # never the noisy latents
@@ -52,7 +53,7 @@ def test_previews_show_the_clean_estimate_so_the_scene_shows_early(engines, monk
     shows the scene: its preview is nearer the final image than a preview of the noisy latents."""
     import studio.tasks.previews as previews_module
 
-    request = TextToImageRequest(prompt=PROMPT, seed=5, steps=12, scheduler="Euler")
+    request = TextToImageRequest(prompt=PROMPT, seed=5, steps=12, scheduler="Euler", **FAST_EVERY_STEP)
     estimated: list = []
     result = run_with_previews(engines.text_to_image, request, estimated)
     monkeypatch.setattr(previews_module, "clean_estimate", lambda scheduler, output: None)
@@ -79,7 +80,7 @@ def test_every_n_steps_and_off(engines):
 
 def test_inpaint_and_sketch_to_image_show_previews_too(engines):
     previews: list = []
-    request = InpaintRequest(prompt=PROMPT, seed=2, steps=4, strength=1.0)
+    request = InpaintRequest(prompt=PROMPT, seed=2, steps=4, strength=1.0, **FAST_EVERY_STEP)
     sketch = Image.new("RGB", (64, 64), "white")
     sketch.paste((220, 30, 30), (20, 20, 44, 44))
     job = LocalJob(on_preview=lambda image, part: previews.append(image))
@@ -91,9 +92,10 @@ def test_inpaint_and_sketch_to_image_show_previews_too(engines):
 
 def test_bad_preview_settings_are_refused_with_a_message(engines):
     problems = engines.text_to_image.problems(TextToImageRequest(prompt=PROMPT, live_preview="Sometimes",
-                                                                 preview_every=0))
+                                                                 preview_every=-1))
     assert problems["live_preview"] == "Live preview must be one of Off, Fast, TAESD (got 'Sometimes')."
     assert problems["preview_every"].startswith("Live preview every must be between 1 and ")
+    assert problems["preview_every"].endswith("steps, or 0 for Auto (got -1).")
 
 
 def _show_from_the_worker(board: JobBoard, slot: int) -> None:
@@ -143,11 +145,11 @@ def test_a_public_demo_shows_no_previews_where_a_safety_checker_looks_at_the_ima
     request = TextToImageRequest(prompt=PROMPT, preview_every=2)
     dreamshaper = presets.get("dreamshaper-8")
     assert public.models.needs_safety_checker(dreamshaper) and not dreamshaper.safety_checker
-    assert preview_every_of(request, True, public.limits.previews_of_checked_presets) == 0
+    assert preview_every_of(request, True, public.limits.previews_of_checked_presets) is None
     assert preview_every_of(request, False, RequestLimits().previews_of_checked_presets) == 2
     assert preview_every_of(request, True, RequestLimits().previews_of_checked_presets) == 2  # a local studio
     # the embedded shapes are safe by construction: previews even on a public demo
-    assert public.plan(request).preview_every == 2
+    assert public.plan(request).previews and public.plan(request).preview_every == 2
 
 
 def test_a_failing_preview_costs_the_image_nothing(engines, monkeypatch):
@@ -157,7 +159,7 @@ def test_a_failing_preview_costs_the_image_nothing(engines, monkeypatch):
         raise ValueError("no factors")
 
     monkeypatch.setattr(previews_module, "latents_preview", broken)
-    request = TextToImageRequest(prompt=PROMPT, seed=4, steps=3)
+    request = TextToImageRequest(prompt=PROMPT, seed=4, steps=3, **FAST_EVERY_STEP)
     previews: list = []
     watched = run_with_previews(engines.text_to_image, request, previews)
     assert previews == [] and np.array_equal(pixels(watched), pixels(run_with_previews(engines.text_to_image, request,
@@ -229,7 +231,8 @@ def test_a_compare_grid_shows_its_cells_filling_in_and_the_cells_are_the_same_wi
 
     monkeypatch.setattr(compare_module, "PREVIEW_INTERVAL_S", 0.0)  # every preview drawn: each step is seen
     comparison = Comparison(engines.text_to_image)
-    request = CompareRequest(prompt=PROMPT, seed=5, x_type="Steps", x_values="3, 4")
+    base = TextToImageRequest(prompt=PROMPT, **FAST_EVERY_STEP)
+    request = CompareRequest(prompt=PROMPT, seed=5, x_type="Steps", x_values="3, 4", base=base)
     shown: list[Image.Image] = []
     with comparison.model_files(comparison.plan(request)) as plan:
         watched = comparison.run(plan, LocalJob(on_preview=lambda image, part: shown.append(image)))
@@ -245,9 +248,12 @@ def test_a_compare_grid_shows_its_cells_filling_in_and_the_cells_are_the_same_wi
         assert np.array_equal(np.asarray(with_previews.image.image), np.asarray(without.image.image))
 
 
-def test_an_arena_battle_shows_each_side_forming_as_its_own_part(engines, tmp_path):
+def test_an_arena_battle_shows_each_side_forming_as_its_own_part(engines, tmp_path, monkeypatch):
+    import studio.tasks.previews as previews_module
     from studio.arena.battles import Arena, Contestant
     from studio.arena.votes import open_store
+
+    monkeypatch.setattr(previews_module, "PREVIEW_BUDGET", 1e9)  # Auto then shows every step
 
     arena = Arena(engines.text_to_image, open_store(tmp_path / "arena.sqlite3"),
                   [Contestant("fast", "embedded", "Euler", 3, 3.0), Contestant("slow", "embedded", "Euler", 5, 3.0)])
@@ -264,17 +270,18 @@ def test_taesd_previews_are_the_presets_tiny_decoder_at_the_images_size_leased_b
     """The embedded preset's TAESD (trained here, models/embedded-taesd) decodes each preview at the image's size;
     it is a model of its own kind in the manager, leased for the watched pass only; the image is the same bit for
     bit as with Fast previews and none."""
-    from studio.models.preview_decoders import PREVIEW_DECODER
+    from studio.models.preview_decoders import PREVIEW_DECODER, preview_decoder_key
 
     engine = engines.text_to_image
-    request = TextToImageRequest(prompt=PROMPT, seed=8, steps=5, width=64, height=64)
+    request = TextToImageRequest(prompt=PROMPT, seed=8, steps=5, width=64, height=64, preview_every=1)
     assert request.live_preview == "TAESD" and engine.plan(request).preview_decoder.endswith("embedded-taesd")
     taesd: list[Image.Image] = []
     with_taesd = run_with_previews(engine, request, taesd)
     fast: list[Image.Image] = []
-    with_fast = run_with_previews(engine, replace(request, live_preview="Fast"), fast)
+    with_fast = run_with_previews(engine, replace(request, **FAST_EVERY_STEP), fast)
     assert [image.size for image in taesd] == [(64, 64)] * 5 and [image.size for image in fast] == [(16, 16)] * 5
-    assert any(key.kind == PREVIEW_DECODER for key in engines.manager.records)  # loaded through the manager
+    key = preview_decoder_key(engine.plan(request).preview_decoder)
+    assert key.kind == PREVIEW_DECODER and engines.manager.is_loaded(key)  # loaded through the manager
     for other in (with_fast, run_with_previews(engine, request, None)):
         assert np.array_equal(pixels(with_taesd), pixels(other))
     # the last TAESD preview is the finished image drawn by the tiny decoder: close to the VAE's
@@ -296,7 +303,7 @@ def test_taesd_falls_back_to_fast_where_the_preset_has_none_here(engines, monkey
     monkeypatch.setattr(engine.downloads, "is_offline", lambda: True)
     assert "is not downloaded and this server is offline" in engine.preview_decoder_problem(sd15)
     request = TextToImageRequest(prompt=PROMPT, preset="stable-diffusion-1.5", seed=1)
-    assert engine.live_preview_plan(request, sd15) == dict(preview_every=1, preview_decoder=None)
+    assert engine.live_preview_plan(request, sd15) == dict(previews=True, preview_every=0, preview_decoder=None)
     missing = replace(engine.presets.get("embedded"), preview_decoder="/nowhere/taesd")
     assert engine.preview_decoder_problem(missing) == ("TAESD previews: the folder /nowhere/taesd is not there; "
                                                        "choose Fast.")
@@ -314,3 +321,32 @@ def test_taesd_falls_back_to_fast_where_the_preset_has_none_here(engines, monkey
     assert fetched.preview_decoder is None
     assert fetched.warnings[-1].startswith("TAESD previews: madebyollin/taesd could not be fetched, so the previews "
                                            "were Fast ones (The Hub could not be reached.)")
+
+
+
+def test_auto_keeps_the_previews_within_three_percent_of_the_pass(engines, monkeypatch):
+    """AUTO (the default) makes a preview whenever the previews so far and the next, as long as the last took, fit
+    in 3% of the pass's time: with each preview taking as long as 2 steps, a 100-step pass shows a few, spread
+    out; the first pass ever shows one at once (no cost known yet)."""
+    import time as time_module
+
+    import studio.tasks.previews as previews_module
+    from studio.tasks.previews import PreviewCosts, latents_preview
+
+    def slow(family, latents):
+        time_module.sleep(0.03)
+        return latents_preview(family, latents)
+
+    monkeypatch.setattr(previews_module, "latents_preview", slow)
+    engine = engines.text_to_image
+    monkeypatch.setattr(engine, "preview_costs", PreviewCosts())
+    request = TextToImageRequest(prompt=PROMPT, seed=6, steps=100, live_preview="Fast")
+    steps: list[int] = []
+    job = LocalJob(lambda done, total, text: None, on_preview=lambda image, part: steps.append(1))
+    with engine.model_files(engine.plan(request)) as plan:
+        began = time_module.perf_counter()
+        engine.run(plan, job)
+        seconds = time_module.perf_counter() - began
+    previews = len(steps)
+    assert 1 <= previews <= 1 + 0.03 * seconds / 0.03 + 1, (previews, seconds)
+    assert engine.preview_costs.expected("Fast") >= 0.03

@@ -15,6 +15,7 @@ VAE's latents, so that the folder is a whole AutoencoderTiny, though the studio 
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,11 @@ class PreviewDecoderStage(Stage):
     def export(self, model: AutoencoderTiny) -> dict:
         folder = self.models_dir / TAESD_DIR
         model.save_pretrained(folder, safe_serialization=True)
+        # as madebyollin's config.json: without the block_out_channels diffusers records for pipelines (a TAESD
+        # here is no pipeline's VAE), which from_pretrained would warn about at each load
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("block_out_channels", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         vae, rng = self.vae(), random.Random(CHECK_SEED)
         batch = render_batch([scenes.random_scene(rng, scenes.all_triples()) for _ in range(64)])
         with torch.no_grad():

@@ -63,7 +63,7 @@ class SamplingRequest:
     # Off, Fast or TAESD (studio.tasks.previews; TAESD: Fast where the preset has none): made only while someone
     # watches the job
     live_preview: str = TAESD
-    preview_every: int = DEFAULT_PREVIEW_EVERY  # steps between two previews
+    preview_every: int = DEFAULT_PREVIEW_EVERY  # steps between two previews; 0 (the default): Auto, at most 3% of the time
 
 
 @dataclass
@@ -159,8 +159,8 @@ def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: Reques
     if request.live_preview not in LIVE_PREVIEWS:
         problems["live_preview"] = (f"Live preview must be one of {', '.join(LIVE_PREVIEWS)} "
                                     f"(got {request.live_preview!r}).")
-    if not (1 <= request.preview_every <= max_steps):
-        problems["preview_every"] = (f"Live preview every must be between 1 and {max_steps} steps "
+    if not (0 <= request.preview_every <= max_steps):
+        problems["preview_every"] = (f"Live preview every must be between 1 and {max_steps} steps, or 0 for Auto "
                                      f"(got {request.preview_every}).")
     if not (1 <= request.clip_skip <= MAX_CLIP_SKIP):
         problems["clip_skip"] = f"Clip skip must be between 1 and {MAX_CLIP_SKIP} (got {request.clip_skip})."

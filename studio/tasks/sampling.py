@@ -55,7 +55,10 @@ from studio.tasks.hires import (
     HiresPlan,
 )
 from studio.tasks.previews import (
+    AUTO,
+    FAST,
     TAESD,
+    PreviewCosts,
     CleanEstimate,
     preview_every_of,
     preview_maker,
@@ -98,7 +101,8 @@ class SamplingPlan:
     lora_uses: tuple[LoraUse, ...] = ()  # the prompt's <lora:...> tags
     loras: tuple[AppliedLora, ...] = ()  # ... resolved to files with the model files (the Hub's fetched first)
     controls: tuple[PlannedControl, ...] = ()  # ControlNet units, their maps made at `size`
-    preview_every: int = 0  # a live preview every this many steps while someone watches the job (0: none)
+    previews: bool = False  # live previews while someone watches the job (none: Off, or a public demo's checked preset)
+    preview_every: int = AUTO  # every this many steps, or AUTO: as often as they cost <= 3% (studio.tasks.previews)
     preview_decoder: str | None = None  # the TAESD those previews are decoded with (a source; None: Fast)
 
     @property
@@ -156,6 +160,7 @@ class SamplingEngine:
         self.controlnets = controlnets or ControlNetCatalog([])
         self.downloads = downloads or HubDownloads()
         self._detector_turn = threading.Lock()  # one learned preprocessor at a time (preprocessor_weights)
+        self.preview_costs = PreviewCosts()  # what a live preview took last, which Auto budgets with
         self.models: DiffusersModels = stages.models
         self.manager = stages.manager
         self.presets = presets
@@ -271,8 +276,9 @@ class SamplingEngine:
         courtesy: never a refusal, and no note on every image of a model that has none)."""
         every = preview_every_of(request, self.models.needs_safety_checker(preset),
                                  self.limits.previews_of_checked_presets)
-        wanted = every and request.live_preview == TAESD and self.preview_decoder_problem(preset) is None
-        return dict(preview_every=every, preview_decoder=self.preview_decoder_source(preset) if wanted else None)
+        wanted = every is not None and request.live_preview == TAESD and self.preview_decoder_problem(preset) is None
+        return dict(previews=every is not None, preview_every=AUTO if every is None else every,
+                    preview_decoder=self.preview_decoder_source(preset) if wanted else None)
 
     def control_problems(self, request: SamplingRequest, preset: ModelPreset, task: str) -> list[str]:
         """What is wrong with the request's ControlNet units (a unit without an image uses the request's own image,
@@ -476,7 +482,7 @@ class SamplingEngine:
         on_step = step_callback(job, steps_done, pass_steps, start, plan.total_steps, label)
         controls = pass_controls(plan.controls, size, hires=second_pass is not None)
 
-        previews = bool(plan.preview_every and job.wants_previews)
+        previews = plan.previews and job.wants_previews
         decoder = preview_decoder_key(plan.preview_decoder) if previews and plan.preview_decoder else None
 
         def call(pipe, preview_decoder=None):
@@ -489,7 +495,9 @@ class SamplingEngine:
                 control_arguments = control_call_arguments(family_of(preset).control_image_argument(task), controls)
             if previews:
                 each_step = preview_step(job, preview_maker(family_of(preset), preview_decoder),
-                                         CleanEstimate(pipe.scheduler), plan.preview_every, pass_steps, then=each_step)
+                                         CleanEstimate(pipe.scheduler), plan.preview_every, pass_steps, then=each_step,
+                                         costs=self.preview_costs,
+                                         way=plan.preview_decoder if preview_decoder is not None else FAST)
             step_hooks = {"callback_on_step_end": each_step}
             if task == "inpaint":
                 step_hooks = inpaint_step_hooks(pipe, family_of(plan.preset), arguments["image"], image_seed,
