@@ -116,9 +116,9 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
         side's live preview as it forms (the battle id empty until both are made)."""
         session = session_of(request)
 
-        def side_forming(preview, caption):  # each side's live preview on its own side, names still hidden
+        def side_forming(shown, caption, part):  # each side's live preview on its own side, names still hidden
             # (the right is emptied while the left forms: the last battle's right image is not this one's)
-            return (gr.skip(), preview.image, None) if preview.part == 0 else (gr.skip(), gr.skip(), preview.image)
+            return (gr.skip(), shown, None) if part == 0 else (gr.skip(), gr.skip(), shown)
 
         def recorded(plan, images):
             made = arena.record(session, plan, images)

@@ -300,12 +300,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             plan_, finishing["it"] = engine.plan_inpaint(image, mask, settings_request)
             return plan_
 
-        def in_place(preview, caption):
-            return gallery_preview(preview._replace(image=finishing["it"].preview_in_picture(preview.image)), caption)
-
         yield from runner.stream_job(
-            TAB, request, progress, engine, plan, on_device, error_title, in_place,
-            lambda plan_, result: gallery_outputs(engine.finish_inpaint(finishing["it"], result), plan_.batch_size))
+            TAB, request, progress, engine, plan, on_device, error_title, gallery_preview,
+            lambda plan_, result: gallery_outputs(engine.finish_inpaint(finishing["it"], result), plan_.batch_size),
+            shown=lambda preview: finishing["it"].preview_in_picture(preview))
 
     def opened(path, what):
         try:

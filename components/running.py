@@ -8,13 +8,16 @@ import concurrent.futures
 import contextvars
 import functools
 import logging
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from components.event_options import INSTANT
 from studio.core.errors import StudioError
@@ -146,19 +149,27 @@ class JobRunner:
 
     def stream_job(self, tab: str, request: gr.Request | None, progress: gr.Progress, engine,
                    plan_for: Callable[[], Any], device_function: Callable, error_title: str,
-                   preview_outputs: Callable[[Preview, str], tuple], result_outputs: Callable[[Any, Any], tuple],
-                   ) -> Iterator[tuple]:
-        """A tab's job as a generator handler: preview_outputs(preview, its caption) for each live preview,
-        then result_outputs(plan, result)."""
+                   preview_outputs: Callable[[Any, str, int], tuple], result_outputs: Callable[[Any, Any], tuple],
+                   shown: Callable[[Image.Image], Any] = lambda image: image) -> Iterator[tuple]:
+        """A tab's job as a generator handler: for each live preview, preview_outputs(what the page shows of it,
+        its caption, its part), then result_outputs(plan, result). What the page shows of a preview, `shown(image)`
+        (an image or a tuple of them), is made once per preview and handed over as PNG files.
+
+        Files, not images: a preview is yielded again with a new caption while the job's text changes, and gradio
+        writes an image output to its cache under the hash of its bytes, truncating the file in place: a second
+        write of the same image raced the page's (or a client's) read of the first, which then read an empty file.
+        A file output is copied into the cache once, atomically."""
         session = session_of(request)
         try:
-            for kind, value in self._run_job(session, tab, progress, engine, plan_for, device_function, error_title,
-                                             previews=True):
-                if kind == PREVIEW:
-                    preview, text = value
-                    yield preview_outputs(preview, f"{FORMING} {text}".strip())
-                else:
-                    yield result_outputs(*value)
+            with tempfile.TemporaryDirectory(prefix="previews-") as folder:
+                files = PreviewFiles(Path(folder), shown)
+                for kind, value in self._run_job(session, tab, progress, engine, plan_for, device_function,
+                                                 error_title, previews=True):
+                    if kind == PREVIEW:
+                        preview, text = value
+                        yield preview_outputs(files.of(preview), f"{FORMING} {text}".strip(), preview.part)
+                    else:
+                        yield result_outputs(*value)
         except gr.Error as error:
             self._remember_failure(session, tab, str(error.message))
             raise
@@ -359,9 +370,30 @@ def throttled(progress: gr.Progress):
     return on_progress
 
 
-def gallery_preview(preview: Preview, caption: str) -> tuple:
+class PreviewFiles:
+    """What the page shows of each preview (`shown(image)`: an image, or a tuple of them), saved once as PNG
+    files in a job's folder: the same preview yielded again is the same files."""
+
+    def __init__(self, folder: Path, shown: Callable[[Image.Image], Any]):
+        self.folder, self.shown = folder, shown
+        self.number, self.paths = -1, None
+
+    def of(self, preview: Preview):
+        if preview.number != self.number:
+            made = self.shown(preview.image)
+            images = made if isinstance(made, tuple) else (made,)
+            paths = []
+            for index, image in enumerate(images):
+                path = self.folder / f"preview-{preview.number}-{index}.png"
+                image.save(path)
+                paths.append(str(path))
+            self.number, self.paths = preview.number, tuple(paths) if isinstance(made, tuple) else paths[0]
+        return self.paths
+
+
+def gallery_preview(shown: str, caption: str, part: int = 0) -> tuple:
     """A generating tab's outputs (gallery, seeds, info) while a preview shows: the preview alone in the gallery."""
-    return [(preview.image, caption)], gr.skip(), gr.skip()
+    return [(shown, caption)], gr.skip(), gr.skip()
 
 
 def gallery_outputs(result, batch_size: int) -> tuple[list, list[int], str]:

@@ -159,8 +159,8 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
         def slider(pair, label=SLIDER_LABEL):
             return gr.ImageSlider(value=pair, label=label) if in_page else pair
 
-        def filling_in(preview, caption):
-            return slider(slider_pair(image, preview.image), f"Before / after: {caption}"), gr.skip()
+        def filling_in(pair, caption, part):
+            return slider(pair, f"Before / after: {caption}"), gr.skip()
 
         def upscaled(plan, result):
             for warning in result.warnings:
@@ -171,7 +171,8 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
             return slider(slider_pair(image, result.image)), pngs.save(result.image)
 
         yield from runner.stream_job(TAB, request, progress, upscaling, lambda: upscaling.plan(image, wanted),
-                                     on_device, "Cannot upscale", filling_in, upscaled)
+                                     on_device, "Cannot upscale", filling_in, upscaled,
+                                     shown=lambda preview: slider_pair(image, preview))
 
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[slider])
     outputs = [slider, result_file]

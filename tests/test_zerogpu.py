@@ -316,8 +316,12 @@ def test_live_previews_cross_the_fork_and_the_streamed_result_is_the_plain_one(z
     studio, runner, on_device, fake = zerogpu
     engine = studio.text_to_image
     quiet = lambda *args, **kwargs: None  # noqa: E731 - gradio's Progress, unused outside a page
-    outputs = list(runner.stream("text-to-image", None, quiet, engine, lambda: engine.plan(request(steps=100)),
-                                 on_device))
+    outputs = []
+    for gallery, seeds, info in runner.stream("text-to-image", None, quiet, engine,
+                                              lambda: engine.plan(request(steps=100)), on_device):
+        if isinstance(gallery[0][0], str):  # a preview's file, read now (its job's folder goes with the job)
+            gallery = [(Image.open(gallery[0][0]).copy(), gallery[0][1])]
+        outputs.append((gallery, seeds, info))
     previews = [gallery[0] for gallery, _, _ in outputs[:-1]]
     assert len(previews) >= 3 and all(caption.startswith("Forming… Image 1/1, step ") for _, caption in previews)
     assert all(image.size == (64, 64) for image, _ in previews)  # decoded by the embedded TAESD, placed at start
@@ -331,7 +335,8 @@ def test_live_previews_cross_the_fork_and_the_streamed_result_is_the_plain_one(z
     grids = list(runner.stream_job(
         "compare", None, quiet, comparison,
         lambda: comparison.plan(CompareRequest(prompt="a red circle", seed=3, x_type="Steps", x_values="60, 80")),
-        runner.device_function("compare", comparison), "Cannot compare", lambda preview, caption: preview.image,
+        runner.device_function("compare", comparison), "Cannot compare",
+        lambda shown, caption, part: Image.open(shown).copy(),
         lambda plan, result: result))
     assert len(grids) >= 3 and grids[-1].cells[1].image is not None
     assert all(grid.width > grid.height for grid in grids[:-1])  # the two cells side by side, forming
