@@ -350,3 +350,14 @@ def test_auto_keeps_the_previews_within_three_percent_of_the_pass(engines, monke
     previews = len(steps)
     assert 1 <= previews <= 1 + 0.03 * seconds / 0.03 + 1, (previews, seconds)
     assert engine.preview_costs.expected("Fast") >= 0.03
+
+
+def test_hires_fix_shows_both_passes_forming_the_second_at_the_larger_size(engines):
+    """Each image's two passes: TAESD previews at 64 px through the first pass, then at Hires. fix's 128 px."""
+    from studio.tasks.hires import HiresFix
+
+    request = TextToImageRequest(prompt=PROMPT, seed=9, steps=3, width=64, height=64, preview_every=1,
+                                 hires=HiresFix(upscale=2.0, upscaler="Latent", steps=2, denoising_strength=0.5))
+    previews: list[Image.Image] = []
+    run_with_previews(engines.text_to_image, request, previews)
+    assert [image.size for image in previews] == [(64, 64)] * 3 + [(128, 128)] * 2
