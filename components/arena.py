@@ -166,6 +166,7 @@ def build_arena_tab(arena: Arena, runner: JobRunner, examples: list[str]) -> Are
         battle, [prompt, seed], [battle_id, left, right], api_name="arena_battle", concurrency_id="gpu",
         concurrency_limit=runner.concurrency, show_progress_on=[left, right])
     runner.wire_stop(stop, TAB)
+    battle_event.failure(lambda: ("", None, None), None, [battle_id, left, right], **INSTANT)  # no half-made side
     battle_event.success(lambda: ["Which is better? Vote to see who made them.",
                                   *[gr.Button(interactive=True) for _ in CHOICES]], None, [reveal, *votes.values()],
                          **INSTANT)

@@ -152,6 +152,7 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
     # the last grid's table, cells and pair go as the new grid starts forming: they are not its
     checked.success(lambda: (None, [], [], None), None, [table, cells, picked, pair], **INSTANT)
     event = checked.success(compare, None, [grids, table, cells], inputs_kwargs=form, api_name="compare", **gpu_event)
+    event.failure(lambda: (None, None, []), None, [grids, table, cells], **INSTANT)  # no half-formed grid left
     event.then(lambda: ([], None), None, [picked, pair], **INSTANT)  # a new grid
     runner.wire_stop(stop, TAB)
     # one queued event for every axis field, its answer always for the last keystroke: unqueued, each keystroke's

@@ -385,7 +385,7 @@ class PreviewFiles:
             paths = []
             for index, image in enumerate(images):
                 path = self.folder / f"preview-{preview.number}-{index}.png"
-                image.save(path)
+                image.save(path, compress_level=1)  # fast: 512 px in about half the default's time
                 paths.append(str(path))
             self.number, self.paths = preview.number, tuple(paths) if isinstance(made, tuple) else paths[0]
         return self.paths

@@ -176,8 +176,12 @@ def build_upscale_tab(upscaling: Upscaling, runner: JobRunner) -> UpscaleTab:
 
     gpu_event = dict(concurrency_id="gpu", concurrency_limit=runner.concurrency, show_progress_on=[slider])
     outputs = [slider, result_file]
-    event = run.click(check, image, None, inputs_kwargs=form, **QUICK).success(
-        upscale_in_page, image, outputs, inputs_kwargs=form, api_visibility="private", **gpu_event)
+    checked = run.click(check, image, None, inputs_kwargs=form, **QUICK)
+    # the last upscale's PNG goes as the new one starts (its tiles fill the slider); a failed job leaves neither
+    # half-made tiles nor the last PNG beside its message
+    checked.success(lambda: None, None, result_file, **INSTANT)
+    event = checked.success(upscale_in_page, image, outputs, inputs_kwargs=form, api_visibility="private", **gpu_event)
+    event.failure(lambda: (gr.ImageSlider(value=None, label=SLIDER_LABEL), None), None, outputs, **INSTANT)
     # The API takes a plain file that the studio decodes: gr.Image would decode it first, and a file that is not an
     # image would fail there with gradio's "upstream app has raised an exception" and no word on what is wrong.
     api_image = gr.File(label="Image to upscale", visible=False)

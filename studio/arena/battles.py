@@ -193,6 +193,8 @@ class Arena:
             if made.interrupted or not made.images:
                 raise InvalidRequest(["The battle was stopped before both images were made: start a new one."])
             images.append(made.images[0].image)
+            if job.wants_previews:  # the side as made, while the other forms (if the page looks before it starts)
+                job.show(images[-1], part)
         scores = (None, None)
         if self.clip is not None:
             try:

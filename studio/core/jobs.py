@@ -50,6 +50,11 @@ class JobControl:
         """Whether anyone looks at this job's previews (making one costs a little at each step)."""
         return False
 
+    def preview_wanted_now(self) -> bool:
+        """Whether a preview made now would be shown (a Compare grid draws at most 10 a second): asked before one
+        is made, so that none is decoded to be dropped."""
+        return True
+
     @property
     def owner(self) -> object:
         """The job this is (a part of): the memory manager keeps a job's LoRA patches across its turns."""

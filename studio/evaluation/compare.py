@@ -29,7 +29,8 @@ from studio.tasks.requests import GeneratedImage, ProgressCallback, resolve_seed
 from studio.tasks.sampling import SamplingPlan
 
 CLIP_SECONDS = 10  # scoring the cells (loading a ViT-L/14 the first time included)
-PREVIEW_INTERVAL_S = 0.1  # the grid's live preview is drawn at most this often (the page looks 10 times a second)
+# the grid's live preview is drawn at most this often: each drawing is also a PNG the page's process encodes
+PREVIEW_INTERVAL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,9 @@ class CellJob(JobControl):
     previews shown as the job's `part` (the Arena's side), or passed to `shown` (the Compare grid draws them in)."""
 
     def __init__(self, job: JobControl, done_before: int, total: int, label: str, part: int = 0,
-                 shown: Callable[[Image.Image], None] | None = None):
+                 shown: Callable[[Image.Image], None] | None = None, due: Callable[[], bool] | None = None):
         self.job, self.done_before, self.total, self.label = job, done_before, total, label
-        self.part, self.shown = part, shown
+        self.part, self.shown, self.due = part, shown, due
 
     @property
     def cancelled(self) -> bool:
@@ -139,6 +140,9 @@ class CellJob(JobControl):
             self.shown(preview)
         else:
             self.job.show(preview, self.part)
+
+    def preview_wanted_now(self) -> bool:
+        return self.due() if self.due is not None else self.job.preview_wanted_now()
 
     @property
     def wants_previews(self) -> bool:
@@ -164,6 +168,10 @@ class GridPreview:
     def forming(self, cell: Cell) -> Callable[[Image.Image], None]:
         """What `cell`'s previews are given to."""
         return lambda preview: self._draw(cell, preview, force=False)
+
+    def due(self) -> bool:
+        """Whether the grid would be drawn now (asked before a cell's preview is made)."""
+        return time.monotonic() - self.shown_at >= PREVIEW_INTERVAL_S
 
     def finished(self, cell: Cell, image: Image.Image | None) -> None:
         if image is not None:
@@ -248,8 +256,10 @@ class Comparison:
                     seen[key] = stack.enter_context(self.text_to_image.model_files(cell_plan, on_progress))
                     resolved.append(seen[key])
                 else:  # the preset's files are there: only the cell's LoRAs and ControlNets' hashes (files read once)
-                    with_hash = self.text_to_image.with_controls(replace(cell_plan, model_hash=seen[key].model_hash),
-                                                                 on_progress)
+                    # the preset's TAESD as its first cell has it (its fetch may have failed: Fast previews)
+                    decoder = seen[key].preview_decoder if cell_plan.preview_decoder else None
+                    with_hash = self.text_to_image.with_controls(replace(cell_plan, model_hash=seen[key].model_hash,
+                                                                         preview_decoder=decoder), on_progress)
                     resolved.append(self.text_to_image.with_loras(with_hash, stack, on_progress))
             yield replace(plan, plans=resolved)
 
@@ -266,7 +276,8 @@ class Comparison:
             began = time.perf_counter()
             label = f"Cell {index + 1}/{len(plan.cells)}"
             made = self.text_to_image.run(cell_plan, CellJob(job, done_before, total, label,
-                                                             shown=preview.forming(cell) if preview else None))
+                                                             shown=preview.forming(cell) if preview else None,
+                                                             due=preview.due if preview else None))
             done_before += cell_plan.total_steps
             result.warnings += made.warnings
             # an image Stop cut short, or a Hires. fix cell stopped before its second pass, is not the cell's result

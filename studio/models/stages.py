@@ -278,8 +278,10 @@ class DiffusionStages:
     def _run_offloaded(self, plan: StagePlan, work):
         """accelerate's model CPU offload, as a placement of the manager's (ModelManager.model_offload): the
         models wait in RAM and each is on the device only while its forward runs. A stage's keys come in its
-        family's order, the order the models run."""
-        with self.manager.model_offload(plan.keys, plan.working_memory, patches=plan.patches,
+        family's order, the order the models run. Without the live previews' TAESD: its hook would swap the UNet
+        out at every preview (and `decode` is not its forward); previews there are Fast ones."""
+        keys = {role: key for role, key in plan.keys.items() if role != PREVIEW_DECODER}
+        with self.manager.model_offload(keys, plan.working_memory, patches=plan.patches,
                                         dtypes=plan.dtypes) as models:
             return work(models, plan)
 

@@ -51,20 +51,28 @@ def preview_every_of(request, checked: bool, previews_of_checked_presets: bool =
 
 
 class PreviewCosts:
-    """What a preview took last, per way of making them (a TAESD's source, or Fast): AUTO budgets a pass's first
-    preview with it. One per engine (a job's passes and the next jobs learn from the last)."""
+    """What a preview takes, per way of making them (a TAESD's source, or Fast) and size (latent pixels): AUTO
+    budgets each preview with it. One per engine: a job's passes and the next jobs learn from the last ones. The
+    first preview of each kind is not recorded (kernels warming up, a decoder's first call: an outlier that would
+    hold the next previews off); then a moving average."""
 
     def __init__(self):
-        self._seconds: dict[str, float] = {}
+        self._seconds: dict[tuple[str, int], float] = {}
+        self._seen: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
 
-    def expected(self, way: str) -> float:
+    def expected(self, way: str, pixels: int) -> float:
         with self._lock:
-            return self._seconds.get(way, 0.0)
+            return self._seconds.get((way, pixels), 0.0)
 
-    def record(self, way: str, seconds: float) -> None:
+    def record(self, way: str, pixels: int, seconds: float) -> None:
+        key = (way, pixels)
         with self._lock:
-            self._seconds[way] = seconds
+            if key not in self._seen:
+                self._seen.add(key)
+                return
+            last = self._seconds.get(key)
+            self._seconds[key] = seconds if last is None else 0.5 * last + 0.5 * seconds
 
 
 class CleanEstimate:
@@ -133,18 +141,21 @@ def preview_step(job: JobControl, to_image: Callable[[torch.Tensor], Image.Image
     began, spent = time.perf_counter(), [0.0]  # seconds the pass's previews took
     shown = [0]  # the last step shown; -1 once a preview failed (the image goes on without them)
 
-    def due(done: int) -> bool:
+    def due(done: int, pixels: int) -> bool:
         if every != AUTO:
             return done % every == 0 or done == steps
         working = time.perf_counter() - began - spent[0]  # the pass's own time so far
-        return spent[0] + costs.expected(way) <= PREVIEW_BUDGET * working
+        return spent[0] + costs.expected(way, pixels) <= PREVIEW_BUDGET * working
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
         # called once per model evaluation (twice a step for Heun, DPM2 and DPM++ SDE; Heun's last step once)
         done = min(steps, math.ceil((step + 1) / getattr(pipe.scheduler, "order", 1)))
-        if shown[0] >= 0 and done != shown[0] and due(done):
+        latents = estimate.latest if estimate.latest is not None else callback_kwargs["latents"]
+        pixels = latents.shape[-2] * latents.shape[-1]
+        if shown[0] >= 0 and done != shown[0] and job.preview_wanted_now() and due(done, pixels):
             shown[0] = done
-            latents = estimate.latest if estimate.latest is not None else callback_kwargs["latents"]
+            if latents.is_cuda:  # the step's kernels are still queued: not the preview's time
+                torch.cuda.synchronize(latents.device)
             started = time.perf_counter()
             try:
                 job.show(to_image(latents))
@@ -153,7 +164,7 @@ def preview_step(job: JobControl, to_image: Callable[[torch.Tensor], Image.Image
                 shown[0] = -1
             took = time.perf_counter() - started
             spent[0] += took
-            costs.record(way, took)
+            costs.record(way, pixels, took)
         return then(pipe, step, timestep, callback_kwargs)
 
     return on_step_end

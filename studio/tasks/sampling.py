@@ -5,6 +5,7 @@ requests, their limits and checks are studio.tasks.requests'."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from studio.models.loras import (
     vocabulary_of,
 )
 from studio.models.presets import ModelPreset, PresetCatalog
+from studio.models.preview_decoders import FILES as DECODER_FILES
 from studio.models.preview_decoders import decoder_download, preview_decoder_key, preview_decoder_of
 from studio.models.stages import Conditioning, DiffusionStages, clip_skip_too_large
 from studio.models.vocabulary import load_vocabulary, unknown_words_warning
@@ -74,6 +76,9 @@ from studio.tasks.requests import (
     check_sampling,
 )
 from studio.tasks.step_hooks import inpaint_step_hooks, step_callback
+
+log = logging.getLogger("studio.tasks.sampling")
+
 
 @dataclass
 class SamplingPlan:
@@ -161,6 +166,7 @@ class SamplingEngine:
         self.downloads = downloads or HubDownloads()
         self._detector_turn = threading.Lock()  # one learned preprocessor at a time (preprocessor_weights)
         self.preview_costs = PreviewCosts()  # what a live preview took last, which Auto budgets with
+        self._unusable_decoders: set[str] = set()  # TAESDs that failed to load here (their previews: Fast)
         self.models: DiffusersModels = stages.models
         self.manager = stages.manager
         self.presets = presets
@@ -262,9 +268,13 @@ class SamplingEngine:
         source = self.preview_decoder_source(preset)
         if source is None:
             return f"TAESD previews: there is no TAESD for {family_of(preset).label} models; choose Fast."
+        if source in self._unusable_decoders:
+            return f"TAESD previews: {source} could not be loaded here (see the server's log); choose Fast."
         download = decoder_download(source)
         if download is None:
-            return None if Path(source).is_dir() else f"TAESD previews: the folder {source} is not there; choose Fast."
+            missing = [name for name in DECODER_FILES if not (Path(source) / name).is_file()]
+            return None if not missing else (f"TAESD previews: the folder {source} has no {' or '.join(missing)}; "
+                                             "choose Fast.")
         if self.downloads.is_offline() and not self.downloads.is_cached(download):
             return f"TAESD previews: {source} is not downloaded and this server is offline; choose Fast."
         return None
@@ -508,8 +518,18 @@ class SamplingEngine:
                 output_type="latent", **step_hooks,
             ).images
 
-        latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras,
-                                      controls, decoder)
+        try:
+            latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras,
+                                          controls, decoder)
+        except ModelUnavailable:
+            if decoder is None:
+                raise
+            # a TAESD that cannot be loaded (a broken folder) costs the image nothing: Fast previews, from now on
+            log.warning("The TAESD %s could not be loaded; %s's previews are Fast ones", plan.preview_decoder,
+                        preset.name, exc_info=True)
+            self._unusable_decoders.add(plan.preview_decoder)
+            latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras,
+                                          controls, None)
         return latents, steps_done[0]
 
     def _finish_image(self, plan: SamplingPlan, task: str, latents: torch.Tensor, size: tuple[int, int],

@@ -31,7 +31,9 @@ from studio.models.upscalers import ReleaseFiles, UpscalerCatalog, UpscalerPrese
 
 MIN_SCALE, MAX_SCALE = 1.0, 8.0
 TILE_SIZES = (1024, 768, 512, 384, 256, 192, 128, 96, MIN_TILE)  # automatic tiling tries these, largest first
-PREVIEW_INTERVAL_S = 0.1  # a pass's tiles are shown filling in at most this often (the page looks 10 times a second)
+# a pass's tiles are shown filling in at most this often: each look is two PNGs (the slider's pair) the page's
+# process encodes
+PREVIEW_INTERVAL_S = 0.25
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
