@@ -206,7 +206,7 @@ def test_in_a_narrow_window_the_editor_comes_first_and_the_button_stays_on_scree
     page.locator("#text-to-image-gallery img").first.wait_for(timeout=60_000)
     page.wait_for_timeout(500)
     results = page.locator("#text-to-image-gallery").bounding_box()
-    assert 0 <= results["y"] < page.viewport_size["height"] / 2, results
+    assert -1 <= results["y"] < page.viewport_size["height"] / 2, results  # (a smooth scroll may end a subpixel past)
 
 
 @pytest.mark.parametrize("page", SIZES, ids=lambda size: f"{size[0]}x{size[1]}", indirect=True)

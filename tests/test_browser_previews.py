@@ -74,6 +74,8 @@ def test_inpaint_shows_the_edit_forming_in_the_picture(page, artifacts, tmp_path
         page.mouse.move(box["x"] + box["width"] * 0.72, box["y"] + box["height"] * (0.3 + 0.04 * step), steps=3)
     page.mouse.up()
     set_number(tab, "Steps", "100")
+    # a preview every 10 steps, not Auto's (a few, when the machine is busy): each shows for as long as 10 steps take
+    set_number(tab, "Preview every N steps", "10")
     tab.get_by_label("Prompt", exact=True).fill("a large yellow star on a blue background")
     tab.get_by_role("button", name="Inpaint", exact=True).click()
     seen = watch_previews(page, "inpaint-gallery", artifacts, "inpaint_forming.png")

@@ -318,7 +318,8 @@ def test_live_previews_cross_the_fork_and_the_streamed_result_is_the_plain_one(z
     quiet = lambda *args, **kwargs: None  # noqa: E731 - gradio's Progress, unused outside a page
     outputs = []
     for gallery, seeds, info in runner.stream("text-to-image", None, quiet, engine,
-                                              lambda: engine.plan(request(steps=100)), on_device):
+                                              lambda: engine.plan(request(steps=100, preview_every=10)),
+                                              on_device):
         if isinstance(gallery[0][0], str):  # a preview's file, read now (its job's folder goes with the job)
             gallery = [(Image.open(gallery[0][0]).copy(), gallery[0][1])]
         outputs.append((gallery, seeds, info))
