@@ -130,7 +130,9 @@ def build_compare_tab(comparison: Comparison, runner: JobRunner) -> CompareTab:
             gr.Info(f"Stopped: {made} of {plan.grid.cell_count} cells made; the grid shows them.")
         names = [cell_name(plan, cell.cell) for cell in result.cells]
         clip = f"CLIP score ({result.clip_label})" if result.clip_label else "CLIP score"
-        rows = [[name, round(cell.seconds, 2), None if cell.clip_score is None else round(cell.clip_score, 2)]
+        # a cell Stop cut short (or the safety checker hid) is listed as such, not as if it were made
+        rows = [[name if cell.image else f"{name} (not made)", round(cell.seconds, 2),
+                 None if cell.clip_score is None else round(cell.clip_score, 2)]
                 for name, cell in zip(names, result.cells)]
         gallery = [(cell.image.image, name) for name, cell in zip(names, result.cells) if cell.image]
         return result.grids(), {"headers": ["cell", "seconds", clip], "data": rows}, gallery

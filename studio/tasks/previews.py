@@ -12,9 +12,11 @@ computes: the final image is the same bit for bit with previews on and off (test
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import math
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +40,7 @@ LIVE_PREVIEWS = (OFF, FAST, TAESD)
 AUTO = 0
 DEFAULT_PREVIEW_EVERY = AUTO
 PREVIEW_BUDGET = 0.03
+MIN_PASS_S = 1.0  # a pass this long shows at least one preview, in its middle, whatever the budget allows
 
 
 def preview_every_of(request, checked: bool, previews_of_checked_presets: bool = True) -> int | None:
@@ -52,18 +55,22 @@ def preview_every_of(request, checked: bool, previews_of_checked_presets: bool =
 
 class PreviewCosts:
     """What a preview takes, per way of making them (a TAESD's source, or Fast) and size (latent pixels): AUTO
-    budgets each preview with it. One per engine: a job's passes and the next jobs learn from the last ones. The
-    first preview of each kind is not recorded (kernels warming up, a decoder's first call: an outlier that would
-    hold the next previews off); then a moving average."""
+    plans a pass's previews with it. One per engine: a job's passes and the next jobs learn from the last ones. The
+    first preview of each kind is not counted (kernels warming up, a decoder's first call); then the median of the
+    last few, so that one slow preview (the machine busy for a moment) does not hold the next ones off."""
+
+    KEPT = 5
 
     def __init__(self):
-        self._seconds: dict[tuple[str, int], float] = {}
+        self._seconds: dict[tuple[str, int], collections.deque] = {}
         self._seen: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
 
     def expected(self, way: str, pixels: int) -> float:
+        """Seconds a preview is expected to take; 0 while none has been counted."""
         with self._lock:
-            return self._seconds.get((way, pixels), 0.0)
+            kept = self._seconds.get((way, pixels))
+            return statistics.median(kept) if kept else 0.0
 
     def record(self, way: str, pixels: int, seconds: float) -> None:
         key = (way, pixels)
@@ -71,8 +78,7 @@ class PreviewCosts:
             if key not in self._seen:
                 self._seen.add(key)
                 return
-            last = self._seconds.get(key)
-            self._seconds[key] = seconds if last is None else 0.5 * last + 0.5 * seconds
+            self._seconds.setdefault(key, collections.deque(maxlen=self.KEPT)).append(seconds)
 
 
 class CleanEstimate:
@@ -134,18 +140,33 @@ def preview_maker(family: ModelFamily, decoder=None) -> Callable[[torch.Tensor],
 def preview_step(job: JobControl, to_image: Callable[[torch.Tensor], Image.Image], estimate: CleanEstimate,
                  every: int, steps: int, then, costs: PreviewCosts | None = None, way: str = FAST):
     """A callback_on_step_end that shows a preview (`to_image` of the latest clean estimate) every `every` steps
-    of a `steps`-step pass (and after its last), or with AUTO whenever the previews so far and the next (as long as
-    the last one took: `costs` of `way`) stay within PREVIEW_BUDGET of the pass's time; then calls `then`
-    (progress, Stop)."""
+    of a `steps`-step pass (and after its last), or with AUTO as many as fit in PREVIEW_BUDGET of the pass's time
+    (`costs` of `way` say what one takes), spread over it; then calls `then` (progress, Stop)."""
     costs = costs or PreviewCosts()
     began, spent = time.perf_counter(), [0.0]  # seconds the pass's previews took
-    shown = [0]  # the last step shown; -1 once a preview failed (the image goes on without them)
+    shown, made = [0], [0]  # the last step shown (-1 once a preview failed: no more this pass); previews made
 
     def due(done: int, pixels: int) -> bool:
         if every != AUTO:
             return done % every == 0 or done == steps
-        working = time.perf_counter() - began - spent[0]  # the pass's own time so far
-        return spent[0] + costs.expected(way, pixels) <= PREVIEW_BUDGET * working
+        return done >= auto_step(made[0], done, pixels)
+
+    def auto_step(previews: int, done: int, pixels: int) -> float:
+        """The step at which AUTO makes the pass's next preview: the pass's time, projected from its steps so far,
+        allows PREVIEW_BUDGET of it in previews (as long as they are expected to take), spread evenly, each in the
+        middle of its share of the steps; at least one, in the middle, in a pass of MIN_PASS_S or more (so that
+        a slow preview once does not turn previews off: each such pass measures again). A kind of preview never
+        made yet is made at once (nothing is known of its cost)."""
+        expected = costs.expected(way, pixels)
+        if not expected:
+            return done
+        pass_seconds = (time.perf_counter() - began - spent[0]) / done * steps
+        allowed = math.floor(PREVIEW_BUDGET * pass_seconds / expected)
+        if pass_seconds >= MIN_PASS_S:
+            allowed = max(allowed, 1)
+        if allowed < 1 or previews >= allowed:
+            return math.inf
+        return steps / allowed * (previews + 0.5)
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
         # called once per model evaluation (twice a step for Heun, DPM2 and DPM++ SDE; Heun's last step once)
@@ -164,6 +185,7 @@ def preview_step(job: JobControl, to_image: Callable[[torch.Tensor], Image.Image
                 shown[0] = -1
             took = time.perf_counter() - started
             spent[0] += took
+            made[0] += 1
             costs.record(way, pixels, took)
         return then(pipe, step, timestep, callback_kwargs)
 

@@ -124,7 +124,7 @@ def fraction_problems(request, labels: dict[str, str]) -> dict[str, str]:
 
 
 WHOLE_SAMPLING_FIELDS = {"steps": "Steps", "seed": "Seed", "batch_size": "Batch size", "clip_skip": "Clip skip",
-                         "preview_every": "Live preview every"}
+                         "preview_every": "Preview every N steps"}
 MAX_CLIP_SKIP = 12  # A1111's slider: a CLIP ViT-L text encoder has 12 layers
 
 
@@ -160,7 +160,7 @@ def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: Reques
         problems["live_preview"] = (f"Live preview must be one of {', '.join(LIVE_PREVIEWS)} "
                                     f"(got {request.live_preview!r}).")
     if not (0 <= request.preview_every <= max_steps):
-        problems["preview_every"] = (f"Live preview every must be between 1 and {max_steps} steps, or 0 for Auto "
+        problems["preview_every"] = (f"Preview every N steps must be between 1 and {max_steps}, or 0 for Auto "
                                      f"(got {request.preview_every}).")
     if not (1 <= request.clip_skip <= MAX_CLIP_SKIP):
         problems["clip_skip"] = f"Clip skip must be between 1 and {MAX_CLIP_SKIP} (got {request.clip_skip})."
