@@ -8,7 +8,8 @@ from components.whole_numbers import WholeSlider
 from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, LIVE_PREVIEWS, TAESD
 from studio.tasks.requests import whole
 
-INFO = "The image as it forms. TAESD: sharp, at the image's size; Fast: rough, smaller (TAESD is Fast for models without one)"
+INFO = ("The image as it forms. TAESD: sharp, at the image's size; Fast: rough, smaller (TAESD is Fast for models "
+        "without one)")
 
 
 def build_live_preview_settings(max_steps: int, elem_id: str) -> tuple[gr.Radio, WholeSlider]:

@@ -63,7 +63,7 @@ class SamplingRequest:
     # Off, Fast or TAESD (studio.tasks.previews; TAESD: Fast where the preset has none): made only while someone
     # watches the job
     live_preview: str = TAESD
-    preview_every: int = DEFAULT_PREVIEW_EVERY  # steps between two previews; 0 (the default): Auto, at most 3% of the time
+    preview_every: int = DEFAULT_PREVIEW_EVERY  # steps between two previews; 0 (the default): Auto, <= 3% of the time
 
 
 @dataclass
