@@ -296,18 +296,18 @@ def test_taesd_falls_back_to_fast_where_the_preset_has_none_here(engines, monkey
     folder that is not there, previews Fast, without a refusal; a decoder that cannot be fetched online says so
     once, in the result's notes, and the image is made."""
     from studio.core.errors import ModelUnavailable
-    from studio.models.preview_decoders import decoder_download
+    from studio.models.preview_decoders import decoder_download, preview_decoder_of
 
     engine = engines.text_to_image
     sd15 = engine.presets.get("stable-diffusion-1.5")
-    assert engine.preview_decoder_source(sd15) == "madebyollin/taesd"
+    assert preview_decoder_of(sd15) == "madebyollin/taesd"
     assert decoder_download("madebyollin/taesd").allow_patterns == ("config.json", "diffusion_pytorch_model.safetensors")
     monkeypatch.setattr(engine.downloads, "is_offline", lambda: True)
-    assert "is not downloaded and this server is offline" in engine.preview_decoder_problem(sd15)
+    assert "is not downloaded and this server is offline" in engine.preview_decoders.problem(sd15)
     request = TextToImageRequest(prompt=PROMPT, preset="stable-diffusion-1.5", seed=1)
     assert engine.live_preview_plan(request, sd15) == dict(previews=True, preview_every=0, preview_decoder=None)
     missing = replace(engine.presets.get("embedded"), preview_decoder="/nowhere/taesd")
-    assert engine.preview_decoder_problem(missing) == ("TAESD previews: the folder /nowhere/taesd has no config.json "
+    assert engine.preview_decoders.problem(missing) == ("TAESD previews: the folder /nowhere/taesd has no config.json "
                                                        "or diffusion_pytorch_model.safetensors; choose Fast.")
     monkeypatch.setattr(engine.downloads, "is_offline", lambda: False)
 
@@ -319,7 +319,7 @@ def test_taesd_falls_back_to_fast_where_the_preset_has_none_here(engines, monkey
     import contextlib
 
     with contextlib.ExitStack() as protected:
-        fetched = engine.with_preview_decoder(plan, protected)
+        fetched = engine.preview_decoders.fetched(plan, protected)
     assert fetched.preview_decoder is None
     assert fetched.warnings[-1].startswith("TAESD previews: madebyollin/taesd could not be fetched, so the previews "
                                            "were Fast ones (The Hub could not be reached.)")
@@ -404,4 +404,4 @@ def test_a_taesd_that_cannot_be_loaded_costs_the_image_nothing(tmp_path):
     result = run_with_previews(engine, request, previews)
     assert len(result.images) == 1 and [image.size for image in previews] == [(16, 16)] * 3  # Fast ones
     assert engine.plan(request).preview_decoder is None
-    assert "could not be loaded here" in engine.preview_decoder_problem(embedded)
+    assert "could not be loaded here" in engine.preview_decoders.problem(embedded)

@@ -104,16 +104,21 @@ def run_lora_command(args) -> None:
         print(format_lora_report(rates, oracle_shape_accuracy()))
 
 
-def add_controlnet_commands(sub) -> None:
-    from studio.embedded.controlnet import ControlNetRecipe
-
-    default = ControlNetRecipe()
-    train = sub.add_parser("train-controlnet", help="train the embedded scribble ControlNet (resumable)")
+def add_training_command(sub, name: str, help_text: str, default) -> None:
+    """A resumable stage's command: its steps and batch size (defaults: the recipe's), folders, --smoke."""
+    train = sub.add_parser(name, help=help_text)
     train.add_argument("--steps", type=int, default=default.steps, help="default: %(default)s")
     train.add_argument("--batch-size", type=int, default=default.batch_size, help="default: %(default)s")
     train.add_argument("--run-dir", default=RUN_DIR, help="checkpoints and logs (default: %(default)s)")
     train.add_argument("--models-dir", default=MODELS_DIR)
     train.add_argument("--smoke", action="store_true", help="a few steps, to check the code")
+
+
+def add_controlnet_commands(sub) -> None:
+    from studio.embedded.controlnet import ControlNetRecipe
+
+    add_training_command(sub, "train-controlnet", "train the embedded scribble ControlNet (resumable)",
+                         ControlNetRecipe())
     evaluate = sub.add_parser("evaluate-controlnet", help="sketch to image on held-out sketches, with and without it")
     evaluate.add_argument("--count", type=int, default=100, help="sketches (default: %(default)s)")
     evaluate.add_argument("--models-dir", default=MODELS_DIR)
@@ -140,13 +145,8 @@ def run_controlnet_command(args) -> None:
 def add_preview_decoder_command(sub) -> None:
     from studio.embedded.preview_decoder import PreviewDecoderRecipe
 
-    default = PreviewDecoderRecipe()
-    train = sub.add_parser("train-preview-decoder", help="train the embedded TAESD for live previews (resumable)")
-    train.add_argument("--steps", type=int, default=default.steps, help="default: %(default)s")
-    train.add_argument("--batch-size", type=int, default=default.batch_size, help="default: %(default)s")
-    train.add_argument("--run-dir", default=RUN_DIR, help="checkpoints and logs (default: %(default)s)")
-    train.add_argument("--models-dir", default=MODELS_DIR)
-    train.add_argument("--smoke", action="store_true", help="a few steps, to check the code")
+    add_training_command(sub, "train-preview-decoder", "train the embedded TAESD for live previews (resumable)",
+                         PreviewDecoderRecipe())
 
 
 def run_preview_decoder_command(args) -> None:

@@ -13,6 +13,7 @@ computes: the final image is the same bit for bit with previews on and off (test
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import math
@@ -20,13 +21,18 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from PIL import Image
 
+from studio.core.downloads import HubDownloads
+from studio.core.errors import ModelUnavailable
 from studio.core.jobs import JobControl
-from studio.models.families import ModelFamily
-from studio.models.preview_decoders import preview_image
+from studio.models.families import ModelFamily, family_of
+from studio.models.preview_decoders import FILES as DECODER_FILES
+from studio.models.preview_decoders import decoder_download, preview_decoder_of, preview_image
 
 log = logging.getLogger("studio.tasks.previews")
 OFF, FAST, TAESD = "Off", "Fast", "TAESD"
@@ -79,6 +85,52 @@ class PreviewCosts:
                 self._seen.add(key)
                 return
             self._seconds.setdefault(key, collections.deque(maxlen=self.KEPT)).append(seconds)
+
+
+class PreviewDecoders:
+    """Which preset's TAESD can decode its previews here: one on disk or in the Hub cache, or one to fetch online,
+    unless it failed to load here once; else the preset's previews are Fast ones. One per engine."""
+
+    def __init__(self, downloads: HubDownloads):
+        self.downloads = downloads
+        self._unusable: set[str] = set()  # TAESDs that failed to load here
+
+    def problem(self, preset) -> str | None:
+        """Why TAESD previews cannot be had for the preset here (read without network), or None."""
+        source = preview_decoder_of(preset)
+        if source is None:
+            return f"TAESD previews: there is no TAESD for {family_of(preset).label} models; choose Fast."
+        if source in self._unusable:
+            return f"TAESD previews: {source} could not be loaded here (see the server's log); choose Fast."
+        download = decoder_download(source)
+        if download is None:
+            missing = [name for name in DECODER_FILES if not (Path(source) / name).is_file()]
+            return None if not missing else (f"TAESD previews: the folder {source} has no {' or '.join(missing)}; "
+                                             "choose Fast.")
+        if self.downloads.is_offline() and not self.downloads.is_cached(download):
+            return f"TAESD previews: {source} is not downloaded and this server is offline; choose Fast."
+        return None
+
+    def fetched(self, plan, protected: contextlib.ExitStack, on_progress=None):
+        """The plan (a SamplingPlan) with its TAESD fetched, kept from the cache budget with the model's files; one
+        that cannot be fetched costs the image nothing: its previews are Fast ones, and the result says so."""
+        download = decoder_download(plan.preview_decoder) if plan.preview_decoder else None
+        if download is None:
+            return plan
+        protected.enter_context(self.downloads.in_use(download.source))
+        try:
+            self.downloads.ensure(download, on_progress)
+        except ModelUnavailable as error:
+            return replace(plan, preview_decoder=None, warnings=[
+                *plan.warnings, f"TAESD previews: {download.source} could not be fetched, so the previews were Fast "
+                f"ones ({str(error).splitlines()[0]})"])
+        return plan
+
+    def failed_to_load(self, source: str, preset) -> None:
+        """Said once in the log; the preset's later plans preview Fast (problem says why)."""
+        log.warning("The TAESD %s could not be loaded; %s's previews are Fast ones", source, preset.name,
+                    exc_info=True)
+        self._unusable.add(source)
 
 
 class CleanEstimate:

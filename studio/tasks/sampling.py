@@ -5,7 +5,7 @@ requests, their limits and checks are studio.tasks.requests'."""
 from __future__ import annotations
 
 import contextlib
-import logging
+import functools
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -39,8 +39,7 @@ from studio.models.loras import (
     vocabulary_of,
 )
 from studio.models.presets import ModelPreset, PresetCatalog
-from studio.models.preview_decoders import FILES as DECODER_FILES
-from studio.models.preview_decoders import decoder_download, preview_decoder_key, preview_decoder_of
+from studio.models.preview_decoders import preview_decoder_key, preview_decoder_of
 from studio.models.stages import Conditioning, DiffusionStages, clip_skip_too_large
 from studio.models.vocabulary import load_vocabulary, unknown_words_warning
 from studio.tasks.control import (
@@ -61,6 +60,7 @@ from studio.tasks.previews import (
     FAST,
     TAESD,
     PreviewCosts,
+    PreviewDecoders,
     CleanEstimate,
     preview_every_of,
     preview_maker,
@@ -76,8 +76,6 @@ from studio.tasks.requests import (
     check_sampling,
 )
 from studio.tasks.step_hooks import inpaint_step_hooks, step_callback
-
-log = logging.getLogger("studio.tasks.sampling")
 
 
 @dataclass
@@ -165,8 +163,8 @@ class SamplingEngine:
         self.controlnets = controlnets or ControlNetCatalog([])
         self.downloads = downloads or HubDownloads()
         self._detector_turn = threading.Lock()  # one learned preprocessor at a time (preprocessor_weights)
-        self.preview_costs = PreviewCosts()  # what a live preview took last, which Auto budgets with
-        self._unusable_decoders: set[str] = set()  # TAESDs that failed to load here (their previews: Fast)
+        self.preview_costs = PreviewCosts()  # what a live preview takes, which Auto plans with
+        self.preview_decoders = PreviewDecoders(self.downloads)  # which preset's TAESD can be had here
         self.models: DiffusersModels = stages.models
         self.manager = stages.manager
         self.presets = presets
@@ -259,26 +257,6 @@ class SamplingEngine:
 
     # ----- live previews -----
 
-    def preview_decoder_source(self, preset: ModelPreset) -> str | None:
-        """The TAESD of the preset (its own, else its family's), a Hub repo or a folder; None where it has none."""
-        return preview_decoder_of(preset)
-
-    def preview_decoder_problem(self, preset: ModelPreset) -> str | None:
-        """Why TAESD previews cannot be had for the preset here (read without network), or None: then Fast ones."""
-        source = self.preview_decoder_source(preset)
-        if source is None:
-            return f"TAESD previews: there is no TAESD for {family_of(preset).label} models; choose Fast."
-        if source in self._unusable_decoders:
-            return f"TAESD previews: {source} could not be loaded here (see the server's log); choose Fast."
-        download = decoder_download(source)
-        if download is None:
-            missing = [name for name in DECODER_FILES if not (Path(source) / name).is_file()]
-            return None if not missing else (f"TAESD previews: the folder {source} has no {' or '.join(missing)}; "
-                                             "choose Fast.")
-        if self.downloads.is_offline() and not self.downloads.is_cached(download):
-            return f"TAESD previews: {source} is not downloaded and this server is offline; choose Fast."
-        return None
-
     def live_preview_plan(self, request: SamplingRequest, preset: ModelPreset) -> dict[str, Any]:
         """A plan's preview fields: every how many steps (0: none; none on a checked preset of a public demo, see
         preview_every_of), and the TAESD to decode them with: TAESD asks for the best preview there is, as
@@ -286,9 +264,9 @@ class SamplingEngine:
         courtesy: never a refusal, and no note on every image of a model that has none)."""
         every = preview_every_of(request, self.models.needs_safety_checker(preset),
                                  self.limits.previews_of_checked_presets)
-        wanted = every is not None and request.live_preview == TAESD and self.preview_decoder_problem(preset) is None
+        wanted = every is not None and request.live_preview == TAESD and self.preview_decoders.problem(preset) is None
         return dict(previews=every is not None, preview_every=AUTO if every is None else every,
-                    preview_decoder=self.preview_decoder_source(preset) if wanted else None)
+                    preview_decoder=preview_decoder_of(preset) if wanted else None)
 
     def control_problems(self, request: SamplingRequest, preset: ModelPreset, task: str) -> list[str]:
         """What is wrong with the request's ControlNet units (a unit without an image uses the request's own image,
@@ -370,24 +348,8 @@ class SamplingEngine:
             # not take GPU time (nor be lost with ZeroGPU's worker process)
             model_hash = self.models.model_hash(plan.preset, plan.task, on_progress)
             plan = self.with_controls(replace(plan, model_hash=model_hash), on_progress)
-            plan = self.with_preview_decoder(plan, protected, on_progress)
+            plan = self.preview_decoders.fetched(plan, protected, on_progress)
             yield self.with_loras(plan, protected, on_progress)
-
-    def with_preview_decoder(self, plan: SamplingPlan, protected: contextlib.ExitStack,
-                             on_progress: ProgressCallback | None = None) -> SamplingPlan:
-        """The plan with its TAESD fetched (kept from the cache budget with the model's files); one that cannot be
-        fetched costs the image nothing: its previews are Fast ones, and the result says so."""
-        download = decoder_download(plan.preview_decoder) if plan.preview_decoder else None
-        if download is None:
-            return plan
-        protected.enter_context(self.downloads.in_use(download.source))
-        try:
-            self.downloads.ensure(download, on_progress)
-        except ModelUnavailable as error:
-            return replace(plan, preview_decoder=None, warnings=[
-                *plan.warnings, f"TAESD previews: {download.source} could not be fetched, so the previews were Fast "
-                f"ones ({str(error).splitlines()[0]})"])
-        return plan
 
     def with_controls(self, plan: SamplingPlan, on_progress: ProgressCallback | None = None) -> SamplingPlan:
         """The plan with its ControlNets' hashes in the PNG's fields, as A1111 writes them."""
@@ -518,18 +480,16 @@ class SamplingEngine:
                 output_type="latent", **step_hooks,
             ).images
 
+        denoise = functools.partial(self.stages.denoise, preset, task, size[0], size[1], plan.guidance_scale > 1,
+                                    call, plan.loras, controls)
         try:
-            latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras,
-                                          controls, decoder)
+            latents = denoise(decoder)
         except ModelUnavailable:
             if decoder is None:
                 raise
             # a TAESD that cannot be loaded (a broken folder) costs the image nothing: Fast previews, from now on
-            log.warning("The TAESD %s could not be loaded; %s's previews are Fast ones", plan.preview_decoder,
-                        preset.name, exc_info=True)
-            self._unusable_decoders.add(plan.preview_decoder)
-            latents = self.stages.denoise(preset, task, size[0], size[1], plan.guidance_scale > 1, call, plan.loras,
-                                          controls, None)
+            self.preview_decoders.failed_to_load(plan.preview_decoder, preset)
+            latents = denoise(None)
         return latents, steps_done[0]
 
     def _finish_image(self, plan: SamplingPlan, task: str, latents: torch.Tensor, size: tuple[int, int],
