@@ -46,7 +46,10 @@ LIVE_PREVIEWS = (OFF, FAST, TAESD)
 AUTO = 0
 DEFAULT_PREVIEW_EVERY = AUTO
 PREVIEW_BUDGET = 0.03
-MIN_PASS_S = 1.0  # a pass this long shows at least one preview, in its middle, whatever the budget allows
+# a pass this long, or of this many steps, shows at least one preview, in its middle, whatever the budget allows (a
+# preview's cost measured on a busy machine must not hold off every later short pass's previews)
+MIN_PASS_S = 1.0
+MIN_PASS_STEPS = 20
 
 
 def preview_every_of(request, checked: bool, previews_of_checked_presets: bool = True) -> int | None:
@@ -214,7 +217,7 @@ def preview_step(job: JobControl, to_image: Callable[[torch.Tensor], Image.Image
             return done
         pass_seconds = (time.perf_counter() - began - spent[0]) / done * steps
         allowed = math.floor(PREVIEW_BUDGET * pass_seconds / expected)
-        if pass_seconds >= MIN_PASS_S:
+        if pass_seconds >= MIN_PASS_S or steps >= MIN_PASS_STEPS:
             allowed = max(allowed, 1)
         if allowed < 1 or previews >= allowed:
             return math.inf
