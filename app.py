@@ -165,6 +165,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="public demo mode: only presets marked public, a safety checker on every preset, stricter "
                         "limits, a per-visitor rate limit, a smaller queue (also set by the environment variable "
                         "DIFFUSION_STUDIO_PUBLIC=1, e.g. on a Space)")
+    parser.add_argument("--allow-non-commercial", action="store_true",
+                        default=bool(os.environ.get("DIFFUSION_STUDIO_ALLOW_NON_COMMERCIAL")),
+                        help="with --public, also offer presets under a non-commercial licence (FLUX.1-dev): for a "
+                             "Space that is itself non-commercial")
     parser.add_argument("--max-queue", type=int, default=None, help="most requests waiting (default 64; 20 public)")
     parser.add_argument("--concurrency", type=int, default=4,
                         help="jobs in flight at once; they take turns on the device between images (default 4)")
@@ -199,7 +203,9 @@ def build_studio(args: argparse.Namespace) -> Studio:
     device = torch.device("cuda") if ON_ZEROGPU else resolve_device(args.device)
     presets = load_presets(args.presets_file)
     if args.public:
-        presets = presets.only([p.name for p in presets if p.public])  # the allow-list
+        # the allow-list; a non-commercial licence (FLUX.1-dev) only where the Space's owner says so
+        presets = presets.only([p.name for p in presets
+                                if p.public and (args.allow_non_commercial or not p.non_commercial)])
     if args.preset:
         presets = presets.only(presets.names, default=presets.get(args.preset).name)
     if ON_ZEROGPU:

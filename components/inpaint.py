@@ -48,7 +48,7 @@ from components.running import (
     user_error,
 )
 from components.whole_numbers import WholeNumber, WholeSlider
-from studio.a1111.schedulers import schedulers_for
+from studio.models.families import samplers_for
 from studio.core.errors import InvalidRequest, StudioError
 from studio.core.images import open_image
 from studio.tasks.control import sketch_unit
@@ -209,7 +209,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             availability = build_model_availability(engine, default, "inpaint")
             with gr.Accordion("Settings", open=True):
                 with gr.Row():
-                    scheduler = gr.Dropdown(list(schedulers_for(default)), value=default.default_scheduler,
+                    scheduler = gr.Dropdown(list(samplers_for(default)), value=default.default_scheduler,
                                             label="Scheduler", allow_custom_value=True)
                     steps = WholeSlider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")
                 with gr.Row():

@@ -9,7 +9,7 @@ import gradio as gr
 
 from components.event_options import INSTANT
 from components.running import user_error
-from studio.a1111.schedulers import schedulers_for
+from studio.models.families import samplers_for
 from studio.core.errors import StudioError
 from studio.models.presets import ModelPreset, PresetCatalog
 
@@ -86,7 +86,7 @@ def chosen_preset(presets: PresetCatalog, name: str) -> ModelPreset:
 
 def sampling_updates(preset: ModelPreset, limits, scheduler=None, steps=None, guidance=None) -> tuple:
     """Card, scheduler, steps and CFG fitted to `preset`; values given (and allowed) are kept."""
-    allowed = list(schedulers_for(preset))
+    allowed = list(samplers_for(preset))
     return (
         preset_card(preset),
         gr.Dropdown(choices=allowed, value=scheduler if scheduler in allowed else preset.default_scheduler),

@@ -27,7 +27,7 @@ from components.preset_picker import (
 )
 from components.running import JobRunner, scroll_to_results_in_a_narrow_window, user_error
 from components.whole_numbers import WholeNumber, WholeSlider
-from studio.a1111.schedulers import schedulers_for
+from studio.models.families import samplers_for
 from studio.core.errors import InvalidRequest, StudioError
 from studio.tasks.control import ControlUnit
 from studio.tasks.generation import TextToImage, TextToImageRequest
@@ -138,7 +138,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             with gr.Accordion("Settings", open=True):
                 with gr.Row():
                     scheduler = gr.Dropdown(
-                        list(schedulers_for(default)), value=default.default_scheduler, label="Scheduler",
+                        list(samplers_for(default)), value=default.default_scheduler, label="Scheduler",
                         allow_custom_value=True,  # the API may ask for LCM with an LCM preset
                     )
                     steps = WholeSlider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")

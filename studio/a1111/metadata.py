@@ -52,8 +52,10 @@ def format_parameters(
     model_hash: str | None,
     version: str,
     extra: dict[str, object] | None = None,
+    flow: bool = False,
 ) -> str:
-    fields: dict[str, object] = {"Steps": steps, **a1111_sampler_fields(scheduler)}
+    """`flow`: the sampler is a flow-matching model's (Forge's "Schedule type: Simple")."""
+    fields: dict[str, object] = {"Steps": steps, **a1111_sampler_fields(scheduler, flow)}
     fields |= {"CFG scale": _number(guidance_scale), "Seed": seed, "Size": f"{width}x{height}"}
     if model_hash:
         fields["Model hash"] = model_hash

@@ -15,6 +15,7 @@ A preset's own scheduler overrides (e.g. SD-Turbo's "trailing") still win.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -25,6 +26,7 @@ from diffusers import (
     DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
@@ -103,53 +105,95 @@ _AUTOMATIC_SCHEDULE = {"dpm++ 2m": KARRAS, "dpm++ sde": KARRAS, "dpm++ 2m sde": 
                        "dpm2 a": KARRAS}
 
 
-def schedulers_for(preset) -> tuple[str, ...]:
-    """The schedulers a preset allows: its own list, else every general-purpose one (not LCM)."""
-    return preset.schedulers or GENERAL_SCHEDULERS
+# Flow-matching models (SD 3, FLUX) predict a velocity along a straight path from noise to image; their samplers
+# step in sigma (= t) from 1 to 0 on the model's shifted schedule (SD 3: the config's `shift`; FLUX: shifted by the
+# image's size, its `mu`), which Forge and ComfyUI call the "Simple" schedule. Under the names Forge shows: Euler
+# (the models' own FlowMatchEulerDiscreteScheduler), DPM++ 2M and UniPC on flow sigmas.
+SIMPLE = "Simple"
+_FLOW_SOLVER = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "time_shift_type": "exponential"}
+FLOW_SCHEDULERS = MappingProxyType(
+    {
+        "Euler": Sampler(FlowMatchEulerDiscreteScheduler, {}, "Euler", SIMPLE),
+        "DPM++ 2M": Sampler(DPMSolverMultistepScheduler, {**_FLOW_SOLVER, **_DPMPP_2M}, "DPM++ 2M", SIMPLE),
+        "UniPC": Sampler(UniPCMultistepScheduler, {**_FLOW_SOLVER, "solver_type": "bh2", "solver_order": 2,
+                                                   "lower_order_final": True}, "UniPC", SIMPLE),
+    }
+)
 
 
-def check_scheduler(name: str, preset) -> list[str]:
-    allowed = schedulers_for(preset)
+def samplers(flow: bool) -> MappingProxyType:
+    """The sampler table of noise-prediction models, or (`flow`) of flow-matching ones."""
+    return FLOW_SCHEDULERS if flow else SCHEDULERS
+
+
+def check_scheduler(name: str, allowed: tuple[str, ...], preset_label: str, flow: bool = False) -> list[str]:
     if name in allowed:
         return []
-    if name in SCHEDULERS:
-        return [f"Scheduler {name!r} does not work with preset {preset.name!r}. Choose one of: {', '.join(allowed)}."]
+    if name in SCHEDULERS or name in FLOW_SCHEDULERS:  # a real sampler, for other models
+        return [f"Scheduler {name!r} does not work with {preset_label}. Choose one of: {', '.join(allowed)}."]
     return [f"Unknown scheduler {name!r}. Choose one of: {', '.join(allowed)}."]
 
 
 def make_scheduler(name: str, base_config: dict[str, Any], preset_overrides: dict[str, Any] | None = None,
-                   seed: int | None = None):
+                   seed: int | None = None, flow: bool = False, shift: float | None = None):
     """A fresh scheduler built from the model's own config, so no state or override leaks between calls.
     `seed` seeds the Brownian noise of the SDE samplers that draw their own (as A1111 seeds it with the image's
-    seed), so the same seed gives the same image."""
-    if name not in SCHEDULERS:
-        raise InvalidRequest([f"Unknown scheduler {name!r}. Choose one of: {', '.join(SCHEDULERS)}."])
-    sampler = SCHEDULERS[name]
+    seed), so the same seed gives the same image. `flow`: a flow-matching model's sampler (FLOW_SCHEDULERS);
+    `shift` replaces its schedule's shift (None: the model's own, FLUX's by the image's size)."""
+    table = samplers(flow)
+    if name not in table:
+        raise InvalidRequest([f"Unknown scheduler {name!r}. Choose one of: {', '.join(table)}."])
+    sampler = table[name]
     accepted = inspect.signature(sampler.scheduler_class.__init__).parameters
     # as keyword arguments: from_config ignores config keys it was told were defaults ("_use_default_values");
     # a preset's overrides only where the class takes them
     overrides = {**sampler.overrides, **{key: value for key, value in (preset_overrides or {}).items() if key in accepted}}
     if seed is not None and "noise_sampler_seed" in accepted:
         overrides["noise_sampler_seed"] = seed
-    return sampler.scheduler_class.from_config(dict(base_config), **overrides)
+    config = dict(base_config)
+    if flow:
+        settings = flow_shift_settings(config, sampler, shift)
+        overrides |= {key: value for key, value in settings.items() if key in accepted}
+        # the pipeline reads base_shift and max_shift from any scheduler's config (kept there as extra keys)
+        config |= {key: value for key, value in settings.items() if key not in accepted}
+    return sampler.scheduler_class.from_config(config, **overrides)
 
 
-def evaluations_per_step(name: str) -> int:
+def flow_shift_settings(config: dict[str, Any], sampler: Sampler, shift: float | None) -> dict[str, Any]:
+    """The shift settings of a flow sampler. The model's own: its config's `shift` (`flow_shift` for the solvers),
+    or its size-dependent shift (FLUX: `use_dynamic_shifting`, the pipeline passes mu = log(shift) from the
+    image's token count, between base_shift and max_shift). A shift of the user's: the same at every size, as a
+    dynamic shift whose bounds are both log(shift) (the FLUX pipeline always passes a mu; this makes it that)."""
+    euler = sampler.scheduler_class is FlowMatchEulerDiscreteScheduler
+    if shift is None:
+        return {} if euler else {"flow_shift": config.get("shift", 1.0)}
+    if not config.get("use_dynamic_shifting"):
+        return {"shift": shift} if euler else {"flow_shift": shift}
+    return {"base_shift": math.log(shift), "max_shift": math.log(shift), "time_shift_type": "exponential",
+            **({} if euler else {"flow_shift": shift})}
+
+
+def evaluations_per_step(name: str, flow: bool = False) -> int:
     """Model evaluations per denoising step: 2 for Heun, DPM2 and DPM++ SDE (diffusers' scheduler `order`)."""
-    return getattr(SCHEDULERS[name].scheduler_class, "order", 1) if name in SCHEDULERS else 1
+    table = samplers(flow)
+    return getattr(table[name].scheduler_class, "order", 1) if name in table else 1
 
 
-def a1111_sampler_fields(name: str) -> dict[str, str]:
-    """The PNG fields A1111 1.9 writes for one of our sampler names."""
-    sampler = SCHEDULERS[name]
+def a1111_sampler_fields(name: str, flow: bool = False) -> dict[str, str]:
+    """The PNG fields A1111 1.9 (and Forge) write for one of our sampler names."""
+    sampler = samplers(flow)[name]
     return {"Sampler": sampler.a1111_sampler, "Schedule type": sampler.schedule_type}
 
 
 def scheduler_from_a1111(sampler: str, schedule_type: str | None = None) -> str | None:
     """Our sampler name for A1111's fields, or None when we have no equivalent. Without a schedule type (A1111
-    before 1.9) the sampler name carries it ("DPM++ 2M Karras"), and a bare name meant the uniform schedule."""
+    before 1.9) the sampler name carries it ("DPM++ 2M Karras"), and a bare name meant the uniform schedule.
+    Forge's flow-matching samplers ("Euler", "Simple") have the same names as their noise-prediction
+    namesakes: the preset's family says which table a name runs from."""
     key = sampler.strip().lower()  # A1111's fields are matched without case
     schedule = (schedule_type or "").strip().lower()
+    if schedule == SIMPLE.lower():
+        return {name.lower(): name for name in FLOW_SCHEDULERS}.get(key)
     combined = {name.lower(): name for name in SCHEDULERS}.get(key)
     if not schedule or (combined and schedule == AUTOMATIC.lower() and key not in _AUTOMATIC_SCHEDULE):
         return combined  # a combined name ("DPM++ 2M Karras", also as Forge writes it beside "Automatic")

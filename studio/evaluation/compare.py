@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from PIL import Image
 
 from studio.a1111.prompts import plain_text
-from studio.a1111.schedulers import schedulers_for
+from studio.models.families import samplers_for
 from studio.core.errors import InvalidRequest, StudioError
 from studio.core.jobs import MAX_SECONDS, OVERHEAD_SECONDS, PREVIEW_SIDE, JobControl, LocalJob
 from studio.evaluation.axes import CONTROL_AXIS_FIELDS, NO_AXIS, Cell, GridSpec, build_grid, value_text
@@ -209,7 +209,7 @@ class Comparison:
     def choices(self) -> dict[str, list[str]]:
         """The values a choice axis may take, by request field."""
         presets = self.text_to_image.presets
-        schedulers = sorted({name for preset in presets for name in schedulers_for(preset)})
+        schedulers = sorted({name for preset in presets for name in samplers_for(preset)})
         return {"preset": list(presets.names), "scheduler": schedulers, "style": list(self.text_to_image.styles.names),
                 "control_preprocessor": list(PREPROCESSORS)}
 

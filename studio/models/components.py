@@ -146,7 +146,7 @@ class DiffusersModels:
             # A private scheduler copy: schedulers keep per-call state (step index), pipelines share the rest.
             scheduler = arguments[family.scheduler]
             arguments[family.scheduler] = type(scheduler).from_config(scheduler.config)
-        pipeline = family.pipeline_class(task, controlnet=controlnet is not None)(**arguments)
+        pipeline = family.pipeline_class_for(task, parts, controlnet=controlnet is not None)(**arguments)
         if arguments[family.vae] is None and arguments[family.denoiser] is not None:
             pipeline.vae_scale_factor = self.vae_scale_factor(preset, task)
         pipeline.set_progress_bar_config(disable=True)

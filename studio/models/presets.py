@@ -42,6 +42,12 @@ class ModelPreset:
     max_steps: int = 100
     default_guidance: float = 7.0
     inpaint_guidance: float | None = None  # the CFG the Inpaint tab starts at, where it differs (None: the same)
+    # a guidance-distilled model's "Distilled CFG Scale" (FLUX.1-dev: 3.5); None: the model has none
+    distilled_guidance: float | None = None
+    inpaint_distilled_guidance: float | None = None  # ... for its inpainting model (FLUX.1-Fill-dev: 30)
+    licence: str = ""  # a licence a user must know of before using the images (FLUX.1-dev's non-commercial one)
+    gated: bool = False  # the Hub repo asks each account to accept its licence first: a token with access is needed
+    non_commercial: bool = False  # its licence forbids commercial use: --public offers it only when told to
     default_width: int = 512
     default_height: int = 512
     min_size: int = 256
@@ -79,6 +85,10 @@ class ModelPreset:
     @property
     def inpaint_default_guidance(self) -> float:
         return self.default_guidance if self.inpaint_guidance is None else self.inpaint_guidance
+
+    @property
+    def inpaint_default_distilled_guidance(self) -> float | None:
+        return self.inpaint_distilled_guidance if self.inpaint_distilled_guidance is not None else self.distilled_guidance
 
     @property
     def is_local(self) -> bool:

@@ -165,7 +165,7 @@ class DiffusionStages:
                         raise InvalidRequest([clip_skip_too_large(clip_skip, layers)])
                 embeds = family.encode_prompt(pipe, prompt, negative_prompt or "", guidance,
                                               clip_skip if family.clip_skip else 1, self.manager.device)
-            return Conditioning(embeds), []
+            return Conditioning(embeds), family.prompt_notes(pipe, prompt, negative_prompt or "", guidance)
 
         return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance, loras), work)
 

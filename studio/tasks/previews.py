@@ -6,8 +6,9 @@ latents rather than the noisy ones, which are mostly noise until the last steps:
 latent-to-RGB factors (LatentFormat.preview: one small matrix product, a pixel per latent), "TAESD" decoded by the
 family's tiny decoder (studio.models.preview_decoders: a few milliseconds, at the image's size). diffusers'
 pipelines keep that estimate inside the scheduler's step, so `CleanEstimate` watches the step for it: Euler, Heun,
-LMS, DDIM and the DPM2 family return it (`pred_original_sample`), LCM as `denoised`, and the multistep solvers
-(DPM++ 2M, UniPC) keep their data prediction as their latest model output. Watching changes nothing the step
+LMS, DDIM and the DPM2 family return it (`pred_original_sample`), LCM as `denoised`, the multistep solvers
+(DPM++ 2M, UniPC) keep their data prediction as their latest model output, and flow matching's Euler gives it
+from the velocity (x0 = x - sigma v). Watching changes nothing the step
 computes: the final image is the same bit for bit with previews on and off (tested)."""
 
 from __future__ import annotations
@@ -145,9 +146,14 @@ class CleanEstimate:
         original = scheduler.step
 
         @functools.wraps(original)
-        def step(*args, **kwargs):
-            output = original(*args, **kwargs)
+        def step(model_output, timestep, sample, *args, **kwargs):
+            output = original(model_output, timestep, sample, *args, **kwargs)
             self.latest = clean_estimate(scheduler, output)
+            if self.latest is None and hasattr(scheduler.config, "shift") and hasattr(scheduler, "sigmas"):
+                # flow matching's Euler keeps no estimate: the velocity points from the clean image to the
+                # noise, so x0 = x - sigma * v at the sigma this step started from
+                sigma = scheduler.sigmas[scheduler.step_index - 1].to(sample.device, sample.dtype)
+                self.latest = sample - sigma * model_output
             return output
 
         scheduler.step = step

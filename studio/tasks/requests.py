@@ -13,7 +13,7 @@ from PIL import Image
 
 from studio.a1111.prompts import prompt_mistakes
 from studio.a1111.schedulers import check_scheduler
-from studio.models.families import family_of
+from studio.models.families import family_of, samplers_for
 from studio.models.presets import ModelPreset
 from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, LIVE_PREVIEWS, TAESD
 
@@ -64,6 +64,10 @@ class SamplingRequest:
     # watches the job
     live_preview: str = TAESD
     preview_every: int = DEFAULT_PREVIEW_EVERY  # steps between two previews; 0 (the default): Auto, <= 3% of the time
+    # flow-matching models (SD 3, FLUX): the schedule's shift (None: the model's own; FLUX's follows the image's
+    # size; 0 too), and FLUX.1-dev's distilled guidance, Forge's "Distilled CFG Scale" (None: the preset's)
+    shift: float | None = None
+    distilled_guidance: float | None = None
 
 
 @dataclass
@@ -167,13 +171,30 @@ def check_sampling(request: SamplingRequest, preset: ModelPreset, limits: Reques
     elif request.clip_skip > 1 and not family_of(preset).clip_skip:
         problems["clip_skip"] = (f"Clip skip applies to SD 1.x models; {preset.label} reads its text encoders' "
                                  "layers as it was trained to (A1111 ignores it there too). Set it to 1.")
-    scheduler_problems = check_scheduler(request.scheduler, preset)
     family = family_of(preset)
-    if not scheduler_problems and family.samplers is not None and request.scheduler not in family.samplers:
-        scheduler_problems = [f"{family.label} models take the samplers {', '.join(family.samplers)}, not "
-                              f"{request.scheduler!r}."]
+    scheduler_problems = check_scheduler(request.scheduler, samplers_for(preset), preset.label, family.flow_matching)
     if scheduler_problems:
         problems["scheduler"] = scheduler_problems[0]
+    problems |= flow_problems(request, preset)
+    return problems
+
+
+MAX_SHIFT = 20.0
+MAX_DISTILLED_GUIDANCE = 30.0  # Forge's slider
+
+
+def flow_problems(request: SamplingRequest, preset: ModelPreset) -> dict[str, str]:
+    """The settings of flow-matching models: the schedule's shift and FLUX's distilled guidance. Other families
+    ignore them (a form sends every field whatever the preset)."""
+    problems = {}
+    if not family_of(preset).flow_matching:
+        return problems
+    if request.shift and not 0 < request.shift <= MAX_SHIFT:
+        problems["shift"] = (f"Shift must be above 0 and at most {MAX_SHIFT:g}, or 0 for the model's own "
+                             f"(got {request.shift:g}).")
+    if request.distilled_guidance is not None and not 0 <= request.distilled_guidance <= MAX_DISTILLED_GUIDANCE:
+        problems["distilled_guidance"] = (f"Distilled CFG Scale must be between 0 and {MAX_DISTILLED_GUIDANCE:g} "
+                                          f"(got {request.distilled_guidance:g}).")
     return problems
 
 

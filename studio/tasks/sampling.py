@@ -107,6 +107,8 @@ class SamplingPlan:
     previews: bool = False  # live previews while someone watches the job (none: Off, or a public demo's checked preset)
     preview_every: int = AUTO  # every this many steps, or AUTO: as often as they cost <= 3% (studio.tasks.previews)
     preview_decoder: str | None = None  # the TAESD those previews are decoded with (a source; None: Fast)
+    shift: float | None = None  # a flow-matching model's schedule shift (None: its own)
+    distilled_guidance: float | None = None  # FLUX.1-dev's Distilled CFG Scale (None: the model takes none)
 
     @property
     def encoder_prompt(self) -> str:
@@ -135,7 +137,7 @@ class SamplingPlan:
         base-size steps as they cost by area), and its upscaler's passes."""
         # Heun, DPM2 and DPM++ SDE evaluate the UNet twice a step
         # a ControlNet is about the encoder half of its UNet: half an evaluation more per unit
-        per_step = evaluations_per_step(self.scheduler) * (1 + 0.5 * len(self.controls))
+        per_step = evaluations_per_step(self.scheduler, family_of(self.preset).flow_matching) * (1 + 0.5 * len(self.controls))
         evaluations = math.ceil(self.steps_per_image * per_step)
         pixels = self.size[0] * self.size[1]
         seconds = 0
@@ -267,6 +269,18 @@ class SamplingEngine:
         wanted = every is not None and request.live_preview == TAESD and self.preview_decoders.problem(preset) is None
         return dict(previews=every is not None, preview_every=AUTO if every is None else every,
                     preview_decoder=preview_decoder_of(preset) if wanted else None)
+
+    @staticmethod
+    def flow_plan(request: SamplingRequest, preset: ModelPreset, task: str) -> dict[str, Any]:
+        """A plan's flow-matching fields: the shift (None: the model's own) and the distilled guidance (None where
+        the model takes none: FLUX.1-schnell, SD 3)."""
+        if not family_of(preset).flow_matching:
+            return {}
+        default = preset.inpaint_default_distilled_guidance if task == "inpaint" else preset.distilled_guidance
+        distilled = None
+        if default is not None:
+            distilled = default if request.distilled_guidance is None else request.distilled_guidance
+        return dict(shift=request.shift or None, distilled_guidance=distilled)
 
     def control_problems(self, request: SamplingRequest, preset: ModelPreset, task: str) -> list[str]:
         """What is wrong with the request's ControlNet units (a unit without an image uses the request's own image,
@@ -457,28 +471,32 @@ class SamplingEngine:
         previews = plan.previews and job.wants_previews
         decoder = preview_decoder_key(plan.preview_decoder) if previews and plan.preview_decoder else None
 
+        family = family_of(preset)
+
         def call(pipe, preview_decoder=None):
             pipe.scheduler = make_scheduler(plan.scheduler, pipe.scheduler.config, preset.scheduler_overrides,
-                                           seed=image_seed)
+                                           seed=image_seed, flow=family.flow_matching, shift=plan.shift)
             each_step, control_arguments = on_step, {}
             if controls is not None:  # the units' clock: which step each evaluation is at, for their ranges
                 clock = pipe.controlnet.clock = ControlClock(pass_steps, getattr(pipe.scheduler, "order", 1))
                 each_step = clock.ticking(on_step)
-                control_arguments = control_call_arguments(family_of(preset).control_image_argument(task), controls)
+                control_arguments = control_call_arguments(family.control_image_argument(task), controls)
             if previews:
-                each_step = preview_step(job, preview_maker(family_of(preset), preview_decoder),
+                make = preview_maker(family, preview_decoder)
+                each_step = preview_step(job, lambda latents: make(family.preview_latents(latents, *size,
+                                                                                          pipe.vae_scale_factor)),
                                          CleanEstimate(pipe.scheduler), plan.preview_every, pass_steps, then=each_step,
                                          costs=self.preview_costs,
                                          way=plan.preview_decoder if preview_decoder is not None else FAST)
             step_hooks = {"callback_on_step_end": each_step}
             if task == "inpaint":
-                step_hooks = inpaint_step_hooks(pipe, family_of(plan.preset), arguments["image"], image_seed,
-                                                then=each_step)
-            return pipe(
-                **conditioning.embeds, **arguments, **control_arguments, num_inference_steps=schedule,
-                guidance_scale=plan.guidance_scale, generator=torch.Generator("cpu").manual_seed(image_seed),
-                output_type="latent", **step_hooks,
+                step_hooks = inpaint_step_hooks(pipe, family, arguments["image"], image_seed, then=each_step)
+            latents = pipe(
+                **family.call_arguments(pipe, conditioning.embeds, plan.guidance_scale, plan.distilled_guidance),
+                **(family.size_arguments(task, *size) | arguments), **control_arguments, num_inference_steps=schedule,
+                generator=torch.Generator("cpu").manual_seed(image_seed), output_type="latent", **step_hooks,
             ).images
+            return family.spatial_latents(pipe, latents, *size)
 
         denoise = functools.partial(self.stages.denoise, preset, task, size[0], size[1], plan.guidance_scale > 1,
                                     call, plan.loras, controls)
@@ -522,8 +540,9 @@ class SamplingEngine:
             plan.prompt, plan.negative_prompt, steps=plan.steps, scheduler=plan.scheduler,
             guidance_scale=plan.guidance_scale, seed=seed, width=plan.size[0], height=plan.size[1],
             model=model_name(plan.preset, plan.task), model_hash=plan.model_hash, version=self.version,
-            extra={**({"Clip skip": plan.clip_skip} if plan.clip_skip > 1 else {}), **plan.parameters_extra,
-                   **(extra or {})} or None,
+            flow=family_of(plan.preset).flow_matching,
+            extra={**({"Clip skip": plan.clip_skip} if plan.clip_skip > 1 else {}), **flow_parameters(plan),
+                   **plan.parameters_extra, **(extra or {})} or None,
         )
 
 
@@ -556,6 +575,17 @@ class PhaseOfJob(JobControl):
     @property
     def owner(self) -> object:
         return self.job.owner
+
+
+def flow_parameters(plan: SamplingPlan) -> dict[str, str]:
+    """The PNG fields Forge writes for flow-matching models: "Distilled CFG Scale" for a guidance-distilled one
+    (FLUX.1-dev), and "Shift" where the user set one (the model's own is not written)."""
+    fields = {}
+    if plan.distilled_guidance is not None:
+        fields["Distilled CFG Scale"] = f"{plan.distilled_guidance:g}"
+    if plan.shift is not None:
+        fields["Shift"] = f"{plan.shift:g}"
+    return fields
 
 
 def hash_entry_name(name: str) -> str:

@@ -56,7 +56,7 @@ def inpaint_step_hooks(pipe, family: ModelFamily, image: Image.Image, seed: int,
 
     The original is encoded here, before the pipeline runs: where the models are offloaded to RAM, the VAE then
     has the device before the UNet, as when the pipeline encodes its own inputs."""
-    if not family.takes_inpaint_channels(pipe):
+    if not family.needs_known_region_blending(pipe):
         return {"callback_on_step_end": then} if then else {}
     generator = torch.Generator("cpu").manual_seed(seed)
     pixels = pipe.image_processor.preprocess(image, height=image.height, width=image.width)

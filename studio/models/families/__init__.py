@@ -8,11 +8,14 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from studio.models.families.base import TASKS, LatentFormat, ModelFamily, WorkingMemory
+from studio.a1111.schedulers import GENERAL_SCHEDULERS
 from studio.models.families.embedded import Embedded
+from studio.models.families.flux import Flux
+from studio.models.families.sd3 import StableDiffusion3
 from studio.models.families.stable_diffusion import StableDiffusion1, StableDiffusion2, StableDiffusionXL
 
 FAMILIES = MappingProxyType({family.name: family for family in (
-    StableDiffusion1(), StableDiffusion2(), StableDiffusionXL(), Embedded())})
+    StableDiffusion1(), StableDiffusion2(), StableDiffusionXL(), StableDiffusion3(), Flux(), Embedded())})
 
 
 def family_named(name: str) -> ModelFamily:
@@ -25,6 +28,12 @@ def family_named(name: str) -> ModelFamily:
 def family_of(preset) -> ModelFamily:
     """The family of a model preset (its `family:`)."""
     return family_named(preset.family)
+
+
+def samplers_for(preset) -> tuple[str, ...]:
+    """The samplers a preset allows: its own list, else its family's (flow-matching models), else every
+    general-purpose one (not LCM)."""
+    return preset.schedulers or family_of(preset).samplers or GENERAL_SCHEDULERS
 
 
 def checkpoint_family(tensor_names) -> ModelFamily | None:
@@ -58,4 +67,4 @@ def weightless_components() -> tuple[str, ...]:
 
 
 __all__ = ["FAMILIES", "TASKS", "LatentFormat", "ModelFamily", "WorkingMemory", "checkpoint_family",
-           "checkpoint_prefixes", "family_named", "family_of", "standalone_classes", "weightless_components"]
+           "checkpoint_prefixes", "family_named", "family_of", "samplers_for", "standalone_classes", "weightless_components"]

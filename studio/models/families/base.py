@@ -106,6 +106,8 @@ class ModelFamily:
     takes_safety_checker = False  # its pipelines run the SD safety checker (those of SDXL have none)
     # the Hub repo of its TAESD (diffusers' AutoencoderTiny, madebyollin's): a tiny decoder for live previews
     preview_decoder: str | None = None
+    flow_matching = False  # a flow-matching model (SD 3, FLUX): its samplers are FLOW_SCHEDULERS, with a shift
+    distilled_guidance = False  # a guidance-distilled model may take a "Distilled CFG Scale" (FLUX.1-dev)
 
     # ----- components -----
 
@@ -138,6 +140,23 @@ class ModelFamily:
             raise ValueError(f"{self.label} has no {'ControlNet ' if controlnet else ''}pipeline for {task!r}.")
         return getattr(importlib.import_module("diffusers"), classes[task])
 
+    def pipeline_class_for(self, task: str, parts: Mapping[str, Any], controlnet: bool = False) -> type:
+        """The pipeline for `task` over a stage's components (`parts`: a family may pick by its denoiser)."""
+        return self.pipeline_class(task, controlnet)
+
+    @staticmethod
+    def _diffusers_class(name: str) -> type:
+        return getattr(importlib.import_module("diffusers"), name)
+
+    def call_arguments(self, pipe, embeds: Mapping[str, torch.Tensor], guidance_scale: float,
+                       distilled_guidance: float | None) -> dict[str, Any]:
+        """The pipeline call's prompt embeddings and guidance (`distilled_guidance`: FLUX.1-dev's; None: none)."""
+        return {**embeds, "guidance_scale": guidance_scale}
+
+    def size_arguments(self, task: str, width: int, height: int) -> dict[str, int]:
+        """The size a pipeline call of `task` is told (SD's image-to-image takes its size from the image)."""
+        return {}
+
     def control_image_argument(self, task: str) -> str:
         """The ControlNet pipeline's argument for the control maps (text to image's `image`; where `image` is the
         init image, `control_image`)."""
@@ -158,6 +177,11 @@ class ModelFamily:
         """Whether the pipeline's denoiser is a dedicated inpainting model (latents, mask and masked image in)."""
         return self.denoiser_of(pipe).config.in_channels != self.latent.channels
 
+    def needs_known_region_blending(self, pipe) -> bool:
+        """Whether the studio puts the original back outside the mask after each step (studio.tasks.step_hooks):
+        for a dedicated inpainting UNet, which diffusers leaves to itself."""
+        return self.takes_inpaint_channels(pipe)
+
     # ----- latents -----
 
     def decode_latents(self, vae, latents: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.dtype]:
@@ -172,6 +196,14 @@ class ModelFamily:
     def unscale_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
         return latents / vae.config.scaling_factor
 
+    def spatial_latents(self, pipe, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """The latents a pipeline returns (output_type="latent") as (batch, channels, h, w): FLUX unpacks them."""
+        return latents
+
+    def preview_latents(self, latents: torch.Tensor, width: int, height: int, vae_scale_factor: int) -> torch.Tensor:
+        """A step's latents as (batch, channels, h, w), for a preview."""
+        return latents
+
     # ----- prompts -----
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, guidance: bool, clip_skip: int,
@@ -179,6 +211,10 @@ class ModelFamily:
         """Keyword arguments for the pipeline call (prompt_embeds, negative_prompt_embeds, ...) from prompts in
         A1111's syntax."""
         raise NotImplementedError
+
+    def prompt_notes(self, pipe, prompt: str, negative_prompt: str, guidance: bool) -> list[str]:
+        """What the user is told about how the encoders read the prompts (a prompt cut at T5's window)."""
+        return []
 
     def text_encoder_layers(self, pipe) -> int:
         """How many layers the first text encoder has (the most clip skip can skip)."""

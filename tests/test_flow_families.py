@@ -1,0 +1,234 @@
+"""SD 3 and FLUX.1 end to end on tiny random-weight models built here (tests/tiny_flow_models.py), listed in a
+presets file and loaded through the preset path as any Hub model is: text to image with the flow samplers,
+Hires. fix, inpaint (SD 3's pipeline, FLUX.1 Fill), previews, the PNG fields Forge writes, T5's window."""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from PIL import Image
+from tiny_flow_models import save_tiny_flux, save_tiny_flux_fill, save_tiny_sd3
+
+from studio.a1111.metadata import parse_parameters
+from studio.a1111.prompts import a1111_emphasis, parse_attention
+from studio.a1111.schedulers import make_scheduler
+from studio.a1111.t5_prompts import t5_tokens
+from studio.core.jobs import LocalJob
+from studio.models.loras import LoraCatalog
+from studio.models.presets import load_presets
+from studio.models.upscalers import ReleaseFiles
+from studio.tasks.engines import local_engines
+from studio.tasks.generation import TextToImageRequest
+from studio.tasks.hires import HiresFix
+from studio.tasks.inpainting import InpaintRequest
+
+PROMPT = "a red circle on a blue background"
+SIZE = dict(description="a tiny random-weight test model", default_steps=4, default_guidance=3.0,
+            default_width=64, default_height=64, min_size=32, max_size=128, size_step=16, default_scheduler="Euler")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    return {"sd3": save_tiny_sd3(root / "sd3"), "flux": save_tiny_flux(root / "flux"),
+            "schnell": save_tiny_flux(root / "schnell", guidance_embeds=False),
+            "fill": save_tiny_flux_fill(root / "fill"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def engines(folders):
+    presets = {"default": "tiny-sd3", "presets": {
+        "tiny-sd3": {"label": "Tiny SD 3", "local": str(folders["sd3"]), "family": "sd3", **SIZE},
+        "tiny-flux": {"label": "Tiny FLUX dev", "local": str(folders["flux"]), "inpaint_local": str(folders["fill"]),
+                      "family": "flux", "distilled_guidance": 3.5, "inpaint_distilled_guidance": 30.0,
+                      **SIZE | {"default_guidance": 1.0}},
+        "tiny-schnell": {"label": "Tiny FLUX schnell", "local": str(folders["schnell"]), "family": "flux",
+                         **SIZE | {"default_guidance": 0.0}},
+    }}
+    path = folders["root"] / "models.yaml"
+    path.write_text(yaml.safe_dump(presets))
+    release = ReleaseFiles(folders["root"] / "release", offline=True)  # the upscalers Hires. fix may use
+    return local_engines(load_presets(path), device_budget=4 * 1024**3, loras=LoraCatalog({}), release_files=release,
+                         version="test")
+
+
+def generate(engines, **fields):
+    request = TextToImageRequest(**(dict(prompt=PROMPT, steps=4, seed=5, width=64, height=64, live_preview="Off")
+                                    | fields))
+    return engines.text_to_image.generate(request)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def one_call(pipeline_class, folder, **arguments) -> Image.Image:
+    pipe = pipeline_class.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(PROMPT, num_inference_steps=4, height=64, width=64, generator=torch.Generator("cpu").manual_seed(5),
+                **arguments).images[0]
+
+
+def test_sd3_per_stage_image_is_diffusers_one_call_image(engines, folders):
+    """Encode, denoise and decode as separate stages on leased models give the image StableDiffusion3Pipeline
+    makes in one call (CFG with an empty negative prompt, T5's 256-token window)."""
+    ours = generate(engines, preset="tiny-sd3", guidance_scale=3.0).images[0].image
+    theirs = one_call(StableDiffusion3Pipeline, folders["sd3"], guidance_scale=3.0)
+    assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
+
+
+def test_flux_per_stage_image_is_diffusers_one_call_image(engines, folders):
+    """FLUX.1-dev's way: CFG 1 (true CFG off), the distilled guidance 3.5 as the embedding; T5's 512 tokens,
+    CLIP's pooled embedding; the packed latents unpacked before the decode stage."""
+    result = generate(engines, preset="tiny-flux", guidance_scale=1.0)
+    theirs = one_call(FluxPipeline, folders["flux"], guidance_scale=3.5)
+    assert np.abs(pixels(result.images[0].image) - pixels(theirs)).max() <= 1
+    fields = parse_parameters(result.images[0].parameters)
+    assert fields.extra["Distilled CFG Scale"] == "3.5" and fields.scheduler == "Euler"
+    assert "Sampler: Euler, Schedule type: Simple" in result.images[0].parameters
+
+
+def test_flux_distilled_guidance_and_true_cfg_change_the_image(engines):
+    base = pixels(generate(engines, preset="tiny-flux", guidance_scale=1.0).images[0].image)
+    distilled = generate(engines, preset="tiny-flux", guidance_scale=1.0, distilled_guidance=8.0).images[0]
+    assert np.abs(pixels(distilled.image) - base).max() > 2  # a random tiny model: small, but there
+    assert parse_parameters(distilled.parameters).extra["Distilled CFG Scale"] == "8"
+    true_cfg = generate(engines, preset="tiny-flux", guidance_scale=4.0, negative_prompt="green").images[0].image
+    assert np.abs(pixels(true_cfg) - base).max() > 2
+
+
+def test_schnell_takes_no_distilled_guidance_and_writes_none(engines):
+    image = generate(engines, preset="tiny-schnell", guidance_scale=0.0, distilled_guidance=9.0).images[0]
+    assert "Distilled CFG Scale" not in image.parameters
+    same = generate(engines, preset="tiny-schnell", guidance_scale=0.0).images[0]
+    assert np.array_equal(pixels(image.image), pixels(same.image))  # the embedding is not there to take it
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+def test_every_flow_sampler_runs_and_is_written_as_forge_writes_it(engines, preset):
+    images = {}
+    for sampler in ("Euler", "DPM++ 2M", "UniPC"):
+        made = generate(engines, preset=preset, scheduler=sampler).images[0]
+        fields = parse_parameters(made.parameters)
+        assert fields.scheduler == sampler and f"Sampler: {sampler}, Schedule type: Simple" in made.parameters
+        images[sampler] = pixels(made.image)
+    assert not np.array_equal(images["Euler"], images["DPM++ 2M"])
+    assert not np.array_equal(images["DPM++ 2M"], images["UniPC"])
+
+
+def test_noise_prediction_samplers_are_refused_for_flow_models(engines):
+    problems = engines.text_to_image.problems(TextToImageRequest(prompt=PROMPT, preset="tiny-flux",
+                                                                 scheduler="DPM++ 2M Karras", width=64, height=64))
+    assert problems["scheduler"] == ("Scheduler 'DPM++ 2M Karras' does not work with Tiny FLUX dev. Choose one of: "
+                                     "Euler, DPM++ 2M, UniPC.")
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "UniPC"])
+def test_a_shift_of_the_users_is_the_same_at_every_size(sampler):
+    """Shift s maps sigma to s·σ / (1 + (s − 1)·σ) for SD 3's fixed schedule and FLUX's size-dependent one alike
+    (FLUX's pipeline passes mu from the image's size: with a user's shift, mu is log(s) at every size)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    flux_config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": True,
+                   "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                   "num_train_timesteps": 1000}
+    sd3_config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 1000}
+    expected = [2 * s / (1 + s) for s in (1.0, 0.75, 0.5, 0.25)]
+    for config in (flux_config, sd3_config):
+        scheduler = make_scheduler(sampler, config, flow=True, shift=2.0)
+        mu = None
+        if config.get("use_dynamic_shifting"):
+            mu = calculate_shift(4096, scheduler.config.get("base_image_seq_len", 256),
+                                 scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift"),
+                                 scheduler.config.get("max_shift"))
+        if sampler == "Euler":
+            scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=mu)
+        else:
+            scheduler.set_timesteps(4, mu=mu)
+        assert np.allclose(scheduler.sigmas[:4].numpy(), expected, atol=2e-3), (config, scheduler.sigmas)
+
+
+def test_shift_changes_the_image_and_is_written(engines):
+    for preset in ("tiny-sd3", "tiny-flux"):
+        own = generate(engines, preset=preset).images[0]
+        shifted = generate(engines, preset=preset, shift=1.0).images[0]
+        assert "Shift" not in own.parameters and parse_parameters(shifted.parameters).extra["Shift"] == "1"
+        assert np.abs(pixels(own.image) - pixels(shifted.image)).max() > 2
+    problems = engines.text_to_image.problems(TextToImageRequest(prompt=PROMPT, preset="tiny-sd3", shift=-2,
+                                                                 width=64, height=64))
+    assert problems["shift"] == "Shift must be above 0 and at most 20, or 0 for the model's own (got -2)."
+
+
+def test_t5_reads_a1111_weights_as_forge_does(folders):
+    """A weighted word's T5 states are scaled by its weight, then the whole window back to its mean (A1111's
+    "Original" emphasis, Forge's default for T5); an unweighted prompt's tokens are the tokenizer's own."""
+    pipe = FluxPipeline.from_pretrained(folders["flux"])
+    plain = t5_tokens(pipe.tokenizer_2, parse_attention("a red circle"), 512)
+    assert plain.ids == pipe.tokenizer_2("a red circle", padding="max_length", max_length=512).input_ids
+    weighted = t5_tokens(pipe.tokenizer_2, parse_attention("a (red:1.5) circle"), 512)
+    assert 1.5 in weighted.weights and weighted.ids == plain.ids
+    with torch.inference_mode():
+        z = pipe.text_encoder_2(torch.tensor([weighted.ids]))[0]
+        emphasised = weighted.encode(pipe.text_encoder_2, torch.device("cpu"))
+    assert torch.allclose(emphasised, a1111_emphasis(z, torch.tensor(weighted.weights)))
+    assert torch.isclose(emphasised.mean(), z.mean(), atol=1e-6) and not torch.allclose(emphasised, z)
+
+
+def test_a_prompt_past_t5s_window_is_cut_with_a_note(engines):
+    long_prompt = ("a red circle on a blue background, " * 20).strip()  # about 700 T5 tokens here
+    result = generate(engines, preset="tiny-sd3", prompt=long_prompt)
+    notes = [warning for warning in result.warnings if "T5's window" in warning]
+    assert len(notes) == 1 and notes[0].startswith("The prompt is longer than T5's window of 256 tokens: its last ")
+    assert result.images  # the image is made from the first 256 tokens
+
+
+def test_sizes_the_model_cannot_take_are_refused_with_its_step(engines):
+    problems = engines.text_to_image.problems(TextToImageRequest(prompt=PROMPT, preset="tiny-flux", width=72,
+                                                                 height=64))
+    assert problems["width"] == "Width must be a multiple of 16 between 32 and 128 for Tiny FLUX dev (got 72)."
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("upscaler", ["Latent", "lanczos"])
+def test_hires_fix_runs_its_second_pass_at_twice_the_size(engines, preset, upscaler):
+    """The latents enlarged (FLUX's unpacked first), or the image by an upscaler, then image to image."""
+    result = generate(engines, preset=preset, hires=HiresFix(upscale=2.0, upscaler=upscaler, steps=2,
+                                                             denoising_strength=0.5))
+    image = result.images[0]
+    assert image.image.size == (128, 128) and not result.warnings
+    assert parse_parameters(image.parameters).extra["Hires upscaler"] in ("Latent", "Lanczos")
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+def test_inpaint_repaints_the_mask_only(engines, preset):
+    """SD 3 inpaints with its own model (its pipeline blends the known region at each step); FLUX.1-dev with its
+    Fill model (conditioned on the masked image and the mask), at its own distilled guidance (30)."""
+    picture = Image.new("RGB", (64, 64), (40, 90, 200))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    request = InpaintRequest(prompt=PROMPT, preset=preset, steps=4, seed=2, strength=1.0, mask_blur=0,
+                             live_preview="Off", guidance_scale=1.0 if preset == "tiny-flux" else 3.0)
+    result = engines.inpainter.inpaint(picture, mask, request)
+    out = pixels(result.images[0].image)
+    assert np.array_equal(out[:8], pixels(picture)[:8])  # the input's own pixels outside the mask
+    assert np.abs(out[28:36, 28:36] - pixels(picture)[28:36, 28:36]).max() > 8
+    if preset == "tiny-flux":
+        assert parse_parameters(result.images[0].parameters).extra["Distilled CFG Scale"] == "30"
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_previews_show_the_clean_estimate_unpacked_and_cost_the_image_nothing(engines, preset, sampler):
+    shown = []
+    request = TextToImageRequest(prompt=PROMPT, preset=preset, scheduler=sampler, steps=4, seed=5, width=64,
+                                 height=64, live_preview="Fast", preview_every=1)
+    with engines.text_to_image.model_files(engines.text_to_image.plan(request)) as plan:
+        watched = engines.text_to_image.run(plan, LocalJob(on_preview=lambda image, part: shown.append(image)))
+    assert len(shown) == 4 and all(image.size == (32, 32) for image in shown)  # a pixel per latent (VAE ÷ 2)
+    unwatched = generate(engines, preset=preset, scheduler=sampler)
+    assert np.array_equal(pixels(watched.images[0].image), pixels(unwatched.images[0].image))
+    # the last preview is the clean estimate: close to the finished image (not the noise it started from)
+    last = pixels(shown[-1].resize((64, 64)))
+    noise_like = pixels(shown[0].resize((64, 64)))
+    assert np.abs(last - noise_like).mean() > 1
