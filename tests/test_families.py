@@ -139,8 +139,8 @@ def test_the_family_decodes_latents_as_the_sdxl_pipeline_does(tmp_path, normalis
 
 
 def test_an_unknown_family_is_refused_by_name():
-    with pytest.raises(ValueError, match="Unknown model family 'sd3'.*sd15"):
-        family_named("sd3")
+    with pytest.raises(ValueError, match="Unknown model family 'sd4'.*sd15"):
+        family_named("sd4")
 
 
 def test_a_family_that_names_its_samplers_refuses_others(engine, monkeypatch):
@@ -152,4 +152,5 @@ def test_a_family_that_names_its_samplers_refuses_others(engine, monkeypatch):
     ok = TextToImageRequest(prompt="a red circle", preset="embedded", scheduler="Euler")
     assert "scheduler" not in engine.problems(ok)
     refused = engine.problems(TextToImageRequest(prompt="a red circle", preset="embedded", scheduler="DDIM"))
-    assert refused["scheduler"] == "Embedded shapes models take the samplers Euler, not 'DDIM'."
+    assert refused["scheduler"] == ("Scheduler 'DDIM' does not work with Embedded shapes model (offline). Choose one "
+                                    "of: Euler.")

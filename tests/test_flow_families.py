@@ -232,3 +232,21 @@ def test_previews_show_the_clean_estimate_unpacked_and_cost_the_image_nothing(en
     last = pixels(shown[-1].resize((64, 64)))
     noise_like = pixels(shown[0].resize((64, 64)))
     assert np.abs(last - noise_like).mean() > 1
+
+
+def test_on_a_gpu_sd3_and_flux_load_in_bfloat16_and_the_others_in_float16(engines):
+    """The manager's dtype on CUDA is float16; SD 3 and FLUX (trained in bfloat16; T5-XXL overflows float16) load
+    their every component in bfloat16, their VAE decodes in it; SD 1.x stays float16."""
+    import torch
+
+    from studio.models.presets import load_presets as load_default_presets
+
+    presets = [*engines.text_to_image.presets, *load_default_presets()]
+    dtype_for = engines.models.dtype_for(presets)
+    flux = engines.text_to_image.presets.get("tiny-flux")
+    for task in ("text2img", "inpaint"):
+        for role, key in engines.models.keys(flux, task).items():
+            assert dtype_for(key, torch.float16) == torch.bfloat16, role
+    sd15 = load_default_presets().get("stable-diffusion-1.5")
+    assert {dtype_for(key, torch.float16) for key in engines.models.keys(sd15, "text2img").values()} == {torch.float16}
+    assert dtype_for(engines.models.keys(flux, "text2img")["transformer"], torch.float32) == torch.float32

@@ -78,14 +78,17 @@ class ModelManager:
         two_tiers: bool | None = None,
         loading_allowed: bool = True,
         move: Callable[[Any, torch.device | str], None] = _move,
+        dtype_for: Callable[[ModelKey, torch.dtype], torch.dtype] | None = None,
     ):
         """`free_memory()` is what the device really has free (driver free + the allocator's cached-but-unused
         bytes; None where there is no report); `two_tiers` defaults to "not the CPU"; `loading_allowed=False`
         refuses loads (ZeroGPU's GPU worker: everything is preloaded in the main process); `move(obj, device)`
-        places a model (the device planner passes a no-op for weights on the meta device)."""
+        places a model (the device planner passes a no-op for weights on the meta device); `dtype_for(key, dtype)`
+        is the dtype a model is loaded in where it is not the manager's (SD 3 and FLUX: bfloat16 on a GPU)."""
         self.loaders = dict(loaders)
         self.device = torch.device(device)
         self.dtype = dtype
+        self._dtype_for = dtype_for or (lambda key, dtype: dtype)
         self.device_budget = int(device_budget)
         self.two_tiers = self.device.type != "cpu" if two_tiers is None else two_tiers
         self.ram_budget = ram_budget if self.two_tiers else None
@@ -319,7 +322,11 @@ class ModelManager:
                 f"{key.label} is not loaded, and this worker may not load models (on ZeroGPU every public preset is "
                 "loaded when the Space starts). Restart the Space or pick a preloaded preset."
             )
-        return int(self._loader(key).size(key, self.dtype))
+        return int(self._loader(key).size(key, self.dtype_of(key)))
+
+    def dtype_of(self, key: ModelKey) -> torch.dtype:
+        """The dtype a model is loaded in: the manager's, unless its family computes in another."""
+        return self._dtype_for(key, self.dtype)
 
     def _loader(self, key: ModelKey) -> ModelLoader:
         try:
@@ -330,7 +337,7 @@ class ModelManager:
     def _load(self, key: ModelKey, expected_size: int, protected: set[ModelKey]) -> _Entry:
         """Load (room was made on the device for it); a new entry, locked. On two tiers the model passes
         through RAM on its way to the device; RAM's budget is for models kept there, so it is not made room for."""
-        obj = self._loader(key).load(key, self.dtype)
+        obj = self._loader(key).load(key, self.dtype_of(key))
         self._loads += 1
         size = module_bytes(obj) if isinstance(obj, torch.nn.Module) else 0
         tensor = _first_tensor(obj)

@@ -134,6 +134,22 @@ class DiffusersModels:
 
         return variant
 
+    def dtype_for(self, presets) -> Callable[[ModelKey, torch.dtype], torch.dtype]:
+        """(key, the manager's dtype) -> the dtype the model loads in: its preset's family's (SD 3 and FLUX run in
+        bfloat16 where the studio runs in float16)."""
+        families: dict[str, Any] = {}
+        for preset in presets:
+            for task in TASKS:
+                for role, key in self.keys(preset, task).items():
+                    if role in family_of(preset).components:  # not the safety checker SD presets share
+                        families.setdefault(key.source, family_of(preset))
+
+        def dtype_for(key: ModelKey, dtype: torch.dtype) -> torch.dtype:
+            family = families.get(key.source)
+            return family.compute_dtype(dtype) if family is not None else dtype
+
+        return dtype_for
+
     def assemble(self, preset, task: str, parts: dict[str, Any], controlnet: Any = None):
         """A pipeline over the given components; those a stage does not use are None, so that the pipeline
         object never keeps a model alive that the manager has let go. `controlnet` (a job's control units): the

@@ -75,7 +75,8 @@ def build_manager(presets: PresetCatalog, settings: ManagerSettings = ManagerSet
     loaders = {**diffusers_loaders(models.variant_for(presets)), UPSCALER: UpscalerLoader(),
                CONTROLNET: ControlNetLoader(), PREVIEW_DECODER: PreviewDecoderLoader(), **settings.extra_loaders}
     manager = ModelManager(loaders, device, settings.dtype or default_dtype(device), device_budget=settings.device_budget,
-                           ram_budget=settings.ram_budget, free_memory=settings.free_memory)
+                           ram_budget=settings.ram_budget, free_memory=settings.free_memory,
+                           dtype_for=models.dtype_for(presets))
     return manager, models
 
 

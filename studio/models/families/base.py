@@ -126,6 +126,10 @@ class ModelFamily:
             return (self.vae,)
         raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")
 
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the family's models load and run in when the studio runs in `dtype`."""
+        return dtype
+
     def decode_dtype(self, dtype: torch.dtype, own_vae: bool) -> torch.dtype:
         """The dtype the VAE decodes in when the studio runs in `dtype`: the same, unless the family's own VAE
         overflows in it (SDXL's in fp16). `own_vae`: the preset did not swap the VAE for another."""

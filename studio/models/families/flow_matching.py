@@ -30,6 +30,14 @@ class FlowMatchingFamily(ModelFamily):
     t5_tokenizer = "tokenizer_3"
     t5_window = 256  # tokens T5 reads (diffusers' max_sequence_length)
 
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """bfloat16 where the studio runs in float16: SD 3.5 and FLUX were trained in bfloat16, and T5-XXL's
+        activations overflow float16 (inf, then NaN: a black image), as diffusers' and Forge's docs warn."""
+        return torch.bfloat16 if dtype == torch.float16 else dtype
+
+    def decode_dtype(self, dtype: torch.dtype, own_vae: bool) -> torch.dtype:
+        return self.compute_dtype(dtype)
+
     def unscale_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
         """As their pipelines decode: unscaled, then unshifted (the VAE's latents have a mean the model's don't)."""
         return latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
