@@ -64,13 +64,14 @@ def _or(value, default):
 
 
 def optional_control_images(handler: Callable, count: int) -> Callable:
-    """`handler` (taking the form as **fields) with its units' control images optional in the API. gradio makes an
-    input whose component starts empty a required API parameter, unless the handler's own signature gives it a
-    None default: so the signature says so (the function still takes them in **fields)."""
+    """`handler` (taking the form as **fields) with its units' control images optional in the API, and their
+    models (empty where the default preset's family has none). gradio makes an input whose component starts empty
+    a required API parameter, unless the handler's own signature gives it a None default: so the signature says
+    so (the function still takes them in **fields)."""
     signature = inspect.signature(handler)
     parameters = list(signature.parameters.values())
-    images = [inspect.Parameter(field_name(index, "image"), inspect.Parameter.KEYWORD_ONLY, default=None)
-              for index in range(count)]
+    images = [inspect.Parameter(field_name(index, name), inspect.Parameter.KEYWORD_ONLY, default=None)
+              for index in range(count) for name in ("image", "model")]
     handler.__signature__ = signature.replace(parameters=parameters[:-1] + images + parameters[-1:])
     return handler
 

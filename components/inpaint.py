@@ -29,6 +29,7 @@ from components.editor_bridge import (
     parse_measured_size,
 )
 from components.event_options import INSTANT, QUICK
+from components.flow_settings import build_flow_settings, flow_fields, flow_updates, optional_flow_settings
 from components.history import build_history
 from components.lora_picker import build_lora_picker
 from components.preset_picker import (
@@ -148,14 +149,14 @@ class InpaintTab:
 
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
                  padding, seed, batch_size, clip_skip=1, sketch_controlnet=False, live_preview=TAESD,
-                 preview_every=DEFAULT_PREVIEW_EVERY, controls=()) -> InpaintRequest:
+                 preview_every=DEFAULT_PREVIEW_EVERY, distilled_guidance=None, shift=None, controls=()) -> InpaintRequest:
     return InpaintRequest(
         prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
         steps=whole(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=whole(mask_blur),
         inpaint_area=inpaint_area, padding=whole(padding), seed=whole(seed) if seed is not None else -1,
         batch_size=whole(batch_size), clip_skip=whole(clip_skip) if clip_skip is not None else 1,
         sketch_controlnet=bool(sketch_controlnet), **live_preview_fields(live_preview, preview_every),
-        controls=controls,
+        **flow_fields(distilled_guidance, shift), controls=controls,
     )
 
 
@@ -217,6 +218,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                                                label="CFG scale")
                     strength = gr.Slider(0.01, 1, value=default_strength(INPAINT, default), step=0.01,
                                          label="Denoising strength")
+                flow = build_flow_settings(default, inpaint=True)
                 sketch_controlnet = gr.Checkbox(
                     True, label="Guide with the sketch ControlNet", elem_id="sketch-controlnet",
                     visible=False, info=sketch_controlnet_info(engine, default))
@@ -259,7 +261,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 guidance_scale=guidance_scale, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
                 padding=padding, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
                 sketch_controlnet=sketch_controlnet, live_preview=live_preview, preview_every=preview_every,
-                **controls.fields)
+                distilled_guidance=flow.distilled_guidance, shift=flow.shift, **controls.fields)
     sketch_form = {name: component for name, component in form.items()
                    if name not in ("mask_blur", "inpaint_area", "padding")}
     inpaint_form = {name: component for name, component in form.items() if name != "sketch_controlnet"}
@@ -331,6 +333,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                        "Cannot inpaint")
 
     optional_control_images(inpaint, controls.count)  # the API may leave a unit's image out
+    optional_flow_settings(inpaint)  # empty: the model's own
 
     def sketch_to_image(sketch, request: gr.Request, progress=gr.Progress(), **fields):
         """An image from a coloured sketch (transparent areas count as white paper), redrawn at the denoising
@@ -344,6 +347,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         yield from run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
 
     optional_control_images(sketch_to_image, controls.count)  # the API may leave a unit's image out
+    optional_flow_settings(sketch_to_image)  # empty: the model's own
 
     # The editor is never an input or output of a server event, only of events that run in the browser
     # (js=...): gradio 6.31 re-reads every component that an event with a status has touched at each status
@@ -415,6 +419,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         return (*sampling_updates(chosen, limits, guidance=chosen.inpaint_default_guidance),
                 gr.Slider(value=default_strength(chosen_mode, chosen, sketch_guided(chosen_mode, chosen, guide))),
                 gr.Slider(value=chosen.default_clip_skip),
+                *flow_updates(chosen, inpaint=chosen_mode != SKETCH_TO_IMAGE),
                 sketch_controlnet_checkbox(engine, chosen, chosen_mode))
 
     # one progress bar, on the results (not one on each output)
@@ -436,13 +441,16 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                                                         engine.controlnets)
         for note in notes:
             gr.Warning(note)
-        card_update, scheduler_, steps_, guidance_ = sampling_updates(
-            chosen_preset(engine.presets, filled.preset), limits, filled.scheduler, filled.steps, filled.guidance_scale)
+        chosen = chosen_preset(engine.presets, filled.preset)
+        card_update, scheduler_, steps_, guidance_ = sampling_updates(chosen, limits, filled.scheduler, filled.steps,
+                                                                      filled.guidance_scale)
+        distilled_, shift_ = flow_updates(chosen, inpaint=True, distilled_guidance=filled.distilled_guidance,
+                                          shift=filled.shift)
         return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, filled.strength,
                 filled.mask_blur, filled.inpaint_area, filled.padding, filled.seed, 1, filled.clip_skip,
                 # a PNG guided by the sketch ControlNet lists it as a unit: the box stays, the unit is not added twice;
                 # a PNG says nothing of previews
-                gr.skip(), gr.skip(), gr.skip(), *controls.values_for(filled.controls), card_update]
+                gr.skip(), gr.skip(), gr.skip(), distilled_, shift_, *controls.values_for(filled.controls), card_update]
 
     history.follow([event], gallery)
     controls.refresh_maps(history.on_click(fill_form, form, [*settings, card], **QUICK))
@@ -457,8 +465,13 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     apply_to_editor(upload_size.change(fit_tools_to_upload, [mode, upload_size, fitted_to], image_outputs, **INSTANT))
 
     fit_form = dict(fn=preset_updates, inputs=[preset, mode, sketch_controlnet],
-                    outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip, sketch_controlnet], **INSTANT)
+                    outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip, *flow.outputs,
+                             sketch_controlnet], **INSTANT)
     preset.input(**fit_form)
+    # FLUX.1-dev inpaints with its Fill model (Distilled CFG 30) and draws a sketch with itself (3.5)
+    mode.input(lambda chosen_mode, name: flow_updates(chosen_preset(engine.presets, name),
+                                                      inpaint=chosen_mode != SKETCH_TO_IMAGE),
+               [mode, preset], flow.outputs, **INSTANT)
     sketch_controlnet.input(
         lambda chosen_mode, name, guide: gr.Slider(value=default_strength(
             chosen_mode, chosen_preset(engine.presets, name),

@@ -9,8 +9,8 @@ import gradio as gr
 
 from components.event_options import INSTANT
 from components.running import user_error
-from studio.models.families import samplers_for
 from studio.core.errors import StudioError
+from studio.models.families import family_of, samplers_for
 from studio.models.presets import ModelPreset, PresetCatalog
 
 
@@ -20,7 +20,11 @@ def preset_card(preset: ModelPreset) -> str:
             ", works offline" if preset.is_local else f", configs from {hub_link(preset.config_source)}")
     else:
         where = "built in, works offline" if preset.is_local else hub_link(preset.repo)
-    return f"**{preset.label}** — {preset.description} <br><small>{where}</small>"
+    notes = [where, family_of(preset).prompt_reading]
+    if preset.licence:
+        notes.append(f"Licence: {preset.licence}" + (" — gated: accept it on the Hub and log in (`hf auth login`) "
+                                                      "before the first download" if preset.gated else ""))
+    return f"**{preset.label}** — {preset.description} <br><small>{'<br>'.join(notes)}</small>"
 
 
 @dataclass

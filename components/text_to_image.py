@@ -15,6 +15,7 @@ from components.control_units import (
 )
 from components.event_options import INSTANT, QUICK
 from components.history import build_history
+from components.flow_settings import build_flow_settings, flow_fields, flow_updates, optional_flow_settings
 from components.live_preview import build_live_preview_settings, live_preview_fields
 from components.lora_picker import build_lora_picker
 from components.preset_picker import (
@@ -61,7 +62,8 @@ class TextToImageTab:
 
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, width, height, seed, batch_size, style,
              clip_skip=1, hires_fix=False, hires_upscaler=DEFAULT_HIRES_UPSCALER, hires_upscale=2.0, hires_steps=0,
-             denoising_strength=0.5, live_preview=TAESD, preview_every=DEFAULT_PREVIEW_EVERY, controls=()):
+             denoising_strength=0.5, live_preview=TAESD, preview_every=DEFAULT_PREVIEW_EVERY, distilled_guidance=None,
+             shift=None, controls=()):
     hires = None
     if hires_fix:
         defaults = HiresFix()  # an API caller's null is the default, as for the other fields
@@ -85,6 +87,7 @@ def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_sca
         clip_skip=whole(clip_skip) if clip_skip is not None else 1,
         hires=hires,
         **live_preview_fields(live_preview, preview_every),
+        **flow_fields(distilled_guidance, shift),
         controls=controls,
     )
 
@@ -144,6 +147,7 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                     steps = WholeSlider(1, limits.max_steps, value=default.default_steps, step=1, label="Steps")
                 guidance_scale = gr.Slider(0, limits.max_guidance, value=default.default_guidance, step=0.5,
                                            label="CFG scale")
+                flow = build_flow_settings(default)
                 with gr.Row():
                     width = WholeSlider(min_size, max_size, value=default.default_width, step=8, label="Width")
                     height = WholeSlider(min_size, max_size, value=default.default_height, step=8, label="Height")
@@ -206,7 +210,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
                 guidance_scale=guidance_scale, width=width, height=height, seed=seed, batch_size=batch_size,
                 style=style, clip_skip=clip_skip, hires_fix=hires_fix, hires_upscaler=hires_upscaler,
                 hires_upscale=hires_upscale, hires_steps=hires_steps, denoising_strength=denoising_strength,
-                live_preview=live_preview, preview_every=preview_every, **controls.fields)
+                live_preview=live_preview, preview_every=preview_every, distilled_guidance=flow.distilled_guidance,
+                shift=flow.shift, **controls.fields)
     inputs = list(form.values())
 
     def request_of(fields: dict) -> TextToImageRequest:
@@ -231,7 +236,8 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         generated at width × height, upscaled by hires_upscale with hires_upscaler (a latent mode or an upscaler
         preset), then refined at that size at denoising_strength for hires_steps (0 = steps). live_preview (Off,
         Fast, TAESD: Fast where the model has no TAESD) every preview_every steps: the images as they form,
-        intermediate outputs for Client.submit.
+        intermediate outputs for Client.submit. SD 3.5 and FLUX.1: shift (0: the model's own) and FLUX.1-dev's
+        distilled_guidance (other models ignore both).
         control_<n>_*: ControlNet unit n, used when control_<n>_enabled: its control image, preprocessor, model
         (one made for the preset's family), weight 0-2, guidance start and end (fractions of the steps),
         control_mode, resize_mode, pixel_perfect, processor_res, and the preprocessor's thresholds (-1: its
@@ -241,11 +247,12 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         yield from runner.stream(TAB, request, progress, engine, lambda: engine.plan(text_request), on_device)
 
     optional_control_images(text_to_image, controls.count)  # the API may leave a unit's image out
+    optional_flow_settings(text_to_image)  # empty: the model's own
 
     def preset_updates(name, scheduler=None, steps=None, guidance=None, width=None, height=None, clip_skip=None,
-                       hires_steps_value=None):
-        """Card, scheduler, steps, CFG, width, height, clip skip and hires steps fitted to a preset; given values are
-        kept."""
+                       hires_steps_value=None, distilled_guidance=None, shift=None):
+        """Card, scheduler, steps, CFG, width, height, clip skip, hires steps, distilled guidance and shift fitted to
+        a preset; given values are kept."""
         chosen = chosen_preset(engine.presets, name)
         most_steps = min(chosen.max_steps, limits.max_steps)
         return (
@@ -254,9 +261,10 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
             size_slider(chosen, height or chosen.default_height),
             gr.Slider(value=clip_skip or chosen.default_clip_skip),
             gr.Slider(maximum=most_steps, value=min(hires_steps_value or 0, most_steps)),
+            *flow_updates(chosen, distilled_guidance=distilled_guidance, shift=shift),
         )
 
-    fitted_to_preset = [card, scheduler, steps, guidance_scale, width, height, clip_skip, hires_steps]
+    fitted_to_preset = [card, scheduler, steps, guidance_scale, width, height, clip_skip, hires_steps, *flow.outputs]
 
     def read_png(image):
         if image is None:
@@ -276,14 +284,13 @@ def build_text_to_image_tab(engine: TextToImage, runner: JobRunner) -> TextToIma
         for note in notes:
             gr.Warning(note)
         hires = filled.hires or current.hires
-        card_update, scheduler_, steps_, guidance_, width_, height_, clip_skip_, hires_steps_ = preset_updates(
-            filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width, filled.height,
-            filled.clip_skip, hires.steps,
-        )
+        (card_update, scheduler_, steps_, guidance_, width_, height_, clip_skip_, hires_steps_, distilled_,
+         shift_) = preset_updates(filled.preset, filled.scheduler, filled.steps, filled.guidance_scale, filled.width,
+                                  filled.height, filled.clip_skip, hires.steps, filled.distilled_guidance, filled.shift)
         return [filled.prompt, filled.negative_prompt, filled.preset, scheduler_, steps_, guidance_, width_, height_,
                 filled.seed, 1, "None", clip_skip_, filled.hires is not None, hires.upscaler, hires.upscale,
                 hires_steps_, hires.denoising_strength, gr.skip(), gr.skip(),  # a PNG says nothing of previews
-                *controls.values_for(filled.controls), card_update]
+                distilled_, shift_, *controls.values_for(filled.controls), card_update]
 
     # The named endpoint validates too (engine.generate raises InvalidRequest), so API callers get clear errors.
     # The check runs outside the GPU's concurrency group (limit None), so it answers at once even when busy.

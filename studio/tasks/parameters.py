@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from studio.a1111.controlnet import read_controlnet_fields
-from studio.a1111.metadata import parse_parameters
+from studio.a1111.metadata import parse_float, parse_parameters
 from studio.models.controlnets import ControlNetCatalog
 from studio.models.families import family_of
 from studio.models.loras import (
@@ -62,6 +62,9 @@ def sampling_fields_from_parameters(params, presets: PresetCatalog, current: Sam
         seed=params.seed if params.seed is not None else current.seed,
         batch_size=1,
         clip_skip=clip_skip,
+        # Forge's fields for flow-matching models; without them the model's own
+        distilled_guidance=parse_float(params.extra.get("Distilled CFG Scale")),
+        shift=parse_float(params.extra.get("Shift")),
     )
     controls, control_notes = controls_from_parameters(params.extra, controlnets or ControlNetCatalog([]))
     fields["controls"] = controls

@@ -106,6 +106,7 @@ class ModelFamily:
     takes_safety_checker = False  # its pipelines run the SD safety checker (those of SDXL have none)
     # the Hub repo of its TAESD (diffusers' AutoencoderTiny, madebyollin's): a tiny decoder for live previews
     preview_decoder: str | None = None
+    prompt_reading = ""  # which text encoder reads what of the prompt, for the preset's card
     flow_matching = False  # a flow-matching model (SD 3, FLUX): its samplers are FLOW_SCHEDULERS, with a shift
     distilled_guidance = False  # a guidance-distilled model may take a "Distilled CFG Scale" (FLUX.1-dev)
 

@@ -23,6 +23,7 @@ class Embedded(StableDiffusion1):
                           rgb_bias=(-0.0890, 0.0547, -0.0810))
     working_memory = WorkingMemory(denoise_factor=2.0, source=COMFYUI_FACTORS + " (SD 1.x's, whose UNet it shares)")
     context_width = 64
+    prompt_reading = "Prompt: its own small CLIP reads it 30 tokens at a time"
     checkpoint_config = None  # no single-file checkpoints: it is saved as a diffusers folder
     checkpoint_prefixes = MappingProxyType({})
     takes_safety_checker = True  # the SD 1.x pipelines; it is safe by construction and runs without one

@@ -48,6 +48,8 @@ class Flux(FlowMatchingFamily):
     lora_loader = "FluxLoraLoaderMixin"  # kohya, XLabs and diffusers files, converted by diffusers
     t5, t5_tokenizer, t5_window = "text_encoder_2", "tokenizer_2", 512
     distilled_guidance = True
+    prompt_reading = ("Prompt: T5-XXL reads its first 512 tokens (a longer prompt is cut, with a note), CLIP-L its first "
+                      "75 for the overall style; (word:1.2) weights apply to both, as in Forge")
 
     # ----- pipelines -----
 

