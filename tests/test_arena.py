@@ -31,6 +31,16 @@ def test_the_default_contestants_file_lists_embedded_and_hub_configurations():
     assert all(c.preset in presets for c in contestants), [c.preset for c in contestants if c.preset not in presets]
 
 
+def test_every_default_contestants_settings_pass_its_presets_checks(arena):
+    """SD 3.5 and FLUX.1 contestants too: their samplers are the flow ones, their CFG theirs."""
+    contestants = load_contestants()
+    assert {"sd3.5-medium", "sd3.5-large-turbo", "flux.1-schnell", "flux.1-dev"} <= {c.preset for c in contestants}
+    for contestant in contestants:
+        request = arena._request(contestant, "a red circle", seed=1)
+        preset = arena.text_to_image.presets.get(contestant.preset)
+        assert arena.text_to_image.check(request, preset) == {}, contestant.name
+
+
 def test_only_contestants_that_can_run_here_are_drawn(arena):
     # offline without its files the Hub preset is not drawn; nor is a contestant with an unknown sampler
     assert [c.name for c in arena.contestants] == ["fast", "slow"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from conftest import ROOT
 from PIL import Image
 from tiny_flow_models import save_tiny_flux, save_tiny_flux_fill, save_tiny_sd3
 
@@ -15,10 +16,13 @@ from studio.a1111.prompts import a1111_emphasis, parse_attention
 from studio.a1111.schedulers import make_scheduler
 from studio.a1111.t5_prompts import t5_tokens
 from studio.core.jobs import LocalJob
+from studio.evaluation.compare import CompareLimits, CompareRequest, Comparison
+from studio.evaluation.metrics import ClipScorer
+from studio.evaluation.model_kinds import CLIP, ClipLoader
 from studio.models.loras import LoraCatalog
 from studio.models.presets import load_presets
 from studio.models.upscalers import ReleaseFiles
-from studio.tasks.engines import local_engines
+from studio.tasks.engines import ManagerSettings, build_engines, build_manager
 from studio.tasks.generation import TextToImageRequest
 from studio.tasks.hires import HiresFix
 from studio.tasks.inpainting import InpaintRequest
@@ -47,10 +51,14 @@ def engines(folders):
                          **SIZE | {"default_guidance": 0.0}},
     }}
     path = folders["root"] / "models.yaml"
+    presets["presets"]["embedded"] = {"label": "Embedded", "local": str(ROOT / "models" / "embedded-sd"),
+                                      "family": "embedded", **SIZE}
     path.write_text(yaml.safe_dump(presets))
+    catalog = load_presets(path)
     release = ReleaseFiles(folders["root"] / "release", offline=True)  # the upscalers Hires. fix may use
-    return local_engines(load_presets(path), device_budget=4 * 1024**3, loras=LoraCatalog({}), release_files=release,
-                         version="test")
+    manager, models = build_manager(catalog, ManagerSettings(device_budget=4 * 1024**3, dtype=torch.float32,
+                                                             extra_loaders={CLIP: ClipLoader()}))
+    return build_engines(manager, models, catalog, loras=LoraCatalog({}), release_files=release, version="test")
 
 
 def generate(engines, **fields):
@@ -250,3 +258,36 @@ def test_on_a_gpu_sd3_and_flux_load_in_bfloat16_and_the_others_in_float16(engine
     sd15 = load_default_presets().get("stable-diffusion-1.5")
     assert {dtype_for(key, torch.float16) for key in engines.models.keys(sd15, "text2img").values()} == {torch.float16}
     assert dtype_for(engines.models.keys(flux, "text2img")["transformer"], torch.float32) == torch.float32
+
+
+def test_a_lora_on_a_flow_model_is_refused_with_what_to_do(engines, tmp_path):
+    from studio.models.loras import LoraPreset
+
+    engine = engines.text_to_image
+    catalog = LoraCatalog({"style": LoraPreset(name="style", file=str(tmp_path / "style.safetensors"))})
+    engine_loras, engine.loras = engine.loras, catalog
+    try:
+        problems = engine.problems(TextToImageRequest(prompt=f"{PROMPT} <lora:style:0.8>", preset="tiny-flux",
+                                                      width=64, height=64))
+        assert engine.loras_that_fit("tiny-flux") == []
+    finally:
+        engine.loras = engine_loras
+    assert problems["prompt"] == ("LoRAs do not run on FLUX.1 models here yet: take <lora:style:0.8> out of the "
+                                  "prompt, or pick an SD 1.x or SDXL preset.")
+
+
+def test_compare_mixes_families_each_cell_at_its_presets_defaults_and_loads_grouped(engines):
+    """A preset axis over SD 1.x (the embedded model), SD 3 and FLUX: each cell runs its preset's own sampler,
+    steps, CFG and size (FLUX.1-dev's distilled guidance too), the cells of one preset one after another."""
+    comparison = Comparison(engines.text_to_image, ClipScorer(engines.manager, ROOT / "models" / "embedded-clip",
+                                                              "embedded CLIP"), CompareLimits(max_cells=16))
+    request = CompareRequest(prompt=PROMPT, seed=4, x_type="Preset", x_values="tiny-flux, embedded, tiny-sd3",
+                             y_type="Seed", y_values="4, 5")
+    plan = comparison.plan(request)
+    assert [cell_plan.preset.name for cell_plan in plan.plans] == ["tiny-flux"] * 2 + ["embedded"] * 2 + ["tiny-sd3"] * 2
+    result = comparison.compare(request)
+    assert len(result.cells) == 6 and not result.interrupted
+    for cell in result.cells:
+        fields = parse_parameters(cell.image.parameters)
+        assert ("Distilled CFG Scale" in fields.extra) == (fields.model == "tiny-flux")
+        assert ("Schedule type: Simple" in cell.image.parameters) == (fields.model != "embedded")
