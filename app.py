@@ -296,6 +296,7 @@ def preload_loras(manager: ModelManager, models, downloads, presets, catalog: Lo
     """ZeroGPU: every LoRA fetched and placed (pinned) for each LoRA format of the presets whose family it fits;
     one that fits none, or cannot load, is not offered."""
     kept = []
+    presets = [preset for preset in presets if not family_of(preset).flow_matching]  # no LoRAs on them yet
     for name in catalog.names:
         # a Hub LoRA whose `family` fits none of the presets is not even downloaded
         if not any(catalog.get(name).fits(preset_context_width(models, p)) for p in presets):

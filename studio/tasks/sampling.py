@@ -137,7 +137,9 @@ class SamplingPlan:
         base-size steps as they cost by area), and its upscaler's passes."""
         # Heun, DPM2 and DPM++ SDE evaluate the UNet twice a step
         # a ControlNet is about the encoder half of its UNet: half an evaluation more per unit
-        per_step = evaluations_per_step(self.scheduler, family_of(self.preset).flow_matching) * (1 + 0.5 * len(self.controls))
+        family = family_of(self.preset)
+        per_step = (evaluations_per_step(self.scheduler, family.flow_matching)
+                    * family.guidance_evaluations(self.guidance_scale) * (1 + 0.5 * len(self.controls)))
         evaluations = math.ceil(self.steps_per_image * per_step)
         pixels = self.size[0] * self.size[1]
         seconds = 0

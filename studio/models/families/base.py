@@ -153,6 +153,11 @@ class ModelFamily:
     def _diffusers_class(name: str) -> type:
         return getattr(importlib.import_module("diffusers"), name)
 
+    def guidance_evaluations(self, guidance_scale: float) -> int:
+        """Denoiser evaluations a step costs for guidance, beyond the sampler's: SD's CFG halves run as one batch,
+        which a preset's seconds_per_step already counts."""
+        return 1
+
     def call_arguments(self, pipe, embeds: Mapping[str, torch.Tensor], guidance_scale: float,
                        distilled_guidance: float | None) -> dict[str, Any]:
         """The pipeline call's prompt embeddings and guidance (`distilled_guidance`: FLUX.1-dev's; None: none)."""

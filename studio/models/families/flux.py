@@ -75,8 +75,10 @@ class Flux(FlowMatchingFamily):
         arguments["guidance_scale"] = 3.5 if distilled_guidance is None else distilled_guidance
         return arguments
 
-    def takes_true_cfg(self, pipe) -> bool:
-        return "true_cfg_scale" in inspect.signature(pipe.__call__).parameters
+    def guidance_evaluations(self, guidance_scale: float) -> int:
+        """True CFG (CFG > 1) runs the transformer a second time per step, with the negative prompt; a preset's
+        seconds_per_step is for one (FLUX.1-dev's CFG 1)."""
+        return 2 if guidance_scale > 1 else 1
 
     # ----- latents -----
 
