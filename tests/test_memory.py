@@ -117,7 +117,7 @@ def test_loading_before_evicting_would_have_exceeded_the_budget():
     the measurement sees it: the check above can fail."""
     loader = TrackingLoader()
     manager = cpu_manager(loader, PIPELINE)
-    manager._size_of = lambda key: 0  # sizes unknown before loading: room is made after each load
+    manager._size_of = lambda key, storage=None: 0  # sizes unknown before loading: room is made after each load
     for stage in (A, B):
         with manager.use(stage):
             pass

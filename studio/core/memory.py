@@ -15,7 +15,9 @@ Like InvokeAI's model cache it has two tiers (the device and host RAM) and locks
 - one device lock serialises device work, stage by stage; jobs take turns (`turn()`) one image or grid cell
   at a time, granted in arrival order, so a long job cannot keep others out between its images;
 - changes to a shared model (a job's LoRA adapters) are `Patch`es the manager applies and records: they stay
-  across one job's consecutive turns and are removed before any other job's turn.
+  across one job's consecutive turns and are removed before any other job's turn;
+- a model too large for the device may be *stored* in float8 (kept so until unloaded) or, the last resort, have
+  its blocks *streamed* from RAM one at a time: studio.core.placements says how.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ import torch
 from studio.core.devices import dtype_name, format_bytes, module_bytes, release_memory
 from studio.core.errors import ModelUnavailable, OutOfMemoryBudget
 from studio.core.fair_lock import FairLock
-
 from studio.core.model_records import DEVICE, RAM, MemoryStatus, ModelKey, ModelLoader, ModelRecord, Patch
+from studio.core.placements import first_tensor, move_to, store_in, stream_blocks, streaming_reserve
 
 log = logging.getLogger("studio.core.memory")
+
 
 @dataclass
 class _Entry:
@@ -53,17 +56,7 @@ class _Entry:
     held: int = 0  # bytes its patch keeps in host RAM outside it (Patch.held)
     dtype: torch.dtype | None = None  # what its floating weights are in now (a lease may cast it for a while)
     dtype_as_loaded: torch.dtype | None = None  # ... and between leases: what its loader made
-
-
-def _move(obj: Any, device: torch.device | str) -> None:
-    obj.to(device)
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    """A module's first parameter (or buffer): where it is and in which dtype, for the records' check."""
-    if not isinstance(obj, torch.nn.Module):
-        return None
-    return next(itertools.chain(obj.parameters(), obj.buffers()), None)
+    storage: torch.dtype | None = None  # its weights stored in this dtype (float8), computed in `dtype`
 
 
 class ModelManager:
@@ -77,14 +70,16 @@ class ModelManager:
         free_memory: Callable[[], int | None] | None = None,
         two_tiers: bool | None = None,
         loading_allowed: bool = True,
-        move: Callable[[Any, torch.device | str], None] = _move,
+        move: Callable[[Any, torch.device | str], None] = move_to,
         dtype_for: Callable[[ModelKey, torch.dtype], torch.dtype] | None = None,
+        stream: Callable[[torch.nn.Module, torch.device], Callable[[], None]] = stream_blocks,
     ):
         """`free_memory()` is what the device really has free (driver free + the allocator's cached-but-unused
         bytes; None where there is no report); `two_tiers` defaults to "not the CPU"; `loading_allowed=False`
         refuses loads (ZeroGPU's GPU worker: everything is preloaded in the main process); `move(obj, device)`
         places a model (the device planner passes a no-op for weights on the meta device); `dtype_for(key, dtype)`
-        is the dtype a model is loaded in where it is not the manager's (SD 3 and FLUX: bfloat16 on a GPU)."""
+        is the dtype a model is loaded in where it is not the manager's (SD 3 and FLUX: bfloat16 on a GPU);
+        `stream(model, device)` streams a model's blocks and returns what stops it (the planner: nothing)."""
         self.loaders = dict(loaders)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -95,6 +90,7 @@ class ModelManager:
         self.free_memory = free_memory
         self.loading_allowed = loading_allowed
         self._move_fn = move
+        self._stream_fn = stream
         self._entries: dict[ModelKey, _Entry] = {}
         self._reserved = 0
         self._peak = 0
@@ -135,7 +131,9 @@ class ModelManager:
     @contextmanager
     def use(self, keys: Mapping[str, ModelKey], working_memory: int = 0, on_device: bool = True,
             patches: Mapping[str, Patch] | None = None,
-            dtypes: Mapping[str, torch.dtype] | None = None) -> Iterator[dict[str, Any]]:
+            dtypes: Mapping[str, torch.dtype] | None = None,
+            storage: Mapping[str, torch.dtype] | None = None,
+            in_ram: frozenset[str] = frozenset()) -> Iterator[dict[str, Any]]:
         """Place every model of `keys` (role -> key) on the device and keep it there, locked, until the block
         ends; `working_memory` bytes are reserved for the stage's activations. Holds the device lock.
 
@@ -145,11 +143,15 @@ class ModelManager:
         `dtypes` (role -> dtype): those models are cast for the block and back after it, recorded as such (SDXL's
         own VAE decodes in float32 under float16); `working_memory` must include what the cast adds.
 
-        `on_device=False` keeps the models locked in RAM instead, for accelerate's model CPU offload, which
-        moves one model at a time to the device itself: the largest model's bytes are reserved for that."""
+        `storage` (role -> dtype): those models are stored so from now on (float8: placements.store_in), before
+        they reach the device. `on_device=False` keeps the models locked in RAM instead, for accelerate's model CPU
+        offload, which moves one at a time to the device: the largest model's bytes are reserved for that.
+        `in_ram` (roles): only those stay in RAM (see `block_streaming`)."""
         with self.device_lock:
             wanted = list(dict.fromkeys(keys.values()))
-            entries, reserved = self._place(wanted, working_memory, on_device)
+            stored = {keys[role]: dtype for role, dtype in (storage or {}).items() if role in keys}
+            entries, reserved = self._place(wanted, working_memory, on_device, stored,
+                                            {keys[role] for role in in_ram if role in keys})
             cast: list[_Entry] = []
             try:
                 lease = {role: entries[key].obj for role, key in keys.items()}
@@ -170,14 +172,16 @@ class ModelManager:
     @contextmanager
     def model_offload(self, keys: Mapping[str, ModelKey], working_memory: int = 0,
                       patches: Mapping[str, Patch] | None = None,
-                      dtypes: Mapping[str, torch.dtype] | None = None) -> Iterator[dict[str, Any]]:
+                      dtypes: Mapping[str, torch.dtype] | None = None,
+                      storage: Mapping[str, torch.dtype] | None = None) -> Iterator[dict[str, Any]]:
         """A lease under accelerate's model CPU offload, the last resort after an out-of-memory: the models wait
         in RAM and each is moved to the device only while its forward runs, chained in the order of `keys` (the
         order they run), so one model is on the device at a time; room is reserved for the largest. Pinned models
         stay on the device, unhooked. When the block ends every model is where the records say."""
         from accelerate import cpu_offload_with_hook
 
-        with self.use(keys, working_memory, on_device=False, patches=patches, dtypes=dtypes) as lease:
+        with self.use(keys, working_memory, on_device=False, patches=patches, dtypes=dtypes,
+                      storage=storage) as lease:
             hooks = []
             for role, key in keys.items():
                 with self._state_lock:
@@ -193,6 +197,32 @@ class ModelManager:
                     hook.offload()
                     hook.remove()
                 self._reassert(keys.values())
+
+    @contextmanager
+    def block_streaming(self, keys: Mapping[str, ModelKey], streamed: frozenset[str], working_memory: int = 0,
+                        patches: Mapping[str, Patch] | None = None, dtypes: Mapping[str, torch.dtype] | None = None,
+                        storage: Mapping[str, torch.dtype] | None = None) -> Iterator[dict[str, Any]]:
+        """A lease whose `streamed` models (roles) stay in RAM and stream their blocks to the device one at a time
+        (placements.stream_blocks), the last resort: room is reserved for their layers outside the blocks and two
+        blocks each; the other models are on the device. Afterwards, every model is where the records say."""
+        streamed = frozenset(role for role in streamed if role in keys)
+        with self.use(keys, working_memory, patches=patches, dtypes=dtypes, storage=storage,
+                      in_ram=streamed) as lease:
+            streaming = sum(streaming_reserve(lease[role]) for role in streamed)
+            self._make_room_on_device(streaming, set(keys.values()))
+            with self._state_lock:
+                self._reserved += streaming
+            stops = []
+            try:
+                for role in sorted(streamed):
+                    stops.append(self._stream_fn(lease[role], self.device))
+                self._note_peak()
+                yield lease
+            finally:
+                for stop in stops:
+                    stop()
+                with self._state_lock:
+                    self._reserved -= streaming
 
     def preload(self, keys: Mapping[str, ModelKey], pin: bool = False) -> None:
         """Load and place models on the device before anyone asks. `pin=True` keeps them there for good
@@ -241,7 +271,7 @@ class ModelManager:
         with self._state_lock:
             models = tuple(
                 ModelRecord(e.key.source, e.key.part, e.key.kind, e.size, e.placement, e.locks > 0,
-                            dtype_name(e.dtype) if e.size and e.dtype else "", e.held)
+                            dtype_name(e.storage or e.dtype) if e.size and e.dtype else "", e.held)
                 for e in sorted(self._entries.values(), key=lambda e: e.last_used)
                 if e.size > 0
             )
@@ -268,10 +298,13 @@ class ModelManager:
 
     # ----- internals (called with the device lock held) -----
 
-    def _place(self, wanted: list[ModelKey], working_memory: int,
-               on_device: bool) -> tuple[dict[ModelKey, _Entry], int]:
-        """Lock, load (room first) and move to the device (or to RAM) every key; reserve the working memory.
-        Returns the entries and the bytes reserved. On any failure everything this call did is undone."""
+    def _place(self, wanted: list[ModelKey], working_memory: int, on_device: bool,
+               stored: Mapping[ModelKey, torch.dtype] | None = None,
+               in_ram: set[ModelKey] | frozenset = frozenset()) -> tuple[dict[ModelKey, _Entry], int]:
+        """Lock, load (room first) and move to the device (or to RAM) every key (those of `in_ram` to RAM);
+        reserve the working memory; models of `stored` stored in their dtype first. Returns the entries and the
+        bytes reserved. On any failure everything this call did is undone (but a storage: it is kept)."""
+        stored = stored or {}
         protected = set(wanted)
         locked: list[_Entry] = []
         loaded_now: list[_Entry] = []
@@ -282,11 +315,15 @@ class ModelManager:
                     locked.append(self._entries[key])
         reserved = 0  # what this call has added to self._reserved: only that is given back on failure
         try:
+            for entry in locked:
+                if entry.key in stored:
+                    self._store(entry, stored[entry.key])
             loaded = {e.key for e in locked}
-            sizes = {key: self._size_of(key) for key in wanted if key not in loaded}
+            sizes = {key: self._size_of(key, stored.get(key)) for key in wanted if key not in loaded}
             if on_device:
                 to_reserve = working_memory
-                needed = sum(sizes.values()) + sum(e.size for e in locked if e.placement != DEVICE)
+                needed = (sum(size for key, size in sizes.items() if key not in in_ram)
+                          + sum(e.size for e in locked if e.placement != DEVICE and e.key not in in_ram))
             else:
                 to_reserve = working_memory + max([*sizes.values(), *(e.size for e in locked), 0])
                 needed = 0 if self.two_tiers else sum(sizes.values())
@@ -295,11 +332,11 @@ class ModelManager:
                 self._reserved += to_reserve
             reserved = to_reserve
             for key, size in sizes.items():
-                entry = self._load(key, size, protected)
+                entry = self._load(key, size, protected, stored.get(key))
                 locked.append(entry)
                 loaded_now.append(entry)
-            target = DEVICE if on_device else RAM
             for entry in locked:
+                target = DEVICE if on_device and entry.key not in in_ram else RAM
                 if entry.placement == target or not entry.size or not self.two_tiers or entry.pinned:
                     continue
                 if target == DEVICE:  # its real size, which a short estimate may not have made room for
@@ -316,13 +353,13 @@ class ModelManager:
             raise
         return {entry.key: entry for entry in locked}, reserved
 
-    def _size_of(self, key: ModelKey) -> int:
+    def _size_of(self, key: ModelKey, storage: torch.dtype | None = None) -> int:
         if not self.loading_allowed:
             raise ModelUnavailable(
                 f"{key.label} is not loaded, and this worker may not load models (on ZeroGPU every public preset is "
                 "loaded when the Space starts). Restart the Space or pick a preloaded preset."
             )
-        return int(self._loader(key).size(key, self.dtype_of(key)))
+        return int(self._loader(key).size(key, storage or self.dtype_of(key)))
 
     def dtype_of(self, key: ModelKey) -> torch.dtype:
         """The dtype a model is loaded in: the manager's, unless its family computes in another."""
@@ -334,16 +371,21 @@ class ModelManager:
         except KeyError:
             raise ModelUnavailable(f"No loader is registered for models of kind {key.kind!r}.") from None
 
-    def _load(self, key: ModelKey, expected_size: int, protected: set[ModelKey]) -> _Entry:
-        """Load (room was made on the device for it); a new entry, locked. On two tiers the model passes
-        through RAM on its way to the device; RAM's budget is for models kept there, so it is not made room for."""
+    def _load(self, key: ModelKey, expected_size: int, protected: set[ModelKey],
+              storage: torch.dtype | None = None) -> _Entry:
+        """Load (room was made on the device for it); a new entry, locked, stored in `storage` if given (before it
+        is recorded, so before it reaches the device). On two tiers the model passes through RAM on its way to the
+        device; RAM's budget is for models kept there, so it is not made room for."""
         obj = self._loader(key).load(key, self.dtype_of(key))
         self._loads += 1
-        size = module_bytes(obj) if isinstance(obj, torch.nn.Module) else 0
-        tensor = _first_tensor(obj)
+        tensor = first_tensor(obj)
         dtype = tensor.dtype if tensor is not None and tensor.is_floating_point() else None  # a loader may keep fp32
+        storage = storage if dtype is not None else None
+        if storage is not None:  # stored before it is recorded; it computes in the dtype it was loaded in
+            store_in(obj, storage, dtype)
+        size = module_bytes(obj) if isinstance(obj, torch.nn.Module) else 0
         entry = _Entry(key, obj, size, DEVICE if not self.two_tiers and size else RAM, locks=1,
-                       last_used=next(self._clock), dtype=dtype, dtype_as_loaded=dtype)
+                       last_used=next(self._clock), dtype=dtype, dtype_as_loaded=dtype, storage=storage)
         with self._state_lock:
             self._entries[key] = entry
         self._note_peak()
@@ -448,21 +490,32 @@ class ModelManager:
         for key in dict.fromkeys(keys):
             with self._state_lock:
                 entry = self._entries.get(key)
-            tensor = _first_tensor(entry.obj) if entry is not None else None
+            tensor = first_tensor(entry.obj) if entry is not None else None
             if tensor is None or tensor.device.type == "meta":
                 continue
             expected = self.device if entry.placement == DEVICE else torch.device("cpu")
             if tensor.device.type != expected.type:
                 log.debug("%s was moved to %s behind the records: back to %s", key.label, tensor.device, expected)
                 self._move_fn(entry.obj, expected)
-            if entry.dtype is not None and tensor.is_floating_point() and tensor.dtype != entry.dtype:
+            if (entry.dtype is not None and entry.storage is None and tensor.is_floating_point()
+                    and tensor.dtype != entry.dtype):
                 log.debug("%s was cast to %s behind the records: back to %s", key.label, tensor.dtype, entry.dtype)
                 entry.obj.to(dtype=entry.dtype)
 
+    def _store(self, entry: _Entry, storage: torch.dtype) -> None:
+        """A loaded model stored in `storage` from now on (where it is: its bytes only shrink), recorded so."""
+        if entry.storage is None and isinstance(entry.obj, torch.nn.Module) and entry.dtype is not None:
+            store_in(entry.obj, storage, entry.dtype)
+            with self._state_lock:
+                entry.storage, entry.size = storage, module_bytes(entry.obj) + (entry.patch.size if entry.patch else 0)
+            log.info("%s stored in %s to fit %s", entry.key.label, dtype_name(storage), self.device)
+            release_memory(self.device)
+
     def _cast(self, entry: _Entry, dtype: torch.dtype | None, cast: list[_Entry]) -> None:
         """The model in `dtype`, its record too (its bytes change with it); `cast` collects what is to go back."""
-        if dtype is None or entry.dtype is None or dtype == entry.dtype or not isinstance(entry.obj, torch.nn.Module):
-            return
+        if (dtype is None or entry.dtype is None or dtype == entry.dtype or entry.storage is not None
+                or not isinstance(entry.obj, torch.nn.Module)):
+            return  # a stored model computes in the dtype its storage casts to
         entry.obj.to(dtype=dtype)
         with self._state_lock:
             entry.dtype, entry.size = dtype, module_bytes(entry.obj) + (entry.patch.size if entry.patch else 0)

@@ -1,8 +1,9 @@
 """One image as stages, each holding only what it uses on the device: encode (text encoders), denoise (the
 denoiser, and the VAE for an init image), decode (VAE), check (safety checker). Models are leased per stage from the
 shared ModelManager; between stages the device lock is free, so other jobs take turns. A stage that runs out of
-memory is retried with VAE tiling, then with idle models off the device, then (on CUDA) with accelerate's model CPU
-offload, and only then reported. What differs between model families is asked of the preset's family."""
+memory is retried with VAE tiling, then with idle models off the device, then (SD 3, FLUX) with their transformer and
+T5 stored in float8, then (on CUDA) with accelerate's model CPU offload, then (SD 3, FLUX) with the transformer's
+blocks streamed from RAM, and only then reported. What differs between model families is asked of the preset's family."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from studio.models.loras import LORA, AppliedLora, lora_patch, lora_role
 from studio.models.preview_decoders import PREVIEW_DECODER, decode_working_memory
 
 VAE_TILE = 512  # pixels: the tile a tiled VAE decodes at a time (SD's native size)
+FLOAT8 = torch.float8_e4m3fn  # the storage a model too large for the device is kept in (ComfyUI's and Forge's fp8)
 # A ControlNet runs before the denoiser at each evaluation, and its activations are gone when the denoiser's begin;
 # what stays is the residuals it hands over: SD 1.5 at 512² under CFG, 6.7 M values (27 MB in fp16), 8% of the
 # denoise stage's estimate. Each unit adds this share of that estimate.
@@ -50,6 +52,7 @@ class StagePlan:
     vae_tiling: bool = False
     patches: dict[str, Patch] = field(default_factory=dict)  # role -> the change its model carries (LoRAs)
     dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # role -> the dtype it runs in, cast for the stage
+    storage: dict[str, torch.dtype] = field(default_factory=dict)  # role -> stored in (float8), from now on
 
 
 class DiffusionStages:
@@ -167,7 +170,8 @@ class DiffusionStages:
                                               clip_skip if family.clip_skip else 1, self.manager.device)
             return Conditioning(embeds), family.prompt_notes(pipe, prompt, negative_prompt or "", guidance)
 
-        return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance, loras), work)
+        return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance, loras), work,
+                              storable=tuple(role for role in family.float8_storage if role in family.text_encoders))
 
     def denoise(self, preset, task: str, width: int, height: int, guidance: bool,
                 call: Callable[..., torch.Tensor], loras: tuple[AppliedLora, ...] = (),
@@ -190,7 +194,9 @@ class DiffusionStages:
         latents = self.run_stage(
             lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled, loras, controls,
                                             preview_decoder), work,
-            can_tile=task != "text2img")
+            can_tile=task != "text2img", storable=tuple(role for role in family.float8_storage
+                                                        if role == family.denoiser),
+            streamable=family.streamed_blocks)
         if has_nan_or_inf(latents):
             raise denoiser_nan_error(preset, self.manager.dtype)
         return latents
@@ -243,26 +249,35 @@ class DiffusionStages:
         return self.run_stage(lambda tiled: plan, work)
 
     def run_stage(self, plan_for: Callable[[bool], StagePlan], work: Callable[[dict, StagePlan], Any],
-                  can_tile: bool = False) -> Any:
+                  can_tile: bool = False, storable: tuple[str, ...] = (),
+                  streamable: tuple[str, ...] = ()) -> Any:
         """Run `work(models, plan)` holding the plan's models on the device. Out of memory (our budget or the
-        device's own): VAE tiling first, then idle models off the device, then accelerate's model CPU offload
-        (CUDA only), then a clear message."""
+        device's own): VAE tiling first, then idle models off the device, then the `storable` models stored in
+        float8 (kept so: the next stages and images fit too), then accelerate's model CPU offload (CUDA only), then
+        the `streamable` models' blocks streamed from RAM, then a clear message."""
         attempts = ["as planned"] + (["with VAE tiling"] if can_tile else []) + ["with idle models off the device"]
+        attempts += ["with float8 storage"] if storable else []
         if self.manager.device.type == "cuda":
             attempts.append("with model CPU offload")
-        failure, tiled = "", False
+        attempts += ["with block streaming"] if streamable else []
+        failure, tiled, stored = "", False, False
         for attempt in attempts:
             tiled = tiled or attempt == "with VAE tiling"
+            stored = stored or attempt == "with float8 storage"
             if attempt == "with idle models off the device":
                 self.manager.offload_idle()
             # planned again for each attempt: what the last one dropped (a model that carried this job's LoRAs)
             # must be planned for again
             plan = plan_for(tiled)
+            if stored:
+                plan = replace(plan, storage={role: FLOAT8 for role in storable if role in plan.keys})
             try:
                 if attempt == "with model CPU offload":
                     return self._run_offloaded(plan, work)
+                if attempt == "with block streaming":
+                    return self._run_streamed(plan, work, frozenset(streamable))
                 with self.manager.use(plan.keys, plan.working_memory, patches=plan.patches,
-                                      dtypes=plan.dtypes) as models:
+                                      dtypes=plan.dtypes, storage=plan.storage) as models:
                     return work(models, plan)
             except (torch.OutOfMemoryError, OutOfMemoryBudget) as error:
                 failure = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -281,8 +296,15 @@ class DiffusionStages:
         family's order, the order the models run. Without the live previews' TAESD: its hook would swap the UNet
         out at every preview (and `decode` is not its forward); previews there are Fast ones."""
         keys = {role: key for role, key in plan.keys.items() if role != PREVIEW_DECODER}
-        with self.manager.model_offload(keys, plan.working_memory, patches=plan.patches,
-                                        dtypes=plan.dtypes) as models:
+        with self.manager.model_offload(keys, plan.working_memory, patches=plan.patches, dtypes=plan.dtypes,
+                                        storage=plan.storage) as models:
+            return work(models, plan)
+
+    def _run_streamed(self, plan: StagePlan, work, streamed: frozenset[str]):
+        """The `streamed` models' blocks streamed from RAM one at a time (ModelManager.block_streaming), the
+        others on the device."""
+        with self.manager.block_streaming(plan.keys, streamed, plan.working_memory, patches=plan.patches,
+                                          dtypes=plan.dtypes, storage=plan.storage) as models:
             return work(models, plan)
 
 

@@ -107,6 +107,8 @@ class ModelFamily:
     # the Hub repo of its TAESD (diffusers' AutoencoderTiny, madebyollin's): a tiny decoder for live previews
     preview_decoder: str | None = None
     prompt_reading = ""  # which text encoder reads what of the prompt, for the preset's card
+    float8_storage: tuple[str, ...] = ()  # components stored in float8 when the device is too small for them
+    streamed_blocks: tuple[str, ...] = ()  # components whose blocks stream from RAM as the last resort
     flow_matching = False  # a flow-matching model (SD 3, FLUX): its samplers are FLOW_SCHEDULERS, with a shift
     distilled_guidance = False  # a guidance-distilled model may take a "Distilled CFG Scale" (FLUX.1-dev)
 

@@ -29,6 +29,13 @@ class FlowMatchingFamily(ModelFamily):
     t5 = "text_encoder_3"  # the T5 encoder's component, and its tokenizer's
     t5_tokenizer = "tokenizer_3"
     t5_window = 256  # tokens T5 reads (diffusers' max_sequence_length)
+    # on a small GPU: the transformer and T5-XXL (9.5 GB in 16 bits) stored in float8, computed in bfloat16; the
+    # transformer's blocks (FLUX: 57; SD 3.5 Large: 38) streamed as the last resort
+    streamed_blocks = ("transformer",)
+
+    @property
+    def float8_storage(self) -> tuple[str, ...]:
+        return (self.denoiser, self.t5)
 
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """bfloat16 where the studio runs in float16: SD 3.5 and FLUX were trained in bfloat16, and T5-XXL's
