@@ -20,7 +20,14 @@ Then SDXL with xinsir's ControlNet Union ProMax at 1024x1024 (from its config_pr
 2.51 GB file), and SDXL with TencentARC's sketch T2I-Adapter (checked against its 158 MB fp16 file), the one for
 small GPUs.
 
-Exit code 1 if SDXL at 1024x1024 does not fit 8 GiB or SD 1.5 at 512x512 does not fit 3 GiB.
+Then the flow-matching models at 1024x1024, their weights in bfloat16 as the studio loads them on a GPU: FLUX.1-dev
+at 16 GiB (its transformer and T5 stored in float8) and at 8 GiB (the transformer's blocks streamed from RAM), SD 3.5
+Large at 12 GiB, SD 3.5 Medium at 8 GiB, each with the placement the stages chose per stage and its smallest budget.
+Their components are built from the repos' configs too: the FLUX transformer's 11.9 B parameters and T5-XXL's
+encoder checked against the repo's files (23.8 GB and 9.52 GB in 16 bits), SD 3.5's transformers against the
+published counts (8.1 B and 2.5 B, with their position-embedding tables).
+
+Exit code 1 if SDXL at 1024x1024 does not fit 8 GiB, SD 1.5 at 512x512 3 GiB, or a flow model its budget above.
 
     python bench/device_plan.py
     python bench/device_plan.py --smoke  # the same run (a planner on meta weights: it takes seconds, no GPU)
@@ -29,6 +36,7 @@ Exit code 1 if SDXL at 1024x1024 does not fit 8 GiB or SD 1.5 at 512x512 does no
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import sys
@@ -46,7 +54,9 @@ import transformers  # noqa: E402
 from accelerate import init_empty_weights  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: E402
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel  # noqa: E402
 from transformers import CLIPConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
+from transformers import T5Config, T5EncoderModel  # noqa: E402
 
 from studio.core.devices import format_bytes, module_bytes, working_memory_on  # noqa: E402
 from studio.core.errors import OutOfMemoryBudget  # noqa: E402
@@ -58,7 +68,7 @@ from studio.models.controlnets import CONTROLNET, PassControls, UnitSettings, lo
 from studio.models.families import family_of  # noqa: E402
 from studio.models.loading import WEIGHTLESS  # noqa: E402
 from studio.models.presets import load_presets  # noqa: E402
-from studio.models.stages import DiffusionStages, StagePlan  # noqa: E402
+from studio.models.stages import DiffusionStages, StagePlan, stage_fallbacks  # noqa: E402
 
 GIB = 1024**3
 DTYPE = torch.float16
@@ -69,6 +79,9 @@ MUST_FIT = ("sdxl-base-1.0", "stable-diffusion-1.5")  # the exit code's cases, a
 # a ControlNet case is reported at its budget (SD 1.5's 4 GiB, SDXL's 8 GiB), with its smallest
 BISECTION_STEP = 0.05 * GIB
 BISECTION_CEILING = 64 * GIB
+
+# (preset, budget): the flow-matching models, each must fit its budget
+FLOW_CASES = (("flux.1-dev", 16 * GIB), ("flux.1-dev", 8 * GIB), ("sd3.5-large", 12 * GIB), ("sd3.5-medium", 8 * GIB))
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -356,6 +369,36 @@ TURBO_TEXT_ENCODER = {
     "vocab_size": 49408,
 }
 
+# ----- SD 3.5 and FLUX.1 (the repos' config.json files, their fields that differ from the classes' defaults) -----
+
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+SD35_LARGE = "stabilityai/stable-diffusion-3.5-large"
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+# black-forest-labs/FLUX.1-dev: transformer/config.json
+FLUX_TRANSFORMER = {"attention_head_dim": 128, "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096,
+                    "num_attention_heads": 24, "num_layers": 19, "num_single_layers": 38, "patch_size": 1,
+                    "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56]}
+# stabilityai/stable-diffusion-3.5-large and -medium: transformer/config.json
+SD35_LARGE_TRANSFORMER = {"sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38,
+                          "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+                          "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "out_channels": 16,
+                          "pos_embed_max_size": 192, "qk_norm": "rms_norm"}
+SD35_MEDIUM_TRANSFORMER = {**SD35_LARGE_TRANSFORMER, "num_layers": 24, "num_attention_heads": 24,
+                           "caption_projection_dim": 1536, "pos_embed_max_size": 384,
+                           "dual_attention_layers": list(range(13))}
+# text_encoder_2 (FLUX) and text_encoder_3 (SD 3.5): google's T5 v1.1 XXL encoder
+T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
+          "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
+# vae/config.json of both: SD's VAE with 16 latent channels and no quant convolutions
+FLOW_VAE = {**SD15_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+# text_encoder of SD 3.5: CLIP ViT-L/14's text tower with its projection
+SD35_CLIP_L = {**SD15_TEXT_ENCODER, "architectures": ["CLIPTextModelWithProjection"]}
+FLUX_TRANSFORMER_PARAMS = 11_901_408_320  # 23.8 GB in 16 bits: the repo's transformer files
+T5_XXL_ENCODER_PARAMS = 4_762_310_656  # 9.52 GB in 16 bits: FLUX.1-dev's text_encoder_2 files
+FLOW_VAE_PARAMS = 83_819_683
+CLIP_L_TEXT_PROJ_PARAMS = 123_650_304  # CLIP-L's text tower + its 768x768 projection
+SD35_LARGE_PARAMS, SD35_MEDIUM_PARAMS = 8.1e9, 2.5e9  # Stability AI's rounded counts (weights + position tables)
+
 # Published exact parameter counts.
 SD15_UNET_PARAMS = 859_520_964
 SDXL_UNET_PARAMS = 2_567_463_684
@@ -382,23 +425,50 @@ COMPONENTS = {
     (TURBO, "vae"): (AutoencoderKL, TURBO_VAE, VAE_PARAMS),
     (TURBO, "text_encoder"): (CLIPTextModel, TURBO_TEXT_ENCODER, CLIP_H_TEXT_PARAMS),
 }
+# the flow models' components, built in bfloat16 as the studio loads them on a GPU; SD 3.5's transformers are
+# checked against a rounded count (parameters and their position tables, a buffer), within 2%
+FLOW_COMPONENTS = {
+    (FLUX_DEV, "transformer"): (FluxTransformer2DModel, FLUX_TRANSFORMER, FLUX_TRANSFORMER_PARAMS),
+    (FLUX_DEV, "text_encoder"): (CLIPTextModel, SD15_TEXT_ENCODER, CLIP_L_TEXT_PARAMS),
+    (FLUX_DEV, "text_encoder_2"): (T5EncoderModel, T5_XXL, T5_XXL_ENCODER_PARAMS),
+    (FLUX_DEV, "vae"): (AutoencoderKL, FLOW_VAE, FLOW_VAE_PARAMS),
+    **{(repo, role): spec for repo, transformer, count in (
+        (SD35_LARGE, SD35_LARGE_TRANSFORMER, SD35_LARGE_PARAMS), (SD35_MEDIUM, SD35_MEDIUM_TRANSFORMER, SD35_MEDIUM_PARAMS))
+       for role, spec in (("transformer", (SD3Transformer2DModel, transformer, count)),
+                          ("text_encoder", (CLIPTextModelWithProjection, SD35_CLIP_L, CLIP_L_TEXT_PROJ_PARAMS)),
+                          ("text_encoder_2", (CLIPTextModelWithProjection, SDXL_TEXT_ENCODER_2,
+                                              CLIP_BIGG_TEXT_PROJ_PARAMS)),
+                          ("text_encoder_3", (T5EncoderModel, T5_XXL, T5_XXL_ENCODER_PARAMS)),
+                          ("vae", (AutoencoderKL, FLOW_VAE, FLOW_VAE_PARAMS)))},
+}
 
 # ----- components on the meta device -----
 
 
-def build_on_meta(component_class: type, config: dict) -> torch.nn.Module:
-    """The component with every parameter on the meta device, in fp16 (floating tensors only)."""
+def build_on_meta(component_class: type, config: dict, dtype: torch.dtype = DTYPE) -> torch.nn.Module:
+    """The component with every parameter on the meta device, in `dtype` (floating tensors only)."""
     with init_empty_weights():
         if issubclass(component_class, diffusers.ModelMixin):
             module = component_class.from_config(config)
+        elif component_class is T5EncoderModel:
+            module = component_class(T5Config(**config))
         else:
             config_class = CLIPConfig if component_class is StableDiffusionSafetyChecker else CLIPTextConfig
             module = component_class(config_class.from_dict(config))
-    return module.to(DTYPE).eval()
+    if component_class is T5EncoderModel:  # tied when loaded; not by a build on meta (outside the block: inside,
+        module.encoder.embed_tokens.weight = module.shared.weight  # an assignment registers a new meta copy)
+    return module.to(dtype).eval()
 
 
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
+
+
+def dtype_bytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Its bytes with every floating tensor in `dtype` (as the loaders estimate a storage before loading)."""
+    size = torch.finfo(dtype).bits // 8
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in tensors)
 
 
 def fp16_bytes(module: torch.nn.Module) -> int:
@@ -408,17 +478,23 @@ def fp16_bytes(module: torch.nn.Module) -> int:
 
 
 def build_components() -> dict[tuple[str, str], torch.nn.Module]:
-    """Every component, built and checked: exact parameter count, and the manager's own measure of its bytes."""
+    """Every component, built and checked: exact parameter count (SD 3.5's transformers: within 2% of the rounded
+    published count, their position tables included), and the manager's own measure of its bytes."""
     modules = {}
     print("components on the meta device (parameters: built / expected):")
-    for (source, role), (component_class, config, expected) in COMPONENTS.items():
-        module = build_on_meta(component_class, config)
+    for (source, role), (component_class, config, expected) in {**COMPONENTS, **FLOW_COMPONENTS}.items():
+        flow = (source, role) in FLOW_COMPONENTS
+        module = build_on_meta(component_class, config, torch.bfloat16 if flow else DTYPE)
         count = parameter_count(module)
-        assert count == expected, f"{source} {role}: {count:,} parameters, expected {expected:,}: fix the config"
+        if isinstance(expected, float):
+            count += sum(buffer.numel() for buffer in module.buffers())
+            assert abs(count - expected) <= 0.02 * expected, f"{source} {role}: {count:,}, published {expected:,.0f}"
+        else:
+            assert count == expected, f"{source} {role}: {count:,} parameters, expected {expected:,}: fix the config"
         assert fp16_bytes(module) == module_bytes(module), f"{source} {role}: bytes disagree with the manager's"
         label = f"{source.rsplit('/', 1)[-1]}/{role}"
         print(f"  {label:<44} {component_class.__name__:<28} "
-              f"{count:>13,} / {expected:>13,} ok  {format_bytes(fp16_bytes(module)):>9} fp16")
+              f"{count:>14,} / {expected:>14,.0f} ok  {format_bytes(fp16_bytes(module)):>9} {'bf16' if flow else 'fp16'}")
         modules[(source, role)] = module
     return modules
 
@@ -434,13 +510,15 @@ class MetaLoader:
 
     def size(self, key: ModelKey, dtype: torch.dtype) -> int:
         role = role_of(key)
-        return 0 if role in WEIGHTLESS else fp16_bytes(self._module(key, role))
+        return 0 if role in WEIGHTLESS else dtype_bytes(self._module(key, role), dtype)
 
     def load(self, key: ModelKey, dtype: torch.dtype):
         role = role_of(key)
         if role in WEIGHTLESS:
             return types.SimpleNamespace(placeholder_for=key.label)
-        return self._module(key, role)
+        module = self._module(key, role)
+        # a flow model may be stored in float8 by the manager, in place: each load is a copy of its own
+        return copy.deepcopy(module) if (key.source, role) in FLOW_COMPONENTS else module
 
     def _module(self, key: ModelKey, role: str) -> torch.nn.Module:
         try:
@@ -569,6 +647,8 @@ class StageRecord:
     offloaded: bool
     own: int  # bytes the stage itself holds on the device: its models there + the reserved working memory
     held: int  # bytes on the device while it runs: idle models the manager had no reason to evict included
+    stored: bool = False  # a model of the stage stored in float8
+    streamed: bool = False  # the transformer's blocks streamed from RAM
 
 
 class MetaStages(DiffusionStages):
@@ -577,16 +657,22 @@ class MetaStages(DiffusionStages):
     the manager (models locked in RAM, the largest one's bytes reserved on the device) and installs nothing."""
 
     def _run_offloaded(self, plan: StagePlan, work):
-        with self.manager.use(plan.keys, plan.working_memory, on_device=False) as models:
+        with self.manager.use(plan.keys, plan.working_memory, on_device=False, storage=plan.storage) as models:
             return dataclasses.replace(work(models, plan), offloaded=True)
+
+    def _run_streamed(self, plan: StagePlan, work, streamed: frozenset[str]):
+        return dataclasses.replace(super()._run_streamed(plan, work, streamed), streamed=True)
 
 
 def new_manager(loader: MetaLoader, budget: int) -> ModelManager:
+    """A manager as the studio builds one on a GPU (SD 3 and FLUX load in bfloat16), moving nothing: weights on the
+    meta device have nowhere to go, and streaming installs no hooks."""
     loaders = {"diffusers": loader}
     if loader.controlnet is not None:
         loaders[CONTROLNET] = loader.controlnet
     return ModelManager(loaders, DEVICE, DTYPE, device_budget=budget, ram_budget=None, two_tiers=True,
-                        move=lambda obj, device: None)
+                        move=lambda obj, device: None, dtype_for=DiffusersModels(DEVICE).dtype_for(load_presets()),
+                        stream=lambda module, device: lambda: None)
 
 
 def record(manager: ModelManager) -> Callable[[dict, StagePlan], StageRecord]:
@@ -594,23 +680,24 @@ def record(manager: ModelManager) -> Callable[[dict, StagePlan], StageRecord]:
     def work(models: dict, plan: StagePlan) -> StageRecord:
         status = manager.status()
         own = sum(m.size for m in status.models if m.in_use and m.placement == ON_DEVICE) + status.reserved
-        return StageRecord(plan.stage, plan.vae_tiling, False, own, status.device_used + status.reserved)
+        stored = any(m.in_use and m.dtype == "float8_e4m3fn" for m in status.models)
+        return StageRecord(plan.stage, plan.vae_tiling, False, own, status.device_used + status.reserved, stored)
 
     return work
 
 
 def stage_plans(stages: DiffusionStages, preset, width: int, height: int, guidance: bool,
-                controls: PassControls | None = None) -> list[tuple[Callable[[bool], StagePlan], bool]]:
-    """(plan_for, can_tile) per stage, as DiffusionStages.encode/denoise/decode/check pass them to run_stage."""
+                controls: PassControls | None = None) -> list[tuple[Callable[[bool], StagePlan], dict]]:
+    """(plan_for, run_stage's options) per stage, as DiffusionStages.encode/denoise/decode/check pass them."""
     plans = [
-        (lambda tiled: stages.plan_encode(preset, TASK, guidance), False),
+        (lambda tiled: stages.plan_encode(preset, TASK, guidance), stage_fallbacks(preset, "encode")),
         (lambda tiled: stages.plan_denoise(preset, TASK, width, height, guidance, tiled, controls=controls),
-         TASK != "text2img"),
-        (lambda tiled: stages.plan_decode(preset, TASK, width, height, tiled), True),
+         dict(can_tile=TASK != "text2img", **stage_fallbacks(preset, "denoise"))),
+        (lambda tiled: stages.plan_decode(preset, TASK, width, height, tiled), dict(can_tile=True)),
     ]
     check = stages.plan_check(preset, TASK)
     if check is not None:
-        plans.append((lambda tiled: check, False))
+        plans.append((lambda tiled: check, {}))
     return plans
 
 
@@ -626,8 +713,8 @@ def run_one_image(loader: MetaLoader, preset, budget: int,
     stages = MetaStages(manager, DiffusersModels(DEVICE))
     width, height, guidance = preset.default_width, preset.default_height, preset.default_guidance > 1
     records = []
-    for plan_for, can_tile in stage_plans(stages, preset, width, height, guidance, controls):
-        records.append(stages.run_stage(plan_for, record(manager), can_tile=can_tile))
+    for plan_for, options in stage_plans(stages, preset, width, height, guidance, controls):
+        records.append(stages.run_stage(plan_for, record(manager), **options))
         left = manager.status().reserved
         if left != 0:
             raise BrokenBookkeeping(f"at a {budget / GIB:.2f} GiB budget, after the {records[-1].stage} stage the "
@@ -680,7 +767,8 @@ def whole_pipeline_need(loader: MetaLoader, preset) -> int:
 
 
 def describe_stage(stage: StageRecord) -> str:
-    how = [word for word, on in (("tiled", stage.tiled), ("model CPU offload", stage.offloaded)) if on]
+    how = [word for word, on in (("tiled", stage.tiled), ("model CPU offload", stage.offloaded),
+                                 ("float8 storage", stage.stored), ("blocks streamed", stage.streamed)) if on]
     if stage.stage == "decode" and not stage.tiled:
         how.insert(0, "untiled")
     label = f"{stage.stage} ({', '.join(how)})" if how else stage.stage
@@ -695,7 +783,8 @@ def report_preset(loader: MetaLoader, preset, budget: int, controls: PassControl
         peak, verdict, ok = format_bytes(manager.status().peak), "fits", True
     except (OutOfMemoryBudget, BrokenBookkeeping) as error:
         stages, peak, verdict, ok = [], "-", f"DOES NOT FIT ({error})", False
-    print(f"{preset.name}{label} {size} fp16: peak {peak}, budget {format_bytes(budget)}: {verdict}")
+    weights = "bf16" if family_of(preset).flow_matching else "fp16"
+    print(f"{preset.name}{label} {size} {weights}: peak {peak}, budget {format_bytes(budget)}: {verdict}")
     print(f"  CFG {preset.default_guidance:g} ({'with' if preset.default_guidance > 1 else 'no'} guidance); "
           f"per stage, held on the device: " + " / ".join(describe_stage(stage) for stage in stages))
     broken: list[str] = []
@@ -732,6 +821,10 @@ def main() -> int:
         with_controlnet = MetaLoader(loader.modules, MetaControlNetLoader(built))
         controls = PassControls((controlnet.key,), (None,), (UnitSettings(),))
         report_preset(with_controlnet, presets.get(name), budget, controls, f" + {controlnet_name}")
+    print("\nthe flow-matching models (their weights in bfloat16; stored in float8 where a stage needs it):")
+    for name, budget in FLOW_CASES:
+        if not report_preset(loader, presets.get(name), budget):
+            failed.append(f"{name} at {budget / GIB:g} GiB")
     sdxl = presets.get("sdxl-base-1.0")
     whole = whole_pipeline_need(loader, sdxl)
     print(f"\nfor contrast, one whole-pipeline lease (all components + max(UNet, VAE decode) working memory) for "

@@ -16,7 +16,8 @@ NUMBER = r"-?\d+(?:\.\d+)?"
 RESULT_LINES = {
     "api_overhead.py": rf"http +API +: +{NUMBER} ms +ratio {NUMBER}",
     "compare_loads.py": rf"ratio axis / ours: UNet loads {NUMBER}, seconds loading {NUMBER}, wall time {NUMBER}",
-    "device_plan.py": rf"sdxl-base-1\.0 1024x1024 fp16: peak {NUMBER} GiB, budget 8\.0 GiB: fits",
+    "device_plan.py": rf"sdxl-base-1\.0 1024x1024 fp16: peak {NUMBER} GiB, budget 8\.0 GiB: fits(.|\n)*"
+                      rf"flux\.1-dev 1024x1024 bf16: peak {NUMBER} GiB, budget 8\.0 GiB: fits\n.*blocks streamed",
     "embedded_speed.py": rf"ratio to the 0\.5 s target: {NUMBER}",
     "fairness.py": rf"--concurrency 4: quick image alone {NUMBER} s, .* ratio {NUMBER}",
     # the engine runs every case of the smoke run without an error the script did not expect, and every model is

@@ -171,7 +171,7 @@ class DiffusionStages:
             return Conditioning(embeds), family.prompt_notes(pipe, prompt, negative_prompt or "", guidance)
 
         return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance, loras), work,
-                              storable=tuple(role for role in family.float8_storage if role in family.text_encoders))
+                              **stage_fallbacks(preset, "encode"))
 
     def denoise(self, preset, task: str, width: int, height: int, guidance: bool,
                 call: Callable[..., torch.Tensor], loras: tuple[AppliedLora, ...] = (),
@@ -194,9 +194,7 @@ class DiffusionStages:
         latents = self.run_stage(
             lambda tiled: self.plan_denoise(preset, task, width, height, guidance, tiled, loras, controls,
                                             preview_decoder), work,
-            can_tile=task != "text2img", storable=tuple(role for role in family.float8_storage
-                                                        if role == family.denoiser),
-            streamable=family.streamed_blocks)
+            can_tile=task != "text2img", **stage_fallbacks(preset, "denoise"))
         if has_nan_or_inf(latents):
             raise denoiser_nan_error(preset, self.manager.dtype)
         return latents
@@ -306,6 +304,16 @@ class DiffusionStages:
         with self.manager.block_streaming(plan.keys, streamed, plan.working_memory, patches=plan.patches,
                                           dtypes=plan.dtypes, storage=plan.storage) as models:
             return work(models, plan)
+
+
+def stage_fallbacks(preset, stage: str) -> dict[str, tuple[str, ...]]:
+    """run_stage's fallbacks for a model too large for the device that its family allows in `stage`: the models
+    that may be stored in float8 (T5 when encoding, the transformer when denoising), and those whose blocks may
+    stream from RAM."""
+    family = family_of(preset)
+    components = family.stage_components(stage, "text2img")
+    return dict(storable=tuple(role for role in family.float8_storage if role in components),
+                streamable=tuple(role for role in family.streamed_blocks if role in components))
 
 
 def has_nan_or_inf(tensor: torch.Tensor) -> bool:
