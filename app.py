@@ -59,10 +59,11 @@ from studio.models.loras import (
     DEFAULT_LORA_FOLDER,
     DEFAULT_LORA_PRESETS,
     LoraCatalog,
-    context_width,
+    fits,
     load_loras,
     lora_key,
-    preset_context_width,
+    made_for,
+    model_made_for,
 )
 from studio.models.presets import PRESETS_DIR, PresetCatalog, load_presets
 from studio.models.preview_decoders import (
@@ -296,15 +297,14 @@ def preload_loras(manager: ModelManager, models, downloads, presets, catalog: Lo
     """ZeroGPU: every LoRA fetched and placed (pinned) for each LoRA format of the presets whose family it fits;
     one that fits none, or cannot load, is not offered."""
     kept = []
-    presets = [preset for preset in presets if not family_of(preset).flow_matching]  # no LoRAs on them yet
     for name in catalog.names:
         # a Hub LoRA whose `family` fits none of the presets is not even downloaded
-        if not any(catalog.get(name).fits(preset_context_width(models, p)) for p in presets):
+        if not any(catalog.get(name).fits(model_made_for(models, p)) for p in presets):
             continue
         try:
             path = catalog.path(name, downloads)
-            width = context_width(path)
-            fitting = [p for p in presets if width is None or models.cross_attention_dim(p) in (None, width)]
+            target = made_for(path)
+            fitting = [p for p in presets if fits(target, model_made_for(models, p))]
             for key in dict.fromkeys(lora_key(path, family_of(p)) for p in fitting):  # one per LoRA loader
                 manager.preload({"lora": key}, pin=True)
             if fitting:

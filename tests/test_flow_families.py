@@ -9,17 +9,18 @@ import yaml
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from conftest import ROOT
 from PIL import Image
-from tiny_flow_models import save_tiny_flux, save_tiny_flux_fill, save_tiny_sd3
+from tiny_flow_models import save_random_flow_lora, save_tiny_flux, save_tiny_flux_fill, save_tiny_sd3
 
 from studio.a1111.metadata import parse_parameters
 from studio.a1111.prompts import a1111_emphasis, parse_attention
 from studio.a1111.schedulers import make_scheduler
 from studio.a1111.t5_prompts import t5_tokens
+from studio.core.errors import InvalidRequest
 from studio.core.jobs import LocalJob
 from studio.evaluation.compare import CompareLimits, CompareRequest, Comparison
 from studio.evaluation.metrics import ClipScorer
 from studio.evaluation.model_kinds import CLIP, ClipLoader
-from studio.models.loras import LoraCatalog
+from studio.models.loras import LoraCatalog, load_loras
 from studio.models.presets import load_presets
 from studio.models.upscalers import ReleaseFiles
 from studio.tasks.engines import ManagerSettings, build_engines, build_manager
@@ -260,20 +261,51 @@ def test_on_a_gpu_sd3_and_flux_load_in_bfloat16_and_the_others_in_float16(engine
     assert dtype_for(engines.models.keys(flux, "text2img")["transformer"], torch.float32) == torch.float32
 
 
-def test_a_lora_on_a_flow_model_is_refused_with_what_to_do(engines, tmp_path):
-    from studio.models.loras import LoraPreset
+@pytest.fixture(scope="module")
+def flow_loras(folders):
+    """Random LoRAs for the tiny FLUX in the three layouts FLUX LoRAs come in, one for the tiny SD 3, and the
+    embedded model's own (an SD-shaped LoRA), as a loras/ folder would list them."""
+    root = folders["root"] / "loras"
+    for layout in ("diffusers", "kohya", "xlabs"):
+        save_random_flow_lora(folders["flux"], root / f"flux-{layout}.safetensors", layout, seed=1)
+    save_random_flow_lora(folders["sd3"], root / "sd3-style.safetensors", "diffusers", seed=2)
+    (root / "shapes.safetensors").write_bytes((ROOT / "loras" / "hexagon.safetensors").read_bytes())
+    return load_loras(root, presets_file=None)
 
+
+def test_flux_loras_in_each_layout_change_the_image_and_leave_nothing_behind(engines, flow_loras, monkeypatch):
+    """diffusers', kohya's and XLabs' FLUX LoRAs, converted by diffusers, merged into the transformer for the image
+    and taken out after it: the next image without them is the plain one, bit for bit."""
+    monkeypatch.setattr(engines.text_to_image, "loras", flow_loras)
+    plain = pixels(generate(engines, preset="tiny-flux").images[0].image)
+    for name in ("flux-diffusers", "flux-kohya", "flux-xlabs"):
+        made = generate(engines, preset="tiny-flux", prompt=f"{PROMPT} <lora:{name}:1>").images[0]
+        assert np.abs(pixels(made.image) - plain).max() > 2, name
+        assert parse_parameters(made.parameters).extra["Lora hashes"].startswith(f"{name}: ")
+    assert np.array_equal(pixels(generate(engines, preset="tiny-flux").images[0].image), plain)
+    sd3 = generate(engines, preset="tiny-sd3", prompt=f"{PROMPT} <lora:sd3-style:0.8>").images[0]
+    assert np.abs(pixels(sd3.image) - pixels(generate(engines, preset="tiny-sd3").images[0].image)).max() > 2
+
+
+def test_a_lora_is_checked_against_the_models_family(engines, flow_loras, monkeypatch):
+    """A LoRA's keys say what it was made for: FLUX's blocks, SD 3's, or only blocks both have (a diffusers file
+    of either fits both flow families), else the text-embedding width its UNet layers read."""
+    from studio.models.loras import ANY_TRANSFORMER
+
+    assert [flow_loras.get(name).made_for for name in flow_loras.names] == \
+        ["flux", "flux", "flux", ANY_TRANSFORMER, 64]  # (flux-diffusers, -kohya, -xlabs, sd3-style, shapes)
     engine = engines.text_to_image
-    catalog = LoraCatalog({"style": LoraPreset(name="style", file=str(tmp_path / "style.safetensors"))})
-    engine_loras, engine.loras = engine.loras, catalog
-    try:
-        problems = engine.problems(TextToImageRequest(prompt=f"{PROMPT} <lora:style:0.8>", preset="tiny-flux",
-                                                      width=64, height=64))
-        assert engine.loras_that_fit("tiny-flux") == []
-    finally:
-        engine.loras = engine_loras
-    assert problems["prompt"] == ("LoRAs do not run on FLUX.1 models here yet: take <lora:style:0.8> out of the "
-                                  "prompt, or pick an SD 1.x or SDXL preset.")
+    monkeypatch.setattr(engine, "loras", flow_loras)
+    assert engine.loras_that_fit("tiny-flux") == ["flux-diffusers", "flux-kohya", "flux-xlabs", "sd3-style"]
+    assert engine.loras_that_fit("tiny-sd3") == ["sd3-style"]
+    assert engine.loras_that_fit("embedded") == ["shapes"]
+    with pytest.raises(InvalidRequest, match="LoRA 'shapes' was made for the embedded model; Tiny FLUX dev is "
+                                             "FLUX.1. Pick a LoRA made for this model's family"):
+        generate(engines, preset="tiny-flux", prompt=f"{PROMPT} <lora:shapes:1>")
+    with pytest.raises(InvalidRequest, match="LoRA 'flux-kohya' was made for FLUX.1; Embedded is the embedded model"):
+        generate(engines, preset="embedded", prompt=f"{PROMPT} <lora:flux-kohya:1>")
+    with pytest.raises(InvalidRequest, match="LoRA 'flux-xlabs' was made for FLUX.1; Tiny SD 3 is SD 3.x"):
+        generate(engines, preset="tiny-sd3", prompt=f"{PROMPT} <lora:flux-xlabs:1>")
 
 
 def test_compare_mixes_families_each_cell_at_its_presets_defaults_and_loads_grouped(engines):

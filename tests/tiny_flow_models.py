@@ -191,3 +191,52 @@ if __name__ == "__main__":
         fill = DiffusionPipeline.from_pretrained(root / "flux-fill")
         print(f"flux-fill: {type(fill).__name__}")
         timed("flux-fill", fill, image=source, mask_image=mask)
+
+
+def save_random_flow_lora(pipeline_folder: Path, out: Path, layout: str = "diffusers", seed: int = 0,
+                          rank: int = 4, strength: float = 0.5) -> Path:
+    """A random LoRA for a tiny FLUX (or, with layout "diffusers", SD 3) folder, in one of the layouts FLUX LoRAs
+    come in: "diffusers" (PEFT names under transformer.), "kohya" (sd-scripts: lora_unet_double_blocks_0_img_attn_qkv
+    ... with alphas, as Civitai's files) or "xlabs" (XLabs' double_blocks.0.processor.qkv_lora1 ...). The
+    up matrices are random too (a trained LoRA's are not zero), scaled by `strength`."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator) * strength
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_folder)
+    width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+    if layout == "diffusers":
+        tensors = {}
+        for name, module in pipe.transformer.named_modules():
+            if name.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")):
+                tensors[f"transformer.{name}.lora_A.weight"] = random(rank, module.in_features)
+                tensors[f"transformer.{name}.lora_B.weight"] = random(module.out_features, rank)
+    elif layout == "kohya":
+        # (diffusers splits kohya's fused qkv and linear1 layers at FLUX.1's own widths, 3072 and 12288: a tiny model
+        # cannot have those; its other layers convert by name alone)
+        mlp = int(width * 4)  # FLUX's MLP ratio
+        shapes = {"lora_unet_double_blocks_0_img_attn_proj": (width, width),
+                  "lora_unet_double_blocks_0_img_mlp_0": (width, mlp),
+                  "lora_unet_double_blocks_0_img_mlp_2": (mlp, width),
+                  "lora_unet_double_blocks_0_txt_attn_proj": (width, width),
+                  "lora_unet_single_blocks_0_linear2": (width + mlp, width)}
+        tensors = {}
+        for name, (inputs, outputs) in shapes.items():
+            tensors[f"{name}.lora_down.weight"] = random(rank, inputs)
+            tensors[f"{name}.lora_up.weight"] = random(outputs, rank)
+            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    elif layout == "xlabs":
+        tensors = {}
+        for lora, outputs in (("qkv_lora1", 3 * width), ("proj_lora1", width), ("qkv_lora2", 3 * width),
+                              ("proj_lora2", width)):
+            tensors[f"double_blocks.0.processor.{lora}.down.weight"] = random(rank, width)
+            tensors[f"double_blocks.0.processor.{lora}.up.weight"] = random(outputs, rank)
+    else:
+        raise ValueError(f"Unknown LoRA layout {layout!r}")
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(out))
+    return out

@@ -12,6 +12,7 @@ LoRA into another visitor's request.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -41,8 +42,12 @@ DEFAULT_LORA_PRESETS = ROOT / "presets" / "loras.yaml"
 VOCABULARY_METADATA = "studio.vocabulary"  # the words a LoRA teaches (JSON list), so they are not "unknown"
 MAX_LORA_WEIGHT = 10.0
 
-# The width of the text embeddings a denoiser cross-attends to, per family: a LoRA's attn2.to_k reads it.
-CONTEXT_WIDTHS = {family.context_width: family.short_label for family in FAMILIES.values()}
+# The width of the text embeddings a UNet cross-attends to, per family: a LoRA's attn2.to_k reads it. (SD 3's and
+# FLUX's transformers read T5's 4096 alike: their LoRAs are told apart by their blocks' names, see made_for.)
+CONTEXT_WIDTHS = {family.context_width: family.short_label for family in FAMILIES.values() if not family.flow_matching}
+ANY_TRANSFORMER = "transformer"  # a flow transformer's LoRA whose keys name only blocks SD 3 and FLUX both have
+_FLUX_BLOCKS = ("double_blocks", "single_blocks", "single_transformer_blocks")  # BFL's, kohya's, XLabs', diffusers'
+_SD3_BLOCKS = ("joint_blocks",)  # SD 3's own (kohya's) names
 _CROSS_ATTENTION_KEY = re.compile(r"attn2[._]to_k.*(lora_down|lora_A|lora\.down)\.weight$")
 # A text-encoder layer that reads the encoder's hidden states; its width is the embeddings' (SDXL: two encoders,
 # side by side), for a LoRA without cross-attention layers
@@ -60,12 +65,13 @@ class LoraPreset:
     repo: str | None = None
     revision: str | None = None
     description: str = ""
-    context_width: int | None = None  # the text-embedding width it was made for (its family); None: not known
+    # what it was made for (made_for): a UNet's text-embedding width, a flow family's name; None: not known
+    made_for: int | str | None = None
 
-    def fits(self, model_width: int | None) -> bool:
-        """Whether it fits a model whose UNet reads `model_width`-wide text embeddings (True when either is unknown:
-        the request's own check decides once the files are here)."""
-        return self.context_width is None or model_width is None or self.context_width == model_width
+    def fits(self, model: int | str | None) -> bool:
+        """Whether it fits a model made for `model` (model_made_for; True when either is unknown: the request's own
+        check decides once the files are here)."""
+        return fits(self.made_for, model)
 
     @property
     def label(self) -> str:
@@ -157,7 +163,7 @@ def load_loras(folder: str | Path | None = DEFAULT_LORA_FOLDER,
         for path in sorted(Path(folder).glob("*.safetensors")):
             try:
                 presets[path.stem] = LoraPreset(name=path.stem, file=str(path), description=header_description(path),
-                                                context_width=context_width(path))
+                                                made_for=made_for(path))
             except (StudioError, OSError) as error:  # a truncated file, a Git LFS pointer: the others stay
                 log.warning("LoRA file %s left out: %s", path, str(error).splitlines()[0])
     if presets_file and Path(presets_file).is_file():
@@ -172,7 +178,7 @@ def load_loras(folder: str | Path | None = DEFAULT_LORA_FOLDER,
             presets.setdefault(str(name), LoraPreset(name=str(name), file=entry["file"], repo=entry.get("repo"),
                                                      revision=entry.get("revision"),
                                                      description=entry.get("description", ""),
-                                                     context_width=FAMILIES[family].context_width if family else None))
+                                                     made_for=family_target(FAMILIES[family]) if family else None))
     return LoraCatalog(presets)
 
 
@@ -218,19 +224,54 @@ def context_width(path: Path) -> int | None:
     return sum(encoders.values()) or None
 
 
-def preset_context_width(models, preset) -> int | None:
-    """The text-embedding width the preset's denoiser reads: from its config where that is here without a download
-    (`models`: DiffusersModels), else its family's."""
-    return models.cross_attention_dim(preset) or family_of(preset).context_width
+def made_for(path: Path) -> int | str | None:
+    """What a LoRA file was made for: a flow family's name where its keys name FLUX's or SD 3's own blocks
+    (ANY_TRANSFORMER where they name only blocks both have), else the text-embedding width its UNet layers read
+    (context_width: SD 1.x 768, SD 2.x 1024, SDXL 2048), None when it says neither."""
+    keys = [key for key in safetensors_header(path) if key != "__metadata__"]
+    if any(block in key for key in keys for block in _FLUX_BLOCKS):
+        return "flux"
+    if any(block in key for key in keys for block in _SD3_BLOCKS):
+        return "sd3"
+    if any(key.startswith(("transformer.", "lora_transformer_")) for key in keys):
+        return ANY_TRANSFORMER
+    return context_width(path)
 
 
-def family_mismatch(name: str, lora_width: int | None, model_width: int | None, model_label: str) -> str | None:
+def family_target(family: ModelFamily) -> int | str:
+    """What a family's LoRAs are made for (see made_for)."""
+    return family.name if family.flow_matching else family.context_width
+
+
+def model_made_for(models, preset) -> int | str:
+    """What the preset's model takes LoRAs made for: its flow family's name, else the text-embedding width its UNet
+    reads, from its config where that is here without a download (`models`: DiffusersModels), else its family's."""
+    family = family_of(preset)
+    return family_target(family) if family.flow_matching else (models.cross_attention_dim(preset)
+                                                               or family.context_width)
+
+
+def fits(lora: int | str | None, model: int | str | None) -> bool:
+    if lora is None or model is None:
+        return True
+    if lora == ANY_TRANSFORMER:
+        return isinstance(model, str)
+    return lora == model
+
+
+def made_for_label(target: int | str) -> str:
+    if target == ANY_TRANSFORMER:
+        return "an SD 3 or FLUX.1 transformer"
+    if isinstance(target, str):
+        return FAMILIES[target].short_label
+    return CONTEXT_WIDTHS.get(target, f"a model with {target}-wide text embeddings")
+
+
+def family_mismatch(name: str, lora: int | str | None, model: int | str | None, model_label: str) -> str | None:
     """A sentence when the LoRA was made for another family of models than the preset's."""
-    if lora_width is None or model_width is None or lora_width == model_width:
+    if fits(lora, model):
         return None
-    made_for = CONTEXT_WIDTHS.get(lora_width, f"a model with {lora_width}-wide text embeddings")
-    return (f"LoRA {name!r} was made for {made_for}; {model_label} is "
-            f"{CONTEXT_WIDTHS.get(model_width, f'a model with {model_width}-wide text embeddings')}. "
+    return (f"LoRA {name!r} was made for {made_for_label(lora)}; {model_label} is {made_for_label(model)}. "
             "Pick a LoRA made for this model's family, or another preset.")
 
 
@@ -317,7 +358,7 @@ class LoraLoader:
     def load(self, key: ModelKey, dtype: torch.dtype) -> LoraWeights:
         mixin = lora_loader_mixin(key)
         try:
-            state_dict, alphas, metadata = mixin.lora_state_dict(key.source, return_lora_metadata=True)
+            state_dict, alphas, metadata = read_lora(mixin, key.source)
         except (OSError, ValueError, KeyError) as error:
             raise ModelUnavailable(f"{Path(key.source).name} could not be read as a LoRA ({error}).") from error
         if not state_dict or not all("lora" in name for name in state_dict):
@@ -326,6 +367,19 @@ class LoraLoader:
         floating = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
                     for name, tensor in state_dict.items()}
         return LoraWeights(floating, alphas, metadata)
+
+
+def read_lora(mixin: type, path: str) -> tuple[dict, dict | None, dict | None]:
+    """(state dict in diffusers' names, network alphas, metadata) as the family's diffusers mixin converts the file
+    (kohya/A1111, diffusers/PEFT; FLUX's XLabs and BFL too). The mixins answer in different shapes: SD's with
+    alphas, FLUX's with them when asked, SD 3's without."""
+    parameters = inspect.signature(mixin.lora_state_dict).parameters
+    if "return_alphas" in parameters:
+        return mixin.lora_state_dict(path, return_alphas=True, return_lora_metadata=True)
+    answer = mixin.lora_state_dict(path, return_lora_metadata=True)
+    if len(answer) == 2:  # SD 3's: (state dict, metadata)
+        return answer[0], None, answer[1]
+    return answer
 
 
 def lora_patch(component: str, family: ModelFamily, loras: tuple[AppliedLora, ...]) -> Patch:

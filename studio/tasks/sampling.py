@@ -31,11 +31,11 @@ from studio.models.loras import (
     AppliedLora,
     LoraCatalog,
     check_lora_uses,
-    context_width,
     family_mismatch,
     layer_kinds,
     lora_key,
-    preset_context_width,
+    made_for,
+    model_made_for,
     vocabulary_of,
 )
 from studio.models.presets import ModelPreset, PresetCatalog
@@ -187,10 +187,8 @@ class SamplingEngine:
         for the picker: the request's own check refuses the others with the reason."""
         if preset_name not in self.presets:
             return self.loras.names
-        if family_of(self.presets.get(preset_name)).flow_matching:
-            return []  # not yet: see problems()
-        width = preset_context_width(self.models, self.presets.get(preset_name))
-        return [name for name in self.loras.names if self.loras.get(name).fits(width)]
+        model = model_made_for(self.models, self.presets.get(preset_name))
+        return [name for name in self.loras.names if self.loras.get(name).fits(model)]
 
     def unknown_words(self, preset_name: str, prompt: str, controls: tuple = ()) -> list[str]:
         """The prompt's words the preset's model never saw; a LoRA's own words, and those a ControlNet of
@@ -246,11 +244,8 @@ class SamplingEngine:
         problems = self.check(request, preset)
         if "prompt" not in problems:
             try:
-                uses = parse_prompt(self.prompt_as_run(request)).loras
-                lora_problems = check_lora_uses(uses, self.loras, self.limits.max_loras)
-                if uses and family_of(preset).flow_matching:
-                    lora_problems = [f"LoRAs do not run on {family_of(preset).label} models here yet: take "
-                                     f"{uses[0].tag} out of the prompt, or pick an SD 1.x or SDXL preset."]
+                lora_problems = check_lora_uses(parse_prompt(self.prompt_as_run(request)).loras, self.loras,
+                                                self.limits.max_loras)
             except InvalidRequest as error:
                 lora_problems = error.problems
             if lora_problems:
@@ -389,13 +384,13 @@ class SamplingEngine:
         """The plan with the prompt's LoRAs as files (a Hub LoRA fetched now, before any device work), each
         checked against the preset's family, and the hashes the PNG records (A1111's "Lora hashes")."""
         applied = []
-        model_width = self.models.cross_attention_dim(plan.preset, plan.task)
+        model = model_made_for(self.models, plan.preset)
         for use in plan.lora_uses:
             preset = self.loras.get(use.name)
             if preset.repo is not None:
                 protected.enter_context(self.downloads.in_use(preset.repo))
             path = self.loras.path(use.name, self.downloads, on_progress)
-            mismatch = family_mismatch(use.name, context_width(path), model_width, plan.preset.label)
+            mismatch = family_mismatch(use.name, made_for(path), model, plan.preset.label)
             if mismatch:
                 raise InvalidRequest([mismatch])
             text_encoder_layers, denoiser_layers = layer_kinds(path)
