@@ -40,8 +40,9 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
     def parameters(endpoint):
         return [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]]
 
+    flow = ["distilled_guidance", "shift"]  # SD 3.5 and FLUX.1's; empty: the model's own
     assert parameters("/text_to_image") == [*DEFAULTS, "hires_fix", "hires_upscaler", "hires_upscale", "hires_steps",
-                                            "denoising_strength", "live_preview", "preview_every", *units(3)]
+                                            "denoising_strength", "live_preview", "preview_every", *flow, *units(3)]
     # no timers, no UI glue
     assert set(api["named_endpoints"]) == {"/text_to_image", "/inpaint", "/sketch_to_image", "/upscale", "/compare",
                                            "/arena_battle", "/arena_vote", "/leaderboard"}
@@ -56,10 +57,10 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
                                       "z_type", "z_values", *units(1)]
     assert parameters("/upscale") == ["image", "upscaler", "scale", "tile", "denoise_strength", "face_restoration",
                                       "face_visibility"]
-    assert parameters("/inpaint") == ["image", "mask", *INPAINT, "live_preview", "preview_every", *units(3)]
+    assert parameters("/inpaint") == ["image", "mask", *INPAINT, "live_preview", "preview_every", *flow, *units(3)]
     assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area",
                                                                                         "padding")),
-                                              "sketch_controlnet", "live_preview", "preview_every", *units(3)]
+                                              "sketch_controlnet", "live_preview", "preview_every", *flow, *units(3)]
 
     def default(endpoint, name):
         return next(p["parameter_default"] for p in api["named_endpoints"][endpoint]["parameters"]
@@ -219,14 +220,14 @@ def test_same_seed_same_png_pixels_through_the_api(client):
     "overrides, message",
     [
         ({"width": 1000}, "Width must be a multiple of 8 between 32 and 128"),
-        ({"height": 4000}, "Value 4000 is greater than maximum value 1536"),  # gradio's own range check
+        ({"height": 4000}, "Value 4000 is greater than maximum value 2048"),  # gradio's own range check
         ({"steps": 101}, "Steps must be between 1 and 100 for Embedded shapes model"),
         ({"steps": 0}, "Value 0 is less than minimum value 1"),  # gradio's own range check
         ({"guidance_scale": 31}, "Value 31 is greater than maximum value 30"),  # gradio's own range check
         ({"preset": "no-such-model"}, "Unknown preset 'no-such-model'. Available presets: embedded"),
         ({"hires_fix": True, "hires_upscaler": "Nearest"}, "Unknown hires upscaler 'Nearest'. Choose one of: Latent"),
         ({"hires_fix": True, "width": 128, "hires_upscale": 3}, "Hires. fix would make 384×192;"),
-        ({"scheduler": "LCM"}, "Scheduler 'LCM' does not work with preset 'embedded'"),
+        ({"scheduler": "LCM"}, "Scheduler 'LCM' does not work with Embedded shapes model (offline)"),
         ({"scheduler": "Heun++"}, "Unknown scheduler 'Heun++'"),
         ({"prompt": ""}, "Enter a prompt"),
         ({"prompt": "word " * 1000}, "Prompt is too long (5000 characters; the limit is 2000)"),
