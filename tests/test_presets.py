@@ -62,6 +62,8 @@ def test_public_allow_list():
         ({"family": "sd15", "label": "x", "description": "x"}, "exactly one of 'repo'"),
         ({"repo": "a/b", "local": "c", "family": "sd15", "label": "x", "description": "x"}, "exactly one of"),
         ({"repo": "a/b", "family": "sd4", "label": "x", "description": "x"}, "family must be one of"),
+        ({"checkpoint": "flux1-dev.safetensors", "family": "flux", "label": "x", "description": "x"},
+         "single-file FLUX.1 checkpoints are not read here yet"),
         ({"repo": "a/b", "family": "sd15", "label": "x", "description": "x", "stepz": 3}, "unknown field"),
         ({"repo": "a/b", "family": "sd15", "label": "x", "description": "x", "default_width": 4096}, "default_width"),
     ],

@@ -183,6 +183,9 @@ def _preset_from_yaml(name: str, entry: dict[str, Any], base_dir: Path) -> Model
                              f"{role} file ({source}) is not supported.")
     if entry.get("family") not in FAMILIES:
         raise ValueError(f"Preset {name!r}: family must be one of {tuple(FAMILIES)}, not {entry.get('family')!r}.")
+    if "checkpoint" in entry and FAMILIES[entry["family"]].flow_matching:
+        raise ValueError(f"Preset {name!r}: single-file {FAMILIES[entry['family']].label} checkpoints are not read "
+                         "here yet; give the diffusers repo (`repo:`) or folder (`local:`) instead.")
     if "checkpoint" in entry and "config" not in entry and FAMILIES[entry["family"]].checkpoint_config is None:
         raise ValueError(f"Preset {name!r}: the {FAMILIES[entry['family']].label} family has no base configs for a "
                          "single-file checkpoint; give `config:` (a diffusers folder or repo that describes it).")
