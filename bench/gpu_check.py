@@ -1,6 +1,8 @@
-"""The GPU tier: SD 1.5 and SDXL at their real sizes, random weights, through the studio's engine in fp16 on one
-CUDA GPU, with what the CPU tests cannot see measured per stage. One script, no network, no gradio; about 3 to 5
-minutes on an 80 GB H100 (it skips what is left past 7.5 minutes).
+"""The GPU tier: SD 1.5 and SDXL at their real sizes in fp16, SD 3.5 Large and FLUX.1-dev at theirs in bf16, random
+weights, through the studio's engine on one CUDA GPU, with what the CPU tests cannot see measured per stage. One
+script, no network, no gradio; about 5 to 8 minutes on an 80 GB H100, of which about 2.5 for SD 3.5 and FLUX (an
+estimate: not yet run there; it skips the cases not started by 7 minutes). `--only-flow` runs only SD 3.5's and
+FLUX's cases (about 3 minutes).
 
 On a GPU machine (Python 3.12, torch, transformers, accelerate, peft, safetensors and numpy installed; no package
 index), from the repository root, with the wheels folder carried along:
@@ -40,6 +42,20 @@ What it does:
       (torch.cuda.set_per_process_memory_fraction): real CUDA out-of-memory errors walk the fallbacks to model CPU
       offload with pinned models in the stage; then a 512² image without the cap.
    D. SDXL 1024² under an 8 GiB budget, the allocator capped at 8 GiB too.
+4. SD 3.5 Large and FLUX.1-dev at full size (bench/device_plan.py's configs: FLUX's transformer 11.9 B parameters,
+   SD 3.5 Large's 8.1 B, T5-XXL 4.76 B, CLIPs, VAE), 1024², 8 steps, their presets' CFG (FLUX: 1, distilled 3.5;
+   SD 3.5: 3.5), as presets of family flux / sd3 over folders without weight files: the manager's diffusers loader
+   is wrapped (RandomWeights) to make each component anew at every load, seeded, on the GPU in bf16 (seconds), then
+   moved to RAM as a loaded model is (no 33 GB of files to write and read three times). They run after the cases
+   of 2, before those of 3; per model:
+   - as planned on the big GPU, twice: the second image's denoise time is the plain one (and whether it is the same
+     image);
+   - a fresh manager under the budget that leaves the denoise stage float8 storage (FLUX 16 GiB, SD 3.5 Large
+     12 GiB): the stage must run "float8 storage", and the image against the plain one: mean and max difference in
+     levels of 255 (tolerance: mean <= 1.5, tests/test_flow_memory.py's);
+   - a fresh manager under 8 GiB: the denoise stage must stream the transformer's blocks from RAM: its `used` vs
+     `reserved` (the streamed blocks' room included), its time ÷ the plain one, (the streams' setup apart).
+   The denoise stage's placement is checked in each ("flow placements as expected n/6" in the last line).
 
 Printed, per stage (encode, denoise, decode; upscale tiles):
 - `reserved`: the working memory the manager reserved for the stage (its StagePlan's, with CUDA's floor; under
@@ -48,9 +64,10 @@ Printed, per stage (encode, denoise, decode; upscale tiles):
   flagged OVER: the manager under-reserved.
 - `manager`: the bytes the manager records on the device as the stage starts vs `allocated`: torch's
   memory_allocated then (the difference is what is not a model: latents, embeddings, the allocator's rounding).
-- `how`: as planned, or the fallbacks it took (VAE tiling, idle models off, model CPU offload); a failed stage says
-  why. `NaN`: whether the stage's output (embeddings, latents, image) holds NaN or inf (the engine then raises
-  NumericalError, which ends the case and is printed).
+- `how`: as planned, or the fallbacks it tried, the last being how it ran (VAE tiling, idle models off, float8
+  storage, model CPU offload, block streaming), and `[float8: ...]` its models stored in float8 (the manager's
+  books); a failed stage says why. `NaN`: whether the stage's output (embeddings, latents, image) holds NaN or inf
+  (the engine then raises NumericalError, which ends the case and is printed).
 - For text to image, the denoise speed in it/s: the studio's denoise stage vs a bare diffusers pipeline built on the
   very same module objects, same scheduler, embeddings, size and steps (best of 3 after a warm-up each); the ratio
   studio / bare has a target of >= 0.97.
@@ -63,11 +80,14 @@ Printed, per stage (encode, denoise, decode; upscale tiles):
 - What ended a task, when it did not finish: `ENDED by OutOfMemoryBudget` or `NumericalError` (the studio's own
   messages, as a user would see them), or `UNEXPECTED <error> at <file>:<line>` (any other error: an engine bug).
 - The last line sums up: cases, stages, NaN stages, stages OVER their reservation, placement mismatches, unexpected
-  errors, the speed ratios, seconds. Findings are printed, not failed: the exit code is 1 only when the script itself
+  errors, the speed ratios, the float8 images' mean (max) difference, block streaming's time ratios, the flow
+  placements as expected, seconds. Findings are printed, not failed: the exit code is 1 only when the script itself
   broke in a case (its traceback is printed), 2 when it cannot start (no CUDA, a missing import).
 
 `--smoke` runs the same code on the CPU with tiny models (float32, 64 px, 2 steps) in well under a minute, for
 tests/test_bench_smoke.py; what needs CUDA (memory figures, offload, the allocator cap) says so where it is skipped.
+There SD 3's and FLUX's budgets are leases limited in weights (limit_weights: on the CPU the working-memory
+estimates dwarf tiny models), sized from the tiny models so that the same fallbacks are reached.
 
 Imports: the engine's import closure on a machine with only the packages above (checked with
 `--only-gpu-machine-packages`, which reruns this script with `python -S` on a view of this venv holding only those
@@ -79,6 +99,7 @@ import: when it is missing the upscaler's architecture is the copy below, the sa
 against basicsr's where both exist); torchsde (DPM++ SDE only, not run here).
 
     python bench/gpu_check.py --smoke
+    python bench/gpu_check.py --smoke --only-flow  # SD 3's and FLUX's cases alone
     bash bench/gpu_wheels.sh /tmp/wheels-3.11 3.11  # the closure check here, with this venv's Python (3.11):
     python bench/gpu_check.py --smoke --only-gpu-machine-packages --wheels /tmp/wheels-3.11
 """
@@ -96,6 +117,7 @@ import itertools
 import json
 import logging
 import os
+import string
 import subprocess
 import sys
 import tempfile
@@ -239,11 +261,15 @@ if EARLY is not None:
 
 # ===== 2. The engine =====
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from device_plan import (  # noqa: E402  (bench/device_plan.py: the repos' config.json files)
     CLIP_BIGG_TEXT_PROJ_PARAMS,
     CLIP_L_TEXT_PARAMS,
+    FLOW_COMPONENTS,
+    FLUX_DEV,
+    SD35_LARGE,
     SD15_CONTROLNET,
     SD15_TEXT_ENCODER,
     SD15_UNET,
@@ -264,8 +290,11 @@ from diffusers import (  # noqa: E402
     ControlNetModel,
     ControlNetUnionModel,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     ModelMixin,
     PNDMScheduler,
+    SD3Transformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     T2IAdapter,
@@ -277,6 +306,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from transformers import T5Config, T5EncoderModel, T5TokenizerFast  # noqa: E402
 from transformers import logging as transformers_logging  # noqa: E402
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
@@ -294,33 +324,62 @@ from studio.core.memory import ModelManager  # noqa: E402
 from studio.core.model_records import DEVICE, ModelKey  # noqa: E402
 from studio.models import upscalers  # noqa: E402
 from studio.models.basicsr_compat import rrdbnet_class  # noqa: E402
+from studio.models.components import DiffusersModels  # noqa: E402
 from studio.models.controlnets import ControlNetCatalog, ControlNetPreset  # noqa: E402
-from studio.models.families import family_of  # noqa: E402
+from studio.models.families import family_named, family_of  # noqa: E402
+from studio.models.loading import KIND, DiffusersLoader, split_part  # noqa: E402
 from studio.models.loras import LoraCatalog  # noqa: E402
 from studio.models.presets import load_presets  # noqa: E402
-from studio.models.stages import has_nan_or_inf  # noqa: E402
+from studio.models.stages import FLOAT8, has_nan_or_inf  # noqa: E402
 from studio.tasks.control import ControlUnit  # noqa: E402
 from studio.models.upscalers import ReleaseFiles, UpscalerCatalog, UpscalerPreset  # noqa: E402
 from studio.tasks.engines import Engines, ManagerSettings, build_engines, build_manager  # noqa: E402
 from studio.tasks.generation import TextToImageRequest  # noqa: E402
 from studio.tasks.hires import HiresFix  # noqa: E402
-from studio.tasks.previews import DEFAULT_PREVIEW_EVERY  # noqa: E402
+from studio.tasks.previews import DEFAULT_PREVIEW_EVERY, OFF  # noqa: E402
 from studio.tasks.inpainting import InpaintRequest  # noqa: E402
 from studio.tasks.upscaling import UpscaleRequest  # noqa: E402
 
 GIB, MIB = 1024**3, 1024**2
 PROMPT, NEGATIVE = "a lighthouse on a cliff at sunset, oil painting, detailed", "blurry, low quality"
 SCHEDULER = "DPM++ 2M Karras"
-TIME_LIMIT_S = 420  # cases not started by then are skipped: with the longest case (~40 s) the run stays within 8 min
+# cases not started by then are skipped: with the longest case (~40 s; SD 3.5's and FLUX's about 30 s each, their
+# weights made twice per case: ~60 s at worst) the run stays within 8.5 min
+TIME_LIMIT_S = 420
 SPEED_TARGET = 0.97
 PREVIEW_COST_TARGET = 1.03  # issue [4/7]: previews at the default interval cost at most 3% of the image's time
 SD15, SDXL, UPSCALER_NAME = "sd15-random", "sdxl-random", "x4plus-random"
 # the control models' folders (and their names in the ControlNet catalog)
 CONTROLNET_SD15, UNION_SDXL, ADAPTER_SDXL = "controlnet-sd15-random", "union-sdxl-random", "adapter-sdxl-random"
 TAESD_SD15 = "taesd-sd15-random"  # SD 1.5's live previews' tiny decoder (madebyollin/taesd's config: the defaults)
+# the flow-matching presets (SD 3.5 Large's and FLUX.1-dev's sizes); their summary names are the part before "-"
+FLUX, SD35 = "flux-dev-random", "sd35-large-random"
+FLOW_SCHEDULER = "Euler"
+PLAIN, STORED, STREAMED = "as planned", "float8 storage", "block streaming"  # the flow cases' denoise placements
+# float8 (e4m3: 3 mantissa bits) against bfloat16 or float32: tests/test_flow_memory.py's tiny FLUX moved 0.45 levels
+# (of 255) on average, 3 at most; its tolerance, mean <= 1.5 levels, is this run's mark (on 1024² a max is noise)
+FLOAT8_MEAN_LEVELS = 1.5
 
 
 # ===== 3. Sizes: the real run and the smoke run =====
+
+@dataclasses.dataclass(frozen=True)
+class FlowModel:
+    """A flow-matching preset of this run: its weighted components (role -> (class, config.json dict)), made with
+    random weights at every load (RandomWeights: no weight files), and the device budgets (CUDA) under which its
+    denoise stage must store the transformer in float8, and stream its blocks from RAM (bench/device_plan.py's)."""
+
+    family: str
+    label: str
+    pipeline: str  # model_index.json's class
+    components: dict
+    scheduler: dict  # the repo's scheduler_config.json (FlowMatchEulerDiscreteScheduler)
+    guidance: float  # the preset's CFG (FLUX.1-dev: 1, its distilled guidance 3.5 instead)
+    float8_budget: int
+    streaming_budget: int
+    distilled_guidance: float | None = None
+    published: dict = dataclasses.field(default_factory=dict)  # role -> the published parameter count
+
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
@@ -338,6 +397,9 @@ class Sizes:
     hires_steps: int
     timed_runs: int
     time_limit_s: float
+    flow: dict  # preset -> FlowModel: SD 3.5 Large's and FLUX.1-dev's sizes, or tiny ones
+    flow_side: int
+    flow_steps: int
 
     @property
     def cuda(self) -> bool:
@@ -356,8 +418,26 @@ def real_sizes() -> Sizes:
                 "num_grow_ch": 32, "scale": 4}
     controls = {CONTROLNET_SD15: (ControlNetModel, SD15_CONTROLNET), UNION_SDXL: (ControlNetUnionModel, SDXL_UNION_PROMAX),
                 ADAPTER_SDXL: (T2IAdapter, SDXL_SKETCH_ADAPTER)}
+    def components(repo: str) -> dict:
+        return {role: (component_class, config) for (source, role), (component_class, config, _count)
+                in FLOW_COMPONENTS.items() if source == repo}
+
+    def published(repo: str) -> dict:
+        return {role: count for (source, role), (_class, _config, count) in FLOW_COMPONENTS.items() if source == repo}
+
+    # FLUX.1-dev's 16 and 8 GiB and SD 3.5 Large's 12 and 8 GiB: bench/device_plan.py plans the denoise stage there
+    # with float8 storage, and with the transformer's blocks streamed (float8 too)
+    flow = {
+        FLUX: FlowModel("flux", "FLUX.1-dev size", "FluxPipeline", components(FLUX_DEV), FLUX_SCHEDULER_CONFIG,
+                        guidance=1.0, distilled_guidance=3.5, float8_budget=16 * GIB, streaming_budget=8 * GIB,
+                        published=published(FLUX_DEV)),
+        SD35: FlowModel("sd3", "SD 3.5 Large size", "StableDiffusion3Pipeline", components(SD35_LARGE),
+                        SD3_SCHEDULER_CONFIG, guidance=3.5, float8_budget=12 * GIB, streaming_budget=8 * GIB,
+                        published=published(SD35_LARGE)),
+    }
     return Sizes(torch.device("cuda"), torch.float16, configs, controls, upscaler, {}, {SD15: 512, SDXL: 1024},
-                 {SD15: 2.0, SDXL: 1.5}, steps=20, hires_steps=10, timed_runs=3, time_limit_s=TIME_LIMIT_S)
+                 {SD15: 2.0, SDXL: 1.5}, steps=20, hires_steps=10, timed_runs=3, time_limit_s=TIME_LIMIT_S,
+                 flow=flow, flow_side=1024, flow_steps=8)
 
 
 def tiny_sizes() -> Sizes:
@@ -401,9 +481,38 @@ def tiny_sizes() -> Sizes:
     # the tiny VAE's two blocks: one upsampling, as its decoder's
     taesd = dict(encoder_block_out_channels=[8, 8], decoder_block_out_channels=[8, 8], num_encoder_blocks=[1, 1],
                  num_decoder_blocks=[1, 1])
+    # SD 3 and FLUX (tests/tiny_flow_models.py's shapes, wider): the transformer several times T5 and CLIP together,
+    # T5 larger than the VAE, so that weights budgets can stand for the GPU's (Check.smoke_weights_budgets); a VAE
+    # that downsamples by 2
+    flow_vae = dict(block_out_channels=[8, 16], norm_num_groups=8, in_channels=3, out_channels=3, latent_channels=16,
+                    down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                    sample_size=64, use_quant_conv=False, use_post_quant_conv=False)
+    t5 = dict(vocab_size=100, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+              feed_forward_proj="gated-gelu", dropout_rate=0.0)  # the tokenizer's 98 pieces
+    flux = {"transformer": (FluxTransformer2DModel, dict(
+                patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
+                num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True,
+                axes_dims_rope=[8, 12, 12])),
+            "text_encoder": (CLIPTextModel, text),
+            "text_encoder_2": (T5EncoderModel, {**t5, "d_model": 64, "d_ff": 128}),
+            "vae": (AutoencoderKL, {**flow_vae, "scaling_factor": 0.3611, "shift_factor": 0.1159})}
+    sd3 = {"transformer": (SD3Transformer2DModel, dict(
+               sample_size=32, patch_size=1, in_channels=16, num_layers=3, attention_head_dim=32, num_attention_heads=4,
+               caption_projection_dim=128, joint_attention_dim=96, pooled_projection_dim=64, out_channels=16)),
+           "text_encoder": (CLIPTextModelWithProjection, text),
+           "text_encoder_2": (CLIPTextModelWithProjection, {**text, "hidden_size": 48}),
+           "text_encoder_3": (T5EncoderModel, {**t5, "d_model": 96, "d_ff": 192}),  # wider than both CLIPs' 80
+           "vae": (AutoencoderKL, {**flow_vae, "scaling_factor": 1.5305, "shift_factor": 0.0609})}
+    flow = {  # the budgets: the smoke run limits the weights a lease may place instead (Check.flow_limited)
+        FLUX: FlowModel("flux", "tiny FLUX.1", "FluxPipeline", flux, FLUX_SCHEDULER_CONFIG, guidance=1.0,
+                        distilled_guidance=3.5, float8_budget=0, streaming_budget=0),
+        SD35: FlowModel("sd3", "tiny SD 3", "StableDiffusion3Pipeline", sd3, SD3_SCHEDULER_CONFIG, guidance=3.5,
+                        float8_budget=0, streaming_budget=0),
+    }
     return Sizes(torch.device("cpu"), torch.float32, configs, controls, upscaler, taesd, {SD15: 64, SDXL: 64},
                  {SD15: 1.5, SDXL: 1.5},
-                 steps=2, hires_steps=1, timed_runs=1, time_limit_s=float("inf"))
+                 steps=2, hires_steps=1, timed_runs=1, time_limit_s=float("inf"), flow=flow, flow_side=64,
+                 flow_steps=2)
 
 
 # The published parameter counts of the real components (bench/device_plan.py): the real run prints them beside its own
@@ -423,6 +532,10 @@ SCHEDULERS = {
                                       "use_karras_sigmas": False}),
 }
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+# black-forest-labs/FLUX.1-dev's and stabilityai/stable-diffusion-3.5-large's scheduler_config.json
+FLUX_SCHEDULER_CONFIG = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+                         "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True}
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
 TOKENIZERS = {"sd15": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
 
 
@@ -586,8 +699,9 @@ def write_upscaler(folder: Path, sizes: Sizes) -> None:
           f"{sizes.upscaler['num_block']} blocks, {count:,} parameters (Real-ESRGAN x4plus: 16,697,987)")
 
 
-def write_presets(folder: Path, sizes: Sizes) -> Path:
-    """The presets file: a `local:` folder each, SDXL's VAE as a `components:` folder (as sdxl-base-1.0 has it)."""
+def write_presets(folder: Path, sizes: Sizes, sd: bool = True) -> Path:
+    """The presets file: a `local:` folder each, SDXL's VAE as a `components:` folder (as sdxl-base-1.0 has it);
+    the flow models as presets/models.yaml has FLUX.1-dev and SD 3.5 Large (`sd`: SD 1.5's and SDXL's too)."""
     common = {"description": "Random weights (bench/gpu_check.py).", "min_size": 64, "default_scheduler": SCHEDULER}
     presets = {
         SD15: {**common, "label": "SD 1.5, random weights", "family": "sd15", "local": "./sd15", "max_size": 1024,
@@ -596,15 +710,33 @@ def write_presets(folder: Path, sizes: Sizes) -> Path:
         SDXL: {**common, "label": "SDXL, random weights", "family": "sdxl", "local": "./sdxl", "max_size": 1536,
                "components": {"vae": "./sdxl-vae"}, "default_width": sizes.side[SDXL],
                "default_height": sizes.side[SDXL]},
-    }
+    } if sd else {}
+    for name, model in sizes.flow.items():
+        presets[name] = {**common, "label": f"{model.label}, random weights", "family": model.family,
+                         "local": f"./{name}", "max_size": 2048, "size_step": 16, "default_scheduler": FLOW_SCHEDULER,
+                         "default_guidance": model.guidance, "default_width": sizes.flow_side,
+                         "default_height": sizes.flow_side}
+        if model.distilled_guidance is not None:
+            presets[name]["distilled_guidance"] = model.distilled_guidance
     path = folder / "models.yaml"
-    path.write_text(yaml.safe_dump({"default": SD15, "presets": presets}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"default": next(iter(presets)), "presets": presets}, sort_keys=False))
     return path
 
 
-def write_models(folder: Path, sizes: Sizes) -> None:
-    print(f"random weights on {sizes.device}, {dtype_name(sizes.dtype)}, saved to {folder}:")
+def write_models(folder: Path, sizes: Sizes, sd: bool = True) -> None:
+    """Every model folder (`sd`: SD 1.5's and SDXL's, the upscaler's and the control models' too)."""
     tokenizer = byte_level_tokenizer()
+    if sd:
+        write_sd_models(folder, sizes, tokenizer)
+    print("the flow models' folders (configs, scheduler, tokenizers; the weights made at each load, on "
+          f"{sizes.device}):")
+    for name, model in sizes.flow.items():
+        load_dtype = family_named(model.family).compute_dtype(sizes.dtype)
+        write_flow_folder(folder / name, model, sizes, tokenizer, clip_ids_of(tokenizer), load_dtype)
+
+
+def write_sd_models(folder: Path, sizes: Sizes, tokenizer: CLIPTokenizer) -> None:
+    print(f"random weights on {sizes.device}, {dtype_name(sizes.dtype)}, saved to {folder}:")
     for name in sizes.configs:
         write_folder(folder / name, name, sizes, tokenizer)
     write_upscaler(folder / UPSCALER_NAME, sizes)
@@ -620,6 +752,132 @@ def write_models(folder: Path, sizes: Sizes) -> None:
         print(f"  {name}: {model_class.__name__}, {sum(p.numel() for p in module.parameters()):,} parameters")
         del module
         release(sizes.device)
+
+
+def t5_tokenizer() -> T5TokenizerFast:
+    """tests/tiny_flow_models.py's T5 tokenizer, made offline: SentencePiece-style pieces for the printable ASCII
+    characters (one token per character), T5's ids (<pad> 0, </s> 1, <unk> 2)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(character, -3.0) for character in string.printable if not character.isspace()]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Layers made meanwhile have their weights in `dtype` from the start (no float32 copy of 12 B parameters)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def flow_module(component_class: type, config: dict, clip_ids: dict) -> nn.Module:
+    """A flow model's component from its config, with the class's own initialisation, on the default device."""
+    if issubclass(component_class, ModelMixin):
+        return component_class.from_config(config)
+    if component_class is T5EncoderModel:  # T5's special ids are t5_tokenizer's (T5Config's defaults)
+        return T5EncoderModel(T5Config(**config))
+    return component_class(CLIPTextConfig.from_dict({**config, **clip_ids}))
+
+
+def tensor_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Its parameters' and buffers' bytes, the floating ones in `dtype`: what the manager counts once it is loaded
+    in `dtype` (tied weights once)."""
+    width = torch.finfo(dtype).bits // 8
+    return sum(tensor.numel() * (width if tensor.is_floating_point() else tensor.element_size())
+               for tensor in itertools.chain(module.parameters(), module.buffers()))
+
+
+class RandomWeights:
+    """The manager's loader of diffusers components: the studio's (`files`, DiffusersLoader) for every folder but
+    the flow models', whose weighted components have no files: FLUX.1-dev's would be 33 GB and SD 3.5 Large's 26 GB
+    to write, and each of the three cases per model loads them again. Each load makes the component anew from its
+    config instead, seeded (every case gets the very same weights, so images compare), on CUDA on the GPU in the
+    load dtype (the class's own initialisation: a second or two for FLUX's 11.9 B parameters), then moved to RAM,
+    where a loader leaves a model for the manager to place; the peak-memory statistics are then reset (the case's
+    peak is the engine's, not this). `size` is exact: its tensors' bytes in the dtype asked (a build on meta)."""
+
+    def __init__(self, files: DiffusersLoader, flow: dict, folder: Path, device: torch.device, clip_ids: dict):
+        self.files, self.device, self.clip_ids = files, device, clip_ids
+        self.specs = {(str((folder / preset).resolve()), role): (component_class, config, seed)
+                      for preset, model in flow.items()
+                      for seed, (role, (component_class, config)) in enumerate(model.components.items())}
+        self._meta: dict[tuple[str, str], nn.Module] = {}
+        self.made: list[tuple[str, float, bool]] = []  # (component, seconds, finite), for the case's report
+
+    def _spec_key(self, key: ModelKey) -> tuple[str, str] | None:
+        spec_key = (str(Path(key.source).resolve()), split_part(key.part)[0])
+        return spec_key if spec_key in self.specs else None
+
+    def meta(self, spec_key: tuple[str, str]) -> nn.Module:
+        if spec_key not in self._meta:
+            component_class, config, _seed = self.specs[spec_key]
+            with torch.device("meta"):
+                self._meta[spec_key] = flow_module(component_class, config, self.clip_ids)
+        return self._meta[spec_key]
+
+    def size(self, key: ModelKey, dtype: torch.dtype) -> int:
+        spec_key = self._spec_key(key)
+        return self.files.size(key, dtype) if spec_key is None else tensor_bytes(self.meta(spec_key), dtype)
+
+    def load(self, key: ModelKey, dtype: torch.dtype):
+        spec_key = self._spec_key(key)
+        if spec_key is None:
+            return self.files.load(key, dtype)
+        component_class, config, seed = self.specs[spec_key]
+        began = time.perf_counter()
+        torch.manual_seed(seed)
+        with torch.device(self.device), default_dtype(dtype):
+            module = flow_module(component_class, config, self.clip_ids)
+        module = module.to(dtype).eval()
+        finite = all_finite(module)
+        module.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.made.append((f"{Path(key.source).name}/{spec_key[1]}", time.perf_counter() - began, finite))
+        return module
+
+
+def write_flow_folder(folder: Path, model: FlowModel, sizes: Sizes, clip: CLIPTokenizer, clip_ids: dict,
+                      loader_dtype: torch.dtype) -> None:
+    """A flow model's diffusers folder without weights: model_index.json, each weighted component's config.json
+    (from a build on meta: its parameters counted), the scheduler and the tokenizers (CLIP's byte-level one, T5's
+    character-level one). RandomWeights makes the weights at each load."""
+    family = family_named(model.family)
+    index = {"_class_name": model.pipeline, "_diffusers_version": diffusers_version,
+             "scheduler": ["diffusers", FlowMatchEulerDiscreteScheduler.__name__]}
+    for role, (component_class, config) in model.components.items():
+        with torch.device("meta"):
+            module = flow_module(component_class, config, clip_ids)
+        if isinstance(module, ModelMixin):
+            module.save_config(folder / role)
+        else:
+            module.config.save_pretrained(folder / role)
+        library = "diffusers" if isinstance(module, ModelMixin) else "transformers"
+        index[role] = [library, component_class.__name__]
+        count = sum(p.numel() for p in module.parameters())
+        published = model.published.get(role) if sizes.cuda else None
+        if isinstance(published, float):  # SD 3.5's rounded counts include the position table (a buffer)
+            with_buffers = count + sum(buffer.numel() for buffer in module.buffers())
+            shown = f" (published {published / 1e9:.1f} B with its buffers: {with_buffers / 1e9:.2f} B)"
+        else:
+            shown = f" (published {published:,})" if published else ""
+        print(f"  {folder.name}/{role}: {component_class.__name__}, {count:,} parameters{shown}, "
+              f"{format_bytes(tensor_bytes(module, loader_dtype))} in {dtype_name(loader_dtype)}")
+    FlowMatchEulerDiscreteScheduler.from_config(model.scheduler).save_pretrained(folder / "scheduler")
+    for role in family.tokenizers:
+        tokenizer = t5_tokenizer() if role == family.t5_tokenizer else clip
+        tokenizer.save_pretrained(folder / role)
+        index[role] = ["transformers", type(tokenizer).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def clip_ids_of(tokenizer: CLIPTokenizer) -> dict:
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
 
 
 def control_catalog(folder: Path) -> ControlNetCatalog:
@@ -646,9 +904,11 @@ class StageRecord:
     allocated: int | None = None  # torch.cuda.memory_allocated then
     used: int | None = None  # torch.cuda.max_memory_allocated during the work, minus `allocated`
     seconds: float = 0.0  # the work, models placed (the denoise stage: the pipeline's loop)
+    work_seconds: float = 0.0  # the work alone (block streaming: without setting its hooks up and taking them off)
     nan: bool | None = None
     failed: str = ""
     tiles: int = 1
+    stored: list[str] = dataclasses.field(default_factory=list)  # its models stored in float8 (the manager's books)
 
     @property
     def how(self) -> str:
@@ -656,8 +916,10 @@ class StageRecord:
 
 
 class Probe:
-    """Watches one Engines: wraps (on the instances) DiffusionStages.run_stage and _run_offloaded and the manager's
-    use and offload_idle, so that every stage, whichever task runs it, leaves a StageRecord."""
+    """Watches one Engines: wraps (on the instances) DiffusionStages.run_stage, _run_offloaded and _run_streamed
+    and the manager's use and offload_idle, so that every stage, whichever task runs it, leaves a StageRecord. The
+    fallbacks it took are noted as they are tried: idle models off, float8 storage (a lease asked to store models
+    in float8), model CPU offload, block streaming; the last one is the placement that ran."""
 
     def __init__(self, engines: Engines):
         self.manager, self.stages = engines.manager, engines.stages
@@ -669,6 +931,7 @@ class Probe:
         self.case_peak = 0
         self.stages.run_stage = functools.partial(self._run_stage, self.stages.run_stage)
         self.stages._run_offloaded = functools.partial(self._run_offloaded, self.stages._run_offloaded)
+        self.stages._run_streamed = functools.partial(self._run_streamed, self.stages._run_streamed)
         self.manager.use = functools.partial(self._use, self.manager.use)
         self.manager.offload_idle = functools.partial(self._offload_idle, self.manager.offload_idle)
 
@@ -692,7 +955,7 @@ class Probe:
         self.records.append(record)
         return record
 
-    def _run_stage(self, original, plan_for, work, can_tile=False):
+    def _run_stage(self, original, plan_for, work, can_tile=False, **fallbacks):
         record = self._new("?")
         before = [r for r in self.of_case(self.case_name) if r is not record]
 
@@ -704,9 +967,23 @@ class Probe:
                 record.fallbacks.append("VAE tiling")
             return plan
 
+        def watched(models, plan):
+            """The work, as it starts: what the manager reserves now (block streaming adds its blocks' room once
+            the lease is made) and which of the stage's models are stored in float8."""
+            status = self.manager.status()
+            record.reserved = max(record.reserved, status.reserved)
+            record.stored = [model.component or Path(model.source).name for model in status.models
+                             if model.in_use and model.dtype == dtype_name(FLOAT8)]
+            began = time.perf_counter()
+            try:
+                return work(models, plan)
+            finally:
+                synchronize(self.manager.device)
+                record.work_seconds = time.perf_counter() - began
+
         self.current = record
         try:
-            result = original(planned, work, can_tile)
+            result = original(planned, watched, can_tile, **fallbacks)
         except BaseException as error:
             record.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             raise
@@ -722,6 +999,11 @@ class Probe:
             self.current.fallbacks.append("model CPU offload")
         return original(plan, work)
 
+    def _run_streamed(self, original, plan, work, streamed):
+        if self.current is not None:
+            self.current.fallbacks.append(STREAMED)
+        return original(plan, work, streamed)
+
     def _offload_idle(self, original):
         if self.current is not None:
             self.current.fallbacks.append("idle models off")
@@ -729,6 +1011,8 @@ class Probe:
 
     @contextlib.contextmanager
     def _use(self, original, keys, working_memory=0, on_device=True, **options):
+        if self.current is not None and options.get("storage") and STORED not in self.current.fallbacks:
+            self.current.fallbacks.append(STORED)
         with original(keys, working_memory, on_device, **options) as models:
             record = self.current
             watch = []
@@ -830,6 +1114,9 @@ class Findings:
     unexpected: int = 0  # errors other than the studio's own
     speed: dict = dataclasses.field(default_factory=dict)  # preset -> studio / bare
     preview_ratio: float | None = None  # SD 1.5's image time with TAESD previews / without
+    float8_difference: dict = dataclasses.field(default_factory=dict)  # flow model -> (mean, max) levels vs plain
+    streaming_ratio: dict = dataclasses.field(default_factory=dict)  # flow model -> denoise seconds streamed / plain
+    placements: list = dataclasses.field(default_factory=list)  # (case, expected, how the denoise stage ran, reached)
     crashed: list = dataclasses.field(default_factory=list)
     skipped: list = dataclasses.field(default_factory=list)
 
@@ -837,26 +1124,33 @@ class Findings:
 class Check:
     """The whole run: the model folders, the engines, the cases, and what they found."""
 
-    def __init__(self, sizes: Sizes, folder: Path):
-        self.sizes, self.folder = sizes, folder
-        self.presets = load_presets(write_presets(folder, sizes))
+    def __init__(self, sizes: Sizes, folder: Path, sd: bool = True):
+        self.sizes, self.folder, self.sd = sizes, folder, sd
+        self.presets = load_presets(write_presets(folder, sizes, sd))
         self.upscalers = UpscalerCatalog({UPSCALER_NAME: UpscalerPreset(
             UPSCALER_NAME, "RRDBNet, x4plus size, random weights", folder=str(folder / UPSCALER_NAME))}, UPSCALER_NAME)
         self.findings = Findings()
         self.images: dict[str, Image.Image] = {}
+        files = DiffusersLoader(DiffusersModels(sizes.device).variant_for(self.presets))
+        self.random_weights = RandomWeights(files, sizes.flow, folder, sizes.device,
+                                            clip_ids_of(byte_level_tokenizer()))
+        self.flow_plain: dict[str, tuple[np.ndarray, float]] = {}  # flow model -> (plain image, denoise seconds)
 
     # ----- engines -----
 
-    def engines(self, device_budget: int | None = None) -> Engines:
+    def engines(self, device_budget: int | None = None, flow: bool = False) -> Engines:
         """The studio's engines from its own factory, as app.py builds them for a GPU (its budget and free-memory
-        report)."""
+        report). `flow`: the flow models' weights made at each load (RandomWeights)."""
         device = self.sizes.device
+        loaders = {KIND: self.random_weights} if flow else {}
         if self.sizes.cuda:
             settings = ManagerSettings(device=device, device_budget=device_budget or default_device_budget(device),
                                        dtype=self.sizes.dtype, ram_budget=default_ram_budget(),
-                                       free_memory=functools.partial(free_device_bytes, device))
+                                       free_memory=functools.partial(free_device_bytes, device),
+                                       extra_loaders=loaders)
         else:
-            settings = ManagerSettings(device=device, device_budget=device_budget or 8 * GIB, dtype=self.sizes.dtype)
+            settings = ManagerSettings(device=device, device_budget=device_budget or 8 * GIB, dtype=self.sizes.dtype,
+                                       extra_loaders=loaders)
         manager, models = build_manager(self.presets, settings)
         return build_engines(manager, models, self.presets, loras=LoraCatalog({}), upscalers=self.upscalers,
                              release_files=ReleaseFiles(self.folder / "release-files", offline=True),
@@ -1046,6 +1340,142 @@ class Check:
             _, outcome = attempt(lambda: engines.upscaling.upscale(image, UpscaleRequest(UPSCALER_NAME, scale=4.0)))
         self.report(probe, engines.manager, case, outcome)
 
+    # ----- SD 3.5 Large and FLUX.1-dev: as planned, float8 storage, block streaming -----
+
+    def flow_cases(self, preset: str) -> None:
+        """One flow model at its size: the image as planned on the big GPU, then on fresh managers under a budget
+        that leaves its denoise stage float8 storage, and one that leaves it block streaming."""
+        model, side, steps = self.sizes.flow[preset], self.sizes.flow_side, self.sizes.flow_steps
+        dtype = dtype_name(family_named(model.family).compute_dtype(self.sizes.dtype))
+        if self.sizes.cuda:
+            limits = {STORED: f"a {format_bytes(model.float8_budget)} budget",
+                      STREAMED: f"a {format_bytes(model.streaming_budget)} budget"}
+        else:
+            limits = dict.fromkeys((STORED, STREAMED), "leases limited in weights (the smoke run's small GPU)")
+        self.run_case(f"{preset} ({model.label}): text to image {side}², {steps} steps, {dtype}, as planned on the "
+                      f"{'GPU' if self.sizes.cuda else 'CPU'}; twice (the second: the plain denoise time)",
+                      lambda: self.flow_as_planned(preset))
+        self.run_case(f"{preset}: the same image under {limits[STORED]}: the transformer stored in float8; the image "
+                      "against the plain one", lambda: self.flow_limited(preset, STORED))
+        self.run_case(f"{preset}: the same image under {limits[STREAMED]}: the transformer's blocks streamed from RAM; "
+                      "the denoise stage's peak against its reservation, its time against the plain one",
+                      lambda: self.flow_limited(preset, STREAMED))
+
+    def flow_request(self, preset: str) -> TextToImageRequest:
+        model, side = self.sizes.flow[preset], self.sizes.flow_side
+        return TextToImageRequest(prompt=PROMPT, negative_prompt=NEGATIVE, preset=preset, scheduler=FLOW_SCHEDULER,
+                                  steps=self.sizes.flow_steps, guidance_scale=model.guidance, seed=1, width=side,
+                                  height=side, live_preview=OFF)
+
+    def flow_as_planned(self, preset: str) -> None:
+        engines = self.engines(flow=True)
+        probe = Probe(engines)
+        request = self.flow_request(preset)
+        images = []
+        for run in (1, 2):  # the second on the models the first loaded: its denoise time is the plain one
+            case = f"{preset} as planned" + (", again" if run == 2 else "")
+            with probe.case(case):
+                result, outcome = attempt(lambda: engines.text_to_image.generate(request))
+            self.report(probe, engines.manager, case, outcome)
+            self.report_made()
+            denoise = denoise_record(probe, case)
+            if run == 1:
+                self.expect(case, denoise, PLAIN)
+            if outcome:
+                return
+            images.append(pixels(result))
+        self.flow_plain[preset] = (images[0], denoise.seconds)
+        mean, most = levels_apart(images[1], images[0])
+        again = "identical" if most == 0 else f"{mean:.3f} levels apart on average, {most:.0f} at most"
+        print(f"   as planned: denoise {denoise.seconds:.2f} s for {request.steps} steps "
+              f"({request.steps / denoise.seconds:.2f} it/s) on the loaded models; the same image again: {again}")
+
+    def flow_limited(self, preset: str, placement: str) -> None:
+        """A fresh manager under the model's budget for `placement` (float8 storage, block streaming); on the CPU,
+        leases limited in weights instead (limit_weights), at sizes of the tiny models' that leave the same
+        placements (smoke_weights_budgets)."""
+        model = self.sizes.flow[preset]
+        if self.sizes.cuda:
+            engines = self.engines(model.float8_budget if placement == STORED else model.streaming_budget, flow=True)
+        else:
+            engines = self.engines(flow=True)
+            weights = self.smoke_weights_budgets(preset)[placement]
+            limit_weights(engines.manager, weights)
+            print(f"   (the smoke run's small GPU: a lease whose models take over {format_bytes(weights)} is refused)")
+        probe = Probe(engines)  # after limit_weights: it sees every try
+        case = f"{preset} {placement}"
+        with probe.case(case):
+            result, outcome = attempt(lambda: engines.text_to_image.generate(self.flow_request(preset)))
+        self.report(probe, engines.manager, case, outcome)
+        self.report_made()
+        denoise = denoise_record(probe, case)
+        self.expect(case, denoise, placement)
+        if outcome or preset not in self.flow_plain:
+            return
+        plain_image, plain_seconds = self.flow_plain[preset]
+        mean, most = levels_apart(pixels(result), plain_image)
+        name = preset.split("-")[0]
+        if placement == STORED:
+            self.findings.float8_difference[name] = (mean, most)
+            verdict = "within" if mean <= FLOAT8_MEAN_LEVELS else "ABOVE"
+            print(f"   float8 storage: the image against the plain one: {mean:.2f} levels (of 255) apart on average, "
+                  f"{most:.0f} at most ({verdict} the tolerance of {FLOAT8_MEAN_LEVELS} on average)")
+            return
+        ratio = denoise.seconds / plain_seconds
+        self.findings.streaming_ratio[name] = ratio
+        if denoise.used is not None:
+            memory = (f"used {format_bytes(denoise.used)} of the {format_bytes(denoise.reserved)} reserved"
+                      + (" (OVER)" if denoise.used > denoise.reserved else ""))
+        else:
+            memory = f"{format_bytes(denoise.reserved)} reserved (memory figures: CUDA only)"
+        encode = next((record for record in probe.of_case(case) if record.stage == "encode"), None)
+        stored = f", encoded with {', '.join(encode.stored)} in float8" if encode is not None and encode.stored else ""
+        print(f"   block streaming: denoise {memory}; {denoise.seconds:.2f} s "
+              f"({denoise.seconds - denoise.work_seconds:.2f} s of it setting the streams up and taking them off) vs "
+              f"{plain_seconds:.2f} s as planned: time ratio {ratio:.2f}; the image against the plain one: "
+              f"{mean:.2f} levels apart on average, {most:.0f} at most (float8 storage too{stored})")
+
+    def smoke_weights_budgets(self, preset: str) -> dict[str, int]:
+        """The smoke run's weights budgets, from the tiny models' sizes as the manager counts them: for float8
+        storage (as FLUX.1-dev at 16 GiB) the text encoders and the VAE fit as they are, the transformer only in
+        float8; for block streaming (at 8 GiB) T5 only in float8, the transformer not even so."""
+        found = self.presets.get(preset)
+        family, keys = family_of(found), DiffusersModels(self.sizes.device).keys(found, "text2img")
+        dtype = family.compute_dtype(self.sizes.dtype)
+
+        def size(role: str, stored: bool = False) -> int:
+            return self.random_weights.size(keys[role], FLOAT8 if stored else dtype)
+
+        encoders = sum(size(role) for role in family.text_encoders)
+        encoders_stored = sum(size(role, role == family.t5) for role in family.text_encoders)
+        transformer, transformer_stored, vae = size(family.denoiser), size(family.denoiser, True), size(family.vae)
+        windows = {STORED: (max(encoders, vae, transformer_stored), transformer),
+                   STREAMED: (max(encoders_stored, vae), min(encoders, transformer_stored))}
+        for placement, (low, high) in windows.items():
+            if low >= high:
+                raise AssertionError(f"{preset}: the tiny models' sizes leave no weights budget for {placement} "
+                                     f"({low:,} >= {high:,} bytes): change them in tiny_sizes()")
+        return {placement: (low + high) // 2 for placement, (low, high) in windows.items()}
+
+    def expect(self, case: str, denoise: StageRecord | None, expected: str) -> None:
+        """Whether the case's denoise stage ran with the placement it was made for (the last fallback it took)."""
+        ran = "no denoise stage" if denoise is None else (denoise.fallbacks[-1] if denoise.fallbacks else PLAIN)
+        reached = denoise is not None and not denoise.failed and ran == expected
+        self.findings.placements.append((case, expected, ran, reached))
+        how = "no denoise stage" if denoise is None else denoise.how + (" (failed)" if denoise.failed else "")
+        print(f"   placement: the denoise stage ran {how}: "
+              + ("as expected" if reached else f"NOT {expected} as expected"))
+
+    def report_made(self) -> None:
+        """What RandomWeights made for the case's loads (each load makes its model anew)."""
+        made = self.random_weights.made
+        if made:
+            print("     random weights made for its loads: " + ", ".join(f"{name} {seconds:.1f} s"
+                                                                        for name, seconds, _ in made)
+                  + ("" if all(finite for *_, finite in made) else
+                     "; NOT FINITE: " + ", ".join(name for name, _, finite in made if not finite)))
+        made.clear()
+
     # ----- model CPU offload and memory limits -----
 
     def too_small_for_the_unet(self) -> None:
@@ -1169,17 +1599,28 @@ class Check:
     def summary(self) -> str:
         found = self.findings
         speed = ", ".join(f"{name.split('-')[0]} {ratio:.3f}" for name, ratio in found.speed.items()) or "none"
+        float8 = ", ".join(f"{name} {mean:.2f} (max {most:.0f})"
+                           for name, (mean, most) in found.float8_difference.items()) or "none"
+        streaming = ", ".join(f"{name} {ratio:.2f}" for name, ratio in found.streaming_ratio.items()) or "none"
+        reached = sum(1 for *_, ok in found.placements if ok)
         return (f"gpu check: {found.cases} cases, {found.stages} stages, NaN in {found.nan_stages}, over reserved "
                 f"{found.over_reserved}, placement mismatches {found.mismatches}, unexpected errors "
                 f"{found.unexpected}, denoise speed ratio {speed}, TAESD preview cost ratio "
-                f"{'none' if found.preview_ratio is None else f'{found.preview_ratio:.3f}'} "
-                f"({time.perf_counter() - STARTED:.0f} s)")
+                f"{'none' if found.preview_ratio is None else f'{found.preview_ratio:.3f}'}, float8 image "
+                f"difference {float8}, block streaming time ratio {streaming}, flow placements as expected "
+                f"{reached}/{len(found.placements)} ({time.perf_counter() - STARTED:.0f} s)")
 
     # ----- the run -----
 
     def run(self) -> None:
-        self.engine_cases()
-        release(self.sizes.device)  # the engines of those cases are gone: the next start with an empty device
+        if self.sd:
+            self.engine_cases()
+            release(self.sizes.device)  # the engines of those cases are gone: the next start with an empty device
+        for preset in self.sizes.flow:
+            self.flow_cases(preset)
+            release(self.sizes.device)
+        if not self.sd:
+            return
         self.run_case(f"SDXL {self.sizes.side[SDXL]}² under an 8 GiB budget", self.sdxl_under_8_gib)
         if not self.sizes.cuda:
             print("\n(on the CPU model CPU offload is not among the fallbacks, and with tiny models the encode stage's "
@@ -1209,6 +1650,42 @@ def bare_pipeline(family: str, parts: dict):
     return pipe
 
 
+def limit_weights(manager: ModelManager, budget: int) -> None:
+    """The smoke run's small GPU. On the CPU the manager has one tier and reserves a stage's working memory as
+    estimated, T5's 96 MiB per prompt and byte of dtype among them, which dwarfs tiny models: no device budget lets
+    the text encoders fit and not the transformer. So, as tests/test_flow_memory.py does, a lease is refused here
+    (OutOfMemoryBudget, as the manager refuses) when the models it would place on the device, as their loader sizes
+    them (in float8 where the lease stores them; those streamed from RAM not counted), take over `budget` bytes;
+    the stages' own fallbacks answer it, as they answer a GPU's budget. Install it before the Probe."""
+    real_use = manager.use
+
+    def use(keys, working_memory=0, on_device=True, patches=None, dtypes=None, storage=None, in_ram=frozenset()):
+        if on_device:
+            placed = {key: (storage or {}).get(role) or manager.dtype_of(key)
+                      for role, key in keys.items() if role not in in_ram}
+            weights = sum(manager.loaders[key.kind].size(key, dtype) for key, dtype in placed.items())
+            if weights > budget:
+                raise OutOfMemoryBudget(f"Not enough device memory: this lease's models take {format_bytes(weights)}, "
+                                        f"the smoke run's small GPU {format_bytes(budget)}.")
+        return real_use(keys, working_memory, on_device, patches, dtypes, storage, in_ram)
+
+    manager.use = use
+
+
+def denoise_record(probe: Probe, case: str) -> StageRecord | None:
+    return next((record for record in probe.of_case(case) if record.stage == "denoise"), None)
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].image.convert("RGB"), dtype=np.int16)
+
+
+def levels_apart(image: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(mean, max) of |image - reference| in levels of 255."""
+    difference = np.abs(image - reference)
+    return float(difference.mean()), float(difference.max())
+
+
 def attempt(task: Callable[[], object]) -> tuple[object | None, str]:
     """Runs a task: (its result, ""), or (None, how it ended): the studio's own errors (OutOfMemoryBudget,
     NumericalError: what a user would see), or any other error, which is the engine's bug (UNEXPECTED)."""
@@ -1230,6 +1707,8 @@ def stage_line(record: StageRecord, cuda: bool) -> str:
     how = record.how + (f" ({record.tiles} tiles)" if record.tiles > 1 else "")
     if record.failed:
         how += f", FAILED ({record.failed.split(':')[0]})"
+    if record.stored:
+        how += f" [float8: {', '.join(record.stored)}]"
     line = f"{record.stage:<13} {how:<24} reserved {format_bytes(record.reserved):>9}"
     if cuda and record.used is not None:
         verdict = "" if record.used <= record.reserved else " OVER"
@@ -1268,6 +1747,8 @@ def versions(sizes: Sizes) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="the CPU with tiny models, in seconds (the test suite)")
+    parser.add_argument("--only-flow", action="store_true",
+                        help="only the SD 3.5 Large and FLUX.1-dev cases (no SD 1.5, SDXL, upscaler or control models)")
     parser.add_argument("--wheels", default=str(DEFAULT_WHEELS),
                         help="a folder of wheels for what is not installed (default bench/wheels)")
     parser.add_argument("--only-gpu-machine-packages", action="store_true",
@@ -1288,9 +1769,9 @@ def main() -> int:
     print(f"upscaler architecture: {rrdbnet_in_use()}")
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as folder:
         began = time.perf_counter()
-        write_models(Path(folder), sizes)
+        write_models(Path(folder), sizes, sd=not arguments.only_flow)
         print(f"  ({time.perf_counter() - began:.1f} s)")
-        check = Check(sizes, Path(folder))
+        check = Check(sizes, Path(folder), sd=not arguments.only_flow)
         check.run()
         print(f"\nwheels imported from: {', '.join(wheels_imported()) or 'none (everything is installed)'}")
         print(check.summary())

@@ -22,9 +22,12 @@ RESULT_LINES = {
     "fairness.py": rf"--concurrency 4: quick image alone {NUMBER} s, .* ratio {NUMBER}",
     # the engine runs every case of the smoke run without an error the script did not expect, and every model is
     # where its record says afterwards
+    # ... and SD 3 and FLUX reach float8 storage and block streaming where their cases are made to (N/N)
     "gpu_check.py": rf"gpu check: \d+ cases, \d+ stages, NaN in 0, over reserved \d+, placement mismatches 0, "
                     rf"unexpected errors 0, denoise speed ratio sd15 {NUMBER}, sdxl {NUMBER}, TAESD preview cost ratio "
-                    rf"{NUMBER}",
+                    rf"{NUMBER}, float8 image difference flux {NUMBER} \(max {NUMBER}\), sd35 {NUMBER} "
+                    rf"\(max {NUMBER}\), block streaming time ratio flux {NUMBER}, sd35 {NUMBER}, flow placements as "
+                    rf"expected (\d+)/\1 \(",
     "hires_fix.py": rf"time of an image, ratio to a 64 px image:\n  Hires\. fix with Latent +{NUMBER}",
     "inpaint_memory.py": rf"base UNet inpaints \(4-channel\) +{NUMBER} MiB +{NUMBER} MiB +{NUMBER}",
     "lora_overhead.py": rf"ratio {NUMBER}; {NUMBER} ms per image for the adapters",
