@@ -49,7 +49,7 @@ def engines(folders):
                       "family": "flux", "distilled_guidance": 3.5, "inpaint_distilled_guidance": 30.0,
                       **SIZE | {"default_guidance": 1.0}},
         "tiny-schnell": {"label": "Tiny FLUX schnell", "local": str(folders["schnell"]), "family": "flux",
-                         **SIZE | {"default_guidance": 0.0}},
+                         "t5_window": 256, **SIZE | {"default_guidance": 0.0}},
     }}
     path = folders["root"] / "models.yaml"
     presets["presets"]["embedded"] = {"label": "Embedded", "local": str(ROOT / "models" / "embedded-sd"),
@@ -105,6 +105,24 @@ def test_flux_distilled_guidance_and_true_cfg_change_the_image(engines):
     assert parse_parameters(distilled.parameters).extra["Distilled CFG Scale"] == "8"
     true_cfg = generate(engines, preset="tiny-flux", guidance_scale=4.0, negative_prompt="green").images[0].image
     assert np.abs(pixels(true_cfg) - base).max() > 2
+
+
+def test_flux_fill_refuses_cfg_and_schnell_reads_256_t5_tokens(engines):
+    """FLUX.1 Fill's pipeline takes no negative prompt: CFG above 1 is refused, not ignored. A preset's t5_window
+    (FLUX.1 [schnell]'s 256, as Black Forest Labs' reference reads it) is the window T5 reads and the note says."""
+    problems = engines.inpainter.problems(InpaintRequest(prompt=PROMPT, preset="tiny-flux", guidance_scale=3.0),
+                                          "inpaint")
+    assert problems["guidance_scale"] == ("FLUX.1 Fill takes no CFG: set CFG scale to 1 (its Distilled CFG Scale, 30 "
+                                          "of its own, guides it).")
+    assert "guidance_scale" not in engines.text_to_image.problems(TextToImageRequest(
+        prompt=PROMPT, preset="tiny-flux", guidance_scale=3.0, width=64, height=64))  # true CFG in text to image
+    schnell = engines.text_to_image.presets.get("tiny-schnell")
+    assert schnell.t5_window == 256
+    long_prompt = ("a red circle on a blue background, " * 10).strip()  # about 350 T5 tokens here
+    notes = [warning for warning in generate(engines, preset="tiny-schnell", prompt=long_prompt).warnings
+             if "T5's window" in warning]
+    assert notes and "window of 256 tokens" in notes[0]
+    assert not [w for w in generate(engines, preset="tiny-flux", prompt=long_prompt).warnings if "T5's window" in w]
 
 
 def test_schnell_takes_no_distilled_guidance_and_writes_none(engines):
@@ -210,6 +228,23 @@ def test_hires_fix_runs_its_second_pass_at_twice_the_size(engines, preset, upsca
 
 
 @pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "UniPC"])
+def test_the_flow_solvers_run_image_to_image_and_inpaint_too(engines, preset, sampler):
+    """The image-to-image and inpaint pipelines noise the init latents with `scale_noise` and FLUX's pass their own
+    sigmas: the multistep solvers on flow sigmas take both (Hires. fix's second pass, FLUX Fill, SD 3's inpaint)."""
+    hires = generate(engines, preset=preset, scheduler=sampler,
+                     hires=HiresFix(upscale=1.5, upscaler="Latent", steps=2, denoising_strength=0.6))
+    assert hires.images[0].image.size == (96, 96)
+    picture, mask = Image.new("RGB", (64, 64), (40, 90, 200)), Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for strength in (1.0, 0.6):
+        request = InpaintRequest(prompt=PROMPT, preset=preset, scheduler=sampler, steps=4, seed=2, strength=strength,
+                                 mask_blur=0, live_preview="Off", guidance_scale=1.0)
+        out = pixels(engines.inpainter.inpaint(picture, mask, request).images[0].image)
+        assert np.array_equal(out[:8], pixels(picture)[:8]) and np.abs(out[28:36, 28:36] - 40).max() > 0
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
 def test_inpaint_repaints_the_mask_only(engines, preset):
     """SD 3 inpaints with its own model (its pipeline blends the known region at each step); FLUX.1-dev with its
     Fill model (conditioned on the masked image and the mask), at its own distilled guidance (30)."""
@@ -231,16 +266,22 @@ def test_inpaint_repaints_the_mask_only(engines, preset):
 def test_previews_show_the_clean_estimate_unpacked_and_cost_the_image_nothing(engines, preset, sampler):
     shown = []
     request = TextToImageRequest(prompt=PROMPT, preset=preset, scheduler=sampler, steps=4, seed=5, width=64,
-                                 height=64, live_preview="Fast", preview_every=1)
+                                 height=64, live_preview="Fast", preview_every=1, guidance_scale=1.0)
     with engines.text_to_image.model_files(engines.text_to_image.plan(request)) as plan:
         watched = engines.text_to_image.run(plan, LocalJob(on_preview=lambda image, part: shown.append(image)))
     assert len(shown) == 4 and all(image.size == (32, 32) for image in shown)  # a pixel per latent (VAE ÷ 2)
-    unwatched = generate(engines, preset=preset, scheduler=sampler)
+    unwatched = generate(engines, preset=preset, scheduler=sampler, guidance_scale=1.0)
     assert np.array_equal(pixels(watched.images[0].image), pixels(unwatched.images[0].image))
-    # the last preview is the clean estimate: close to the finished image (not the noise it started from)
-    last = pixels(shown[-1].resize((64, 64)))
-    noise_like = pixels(shown[0].resize((64, 64)))
-    assert np.abs(last - noise_like).mean() > 1
+    # each preview is the clean estimate x0 (Euler: x - sigma v at the step's own sigma): at the last step it is
+    # the finished latents, so the last preview is the finished image's own Fast preview
+    with engines.text_to_image.model_files(engines.text_to_image.plan(request)) as plan:
+        finished = engines.text_to_image._denoise(plan, engines.text_to_image.stages.encode(
+            plan.preset, plan.task, plan.encoder_prompt, "", 1.0)[0], 0, LocalJob())[0]
+    from studio.models.families import family_of
+    from studio.tasks.previews import latents_preview
+
+    expected = pixels(latents_preview(family_of(plan.preset), finished))
+    assert np.abs(pixels(shown[-1]) - expected).max() <= 1
 
 
 def test_on_a_gpu_sd3_and_flux_load_in_bfloat16_and_the_others_in_float16(engines):
@@ -308,6 +349,24 @@ def test_a_lora_is_checked_against_the_models_family(engines, flow_loras, monkey
         generate(engines, preset="tiny-sd3", prompt=f"{PROMPT} <lora:flux-xlabs:1>")
 
 
+def test_a_lora_in_a_layout_diffusers_does_not_convert_is_refused_not_ignored(engines, folders, monkeypatch):
+    """SD 3's kohya layout (lora_unet_joint_blocks_…): diffusers 0.42 does not convert it, and its layers would
+    match nothing; the image must not silently come without it."""
+    from safetensors.torch import save_file
+
+    from studio.core.errors import ModelUnavailable
+
+    root = folders["root"] / "kohya-sd3"
+    root.mkdir(exist_ok=True)
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": torch.randn(4, 32),
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": torch.randn(96, 4),
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.alpha": torch.tensor(4.0)},
+              str(root / "sd3-kohya.safetensors"))
+    monkeypatch.setattr(engines.text_to_image, "loras", load_loras(root, presets_file=None))
+    with pytest.raises(ModelUnavailable, match="diffusers does not convert this LoRA's layout"):
+        generate(engines, preset="tiny-sd3", prompt=f"{PROMPT} <lora:sd3-kohya:1>")
+
+
 def test_compare_mixes_families_each_cell_at_its_presets_defaults_and_loads_grouped(engines):
     """A preset axis over SD 1.x (the embedded model), SD 3 and FLUX: each cell runs its preset's own sampler,
     steps, CFG and size (FLUX.1-dev's distilled guidance too), the cells of one preset one after another."""
@@ -323,3 +382,19 @@ def test_compare_mixes_families_each_cell_at_its_presets_defaults_and_loads_grou
         fields = parse_parameters(cell.image.parameters)
         assert ("Distilled CFG Scale" in fields.extra) == (fields.model == "tiny-flux")
         assert ("Schedule type: Simple" in cell.image.parameters) == (fields.model != "embedded")
+
+
+def test_a_pngs_flow_settings_fill_the_forms_back(engines):
+    """Forge's fields read back: the sampler (Simple schedule), Shift and Distilled CFG Scale; into Inpaint, a text
+    to image's distilled guidance (its base model's) is left to the inpainting model's own."""
+    from studio.tasks.inpainting import inpaint_request_from_parameters
+    from studio.tasks.parameters import request_from_parameters
+
+    made = generate(engines, preset="tiny-flux", scheduler="UniPC", shift=2.0, distilled_guidance=5.0).images[0]
+    filled, notes = request_from_parameters(made.parameters, engines.text_to_image.presets,
+                                            TextToImageRequest(prompt="", preset="tiny-sd3"))
+    assert (filled.preset, filled.scheduler, filled.shift, filled.distilled_guidance) == ("tiny-flux", "UniPC", 2.0, 5.0)
+    assert not notes
+    inpaint, _ = inpaint_request_from_parameters(made.parameters, engines.inpainter.presets,
+                                                 InpaintRequest(prompt="", preset="tiny-sd3"))
+    assert inpaint.distilled_guidance is None and inpaint.shift == 2.0

@@ -110,13 +110,37 @@ _AUTOMATIC_SCHEDULE = {"dpm++ 2m": KARRAS, "dpm++ sde": KARRAS, "dpm++ 2m sde": 
 # image's size, its `mu`), which Forge and ComfyUI call the "Simple" schedule. Under the names Forge shows: Euler
 # (the models' own FlowMatchEulerDiscreteScheduler), DPM++ 2M and UniPC on flow sigmas.
 SIMPLE = "Simple"
+
+
+class _FlowSolver:
+    """What the SD 3 and FLUX image-to-image and inpaint pipelines ask of a scheduler, for the multistep solvers on
+    flow sigmas (diffusers gives these to FlowMatchEulerDiscreteScheduler only): `scale_noise`, the clean latents
+    noised to a timestep (with flow sigmas, add_noise's (1 - sigma) x + sigma n), and `set_timesteps` taking the
+    `sigmas` FLUX's pipelines always pass (its text-to-image pipeline drops them for a solver on flow sigmas; the
+    others do not): the solver makes its own flow sigmas, shifted, for as many steps."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
+        if num_inference_steps is None and sigmas is not None:
+            num_inference_steps = len(sigmas)
+        return super().set_timesteps(num_inference_steps, device, mu=mu)
+
+    def scale_noise(self, sample, timestep, noise):
+        return self.add_noise(sample, noise, timestep)
+
+
+class FlowDPMSolverMultistepScheduler(_FlowSolver, DPMSolverMultistepScheduler):
+    pass
+
+
+class FlowUniPCMultistepScheduler(_FlowSolver, UniPCMultistepScheduler):
+    pass
 _FLOW_SOLVER = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "time_shift_type": "exponential"}
 FLOW_SCHEDULERS = MappingProxyType(
     {
         "Euler": Sampler(FlowMatchEulerDiscreteScheduler, {}, "Euler", SIMPLE),
-        "DPM++ 2M": Sampler(DPMSolverMultistepScheduler, {**_FLOW_SOLVER, **_DPMPP_2M}, "DPM++ 2M", SIMPLE),
-        "UniPC": Sampler(UniPCMultistepScheduler, {**_FLOW_SOLVER, "solver_type": "bh2", "solver_order": 2,
-                                                   "lower_order_final": True}, "UniPC", SIMPLE),
+        "DPM++ 2M": Sampler(FlowDPMSolverMultistepScheduler, {**_FLOW_SOLVER, **_DPMPP_2M}, "DPM++ 2M", SIMPLE),
+        "UniPC": Sampler(FlowUniPCMultistepScheduler, {**_FLOW_SOLVER, "solver_type": "bh2", "solver_order": 2,
+                                                       "lower_order_final": True}, "UniPC", SIMPLE),
     }
 )
 

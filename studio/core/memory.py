@@ -504,7 +504,8 @@ class ModelManager:
 
     def _store(self, entry: _Entry, storage: torch.dtype) -> None:
         """A loaded model stored in `storage` from now on (where it is: its bytes only shrink), recorded so."""
-        if entry.storage is None and isinstance(entry.obj, torch.nn.Module) and entry.dtype is not None:
+        # not a pinned (ZeroGPU) model: stored in a forked worker, it would be so there only, unknown to the records
+        if entry.storage is None and not entry.pinned and isinstance(entry.obj, torch.nn.Module) and entry.dtype:
             store_in(entry.obj, storage, entry.dtype)
             with self._state_lock:
                 entry.storage, entry.size = storage, module_bytes(entry.obj) + (entry.patch.size if entry.patch else 0)

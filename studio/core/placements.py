@@ -45,7 +45,10 @@ def stream_blocks(module: torch.nn.Module, device: torch.device) -> Callable[[],
     from diffusers.hooks import HookRegistry, apply_group_offloading
 
     apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
-                           offload_type="block_level", num_blocks_per_group=1, use_stream=device.type == "cuda")
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=device.type == "cuda",
+                           # pinned on the fly, a block at a time: pinning them all first would hold a second copy
+                           # of the transformer in RAM (11 GB for FLUX in float8)
+                           low_cpu_mem_usage=True)
 
     def remove() -> None:
         registry = HookRegistry.check_if_exists_or_initialize(module)

@@ -364,9 +364,16 @@ class LoraLoader:
         if not state_dict or not all("lora" in name for name in state_dict):
             raise ModelUnavailable(f"{Path(key.source).name} is not a LoRA file diffusers reads (kohya/A1111 or "
                                    "diffusers/PEFT safetensors).")
+        if not any(name.startswith(CONVERTED_PREFIXES) for name in state_dict):  # e.g. SD 3's kohya layout
+            raise ModelUnavailable(f"{Path(key.source).name}: diffusers does not convert this LoRA's layout "
+                                   f"({next(iter(state_dict)).split('.')[0]}…) for these models; a LoRA saved in "
+                                   "diffusers' layout (transformer.…) would load.")
         floating = {name: tensor.to(dtype) if tensor.is_floating_point() else tensor
                     for name, tensor in state_dict.items()}
         return LoraWeights(floating, alphas, metadata)
+
+
+CONVERTED_PREFIXES = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.")  # diffusers' names once converted
 
 
 def read_lora(mixin: type, path: str) -> tuple[dict, dict | None, dict | None]:
@@ -501,6 +508,7 @@ def _load_into_denoiser(denoiser, prefix: str, label: str, loras) -> tuple[list[
     for index, (lora, lora_weights) in enumerate(loras):
         if not lora_weights.has(prefix):
             continue
+        refuse_if_stored_in_float8(denoiser, lora.name, label)
         name = adapter_name(index)
         try:
             denoiser.load_lora_adapter(lora_weights.tensors(), prefix=prefix, network_alphas=lora_weights.network_alphas,
@@ -516,6 +524,18 @@ def _load_into_denoiser(denoiser, prefix: str, label: str, loras) -> tuple[list[
     return names, weights
 
 
+def refuse_if_stored_in_float8(model, lora_name: str, label: str) -> None:
+    """A model the manager stores in float8 to fit a small GPU takes no LoRA: PEFT neither merges into float8 weights
+    nor computes its adapters in them."""
+    if any(parameter.dtype in FLOAT8_DTYPES for parameter in model.parameters()):
+        raise InvalidRequest([f"LoRA {lora_name!r} cannot be applied here: this model's {label} is stored in float8 to "
+                              "fit this GPU, and a LoRA needs its weights in 16 bits. Take the <lora:…> tag out, or "
+                              "use a GPU with more memory."])
+
+
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _load_into_text_encoder(encoder, prefix: str, loras) -> tuple[list[str], list[float]]:
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
@@ -523,6 +543,7 @@ def _load_into_text_encoder(encoder, prefix: str, loras) -> tuple[list[str], lis
     for index, (lora, lora_weights) in enumerate(loras):
         if not lora_weights.has(prefix):
             continue
+        refuse_if_stored_in_float8(encoder, lora.name, "text encoder")
         name = adapter_name(index)
         try:
             StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(

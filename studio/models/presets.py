@@ -48,6 +48,7 @@ class ModelPreset:
     licence: str = ""  # a licence a user must know of before using the images (FLUX.1-dev's non-commercial one)
     gated: bool = False  # the Hub repo asks each account to accept its licence first: a token with access is needed
     non_commercial: bool = False  # its licence forbids commercial use: --public offers it only when told to
+    t5_window: int | None = None  # tokens T5 reads where it is not the family's (FLUX.1 [schnell]: 256)
     default_width: int = 512
     default_height: int = 512
     min_size: int = 256

@@ -166,9 +166,11 @@ class DiffusionStages:
                     layers = family.text_encoder_layers(pipe)
                     if clip_skip > layers:  # the check before the queue could not read the config
                         raise InvalidRequest([clip_skip_too_large(clip_skip, layers)])
+                options = family.prompt_options(preset)
                 embeds = family.encode_prompt(pipe, prompt, negative_prompt or "", guidance,
-                                              clip_skip if family.clip_skip else 1, self.manager.device)
-            return Conditioning(embeds), family.prompt_notes(pipe, prompt, negative_prompt or "", guidance)
+                                              clip_skip if family.clip_skip else 1, self.manager.device, **options)
+            return Conditioning(embeds), family.prompt_notes(pipe, prompt, negative_prompt or "", guidance,
+                                                             **options)
 
         return self.run_stage(lambda tiled: self.plan_encode(preset, task, guidance, loras), work,
                               **stage_fallbacks(preset, "encode"))

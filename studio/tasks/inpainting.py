@@ -317,6 +317,8 @@ def inpaint_request_from_parameters(text: str, presets, current: InpaintRequest,
     area = extra.get("Inpaint area", current.inpaint_area)
     strength = parse_float(extra.get("Denoising strength"))
     mask_blur, padding = parse_int(extra.get("Mask blur")), parse_int(extra.get("Masked area padding"))
+    if "Mask blur" not in extra:  # not an inpainted image's: its Distilled CFG Scale is the base model's (FLUX.1-dev's
+        fields["distilled_guidance"] = None  # 3.5), not the inpainting model's (FLUX.1 Fill's 30): the model's own
     return replace(
         current, **fields,
         strength=current.strength if strength is None else strength,

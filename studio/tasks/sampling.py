@@ -242,6 +242,7 @@ class SamplingEngine:
         if unavailable is not None:
             return {"preset": unavailable.reason}
         problems = self.check(request, preset)
+        problems |= family_of(preset).task_problems(preset, task or self.main_task, request.guidance_scale)
         if "prompt" not in problems:
             try:
                 lora_problems = check_lora_uses(parse_prompt(self.prompt_as_run(request)).loras, self.loras,

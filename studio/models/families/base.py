@@ -228,6 +228,14 @@ class ModelFamily:
         """What the user is told about how the encoders read the prompts (a prompt cut at T5's window)."""
         return []
 
+    def prompt_options(self, preset) -> dict[str, Any]:
+        """What encode_prompt and prompt_notes take from the preset beyond the prompts (T5's window)."""
+        return {}
+
+    def task_problems(self, preset, task: str, guidance_scale: float) -> dict[str, str]:
+        """Settings the family's model for `task` cannot take, by field (FLUX.1 Fill: no CFG)."""
+        return {}
+
     def text_encoder_layers(self, pipe) -> int:
         """How many layers the first text encoder has (the most clip skip can skip)."""
         return getattr(pipe, self.text_encoders[0]).config.num_hidden_layers

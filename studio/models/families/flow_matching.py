@@ -63,19 +63,24 @@ class FlowMatchingFamily(ModelFamily):
 
     # ----- T5 -----
 
-    def t5_window_tokens(self, pipe, text: str) -> T5Tokens:
-        return t5_tokens(getattr(pipe, self.t5_tokenizer), parse_attention(text), self.t5_window)
+    def prompt_options(self, preset) -> dict:
+        """T5's window: the family's, or the preset's own (FLUX.1 [schnell] was distilled on 256 tokens)."""
+        return {"t5_window": preset.t5_window or self.t5_window}
 
-    def encode_t5(self, pipe, text: str, device: torch.device) -> torch.Tensor:
-        return self.t5_window_tokens(pipe, text).encode(getattr(pipe, self.t5), device)
+    def t5_window_tokens(self, pipe, text: str, window: int) -> T5Tokens:
+        return t5_tokens(getattr(pipe, self.t5_tokenizer), parse_attention(text), window)
 
-    def prompt_notes(self, pipe, prompt: str, negative_prompt: str, guidance: bool) -> list[str]:
+    def encode_t5(self, pipe, text: str, device: torch.device, window: int) -> torch.Tensor:
+        return self.t5_window_tokens(pipe, text, window).encode(getattr(pipe, self.t5), device)
+
+    def prompt_notes(self, pipe, prompt: str, negative_prompt: str, guidance: bool, t5_window: int = 0) -> list[str]:
         """A prompt T5 could not read whole is said, never cut silently."""
+        window = t5_window or self.t5_window
         notes = []
         for text, negative in ((prompt, False), (negative_prompt, True)):
             if negative and not guidance:
                 continue
-            cut = self.t5_window_tokens(pipe, text).cut
+            cut = self.t5_window_tokens(pipe, text, window).cut
             if cut:
-                notes.append(cut_note("T5", self.t5_window, cut, negative))
+                notes.append(cut_note("T5", window, cut, negative))
         return notes

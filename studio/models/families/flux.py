@@ -60,7 +60,9 @@ class Flux(FlowMatchingFamily):
         return super().pipeline_class_for(task, parts, controlnet)
 
     def is_fill_model(self, transformer) -> bool:
-        return transformer is not None and transformer.config.in_channels > self.latent.channels * PACKED**2
+        """FLUX.1 Fill reads the packed latents, the packed masked image and the mask: more than twice the packed
+        channels (FLUX.1 Canny and Depth read two latents' worth, 128, and are not Fill models)."""
+        return transformer is not None and transformer.config.in_channels > 2 * self.latent.channels * PACKED**2
 
     def takes_inpaint_channels(self, pipe) -> bool:
         return self.is_fill_model(self.denoiser_of(pipe))
@@ -74,6 +76,13 @@ class Flux(FlowMatchingFamily):
             arguments["true_cfg_scale"] = guidance_scale
         arguments["guidance_scale"] = 3.5 if distilled_guidance is None else distilled_guidance
         return arguments
+
+    def task_problems(self, preset, task: str, guidance_scale: float) -> dict[str, str]:
+        """FLUX.1 Fill (a FLUX preset's inpainting model) runs no CFG: its pipeline takes no negative prompt."""
+        if task == "inpaint" and preset.inpaint_source and guidance_scale > 1:
+            return {"guidance_scale": "FLUX.1 Fill takes no CFG: set CFG scale to 1 (its Distilled CFG Scale, "
+                                      f"{preset.inpaint_default_distilled_guidance:g} of its own, guides it)."}
+        return {}
 
     def guidance_evaluations(self, guidance_scale: float) -> int:
         """True CFG (CFG > 1) runs the transformer a second time per step, with the negative prompt; a preset's
@@ -97,7 +106,7 @@ class Flux(FlowMatchingFamily):
 
     # ----- prompts -----
 
-    def encode_prompt(self, pipe, prompt, negative_prompt, guidance, clip_skip, device):
+    def encode_prompt(self, pipe, prompt, negative_prompt, guidance, clip_skip, device, t5_window: int = 0):
         """T5's window as the prompt's embeddings, CLIP-L's pooled embedding of the first window as the pooled
         one. Under true CFG (CFG > 1) the negative prompt too."""
         from compel import ReturnedEmbeddingsType
@@ -107,7 +116,7 @@ class Flux(FlowMatchingFamily):
 
         def encoded(text: str) -> tuple[torch.Tensor, torch.Tensor]:
             pooled = first_window_pooled(clip, split_at_breaks(parse_attention(text)), device)
-            return self.encode_t5(pipe, text, device), pooled
+            return self.encode_t5(pipe, text, device, t5_window or self.t5_window), pooled
 
         embeds, pooled = encoded(prompt)
         if not guidance:

@@ -49,7 +49,7 @@ class StableDiffusion3(FlowMatchingFamily):
                       "prompt is cut, with a note); (word:1.2) weights apply to all three")
     t5, t5_tokenizer, t5_window = "text_encoder_3", "tokenizer_3", 256
 
-    def encode_prompt(self, pipe, prompt, negative_prompt, guidance, clip_skip, device):
+    def encode_prompt(self, pipe, prompt, negative_prompt, guidance, clip_skip, device, t5_window: int = 0):
         """Both CLIPs' penultimate hidden states side by side (window by window, as A1111 chains windows), padded
         to T5's width, then T5's window after them; the CLIPs' pooled embeddings of the first window side by
         side. The negative prompt is encoded the same way, even when empty (as diffusers does for SD 3)."""
@@ -62,7 +62,8 @@ class StableDiffusion3(FlowMatchingFamily):
         def encoded(text: str):
             groups = split_at_breaks(parse_attention(text))
             pooled = torch.cat([first_window_pooled(compel, groups, device) for compel in clips], dim=-1)
-            return [encode_windows(compel, groups) for compel in clips], pooled, self.encode_t5(pipe, text, device)
+            t5 = self.encode_t5(pipe, text, device, t5_window or self.t5_window)
+            return [encode_windows(compel, groups) for compel in clips], pooled, t5
 
         def joined(clip_parts: list[torch.Tensor], t5: torch.Tensor, length: int) -> torch.Tensor:
             clip = torch.cat([pad_to_length(compel, part, length) for compel, part in zip(clips, clip_parts)], dim=-1)
