@@ -78,6 +78,7 @@ def test_a_fractional_preprocessor_resolution_is_refused_not_rounded(engines):
 
 
 def test_the_api_may_leave_every_control_image_out():
+    """And every unit's model: empty where the default preset's family has no ControlNet (FLUX.1)."""
     def handler(request, progress=None, **fields):
         return fields
 
@@ -85,8 +86,9 @@ def test_the_api_may_leave_every_control_image_out():
     import inspect
 
     parameters = inspect.signature(handler).parameters
-    assert [name for name in parameters][-3:] == ["control_1_image", "control_2_image", "fields"]
-    assert parameters["control_1_image"].default is None
+    assert [name for name in parameters][-5:] == ["control_1_image", "control_1_model", "control_2_image",
+                                                  "control_2_model", "fields"]
+    assert parameters["control_1_image"].default is None and parameters["control_2_model"].default is None
     assert handler(None, control_1_image="x", prompt="p") == {"control_1_image": "x", "prompt": "p"}
 
 

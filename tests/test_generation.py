@@ -133,7 +133,7 @@ def test_a_finished_image_is_not_marked(engine):
         ({"height": 60}, "Height must be a multiple of 8"),
         ({"batch_size": 0}, "Batch size must be between 1 and 8"),
         ({"seed": -2}, "Seed must be -1"),
-        ({"scheduler": "LCM"}, "Scheduler 'LCM' does not work with preset 'embedded'"),
+        ({"scheduler": "LCM"}, "Scheduler 'LCM' does not work with Embedded shapes model"),
         ({"scheduler": "DPM adaptive"}, "Unknown scheduler 'DPM adaptive'"),
         ({"style": "Vaporwave"}, "Unknown style 'Vaporwave'"),
     ],

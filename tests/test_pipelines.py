@@ -246,7 +246,7 @@ def test_model_cpu_offload_the_last_resort_gives_the_same_image(presets):
     request = TextToImageRequest(prompt="a red circle on a blue background", steps=4, seed=8, guidance_scale=3.0)
     expected = np.asarray(engine.generate(request).images[0].image)
 
-    def offloaded(plan_for, work, can_tile=False):
+    def offloaded(plan_for, work, can_tile=False, storable=(), streamable=()):
         return stages._run_offloaded(plan_for(False), work)
 
     stages.run_stage = offloaded
