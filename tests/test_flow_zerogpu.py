@@ -7,7 +7,7 @@ import multiprocessing
 import numpy as np
 import pytest
 import yaml
-from test_zerogpu import ForkingGpu
+from test_zerogpu import emulated_spaces
 from tiny_flow_models import save_tiny_flux, save_tiny_sd3
 
 import app
@@ -35,19 +35,9 @@ def zerogpu(tmp_path_factory):
     for name in ("tiny-flux", "tiny-sd3"):
         assert app.preload_preset(studio.manager, engine.models, engine.downloads, engine.presets.get(name), pin=True)
     loads_before = studio.manager.loads
-    fake = ForkingGpu(observe=lambda: studio.manager.loads - loads_before)
-    original = getattr(app, "spaces", None)
-    app.spaces = fake
-    try:
+    with emulated_spaces(observe=lambda: studio.manager.loads - loads_before) as fake:
         runner = JobRunner(board=JobBoard(slots=4), gpu=app.zerogpu_wrapper(studio.manager))
         yield studio, runner, runner.device_function("text_to_image", engine), fake
-    finally:
-        for process in fake.workers:
-            process.kill()
-        if original is None:
-            del app.spaces
-        else:
-            app.spaces = original
 
 
 def request(**changes):

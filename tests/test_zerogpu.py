@@ -2,6 +2,7 @@
 for later calls, its arguments and result crossing queues. Stop and progress must cross the fork, results must
 come back, the booking must come from the job's estimate, and nothing may load inside the worker."""
 
+import contextlib
 import multiprocessing
 import threading
 import time
@@ -62,6 +63,24 @@ class ForkingGpu:
         return decorate
 
 
+@contextlib.contextmanager
+def emulated_spaces(observe):
+    """app's `spaces` is a ForkingGpu for the block (`observe` runs in its worker after each call); its workers
+    are killed after."""
+    fake = ForkingGpu(observe)
+    original = getattr(app, "spaces", None)
+    app.spaces = fake
+    try:
+        yield fake
+    finally:
+        for process in fake.workers:
+            process.kill()
+        if original is None:
+            del app.spaces
+        else:
+            app.spaces = original
+
+
 def serve(task, arguments, results, observe):
     torch.set_num_threads(1)  # OpenMP's thread pool does not survive a fork; a GPU worker does its work in CUDA
     while True:
@@ -99,10 +118,7 @@ def zerogpu(tmp_path_factory, app_loras):
     engine.presets = studio.inpainter.presets = app.preload_preview_decoders(studio.manager, engine.downloads,
                                                                              engine.presets)
     loads_before = studio.manager.loads
-    fake = ForkingGpu(observe=lambda: studio.manager.loads - loads_before)
-    original = getattr(app, "spaces", None)
-    app.spaces = fake
-    try:
+    with emulated_spaces(observe=lambda: studio.manager.loads - loads_before) as fake:
         runner = JobRunner(board=JobBoard(slots=8), gpu=app.zerogpu_wrapper(studio.manager))
         on_device = runner.device_function("text_to_image", engine)
         # every tab registers its engine before the first job, as build_ui does: a worker forked later would not
@@ -110,13 +126,6 @@ def zerogpu(tmp_path_factory, app_loras):
         runner.device_function("upscale", studio.upscaling)
         runner.device_function("compare", studio.comparison)
         yield studio, runner, on_device, fake
-    finally:
-        for process in fake.workers:
-            process.kill()
-        if original is None:
-            del app.spaces
-        else:
-            app.spaces = original
 
 
 def test_controlnets_are_placed_at_start_and_a_unit_runs_in_the_worker_without_loading(zerogpu):
