@@ -433,7 +433,8 @@ FLOW_COMPONENTS = {
     (FLUX_DEV, "text_encoder_2"): (T5EncoderModel, T5_XXL, T5_XXL_ENCODER_PARAMS),
     (FLUX_DEV, "vae"): (AutoencoderKL, FLOW_VAE, FLOW_VAE_PARAMS),
     **{(repo, role): spec for repo, transformer, count in (
-        (SD35_LARGE, SD35_LARGE_TRANSFORMER, SD35_LARGE_PARAMS), (SD35_MEDIUM, SD35_MEDIUM_TRANSFORMER, SD35_MEDIUM_PARAMS))
+        (SD35_LARGE, SD35_LARGE_TRANSFORMER, SD35_LARGE_PARAMS),
+        (SD35_MEDIUM, SD35_MEDIUM_TRANSFORMER, SD35_MEDIUM_PARAMS))
        for role, spec in (("transformer", (SD3Transformer2DModel, transformer, count)),
                           ("text_encoder", (CLIPTextModelWithProjection, SD35_CLIP_L, CLIP_L_TEXT_PROJ_PARAMS)),
                           ("text_encoder_2", (CLIPTextModelWithProjection, SDXL_TEXT_ENCODER_2,
@@ -494,7 +495,8 @@ def build_components() -> dict[tuple[str, str], torch.nn.Module]:
         assert fp16_bytes(module) == module_bytes(module), f"{source} {role}: bytes disagree with the manager's"
         label = f"{source.rsplit('/', 1)[-1]}/{role}"
         print(f"  {label:<44} {component_class.__name__:<28} "
-              f"{count:>14,} / {expected:>14,.0f} ok  {format_bytes(fp16_bytes(module)):>9} {'bf16' if flow else 'fp16'}")
+              f"{count:>14,} / {expected:>14,.0f} ok  {format_bytes(fp16_bytes(module)):>9} "
+              f"{'bf16' if flow else 'fp16'}")
         modules[(source, role)] = module
     return modules
 

@@ -13,7 +13,7 @@ from studio.models.families import family_of
 DISTILLED_INFO = ("FLUX.1-dev's guidance, learned by the model; empty: its own. CFG stays 1: above 1 it runs true "
                   "CFG with the negative prompt, at twice the time")
 SHIFT_INFO = ("The noise schedule's shift: higher spends more of the steps on composition. Empty: the model's own "
-              "(SD 3.5: 3; FLUX: by the image's size)")
+              "(SD 3.5: 3; FLUX.1-dev: by the image's size; schnell: none)")
 
 
 @dataclass

@@ -149,7 +149,8 @@ class InpaintTab:
 
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
                  padding, seed, batch_size, clip_skip=1, sketch_controlnet=False, live_preview=TAESD,
-                 preview_every=DEFAULT_PREVIEW_EVERY, distilled_guidance=None, shift=None, controls=()) -> InpaintRequest:
+                 preview_every=DEFAULT_PREVIEW_EVERY, distilled_guidance=None, shift=None,
+                 controls=()) -> InpaintRequest:
     return InpaintRequest(
         prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
         steps=whole(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=whole(mask_blur),

@@ -20,7 +20,7 @@ def preset_card(preset: ModelPreset) -> str:
             ", works offline" if preset.is_local else f", configs from {hub_link(preset.config_source)}")
     else:
         where = "built in, works offline" if preset.is_local else hub_link(preset.repo)
-    notes = [where, family_of(preset).prompt_reading]
+    notes = [where, family_of(preset).prompt_reading_of(preset)]
     if preset.licence:
         notes.append(f"Licence: {preset.licence}" + (" — gated: accept it on the Hub and log in (`hf auth login`) "
                                                       "before the first download" if preset.gated else ""))

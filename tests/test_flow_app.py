@@ -98,3 +98,5 @@ def test_the_card_says_the_licence_and_which_encoder_reads_what(presets_file):
 
     card = preset_card(load_presets(presets_file).get("tiny-flux"))
     assert "Licence: FLUX.1 [dev] Non-Commercial License" in card and "T5-XXL reads its first 512 tokens" in card
+    schnell = preset_card(load_presets().get("flux.1-schnell"))
+    assert "T5-XXL reads its first 256 tokens" in schnell and "Licence: Apache-2.0" in schnell

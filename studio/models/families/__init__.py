@@ -67,4 +67,5 @@ def weightless_components() -> tuple[str, ...]:
 
 
 __all__ = ["FAMILIES", "TASKS", "LatentFormat", "ModelFamily", "WorkingMemory", "checkpoint_family",
-           "checkpoint_prefixes", "family_named", "family_of", "samplers_for", "standalone_classes", "weightless_components"]
+           "checkpoint_prefixes", "family_named", "family_of", "samplers_for", "standalone_classes",
+           "weightless_components"]

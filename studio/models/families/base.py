@@ -228,6 +228,10 @@ class ModelFamily:
         """What the user is told about how the encoders read the prompts (a prompt cut at T5's window)."""
         return []
 
+    def prompt_reading_of(self, preset) -> str:
+        """Which text encoder reads what of the prompt, for the preset's card."""
+        return self.prompt_reading
+
     def prompt_options(self, preset) -> dict[str, Any]:
         """What encode_prompt and prompt_notes take from the preset beyond the prompts (T5's window)."""
         return {}

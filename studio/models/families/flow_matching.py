@@ -63,6 +63,9 @@ class FlowMatchingFamily(ModelFamily):
 
     # ----- T5 -----
 
+    def prompt_reading_of(self, preset) -> str:
+        return self.prompt_reading.format(t5_window=preset.t5_window or self.t5_window)
+
     def prompt_options(self, preset) -> dict:
         """T5's window: the family's, or the preset's own (FLUX.1 [schnell] was distilled on 256 tokens)."""
         return {"t5_window": preset.t5_window or self.t5_window}

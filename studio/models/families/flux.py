@@ -48,8 +48,8 @@ class Flux(FlowMatchingFamily):
     lora_loader = "FluxLoraLoaderMixin"  # kohya, XLabs and diffusers files, converted by diffusers
     t5, t5_tokenizer, t5_window = "text_encoder_2", "tokenizer_2", 512
     distilled_guidance = True
-    prompt_reading = ("Prompt: T5-XXL reads its first 512 tokens (a longer prompt is cut, with a note), CLIP-L its first "
-                      "75 for the overall style; (word:1.2) weights apply to both, as in Forge")
+    prompt_reading = ("Prompt: T5-XXL reads its first {t5_window} tokens (a longer prompt is cut, with a note), CLIP-L "
+                      "its first 75 for the overall style; (word:1.2) weights apply to both, as in Forge")
 
     # ----- pipelines -----
 
@@ -111,8 +111,8 @@ class Flux(FlowMatchingFamily):
         one. Under true CFG (CFG > 1) the negative prompt too."""
         from compel import ReturnedEmbeddingsType
 
-        clip = compel_for(pipe.tokenizer, pipe.text_encoder, device, ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED,
-                          requires_pooled=True)
+        clip = compel_for(pipe.tokenizer, pipe.text_encoder, device,
+                          ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED, requires_pooled=True)
 
         def encoded(text: str) -> tuple[torch.Tensor, torch.Tensor]:
             pooled = first_window_pooled(clip, split_at_breaks(parse_attention(text)), device)

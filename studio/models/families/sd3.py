@@ -45,8 +45,8 @@ class StableDiffusion3(FlowMatchingFamily):
                                           "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
                                           "text_encoder_3": ("transformers", "T5EncoderModel")})
     lora_loader = "SD3LoraLoaderMixin"
-    prompt_reading = ("Prompt: CLIP-L and CLIP-G read it 75 tokens at a time, T5-XXL its first 256 tokens (a longer "
-                      "prompt is cut, with a note); (word:1.2) weights apply to all three")
+    prompt_reading = ("Prompt: CLIP-L and CLIP-G read it 75 tokens at a time, T5-XXL its first {t5_window} tokens (a "
+                      "longer prompt is cut, with a note); (word:1.2) weights apply to all three")
     t5, t5_tokenizer, t5_window = "text_encoder_3", "tokenizer_3", 256
 
     def encode_prompt(self, pipe, prompt, negative_prompt, guidance, clip_skip, device, t5_window: int = 0):

@@ -132,7 +132,8 @@ class StableDiffusionXL(StableDiffusion1):
     component_classes = MappingProxyType({**StableDiffusion1.component_classes,
                                           "text_encoder_2": ("transformers", "CLIPTextModelWithProjection")})
     lora_loader = "StableDiffusionXLLoraLoaderMixin"  # kohya files name both encoders (lora_te1_, lora_te2_)
-    prompt_reading = "Prompt: CLIP ViT-L and OpenCLIP bigG both read it, 75 tokens at a time (longer prompts chain windows)"
+    prompt_reading = ("Prompt: CLIP ViT-L and OpenCLIP bigG both read it, 75 tokens at a time (longer prompts chain "
+                      "windows)")
     clip_skip = False
     takes_safety_checker = False  # SDXL's pipelines have none: the studio runs the checker on its own
 
