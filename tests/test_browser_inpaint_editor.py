@@ -28,10 +28,14 @@ def generate_in_text_to_image(page):
 
 
 def generate_and_send_to_inpaint(page):
+    """The image sent, and the form's settings with it: a test that types into the form before the last of them
+    arrives (a busy machine answers late) would have its text overwritten by the sent prompt."""
     generate_in_text_to_image(page)
+    sent_prompt = text_tab(page).get_by_label("Prompt", exact=True).input_value()
     text_tab(page).get_by_role("button", name="Send to Inpaint", exact=True).click()
     inpaint = page.locator("#inpaint-tab")
     inpaint.locator("#inpaint-editor canvas").first.wait_for(timeout=10_000)
+    assert eventually(lambda: inpaint.get_by_label("Prompt", exact=True).input_value() == sent_prompt, page)
     return inpaint
 
 
