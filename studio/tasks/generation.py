@@ -35,6 +35,7 @@ from studio.tasks.requests import (
     RequestLimits,
     SamplingRequest,
     check_sampling,
+    flow_plan,
     fraction_problems,
     resolve_seed,
 )
@@ -132,7 +133,7 @@ class TextToImage(SamplingEngine):
             clip_skip=request.clip_skip, call_arguments={"width": request.width, "height": request.height},
             warnings=self.prompt_warnings(preset, request.prompt, tuple(request.controls))
             + control_notes(tuple(request.controls), self.controlnets), lora_uses=parse_prompt(prompt).loras,
-            **self.live_preview_plan(request, preset), **self.flow_plan(request, preset, "text2img"),
+            **self.live_preview_plan(request, preset), **flow_plan(request, preset, "text2img"),
             controls=plan_controls(tuple(request.controls), self.controlnets, size,
                                    weights_for=self.preprocessor_weights, made_maps=made_maps),
         )

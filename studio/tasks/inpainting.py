@@ -29,6 +29,7 @@ from studio.tasks.requests import (
     RequestLimits,
     SamplingRequest,
     check_sampling,
+    flow_plan,
     fraction_problems,
     resolve_seed,
 )
@@ -287,7 +288,7 @@ class Inpainter(SamplingEngine):
             clip_skip=request.clip_skip, call_arguments=arguments, parameters_extra=extra,
             steps_per_image=int(request.steps * request.strength), warnings=warnings,
             lora_uses=parse_prompt(request.prompt).loras, controls=controls,
-            **self.live_preview_plan(request, preset), **self.flow_plan(request, preset, task),
+            **self.live_preview_plan(request, preset), **flow_plan(request, preset, task),
         )
 
 

@@ -198,5 +198,28 @@ def flow_problems(request: SamplingRequest, preset: ModelPreset) -> dict[str, st
     return problems
 
 
+def flow_plan(request: SamplingRequest, preset: ModelPreset, task: str) -> dict:
+    """A plan's flow-matching fields: the shift (None: the model's own) and the distilled guidance (None where
+    the model takes none: FLUX.1-schnell, SD 3)."""
+    if not family_of(preset).flow_matching:
+        return {}
+    default = preset.inpaint_default_distilled_guidance if task == "inpaint" else preset.distilled_guidance
+    distilled = None
+    if default is not None:
+        distilled = default if request.distilled_guidance is None else request.distilled_guidance
+    return dict(shift=request.shift or None, distilled_guidance=distilled)
+
+
+def flow_parameters(plan) -> dict[str, str]:
+    """The PNG fields Forge writes for flow-matching models (`plan`: a SamplingPlan): "Distilled CFG Scale" for a
+    guidance-distilled one (FLUX.1-dev), and "Shift" where the user set one (the model's own is not written)."""
+    fields = {}
+    if plan.distilled_guidance is not None:
+        fields["Distilled CFG Scale"] = f"{plan.distilled_guidance:g}"
+    if plan.shift is not None:
+        fields["Shift"] = f"{plan.shift:g}"
+    return fields
+
+
 def resolve_seed(seed: int, batch_size: int = 1) -> int:
     return secrets.randbelow(MAX_SEED - batch_size + 2) if seed == -1 else seed

@@ -74,6 +74,7 @@ from studio.tasks.requests import (
     RequestLimits,
     SamplingRequest,
     check_sampling,
+    flow_parameters,
 )
 from studio.tasks.step_hooks import inpaint_step_hooks, step_callback
 
@@ -272,18 +273,6 @@ class SamplingEngine:
         wanted = every is not None and request.live_preview == TAESD and self.preview_decoders.problem(preset) is None
         return dict(previews=every is not None, preview_every=AUTO if every is None else every,
                     preview_decoder=preview_decoder_of(preset) if wanted else None)
-
-    @staticmethod
-    def flow_plan(request: SamplingRequest, preset: ModelPreset, task: str) -> dict[str, Any]:
-        """A plan's flow-matching fields: the shift (None: the model's own) and the distilled guidance (None where
-        the model takes none: FLUX.1-schnell, SD 3)."""
-        if not family_of(preset).flow_matching:
-            return {}
-        default = preset.inpaint_default_distilled_guidance if task == "inpaint" else preset.distilled_guidance
-        distilled = None
-        if default is not None:
-            distilled = default if request.distilled_guidance is None else request.distilled_guidance
-        return dict(shift=request.shift or None, distilled_guidance=distilled)
 
     def control_problems(self, request: SamplingRequest, preset: ModelPreset, task: str) -> list[str]:
         """What is wrong with the request's ControlNet units (a unit without an image uses the request's own image,
@@ -578,17 +567,6 @@ class PhaseOfJob(JobControl):
     @property
     def owner(self) -> object:
         return self.job.owner
-
-
-def flow_parameters(plan: SamplingPlan) -> dict[str, str]:
-    """The PNG fields Forge writes for flow-matching models: "Distilled CFG Scale" for a guidance-distilled one
-    (FLUX.1-dev), and "Shift" where the user set one (the model's own is not written)."""
-    fields = {}
-    if plan.distilled_guidance is not None:
-        fields["Distilled CFG Scale"] = f"{plan.distilled_guidance:g}"
-    if plan.shift is not None:
-        fields["Shift"] = f"{plan.shift:g}"
-    return fields
 
 
 def hash_entry_name(name: str) -> str:

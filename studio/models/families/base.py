@@ -145,7 +145,7 @@ class ModelFamily:
         classes = self.controlnet_pipeline_classes if controlnet else self.pipeline_classes
         if task not in classes:
             raise ValueError(f"{self.label} has no {'ControlNet ' if controlnet else ''}pipeline for {task!r}.")
-        return getattr(importlib.import_module("diffusers"), classes[task])
+        return self._diffusers_class(classes[task])
 
     def pipeline_class_for(self, task: str, parts: Mapping[str, Any], controlnet: bool = False) -> type:
         """The pipeline for `task` over a stage's components (`parts`: a family may pick by its denoiser)."""
