@@ -28,7 +28,7 @@ def generate_in_text_to_image(page):
 
 
 def generate_and_send_to_inpaint(page):
-    """The image sent, and the form's settings with it: a test that types into the form before the last of them
+    """The image sent and shown, and the form's settings with it: a test that types into the form before the last of them
     arrives (a busy machine answers late) would have its text overwritten by the sent prompt."""
     generate_in_text_to_image(page)
     sent_prompt = text_tab(page).get_by_label("Prompt", exact=True).input_value()
@@ -36,6 +36,9 @@ def generate_and_send_to_inpaint(page):
     inpaint = page.locator("#inpaint-tab")
     inpaint.locator("#inpaint-editor canvas").first.wait_for(timeout=10_000)
     assert eventually(lambda: inpaint.get_by_label("Prompt", exact=True).input_value() == sent_prompt, page)
+    # and the picture itself in the editor, as a user waits to see it before painting: strokes drawn on the canvas
+    # while it still loads the image (seconds on a busy machine) are exported without it
+    assert eventually(lambda: shows_the_sent_image(inpaint), page, seconds=30)
     return inpaint
 
 
