@@ -22,6 +22,7 @@ from studio.core.images import PreparedImage, blur_mask, mask_box, prepare_image
 from studio.core.jobs import LocalJob
 from studio.models.presets import ModelPreset
 from studio.tasks.control import control_notes, plan_controls, sketch_unit
+from studio.tasks.outpainting import FILLS, Outpaint, extend, outpaint_problems
 from studio.tasks.parameters import sampling_fields_from_parameters
 from studio.tasks.requests import (
     GenerationResult,
@@ -34,6 +35,14 @@ from studio.tasks.requests import (
     resolve_seed,
 )
 from studio.tasks.sampling import SamplingEngine, SamplingPlan
+from studio.tasks.soft_inpainting import (
+    SoftInpainting,
+    composite_mask,
+    soft_from_parameters,
+    soft_parameters,
+    soft_problems,
+)
+from studio.tasks.step_hooks import SoftBlend
 
 WHOLE_PICTURE, ONLY_MASKED = "Whole picture", "Only masked"
 INPAINT_AREAS = (WHOLE_PICTURE, ONLY_MASKED)
@@ -102,6 +111,8 @@ class InpaintRequest(SamplingRequest):
     # Sketch to image: also guide with the preset family's sketch ControlNet (presets/controlnets.yaml's
     # for_sketches), reading the drawing itself; the form and the API turn it on
     sketch_controlnet: bool = False
+    outpaint: Outpaint | None = None  # grow the canvas and fill the new area (Inpaint mode only)
+    soft: SoftInpainting | None = None  # soft inpainting (None: off): the blurred mask is kept, not thresholded
 
 
 def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestLimits) -> dict[str, str]:
@@ -120,7 +131,17 @@ def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestL
         problems["inpaint_area"] = f"Inpaint area must be one of {', '.join(INPAINT_AREAS)} (got {request.inpaint_area!r})."
     if not (0 <= request.padding <= MAX_PADDING):
         problems["padding"] = f"Padding must be between 0 and {MAX_PADDING} pixels (got {request.padding})."
+    if request.outpaint is not None:
+        problems |= outpaint_problems(request.outpaint, None, None)
+    if request.soft is not None:
+        problems |= soft_problems(request.soft)
     return problems
+
+
+def canvas_limit(preset: ModelPreset, limits: RequestLimits) -> int:
+    """The most pixels an outpainted canvas may have: what the preset renders at its largest, within the server's
+    limits (a public demo's pixel cap, the upload limit)."""
+    return min(preset.max_size**2, limits.max_pixels or preset.max_size**2, limits.max_upload_pixels)
 
 
 @dataclass
@@ -132,6 +153,7 @@ class Finishing:
     overlay: Image.Image  # the mask the result is pasted back through, at the input's size
     region: tuple[int, int, int, int] | None  # "Only masked": the crop the model worked on
     crop_size: tuple[int, int]
+    soft: SoftBlend | None = None  # soft inpainting: each image's own overlay, from its distance to the original
 
     @functools.cached_property
     def _preview_picture(self) -> tuple[float, Image.Image, Image.Image]:
@@ -181,11 +203,16 @@ class Inpainter(SamplingEngine):
 
     # ----- inpaint (and inpaint sketch: the strokes already painted into `image`, `mask` where they are) -----
 
-    def plan_inpaint(self, image: Image.Image, mask: Image.Image, request: InpaintRequest) -> tuple[SamplingPlan, Finishing]:
-        """Check the request and prepare the model's input (CPU work). Raises InvalidRequest."""
+    def plan_inpaint(self, image: Image.Image, mask: Image.Image | None, request: InpaintRequest
+                     ) -> tuple[SamplingPlan, Finishing]:
+        """Check the request and prepare the model's input (CPU work). Raises InvalidRequest. An outpaint needs no
+        mask (None): the new area is the mask, and strokes painted on the image are repainted with it."""
         preset = self.validate(request)
         source = prepare_image(image, max_pixels=self.limits.max_upload_pixels)
-        repaint = prepare_mask(mask, source.rgb.size)
+        repaint = prepare_mask(mask, source.rgb.size) if mask is not None else np.zeros(source.rgb.size[::-1], bool)
+        outpainting = request.outpaint is not None and request.outpaint.grows
+        if outpainting:
+            source, repaint = self._outpaint_canvas(source, repaint, request, preset)
         if not repaint.any():
             raise InvalidRequest(["The mask is empty: paint over the part of the image to redo (white = repaint)."])
         blurred = blur_mask(repaint, request.mask_blur)
@@ -202,34 +229,59 @@ class Inpainter(SamplingEngine):
                  "Inpaint area": request.inpaint_area}
         if only_masked:
             extra["Masked area padding"] = request.padding
+        if outpainting:
+            extra |= outpaint_parameters(request.outpaint)
+        extra |= soft_parameters(request.soft)
 
         # "Only masked" works on a crop around the mask (grown by the padding, then to the working aspect
         # ratio, as diffusers' padding_mask_crop does), at the full working size: more detail for small areas.
         region = VaeImageProcessor.get_crop_region(blurred, *size, pad=request.padding) if only_masked else None
         crop = source.rgb.crop(region) if region else source.rgb
         crop_mask = blurred.crop(region) if region else blurred
+        working_mask = crop_mask.resize(size, Image.Resampling.BILINEAR)
+        soft = SoftBlend(request.soft, working_mask) if request.soft is not None else None
+        # soft inpainting: the model may repaint wherever the blurred mask reaches (the pipeline thresholds the mask
+        # it is given), the soft blend decides how much of that it keeps
         arguments = dict(image=crop.resize(size, Image.Resampling.LANCZOS),
-                         mask_image=crop_mask.resize(size, Image.Resampling.BILINEAR), width=size[0], height=size[1],
-                         strength=request.strength)
+                         mask_image=working_mask if soft is None else working_mask.point(lambda v: 255 if v else 0),
+                         width=size[0], height=size[1], strength=request.strength)
         plan = self._plan(preset, "inpaint", request, size, arguments, extra,
                           ([source.note] if source.note else [])
                           + self.prompt_warnings(preset, request.prompt, tuple(request.controls))
                           + control_notes(tuple(request.controls), self.controlnets),
-                          self._controls(request, size, arguments["image"], region, source.rgb.size))
+                          self._controls(request, size, arguments["image"], region, source.rgb.size), soft)
         # A1111 pastes "Whole picture" back through the blurred mask sharpened (doubled, clipped): the repainted
         # area is fully the model's up to half the blur's falloff, so no faded ghost of the old content shows.
         overlay = blurred if only_masked else sharpened(blurred)
-        return plan, Finishing(source, overlay, region, crop.size)
+        return plan, Finishing(source, overlay, region, crop.size, soft)
+
+    def _outpaint_canvas(self, source: PreparedImage, repaint: np.ndarray, request: InpaintRequest,
+                         preset: ModelPreset) -> tuple[PreparedImage, np.ndarray]:
+        """The image on its larger canvas (the new area pre-filled, transparent where the image was not) and the
+        repaint mask on it. Raises InvalidRequest where the canvas would pass the pixel limit."""
+        problems = outpaint_problems(request.outpaint, source.rgb.size, canvas_limit(preset, self.limits))
+        if problems:
+            raise InvalidRequest(list(problems.values()))
+        canvas, mask = extend(source.rgb, request.outpaint, request.mask_blur, repaint, seed=max(request.seed, 0))
+        alpha = None
+        if source.alpha is not None:
+            alpha = Image.new("L", canvas.size, 0)
+            alpha.paste(source.alpha, (request.outpaint.left, request.outpaint.top))
+        return PreparedImage(canvas, alpha, source.note), mask
 
     def finish_inpaint(self, finishing: Finishing, result: GenerationResult) -> GenerationResult:
-        """Every image back at the input's size, the input's own pixels outside the mask (CPU work)."""
+        """Every image back at the input's size (an outpaint's: the canvas's), the input's own pixels outside the
+        mask (CPU work)."""
         for item in result.images:
             generated = item.image.convert("RGB").resize(finishing.crop_size, Image.Resampling.LANCZOS)
             if finishing.region:
                 whole = finishing.source.rgb.copy()
                 whole.paste(generated, finishing.region[:2])
                 generated = whole
-            item.image = paste_back(generated, finishing.source, finishing.overlay)
+            overlay = finishing.overlay
+            if finishing.soft is not None and item.latent_distance is not None:
+                overlay = soft_overlay(finishing, item.latent_distance)
+            item.image = paste_back(generated, finishing.source, overlay)
             item.image.info["parameters"] = item.parameters
         return result
 
@@ -279,7 +331,7 @@ class Inpainter(SamplingEngine):
         return plan_controls(units, self.controlnets, size, own_image, self.preprocessor_weights)
 
     def _plan(self, preset, task, request: InpaintRequest, size, arguments, extra, warnings,
-              controls=()) -> SamplingPlan:
+              controls=(), soft: SoftBlend | None = None) -> SamplingPlan:
         # diffusers skips the first (1 - strength) of the schedule, so each image takes steps × strength steps.
         return SamplingPlan(
             preset=preset, task=task, prompt=request.prompt.strip(), negative_prompt=request.negative_prompt,
@@ -287,9 +339,31 @@ class Inpainter(SamplingEngine):
             seed=resolve_seed(request.seed, request.batch_size), batch_size=request.batch_size, size=size,
             clip_skip=request.clip_skip, call_arguments=arguments, parameters_extra=extra,
             steps_per_image=int(request.steps * request.strength), warnings=warnings,
-            lora_uses=parse_prompt(request.prompt).loras, controls=controls,
+            lora_uses=parse_prompt(request.prompt).loras, controls=controls, soft=soft,
             **self.live_preview_plan(request, preset), **flow_plan(request, preset, task),
         )
+
+
+def soft_overlay(finishing: Finishing, distance) -> Image.Image:
+    """Soft inpainting's paste-back mask for one image, at the input's size: from how far its final latents
+    are from the original's (studio.tasks.soft_inpainting.composite_mask), in place for "Only masked"."""
+    made = composite_mask(distance, finishing.soft.mask, finishing.soft.settings)
+    made = made.resize(finishing.crop_size, Image.Resampling.BILINEAR)
+    if finishing.region is None:
+        return made
+    whole = Image.new("L", finishing.source.rgb.size, 0)
+    whole.paste(made, finishing.region[:2])
+    return whole
+
+
+def outpaint_parameters(outpaint: Outpaint) -> dict:
+    """The PNG fields of an outpaint, as A1111's mk2 script names its settings."""
+    directions = [side for side in ("left", "right", "top", "bottom") if getattr(outpaint, side)]
+    fields = {"Outpaint": ", ".join(f"{side} {getattr(outpaint, side)}" for side in directions),
+              "Outpaint fill": outpaint.fill}
+    if outpaint.fill == "Matched noise":
+        fields |= {"Fall-off exponent": f"{outpaint.falloff:g}", "Color variation": f"{outpaint.colour_variation:g}"}
+    return fields
 
 
 def sharpened(blurred_mask: Image.Image) -> Image.Image:
@@ -326,4 +400,24 @@ def inpaint_request_from_parameters(text: str, presets, current: InpaintRequest,
         mask_blur=current.mask_blur if mask_blur is None else mask_blur,
         inpaint_area=area if area in INPAINT_AREAS else current.inpaint_area,
         padding=current.padding if padding is None else padding,
+        soft=soft_from_parameters(extra), outpaint=outpaint_from_parameters(extra, current.outpaint),
     ), notes
+
+
+def outpaint_from_parameters(extra: dict, current: Outpaint | None) -> Outpaint | None:
+    """The outpaint a PNG records ("Outpaint: right 32, top 16", its fill), else None: a PNG without one leaves the
+    form's sides at 0, so that inpainting it does not grow the canvas again."""
+    text = extra.get("Outpaint")
+    if not text:
+        return None
+    sides = {}
+    for part in str(text).split(","):
+        name, _, value = part.strip().partition(" ")
+        if name in ("left", "top", "right", "bottom") and parse_int(value) is not None:
+            sides[name] = parse_int(value)
+    base = current or Outpaint()
+    fill = extra.get("Outpaint fill", base.fill)
+    falloff, variation = parse_float(extra.get("Fall-off exponent")), parse_float(extra.get("Color variation"))
+    return Outpaint(**sides, fill=fill if fill in FILLS else base.fill,
+                    falloff=base.falloff if falloff is None else falloff,
+                    colour_variation=base.colour_variation if variation is None else variation)

@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -77,6 +78,7 @@ class GeneratedImage:
     parameters: str  # A1111 "parameters" text for the PNG
     stopped_at: int | None = None  # Stop cut its denoising short after this many of its steps
     stopped_in_hires: bool = False  # ... of Hires. fix's second pass
+    latent_distance: np.ndarray | None = None  # soft inpainting: the final latents' distance from the original's
 
     @property
     def unfinished(self) -> str:
@@ -100,6 +102,7 @@ class MadeImage:
     stopped_in_hires: bool
     parameters: dict  # the image's own PNG fields (Hires. fix's, where it ran; where Stop cut it)
     warnings: list[str] = field(default_factory=list)
+    latent_distance: np.ndarray | None = None  # soft inpainting's, per latent cell (for the final paste)
 
 
 @dataclass

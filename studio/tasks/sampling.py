@@ -76,7 +76,7 @@ from studio.tasks.requests import (
     check_sampling,
     flow_parameters,
 )
-from studio.tasks.step_hooks import inpaint_step_hooks, step_callback
+from studio.tasks.step_hooks import SoftBlend, inpaint_step_hooks, step_callback
 
 
 @dataclass
@@ -110,6 +110,7 @@ class SamplingPlan:
     preview_decoder: str | None = None  # the TAESD those previews are decoded with (a source; None: Fast)
     shift: float | None = None  # a flow-matching model's schedule shift (None: its own)
     distilled_guidance: float | None = None  # FLUX.1-dev's Distilled CFG Scale (None: the model takes none)
+    soft: SoftBlend | None = None  # an inpaint's soft inpainting
 
     @property
     def encoder_prompt(self) -> str:
@@ -431,7 +432,8 @@ class SamplingEngine:
             # an image Stop cut short is decoded where it stopped, and says so in its parameters
             parameters = self.describe(plan, image_seed, made.parameters)
             image.info["parameters"] = parameters  # written as a PNG text chunk when saved as PNG
-            result.images.append(GeneratedImage(image, image_seed, parameters, made.stopped_at, made.stopped_in_hires))
+            result.images.append(GeneratedImage(image, image_seed, parameters, made.stopped_at, made.stopped_in_hires,
+                                                made.latent_distance))
         job.report(plan.total_steps, plan.total_steps, "Done")
         result.warnings = list(dict.fromkeys(result.warnings))  # said once, not once per image
         return result
@@ -440,11 +442,14 @@ class SamplingEngine:
                    job: JobControl) -> MadeImage:
         """Image `index` of the plan in one turn on the device: denoised, decoded and checked."""
         with self.manager.turn(owner=job.owner):
-            latents, steps_done = self._denoise(plan, encoded(), index, job)
-            return self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
+            found = {}  # what the pass leaves besides its latents (soft inpainting's distance from the original)
+            latents, steps_done = self._denoise(plan, encoded(), index, job, found=found)
+            made = self._finish_image(plan, plan.task, latents, plan.size, steps_done, plan.steps_per_image)
+            made.latent_distance = found.get("latent_distance")
+            return made
 
     def _denoise(self, plan: SamplingPlan, conditioning: Conditioning, index: int, job: JobControl,
-                 second_pass: SecondPass | None = None) -> tuple[torch.Tensor, int]:
+                 second_pass: SecondPass | None = None, found: dict | None = None) -> tuple[torch.Tensor, int]:
         """One denoising pass of image `index`: (latents, steps done). The plan's own pass, or Hires. fix's
         second pass."""
         preset = plan.preset
@@ -482,7 +487,8 @@ class SamplingEngine:
                                          way=plan.preview_decoder if preview_decoder is not None else FAST)
             step_hooks = {"callback_on_step_end": each_step}
             if task == "inpaint":
-                step_hooks = inpaint_step_hooks(pipe, family, arguments["image"], image_seed, then=each_step)
+                step_hooks = inpaint_step_hooks(pipe, family, arguments["image"], image_seed, then=each_step,
+                                                soft=plan.soft, found=found)
             latents = pipe(
                 **family.call_arguments(pipe, conditioning.embeds, plan.guidance_scale, plan.distilled_guidance),
                 **(family.size_arguments(task, *size) | arguments), **control_arguments, num_inference_steps=schedule,

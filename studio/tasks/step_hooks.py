@@ -1,16 +1,19 @@
-"""What a denoising pass calls at each step: progress and Stop, and (with a dedicated inpainting model) the
-original image put back outside the mask at the noise level of the next evaluation."""
+"""What a denoising pass calls at each step: progress and Stop, and (with a dedicated inpainting model, or soft
+inpainting) the original image put back outside the mask at the noise level of the next evaluation."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from studio.core.jobs import JobControl
 from studio.models.families import ModelFamily
+from studio.tasks.soft_inpainting import SoftInpainting, kept_weight, latent_blend, noise_to_signal
 
 
 def step_callback(job: JobControl, steps_done: list[int], steps: int, start: int, total: int, label: str):
@@ -30,12 +33,14 @@ def step_callback(job: JobControl, steps_done: list[int], steps: int, start: int
 
 
 def noised_for_next_evaluation(scheduler, clean: torch.Tensor, noise: torch.Tensor,
-                               next_timestep: torch.Tensor) -> torch.Tensor:
+                               next_timestep: torch.Tensor, flow: bool = False) -> torch.Tensor:
     """`clean` noised to the level the model is given at its next evaluation; call it after the scheduler's step
     (most schedulers read their advanced step index, not `next_timestep`). A k-diffusion sampler says that level
     through its input scaling, 1 / sqrt(sigma² + 1), which also covers the middle evaluation of DPM2 and DPM++ SDE,
     where add_noise would use the next step's sigma instead; other schedulers (DDIM, DPM++ 2M, UniPC, LCM) leave
-    their input unscaled and noise by timestep."""
+    their input unscaled and noise by timestep; a flow-matching one by its sigma (`scale_noise`)."""
+    if flow:
+        return scheduler.scale_noise(clean, next_timestep[None], noise)
     # on the latents' device (DPM2 keeps its interpolated sigmas there), in float32 (fp16 rounds 0.9996 to 1)
     probe = torch.ones(1, device=clean.device, dtype=torch.float32)
     scale = float(scheduler.scale_model_input(probe, next_timestep)[0])
@@ -44,37 +49,70 @@ def noised_for_next_evaluation(scheduler, clean: torch.Tensor, noise: torch.Tens
     return scheduler.add_noise(clean, noise, next_timestep[None])
 
 
-def inpaint_step_hooks(pipe, family: ModelFamily, image: Image.Image, seed: int, then=None) -> dict[str, Any]:
-    """The pipeline arguments for an inpaint with a dedicated inpainting model (a 9-channel UNet): a callback_on_step_end that puts
-    the original image, noised to the level of the model's next evaluation, back outside the mask after every
-    step, then calls `then` (progress, Stop). The model repaints the mask against the true surroundings.
+@dataclass(frozen=True)
+class SoftBlend:
+    """Soft inpainting's part of a pass (studio.tasks.soft_inpainting): its settings and the soft mask (L, at the
+    working size, 255 = repaint)."""
+
+    settings: SoftInpainting
+    mask: Image.Image
+
+
+def inpaint_step_hooks(pipe, family: ModelFamily, image: Image.Image, seed: int, then=None,
+                       soft: SoftBlend | None = None, found: dict | None = None) -> dict[str, Any]:
+    """The pipeline arguments for an inpaint: a callback_on_step_end that puts the original image, noised to the
+    level of the model's next evaluation, back outside the mask after every step, then calls `then` (progress,
+    Stop). The model repaints the mask against the true surroundings. With `soft`, the original is blended in
+    through the soft mask instead, by soft inpainting's schedule, and the last step's distance from the original
+    (per latent cell) is left in `found["latent_distance"]` for the final paste.
 
     A1111 (its CFGDenoiser) and ComfyUI (KSamplerX0Inpaint) do the equivalent for every model, inpainting
-    checkpoints included; diffusers does it only for plain 4-channel UNets, so those are left to it. Without it the
-    embedded model's repainted background drifts in tint along a brush stroke (one clean shape in 78% of the
-    calibration cases, 90% with it; see README).
+    checkpoints included; diffusers does it only for plain 4-channel UNets (and SD 3 and FLUX), so those are left
+    to it unless the blend is soft. Without it the embedded model's repainted background drifts in tint along a
+    brush stroke (one clean shape in 78% of the calibration cases, 90% with it; see README).
 
     The original is encoded here, before the pipeline runs: where the models are offloaded to RAM, the VAE then
     has the device before the UNet, as when the pipeline encodes its own inputs."""
-    if not family.needs_known_region_blending(pipe):
+    if soft is None and not family.needs_known_region_blending(pipe):
         return {"callback_on_step_end": then} if then else {}
     generator = torch.Generator("cpu").manual_seed(seed)
     pixels = pipe.image_processor.preprocess(image, height=image.height, width=image.width)
     with torch.no_grad():
-        # the pipeline's own encoding (it upcasts SDXL's fp16 VAE), as its 4-channel blending uses
-        original = pipe._encode_vae_image(pixels.to(pipe._execution_device, family.denoiser_of(pipe).dtype), generator)
+        # the pipeline's own encoding (it upcasts SDXL's fp16 VAE; SD 3 and FLUX scale and shift), as its own
+        # blending uses
+        original = pipe._encode_vae_image(pixels.to(pipe._execution_device, family.denoiser_of(pipe).dtype),
+                                          generator=generator)
     noise = torch.randn(original.shape, generator=generator)
+    soft_mask = None
+    if soft is not None:  # the soft mask at the latents' size, a cell's mean
+        cells = soft.mask.resize(tuple(original.shape[-1:-3:-1]), Image.Resampling.BOX)
+        soft_mask = torch.from_numpy(np.asarray(cells, dtype=np.float32) / 255)[None, None]
 
     def on_step_end(pipe, step, timestep, callback_kwargs):
-        latents = callback_kwargs["latents"]
+        packed = callback_kwargs["latents"]
+        latents = family.preview_latents(packed, image.width, image.height, pipe.vae_scale_factor)
         clean = original.to(latents.device, latents.dtype)
-        keep = 1 - callback_kwargs["mask"][: len(latents)]  # the mask is doubled under CFG; 1 = repaint
         timesteps = pipe.scheduler.timesteps[-pipe.num_timesteps:]  # this run's (strength < 1 skips some)
+        last = step + 1 >= len(timesteps)
         known = clean
-        if step + 1 < len(timesteps):
+        if not last:
             known = noised_for_next_evaluation(pipe.scheduler, clean, noise.to(latents.device, latents.dtype),
-                                               timesteps[step + 1])
-        callback_kwargs["latents"] = keep * known + (1 - keep) * latents
+                                               timesteps[step + 1], family.flow_matching)
+        if soft is None:
+            keep = 1 - callback_kwargs["mask"][: len(latents)]  # the mask is doubled under CFG; 1 = repaint
+            blended = keep * known + (1 - keep) * latents
+        else:
+            mask = soft_mask.to(latents.device, latents.dtype)
+            if last:  # A1111's final blend leaves the latents as they are; only the unmasked cells are put back
+                blended = torch.where(mask > 0, latents, clean)
+                found["latent_distance"] = torch.linalg.vector_norm(
+                    (blended - clean).float(), dim=1)[0].cpu().numpy()  # one image a pass
+            else:
+                sigma = noise_to_signal(pipe.scheduler, timesteps[step + 1], family.flow_matching)
+                blended = latent_blend(known, latents, kept_weight(mask, sigma, soft.settings).expand_as(latents),
+                                       soft.settings.transition_contrast_boost)
+        callback_kwargs["latents"] = family.packed_latents(pipe, blended, packed)
         return then(pipe, step, timestep, callback_kwargs) if then else callback_kwargs
 
-    return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents", "mask"]}
+    inputs = ["latents"] if soft is not None else ["latents", "mask"]
+    return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": inputs}

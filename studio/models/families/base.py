@@ -216,6 +216,11 @@ class ModelFamily:
         """A step's latents as (batch, channels, h, w), for a preview."""
         return latents
 
+    def packed_latents(self, pipe, spatial: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(batch, channels, h, w) latents back in the layout of the pipeline's own `like` (preview_latents'
+        inverse), for a step hook that works on them spatially."""
+        return spatial
+
     # ----- prompts -----
 
     def encode_prompt(self, pipe, prompt: str, negative_prompt: str, guidance: bool, clip_skip: int,

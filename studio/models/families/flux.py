@@ -104,6 +104,11 @@ class Flux(FlowMatchingFamily):
 
         return FluxPipeline._unpack_latents(latents, height, width, vae_scale_factor)
 
+    def packed_latents(self, pipe, spatial: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if like.ndim == 4:
+            return spatial
+        return pipe._pack_latents(spatial, *spatial.shape)
+
     # ----- prompts -----
 
     def encode_prompt(self, pipe, prompt, negative_prompt, guidance, clip_skip, device, t5_window: int = 0):
