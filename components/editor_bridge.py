@@ -119,9 +119,10 @@ def file_for_page(component: gr.components.Component, image) -> dict:
     return FileData(path=cached, orig_name=Path(cached).name).model_dump()
 
 
-def editor_files(sent, max_pixels: int) -> EditorData | None:
+def editor_files(sent, max_pixels: int, component: gr.ImageEditor | None = None) -> EditorData | None:
     """The editor's value as the page sent it into from_editor (files it uploaded), checked: only files uploaded
-    to this server, whose headers show images within `max_pixels`. None for an empty editor."""
+    to this server, whose headers show images within `max_pixels`. None for an empty editor. A value the page
+    sent as an id (its images streamed to `component` beforehand: see blob_files) comes back as files too."""
     if not sent:
         return None
     try:
@@ -129,6 +130,8 @@ def editor_files(sent, max_pixels: int) -> EditorData | None:
     except ValueError:
         raise user_error(InvalidRequest(["The editor's image did not arrive whole: try again."]),
                          "Cannot read the editor") from None
+    if data.id is not None:
+        data = blob_files(component, data.id)
     if len(data.layers) > MAX_LAYERS:  # each would be decoded: the page's editor sends one
         raise user_error(InvalidRequest([f"The editor sends at most {MAX_LAYERS} layers (got {len(data.layers)})."]),
                          "Cannot read the editor")
@@ -149,10 +152,40 @@ def editor_files(sent, max_pixels: int) -> EditorData | None:
     return data
 
 
+def blob_files(component: gr.ImageEditor | None, blob_id: str) -> EditorData:
+    """The images the page streamed to `component` under `blob_id`, as files in gradio's upload folder.
+
+    Once a stroke is drawn, gradio's editor streams its images to the server as they change (its accept_blobs)
+    and then reads back as {"id": ...}; gradio's own preprocess takes the images out of the editor's store on the
+    first read. A job reads the value twice (its check, then its run) and a mode switch reads it again, so the
+    images are written to files at the first read and later reads find them there (the id is the page's random
+    one: nothing of one visitor's is found under another's)."""
+    safe_id = re.sub(r"[^A-Za-z0-9]", "", blob_id)[:64]
+    if not safe_id:
+        raise user_error(InvalidRequest(["The editor's image did not arrive whole: try again."]),
+                         "Cannot read the editor")
+    folder = Path(utils.abspath(utils.get_upload_folder())) / f"editor-{safe_id}"
+    cached = component.blob_storage.pop(blob_id, None) if component is not None else None
+    if cached is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, blob in (("background", cached.background), ("composite", cached.composite),
+                           *((f"layer_{index}", layer) for index, layer in enumerate(cached.layers[:MAX_LAYERS + 1]))):
+            if blob is not None:
+                (folder / f"{name}.png").write_bytes(blob)
+
+    def file(name: str) -> FileData | None:
+        path = folder / f"{name}.png"
+        return FileData(path=str(path), orig_name=path.name) if path.exists() else None
+
+    layers = sorted(folder.glob("layer_*.png"), key=lambda path: int(path.stem.split("_")[1])) if folder.exists() else []
+    return EditorData(background=file("background"), composite=file("composite"),
+                      layers=[FileData(path=str(path), orig_name=path.name) for path in layers])
+
+
 def editor_images(component: gr.ImageEditor, sent, max_pixels: int) -> dict:
     """The editor's value as the page sent it (see editor_files), preprocessed as the editor itself would hand it
     to a handler: {"background", "layers", "composite"} as images."""
-    data = editor_files(sent, max_pixels)
+    data = editor_files(sent, max_pixels, component)
     return (component.preprocess(data) or {}) if data is not None else {}
 
 

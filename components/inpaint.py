@@ -28,6 +28,7 @@ from components.editor_bridge import (
     image_size,
     parse_measured_size,
 )
+from components.canvas_settings import build_canvas_settings, canvas_fields, canvas_values
 from components.event_options import INSTANT, QUICK
 from components.flow_settings import build_flow_settings, flow_fields, flow_updates, optional_flow_settings
 from components.history import build_history
@@ -150,14 +151,14 @@ class InpaintTab:
 def form_request(prompt, negative_prompt, preset, scheduler, steps, guidance_scale, strength, mask_blur, inpaint_area,
                  padding, seed, batch_size, clip_skip=1, sketch_controlnet=False, live_preview=TAESD,
                  preview_every=DEFAULT_PREVIEW_EVERY, distilled_guidance=None, shift=None,
-                 controls=()) -> InpaintRequest:
+                 controls=(), **canvas) -> InpaintRequest:
     return InpaintRequest(
         prompt=prompt or "", negative_prompt=negative_prompt or "", preset=preset, scheduler=scheduler,
         steps=whole(steps), guidance_scale=float(guidance_scale), strength=float(strength), mask_blur=whole(mask_blur),
         inpaint_area=inpaint_area, padding=whole(padding), seed=whole(seed) if seed is not None else -1,
         batch_size=whole(batch_size), clip_skip=whole(clip_skip) if clip_skip is not None else 1,
         sketch_controlnet=bool(sketch_controlnet), **live_preview_fields(live_preview, preview_every),
-        **flow_fields(distilled_guidance, shift), controls=controls,
+        **flow_fields(distilled_guidance, shift), controls=controls, **canvas_fields(**canvas),
     )
 
 
@@ -236,6 +237,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                     clip_skip = WholeSlider(1, MAX_CLIP_SKIP, value=default.default_clip_skip, step=1,
                                             label="Clip skip", info="2 for anime models; SD 1.x only")
                 live_preview, preview_every = build_live_preview_settings(limits.max_steps, "inpaint-live-preview")
+            with gr.Group() as canvas_group:  # Inpaint's and Inpaint sketch's, not Sketch to image's
+                canvas = build_canvas_settings()
             controls = build_control_units(engine.controlnets, limits.max_control_units,
                                            engine.controlnets.for_family(default.family), limits.max_upload_pixels,
                                            engine.preprocessor_weights,
@@ -262,9 +265,9 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 guidance_scale=guidance_scale, strength=strength, mask_blur=mask_blur, inpaint_area=inpaint_area,
                 padding=padding, seed=seed, batch_size=batch_size, clip_skip=clip_skip,
                 sketch_controlnet=sketch_controlnet, live_preview=live_preview, preview_every=preview_every,
-                distilled_guidance=flow.distilled_guidance, shift=flow.shift, **controls.fields)
+                distilled_guidance=flow.distilled_guidance, shift=flow.shift, **canvas.fields, **controls.fields)
     sketch_form = {name: component for name, component in form.items()
-                   if name not in ("mask_blur", "inpaint_area", "padding")}
+                   if name not in ("mask_blur", "inpaint_area", "padding", *canvas.fields)}
     inpaint_form = {name: component for name, component in form.items() if name != "sketch_controlnet"}
     settings = list(form.values())
 
@@ -276,8 +279,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     def check(chosen_mode, value, request: gr.Request, **fields):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
         image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
-        problems = engine.problems(request_of(fields), "img2img" if chosen_mode == SKETCH_TO_IMAGE else "inpaint")
-        if mask is not None and not np.asarray(mask).any():
+        settings_request = request_of(fields)
+        problems = engine.problems(settings_request, "img2img" if chosen_mode == SKETCH_TO_IMAGE else "inpaint")
+        outpainting = settings_request.outpaint is not None and chosen_mode != SKETCH_TO_IMAGE
+        if mask is not None and not outpainting and not np.asarray(mask).any():
             problems["mask"] = ("Paint over the part of the image to redo first." if chosen_mode == INPAINT
                                 else "Paint some strokes on the image first.")
         if problems:
@@ -288,11 +293,12 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     on_device = runner.device_function("inpaint", engine)
     max_upload = engine.limits.max_upload_pixels
 
-    def run(request, progress, image, mask, settings_request, error_title):
-        """Inpaint `image` where `mask` is white, or (mask None) sketch to image, as this tab's job: a generator
+    def run(request, progress, image, mask, settings_request, error_title, sketch=False):
+        """Inpaint `image` where `mask` is white (None: an outpaint's new area only), or (`sketch`) sketch to image,
+        as this tab's job: a generator
         of the live previews' outputs (an inpaint's pasted into the picture, where the edit goes), then the
         result's (Client.submit sees the previews, predict the result)."""
-        if mask is None:
+        if sketch:
             yield from runner.stream(TAB, request, progress, engine,
                                      lambda: engine.plan_sketch(image, settings_request), on_device,
                                      error_title=error_title)
@@ -318,20 +324,24 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
         settings_request = request_of(fields)
         title = "Cannot generate" if mask is None else "Cannot inpaint"
-        yield from run(request, progress, image, mask, settings_request, title)
+        yield from run(request, progress, image, mask, settings_request, title, sketch=chosen_mode == SKETCH_TO_IMAGE)
 
     def inpaint(image, mask, request: gr.Request, progress=gr.Progress(), **fields):
         """Repaint the white part of `mask` (an image the size of `image`; in a transparent PNG, the opaque part)
         as the prompt describes. Pixels outside the (blurred) mask are returned unchanged, at the input's size.
+        outpaint_left/right/top/bottom > 0: the canvas grows by those pixels, the new area filled (outpaint_fill)
+        and repainted; the mask is then optional. soft_inpainting: A1111's soft inpainting (soft_* its settings).
         Returns the images (PNG with A1111 parameters), the seeds used and the generation info. control_<n>_*:
         ControlNet unit n; a unit without an image reads the image being inpainted. live_preview (Off, Fast, TAESD:
         Fast where the model has no TAESD) every preview_every steps: the picture as the edit forms in it,
         intermediate outputs for Client.submit."""
         settings_request = request_of(fields)
-        if image is None or mask is None:
-            raise user_error(InvalidRequest(["Give both an image and a mask (white = repaint)."]), "Cannot inpaint")
-        yield from run(request, progress, opened(image, "image"), opened(mask, "mask"), settings_request,
-                       "Cannot inpaint")
+        if image is None or (mask is None and settings_request.outpaint is None):
+            raise user_error(InvalidRequest(["Give both an image and a mask (white = repaint), or an outpaint "
+                                             "(outpaint_left/right/top/bottom): then the mask may be left out."]),
+                             "Cannot inpaint")
+        chosen_mask = opened(mask, "mask") if mask is not None else None
+        yield from run(request, progress, opened(image, "image"), chosen_mask, settings_request, "Cannot inpaint")
 
     optional_control_images(inpaint, controls.count)  # the API may leave a unit's image out
     optional_flow_settings(inpaint)  # empty: the model's own
@@ -345,7 +355,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         settings_request = request_of(fields, mask_blur=4, inpaint_area=WHOLE_PICTURE, padding=32)
         if sketch is None:
             raise user_error(InvalidRequest(["Give a sketch image."]), "Cannot generate")
-        yield from run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate")
+        yield from run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate",
+                       sketch=True)
 
     optional_control_images(sketch_to_image, controls.count)  # the API may leave a unit's image out
     optional_flow_settings(sketch_to_image)  # empty: the model's own
@@ -402,7 +413,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     def switch_mode(chosen_mode, sent, preset_name, guide):
         """The mode's help, prompt hint, settings and brush, and the image without the other mode's strokes (the
         uploaded file itself: nothing is decoded)."""
-        files = editor_files(sent, engine.limits.max_upload_pixels)
+        files = editor_files(sent, engine.limits.max_upload_pixels, editor)
         background = files.background.path if files is not None and files.background is not None else None
         chosen = chosen_preset(engine.presets, preset_name)
         return (
@@ -410,6 +421,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
             gr.Textbox(placeholder=PROMPT_PLACEHOLDER[chosen_mode]),
             *image_updates(background, chosen_mode),
             gr.Slider(value=default_strength(chosen_mode, chosen, sketch_guided(chosen_mode, chosen, guide))),
+            gr.Group(visible=chosen_mode != SKETCH_TO_IMAGE),
             gr.Group(visible=chosen_mode != SKETCH_TO_IMAGE),
             gr.Button(value="Generate" if chosen_mode == SKETCH_TO_IMAGE else "Inpaint"),
             sketch_controlnet_checkbox(engine, chosen, chosen_mode),
@@ -451,7 +463,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 filled.mask_blur, filled.inpaint_area, filled.padding, filled.seed, 1, filled.clip_skip,
                 # a PNG guided by the sketch ControlNet lists it as a unit: the box stays, the unit is not added twice;
                 # a PNG says nothing of previews
-                gr.skip(), gr.skip(), gr.skip(), distilled_, shift_, *controls.values_for(filled.controls), card_update]
+                gr.skip(), gr.skip(), gr.skip(), distilled_, shift_, *canvas_values(filled.outpaint, filled.soft),
+                *controls.values_for(filled.controls), card_update]
 
     history.follow([event], gallery)
     controls.refresh_maps(history.on_click(fill_form, form, [*settings, card], **QUICK))
@@ -459,7 +472,8 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     # queued, so that a refusal (an image over the size limit) shows as a toast
     apply_to_editor(read_editor(mode.input).success(
         switch_mode, [mode, from_editor, preset, sketch_controlnet],
-        [mode_help, prompt, *image_outputs, strength, mask_settings, generate, sketch_controlnet], **QUICK))
+        [mode_help, prompt, *image_outputs, strength, mask_settings, canvas_group, generate, sketch_controlnet],
+        **QUICK))
     # the page measures an upload itself; the server only hears of a new size
     uploaded = editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, **INSTANT)
     uploaded.then(None, [mode], None, js=select_brush, **INSTANT)

@@ -138,10 +138,14 @@ def check_inpaint(request: InpaintRequest, preset: ModelPreset, limits: RequestL
     return problems
 
 
-def canvas_limit(preset: ModelPreset, limits: RequestLimits) -> int:
-    """The most pixels an outpainted canvas may have: what the preset renders at its largest, within the server's
-    limits (a public demo's pixel cap, the upload limit)."""
-    return min(preset.max_size**2, limits.max_pixels or preset.max_size**2, limits.max_upload_pixels)
+def canvas_limit(preset: ModelPreset, limits: RequestLimits) -> tuple[int, str]:
+    """The most pixels an outpainted canvas may have, and whose limit that is: what the preset renders at its
+    largest (its max size squared), unless the server's limits (a public demo's pixel cap, the upload limit) are
+    lower."""
+    server = min(limits.max_pixels or limits.max_upload_pixels, limits.max_upload_pixels)
+    if server < preset.max_size**2:
+        return server, "this server's limit"
+    return preset.max_size**2, f"the limit for {preset.label} ({preset.max_size}×{preset.max_size})"
 
 
 @dataclass
@@ -259,7 +263,7 @@ class Inpainter(SamplingEngine):
                          preset: ModelPreset) -> tuple[PreparedImage, np.ndarray]:
         """The image on its larger canvas (the new area pre-filled, transparent where the image was not) and the
         repaint mask on it. Raises InvalidRequest where the canvas would pass the pixel limit."""
-        problems = outpaint_problems(request.outpaint, source.rgb.size, canvas_limit(preset, self.limits))
+        problems = outpaint_problems(request.outpaint, source.rgb.size, *canvas_limit(preset, self.limits))
         if problems:
             raise InvalidRequest(list(problems.values()))
         canvas, mask = extend(source.rgb, request.outpaint, request.mask_blur, repaint, seed=max(request.seed, 0))

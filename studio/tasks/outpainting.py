@@ -52,8 +52,10 @@ def placed(image_size: tuple[int, int], canvas_size: tuple[int, int], position: 
     return Outpaint(left=x, top=y, right=canvas_width - width - x, bottom=canvas_height - height - y, **options)
 
 
-def outpaint_problems(outpaint: Outpaint, size: tuple[int, int] | None, max_pixels: int | None) -> dict[str, str]:
-    """Problems by field name, each a sentence; with the image's `size`, the canvas against `max_pixels`."""
+def outpaint_problems(outpaint: Outpaint, size: tuple[int, int] | None, max_pixels: int | None,
+                      limit_name: str = "this server's limit") -> dict[str, str]:
+    """Problems by field name, each a sentence; with the image's `size`, the canvas against `max_pixels`
+    (`limit_name` says whose limit it is)."""
     problems = {}
     for side in ("left", "top", "right", "bottom"):
         value = getattr(outpaint, side)
@@ -71,8 +73,8 @@ def outpaint_problems(outpaint: Outpaint, size: tuple[int, int] | None, max_pixe
         return problems
     width, height = outpaint.canvas_size(size)
     if width * height > max_pixels:
-        problems["outpaint"] = (f"The extended canvas would be {width}×{height} ({width * height:,} pixels), over this "
-                                f"server's {max_pixels:,}: {largest_extension(outpaint, size, max_pixels)}.")
+        problems["outpaint"] = (f"The extended canvas would be {width}×{height} ({width * height:,} pixels), over "
+                                f"{limit_name} of {max_pixels:,}: {largest_extension(outpaint, size, max_pixels)}.")
     return problems
 
 

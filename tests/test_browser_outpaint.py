@@ -1,0 +1,49 @@
+"""Outpainting and soft inpainting in headless Chromium: extend an image to the right and see the larger result;
+soft inpainting on, and its settings in the result's info."""
+
+import pytest
+from test_browser import browser, fresh_page  # noqa: F401 - the module's browser fixture
+from test_browser_inpaint_editor import drag, generate_and_send_to_inpaint
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture
+def page(browser, app_url, artifacts, request):  # noqa: F811
+    yield from fresh_page(browser, app_url, artifacts, request, (1440, 1000))
+
+
+def result_size(page) -> tuple[int, int]:
+    """The first result's own size (its pixels, not as shown)."""
+    image = page.locator("#inpaint-gallery img[alt^='Seed ']").first
+    image.wait_for(timeout=60_000)
+    page.wait_for_function("() => document.querySelector(\"#inpaint-gallery img[alt^='Seed ']\")?.naturalWidth > 0")
+    return tuple(image.evaluate("(img) => [img.naturalWidth, img.naturalHeight]"))
+
+
+def test_extend_right_by_32_pixels_gives_the_larger_image_without_painting_a_mask(page, artifacts):
+    inpaint = generate_and_send_to_inpaint(page)  # the text-to-image result, 64×64
+    inpaint.locator("#inpaint-outpaint").get_by_text("Outpaint: extend the canvas").click()
+    right = inpaint.locator("#outpaint-right input")
+    right.fill("32")
+    right.press("Enter")
+    inpaint.get_by_role("button", name="Inpaint", exact=True).click()  # no stroke painted: the new area is the mask
+    assert result_size(page) == (96, 64)
+    info = page.locator("#inpaint-generation-info textarea")
+    page.wait_for_function("() => document.querySelector('#inpaint-generation-info textarea')?.value"
+                           ".includes('Outpaint: right 32')")
+    assert "Outpaint fill: Blur" in info.input_value()
+    page.screenshot(path=str(artifacts / "outpaint_right_32.png"))
+
+
+def test_soft_inpainting_on_is_run_and_recorded(page, artifacts):
+    inpaint = generate_and_send_to_inpaint(page)
+    drag(page, inpaint, (0.3, 0.5), (0.7, 0.5))
+    inpaint.locator("#inpaint-soft").get_by_text("Soft inpainting").first.click()
+    inpaint.locator("#soft-inpainting").get_by_label("Soft inpainting").check()
+    inpaint.get_by_label("Prompt", exact=True).fill("a large yellow star on a blue background")
+    inpaint.get_by_role("button", name="Inpaint", exact=True).click()
+    assert result_size(page) == (64, 64)
+    page.wait_for_function("() => document.querySelector('#inpaint-generation-info textarea')?.value"
+                           ".includes('Soft inpainting enabled: True')", timeout=60_000)
+    page.screenshot(path=str(artifacts / "soft_inpainting.png"))
