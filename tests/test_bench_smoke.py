@@ -30,6 +30,8 @@ RESULT_LINES = {
                     rf"expected (\d+)/\1 \(",
     "hires_fix.py": rf"time of an image, ratio to a 64 px image:\n  Hires\. fix with Latent +{NUMBER}",
     "inpaint_memory.py": rf"base UNet inpaints \(4-channel\) +{NUMBER} MiB +{NUMBER} MiB +{NUMBER}",
+    "outpaint_quality.py": rf"  Matched noise +0\.85 +{NUMBER}% +({NUMBER}|nan)\n(.|\n)*  soft inpainting +\d+ +{NUMBER}% +"
+                           rf"({NUMBER}|nan)",
     "lora_overhead.py": rf"ratio {NUMBER}; {NUMBER} ms per image for the adapters",
     "preview_cost.py": rf"ratio {NUMBER} \(target <= 1\.03\); {NUMBER} ms per preview",
     "preview_legibility.py": rf"TAESD +100% in +{NUMBER}% +{NUMBER}% +{NUMBER}% +{NUMBER}%",

@@ -2,6 +2,8 @@
 presets file and loaded through the preset path as any Hub model is: text to image with the flow samplers,
 Hires. fix, inpaint (SD 3's pipeline, FLUX.1 Fill), previews, the PNG fields Forge writes, T5's window."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -398,3 +400,27 @@ def test_a_pngs_flow_settings_fill_the_forms_back(engines):
     inpaint, _ = inpaint_request_from_parameters(made.parameters, engines.inpainter.presets,
                                                  InpaintRequest(prompt="", preset="tiny-sd3"))
     assert inpaint.distilled_guidance is None and inpaint.shift == 2.0
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M"])
+def test_soft_inpainting_and_outpainting_run_on_flow_models(engines, preset, sampler):
+    """Soft inpainting blends the original in at each step on flow sigmas too (FLUX's latents unpacked for it and
+    packed back), keeps every pixel outside the blurred mask, and gives another image than the hard mask;
+    an outpaint grows the canvas."""
+    from studio.tasks.outpainting import Outpaint
+    from studio.tasks.soft_inpainting import SoftInpainting
+
+    picture, mask = Image.new("RGB", (64, 64), (40, 90, 200)), Image.new("L", (64, 64), 0)
+    picture.paste((200, 40, 40), (8, 8, 30, 30))
+    mask.paste(255, (16, 16, 48, 48))
+    request = InpaintRequest(prompt=PROMPT, preset=preset, scheduler=sampler, steps=4, seed=2, mask_blur=4,
+                             live_preview="Off", guidance_scale=1.0)
+    hard = pixels(engines.inpainter.inpaint(picture, mask, request).images[0].image)
+    soft_result = engines.inpainter.inpaint(picture, mask, replace(request, soft=SoftInpainting())).images[0]
+    soft = pixels(soft_result.image)
+    assert np.array_equal(soft[:4], pixels(picture)[:4]) and np.array_equal(soft[:, -4:], pixels(picture)[:, -4:])
+    assert np.abs(soft - hard).max() > 8
+    assert parse_parameters(soft_result.parameters).extra["Soft inpainting enabled"] == "True"
+    grown = engines.inpainter.inpaint(picture, None, replace(request, outpaint=Outpaint(right=32, top=16)))
+    assert grown.images[0].image.size == (96, 80)

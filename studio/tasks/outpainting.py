@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 EDGE, BLUR, NOISE = "Edge", "Blur", "Matched noise"
 FILLS = (EDGE, BLUR, NOISE)  # Fooocus's and ComfyUI's edge extension; A1111's "fill"; mk2's matched noise
@@ -142,18 +142,21 @@ def edge_fill(pixels: np.ndarray, known: np.ndarray, outpaint: Outpaint, rng) ->
 
 def blur_fill(pixels: np.ndarray, known: np.ndarray, outpaint: Outpaint, rng) -> np.ndarray:
     """A1111's "fill" (modules/masking.py): the image's colours smeared outwards by blurs of decreasing radius,
-    each laid over the last, a blur normalised by how much of its window is image (premultiplied alpha)."""
+    each laid over the last, a blur normalised by how much of its window is image (premultiplied alpha). In
+    floats: A1111's 8-bit premultiplied blur leaves grain where little of the window is image."""
+    from scipy import ndimage
+
     alpha = known.astype(np.float32)
-    premultiplied = Image.fromarray(np.dstack([pixels * alpha[..., None], alpha * 255]).round().astype(np.uint8),
-                                    mode="RGBa")
+    premultiplied = np.dstack([pixels * alpha[..., None], alpha])
     result = np.zeros_like(pixels)
     covered = np.zeros(known.shape, dtype=np.float32)
     for radius, repeats in ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)):
-        layer = premultiplied.filter(ImageFilter.GaussianBlur(radius)) if radius else premultiplied
-        rgba = np.asarray(layer.convert("RGBA"), dtype=np.float32)
-        layer_alpha = rgba[..., 3] / 255
+        layer = (ndimage.gaussian_filter(premultiplied, sigma=(radius, radius, 0), mode="constant", truncate=3.0)
+                 if radius else premultiplied)
+        layer_alpha = np.clip(layer[..., 3], 0, 1)
+        colour = layer[..., :3] / np.maximum(layer[..., 3:], 1e-12)  # un-premultiplied, as A1111's RGBA
         for _ in range(repeats):  # alpha-composited over what is there, as A1111 lays each blur
-            result = rgba[..., :3] * layer_alpha[..., None] + result * (1 - layer_alpha[..., None])
+            result = colour * layer_alpha[..., None] + result * (1 - layer_alpha[..., None])
             covered = layer_alpha + covered * (1 - layer_alpha)
     return result / np.maximum(covered[..., None], 1e-6)
 
