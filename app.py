@@ -28,7 +28,7 @@ from components.arena import build_arena_tab
 from components.compare import build_compare_tab
 from components.event_options import INSTANT, QUICK
 from components.inpaint import build_inpaint_tab
-from components.running import FORMING, JobRunner, user_error
+from components.running import JobRunner, chosen_result
 from components.queue_polling import poll_the_queue_less_often
 from components.session_config import cache_init_signatures, make_session_configs_on_demand
 from components.status import build_status_bar
@@ -44,7 +44,7 @@ from studio.core.devices import (
     resolve_device,
 )
 from studio.core.downloads import HubDownloads
-from studio.core.errors import InvalidRequest, StudioError
+from studio.core.errors import StudioError
 from studio.core.jobs import JobBoard
 from studio.core.memory import ModelManager
 from studio.core.sessions import RateLimiter
@@ -396,16 +396,6 @@ def zerogpu_wrapper(manager: ModelManager):
         return spaces.GPU(duration=duration)(in_gpu_worker)
 
     return wrap
-
-
-def chosen_result(gallery, index, when_empty: str):
-    """The gallery image last clicked (the first until one is), or a toast saying `when_empty`."""
-    if not gallery:
-        raise user_error(InvalidRequest([when_empty]), "Nothing to send")
-    image, caption = gallery[min(index or 0, len(gallery) - 1)]
-    if (caption or "").startswith(FORMING):  # a live preview, not an image with its parameters
-        raise user_error(InvalidRequest(["The image is still forming: send it once it is done."]), "Not done yet")
-    return image
 
 
 def show_tab(event, tabs: gr.Tabs, tab_id: str) -> None:

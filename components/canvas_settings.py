@@ -9,7 +9,8 @@ import gradio as gr
 
 from components.whole_numbers import WholeNumber
 from studio.tasks.requests import whole
-from studio.tasks.outpainting import BLUR, FILLS, Outpaint
+from studio.core.errors import InvalidRequest
+from studio.tasks.outpainting import BLUR, FILLS, Outpaint, placed
 from studio.tasks.soft_inpainting import LABELS, RANGES, SoftInpainting
 
 SIDES = ("left", "right", "top", "bottom")
@@ -31,6 +32,8 @@ STEPS = {"schedule_bias": 0.1, "preservation_strength": 0.05, "transition_contra
 @dataclass
 class CanvasSettings:
     sides: dict[str, gr.Number]
+    placement: list[gr.Number]  # canvas width and height, the image's x and y on it
+    place: gr.Button
     fill: gr.Dropdown
     falloff: gr.Slider
     colour_variation: gr.Slider
@@ -49,11 +52,11 @@ class CanvasSettings:
 def build_canvas_settings() -> CanvasSettings:
     with gr.Accordion("Outpaint: extend the canvas", open=False, elem_id="inpaint-outpaint"):
         gr.Markdown("Grow the image by this many pixels on each side and fill the new area (no mask needed; strokes "
-                    "on the image are repainted too). For a mockup, put the image where it goes on the canvas: "
-                    "left + image + right is the canvas's width.")
+                    "on the image are repainted too).")
         with gr.Row():
             # no minimum or maximum: gradio's own refusal would not name the field; the request's check does
-            sides = {side: WholeNumber(0, label=f"{side.capitalize()}, pixels", step=8, elem_id=f"outpaint-{side}")
+            sides = {side: WholeNumber(0, label=f"{side.capitalize()}, pixels", step=8, min_width=90,
+                                       elem_id=f"outpaint-{side}")
                      for side in SIDES}
         with gr.Row():
             fill = gr.Dropdown(list(FILLS), value=BLUR, label="Fill the new area with", info=FILL_INFO)
@@ -61,6 +64,11 @@ def build_canvas_settings() -> CanvasSettings:
                                 info="Matched noise: lower keeps it further out")
             colour_variation = gr.Slider(0, 1, value=Outpaint.colour_variation, step=0.01, label="Colour variation",
                                          info="Matched noise: 0 varies lightness only")
+        with gr.Row(equal_height=True):  # a mockup: the image placed on a canvas of a given size
+            placement = [WholeNumber(None, label=label, min_width=90, elem_id=f"outpaint-{name}")
+                         for name, label in (("canvas-width", "Canvas width"), ("canvas-height", "Canvas height"),
+                                             ("x", "Image at x"), ("y", "Image at y"))]
+            place = gr.Button("Place the image on this canvas", size="sm", min_width=120, elem_id="outpaint-place")
     with gr.Accordion("Soft inpainting", open=False, elem_id="inpaint-soft"):
         soft = gr.Checkbox(False, label="Soft inpainting", elem_id="soft-inpainting",
                            info="The blurred mask says per pixel how much may change, so edits blend without a seam "
@@ -68,7 +76,22 @@ def build_canvas_settings() -> CanvasSettings:
         defaults = SoftInpainting()
         soft_settings = {name: gr.Slider(*RANGES[name], value=getattr(defaults, name), step=STEPS[name],
                                          label=LABELS[name], info=SOFT_INFO[name]) for name in LABELS}
-    return CanvasSettings(sides, fill, falloff, colour_variation, soft, soft_settings)
+    return CanvasSettings(sides, placement, place, fill, falloff, colour_variation, soft, soft_settings)
+
+
+def placed_sides(image_size, canvas_width, canvas_height, x, y) -> list[int]:
+    """The four sides (the form's order) that put the editor's image (`image_size`, None when there is none) at
+    (x, y) on a canvas of the given size: a mockup's placement. Raises InvalidRequest, said as a toast."""
+    if not image_size:
+        raise InvalidRequest(["Load an image into the editor first: the canvas is placed around it."])
+    if any(value is None for value in (canvas_width, canvas_height)):
+        raise InvalidRequest(["Give the canvas's width and height (and where the image goes on it: x and y)."])
+    try:
+        outpaint = placed(tuple(image_size), (whole(canvas_width), whole(canvas_height)),
+                          (whole(x) if x is not None else 0, whole(y) if y is not None else 0))
+    except ValueError as error:
+        raise InvalidRequest([str(error)]) from None
+    return [getattr(outpaint, side) for side in SIDES]
 
 
 def canvas_fields(outpaint_left=0, outpaint_right=0, outpaint_top=0, outpaint_bottom=0, outpaint_fill=BLUR,

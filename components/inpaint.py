@@ -28,7 +28,7 @@ from components.editor_bridge import (
     image_size,
     parse_measured_size,
 )
-from components.canvas_settings import build_canvas_settings, canvas_fields, canvas_values
+from components.canvas_settings import build_canvas_settings, canvas_fields, canvas_values, placed_sides
 from components.event_options import INSTANT, QUICK
 from components.flow_settings import build_flow_settings, flow_fields, flow_updates, optional_flow_settings
 from components.history import build_history
@@ -44,6 +44,7 @@ from components.preset_picker import (
 from components.live_preview import build_live_preview_settings, live_preview_fields
 from components.running import (
     JobRunner,
+    chosen_result,
     gallery_outputs,
     gallery_preview,
     scroll_to_results_in_a_narrow_window,
@@ -252,7 +253,10 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
                 stop = gr.Button("Stop", variant="stop", scale=1)
             gallery = gr.Gallery(label="Results", format="png", columns=2, height=420, object_fit="contain",
                                  buttons=["download", "fullscreen"], interactive=False, elem_id="inpaint-gallery")
-            send_to_upscale = gr.Button("Send to Upscale", size="sm", elem_id="inpaint-send-to-upscale")
+            with gr.Row():
+                # A1111's "Send to inpaint" under img2img's results: outpaint again, or inpaint the result
+                use_result = gr.Button("Use as the image", size="sm", elem_id="inpaint-use-result")
+                send_to_upscale = gr.Button("Send to Upscale", size="sm", elem_id="inpaint-send-to-upscale")
             selected = gr.State(0)
             info = gr.Textbox(label="Generation info", lines=3, interactive=False, buttons=["copy"],
                               elem_id="inpaint-generation-info")
@@ -478,6 +482,22 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     uploaded = editor.upload(None, None, upload_size, js=TAKE_MEASURED_UPLOAD_JS, **INSTANT)
     uploaded.then(None, [mode], None, js=select_brush, **INSTANT)
     apply_to_editor(upload_size.change(fit_tools_to_upload, [mode, upload_size, fitted_to], image_outputs, **INSTANT))
+
+    def use_as_the_image(gallery_value, index, chosen_mode):
+        """The chosen result into the editor (brush fitted), the outpaint's sides back at 0: it has grown."""
+        image = chosen_result(gallery_value, index, "There is no result to use yet: make one first.")
+        return (*image_updates(image, chosen_mode), *([0] * len(canvas.sides)))
+
+    apply_to_editor(use_result.click(use_as_the_image, [gallery, selected, mode],
+                                     [*image_outputs, *canvas.sides.values()], **QUICK))
+
+    def place_on_canvas(fitted, *placement):
+        try:
+            return placed_sides(fitted, *placement)
+        except InvalidRequest as error:
+            raise user_error(error, "Cannot place the image") from None
+
+    canvas.place.click(place_on_canvas, [fitted_to, *canvas.placement], list(canvas.sides.values()), **QUICK)
 
     fit_form = dict(fn=preset_updates, inputs=[preset, mode, sketch_controlnet],
                     outputs=[card, scheduler, steps, guidance_scale, strength, clip_skip, *flow.outputs,

@@ -20,7 +20,7 @@ import gradio as gr
 from PIL import Image
 
 from components.event_options import INSTANT
-from studio.core.errors import StudioError
+from studio.core.errors import InvalidRequest, StudioError
 from studio.core.jobs import JobBoard, Preview
 from studio.core.sessions import RateLimiter
 from studio.tasks.requests import GenerationResult
@@ -408,3 +408,13 @@ def gallery_outputs(result, batch_size: int) -> tuple[list, list[int], str]:
                    else "."))
     items = [(item.image, item.caption) for item in result.images]
     return items, result.seeds, "\n\n".join(item.parameters for item in result.images[:1])
+
+
+def chosen_result(gallery, index, when_empty: str):
+    """The gallery image last clicked (the first until one is), or a toast saying `when_empty`."""
+    if not gallery:
+        raise user_error(InvalidRequest([when_empty]), "Nothing to send")
+    image, caption = gallery[min(index or 0, len(gallery) - 1)]
+    if (caption or "").startswith(FORMING):  # a live preview, not an image with its parameters
+        raise user_error(InvalidRequest(["The image is still forming: send it once it is done."]), "Not done yet")
+    return image

@@ -47,3 +47,29 @@ def test_soft_inpainting_on_is_run_and_recorded(page, artifacts):
     page.wait_for_function("() => document.querySelector('#inpaint-generation-info textarea')?.value"
                            ".includes('Soft inpainting enabled: True')", timeout=60_000)
     page.screenshot(path=str(artifacts / "soft_inpainting.png"))
+
+
+@pytest.mark.parametrize("size", [(1440, 1000), (1920, 1080)], ids=["1440x1000", "1920x1080"])
+def test_a_mockup_places_the_image_on_a_canvas_and_the_result_becomes_the_image(browser, app_url, artifacts, request,  # noqa: F811
+                                                                                 size):
+    page = next(fresh_page(browser, app_url, artifacts, request, size))
+    inpaint = generate_and_send_to_inpaint(page)
+    inpaint.locator("#inpaint-outpaint").get_by_text("Outpaint: extend the canvas").click()
+    for name, value in (("canvas-width", "128"), ("canvas-height", "96"), ("x", "40"), ("y", "8")):
+        inpaint.locator(f"#outpaint-{name} input").fill(value)
+    inpaint.locator("#outpaint-place").click()
+    sides = {side: inpaint.locator(f"#outpaint-{side} input") for side in ("left", "right", "top", "bottom")}
+    page.wait_for_function("() => document.querySelector('#outpaint-left input')?.value === '40'")
+    assert {side: box.input_value() for side, box in sides.items()} == {"left": "40", "right": "24", "top": "8",
+                                                                       "bottom": "24"}
+    inpaint.get_by_role("button", name="Inpaint", exact=True).click()
+    assert result_size(page) == (128, 96)
+    page.screenshot(path=str(artifacts / f"outpaint_mockup_{size[0]}.png"))
+    inpaint.locator("#inpaint-use-result").click()  # outpaint again from the result: it is the image now
+    page.wait_for_function("() => document.querySelector('#outpaint-left input')?.value === '0'")
+    assert all(box.input_value() == "0" for box in sides.values())
+    inpaint.locator("#outpaint-x input").fill("500")
+    inpaint.locator("#outpaint-place").click()  # the image (now 128 wide) does not fit at x 500 on 128 px
+    toast = page.get_by_test_id("toast-text").first
+    toast.wait_for(timeout=10_000)
+    assert "does not fit on a 128×96 canvas" in toast.inner_text()

@@ -125,6 +125,7 @@ def zerogpu(tmp_path_factory, app_loras):
         # know an engine registered after it
         runner.device_function("upscale", studio.upscaling)
         runner.device_function("compare", studio.comparison)
+        runner.device_function("inpaint", studio.inpainter)
         yield studio, runner, on_device, fake
 
 
@@ -350,3 +351,30 @@ def test_live_previews_cross_the_fork_and_the_streamed_result_is_the_plain_one(z
         lambda plan, result: result))
     assert len(grids) >= 3 and grids[-1].cells[1].image is not None
     assert all(grid.width > grid.height for grid in grids[:-1])  # the two cells side by side, forming
+
+
+def test_soft_inpainting_and_an_outpaint_cross_the_fork(zerogpu):
+    """The soft blend's mask goes into the worker with the plan; each image's latent distance comes back with it,
+    and the paste-back in this process gives the image a local run gives."""
+    from studio.tasks.inpainting import InpaintRequest
+    from studio.tasks.outpainting import Outpaint
+    from studio.tasks.soft_inpainting import SoftInpainting
+
+    studio, runner, _, fake = zerogpu
+    inpainter = studio.inpainter
+    on_inpaint = runner.device_function("inpaint", inpainter)
+    picture, mask = Image.new("RGB", (64, 64), (30, 60, 200)), Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(picture).ellipse((30, 20, 80, 50), fill=(220, 30, 30))
+    mask.paste(255, (16, 16, 40, 40))
+    soft = InpaintRequest(prompt="a large yellow star on a blue background", seed=5, steps=8, mask_blur=4,
+                          soft=SoftInpainting(), outpaint=Outpaint(right=16), live_preview="Off")
+    plan, finishing = inpainter.plan_inpaint(picture, mask, soft)
+    job = runner.board.open("visitor", "inpaint")
+    with inpainter.model_files(plan) as plan:
+        result = inpainter.finish_inpaint(finishing, on_inpaint(plan, job.slot))
+    runner.board.close(job)
+    assert fake.observed[-1] == 0
+    assert result.images[0].latent_distance is not None and result.images[0].image.size == (80, 64)
+    here = inpainter.inpaint(picture, mask, soft).images[0].image
+    difference = np.abs(np.asarray(result.images[0].image, dtype=int) - np.asarray(here, dtype=int))
+    assert difference.max() <= 2, difference.max()
