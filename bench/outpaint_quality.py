@@ -5,7 +5,7 @@
   continues one shape of the right colour on the right background (the issue's bar: 85%), and the seam (the colour
   step across the old border over the background's own; 1 = none), for each pre-fill at strength 0.85 and at 1;
 - soft inpainting against the hard mask on the stroke-coherence cases: the share of clean results and the seam
-  along the mask's edge.
+  along the mask's edge and where its blur ends (where the paste-back stops).
 
     python bench/outpaint_quality.py [--cases 40]
     python bench/outpaint_quality.py --smoke  # 1 case at 2 steps: the same code, figures meaningless (the tests run it)
@@ -41,9 +41,10 @@ def main() -> None:
     for row in evaluate_outpaint(engines.inpainter, cases, steps=steps):
         print(f"  {row['fill']:<18} {row['strength']:>8g} {row['continues']:>9.0%} {row['seam']:>11.2f}")
     print(f"soft inpainting, {cases} stroke-coherence cases:")
-    print(f"  {'setting':<16} {'mask blur':>9} {'clean':>6} {'seam ratio':>11}")
+    print(f"  {'setting':<16} {'mask blur':>9} {'clean':>6} {'seam ratio':>11} {'at the blur end':>16}")
     for row in evaluate_soft(engines.inpainter, cases, steps=steps):
-        print(f"  {row['setting']:<16} {row['mask blur']:>9} {row['clean']:>6.0%} {row['seam']:>11.2f}")
+        print(f"  {row['setting']:<16} {row['mask blur']:>9} {row['clean']:>6.0%} {row['seam']:>11.2f} "
+              f"{row['outer seam']:>16.2f}")
     print(f"({time.perf_counter() - started:.0f} s)")
 
 

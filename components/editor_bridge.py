@@ -10,7 +10,13 @@ read it back), applies the server's updates to it (APPLY_EDITOR_UPDATE_JS), and 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import io
 import re
+import secrets
+import shutil
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -131,7 +137,7 @@ def editor_files(sent, max_pixels: int, component: gr.ImageEditor | None = None)
         raise user_error(InvalidRequest(["The editor's image did not arrive whole: try again."]),
                          "Cannot read the editor") from None
     if data.id is not None:
-        data = blob_files(component, data.id)
+        data = blob_files(component, data.id, max_pixels)
     if len(data.layers) > MAX_LAYERS:  # each would be decoded: the page's editor sends one
         raise user_error(InvalidRequest([f"The editor sends at most {MAX_LAYERS} layers (got {len(data.layers)})."]),
                          "Cannot read the editor")
@@ -152,26 +158,38 @@ def editor_files(sent, max_pixels: int, component: gr.ImageEditor | None = None)
     return data
 
 
-def blob_files(component: gr.ImageEditor | None, blob_id: str) -> EditorData:
+# The folders blob_files writes are named by a keyed hash of the page's id: their paths cannot be guessed from
+# outside (gradio serves the upload folder), and only the exact id finds them. One key per server process, never
+# changed; the folders last an hour.
+BLOB_FOLDER_KEY = secrets.token_bytes(32)
+BLOB_FOLDER_AGE_S = 3600
+
+
+def blob_files(component: gr.ImageEditor | None, blob_id: str, max_pixels: int) -> EditorData:
     """The images the page streamed to `component` under `blob_id`, as files in gradio's upload folder.
 
-    Once a stroke is drawn, gradio's editor streams its images to the server as they change (its accept_blobs)
-    and then reads back as {"id": ...}; gradio's own preprocess takes the images out of the editor's store on the
+    Once a stroke is drawn, gradio's editor may stream its images to the server as they change (its accept_blobs)
+    and then send only {"id": ...}; gradio's own preprocess takes the images out of the editor's store on the
     first read. A job reads the value twice (its check, then its run) and a mode switch reads it again, so the
-    images are written to files at the first read and later reads find them there (the id is the page's random
-    one: nothing of one visitor's is found under another's)."""
-    safe_id = re.sub(r"[^A-Za-z0-9]", "", blob_id)[:64]
-    if not safe_id:
-        raise user_error(InvalidRequest(["The editor's image did not arrive whole: try again."]),
-                         "Cannot read the editor")
-    folder = Path(utils.abspath(utils.get_upload_folder())) / f"editor-{safe_id}"
+    images are written to files at the first read (each checked to be an image within `max_pixels` first) and
+    later reads find them there."""
+    digest = hmac.new(BLOB_FOLDER_KEY, blob_id.encode(), hashlib.sha256).hexdigest()[:40]
+    upload_folder = Path(utils.abspath(utils.get_upload_folder()))
+    folder = upload_folder / f"editor-{digest}"
     cached = component.blob_storage.pop(blob_id, None) if component is not None else None
     if cached is not None:
+        blobs = [("background", cached.background), ("composite", cached.composite),
+                 *((f"layer_{index}", layer) for index, layer in enumerate(cached.layers))]
+        blobs = [(name, blob) for name, blob in blobs if blob is not None]
+        if len(blobs) > MAX_LAYERS + 2:
+            raise user_error(InvalidRequest([f"The editor sends at most {MAX_LAYERS} layers."]),
+                             "Cannot read the editor")
+        for _, blob in blobs:
+            check_image_bytes(blob, max_pixels)
+        remove_old_blob_folders(upload_folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, blob in (("background", cached.background), ("composite", cached.composite),
-                           *((f"layer_{index}", layer) for index, layer in enumerate(cached.layers[:MAX_LAYERS + 1]))):
-            if blob is not None:
-                (folder / f"{name}.png").write_bytes(blob)
+        for name, blob in blobs:
+            (folder / f"{name}.png").write_bytes(blob)
 
     def file(name: str) -> FileData | None:
         path = folder / f"{name}.png"
@@ -180,6 +198,29 @@ def blob_files(component: gr.ImageEditor | None, blob_id: str) -> EditorData:
     layers = sorted(folder.glob("layer_*.png"), key=lambda path: int(path.stem.split("_")[1])) if folder.exists() else []
     return EditorData(background=file("background"), composite=file("composite"),
                       layers=[FileData(path=str(path), orig_name=path.name) for path in layers])
+
+
+def check_image_bytes(blob: bytes, max_pixels: int) -> None:
+    """That `blob` is an image within `max_pixels`, from its header (nothing decoded), else a toast."""
+    try:
+        with Image.open(io.BytesIO(blob)) as header:
+            check_pixels(header.size, "image", max_pixels)
+    except (OSError, Image.DecompressionBombError):
+        raise user_error(InvalidRequest(["The editor's image could not be read as an image."]),
+                         "Cannot read the editor") from None
+    except StudioError as error:
+        raise user_error(error, "Cannot use this image") from None
+
+
+def remove_old_blob_folders(upload_folder: Path) -> None:
+    """blob_files' folders older than an hour (a job reads its folder within seconds of its first read)."""
+    cutoff = time.time() - BLOB_FOLDER_AGE_S
+    for folder in upload_folder.glob("editor-*"):
+        try:
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # removed meanwhile by another request
+            pass
 
 
 def editor_images(component: gr.ImageEditor, sent, max_pixels: int) -> dict:

@@ -275,17 +275,22 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
     inpaint_form = {name: component for name, component in form.items() if name != "sketch_controlnet"}
     settings = list(form.values())
 
-    def request_of(fields: dict, **defaults) -> InpaintRequest:
-        """The request the settings make, its ControlNet units' images opened (a clear message if one cannot be)."""
+    def request_of(fields: dict, chosen_mode: str = INPAINT, **defaults) -> InpaintRequest:
+        """The request the settings make, its ControlNet units' images opened (a clear message if one cannot be).
+        Sketch to image has no outpaint or soft inpainting: their hidden settings are left out."""
         plain, units = form_control_units(fields, limits.max_upload_pixels)
+        if chosen_mode == SKETCH_TO_IMAGE:
+            plain = {name: value for name, value in plain.items() if name not in canvas.fields}
         return form_request(**(defaults | plain), controls=units)
 
     def check(chosen_mode, value, request: gr.Request, **fields):
         """Instant feedback in the browser, before the request waits in the GPU queue."""
         image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
-        settings_request = request_of(fields)
+        settings_request = request_of(fields, chosen_mode)
         problems = engine.problems(settings_request, "img2img" if chosen_mode == SKETCH_TO_IMAGE else "inpaint")
-        outpainting = settings_request.outpaint is not None and chosen_mode != SKETCH_TO_IMAGE
+        outpainting = settings_request.outpaint is not None
+        if outpainting and not problems:  # the canvas against the limit, before the job waits in the queue
+            problems |= engine.canvas_problems(settings_request, image.size)
         if mask is not None and not outpainting and not np.asarray(mask).any():
             problems["mask"] = ("Paint over the part of the image to redo first." if chosen_mode == INPAINT
                                 else "Paint some strokes on the image first.")
@@ -326,11 +331,11 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
 
     def inpaint_from_editor(chosen_mode, value, request: gr.Request, progress=gr.Progress(), **fields):
         image, mask = images_for(editor, chosen_mode, value, engine.limits.max_upload_pixels)
-        settings_request = request_of(fields)
+        settings_request = request_of(fields, chosen_mode)
         title = "Cannot generate" if mask is None else "Cannot inpaint"
         yield from run(request, progress, image, mask, settings_request, title, sketch=chosen_mode == SKETCH_TO_IMAGE)
 
-    def inpaint(image, mask, request: gr.Request, progress=gr.Progress(), **fields):
+    def inpaint(image, mask=None, request: gr.Request = None, progress=gr.Progress(), **fields):
         """Repaint the white part of `mask` (an image the size of `image`; in a transparent PNG, the opaque part)
         as the prompt describes. Pixels outside the (blurred) mask are returned unchanged, at the input's size.
         outpaint_left/right/top/bottom > 0: the canvas grows by those pixels, the new area filled (outpaint_fill)
@@ -356,7 +361,7 @@ def build_inpaint_tab(engine: Inpainter, runner: JobRunner) -> InpaintTab:
         drawing's shapes and places (use strength 1: the colours then come from the prompt). control_<n>_*:
         ControlNet unit n; a unit without an image reads the sketch. Returns the images (PNG with A1111
         parameters), the seeds used and the generation info; live previews as /inpaint's."""
-        settings_request = request_of(fields, mask_blur=4, inpaint_area=WHOLE_PICTURE, padding=32)
+        settings_request = request_of(fields, SKETCH_TO_IMAGE, mask_blur=4, inpaint_area=WHOLE_PICTURE, padding=32)
         if sketch is None:
             raise user_error(InvalidRequest(["Give a sketch image."]), "Cannot generate")
         yield from run(request, progress, opened(sketch, "sketch"), None, settings_request, "Cannot generate",

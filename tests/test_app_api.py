@@ -41,6 +41,10 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
         return [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]]
 
     flow = ["distilled_guidance", "shift"]  # SD 3.5 and FLUX.1's; empty: the model's own
+    canvas = [*(f"outpaint_{side}" for side in ("left", "right", "top", "bottom")), "outpaint_fill",
+              "outpaint_falloff", "outpaint_colour_variation", "soft_inpainting",
+              *(f"soft_{name}" for name in ("schedule_bias", "preservation_strength", "transition_contrast_boost",
+                                            "mask_influence", "difference_threshold", "difference_contrast"))]
     assert parameters("/text_to_image") == [*DEFAULTS, "hires_fix", "hires_upscaler", "hires_upscale", "hires_steps",
                                             "denoising_strength", "live_preview", "preview_every", *flow, *units(3)]
     # no timers, no UI glue
@@ -49,7 +53,8 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
     for endpoint in api["named_endpoints"]:  # only the prompt (and the images) must be given
         required = [p["parameter_name"] for p in api["named_endpoints"][endpoint]["parameters"]
                     if not p["parameter_has_default"]]
-        assert required in (["prompt"], ["image", "mask", "prompt"], ["sketch", "prompt"], ["image"],
+        # an outpaint needs no mask, so /inpaint's is optional (left out without one: a clear message)
+        assert required in (["prompt"], ["image", "prompt"], ["sketch", "prompt"], ["image"],
                             ["battle_id", "choice"], []), (endpoint, required)
     assert parameters("/arena_battle") == ["prompt", "seed"]
     assert parameters("/arena_vote") == ["battle_id", "choice"]
@@ -57,7 +62,8 @@ def test_api_lists_the_named_endpoints_with_named_parameters(client):
                                       "z_type", "z_values", *units(1)]
     assert parameters("/upscale") == ["image", "upscaler", "scale", "tile", "denoise_strength", "face_restoration",
                                       "face_visibility"]
-    assert parameters("/inpaint") == ["image", "mask", *INPAINT, "live_preview", "preview_every", *flow, *units(3)]
+    assert parameters("/inpaint") == ["image", "mask", *INPAINT, "live_preview", "preview_every", *flow, *canvas,
+                                      *units(3)]
     assert parameters("/sketch_to_image") == ["sketch", *(k for k in INPAINT if k not in ("mask_blur", "inpaint_area",
                                                                                         "padding")),
                                               "sketch_controlnet", "live_preview", "preview_every", *flow, *units(3)]
@@ -88,6 +94,7 @@ WHOLE_NUMBERS = {
     "/text_to_image": {"steps", "width", "height", "seed", "batch_size", "clip_skip", "hires_steps", "preview_every",
                        *(f"control_{n}_processor_res" for n in (1, 2, 3))},
     "/inpaint": {"steps", "mask_blur", "padding", "seed", "batch_size", "clip_skip", "preview_every",
+                 *(f"outpaint_{side}" for side in ("left", "right", "top", "bottom")),
                  *(f"control_{n}_processor_res" for n in (1, 2, 3))},
     "/sketch_to_image": {"steps", "seed", "batch_size", "clip_skip", "preview_every",
                          *(f"control_{n}_processor_res" for n in (1, 2, 3))},
@@ -485,3 +492,21 @@ def test_inpaint_submit_sees_previews_in_place_and_predict_the_same_result(clien
     predicted = client.predict(**files, **(INPAINT | dict(steps=100)), api_name="/inpaint")
     streamed, direct = (np.asarray(Image.open(gallery[0]["image"])) for gallery in (job.result()[0], predicted[0]))
     assert np.array_equal(streamed, direct)
+
+
+def test_inpaint_outpaints_without_a_mask_and_refuses_a_canvas_past_the_limit(client, tmp_path):
+    """Outpainting through /inpaint: no mask, the canvas 24 px wider, the original's left part unchanged; soft
+    inpainting's fields in the PNG; a canvas past the preset's 128 × 128 refused with the largest that fits."""
+    image, _ = picture_and_mask(tmp_path, size=(64, 64))
+    gallery, _, info = client.predict(image=handle_file(tmp_path / "image.png"), prompt="a small red circle",
+                                      outpaint_right=24, outpaint_fill="Edge", soft_inpainting=True, seed=4,
+                                      api_name="/inpaint")
+    result = Image.open(gallery[0]["image"]).convert("RGB")
+    assert result.size == (88, 64)
+    assert np.array_equal(np.asarray(result)[:, :32], np.asarray(image.convert("RGB"))[:, :32])
+    assert "Outpaint: right 24, Outpaint fill: Edge" in info and "Soft inpainting enabled: True" in info
+    with pytest.raises(Exception, match=r"at most right 192 px"):
+        client.predict(image=handle_file(tmp_path / "image.png"), prompt="a small red circle", outpaint_right=300,
+                       api_name="/inpaint")
+    with pytest.raises(Exception, match=r"Give both an image and a mask .*or an outpaint"):
+        client.predict(image=handle_file(tmp_path / "image.png"), prompt="a small red circle", api_name="/inpaint")

@@ -167,7 +167,7 @@ def test_strokes_the_editor_streamed_to_the_server_keep_the_image_for_the_switch
     drag(page, inpaint, (0.3, 0.5), (0.7, 0.5))
     inpaint.locator("#inpaint-outpaint").get_by_text("Outpaint: extend the canvas").click()
     page.wait_for_timeout(1000)
-    inpaint.get_by_role("button", name="Inpaint", exact=True).click()
+    inpaint.get_by_role("button", name="Inpaint", exact=True).click()  # its check, then its run, read the id
     page.locator("#inpaint-gallery img[alt^='Seed ']").first.wait_for(timeout=60_000)
 
 

@@ -13,6 +13,23 @@ def page(browser, app_url, artifacts, request):  # noqa: F811
     yield from fresh_page(browser, app_url, artifacts, request, (1440, 1000))
 
 
+def open_outpaint(inpaint):
+    inpaint.locator("#inpaint-outpaint").get_by_text("Outpaint: extend the canvas").click()
+    inpaint.locator("#outpaint-right input").wait_for()
+
+
+def type_number(page, box, value: str) -> None:
+    """A number typed into `box` and kept: on a busy machine the accordion's content can still be settling when
+    the first keys arrive, so it is typed again until the box holds it."""
+    for _ in range(5):
+        box.fill(value)
+        box.press("Tab")
+        page.wait_for_timeout(300)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"the box did not keep {value!r}: {box.input_value()!r}")
+
+
 def result_size(page) -> tuple[int, int]:
     """The first result's own size (its pixels, not as shown)."""
     image = page.locator("#inpaint-gallery img[alt^='Seed ']").first
@@ -23,10 +40,8 @@ def result_size(page) -> tuple[int, int]:
 
 def test_extend_right_by_32_pixels_gives_the_larger_image_without_painting_a_mask(page, artifacts):
     inpaint = generate_and_send_to_inpaint(page)  # the text-to-image result, 64×64
-    inpaint.locator("#inpaint-outpaint").get_by_text("Outpaint: extend the canvas").click()
-    right = inpaint.locator("#outpaint-right input")
-    right.fill("32")
-    right.press("Enter")
+    open_outpaint(inpaint)
+    type_number(page, inpaint.locator("#outpaint-right input"), "32")
     inpaint.get_by_role("button", name="Inpaint", exact=True).click()  # no stroke painted: the new area is the mask
     assert result_size(page) == (96, 64)
     info = page.locator("#inpaint-generation-info textarea")
@@ -54,9 +69,9 @@ def test_a_mockup_places_the_image_on_a_canvas_and_the_result_becomes_the_image(
                                                                                  size):
     page = next(fresh_page(browser, app_url, artifacts, request, size))
     inpaint = generate_and_send_to_inpaint(page)
-    inpaint.locator("#inpaint-outpaint").get_by_text("Outpaint: extend the canvas").click()
+    open_outpaint(inpaint)
     for name, value in (("canvas-width", "128"), ("canvas-height", "96"), ("x", "40"), ("y", "8")):
-        inpaint.locator(f"#outpaint-{name} input").fill(value)
+        type_number(page, inpaint.locator(f"#outpaint-{name} input"), value)
     inpaint.locator("#outpaint-place").click()
     sides = {side: inpaint.locator(f"#outpaint-{side} input") for side in ("left", "right", "top", "bottom")}
     page.wait_for_function("() => document.querySelector('#outpaint-left input')?.value === '40'")
@@ -68,8 +83,8 @@ def test_a_mockup_places_the_image_on_a_canvas_and_the_result_becomes_the_image(
     inpaint.locator("#inpaint-use-result").click()  # outpaint again from the result: it is the image now
     page.wait_for_function("() => document.querySelector('#outpaint-left input')?.value === '0'")
     assert all(box.input_value() == "0" for box in sides.values())
-    inpaint.locator("#outpaint-x input").fill("500")
-    inpaint.locator("#outpaint-place").click()  # the image (now 128 wide) does not fit at x 500 on 128 px
+    type_number(page, inpaint.locator("#outpaint-x input"), "1")
+    inpaint.locator("#outpaint-place").click()  # the image, now 128 wide (64 before), does not fit at x 1 on 128 px
     toast = page.get_by_test_id("toast-text").first
     toast.wait_for(timeout=10_000)
     assert "does not fit on a 128×96 canvas" in toast.inner_text()

@@ -138,6 +138,7 @@ def test_the_blend_keeps_the_original_where_unmasked_the_step_where_masked_and_m
     early, late = kept_weight(mask, 14.6, SoftInpainting()), kept_weight(mask, 0.03, SoftInpainting())
     assert early[0] == 0 and early[2] == 1 and late[0] == 0 and late[2] == 1
     assert early[1] < 0.01 < 0.9 < late[1]  # half masked: the original early, the step's own late
+    assert kept_weight(mask, 1.0, SoftInpainting(preservation_strength=0))[0] == 0  # 0 ** 0 is not 1 here
     original, current = torch.randn(1, 4, 3, 3), torch.randn(1, 4, 3, 3)
     ones, zeros = torch.ones(1, 4, 3, 3), torch.zeros(1, 4, 3, 3)
     assert torch.allclose(latent_blend(original, current, zeros, 4.0), original, atol=1e-5)
@@ -161,3 +162,39 @@ def test_soft_inpainting_keeps_every_unmasked_pixel_and_changes_the_masked_area(
     assert np.abs(out[24:36, 24:36] - before[24:36, 24:36]).max() > 40
     assert not np.array_equal(out, np.asarray(hard.image.convert("RGB"), dtype=int))
     assert parse_parameters(made.parameters).extra["Soft inpainting schedule bias"] == "1"
+
+
+def test_soft_inpainting_at_another_size_than_the_models_changes_nothing_outside_the_blur_and_fades_out(inpainter):
+    """At 200×160 (the model works at 72×56) the paste-back mask is limited at the input's size: no pixel where
+    the blurred mask is 0 changes, and where the blur fades out the result fades into the original, no step."""
+    from studio.core.images import blur_mask
+    from studio.tasks.inpainting import sharpened
+
+    image = picture().resize((200, 160))
+    mask = Image.new("L", (200, 160), 0)
+    mask.paste(255, (60, 40, 130, 110))
+    soft = request(mask_blur=12, soft=SoftInpainting(), prompt="a large yellow star on a blue background")
+    out = np.asarray(inpainter.inpaint(image, mask, soft).images[0].image.convert("RGB"), dtype=int)
+    before = np.asarray(image, dtype=int)
+    hard_overlay = np.asarray(sharpened(blur_mask(np.asarray(mask) > 0, 12)), dtype=int)
+    assert np.array_equal(out[hard_overlay == 0], before[hard_overlay == 0])
+    fading = (hard_overlay > 0) & (hard_overlay < 16)  # the blur's last levels: at most that share of the result
+    change = np.abs(out - before).max(axis=-1)
+    assert (change[fading] <= np.abs(before[fading]).max() * 16 / 255 + 2).all()
+
+
+def test_an_rgba_outpaint_with_soft_inpainting_is_opaque_and_the_models_in_the_new_area(inpainter):
+    image = picture().convert("RGBA")
+    image.putalpha(200)
+    made = inpainter.inpaint(image, None, request(strength=0.6, outpaint=Outpaint(right=16), soft=SoftInpainting()))
+    out = np.asarray(made.images[0].image)
+    assert out.shape == (64, 80, 4) and (out[:, 64:, 3] == 255).all()  # the new area is the model's, opaque
+    assert (out[:, :40, 3] == 200).all()  # the image's own transparency away from the band
+
+
+def test_a_random_seeds_matched_noise_outpaint_is_made_again_from_its_png(inpainter):
+    first = inpainter.inpaint(picture(), None, request(seed=-1, strength=0.6, outpaint=Outpaint(right=16, fill=NOISE)))
+    again, _ = inpaint_request_from_parameters(first.images[0].parameters, inpainter.presets, request())
+    second = inpainter.inpaint(picture(), None, again)
+    assert again.seed == first.images[0].seed and again.outpaint.fill == NOISE
+    assert np.array_equal(np.asarray(first.images[0].image), np.asarray(second.images[0].image))

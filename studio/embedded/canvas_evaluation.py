@@ -8,7 +8,7 @@ Inpainter (plan, run, paste back: what a user's request runs). bench/outpaint_qu
   columns elsewhere (1 = no seam).
 - Soft inpainting against the hard mask on the stroke-coherence cases (evaluation.cutting_cases, the measured set,
   never looked at to set a threshold): the share of clean results (evaluation.coherence) and the seam measure
-  along the mask's edge.
+  along the mask's edge and along the outer edge of its blur (where the paste-back ends).
 """
 
 from __future__ import annotations
@@ -112,8 +112,11 @@ def evaluate_outpaint(inpainter, count: int, fills=("Blur", "Edge", "Matched noi
 
 def evaluate_soft(inpainter, count: int, steps: int | None = None, seed: int = CUTTING_SEED) -> list[dict]:
     """The stroke-coherence cases inpainted with the hard mask (the default blur, and A1111's "high blur" for soft
-    inpainting) and with soft inpainting: clean share and seam ratio along the mask's edge."""
+    inpainting) and with soft inpainting: clean share and seam ratios along the mask's edge and the blur's end."""
     from scipy import ndimage
+
+    from studio.core.images import blur_mask
+    from studio.tasks.inpainting import sharpened
 
     preset = inpainter.presets.get("embedded")
     high_blur = 4 * mask_tools_for((SIDE, SIDE)).mask_blur
@@ -121,7 +124,7 @@ def evaluate_soft(inpainter, count: int, steps: int | None = None, seed: int = C
                 ("soft inpainting", high_blur, SoftInpainting())]
     rows = []
     for label, blur, soft in settings:
-        clean, seams = 0, []
+        clean, seams, outer_seams = 0, [], []
         for index, (scene, mask) in enumerate(cutting_cases(count, seed)):
             init = scenes.render(scene)
             request = InpaintRequest(prompt=plain_caption(scene), seed=seed + index, steps=steps or preset.default_steps,
@@ -131,7 +134,11 @@ def evaluate_soft(inpainter, count: int, steps: int | None = None, seed: int = C
             result = inpainter.inpaint(init, mask_image, request).images[0].image.convert("RGB")
             clean += coherence(result, scene, mask)["coherent"]
             edge = ndimage.binary_dilation(mask, iterations=1) & ~ndimage.binary_erosion(mask, iterations=1)
-            seams.append(seam_ratio(result, edge, background_pixels(result, scene)))
+            background = background_pixels(result, scene)
+            seams.append(seam_ratio(result, edge, background))
+            reach = np.asarray(sharpened(blur_mask(mask, blur))) > 0  # what the paste-back can change
+            outer = ndimage.binary_dilation(reach) & ~ndimage.binary_erosion(reach)
+            outer_seams.append(seam_ratio(result, outer, background))
         rows.append({"setting": label, "mask blur": blur, "n": count, "clean": clean / count,
-                     "seam": float(np.nanmean(seams))})
+                     "seam": float(np.nanmean(seams)), "outer seam": float(np.nanmean(outer_seams))})
     return rows

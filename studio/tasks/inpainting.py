@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 from diffusers.image_processor import VaeImageProcessor
-from PIL import Image
+from PIL import Image, ImageChops
 
 from studio.a1111.metadata import parse_float, parse_int, parse_parameters
 from studio.a1111.prompts import parse_prompt
@@ -158,6 +158,7 @@ class Finishing:
     region: tuple[int, int, int, int] | None  # "Only masked": the crop the model worked on
     crop_size: tuple[int, int]
     soft: SoftBlend | None = None  # soft inpainting: each image's own overlay, from its distance to the original
+    grown: Image.Image | None = None  # an outpaint's new area (L, 255): always the model's, whatever the overlay
 
     @functools.cached_property
     def _preview_picture(self) -> tuple[float, Image.Image, Image.Image]:
@@ -215,8 +216,11 @@ class Inpainter(SamplingEngine):
         source = prepare_image(image, max_pixels=self.limits.max_upload_pixels)
         repaint = prepare_mask(mask, source.rgb.size) if mask is not None else np.zeros(source.rgb.size[::-1], bool)
         outpainting = request.outpaint is not None and request.outpaint.grows
+        grown = None
         if outpainting:
-            source, repaint = self._outpaint_canvas(source, repaint, request, preset)
+            # the seed first: the matched-noise fill is drawn from it, and the PNG's seed must give it again
+            request = replace(request, seed=resolve_seed(request.seed, request.batch_size))
+            source, repaint, grown = self._outpaint_canvas(source, repaint, request, preset)
         if not repaint.any():
             raise InvalidRequest(["The mask is empty: paint over the part of the image to redo (white = repaint)."])
         blurred = blur_mask(repaint, request.mask_blur)
@@ -244,10 +248,7 @@ class Inpainter(SamplingEngine):
         crop_mask = blurred.crop(region) if region else blurred
         working_mask = crop_mask.resize(size, Image.Resampling.BILINEAR)
         soft = SoftBlend(request.soft, working_mask) if request.soft is not None else None
-        # soft inpainting: the model may repaint wherever the blurred mask reaches (the pipeline thresholds the mask
-        # it is given), the soft blend decides how much of that it keeps
-        arguments = dict(image=crop.resize(size, Image.Resampling.LANCZOS),
-                         mask_image=working_mask if soft is None else working_mask.point(lambda v: 255 if v else 0),
+        arguments = dict(image=crop.resize(size, Image.Resampling.LANCZOS), mask_image=working_mask,
                          width=size[0], height=size[1], strength=request.strength)
         plan = self._plan(preset, "inpaint", request, size, arguments, extra,
                           ([source.note] if source.note else [])
@@ -257,21 +258,31 @@ class Inpainter(SamplingEngine):
         # A1111 pastes "Whole picture" back through the blurred mask sharpened (doubled, clipped): the repainted
         # area is fully the model's up to half the blur's falloff, so no faded ghost of the old content shows.
         overlay = blurred if only_masked else sharpened(blurred)
-        return plan, Finishing(source, overlay, region, crop.size, soft)
+        return plan, Finishing(source, overlay, region, crop.size, soft, grown)
+
+    def canvas_problems(self, request: InpaintRequest, size: tuple[int, int]) -> dict[str, str]:
+        """An outpaint's problems with an image of `size` (its canvas against the limit), by field name; checked
+        before a job waits in the queue, and again when it is planned."""
+        if request.outpaint is None or request.preset not in self.presets:
+            return {}
+        return outpaint_problems(request.outpaint, size, *canvas_limit(self.presets.get(request.preset), self.limits))
 
     def _outpaint_canvas(self, source: PreparedImage, repaint: np.ndarray, request: InpaintRequest,
-                         preset: ModelPreset) -> tuple[PreparedImage, np.ndarray]:
-        """The image on its larger canvas (the new area pre-filled, transparent where the image was not) and the
-        repaint mask on it. Raises InvalidRequest where the canvas would pass the pixel limit."""
-        problems = outpaint_problems(request.outpaint, source.rgb.size, *canvas_limit(preset, self.limits))
+                         preset: ModelPreset) -> tuple[PreparedImage, np.ndarray, Image.Image]:
+        """The image on its larger canvas (the new area pre-filled, transparent where the image was not), the
+        repaint mask on it, and the new area (L). Raises InvalidRequest where the canvas would pass the limit."""
+        problems = self.canvas_problems(request, source.rgb.size)
         if problems:
             raise InvalidRequest(list(problems.values()))
-        canvas, mask = extend(source.rgb, request.outpaint, request.mask_blur, repaint, seed=max(request.seed, 0))
+        outpaint = request.outpaint
+        canvas, mask = extend(source.rgb, outpaint, request.mask_blur, repaint, seed=request.seed)
+        grown = Image.new("L", canvas.size, 255)
+        grown.paste(0, (outpaint.left, outpaint.top, outpaint.left + source.rgb.width, outpaint.top + source.rgb.height))
         alpha = None
         if source.alpha is not None:
             alpha = Image.new("L", canvas.size, 0)
-            alpha.paste(source.alpha, (request.outpaint.left, request.outpaint.top))
-        return PreparedImage(canvas, alpha, source.note), mask
+            alpha.paste(source.alpha, (outpaint.left, outpaint.top))
+        return PreparedImage(canvas, alpha, source.note), mask, grown
 
     def finish_inpaint(self, finishing: Finishing, result: GenerationResult) -> GenerationResult:
         """Every image back at the input's size (an outpaint's: the canvas's), the input's own pixels outside the
@@ -350,14 +361,17 @@ class Inpainter(SamplingEngine):
 
 def soft_overlay(finishing: Finishing, distance) -> Image.Image:
     """Soft inpainting's paste-back mask for one image, at the input's size: from how far its final latents
-    are from the original's (studio.tasks.soft_inpainting.composite_mask), in place for "Only masked"."""
+    are from the original's (studio.tasks.soft_inpainting.composite_mask), in place for "Only masked", and never
+    above the hard paste-back's mask, which fades to 0 with the blurred mask: no pixel outside it changes, and the
+    result does not end in a step where the blur ends. An outpaint's new area is always the model's."""
     made = composite_mask(distance, finishing.soft.mask, finishing.soft.settings)
     made = made.resize(finishing.crop_size, Image.Resampling.BILINEAR)
-    if finishing.region is None:
-        return made
-    whole = Image.new("L", finishing.source.rgb.size, 0)
-    whole.paste(made, finishing.region[:2])
-    return whole
+    if finishing.region is not None:
+        whole = Image.new("L", finishing.source.rgb.size, 0)
+        whole.paste(made, finishing.region[:2])
+        made = whole
+    made = ImageChops.darker(made, finishing.overlay)
+    return ImageChops.lighter(made, finishing.grown) if finishing.grown is not None else made
 
 
 def outpaint_parameters(outpaint: Outpaint) -> dict:

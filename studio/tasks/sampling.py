@@ -491,8 +491,9 @@ class SamplingEngine:
                                                 soft=plan.soft, found=found)
             latents = pipe(
                 **family.call_arguments(pipe, conditioning.embeds, plan.guidance_scale, plan.distilled_guidance),
-                **(family.size_arguments(task, *size) | arguments), **control_arguments, num_inference_steps=schedule,
-                generator=torch.Generator("cpu").manual_seed(image_seed), output_type="latent", **step_hooks,
+                **(family.size_arguments(task, *size) | arguments | step_hooks), **control_arguments,
+                num_inference_steps=schedule, generator=torch.Generator("cpu").manual_seed(image_seed),
+                output_type="latent",
             ).images
             return family.spatial_latents(pipe, latents, *size)
 

@@ -82,8 +82,9 @@ def soft_from_parameters(extra: dict) -> SoftInpainting | None:
 
 def kept_weight(mask: torch.Tensor, sigma: float, soft: SoftInpainting) -> torch.Tensor:
     """The weight of the step's own latents (1 - the original's) where the mask is `mask` (1 = repaint), at noise
-    level `sigma`: A1111's mask ** (sigma ** schedule_bias × preservation_strength)."""
-    return torch.pow(mask, (sigma ** soft.schedule_bias) * soft.preservation_strength)
+    level `sigma`: A1111's mask ** (sigma ** schedule_bias × preservation_strength); 0 where the mask is 0, also
+    at preservation strength 0 (where the power is 0 and 0 ** 0 would be 1)."""
+    return torch.where(mask > 0, torch.pow(mask, (sigma ** soft.schedule_bias) * soft.preservation_strength), 0.0)
 
 
 def latent_blend(original: torch.Tensor, current: torch.Tensor, weight: torch.Tensor, boost: float) -> torch.Tensor:
@@ -97,7 +98,7 @@ def latent_blend(original: torch.Tensor, current: torch.Tensor, weight: torch.Te
     return blended * (wanted.pow(1 / boost) / length).to(blended.dtype)
 
 
-def noise_to_signal(scheduler, next_timestep: torch.Tensor, flow: bool) -> float:
+def noise_to_signal(scheduler, next_timestep: torch.Tensor, flow: bool, device=None) -> float:
     """The noise-to-signal ratio of the level the model sees at its next evaluation (call after the step): a
     k-diffusion sampler's sigma (said through its input scaling, 1 / sqrt(sigma² + 1)), sqrt((1 - ᾱ) / ᾱ) for the
     other discrete schedulers, s / (1 - s) for a flow-matching one (s its sigma: x = (1 - s) x0 + s noise)."""
@@ -105,7 +106,8 @@ def noise_to_signal(scheduler, next_timestep: torch.Tensor, flow: bool) -> float
         index = scheduler.step_index if scheduler.step_index is not None else 0
         s = float(scheduler.sigmas[min(index, len(scheduler.sigmas) - 1)])
         return s / max(1 - s, 1e-6)
-    probe = torch.ones(1, dtype=torch.float32)
+    # on the latents' device: DPM2 keeps its interpolated sigmas there
+    probe = torch.ones(1, dtype=torch.float32, device=device)
     scale = float(scheduler.scale_model_input(probe, next_timestep)[0])
     if scale < 1:
         return (1 / scale**2 - 1) ** 0.5
@@ -138,14 +140,11 @@ def smootherstep(x: np.ndarray) -> np.ndarray:
 
 
 def composite_mask(distance: np.ndarray, soft_mask: Image.Image, soft: SoftInpainting) -> Image.Image:
-    """The mask the result is pasted back through (at `soft_mask`'s size): the difference opacity, resized and
-    blurred (A1111's 4 px at 512 px, scaled with the image), and never outside the soft mask, so every pixel the
-    user did not mask at all is the original's own."""
+    """The difference opacity at `soft_mask`'s size (the working size), resized and blurred (A1111's 4 px at
+    512 px, scaled with the image). The caller limits it to the mask at the input's size."""
     latent_mask = np.asarray(soft_mask.resize(distance.shape[::-1], Image.Resampling.BOX), dtype=np.float32) / 255
     opacity = difference_opacity(distance, latent_mask, soft)
     image = Image.fromarray(np.clip(opacity * 255, 0, 255).astype(np.uint8), mode="L")
     image = image.resize(soft_mask.size, Image.Resampling.LANCZOS)
     radius = max(1, round(4 * min(soft_mask.size) / 512))
-    blurred = np.asarray(image.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
-    support = np.asarray(soft_mask) > 0
-    return Image.fromarray(np.where(support, blurred, 0).astype(np.uint8), mode="L")
+    return image.filter(ImageFilter.GaussianBlur(radius))

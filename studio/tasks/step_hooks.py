@@ -60,7 +60,7 @@ class SoftBlend:
 
 def inpaint_step_hooks(pipe, family: ModelFamily, image: Image.Image, seed: int, then=None,
                        soft: SoftBlend | None = None, found: dict | None = None) -> dict[str, Any]:
-    """The pipeline arguments for an inpaint: a callback_on_step_end that puts the original image, noised to the
+    """The pipeline arguments for an inpaint (they take precedence over the plan's): a callback_on_step_end that puts the original image, noised to the
     level of the model's next evaluation, back outside the mask after every step, then calls `then` (progress,
     Stop). The model repaints the mask against the true surroundings. With `soft`, the original is blended in
     through the soft mask instead, by soft inpainting's schedule, and the last step's distance from the original
@@ -108,11 +108,18 @@ def inpaint_step_hooks(pipe, family: ModelFamily, image: Image.Image, seed: int,
                 found["latent_distance"] = torch.linalg.vector_norm(
                     (blended - clean).float(), dim=1)[0].cpu().numpy()  # one image a pass
             else:
-                sigma = noise_to_signal(pipe.scheduler, timesteps[step + 1], family.flow_matching)
+                sigma = noise_to_signal(pipe.scheduler, timesteps[step + 1], family.flow_matching, latents.device)
                 blended = latent_blend(known, latents, kept_weight(mask, sigma, soft.settings).expand_as(latents),
                                        soft.settings.transition_contrast_boost)
         callback_kwargs["latents"] = family.packed_latents(pipe, blended, packed)
         return then(pipe, step, timestep, callback_kwargs) if then else callback_kwargs
 
-    inputs = ["latents"] if soft is not None else ["latents", "mask"]
-    return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": inputs}
+    hooks = {"callback_on_step_end": on_step_end,
+             "callback_on_step_end_tensor_inputs": ["latents"] if soft is not None else ["latents", "mask"]}
+    if soft is not None and not family.takes_inpaint_channels(pipe):
+        # a pipeline that puts the original back outside its (thresholded) mask itself (4-channel UNets, SD 3,
+        # FLUX without Fill) is given everywhere the soft mask reaches, so that only the soft blend decides there; a
+        # model conditioned on the mask (9-channel UNets, FLUX Fill) gets the soft mask itself, as A1111 gives
+        # them the unrounded mask
+        hooks["mask_image"] = soft.mask.point(lambda value: 255 if value else 0)
+    return hooks
