@@ -13,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import os
 import re
 import secrets
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -187,15 +189,22 @@ def blob_files(component: gr.ImageEditor | None, blob_id: str, max_pixels: int) 
         for _, blob in blobs:
             check_image_bytes(blob, max_pixels)
         remove_old_blob_folders(upload_folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        # written beside it and moved into place whole: a read of the same id meanwhile finds all or nothing
+        partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=upload_folder))
         for name, blob in blobs:
-            (folder / f"{name}.png").write_bytes(blob)
+            (partial / f"{name}.png").write_bytes(blob)
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+    if not folder.exists():  # nothing streamed (an empty canvas sends an id too), as gradio reads an unknown id
+        return EditorData()
+    os.utime(folder)  # in use: the hourly clean-up counts from the last read
 
     def file(name: str) -> FileData | None:
         path = folder / f"{name}.png"
         return FileData(path=str(path), orig_name=path.name) if path.exists() else None
 
-    layers = sorted(folder.glob("layer_*.png"), key=lambda path: int(path.stem.split("_")[1])) if folder.exists() else []
+    layers = sorted(folder.glob("layer_*.png"), key=lambda path: int(path.stem.split("_")[1]))
     return EditorData(background=file("background"), composite=file("composite"),
                       layers=[FileData(path=str(path), orig_name=path.name) for path in layers])
 

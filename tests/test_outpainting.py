@@ -192,9 +192,22 @@ def test_an_rgba_outpaint_with_soft_inpainting_is_opaque_and_the_models_in_the_n
     assert (out[:, :40, 3] == 200).all()  # the image's own transparency away from the band
 
 
-def test_a_random_seeds_matched_noise_outpaint_is_made_again_from_its_png(inpainter):
-    first = inpainter.inpaint(picture(), None, request(seed=-1, strength=0.6, outpaint=Outpaint(right=16, fill=NOISE)))
-    again, _ = inpaint_request_from_parameters(first.images[0].parameters, inpainter.presets, request())
+def test_a_random_seeds_matched_noise_outpaint_is_made_again_from_each_images_png(inpainter):
+    """The fill is drawn once per batch (from its first seed, which the PNG records): image 2's PNG, whose own
+    seed is one more, gives it again too."""
+    first = inpainter.inpaint(picture(), None, request(seed=-1, strength=0.6, batch_size=2,
+                                                       outpaint=Outpaint(right=16, fill=NOISE)))
+    made = first.images[1]
+    again, _ = inpaint_request_from_parameters(made.parameters, inpainter.presets, request())
     second = inpainter.inpaint(picture(), None, again)
-    assert again.seed == first.images[0].seed and again.outpaint.fill == NOISE
-    assert np.array_equal(np.asarray(first.images[0].image), np.asarray(second.images[0].image))
+    assert again.seed == made.seed == first.images[0].seed + 1 and again.outpaint.fill == NOISE
+    assert again.outpaint.fill_seed == first.images[0].seed
+    assert np.array_equal(np.asarray(made.image), np.asarray(second.images[0].image))
+
+
+def test_an_only_masked_rgba_outpaint_is_opaque_in_the_new_area(inpainter):
+    image = picture().convert("RGBA")
+    image.putalpha(200)
+    made = inpainter.inpaint(image, None, request(inpaint_area="Only masked", padding=4,
+                                                  outpaint=Outpaint(bottom=16)))
+    assert (np.asarray(made.images[0].image)[64:, :, 3] == 255).all()

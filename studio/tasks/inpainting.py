@@ -238,7 +238,8 @@ class Inpainter(SamplingEngine):
         if only_masked:
             extra["Masked area padding"] = request.padding
         if outpainting:
-            extra |= outpaint_parameters(request.outpaint)
+            fill_seed = request.outpaint.fill_seed if request.outpaint.fill_seed is not None else request.seed
+            extra |= outpaint_parameters(request.outpaint, fill_seed)
         extra |= soft_parameters(request.soft)
 
         # "Only masked" works on a crop around the mask (grown by the padding, then to the working aspect
@@ -258,6 +259,8 @@ class Inpainter(SamplingEngine):
         # A1111 pastes "Whole picture" back through the blurred mask sharpened (doubled, clipped): the repainted
         # area is fully the model's up to half the blur's falloff, so no faded ghost of the old content shows.
         overlay = blurred if only_masked else sharpened(blurred)
+        if grown is not None:  # an outpaint's new area is the model's alone (opaque, no pre-fill showing)
+            overlay = ImageChops.lighter(overlay, grown)
         return plan, Finishing(source, overlay, region, crop.size, soft, grown)
 
     def canvas_problems(self, request: InpaintRequest, size: tuple[int, int]) -> dict[str, str]:
@@ -275,7 +278,8 @@ class Inpainter(SamplingEngine):
         if problems:
             raise InvalidRequest(list(problems.values()))
         outpaint = request.outpaint
-        canvas, mask = extend(source.rgb, outpaint, request.mask_blur, repaint, seed=request.seed)
+        fill_seed = outpaint.fill_seed if outpaint.fill_seed is not None else request.seed
+        canvas, mask = extend(source.rgb, outpaint, request.mask_blur, repaint, seed=fill_seed)
         grown = Image.new("L", canvas.size, 255)
         grown.paste(0, (outpaint.left, outpaint.top, outpaint.left + source.rgb.width, outpaint.top + source.rgb.height))
         alpha = None
@@ -374,13 +378,15 @@ def soft_overlay(finishing: Finishing, distance) -> Image.Image:
     return ImageChops.lighter(made, finishing.grown) if finishing.grown is not None else made
 
 
-def outpaint_parameters(outpaint: Outpaint) -> dict:
-    """The PNG fields of an outpaint, as A1111's mk2 script names its settings."""
+def outpaint_parameters(outpaint: Outpaint, seed: int) -> dict:
+    """The PNG fields of an outpaint, as A1111's mk2 script names its settings; for matched noise the seed it was
+    drawn from (the batch's first: image i's own Seed is seed + i)."""
     directions = [side for side in ("left", "right", "top", "bottom") if getattr(outpaint, side)]
     fields = {"Outpaint": ", ".join(f"{side} {getattr(outpaint, side)}" for side in directions),
               "Outpaint fill": outpaint.fill}
     if outpaint.fill == "Matched noise":
-        fields |= {"Fall-off exponent": f"{outpaint.falloff:g}", "Color variation": f"{outpaint.colour_variation:g}"}
+        fields |= {"Fall-off exponent": f"{outpaint.falloff:g}", "Color variation": f"{outpaint.colour_variation:g}",
+                   "Outpaint fill seed": seed}
     return fields
 
 
@@ -438,4 +444,5 @@ def outpaint_from_parameters(extra: dict, current: Outpaint | None) -> Outpaint 
     falloff, variation = parse_float(extra.get("Fall-off exponent")), parse_float(extra.get("Color variation"))
     return Outpaint(**sides, fill=fill if fill in FILLS else base.fill,
                     falloff=base.falloff if falloff is None else falloff,
-                    colour_variation=base.colour_variation if variation is None else variation)
+                    colour_variation=base.colour_variation if variation is None else variation,
+                    fill_seed=parse_int(extra.get("Outpaint fill seed")))

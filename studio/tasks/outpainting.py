@@ -12,7 +12,7 @@ strength of 0.8 or so for the fills that carry the image's colours outwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -33,6 +33,7 @@ class Outpaint:
     fill: str = BLUR
     falloff: float = 1.0  # mk2's fall-off exponent: how fast the matched noise gives way to the image's colours
     colour_variation: float = 0.05  # mk2's colour variation: how much the noise varies in hue, not only lightness
+    fill_seed: int | None = None  # the matched noise's seed (None: the request's); a PNG's, read back
 
     @property
     def grows(self) -> bool:
@@ -95,8 +96,8 @@ def largest_extension(outpaint: Outpaint, size: tuple[int, int], max_pixels: int
 
 
 def scaled(outpaint: Outpaint, factor: float) -> Outpaint:
-    return Outpaint(*(int(getattr(outpaint, side) * factor) for side in ("left", "top", "right", "bottom")),
-                    fill=outpaint.fill, falloff=outpaint.falloff, colour_variation=outpaint.colour_variation)
+    sides = ("left", "top", "right", "bottom")
+    return replace(outpaint, **{side: int(getattr(outpaint, side) * factor) for side in sides})
 
 
 def extend(image: Image.Image, outpaint: Outpaint, mask_blur: int, user_mask: np.ndarray | None = None,

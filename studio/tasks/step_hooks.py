@@ -60,9 +60,9 @@ class SoftBlend:
 
 def inpaint_step_hooks(pipe, family: ModelFamily, image: Image.Image, seed: int, then=None,
                        soft: SoftBlend | None = None, found: dict | None = None) -> dict[str, Any]:
-    """The pipeline arguments for an inpaint (they take precedence over the plan's): a callback_on_step_end that puts the original image, noised to the
-    level of the model's next evaluation, back outside the mask after every step, then calls `then` (progress,
-    Stop). The model repaints the mask against the true surroundings. With `soft`, the original is blended in
+    """The pipeline arguments for an inpaint (they take precedence over the plan's): a callback_on_step_end that
+    puts the original image, noised to the level of the model's next evaluation, back outside the mask after every
+    step, then calls `then` (progress, Stop). The model repaints the mask against the true surroundings. With `soft`, the original is blended in
     through the soft mask instead, by soft inpainting's schedule, and the last step's distance from the original
     (per latent cell) is left in `found["latent_distance"]` for the final paste.
 
@@ -119,7 +119,7 @@ def inpaint_step_hooks(pipe, family: ModelFamily, image: Image.Image, seed: int,
     if soft is not None and not family.takes_inpaint_channels(pipe):
         # a pipeline that puts the original back outside its (thresholded) mask itself (4-channel UNets, SD 3,
         # FLUX without Fill) is given everywhere the soft mask reaches, so that only the soft blend decides there; a
-        # model conditioned on the mask (9-channel UNets, FLUX Fill) gets the soft mask itself, as A1111 gives
-        # them the unrounded mask
+        # model conditioned on the mask (9-channel UNets, FLUX Fill) keeps the blurred mask, which its pipeline
+        # thresholds at half for the model's mask input as for a hard inpaint (A1111 gives it unrounded)
         hooks["mask_image"] = soft.mask.point(lambda value: 255 if value else 0)
     return hooks
