@@ -7,6 +7,7 @@
     python -m studio.embedded evaluate-lora  # how often a hexagon prompt gives one, with the LoRA and without
     python -m studio.embedded train-controlnet     # models/embedded-controlnet-scribble: sketches -> shapes
     python -m studio.embedded evaluate-controlnet  # sketch to image on held-out sketches, with and without it
+    python -m studio.embedded train-flow   # models/embedded-flux: the FLUX-shaped flow transformer (in progress)
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     add_lora_commands(sub)
     add_controlnet_commands(sub)
     add_preview_decoder_command(sub)
+    add_flow_command(sub)
     args = parser.parse_args(argv)
 
     if args.command == "train":
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         run_controlnet_command(args)
     elif args.command == "train-preview-decoder":
         run_preview_decoder_command(args)
+    elif args.command == "train-flow":
+        run_flow_command(args)
     elif args.command == "samples":
         from studio.embedded.evaluation import sample_sheet
 
@@ -160,3 +164,17 @@ def run_preview_decoder_command(args) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def add_flow_command(sub) -> None:
+    from studio.embedded.flow import FlowRecipe
+
+    add_training_command(sub, "train-flow", "train the embedded FLUX-shaped flow transformer (resumable)", FlowRecipe())
+
+
+def run_flow_command(args) -> None:
+    from studio.embedded.flow import SMOKE_RECIPE, FlowRecipe, train_flow
+
+    recipe = SMOKE_RECIPE if args.smoke else FlowRecipe(args.steps, args.batch_size)
+    result = train_flow(Path(args.run_dir), Path(args.models_dir), recipe)
+    print(f"flow: {result.steps} steps, {result.seconds / 60:.1f} min, loss {result.final_loss}, {result.checks}")
