@@ -149,14 +149,7 @@ def editor_files(sent, max_pixels: int, component: gr.ImageEditor | None = None)
             raise user_error(InvalidRequest(["The editor's image must be uploaded through the page."]),
                              "Cannot read the editor")
         if file is not None:
-            try:
-                with Image.open(file.path) as header:  # the size, before anything is decoded
-                    check_pixels(header.size, "image", max_pixels)
-            except (OSError, Image.DecompressionBombError):
-                raise user_error(InvalidRequest(["The editor's image could not be read as an image."]),
-                                 "Cannot read the editor") from None
-            except StudioError as error:
-                raise user_error(error, "Cannot use this image") from None
+            check_image_header(file.path, max_pixels)
     return data
 
 
@@ -187,7 +180,7 @@ def blob_files(component: gr.ImageEditor | None, blob_id: str, max_pixels: int) 
             raise user_error(InvalidRequest([f"The editor sends at most {MAX_LAYERS} layers."]),
                              "Cannot read the editor")
         for _, blob in blobs:
-            check_image_bytes(blob, max_pixels)
+            check_image_header(io.BytesIO(blob), max_pixels)
         remove_old_blob_folders(upload_folder)
         # written beside it and moved into place whole: a read of the same id meanwhile finds all or nothing
         partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=upload_folder))
@@ -209,10 +202,11 @@ def blob_files(component: gr.ImageEditor | None, blob_id: str, max_pixels: int) 
                       layers=[FileData(path=str(path), orig_name=path.name) for path in layers])
 
 
-def check_image_bytes(blob: bytes, max_pixels: int) -> None:
-    """That `blob` is an image within `max_pixels`, from its header (nothing decoded), else a toast."""
+def check_image_header(source, max_pixels: int) -> None:
+    """That `source` (a path, or a file object of bytes) is an image within `max_pixels`, from its header (nothing
+    is decoded), else a toast."""
     try:
-        with Image.open(io.BytesIO(blob)) as header:
+        with Image.open(source) as header:
             check_pixels(header.size, "image", max_pixels)
     except (OSError, Image.DecompressionBombError):
         raise user_error(InvalidRequest(["The editor's image could not be read as an image."]),

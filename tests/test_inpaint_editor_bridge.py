@@ -130,3 +130,35 @@ def test_each_mode_gives_the_engine_its_image_and_mask(uploaded):
     finally:
         layer.unlink()
 
+
+
+def png_bytes(size, colour) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    Image.new("RGBA", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_a_value_the_editor_streamed_reads_the_same_every_time_and_only_by_its_id():
+    """The editor streams its images (accept_blobs) and sends {"id"}; gradio's own reading takes them out of its
+    store at the first read, so the job's check, its run and a mode switch each find them only because the first
+    read wrote them to files: in a folder whose name the id alone does not give."""
+    from gradio.components.image_editor import EditorDataBlobs
+
+    editor = gr.ImageEditor(type="pil", image_mode="RGBA")
+    blob_id = uuid.uuid4().hex[:11]
+    editor.blob_storage[blob_id] = EditorDataBlobs(background=png_bytes((40, 30), (10, 20, 200, 255)),
+                                                   layers=[png_bytes((40, 30), (0, 0, 0, 0))],
+                                                   composite=png_bytes((40, 30), (10, 20, 200, 255)))
+    first, second = (read(editor, MAX_PIXELS, {"id": blob_id}) for _ in range(2))
+    assert blob_id not in editor.blob_storage
+    for value in (first, second):
+        assert value["background"].size == (40, 30) and len(value["layers"]) == 1
+    assert not any(blob_id in path.name for path in Path(utils.get_upload_folder()).glob("editor-*"))
+    assert read(editor, MAX_PIXELS, {"id": "another-visitors-id"}) == {"background": None, "layers": [],
+                                                                      "composite": None}
+    editor.blob_storage["big"] = EditorDataBlobs(background=png_bytes((3000, 2000), (0, 0, 0, 255)), layers=[],
+                                                 composite=None)
+    with pytest.raises(gr.Error, match="pixels"):
+        read(editor, 4_000_000, {"id": "big"})
