@@ -62,9 +62,9 @@ def inpaint_step_hooks(pipe, family: ModelFamily, image: Image.Image, seed: int,
                        soft: SoftBlend | None = None, found: dict | None = None) -> dict[str, Any]:
     """The pipeline arguments for an inpaint (they take precedence over the plan's): a callback_on_step_end that
     puts the original image, noised to the level of the model's next evaluation, back outside the mask after every
-    step, then calls `then` (progress, Stop). The model repaints the mask against the true surroundings. With `soft`, the original is blended in
-    through the soft mask instead, by soft inpainting's schedule, and the last step's distance from the original
-    (per latent cell) is left in `found["latent_distance"]` for the final paste.
+    step, then calls `then` (progress, Stop). The model repaints the mask against the true surroundings. With
+    `soft`, the original is blended in through the soft mask instead, by soft inpainting's schedule, and the last
+    step's distance from the original (per latent cell) is left in `found["latent_distance"]` for the final paste.
 
     A1111 (its CFGDenoiser) and ComfyUI (KSamplerX0Inpaint) do the equivalent for every model, inpainting
     checkpoints included; diffusers does it only for plain 4-channel UNets (and SD 3 and FLUX), so those are left
