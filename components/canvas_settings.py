@@ -10,10 +10,9 @@ import gradio as gr
 from components.whole_numbers import WholeNumber
 from studio.tasks.requests import whole
 from studio.core.errors import InvalidRequest
-from studio.tasks.outpainting import BLUR, FILLS, Outpaint, placed
+from studio.tasks.outpainting import BLUR, FILLS, SIDES, Outpaint, placed
 from studio.tasks.soft_inpainting import LABELS, RANGES, SoftInpainting
 
-SIDES = ("left", "right", "top", "bottom")
 FILL_INFO = ("What the new area starts as; it shows through only below denoising strength 1 (0.8 or so carries the "
              "image's colours outwards). Blur: A1111's fill; Edge: the nearest edge pixel, as Fooocus; Matched "
              "noise: mk2's, grain like the image's")
@@ -91,7 +90,7 @@ def placed_sides(image_size, canvas_width, canvas_height, x, y) -> list[int]:
                           (whole(x) if x is not None else 0, whole(y) if y is not None else 0))
     except ValueError as error:
         raise InvalidRequest([str(error)]) from None
-    return [getattr(outpaint, side) for side in SIDES]
+    return list(outpaint.sides.values())
 
 
 def canvas_fields(outpaint_left=0, outpaint_right=0, outpaint_top=0, outpaint_bottom=0, outpaint_fill=BLUR,
@@ -119,5 +118,5 @@ def canvas_values(outpaint: Outpaint | None, soft: SoftInpainting | None) -> lis
     """The form's values for a request's outpaint and soft inpainting (a PNG's), in `fields`' order."""
     outpaint = outpaint or Outpaint()
     shown = soft or SoftInpainting()
-    return [*(getattr(outpaint, side) for side in SIDES), outpaint.fill, outpaint.falloff, outpaint.colour_variation,
+    return [*outpaint.sides.values(), outpaint.fill, outpaint.falloff, outpaint.colour_variation,
             soft is not None, *(getattr(shown, name) for name in LABELS)]

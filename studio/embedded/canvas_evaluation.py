@@ -14,6 +14,7 @@ Inpainter (plan, run, paste back: what a user's request runs). bench/outpaint_qu
 from __future__ import annotations
 
 import random
+
 import numpy as np
 from PIL import Image
 

@@ -22,7 +22,7 @@ from studio.core.images import PreparedImage, blur_mask, mask_box, prepare_image
 from studio.core.jobs import LocalJob
 from studio.models.presets import ModelPreset
 from studio.tasks.control import control_notes, plan_controls, sketch_unit
-from studio.tasks.outpainting import FILLS, Outpaint, extend, outpaint_problems
+from studio.tasks.outpainting import FILLS, SIDES, Outpaint, extend, outpaint_problems
 from studio.tasks.parameters import sampling_fields_from_parameters
 from studio.tasks.requests import (
     GenerationResult,
@@ -218,8 +218,11 @@ class Inpainter(SamplingEngine):
         outpainting = request.outpaint is not None and request.outpaint.grows
         grown = None
         if outpainting:
-            # the seed first: the matched-noise fill is drawn from it, and the PNG's seed must give it again
-            request = replace(request, seed=resolve_seed(request.seed, request.batch_size))
+            # the seeds first: the matched-noise fill is drawn from the batch's first (or a PNG's fill seed), and
+            # the PNG must give it again
+            seed = resolve_seed(request.seed, request.batch_size)
+            fill_seed = seed if request.outpaint.fill_seed is None else request.outpaint.fill_seed
+            request = replace(request, seed=seed, outpaint=replace(request.outpaint, fill_seed=fill_seed))
             source, repaint, grown = self._outpaint_canvas(source, repaint, request, preset)
         if not repaint.any():
             raise InvalidRequest(["The mask is empty: paint over the part of the image to redo (white = repaint)."])
@@ -238,8 +241,7 @@ class Inpainter(SamplingEngine):
         if only_masked:
             extra["Masked area padding"] = request.padding
         if outpainting:
-            fill_seed = request.outpaint.fill_seed if request.outpaint.fill_seed is not None else request.seed
-            extra |= outpaint_parameters(request.outpaint, fill_seed)
+            extra |= outpaint_parameters(request.outpaint)
         extra |= soft_parameters(request.soft)
 
         # "Only masked" works on a crop around the mask (grown by the padding, then to the working aspect
@@ -278,8 +280,7 @@ class Inpainter(SamplingEngine):
         if problems:
             raise InvalidRequest(list(problems.values()))
         outpaint = request.outpaint
-        fill_seed = outpaint.fill_seed if outpaint.fill_seed is not None else request.seed
-        canvas, mask = extend(source.rgb, outpaint, request.mask_blur, repaint, seed=fill_seed)
+        canvas, mask = extend(source.rgb, outpaint, request.mask_blur, repaint, seed=outpaint.fill_seed)
         grown = Image.new("L", canvas.size, 255)
         grown.paste(0, (outpaint.left, outpaint.top, outpaint.left + source.rgb.width, outpaint.top + source.rgb.height))
         alpha = None
@@ -378,15 +379,14 @@ def soft_overlay(finishing: Finishing, distance) -> Image.Image:
     return ImageChops.lighter(made, finishing.grown) if finishing.grown is not None else made
 
 
-def outpaint_parameters(outpaint: Outpaint, seed: int) -> dict:
+def outpaint_parameters(outpaint: Outpaint) -> dict:
     """The PNG fields of an outpaint, as A1111's mk2 script names its settings; for matched noise the seed it was
     drawn from (the batch's first: image i's own Seed is seed + i)."""
-    directions = [side for side in ("left", "right", "top", "bottom") if getattr(outpaint, side)]
-    fields = {"Outpaint": ", ".join(f"{side} {getattr(outpaint, side)}" for side in directions),
+    fields = {"Outpaint": ", ".join(f"{side} {value}" for side, value in outpaint.sides.items() if value),
               "Outpaint fill": outpaint.fill}
     if outpaint.fill == "Matched noise":
         fields |= {"Fall-off exponent": f"{outpaint.falloff:g}", "Color variation": f"{outpaint.colour_variation:g}",
-                   "Outpaint fill seed": seed}
+                   "Outpaint fill seed": outpaint.fill_seed}
     return fields
 
 
@@ -437,7 +437,7 @@ def outpaint_from_parameters(extra: dict, current: Outpaint | None) -> Outpaint 
     sides = {}
     for part in str(text).split(","):
         name, _, value = part.strip().partition(" ")
-        if name in ("left", "top", "right", "bottom") and parse_int(value) is not None:
+        if name in SIDES and parse_int(value) is not None:
             sides[name] = parse_int(value)
     base = current or Outpaint()
     fill = extra.get("Outpaint fill", base.fill)

@@ -20,6 +20,7 @@ from PIL import Image
 EDGE, BLUR, NOISE = "Edge", "Blur", "Matched noise"
 FILLS = (EDGE, BLUR, NOISE)  # Fooocus's and ComfyUI's edge extension; A1111's "fill"; mk2's matched noise
 MAX_EXTENSION = 2048  # pixels on one side; the pixel limit usually binds first
+SIDES = ("left", "right", "top", "bottom")  # the order of the form's fields and of the PNG's "Outpaint: ..."
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,13 @@ class Outpaint:
     fill_seed: int | None = None  # the matched noise's seed (None: the request's); a PNG's, read back
 
     @property
+    def sides(self) -> dict[str, int]:
+        """How far each side grows, in SIDES' order."""
+        return {side: getattr(self, side) for side in SIDES}
+
+    @property
     def grows(self) -> bool:
-        return any((self.left, self.top, self.right, self.bottom))
+        return any(self.sides.values())
 
     def canvas_size(self, size: tuple[int, int]) -> tuple[int, int]:
         return size[0] + self.left + self.right, size[1] + self.top + self.bottom
@@ -58,8 +64,7 @@ def outpaint_problems(outpaint: Outpaint, size: tuple[int, int] | None, max_pixe
     """Problems by field name, each a sentence; with the image's `size`, the canvas against `max_pixels`
     (`limit_name` says whose limit it is)."""
     problems = {}
-    for side in ("left", "top", "right", "bottom"):
-        value = getattr(outpaint, side)
+    for side, value in outpaint.sides.items():
         if not isinstance(value, int) or not 0 <= value <= MAX_EXTENSION:
             problems[f"outpaint_{side}"] = (f"Outpaint {side} must be a whole number of pixels from 0 to "
                                             f"{MAX_EXTENSION} (got {value}).")
@@ -88,16 +93,14 @@ def largest_extension(outpaint: Outpaint, size: tuple[int, int], max_pixels: int
         width, height = trial.canvas_size(size)
         low, high = (middle, high) if width * height <= max_pixels else (low, middle)
     best = scaled(outpaint, low)
-    sides = ", ".join(f"{side} {getattr(best, side)}" for side in ("left", "top", "right", "bottom")
-                      if getattr(outpaint, side))
-    if not any(getattr(best, side) for side in ("left", "top", "right", "bottom")):
+    sides = ", ".join(f"{side} {value}" for side, value in best.sides.items() if outpaint.sides[side])
+    if not best.grows:
         return "the image itself is already at the limit, so it cannot grow"
     return f"at most {sides} px"
 
 
 def scaled(outpaint: Outpaint, factor: float) -> Outpaint:
-    sides = ("left", "top", "right", "bottom")
-    return replace(outpaint, **{side: int(getattr(outpaint, side) * factor) for side in sides})
+    return replace(outpaint, **{side: int(value * factor) for side, value in outpaint.sides.items()})
 
 
 def extend(image: Image.Image, outpaint: Outpaint, mask_blur: int, user_mask: np.ndarray | None = None,
