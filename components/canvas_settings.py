@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import gradio as gr
 
 from components.whole_numbers import WholeNumber
-from studio.tasks.requests import whole
 from studio.core.errors import InvalidRequest
 from studio.tasks.outpainting import BLUR, FILLS, SIDES, Outpaint, placed
+from studio.tasks.requests import whole
 from studio.tasks.soft_inpainting import LABELS, RANGES, SoftInpainting
 
 FILL_INFO = ("What the new area starts as; it shows through only below denoising strength 1 (0.8 or so carries the "
@@ -107,10 +107,9 @@ def canvas_fields(outpaint_left=0, outpaint_right=0, outpaint_top=0, outpaint_bo
                             colour_variation=(Outpaint.colour_variation if outpaint_colour_variation is None
                                               else float(outpaint_colour_variation)))
     settings = None
-    if soft_inpainting:
-        defaults = SoftInpainting()
-        settings = SoftInpainting(**{name: getattr(defaults, name) if soft.get(f"soft_{name}") is None
-                                     else float(soft[f"soft_{name}"]) for name in LABELS})
+    if soft_inpainting:  # a setting left empty is A1111's default
+        settings = SoftInpainting(**{name: float(soft[f"soft_{name}"]) for name in LABELS
+                                     if soft.get(f"soft_{name}") is not None})
     return dict(outpaint=outpaint, soft=settings)
 
 

@@ -98,23 +98,6 @@ def latent_blend(original: torch.Tensor, current: torch.Tensor, weight: torch.Te
     return blended * (wanted.pow(1 / boost) / length).to(blended.dtype)
 
 
-def noise_to_signal(scheduler, next_timestep: torch.Tensor, flow: bool, device=None) -> float:
-    """The noise-to-signal ratio of the level the model sees at its next evaluation (call after the step): a
-    k-diffusion sampler's sigma (said through its input scaling, 1 / sqrt(sigma² + 1)), sqrt((1 - ᾱ) / ᾱ) for the
-    other discrete schedulers, s / (1 - s) for a flow-matching one (s its sigma: x = (1 - s) x0 + s noise)."""
-    if flow:
-        index = scheduler.step_index if scheduler.step_index is not None else 0
-        s = float(scheduler.sigmas[min(index, len(scheduler.sigmas) - 1)])
-        return s / max(1 - s, 1e-6)
-    # on the latents' device: DPM2 keeps its interpolated sigmas there
-    probe = torch.ones(1, dtype=torch.float32, device=device)
-    scale = float(scheduler.scale_model_input(probe, next_timestep)[0])
-    if scale < 1:
-        return (1 / scale**2 - 1) ** 0.5
-    alpha = float(scheduler.alphas_cumprod[int(next_timestep)])
-    return ((1 - alpha) / alpha) ** 0.5
-
-
 # ----- after denoising: how much of the result is pasted back -----
 
 

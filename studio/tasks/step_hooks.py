@@ -13,7 +13,7 @@ from PIL import Image
 
 from studio.core.jobs import JobControl
 from studio.models.families import ModelFamily
-from studio.tasks.soft_inpainting import SoftInpainting, kept_weight, latent_blend, noise_to_signal
+from studio.tasks.soft_inpainting import SoftInpainting, kept_weight, latent_blend
 
 
 def step_callback(job: JobControl, steps_done: list[int], steps: int, start: int, total: int, label: str):
@@ -32,21 +32,43 @@ def step_callback(job: JobControl, steps_done: list[int], steps: int, start: int
     return on_step_end
 
 
+def input_sigma(scheduler, next_timestep: torch.Tensor, device) -> float | None:
+    """The sigma of the level the model is given at its next evaluation, where the scheduler says it through its
+    input scaling, 1 / sqrt(sigma² + 1), as the k-diffusion samplers do (it also covers the middle evaluation of DPM2
+    and DPM++ SDE); None for the schedulers that leave their input unscaled (DDIM, DPM++ 2M, UniPC, LCM). Call it
+    after the scheduler's step: most schedulers read their advanced step index, not `next_timestep`."""
+    # on the latents' device (DPM2 keeps its interpolated sigmas there), in float32 (fp16 rounds 0.9996 to 1)
+    probe = torch.ones(1, device=device, dtype=torch.float32)
+    scale = float(scheduler.scale_model_input(probe, next_timestep)[0])
+    return (1 / scale**2 - 1) ** 0.5 if scale < 1 else None
+
+
 def noised_for_next_evaluation(scheduler, clean: torch.Tensor, noise: torch.Tensor,
                                next_timestep: torch.Tensor, flow: bool = False) -> torch.Tensor:
-    """`clean` noised to the level the model is given at its next evaluation; call it after the scheduler's step
-    (most schedulers read their advanced step index, not `next_timestep`). A k-diffusion sampler says that level
-    through its input scaling, 1 / sqrt(sigma² + 1), which also covers the middle evaluation of DPM2 and DPM++ SDE,
-    where add_noise would use the next step's sigma instead; other schedulers (DDIM, DPM++ 2M, UniPC, LCM) leave
-    their input unscaled and noise by timestep; a flow-matching one by its sigma (`scale_noise`)."""
+    """`clean` noised to the level the model is given at its next evaluation (call it after the scheduler's step):
+    by the k-diffusion sigma (input_sigma), where add_noise would use the next step's sigma instead of a midpoint's;
+    by timestep for the other schedulers; by its sigma (`scale_noise`) for a flow-matching one."""
     if flow:
         return scheduler.scale_noise(clean, next_timestep[None], noise)
-    # on the latents' device (DPM2 keeps its interpolated sigmas there), in float32 (fp16 rounds 0.9996 to 1)
-    probe = torch.ones(1, device=clean.device, dtype=torch.float32)
-    scale = float(scheduler.scale_model_input(probe, next_timestep)[0])
-    if scale < 1:
-        return clean + noise * (1 / scale**2 - 1) ** 0.5
+    sigma = input_sigma(scheduler, next_timestep, clean.device)
+    if sigma is not None:
+        return clean + noise * sigma
     return scheduler.add_noise(clean, noise, next_timestep[None])
+
+
+def noise_to_signal(scheduler, next_timestep: torch.Tensor, flow: bool, device=None) -> float:
+    """The noise-to-signal ratio of the level the model is given at its next evaluation (call after the step), soft
+    inpainting's sigma: the k-diffusion sigma (input_sigma), sqrt((1 - ᾱ) / ᾱ) for the other discrete schedulers,
+    s / (1 - s) for a flow-matching one (s its sigma: x = (1 - s) x0 + s noise)."""
+    if flow:
+        index = scheduler.step_index if scheduler.step_index is not None else 0
+        s = float(scheduler.sigmas[min(index, len(scheduler.sigmas) - 1)])
+        return s / max(1 - s, 1e-6)
+    sigma = input_sigma(scheduler, next_timestep, device)
+    if sigma is not None:
+        return sigma
+    alpha = float(scheduler.alphas_cumprod[int(next_timestep)])
+    return ((1 - alpha) / alpha) ** 0.5
 
 
 @dataclass(frozen=True)
