@@ -1,5 +1,6 @@
 """The page in headless Chromium (Debian's /usr/bin/chromium): type a prompt, Generate, see an image; Stop."""
 
+import re
 import shutil
 
 import playwright.sync_api as playwright  # in requirements.txt: a missing one is an error, not a skip
@@ -8,6 +9,10 @@ import pytest
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 pytestmark = pytest.mark.browser
+
+# The Arena leaderboard's battles (its sixth column) summed over its rows (gradio's virtual list).
+TOTAL_BATTLES = """() => [...document.querySelectorAll('#arena-leaderboard [role=row].virtual-row')]
+    .map(row => parseInt(row.querySelectorAll('[role=gridcell]')[5]?.innerText) || 0).reduce((a, b) => a + b, 0)"""
 
 
 def text_tab(page):
@@ -474,16 +479,15 @@ def test_arena_battle_vote_reveal_and_the_leaderboard_updates(page, artifacts):
     page.locator("#arena-right img").wait_for()
     page.locator("#arena-reveal").get_by_text("Which is better?").wait_for()
     assert "embedded-" not in page.locator("#arena-reveal").inner_text()  # the names stay hidden
-    board = page.locator("#arena-leaderboard")
-    battles_before = board.inner_text()
+    # A worker's app serves its other browser tests too, which may have voted already: this vote is two more battles.
+    battles_before = page.evaluate(TOTAL_BATTLES)
     left_better.click()
     page.locator("#arena-reveal").get_by_text("Vote recorded (left)").wait_for(timeout=30_000)
     revealed = page.locator("#arena-reveal").inner_text()
     assert "Left: embedded-" in revealed and "Right: embedded-" in revealed
-    page.wait_for_function("() => document.querySelector('#arena-leaderboard').innerText.includes('100%')",
-                           timeout=30_000)  # the winner's win rate: one battle, won
-    assert board.inner_text() != battles_before
-    page.get_by_text("in 1 of 1 battles people decided").or_(page.get_by_text("in 0 of 1 battles")).wait_for()
+    page.wait_for_function(f"() => ({TOTAL_BATTLES})() >= {battles_before + 2}", timeout=30_000)
+    votes = battles_before // 2 + 1
+    page.get_by_text(re.compile(rf"in \d+ of {votes} battles people decided")).wait_for()
     assert left_better.is_disabled()  # one vote per battle
     image_box = page.locator("#arena-left img").bounding_box()
     assert image_box["width"] >= 250, image_box  # the 64 px image shown large, not as a thumbnail
