@@ -162,10 +162,6 @@ def run_preview_decoder_command(args) -> None:
           f"{result.checks}")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def add_flow_command(sub) -> None:
     from studio.embedded.flow import FlowRecipe
 
@@ -178,3 +174,7 @@ def run_flow_command(args) -> None:
     recipe = SMOKE_RECIPE if args.smoke else FlowRecipe(args.steps, args.batch_size)
     result = train_flow(Path(args.run_dir), Path(args.models_dir), recipe)
     print(f"flow: {result.steps} steps, {result.seconds / 60:.1f} min, loss {result.final_loss}, {result.checks}")
+
+
+if __name__ == "__main__":
+    main()
