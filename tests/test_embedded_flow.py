@@ -2,6 +2,9 @@
 FluxPipeline folder that diffusers loads and runs at the embedded 64 px; its T5 tokenizer reads each caption word
 as one token."""
 
+import subprocess
+import sys
+
 import numpy as np
 import torch
 from conftest import ROOT
@@ -20,9 +23,16 @@ def test_each_caption_word_is_one_t5_token_and_other_words_fall_back_to_characte
 
 
 def test_a_few_steps_train_and_export_a_flux_pipeline_that_draws_at_64_px(tmp_path):
-    result = train_flow(tmp_path / "run", tmp_path / "models", SMOKE_RECIPE, source_models=ROOT / "models")
+    """Trained as a user trains it (the command line; the CLIP and VAE from the models folder), then resumed."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "embedded-sd").symlink_to(ROOT / "models" / "embedded-sd")
+    command = [sys.executable, "-m", "studio.embedded", "train-flow", "--smoke", "--run-dir", tmp_path / "run",
+               "--models-dir", tmp_path / "models"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"flow: {SMOKE_RECIPE.steps} steps" in done.stdout
+    result = train_flow(tmp_path / "run", tmp_path / "models", SMOKE_RECIPE)  # resumed: done already
     assert result.steps == SMOKE_RECIPE.steps and np.isfinite(result.final_loss)
-    assert train_flow(tmp_path / "run", tmp_path / "models", SMOKE_RECIPE, source_models=ROOT / "models") == result
     pipe = FluxPipeline.from_pretrained(tmp_path / "models" / FLOW_DIR)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae.config.shift_factor == 0.0 and pipe.transformer.config.in_channels == 16
