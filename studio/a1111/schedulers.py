@@ -117,11 +117,15 @@ class _FlowSolver:
     flow sigmas (diffusers gives these to FlowMatchEulerDiscreteScheduler only): `scale_noise`, the clean latents
     noised to a timestep (with flow sigmas, add_noise's (1 - sigma) x + sigma n), and `set_timesteps` taking the
     `sigmas` FLUX's pipelines always pass (its text-to-image pipeline drops them for a solver on flow sigmas; the
-    others do not): the solver makes its own flow sigmas, shifted, for as many steps."""
+    others do not): the solver makes its own flow sigmas, shifted, for as many steps. FLUX's pipelines pass a `mu`
+    (the size-dependent shift) always: a model with a static shift ignores it, as FlowMatchEulerDiscreteScheduler
+    does (DPMSolverMultistepScheduler asserts dynamic shifting when given one)."""
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None):
         if num_inference_steps is None and sigmas is not None:
             num_inference_steps = len(sigmas)
+        if not self.config.use_dynamic_shifting:
+            mu = None
         return super().set_timesteps(num_inference_steps, device, mu=mu)
 
     def scale_noise(self, sample, timestep, noise):

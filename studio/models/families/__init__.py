@@ -9,13 +9,14 @@ from types import MappingProxyType
 
 from studio.models.families.base import TASKS, LatentFormat, ModelFamily, WorkingMemory
 from studio.a1111.schedulers import GENERAL_SCHEDULERS
-from studio.models.families.embedded import Embedded
+from studio.models.families.embedded import Embedded, EmbeddedFlux
 from studio.models.families.flux import Flux
 from studio.models.families.sd3 import StableDiffusion3
 from studio.models.families.stable_diffusion import StableDiffusion1, StableDiffusion2, StableDiffusionXL
 
 FAMILIES = MappingProxyType({family.name: family for family in (
-    StableDiffusion1(), StableDiffusion2(), StableDiffusionXL(), StableDiffusion3(), Flux(), Embedded())})
+    StableDiffusion1(), StableDiffusion2(), StableDiffusionXL(), StableDiffusion3(), Flux(), Embedded(),
+    EmbeddedFlux())})
 
 
 def family_named(name: str) -> ModelFamily:
