@@ -23,13 +23,14 @@ def test_shipped_presets_cover_the_real_models_and_the_embedded_default():
         "black-forest-labs/FLUX.1-schnell",
         "black-forest-labs/FLUX.1-dev",
     } <= repos
-    embedded = catalog.get("embedded")
-    assert embedded.is_local and (embedded.local / "model_index.json").exists()
+    for name in ("embedded", "embedded-flux"):  # the offline ones, committed in models/
+        embedded = catalog.get(name)
+        assert embedded.is_local and (embedded.local / "model_index.json").exists(), name
 
 
 def test_every_preset_is_consistent():
     for preset in load_presets():
-        assert preset.family in ("sd15", "sd21", "sdxl", "sd3", "flux", "embedded")
+        assert preset.family in ("sd15", "sd21", "sdxl", "sd3", "flux", "embedded", "embedded-flux")
         assert preset.default_scheduler in samplers_for(preset), preset.name
         assert all(name in samplers(family_of(preset).flow_matching) for name in samplers_for(preset))
         assert preset.min_size <= preset.default_width <= preset.max_size

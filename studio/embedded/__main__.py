@@ -7,7 +7,8 @@
     python -m studio.embedded evaluate-lora  # how often a hexagon prompt gives one, with the LoRA and without
     python -m studio.embedded train-controlnet     # models/embedded-controlnet-scribble: sketches -> shapes
     python -m studio.embedded evaluate-controlnet  # sketch to image on held-out sketches, with and without it
-    python -m studio.embedded train-flow   # models/embedded-flux: the FLUX-shaped flow transformer (in progress)
+    python -m studio.embedded train-flow     # models/embedded-flux: the FLUX-shaped flow transformer
+    python -m studio.embedded evaluate-flow  # its table: each flow sampler, the shift, CFG (oracle)
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         run_controlnet_command(args)
     elif args.command == "train-preview-decoder":
         run_preview_decoder_command(args)
-    elif args.command == "train-flow":
+    elif args.command in ("train-flow", "evaluate-flow"):
         run_flow_command(args)
     elif args.command == "samples":
         from studio.embedded.evaluation import sample_sheet
@@ -166,10 +167,20 @@ def add_flow_command(sub) -> None:
     from studio.embedded.flow import FlowRecipe
 
     add_training_command(sub, "train-flow", "train the embedded FLUX-shaped flow transformer (resumable)", FlowRecipe())
+    evaluate_parser = sub.add_parser("evaluate-flow", help="the flow model's table: samplers, shift, CFG")
+    evaluate_parser.add_argument("--models-dir", default=MODELS_DIR)
+    evaluate_parser.add_argument("--prompts", type=int, default=200, help="prompts per sampler (half held out)")
 
 
 def run_flow_command(args) -> None:
     from studio.embedded.flow import SMOKE_RECIPE, FlowRecipe, train_flow
+
+    if args.command == "evaluate-flow":
+        from studio.embedded.flow_evaluation import evaluate_flow, format_flow_table
+
+        count = args.prompts
+        print(format_flow_table(evaluate_flow(Path(args.models_dir), count, count // 2, count // 2, count // 2)))
+        return
 
     recipe = SMOKE_RECIPE if args.smoke else FlowRecipe(args.steps, args.batch_size)
     result = train_flow(Path(args.run_dir), Path(args.models_dir), recipe)

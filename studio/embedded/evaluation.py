@@ -92,10 +92,18 @@ def plain_caption(scene: scenes.Scene) -> str:
 def evaluate_text_to_image(models_dir: Path, count: int, guidance_scale: float | None = None, seed: int = EVAL_SEED,
                            samples: list | None = None, caption_of=scenes.caption) -> dict:
     pipe, defaults = load_text_to_image(models_dir), embedded_defaults()
+    return oracle_tallies(lambda prompt, image_seed: generate(pipe, prompt, image_seed, defaults, guidance_scale),
+                          count, seed, samples, caption_of)
+
+
+def oracle_tallies(draw, count: int, seed: int = EVAL_SEED, samples: list | None = None,
+                   caption_of=scenes.caption) -> dict:
+    """How often the images `draw(prompt, seed)` makes for `count` evaluation scenes show each attribute the
+    prompt names, per group (seen, held-out): {"seen": {"n": ..., "shape": 0.9, ...}, "held-out": {...}}."""
     tallies = {group: {"n": 0, "shape": 0, "colour": 0, "background": 0, "position": 0, "size": 0} for group in ("seen", "held-out")}
     for index, (scene, held_out) in enumerate(evaluation_scenes(count, seed)):
         prompt = caption_of(scene)
-        image = generate(pipe, prompt, seed + index, defaults, guidance_scale)
+        image = draw(prompt, seed + index)
         tally = tallies["held-out" if held_out else "seen"]
         tally["n"] += 1
         for key, ok in oracle.read(image).matches(scene).items():
