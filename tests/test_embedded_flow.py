@@ -1,6 +1,6 @@
-"""The embedded flow family's training code (studio/embedded/flow.py): a few steps train, resume and export a
-FluxPipeline folder that diffusers loads and runs at the embedded 64 px; its T5 tokenizer reads each caption word
-as one token."""
+"""The embedded flow family's training code (studio/embedded/flow.py): a few steps of each stage (64 px, then 64 and
+128 px) train, resume and export a FluxPipeline folder that diffusers loads and runs; its T5 tokenizer reads each
+caption word as one token."""
 
 import subprocess
 import sys
@@ -31,8 +31,10 @@ def test_a_few_steps_train_and_export_a_flux_pipeline_that_draws_at_64_px(tmp_pa
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"flow: {SMOKE_RECIPE.steps} steps" in done.stdout
-    result = train_flow(tmp_path / "run", tmp_path / "models", SMOKE_RECIPE)  # resumed: done already
-    assert result.steps == SMOKE_RECIPE.steps and np.isfinite(result.final_loss)
+    assert f"flow-multisize: {SMOKE_RECIPE.multisize_steps} steps" in done.stdout
+    results = train_flow(tmp_path / "run", tmp_path / "models", SMOKE_RECIPE)  # resumed: done already
+    assert [result.steps for result in results] == [SMOKE_RECIPE.steps, SMOKE_RECIPE.multisize_steps]
+    assert all(np.isfinite(result.final_loss) for result in results)
     pipe = FluxPipeline.from_pretrained(tmp_path / "models" / FLOW_DIR)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae.config.shift_factor == 0.0 and pipe.transformer.config.in_channels == 16

@@ -178,6 +178,25 @@ def test_a_shift_of_the_users_is_the_same_at_every_size(sampler):
         assert np.allclose(scheduler.sigmas[:4].numpy(), expected, atol=2e-3), (config, scheduler.sigmas)
 
 
+@pytest.mark.parametrize("sampler", ["Euler", "DPM++ 2M", "UniPC"])
+@pytest.mark.parametrize("shift", [None, 2.0])
+def test_a_static_shift_ignores_the_mu_fluxs_pipelines_always_pass(sampler, shift):
+    """A FLUX-shaped model with a static shift (the embedded flow model's, SD 3's kind of schedule): FluxPipeline
+    passes mu from the image's size all the same; every sampler ignores it, as FlowMatchEulerDiscreteScheduler does
+    (DPM++ 2M asserted dynamic shifting when given one)."""
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": False,
+              "num_train_timesteps": 1000}
+    sigmas = []
+    for mu in (None, 0.7):
+        scheduler = make_scheduler(sampler, config, flow=True, shift=shift)
+        scheduler.set_timesteps(4, mu=mu)
+        sigmas.append(scheduler.sigmas.numpy())
+    assert np.array_equal(*sigmas)
+    own = make_scheduler(sampler, config, flow=True, shift=shift or 3.0)  # no shift of the user's: the config's 3
+    own.set_timesteps(4)
+    assert np.allclose(own.sigmas.numpy(), sigmas[0])
+
+
 def test_shift_changes_the_image_and_is_written(engines):
     for preset in ("tiny-sd3", "tiny-flux"):
         own = generate(engines, preset=preset).images[0]

@@ -179,12 +179,13 @@ def run_flow_command(args) -> None:
         from studio.embedded.flow_evaluation import evaluate_flow, format_flow_table
 
         count = args.prompts
-        print(format_flow_table(evaluate_flow(Path(args.models_dir), count, count // 2, count // 2, count // 2)))
+        print(format_flow_table(evaluate_flow(Path(args.models_dir), count, count // 2, count // 2, count // 2,
+                                            count * 3 // 10)))
         return
 
     recipe = SMOKE_RECIPE if args.smoke else FlowRecipe(args.steps, args.batch_size)
-    result = train_flow(Path(args.run_dir), Path(args.models_dir), recipe)
-    print(f"flow: {result.steps} steps, {result.seconds / 60:.1f} min, loss {result.final_loss}, {result.checks}")
+    for result in train_flow(Path(args.run_dir), Path(args.models_dir), recipe):
+        print(f"{result.name}: {result.steps} steps, {result.seconds / 60:.1f} min, loss {result.final_loss}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ family code (T5's window, CLIP's pooled embedding, A1111's syntax), true CFG, ea
 `python -m studio.embedded evaluate-flow` prints it (docs/embedded-model.md quotes it).
 
 The evaluation scenes are the UNet family's (half from held-out triples, fixed seeds); the CFG the preset starts at
-is chosen on other scenes (VALIDATION_SEED), never on these.
+is chosen on other scenes (VALIDATION_SEED; drawn the same way, so half of them from held-out triples too), never on
+these.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from PIL import Image
 
 from studio.a1111.schedulers import FLOW_SCHEDULERS
 from studio.embedded import oracle, scenes
-from studio.embedded.evaluation import BARS, EVAL_SEED, inpaint_cases, oracle_tallies
+from studio.embedded.evaluation import BARS, EVAL_SEED, evaluation_scenes, inpaint_cases, oracle_tallies
 from studio.embedded.flow import FLOW_DIR, SHIFT
 from studio.embedded.stages import SIDE
 
 PRESET = "embedded-flux"
 VALIDATION_SEED = EVAL_SEED + 20
-SHIFTS = (1.0, SHIFT, 8.0)  # no shift, the model's own, more time at high noise
-SHIFT_STEPS = (6, 20)  # few steps, where the schedule matters most, and the default
+SHIFTS = (0.3, 1.0, SHIFT, 8.0, 20.0)  # below 1: more of the steps at low noise; above: at high noise
+SHIFT_STEPS = (3, 6, 20)  # few steps, where the schedule matters most, and the default
 CFG_CHOICES = (1.0, 2.0, 3.0, 5.0)  # 1: no CFG (one evaluation a step)
+SIZES = (48, 64, 96, 128)  # trained at 64 px, fine-tuned at 64 and 128
+SIZE_SEED = EVAL_SEED + 30
 KEYS = ("colour", "background", "shape", "position", "size")
 
 
@@ -41,13 +44,10 @@ def drawer(engine, preset, **settings):
     """draw(prompt, seed) -> the image the engine makes at the preset's defaults, with `settings` changed."""
     from studio.tasks.generation import TextToImageRequest
 
-    defaults = dict(preset=PRESET, steps=preset.default_steps, guidance_scale=preset.default_guidance,
-                    scheduler=preset.default_scheduler, width=preset.default_width, height=preset.default_height,
-                    live_preview="Off")
+    defaults = replace(TextToImageRequest.preset_defaults(preset), live_preview="Off", **settings)
 
     def draw(prompt: str, seed: int):
-        request = TextToImageRequest(**(defaults | settings | dict(prompt=prompt, seed=seed)))
-        return engine.generate(request).images[0].image
+        return engine.generate(replace(defaults, prompt=prompt, seed=seed)).images[0].image
 
     return draw
 
@@ -78,6 +78,49 @@ def evaluate_flow_inpaint(inpainter, preset, count: int) -> dict:
             "outside pixels identical": unchanged / count}
 
 
+def background_grain(image: Image.Image, scene: scenes.Scene) -> float:
+    """The spread of the image's pixels (0-255, per channel) over its plain background: where both the drawn scene
+    and the image show the background colour, 4 px from any shape in either (a shape drawn elsewhere is not counted
+    as grain). Noise the sampler left; 0 for a flat background."""
+    from scipy import ndimage
+
+    colour = np.asarray(scenes.PALETTE[scene.background], dtype=np.float32)
+    drawn = np.asarray(scenes.render(scene), dtype=np.float32)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    shapes = (np.linalg.norm(drawn - colour, axis=-1) >= 1) | (
+        np.linalg.norm(pixels - colour, axis=-1) > oracle.FOREGROUND_DISTANCE)
+    flat = ~ndimage.binary_dilation(shapes, iterations=4)
+    return float(pixels[flat].std(0).mean()) if flat.any() else float("nan")
+
+
+def shift_tallies(engine, preset, steps: int, shift: float, count: int) -> dict:
+    """Oracle tallies (Euler, `steps`) at a shift of the user's, with the background's grain (mean over images)."""
+    samples: list = []
+    seed = EVAL_SEED + 21
+    tallies = oracle_tallies(drawer(engine, preset, steps=steps, shift=shift), count, seed=seed, samples=samples)
+    grains = [background_grain(image, scene)
+              for (_, image, _), (scene, _) in zip(samples, evaluation_scenes(count, seed))]
+    return tallies | {"grain": float(np.nanmean(grains))}
+
+
+def read_at_64(draw):
+    """draw, its image read by the oracle at the model's native 64 px (as bench/hires_fix.py reads 128 px ones)."""
+    return lambda prompt, seed: draw(prompt, seed).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS)
+
+
+def size_tallies(engine, preset, count: int) -> dict:
+    """Oracle tallies at each of SIZES, and with Hires. fix (Latent ×2 at strength 0.5 from 64 px to 128)."""
+    from studio.tasks.hires import HiresFix
+
+    found = {f"{size} px": oracle_tallies(read_at_64(drawer(engine, preset, width=size, height=size)), count,
+                                          seed=SIZE_SEED)
+             for size in SIZES}
+    hires = HiresFix(upscaler="Latent", upscale=2.0, denoising_strength=0.5)
+    found["128 px by Hires. fix"] = oracle_tallies(read_at_64(drawer(engine, preset, hires=hires)), count,
+                                                   seed=SIZE_SEED)
+    return found
+
+
 def both(tallies: dict, key: str) -> float:
     """A measure over seen and held-out scenes together."""
     seen, held = tallies["seen"], tallies["held-out"]
@@ -90,11 +133,12 @@ class FlowReport:
     shifts: dict = field(default_factory=dict)  # (steps, shift) -> tallies (Euler)
     guidance: dict = field(default_factory=dict)  # CFG -> tallies on the validation scenes
     inpaint: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)  # "96 px" -> tallies
     defaults: dict = field(default_factory=dict)
 
 
 def evaluate_flow(models_dir: Path, prompt_count: int = 200, shift_count: int = 100,
-                  guidance_count: int = 100, inpaint_count: int = 100) -> FlowReport:
+                  guidance_count: int = 100, inpaint_count: int = 100, size_count: int = 60) -> FlowReport:
     engines, preset = flow_engines(models_dir)
     engine = engines.text_to_image
     report = FlowReport(defaults=dict(steps=preset.default_steps, cfg=preset.default_guidance))
@@ -102,17 +146,13 @@ def evaluate_flow(models_dir: Path, prompt_count: int = 200, shift_count: int = 
         report.samplers[sampler] = oracle_tallies(drawer(engine, preset, scheduler=sampler), prompt_count)
     for steps in SHIFT_STEPS:
         for shift in SHIFTS:
-            draw = drawer(engine, preset, steps=steps, shift=0.0 if shift == SHIFT else shift)  # 0: its own
-            report.shifts[steps, shift] = oracle_tallies(draw, shift_count, seed=EVAL_SEED + 21)
+            report.shifts[steps, shift] = shift_tallies(engine, preset, steps, shift, shift_count)
     for cfg in CFG_CHOICES:
         report.guidance[cfg] = oracle_tallies(drawer(engine, preset, guidance_scale=cfg), guidance_count,
                                               seed=VALIDATION_SEED)
     report.inpaint = evaluate_flow_inpaint(engines.inpainter, preset, inpaint_count)
+    report.sizes = size_tallies(engine, preset, size_count)
     return report
-
-
-def _verdict(value: float, bar: float) -> str:
-    return "met" if value >= bar else "NOT met"
 
 
 def format_flow_table(report: FlowReport) -> str:
@@ -126,19 +166,26 @@ def format_flow_table(report: FlowReport) -> str:
         lines.append(f"| {sampler} | " + " | ".join(cells)
                      + f" | {tallies['seen']['n']} / {tallies['held-out']['n']} | {'met' if met else 'NOT met'} |")
     lines += ["", "Bars: colour and background ≥ 95%, shape ≥ 85%, position ≥ 80% on both.", "",
-              "The schedule's shift (Euler; seen and held-out together):", "",
-              "| steps | shift | colour | shape | position | size |", "|---|---|---|---|---|---|"]
+              "The schedule's shift (Euler; seen and held-out together; grain: the spread of the background's "
+              "pixels, 0-255):", "",
+              "| steps | shift | colour | background | shape | position | grain |", "|---|---|---|---|---|---|---|"]
     for (steps, shift), tallies in report.shifts.items():
         own = " (its own)" if shift == SHIFT else ""
         lines.append(f"| {steps} | {shift:g}{own} | "
-                     + " | ".join(f"{both(tallies, key):.0%}" for key in ("colour", "shape", "position", "size"))
-                     + " |")
+                     + " | ".join(f"{both(tallies, key):.0%}" for key in ("colour", "background", "shape", "position"))
+                     + f" | {tallies['grain']:.2f} |")
     lines += ["", "CFG on the validation scenes (Euler, default steps), where the preset's default was chosen:", "",
               "| CFG | colour | background | shape | position |", "|---|---|---|---|---|"]
     for scale, tallies in report.guidance.items():
         lines.append(f"| {scale:g} | "
                      + " | ".join(f"{both(tallies, key):.0%}" for key in ("colour", "background", "shape", "position"))
                      + " |")
+    if report.sizes:
+        lines += ["", "Other sizes (Euler, default steps and CFG; read at 64 px; seen and held-out together):", "",
+                  "| size | colour | background | shape | position |", "|---|---|---|---|---|"]
+        for size, tallies in report.sizes.items():
+            lines.append(f"| {size} | " + " | ".join(f"{both(tallies, key):.0%}"
+                                                    for key in ("colour", "background", "shape", "position")) + " |")
     inpaint = report.inpaint
     if inpaint:
         lines += ["", f"Inpaint (a box where no shape is, the prompt naming the place; {inpaint['n']} cases, Euler, "

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import replace
 from types import MappingProxyType
 
+from studio.a1111.prompts import parse_attention
+from studio.a1111.t5_prompts import T5Tokens, t5_tokens
 from studio.models.families.base import LatentFormat, WorkingMemory
 from studio.models.families.flux import COMFYUI_FLUX, Flux
 from studio.models.families.stable_diffusion import COMFYUI_FACTORS, StableDiffusion1
@@ -51,11 +53,16 @@ class EmbeddedFlux(Flux):
     working_memory = WorkingMemory(denoise_factor=3.1, encode_mib_per_prompt=1, source=COMFYUI_FLUX + " (FLUX's)")
     context_width = 64  # its T5's width
     t5_window = 32  # its longest caption is 14 words, a token each
-    distilled_guidance = False
     prompt_reading = ("Prompt: its own small T5 reads its first {t5_window} tokens, its CLIP the first 30 for the "
                       "overall embedding; (word:1.2) weights apply to both")
     float8_storage = ()  # a few megabytes: never stored in float8 or streamed
     streamed_blocks = ()
+
+    def t5_window_tokens(self, pipe, text: str, window: int) -> T5Tokens:
+        """Its T5's vocabulary is the captions' words, in lower case (its CLIP's tokenizer lower-cases too): "A Red
+        Circle" is read as "a red circle", not as unknown capitals."""
+        fragments = [(fragment.lower(), weight) for fragment, weight in parse_attention(text)]
+        return t5_tokens(getattr(pipe, self.t5_tokenizer), fragments, window)
 
     def recognises(self, tensor_names) -> bool:
         return False
