@@ -54,6 +54,14 @@ def test_each_flow_sampler_draws_what_is_asked_at_the_presets_defaults(engines, 
     assert right["shape"] >= 6 and right["position"] >= 6, right
 
 
+def test_a_prompt_in_capitals_reads_as_in_lower_case(engines):
+    """Its T5 knows the captions' words in lower case; "A Large Red Circle" must not be unknown capitals."""
+    images = [engines.text_to_image.generate(preset_request(engines, prompt=prompt, seed=6)).images[0].image
+              for prompt in ("A Large Red Circle In The Center On A Blue Background",
+                             "a large red circle in the center on a blue background")]
+    assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+
+
 def test_the_shipped_model_is_within_its_size_budget():
     total = sum(path.stat().st_size for path in (MODELS / "embedded-flux").rglob("*") if path.is_file())
     assert total <= 40 * 1024**2, f"{total / 1024**2:.1f} MB"
@@ -61,8 +69,8 @@ def test_the_shipped_model_is_within_its_size_budget():
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_the_models_own_shift_is_its_configs_and_a_users_shift_is_drawn_and_recorded(engines, sampler):
-    """Its scheduler's config says shift 3 (static, as SD 3's): shift 0 on the form (its own) and 3 give the same
-    image bit for bit with every sampler; shift 1 another, named in the PNG."""
+    """Its scheduler's config says shift 3 (static, as SD 3's): no shift of the user's (the form's empty field) and
+    3 give the same image bit for bit with every sampler; shift 1 another, named in the PNG."""
     base = preset_request(engines, prompt="a large red circle in the center on a blue background", seed=4, steps=8,
                           scheduler=sampler)
     own, three, one = (engines.text_to_image.generate(replace(base, shift=shift)).images[0]

@@ -2,7 +2,7 @@ import pytest
 
 from studio.a1111.schedulers import samplers
 from studio.core.errors import InvalidRequest, UnknownPreset
-from studio.models.families import family_of, samplers_for
+from studio.models.families import FAMILIES, family_of, samplers_for
 from studio.models.presets import PresetCatalog, StyleCatalog, StylePreset, _preset_from_yaml, load_presets, load_styles
 
 
@@ -30,7 +30,7 @@ def test_shipped_presets_cover_the_real_models_and_the_embedded_default():
 
 def test_every_preset_is_consistent():
     for preset in load_presets():
-        assert preset.family in ("sd15", "sd21", "sdxl", "sd3", "flux", "embedded", "embedded-flux")
+        assert preset.family in FAMILIES
         assert preset.default_scheduler in samplers_for(preset), preset.name
         assert all(name in samplers(family_of(preset).flow_matching) for name in samplers_for(preset))
         assert preset.min_size <= preset.default_width <= preset.max_size

@@ -179,8 +179,9 @@ def run_flow_command(args) -> None:
         from studio.embedded.flow_evaluation import evaluate_flow, format_flow_table
 
         count = args.prompts
-        print(format_flow_table(evaluate_flow(Path(args.models_dir), count, count // 2, count // 2, count // 2,
-                                            count * 3 // 10)))
+        report = evaluate_flow(Path(args.models_dir), prompt_count=count, shift_count=count * 3 // 10,
+                               guidance_count=count // 2, inpaint_count=count // 2, size_count=count // 5)
+        print(format_flow_table(report))
         return
 
     recipe = SMOKE_RECIPE if args.smoke else FlowRecipe(args.steps, args.batch_size)

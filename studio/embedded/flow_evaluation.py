@@ -36,7 +36,8 @@ def flow_engines(models_dir: Path):
     from studio.models.presets import PresetCatalog, load_presets
     from studio.tasks.engines import local_engines
 
-    preset = replace(load_presets().get(PRESET), local=Path(models_dir) / FLOW_DIR)
+    # its smallest size measured too: the preset offers 64 px and up because of what 48 px gives
+    preset = replace(load_presets().get(PRESET), local=Path(models_dir) / FLOW_DIR, min_size=min(SIZES))
     return local_engines(PresetCatalog([preset], PRESET)), preset
 
 
@@ -137,8 +138,8 @@ class FlowReport:
     defaults: dict = field(default_factory=dict)
 
 
-def evaluate_flow(models_dir: Path, prompt_count: int = 200, shift_count: int = 100,
-                  guidance_count: int = 100, inpaint_count: int = 100, size_count: int = 60) -> FlowReport:
+def evaluate_flow(models_dir: Path, prompt_count: int = 200, shift_count: int = 60,
+                  guidance_count: int = 100, inpaint_count: int = 100, size_count: int = 40) -> FlowReport:
     engines, preset = flow_engines(models_dir)
     engine = engines.text_to_image
     report = FlowReport(defaults=dict(steps=preset.default_steps, cfg=preset.default_guidance))
