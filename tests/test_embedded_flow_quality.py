@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_embedded_quality import MODELS, PROMPTS  # fixed before looking at any output: 4 seen, 4 held-out triples
+from test_previews import pixels, run_with_previews
 
 from studio.a1111.metadata import parse_parameters
 from studio.a1111.schedulers import FLOW_SCHEDULERS
 from studio.arena.battles import Arena, Contestant
 from studio.arena.votes import open_store
-from studio.core.jobs import LocalJob
 from studio.embedded import oracle, scenes
 from studio.embedded.flow_evaluation import PRESET, evaluate_flow_inpaint
 from studio.evaluation.compare import CompareRequest, Comparison
@@ -30,16 +30,6 @@ def preset_request(engines, **fields) -> TextToImageRequest:
     """A request at the preset's defaults (as the form starts), previews off unless asked."""
     preset = engines.text_to_image.presets.get(PRESET)
     return replace(TextToImageRequest.preset_defaults(preset), preset=PRESET, live_preview="Off", **fields)
-
-
-def run(engine, request, previews: list | None = None):
-    job = LocalJob(on_preview=lambda image, part: previews.append(image)) if previews is not None else LocalJob()
-    with engine.model_files(engine.plan(request)) as plan:
-        return engine.run(plan, job)
-
-
-def pixels(result) -> np.ndarray:
-    return np.asarray(result.images[0].image.convert("RGB"), dtype=np.float64) / 255
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -88,10 +78,10 @@ def test_previews_unpack_the_latents_and_show_the_image_forming(engines, sampler
     engine = engines.text_to_image
     request = preset_request(engines, prompt="a large yellow star at the top left on a black background", seed=2,
                              steps=6, scheduler=sampler, preview_every=1)
-    plain = run(engine, request)
+    plain = run_with_previews(engine, request, None)
     for way, size, closeness in (("Fast", 16, 0.15 * 255), ("TAESD", 64, 12)):
         previews: list[Image.Image] = []
-        watched = run(engine, replace(request, live_preview=way), previews)
+        watched = run_with_previews(engine, replace(request, live_preview=way), previews)
         assert np.array_equal(pixels(watched), pixels(plain)), way
         assert [preview.size for preview in previews] == [(size, size)] * 6, way
         final = watched.images[0].image.convert("RGB").resize((size, size), Image.Resampling.BOX)

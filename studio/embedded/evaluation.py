@@ -137,6 +137,12 @@ def inpaint_cases(count: int, seed: int = EVAL_SEED + 1):
     return cases
 
 
+def shape_inside(reading: oracle.Reading, mask: np.ndarray) -> bool:
+    """Whether the oracle found a shape whose centre lies in `mask` (SIDE × SIDE)."""
+    cx, cy = reading.features.get("centroid", (-1, -1))
+    return reading.shape != "none" and bool(mask[min(int(cy * SIDE), SIDE - 1), min(int(cx * SIDE), SIDE - 1)])
+
+
 def evaluate_inpaint(models_dir: Path, count: int) -> dict:
     from diffusers import StableDiffusionInpaintPipeline
 
@@ -160,8 +166,7 @@ def evaluate_inpaint(models_dir: Path, count: int) -> dict:
         reading = oracle.read(result, within=mask)
         expected = replace(before, shapes=(target,))
         matches = reading.matches(expected)
-        cx, cy = reading.features.get("centroid", (-1, -1))
-        is_inside = reading.shape != "none" and bool(mask[min(int(cy * SIDE), SIDE - 1), min(int(cx * SIDE), SIDE - 1)])
+        is_inside = shape_inside(reading, mask)
         inside += is_inside
         right += is_inside and matches["shape"] and matches["colour"]
         outside = ~mask

@@ -20,6 +20,7 @@ shifted as the scheduler shifts them (SD 3's recipe); the model predicts the vel
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +128,14 @@ class FlowStage(Stage):
         super().__init__(*args, **kwargs)
         self.source = Path(source_models) / PIPELINE_DIR  # the embedded family's CLIP and VAE
 
+    @functools.cached_property
+    def t5_tokenizer(self) -> T5TokenizerFast:
+        """The tokenizer the T5 encoder is sized for, trains on and is exported with (the vocabulary built once)."""
+        return word_t5_tokenizer(caption_words())
+
     def build(self) -> FlowModel:
-        words = caption_words()
         clip_width = CLIPTextModel.from_pretrained(self.source / "text_encoder").config.hidden_size
-        return FlowModel(flux_transformer(clip_width), t5_encoder(word_t5_tokenizer(words)))
+        return FlowModel(flux_transformer(clip_width), t5_encoder(self.t5_tokenizer))
 
     def vae(self) -> AutoencoderKL:
         return AutoencoderKL.from_pretrained(self.source / "vae").eval().requires_grad_(False)
@@ -138,7 +143,6 @@ class FlowStage(Stage):
     def prepare(self) -> None:
         self._clip_tokenizer = CLIPTokenizer.from_pretrained(self.source / "tokenizer")
         self._clip = CLIPTextModel.from_pretrained(self.source / "text_encoder").eval().requires_grad_(False)
-        self._t5_tokenizer = word_t5_tokenizer(caption_words())
         cache = self.run_dir / "dataset.pt"
         if not cache.exists():
             torch.save(self.make_dataset(), cache)
@@ -158,7 +162,7 @@ class FlowStage(Stage):
 
     def t5_tokens(self, captions: list[str]) -> torch.Tensor:
         """T5's ids, padded to its window as FluxPipeline pads them (no attention mask: the pads are read too)."""
-        return self._t5_tokenizer(captions, padding="max_length", max_length=T5_WINDOW, truncation=True,
+        return self.t5_tokenizer(captions, padding="max_length", max_length=T5_WINDOW, truncation=True,
                                   return_tensors="pt").input_ids
 
     def loss(self, model: FlowModel, rng, generator):
@@ -192,7 +196,7 @@ class FlowStage(Stage):
         vae.register_to_config(shift_factor=0.0)  # FLUX's pipelines shift latents by it
         scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT, use_dynamic_shifting=False)
         pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=self._clip, tokenizer=self._clip_tokenizer,
-                            text_encoder_2=model.t5, tokenizer_2=self._t5_tokenizer, transformer=model.transformer)
+                            text_encoder_2=model.t5, tokenizer_2=self.t5_tokenizer, transformer=model.transformer)
         pipe.save_pretrained(out, safe_serialization=True)
         return {}
 

@@ -17,9 +17,15 @@ from PIL import Image
 
 from studio.a1111.schedulers import FLOW_SCHEDULERS
 from studio.embedded import oracle, scenes
-from studio.embedded.evaluation import BARS, EVAL_SEED, evaluation_scenes, inpaint_cases, oracle_tallies
+from studio.embedded.evaluation import (
+    BARS,
+    EVAL_SEED,
+    evaluation_scenes,
+    inpaint_cases,
+    oracle_tallies,
+    shape_inside,
+)
 from studio.embedded.flow import FLOW_DIR, SHIFT
-from studio.embedded.stages import SIDE
 
 PRESET = "embedded-flux"
 VALIDATION_SEED = EVAL_SEED + 20
@@ -71,9 +77,7 @@ def evaluate_flow_inpaint(inpainter, preset, count: int) -> dict:
                             .images[0].image.convert("RGB"))
         reading = oracle.read(Image.fromarray(result), within=mask)
         matches = reading.matches(replace(before, shapes=(target,)))
-        cx, cy = reading.features.get("centroid", (-1, -1))
-        inside = reading.shape != "none" and bool(mask[min(int(cy * SIDE), SIDE - 1), min(int(cx * SIDE), SIDE - 1)])
-        right += inside and matches["shape"] and matches["colour"]
+        right += shape_inside(reading, mask) and matches["shape"] and matches["colour"]
         unchanged += np.array_equal(result[~mask], np.asarray(init)[~mask])
     return {"n": count, "right shape and colour inside the mask": right / count,
             "outside pixels identical": unchanged / count}
